@@ -1,0 +1,514 @@
+"""The Rule: a derived update in normal form, printable, and steppable in torch.
+
+Normal form (the contract with olssm.kernels), per head, S ∈ R^{d_v × d_k}:
+
+    S̃_t = Λ_t ⊙ S_{t-1}
+    S_t = S̃_t − Σ_r (c_r ⊙ (S̃_t a_r)) b_rᵀ + Σ_m e_m w_mᵀ
+    o_t = S_t q_t
+
+Λ is a coefficient of any kind (none/scalar/row/column/elementwise), c_r a scalar or row
+coefficient, a_r, b_r, w_m key-sized (column) vector expressions, e_m a row coefficient that
+usually carries the value (ε ⊙ v) — or, rarely, an elementwise one. Every entry is a sympy
+expression of the declared inputs, which the kernels print into their own language.
+
+Exact rules carry sufficient statistics instead (NOTES.md):
+    H_t = γ_t H_{t-1} + Σ R u wᵀ + diag(δ),   G_t = γ_t G_{t-1} + Σ e wᵀ,   o_t = G_t (H_t + diag(λ))⁻¹ q_t
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+
+import sympy as sp
+import torch
+from sympy.printing.pytorch import TorchPrinter
+
+from ..objectives.core import (COLUMN, ELEMENTWISE, ROW, SCALAR, DerivationError, InputSpec, csum,
+                               kind_of, spec_of)
+
+
+@dataclasses.dataclass(frozen=True)
+class Correction:
+    """c ⊙ (S̃ a) bᵀ, subtracted (for exact rules: R u wᵀ added to H)."""
+
+    coef: sp.Expr
+    a: sp.Expr
+    b: sp.Expr
+
+
+@dataclasses.dataclass(frozen=True)
+class InputTerm:
+    """e wᵀ, added: e a row (or elementwise) coefficient, w a key-sized vector."""
+
+    coef: sp.Expr
+    w: sp.Expr
+
+
+def decay_kind(decay) -> str:
+    if sp.sympify(decay) == 1:
+        return "none"
+    return kind_of(decay)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalForm:
+    decay: sp.Expr
+    corrections: tuple
+    inputs: tuple
+    readout: sp.Expr
+    mode: str
+    notes: tuple = ()
+
+    @property
+    def decay_kind(self) -> str:
+        return decay_kind(self.decay)
+
+    @property
+    def rank(self) -> int:
+        return len(self.corrections)
+
+    def update_expressions(self):
+        yield self.decay
+        for c in self.corrections:
+            yield from (c.coef, c.a, c.b)
+        for t in self.inputs:
+            yield from (t.coef, t.w)
+
+    def expressions(self):
+        yield from self.update_expressions()
+        yield self.readout
+
+    @property
+    def structure(self) -> str:
+        parts = [f"{self.decay_kind} decay" if self.decay_kind != "none" else "identity"]
+        if self.corrections:
+            vecs = {c.a for c in self.corrections} | {c.b for c in self.corrections}
+            parts.append(f"rank-{len({c.a for c in self.corrections})} correction"
+                         + (" (projector on " + ", ".join(sorted(map(str, vecs))) + ")"))
+        parts.append(f"{len(self.inputs)} input term" + ("s" if len(self.inputs) != 1 else ""))
+        return " + ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactForm:
+    decay: sp.Expr
+    gram: tuple          # Correction(R, u, w): H += R u wᵀ
+    gram_diag: sp.Expr   # H += diag(δ)
+    moments: tuple       # InputTerm(e, w): G += e wᵀ
+    ridge: sp.Expr
+    readout: sp.Expr
+    mode: str = "exact"
+    notes: tuple = ()
+
+    @property
+    def decay_kind(self) -> str:
+        return decay_kind(self.decay)
+
+    @property
+    def rank(self) -> int:
+        return len(self.gram)
+
+    def update_expressions(self):
+        yield from (self.decay, self.gram_diag)
+        for c in self.gram:
+            yield from (c.coef, c.a, c.b)
+        for t in self.moments:
+            yield from (t.coef, t.w)
+
+    def expressions(self):
+        yield from self.update_expressions()
+        yield from (self.ridge, self.readout)
+
+    @property
+    def structure(self) -> str:
+        return (f"sufficient statistics (G: d_v×d_k, H: d_k×d_k), {self.decay_kind} forgetting, "
+                f"rank-{len(self.gram)} Gram update, solve per token")
+
+
+# --------------------------------------------------------------------------------------------
+# torch code generation (also what rule.kernel_source("torch") shows)
+
+class _TorchPrinter(TorchPrinter):
+    def _print_csum(self, e):
+        return f"({self._print(e.args[0])}).sum(-1, keepdim=True)"
+
+    def _print_Symbol(self, e):
+        return e.name
+
+
+def _var(sym: sp.Symbol) -> sp.Symbol:
+    return sp.Symbol(f"in_{sym.name}")
+
+
+def _codegen(exprs: dict[str, sp.Expr], printer) -> tuple[list[str], dict[str, str]]:
+    """CSE over named expressions; returns assignment lines and name -> printed result."""
+    names = list(exprs)
+    subs_in = {s: _var(s) for e in exprs.values() for s in sp.sympify(e).free_symbols}
+    values = [sp.sympify(exprs[n]).xreplace(subs_in) for n in names]
+    reps, reduced = sp.cse(values, symbols=sp.numbered_symbols("t"), optimizations="basic")
+    lines = [f"{s} = {printer.doprint(v)}" for s, v in reps]
+    return lines, {n: printer.doprint(v) for n, v in zip(names, reduced)}
+
+
+def _is_one(e) -> bool:
+    return sp.sympify(e) == 1
+
+
+def torch_step_source(form) -> str:
+    """Python source of `step(S, inp)` for the normal form (inputs already in broadcast layout)."""
+    p = _TorchPrinter()
+    exprs = {}
+    if isinstance(form, ExactForm):
+        exprs["decay"] = form.decay
+        exprs["gram_diag"] = form.gram_diag
+        for r, c in enumerate(form.gram):
+            exprs[f"R{r}"], exprs[f"u{r}"], exprs[f"uw{r}"] = c.coef, c.a, c.b
+        for m, t in enumerate(form.moments):
+            exprs[f"e{m}"], exprs[f"w{m}"] = t.coef, t.w
+        lines, out = _codegen(exprs, p)
+        body = [f"    {ln}" for ln in _input_lines(form) + lines]
+        body += ["    G, H = S",
+                 f"    G = ({out['decay']}) * G",
+                 f"    H = ({out['decay']}) * H"]
+        for r in range(len(form.gram)):
+            body.append(f"    H = H + ({out[f'R{r}']}) * ({out[f'u{r}']}).transpose(-1, -2) * ({out[f'uw{r}']})")
+        if form.gram_diag != 0:
+            body.append(f"    H = H + torch.diag_embed(torch.broadcast_to({out['gram_diag']}, H.shape[:-2] + (1, H.shape[-1]))[..., 0, :])")
+        for m in range(len(form.moments)):
+            body.append(f"    G = G + ({out[f'e{m}']}) * ({out[f'w{m}']})")
+        body.append("    return (G, H)")
+        return "def step(S, inp):\n" + "\n".join(body) + "\n"
+    exprs["decay"] = form.decay
+    for r, c in enumerate(form.corrections):
+        exprs[f"c{r}"], exprs[f"a{r}"], exprs[f"b{r}"] = c.coef, c.a, c.b
+    for m, t in enumerate(form.inputs):
+        exprs[f"e{m}"], exprs[f"w{m}"] = t.coef, t.w
+    lines, out = _codegen(exprs, p)
+    body = [f"    {ln}" for ln in _input_lines(form) + lines]
+    body.append("    St = S" if _is_one(form.decay) else f"    St = ({out['decay']}) * S")
+    for r in range(len(form.corrections)):
+        body.append(f"    p{r} = (St * ({out[f'a{r}']})).sum(-1, keepdim=True)")
+    new = "St"
+    for r in range(len(form.corrections)):
+        new += f" - ({out[f'c{r}']}) * p{r} * ({out[f'b{r}']})"
+    for m in range(len(form.inputs)):
+        new += f" + ({out[f'e{m}']}) * ({out[f'w{m}']})"
+    body.append(f"    return {new}")
+    return "def step(S, inp):\n" + "\n".join(body) + "\n"
+
+
+def _input_lines(form, exprs=None) -> list[str]:
+    exprs = form.update_expressions() if exprs is None else exprs
+    syms = sorted({s for e in exprs for s in sp.sympify(e).free_symbols}, key=lambda s: s.name)
+    return [f"in_{s.name} = inp['{s.name}']" for s in syms]
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(source: str):
+    scope = {"torch": torch}
+    exec(compile(source, "<olssm-step>", "exec"), scope)
+    return scope["step"]
+
+
+# --------------------------------------------------------------------------------------------
+# the Rule
+
+_GREEK = ["ε", "η", "κ", "μ", "ν", "ξ", "ρ", "τ", "φ", "ψ", "ω"]
+_GREEK_TEX = [r"\varepsilon", r"\eta", r"\kappa", r"\mu", r"\nu", r"\xi", r"\rho", r"\tau", r"\varphi",
+              r"\psi", r"\omega"]
+
+
+class Rule:
+    """A closed-form state update derived from an Objective."""
+
+    def __init__(self, objective, form):
+        self.objective = objective
+        self.form = form
+        self._names = self._name_coefficients()
+
+    # -- introspection ------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return self.form.mode
+
+    @property
+    def is_exact(self) -> bool:
+        return isinstance(self.form, ExactForm)
+
+    @property
+    def structure(self) -> str:
+        return self.form.structure
+
+    @property
+    def decay_kind(self) -> str:
+        return self.form.decay_kind
+
+    @property
+    def inputs(self) -> dict[str, InputSpec]:
+        """Every input the rule reads (per-token inputs and learned parameters), by name."""
+        syms = {s for e in self.form.expressions() for s in sp.sympify(e).free_symbols}
+        return {s.name: spec_of(s) for s in sorted(syms, key=lambda s: s.name)}
+
+    @property
+    def update_inputs(self) -> dict[str, InputSpec]:
+        """The inputs the state update reads (the readout's query excluded)."""
+        syms = {s for e in self.form.update_expressions() for s in sp.sympify(e).free_symbols}
+        return {s.name: spec_of(s) for s in sorted(syms, key=lambda s: s.name)}
+
+    @property
+    def token_inputs(self) -> dict[str, InputSpec]:
+        return {n: s for n, s in self.inputs.items() if not s.is_parameter}
+
+    @property
+    def parameters(self) -> dict[str, InputSpec]:
+        return {n: s for n, s in self.inputs.items() if s.is_parameter}
+
+    @property
+    def query_name(self) -> str:
+        q = self.form.readout
+        return q.name if isinstance(q, sp.Symbol) else None
+
+    @property
+    def coefficients(self) -> dict[str, sp.Expr]:
+        """Named coefficient expressions as printed (ε = β/(1 + β kᵀk), ...)."""
+        return {name: e for e, (name, _) in self._names.items()}
+
+    def _name_coefficients(self):
+        names = {}
+        cands = []
+        if isinstance(self.form, NormalForm):
+            cands = [c.coef for c in self.form.corrections] + [self._strip_values(t.coef)[0] for t in self.form.inputs]
+        else:
+            cands = [c.coef for c in self.form.gram]
+        i = 0
+        for e in cands:
+            if e in names or e.is_Symbol or e.is_Number or (-e).is_Symbol:
+                continue
+            if i < len(_GREEK):
+                names[e] = (_GREEK[i], _GREEK_TEX[i])
+            else:
+                names[e] = (f"c{i}", f"c_{{{i}}}")
+            i += 1
+        return names
+
+    @staticmethod
+    def _strip_values(e):
+        """Split e into (coefficient, value-vector factor) for printing (ε·v -> (ε, v))."""
+        vals, rest = [], []
+        for f in sp.Mul.make_args(sp.sympify(e)):
+            is_val = f.is_Symbol and spec_of(f).role == "value"
+            (vals if is_val else rest).append(f)
+        return sp.Mul(*rest), sp.Mul(*vals)
+
+    def _c(self, e, tex=False) -> str:
+        e = sp.sympify(e)
+        if e in self._names:
+            return self._names[e][1 if tex else 0]
+        if (-e) in self._names:
+            return "-" + self._names[-e][1 if tex else 0]
+        if tex:
+            return sp.latex(e)
+        s = str(e)
+        return f"({s})" if any(ch in s for ch in "+-/ ") else s
+
+    def _vec(self, v, tex=False) -> str:
+        s = sp.latex(v) if tex else str(v)
+        return s if sp.sympify(v).is_Symbol else (rf"\left({s}\right)" if tex else f"({s})")
+
+    # -- printing -------------------------------------------------------------------------------
+    def lines(self, tex=False) -> list[str]:
+        T = (lambda a, b: b) if tex else (lambda a, b: a)
+        f = self.form
+        out = []
+        St, Sp = T("S̃_t", r"\tilde S_t"), T("S_{t-1}", r"S_{t-1}")
+        odot, top = T(" ⊙ ", r" \odot "), T("ᵀ", r"^\top")
+        if isinstance(f, ExactForm):
+            g = self._c(f.decay, tex)
+            hterms = "".join(f" + {self._c(c.coef, tex)} {self._vec(c.a, tex)}{self._vec(c.b, tex)}{top}"
+                             for c in f.gram)
+            if f.gram_diag != 0:
+                hterms += T(f" + diag({f.gram_diag})", rf" + \operatorname{{diag}}({sp.latex(f.gram_diag)})")
+            gterms = "".join(f" + {self._input(t, tex)}" for t in f.moments)
+            out.append(T(f"H_t = {g} H_{{t-1}}{hterms}", rf"H_t = {g} H_{{t-1}}{hterms}"))
+            out.append(T(f"G_t = {g} G_{{t-1}}{gterms}", rf"G_t = {g} G_{{t-1}}{gterms}"))
+            lam = "" if f.ridge == 0 else T(f" + diag({f.ridge})" if kind_of(f.ridge) == COLUMN else f" + {self._c(f.ridge)} I",
+                                              rf" + {sp.latex(f.ridge)} I")
+            out.append(T(f"o_t = G_t (H_t{lam})⁻¹ {self._vec(f.readout)}",
+                         rf"o_t = G_t \left(H_t{lam}\right)^{{-1}} {self._vec(f.readout, True)}"))
+        else:
+            base = Sp
+            if not _is_one(f.decay):
+                out.append(f"{St} = {self._c(f.decay, tex)}{odot}{Sp}")
+                base = St
+            rhs = base
+            for c in f.corrections:
+                rhs += f" - ({self._c(c.coef, tex)}{odot}{base} {self._vec(c.a, tex)}) {self._vec(c.b, tex)}{top}"
+            for t in f.inputs:
+                rhs += f" + {self._input(t, tex)}"
+            out.append(f"S_t = {rhs}")
+            out.append(T(f"o_t = S_t {self._vec(f.readout)}", rf"o_t = S_t {self._vec(f.readout, True)}"))
+        named = [(n, e) for e, n in self._names.items()]
+        if named:
+            defs = ", ".join(f"{n[1 if tex else 0]} = {sp.latex(e) if tex else str(e)}" for n, e in named)
+            out.append(T(f"where {defs}", rf"\text{{where }} {defs}"))
+        if self.mode == "implicit" and isinstance(f, NormalForm) and any(
+                kind_of(c.coef) == ROW for c in f.corrections):
+            out.append(T("(row-wise: each value row i has its own coefficient)", r"\text{(row-wise coefficients)}"))
+        return out
+
+    def _input(self, t: InputTerm, tex=False) -> str:
+        coef, vals = self._strip_values(t.coef)
+        top = r"^\top" if tex else "ᵀ"
+        odot = r" \odot " if tex else " ⊙ "
+        w = self._vec(t.w, tex)
+        if vals == 1:
+            return f"{self._c(coef, tex)} {w}{top}" if coef != 1 else f"1 {w}{top}"
+        vs = sp.latex(vals) if tex else str(vals)
+        if coef == 1:
+            return f"{vs} {w}{top}"
+        return f"({self._c(coef, tex)}{odot}{vs}) {w}{top}"
+
+    def __str__(self):
+        return "\n".join(self.lines())
+
+    def __repr__(self):
+        return f"Rule({self.objective!r})\n" + str(self)
+
+    def latex(self) -> str:
+        return r"\begin{aligned}" + r" \\ ".join(self.lines(tex=True)) + r"\end{aligned}"
+
+    def _repr_latex_(self):
+        return "$" + self.latex() + "$"
+
+    # -- numerics -----------------------------------------------------------------------------
+    def kernel_source(self, target: str = "torch") -> str:
+        """The generated source for a target: "torch" (the step) or "triton" (the scan kernels)."""
+        if target == "torch":
+            return torch_step_source(self.form)
+        from ..kernels import kernel_source  # lowering lives in kernels; derive only forwards
+        return kernel_source(self, target)
+
+    @functools.cached_property
+    def _step_fn(self):
+        return _compile(torch_step_source(self.form))
+
+    def state_shape(self, d_k: int, d_v: int):
+        if self.is_exact:
+            return ((d_v, d_k), (d_k, d_k))
+        return (d_v, d_k)
+
+    def zero_state(self, batch_shape, d_k, d_v, device=None):
+        z = lambda *s: torch.zeros(*batch_shape, *s, device=device, dtype=torch.float32)
+        if self.is_exact:
+            return (z(d_v, d_k), z(d_k, d_k))
+        return z(d_v, d_k)
+
+    def broadcast_inputs(self, d_k: int, d_v: int, inputs: dict, where: str = "step", need=None) -> dict:
+        """Check per-token inputs/parameters and lay them out for broadcasting against [..., d_v, d_k]."""
+        need = self.inputs if need is None else need
+        missing = [n for n in need if n not in inputs or inputs[n] is None]
+        if missing:
+            raise ValueError(f"{where}: missing input(s) {missing}; this rule reads "
+                             + ", ".join(f"{n} ({s.role}, {s.kind})" for n, s in need.items()))
+        out = {}
+        for n, s in need.items():
+            x = inputs[n]
+            if not torch.is_tensor(x):
+                x = torch.as_tensor(x, dtype=torch.float32)
+            if not x.is_floating_point():
+                raise TypeError(f"{where}: input {n!r} must be a floating tensor, got {x.dtype}")
+            x = x.to(compute_dtype(x))
+            if s.kind == SCALAR:
+                x = x[..., None, None]
+            elif s.kind == ROW:
+                _check_last(x, d_v, n, "d_v (value size)", where)
+                x = x[..., :, None]
+            elif s.kind == COLUMN:
+                _check_last(x, d_k, n, "d_k (key size)", where)
+                x = x[..., None, :]
+            else:
+                if x.dim() < 2 or tuple(x.shape[-2:]) != (d_v, d_k):
+                    raise ValueError(f"{where}: parameter {n!r} must end in (d_v, d_k) = ({d_v}, {d_k}), "
+                                     f"got shape {tuple(x.shape)}")
+            out[n] = x
+        return out
+
+    def step(self, state, **inputs):
+        """One update S_{t-1} -> S_t in torch for any leading batch shape (state math in fp32)."""
+        d_v, d_k = self._state_dims(state)
+        unknown = set(inputs) - set(self.inputs) - {self.query_name}
+        if unknown:
+            raise ValueError(f"step: unexpected input(s) {sorted(unknown)}; this rule reads {sorted(self.inputs)}")
+        inp = self.broadcast_inputs(d_k, d_v, inputs, "step", need=self.update_inputs)
+        if self.is_exact:
+            return self._step_fn(tuple(s.to(compute_dtype(s)) for s in state), inp)
+        return self._step_fn(state.to(compute_dtype(state)), inp)
+
+    def read(self, state, **inputs):
+        """The readout o = S q (exact rules: G (H + diag λ)⁻¹ q) for the query in inputs."""
+        d_v, d_k = self._state_dims(state)
+        inp = self.broadcast_inputs(d_k, d_v, inputs, "read") if self.is_exact else None
+        if self.is_exact:
+            return exact_readout(self.form, tuple(x.to(compute_dtype(x)) for x in state), inp)
+        qn = self.query_name
+        if qn not in inputs:
+            raise ValueError(f"read: needs the query input {qn!r}")
+        q = inputs[qn].to(compute_dtype(state))
+        _check_last(q, d_k, qn, "d_k (key size)", "read")
+        return (state.to(q.dtype) * q.unsqueeze(-2)).sum(-1)
+
+    def decode(self, state, **inputs):
+        """One token: (o_t, S_t) from S_{t-1}; the query is read from inputs[query name]."""
+        qn = self.query_name
+        if qn is None or qn not in inputs:
+            raise ValueError(f"decode: needs the query input {qn!r}")
+        new = self.step(state, **inputs)
+        return self.read(new, **inputs), new
+
+    def _state_dims(self, state):
+        if self.is_exact:
+            if not (isinstance(state, (tuple, list)) and len(state) == 2):
+                raise ValueError("state: an exact rule's state is a pair (G [..., d_v, d_k], H [..., d_k, d_k])")
+            G, H = state
+            if H.shape[-1] != H.shape[-2] or G.shape[-1] != H.shape[-1]:
+                raise ValueError(f"state: G {tuple(G.shape)} and H {tuple(H.shape)} do not match "
+                                 "(G [..., d_v, d_k], H [..., d_k, d_k])")
+            return G.shape[-2], G.shape[-1]
+        if not torch.is_tensor(state) or state.dim() < 2:
+            raise ValueError(f"state: expected a tensor [..., d_v, d_k], got {type(state).__name__} "
+                             f"{tuple(getattr(state, 'shape', ()))}")
+        return state.shape[-2], state.shape[-1]
+
+    def scan(self, q=None, k=None, v=None, *, initial_state=None, output_final_state=False,
+             backend="reference", **inputs):
+        """o, final_state = scan over [B, T, H, D] inputs; see olssm.kernels.scan."""
+        from ..kernels import scan as _scan
+        return _scan(self, q, k, v, initial_state=initial_state, output_final_state=output_final_state,
+                     backend=backend, **inputs)
+
+
+def exact_readout(form: ExactForm, state, inp: dict):
+    """o = G (H + diag λ)⁻¹ q with inputs in broadcast layout."""
+    G, H = state
+    p = _TorchPrinter()
+    lines, out = _codegen({"ridge": form.ridge, "q": form.readout}, p)
+    src = "def f(inp):\n" + "".join(f"    {ln}\n" for ln in _input_lines(form, (form.ridge, form.readout)) + lines) + \
+        f"    return ({out['ridge']}), ({out['q']})\n"
+    ridge, q = _compile(src.replace("def f", "def step"))(inp)
+    ridge = torch.as_tensor(ridge, dtype=H.dtype, device=H.device)
+    ridge = torch.broadcast_to(ridge, H.shape[:-2] + (1, H.shape[-1]))[..., 0, :]
+    q = torch.broadcast_to(q, H.shape[:-2] + (1, H.shape[-1]))[..., 0, :]
+    x = torch.linalg.solve(H + torch.diag_embed(ridge), q.unsqueeze(-1)).squeeze(-1)
+    return (G * x.unsqueeze(-2)).sum(-1)
+
+
+def compute_dtype(x) -> torch.dtype:
+    """State math runs in fp32 (fp64 stays fp64, for verification)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_last(x, size, name, what, where):
+    if x.dim() == 0 or x.shape[-1] != size:
+        raise ValueError(f"{where}: input {name!r} must have last dimension {what} = {size}, "
+                         f"got shape {tuple(x.shape)}")

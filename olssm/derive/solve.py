@@ -1,0 +1,246 @@
+"""Closed-form solutions of the first-order conditions: implicit, explicit, exact (see NOTES.md)."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import sympy as sp
+
+from ..objectives.core import (COLUMN, ELEMENTWISE, ROW, SCALAR, DerivationError, Objective, csum,
+                               kind_of)
+from .gradient import GradForm, check_quadratic, gradient, is_proximal, split_vector
+from .rule import Correction, ExactForm, InputTerm, NormalForm
+
+MAX_RANK = 4
+
+
+def simplify(e) -> sp.Expr:
+    e = sp.sympify(e)
+    if e.is_Number or e.is_Symbol:
+        return e
+    e = sp.cancel(sp.together(e))
+    f = sp.factor(e)
+    return f if sp.count_ops(f) <= sp.count_ops(e) else e
+
+
+class _Row:
+    """A row vector  Σ coef (S̃·a) bᵀ + ident·S̃ + Σ coef wᵀ, the algebra of one solved row."""
+
+    def __init__(self):
+        self.proj = defaultdict(lambda: sp.Integer(0))   # (a, b) -> coef of (S̃ a) bᵀ
+        self.const = defaultdict(lambda: sp.Integer(0))  # w -> coef of wᵀ
+
+    def dot(self, u):
+        """(this row)·u as (dict a -> coef of S̃a, scalar/row constant); S̃ itself contributes S̃u."""
+        proj = defaultdict(lambda: sp.Integer(0))
+        proj[u] += 1
+        for (a, b), c in self.proj.items():
+            proj[a] += c * csum(b * u)
+        const = sp.Integer(0)
+        for w, c in self.const.items():
+            if kind_of(c) == ELEMENTWISE:
+                raise DerivationError(
+                    f"the input term {c}·{w} is elementwise and meets a low-rank correction: "
+                    "its projection onto a key has no closed form here")
+            const += c * csum(w * u)
+        return proj, const
+
+
+def _vec(table: dict, coef, vec):
+    c, v = split_vector(vec)
+    table[v] += coef * c
+
+
+def _finish(rule_decay, row: _Row, mode: str, obj: Objective, extra_notes=()) -> NormalForm:
+    corrections = []
+    for (a, b), c in row.proj.items():
+        c = simplify(-c)
+        if c != 0:
+            corrections.append(Correction(c, a, b))
+    inputs = []
+    for w, e in row.const.items():
+        e = simplify(e)
+        if e != 0:
+            inputs.append(InputTerm(e, w))
+    return NormalForm(decay=simplify(rule_decay), corrections=tuple(corrections), inputs=tuple(inputs),
+                      readout=obj.readout, mode=mode, notes=tuple(extra_notes))
+
+
+def _hessian_split(delta, has_lowrank, what):
+    """δ = row part × column part: B⁻¹ = diag(1/col)/row. Elementwise δ only without low rank."""
+    k = kind_of(delta)
+    if k in (SCALAR, ROW):
+        return delta, sp.Integer(1)
+    if k == COLUMN:
+        return sp.Integer(1), delta
+    if has_lowrank:
+        raise DerivationError(
+            f"{what}: the diagonal part of the Hessian, {delta}, depends on both the value row and the "
+            "key column while a low-rank part is present; (diag + low rank)⁻¹ then has no row-shared "
+            "factors. Make the diagonal weights per row or per column, or drop the regression term")
+    return delta, sp.Integer(1)  # elementwise: handled as an elementwise decay, no corrections
+
+
+def derive_implicit(obj: Objective) -> NormalForm:
+    g = gradient(obj.expr.terms)
+    if not g.has_state:
+        raise DerivationError(
+            f"implicit update of {obj.expr}: the objective is linear in S (no quadratic term), so it has "
+            "no minimiser; add a proximal term such as sqnorm(S - S_prev)/2, or use update='explicit'")
+    if g.diag == 0:
+        raise DerivationError(
+            f"implicit update of {obj.expr}: the Hessian is pure low rank (no identity/diagonal part), "
+            "so the minimiser is not unique; add a proximal term sqnorm(S - S_prev)/2 or a ridge")
+    if sp.sympify(g.diag).is_nonpositive:
+        raise DerivationError(f"implicit update of {obj.expr}: the diagonal of the Hessian, {g.diag}, is "
+                              "never positive: the objective has no minimum")
+    row_part, col_part = _hessian_split(g.diag, bool(g.lowrank), f"implicit update of {obj.expr}")
+    decay = -g.prev_diag / g.diag
+    row = _Row()
+    # r B⁻¹ with r = −(p ⊙ π + Σ Q (p·u)uᵀ + Σ z wᵀ) and B⁻¹ = diag(1/col)/row
+    if g.prev_lowrank:
+        if simplify(decay - 1) != 0:
+            raise DerivationError(
+                f"implicit update of {obj.expr}: a term projects S_prev onto a key ({_first(g.prev_lowrank)}) "
+                f"while S_prev is also decayed by {simplify(decay)}; the normal form projects only the "
+                "decayed state S̃. Remove the projection of S_prev or the decay")
+        for (u, w), c in g.prev_lowrank.items():
+            row.proj[(u, _div(w, col_part))] += -c / row_part
+    for w, c in g.const.items():
+        _vec(row.const, -c / row_part, _div(w, col_part))
+    if g.lowrank:
+        vecs = sorted({v for pair in g.lowrank for v in pair}, key=sp.default_sort_key)
+        p = len(vecs)
+        if p > MAX_RANK:
+            raise DerivationError(f"implicit update of {obj.expr}: the low-rank part has rank {p} > {MAX_RANK}")
+        R = sp.Matrix(p, p, lambda m, n: g.lowrank.get((vecs[m], vecs[n]), 0))
+        G = sp.Matrix(p, p, lambda m, n: csum(vecs[m] * vecs[n] / col_part) / row_part)
+        A = sp.eye(p) + G * R
+        det = sp.cancel(A.det(method="berkowitz"))
+        if det == 0:
+            raise DerivationError(f"implicit update of {obj.expr}: I + G R is singular for every input")
+        M = R * A.adjugate(method="berkowitz") / det
+        # s = rB⁻¹ − Σ_kl M_kl (rB⁻¹·u_k) (B⁻¹u_l)ᵀ
+        dots = [row.dot(v) for v in vecs]
+        for kk in range(p):
+            proj, const = dots[kk]
+            for ll in range(p):
+                m = sp.cancel(M[kk, ll])
+                if m == 0:
+                    continue
+                b = _div(vecs[ll], col_part)
+                for a, c in proj.items():
+                    row.proj[(a, b)] += -m * c / row_part
+                if const != 0:
+                    _vec(row.const, -m * const / row_part, b)
+    return _finish(decay, row, "implicit", obj)
+
+
+def _div(w, col_part):
+    return w if col_part == 1 else w / col_part
+
+
+def _first(d):
+    return next(iter(d))
+
+
+def derive_explicit(obj: Objective) -> NormalForm:
+    prox_terms = [t for t in obj.expr.terms if is_proximal(t)]
+    loss_terms = [t for t in obj.expr.terms if not is_proximal(t)]
+    if obj.decay is not None or not prox_terms:
+        centre = sp.Integer(1) if obj.decay is None else obj.decay
+        loss_terms = obj.expr.terms
+        if obj.decay is not None and prox_terms:
+            gp = gradient(prox_terms)
+            if gp.has_state:
+                raise DerivationError(
+                    f"explicit update of {obj.expr}: give the proximal centre either as decay= or as a "
+                    "term sqnorm(S - C)/2 in the objective, not both")
+    else:
+        gp = gradient(prox_terms)
+        if gp.diag == 0 or gp.lowrank or gp.prev_lowrank or gp.const:
+            raise DerivationError(
+                f"explicit update of {obj.expr}: the proximal part {[str(t.a) for t in prox_terms]} must "
+                "be of the form ‖S − Λ⊙S_prev‖² (its minimiser is the centre of the gradient step)")
+        centre = -gp.prev_diag / gp.diag
+    eta = sp.Integer(1) if obj.step_size is None else obj.step_size
+    if kind_of(eta) not in (SCALAR, ROW):
+        raise DerivationError(f"explicit update: step_size {eta} must be a scalar or per-row rate, "
+                              f"got a {kind_of(eta)} expression")
+    g = gradient(loss_terms)
+    if not (g.has_state or g.const or g.prev_diag != 0 or g.prev_lowrank):
+        raise DerivationError(f"explicit update of {obj.expr}: the loss does not depend on S")
+    row = _Row()
+    decay = centre
+    if g.diag != 0 or g.prev_diag != 0:
+        if g.lowrank or g.prev_lowrank:
+            raise DerivationError(
+                f"explicit update of {obj.expr}: the loss has both an elementwise part ({g.diag} on S) and "
+                "a low-rank part; one gradient step then rescales S̃ after projecting it, which the "
+                "normal form S̃ − Σ c (S̃a)bᵀ cannot express. Use update='implicit' or move the "
+                "elementwise term into decay=")
+        decay = centre - eta * (centre * g.diag + g.prev_diag)
+    for (u, w), c in g.lowrank.items():
+        row.proj[(u, w)] += -eta * c
+    if g.prev_lowrank:
+        if simplify(centre - 1) != 0:
+            raise DerivationError(
+                f"explicit update of {obj.expr}: the loss projects S_prev onto a key while the centre is "
+                f"{centre}⊙S_prev; project the state S instead")
+        for (u, w), c in g.prev_lowrank.items():
+            row.proj[(u, w)] += -eta * c
+    for w, c in g.const.items():
+        _vec(row.const, -eta * c, w)
+    return _finish(decay, row, "explicit", obj)
+
+
+def derive_exact(obj: Objective) -> ExactForm:
+    g = gradient(obj.expr.terms)
+    where = f"exact (decayed least squares) update of {obj.expr}"
+    if g.prev_diag != 0 or g.prev_lowrank:
+        raise DerivationError(f"{where}: the per-token loss may not depend on S_prev (the prefix sum "
+                              "replaces the proximal term); drop S_prev or use update='implicit'")
+    if not g.has_state:
+        raise DerivationError(f"{where}: the per-token loss is linear in S; least squares needs squares")
+    for (u, w), c in g.lowrank.items():
+        if kind_of(c) != SCALAR:
+            raise DerivationError(
+                f"{where}: the weight {c} of the regression term on {u} differs per value row; then every "
+                "row has its own Gram matrix (d_v·d_k² state). Use a scalar (per-head) weight")
+    if kind_of(g.diag) not in (SCALAR, COLUMN):
+        raise DerivationError(f"{where}: the diagonal term {g.diag} must be scalar or per key column")
+    gamma = sp.Integer(1) if obj.decay is None else obj.decay
+    if kind_of(gamma) != SCALAR:
+        raise DerivationError(f"{where}: decay {gamma} must be a scalar per head and token (a forgetting "
+                              f"factor), got a {kind_of(gamma)} expression")
+    ridge = sp.Integer(0) if obj.ridge is None else obj.ridge
+    if kind_of(ridge) not in (SCALAR, COLUMN):
+        raise DerivationError(f"{where}: ridge {ridge} must be scalar or per key column")
+    if g.diag == 0 and ridge == 0:
+        notes = ("H_t may be singular until d_k independent keys are seen: pass ridge > 0",)
+    else:
+        notes = ()
+    gram = tuple(Correction(simplify(c), u, w) for (u, w), c in g.lowrank.items())
+    moments = tuple(InputTerm(simplify(-c), w) for w, c in g.const.items())
+    return ExactForm(decay=simplify(gamma), gram=gram, gram_diag=simplify(g.diag), moments=moments,
+                     ridge=simplify(ridge), readout=obj.readout, mode="exact", notes=notes)
+
+
+def derive_form(obj: Objective):
+    check_quadratic(obj.expr)
+    if obj.update == "implicit":
+        for f in ("step_size",):
+            if getattr(obj, f) is not None:
+                raise DerivationError(f"implicit update: {f}= has no meaning (the minimiser is exact); "
+                                      "scale the loss term's weight instead")
+        if obj.decay is not None or obj.ridge is not None:
+            raise DerivationError("implicit update: write decay and ridge into the objective, e.g. "
+                                  "sqnorm(S - a*S_prev)/2 + lam*sqnorm(S)/2")
+        return derive_implicit(obj)
+    if obj.update == "explicit":
+        if obj.ridge is not None:
+            raise DerivationError("explicit update: ridge= is for update='exact'; put lam*sqnorm(S)/2 in "
+                                  "the loss with decay= given")
+        return derive_explicit(obj)
+    if obj.step_size is not None:
+        raise DerivationError("exact update: step_size= has no meaning for least squares over the prefix")
+    return derive_exact(obj)

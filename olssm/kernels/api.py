@@ -1,0 +1,161 @@
+"""The public scan entry point: argument checking shared by every backend, then dispatch."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..derive import Rule, derive
+from ..objectives.core import COLUMN, ELEMENTWISE, ROW, SCALAR, Objective
+
+BACKENDS = ("auto", "reference", "chunk", "triton")
+
+
+@dataclasses.dataclass
+class ScanArgs:
+    """Validated scan inputs: token inputs [B, T, H, ...], parameters [H, ...], sizes."""
+
+    rule: Rule
+    tokens: dict          # name -> tensor [B, T, H] / [B, T, H, d]
+    params: dict          # name -> tensor [H] / [H, d] / [H, d_v, d_k]
+    B: int
+    T: int
+    H: int
+    d_k: int
+    d_v: int
+    out_dtype: torch.dtype
+    device: torch.device
+    initial_state: object  # None, tensor [N, H, d_v, d_k] or (G, H) pair
+    cu_seqlens: torch.Tensor | None
+    output_final_state: bool
+
+    @property
+    def num_sequences(self) -> int:
+        return self.B if self.cu_seqlens is None else len(self.cu_seqlens) - 1
+
+    def segments(self):
+        """(batch index, start, end, state index) of each sequence."""
+        if self.cu_seqlens is None:
+            return [(b, 0, self.T, b) for b in range(self.B)]
+        cu = self.cu_seqlens.tolist()
+        return [(0, cu[n], cu[n + 1], n) for n in range(len(cu) - 1)]
+
+
+def _shape(x):
+    return tuple(x.shape)
+
+
+def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seqlens, inputs) -> ScanArgs:
+    if isinstance(rule, Objective):
+        rule = derive(rule)
+    if not isinstance(rule, Rule):
+        raise TypeError(f"scan: expected a Rule or Objective, got {type(rule).__name__}")
+    given = dict(inputs)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x is not None:
+            if name in given:
+                raise TypeError(f"scan: {name!r} given twice")
+            given[name] = x
+    need = rule.inputs
+    missing = [n for n in need if given.get(n) is None]
+    if missing:
+        raise ValueError("scan: missing input(s) " + ", ".join(repr(m) for m in missing) + "; this rule reads "
+                         + ", ".join(f"{n} ({s.role}, {s.kind})" for n, s in need.items()))
+    unknown = sorted(n for n, x in given.items() if n not in need and x is not None)
+    if unknown:
+        raise ValueError(f"scan: unexpected input(s) {unknown}; this rule reads {sorted(need)}")
+    tokens = {n: given[n] for n, s in need.items() if not s.is_parameter}
+    params = {n: given[n] for n, s in need.items() if s.is_parameter}
+    for n, x in given.items():
+        if n in need:
+            if not torch.is_tensor(x):
+                raise TypeError(f"scan: input {n!r} must be a torch.Tensor, got {type(x).__name__}")
+            if not x.is_floating_point():
+                raise TypeError(f"scan: input {n!r} must be floating point (fp32/bf16/fp16), got {x.dtype}")
+    first = next(iter(tokens.values()), None)
+    if first is None or first.dim() < 3:
+        raise ValueError("scan: needs per-token inputs laid out [B, T, H, ...]")
+    B, T, H = first.shape[:3]
+    d_k = d_v = None
+    for n, x in tokens.items():
+        s = need[n]
+        nd = 3 if s.kind == SCALAR else 4
+        if x.dim() != nd or _shape(x)[:3] != (B, T, H):
+            lay = "[B, T, H]" if s.kind == SCALAR else "[B, T, H, d]"
+            raise ValueError(f"scan: input {n!r} ({s.role}) must be {lay} with (B, T, H) = {(B, T, H)}, "
+                             f"got {_shape(x)}")
+        if s.kind == COLUMN:
+            if d_k is not None and x.shape[-1] != d_k:
+                raise ValueError(f"scan: input {n!r} has key size {x.shape[-1]}, other key-sized inputs have {d_k}")
+            d_k = x.shape[-1]
+        elif s.kind == ROW:
+            if d_v is not None and x.shape[-1] != d_v:
+                raise ValueError(f"scan: input {n!r} has value size {x.shape[-1]}, other value-sized inputs have {d_v}")
+            d_v = x.shape[-1]
+    if d_k is None or d_v is None:
+        st = initial_state[0] if isinstance(initial_state, (tuple, list)) else initial_state
+        if st is None:
+            raise ValueError("scan: cannot infer d_k/d_v: the rule reads no key- or value-sized input; "
+                             "pass initial_state")
+        d_v, d_k = (d_v or st.shape[-2]), (d_k or st.shape[-1])
+    for n, x in params.items():
+        s = need[n]
+        want = {SCALAR: (H,), ROW: (H, d_v), COLUMN: (H, d_k), ELEMENTWISE: (H, d_v, d_k)}[s.kind]
+        if _shape(x) != want:
+            raise ValueError(f"scan: parameter {n!r} ({s.kind}) must have shape {want} (per head), got {_shape(x)}")
+    device = first.device
+    for n, x in {**tokens, **params}.items():
+        if x.device != device:
+            raise ValueError(f"scan: input {n!r} is on {x.device}, others on {device}")
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"scan: with cu_seqlens the sequences are packed along T and B must be 1, got B={B}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or len(cu_seqlens) < 2:
+            raise ValueError("scan: cu_seqlens must be a 1-D int32/int64 tensor [N+1] of cumulative lengths")
+        c = cu_seqlens.tolist()
+        if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:])):
+            raise ValueError(f"scan: cu_seqlens must start at 0, end at T={T} and not decrease; got {c}")
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    if initial_state is not None:
+        shapes = rule.state_shape(d_k, d_v)
+        sts = initial_state if rule.is_exact else (initial_state,)
+        if rule.is_exact and not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
+            raise ValueError("scan: an exact rule's initial_state is a pair (G [N, H, d_v, d_k], H [N, H, d_k, d_k])")
+        for st, shp in zip(sts, shapes if rule.is_exact else (shapes,)):
+            if not torch.is_tensor(st) or _shape(st) != (N, H, *shp):
+                raise ValueError(f"scan: initial_state must have shape {(N, H, *shp)} "
+                                 f"({'sequences' if cu_seqlens is not None else 'batch'}, heads, state), "
+                                 f"got {_shape(st) if torch.is_tensor(st) else type(st).__name__}")
+    out_dtype = tokens.get("v", first).dtype
+    return ScanArgs(rule, tokens, params, B, T, H, d_k, d_v, out_dtype, device, initial_state,
+                    cu_seqlens, output_final_state)
+
+
+def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state=False, backend="auto",
+         cu_seqlens=None, chunk_size=64, **inputs):
+    """Run a rule over a sequence: o [B, T, H, d_v] and (if asked) the final state(s) in fp32.
+
+    backend: "reference" (step loop, the oracle), "chunk" (chunk-parallel torch), "triton"
+    (generated kernels; CUDA or TRITON_INTERPRET=1), "auto" (triton on CUDA, chunk on CPU).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"scan: backend must be one of {BACKENDS}, got {backend!r}")
+    args = check_scan_args(rule, q, k, v, initial_state=initial_state, output_final_state=output_final_state,
+                           cu_seqlens=cu_seqlens, inputs=inputs)
+    if backend == "auto":
+        backend = "triton" if args.device.type == "cuda" else "chunk"
+    if backend == "reference":
+        from .reference import reference_scan
+        return reference_scan(args)
+    if backend == "chunk":
+        from .chunk import chunk_scan
+        return chunk_scan(args, chunk_size=chunk_size)
+    from .triton import triton_scan
+    return triton_scan(args)
+
+
+def kernel_source(rule, target: str) -> str:
+    if target == "triton":
+        from .triton import kernel_source as triton_source
+        return triton_source(rule)
+    raise ValueError(f"kernel_source: unknown target {target!r} (torch, triton)")

@@ -1,0 +1,221 @@
+"""Check a derived rule against an independent numerical online solver.
+
+The oracle never looks at the derivation: it evaluates the objective itself (the user's
+sqnorm/inner terms, numerically, in float64), and
+  implicit  minimises L_t(S) over vec(S) with scipy.optimize (trust-region, autograd derivatives),
+  explicit  takes C − η ∇ℓ_t(C) with ∇ from autograd (C: decay ⊙ S_prev, or the numerical
+            minimiser of the objective's proximal part),
+  exact     minimises the decayed prefix sum Σ_i Π γ ℓ_i(S) + ½ λ‖S‖² with scipy.optimize,
+from the oracle's *own* previous state, so errors cannot hide by sharing a trajectory.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import scipy.optimize
+import sympy as sp
+import torch
+
+from ..derive import Rule, derive
+from ..derive.gradient import is_proximal
+from ..derive.rule import _codegen, _compile, _TorchPrinter
+from ..objectives.core import (COLUMN, ELEMENTWISE, ROW, SCALAR, MatrixAffine, Objective, VectorAffine,
+                               spec_of)
+
+torch_dtype = torch.float64
+
+
+def _eval(expr, inp: dict):
+    """Evaluate a coefficient expression on inputs in broadcast layout ([d_v|1, d_k|1])."""
+    expr = sp.sympify(expr)
+    if not expr.free_symbols:
+        return torch.tensor(float(expr), dtype=torch_dtype)
+    lines, out = _codegen({"x": expr}, _TorchPrinter())
+    syms = sorted(expr.free_symbols, key=lambda s: s.name)
+    src = "def step(S, inp):\n" + "".join(f"    in_{s.name} = inp['{s.name}']\n" for s in syms) + \
+        "".join(f"    {ln}\n" for ln in lines) + f"    return {out['x']}\n"
+    return _compile(src)(None, inp)
+
+
+def _affine(x, S, Sp, inp):
+    if isinstance(x, MatrixAffine):
+        return _eval(x.s_coef, inp) * S + _eval(x.prev_coef, inp) * Sp + _eval(x.const, inp)
+    if isinstance(x, VectorAffine):
+        out = _eval(x.const, inp) * torch.ones(S.shape[0], 1, dtype=torch_dtype)
+        for g, u in x.s_proj:
+            out = out + _eval(g, inp) * (S * _eval(u, inp)).sum(-1, keepdim=True)
+        for g, u in x.prev_proj:
+            out = out + _eval(g, inp) * (Sp * _eval(u, inp)).sum(-1, keepdim=True)
+        return out
+    return _eval(x, inp)
+
+
+def objective_value(terms, S, Sp, inp):
+    """The objective Σ coef·⟨a, b⟩_weight evaluated numerically (S, Sp: [d_v, d_k] float64)."""
+    total = torch.zeros((), dtype=torch_dtype)
+    for t in terms:
+        a, b = _affine(t.a, S, Sp, inp), _affine(t.b, S, Sp, inp)
+        total = total + _eval(t.coef, inp) * (_eval(t.weight, inp) * a * b).sum()
+    return total
+
+
+def _minimise(f, x0_shape, x0=None):
+    n = int(np.prod(x0_shape))
+
+    def fun(x):
+        X = torch.tensor(x, dtype=torch_dtype, requires_grad=True)
+        val = f(X.view(x0_shape))
+        (g,) = torch.autograd.grad(val, X)
+        return val.item(), g.numpy()
+
+    def hess(x):
+        X = torch.tensor(x, dtype=torch_dtype)
+        return torch.autograd.functional.hessian(lambda y: f(y.view(x0_shape)), X).numpy()
+
+    start = np.zeros(n) if x0 is None else x0.reshape(-1).numpy()
+    res = scipy.optimize.minimize(fun, start, jac=True, hess=hess, method="trust-exact",
+                                  options={"gtol": 1e-12, "maxiter": 200})
+    return torch.tensor(res.x, dtype=torch_dtype).view(x0_shape)
+
+
+def random_inputs(rule: Rule, steps: int, d_k: int, d_v: int, seed: int = 0) -> list[dict]:
+    """Random per-step inputs: vectors ~ N(0, 1/d), coefficients and parameters ~ U(0.1, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    names = {**rule.inputs, **rule.objective.inputs()}
+    params = {}
+    out = []
+    for t in range(steps):
+        inp = {}
+        for n, s in names.items():
+            size = {SCALAR: (), ROW: (d_v,), COLUMN: (d_k,), ELEMENTWISE: (d_v, d_k)}[s.kind]
+            if s.is_parameter:
+                if n not in params:
+                    params[n] = 0.1 + 0.9 * torch.rand(size, generator=g, dtype=torch_dtype)
+                inp[n] = params[n]
+            elif s.role in ("key", "query", "value"):
+                inp[n] = torch.randn(size, generator=g, dtype=torch_dtype) / np.sqrt(size[0]) * 1.5
+            else:
+                inp[n] = 0.1 + 0.9 * torch.rand(size, generator=g, dtype=torch_dtype)
+        out.append(inp)
+    return out
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    name: str
+    mode: str
+    steps: int
+    d_k: int
+    d_v: int
+    state_error: float
+    output_error: float
+    per_step: list
+    tolerance: float = 1e-6
+    note: str = ""
+
+    @property
+    def max_error(self) -> float:
+        return max(self.state_error, self.output_error)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.max_error <= self.tolerance)
+
+    def __str__(self):
+        lines = [f"verify {self.name} ({self.mode}): {self.steps} steps, d_k={self.d_k}, d_v={self.d_v}",
+                 f"  max relative error, state : {self.state_error:.2e}",
+                 f"  max relative error, output: {self.output_error:.2e}",
+                 f"  {'OK' if self.ok else 'MISMATCH'} (tolerance {self.tolerance:.0e}, float64)"]
+        if self.note:
+            lines.append(f"  note: {self.note}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def verify(objective_or_rule, steps: int = 6, d_k: int = 4, d_v: int = 3, seed: int = 0,
+           tolerance: float = 1e-6, inputs: list[dict] | None = None) -> VerifyReport:
+    """Run the derived rule and an independent numerical solver side by side; report the errors."""
+    rule = derive(objective_or_rule)
+    obj: Objective = rule.objective
+    seq = inputs if inputs is not None else random_inputs(rule, steps, d_k, d_v, seed)
+    steps = len(seq)
+    sym_kind = {**{n: s.kind for n, s in obj.inputs().items()}, **{n: s.kind for n, s in rule.inputs.items()}}
+
+    def lay(inp):
+        return {n: (x[:, None] if sym_kind.get(n) == ROW else x[None, :] if sym_kind.get(n) == COLUMN else x)
+                for n, x in inp.items()}
+
+    g = torch.Generator().manual_seed(seed + 1)
+    S0 = torch.randn(d_v, d_k, generator=g, dtype=torch_dtype) * 0.5
+    qn = rule.query_name
+    per_step, s_err, o_err, note = [], 0.0, 0.0, ""
+    if rule.is_exact:
+        state = (torch.zeros(d_v, d_k, dtype=torch_dtype), torch.zeros(d_k, d_k, dtype=torch_dtype))
+        weights, history = [], []
+        for t, inp in enumerate(seq):
+            state = rule.step(state, **{n: inp[n] for n in rule.update_inputs})
+            o_rule = rule.read(state, **{n: inp[n] for n in rule.inputs})
+            L = lay(inp)
+            gamma = _eval(obj.decay, L) if obj.decay is not None else torch.tensor(1.0, dtype=torch_dtype)
+            weights = [w * gamma for w in weights] + [torch.tensor(1.0, dtype=torch_dtype)]
+            history.append(L)
+            ridge = obj.ridge
+
+            def total(S, hist=tuple(history), ws=tuple(weights)):
+                val = sum(w * objective_value(obj.expr.terms, S, torch.zeros_like(S), h) for w, h in zip(ws, hist))
+                if ridge is not None:
+                    val = val + 0.5 * (_eval(ridge, L) * S * S).sum()
+                return val
+
+            if ridge is None and t + 1 < d_k:
+                note = f"first {d_k - 1} steps skipped: without a ridge the least-squares problem is underdetermined"
+                continue
+            S_or = _minimise(total, (d_v, d_k))
+            G, H = state
+            lam = _eval(obj.ridge, L) if obj.ridge is not None else torch.tensor(0.0, dtype=torch_dtype)
+            S_rule = torch.linalg.solve((H + torch.diag_embed(torch.broadcast_to(lam, (d_k,)))).T, G.T).T
+            o_or = S_or @ inp[qn]
+            e1, e2 = _rel(S_rule, S_or), _rel(o_rule, o_or)
+            per_step.append((t, e1, e2))
+            s_err, o_err = max(s_err, e1), max(o_err, e2)
+    else:
+        S_rule, S_or = S0.clone(), S0.clone()
+        for t, inp in enumerate(seq):
+            S_rule = rule.step(S_rule, **{n: inp[n] for n in rule.update_inputs})
+            L = lay(inp)
+            Sp = S_or
+            if obj.update == "implicit":
+                S_or = _minimise(lambda S: objective_value(obj.expr.terms, S, Sp, L), (d_v, d_k), x0=Sp)
+            else:
+                S_or = _explicit_oracle(obj, Sp, L, d_v, d_k)
+            o_rule, o_or = S_rule @ inp[qn], S_or @ inp[qn]
+            e1, e2 = _rel(S_rule, S_or), _rel(o_rule, o_or)
+            per_step.append((t, e1, e2))
+            s_err, o_err = max(s_err, e1), max(o_err, e2)
+    return VerifyReport(obj.name or str(obj.expr), rule.mode, steps, d_k, d_v, s_err, o_err, per_step,
+                        tolerance, note)
+
+
+def _explicit_oracle(obj: Objective, Sp, L, d_v, d_k):
+    terms = obj.expr.terms
+    prox = [t for t in terms if is_proximal(t)]
+    if obj.decay is not None or not prox:
+        C = (_eval(obj.decay, L) if obj.decay is not None else 1.0) * Sp
+        C = torch.broadcast_to(C, (d_v, d_k))
+        loss = terms
+    else:
+        C = _minimise(lambda S: objective_value(prox, S, Sp, L), (d_v, d_k), x0=Sp)
+        loss = [t for t in terms if not is_proximal(t)]
+    X = C.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(objective_value(loss, X, Sp, L), X)
+    eta = _eval(obj.step_size, L) if obj.step_size is not None else 1.0
+    return (C - eta * grad).detach()
+
+
+__all__ = ["verify", "VerifyReport", "objective_value", "random_inputs"]
