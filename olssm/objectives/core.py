@@ -92,7 +92,23 @@ class InputSpec:
         return self.role == "parameter"
 
 
-_REGISTRY: dict[sp.Symbol, InputSpec] = {}
+class InputSymbol(sp.Symbol):
+    """A sympy symbol that knows what input it is; its spec is part of its identity, so the same
+    name may be a per-row rate in one objective and a per-head one in another."""
+
+    __slots__ = ("spec",)
+
+    def __new__(cls, spec: "InputSpec", **assumptions):
+        obj = sp.Symbol.__xnew__(cls, spec.name, **assumptions)
+        obj.spec = spec
+        return obj
+
+    def __getnewargs_ex__(self):
+        return ((self.spec,), self.assumptions0)
+
+    def _hashable_content(self):
+        return super()._hashable_content() + (self.spec,)
+
 
 #: value domains of coefficients; layers pick the parameterisation from these
 DOMAINS = {
@@ -116,27 +132,19 @@ def _declare(name: str, role: str, kind: str, positive: bool, domain: str = "rea
         raise DerivationError(f"input name {name!r} must be a Python identifier")
     if name in ("S", "S_prev", "state"):
         raise DerivationError(f"input name {name!r} is reserved for the state")
-    if domain == "negative":
-        sym = sp.Symbol(name, real=True, negative=True)
-    else:
-        sym = sp.Symbol(name, real=True, positive=True) if positive else sp.Symbol(name, real=True)
     spec = InputSpec(name, role, kind, positive, domain)
-    old = _REGISTRY.get(sym)
-    if old is not None and old != spec:
-        raise DerivationError(
-            f"input {name!r} was declared as a {old.role} ({old.kind}) and now as a {role} ({kind}); "
-            "use a different name")
-    _REGISTRY[sym] = spec
-    return sym
+    if domain == "negative":
+        return InputSymbol(spec, real=True, negative=True)
+    return InputSymbol(spec, real=True, positive=True) if positive else InputSymbol(spec, real=True)
 
 
 def spec_of(sym: sp.Symbol) -> InputSpec:
-    try:
-        return _REGISTRY[sym]
-    except KeyError:
+    spec = getattr(sym, "spec", None)
+    if spec is None:
         raise DerivationError(
             f"symbol {sym} is not a declared input: declare it with olssm.objectives.key/value/"
-            "query/scalar/row/column/parameter") from None
+            "query/scalar/row/column/parameter")
+    return spec
 
 
 def key(name: str = "k") -> sp.Symbol:
@@ -641,7 +649,8 @@ class Objective:
     @property
     def key(self) -> str:
         """Canonical text used as the derivation cache key."""
-        return repr(self) + "|" + "|".join(srepr_term(t) for t in self.expr.terms) + f"|{self.readout}"
+        specs = tuple(self.inputs().values())
+        return repr(self) + "|" + "|".join(srepr_term(t) for t in self.expr.terms) + f"|{self.readout}|{specs}"
 
     def inputs(self) -> dict[str, InputSpec]:
         """Every declared input the objective mentions, by name (readout included)."""
@@ -651,7 +660,13 @@ class Objective:
         for f in (self.step_size, self.decay, self.ridge, self.readout):
             if f is not None:
                 syms |= sp.sympify(f).free_symbols
-        return {s.name: spec_of(s) for s in sorted(syms, key=lambda s: s.name)}
+        out = {}
+        for s in sorted(syms, key=lambda s: s.name):
+            if s.name in out and out[s.name] != spec_of(s):
+                raise DerivationError(f"two different inputs are named {s.name!r} ({out[s.name].role} "
+                                      f"{out[s.name].kind} and {spec_of(s).role} {spec_of(s).kind}); rename one")
+            out[s.name] = spec_of(s)
+        return out
 
 
 def _affine_exprs(x) -> Iterable[sp.Expr]:
