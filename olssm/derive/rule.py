@@ -325,7 +325,7 @@ class Rule:
         odot, top = T(" ⊙ ", r" \odot "), T("ᵀ", r"^\top")
         if isinstance(f, ExactForm):
             g = self._c(f.decay, tex)
-            hterms = "".join(f" + {self._c(c.coef, tex)} {self._vec(c.a, tex)}{self._vec(c.b, tex)}{top}"
+            hterms = "".join(f" + {self._c(c.coef, tex)} {self._vec(c.a, tex)} {self._vec(c.b, tex)}{top}"
                              for c in f.gram)
             if f.gram_diag != 0:
                 hterms += T(f" + diag({f.gram_diag})", rf" + \operatorname{{diag}}({sp.latex(f.gram_diag)})")

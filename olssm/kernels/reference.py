@@ -12,15 +12,17 @@ def reference_scan(args):
     tok = {n: lay[n] for n in args.tokens}
     par = {n: lay[n] for n in args.params}
     step, need = rule._step_fn, set(rule.update_inputs)
-    outs = torch.empty(args.B, args.T, args.H, args.d_v, dtype=torch.float32, device=args.device)
+    dtype = torch.float64 if args.out_dtype == torch.float64 else torch.float32
+    outs = torch.empty(args.B, args.T, args.H, args.d_v, dtype=dtype, device=args.device)
     finals = []
     for b, start, end, n in args.segments():
         if args.initial_state is None:
             S = rule.zero_state((args.H,), args.d_k, args.d_v, device=args.device)
+            S = tuple(x.to(dtype) for x in S) if rule.is_exact else S.to(dtype)
         elif rule.is_exact:
-            S = tuple(x[n].float() for x in args.initial_state)
+            S = tuple(x[n].to(dtype) for x in args.initial_state)
         else:
-            S = args.initial_state[n].float()
+            S = args.initial_state[n].to(dtype)
         for t in range(start, end):
             inp = {nm: x[b, t] for nm, x in tok.items()}
             inp.update(par)
