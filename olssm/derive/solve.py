@@ -151,7 +151,7 @@ def derive_explicit(obj: Objective) -> NormalForm:
         loss_terms = obj.expr.terms
         if obj.decay is not None and prox_terms:
             gp = gradient(prox_terms)
-            if gp.has_state:
+            if gp.prev_diag != 0:
                 raise DerivationError(
                     f"explicit update of {obj.expr}: give the proximal centre either as decay= or as a "
                     "term sqnorm(S - C)/2 in the objective, not both")

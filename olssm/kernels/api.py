@@ -72,7 +72,9 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
                 raise TypeError(f"scan: input {n!r} must be a torch.Tensor, got {type(x).__name__}")
             if not x.is_floating_point():
                 raise TypeError(f"scan: input {n!r} must be floating point (fp32/bf16/fp16), got {x.dtype}")
-    first = next(iter(tokens.values()), None)
+    # (B, T, H) come from the key/query/value so that a wrong coefficient is the one blamed
+    ordered = sorted(tokens, key=lambda n: (need[n].role not in ("key", "query", "value"), n))
+    first = tokens[ordered[0]] if ordered else None
     if first is None or first.dim() < 3:
         raise ValueError("scan: needs per-token inputs laid out [B, T, H, ...]")
     B, T, H = first.shape[:3]

@@ -77,7 +77,7 @@ class csum(sp.Function):
         return f"Σⱼ({printer._print(a)})"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, order=True)
 class InputSpec:
     """What a declared symbol is: its role and its index kind."""
 
@@ -490,6 +490,8 @@ class Quadratic:
         if isinstance(other, Affine):
             raise DerivationError(f"{self} + {other}: adds a matrix/vector to a scalar objective")
         c = _as_coef(other, f"{self} + {other}")
+        if c == 0:
+            return self
         if kind_of(c) != SCALAR:
             raise DerivationError(f"{self} + {c}: adds a {kind_of(c)} expression to a scalar objective")
         return Quadratic(self.terms, f"{self} + {c}", f"{self.tex} + {_tex(c)}", self.blocked)

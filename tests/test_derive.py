@@ -1,0 +1,204 @@
+"""Derivation: derived rules against the numerical solver (olssm.verify), the published
+recurrences, and the error contract. Tolerances: verify runs in float64; a closed form that is
+right agrees with the trust-region solver to ~1e-12, so 1e-6 can only fail on a wrong rule."""
+import pytest
+import sympy as sp
+import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+import olssm
+from olssm import catalogue
+from olssm import objectives as O
+
+
+def longhorn_objective():
+    S, Sp = O.states()
+    k, v, beta = O.key("k"), O.value("v"), O.row("beta")
+    return O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=beta) / 2, update="implicit")
+
+
+def test_issue_example_end_to_end():
+    obj = longhorn_objective()
+    rule = olssm.derive(obj)
+    text = str(rule)
+    assert "ε = beta/(beta*kᵀk + 1)" in text
+    assert r"\varepsilon" in rule.latex()
+    g = torch.Generator().manual_seed(0)
+    S0 = torch.randn(2, 3, 5, 4, generator=g)
+    k, v, b = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 5, generator=g), torch.rand(2, 3, 5, generator=g)
+    S1 = rule.step(S0, k=k, v=v, beta=b)
+    eps = b / (1 + b * (k * k).sum(-1, keepdim=True))
+    expect = S0 - (eps * ((S0 * k[..., None, :]).sum(-1) - v))[..., None] * k[..., None, :]
+    torch.testing.assert_close(S1, expect, rtol=1e-5, atol=1e-6)
+    assert olssm.verify(obj).ok
+
+
+@pytest.mark.parametrize("name", list(catalogue.ENTRIES))
+def test_catalogue_matches_published_and_solver(name):
+    entry = catalogue.ENTRIES[name]
+    assert catalogue.check_published(entry) < 1e-10
+    report = olssm.verify(entry.objective, steps=5)
+    assert report.ok, str(report)
+
+
+def test_objectives_no_catalogue_names():
+    S, Sp = O.states()
+    k, v, k2, v2 = O.key("k"), O.value("v"), O.key("k2"), O.value("v2")
+    beta, a, lam = O.row("beta"), O.scalar("a", domain="decay"), O.scalar("lam", positive=True)
+    c = O.column("c", positive=True)
+    objs = {
+        "ridge": O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=beta) / 2 + lam * O.sqnorm(S) / 2),
+        "decayed centre": O.Objective(O.sqnorm(S - a * Sp) / 2 + O.sqnorm(S @ k - v, weight=beta) / 2),
+        "two keys": O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=beta) / 2
+                                + O.sqnorm(S @ k2 - v2) / 2),
+        "explicit per-row rate": O.Objective(O.sqnorm(S @ k - v) / 2, update="explicit", step_size=beta),
+        "dls with ridge": O.Objective(O.sqnorm(S @ k - v) / 2, update="exact", decay=a, ridge=lam),
+        "column ridge": O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ O.diag(c)) / 2
+                                    + O.sqnorm(S @ k - v, weight=beta) / 2),
+    }
+    for name, obj in objs.items():
+        rep = olssm.verify(obj, steps=5, d_k=5, d_v=3)
+        assert rep.ok, (name, str(rep))
+    two = olssm.derive(objs["two keys"])
+    assert two.form.rank == 4 and "rank-2" in two.structure  # Woodbury: 2x2 mixing of k, k2
+    ridge = olssm.derive(objs["ridge"])
+    assert ridge.decay_kind == "scalar"  # the ridge shrinks the state: S̃ = S_prev / (1 + λ)
+
+
+# ---- hypothesis: random objectives from the grammar --------------------------------------------
+
+PROX = ["none", "plain", "scalar", "row", "column", "elementwise"]
+
+
+@st.composite
+def objectives(draw):
+    S, Sp = O.states()
+    prox = draw(st.sampled_from(PROX))
+    n_keys = draw(st.integers(0, 2))
+    weights = [draw(st.sampled_from(["none", "scalar", "row"])) for _ in range(n_keys)]
+    ridge = draw(st.booleans())
+    linear = draw(st.booleans())
+    mode = draw(st.sampled_from(["implicit", "explicit"]))
+    expr = 0
+    if prox == "plain":
+        expr = O.sqnorm(S - Sp) / 2
+    elif prox == "scalar":
+        expr = O.sqnorm(S - O.scalar("a", domain="decay") * Sp) / 2
+    elif prox == "row":
+        expr = O.sqnorm(S - O.diag(O.row("r", domain="decay")) @ Sp) / 2
+    elif prox == "column":
+        expr = O.sqnorm(S - Sp @ O.diag(O.column("c", domain="decay"))) / 2
+    elif prox == "elementwise":
+        expr = O.sqnorm(S - sp.exp(-O.row("dt", positive=True) * O.parameter("P", "matrix", positive=True)) * Sp) / 2
+    for i, w in enumerate(weights):
+        k, v = O.key(f"k{i}"), O.value(f"v{i}")
+        wt = None if w == "none" else O.scalar(f"b{i}", positive=True) if w == "scalar" else O.row(f"b{i}", positive=True)
+        expr = expr + O.sqnorm(S @ k - v, weight=wt) / 2
+    if ridge:
+        expr = expr + O.scalar("lam", positive=True) * O.sqnorm(S) / 2
+    if linear:
+        expr = expr - O.inner(S @ O.key("kl"), O.value("vl"))
+    if isinstance(expr, int):
+        expr = O.sqnorm(S @ O.key("k0") - O.value("v0")) / 2
+    return O.Objective(expr, update=mode)
+
+
+@settings(max_examples=40)
+@given(objectives(), st.integers(0, 3))
+def test_random_objectives_derive_and_verify(obj, seed):
+    try:
+        rule = olssm.derive(obj)
+    except O.DerivationError as e:
+        event("refused")
+        msg = str(e)
+        # the only refusals the grammar can trigger, each with its reason
+        assert any(s in msg for s in ("linear in S", "pure low rank", "both an elementwise", "depends on both",
+                                      "proximal part", "does not depend on S")), msg
+        return
+    event(f"derived {rule.mode}")
+    report = olssm.verify(rule, steps=3, d_k=4, d_v=3, seed=seed)
+    assert report.ok, f"{obj}\n{rule}\n{report}"
+
+
+# ---- contractivity: the point of the Longhorn paper ----------------------------------------------
+
+def _transition(rule, k, **coef):
+    """The per-row linear map s -> s T of one step with a zero value, as a matrix."""
+    d = k.shape[-1]
+    basis = torch.eye(d, dtype=torch.float64).unsqueeze(1)  # d states of shape [1, d]
+    out = rule.step(basis, k=k.expand(d, d), v=torch.zeros(d, 1, dtype=torch.float64),
+                    **{n: x.expand(d, *x.shape) for n, x in coef.items()})
+    return out[:, 0, :]
+
+
+@given(st.floats(0.0, 50.0), st.integers(0, 10_000))
+def test_implicit_update_is_contractive_for_every_beta(beta, seed):
+    rule = catalogue.ENTRIES["longhorn"].rule
+    k = torch.randn(6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
+    T = _transition(rule, k, beta=torch.tensor([beta], dtype=torch.float64))
+    eig = torch.linalg.eigvalsh((T + T.T) / 2)
+    assert eig.min() >= -1e-12 and eig.max() <= 1 + 1e-12
+
+
+@given(st.floats(0.0, 50.0), st.integers(0, 10_000))
+def test_explicit_update_expands_once_beta_kk_exceeds_two(beta, seed):
+    rule = catalogue.ENTRIES["deltanet"].rule
+    k = torch.randn(6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    T = _transition(rule, k, beta=torch.tensor(beta, dtype=torch.float64))
+    spectral = torch.linalg.eigvalsh((T + T.T) / 2).abs().max().item()
+    bkk = beta * float(k @ k)
+    if bkk > 2 + 1e-9:
+        assert spectral > 1.0  # eigenvalue 1 − β kᵀk < −1 along k
+    else:
+        assert spectral <= 1 + 1e-12
+
+
+# ---- errors name the blocking term -----------------------------------------------------------------
+
+def _S():
+    return O.states()
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(S @ k - v) ** 2), "not quadratic"),
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(S - Sp) * O.sqnorm(S @ k - v)), "quartic"),
+    (lambda S, Sp, k, v: O.Objective(O.norm(S @ k - v) + O.sqnorm(S - Sp)), "not a squared norm"),
+    (lambda S, Sp, k, v: O.Objective(-O.inner(S @ k, v)), "linear in S"),
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(S @ k - v) / 2), "pure low rank"),
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(sp.exp(O.row("dt") * O.column("c")) * (S - Sp)) / 2
+                                     + O.sqnorm(S @ k - v) / 2), "depends on both"),
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(S @ k - v, weight=O.row("b")) / 2, update="exact"), "Gram"),
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(S @ k - v) / 2 + O.scalar("l") * O.sqnorm(S) / 2,
+                                     update="explicit", decay=O.scalar("a")), "elementwise part"),
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(S - Sp) / 2, update="sideways"), "update="),
+])
+def test_derivation_errors_name_the_problem(build, match):
+    S, Sp = _S()
+    with pytest.raises(O.DerivationError, match=match):
+        olssm.derive(build(S, Sp, O.key("k"), O.value("v")))
+
+
+def test_malformed_objectives_fail_at_construction():
+    S, Sp = _S()
+    k, v = O.key("k"), O.value("v")
+    with pytest.raises(O.DerivationError, match="key-sized"):
+        S @ v
+    with pytest.raises(O.DerivationError, match="not a declared input"):
+        O.sqnorm(S @ k - v, weight=sp.Symbol("mystery"))
+    with pytest.raises(O.DerivationError, match="matrix"):
+        S + k
+    with pytest.raises(O.DerivationError, match="scalar coefficient"):
+        O.row("r") * O.sqnorm(S - Sp)
+    with pytest.raises(O.DerivationError, match="named 'beta'"):
+        olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=O.row("beta")) / 2
+                                 + O.sqnorm(S @ O.key("k2") - v, weight=O.scalar("beta")) / 2))
+
+
+def test_derivation_is_cached_and_fast():
+    import time
+    obj = longhorn_objective()
+    r1 = olssm.derive(obj)
+    t0 = time.perf_counter()
+    r2 = olssm.derive(obj)
+    assert r2 is r1 and time.perf_counter() - t0 < 0.05
