@@ -22,7 +22,8 @@ def test_issue_example_end_to_end():
     obj = longhorn_objective()
     rule = olssm.derive(obj)
     text = str(rule)
-    assert "ε = beta/(beta*kᵀk + 1)" in text
+    assert "S_t = S_{t-1} (I - ε k kᵀ) + (ε ⊙ v) kᵀ" in text
+    assert "ε = β/(β*‖k‖² + 1)" in text and "row-wise" in text
     assert r"\varepsilon" in rule.latex()
     g = torch.Generator().manual_seed(0)
     S0 = torch.randn(2, 3, 5, 4, generator=g)

@@ -312,6 +312,15 @@ class Rule:
         s = str(e)
         return f"({s})" if any(ch in s for ch in "+-/ ") else s
 
+    def _named(self, e, tex=False) -> str:
+        """Print e with the named coefficients substituted (exp(−ε k²) rather than the full form)."""
+        e = sp.sympify(e)
+        if e in self._names or (-e) in self._names:
+            return self._c(e, tex)
+        for expr, (name, name_tex) in self._names.items():
+            e = e.subs(expr, sp.Symbol(name_tex if tex else name))
+        return sp.latex(e) if tex else str(e)
+
     def _vec(self, v, tex=False) -> str:
         s = sp.latex(v) if tex else str(v)
         return s if sp.sympify(v).is_Symbol else (rf"\left({s}\right)" if tex else f"({s})")
@@ -339,11 +348,14 @@ class Rule:
         else:
             base = Sp
             if not _is_one(f.decay):
-                out.append(f"{St} = {self._c(f.decay, tex)}{odot}{Sp}")
+                out.append(f"{St} = {self._named(f.decay, tex)}{odot}{Sp}")
                 base = St
             rhs = base
-            for c in f.corrections:
-                rhs += f" - ({self._c(c.coef, tex)}{odot}{base} {self._vec(c.a, tex)}) {self._vec(c.b, tex)}{top}"
+            if f.corrections:
+                minus = " - "
+                proj = minus.join(f"{self._c(c.coef, tex)} {self._vec(c.a, tex)} {self._vec(c.b, tex)}{top}"
+                                  for c in f.corrections)
+                rhs = T(f"{base} (I - {proj})", rf"{base} \left(I - {proj}\right)")
             for t in f.inputs:
                 rhs += f" + {self._input(t, tex)}"
             out.append(f"S_t = {rhs}")
@@ -352,9 +364,9 @@ class Rule:
         if named:
             defs = ", ".join(f"{n[1 if tex else 0]} = {sp.latex(e) if tex else str(e)}" for n, e in named)
             out.append(T(f"where {defs}", rf"\text{{where }} {defs}"))
-        if self.mode == "implicit" and isinstance(f, NormalForm) and any(
-                kind_of(c.coef) == ROW for c in f.corrections):
-            out.append(T("(row-wise: each value row i has its own coefficient)", r"\text{(row-wise coefficients)}"))
+        if isinstance(f, NormalForm) and any(kind_of(c.coef) == ROW for c in f.corrections):
+            out.append(T("(row-wise: value row i of the state uses its own coefficient, e.g. ε_i)",
+                         r"\text{(row-wise: value row } i \text{ uses its own coefficient)}"))
         return out
 
     def _input(self, t: InputTerm, tex=False) -> str:

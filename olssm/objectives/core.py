@@ -61,20 +61,30 @@ class csum(sp.Function):
     def _latex(self, printer):
         a = self.args[0]
         if a.is_Pow and a.exp == 2 and a.base.is_Symbol:
-            b = printer._print(a.base)
-            return rf"{b}^\top {b}"
+            return rf"\|{printer._print(a.base)}\|^2"
         if a.is_Mul and len(a.args) == 2 and all(x.is_Symbol for x in a.args):
             x, y = (printer._print(t) for t in a.args)
-            return rf"{x}^\top {y}"
+            return rf"({x}^\top {y})"
         return r"\mathbf{1}^\top\left(" + printer._print(a) + r"\right)"
 
     def _sympystr(self, printer):
         a = self.args[0]
         if a.is_Pow and a.exp == 2 and a.base.is_Symbol:
-            return f"{a.base}ᵀ{a.base}"
+            return f"‖{printer._print(a.base)}‖²"
         if a.is_Mul and len(a.args) == 2 and all(x.is_Symbol for x in a.args):
-            return f"{a.args[0]}ᵀ{a.args[1]}"
+            return f"({printer._print(a.args[0])}ᵀ{printer._print(a.args[1])})"
         return f"Σⱼ({printer._print(a)})"
+
+
+def display_name(name: str) -> str:
+    """beta -> β, lam -> λ, dt -> Δ, k2 -> k₂: how symbols print (their names stay ASCII)."""
+    from sympy.printing.pretty.pretty_symbology import greek_unicode
+    special = {"lam": "λ", "lambda_": "λ", "dt": "Δ", "Delta": "Δ"}
+    base, digits = name.rstrip("0123456789"), name[len(name.rstrip("0123456789")):]
+    sub = "".join("₀₁₂₃₄₅₆₇₈₉"[int(d)] for d in digits)
+    if base in special:
+        return special[base] + sub
+    return greek_unicode.get(base, base) + sub if base else name
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -108,6 +118,15 @@ class InputSymbol(sp.Symbol):
 
     def _hashable_content(self):
         return super()._hashable_content() + (self.spec,)
+
+    def _sympystr(self, printer):
+        return display_name(self.name)
+
+    def _latex(self, printer):
+        base, digits = self.name.rstrip("0123456789"), self.name[len(self.name.rstrip("0123456789")):]
+        tex = {"lam": r"\lambda", "dt": r"\Delta"}.get(base)
+        tex = tex or sp.latex(sp.Symbol(base or self.name))
+        return f"{tex}_{{{digits}}}" if digits and base else tex
 
 
 #: value domains of coefficients; layers pick the parameterisation from these
