@@ -126,6 +126,25 @@ def _decayed_least_squares():
                        name="decayed least squares")
 
 
+def _rls():
+    S, _ = O.states()
+    k, v = O.key("k"), O.value("v")
+    gamma = O.scalar("gamma", domain="decay")
+    lam = O.parameter("lam", "scalar", domain="positive")
+    return O.Objective(O.sqnorm(S @ k - v) / 2, update="exact", decay=gamma, ridge=lam, ridge_decays=True,
+                       name="recursive least squares")
+
+
+def _haykin_rls(state, k, v, gamma, **_):
+    """Exponentially weighted RLS as in Haykin, Adaptive Filter Theory, §10: gain first, then P."""
+    S, P = state
+    Pk = (P * k.unsqueeze(-2)).sum(-1)                                  # P_{t-1} k
+    gain = Pk / (gamma.unsqueeze(-1) + (k * Pk).sum(-1, keepdim=True))  # P_{t-1} k / (γ + kᵀ P_{t-1} k)
+    err = v - _proj(S, k)                                               # a priori error
+    P = (P - gain.unsqueeze(-1) * Pk.unsqueeze(-2)) / _s(gamma)
+    return S + err.unsqueeze(-1) * gain.unsqueeze(-2), P
+
+
 def _eps(beta, k):
     return beta / (1 + beta * (k * k).sum(-1, keepdim=True))
 
@@ -159,6 +178,8 @@ ENTRIES: dict[str, Entry] = {e.name: e for e in [
     Entry("decayed_least_squares", "Decayed least squares", "MesaNet (von Oswald et al. 2025)",
           _decayed_least_squares, None,
           "H_t = γ H_{t-1} + β k kᵀ,  G_t = γ G_{t-1} + β v kᵀ,  o_t = G_t (H_t + λ I)⁻¹ q_t"),
+    Entry("rls", "Recursive least squares", "Haykin, Adaptive Filter Theory (exponentially weighted RLS)",
+          _rls, _haykin_rls, "g = P k/(γ + kᵀP k),  S_t = S_{t-1} + (v − S_{t-1}k) gᵀ,  P_t = (P − g kᵀP)/γ"),
 ]}
 
 
@@ -215,7 +236,7 @@ def check_published(entry: Entry, T: int = 16, B: int = 2, H: int = 2, d_k: int 
     tokens = {n: x for n, x in inp.items() if not rule.inputs[n].is_parameter}
     params = {n: x for n, x in inp.items() if rule.inputs[n].is_parameter}
     if rule.is_exact:
-        state = (torch.zeros(B, H, d_v, d_k, dtype=torch.float64), torch.zeros(B, H, d_k, d_k, dtype=torch.float64))
+        state = rule.zero_state((B, H), d_k, d_v, dtype=torch.float64, **params)
     else:
         state = torch.zeros(B, H, d_v, d_k, dtype=torch.float64)
     err = 0.0
@@ -223,7 +244,9 @@ def check_published(entry: Entry, T: int = 16, B: int = 2, H: int = 2, d_k: int 
         step_in = {n: x[:, t] for n, x in tokens.items()}
         state = entry.published(state, **step_in, **params)
         q = step_in[qn]
-        if rule.is_exact:
+        if rule.is_rls:
+            o_pub = _proj(state[0], q)
+        elif rule.is_exact:
             G, Hm = state
             lam = params["lam"][:, None, None] * torch.eye(d_k, dtype=torch.float64)
             o_pub = (G * torch.linalg.solve(Hm + lam, q.unsqueeze(-1)).squeeze(-1).unsqueeze(-2)).sum(-1)

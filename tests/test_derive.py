@@ -55,6 +55,8 @@ def test_objectives_no_catalogue_names():
                                 + O.sqnorm(S @ k2 - v2) / 2),
         "explicit per-row rate": O.Objective(O.sqnorm(S @ k - v) / 2, update="explicit", step_size=beta),
         "dls with ridge": O.Objective(O.sqnorm(S @ k - v) / 2, update="exact", decay=a, ridge=lam),
+        "weighted rls": O.Objective(O.sqnorm(S @ k - v, weight=O.scalar("w", positive=True)) / 2, update="exact",
+                                    decay=a, ridge=lam, ridge_decays=True),
         "column ridge": O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ O.diag(c)) / 2
                                     + O.sqnorm(S @ k - v, weight=beta) / 2),
     }
@@ -173,6 +175,8 @@ def _S():
     (lambda S, Sp, k, v: O.Objective(O.sqnorm(S @ k - v) / 2 + O.scalar("l") * O.sqnorm(S) / 2,
                                      update="explicit", decay=O.scalar("a")), "elementwise part"),
     (lambda S, Sp, k, v: O.Objective(O.sqnorm(S - Sp) / 2, update="sideways"), "update="),
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(S @ k - v) / 2 + O.sqnorm(S @ O.key("k2") - v) / 2, update="exact",
+                                     ridge=O.scalar("l", positive=True), ridge_decays=True), "Sherman"),
 ])
 def test_derivation_errors_name_the_problem(build, match):
     S, Sp = _S()

@@ -24,7 +24,7 @@ def test_scan_is_repeated_step(name):
     o, final = rule.scan(backend="reference", output_final_state=True, **inp)
     assert o.shape == (2, 7, 3, 4)
     B, T, H = 2, 7, 3
-    state = rule.zero_state((B, H), 5, 4)
+    state = rule.zero_state((B, H), 5, 4, **{n: x for n, x in inp.items() if rule.inputs[n].is_parameter})
     for t in range(T):
         step_in = {n: (x if rule.inputs[n].is_parameter else x[:, t]) for n, x in inp.items()}
         o_t, state = rule.decode(state, **step_in)
@@ -33,7 +33,7 @@ def test_scan_is_repeated_step(name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["longhorn", "mamba", "gated_deltanet", "decayed_least_squares"])
+@pytest.mark.parametrize("name", ["longhorn", "mamba", "gated_deltanet", "decayed_least_squares", "rls"])
 def test_initial_state_round_trip(name):
     rule = catalogue.ENTRIES[name].rule
     inp = _inputs(rule, T=9)

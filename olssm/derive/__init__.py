@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..objectives.core import DerivationError, Objective
-from .rule import Correction, ExactForm, InputTerm, NormalForm, Rule, decay_kind, torch_step_source
+from .rule import Correction, ExactForm, InputTerm, NormalForm, RLSForm, Rule, decay_kind, torch_step_source
 from .solve import derive_form
 
 _CACHE: dict[str, Rule] = {}
@@ -23,5 +23,5 @@ def derive(objective: Objective) -> Rule:
     return rule
 
 
-__all__ = ["derive", "Rule", "NormalForm", "ExactForm", "Correction", "InputTerm", "DerivationError",
+__all__ = ["derive", "Rule", "NormalForm", "ExactForm", "RLSForm", "Correction", "InputTerm", "DerivationError",
            "decay_kind", "torch_step_source"]

@@ -126,6 +126,43 @@ class ExactForm:
                 f"rank-{len(self.gram)} Gram update, solve per token")
 
 
+@dataclasses.dataclass(frozen=True)
+class RLSForm:
+    """Recursive least squares with forgetting (a decayed ridge), state (S, P):
+        P_t = (P/γ) − R (P/γ)u uᵀ(P/γ) / (1 + R uᵀ(P/γ)u),  S_t = S_{t-1} + (e − R S_{t-1}u)(P_t u)ᵀ,
+        o_t = S_t q,  with S_0 = 0, P_0 = I/λ.
+    Equal to the sufficient-statistics form with ridge λ Π γ; O(d_k²) per token instead of a solve."""
+
+    decay: sp.Expr
+    weight: sp.Expr     # R (scalar)
+    key: sp.Expr        # u
+    target: sp.Expr     # e = R·y (row)
+    ridge: sp.Expr      # λ (initial P = I/λ)
+    readout: sp.Expr
+    mode: str = "exact"
+    notes: tuple = ()
+
+    @property
+    def decay_kind(self) -> str:
+        return decay_kind(self.decay)
+
+    @property
+    def rank(self) -> int:
+        return 1
+
+    def update_expressions(self):
+        yield from (self.decay, self.weight, self.key, self.target)
+
+    def expressions(self):
+        yield from self.update_expressions()
+        yield from (self.ridge, self.readout)
+
+    @property
+    def structure(self) -> str:
+        return (f"recursive least squares (S: d_v×d_k, P = (H_t + λ_t I)⁻¹: d_k×d_k), {self.decay_kind} "
+                "forgetting, Sherman–Morrison per token")
+
+
 # --------------------------------------------------------------------------------------------
 # torch code generation (also what rule.kernel_source("torch") shows)
 
@@ -159,6 +196,19 @@ def torch_step_source(form) -> str:
     """Python source of `step(S, inp)` for the normal form (inputs already in broadcast layout)."""
     p = _TorchPrinter()
     exprs = {}
+    if isinstance(form, RLSForm):
+        lines, out = _codegen({"g": form.decay, "R": form.weight, "u": form.key, "e": form.target}, p)
+        body = [f"    {ln}" for ln in _input_lines(form) + lines]
+        body += ["    S, P = S",
+                 f"    g, R, u, e = ({out['g']}), ({out['R']}), ({out['u']}), ({out['e']})",
+                 "    P = P / g",
+                 "    Pu = (P * u).sum(-1, keepdim=True)                       # P u, [..., d_k, 1]",
+                 "    uPu = (Pu * u.transpose(-1, -2)).sum(-2, keepdim=True)     # uᵀ P u",
+                 "    P = P - R * Pu * Pu.transpose(-1, -2) / (1 + R * uPu)",
+                 "    gain = (P * u).sum(-1, keepdim=True).transpose(-1, -2)   # (P_t u)ᵀ, [..., 1, d_k]",
+                 "    S = S + (e - R * (S * u).sum(-1, keepdim=True)) * gain",
+                 "    return (S, P)"]
+        return "def step(S, inp):\n" + "\n".join(body) + "\n"
     if isinstance(form, ExactForm):
         exprs["decay"] = form.decay
         exprs["gram_diag"] = form.gram_diag
@@ -234,7 +284,12 @@ class Rule:
 
     @property
     def is_exact(self) -> bool:
-        return isinstance(self.form, ExactForm)
+        """Rules whose state is a pair ([.., d_v, d_k], [.., d_k, d_k]): exact and RLS forms."""
+        return isinstance(self.form, (ExactForm, RLSForm))
+
+    @property
+    def is_rls(self) -> bool:
+        return isinstance(self.form, RLSForm)
 
     @property
     def structure(self) -> str:
@@ -280,7 +335,7 @@ class Rule:
         if isinstance(self.form, NormalForm):
             cands = [c.coef for c in self.form.corrections] + [self._strip_values(t.coef)[0] for t in self.form.inputs]
         else:
-            cands = [c.coef for c in self.form.gram]
+            cands = [c.coef for c in getattr(self.form, "gram", ())]
         i = 0
         for e in cands:
             if e in names or e.is_Symbol or e.is_Number or (-e).is_Symbol:
@@ -332,7 +387,17 @@ class Rule:
         out = []
         St, Sp = T("S̃_t", r"\tilde S_t"), T("S_{t-1}", r"S_{t-1}")
         odot, top = T(" ⊙ ", r" \odot "), T("ᵀ", r"^\top")
-        if isinstance(f, ExactForm):
+        if isinstance(f, RLSForm):
+            g, R, u = self._c(f.decay, tex), self._c(f.weight, tex), self._vec(f.key, tex)
+            R = "" if f.weight == 1 else R + ("\\," if tex else " ")
+            P = T("P̃", r"\tilde P")
+            out.append(T(f"P̃ = P_{{t-1}} / {g},  P_t = P̃ - {R}P̃{u} {u}ᵀP̃ / (1 + {R}{u}ᵀP̃{u}),  P_0 = I/{self._c(f.ridge)}",
+                         rf"\tilde P = P_{{t-1}}/{g},\; P_t = \tilde P - \frac{{{R}\tilde P {u} {u}^\top \tilde P}}{{1 + {R}{u}^\top \tilde P {u}}},\; P_0 = I/{sp.latex(f.ridge)}"))
+            e = self._input(InputTerm(f.target, f.key), tex).rsplit(" ", 1)[0]
+            out.append(T(f"S_t = S_{{t-1}} + ({e} - {R}S_{{t-1}} {u}) (P_t {u})ᵀ",
+                         rf"S_t = S_{{t-1}} + \left({e} - {R}S_{{t-1}} {u}\right) (P_t {u})^\top"))
+            out.append(T(f"o_t = S_t {self._vec(f.readout)}", rf"o_t = S_t {self._vec(f.readout, True)}"))
+        elif isinstance(f, ExactForm):
             g = self._c(f.decay, tex)
             hterms = "".join(f" + {self._c(c.coef, tex)} {self._vec(c.a, tex)} {self._vec(c.b, tex)}{top}"
                              for c in f.gram)
@@ -410,8 +475,19 @@ class Rule:
             return ((d_v, d_k), (d_k, d_k))
         return (d_v, d_k)
 
-    def zero_state(self, batch_shape, d_k, d_v, device=None):
-        z = lambda *s: torch.zeros(*batch_shape, *s, device=device, dtype=torch.float32)
+    def zero_state(self, batch_shape, d_k, d_v, device=None, dtype=torch.float32, **inputs):
+        """The state before the first token: zeros (RLS: S = 0, P = I/λ, so it needs the ridge input)."""
+        z = lambda *s: torch.zeros(*batch_shape, *s, device=device, dtype=dtype)
+        if self.is_rls:
+            lam = self.form.ridge
+            if lam.free_symbols:
+                inp = self.broadcast_inputs(d_k, d_v, {s.name: inputs.get(s.name) for s in lam.free_symbols}, "zero_state",
+                                            need={s.name: spec_of(s) for s in lam.free_symbols})
+                lam = _compile(_expr_source(lam))(None, inp).to(dtype)
+            else:
+                lam = torch.tensor(float(lam), dtype=dtype, device=device)
+            eye = torch.eye(d_k, device=device, dtype=dtype)
+            return (z(d_v, d_k), (eye / lam).expand(*batch_shape, d_k, d_k).clone())
         if self.is_exact:
             return (z(d_v, d_k), z(d_k, d_k))
         return z(d_v, d_k)
@@ -460,15 +536,16 @@ class Rule:
     def read(self, state, **inputs):
         """The readout o = S q (exact rules: G (H + diag λ)⁻¹ q) for the query in inputs."""
         d_v, d_k = self._state_dims(state)
-        inp = self.broadcast_inputs(d_k, d_v, inputs, "read") if self.is_exact else None
-        if self.is_exact:
+        inp = self.broadcast_inputs(d_k, d_v, inputs, "read") if self.is_exact and not self.is_rls else None
+        if self.is_exact and not self.is_rls:
             return exact_readout(self.form, tuple(x.to(compute_dtype(x)) for x in state), inp)
         qn = self.query_name
         if qn not in inputs:
             raise ValueError(f"read: needs the query input {qn!r}")
-        q = inputs[qn].to(compute_dtype(state))
+        S = state[0] if self.is_rls else state
+        q = inputs[qn].to(compute_dtype(S))
         _check_last(q, d_k, qn, "d_k (key size)", "read")
-        return (state.to(q.dtype) * q.unsqueeze(-2)).sum(-1)
+        return (S.to(q.dtype) * q.unsqueeze(-2)).sum(-1)
 
     def decode(self, state, **inputs):
         """One token: (o_t, S_t) from S_{t-1}; the query is read from inputs[query name]."""
@@ -500,8 +577,18 @@ class Rule:
                      backend=backend, **inputs)
 
 
-def exact_readout(form: ExactForm, state, inp: dict):
-    """o = G (H + diag λ)⁻¹ q with inputs in broadcast layout."""
+def _expr_source(expr) -> str:
+    lines, out = _codegen({"x": expr}, _TorchPrinter())
+    syms = sorted(sp.sympify(expr).free_symbols, key=lambda s: s.name)
+    return ("def step(S, inp):\n" + "".join(f"    in_{s.name} = inp['{s.name}']\n" for s in syms)
+            + "".join(f"    {ln}\n" for ln in lines) + f"    return {out['x']}\n")
+
+
+def exact_readout(form, state, inp: dict):
+    """o = G (H + diag λ)⁻¹ q (RLS: o = S q) with inputs in broadcast layout."""
+    if isinstance(form, RLSForm):
+        q = torch.broadcast_to(inp[form.readout.name], state[0].shape[:-2] + (1, state[0].shape[-1]))
+        return (state[0] * q).sum(-1)
     G, H = state
     p = _TorchPrinter()
     lines, out = _codegen({"ridge": form.ridge, "q": form.readout}, p)

@@ -8,7 +8,7 @@ import sympy as sp
 from ..objectives.core import (COLUMN, ELEMENTWISE, ROW, SCALAR, DerivationError, Objective, csum,
                                kind_of)
 from .gradient import GradForm, check_quadratic, gradient, is_proximal, split_vector
-from .rule import Correction, ExactForm, InputTerm, NormalForm
+from .rule import Correction, ExactForm, InputTerm, NormalForm, RLSForm
 
 MAX_RANK = 4
 
@@ -221,8 +221,27 @@ def derive_exact(obj: Objective) -> ExactForm:
         notes = ()
     gram = tuple(Correction(simplify(c), u, w) for (u, w), c in g.lowrank.items())
     moments = tuple(InputTerm(simplify(-c), w) for w, c in g.const.items())
+    if obj.ridge_decays:
+        return _rls_form(obj, where, simplify(gamma), gram, simplify(g.diag), moments, simplify(ridge))
     return ExactForm(decay=simplify(gamma), gram=gram, gram_diag=simplify(g.diag), moments=moments,
                      ridge=simplify(ridge), readout=obj.readout, mode="exact", notes=notes)
+
+
+def _rls_form(obj, where, gamma, gram, gram_diag, moments, ridge) -> RLSForm:
+    """With a decaying ridge, A_t = H_t + λ_t I obeys A_t = γ A_{t-1} + R u uᵀ, so P_t = A_t⁻¹ follows
+    by Sherman–Morrison and S_t = G_t P_t = S_{t-1} + (e − R S_{t-1} u) (P_t u)ᵀ (NOTES.md §5)."""
+    if len(gram) != 1 or gram[0].a != gram[0].b or gram_diag != 0:
+        raise DerivationError(f"{where}: the recursive-least-squares form needs exactly one rank-one "
+                              "regression term R‖S u − y‖² per token (Sherman–Morrison); use "
+                              "ridge_decays=False for the sufficient-statistics form")
+    if kind_of(ridge) != SCALAR:
+        raise DerivationError(f"{where}: the RLS form needs a scalar ridge (P_0 = I/λ), got {ridge}")
+    u = gram[0].a
+    if any(t.w != u for t in moments) or not moments:
+        raise DerivationError(f"{where}: the RLS form needs the targets on the same key as the Gram term")
+    target = simplify(sum(t.coef for t in moments))
+    return RLSForm(decay=gamma, weight=gram[0].coef, key=u, target=target, ridge=ridge,
+                   readout=obj.readout)
 
 
 def derive_form(obj: Objective):

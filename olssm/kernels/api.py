@@ -146,6 +146,9 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
                            cu_seqlens=cu_seqlens, inputs=inputs)
     if backend == "auto":
         backend = "triton" if args.device.type == "cuda" else "chunk"
+    if args.rule.is_rls:
+        # the Riccati recursion of P is sequential by nature; its cheap O(d_k²) step is the scan
+        backend = "reference"
     if backend == "reference":
         from .reference import reference_scan
         return reference_scan(args)

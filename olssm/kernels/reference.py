@@ -17,8 +17,8 @@ def reference_scan(args):
     finals = []
     for b, start, end, n in args.segments():
         if args.initial_state is None:
-            S = rule.zero_state((args.H,), args.d_k, args.d_v, device=args.device)
-            S = tuple(x.to(dtype) for x in S) if rule.is_exact else S.to(dtype)
+            first = {nm: x[b, start] for nm, x in args.tokens.items()}  # RLS: P_0 = I/λ at the first token
+            S = rule.zero_state((args.H,), args.d_k, args.d_v, device=args.device, dtype=dtype, **args.params, **first)
         elif rule.is_exact:
             S = tuple(x[n].to(dtype) for x in args.initial_state)
         else:

@@ -633,6 +633,8 @@ class Objective:
     explicit: S_t = C − η ∇ℓ_t(C), C the proximal centre (decay ⊙ S_prev, or the minimiser of the
               objective's proximal part), η = step_size, ℓ_t the non-proximal part
     exact:    S_t = argmin_S Σ_{i≤t} (Π_{m=i+1..t} decay_m) ℓ_i(S) + ½ ridge ‖S‖²
+              (ridge_decays=True: the ridge is forgotten with the data, ½ (Π_{m≤t} decay_m) ridge ‖S‖²,
+              which is what recursive least squares computes — derive() then returns the RLS form)
     """
 
     expr: Quadratic
@@ -642,6 +644,7 @@ class Objective:
     ridge: object = None
     readout: object = None
     name: str | None = None
+    ridge_decays: bool = False
 
     def __post_init__(self):
         if not isinstance(self.expr, Quadratic):
@@ -653,6 +656,8 @@ class Objective:
             v = getattr(self, field)
             if v is not None:
                 object.__setattr__(self, field, _as_coef(v, f"Objective({field}=)"))
+        if self.ridge_decays and (self.update != "exact" or self.ridge is None):
+            raise DerivationError("Objective(ridge_decays=True) needs update='exact' and a ridge=")
         if self.readout is None:
             object.__setattr__(self, "readout", query("q"))
         if not (isinstance(self.readout, sp.Symbol) and kind_of(self.readout) == COLUMN):
@@ -662,6 +667,7 @@ class Objective:
     def __repr__(self):
         extra = "".join(f", {f}={getattr(self, f)}" for f in ("step_size", "decay", "ridge")
                         if getattr(self, f) is not None)
+        extra += ", ridge_decays=True" if self.ridge_decays else ""
         return f"Objective({self.expr}, update={self.update!r}{extra})"
 
     def latex(self) -> str:

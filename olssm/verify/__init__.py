@@ -158,30 +158,37 @@ def verify(objective_or_rule, steps: int = 6, d_k: int = 4, d_v: int = 3, seed: 
     qn = rule.query_name
     per_step, s_err, o_err, note = [], 0.0, 0.0, ""
     if rule.is_exact:
-        state = (torch.zeros(d_v, d_k, dtype=torch_dtype), torch.zeros(d_k, d_k, dtype=torch_dtype))
+        state = rule.zero_state((), d_k, d_v, dtype=torch_dtype, **seq[0])  # RLS: P_0 = I/λ_0
         weights, history = [], []
+        ridge_weight = torch.tensor(1.0, dtype=torch_dtype)
         for t, inp in enumerate(seq):
             state = rule.step(state, **{n: inp[n] for n in rule.update_inputs})
             o_rule = rule.read(state, **{n: inp[n] for n in rule.inputs})
             L = lay(inp)
             gamma = _eval(obj.decay, L) if obj.decay is not None else torch.tensor(1.0, dtype=torch_dtype)
             weights = [w * gamma for w in weights] + [torch.tensor(1.0, dtype=torch_dtype)]
+            ridge_weight = ridge_weight * gamma if obj.ridge_decays else ridge_weight
             history.append(L)
             ridge = obj.ridge
 
-            def total(S, hist=tuple(history), ws=tuple(weights)):
+            def total(S, hist=tuple(history), ws=tuple(weights), rw=ridge_weight):
                 val = sum(w * objective_value(obj.expr.terms, S, torch.zeros_like(S), h) for w, h in zip(ws, hist))
                 if ridge is not None:
-                    val = val + 0.5 * (_eval(ridge, L) * S * S).sum()
+                    # a decaying ridge is the prior at t = 0 (its λ is read there); otherwise λ_t
+                    lam_t = _eval(ridge, hist[0] if obj.ridge_decays else L)
+                    val = val + 0.5 * rw * (lam_t * S * S).sum()
                 return val
 
             if ridge is None and t + 1 < d_k:
                 note = f"first {d_k - 1} steps skipped: without a ridge the least-squares problem is underdetermined"
                 continue
             S_or = _minimise(total, (d_v, d_k))
-            G, H = state
-            lam = _eval(obj.ridge, L) if obj.ridge is not None else torch.tensor(0.0, dtype=torch_dtype)
-            S_rule = torch.linalg.solve((H + torch.diag_embed(torch.broadcast_to(lam, (d_k,)))).T, G.T).T
+            if rule.is_rls:
+                S_rule = state[0]
+            else:
+                G, H = state
+                lam = _eval(obj.ridge, L) if obj.ridge is not None else torch.tensor(0.0, dtype=torch_dtype)
+                S_rule = torch.linalg.solve((H + torch.diag_embed(torch.broadcast_to(lam, (d_k,)))).T, G.T).T
             o_or = S_or @ inp[qn]
             e1, e2 = _rel(S_rule, S_or), _rel(o_rule, o_or)
             per_step.append((t, e1, e2))
