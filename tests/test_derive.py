@@ -108,8 +108,8 @@ def objectives(draw):
 
 
 @settings(max_examples=40)
-@given(objectives(), st.integers(0, 3))
-def test_random_objectives_derive_and_verify(obj, seed):
+@given(objectives(), st.integers(0, 3), st.integers(1, 6), st.integers(1, 4))
+def test_random_objectives_derive_and_verify(obj, seed, d_k, d_v):
     try:
         rule = olssm.derive(obj)
     except O.DerivationError as e:
@@ -120,7 +120,7 @@ def test_random_objectives_derive_and_verify(obj, seed):
                                       "proximal part", "does not depend on S")), msg
         return
     event(f"derived {rule.mode}")
-    report = olssm.verify(rule, steps=3, d_k=4, d_v=3, seed=seed)
+    report = olssm.verify(rule, steps=3, d_k=d_k, d_v=d_v, seed=seed)
     assert report.ok, f"{obj}\n{rule}\n{report}"
 
 

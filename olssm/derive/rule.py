@@ -51,18 +51,30 @@ def decay_kind(decay) -> str:
     return kind_of(decay)
 
 
+class _Form:
+    """What every normal form offers the kernels: its decay kind and its expressions."""
+
+    readout_fields = ("readout",)
+
+    @property
+    def decay_kind(self) -> str:
+        return decay_kind(self.decay)
+
+    def expressions(self):
+        """Every expression of the form: the update's, then the readout's."""
+        yield from self.update_expressions()
+        for f in self.readout_fields:
+            yield getattr(self, f)
+
+
 @dataclasses.dataclass(frozen=True)
-class NormalForm:
+class NormalForm(_Form):
     decay: sp.Expr
     corrections: tuple
     inputs: tuple
     readout: sp.Expr
     mode: str
     notes: tuple = ()
-
-    @property
-    def decay_kind(self) -> str:
-        return decay_kind(self.decay)
 
     @property
     def rank(self) -> int:
@@ -74,10 +86,6 @@ class NormalForm:
             yield from (c.coef, c.a, c.b)
         for t in self.inputs:
             yield from (t.coef, t.w)
-
-    def expressions(self):
-        yield from self.update_expressions()
-        yield self.readout
 
     @property
     def structure(self) -> str:
@@ -91,7 +99,7 @@ class NormalForm:
 
 
 @dataclasses.dataclass(frozen=True)
-class ExactForm:
+class ExactForm(_Form):
     decay: sp.Expr
     gram: tuple          # Correction(R, u, w): H += R u wᵀ
     gram_diag: sp.Expr   # H += diag(δ)
@@ -100,10 +108,7 @@ class ExactForm:
     readout: sp.Expr
     mode: str = "exact"
     notes: tuple = ()
-
-    @property
-    def decay_kind(self) -> str:
-        return decay_kind(self.decay)
+    readout_fields = ("ridge", "readout")
 
     @property
     def rank(self) -> int:
@@ -116,10 +121,6 @@ class ExactForm:
         for t in self.moments:
             yield from (t.coef, t.w)
 
-    def expressions(self):
-        yield from self.update_expressions()
-        yield from (self.ridge, self.readout)
-
     @property
     def structure(self) -> str:
         return (f"sufficient statistics (G: d_v×d_k, H: d_k×d_k), {self.decay_kind} forgetting, "
@@ -127,7 +128,7 @@ class ExactForm:
 
 
 @dataclasses.dataclass(frozen=True)
-class RLSForm:
+class RLSForm(_Form):
     """Recursive least squares with forgetting (a decayed ridge), state (S, P):
         P_t = (P/γ) − R (P/γ)u uᵀ(P/γ) / (1 + R uᵀ(P/γ)u),  S_t = S_{t-1} + (e − R S_{t-1}u)(P_t u)ᵀ,
         o_t = S_t q,  with S_0 = 0, P_0 = I/λ.
@@ -141,10 +142,7 @@ class RLSForm:
     readout: sp.Expr
     mode: str = "exact"
     notes: tuple = ()
-
-    @property
-    def decay_kind(self) -> str:
-        return decay_kind(self.decay)
+    readout_fields = ("ridge", "readout")
 
     @property
     def rank(self) -> int:
@@ -152,10 +150,6 @@ class RLSForm:
 
     def update_expressions(self):
         yield from (self.decay, self.weight, self.key, self.target)
-
-    def expressions(self):
-        yield from self.update_expressions()
-        yield from (self.ridge, self.readout)
 
     @property
     def structure(self) -> str:
