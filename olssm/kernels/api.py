@@ -145,7 +145,8 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
     args = check_scan_args(rule, q, k, v, initial_state=initial_state, output_final_state=output_final_state,
                            cu_seqlens=cu_seqlens, inputs=inputs)
     if backend == "auto":
-        backend = "triton" if args.device.type == "cuda" else "chunk"
+        # exact rules have no Triton kernel: their chunked torch form runs on any device
+        backend = "triton" if args.device.type == "cuda" and not args.rule.is_exact else "chunk"
     if args.rule.is_rls:
         # the Riccati recursion of P is sequential by nature; its cheap O(d_k²) step is the scan
         backend = "reference"

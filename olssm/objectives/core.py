@@ -238,7 +238,11 @@ def dot(a, b) -> sp.Expr:
         if kind_of(x) not in (COLUMN, SCALAR):
             raise DerivationError(f"dot(): the {name} argument {x} is a {kind_of(x)} expression; "
                                   "dot() sums over the key index and needs key-sized vectors")
-    return csum(sp.sympify(a) * sp.sympify(b))
+    prod = sp.sympify(a) * sp.sympify(b)
+    if kind_of(prod) != COLUMN:
+        raise DerivationError(f"dot({a}, {b}): neither argument is key-sized, so the sum over the key "
+                              "index would just multiply by d_k; write that factor explicitly")
+    return csum(prod)
 
 
 def _as_coef(x, what: str) -> sp.Expr:

@@ -1,0 +1,317 @@
+"""backend="triton" vs the reference backend: forward, every gradient, varlen, dtypes, errors.
+
+Runs the generated kernels under the Triton CPU interpreter (TRITON_INTERPRET=1, set before
+triton is imported), so shapes are tiny. On a GPU run the same file with
+`OLSSM_TRITON_DEVICE=cuda pytest tests/test_triton.py` (see olssm/kernels/TRITON.md).
+
+Tolerances: fp32 inputs: max|triton - reference| <= 1e-5 * max|reference| (plus 1e-6 absolute)
+for o, the final state and every gradient; bf16/fp16 inputs vs the fp32 reference on the same
+(rounded) values: 2e-2 relative for o/state, 5e-2 for gradients.
+"""
+import os
+
+_DEVICE = os.environ.get("OLSSM_TRITON_DEVICE", "cpu")
+if _DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import sympy as sp  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import olssm  # noqa: E402
+from olssm import objectives as O  # noqa: E402
+from olssm.catalogue import ENTRIES, random_inputs  # noqa: E402
+from olssm.kernels.triton import TritonPrinter  # noqa: E402
+from olssm.kernels.triton import scan as tscan  # noqa: E402
+
+NORMAL = [n for n, e in ENTRIES.items() if not e.rule.is_exact]
+EXACT = [n for n, e in ENTRIES.items() if e.rule.is_exact]
+EXACT_SCANNED = [n for n in EXACT if not getattr(ENTRIES[n].rule, "is_rls", False)]  # api runs RLS on reference
+FP32_RTOL, ABS = 1e-5, 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks(monkeypatch):
+    # 4-token checkpoints (T=9, 13 are not multiples) and 4-row value blocks (d_v=6: 2 blocks, masked)
+    monkeypatch.setattr(tscan, "CHECKPOINT", 4)
+    monkeypatch.setattr(tscan, "BLOCK_V", 4)
+
+
+def _dev(x):
+    return x.to(_DEVICE)
+
+
+def _close(a, b, rtol, what):
+    a, b = a.double().cpu(), b.double().cpu()
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    scale = b.abs().max().item() if b.numel() else 0.0
+    assert err <= rtol * scale + ABS, f"{what}: max abs error {err:.3g} vs scale {scale:.3g} (rtol {rtol})"
+
+
+def _run(rule, inp, h0, backend, cu_seqlens=None, seed=7, want=None):
+    x = {n: _dev(t).clone().requires_grad_(want is None or n in want) for n, t in inp.items()}
+    h = None if h0 is None else _dev(h0).clone().requires_grad_(want is None or "h0" in want)
+    o, f = rule.scan(backend=backend, output_final_state=True, initial_state=h, cu_seqlens=cu_seqlens, **x)
+    g = torch.Generator().manual_seed(seed)
+    loss = (o.float() * _dev(torch.randn(o.shape, generator=g))).sum() \
+        + (f * _dev(torch.randn(f.shape, generator=g))).sum()
+    leaves = {n: t for n, t in x.items() if t.requires_grad}
+    if h is not None and h.requires_grad:
+        leaves["h0"] = h
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return o, f, dict(zip(leaves, grads))
+
+
+def _compare(rule, inp, h0=None, rtol=FP32_RTOL, grtol=None, cu_seqlens=None, ref_inp=None, want=None):
+    grtol = rtol if grtol is None else grtol
+    o1, f1, g1 = _run(rule, ref_inp or inp, h0, "reference", cu_seqlens, want=want)
+    o2, f2, g2 = _run(rule, inp, h0, "triton", cu_seqlens, want=want)
+    assert o2.dtype == o1.dtype if ref_inp is None else True
+    assert f2.dtype == torch.float32
+    _close(o2, o1, rtol, "o")
+    _close(f2, f1, rtol, "final state")
+    assert set(g1) == set(g2)
+    for n in g1:
+        assert g2[n].shape == g1[n].shape and g2[n].dtype == (inp[n].dtype if n in inp else torch.float32)
+        _close(g2[n], g1[n], grtol, f"d{n}")
+    return g2
+
+
+# ---- the catalogue ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NORMAL)
+def test_catalogue_forward_and_all_gradients(name):
+    rule = ENTRIES[name].rule
+    inp = random_inputs(rule, 2, 9, 2, 5, 6, seed=1)
+    h0 = 0.3 * torch.randn(2, 2, 6, 5, generator=torch.Generator().manual_seed(2))
+    g = _compare(rule, inp, h0)
+    assert set(g) == set(rule.inputs) | {"h0"}
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "mamba", "longhorn"])
+@pytest.mark.parametrize("T, d_k, d_v", [(1, 5, 3), (13, 20, 3), (6, 3, 9)])
+def test_odd_shapes(name, T, d_k, d_v):
+    rule = ENTRIES[name].rule
+    _compare(rule, random_inputs(rule, 1, T, 2, d_k, d_v, seed=T + d_k), None)
+
+
+def test_only_some_inputs_need_grad():
+    rule = ENTRIES["gated_deltanet"].rule
+    inp = random_inputs(rule, 1, 7, 2, 5, 6, seed=3)
+    g = _compare(rule, inp, torch.zeros(1, 2, 6, 5), want={"v", "beta"})
+    assert set(g) == {"v", "beta"}
+
+
+def test_no_grad_forward_and_final_state_flag():
+    rule = ENTRIES["longhorn"].rule
+    inp = {n: _dev(x) for n, x in random_inputs(rule, 2, 5, 2, 5, 6, seed=4).items()}
+    with torch.no_grad():
+        o, f = rule.scan(backend="triton", **inp)
+    assert f is None and o.shape == (2, 5, 2, 6)
+    o_ref, _ = rule.scan(backend="reference", **inp)
+    _close(o, o_ref, FP32_RTOL, "o")
+
+
+def test_one_token_decode_matches_rule_step():
+    from olssm.kernels.triton import triton_decode
+    rule = ENTRIES["gated_deltanet"].rule
+    inp = {n: _dev(x[:, 0]) for n, x in random_inputs(rule, 3, 1, 2, 5, 6, seed=12).items()}
+    S0 = _dev(0.3 * torch.randn(3, 2, 6, 5, generator=torch.Generator().manual_seed(12)))
+    o, S1 = triton_decode(rule, S0, **inp)
+    o_ref, S1_ref = rule.decode(S0, **inp)
+    _close(S1, S1_ref, FP32_RTOL, "state")
+    _close(o, o_ref, FP32_RTOL, "o")
+
+
+# ---- state round trip and varlen ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "mamba"])
+def test_initial_final_state_round_trip(name):
+    rule = ENTRIES[name].rule
+    inp = {n: _dev(x) for n, x in random_inputs(rule, 2, 10, 2, 5, 6, seed=5).items()}
+    split = lambda a, b: {n: (x if rule.inputs[n].is_parameter else x[:, a:b]) for n, x in inp.items()}
+    o, f = rule.scan(backend="triton", output_final_state=True, **inp)
+    o1, f1 = rule.scan(backend="triton", output_final_state=True, **split(0, 4))
+    o2, f2 = rule.scan(backend="triton", output_final_state=True, initial_state=f1, **split(4, 10))
+    _close(torch.cat([o1, o2], 1), o, FP32_RTOL, "o (split)")
+    _close(f2, f, FP32_RTOL, "final state (split)")
+
+
+@pytest.mark.parametrize("name", ["deltanet", "longhorn_diag", "mamba2"])
+def test_varlen_equals_separate_sequences(name):
+    rule = ENTRIES[name].rule
+    cu = [0, 3, 3, 10, 13]       # an empty sequence included
+    inp = random_inputs(rule, 1, 13, 2, 5, 6, seed=6)
+    h0 = 0.3 * torch.randn(4, 2, 6, 5, generator=torch.Generator().manual_seed(6))
+    cu_t = _dev(torch.tensor(cu, dtype=torch.int32))
+    # varlen triton == varlen reference, gradients included
+    _compare(rule, inp, h0, cu_seqlens=cu_t)
+    # and == each sequence scanned on its own
+    x = {n: _dev(t) for n, t in inp.items()}
+    o, f = rule.scan(backend="triton", output_final_state=True, initial_state=_dev(h0), cu_seqlens=cu_t, **x)
+    for i, (a, b) in enumerate(zip(cu, cu[1:])):
+        part = {n: (t if rule.inputs[n].is_parameter else t[:, a:b]) for n, t in x.items()}
+        if b == a:
+            _close(f[i], h0[i], 0, "empty sequence keeps its state")
+            continue
+        oi, fi = rule.scan(backend="triton", output_final_state=True, initial_state=_dev(h0[i:i + 1]), **part)
+        _close(o[:, a:b], oi, FP32_RTOL, f"o of sequence {i}")
+        _close(f[i], fi[0], FP32_RTOL, f"state of sequence {i}")
+
+
+# ---- low precision inputs ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["gated_deltanet", "mamba", "longhorn"])
+def test_low_precision_inputs_vs_fp32_reference(name, dtype):
+    rule = ENTRIES[name].rule
+    inp = random_inputs(rule, 1, 8, 2, 5, 6, seed=8)
+    low = {n: x.to(dtype) for n, x in inp.items()}
+    ref = {n: x.float() for n, x in low.items()}    # same rounded values, fp32 math
+    o, f = rule.scan(backend="triton", output_final_state=True, **{n: _dev(x) for n, x in low.items()})
+    assert o.dtype == dtype and f.dtype == torch.float32
+    _compare(rule, low, None, rtol=2e-2, grtol=5e-2, ref_inp=ref)
+
+
+def test_fp64_inputs_run_in_fp32():
+    rule = ENTRIES["gla"].rule
+    inp = random_inputs(rule, 1, 6, 2, 5, 6, seed=9, dtype=torch.float64)
+    _compare(rule, inp, None, rtol=1e-5)
+
+
+def test_non_contiguous_inputs():
+    rule = ENTRIES["gated_deltanet"].rule
+    inp = random_inputs(rule, 2, 6, 2, 5, 6, seed=10)
+    inp["k"] = inp["k"].transpose(0, 1).contiguous().transpose(0, 1)   # non-contiguous, same values
+    assert not inp["k"].is_contiguous()
+    _compare(rule, inp, None)
+
+
+# ---- custom objectives (hypothesis) -----------------------------------------------------------------
+
+PROX = ["none", "plain", "scalar", "row", "column", "elementwise"]
+
+
+@st.composite
+def objectives(draw):
+    S, Sp = O.states()
+    prox = draw(st.sampled_from(PROX))
+    n_keys = draw(st.integers(0, 2))
+    weights = [draw(st.sampled_from(["none", "scalar", "row"])) for _ in range(n_keys)]
+    ridge, linear = draw(st.booleans()), draw(st.booleans())
+    mode = draw(st.sampled_from(["implicit", "explicit"]))
+    expr = 0
+    if prox == "plain":
+        expr = O.sqnorm(S - Sp) / 2
+    elif prox == "scalar":
+        expr = O.sqnorm(S - O.scalar("a", domain="decay") * Sp) / 2
+    elif prox == "row":
+        expr = O.sqnorm(S - O.diag(O.row("r", domain="decay")) @ Sp) / 2
+    elif prox == "column":
+        expr = O.sqnorm(S - Sp @ O.diag(O.column("c", domain="decay"))) / 2
+    elif prox == "elementwise":
+        expr = O.sqnorm(S - sp.exp(-O.row("dt", positive=True) * O.parameter("P", "matrix", positive=True)) * Sp) / 2
+    for i, w in enumerate(weights):
+        k, v = O.key(f"k{i}"), O.value(f"v{i}")
+        wt = None if w == "none" else O.scalar(f"b{i}", positive=True) if w == "scalar" else O.row(f"b{i}", positive=True)
+        expr = expr + O.sqnorm(S @ k - v, weight=wt) / 2
+    if ridge:
+        expr = expr + O.scalar("lam", positive=True) * O.sqnorm(S) / 2
+    if linear:
+        expr = expr - O.inner(S @ O.key("kl"), O.value("vl"))
+    if isinstance(expr, int):
+        expr = O.sqnorm(S @ O.key("k0") - O.value("v0")) / 2
+    return O.Objective(expr, update=mode)
+
+
+@settings(max_examples=int(os.environ.get("OLSSM_TRITON_EXAMPLES", 8)), deadline=None, suppress_health_check=list(HealthCheck))
+@given(objectives(), st.integers(0, 3))
+def test_custom_objectives_match_reference(obj, seed):
+    try:
+        rule = olssm.derive(obj)
+    except O.DerivationError:
+        return
+    if rule.is_exact:
+        return
+    inp = random_inputs(rule, 1, 6, 1, 4, 5, seed=seed)
+    _compare(rule, inp, 0.3 * torch.randn(1, 1, 5, 4, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_two_key_woodbury_rule():
+    S, Sp = O.states()
+    obj = O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ O.key("k0") - O.value("v0"), weight=O.row("b0", positive=True)) / 2
+                      + O.sqnorm(S @ O.key("k1") - O.value("v1"), weight=O.scalar("b1", positive=True)) / 2)
+    rule = olssm.derive(obj)
+    assert rule.form.rank >= 2
+    _compare(rule, random_inputs(rule, 1, 7, 2, 4, 5, seed=11), None)
+
+
+def test_elementwise_generator_with_row_csum():
+    # an elementwise decay whose generator holds a row-kind key sum: the in-kernel chain rule
+    # must treat csum(P k²) as a row-sum node (its adjoint a [BV, 1] tile)
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    dt, P = O.row("dt", domain="timestep"), O.parameter("P", "matrix", positive=True)
+    lam = sp.exp(-dt * P / (1 + O.csum(P * k ** 2)))
+    rule = olssm.derive(O.Objective(O.sqnorm(S - lam * Sp) / 2 - O.inner(S @ k, v)))
+    assert rule.decay_kind == "elementwise"
+    _compare(rule, random_inputs(rule, 2, 7, 2, 5, 6, seed=3),
+             0.3 * torch.randn(2, 2, 6, 5, generator=torch.Generator().manual_seed(3)))
+
+
+# ---- generated source, printer, errors -------------------------------------------------------------
+
+def test_kernel_source_prints_the_coefficients():
+    src = ENTRIES["longhorn"].rule.kernel_source("triton")
+    assert "@triton.jit" in src and "def fwd_kernel" in src and "def bwd_kernel" in src
+    assert "tl.sum(tl.where(km2, ((in_k) * (in_k)), 0.0), axis=1, keep_dims=True)" in src  # kᵀk, printed
+    assert src == ENTRIES["longhorn"].rule.kernel_source("triton")                        # deterministic
+    mamba = ENTRIES["mamba"].rule.kernel_source("triton")
+    assert "tl.exp(in_A*in_dt)" in mamba                          # the generator, printed into both kernels
+    assert "E_lam" not in mamba and "R_dt" in mamba and "R_A" in mamba  # Λ never materialised, even in the backward
+    assert os.path.isdir(tscan.cache_dir())
+
+
+def test_printer():
+    x, y = sp.symbols("x y", positive=True)
+    p = TritonPrinter()
+    assert p.doprint(sp.sqrt(x)) == "tl.sqrt(x)"
+    assert p.doprint(x ** -2) == "(1.0 / ((x) * (x)))"
+    assert p.doprint(sp.exp(x) + sp.log(y)) in ("tl.exp(x) + tl.log(y)", "tl.log(y) + tl.exp(x)")
+    assert p.doprint(x ** sp.Rational(3, 2)) == "tl.exp(((3.0 / 2.0)) * tl.log(x))"
+    assert p.doprint(O.csum(O.key("k") ** 2)) == "tl.sum(tl.where(km2, ((k) * (k)), 0.0), axis=1, keep_dims=True)"
+    with pytest.raises(NotImplementedError, match="Piecewise"):
+        p.doprint(sp.Piecewise((x, x > 1), (y, True)))
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_exact_rules_refuse_clearly(name):
+    rule = ENTRIES[name].rule
+    with pytest.raises(NotImplementedError, match="exact rules.*backend='chunk' or 'reference'"):
+        rule.kernel_source("triton")
+    if name in EXACT_SCANNED:
+        inp = {n: _dev(x) for n, x in random_inputs(rule, 1, 3, 1, 4, 3).items()}
+        with pytest.raises(NotImplementedError, match="exact rules.*backend='chunk' or 'reference'"):
+            rule.scan(backend="triton", **inp)
+
+
+@pytest.mark.skipif(_DEVICE != "cpu", reason="checks the CPU guard")
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
+    rule = ENTRIES["deltanet"].rule
+    inp = random_inputs(rule, 1, 3, 1, 4, 3)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
+        rule.scan(backend="triton", **inp)
+
+
+def test_bad_inputs_are_named():
+    rule = ENTRIES["gated_deltanet"].rule
+    inp = {n: _dev(x) for n, x in random_inputs(rule, 1, 3, 2, 4, 3).items()}
+    with pytest.raises(ValueError, match="'beta'"):
+        rule.scan(backend="triton", **{**inp, "beta": inp["beta"][..., None]})
+    with pytest.raises(ValueError, match="initial_state"):
+        rule.scan(backend="triton", initial_state=_dev(torch.zeros(1, 2, 4, 3)), **inp)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        rule.scan(backend="triton", cu_seqlens=_dev(torch.tensor([0, 2], dtype=torch.int32)), **inp)
