@@ -578,17 +578,22 @@ def _expr_source(expr) -> str:
             + "".join(f"    {ln}\n" for ln in lines) + f"    return {out['x']}\n")
 
 
+@functools.lru_cache(maxsize=128)
+def _readout_fn(form):
+    p = _TorchPrinter()
+    lines, out = _codegen({"ridge": form.ridge, "q": form.readout}, p)
+    src = "def step(S, inp):\n" + "".join(f"    {ln}\n" for ln in _input_lines(form, (form.ridge, form.readout)) + lines) + \
+        f"    return ({out['ridge']}), ({out['q']})\n"
+    return _compile(src)
+
+
 def exact_readout(form, state, inp: dict):
     """o = G (H + diag λ)⁻¹ q (RLS: o = S q) with inputs in broadcast layout."""
     if isinstance(form, RLSForm):
         q = torch.broadcast_to(inp[form.readout.name], state[0].shape[:-2] + (1, state[0].shape[-1]))
         return (state[0] * q).sum(-1)
     G, H = state
-    p = _TorchPrinter()
-    lines, out = _codegen({"ridge": form.ridge, "q": form.readout}, p)
-    src = "def f(inp):\n" + "".join(f"    {ln}\n" for ln in _input_lines(form, (form.ridge, form.readout)) + lines) + \
-        f"    return ({out['ridge']}), ({out['q']})\n"
-    ridge, q = _compile(src.replace("def f", "def step"))(inp)
+    ridge, q = _readout_fn(form)(None, inp)
     ridge = torch.as_tensor(ridge, dtype=H.dtype, device=H.device)
     ridge = torch.broadcast_to(ridge, H.shape[:-2] + (1, H.shape[-1]))[..., 0, :]
     q = torch.broadcast_to(q, H.shape[:-2] + (1, H.shape[-1]))[..., 0, :]

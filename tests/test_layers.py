@@ -1,0 +1,317 @@
+"""OnlineSSM and the presets: step == forward, gradients, domains, mixed precision, errors."""
+import math
+import warnings
+
+import pytest
+import sympy as sp
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import olssm.objectives as O
+from olssm import derive
+from olssm.layers import PRESETS, OnlineSSM, available_backends, get_preset
+
+# every scan backend importable here, plus the layer's own batched token loop
+BACKENDS = [b for b in available_backends() if b != "triton"] + ["recurrent"]
+D_MODEL, H = 16, 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is fastest, and it avoids OpenMP spin-waits that
+    slow tiny ops down 10-100x when the 2-core machine is shared with other processes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _preset(name, backend, dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    if name == "mamba2":
+        kw.setdefault("d_k", 8)  # Mamba-2's d_state 128 is needlessly large for these checks
+    return PRESETS[name](D_MODEL, H, backend=backend, **kw).to(dtype)
+
+
+def _state_close(a, b, tol):
+    if isinstance(a, tuple):
+        return all(_state_close(x, y, tol) for x, y in zip(a, b))
+    return torch.allclose(a, b, rtol=tol, atol=tol)
+
+
+def _step_all(layer, x):
+    cache = layer.init_cache(x.shape[0])
+    ys = []
+    for t in range(x.shape[1]):
+        y, cache = layer.step(x[:, t], cache)
+        ys.append(y)
+    return torch.stack(ys, 1), cache
+
+
+# tolerance: float64 throughout; the step path and the scan differ only by summation order
+STEP_TOL = 1e-9
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_step_equals_forward(name, backend):
+    layer = _preset(name, backend)
+    x = torch.randn(2, 7, D_MODEL, dtype=torch.float64)
+    y, cache = layer(x, return_cache=True)
+    ys, cache_s = _step_all(layer, x)
+    assert y.shape == x.shape
+    assert torch.allclose(y, ys, rtol=STEP_TOL, atol=STEP_TOL), (y - ys).abs().max()
+    assert _state_close(cache["state"], cache_s["state"], STEP_TOL)
+    for n in cache["conv"]:
+        assert torch.allclose(cache["conv"][n], cache_s["conv"][n], rtol=STEP_TOL, atol=STEP_TOL)
+    # prefill then continue: forward(x[:, :4]) with a cache, then forward(x[:, 4:], cache) == forward(x)
+    y1, c1 = layer(x[:, :4], return_cache=True)
+    y2 = layer(x[:, 4:], cache=c1)
+    assert torch.allclose(torch.cat([y1, y2], 1), y, rtol=STEP_TOL, atol=STEP_TOL)
+
+
+@pytest.mark.parametrize("name", ["longhorn", "gated_deltanet", "decayed_least_squares", "mamba"])
+def test_backends_agree_with_reference(name):
+    """Every available backend: same outputs and gradients as the reference scan (fp64)."""
+    x = torch.randn(2, 6, D_MODEL, dtype=torch.float64)
+    ref = _preset(name, "reference")
+    y_ref = ref(x)
+    g_ref = torch.autograd.grad(y_ref.pow(2).sum(), list(ref.parameters()), allow_unused=True)
+    for backend in BACKENDS:
+        layer = _preset(name, backend)
+        layer.load_state_dict(ref.state_dict())
+        y = layer(x)
+        assert torch.allclose(y, y_ref, rtol=1e-8, atol=1e-10), backend
+        g = torch.autograd.grad(y.pow(2).sum(), list(layer.parameters()), allow_unused=True)
+        for a, b in zip(g, g_ref):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.allclose(a, b, rtol=1e-7, atol=1e-9), backend
+
+
+def _custom_objective():
+    """Not a catalogue entry: a decayed (learned per-head γ) Longhorn with a per-row learning rate."""
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    beta = O.row("beta", domain="unit")
+    gamma = O.parameter("gamma", "scalar", domain="decay")
+    return O.Objective(O.sqnorm(S - gamma * Sp) / 2 + O.sqnorm(S @ k - v, weight=beta) / 2, name="custom")
+
+
+def test_custom_objective_gradcheck():
+    torch.manual_seed(0)
+    layer = OnlineSSM(_custom_objective(), 4, n_heads=2, d_k=2, d_v=2, conv_size=2,
+                      backend="reference").double()
+    # the input, the rule parameter (γ, log-space), the β projection and the key conv
+    names = ["params_raw.gamma", "coef_proj.beta.weight", "conv.k.weight"]
+    own = dict(layer.named_parameters())
+    params = tuple(own[n].detach().clone().requires_grad_(True) for n in names)
+    x = torch.randn(1, 3, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _all_domains_objective():
+    """Per-token coefficients in every domain and parameters in several, in one derivable objective."""
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    dt = O.scalar("dt", domain="timestep")
+    A = O.parameter("A", "column", domain="negative")
+    g = O.row("g", domain="decay")
+    eta = O.row("eta", domain="positive")
+    beta = O.scalar("beta", domain="unit")
+    c = O.scalar("c", domain="real")
+    lam = O.parameter("lam", "row", domain="positive")
+    u = O.parameter("u", "scalar", domain="unit")
+    gamma = O.parameter("gamma", "matrix", domain="decay")
+    w = O.parameter("w", "scalar")
+    decay = sp.exp(dt * A) * g * gamma
+    return O.Objective(O.sqnorm(S - decay * Sp) / 2 + O.sqnorm(S @ k - v, weight=beta * u * lam) / 2
+                       - O.inner(S @ k, (eta + c * w) * v), name="all domains")
+
+
+@pytest.mark.parametrize("decay_style", ["softplus", "mamba"])
+def test_domains_are_kept(decay_style):
+    torch.manual_seed(0)
+    obj = _all_domains_objective()
+    layer = OnlineSSM(obj, 8, n_heads=2, d_k=3, d_v=4, backend="recurrent", decay_style=decay_style)
+    x = 3 * torch.randn(4, 5, 8)
+    inputs, params = layer.scan_inputs(x)
+    specs = layer.rule.inputs
+    assert set(inputs) | set(params) == set(specs)
+    check = {"unit": lambda t: ((t > 0) & (t < 1)).all(), "decay": lambda t: ((t > 0) & (t <= 1)).all(),
+             "positive": lambda t: (t > 0).all(), "timestep": lambda t: (t > 0).all(),
+             "negative": lambda t: (t < 0).all(), "real": lambda t: torch.isfinite(t).all()}
+    for n, t in {**inputs, **params}.items():
+        assert bool(check[specs[n].domain](t)), (n, specs[n].domain)
+    # shapes follow the scan layout
+    assert inputs["dt"].shape == (4, 5, 2) and inputs["g"].shape == (4, 5, 2, 4)
+    assert params["A"].shape == (2, 3) and params["gamma"].shape == (2, 4, 3) and params["w"].shape == (2,)
+    # and for other (random, moderate) raw weights: the domains come from the parameterisation
+    # (fp32 saturates sigmoid / exp for |raw| >~ 16, so the raw values are kept moderate)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    inputs, params = layer.scan_inputs(x)
+    for n, t in {**inputs, **params}.items():
+        assert bool(check[specs[n].domain](t)), (n, specs[n].domain)
+    y = layer(x)
+    assert torch.isfinite(y).all()
+
+
+def test_published_initialisations():
+    torch.manual_seed(0)
+    retnet = PRESETS["retnet"](32, 4, backend="recurrent")
+    gamma = retnet.parameter_values(torch.float64)["gamma"]
+    assert torch.allclose(gamma, 1 - 2.0 ** (-5 - torch.arange(4, dtype=torch.float64)), rtol=1e-6)
+    assert not retnet.params_raw["gamma"].requires_grad  # RetNet's γ is fixed
+    mamba = PRESETS["mamba"](32, 4, backend="recurrent")
+    A = mamba.parameter_values()["A"]
+    assert A.shape == (4, 16, 16)  # [H, d_v = 2 * 32 / 4, d_state = 16]
+    assert torch.allclose(A, -torch.arange(1, 17.0).expand(4, 16, 16))  # S4D-real
+    assert mamba.coef_rank == {"dt": 2}  # ceil(32 / 16)
+    dt = torch.nn.functional.softplus(mamba.coef_bias["dt"])
+    assert (dt >= 1e-3 * (1 - 1e-5)).all() and (dt <= 1e-1 * (1 + 1e-5)).all()
+    mamba2 = PRESETS["mamba2"](32, 4, backend="recurrent")
+    A2 = mamba2.parameter_values()["A"]
+    assert A2.shape == (4,) and ((A2 <= -1 + 1e-5) & (A2 >= -16 - 1e-4)).all()
+    longhorn = PRESETS["longhorn"](32, 4, backend="recurrent")
+    assert set(longhorn.rule.inputs) == {"beta", "k", "q", "v"}  # no A: no forget gate
+    assert longhorn.D is not None and longhorn.share_qk and longhorn.project_from == "value"
+    dn = PRESETS["deltanet"](32, 4, backend="recurrent")
+    x = torch.randn(2, 5, 32)
+    inputs, _ = dn.scan_inputs(x)
+    assert torch.allclose(inputs["k"].norm(dim=-1), torch.ones(2, 5, 4), atol=1e-5)
+    assert torch.allclose(inputs["q"].norm(dim=-1), torch.ones(2, 5, 4), atol=1e-5)
+
+
+def test_param_init_override_and_freeze():
+    layer = OnlineSSM(_custom_objective(), 8, 2, param_init={"gamma": [0.5, 0.25]}, freeze=("gamma",),
+                      backend="recurrent")
+    assert torch.allclose(layer.parameter_values()["gamma"], torch.tensor([0.5, 0.25]))
+    assert not layer.params_raw["gamma"].requires_grad
+    with pytest.raises(ValueError, match="outside its domain"):
+        OnlineSSM(_custom_objective(), 8, 2, param_init={"gamma": 1.5})
+
+
+@pytest.mark.parametrize("backend", ["auto", "recurrent"])
+@pytest.mark.parametrize("name", ["longhorn", "gated_deltanet", "decayed_least_squares", "mamba2"])
+def test_bf16_autocast(name, backend):
+    torch.manual_seed(0)
+    layer = PRESETS[name](32, 4, backend=backend, **({"d_k": 16} if name == "mamba2" else {}))
+    x = torch.randn(2, 6, 32)
+    y32 = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        y, cache = layer(x, return_cache=True)
+        y.float().sum().backward()
+        y_step, _ = layer.step(x[:, 0], layer.init_cache(2))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    states = cache["state"] if isinstance(cache["state"], tuple) else (cache["state"],)
+    assert all(s.dtype == torch.float32 for s in states)
+    assert (y.float() - y32).abs().max() < 0.05 * y32.abs().max() + 0.05
+    assert y_step.dtype == torch.bfloat16 and (y_step.float() - y32[:, 0]).abs().max() < 0.05 * y32.abs().max() + 0.05
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_rule_or_objective_and_repr():
+    obj = _custom_objective()
+    a = OnlineSSM(obj, 8, 2)
+    b = OnlineSSM(derive(obj), 8, 2)
+    assert a.rule is b.rule or str(a.rule) == str(b.rule)
+    assert "custom" in repr(a)
+    with pytest.raises(TypeError, match="Objective or Rule"):
+        OnlineSSM("longhorn", 8, 2)
+
+
+def test_auto_backend_runs():
+    layer = PRESETS["deltanet"](16, 2)  # backend="auto"
+    x = torch.randn(1, 5, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = layer(x)
+    ref = PRESETS["deltanet"](16, 2, backend="reference")
+    ref.load_state_dict(layer.state_dict())
+    assert torch.allclose(y, ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_falls_back_with_a_warning(monkeypatch):
+    import olssm.layers.online_ssm as mod
+    monkeypatch.setattr(mod, "available_backends", lambda: ("reference",))
+    layer = PRESETS["deltanet"](16, 2).double()
+    x = torch.randn(1, 4, 16, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="using the 'recurrent' token loop"):
+        y = layer(x)
+    ref = PRESETS["deltanet"](16, 2, backend="reference").double()
+    ref.load_state_dict(layer.state_dict())
+    assert torch.allclose(y, ref(x), rtol=1e-10, atol=1e-12)
+
+
+def test_bad_configs():
+    obj = _custom_objective()
+    with pytest.raises(ValueError, match="not divisible by n_heads = 3"):
+        OnlineSSM(obj, 16, n_heads=3)
+    OnlineSSM(obj, 16, n_heads=3, d_k=4, d_v=4)  # explicit sizes need no divisibility
+    with pytest.raises(ValueError, match="backend must be one of"):
+        OnlineSSM(obj, 16, 2, backend="cuda")
+    with pytest.raises(ValueError, match="n_heads must be an integer"):
+        OnlineSSM(obj, 16, n_heads=0)
+    with pytest.raises(ValueError, match="coef_rank names \\['dt'\\]"):
+        OnlineSSM(obj, 16, 2, coef_rank={"dt": 2})
+    with pytest.raises(ValueError, match="freeze names"):
+        OnlineSSM(obj, 16, 2, freeze=("A",))
+    with pytest.raises(ValueError, match="feature_map"):
+        OnlineSSM(obj, 16, 2, feature_map="tanh")
+    with pytest.raises(ValueError, match="unknown mixer preset 'transformer'"):
+        get_preset("transformer")
+    with pytest.raises(ValueError, match="d_inner"):
+        PRESETS["mamba"](10, 3)
+    layer = OnlineSSM(obj, 16, 2, backend="recurrent")
+    with pytest.raises(ValueError, match=r"x must be \[B, T, d_model\] with d_model=16, got \(2, 3, 8\)"):
+        layer(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match=r"x must be \[B, d_model\]"):
+        layer.step(torch.randn(2, 3, 16), layer.init_cache(2))
+
+
+def test_presets_use_catalogue_objectives():
+    from olssm import catalogue
+    for name, cls in PRESETS.items():
+        layer = cls(32, 4, backend="recurrent", **({"d_k": 8} if name == "mamba2" else {}))
+        assert isinstance(layer, OnlineSSM)
+        assert layer.rule.objective is catalogue.get(name).objective or \
+            str(layer.rule) == str(catalogue.get(name).rule)
+        assert math.isfinite(float(layer(torch.randn(1, 3, 32)).sum()))
+
+
+@settings(max_examples=15, deadline=None)
+@given(H=st.integers(1, 3), d_k=st.integers(1, 4), d_v=st.integers(1, 4), conv=st.integers(0, 3),
+       B=st.integers(1, 2), T=st.integers(1, 6), share=st.booleans(), d_skip=st.sampled_from([False, "channel", "head"]),
+       gate=st.booleans(), norm=st.booleans(), backend=st.sampled_from(BACKENDS))
+def test_shapes_and_step_equals_forward_hypothesis(H, d_k, d_v, conv, B, T, share, d_skip, gate, norm, backend):
+    torch.manual_seed(0)
+    layer = OnlineSSM(_custom_objective(), 6, H, d_k=d_k, d_v=d_v, conv_size=conv, share_qk=share,
+                      d_skip=d_skip, gate=gate, out_norm=norm, backend=backend).double()
+    x = torch.randn(B, T, 6, dtype=torch.float64)
+    y = layer(x)
+    assert y.shape == (B, T, 6)
+    ys, _ = _step_all(layer, x)
+    assert torch.allclose(y, ys, rtol=1e-9, atol=1e-9)
+
+
+def test_mamba_family_parameter_counts_match_reference_code():
+    """Same parameter count as the reference modules (mamba_simple.Mamba, longhorn.Longhorn, Mamba2)."""
+    d, n, E, K = 32, 16, 64, 4  # d_model, d_state, d_inner = 2 d_model, d_conv
+    r = math.ceil(d / 16)
+    conv = E * K + E
+    mamba = d * 2 * E + conv + E * (r + 2 * n) + (r * E + E) + E * n + E + E * d
+    longhorn = d * 2 * E + conv + E * (r + 2 * n) + (r * E + E) + E + E * d
+    H, N = 4, 128
+    mamba2 = d * (2 * E + 2 * N + H) + (E + 2 * N) * (K + 1) + 3 * H + E + E * d
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(PRESETS["mamba"](d, 4)) == mamba
+    assert count(PRESETS["longhorn"](d, 4)) == longhorn
+    assert count(PRESETS["mamba2"](d, H)) == mamba2
