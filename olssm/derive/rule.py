@@ -564,7 +564,7 @@ class Rule:
         return state.shape[-2], state.shape[-1]
 
     def scan(self, q=None, k=None, v=None, *, initial_state=None, output_final_state=False,
-             backend="reference", **inputs):
+             backend="auto", **inputs):
         """o, final_state = scan over [B, T, H, D] inputs; see olssm.kernels.scan."""
         from ..kernels import scan as _scan
         return _scan(self, q, k, v, initial_state=initial_state, output_final_state=output_final_state,

@@ -11,31 +11,49 @@ def reference_scan(args):
     lay = rule.broadcast_inputs(args.d_k, args.d_v, {**args.tokens, **args.params}, "scan")
     tok = {n: lay[n] for n in args.tokens}
     par = {n: lay[n] for n in args.params}
-    step, need = rule._step_fn, set(rule.update_inputs)
+    need = set(rule.update_inputs)
     dtype = torch.float64 if args.out_dtype == torch.float64 else torch.float32
-    outs = torch.empty(args.B, args.T, args.H, args.d_v, dtype=dtype, device=args.device)
-    finals = []
-    for b, start, end, n in args.segments():
+    # whole batches step together; packed (varlen) sequences one after another, batch of one
+    if args.cu_seqlens is None:
+        pieces = [(slice(None), 0, args.T, slice(None))]
+    else:
+        cu = args.cu_seqlens.tolist()
+        pieces = [(slice(0, 1), cu[n], cu[n + 1], slice(n, n + 1)) for n in range(len(cu) - 1)]
+    outs, finals = [], []
+    for rows, start, end, states in pieces:
         if args.initial_state is None:
-            first = {nm: x[b, start] for nm, x in args.tokens.items()}  # RLS: P_0 = I/λ at the first token
-            S = rule.zero_state((args.H,), args.d_k, args.d_v, device=args.device, dtype=dtype, **args.params, **first)
+            first = {nm: x[rows, start] for nm, x in args.tokens.items()}  # RLS: P_0 = I/λ at the first token
+            batch = args.B if args.cu_seqlens is None else 1
+            S = rule.zero_state((batch, args.H), args.d_k, args.d_v, device=args.device, dtype=dtype,
+                                **args.params, **first)
         elif rule.is_exact:
-            S = tuple(x[n].to(dtype) for x in args.initial_state)
+            S = tuple(x[states].to(dtype) for x in args.initial_state)
         else:
-            S = args.initial_state[n].to(dtype)
+            S = args.initial_state[states].to(dtype)
         for t in range(start, end):
-            inp = {nm: x[b, t] for nm, x in tok.items()}
+            inp = {nm: x[rows, t] for nm, x in tok.items()}
             inp.update(par)
-            S = step(S, {nm: inp[nm] for nm in need})
+            S = rule._step_fn(S, {nm: inp[nm] for nm in need})
             if rule.is_exact:
-                outs[b, t] = exact_readout(rule.form, S, inp)
+                outs.append(exact_readout(rule.form, S, inp))
             else:
-                q = inp[rule.query_name] if rule.query_name else None
-                outs[b, t] = (S * q).sum(-1)
+                outs.append((S * inp[rule.query_name]).sum(-1))
         finals.append(S)
-    o = outs.to(args.out_dtype)
+    # a list and one stack: writing into a preallocated buffer makes autograd keep T copies of it
+    if outs:
+        o = _assemble(outs, args)
+    else:
+        o = torch.zeros(args.B, args.T, args.H, args.d_v, dtype=dtype, device=args.device)
+    o = o.to(args.out_dtype)
     if not args.output_final_state:
         return o, None
     if rule.is_exact:
-        return o, tuple(torch.stack([f[i] for f in finals]) for i in range(2))
-    return o, torch.stack(finals)
+        return o, tuple(torch.cat([f[i] for f in finals]) for i in range(2))
+    return o, torch.cat(finals)
+
+
+def _assemble(outs, args):
+    """Per-step outputs ([batch, H, d_v] each) back to [B, T, H, d_v]."""
+    if args.cu_seqlens is None:
+        return torch.stack(outs, dim=1)
+    return torch.cat(outs, dim=0).unsqueeze(0)

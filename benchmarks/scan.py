@@ -1,0 +1,119 @@
+"""Reference vs chunk backend on the CPU: fwd and fwd+bwd time and peak memory, as a markdown table.
+
+    python benchmarks/scan.py                       # B=2, H=4, d=64, T in {512, 2048, 8192}
+    python benchmarks/scan.py --quick               # T in {128, 512}
+    python benchmarks/scan.py --T 512 2048 --ref-max-T 2048 --rules deltanet gla
+
+Time: best of --repeat runs (after one warm-up). Memory: high-water mark of the resident set above the
+pre-run baseline, measured in a forked child per cell (torch's CPU allocator is invisible to
+tracemalloc). fp32 throughout. The reference is skipped above --ref-max-T (its backward through the
+per-token output writes grows quadratically with T) and marked "skipped".
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from olssm import catalogue as cat  # noqa: E402
+from olssm.kernels import scan  # noqa: E402
+
+SHAPES = {  # rule name -> what it stands for in the table
+    "deltanet": "DeltaNet (identity + rank-1, scalar β)",
+    "longhorn": "Longhorn (per-row rank-1)",
+    "gla": "GLA (column decay)",
+    "mamba": "Mamba (elementwise exp(Δ A))",
+    "mamba2": "Mamba-2 (scalar decay)",
+    "gated_deltanet": "Gated DeltaNet",
+}
+
+
+def _once(rule, inp, backend, chunk, bwd):
+    if bwd:
+        leaves = {n: x.detach().clone().requires_grad_(True) for n, x in inp.items()}
+        t = time.perf_counter()
+        o, f = scan(rule, backend=backend, chunk_size=chunk, output_final_state=True, **leaves)
+        (o.square().mean() + f.square().mean()).backward()
+    else:
+        t = time.perf_counter()
+        with torch.no_grad():
+            scan(rule, backend=backend, chunk_size=chunk, output_final_state=True, **inp)
+    return time.perf_counter() - t
+
+
+def _rss_kb():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _cell(q, name, B, T, H, d, backend, chunk, bwd, repeat, threads):
+    torch.set_num_threads(threads)
+    rule = cat.ENTRIES[name].rule
+    inp = cat.random_inputs(rule, B, T, H, d, d, seed=0)
+    small = cat.random_inputs(rule, B, min(T, 2 * chunk), H, d, d, seed=0)
+    _once(rule, small, backend, chunk, bwd)                      # warm-up: codegen, allocator
+    base = _rss_kb()
+    times = [_once(rule, inp, backend, chunk, bwd) for _ in range(repeat)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    q.put((min(times), max(0, peak - base) / 1024))
+
+
+def measure(*a):
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_cell, args=(q, *a))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", type=int, nargs="+", default=[512, 2048, 8192])
+    ap.add_argument("--quick", action="store_true", help="T in {128, 512}, one repeat")
+    ap.add_argument("--rules", nargs="+", default=["deltanet", "longhorn", "gla", "mamba"])
+    ap.add_argument("--B", type=int, default=2)
+    ap.add_argument("--H", type=int, default=4)
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--ref-max-T", type=int, default=2048, help="skip the reference above this T")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args(argv)
+    Ts = [128, 512] if args.quick else args.T
+    repeat = 1 if args.quick else args.repeat
+    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}; fp32, B={args.B}, H={args.H}, "
+          f"d_k=d_v={args.d}, chunk_size={args.chunk}; time = best of {repeat} (reference: 1 run); mem = peak RSS above baseline\n")
+    print("| rule | T | ref fwd s | chunk fwd s | fwd × | ref fwd+bwd s | chunk fwd+bwd s | fwd+bwd × "
+          "| ref mem MB (f+b) | chunk mem MB (f+b) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.rules:
+        for T in Ts:
+            res = {}
+            for backend in ("reference", "chunk"):
+                for bwd in (False, True):
+                    if backend == "reference" and T > args.ref_max_T:
+                        res[backend, bwd] = None
+                        continue
+                    res[backend, bwd] = measure(name, args.B, T, args.H, args.d, backend, args.chunk, bwd,
+                                                1 if backend == "reference" else repeat, args.threads)
+            f = lambda r, i=0, fmt="{:.3f}": "skipped" if r is None else fmt.format(r[i])
+            ratio = lambda a, b: "—" if a is None else f"{a[0] / b[0]:.1f}"
+            print(f"| {SHAPES.get(name, name)} | {T} | {f(res['reference', False])} | {f(res['chunk', False])} "
+                  f"| {ratio(res['reference', False], res['chunk', False])} | {f(res['reference', True])} "
+                  f"| {f(res['chunk', True])} | {ratio(res['reference', True], res['chunk', True])} "
+                  f"| {f(res['reference', True], 1, '{:.0f}')} | {f(res['chunk', True], 1, '{:.0f}')} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,492 @@
+"""The chunk backend: chunk-parallel pure torch (the fast path on a CPU). Math: CHUNK.md.
+
+Three engines, picked from the *evaluated* shapes of the normal-form coefficients:
+
+- ``_linear_engine``: diagonal decay that is none / scalar / row / column (a d_k vector shared by
+  the value rows) plus any number of low-rank corrections with scalar or row coefficients, and
+  input terms e wᵀ with e a row (or scalar) coefficient. Intra-chunk: decay-weighted Gram
+  matrices from cumulative log-decays (pairwise, so nothing overflows) and a unit lower-triangular
+  solve (the WY / UT transform); inter-chunk: one sequential pass over chunk states.
+- ``_loop_engine``: no corrections and an elementwise decay (Mamba, Longhorn-diagonal) or an
+  elementwise input coefficient: a C-step loop run for all chunks at once, then a pass over chunks.
+- ``_exact_engine``: exact (sufficient-statistics) rules with none/scalar forgetting: H_t for every
+  token by chunked decayed prefix sums, a batched solve per token, then G by the linear engine
+  with x_t = (H_t + diag λ)⁻¹ q_t as its query.
+
+Anything else (e.g. an elementwise decay together with corrections) runs the reference loop and
+says so with a ``ChunkFallbackWarning``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import sympy as sp
+import torch
+
+from ..derive.rule import ExactForm, NormalForm, _codegen, _compile, _input_lines, _TorchPrinter
+
+# log of a decay is clamped here so that an exact 0 decay (a reset) stays finite; exp of the
+# clamped cumulative sums underflows to 0 as it should (see CHUNK.md, "zero decays").
+_LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+# column decays: factorised intra-chunk form (exp(L_t) q, exp(-L_s) k) when a chunk's total log
+# decay stays above -_FACTOR_RANGE in every column, else the pairwise [C, C, d_k] form.
+_FACTOR_RANGE = 30.0
+# corrections with per-row coefficients (Longhorn) or row decays: chunk size capped here (CHUNK.md §2)
+_ROW_CHUNK = 8
+
+
+class ChunkFallbackWarning(UserWarning):
+    """The chunk backend cannot chunk this rule's structure and runs the reference loop."""
+
+
+# --------------------------------------------------------------------------------------------
+# coefficient evaluation: every normal-form entry for all tokens at once
+
+@functools.lru_cache(maxsize=128)
+def _evaluator_for(form):
+    return _evaluator(_exprs(form), form)
+
+
+@functools.lru_cache(maxsize=128)
+def _log_evaluator_for(form):
+    ex = _log_decay_expr(form.decay)
+    return _evaluator(ex, form) if ex else None
+
+
+def _evaluator(exprs: dict, form):
+    names = list(exprs)
+    lines, out = _codegen(exprs, _TorchPrinter())
+    body = _input_lines(form, list(exprs.values())) + lines
+    src = "def step(inp):\n" + "".join(f"    {ln}\n" for ln in body)
+    src += "    return (" + ", ".join(out[n] for n in names) + ",)\n"
+    fn = _compile(src)
+    return lambda inp: dict(zip(names, fn(inp)))
+
+
+def _full(x, B, T, H, dtype, device):
+    """An evaluated coefficient as [B, T, H, X, Y] (X in {1, d_v}, Y in {1, d_k})."""
+    x = torch.as_tensor(x, dtype=dtype, device=device)
+    if x.dim() < 2:
+        x = x.reshape(*([1] * (2 - x.dim())), *x.shape)
+    return torch.broadcast_to(x.to(dtype), (B, T, H, x.shape[-2], x.shape[-1]))
+
+
+def _log_decay(d):
+    return torch.log(d.clamp_min(torch.finfo(d.dtype).tiny)).clamp_min(_LOG_FLOOR)
+
+
+# --------------------------------------------------------------------------------------------
+# layout helpers
+
+def _pad_T(x, Tp, value=0.0):
+    T = x.shape[1]
+    if T == Tp:
+        return x
+    pad = x.new_full((x.shape[0], Tp - T, *x.shape[2:]), value)
+    return torch.cat([x, pad], 1)
+
+
+def _chunks(x, C):
+    """[B, Tp, H, ...] -> [B, H, n, C, ...]."""
+    B, Tp, H = x.shape[:3]
+    x = x.reshape(B, Tp // C, C, H, *x.shape[3:])
+    return x.movedim(3, 1)
+
+
+def _tril(C, strict, device):
+    return torch.ones(C, C, dtype=torch.bool, device=device).tril(-1 if strict else 0)
+
+
+def _pair(z, y, L, strict, factor):
+    """Decay-weighted inner products K[t p, s q] = Σ_j z[t,p,j] y[s,q,j] exp(L[t,j] - L[s,j]), s ≤ t.
+
+    z [b, C, P, K], y [b, C, Q, K], L None or [b, C, G, KL] (cumulative log decay, fp64).
+    Returns [b, G, C*P, C*Q] (G = 1 without decay).
+    """
+    C, P, Q = z.shape[-3], z.shape[-2], y.shape[-2]
+    mask = _tril(C, strict, z.device)
+    if L is None or L.shape[-1] == 1:
+        dot = torch.einsum("...tpk,...sqk->...tpsq", z, y)          # [b, C, P, C, Q]
+        if L is None:
+            out = (dot * mask[:, None, :, None].to(dot.dtype)).unsqueeze(-5)
+        else:
+            Lg = L[..., 0].transpose(-1, -2)                         # [b, G, C]
+            D = Lg[..., :, None] - Lg[..., None, :]
+            Wd = torch.exp(torch.where(mask, D, -math.inf).to(z.dtype))
+            out = dot.unsqueeze(-5) * Wd[..., :, None, :, None]      # [b, G, C, P, C, Q]
+    else:
+        if L.shape[-2] != 1:
+            raise NotImplementedError("chunk: per-row column decays (elementwise) in the linear engine")
+        Lk = L[..., 0, :]                                            # [b, C, K]
+        if factor:
+            zt = z * torch.exp(Lk).to(z.dtype).unsqueeze(-2)
+            yt = y * torch.exp(-Lk).to(z.dtype).unsqueeze(-2)
+            dot = torch.einsum("...tpk,...sqk->...tpsq", zt, yt)
+            out = (dot * mask[:, None, :, None].to(dot.dtype)).unsqueeze(-5)
+        else:
+            D = Lk[..., :, None, :] - Lk[..., None, :, :]            # [b, C, C, K]
+            Wd = torch.exp(torch.where(mask[..., None], D, -math.inf).to(z.dtype))
+            out = torch.einsum("...tpk,...tsk,...sqk->...tpsq", z, Wd, y).unsqueeze(-5)
+    return out.reshape(*out.shape[:-4], C * P, C * Q)
+
+
+def _unit_lower_inverse(N):
+    """(I + N)⁻¹ for strictly lower-triangular N [..., m, m] by block recursion (batched matmuls only;
+    torch's batched solve_triangular copies every small matrix on the CPU: the per-row bottleneck)."""
+    m = N.shape[-1]
+    p = 1 << max(0, (m - 1).bit_length())
+    if p != m:
+        N = torch.nn.functional.pad(N, (0, p - m, 0, p - m))
+    batch = N.shape[:-2]
+    Dg = torch.ones(*batch, p, 1, 1, dtype=N.dtype, device=N.device)      # inverses of 1x1 diagonal blocks
+    s = 1
+    while s < p:
+        P = p // (2 * s)
+        Nr = N.reshape(*batch, P, 2, s, P, 2, s)[..., :, 1, :, :, 0, :]   # [..., P, s, P, s]
+        Cb = torch.diagonal(Nr, dim1=-4, dim2=-2).movedim(-1, -3)       # [..., P, s, s] lower-left blocks
+        Ai, Di = Dg[..., 0::2, :, :], Dg[..., 1::2, :, :]
+        low = -(Di @ Cb @ Ai)
+        top = torch.cat([Ai, torch.zeros_like(Ai)], -1)
+        bot = torch.cat([low, Di], -1)
+        Dg = torch.cat([top, bot], -2)                                   # [..., P, 2s, 2s]
+        s *= 2
+    inv = Dg[..., 0, :, :]
+    return inv[..., :m, :m] if p != m else inv
+
+
+def _gmm(Lm, Rm):
+    """Lm [..., G1, m, k] @ Rm [..., G2, k, r] without broadcasting a shared (G = 1) operand over the
+    d_v per-row groups when the other side is a single row/column per group (one GEMM instead)."""
+    G1, G2 = Lm.shape[-3], Rm.shape[-3]
+    if G1 == 1 and G2 > 1 and Rm.shape[-1] == 1:      # squeeze, not [..., 0]: a view in the backward
+        return (Lm.squeeze(-3) @ Rm.squeeze(-1).transpose(-1, -2)).transpose(-1, -2).unsqueeze(-1)
+    if G2 == 1 and G1 > 1 and Lm.shape[-2] == 1:
+        return (Lm.squeeze(-2) @ Rm.squeeze(-3)).unsqueeze(-2)
+    return Lm @ Rm
+
+
+# --------------------------------------------------------------------------------------------
+# engines. All take per-token tensors [B, T, H, X, Y], an initial state and return
+# (o [B, T, H, d_v], final state).
+
+def _linear_engine(logd, corrs, ins, q, S0, C):
+    """Diagonal (non-elementwise) decay + low-rank corrections + input terms (CHUNK.md §1-2)."""
+    B, T, H = q.shape[:3]
+    K, V = S0.shape[-1], S0.shape[-2]
+    dt = S0.dtype
+    R, M = len(corrs), len(ins)
+    row = (logd is not None and logd.shape[-2] > 1) or any(c.shape[-2] > 1 for c, _, _ in corrs)
+    g, Rg = (V, 1) if row else (1, V)
+    if R and row:      # per-row transitions: the UT inverse is per value row, O(d_v C^2) per chunk
+        C = min(C, _ROW_CHUNK)
+    n = -(-T // C)
+    Tp = n * C
+    ck = lambda x, val=0.0: _chunks(_pad_T(x, Tp, val), C)
+
+    Q = ck(q)                                                        # [b, C, 1, K]
+    W = ck(torch.cat([w for _, w in ins], -2)) if M else None        # [b, C, M, K]
+    if M:
+        E = torch.cat([e.expand(*e.shape[:3], V, 1) for e, _ in ins], -1)   # [B, T, H, V, M]
+        E = ck(E)                                                    # [b, C, V, M]
+        if row:
+            ef = E.permute(0, 1, 2, 4, 3, 5).reshape(B, H, n, V, C * M, 1)
+        else:
+            ef = E.permute(0, 1, 2, 3, 5, 4).reshape(B, H, n, 1, C * M, V)
+    if logd is not None:
+        Lc = torch.cumsum(ck(logd).to(torch.float64), dim=3)         # [b, C, gL, kL]
+        eL = torch.exp(Lc).to(dt)
+        LC = Lc[:, :, :, -1:]
+        dec = torch.exp(LC - Lc).to(dt)                              # decay from t to chunk end
+        gam = torch.exp(LC[:, :, :, 0]).to(dt)                       # [b, gL, kL]
+        gL = Lc.shape[-2]
+        factor = Lc.shape[-1] > 1 and bool((LC > -_FACTOR_RANGE).all())
+    else:
+        Lc = None
+        gL, factor = 1, False
+
+    def decayed(x, f):  # x [b, C, P, K] * f [b, C, gL, kL] -> [b, gL, C*P, K]
+        if Lc is None:
+            return x.reshape(B, H, n, 1, -1, K)
+        y = x.unsqueeze(-2) * f.unsqueeze(-3)                        # [b, C, P, gL, K]
+        return y.movedim(-2, 3).reshape(B, H, n, gL, -1, K)
+
+    pair = lambda z, y, strict: _pair(z, y, Lc, strict, factor)
+    if M:
+        Sloc = _gmm(ef.transpose(-1, -2), decayed(W, dec if Lc is not None else None))   # [b, g, Rg, K]
+    if R:
+        A = ck(torch.cat([a.expand(*a.shape[:3], 1, K) for _, a, _ in corrs], -2))  # [b, C, R, K]
+        Bv = ck(torch.cat([b.expand(*b.shape[:3], 1, K) for _, _, b in corrs], -2))
+        gc = V if any(c.shape[-2] > 1 for c, _, _ in corrs) else 1
+        cc = ck(torch.cat([c.expand(*c.shape[:3], gc, 1) for c, _, _ in corrs], -1))  # [b, C, gc, R]
+        cf = cc.permute(0, 1, 2, 4, 3, 5).reshape(B, H, n, gc, C * R)
+        Kab = pair(A, Bv, True)                                      # [b, gL, CR, CR]
+        Gx = max(gc, gL)
+        Tinv = _unit_lower_inverse(cf[..., :, None] * Kab)           # (I + c ⊙ Kab)⁻¹, [b, Gx, CR, CR]
+        At = decayed(A, eL if Lc is not None else None)              # [b, gL, CR, K]
+        rhs_l = cf[..., None] * _gmm(pair(A, W, True), ef) if M else None   # [b, *, CR, Rg]
+        # shared rows (Gx == 1): δ = U + Wt S0ᵀ with Wt = T (c ⊙ ã) for all chunks at once.
+        # per-row transitions (Gx == d_v): Wt would be [d_v, CR, d_k] per chunk; apply T to the
+        # one right-hand side column of each row inside the chunk pass instead (CHUNK.md §2).
+        per_row = Gx > 1
+        if not per_row:
+            Wt = Tinv @ (cf[..., None] * At)
+            U = Tinv @ rhs_l if M else None
+        Bdec = decayed(Bv, dec if Lc is not None else None)          # [b, gL, CR, K]
+
+    S = S0.reshape(B, H, g, Rg, K)
+    S0s, deltas = [], []
+    # index chunks through unbind (one backward node) rather than x[:, :, j] (n full-size zero grads)
+    ub = lambda x: x.unbind(2) if x is not None else [None] * n
+    gam_j = ub(gam.unsqueeze(-2) if Lc is not None else None)
+    Sloc_j = ub(Sloc if M else None)
+    if R:
+        Bdec_j = ub(Bdec)
+        if per_row:
+            # δ = (T ⊙ c) (ã s_0ᵀ) + T (c ⊙ K(a, w) e): everything but the s_0 product batched over chunks
+            TiC_j, At_j = ub(Tinv * cf[..., None, :]), ub(At)
+            U_j = ub(Tinv @ rhs_l if M else None)
+        else:
+            Wt_j, U_j = ub(Wt), ub(U)
+    for j in range(n):
+        S0s.append(S)
+        new = S if Lc is None else S * gam_j[j]
+        if M:
+            new = new + Sloc_j[j]
+        if R:
+            if per_row:
+                d = TiC_j[j] @ _gmm(At_j[j], S.transpose(-1, -2))   # [B, H, V, CR, 1]
+                if M:
+                    d = d + U_j[j]
+            else:
+                d = Wt_j[j] @ S.transpose(-1, -2)                    # [B, H, g, CR, Rg]
+                if U_j[j] is not None:
+                    d = d + U_j[j]
+            deltas.append(d)
+            new = new - _gmm(d.transpose(-1, -2), Bdec_j[j])
+        S = new
+    S0s = torch.stack(S0s, 2)                                        # [b, g, Rg, K]
+    o = _gmm(decayed(Q, eL if Lc is not None else None), S0s.transpose(-1, -2))      # [b, G, C, Rg]
+    if M:
+        o = o + _gmm(pair(Q, W, False), ef)
+    if R:
+        o = o - _gmm(pair(Q, Bv, False), torch.stack(deltas, 2))
+    o = o.expand(B, H, n, g, C, Rg).permute(0, 1, 2, 4, 3, 5).reshape(B, H, Tp, V)
+    return o[:, :, :T].transpose(1, 2), S.reshape(B, H, V, K)
+
+
+def _loop_engine(decay, ins, q, S0, C):
+    """No corrections, any diagonal decay incl. elementwise (CHUNK.md §3): three cheap passes.
+
+    1. all chunks at once, C steps from a zero state: local end states and total decays;
+    2. n steps over chunks: true chunk-initial states;
+    3. all chunks at once, C steps from the true initial states: outputs.
+    Products only (no log of a decay), so tiny or zero decays are exact."""
+    B, T, H = q.shape[:3]
+    K, V = S0.shape[-1], S0.shape[-2]
+    n = -(-T // C)
+    Tp = n * C
+    ck = lambda x, val=0.0: _chunks(_pad_T(x, Tp, val), C)
+    Lam_t = ck(decay, 1.0).unbind(3) if decay is not None else None     # C x [b, X, Y]
+    Es_t = [(ck(e).unbind(3), ck(w).unbind(3)) for e, w in ins]
+    Q_t = ck(q).unbind(3)                                                # C x [b, 1, K]
+
+    def steps(S, out=None):
+        for t in range(C):
+            if Lam_t is not None:
+                S = Lam_t[t] * S
+            for e, w in Es_t:
+                S = S + e[t] * w[t]
+            if out is not None:
+                out.append((S * Q_t[t]).sum(-1))                         # [B, H, n, V]
+        return S
+
+    zero = torch.zeros(B, H, n, V, K, dtype=S0.dtype, device=S0.device)
+    Sl = steps(zero)
+    P = torch.prod(ck(decay, 1.0), dim=3) if decay is not None else None    # [b, X, Y] chunk total decay
+    S, S0s = S0, []
+    Sl_j = Sl.unbind(2)
+    P_j = P.unbind(2) if P is not None else None
+    for j in range(n):
+        S0s.append(S)
+        S = (S if P is None else P_j[j] * S) + Sl_j[j]
+    outs = []
+    steps(torch.stack(S0s, 2), outs)
+    o = torch.stack(outs, 3)                                             # [b, C, V]
+    return o.reshape(B, H, Tp, V)[:, :, :T].transpose(1, 2), S
+
+
+def _exact_engine(logd, X, ridge, ins, qr, S0, C):
+    """Exact rules: H_t by chunked decayed prefix sums, x_t = (H_t + diag λ)⁻¹ q_t, G by the
+    linear engine with query x_t (CHUNK.md §4)."""
+    G0, H0 = S0
+    B, T, Hh = qr.shape[:3]
+    K = H0.shape[-1]
+    dt = H0.dtype
+    n = -(-T // C)
+    Tp = n * C
+    ck = lambda x, val=0.0: _chunks(_pad_T(x, Tp, val), C)
+    Xc = ck(X)                                                       # [b, C, K, K]
+    mask = _tril(C, False, X.device)
+    if logd is not None:
+        Lc = torch.cumsum(ck(logd)[..., 0, 0].to(torch.float64), dim=3)   # [b, C]
+        Wd = torch.exp(torch.where(mask, Lc[..., :, None] - Lc[..., None, :], -math.inf).to(dt))
+        eL = torch.exp(Lc).to(dt)
+        gam = torch.exp(Lc[..., -1]).to(dt)                          # [b]
+    else:
+        Wd = mask.to(dt)
+    Hloc = torch.einsum("...ts,...sij->...tij", Wd, Xc)              # [b, C, K, K]
+    Hs, Hst = [], H0
+    Hend = Hloc[:, :, :, -1].unbind(2)
+    gam_j = gam.unbind(2) if logd is not None else None
+    for j in range(n):
+        Hs.append(Hst)
+        Hst = (Hst if logd is None else gam_j[j][:, :, None, None] * Hst) + Hend[j]
+    Hs = torch.stack(Hs, 2)                                          # [b, K, K]
+    Ht = Hloc + (Hs.unsqueeze(3) if logd is None else eL[..., None, None] * Hs.unsqueeze(3))
+    Ht = Ht.reshape(B, Hh, Tp, K, K)[:, :, :T].transpose(1, 2)       # [B, T, H, K, K]
+    rid = torch.broadcast_to(ridge, (B, T, Hh, 1, K))[..., 0, :]
+    qv = torch.broadcast_to(qr, (B, T, Hh, 1, K))[..., 0, :]
+    x = torch.linalg.solve(Ht + torch.diag_embed(rid), qv.unsqueeze(-1))     # [B, T, H, K, 1]
+    o, Gf = _linear_engine(logd, [], ins, x.transpose(-1, -2), G0, C)
+    return o, (Gf, Hst)
+
+
+# --------------------------------------------------------------------------------------------
+# planning and the entry point
+
+def _plan(form, ev):
+    """Which engine runs these evaluated coefficients, or why none can (for the fallback)."""
+    if isinstance(form, ExactForm):
+        d = ev["decay"]
+        if d.shape[-2] > 1 or d.shape[-1] > 1:
+            return None, f"exact rule with {tuple(d.shape[-2:])}-shaped (non-scalar) forgetting"
+        return "exact", None
+    d = ev["decay"]
+    R, M = len(form.corrections), len(form.inputs)
+    vec_names = [f"a{r}" for r in range(R)] + [f"b{r}" for r in range(R)] + [f"w{m}" for m in range(M)] + ["q"]
+    for nm in vec_names:
+        if ev[nm].shape[-2] > 1:
+            return None, f"a key-sized vector of the normal form ({nm}) that varies over value rows"
+    elementwise_e = any(ev[f"e{m}"].shape[-1] > 1 for m in range(M))
+    elementwise_d = d.shape[-2] > 1 and d.shape[-1] > 1
+    if R == 0:
+        return ("loop" if elementwise_d or elementwise_e else "linear"), None
+    if elementwise_d:
+        return None, "elementwise decay together with low-rank corrections"
+    if elementwise_e:
+        return None, "elementwise input coefficient together with low-rank corrections"
+    for r in range(R):
+        if ev[f"c{r}"].shape[-1] > 1:
+            return None, f"a correction coefficient c{r} that varies over key columns"
+    return "linear", None
+
+
+def _log_decay_expr(decay):
+    """log Λ in closed form when Λ is a product of exp()/powers (Mamba: log exp(Δ A) = Δ A), so that
+    autograd never divides by a tiny decay (CHUNK.md, "gradients and tiny decays"); else nothing."""
+    if sp.sympify(decay) == 1:
+        return {}
+    le = sp.expand_log(sp.log(decay), force=True)
+    return {} if le.has(sp.log) else {"logdecay": le}
+
+
+def _exprs(form):
+    if isinstance(form, ExactForm):
+        ex = {"decay": form.decay, "gram_diag": form.gram_diag, "ridge": form.ridge, "q": form.readout}
+        for r, c in enumerate(form.gram):
+            ex[f"R{r}"], ex[f"u{r}"], ex[f"uw{r}"] = c.coef, c.a, c.b
+        for m, t in enumerate(form.moments):
+            ex[f"e{m}"], ex[f"w{m}"] = t.coef, t.w
+        return ex
+    ex = {"decay": form.decay, "q": form.readout}
+    for r, c in enumerate(form.corrections):
+        ex[f"c{r}"], ex[f"a{r}"], ex[f"b{r}"] = c.coef, c.a, c.b
+    for m, t in enumerate(form.inputs):
+        ex[f"e{m}"], ex[f"w{m}"] = t.coef, t.w
+    return ex
+
+
+def chunk_scan(args, chunk_size=64):
+    """backend="chunk": same contract as reference_scan (o in out_dtype, fp32 final state)."""
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"scan: chunk_size must be a positive int, got {chunk_size!r}")
+    rule, form = args.rule, args.rule.form
+    if not isinstance(form, (NormalForm, ExactForm)):
+        warnings.warn(f"chunk backend: no chunked form for {type(form).__name__} ({rule.structure}); running the "
+                      "reference loop instead", ChunkFallbackWarning, stacklevel=3)
+        from .reference import reference_scan
+        return reference_scan(args)
+    exact = isinstance(form, ExactForm)
+    dt = torch.float64 if args.out_dtype == torch.float64 else torch.float32
+    lay = rule.broadcast_inputs(args.d_k, args.d_v, {**args.tokens, **args.params}, "chunk")
+    exprs = _exprs(form)
+    raw = _evaluator_for(form)(lay)
+    B, T, H, K, V = args.B, args.T, args.H, args.d_k, args.d_v
+    ev = {nm: _full(x, B, T, H, dt, args.device) for nm, x in raw.items()}
+    engine, why = _plan(form, ev)
+    if engine is None:
+        warnings.warn(f"chunk backend: cannot chunk {why} (rule structure: {rule.structure}); running the "
+                      "reference loop instead (backend='reference' says so explicitly)", ChunkFallbackWarning,
+                      stacklevel=3)
+        from .reference import reference_scan
+        return reference_scan(args)
+
+    none_decay = exprs["decay"] == 1
+    logd = None
+    if not none_decay and engine != "loop":      # the loop engine multiplies decays, no logs needed
+        lev = _log_evaluator_for(form)
+        logd = (_full(lev(lay)["logdecay"], B, T, H, dt, args.device).clamp_min(_LOG_FLOOR) if lev is not None
+                else _log_decay(ev["decay"]))
+    if exact:
+        X = sum((ev[f"R{r}"] * ev[f"u{r}"].transpose(-1, -2) * ev[f"uw{r}"] for r in range(len(form.gram))),
+                torch.zeros((), dtype=dt, device=args.device))
+        if form.gram_diag != 0:
+            X = X + torch.diag_embed(torch.broadcast_to(ev["gram_diag"], (B, T, H, 1, K))[..., 0, :])
+        X = torch.broadcast_to(X, (B, T, H, K, K))
+        ins = [(ev[f"e{m}"], ev[f"w{m}"]) for m in range(len(form.moments))]
+    else:
+        corrs = [(ev[f"c{r}"], ev[f"a{r}"], ev[f"b{r}"]) for r in range(len(form.corrections))]
+        ins = [(ev[f"e{m}"], ev[f"w{m}"]) for m in range(len(form.inputs))]
+
+    def initial(sl, count):
+        if args.initial_state is None:
+            z = rule.zero_state((count, H), K, V, device=args.device)
+            return tuple(x.to(dt) for x in z) if exact else z.to(dt)
+        if exact:
+            return tuple(x[sl].to(dt) for x in args.initial_state)
+        return args.initial_state[sl].to(dt)
+
+    def run(bs, t0, t1, sl):
+        cut = lambda x: x[bs, t0:t1]
+        count = B if args.cu_seqlens is None else 1
+        S0 = initial(sl, count)
+        if t1 == t0:
+            return torch.zeros(count, 0, H, V, dtype=dt, device=args.device), S0
+        C = min(chunk_size, t1 - t0)
+        ld = None if logd is None else cut(logd)
+        if exact:
+            return _exact_engine(ld, cut(X), cut(ev["ridge"]), [(cut(e), cut(w)) for e, w in ins],
+                                 cut(ev["q"]), S0, C)
+        if engine == "loop":
+            return _loop_engine(None if none_decay else cut(ev["decay"]), [(cut(e), cut(w)) for e, w in ins],
+                                cut(ev["q"]), S0, C)
+        return _linear_engine(ld, [(cut(c), cut(a), cut(b)) for c, a, b in corrs],
+                              [(cut(e), cut(w)) for e, w in ins], cut(ev["q"]), S0, C)
+
+    if args.cu_seqlens is None:
+        o, final = run(slice(None), 0, T, slice(None))
+    else:
+        outs, finals = [], []
+        for b, s, e, n in args.segments():
+            o_n, f_n = run(slice(b, b + 1), s, e, slice(n, n + 1))
+            outs.append(o_n)
+            finals.append(f_n)
+        o = torch.cat(outs, 1)
+        final = (tuple(torch.cat([f[i] for f in finals]) for i in range(2)) if exact
+                 else torch.cat(finals))
+    o = o.to(args.out_dtype)
+    if not args.output_final_state:
+        return o, None
+    return o, final
