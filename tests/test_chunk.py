@@ -316,3 +316,23 @@ def test_bf16_inputs_fp32_state():
                 **{n: x.bfloat16() for n, x in inp.items()})
     assert o.dtype == torch.bfloat16 and f.dtype == torch.float32
     _close(o.float(), o32, 5e-2, "bf16")
+
+
+def test_loop_engine_three_passes_equal_one_pass():
+    """On a CPU the elementwise-decay engine runs one pass over T; the chunk-parallel three-pass form
+    (used on other devices) must give the same outputs, final state and gradients (fp64, 1e-10)."""
+    from olssm.kernels.chunk import _loop_engine
+    g = torch.Generator().manual_seed(3)
+    B, T, H, V, K = 2, 11, 2, 3, 4
+    decay = torch.rand(B, T, H, V, K, generator=g, dtype=torch.float64).requires_grad_()
+    e = torch.randn(B, T, H, V, 1, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(B, T, H, 1, K, generator=g, dtype=torch.float64)
+    q = torch.randn(B, T, H, 1, K, generator=g, dtype=torch.float64)
+    S0 = torch.randn(B, H, V, K, generator=g, dtype=torch.float64)
+    outs = []
+    for C in (T, 4):
+        o, S = _loop_engine(decay, [(e, w)], q, S0, C)
+        grads = torch.autograd.grad((o.sin().sum() + S.cos().sum()), (decay, e))
+        outs.append((o, S, *grads))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -302,6 +302,11 @@ def _loop_engine(decay, ins, q, S0, C):
                 out.append((S * Q_t[t]).sum(-1))                         # [B, H, n, V]
         return S
 
+    if n == 1:  # one chunk: a single pass from the true initial state is all there is to do
+        outs = []
+        S = steps(S0.unsqueeze(2), outs).squeeze(2)
+        o = torch.stack(outs, 3)
+        return o.reshape(B, H, Tp, V)[:, :, :T].transpose(1, 2), S
     zero = torch.zeros(B, H, n, V, K, dtype=S0.dtype, device=S0.device)
     Sl = steps(zero)
     P = torch.prod(ck(decay, 1.0), dim=3) if decay is not None else None    # [b, X, Y] chunk total decay
@@ -465,6 +470,10 @@ def chunk_scan(args, chunk_size=64):
         if t1 == t0:
             return torch.zeros(count, 0, H, V, dtype=dt, device=args.device), S0
         C = min(chunk_size, t1 - t0)
+        if engine == "loop" and args.device.type == "cpu":
+            # the three passes parallelise over chunks but do twice the work; a CPU gains nothing
+            # from that parallelism, so it runs the single pass (still vectorised coefficients)
+            C = t1 - t0
         ld = None if logd is None else cut(logd)
         if exact:
             return _exact_engine(ld, cut(X), cut(ev["ridge"]), [(cut(e), cut(w)) for e, w in ins],
