@@ -19,7 +19,13 @@ def simplify(e) -> sp.Expr:
         return e
     e = sp.cancel(sp.together(e))
     f = sp.factor(e)
-    return f if sp.count_ops(f) <= sp.count_ops(e) else e
+    e = f if sp.count_ops(f) <= sp.count_ops(e) else e
+    num, den = sp.fraction(e)
+    if den != 1 and den.could_extract_minus_sign():
+        # cancel() may leave −(…)/(−…); print the positive-leading form (1 + β‖k‖², not −1 − β‖k‖²)
+        num, den = sp.expand(-num) if num.is_Add else -num, sp.expand(-den)
+        return sp.Mul(num, sp.Pow(den, -1), evaluate=False)
+    return e
 
 
 class _Row:

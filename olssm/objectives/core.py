@@ -58,7 +58,11 @@ class csum(sp.Function):
             return sp.Add(*[cls(a) for a in arg.args])
         return None
 
-    def _latex(self, printer):
+    def _latex(self, printer, exp=None):
+        tex = self._latex_base(printer)
+        return tex if exp is None else rf"\left({tex}\right)^{{{exp}}}"
+
+    def _latex_base(self, printer):
         a = self.args[0]
         if a.is_Pow and a.exp == 2 and a.base.is_Symbol:
             return rf"\|{printer._print(a.base)}\|^2"
