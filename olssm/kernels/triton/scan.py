@@ -265,7 +265,16 @@ class TritonScanFn(torch.autograd.Function):
 
 
 def triton_scan(args):
-    """o [B, T, H, d_v] (args.out_dtype) and the final state [N, H, d_v, d_k] fp32 (or None)."""
+    """o [B, T, H, d_v] (args.out_dtype) and the final state [N, H, d_v, d_k] fp32 (or None).
+
+    Runs through the torch.library ops of library.py (torch.compile-able; chunked kernels when
+    the rule's structure has them, chunked.py); `_triton_scan_function` is the former
+    autograd.Function path, kept for comparison."""
+    from .library import run_scan
+    return run_scan(args)
+
+
+def _triton_scan_function(args):
     rule = args.rule
     _check_rule(rule)
     _check_device(args.device)

@@ -1,0 +1,94 @@
+"""Compile the chunked kernels for an NVIDIA target without a GPU, and report their resource usage.
+
+    python -m olssm.kernels.triton.aot_check [--arch 90] [--num-warps 4] [--chunk 32] [--dk 64] [--dv 32]
+
+`triton.compile` runs the whole pipeline (TTIR → TTGIR → LLVM → PTX → cubin, with the ptxas that
+ships in the triton wheel) for a `GPUTarget`, so GPU-only compile errors (types, layouts,
+unsupported ops) show up on a CPU-only machine; `cuobjdump --dump-resource-usage` then gives
+registers and stack (spills) per thread. Must run with TRITON_INTERPRET unset (the kernels must
+be JITFunctions). Exit status 1 when a variant fails to compile.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+
+def _usage(kernel) -> str:
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    except OSError:
+        out = ""
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (f"regs {m.group(1)}, stack {m.group(2)} B/thread" if m else "resource usage unavailable") + \
+        f", shared {kernel.metadata.shared} B"
+
+
+def compile_for(fn, consts: dict, arch: int, num_warps: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    params = list(inspect.signature(fn.fn).parameters)
+    ints = {"T", "H", "DK", "DV", "NCK", "SW", "SE", "TOKH"}
+    sig = {p: ("constexpr" if p in consts else "i32" if p in ints else "*fp32") for p in params}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def variants(BT, BK, BV, prec):
+    from . import chunked as ch
+    base = dict(BT=BT, BK=BK, BV=BV, M=1, USE_H0=True, SAVE_CK=True, PREC=prec)
+    for name, code in (("none", 0), ("scalar", 1), ("row", 2), ("column", 3)):
+        for varlen in (False, True):
+            yield f"diag decay={name} varlen={varlen}", ch.chunk_fwd_kernel, dict(base, DECAY=code, VARLEN=varlen)
+    for grow in (False, True):
+        for crow in (False, True):
+            yield (f"delta decay={'row' if grow else 'none/scalar'} c={'row' if crow else 'scalar'}",
+                   ch.chunk_delta_fwd_kernel, dict(base, C_ROW=crow, G_ROW=grow, VARLEN=True))
+    yield "diag decay=scalar, 2 input terms", ch.chunk_fwd_kernel, dict(base, DECAY=1, VARLEN=False, M=2)
+    bwd = {k: v for k, v in base.items() if k not in ("USE_H0", "SAVE_CK")}
+    for name, code in (("none", 0), ("scalar", 1), ("column", 3)):
+        yield f"backward decay={name}", ch.chunk_bwd_kernel, dict(bwd, DECAY=code, USE_DHT=True, VARLEN=True)
+    yield "delta decay=scalar, 2 input terms", ch.chunk_delta_fwd_kernel, dict(base, C_ROW=False, G_ROW=False,
+                                                                                 VARLEN=False, M=2)
+
+
+def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
+        print("aot_check: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
+        return 2
+    p = argparse.ArgumentParser()
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--num-warps", type=int, default=4)
+    p.add_argument("--chunk", type=int, default=32)
+    p.add_argument("--dk", type=int, default=64)
+    p.add_argument("--dv", type=int, default=32)
+    p.add_argument("--precision", default="ieee")
+    a = p.parse_args(argv)
+    from .chunked import _blocks
+    BK, BV = _blocks(a.dk, a.dv)
+    print(f"sm_{a.arch}, num_warps={a.num_warps}, BT={a.chunk}, BK={BK}, BV={BV}, dot precision {a.precision}")
+    bad = 0
+    for name, fn, consts in variants(a.chunk, BK, BV, a.precision):
+        try:
+            k = compile_for(fn, consts, a.arch, a.num_warps)
+            print(f"  ok    {name:45s} {_usage(k)}")
+        except Exception as e:  # noqa: BLE001 - report every variant
+            bad += 1
+            print(f"  FAIL  {name:45s} {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

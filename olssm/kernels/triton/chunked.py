@@ -1,0 +1,605 @@
+"""Chunked Triton kernels for two normal-form families (math: TRITON.md, "Chunked kernels").
+
+    chunk_fwd_kernel:        S_t = Λ_t ⊙ S_{t-1} + Σ_m e_m w_mᵀ,  Λ none / scalar / row (d_v) / column (d_k)
+    chunk_delta_fwd_kernel:  S_t = γ_t S_{t-1} (I − c_t a_t b_tᵀ) + Σ_m e_m w_mᵀ,  γ none / scalar / row,
+                             c scalar / row (UT transform: one forward substitution per chunk)
+    o_t = S_t q_t
+
+(linear attention, RetNet, Mamba-2, GLA; DeltaNet, Gated DeltaNet, Longhorn; and any derived rule
+with one of those structures: `unsupported` says why a rule is not). The rule's
+entries are evaluated per token in torch from the Rule's sympy expressions (printed by the same
+torch printer as `rule.step`): q, w (the key side), e (the value side, broadcast to d_v) and
+log Λ — in closed form when sympy can expand it (Mamba-2: log exp(Δ a) = Δ a, so strong decays
+never round-trip through exp), else log(Λ) clamped at log(float32 tiny). The kernel is generic in
+those tensors and specialised by the decay kind (a constexpr).
+
+One program = one (batch, head) × block of BV value rows; it walks the chunks in order with the
+state in registers (inter-chunk state passing) and, per chunk of BT tokens, with b = cumulative
+log decay *from the chunk start* (so every exponent below is ≤ 0 and nothing overflows):
+
+    o     = (Q Kᵀ ⊙ D) V  +  (Q ⊙ e^{b}) Sᵀ        D_ij = e^{b_i − b_j} (i ≥ j), else 0
+    S_new = e^{b_last} ⊙ S + (V ⊙ e^{b_last − b})ᵀ K    (row decay: on V's side; column: on K's side)
+
+The cumulative log decays b are summed and differenced in fp64 (then rounded to fp32 for exp):
+in fp32, b_i − b_j of two tokens after a strong decay (|b| ≈ 400 within a chunk) cancels to an
+absolute error ≈ |b|·2⁻²⁴ ≈ 2e-5, i.e. a relative error of that size in e^{b_i − b_j}; fp64 keeps
+it at the fp32 rounding of the difference. (On GPUs with slow fp64 this is the first thing to
+revisit: the fp64 work is O(BT²·BK) subtractions per chunk for row/column decays, O(BT²) scalar.)
+Scalar decays use one [BT, BT] decay matrix; column (GLA) and row decays compute the intra-chunk
+matrix one key/value column j at a time with the pairwise exponent b_i − b_j (never the
+factorised e^{b_i}·e^{−b_j}, which overflows for strong decays).
+
+The forward also stores the state entering every chunk (``ck``). Backward: ``chunk_bwd_kernel``
+for none / scalar decays without corrections (gradients of q, w, e, log Λ; torch chains them to
+the raw inputs), else the fused recurrent backward kernel (scan.py / codegen.py) run with those
+checkpoints (checkpoint interval = chunk size). Both exact.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import sympy as sp
+import torch
+import triton
+import triton.language as tl
+
+from ...derive.rule import NormalForm, _codegen, _compile, _input_lines, _TorchPrinter
+from ...objectives.core import COLUMN, ROW, SCALAR, kind_of
+
+_TINY = torch.finfo(torch.float32).tiny
+_LOG_FLOOR = math.log(_TINY)
+DECAY_CODE = {"none": 0, SCALAR: 1, ROW: 2, COLUMN: 3}
+
+
+def _np2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def unsupported(plan, args):
+    """None when the chunked kernel runs this rule and these arguments, else the reason."""
+    form = plan.rule.form
+    if not isinstance(form, NormalForm):
+        return "not a normal-form rule"
+    if len(form.corrections) > 1:
+        return f"rank-{len(form.corrections)} corrections (the chunked delta kernel takes rank 1)"
+    if form.corrections:
+        cr = form.corrections[0]
+        if form.decay_kind not in ("none", SCALAR, ROW):
+            return f"a {form.decay_kind} decay together with a correction (delta kernel: none/scalar/row decay)"
+        if sp.sympify(cr.coef).free_symbols and kind_of(cr.coef) not in (SCALAR, ROW):
+            return f"a correction coefficient of kind {kind_of(cr.coef)} (delta kernel: scalar or row)"
+        for what, e in (("a", cr.a), ("b", cr.b)):
+            if not sp.sympify(e).free_symbols or kind_of(e) != COLUMN:
+                return f"the correction's {what} vector is not key-sized"
+    if not form.inputs:
+        return "no input term"
+    if form.decay_kind not in DECAY_CODE:
+        return f"{form.decay_kind} decay"
+    for t in form.inputs:
+        if sp.sympify(t.coef).free_symbols and kind_of(t.coef) not in (SCALAR, ROW):
+            return f"an input coefficient of kind {kind_of(t.coef)}"
+    for what, e in [(f"w{m}", t.w) for m, t in enumerate(form.inputs)] + [("q", form.readout)]:
+        if not sp.sympify(e).free_symbols or kind_of(e) != COLUMN:
+            return f"the {what} vector is not key-sized"
+    return None
+
+
+def _c_row(form) -> bool:
+    c = sp.sympify(form.corrections[0].coef)
+    return bool(c.free_symbols) and kind_of(c) == ROW
+
+
+def _log_expr(decay):
+    """log Λ in closed form (a number, or an expression without log: Mamba-2's Δ·a), else None."""
+    decay = sp.sympify(decay)
+    if decay.is_number:   # a constant decay (0 for a rule that forgets everything)
+        return sp.Float(math.log(float(decay))) if float(decay) > 0 else sp.Float(_LOG_FLOOR)
+    le = sp.expand_log(sp.log(decay), force=True)
+    return le if not le.has(sp.log) else None
+
+
+def _safe_log(d):
+    """log d, = log(float32 tiny) where d ≤ tiny, with a zero (not NaN) gradient there."""
+    ok = d > _TINY
+    return torch.where(ok, torch.log(torch.where(ok, d, torch.ones_like(d))), torch.full_like(d, _LOG_FLOOR))
+
+
+@functools.lru_cache(maxsize=64)
+def _evaluator(form):
+    exprs = {"q": form.readout}
+    for m, t in enumerate(form.inputs):
+        exprs[f"w{m}"], exprs[f"e{m}"] = t.w, t.coef
+    if form.corrections:
+        cr = form.corrections[0]
+        exprs.update(c=cr.coef, a=cr.a, b=cr.b)
+    if form.decay_kind != "none":
+        le = _log_expr(form.decay)
+        if le is not None:
+            exprs["ld"] = le
+        else:
+            exprs["decay"] = form.decay
+    names = list(exprs)
+    lines, out = _codegen(exprs, _TorchPrinter())
+    body = _input_lines(form, list(exprs.values())) + lines
+    src = "def step(inp):\n" + "".join(f"    {ln}\n" for ln in body)
+    src += "    return (" + ", ".join(out[n] for n in names) + ",)\n"
+    fn = _compile(src)
+    return lambda inp: dict(zip(names, fn(inp)))
+
+
+def backward_supported(plan, exact_decay_grad: bool = True) -> bool:
+    """The chunked backward kernel covers none / scalar / column decays without corrections; with
+    exact_decay_grad only where log Λ has a closed form (no division by Λ in the chain rule)."""
+    form = plan.rule.form
+    if form.corrections or form.decay_kind not in ("none", SCALAR, COLUMN):
+        return False
+    return not exact_decay_grad or form.decay_kind == "none" or _log_expr(form.decay) is not None
+
+
+def chunk_inputs(plan, args, grad: bool = False) -> list:
+    """[q [B,T,H,K], w (key sides) [M,B,T,H,K], e (value sides) [M,B,T,H,V], log decay ([B,T,H] / [B,T,H,V] / [B,T,H,K];
+    zeros when a correction has no decay)] + (with a correction) [a, b [B,T,H,K], c [B,T,H]], fp32."""
+    rule, form = plan.rule, plan.rule.form
+    B, T, H, K, V = args.B, args.T, args.H, args.d_k, args.d_v
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):   # grad: the chunked backward's chain rule
+        lay = rule.broadcast_inputs(K, V, {**args.tokens, **args.params}, "scan", need=rule.inputs)
+        ev = _evaluator(form)(lay)
+
+        def full(x, X, Y):
+            x = torch.as_tensor(x, dtype=torch.float32, device=args.device).to(torch.float32)
+            while x.dim() < 2:
+                x = x.unsqueeze(0)
+            return torch.broadcast_to(x, (B, T, H, X, Y))
+
+        M = len(form.inputs)
+        out = [full(ev["q"], 1, K)[..., 0, :],
+               torch.stack([full(ev[f"w{m}"], 1, K)[..., 0, :] for m in range(M)]),     # [M, B, T, H, K]
+               torch.stack([full(ev[f"e{m}"], V, 1)[..., 0] for m in range(M)])]        # [M, B, T, H, V]
+        kind = form.decay_kind
+        if kind != "none":
+            if "ld" in ev:
+                ld = torch.as_tensor(ev["ld"], dtype=torch.float32, device=args.device)
+            else:
+                ld = _safe_log(torch.as_tensor(ev["decay"], dtype=torch.float32, device=args.device))
+            if kind == SCALAR:
+                ld = full(ld, 1, 1)[..., 0, 0]
+            elif kind == ROW:
+                ld = full(ld, V, 1)[..., 0]
+            else:
+                ld = full(ld, 1, K)[..., 0, :]
+            out.append(ld.clamp_min(_LOG_FLOOR))
+        elif form.corrections:
+            out.append(torch.zeros(B, T, H, device=args.device))
+        if form.corrections:
+            c = full(ev["c"], V, 1)[..., 0] if _c_row(form) else full(ev["c"], 1, 1)[..., 0, 0]
+            out += [full(ev["a"], 1, K)[..., 0, :], full(ev["b"], 1, K)[..., 0, :], c]
+    return [x.contiguous() for x in out]
+
+
+@triton.jit
+def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, cu_ptr, T, H, DK, DV, NCK, SW, SE,
+                     M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                     USE_H0: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr,
+                     PREC: tl.constexpr = "ieee"):
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_n = i_bh // H          # batch row, or sequence with VARLEN (then B = 1, packed along T)
+    i_h = i_bh % H
+    if VARLEN:
+        bos = tl.load(cu_ptr + i_n).to(tl.int32)
+        eos = tl.load(cu_ptr + i_n + 1).to(tl.int32)
+    else:
+        bos = i_n * T
+        eos = bos + T
+    rows = i_v * BV + tl.arange(0, BV)
+    cols = tl.arange(0, BK)
+    tt = tl.arange(0, BT)
+    rm = rows < DV
+    km = cols < DK
+    m2 = rm[:, None] & km[None, :]
+    soff = rows[:, None] * DK + cols[None, :]
+    causal = tt[:, None] >= tt[None, :]
+    S = tl.zeros([BV, BK], dtype=tl.float32)
+    if USE_H0:
+        S += tl.load(h0_ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
+    for c in range(0, tl.cdiv(eos - bos, BT)):
+        if SAVE_CK:
+            tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S, mask=m2)
+        tok = bos + c * BT + tt
+        tm = tok < eos
+        base = (tok.to(tl.int64) * H + i_h)
+        qk_m = tm[:, None] & km[None, :]
+        vm = tm[:, None] & rm[None, :]
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0)
+        # the decay of the chunk, the carried state's share of o, and the carried state decayed
+        if DECAY == 0:
+            o = tl.dot(q, tl.trans(S), input_precision=PREC)
+        elif DECAY == 1:
+            g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
+            b = tl.cumsum(g, axis=0)                                  # fp64: see the module docstring
+            bl = tl.sum(g, axis=0)
+            D = tl.exp(tl.where(causal, (b[:, None] - b[None, :]).to(tl.float32), float("-inf")))
+            dec = tl.exp((bl - b).to(tl.float32))[:, None]            # [BT, 1]
+            o = tl.dot(q, tl.trans(S), input_precision=PREC) * tl.exp(b.to(tl.float32))[:, None]
+            S = S * tl.exp(bl.to(tl.float32))
+        elif DECAY == 3:   # column decay (d_k), GLA
+            g = tl.load(g_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float64)
+            b = tl.cumsum(g, axis=0)                                  # [BT, BK], fp64
+            bl = tl.sum(g, axis=0)                                    # [BK]
+            dec = tl.exp((bl[None, :] - b).to(tl.float32))            # [BT, BK]
+            o = tl.dot(q * tl.exp(b.to(tl.float32)), tl.trans(S), input_precision=PREC)
+            S = S * tl.exp(bl.to(tl.float32))[None, :]
+        else:              # row decay (d_v)
+            g = tl.load(g_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float64)
+            b = tl.cumsum(g, axis=0)                                  # [BT, BV], fp64
+            bl = tl.sum(g, axis=0)                                    # [BV]
+            dec = tl.exp((bl[None, :] - b).to(tl.float32))            # [BT, BV]
+            o = tl.dot(q, tl.trans(S), input_precision=PREC) * tl.exp(b.to(tl.float32))
+            S = S * tl.exp(bl.to(tl.float32))[:, None]
+        # the input terms e_m w_mᵀ of the chunk
+        for m in tl.static_range(M):
+            k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0)
+            v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+            if DECAY == 0:
+                A = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)
+                o += tl.dot(A, v, input_precision=PREC)
+                S += tl.dot(tl.trans(v), k, input_precision=PREC)
+            elif DECAY == 1:
+                A = tl.dot(q, tl.trans(k), input_precision=PREC) * D
+                o += tl.dot(A, v, input_precision=PREC)
+                S += tl.dot(tl.trans(v * dec), k, input_precision=PREC)
+            elif DECAY == 3:
+                A = tl.zeros([BT, BT], dtype=tl.float32)
+                for j in range(0, BT):
+                    sel = (tt == j)[:, None]
+                    kj = tl.sum(tl.where(sel, k, 0.0), axis=0)        # [BK]
+                    bj = tl.sum(tl.where(sel, b, 0.0), axis=0)
+                    ex = tl.exp(tl.where((tt >= j)[:, None], (b - bj[None, :]).to(tl.float32), float("-inf")))
+                    aj = tl.sum(q * kj[None, :] * ex, axis=1)         # [BT]
+                    A = tl.where((tt == j)[None, :], aj[:, None], A)
+                o += tl.dot(A, v, input_precision=PREC)
+                S += tl.dot(tl.trans(v), k * dec, input_precision=PREC)
+            else:
+                QK = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)
+                for j in range(0, BT):
+                    sel = (tt == j)[:, None]
+                    vj = tl.sum(tl.where(sel, v, 0.0), axis=0)        # [BV]
+                    bj = tl.sum(tl.where(sel, b, 0.0), axis=0)
+                    qkj = tl.sum(tl.where((tt == j)[None, :], QK, 0.0), axis=1)   # [BT]
+                    ex = tl.exp(tl.where((tt >= j)[:, None], (b - bj[None, :]).to(tl.float32), float("-inf")))
+                    o += qkj[:, None] * vj[None, :] * ex
+                S += tl.dot(tl.trans(v * dec), k, input_precision=PREC)
+        S = tl.where(m2, S, 0.0)
+        tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
+    tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
+
+
+@triton.jit
+def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr,
+                           cu_ptr, T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                           BV: tl.constexpr,
+                           C_ROW: tl.constexpr, G_ROW: tl.constexpr, USE_H0: tl.constexpr, SAVE_CK: tl.constexpr,
+                           VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee"):
+    """S_t = γ_t S_{t-1} (I − c_t a_t b_tᵀ) + e_t w_tᵀ, chunk by chunk (UT transform, TRITON.md)."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_n = i_bh // H          # batch row, or sequence with VARLEN (then B = 1, packed along T)
+    i_h = i_bh % H
+    if VARLEN:
+        bos = tl.load(cu_ptr + i_n).to(tl.int32)
+        eos = tl.load(cu_ptr + i_n + 1).to(tl.int32)
+    else:
+        bos = i_n * T
+        eos = bos + T
+    rows = i_v * BV + tl.arange(0, BV)
+    cols = tl.arange(0, BK)
+    tt = tl.arange(0, BT)
+    rm = rows < DV
+    km = cols < DK
+    m2 = rm[:, None] & km[None, :]
+    soff = rows[:, None] * DK + cols[None, :]
+    incl = tt[:, None] >= tt[None, :]
+    strict = tt[:, None] > tt[None, :]
+    S = tl.zeros([BV, BK], dtype=tl.float32)
+    if USE_H0:
+        S += tl.load(h0_ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
+    for c in range(0, tl.cdiv(eos - bos, BT)):
+        if SAVE_CK:
+            tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S, mask=m2)
+        tok = bos + c * BT + tt
+        tm = tok < eos
+        base = (tok.to(tl.int64) * H + i_h)
+        km2 = tm[:, None] & km[None, :]
+        vm = tm[:, None] & rm[None, :]
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        if C_ROW:   # a row coefficient: every value row has its own transform
+            cc = tl.load(c_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)   # [BT, BV]
+        else:
+            cc = tl.load(c_ptr + base, mask=tm, other=0.0)[:, None]                        # [BT, 1]
+        if not G_ROW:   # none / scalar decay: one [BT, BT] decay matrix
+            g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
+            G = tl.cumsum(g, axis=0)                                      # fp64 cumulative log decay
+            GL = tl.sum(g, axis=0)
+            dG = (G[:, None] - G[None, :]).to(tl.float32)
+            Dinc = tl.exp(tl.where(incl, dG, float("-inf")))              # Γ_i/Γ_j, i ≥ j
+            Dst = tl.where(strict, Dinc, 0.0)
+            gam = tl.exp(G.to(tl.float32))                                # Γ_i (from the chunk start)
+            dec = tl.exp((GL - G).to(tl.float32))[:, None]                # Γ_L/Γ_i (to the chunk end)
+            # Δ_s = R_s − c_s ⊙ Σ_{r<s} N_sr Δ_r,  N = A Bᵀ ⊙ Dst,
+            # R = c ⊙ (Γ ⊙ A S₀ᵀ + Σ_m (A W_mᵀ ⊙ Dst) E_m)
+            N = tl.dot(a, tl.trans(bv), input_precision=PREC) * Dst
+            R = tl.dot(a, tl.trans(S), input_precision=PREC) * gam[:, None]
+            o = tl.dot(q, tl.trans(S), input_precision=PREC) * gam[:, None]
+            S = S * tl.exp(GL.to(tl.float32))
+            for m in tl.static_range(M):
+                w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+                e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+                R += tl.dot(tl.dot(a, tl.trans(w), input_precision=PREC) * Dst, e, input_precision=PREC)
+                o += tl.dot(tl.dot(q, tl.trans(w), input_precision=PREC) * Dinc, e, input_precision=PREC)
+                S += tl.dot(tl.trans(e * dec), w, input_precision=PREC)
+            R = cc * R
+            Dl = tl.zeros([BT, BV], dtype=tl.float32)
+            for s_ in range(0, BT):                                       # forward substitution
+                sel = (tt == s_)[:, None]
+                n_s = tl.sum(tl.where(sel, N, 0.0), axis=0)               # row s of N, over r
+                r_s = tl.sum(tl.where(sel, R, 0.0), axis=0)               # [BV]
+                c_s = tl.sum(tl.where(sel, cc, 0.0), axis=0)              # [BV] or [1]
+                d_s = r_s - c_s * tl.sum(n_s[:, None] * Dl, axis=0)
+                Dl = tl.where(sel, d_s[None, :], Dl)
+            o -= tl.dot(tl.dot(q, tl.trans(bv), input_precision=PREC) * Dinc, Dl, input_precision=PREC)
+            S -= tl.dot(tl.trans(Dl * dec), bv, input_precision=PREC)
+        else:           # row decay (d_v): every value row is its own scalar-decay delta rule
+            g = tl.load(g_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float64)
+            G = tl.cumsum(g, axis=0)                                  # [BT, BV] fp64
+            GL = tl.sum(g, axis=0)                                    # [BV]
+            gam = tl.exp(G.to(tl.float32))
+            dec = tl.exp((GL[None, :] - G).to(tl.float32))
+            AB = tl.where(strict, tl.dot(a, tl.trans(bv), input_precision=PREC), 0.0)
+            QB = tl.where(incl, tl.dot(q, tl.trans(bv), input_precision=PREC), 0.0)
+            R = tl.dot(a, tl.trans(S), input_precision=PREC) * gam
+            o = tl.dot(q, tl.trans(S), input_precision=PREC) * gam
+            S = S * tl.exp(GL.to(tl.float32))[:, None]
+            for m in tl.static_range(M):
+                w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+                e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+                AW = tl.where(strict, tl.dot(a, tl.trans(w), input_precision=PREC), 0.0)
+                QW = tl.where(incl, tl.dot(q, tl.trans(w), input_precision=PREC), 0.0)
+                for j in range(0, BT):                                # input terms, per row decays
+                    sel = (tt == j)[:, None]
+                    ej = tl.sum(tl.where(sel, e, 0.0), axis=0)        # [BV]
+                    Gj = tl.sum(tl.where(sel, G, 0.0), axis=0)
+                    ex = tl.exp(tl.where((tt >= j)[:, None], (G - Gj[None, :]).to(tl.float32), float("-inf")))
+                    colj = (tt == j)[None, :]
+                    R += tl.sum(tl.where(colj, AW, 0.0), axis=1)[:, None] * ej[None, :] * ex
+                    o += tl.sum(tl.where(colj, QW, 0.0), axis=1)[:, None] * ej[None, :] * ex
+                S += tl.dot(tl.trans(e * dec), w, input_precision=PREC)
+            R = cc * R
+            Dl = tl.zeros([BT, BV], dtype=tl.float32)
+            for s_ in range(0, BT):                                   # forward substitution, per row
+                sel = (tt == s_)[:, None]
+                n_s = tl.sum(tl.where(sel, AB, 0.0), axis=0)          # [BT] over r
+                r_s = tl.sum(tl.where(sel, R, 0.0), axis=0)
+                c_s = tl.sum(tl.where(sel, cc, 0.0), axis=0)
+                Gs = tl.sum(tl.where(sel, G, 0.0), axis=0)
+                ex = tl.exp(tl.where((tt < s_)[:, None], (Gs[None, :] - G).to(tl.float32), float("-inf")))
+                d_s = r_s - c_s * tl.sum(n_s[:, None] * ex * Dl, axis=0)
+                Dl = tl.where(sel, d_s[None, :], Dl)
+            for j in range(0, BT):                                    # corrections' share of o
+                sel = (tt == j)[:, None]
+                dj = tl.sum(tl.where(sel, Dl, 0.0), axis=0)
+                Gj = tl.sum(tl.where(sel, G, 0.0), axis=0)
+                ex = tl.exp(tl.where((tt >= j)[:, None], (G - Gj[None, :]).to(tl.float32), float("-inf")))
+                o -= tl.sum(tl.where((tt == j)[None, :], QB, 0.0), axis=1)[:, None] * dj[None, :] * ex
+            S -= tl.dot(tl.trans(Dl * dec), bv, input_precision=PREC)
+        S = tl.where(m2, S, 0.0)
+        tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
+    tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
+
+
+#: tl.dot precision: "ieee" (true fp32, the default: matches the reference to ~1e-6) or "tf32" /
+#: "tf32x3" (tensor cores on NVIDIA; tf32 costs ~1e-3 relative accuracy). See TRITON.md.
+DOT_PRECISION = "ieee"
+
+
+def _precision() -> str:
+    p = os.environ.get("OLSSM_TRITON_DOT_PRECISION") or DOT_PRECISION
+    if p not in ("ieee", "tf32", "tf32x3"):
+        raise ValueError(f"triton: dot precision must be ieee, tf32 or tf32x3, got {p!r}")
+    return p
+
+
+def _blocks(d_k, d_v):
+    BK = max(16, _np2(d_k))
+    BV = max(16, min(_np2(d_v), 32))
+    return BK, BV
+
+
+def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None):
+    """Launch the chunked forward: fills o, ht (and ck, the state entering every chunk)."""
+    B, T, H, d_k, d_v, N, max_len, C = sizes
+    BK, BV = _blocks(d_k, d_v)
+    cu = cu_seqlens if cu_seqlens is not None else ht
+    NV = -(-d_v // BV)
+    q, k, v = chunk_in[:3]
+    g = chunk_in[3] if len(chunk_in) > 3 else q
+    decay = DECAY_CODE[plan.rule.form.decay_kind]
+    NCK = ck.shape[2] if save else 1
+    if plan.rule.form.corrections:
+        a, b, c = chunk_in[4:7]
+        chunk_delta_fwd_kernel[(NV, N * H)](
+            q, k, v, g, a, b, c, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht,
+            cu, T, H, d_k, d_v, NCK, k[0].numel(), v[0].numel(), M=k.shape[0], BT=C, BK=BK, BV=BV,
+            C_ROW=_c_row(plan.rule.form), G_ROW=plan.rule.form.decay_kind == ROW, USE_H0=h0 is not None,
+            SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision())
+        return
+    chunk_fwd_kernel[(NV, N * H)](
+        q, k, v, g, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht, cu, T, H, d_k, d_v, NCK,
+        k[0].numel(), v[0].numel(), M=k.shape[0], BT=C, BK=BK, BV=BV, DECAY=decay, USE_H0=h0 is not None,
+        SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision())
+
+
+# --------------------------------------------------------------------------------------------
+# chunked backward for the diagonal family with none / scalar / column decay (no correction)
+
+@triton.jit
+def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr,
+                     dq_ptr, dk_ptr, dv_ptr, dg_ptr, dh0_ptr, T, H, DK, DV, NCK, SW, SE, TOKH,
+                     M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                     USE_DHT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee"):
+    """Reverse over chunks with dS (∂L/∂S at the chunk end) in registers; per chunk, with P_m = (dO E_mᵀ) ⊙ D:
+        dQ   = Σ_m P_m W_m + Γ ⊙ (dO S₀)            dW_m = P_mᵀ Q + dec ⊙ (E_m dS)
+        dE_m = (Q W_mᵀ ⊙ D)ᵀ dO + dec ⊙ (W_m dSᵀ)     dS₀  = Γ_L dS + (Γ ⊙ dO)ᵀ Q
+        ∂b_i (cumulative log decay) from D, Γ, dec, Γ_L; ∂g = reverse cumsum of ∂b.
+    dQ, dW and ∂g are partial sums over the value-row blocks (summed by the caller)."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_n = i_bh // H
+    i_h = i_bh % H
+    if VARLEN:
+        bos = tl.load(cu_ptr + i_n).to(tl.int32)
+        eos = tl.load(cu_ptr + i_n + 1).to(tl.int32)
+    else:
+        bos = i_n * T
+        eos = bos + T
+    rows = i_v * BV + tl.arange(0, BV)
+    cols = tl.arange(0, BK)
+    tt = tl.arange(0, BT)
+    rm = rows < DV
+    km = cols < DK
+    m2 = rm[:, None] & km[None, :]
+    soff = rows[:, None] * DK + cols[None, :]
+    causal = tt[:, None] >= tt[None, :]
+    dS = tl.zeros([BV, BK], dtype=tl.float32)
+    if USE_DHT:
+        dS += tl.load(dht_ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
+    nc = tl.cdiv(eos - bos, BT)
+    for cr in range(0, nc):
+        c = nc - 1 - cr
+        tok = bos + c * BT + tt
+        tm = tok < eos
+        base = (tok.to(tl.int64) * H + i_h)
+        qk_m = tm[:, None] & km[None, :]
+        vm = tm[:, None] & rm[None, :]
+        S0 = tl.load(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, mask=m2, other=0.0)
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0)
+        do = tl.load(do_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+        if DECAY == 3:     # column decay (GLA): b [BT, BK]; ∂b = q ⊙ dq − w ⊙ dw (+ the chunk end's terms)
+            g = tl.load(g_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float64)
+            b = tl.cumsum(g, axis=0)
+            bl = tl.sum(g, axis=0)
+            gq = tl.exp(b.to(tl.float32))                             # [BT, BK]
+            decw = tl.exp((bl[None, :] - b).to(tl.float32))           # [BT, BK]
+            glk = tl.exp(bl.to(tl.float32))                           # [BK]
+            dq = tl.dot(do, S0, input_precision=PREC) * gq
+            db = q * dq
+            dbL = glk * tl.sum(dS * S0, axis=0)                       # [BK]
+            for m in tl.static_range(M):
+                k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0)
+                v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+                P = tl.where(causal, tl.dot(do, tl.trans(v), input_precision=PREC), 0.0)   # dO E_mᵀ
+                A = tl.zeros([BT, BT], dtype=tl.float32)
+                dqi = tl.zeros([BT, BK], dtype=tl.float32)
+                dki = tl.zeros([BT, BK], dtype=tl.float32)
+                for j in range(0, BT):
+                    sel = (tt == j)[:, None]
+                    colj = (tt == j)[None, :]
+                    kj = tl.sum(tl.where(sel, k, 0.0), axis=0)        # [BK]
+                    bj = tl.sum(tl.where(sel, b, 0.0), axis=0)
+                    ex = tl.exp(tl.where((tt >= j)[:, None], (b - bj[None, :]).to(tl.float32), float("-inf")))
+                    A = tl.where(colj, tl.sum(q * kj[None, :] * ex, axis=1)[:, None], A)
+                    pj = tl.sum(tl.where(colj, P, 0.0), axis=1)       # [BT]: P[:, j]
+                    dqi += pj[:, None] * kj[None, :] * ex
+                    dkj = tl.sum(pj[:, None] * q * ex, axis=0)        # [BK]
+                    dki = tl.where(sel, dkj[None, :], dki)
+                kdS = tl.dot(k * decw, tl.trans(dS), input_precision=PREC)   # [BT, BV]
+                dks = tl.dot(v, dS, input_precision=PREC) * decw       # [BT, BK]: state's share of dW
+                dq += dqi
+                dk = dki + dks
+                dv = tl.dot(tl.trans(A), do, input_precision=PREC) + kdS
+                tl.store(dk_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dk,
+                         mask=qk_m)
+                tl.store(dv_ptr + m * SE + base[:, None] * DV + rows[None, :], dv, mask=vm)
+                db += q * dqi - k * dk
+                dbL += tl.sum(k * dks, axis=0)
+            tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
+            db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
+            dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db
+            tl.store(dg_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dg, mask=qk_m)
+            dS = dS * glk[None, :] + tl.dot(tl.trans(do), q * gq, input_precision=PREC)
+        else:
+            if DECAY == 1:
+                g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
+                b = tl.cumsum(g, axis=0)
+                bl = tl.sum(g, axis=0)
+                D = tl.exp(tl.where(causal, (b[:, None] - b[None, :]).to(tl.float32), float("-inf")))
+                gam = tl.exp(b.to(tl.float32))
+                dec = tl.exp((bl - b).to(tl.float32))
+                gl = tl.exp(bl.to(tl.float32))
+            else:
+                D = tl.where(causal, 1.0, 0.0)
+                gam = tl.full([BT], 1.0, tl.float32)
+                dec = tl.full([BT], 1.0, tl.float32)
+                gl = 1.0
+            # carried state's share
+            dSq = tl.dot(do, S0, input_precision=PREC)                # [BT, BK]: dO S₀
+            dq = dSq * gam[:, None]
+            db = tl.sum(dSq * q, axis=1) * gam                        # ∂b_i from Γ_i
+            dbL = gl * tl.sum(tl.sum(dS * S0, axis=1), axis=0)        # ∂b_L from Γ_L
+            for m in tl.static_range(M):
+                k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0)
+                v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+                P = tl.dot(do, tl.trans(v), input_precision=PREC) * D  # [BT, BT]
+                A = tl.dot(q, tl.trans(k), input_precision=PREC) * D
+                dq += tl.dot(P, k, input_precision=PREC)
+                vd = v * dec[:, None]
+                dk = tl.dot(tl.trans(P), q, input_precision=PREC) + tl.dot(vd, dS, input_precision=PREC)
+                kdS = tl.dot(k, tl.trans(dS), input_precision=PREC)  # [BT, BV]: W dSᵀ
+                dv = tl.dot(tl.trans(A), do, input_precision=PREC) + kdS * dec[:, None]
+                tl.store(dk_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dk,
+                         mask=qk_m)
+                tl.store(dv_ptr + m * SE + base[:, None] * DV + rows[None, :], dv, mask=vm)
+                if DECAY == 1:
+                    Tm = P * tl.dot(q, tl.trans(k), input_precision=PREC)  # ∂L/∂D ⊙ D
+                    db += tl.sum(Tm, axis=1) - tl.sum(Tm, axis=0)
+                    X = tl.sum(vd * kdS, axis=1)                       # ∂ from dec_j = e^{b_L − b_j}
+                    db -= X
+                    dbL += tl.sum(X, axis=0)
+            tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
+            if DECAY == 1:
+                db = tl.where(tt == BT - 1, db + dbL, db)
+                dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db   # Σ_{i ≥ t} ∂b_i
+                tl.store(dg_ptr + i_v.to(tl.int64) * TOKH + base, dg, mask=tm)
+            dS = dS * gl + tl.dot(tl.trans(do * gam[:, None]), q, input_precision=PREC)
+        dS = tl.where(m2, dS, 0.0)
+    tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
+
+
+def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
+    """∂ of (q, w [M,...], e [M,...], log decay) and ∂h0 for chunk_fwd_kernel with none/scalar/column decay."""
+    B, T, H, d_k, d_v, N, max_len, C = sizes
+    BK, BV = _blocks(d_k, d_v)
+    NV = -(-d_v // BV)
+    q, k, v = chunk_in[:3]
+    M = k.shape[0]
+    decay = DECAY_CODE[plan.rule.form.decay_kind]
+    g = chunk_in[3] if decay else q
+    dev = q.device
+    TOKH = B * T * H
+    dq = torch.zeros(NV, B, T, H, d_k, dtype=torch.float32, device=dev)
+    dk = torch.zeros(NV, M, B, T, H, d_k, dtype=torch.float32, device=dev)
+    dv = torch.zeros(M, B, T, H, d_v, dtype=torch.float32, device=dev)
+    dg = torch.zeros(NV, B, T, H, *((d_k,) if decay == 3 else ()), dtype=torch.float32, device=dev)
+    dh0 = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
+    chunk_bwd_kernel[(NV, N * H)](
+        q, k, v, g, do.contiguous(), dht.contiguous() if dht is not None else dh0, ck,
+        cu_seqlens if cu_seqlens is not None else dh0, dq, dk, dv, dg, dh0, T, H, d_k, d_v, ck.shape[2],
+        k[0].numel(), v[0].numel(), TOKH, M=M, BT=C, BK=BK, BV=BV, DECAY=decay, USE_DHT=dht is not None,
+        VARLEN=cu_seqlens is not None, PREC=_precision())
+    out = [dq.sum(0), dk.sum(0), dv]
+    if decay:
+        out.append(dg.sum(0))
+    return out, dh0

@@ -1,0 +1,320 @@
+"""The Triton scan as `torch.library` custom ops, so that `torch.compile` sees one opaque op per scan.
+
+    olssm::triton_scan_fwd(key, syms, E, chunk_in, h0, cu_seqlens, sizes, out_dtype, save, chunked, chunk_bwd)
+        -> (o [B, T, H, d_v], final state [N, H, d_v, d_k] fp32, checkpoints [N, H, NCK, d_v, d_k] fp32)
+    olssm::triton_scan_bwd(key, syms, E, h0, cu_seqlens, ck, do, dht, sizes, has_dht)
+        -> [∂E..., ∂raw (in-kernel entries' inputs)..., ∂h0]
+
+A rule is not a tensor, so the ops take a *rule key* (a string: a hash of the normal form and its
+input specs) and look the Plan up in `_REGISTRY` (filled by `register`); the variable set of
+inputs of different rules travels as lists of tensors in the plan's symbol order:
+
+- ``syms``: the raw inputs (tokens and parameters), what the forward kernel reads;
+- ``E``: the evaluated normal-form entries ([B·T, H, RV, CK] per-token, [H, RV, CK] parameter-only),
+  computed by torch *outside* the op (so autograd/AOT differentiate the entry expressions) and
+  read only by the backward kernel; empty when no gradient is needed;
+- ``chunk_in``: the chunked kernel's evaluated coefficients (see chunked.py); empty for the
+  fused recurrent kernel.
+
+The backward of the forward op (``register_autograd``) calls the backward op and returns ∂E
+(torch chains it to the raw inputs through the traced entry expressions), ∂syms for the raw
+inputs of in-kernel (elementwise) entries, and ∂h0. Both ops have fake (meta) implementations:
+the checkpoint count NCK comes from ``sizes`` (computed on the host before the op).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ...objectives.core import spec_of
+from . import codegen as cg
+
+_REGISTRY: dict = {}
+
+
+def register(plan) -> str:
+    """The key of a plan (and remember it): sha256 of the normal form and its input specs."""
+    key = getattr(plan, "_op_key", None)
+    if key is None:
+        ident = repr((repr(plan.rule.form), tuple(spec_of(s) for s in plan.syms)))
+        key = hashlib.sha256(ident.encode()).hexdigest()[:32]
+        plan._op_key = key
+    _REGISTRY.setdefault(key, plan)
+    return key
+
+
+def _plan(key: str):
+    try:
+        return _REGISTRY[key]
+    except KeyError:
+        raise RuntimeError(f"olssm triton op: unknown rule key {key!r} (register the plan first: "
+                           "olssm.kernels.triton.library.register)") from None
+
+
+# sizes = [B, T, H, d_k, d_v, N, max_len, C]
+def _nck(sizes):
+    return max(1, -(-sizes[6] // sizes[7]))
+
+
+@torch.library.custom_op("olssm::triton_scan_fwd", mutates_args=())
+def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: list[Tensor], h0: Optional[Tensor],
+                    cu_seqlens: Optional[Tensor], sizes: list[int], out_dtype: torch.dtype, save: bool,
+                    chunked: bool, chunk_bwd: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from .scan import _blocks
+    plan = _plan(key)
+    B, T, H, d_k, d_v, N, max_len, C = sizes
+    dev = syms[0].device
+    o = torch.empty(B, T, H, d_v, dtype=out_dtype, device=dev)
+    ht = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
+    NCK = _nck(sizes)
+    ck = torch.empty(N, H, NCK, d_v, d_k, dtype=torch.float32, device=dev) if save \
+        else torch.empty(0, dtype=torch.float32, device=dev)
+    if chunked:
+        from .chunked import chunked_forward
+        chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens)
+        return o, ht, ck
+    BK, BV = _blocks(d_k, d_v)
+    NV = -(-d_v // BV)
+    dummy = ht
+    plan.module.fwd_kernel[(NV, N * H)](
+        *[x.contiguous() for x in syms], o, h0.contiguous() if h0 is not None else dummy, ht,
+        ck if save else dummy, cu_seqlens if cu_seqlens is not None else dummy, T, H, d_k, d_v, NCK,
+        BK=BK, BV=BV, C=C, USE_H0=h0 is not None, STORE_HT=True, SAVE_CK=save, VARLEN=cu_seqlens is not None)
+    return o, ht, ck
+
+
+@triton_scan_fwd.register_fake
+def _(key, syms, E, chunk_in, h0, cu_seqlens, sizes, out_dtype, save, chunked, chunk_bwd):
+    B, T, H, d_k, d_v, N, max_len, C = sizes
+    x = syms[0]
+    o = x.new_empty(B, T, H, d_v, dtype=out_dtype)
+    ht = x.new_empty(N, H, d_v, d_k, dtype=torch.float32)
+    ck = x.new_empty(N, H, _nck(sizes), d_v, d_k, dtype=torch.float32) if save else x.new_empty(0, dtype=torch.float32)
+    return o, ht, ck
+
+
+def _entry_shapes(plan, sizes):
+    """Shapes of the E tensors and of the raw-input gradients, in order."""
+    B, T, H, d_k, d_v, N = sizes[:6]
+    out = []
+    for n in plan.vars:
+        kind = plan.kind[n]
+        RV = d_v if cg.HAS_ROWS[kind] else 1
+        CK = d_k if cg.HAS_COLS[kind] else 1
+        out.append((B * T, H, RV, CK) if plan.cls[n] == "token" else (H, RV, CK))
+    return out
+
+
+@torch.library.custom_op("olssm::triton_scan_bwd", mutates_args=())
+def triton_scan_bwd(key: str, syms: list[Tensor], E: list[Tensor], h0: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                    ck: Tensor, do: Tensor, dht: Optional[Tensor], sizes: list[int]) -> list[Tensor]:
+    from .scan import _blocks
+    plan = _plan(key)
+    B, T, H, d_k, d_v, N, max_len, C = sizes
+    dev = ck.device
+    BK, BV = _blocks(d_k, d_v)
+    NV = -(-d_v // BV)
+    NCK = ck.shape[2]
+    TOK = B * T
+    D = []
+    for n, shp in zip(plan.vars, _entry_shapes(plan, sizes)):
+        P = 1 if cg.HAS_ROWS[plan.kind[n]] else NV
+        D.append(torch.zeros(P, *(shp if plan.cls[n] == "token" else (N, *shp)), dtype=torch.float32, device=dev))
+    names = [s.name for s in plan.syms]
+    specs = plan.rule.inputs
+    X, RG = [], []
+    for x in plan.raw:
+        sx = specs[x]
+        RV = d_v if cg.HAS_ROWS[sx.kind] else 1
+        CK = d_k if cg.HAS_COLS[sx.kind] else 1
+        P = 1 if cg.HAS_ROWS[sx.kind] else NV
+        X.append(syms[names.index(x)].contiguous())
+        RG.append(torch.zeros(P, N if sx.is_parameter else TOK, H, RV, CK, dtype=torch.float32, device=dev))
+    dh0 = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
+    scratch = torch.empty(N * H * NV * C * BV * BK, dtype=torch.float32, device=dev)
+    plan.module.bwd_kernel[(NV, N * H)](
+        *[e.contiguous() for e in E], *X, *D, *RG, do.contiguous(), dht.contiguous() if dht is not None else dh0,
+        dh0, ck, scratch, cu_seqlens if cu_seqlens is not None else dh0, T, TOK, N, H, d_k, d_v, NCK,
+        BK=BK, BV=BV, C=C, USE_DHT=dht is not None, VARLEN=cu_seqlens is not None)
+    out = []
+    for n, d in zip(plan.vars, D):
+        g = d.sum(0)
+        out.append(g.sum(0) if plan.cls[n] == "param" else g)
+    for x, rg in zip(plan.raw, RG):
+        i = names.index(x)
+        g = rg.sum(0)
+        out.append((g.sum(0) if specs[x].is_parameter else g).reshape(syms[i].shape).to(syms[i].dtype))
+    out.append(dh0)
+    return out
+
+
+@triton_scan_bwd.register_fake
+def _(key, syms, E, h0, cu_seqlens, ck, do, dht, sizes):
+    plan = _plan(key)
+    names = [s.name for s in plan.syms]
+    x = ck
+    out = [x.new_empty(shp, dtype=torch.float32) for shp in _entry_shapes(plan, sizes)]
+    for r in plan.raw:
+        s = syms[names.index(r)]
+        out.append(s.new_empty(s.shape))
+    B, T, H, d_k, d_v, N = sizes[:6]
+    out.append(x.new_empty(N, H, d_v, d_k, dtype=torch.float32))
+    return out
+
+
+@torch.library.custom_op("olssm::triton_chunk_bwd", mutates_args=())
+def triton_chunk_bwd(key: str, chunk_in: list[Tensor], ck: Tensor, do: Tensor, dht: Optional[Tensor],
+                     cu_seqlens: Optional[Tensor], sizes: list[int]) -> list[Tensor]:
+    """Chunked backward (chunked.chunk_bwd_kernel): [∂q, ∂w, ∂e, (∂ log decay), ∂h0]."""
+    from .chunked import chunked_backward
+    grads, dh0 = chunked_backward(_plan(key), chunk_in, ck, do, dht, sizes, cu_seqlens)
+    return [*grads, dh0]
+
+
+@triton_chunk_bwd.register_fake
+def _(key, chunk_in, ck, do, dht, cu_seqlens, sizes):
+    B, T, H, d_k, d_v, N = sizes[:6]
+    return [x.new_empty(x.shape, dtype=torch.float32) for x in chunk_in] + \
+        [ck.new_empty(N, H, d_v, d_k, dtype=torch.float32)]
+
+
+def _setup(ctx, inputs, output):
+    key, syms, E, chunk_in, h0, cu_seqlens, sizes, out_dtype, save, chunked, chunk_bwd = inputs
+    o, ht, ck = output
+    ctx.key, ctx.sizes, ctx.save, ctx.chunk_bwd = key, list(sizes), save, chunk_bwd
+    ctx.n_syms, ctx.n_E, ctx.n_chunk = len(syms), len(E), len(chunk_in)
+    ctx.has_h0, ctx.has_cu = h0 is not None, cu_seqlens is not None
+    ctx.out_dtypes = [s.dtype for s in syms]
+    ctx.save_for_backward(ck, *syms, *E, *(chunk_in if ctx.chunk_bwd else []), *([h0] if h0 is not None else []),
+                          *([cu_seqlens] if cu_seqlens is not None else []))
+
+
+def _backward(ctx, do, dht, dck):
+    if not ctx.save:
+        raise RuntimeError("olssm triton scan: no checkpoints were saved (the forward ran with save=False, "
+                           "i.e. without any input requiring grad)")
+    ck, *rest = ctx.saved_tensors
+    syms = rest[:ctx.n_syms]
+    E = rest[ctx.n_syms:ctx.n_syms + ctx.n_E]
+    i = ctx.n_syms + ctx.n_E
+    chunk_in = rest[i:i + ctx.n_chunk] if ctx.chunk_bwd else []
+    i += len(chunk_in)
+    h0 = rest[i] if ctx.has_h0 else None
+    cu = rest[i + ctx.has_h0] if ctx.has_cu else None
+    B, T, H, d_k, d_v = ctx.sizes[:5]
+    if do is None:
+        do = torch.zeros(B, T, H, d_v, dtype=torch.float32, device=ck.device)
+    if ctx.chunk_bwd:
+        grads = triton_chunk_bwd(ctx.key, list(chunk_in), ck, do, dht, cu, ctx.sizes)
+        dh0 = grads[-1]
+        return (None, [None] * ctx.n_syms, [None] * ctx.n_E, list(grads[:-1]), dh0.to(h0.dtype) if ctx.has_h0 else None,
+                None, None, None, None, None, None)
+    plan = _plan(ctx.key)
+    if ctx.n_E != len(plan.vars):
+        raise RuntimeError("olssm triton scan: the entries E were not passed to the forward op, so no gradient")
+    grads = triton_scan_bwd(ctx.key, list(syms), list(E), h0, cu, ck, do, dht, ctx.sizes)
+    nE = len(plan.vars)
+    dE = grads[:nE]
+    draw = dict(zip(plan.raw, grads[nE:nE + len(plan.raw)]))
+    dh0 = grads[-1]
+    names = [s.name for s in plan.syms]
+    dsyms = [draw.get(n) for n in names]
+    return (None, dsyms, list(dE), [None] * ctx.n_chunk, dh0.to(h0.dtype) if ctx.has_h0 else None, None, None, None,
+            None, None, None)
+
+
+torch.library.register_autograd("olssm::triton_scan_fwd", _backward, setup_context=_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# host side: evaluate the entries (differentiable torch), pick the kernel, call the op
+
+def evaluate_entries(plan, ins: dict, sizes) -> list:
+    """The normal-form entries the backward kernel reads, as contiguous fp32 tensors
+    ([B·T, H, RV, CK] per-token, [H, RV, CK] parameter-only), differentiable w.r.t. ins."""
+    B, T, H, d_k, d_v = sizes[:5]
+    lay = plan.rule.broadcast_inputs(d_k, d_v, ins, "scan", need=plan.rule.inputs)
+    vals = plan.eval_entries(lay)
+    E = []
+    for n, val, shp in zip(plan.vars, vals, _entry_shapes(plan, sizes)):
+        val = torch.as_tensor(val, dtype=torch.float32, device=lay[next(iter(lay))].device).to(torch.float32)
+        if plan.cls[n] == "token":
+            val = torch.broadcast_to(val, (B, T, *shp[1:])).reshape(shp)
+        else:
+            val = torch.broadcast_to(val, shp)
+        E.append(val.contiguous())
+    return E
+
+
+#: force the kernel family: "chunk" (raises where unsupported), "prefer-chunk" (chunked wherever
+#: supported, any T) or "recurrent"; None: chunked when supported and the longest sequence has
+#: >= 2·CHUNK tokens. The environment variable OLSSM_TRITON_KERNEL does the same.
+FORCE = None
+#: tokens per chunk of the chunked kernels (also the backward's checkpoint interval on that path)
+CHUNK = 32
+#: the chunked backward kernel (none / scalar / column decay without corrections): "auto" uses it
+#: when the rule has no decay or its log decay has a closed form (Mamba-2: Δ·a), so that the chain
+#: rule never divides by Λ (∂Λ = ∂logΛ / Λ loses ~eps/Λ relative accuracy: 1e-3 at Λ = 1e-4);
+#: True: whenever the structure allows; False: always the recurrent backward on the chunked
+#: forward's checkpoints. OLSSM_TRITON_CHUNK_BWD=auto|1|0 overrides.
+CHUNK_BACKWARD = "auto"
+
+
+def _choice(plan, args, max_len):
+    force = FORCE or os.environ.get("OLSSM_TRITON_KERNEL") or None
+    if force not in (None, "chunk", "recurrent", "prefer-chunk"):
+        raise ValueError(f"triton: kernel must be 'chunk', 'prefer-chunk' or 'recurrent', got {force!r}")
+    if force == "recurrent":
+        return False, None
+    from .chunked import unsupported
+    why = unsupported(plan, args)
+    if force == "chunk":
+        if why:
+            raise NotImplementedError(f"triton: no chunked kernel for this rule: {why} (structure: {plan.rule.structure})")
+        return True, None
+    if force == "prefer-chunk":   # chunked whenever the structure allows, at any length (testing)
+        return why is None, None
+    return (why is None and max_len >= 2 * CHUNK), None
+
+
+def run_scan(args):
+    """backend="triton": o [B, T, H, d_v] (args.out_dtype) and the final state [N, H, d_v, d_k] fp32 (or None)."""
+    from .scan import _Meta, _check_device, _check_rule, plan_for
+    rule = args.rule
+    _check_rule(rule)
+    _check_device(args.device)
+    h0 = args.initial_state
+    if h0 is not None:
+        _check_device(h0.device)
+        if h0.device != args.device:
+            raise ValueError(f"scan: initial_state is on {h0.device}, inputs on {args.device}")
+    if args.T == 0:
+        raise ValueError("scan: T must be >= 1")
+    plan = plan_for(rule)
+    key = register(plan)
+    names = [s.name for s in plan.syms]
+    ins = {**args.tokens, **args.params}
+    syms = [ins[n] for n in names]
+    meta = _Meta(args, names)
+    chunked, _ = _choice(plan, args, meta.max_len)
+    C = CHUNK if chunked else meta.checkpoint
+    sizes = [args.B, args.T, args.H, args.d_k, args.d_v, meta.N, meta.max_len, int(C)]
+    need = torch.is_grad_enabled() and any(t.requires_grad for t in syms + ([h0] if h0 is not None else []))
+    chunk_bwd = False
+    chunk_in = []
+    if chunked:
+        from .chunked import backward_supported, chunk_inputs
+        mode = os.environ.get("OLSSM_TRITON_CHUNK_BWD") or CHUNK_BACKWARD
+        mode = {"1": True, "0": False, "true": True, "false": False}.get(str(mode).lower(), mode)
+        if mode not in (True, False, "auto"):
+            raise ValueError(f"triton: CHUNK_BACKWARD must be 'auto', True or False, got {mode!r}")
+        chunk_bwd = need and bool(mode) and backward_supported(plan, exact_decay_grad=mode == "auto")
+        chunk_in = chunk_inputs(plan, args, grad=chunk_bwd)
+    E = evaluate_entries(plan, ins, sizes) if need and not chunk_bwd else []
+    o, ht, _ = torch.ops.olssm.triton_scan_fwd(key, syms, E, chunk_in, h0, meta.cu, sizes, args.out_dtype, need,
+                                               chunked, chunk_bwd)
+    return o, (ht if args.output_final_state else None)

@@ -1,0 +1,392 @@
+"""backend="triton": chunked kernels (chunked.py) and torch.compile / torch.library (library.py).
+
+Under the Triton CPU interpreter (TRITON_INTERPRET=1, set before triton is imported) with tiny
+shapes and 16-token chunks (the smallest chunk tl.dot accepts on a GPU). On a GPU:
+`OLSSM_TRITON_DEVICE=cuda pytest tests/test_triton_chunked.py` (see olssm/kernels/TRITON.md).
+
+Tolerances (fp32): o and every gradient: max|chunked - reference| <= 1e-5 * max|reference| + 1e-6,
+as for the fused kernel. The final state gets 2e-5: the chunked kernel sums a chunk's
+contributions as one matrix product (V ⊙ e^{b_last - b})ᵀ K instead of token by token, and
+scales the carried state by the chunk's total decay e^{Σ log Λ} rather than the running product
+of Λ, so its rounding differs from the step loop's by a few ulps per chunk (errors do not grow
+with T: the carried state is contracted by the decay).
+"""
+import os
+
+_DEVICE = os.environ.get("OLSSM_TRITON_DEVICE", "cpu")
+if _DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import olssm  # noqa: E402
+from olssm import objectives as O  # noqa: E402
+from olssm.catalogue import ENTRIES, random_inputs  # noqa: E402
+from olssm.kernels.triton import chunked as tchunk  # noqa: E402
+from olssm.kernels.triton import library as tlib  # noqa: E402
+from olssm.kernels.triton import scan as tscan  # noqa: E402
+
+RTOL, STATE_RTOL, ABS = 1e-5, 2e-5, 1e-6
+CHUNKED = ["linear_attention", "retnet", "mamba2", "gla", "deltanet", "gated_deltanet", "longhorn"]
+
+
+def _row_decay_rule():
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    r = O.row("r", domain="decay")
+    return olssm.derive(O.Objective(O.sqnorm(S - O.diag(r) @ Sp) / 2 - O.inner(S @ k, v), name="row decay"))
+
+
+def _row_decay_delta_rule():
+    # per-value-row decay and a row-weighted squared loss (explicit step): row decay + row-c correction
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    r = O.row("r", domain="decay")
+    return olssm.derive(O.Objective(O.sqnorm(S - O.diag(r) @ Sp) / 2 + O.sqnorm(S @ k - v, weight=O.row("b", positive=True)) / 2,
+                                    update="explicit", name="row decay delta"))
+
+
+def _rule(name):
+    if name == "row_decay":
+        return _row_decay_rule()
+    if name == "row_decay_delta":
+        return _row_decay_delta_rule()
+    return ENTRIES[name].rule
+
+
+@pytest.fixture(autouse=True)
+def _small(monkeypatch):
+    monkeypatch.setattr(tlib, "CHUNK", 16)
+    monkeypatch.setattr(tlib, "FORCE", None)
+    monkeypatch.delenv("OLSSM_TRITON_KERNEL", raising=False)
+    monkeypatch.setattr(tscan, "CHECKPOINT", 4)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts launches of the chunked forward kernel."""
+    calls = []
+    real = tchunk.chunked_forward
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tchunk, "chunked_forward", spy)
+    return calls
+
+
+def _dev(x):
+    return x.to(_DEVICE)
+
+
+def _close(a, b, rtol, what):
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    scale = b.abs().max().item() if b.numel() else 0.0
+    assert err <= rtol * scale + ABS, f"{what}: max abs error {err:.3g} vs scale {scale:.3g} (rtol {rtol})"
+
+
+def _run(rule, inp, h0, backend, grad=True):
+    x = {n: _dev(t).clone().requires_grad_(grad) for n, t in inp.items()}
+    h = None if h0 is None else _dev(h0).clone().requires_grad_(grad)
+    o, f = rule.scan(backend=backend, output_final_state=True, initial_state=h, **x)
+    if not grad:
+        return o, f, {}
+    g = torch.Generator().manual_seed(7)
+    loss = (o.float() * _dev(torch.randn(o.shape, generator=g))).sum() \
+        + (f * _dev(torch.randn(f.shape, generator=g))).sum()
+    leaves = dict(x, **({"h0": h} if h is not None else {}))
+    return o, f, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+def _compare(rule, inp, h0=None, grad=True, rtol=RTOL, state_rtol=STATE_RTOL):
+    o1, f1, g1 = _run(rule, inp, h0, "reference", grad)
+    o2, f2, g2 = _run(rule, inp, h0, "triton", grad)
+    assert o2.dtype == o1.dtype and f2.dtype == torch.float32
+    _close(o2, o1, rtol, "o")
+    _close(f2, f1, state_rtol, "final state")
+    assert set(g1) == set(g2)
+    for n in g1:
+        assert g2[n].shape == g1[n].shape and g2[n].dtype == g1[n].dtype
+        _close(g2[n], g1[n], rtol, f"d{n}")
+
+
+# ---- chunked kernels vs the reference ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", CHUNKED + ["row_decay", "row_decay_delta"])
+def test_chunked_forward_state_and_gradients(name, launches):
+    rule = _rule(name)
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=1)       # 37 = 2 chunks of 16 + 5
+    h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(2))
+    _compare(rule, inp, h0)
+    assert len(launches) == 1
+
+
+@pytest.mark.parametrize("name", ["mamba2", "linear_attention", "gla"])
+def test_chunked_backward_kernel_and_recurrent_backward_agree(name, monkeypatch):
+    # none / scalar / column decays without corrections use chunk_bwd_kernel; the recurrent backward on the
+    # chunked forward's checkpoints is the other path (CHUNK_BACKWARD=False): both against the reference
+    calls = []
+    real = tchunk.chunked_backward
+    monkeypatch.setattr(tchunk, "chunked_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rule = _rule(name)
+    inp = random_inputs(rule, 1, 40, 2, 5, 6, seed=14)
+    h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(14))
+    _compare(rule, inp, h0)
+    assert len(calls) == (0 if name == "gla" else 1)    # auto: GLA's log g has no closed form
+    monkeypatch.setattr(tlib, "CHUNK_BACKWARD", True)   # fine for decays ≫ eps (here g ∈ [0.8, 1])
+    _compare(rule, inp, h0)
+    assert len(calls) == (1 if name == "gla" else 2)
+    calls.clear()
+    monkeypatch.setattr(tlib, "CHUNK_BACKWARD", False)
+    _compare(rule, inp, h0)
+    assert len(calls) == 0
+
+
+@pytest.mark.parametrize("name", ["retnet", "gla"])
+def test_chunked_without_initial_state_and_no_grad(name, launches):
+    rule = _rule(name)
+    inp = random_inputs(rule, 1, 40, 2, 4, 20, seed=3)      # d_v = 20: two 16-row blocks, masked
+    _compare(rule, inp, None, grad=False)
+    assert len(launches) == 1
+
+
+@pytest.mark.parametrize("name", ["mamba2", "gla", "row_decay", "gated_deltanet", "row_decay_delta"])
+def test_strong_and_zero_decays_stay_finite(name):
+    rule = _rule(name)
+    inp = random_inputs(rule, 1, 35, 2, 5, 6, seed=4)
+    if name == "mamba2":
+        inp["dt"] = inp["dt"] * 2000.0            # Δ·a ≈ -300..-5000 per token: exp underflows to 0
+    else:
+        dn = {"gla": "g", "row_decay": "r", "gated_deltanet": "alpha", "row_decay_delta": "r"}[name]
+        d = inp[dn]
+        d[:, ::3] = 1e-30                         # e^{-69} per token; Σ over a chunk ≈ -400
+        d[:, 5::7] = 0.0                          # exact resets (log clamped at log(float32 tiny))
+        inp[dn] = d
+    h0 = torch.randn(1, 2, 6, 5)
+    tlib.FORCE = "chunk"
+    o, f, g = _run(rule, inp, h0, "triton")
+    assert all(torch.isfinite(x).all() for x in (o, f, *g.values()))
+    o1, f1, g1 = _run(rule, inp, h0, "reference")
+    _close(o, o1, RTOL, "o")
+    _close(f, f1, STATE_RTOL, "final state")
+    for n in g1:   # auto backward: the decay gradient is exact (no ∂logΛ / Λ with Λ = 0 or 1e-30)
+        _close(g[n], g1[n], RTOL, f"d{n}")
+
+
+@pytest.mark.parametrize("name, dtype", [("gla", torch.bfloat16), ("gated_deltanet", torch.float16)])
+def test_low_precision_inputs(name, dtype, launches):
+    # same rounded values in fp32 through the reference: the kernels compute in fp32, so only o's
+    # rounding to the output dtype differs (2e-2 relative, as for the fused kernel)
+    rule = _rule(name)
+    low = {n: x.to(dtype) for n, x in random_inputs(rule, 1, 33, 1, 4, 5, seed=12).items()}
+    with torch.no_grad():
+        o, f = rule.scan(backend="triton", output_final_state=True, **{n: _dev(x) for n, x in low.items()})
+        o1, f1 = rule.scan(backend="reference", output_final_state=True, **{n: x.float() for n, x in low.items()})
+    assert o.dtype == dtype and f.dtype == torch.float32 and len(launches) == 1
+    _close(o, o1, 2e-2, "o")
+    _close(f, f1, 1e-5, "final state")
+
+
+def test_auto_selection_and_forcing(launches, monkeypatch):
+    rule = ENTRIES["retnet"].rule
+    short = {n: _dev(x) for n, x in random_inputs(rule, 1, 31, 1, 4, 4, seed=5).items()}   # T < 2 chunks
+    long = {n: _dev(x) for n, x in random_inputs(rule, 1, 32, 1, 4, 4, seed=5).items()}
+    with torch.no_grad():
+        rule.scan(backend="triton", **short)
+        assert len(launches) == 0
+        o_c, _ = rule.scan(backend="triton", **long)
+        assert len(launches) == 1
+        monkeypatch.setenv("OLSSM_TRITON_KERNEL", "recurrent")
+        o_r, _ = rule.scan(backend="triton", **long)
+        assert len(launches) == 1
+        monkeypatch.setenv("OLSSM_TRITON_KERNEL", "chunk")
+        rule.scan(backend="triton", **short)
+        assert len(launches) == 2
+    _close(o_c, o_r, RTOL, "chunked vs recurrent")
+
+
+def test_unsupported_structures_use_the_recurrent_kernel(launches):
+    for name in ["mamba", "longhorn_diag"]:      # elementwise decays
+        rule = ENTRIES[name].rule
+        with torch.no_grad():
+            rule.scan(backend="triton", **{n: _dev(x) for n, x in random_inputs(rule, 1, 33, 1, 4, 4).items()})
+    assert len(launches) == 0
+    tlib.FORCE = "chunk"
+    rule = ENTRIES["mamba"].rule
+    with pytest.raises(NotImplementedError, match="no chunked kernel"):
+        rule.scan(backend="triton", **{n: _dev(x) for n, x in random_inputs(rule, 1, 33, 1, 4, 4).items()})
+
+
+@pytest.mark.parametrize("name", ["mamba2", "gated_deltanet"])
+def test_varlen_chunked(name, launches):
+    rule = ENTRIES[name].rule
+    cu = [0, 35, 35, 40, 72]        # 35 = 2 chunks + 3, an empty sequence, a 5-token one, 32 = 2 chunks
+    inp = random_inputs(rule, 1, 72, 1, 4, 5, seed=6)
+    h0 = 0.3 * torch.randn(4, 1, 5, 4, generator=torch.Generator().manual_seed(6))
+    cu_t = _dev(torch.tensor(cu, dtype=torch.int32))
+    res = {}
+    for backend in ("reference", "triton"):
+        x = {n: _dev(t).clone().requires_grad_() for n, t in inp.items()}
+        h = _dev(h0).clone().requires_grad_()
+        o, f = rule.scan(backend=backend, cu_seqlens=cu_t, initial_state=h, output_final_state=True, **x)
+        loss = (o * torch.cos(torch.arange(o.numel(), device=o.device)).reshape(o.shape)).sum() + (f * f).sum()
+        res[backend] = (o, f, torch.autograd.grad(loss, [h, *x.values()]))
+    assert len(launches) == 1
+    (o1, f1, g1), (o2, f2, g2) = res["reference"], res["triton"]
+    _close(o2, o1, RTOL, "o")
+    _close(f2, f1, STATE_RTOL, "final states")
+    _close(f2[1], h0[1], 0, "the empty sequence keeps its state")
+    for a, b in zip(g2, g1):
+        _close(a, b, RTOL, "grad")
+
+
+@pytest.mark.parametrize("prox", ["scalar", "column", "row_delta"])
+def test_two_input_terms(prox, launches):
+    S, Sp = O.states()
+    k, v, kl, vl = O.key("k"), O.value("v"), O.key("kl"), O.value("vl")
+    if prox == "scalar":
+        expr = O.sqnorm(S - O.scalar("a", domain="decay") * Sp) / 2
+    elif prox == "column":
+        expr = O.sqnorm(S - Sp @ O.diag(O.column("c", domain="decay"))) / 2
+    else:
+        expr = O.sqnorm(S - O.diag(O.row("r", domain="decay")) @ Sp) / 2 + O.sqnorm(S @ k - v) / 2
+        k = O.key("k2")
+    rule = olssm.derive(O.Objective(expr - O.inner(S @ k, v) - O.inner(S @ kl, O.row("s") * vl)))
+    assert len(rule.form.inputs) >= 2
+    tlib.FORCE = "chunk"
+    _compare(rule, random_inputs(rule, 1, 21, 1, 4, 5, seed=13), 0.3 * torch.randn(1, 1, 5, 4))
+    assert len(launches) == 1
+
+
+def test_two_key_rule_uses_the_recurrent_kernel(launches):
+    S, Sp = O.states()
+    obj = O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ O.key("k0") - O.value("v0")) / 2
+                      + O.sqnorm(S @ O.key("k1") - O.value("v1"), weight=O.scalar("b1", positive=True)) / 2)
+    rule = olssm.derive(obj)
+    assert rule.form.rank >= 2
+    _compare(rule, random_inputs(rule, 1, 33, 1, 4, 5, seed=11), None, grad=False)
+    assert len(launches) == 0
+
+
+@st.composite
+def objectives(draw):
+    """Derived rules of the chunked families: a proximal term (none / plain / scalar / row / column
+    decay), at most one squared loss (unweighted, scalar or row weight), a linear term (so one or
+    two input terms), a ridge."""
+    S, Sp = O.states()
+    prox = draw(st.sampled_from(["none", "plain", "scalar", "row", "column"]))
+    expr = 0
+    if prox == "plain":
+        expr = O.sqnorm(S - Sp) / 2
+    elif prox == "scalar":
+        expr = O.sqnorm(S - O.scalar("a", domain="decay") * Sp) / 2
+    elif prox == "row":
+        expr = O.sqnorm(S - O.diag(O.row("r", domain="decay")) @ Sp) / 2
+    elif prox == "column":
+        expr = O.sqnorm(S - Sp @ O.diag(O.column("c", domain="decay"))) / 2
+    loss = draw(st.booleans())
+    if loss:
+        w = draw(st.sampled_from(["none", "scalar", "row"]))
+        wt = None if w == "none" else O.scalar("b", positive=True) if w == "scalar" else O.row("b", positive=True)
+        expr = expr + O.sqnorm(S @ O.key("k") - O.value("v"), weight=wt) / 2
+    if draw(st.booleans()) or not loss:   # a second input term when both are present
+        expr = expr - O.inner(S @ O.key("kl"), O.value("vl"))
+    if draw(st.booleans()):
+        expr = expr + O.scalar("lam", positive=True) * O.sqnorm(S) / 2
+    return O.Objective(expr, update=draw(st.sampled_from(["implicit", "explicit"])))
+
+
+@settings(max_examples=int(os.environ.get("OLSSM_TRITON_EXAMPLES", 6)), deadline=None,
+          suppress_health_check=list(HealthCheck))
+@given(objectives(), st.integers(0, 3))
+def test_custom_objectives_chunked_match_reference(obj, seed):
+    try:
+        rule = olssm.derive(obj)
+    except O.DerivationError:
+        return
+    inp = random_inputs(rule, 1, 18, 1, 4, 5, seed=seed)
+    args = olssm.kernels.api.check_scan_args(rule, None, None, None, initial_state=None, output_final_state=True,
+                                             cu_seqlens=None, inputs=inp)
+    if rule.is_exact or tchunk.unsupported(tscan.plan_for(rule), args):
+        return
+    tlib.FORCE = "chunk"
+    _compare(rule, inp, 0.3 * torch.randn(1, 1, 5, 4, generator=torch.Generator().manual_seed(seed)))
+
+
+# ---- torch.compile / torch.library --------------------------------------------------------------------
+
+def _loss_fn(rule):
+    def fn(h0, inp):
+        o, f = rule.scan(backend="triton", initial_state=h0, output_final_state=True, **inp)
+        return (o * o).sum() + (f * torch.arange(f.numel(), device=f.device).reshape(f.shape)).sum() * 1e-2
+    return fn
+
+
+# recurrent (in-kernel grads); chunked forward + recurrent backward; chunked forward + chunked backward
+@pytest.mark.parametrize("name, T", [("mamba", 6), ("gated_deltanet", 33), ("mamba2", 33)])
+def test_torch_compile_matches_eager(name, T):
+    torch._dynamo.reset()
+    rule = ENTRIES[name].rule
+    inp = random_inputs(rule, 1, T, 2, 4, 4, seed=8)
+    h0 = _dev(0.3 * torch.randn(1, 2, 4, 4))
+    fn = _loss_fn(rule)
+    outs = []
+    for f in (fn, torch.compile(fn, backend="aot_eager")):
+        x = {n: _dev(t).clone().requires_grad_() for n, t in inp.items()}
+        h = h0.clone().requires_grad_()
+        loss = f(h, x)
+        outs.append((loss, torch.autograd.grad(loss, [h, *x.values()])))
+    (l1, g1), (l2, g2) = outs
+    _close(l2, l1, 1e-6, "loss")
+    for a, b in zip(g2, g1):
+        _close(a, b, 1e-6, "grad")
+
+
+def test_torch_compile_op_is_in_the_graph():
+    torch._dynamo.reset()
+    rule = ENTRIES["retnet"].rule
+    inp = {n: _dev(t) for n, t in random_inputs(rule, 1, 5, 1, 4, 4, seed=9).items()}
+    ex = torch._dynamo.explain(_loss_fn(rule))(None, inp)
+    targets = [str(n.target) for gm in ex.graphs for n in gm.graph.nodes]
+    assert any(t.startswith("olssm.triton_scan_fwd") for t in targets), targets
+
+
+@pytest.mark.parametrize("name, chunked, chunk_bwd", [("gated_deltanet", False, False), ("gla", True, False),
+                                                     ("retnet", True, True)])
+def test_opcheck(name, chunked, chunk_bwd):
+    rule = ENTRIES[name].rule
+    plan = tscan.plan_for(rule)
+    key = tlib.register(plan)
+    B, T, H, K, V = 1, 5, 1, 4, 4
+    inp = {n: _dev(t).requires_grad_() for n, t in random_inputs(rule, B, T, H, K, V, seed=10).items()}
+    syms = [inp[s.name] for s in plan.syms]
+    sizes = [B, T, H, K, V, B, T, 16 if chunked else 4]
+    E = [e.detach().requires_grad_() for e in tlib.evaluate_entries(plan, inp, sizes)]
+    chunk_in = []
+    if chunked:
+        args = olssm.kernels.api.check_scan_args(rule, None, None, None, initial_state=None, output_final_state=True,
+                                                 cu_seqlens=None, inputs=inp)
+        chunk_in = tchunk.chunk_inputs(plan, args, grad=chunk_bwd)
+        if chunk_bwd:
+            chunk_in = [x.detach().requires_grad_() for x in chunk_in]
+            E = []
+    h0 = _dev(torch.randn(B, H, V, K)).requires_grad_()
+    torch.library.opcheck(torch.ops.olssm.triton_scan_fwd.default,
+                          (key, syms, E, chunk_in, h0, None, sizes, torch.float32, True, chunked, chunk_bwd))
+
+
+@pytest.mark.skipif(not os.environ.get("OLSSM_TRITON_AOT"), reason="opt-in (~35 s): OLSSM_TRITON_AOT=1")
+def test_chunked_kernels_compile_for_sm90():
+    # the GPU compile pipeline (to a cubin, with the wheel's ptxas) runs without a GPU
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "olssm.kernels.triton.aot_check", "--arch", "90"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
