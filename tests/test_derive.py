@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import olssm
 from olssm import catalogue
 from olssm import objectives as O
+from strategies import objectives
 
 
 def longhorn_objective():
@@ -70,42 +71,6 @@ def test_objectives_no_catalogue_names():
 
 
 # ---- hypothesis: random objectives from the grammar --------------------------------------------
-
-PROX = ["none", "plain", "scalar", "row", "column", "elementwise"]
-
-
-@st.composite
-def objectives(draw):
-    S, Sp = O.states()
-    prox = draw(st.sampled_from(PROX))
-    n_keys = draw(st.integers(0, 2))
-    weights = [draw(st.sampled_from(["none", "scalar", "row"])) for _ in range(n_keys)]
-    ridge = draw(st.booleans())
-    linear = draw(st.booleans())
-    mode = draw(st.sampled_from(["implicit", "explicit"]))
-    expr = 0
-    if prox == "plain":
-        expr = O.sqnorm(S - Sp) / 2
-    elif prox == "scalar":
-        expr = O.sqnorm(S - O.scalar("a", domain="decay") * Sp) / 2
-    elif prox == "row":
-        expr = O.sqnorm(S - O.diag(O.row("r", domain="decay")) @ Sp) / 2
-    elif prox == "column":
-        expr = O.sqnorm(S - Sp @ O.diag(O.column("c", domain="decay"))) / 2
-    elif prox == "elementwise":
-        expr = O.sqnorm(S - sp.exp(-O.row("dt", positive=True) * O.parameter("P", "matrix", positive=True)) * Sp) / 2
-    for i, w in enumerate(weights):
-        k, v = O.key(f"k{i}"), O.value(f"v{i}")
-        wt = None if w == "none" else O.scalar(f"b{i}", positive=True) if w == "scalar" else O.row(f"b{i}", positive=True)
-        expr = expr + O.sqnorm(S @ k - v, weight=wt) / 2
-    if ridge:
-        expr = expr + O.scalar("lam", positive=True) * O.sqnorm(S) / 2
-    if linear:
-        expr = expr - O.inner(S @ O.key("kl"), O.value("vl"))
-    if isinstance(expr, int):
-        expr = O.sqnorm(S @ O.key("k0") - O.value("v0")) / 2
-    return O.Objective(expr, update=mode)
-
 
 @settings(max_examples=40)
 @given(objectives(), st.integers(0, 3), st.integers(1, 6), st.integers(1, 4))

@@ -17,16 +17,6 @@ BACKENDS = [b for b in available_backends() if b != "triton"] + ["recurrent"]
 D_MODEL, H = 16, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is fastest, and it avoids OpenMP spin-waits that
-    slow tiny ops down 10-100x when the 2-core machine is shared with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _preset(name, backend, dtype=torch.float64, seed=0, **kw):
     torch.manual_seed(seed)
     if name == "mamba2":

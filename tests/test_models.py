@@ -13,16 +13,6 @@ from olssm.layers import PRESETS
 from olssm.models import CausalLM, LMConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is fastest, and it avoids OpenMP spin-waits that
-    slow tiny ops down 10-100x when the 2-core machine is shared with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny(mixer="longhorn", seed=0, **kw):
     torch.manual_seed(seed)
     mk = kw.pop("mixer_kwargs", {})

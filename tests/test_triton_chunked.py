@@ -24,6 +24,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import olssm  # noqa: E402
 from olssm import objectives as O  # noqa: E402
+from strategies import objectives  # noqa: E402
 from olssm.catalogue import ENTRIES, random_inputs  # noqa: E402
 from olssm.kernels.triton import chunked as tchunk  # noqa: E402
 from olssm.kernels.triton import library as tlib  # noqa: E402
@@ -274,37 +275,9 @@ def test_two_key_rule_uses_the_recurrent_kernel(launches):
     assert len(launches) == 0
 
 
-@st.composite
-def objectives(draw):
-    """Derived rules of the chunked families: a proximal term (none / plain / scalar / row / column
-    decay), at most one squared loss (unweighted, scalar or row weight), a linear term (so one or
-    two input terms), a ridge."""
-    S, Sp = O.states()
-    prox = draw(st.sampled_from(["none", "plain", "scalar", "row", "column"]))
-    expr = 0
-    if prox == "plain":
-        expr = O.sqnorm(S - Sp) / 2
-    elif prox == "scalar":
-        expr = O.sqnorm(S - O.scalar("a", domain="decay") * Sp) / 2
-    elif prox == "row":
-        expr = O.sqnorm(S - O.diag(O.row("r", domain="decay")) @ Sp) / 2
-    elif prox == "column":
-        expr = O.sqnorm(S - Sp @ O.diag(O.column("c", domain="decay"))) / 2
-    loss = draw(st.booleans())
-    if loss:
-        w = draw(st.sampled_from(["none", "scalar", "row"]))
-        wt = None if w == "none" else O.scalar("b", positive=True) if w == "scalar" else O.row("b", positive=True)
-        expr = expr + O.sqnorm(S @ O.key("k") - O.value("v"), weight=wt) / 2
-    if draw(st.booleans()) or not loss:   # a second input term when both are present
-        expr = expr - O.inner(S @ O.key("kl"), O.value("vl"))
-    if draw(st.booleans()):
-        expr = expr + O.scalar("lam", positive=True) * O.sqnorm(S) / 2
-    return O.Objective(expr, update=draw(st.sampled_from(["implicit", "explicit"])))
-
-
 @settings(max_examples=int(os.environ.get("OLSSM_TRITON_EXAMPLES", 6)), deadline=None,
           suppress_health_check=list(HealthCheck))
-@given(objectives(), st.integers(0, 3))
+@given(objectives(prox_kinds=("none", "plain", "scalar", "row", "column"), max_keys=1), st.integers(0, 3))
 def test_custom_objectives_chunked_match_reference(obj, seed):
     try:
         rule = olssm.derive(obj)
