@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 
 import sympy as sp
 import torch
 from sympy.printing.pytorch import TorchPrinter
 
-from ..objectives.core import (COLUMN, ELEMENTWISE, ROW, SCALAR, DerivationError, InputSpec, csum,
-                               kind_of, spec_of)
+from ..objectives.core import COLUMN, ROW, SCALAR, InputSpec, kind_of, spec_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,7 +382,6 @@ class Rule:
         if isinstance(f, RLSForm):
             g, R, u = self._c(f.decay, tex), self._c(f.weight, tex), self._vec(f.key, tex)
             R = "" if f.weight == 1 else R + ("\\," if tex else " ")
-            P = T("P̃", r"\tilde P")
             out.append(T(f"P̃ = P_{{t-1}} / {g},  P_t = P̃ - {R}P̃{u} {u}ᵀP̃ / (1 + {R}{u}ᵀP̃{u}),  P_0 = I/{self._c(f.ridge)}",
                          rf"\tilde P = P_{{t-1}}/{g},\; P_t = \tilde P - \frac{{{R}\tilde P {u} {u}^\top \tilde P}}{{1 + {R}{u}^\top \tilde P {u}}},\; P_0 = I/{sp.latex(f.ridge)}"))
             e = self._input(InputTerm(f.target, f.key), tex).rsplit(" ", 1)[0]
@@ -477,7 +474,7 @@ class Rule:
             if lam.free_symbols:
                 inp = self.broadcast_inputs(d_k, d_v, {s.name: inputs.get(s.name) for s in lam.free_symbols}, "zero_state",
                                             need={s.name: spec_of(s) for s in lam.free_symbols})
-                lam = _compile(_expr_source(lam))(None, inp).to(dtype)
+                lam = evaluator({"lam": lam})(inp)["lam"].to(dtype)
             else:
                 lam = torch.tensor(float(lam), dtype=dtype, device=device)
             eye = torch.eye(d_k, device=device, dtype=dtype)
@@ -571,20 +568,34 @@ class Rule:
                      backend=backend, **inputs)
 
 
-def _expr_source(expr) -> str:
-    lines, out = _codegen({"x": expr}, _TorchPrinter())
-    syms = sorted(sp.sympify(expr).free_symbols, key=lambda s: s.name)
-    return ("def step(S, inp):\n" + "".join(f"    in_{s.name} = inp['{s.name}']\n" for s in syms)
-            + "".join(f"    {ln}\n" for ln in lines) + f"    return {out['x']}\n")
+def evaluator(exprs: dict):
+    """Compile named coefficient expressions into one torch function: inp -> {name: tensor}.
+
+    Inputs are in broadcast layout (rows [.., d_v, 1], columns [.., 1, d_k], scalars [.., 1, 1]), so
+    the results broadcast against the state; every backend evaluates the normal form through this
+    (one printer, one CSE pass), cached by the expressions themselves."""
+    return _evaluator(tuple(exprs.items()))
 
 
-@functools.lru_cache(maxsize=128)
-def _readout_fn(form):
-    p = _TorchPrinter()
-    lines, out = _codegen({"ridge": form.ridge, "q": form.readout}, p)
-    src = "def step(S, inp):\n" + "".join(f"    {ln}\n" for ln in _input_lines(form, (form.ridge, form.readout)) + lines) + \
-        f"    return ({out['ridge']}), ({out['q']})\n"
-    return _compile(src)
+@functools.lru_cache(maxsize=256)
+def _evaluator(items):
+    names = [n for n, _ in items]
+    values = [sp.sympify(e) for _, e in items]
+    lines, out = _codegen(dict(zip(names, values)), _TorchPrinter())
+    syms = sorted({s for e in values for s in e.free_symbols}, key=lambda s: s.name)
+    src = ("def step(S, inp):\n" + "".join(f"    in_{s.name} = inp['{s.name}']\n" for s in syms)
+           + "".join(f"    {ln}\n" for ln in lines)
+           + "    return (" + ", ".join(out[n] for n in names) + ",)\n")
+    fn = _compile(src)
+    return lambda inp: dict(zip(names, fn(None, inp)))
+
+
+def closed_form_log(decay):
+    """log Λ without a log when Λ is a product of exp()s and powers (Mamba: log exp(Δ A) = Δ A), so
+    that gradients never divide by a tiny decay; None when no such form exists."""
+    decay = sp.sympify(decay)
+    le = sp.expand_log(sp.log(decay), force=True)
+    return None if le.has(sp.log) else le
 
 
 def exact_readout(form, state, inp: dict):
@@ -593,7 +604,8 @@ def exact_readout(form, state, inp: dict):
         q = torch.broadcast_to(inp[form.readout.name], state[0].shape[:-2] + (1, state[0].shape[-1]))
         return (state[0] * q).sum(-1)
     G, H = state
-    ridge, q = _readout_fn(form)(None, inp)
+    ev = evaluator({"ridge": form.ridge, "q": form.readout})(inp)
+    ridge, q = ev["ridge"], ev["q"]
     ridge = torch.as_tensor(ridge, dtype=H.dtype, device=H.device)
     ridge = torch.broadcast_to(ridge, H.shape[:-2] + (1, H.shape[-1]))[..., 0, :]
     q = torch.broadcast_to(q, H.shape[:-2] + (1, H.shape[-1]))[..., 0, :]

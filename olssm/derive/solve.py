@@ -7,7 +7,7 @@ import sympy as sp
 
 from ..objectives.core import (COLUMN, ELEMENTWISE, ROW, SCALAR, DerivationError, Objective, csum,
                                kind_of)
-from .gradient import GradForm, check_quadratic, gradient, is_proximal, split_vector
+from .gradient import check_quadratic, gradient, is_proximal, split_vector
 from .rule import Correction, ExactForm, InputTerm, NormalForm, RLSForm
 
 MAX_RANK = 4

@@ -18,14 +18,13 @@ says so with a ``ChunkFallbackWarning``.
 """
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 
 import sympy as sp
 import torch
 
-from ..derive.rule import ExactForm, NormalForm, _codegen, _compile, _input_lines, _TorchPrinter
+from ..derive.rule import ExactForm, NormalForm, closed_form_log, evaluator
 
 # log of a decay is clamped here so that an exact 0 decay (a reset) stays finite; exp of the
 # clamped cumulative sums underflows to 0 as it should (see CHUNK.md, "zero decays").
@@ -44,25 +43,13 @@ class ChunkFallbackWarning(UserWarning):
 # --------------------------------------------------------------------------------------------
 # coefficient evaluation: every normal-form entry for all tokens at once
 
-@functools.lru_cache(maxsize=128)
 def _evaluator_for(form):
-    return _evaluator(_exprs(form), form)
+    return evaluator(_exprs(form))
 
 
-@functools.lru_cache(maxsize=128)
 def _log_evaluator_for(form):
     ex = _log_decay_expr(form.decay)
-    return _evaluator(ex, form) if ex else None
-
-
-def _evaluator(exprs: dict, form):
-    names = list(exprs)
-    lines, out = _codegen(exprs, _TorchPrinter())
-    body = _input_lines(form, list(exprs.values())) + lines
-    src = "def step(inp):\n" + "".join(f"    {ln}\n" for ln in body)
-    src += "    return (" + ", ".join(out[n] for n in names) + ",)\n"
-    fn = _compile(src)
-    return lambda inp: dict(zip(names, fn(inp)))
+    return evaluator(ex) if ex else None
 
 
 def _full(x, B, T, H, dtype, device):
@@ -389,12 +376,9 @@ def _plan(form, ev):
 
 
 def _log_decay_expr(decay):
-    """log Λ in closed form when Λ is a product of exp()/powers (Mamba: log exp(Δ A) = Δ A), so that
-    autograd never divides by a tiny decay (CHUNK.md, "gradients and tiny decays"); else nothing."""
-    if sp.sympify(decay) == 1:
-        return {}
-    le = sp.expand_log(sp.log(decay), force=True)
-    return {} if le.has(sp.log) else {"logdecay": le}
+    """{"logdecay": log Λ} in closed form (CHUNK.md, "gradients and tiny decays"), else nothing."""
+    le = None if sp.sympify(decay) == 1 else closed_form_log(decay)
+    return {} if le is None else {"logdecay": le}
 
 
 def _exprs(form):

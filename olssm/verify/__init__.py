@@ -19,9 +19,8 @@ import torch
 
 from ..derive import Rule, derive
 from ..derive.gradient import is_proximal
-from ..derive.rule import _codegen, _compile, _TorchPrinter
-from ..objectives.core import (COLUMN, ELEMENTWISE, ROW, SCALAR, MatrixAffine, Objective, VectorAffine,
-                               spec_of)
+from ..derive.rule import evaluator
+from ..objectives.core import COLUMN, ELEMENTWISE, ROW, SCALAR, MatrixAffine, Objective, VectorAffine
 
 torch_dtype = torch.float64
 
@@ -31,11 +30,7 @@ def _eval(expr, inp: dict):
     expr = sp.sympify(expr)
     if not expr.free_symbols:
         return torch.tensor(float(expr), dtype=torch_dtype)
-    lines, out = _codegen({"x": expr}, _TorchPrinter())
-    syms = sorted(expr.free_symbols, key=lambda s: s.name)
-    src = "def step(S, inp):\n" + "".join(f"    in_{s.name} = inp['{s.name}']\n" for s in syms) + \
-        "".join(f"    {ln}\n" for ln in lines) + f"    return {out['x']}\n"
-    return _compile(src)(None, inp)
+    return evaluator({"x": expr})(inp)["x"]
 
 
 def _affine(x, S, Sp, inp):

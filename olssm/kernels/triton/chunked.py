@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...derive.rule import NormalForm, _codegen, _compile, _input_lines, _TorchPrinter
+from ...derive.rule import NormalForm, closed_form_log, evaluator
 from ...objectives.core import COLUMN, ROW, SCALAR, kind_of
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -96,8 +96,7 @@ def _log_expr(decay):
     decay = sp.sympify(decay)
     if decay.is_number:   # a constant decay (0 for a rule that forgets everything)
         return sp.Float(math.log(float(decay))) if float(decay) > 0 else sp.Float(_LOG_FLOOR)
-    le = sp.expand_log(sp.log(decay), force=True)
-    return le if not le.has(sp.log) else None
+    return closed_form_log(decay)
 
 
 def _safe_log(d):
@@ -120,13 +119,7 @@ def _evaluator(form):
             exprs["ld"] = le
         else:
             exprs["decay"] = form.decay
-    names = list(exprs)
-    lines, out = _codegen(exprs, _TorchPrinter())
-    body = _input_lines(form, list(exprs.values())) + lines
-    src = "def step(inp):\n" + "".join(f"    {ln}\n" for ln in body)
-    src += "    return (" + ", ".join(out[n] for n in names) + ",)\n"
-    fn = _compile(src)
-    return lambda inp: dict(zip(names, fn(inp)))
+    return evaluator(exprs)
 
 
 def backward_supported(plan, exact_decay_grad: bool = True) -> bool:
