@@ -8,7 +8,6 @@ import tempfile
 import threading
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ...derive.rule import _TorchPrinter
 from ...objectives.core import spec_of
@@ -153,146 +152,13 @@ class _Meta:
         self.checkpoint = int(CHECKPOINT) if CHECKPOINT else _auto_checkpoint(self.max_len)
 
 
-class TritonScanFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, plan, meta, *tensors):
-        ins = dict(zip(meta.names, tensors))
-        h0 = tensors[len(meta.names)] if meta.has_h0 else None
-        dev = tensors[0].device
-        B, T, H, d_k, d_v, N = meta.B, meta.T, meta.H, meta.d_k, meta.d_v, meta.N
-        BK, BV = _blocks(d_k, d_v)
-        NV = -(-d_v // BV)
-        C = meta.checkpoint
-        save = any(ctx.needs_input_grad[2:])
-        NCK = max(1, -(-meta.max_len // C))
-        o = torch.empty(B, T, H, d_v, dtype=meta.out_dtype, device=dev)
-        ht = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
-        ck = torch.empty(N, H, NCK, d_v, d_k, dtype=torch.float32, device=dev) if save else ht
-        dummy = ht
-        ptrs = [ins[s.name].contiguous() for s in plan.syms]
-        plan.module.fwd_kernel[(NV, N * H)](
-            *ptrs, o, h0.contiguous() if h0 is not None else dummy, ht, ck,
-            meta.cu if meta.cu is not None else dummy, T, H, d_k, d_v, NCK,
-            BK=BK, BV=BV, C=C, USE_H0=h0 is not None, STORE_HT=True, SAVE_CK=save,
-            VARLEN=meta.cu is not None)
-        ctx.plan, ctx.meta = plan, meta
-        if save:
-            ctx.save_for_backward(ck, *tensors)
-        return o, ht
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do, dht):
-        plan, meta = ctx.plan, ctx.meta
-        ck, *tensors = ctx.saved_tensors
-        ins = dict(zip(meta.names, tensors))
-        h0 = tensors[len(meta.names)] if meta.has_h0 else None
-        B, T, H, d_k, d_v, N = meta.B, meta.T, meta.H, meta.d_k, meta.d_v, meta.N
-        dev = ck.device
-        BK, BV = _blocks(d_k, d_v)
-        NV = -(-d_v // BV)
-        C = meta.checkpoint
-        NCK = ck.shape[2]
-        TOK = B * T
-        need = ctx.needs_input_grad[2:]
-        # evaluate the entries in torch, under autograd, for the chain rule to the raw inputs
-        leaves = {n: tensors[i].detach().requires_grad_(need[i]) for i, n in enumerate(meta.names)}
-        with torch.enable_grad():
-            lay = plan.rule.broadcast_inputs(d_k, d_v, leaves, "scan", need=plan.rule.inputs)
-            vals = plan.eval_entries(lay)
-            E, D = [], []
-            for n, val in zip(plan.vars, vals):
-                kind = plan.kind[n]
-                RV = d_v if cg.HAS_ROWS[kind] else 1
-                CK = d_k if cg.HAS_COLS[kind] else 1
-                val = torch.as_tensor(val, dtype=torch.float32, device=dev)
-                if plan.cls[n] == "token":
-                    val = torch.broadcast_to(val, (B, T, H, RV, CK)).reshape(TOK, H, RV, CK)
-                    X = TOK
-                else:
-                    val = torch.broadcast_to(val, (H, RV, CK))
-                    X = N
-                val = val.to(torch.float32).contiguous()
-                P = 1 if cg.HAS_ROWS[kind] else NV
-                E.append(val)
-                D.append(torch.zeros(P, X, H, RV, CK, dtype=torch.float32, device=dev))
-        specs = plan.rule.inputs
-        X, RG = [], []
-        for x in plan.raw:
-            sx = specs[x]
-            RV = d_v if cg.HAS_ROWS[sx.kind] else 1
-            CK = d_k if cg.HAS_COLS[sx.kind] else 1
-            P = 1 if cg.HAS_ROWS[sx.kind] else NV
-            X.append(ins[x].contiguous())
-            RG.append(torch.zeros(P, N if sx.is_parameter else TOK, H, RV, CK, dtype=torch.float32, device=dev))
-        dh0 = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
-        scratch = torch.empty(N * H * NV * C * BV * BK, dtype=torch.float32, device=dev)
-        do = do.contiguous() if do is not None else torch.zeros(B, T, H, d_v, dtype=torch.float32, device=dev)
-        plan.module.bwd_kernel[(NV, N * H)](
-            *[e.detach() for e in E], *X, *D, *RG, do, dht.contiguous() if dht is not None else dh0, dh0, ck, scratch,
-            meta.cu if meta.cu is not None else dh0, T, TOK, N, H, d_k, d_v, NCK,
-            BK=BK, BV=BV, C=C, USE_DHT=dht is not None, VARLEN=meta.cu is not None)
-        grads_out = []
-        for n, e, d in zip(plan.vars, E, D):
-            g = d.sum(0)
-            if plan.cls[n] == "param":
-                g = g.sum(0)
-            grads_out.append(g)
-        want = [leaves[n] for i, n in enumerate(meta.names) if need[i]]
-        res = {}
-        if want:
-            pairs = [(e, g) for e, g in zip(E, grads_out) if e.requires_grad]
-            if pairs:
-                gs = torch.autograd.grad([e for e, _ in pairs], want, [g for _, g in pairs], allow_unused=True)
-                res = {id(w): g for w, g in zip(want, gs) if g is not None}
-        for x, rg in zip(plan.raw, RG):   # gradients the kernel pushed to raw inputs itself
-            i = meta.names.index(x)
-            if need[i]:
-                g = rg.sum(0)
-                g = (g.sum(0) if specs[x].is_parameter else g).reshape(tensors[i].shape)
-                prev = res.get(id(leaves[x]))
-                res[id(leaves[x])] = g if prev is None else prev + g
-        out = []
-        for i, n in enumerate(meta.names):
-            if need[i]:
-                g = res.get(id(leaves[n]))
-                out.append(torch.zeros_like(tensors[i]) if g is None else g.to(tensors[i].dtype))
-            else:
-                out.append(None)
-        if meta.has_h0:
-            out.append(dh0.to(h0.dtype) if ctx.needs_input_grad[2 + len(meta.names)] else None)
-        return (None, None, *out)
-
-
 def triton_scan(args):
     """o [B, T, H, d_v] (args.out_dtype) and the final state [N, H, d_v, d_k] fp32 (or None).
 
     Runs through the torch.library ops of library.py (torch.compile-able; chunked kernels when
-    the rule's structure has them, chunked.py); `_triton_scan_function` is the former
-    autograd.Function path, kept for comparison."""
+    the rule's structure has them, chunked.py)."""
     from .library import run_scan
     return run_scan(args)
-
-
-def _triton_scan_function(args):
-    rule = args.rule
-    _check_rule(rule)
-    _check_device(args.device)
-    if args.initial_state is not None:
-        _check_device(args.initial_state.device)
-        if args.initial_state.device != args.device:
-            raise ValueError(f"scan: initial_state is on {args.initial_state.device}, inputs on {args.device}")
-    plan = plan_for(rule)
-    names = [s.name for s in plan.syms]
-    ins = {**args.tokens, **args.params}
-    tensors = [ins[n] for n in names]
-    if args.initial_state is not None:
-        tensors.append(args.initial_state)
-    meta = _Meta(args, names)
-    if args.T == 0:
-        raise ValueError("scan: T must be >= 1")
-    o, ht = TritonScanFn.apply(plan, meta, *tensors)
-    return o, (ht if args.output_final_state else None)
 
 
 def triton_decode(rule, state, **inputs):
