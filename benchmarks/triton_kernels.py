@@ -1,80 +1,138 @@
-"""Benchmark backend="triton" (recurrent vs chunked kernels) against the torch chunk backend, on CUDA.
+"""Benchmark backend="triton" (recurrent and chunked kernels) against the torch chunk backend and,
+where it is installed, flash-linear-attention's kernels — all on the same GPU in the same run.
 
-    python benchmarks/triton_kernels.py [--B 4] [--T 2048] [--H 8] [--dk 64] [--dv 64] [--rules a,b,...]
+    python benchmarks/triton_kernels.py --B 4 --T 2048 --H 16 --dk 64 --dv 64 --dtype bf16
+    python benchmarks/triton_kernels.py --B 2 --T 8192 --H 16 --dk 128 --dv 128 --dtype bf16
 
-Prints the forward and forward+backward time (ms, median of CUDA-event timings) per rule and
-kernel, and the largest relative error of o against the torch chunk backend. Not meant for the
-CPU interpreter (use tests/test_triton_chunked.py there).
+Prints, per rule and kernel: forward and forward+backward time (median), tokens/s, the fraction of
+HBM bandwidth the forward reaches (bytes of q, k, v, coefficients read and o written, over time,
+over --peak-gbs), and the largest relative error of o against the torch chunk backend.
+fla is a peer, not a dependency: carry its wheel (pure Python) to compare. On a CPU the script runs
+under TRITON_INTERPRET=1 with tiny shapes as a smoke test only (times are meaningless there).
 """
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
 from olssm.catalogue import ENTRIES, random_inputs
-from olssm.kernels.triton import library
+from olssm.kernels.triton import chunked, library
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _time(fn, reps=10):
+def _time(fn, device, reps=10):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(2):
         fn()
-    torch.cuda.synchronize()
+    sync()
     ts = []
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+        t0 = time.perf_counter()
         fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
+        sync()
+        ts.append(time.perf_counter() - t0)
     return sorted(ts)[len(ts) // 2]
 
 
+def _fla_peers(name, inp):
+    """fla's fused_recurrent and chunk kernels for the same recurrence (scale=1: olssm reads o = S q)."""
+    try:
+        if name == "deltanet":
+            from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
+            args = (inp["q"], inp["k"], inp["v"], inp["beta"])
+            return {"fla-recurrent": lambda x: fused_recurrent_delta_rule(*x, scale=1.0)[0],
+                    "fla-chunk": lambda x: chunk_delta_rule(*x, scale=1.0)[0]}, args
+        if name == "gated_deltanet":
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+            args = (inp["q"], inp["k"], inp["v"], torch.log(inp["alpha"].float()), inp["beta"])
+            return {"fla-recurrent": lambda x: fused_recurrent_gated_delta_rule(*x, scale=1.0)[0],
+                    "fla-chunk": lambda x: chunk_gated_delta_rule(*x, scale=1.0)[0]}, args
+        if name == "gla":
+            from fla.ops.gla import chunk_gla, fused_recurrent_gla
+            args = (inp["q"], inp["k"], inp["v"], torch.log(inp["g"].float()))
+            return {"fla-recurrent": lambda x: fused_recurrent_gla(x[0], x[1], x[2], gk=x[3], scale=1.0)[0],
+                    "fla-chunk": lambda x: chunk_gla(x[0], x[1], x[2], g=x[3], scale=1.0)[0]}, args
+    except ImportError:
+        return {}, ()
+    return {}, ()
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--B", type=int, default=4)
     p.add_argument("--T", type=int, default=2048)
-    p.add_argument("--H", type=int, default=8)
+    p.add_argument("--H", type=int, default=16)
     p.add_argument("--dk", type=int, default=64)
     p.add_argument("--dv", type=int, default=64)
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--precision", default="ieee", help="chunked kernels' tl.dot precision: ieee, tf32, tf32x3")
     p.add_argument("--chunk", type=int, default=library.CHUNK)
+    p.add_argument("--peak-gbs", type=float, default=3350.0, help="HBM bandwidth of the GPU (H100 SXM: 3350)")
+    p.add_argument("--reps", type=int, default=10)
     p.add_argument("--rules", default="linear_attention,retnet,mamba2,gla,deltanet,gated_deltanet,longhorn,mamba")
     a = p.parse_args(argv)
-    dev = "cuda"
-    from . import chunked
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     chunked.DOT_PRECISION = a.precision
     library.CHUNK = a.chunk
-    print(f"B={a.B} T={a.T} H={a.H} d_k={a.dk} d_v={a.dv} chunk={library.CHUNK} dot={a.precision} on {torch.cuda.get_device_name()}")
-    print(f"{'rule':18s} {'kernel':10s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'rel err o':>10s}")
+    dtype = DTYPES[a.dtype]
+    where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (TRITON_INTERPRET smoke run)"
+    print(f"B={a.B} T={a.T} H={a.H} d_k={a.dk} d_v={a.dv} {a.dtype} chunk={library.CHUNK} dot={a.precision} on {where}")
+    print("| rule | kernel | fwd ms | fwd+bwd ms | Mtok/s fwd | HBM % fwd | rel err o |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
     for name in a.rules.split(","):
         rule = ENTRIES[name].rule
         inp = {n: x.to(dev) for n, x in random_inputs(rule, a.B, a.T, a.H, a.dk, a.dv, seed=0).items()}
+        inp = {n: (x if rule.inputs[n].is_parameter else x.to(dtype)) for n, x in inp.items()}
         with torch.no_grad():
             ref, _ = rule.scan(backend="chunk", **inp)
+        nbytes = sum(x.numel() * x.element_size() for x in inp.values()) + ref.numel() * ref.element_size()
+        runs = {}
         for kernel in ("recurrent", "chunk", "torch-chunk"):
             backend = "chunk" if kernel == "torch-chunk" else "triton"
-            library.FORCE = None if kernel == "torch-chunk" else kernel
+            runs[kernel] = (lambda x, b=backend, k=kernel: _olssm(rule, b, k, x)), inp
+        peers, peer_args = _fla_peers(name, inp)
+        for kernel, fn in peers.items():
+            runs[kernel] = fn, peer_args
+        for kernel, (fn, args) in runs.items():
             try:
                 with torch.no_grad():
-                    o, _ = rule.scan(backend=backend, **inp)
-                x = {n: t.clone().requires_grad_() for n, t in inp.items()}
-
-                def fwd():
-                    with torch.no_grad():
-                        rule.scan(backend=backend, **inp)
-
-                def fwdbwd():
-                    out, _ = rule.scan(backend=backend, **x)
-                    out.float().sum().backward()
-
-                tf, tb = _time(fwd), _time(fwdbwd)
+                    o = fn(args)
+                grad_args = _with_grad(args)
+                tf = _time(lambda: _no_grad(fn, args), dev, a.reps)
+                tb = _time(lambda: fn(grad_args).float().sum().backward(), dev, a.reps)
                 err = float((o.float() - ref.float()).abs().max() / ref.float().abs().max())
-                print(f"{name:18s} {kernel:10s} {tf:9.2f} {tb:11.2f} {err:10.2e}")
+                tok = a.B * a.T / tf / 1e6
+                hbm = nbytes / tf / (a.peak_gbs * 1e9) * 100
+                row = f"| {name} | {kernel} | {tf * 1e3:.2f} | {tb * 1e3:.2f} | {tok:.1f} | {hbm:.1f} | {err:.1e} |"
             except NotImplementedError as e:
-                print(f"{name:18s} {kernel:10s} {'-':>9s} {'-':>11s}   ({str(e)[:60]})")
+                row = f"| {name} | {kernel} | — | — | — | — | ({str(e)[:50]}) |"
+            print(row, flush=True)
+            rows.append(row)
     library.FORCE = None
+    return rows
+
+
+def _olssm(rule, backend, kernel, inp):
+    library.FORCE = None if kernel == "torch-chunk" else kernel
+    try:
+        return rule.scan(backend=backend, **inp)[0]
+    finally:
+        library.FORCE = None
+
+
+def _with_grad(args):
+    if isinstance(args, dict):
+        return {n: x.detach().clone().requires_grad_() for n, x in args.items()}
+    return tuple(x.detach().clone().requires_grad_() for x in args)
+
+
+def _no_grad(fn, args):
+    with torch.no_grad():
+        fn(args)
 
 
 if __name__ == "__main__":

@@ -363,3 +363,18 @@ def test_chunked_kernels_compile_for_sm90():
     r = subprocess.run([sys.executable, "-m", "olssm.kernels.triton.aot_check", "--arch", "90"], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_gpu_benchmark_script_runs_and_agrees():
+    """benchmarks/triton_kernels.py is what a GPU session runs first: it must work end to end (here
+    under the interpreter, tiny shapes) and its kernels must agree with the torch chunk backend."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "triton_kernels.py"
+    spec = importlib.util.spec_from_file_location("triton_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--B", "1", "--T", "8", "--H", "1", "--dk", "8", "--dv", "8", "--dtype", "fp32",
+                       "--reps", "1", "--chunk", "4", "--rules", "deltanet,gla"])
+    errs = [float(r.rstrip(" |").rsplit("|", 1)[1]) for r in rows if "(" not in r]
+    assert len(errs) >= 6 and max(errs) < 1e-5, rows
