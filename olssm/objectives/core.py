@@ -348,7 +348,8 @@ class MatrixAffine(Affine):
                 raise DerivationError(f"{self} @ diag({other.vec}): right-multiplying a d_v x d_k matrix "
                                       f"needs a key-sized (d_k) diagonal, got a {kind_of(other.vec)} one")
             r = self.__mul__(other.vec)
-            r.text, r.tex = f"({self}) diag({other.vec})", rf"\left({self.tex}\right)\operatorname{{diag}}({_tex(other.vec)})"
+            inner_t, inner_x = (f"({self})", rf"\left({self.tex}\right)") if _needs_paren(self) else (self.text, self.tex)
+            r.text, r.tex = f"{inner_t} diag({other.vec})", rf"{inner_x}\operatorname{{diag}}({_tex(other.vec)})"
             return r
         if isinstance(other, Affine):
             self._bad_op("@", other)
@@ -382,7 +383,8 @@ class MatrixAffine(Affine):
                 raise DerivationError(f"diag({other.vec}) @ {self}: left-multiplying a d_v x d_k matrix "
                                       f"needs a value-sized (d_v) diagonal, got a {kind_of(other.vec)} one")
             r = self.__mul__(other.vec)
-            r.text, r.tex = f"diag({other.vec}) ({self})", rf"\operatorname{{diag}}({_tex(other.vec)})\left({self.tex}\right)"
+            inner_t, inner_x = (f"({self})", rf"\left({self.tex}\right)") if _needs_paren(self) else (self.text, self.tex)
+            r.text, r.tex = f"diag({other.vec}) {inner_t}", rf"\operatorname{{diag}}({_tex(other.vec)}){inner_x}"
             return r
         raise DerivationError(f"{other} @ {self}: only diag(row) may multiply the state from the left")
 
@@ -504,16 +506,21 @@ class Pairing:
 class Quadratic:
     """A scalar objective: a sum of weighted Frobenius / Euclidean pairings."""
 
-    def __init__(self, terms: list[Pairing], text: str, tex: str, blocked: str | None = None):
-        self.terms, self.text, self.tex, self.blocked = terms, text, tex, blocked
+    def __init__(self, terms: list[Pairing], text: str, tex: str, blocked: str | None = None,
+                 atomic: bool = False):
+        # atomic: one norm/inner product (possibly scaled), printed without parentheses
+        self.terms, self.text, self.tex, self.blocked, self.atomic = terms, text, tex, blocked, atomic
 
     def __repr__(self):
         return self.text
 
     def __add__(self, other):
         if isinstance(other, Quadratic):
-            return Quadratic(self.terms + other.terms, f"{self} + {other}", f"{self.tex} + {other.tex}",
-                             self.blocked or other.blocked)
+            if other.text.startswith("-"):  # a + -b reads a - b
+                text, tex = f"{self} - {other.text[1:]}", f"{self.tex} - {other.tex[1:]}"
+            else:
+                text, tex = f"{self} + {other}", f"{self.tex} + {other.tex}"
+            return Quadratic(self.terms + other.terms, text, tex, self.blocked or other.blocked)
         if isinstance(other, Affine):
             raise DerivationError(f"{self} + {other}: adds a matrix/vector to a scalar objective")
         c = _as_coef(other, f"{self} + {other}")
@@ -547,10 +554,17 @@ class Quadratic:
             raise DerivationError(
                 f"{c} * ({self}): an objective can only be scaled by a scalar coefficient; {c} is a "
                 f"{kind_of(c)} expression — pass it as weight= of sqnorm()/inner() instead")
-        return Quadratic([dataclasses.replace(t, coef=c * t.coef) for t in self.terms],
-                         f"{_paren(c)}·({self})" if c != -1 else f"-({self})",
-                         rf"{_tex_paren(c)}\left({self.tex}\right)" if c != -1 else rf"-\left({self.tex}\right)",
-                         self.blocked)
+        single = self.atomic
+        if c == -1:
+            text, tex = (f"-{self}", rf"-{self.tex}") if single else (f"-({self})", rf"-\left({self.tex}\right)")
+        elif c.is_Rational and c.p == 1 and single:          # ‖S - S_prev‖²/2 rather than (1/2)·(…)
+            text, tex = f"{self}/{c.q}", rf"\tfrac{{1}}{{{c.q}}}{self.tex}"
+        elif single:
+            text, tex = f"{_paren(c)}·{self}", rf"{_tex_paren(c)}\,{self.tex}"
+        else:
+            text, tex = f"{_paren(c)}·({self})", rf"{_tex_paren(c)}\left({self.tex}\right)"
+        return Quadratic([dataclasses.replace(t, coef=c * t.coef) for t in self.terms], text, tex, self.blocked,
+                         atomic=single)
 
     __rmul__ = __mul__
 
@@ -594,7 +608,7 @@ def inner(a, b, weight=None) -> Quadratic:
     atex = a_.tex if isinstance(a_, Affine) else _tex(a_)
     btex = b_.tex if isinstance(b_, Affine) else _tex(b_)
     return Quadratic([Pairing(sp.Integer(1), a_, b_, w)], f"⟨{a}, {b}{wt}⟩",
-                     rf"\left\langle {atex},\, {btex} \right\rangle{wtex}")
+                     rf"\left\langle {atex},\, {btex} \right\rangle{wtex}", atomic=True)
 
 
 def _check_weight(w, shape, what):
@@ -611,13 +625,11 @@ def sqnorm(x, weight=None) -> Quadratic:
                               "does not change the minimiser; drop it)")
     w = sp.Integer(1) if weight is None else _as_coef(weight, "sqnorm(weight=)")
     _check_weight(w, x.shape, f"sqnorm({x}, weight={weight})")
-    bars = "‖" if x.shape == "vector" else "‖"
     wt = "" if weight is None else f"_{w}"
     wtex = "" if weight is None else rf"_{{\operatorname{{diag}}({_tex(w)})}}"
     sub = "F" if x.shape == "matrix" else ""
-    return Quadratic([Pairing(sp.Integer(1), x, x, w)], f"{bars}{x}{bars}²{wt}",
-                     rf"\left\| {x.tex} \right\|^2_{{{sub}}}{wtex}" if not wtex else
-                     rf"\left\| {x.tex} \right\|^2{wtex}")
+    tex = rf"\left\| {x.tex} \right\|^2" + (wtex or (f"_{{{sub}}}" if sub else ""))
+    return Quadratic([Pairing(sp.Integer(1), x, x, w)], f"‖{x}‖²{wt}", tex, atomic=True)
 
 
 def norm(x, weight=None) -> Quadratic:
