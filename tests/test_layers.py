@@ -305,3 +305,18 @@ def test_mamba_family_parameter_counts_match_reference_code():
     assert count(PRESETS["mamba"](d, 4)) == mamba
     assert count(PRESETS["longhorn"](d, 4)) == longhorn
     assert count(PRESETS["mamba2"](d, H)) == mamba2
+
+
+def test_rls_rule_layer_decodes_like_its_forward():
+    """An RLS rule starts from P = I/λ (not zeros): init_cache and the token loop must read the ridge
+    parameter, or decoding diverges from the forward (float64, 1e-12)."""
+    from olssm import catalogue
+    torch.manual_seed(0)
+    layer = OnlineSSM(catalogue.ENTRIES["rls"].objective, d_model=16, n_heads=2).double()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    y = layer(x)
+    cache, ys = layer.init_cache(2), []
+    for t in range(6):
+        y_t, cache = layer.step(x[:, t], cache)
+        ys.append(y_t)
+    torch.testing.assert_close(torch.stack(ys, 1), y, rtol=1e-12, atol=1e-12)

@@ -541,10 +541,11 @@ class OnlineSSM(nn.Module):
         """The token loop over rule.decode, vectorised over the batch: o [B, T, H, d_v], final state."""
         v = inputs[self.value_name]
         B, T = v.shape[:2]
-        if state is None:
-            state = self.rule.zero_state((B, self.n_heads), self.d_k, self.d_v, device=v.device)
-            if v.dtype == torch.float64:
-                state = tuple(s.double() for s in state) if self.rule.is_exact else state.double()
+        if state is None:  # RLS rules start from P = I/λ: zero_state reads the ridge input
+            first = {n: x[:, 0] for n, x in inputs.items()}
+            state = self.rule.zero_state((B, self.n_heads), self.d_k, self.d_v, device=v.device,
+                                         dtype=torch.float64 if v.dtype == torch.float64 else torch.float32,
+                                         **params, **first)
         outs = []
         for t in range(T):
             o, state = self.rule.decode(state, **{n: x[:, t] for n, x in inputs.items()}, **params)
@@ -558,8 +559,9 @@ class OnlineSSM(nn.Module):
         p = self.out_proj.weight
         device = p.device if device is None else device
         sdt = torch.float64 if p.dtype == torch.float64 else torch.float32
-        st = self.rule.zero_state((batch_size, self.n_heads), self.d_k, self.d_v, device=device)
-        st = tuple(s.to(sdt) for s in st) if self.rule.is_exact else st.to(sdt)
+        # RLS rules start from P = I/λ, so the ridge parameter is passed along
+        st = self.rule.zero_state((batch_size, self.n_heads), self.d_k, self.d_v, device=device, dtype=sdt,
+                                  **{n: x.to(device, sdt) for n, x in self.parameter_values(sdt).items()})
         conv = {n: torch.zeros(batch_size, c.in_channels, self.conv_size - 1, device=device,
                                dtype=dtype or p.dtype) for n, c in self.conv.items()}
         return {"state": st, "conv": conv}
