@@ -126,6 +126,21 @@ def test_one_token_decode_matches_rule_step():
     _close(o, o_ref, FP32_RTOL, "o")
 
 
+@pytest.mark.parametrize("name", ["longhorn", "mamba"])
+def test_rule_decode_dispatches_to_the_kernel(name):
+    """rule.decode(backend="triton") (what backend="auto" picks for CUDA states) equals the torch step."""
+    rule = ENTRIES[name].rule
+    raw = random_inputs(rule, 3, 1, 2, 5, 6, seed=13)
+    inp = {n: _dev(x if rule.inputs[n].is_parameter else x[:, 0]) for n, x in raw.items()}
+    S0 = _dev(0.3 * torch.randn(3, 2, 6, 5, generator=torch.Generator().manual_seed(13)))
+    o, S1 = rule.decode(S0, backend="triton", **inp)
+    o_ref, S1_ref = rule.decode(S0, backend="torch", **inp)
+    _close(S1, S1_ref, FP32_RTOL, "state")
+    _close(o, o_ref, FP32_RTOL, "o")
+    with pytest.raises(ValueError, match="backend"):
+        rule.decode(S0, backend="cuda", **inp)
+
+
 # ---- state round trip and varlen ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["gated_deltanet", "mamba"])

@@ -538,11 +538,23 @@ class Rule:
         _check_last(q, d_k, qn, "d_k (key size)", "read")
         return (S.to(q.dtype) * q.unsqueeze(-2)).sum(-1)
 
-    def decode(self, state, **inputs):
-        """One token: (o_t, S_t) from S_{t-1}; the query is read from inputs[query name]."""
+    def decode(self, state, backend: str = "auto", **inputs):
+        """One token: (o_t, S_t) from S_{t-1}; the query is read from inputs[query name].
+
+        backend: "torch" (the generated step), "triton" (the fused kernel with T = 1; state
+        [B, H, d_v, d_k], inputs [B, H, ...], parameters [H, ...]), or "auto": triton for such
+        CUDA states of non-exact rules, torch otherwise."""
         qn = self.query_name
         if qn is None or qn not in inputs:
             raise ValueError(f"decode: needs the query input {qn!r}")
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"decode: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        if backend == "auto":
+            fits = (not self.is_exact and torch.is_tensor(state) and state.is_cuda and state.dim() == 4)
+            backend = "triton" if fits else "torch"
+        if backend == "triton":
+            from ..kernels.triton import triton_decode  # lowering lives in kernels; derive only forwards
+            return triton_decode(self, state, **inputs)
         new = self.step(state, **inputs)
         return self.read(new, **inputs), new
 

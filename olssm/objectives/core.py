@@ -153,7 +153,7 @@ def _declare(name: str, role: str, kind: str, positive: bool, domain: str = "rea
     positive = positive or domain in _POSITIVE_DOMAINS
     if not isinstance(name, str) or not name.isidentifier():
         raise DerivationError(f"input name {name!r} must be a Python identifier")
-    if name in ("S", "S_prev", "state"):
+    if name in ("S", "S_prev", "state", "backend"):
         raise DerivationError(f"input name {name!r} is reserved for the state")
     spec = InputSpec(name, role, kind, positive, domain)
     if domain == "negative":
