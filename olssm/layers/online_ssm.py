@@ -422,8 +422,14 @@ class OnlineSSM(nn.Module):
             return F.silu(x)
         return x
 
-    def _conv(self, n, u, prev):
-        """Causal depthwise conv + SiLU of u [B, T, C], continuing from prev [B, C, K-1] (or zeros)."""
+    def _conv(self, n, u, prev, cu_seqlens=None):
+        """Causal depthwise conv + SiLU of u [B, T, C], continuing from prev [B, C, K-1] (or zeros).
+        With cu_seqlens (B = 1, sequences packed along T) every sequence starts from zeros, so no
+        token sees its neighbour's; the cache is then the tail of each sequence [N, C, K-1]."""
+        if cu_seqlens is not None:
+            bounds = cu_seqlens.tolist()
+            parts = [self._conv(n, u[:, a:b], None) for a, b in zip(bounds, bounds[1:])]
+            return torch.cat([y for y, _ in parts], 1), torch.cat([tail for _, tail in parts], 0)
         conv = self.conv[n]
         K = self.conv_size
         ut = u.transpose(1, 2)
@@ -433,7 +439,7 @@ class OnlineSSM(nn.Module):
         y = F.conv1d(full, conv.weight, conv.bias, groups=conv.groups)
         return F.silu(y).transpose(1, 2), full[..., full.shape[-1] - (K - 1):]
 
-    def _features(self, x, conv_cache):
+    def _features(self, x, conv_cache, cu_seqlens=None):
         """Scan inputs [B, T, H, ...], parameters [H, ...], the value stream and the new conv cache."""
         B, T, _ = x.shape
         H = self.n_heads
@@ -446,7 +452,7 @@ class OnlineSSM(nn.Module):
             src = x if self.src_dim[n] == self.d_model else streams[self.value_name]
             u = self.proj[n](src)
             if n in self.conv:
-                u, new_conv[n] = self._conv(n, u, None if conv_cache is None else conv_cache.get(n))
+                u, new_conv[n] = self._conv(n, u, None if conv_cache is None else conv_cache.get(n), cu_seqlens)
             streams[n] = u
         inputs = {}
         for n, s in self.vector_specs.items():
@@ -514,35 +520,66 @@ class OnlineSSM(nn.Module):
                              f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
 
     # ------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, cache: dict | None = None, return_cache: bool = False):
-        """y [B, T, d_model]; with a cache, continue from it; with return_cache, also return the new cache."""
+    def forward(self, x: torch.Tensor, cache: dict | None = None, return_cache: bool = False,
+                cu_seqlens: torch.Tensor | None = None):
+        """y [B, T, d_model]; with a cache, continue from it; with return_cache, also return the new cache.
+
+        cu_seqlens [N+1] (cumulative lengths, x of batch 1 packed along T): N independent sequences,
+        the short conv and the state restart at every boundary; a returned cache holds one state and
+        one conv tail per sequence."""
         self._check_x(x, "forward", 3)
+        if cu_seqlens is not None:
+            self._check_cu_seqlens(x, cu_seqlens, cache)
         from ..kernels import scan
-        inputs, params, new_conv = self._features(x, None if cache is None else cache.get("conv"))
+        inputs, params, new_conv = self._features(x, None if cache is None else cache.get("conv"), cu_seqlens)
         init = None if cache is None else cache["state"]
         backend, auto = self._resolve_backend(x.device)
-        kw = dict(initial_state=init, output_final_state=return_cache, chunk_size=self.chunk_size)
+        kw = dict(initial_state=init, output_final_state=return_cache, chunk_size=self.chunk_size,
+                  cu_seqlens=cu_seqlens)
         try:
             if backend == "recurrent":
-                o, final = self._recurrent_scan(inputs, params, init)
+                o, final = self._recurrent_scan(inputs, params, init, cu_seqlens)
             else:
                 o, final = scan(self.rule, backend=backend, **kw, **inputs, **params)
         except NotImplementedError as e:
             if not auto or backend == "recurrent":
                 raise
             self._fallback_warning(f"backend {backend!r} does not support this rule ({e})")
-            o, final = self._recurrent_scan(inputs, params, init)
+            o, final = self._recurrent_scan(inputs, params, init, cu_seqlens)
         y = self._post(o, x, inputs[self.value_name])
         if not return_cache:
             return y
         return y, {"state": final, "conv": new_conv}
 
-    def _recurrent_scan(self, inputs, params, state):
+    def _check_cu_seqlens(self, x, cu_seqlens, cache):
+        if x.shape[0] != 1:
+            raise ValueError(f"OnlineSSM.forward: with cu_seqlens the sequences are packed along T and the batch "
+                             f"must be 1, got x of shape {tuple(x.shape)}")
+        if (not torch.is_tensor(cu_seqlens) or cu_seqlens.dim() != 1 or len(cu_seqlens) < 2
+                or cu_seqlens.dtype not in (torch.int32, torch.int64)):
+            raise ValueError("OnlineSSM.forward: cu_seqlens must be a 1-D int32/int64 tensor [N+1] of cumulative lengths")
+        c = cu_seqlens.tolist()
+        if c[0] != 0 or c[-1] != x.shape[1] or any(b < a for a, b in zip(c, c[1:])):
+            raise ValueError(f"OnlineSSM.forward: cu_seqlens must start at 0, end at T={x.shape[1]} and not "
+                             f"decrease; got {c}")
+        if cache is not None:
+            raise ValueError("OnlineSSM.forward: cu_seqlens starts every sequence fresh; continuing from a cache "
+                             "is not supported with packed sequences")
+
+    def _recurrent_scan(self, inputs, params, state, cu_seqlens=None):
         """The token loop over rule.decode, vectorised over the batch: o [B, T, H, d_v], final state."""
+        if cu_seqlens is not None:  # packed sequences: one loop each, states stacked per sequence
+            b = cu_seqlens.tolist()
+            runs = [self._recurrent_scan({n: x[:, s:e] for n, x in inputs.items()}, params, None)
+                    for s, e in zip(b, b[1:])]
+            o = torch.cat([r[0] for r in runs], 1)
+            if self.rule.is_exact:
+                return o, tuple(torch.cat([r[1][i] for r in runs]) for i in range(2))
+            return o, torch.cat([r[1] for r in runs])
         v = inputs[self.value_name]
         B, T = v.shape[:2]
         if state is None:  # RLS rules start from P = I/λ: zero_state reads the ridge input
-            first = {n: x[:, 0] for n, x in inputs.items()}
+            first = {n: x[:, 0] for n, x in inputs.items()} if T else {}
             state = self.rule.zero_state((B, self.n_heads), self.d_k, self.d_v, device=v.device,
                                          dtype=torch.float64 if v.dtype == torch.float64 else torch.float32,
                                          **params, **first)
@@ -550,6 +587,8 @@ class OnlineSSM(nn.Module):
         for t in range(T):
             o, state = self.rule.decode(state, **{n: x[:, t] for n, x in inputs.items()}, **params)
             outs.append(o)
+        if not outs:
+            return v.new_zeros(B, 0, self.n_heads, self.d_v), state
         return torch.stack(outs, 1).to(v.dtype), state
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> dict:

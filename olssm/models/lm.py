@@ -140,8 +140,8 @@ class Block(nn.Module):
         else:
             self.norm2 = self.mlp = None
 
-    def forward(self, h, cache=None, return_cache=False):
-        out = self.mixer(self.norm1(h), cache=cache, return_cache=return_cache)
+    def forward(self, h, cache=None, return_cache=False, cu_seqlens=None):
+        out = self.mixer(self.norm1(h), cache=cache, return_cache=return_cache, cu_seqlens=cu_seqlens)
         if return_cache:
             out, cache = out
         h = h + out
@@ -182,20 +182,21 @@ class CausalLM(nn.Module):
             raise ValueError(f"CausalLM.{what}: input_ids must be an integer tensor {want}, got "
                              f"{tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__}")
 
-    def forward(self, input_ids: torch.Tensor, caches=None, return_caches: bool = False):
-        """logits [B, T, vocab]; with return_caches also the per-layer decoding caches (prefill)."""
+    def forward(self, input_ids: torch.Tensor, caches=None, return_caches: bool = False, cu_seqlens=None):
+        """logits [B, T, vocab]; with return_caches also the per-layer decoding caches (prefill).
+        cu_seqlens [N+1]: input_ids [1, T] packs N independent sequences (no state crosses a boundary)."""
         self._check_ids(input_ids, "forward")
         h = self.embed(input_ids)
         new = []
         for i, blk in enumerate(self.blocks):
             c = None if caches is None else caches[i]
             if return_caches or c is not None:
-                h, c = blk(h, cache=c, return_cache=True)
+                h, c = blk(h, cache=c, return_cache=True, cu_seqlens=cu_seqlens)
                 new.append(c)
             elif self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(blk, h, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(blk, h, None, False, cu_seqlens, use_reentrant=False)
             else:
-                h = blk(h)
+                h = blk(h, cu_seqlens=cu_seqlens)
         logits = self.lm_head(self.norm(h))
         return (logits, new) if return_caches else logits
 
