@@ -36,6 +36,9 @@ _FACTOR_RANGE = 30.0
 _ROW_CHUNK = 8
 
 
+_LOOP_BLOCK = 128   # tokens of coefficients evaluated at once by the CPU single pass
+
+
 class ChunkFallbackWarning(UserWarning):
     """The chunk backend cannot chunk this rule's structure and runs the reference loop."""
 
@@ -411,10 +414,20 @@ def chunk_scan(args, chunk_size=64):
     dt = torch.float64 if args.out_dtype == torch.float64 else torch.float32
     lay = rule.broadcast_inputs(args.d_k, args.d_v, {**args.tokens, **args.params}, "chunk")
     exprs = _exprs(form)
-    raw = _evaluator_for(form)(lay)
+    evaluate = _evaluator_for(form)
     B, T, H, K, V = args.B, args.T, args.H, args.d_k, args.d_v
-    ev = {nm: _full(x, B, T, H, dt, args.device) for nm, x in raw.items()}
-    engine, why = _plan(form, ev)
+    tokens = set(args.tokens)
+
+    def lay_at(bs, t0, t1):  # the inputs of tokens t0..t1 (parameters whole)
+        return {n: (x[bs, t0:t1] if n in tokens else x) for n, x in lay.items()}
+
+    # the plan depends only on which indices each coefficient carries: one token tells
+    probe = {nm: _full(x, B, min(T, 1), H, dt, args.device) for nm, x in evaluate(lay_at(slice(None), 0, 1)).items()}
+    engine, why = _plan(form, probe)
+    # elementwise decays on a CPU: one pass, coefficients evaluated a block of tokens at a time (an
+    # all-at-once exp(Δ A) is a [B, T, H, d_v, d_k] tensor — memory traffic, not arithmetic, was the cost)
+    blockwise = engine == "loop" and not exact and args.device.type == "cpu"
+    ev = None if blockwise else {nm: _full(x, B, T, H, dt, args.device) for nm, x in evaluate(lay).items()}
     if engine is None:
         warnings.warn(f"chunk backend: cannot chunk {why} (rule structure: {rule.structure}); running the "
                       "reference loop instead (backend='reference' says so explicitly)", ChunkFallbackWarning,
@@ -424,11 +437,15 @@ def chunk_scan(args, chunk_size=64):
 
     none_decay = exprs["decay"] == 1
     logd = None
-    if not none_decay and engine != "loop":      # the loop engine multiplies decays, no logs needed
+    if blockwise:
+        ins = corrs = None
+    elif not none_decay and engine != "loop":      # the loop engine multiplies decays, no logs needed
         lev = _log_evaluator_for(form)
         logd = (_full(lev(lay)["logdecay"], B, T, H, dt, args.device).clamp_min(_LOG_FLOOR) if lev is not None
                 else _log_decay(ev["decay"]))
-    if exact:
+    if blockwise:
+        pass
+    elif exact:
         X = sum((ev[f"R{r}"] * ev[f"u{r}"].transpose(-1, -2) * ev[f"uw{r}"] for r in range(len(form.gram))),
                 torch.zeros((), dtype=dt, device=args.device))
         if form.gram_diag != 0:
@@ -453,11 +470,18 @@ def chunk_scan(args, chunk_size=64):
         S0 = initial(sl, count)
         if t1 == t0:
             return torch.zeros(count, 0, H, V, dtype=dt, device=args.device), S0
-        C = min(chunk_size, t1 - t0)
-        if engine == "loop" and args.device.type == "cpu":
+        if blockwise:
             # the three passes parallelise over chunks but do twice the work; a CPU gains nothing
-            # from that parallelism, so it runs the single pass (still vectorised coefficients)
-            C = t1 - t0
+            # from that parallelism, so it runs one pass, _LOOP_BLOCK tokens of coefficients at a time
+            outs, S = [], S0
+            for b0 in range(t0, t1, _LOOP_BLOCK):
+                b1 = min(b0 + _LOOP_BLOCK, t1)
+                e = {nm: _full(x, count, b1 - b0, H, dt, args.device) for nm, x in evaluate(lay_at(bs, b0, b1)).items()}
+                o_b, S = _loop_engine(None if none_decay else e["decay"],
+                                      [(e[f"e{m}"], e[f"w{m}"]) for m in range(len(form.inputs))], e["q"], S, b1 - b0)
+                outs.append(o_b)
+            return torch.cat(outs, 1), S
+        C = min(chunk_size, t1 - t0)
         ld = None if logd is None else cut(logd)
         if exact:
             return _exact_engine(ld, cut(X), cut(ev["ridge"]), [(cut(e), cut(w)) for e, w in ins],
