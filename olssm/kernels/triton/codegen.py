@@ -150,18 +150,17 @@ _PROLOGUE = """\
 """
 
 
-def _update_lines(indent: str, out: dict, form, ind_names) -> list[str]:
-    """S (in) -> St, p_r, S (out): the normal-form step on printed entries."""
-    R, M = len(form.corrections), len(form.inputs)
-    L = []
-    L.append(f"{indent}St = S" if form.decay_kind == "none" else f"{indent}St = ({out['lam']}) * S")
+def _update_lines(indent: str, ref: dict, R: int, M: int) -> list[str]:
+    """S (in) -> St, p_r, S (out): the normal-form step on printed entries (ref: entry name -> text;
+    'lam' present only when there is a decay). The forward and the backward's recompute share it."""
+    L = [f"{indent}St = ({ref['lam']}) * S" if "lam" in ref else f"{indent}St = S"]
     for r in range(R):
-        L.append(f"{indent}p{r} = tl.sum(St * v_a{r}, axis=1, keep_dims=True)")
+        L.append(f"{indent}p{r} = tl.sum(St * ({ref[f'a{r}']}), axis=1, keep_dims=True)")
     new = "St"
     for r in range(R):
-        new += f" - ({out[f'c{r}']}) * p{r} * ({out[f'b{r}']})"
+        new += f" - ({ref[f'c{r}']}) * p{r} * ({ref[f'b{r}']})"
     for m in range(M):
-        new += f" + ({out[f'e{m}']}) * ({out[f'w{m}']})"
+        new += f" + ({ref[f'e{m}']}) * ({ref[f'w{m}']})"
     L.append(f"{indent}S = tl.where(m2, {new}, 0.0)")
     return L
 
@@ -204,7 +203,7 @@ def forward_source(form) -> str:
     src += [f"        {ln}" for ln in lines]
     for r in range(R):   # reduced vectors: select the padded key lanes away
         src.append(f"        v_a{r} = tl.where(km2, {out[f'a{r}']}, 0.0)")
-    src += _update_lines("        ", out, form, None)
+    src += _update_lines("        ", {**out, **{f"a{r}": f"v_a{r}" for r in range(R)}}, R, len(form.inputs))
     src += [
         f"        v_q = tl.where(km2, {out['q']}, 0.0)",
         "        o = tl.sum(S * v_q, axis=1)",
@@ -310,16 +309,7 @@ def backward_source(form) -> str:
         return L
 
     def step(indent):
-        L = [f"{indent}St = S" if "lam" not in ents else f"{indent}St = {ref['lam']} * S"]
-        for r in range(R):
-            L.append(f"{indent}p{r} = tl.sum(St * {ref[f'a{r}']}, axis=1, keep_dims=True)")
-        new = "St"
-        for r in range(R):
-            new += f" - {ref[f'c{r}']} * p{r} * {ref[f'b{r}']}"
-        for m in range(M):
-            new += f" + {ref[f'e{m}']} * {ref[f'w{m}']}"
-        L.append(f"{indent}S = tl.where(m2, {new}, 0.0)")
-        return L
+        return _update_lines(indent, ref, R, M)
 
     def grad(indent, n, g):
         """Emit the gradient of entry n from the [BV, BK] tile expression g."""
