@@ -103,6 +103,13 @@ class _RMSNormHeads(nn.Module):
         return (xf * self.weight.to(xf.dtype)).to(x.dtype)
 
 
+def _head_dim(what, expand, arg, width, H):
+    if width % H:
+        raise ValueError(f"OnlineSSM: {what} width d_model * {expand} = {width} is not divisible by "
+                         f"n_heads = {H}; choose n_heads dividing it or pass {arg} explicitly")
+    return width // H
+
+
 def _check_pos_int(name, v, allow_zero=False):
     if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
         raise ValueError(f"OnlineSSM: {name} must be an integer >= {0 if allow_zero else 1}, got {v!r}")
@@ -173,17 +180,9 @@ class OnlineSSM(nn.Module):
         _check_pos_int("chunk_size", chunk_size)
         H = n_heads
         if d_k is None:
-            width = int(d_model * expand_k)
-            if width % H:
-                raise ValueError(f"OnlineSSM: key width d_model * expand_k = {width} is not divisible by "
-                                 f"n_heads = {H}; choose n_heads dividing it or pass d_k explicitly")
-            d_k = width // H
+            d_k = _head_dim("key", "expand_k", "d_k", int(d_model * expand_k), H)
         if d_v is None:
-            width = int(d_model * expand_v)
-            if width % H:
-                raise ValueError(f"OnlineSSM: value width d_model * expand_v = {width} is not divisible by "
-                                 f"n_heads = {H}; choose n_heads dividing it or pass d_v explicitly")
-            d_v = width // H
+            d_v = _head_dim("value", "expand_v", "d_v", int(d_model * expand_v), H)
         _check_pos_int("d_k", d_k)
         _check_pos_int("d_v", d_v)
         if backend not in BACKENDS:
