@@ -70,11 +70,11 @@ def main(argv=None) -> int:
         return 2
     p = argparse.ArgumentParser()
     p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--num-warps", type=int, default=4)
+    p.add_argument("--num-warps", type=int, default=8)
     p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--dk", type=int, default=64)
     p.add_argument("--dv", type=int, default=32)
-    p.add_argument("--precision", default="ieee")
+    p.add_argument("--precision", default="tf32")
     a = p.parse_args(argv)
     from .chunked import _blocks
     BK, BV = _blocks(a.dk, a.dv)

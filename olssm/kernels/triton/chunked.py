@@ -393,15 +393,23 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
     tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
 
 
-#: tl.dot precision: "ieee" (true fp32, the default: matches the reference to ~1e-6) or "tf32" /
-#: "tf32x3" (tensor cores on NVIDIA; tf32 costs ~1e-3 relative accuracy). See TRITON.md.
-DOT_PRECISION = "ieee"
+#: tl.dot precision: "auto" (the default), "ieee", "tf32" or "tf32x3". "auto" is "tf32" when the
+#: scan's inputs are bf16/fp16 (their own rounding, 2⁻⁸ for bf16, exceeds tf32's 2⁻¹¹) and "ieee"
+#: (true fp32, ~1e-6 of the reference) for fp32 inputs. Measured on an H100 (benchmarks/RESULTS.md):
+#: "ieee" dots are lowered to FMA loops that spill 3–10 KB per thread and run 10–40× slower, so
+#: backend="auto" runs fp32 inputs through the recurrent kernel instead. See TRITON.md.
+DOT_PRECISION = "auto"
+#: warps per program of the chunked kernels: 8 keeps the [BT, BK] and [BV, BK] tiles of d_k=64..128
+#: in registers with tf32 dots (sm_90 report: 4 warps spill 100–700 B/thread, 8 warps 0–300 B)
+NUM_WARPS = 8
 
 
-def _precision() -> str:
+def _precision(dtype=torch.float32) -> str:
     p = os.environ.get("OLSSM_TRITON_DOT_PRECISION") or DOT_PRECISION
-    if p not in ("ieee", "tf32", "tf32x3"):
-        raise ValueError(f"triton: dot precision must be ieee, tf32 or tf32x3, got {p!r}")
+    if p not in ("auto", "ieee", "tf32", "tf32x3"):
+        raise ValueError(f"triton: dot precision must be auto, ieee, tf32 or tf32x3, got {p!r}")
+    if p == "auto":
+        p = "ieee" if dtype == torch.float32 else "tf32"
     return p
 
 
@@ -427,12 +435,12 @@ def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None)
             q, k, v, g, a, b, c, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht,
             cu, T, H, d_k, d_v, NCK, k[0].numel(), v[0].numel(), M=k.shape[0], BT=C, BK=BK, BV=BV,
             C_ROW=_c_row(plan.rule.form), G_ROW=plan.rule.form.decay_kind == ROW, USE_H0=h0 is not None,
-            SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision())
+            SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype), num_warps=NUM_WARPS)
         return
     chunk_fwd_kernel[(NV, N * H)](
         q, k, v, g, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht, cu, T, H, d_k, d_v, NCK,
         k[0].numel(), v[0].numel(), M=k.shape[0], BT=C, BK=BK, BV=BV, DECAY=decay, USE_H0=h0 is not None,
-        SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision())
+        SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype), num_warps=NUM_WARPS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,7 +599,7 @@ def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
         q, k, v, g, do.contiguous(), dht.contiguous() if dht is not None else dh0, ck,
         cu_seqlens if cu_seqlens is not None else dh0, dq, dk, dv, dg, dh0, T, H, d_k, d_v, ck.shape[2],
         k[0].numel(), v[0].numel(), TOKH, M=M, BT=C, BK=BK, BV=BV, DECAY=decay, USE_DHT=dht is not None,
-        VARLEN=cu_seqlens is not None, PREC=_precision())
+        VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), num_warps=NUM_WARPS)
     out = [dq.sum(0), dk.sum(0), dv]
     if decay:
         out.append(dg.sum(0))

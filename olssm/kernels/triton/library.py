@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...objectives.core import spec_of
+from ...objectives.core import COLUMN, ROW, spec_of
 from . import codegen as cg
 
 _REGISTRY: dict = {}
@@ -264,6 +264,10 @@ CHUNK = 32
 CHUNK_BACKWARD = "auto"
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
+
+
 def _choice(plan, args, max_len):
     force = FORCE or os.environ.get("OLSSM_TRITON_KERNEL") or None
     if force not in (None, "chunk", "recurrent", "prefer-chunk"):
@@ -278,7 +282,22 @@ def _choice(plan, args, max_len):
         return True, None
     if force == "prefer-chunk":   # chunked whenever the structure allows, at any length (testing)
         return why is None, None
-    return (why is None and max_len >= 2 * CHUNK), None
+    return (why is None and max_len >= 2 * CHUNK and _chunk_pays(plan, args)), None
+
+
+def _chunk_pays(plan, args) -> bool:
+    """Where the compiled chunked kernels were measured slower than the recurrent one (H100, bf16,
+    (4, 2048, 16, 64), benchmarks/RESULTS.md), auto keeps the recurrent kernel:
+    - fp32 inputs: "ieee" dots are FMA loops that spill (DeltaNet chunk fwd 22.8 ms vs 3.5 recurrent);
+    - row / column decays: the intra-chunk pairwise decays are a loop over the chunk's tokens
+      (GLA chunk 4.5 ms vs 4.0 recurrent fwd).
+    The interpreter keeps the structural rule (it exercises the chunked kernels in tests)."""
+    if _interpreted():
+        return True
+    from .chunked import _precision
+    if _precision(args.out_dtype) == "ieee":
+        return False
+    return plan.rule.form.decay_kind not in (ROW, COLUMN)
 
 
 def run_scan(args):
@@ -301,7 +320,8 @@ def run_scan(args):
     syms = [ins[n] for n in names]
     meta = _Meta(args, names)
     chunked, _ = _choice(plan, args, meta.max_len)
-    C = CHUNK if chunked else meta.checkpoint
+    # tl.dot needs every dimension >= 16 when compiled (the interpreter has no such limit)
+    C = (CHUNK if _interpreted() else max(16, CHUNK)) if chunked else meta.checkpoint
     sizes = [args.B, args.T, args.H, args.d_k, args.d_v, meta.N, meta.max_len, int(C)]
     need = torch.is_grad_enabled() and any(t.requires_grad for t in syms + ([h0] if h0 is not None else []))
     chunk_bwd = False

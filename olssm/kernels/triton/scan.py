@@ -91,6 +91,7 @@ class Plan:
         self.eval_entries = scope["entries"]
 
 
+@torch.compiler.disable   # sympy code generation is not traceable (torch 2.11's dynamo fails inside sp.cse)
 def plan_for(rule) -> Plan:
     # repr(form) prints symbols by name only: the specs (kinds) are part of the key
     key = (repr(rule.form), tuple(spec_of(s) for s in cg.symbols_of(rule.form)))
