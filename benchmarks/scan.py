@@ -8,6 +8,12 @@ Time: best of --repeat runs (after one warm-up). Memory: high-water mark of the 
 pre-run baseline, measured in a forked child per cell (torch's CPU allocator is invisible to
 tracemalloc). fp32 throughout. The reference is skipped above --ref-max-T (its backward through the
 per-token output writes grows quadratically with T) and marked "skipped".
+
+--peers adds a second table: the same recurrence through other libraries' CPU paths where they are
+installed (optional, never dependencies): flash-linear-attention's torch references
+(fla.ops.delta_rule.naive.delta_rule_chunkwise, fla.ops.gla.naive.naive_recurrent_gla) and mambapy's
+parallel (Blelloch) scan for the Mamba rule, timed and measured like the cells above, against
+olssm's chunk backend in the same run.
 """
 from __future__ import annotations
 
@@ -49,6 +55,62 @@ def _once(rule, inp, backend, chunk, bwd):
     return time.perf_counter() - t
 
 
+def _peer(name):
+    """(peer label, fn(inputs) -> o) for the rule `name`, or None when the peer is not installed.
+    Inputs are olssm's [B, T, H, d] layout; each peer gets its own layout. fla's references scale q by
+    d^-1/2 (o differs by that factor: timing only)."""
+    try:
+        if name == "deltanet":
+            from fla.ops.delta_rule.naive import delta_rule_chunkwise
+
+            def fn(x, chunk):
+                t = lambda a: a.transpose(1, 2)
+                return delta_rule_chunkwise(t(x["q"]), t(x["k"]), t(x["v"]), t(x["beta"]), chunk_size=chunk)[0]
+            return "fla delta_rule_chunkwise (torch)", fn
+        if name == "gla":
+            from fla.ops.gla.naive import naive_recurrent_gla
+            return "fla naive_recurrent_gla (torch)", lambda x, chunk: naive_recurrent_gla(
+                x["q"], x["k"], x["v"], torch.log(x["g"]))[0]
+        if name == "mamba":
+            from mambapy.pscan import pscan
+
+            def fn(x, chunk):
+                B, T, H, dk = x["k"].shape
+                dv = x["v"].shape[-1]
+                dA = torch.exp(x["dt"][..., None] * x["A"]).reshape(B, T, H * dv, dk)
+                X = ((x["dt"] * x["v"])[..., None] * x["k"][:, :, :, None, :]).reshape(B, T, H * dv, dk)
+                hs = pscan(dA, X)                                   # [B, T, H·dv, dk]
+                return (hs.view(B, T, H, dv, dk) * x["q"][:, :, :, None, :]).sum(-1)
+            return "mambapy pscan (Blelloch)", fn
+    except ImportError:
+        return None
+    return None
+
+
+def _peer_once(name, inp, chunk, bwd):
+    _, fn = _peer(name)
+    if bwd:
+        leaves = {n: x.detach().clone().requires_grad_(True) for n, x in inp.items()}
+        t = time.perf_counter()
+        fn(leaves, chunk).square().mean().backward()
+    else:
+        t = time.perf_counter()
+        with torch.no_grad():
+            fn(inp, chunk)
+    return time.perf_counter() - t
+
+
+def _peer_cell(q, name, B, T, H, d, chunk, bwd, repeat, threads):
+    torch.set_num_threads(threads)
+    rule = cat.ENTRIES[name].rule
+    inp = cat.random_inputs(rule, B, T, H, d, d, seed=0)
+    _peer_once(name, cat.random_inputs(rule, B, 2 * chunk, H, d, d, seed=0), chunk, bwd)
+    base = _rss_kb()
+    times = [_peer_once(name, inp, chunk, bwd) for _ in range(repeat)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    q.put((min(times), max(0, peak - base) / 1024))
+
+
 def _rss_kb():
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
@@ -66,10 +128,10 @@ def _cell(q, name, B, T, H, d, backend, chunk, bwd, repeat, threads):
     q.put((min(times), max(0, peak - base) / 1024))
 
 
-def measure(*a):
+def measure(*a, target=None):
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    p = ctx.Process(target=_cell, args=(q, *a))
+    p = ctx.Process(target=target or _cell, args=(q, *a))
     p.start()
     out = q.get()
     p.join()
@@ -88,6 +150,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--ref-max-T", type=int, default=2048, help="skip the reference above this T")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--peers", action="store_true", help="also time other libraries' CPU paths (if installed)")
     args = ap.parse_args(argv)
     Ts = [128, 512] if args.quick else args.T
     repeat = 1 if args.quick else args.repeat
@@ -113,6 +176,30 @@ def main(argv=None):
                   f"| {ratio(res['reference', False], res['chunk', False])} | {f(res['reference', True])} "
                   f"| {f(res['chunk', True])} | {ratio(res['reference', True], res['chunk', True])} "
                   f"| {f(res['reference', True], 1, '{:.0f}')} | {f(res['chunk', True], 1, '{:.0f}')} |", flush=True)
+    if args.peers:
+        _peers_table(args, Ts, repeat)
+
+
+def _peers_table(args, Ts, repeat):
+    print("\n| rule | T | peer | peer fwd s | chunk fwd s | peer / chunk fwd | peer fwd+bwd s | chunk fwd+bwd s "
+          "| peer / chunk fwd+bwd | peer mem MB (f+b) | chunk mem MB (f+b) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.rules:
+        peer = _peer(name)
+        if peer is None:
+            print(f"| {SHAPES.get(name, name)} | — | not installed or none known | | | | | | | | |")
+            continue
+        for T in [t for t in Ts if t <= args.ref_max_T and t % args.chunk == 0]:
+            r = {}
+            for bwd in (False, True):
+                r["peer", bwd] = measure(name, args.B, T, args.H, args.d, args.chunk, bwd, repeat, args.threads,
+                                         target=_peer_cell)
+                r["chunk", bwd] = measure(name, args.B, T, args.H, args.d, "chunk", args.chunk, bwd, repeat,
+                                          args.threads)
+            print(f"| {SHAPES.get(name, name)} | {T} | {peer[0]} | {r['peer', False][0]:.3f} | {r['chunk', False][0]:.3f} "
+                  f"| {r['peer', False][0] / r['chunk', False][0]:.1f} | {r['peer', True][0]:.3f} "
+                  f"| {r['chunk', True][0]:.3f} | {r['peer', True][0] / r['chunk', True][0]:.1f} "
+                  f"| {r['peer', True][1]:.0f} | {r['chunk', True][1]:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

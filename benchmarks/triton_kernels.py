@@ -19,6 +19,7 @@ import torch
 
 from olssm.catalogue import ENTRIES, random_inputs
 from olssm.kernels.triton import chunked, library
+from olssm.kernels.triton import scan as tscan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,16 +73,25 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--precision", default="auto", help="chunked kernels' tl.dot precision: auto, ieee, tf32, tf32x3")
     p.add_argument("--chunk", type=int, default=library.CHUNK)
+    p.add_argument("--delta-forward", default=chunked.DELTA_FORWARD, choices=("split", "fused", "both"),
+                   help="delta family with a scalar c and none/scalar decay: the split forward (three kernels) or "
+                        "the fused one; both: 'chunk' is split and a 'chunk-fused' row is added")
     p.add_argument("--peak-gbs", type=float, default=3350.0, help="HBM bandwidth of the GPU (H100 SXM: 3350)")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--rec-block-v", type=int, default=None, help="value rows per recurrent program (default: auto)")
+    p.add_argument("--rec-warps", type=int, default=4, help="warps per recurrent program")
+    p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
     p.add_argument("--rules", default="deltanet,gated_deltanet,gla,longhorn,linear_attention,retnet,mamba2,mamba")
     a = p.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     chunked.DOT_PRECISION = a.precision
+    chunked.DELTA_FORWARD = "split" if a.delta_forward == "both" else a.delta_forward
     library.CHUNK = a.chunk
+    tscan.BLOCK_V, tscan.NUM_WARPS = a.rec_block_v, a.rec_warps
     dtype = DTYPES[a.dtype]
     where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (TRITON_INTERPRET smoke run)"
-    print(f"B={a.B} T={a.T} H={a.H} d_k={a.dk} d_v={a.dv} {a.dtype} chunk={library.CHUNK} dot={a.precision} on {where}")
+    print(f"B={a.B} T={a.T} H={a.H} d_k={a.dk} d_v={a.dv} {a.dtype} chunk={library.CHUNK} dot={a.precision} "
+          f"delta-forward={a.delta_forward} on {where}")
     print("| rule | kernel | fwd ms | fwd+bwd ms | Mtok/s fwd | HBM % fwd | rel err o |")
     print("|---|---|---|---|---|---|---|")
     rows = []
@@ -93,10 +103,11 @@ def main(argv=None):
             ref, _ = rule.scan(backend="chunk", **inp)
         nbytes = sum(x.numel() * x.element_size() for x in inp.values()) + ref.numel() * ref.element_size()
         runs = {}
-        for kernel in ("recurrent", "chunk", "torch-chunk"):
+        extra = ("chunk-fused",) if a.delta_forward == "both" and rule.form.corrections else ()
+        for kernel in ("recurrent", "chunk", *extra, "torch-chunk"):
             backend = "chunk" if kernel == "torch-chunk" else "triton"
             runs[kernel] = (lambda x, b=backend, k=kernel: _olssm(rule, b, k, x)), inp
-        peers, peer_args = _fla_peers(name, inp)
+        peers, peer_args = ({}, ()) if a.no_peers else _fla_peers(name, inp)
         for kernel, fn in peers.items():
             runs[kernel] = fn, peer_args
         for kernel, (fn, args) in runs.items():
@@ -123,11 +134,15 @@ def main(argv=None):
 
 
 def _olssm(rule, backend, kernel, inp):
-    library.FORCE = None if kernel == "torch-chunk" else kernel
+    library.FORCE = None if kernel == "torch-chunk" else "chunk" if kernel == "chunk-fused" else kernel
+    mode = chunked.DELTA_FORWARD
+    if kernel == "chunk-fused":
+        chunked.DELTA_FORWARD = "fused"
     try:
         return rule.scan(backend=backend, **inp)[0]
     finally:
         library.FORCE = None
+        chunked.DELTA_FORWARD = mode
 
 
 def _with_grad(args):

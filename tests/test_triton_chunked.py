@@ -398,6 +398,84 @@ def test_gpu_benchmark_script_runs_and_agrees():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.main(["--B", "1", "--T", "8", "--H", "1", "--dk", "8", "--dv", "8", "--dtype", "fp32",
-                       "--reps", "1", "--chunk", "4", "--rules", "deltanet,gla"])
+                       "--reps", "1", "--chunk", "4", "--rules", "deltanet,gla", "--no-peers"])
     errs = [float(r.rstrip(" |").rsplit("|", 1)[1]) for r in rows if "(" not in r]
     assert len(errs) >= 6 and max(errs) < 1e-5, rows
+
+
+# ---- delta family: the split forward (prep / state / out kernels) against the fused one -----------------
+
+def _two_term_delta_rule():
+    # gated delta rule with a second input term: scalar c, scalar decay, M = 2
+    S, Sp = O.states()
+    expr = O.sqnorm(S - O.scalar("a", domain="decay") * Sp) / 2 \
+        + O.sqnorm(S @ O.key("k") - O.value("v"), weight=O.scalar("beta", positive=True)) / 2
+    return olssm.derive(O.Objective(expr - O.inner(S @ O.key("kl"), O.row("s") * O.value("vl")), update="explicit"))
+
+
+def _chunked_direct(rule, inp, h0, cu, mode, save, monkeypatch):
+    """chunked_forward called directly (o, final state and every chunk's entering state ck)."""
+    monkeypatch.setattr(tchunk, "DELTA_FORWARD", mode)
+    plan = tscan.plan_for(rule)
+    inp = {n: _dev(x) for n, x in inp.items()}
+    cu_t = None if cu is None else _dev(torch.tensor(cu, dtype=torch.int32))
+    args = olssm.kernels.api.check_scan_args(rule, None, None, None, initial_state=h0, output_final_state=True,
+                                             cu_seqlens=cu_t, inputs=inp)
+    B, T, H, K, V = args.B, args.T, args.H, args.d_k, args.d_v
+    N = B if cu is None else len(cu) - 1
+    max_len = T if cu is None else max(b - a for a, b in zip(cu, cu[1:]))
+    C = tlib.CHUNK
+    sizes = [B, T, H, K, V, N, max_len, C]
+    o = torch.full((B, T, H, V), float("nan"), device=_DEVICE)
+    ht = torch.full((N, H, V, K), float("nan"), device=_DEVICE)
+    ck = torch.zeros(N, H, -(-max_len // C), V, K, device=_DEVICE)
+    tchunk.chunked_forward(plan, tchunk.chunk_inputs(plan, args), None if h0 is None else _dev(h0), o, ht, ck,
+                           sizes, save, cu_t)
+    return o, ht, ck
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "two_term"])
+@pytest.mark.parametrize("varlen", [True, False])
+def test_delta_split_forward_matches_fused(name, varlen, monkeypatch):
+    rule = _two_term_delta_rule() if name == "two_term" else ENTRIES[name].rule
+    H, K, V = 2, 20, 20                     # d_k = 20: BK = 32, masked
+    if varlen:   # sequences of 5, 0, 1, 37 tokens: chunks restart at every bos, the last is partial
+        cu, B, T = [0, 5, 5, 6, 43], 1, 43
+    else:
+        cu, B, T = None, 2, 37
+    N = B if cu is None else len(cu) - 1
+    inp = random_inputs(rule, B, T, H, K, V, seed=21)
+    dn = {"gated_deltanet": "alpha", "two_term": "a"}.get(name)
+    if dn:
+        inp[dn][:, 3::4] = torch.exp(torch.tensor(-30.0))    # log decay −30 per token: Σ ≈ −120 per chunk
+    h0 = 0.3 * torch.randn(N, H, V, K, generator=torch.Generator().manual_seed(22))
+    if varlen:   # prep/out: two value blocks of 16 rows (the state pass: one of 32), two key blocks of 16
+        monkeypatch.setattr(tchunk, "SPLIT_BLOCK_V", 16)
+        monkeypatch.setattr(tchunk, "SPLIT_BLOCK_K", 16)
+    fused = _chunked_direct(rule, inp, h0, cu, "fused", True, monkeypatch)
+    split = _chunked_direct(rule, inp, h0, cu, "split", True, monkeypatch)
+    for what, a, b in zip(("o", "final state", "ck"), split, fused):
+        _close(a, b, 1e-5, f"split vs fused: {what}")
+    o, ht, _ = _chunked_direct(rule, inp, None, cu, "split", False, monkeypatch)   # no ck saved: scratch ck
+    o1, ht1, _ = _chunked_direct(rule, inp, None, cu, "fused", False, monkeypatch)
+    _close(o, o1, 1e-5, "split vs fused without h0, no save: o")
+    _close(ht, ht1, 1e-5, "split vs fused without h0, no save: final state")
+
+
+def test_delta_forward_mode_is_checked(monkeypatch):
+    rule = ENTRIES["deltanet"].rule
+    inp = {n: _dev(x) for n, x in random_inputs(rule, 1, 33, 1, 4, 4, seed=23).items()}
+    monkeypatch.setenv("OLSSM_TRITON_DELTA_FORWARD", "fast")
+    with pytest.raises(ValueError, match="'split' or 'fused'"):
+        with torch.no_grad():
+            rule.scan(backend="triton", **inp)
+    monkeypatch.setenv("OLSSM_TRITON_DELTA_FORWARD", "fused")
+    calls = []
+    monkeypatch.setattr(tchunk, "_delta_split_forward", lambda *a, **k: calls.append(1))
+    with torch.no_grad():
+        rule.scan(backend="triton", **inp)
+    assert not calls
+    monkeypatch.delenv("OLSSM_TRITON_DELTA_FORWARD")
+    with torch.no_grad():
+        rule.scan(backend="triton", **inp)
+    assert calls == [1]

@@ -41,13 +41,15 @@ def compile_for(fn, consts: dict, arch: int, num_warps: int):
     from triton.compiler import ASTSource
     params = list(inspect.signature(fn.fn).parameters)
     ints = {"T", "H", "DK", "DV", "NCK", "SW", "SE", "TOKH"}
-    sig = {p: ("constexpr" if p in consts else "i32" if p in ints else "*fp32") for p in params}
+    ptrs = {"ix_ptr": "*i32", "cu_ptr": "*i32"}   # the varlen chunk map and cu_seqlens are int32
+    sig = {p: ("constexpr" if p in consts else "i32" if p in ints else ptrs.get(p, "*fp32")) for p in params}
     src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 
-def variants(BT, BK, BV, prec):
+def variants(BT, BK, BV, prec, BVW=None):
     from . import chunked as ch
+    BVW = BVW or BV
     base = dict(BT=BT, BK=BK, BV=BV, M=1, USE_H0=True, SAVE_CK=True, PREC=prec)
     for name, code in (("none", 0), ("scalar", 1), ("row", 2), ("column", 3)):
         for varlen in (False, True):
@@ -62,6 +64,19 @@ def variants(BT, BK, BV, prec):
         yield f"backward decay={name}", ch.chunk_bwd_kernel, dict(bwd, DECAY=code, USE_DHT=True, VARLEN=True)
     yield "delta decay=scalar, 2 input terms", ch.chunk_delta_fwd_kernel, dict(base, C_ROW=False, G_ROW=False,
                                                                                  VARLEN=False, M=2)
+    # the split delta forward: prep and out take wide value blocks and KB-column key blocks
+    state = dict(BT=BT, BK=BK, BV=BV, M=1, PREC=prec, USE_H0=True)
+    wide = dict(BT=BT, BK=BK, BV=BVW, M=1, PREC=prec, KB=min(BK, ch.SPLIT_BLOCK_K))
+    for gated in (False, True):
+        for varlen in (False, True):
+            tag = f"decay={'scalar' if gated else 'none'} varlen={varlen}"
+            yield f"delta split prep {tag}", ch.chunk_delta_prep_kernel, dict(wide, GATED=gated, VARLEN=varlen)
+            yield f"delta split state {tag}", ch.chunk_delta_state_kernel, dict(state, GATED=gated, VARLEN=varlen)
+            yield f"delta split out {tag}", ch.chunk_delta_out_kernel, dict(wide, GATED=gated, VARLEN=varlen)
+    two = dict(GATED=True, VARLEN=False, M=2)
+    yield "delta split prep decay=scalar, 2 input terms", ch.chunk_delta_prep_kernel, dict(wide, **two)
+    yield "delta split state decay=scalar, 2 input terms", ch.chunk_delta_state_kernel, dict(state, **two)
+    yield "delta split out decay=scalar, 2 input terms", ch.chunk_delta_out_kernel, dict(wide, **two)
 
 
 def main(argv=None) -> int:
@@ -76,11 +91,13 @@ def main(argv=None) -> int:
     p.add_argument("--dv", type=int, default=32)
     p.add_argument("--precision", default="tf32")
     a = p.parse_args(argv)
-    from .chunked import _blocks
+    from .chunked import SPLIT_BLOCK_V, _blocks, _np2
     BK, BV = _blocks(a.dk, a.dv)
-    print(f"sm_{a.arch}, num_warps={a.num_warps}, BT={a.chunk}, BK={BK}, BV={BV}, dot precision {a.precision}")
+    BVW = max(16, min(_np2(a.dv), SPLIT_BLOCK_V))
+    print(f"sm_{a.arch}, num_warps={a.num_warps}, BT={a.chunk}, BK={BK}, BV={BV} (split prep/out: {BVW}), "
+          f"dot precision {a.precision}")
     bad = 0
-    for name, fn, consts in variants(a.chunk, BK, BV, a.precision):
+    for name, fn, consts in variants(a.chunk, BK, BV, a.precision, BVW):
         try:
             k = compile_for(fn, consts, a.arch, a.num_warps)
             print(f"  ok    {name:45s} {_usage(k)}")

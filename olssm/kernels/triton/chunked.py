@@ -3,6 +3,8 @@
     chunk_fwd_kernel:        S_t = Λ_t ⊙ S_{t-1} + Σ_m e_m w_mᵀ,  Λ none / scalar / row (d_v) / column (d_k)
     chunk_delta_fwd_kernel:  S_t = γ_t S_{t-1} (I − c_t a_t b_tᵀ) + Σ_m e_m w_mᵀ,  γ none / scalar / row,
                              c scalar / row (UT transform: one forward substitution per chunk)
+    chunk_delta_{prep,state,out}_kernel: the same recurrence for c scalar and γ none / scalar, split
+                             in three launches (DELTA_FORWARD = "split", the default there)
     o_t = S_t q_t
 
 (linear attention, RetNet, Mamba-2, GLA; DeltaNet, Gated DeltaNet, Longhorn; and any derived rule
@@ -28,6 +30,15 @@ revisit: the fp64 work is O(BT²·BK) subtractions per chunk for row/column deca
 Scalar decays use one [BT, BT] decay matrix; column (GLA) and row decays compute the intra-chunk
 matrix one key/value column j at a time with the pairwise exponent b_i − b_j (never the
 factorised e^{b_i}·e^{−b_j}, which overflows for strong decays).
+
+The delta family's fused kernel runs the UT transform's forward substitution (over [BT, BV] tiles)
+inside that sequential walk. With a scalar c and none / scalar decay the split forward instead
+(like flash-linear-attention's chunk_delta_rule) factors the transform into state-independent
+parts, Δ = W̃ S₀ᵀ + Ũ with T_c = (I + diag(c) N)⁻¹, W̃ = T_c diag(c ⊙ Γ) A and
+Ũ = T_c diag(c) Σ_m (A W_mᵀ ⊙ D_strict) E_m: ``prep`` (parallel over chunks × heads) inverts the
+[BT, BT] triangle and writes W̃, Ũ; ``state`` (sequential over chunks per (value block, head),
+dots only) writes ck and Δ; ``out`` (parallel over chunks × value blocks × heads) computes o from
+ck and Δ. Varlen grids over chunks read a host-built (sequence, chunk) map.
 
 The forward also stores the state entering every chunk (``ck``). Backward: ``chunk_bwd_kernel``
 for none / scalar decays without corrections (gradients of q, w, e, log Λ; torch chains them to
@@ -172,27 +183,38 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
 
 
 @triton.jit
-def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, cu_ptr, T, H, DK, DV, NCK, SW, SE,
-                     M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                     USE_H0: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr,
-                     PREC: tl.constexpr = "ieee"):
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_n = i_bh // H          # batch row, or sequence with VARLEN (then B = 1, packed along T)
-    i_h = i_bh % H
+def _sequence(cu_ptr, i_n, T, VARLEN: tl.constexpr):
+    """[bos, eos) of batch row i_n, or of packed sequence i_n with VARLEN (then B = 1, packed along T)."""
     if VARLEN:
         bos = tl.load(cu_ptr + i_n).to(tl.int32)
         eos = tl.load(cu_ptr + i_n + 1).to(tl.int32)
     else:
         bos = i_n * T
         eos = bos + T
+    return bos, eos
+
+
+@triton.jit
+def _state_tile(i_v, DK, DV, BK: tl.constexpr, BV: tl.constexpr):
+    """The program's [BV, BK] block of the state: row / column indices, masks and offsets."""
     rows = i_v * BV + tl.arange(0, BV)
     cols = tl.arange(0, BK)
-    tt = tl.arange(0, BT)
     rm = rows < DV
     km = cols < DK
-    m2 = rm[:, None] & km[None, :]
-    soff = rows[:, None] * DK + cols[None, :]
+    return rows, cols, rm, km, rm[:, None] & km[None, :], rows[:, None] * DK + cols[None, :]
+
+
+@triton.jit
+def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, cu_ptr, T, H, DK, DV, NCK, SW, SE,
+                     M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                     USE_H0: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr,
+                     PREC: tl.constexpr = "ieee"):
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_h = i_bh % H
+    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
+    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
+    tt = tl.arange(0, BT)
     causal = tt[:, None] >= tt[None, :]
     S = tl.zeros([BV, BK], dtype=tl.float32)
     if USE_H0:
@@ -278,21 +300,10 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
     """S_t = γ_t S_{t-1} (I − c_t a_t b_tᵀ) + e_t w_tᵀ, chunk by chunk (UT transform, TRITON.md)."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_n = i_bh // H          # batch row, or sequence with VARLEN (then B = 1, packed along T)
     i_h = i_bh % H
-    if VARLEN:
-        bos = tl.load(cu_ptr + i_n).to(tl.int32)
-        eos = tl.load(cu_ptr + i_n + 1).to(tl.int32)
-    else:
-        bos = i_n * T
-        eos = bos + T
-    rows = i_v * BV + tl.arange(0, BV)
-    cols = tl.arange(0, BK)
+    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
+    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
     tt = tl.arange(0, BT)
-    rm = rows < DV
-    km = cols < DK
-    m2 = rm[:, None] & km[None, :]
-    soff = rows[:, None] * DK + cols[None, :]
     incl = tt[:, None] >= tt[None, :]
     strict = tt[:, None] > tt[None, :]
     S = tl.zeros([BV, BK], dtype=tl.float32)
@@ -393,6 +404,198 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
     tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
 
 
+# --------------------------------------------------------------------------------------------
+# delta family, scalar c and none / scalar decay: the forward split in three kernels (TRITON.md)
+#
+#   Δ = T_c R = W̃ S₀ᵀ + Ũ,  T_c = (I + diag(c) N)⁻¹,  W̃ = T_c diag(c ⊙ Γ) A,
+#   Ũ = T_c diag(c) Σ_m (A W_mᵀ ⊙ D_strict) E_m
+#
+# W̃ and Ũ do not depend on the state, so the triangular solve runs parallel over all chunks
+# (prep); only S₀ → S_new is sequential (state: dots only); o is parallel again (out).
+
+@triton.jit
+def _delta_chunk(ix_ptr, cu_ptr, i_t, i_g, T, H, BT: tl.constexpr, VARLEN: tl.constexpr):
+    """(i_bh, i_h, chunk index in its sequence, first token, end of the sequence) of program (i_t, i_g).
+    VARLEN: i_t indexes the host's chunk map (sequence, chunk) and i_g is the head; past the last
+    chunk the map holds a chunk that starts after its sequence's end (every token masked)."""
+    if VARLEN:
+        i_n = tl.load(ix_ptr + 2 * i_t).to(tl.int32)
+        c = tl.load(ix_ptr + 2 * i_t + 1).to(tl.int32)
+        bos, eos = _sequence(cu_ptr, i_n, T, True)
+        i_h = i_g
+        i_bh = i_n * H + i_g
+    else:
+        i_bh = i_g
+        i_h = i_g % H
+        c = i_t
+        bos = (i_g // H) * T
+        eos = bos + T
+    return i_bh, i_h, c, bos + c * BT, eos
+
+
+@triton.jit
+def _dot_rows_k(x_ptr, y_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
+                PREC: tl.constexpr):
+    """X Yᵀ [BT, BT] of two [BT, DK] token tiles, KB key columns at a time."""
+    acc = tl.zeros([BT, BT], dtype=tl.float32)
+    for kb in tl.static_range(BK // KB):
+        cols = kb * KB + tl.arange(0, KB)
+        msk = tm[:, None] & (cols < DK)[None, :]
+        x = tl.load(x_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0)
+        y = tl.load(y_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0)
+        acc += tl.dot(x, tl.trans(y), input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_ptr, cu_ptr, ix_ptr,
+                            T, H, DK, DV, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                            BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
+                            PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64):
+    """Per chunk, independent of the state:
+        W̃ = T_c (c ⊙ Γ ⊙ A) → wt,   Ũ = T_c (c ⊙ Σ_m (A W_mᵀ ⊙ D_strict) E_m) → u.
+    The [BT, BK] tiles are taken KB key columns at a time (whole [BT, 128] operands spilled ~0.5 KB/thread)."""
+    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
+    tt = tl.arange(0, BT)
+    tok = start + tt
+    tm = tok < eos
+    base = tok.to(tl.int64) * H + i_h
+    strict = tt[:, None] > tt[None, :]
+    cc = tl.load(c_ptr + base, mask=tm, other=0.0)
+    if GATED:
+        G = tl.cumsum(tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64), axis=0)   # fp64: module docstring
+        Dst = tl.exp(tl.where(strict, (G[:, None] - G[None, :]).to(tl.float32), float("-inf")))
+        cg = cc * tl.exp(G.to(tl.float32))
+    else:
+        Dst = tl.where(strict, 1.0, 0.0)
+        cg = cc
+    L = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst * cc[:, None]   # diag(c) N, strictly lower
+    # T_c = (I + L)⁻¹ row by row, T_i = e_i − Σ_{j<i} L_ij T_j: only [BT, BT] work, the right-hand
+    # sides are multiplied afterwards as dots
+    Tc = tl.where(tt[:, None] == tt[None, :], 1.0, 0.0)
+    for i in range(1, BT):
+        sel = (tt == i)[:, None]
+        li = tl.sum(tl.where(sel, L, 0.0), axis=0)                            # row i of L (zero from i on)
+        ti = tl.where(tt == i, 1.0, 0.0) - tl.sum(li[:, None] * Tc, axis=0)
+        Tc = tl.where(sel, ti[None, :], Tc)
+    for kb in tl.static_range(BK // KB):
+        cols = kb * KB + tl.arange(0, KB)
+        km2 = tm[:, None] & (cols < DK)[None, :]
+        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        tl.store(wt_ptr + base[:, None] * DK + cols[None, :], tl.dot(Tc, a * cg[:, None], input_precision=PREC),
+                 mask=km2)
+    Tc = Tc * cc[None, :]                                                     # T_c diag(c)
+    if M == 1:   # one [BT, BT] left factor for every value block
+        Y = tl.dot(Tc, _dot_rows_k(a_ptr, w_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst, input_precision=PREC)
+        for i_v in range(0, tl.cdiv(DV, BV)):
+            rows = i_v * BV + tl.arange(0, BV)
+            vm = tm[:, None] & (rows < DV)[None, :]
+            e = tl.load(e_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+            tl.store(u_ptr + base[:, None] * DV + rows[None, :], tl.dot(Y, e, input_precision=PREC), mask=vm)
+    else:
+        for i_v in range(0, tl.cdiv(DV, BV)):
+            rows = i_v * BV + tl.arange(0, BV)
+            vm = tm[:, None] & (rows < DV)[None, :]
+            P = tl.zeros([BT, BV], dtype=tl.float32)
+            for m in tl.static_range(M):
+                AW = _dot_rows_k(a_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC) * Dst
+                e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+                P += tl.dot(AW, e, input_precision=PREC)
+            tl.store(u_ptr + base[:, None] * DV + rows[None, :], tl.dot(Tc, P, input_precision=PREC), mask=vm)
+
+
+@triton.jit
+def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, ht_ptr, ck_ptr, cu_ptr,
+                             T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                             BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr, VARLEN: tl.constexpr,
+                             PREC: tl.constexpr = "ieee"):
+    """The sequential pass: per chunk, ck ← S₀, Δ = W̃ S₀ᵀ + Ũ (written over Ũ in u),
+    S ← Γ_L S₀ − (Δ ⊙ Γ_L/Γ)ᵀ B + Σ_m (E_m ⊙ Γ_L/Γ)ᵀ W_m; ht ← the last S."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_h = i_bh % H
+    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
+    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
+    tt = tl.arange(0, BT)
+    S = tl.zeros([BV, BK], dtype=tl.float32)
+    if USE_H0:
+        S += tl.load(h0_ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
+    for c in range(0, tl.cdiv(eos - bos, BT)):
+        tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S, mask=m2)
+        tok = bos + c * BT + tt
+        tm = tok < eos
+        base = tok.to(tl.int64) * H + i_h
+        km2 = tm[:, None] & km[None, :]
+        vm = tm[:, None] & rm[None, :]
+        wt = tl.load(wt_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        uoff = base[:, None] * DV + rows[None, :]
+        d = tl.dot(wt, tl.trans(S), input_precision=PREC) + tl.load(u_ptr + uoff, mask=vm, other=0.0)
+        tl.store(u_ptr + uoff, d, mask=vm)
+        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        if GATED:
+            g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
+            G = tl.cumsum(g, axis=0)
+            GL = tl.sum(g, axis=0)
+            dec = tl.exp((GL - G).to(tl.float32))[:, None]                    # Γ_L/Γ_i ≤ 1
+            S = S * tl.exp(GL.to(tl.float32))
+            S -= tl.dot(tl.trans(d * dec), bv, input_precision=PREC)
+        else:
+            S -= tl.dot(tl.trans(d), bv, input_precision=PREC)
+        for m in tl.static_range(M):
+            w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+            e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+            if GATED:
+                e = e * dec
+            S += tl.dot(tl.trans(e), w, input_precision=PREC)
+        S = tl.where(m2, S, 0.0)
+    tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
+
+
+@triton.jit
+def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_ptr, cu_ptr, ix_ptr,
+                           T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                           BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
+                           PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64):
+    """o = Γ ⊙ Q S₀ᵀ − (Q Bᵀ ⊙ D) Δ + Σ_m (Q W_mᵀ ⊙ D) E_m per (chunk, value block), S₀ from ck and Δ
+    from u; KB key columns at a time, like prep."""
+    i_v = tl.program_id(1)
+    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(2), T, H, BT,
+                                            VARLEN)
+    rows = i_v * BV + tl.arange(0, BV)
+    tt = tl.arange(0, BT)
+    tok = start + tt
+    tm = tok < eos
+    base = tok.to(tl.int64) * H + i_h
+    vm = tm[:, None] & (rows < DV)[None, :]
+    # a padding program of the varlen map (start ≥ eos) must not read ck past its end
+    sm = rows < tl.where(start < eos, DV, 0)
+    sbase = ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK
+    o = tl.zeros([BT, BV], dtype=tl.float32)
+    QB = tl.zeros([BT, BT], dtype=tl.float32)
+    for kb in tl.static_range(BK // KB):
+        cols = kb * KB + tl.arange(0, KB)
+        km = cols < DK
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+        S0 = tl.load(sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :], other=0.0)
+        o += tl.dot(q, tl.trans(S0), input_precision=PREC)
+        QB += tl.dot(q, tl.trans(bv), input_precision=PREC)
+    incl = tt[:, None] >= tt[None, :]
+    if GATED:
+        G = tl.cumsum(tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64), axis=0)
+        D = tl.exp(tl.where(incl, (G[:, None] - G[None, :]).to(tl.float32), float("-inf")))
+        o = o * tl.exp(G.to(tl.float32))[:, None]
+    else:
+        D = tl.where(incl, 1.0, 0.0)
+    d = tl.load(u_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+    o -= tl.dot(QB * D, d, input_precision=PREC)
+    for m in tl.static_range(M):
+        QW = _dot_rows_k(q_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC)
+        e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+        o += tl.dot(QW * D, e, input_precision=PREC)
+    tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
+
+
 #: tl.dot precision: "auto" (the default), "ieee", "tf32" or "tf32x3". "auto" is "tf32" when the
 #: scan's inputs are bf16/fp16 (their own rounding, 2⁻⁸ for bf16, exceeds tf32's 2⁻¹¹) and "ieee"
 #: (true fp32, ~1e-6 of the reference) for fp32 inputs. Measured on an H100 (benchmarks/RESULTS.md):
@@ -419,6 +622,75 @@ def _blocks(d_k, d_v):
     return BK, BV
 
 
+#: the delta family's forward with a scalar c and none / scalar decay: "split" (three kernels:
+#: the UT transform parallel over chunks, a sequential state pass of dots only, the output parallel
+#: over chunks; like flash-linear-attention's chunk_delta_rule) or "fused" (one program per
+#: sequence·head·value block walks the chunks and solves each chunk's triangular system inside the
+#: walk; measured 1.8-24x slower than fla on an H100, benchmarks/RESULTS.md). Row c (Longhorn) and
+#: row decays always run fused. OLSSM_TRITON_DELTA_FORWARD overrides.
+DELTA_FORWARD = "split"
+#: value rows per program of the split's parallel kernels (prep, out); the state pass keeps _blocks' BV
+SPLIT_BLOCK_V = 64
+#: key columns per tl.dot operand in prep and out (sm_90, tf32, 8 warps, d_k = 128: whole [32, 128]
+#: operands spilled 350-530 B/thread in prep, 64-column blocks 8-64 B)
+SPLIT_BLOCK_K = 64
+
+
+def _delta_forward() -> str:
+    mode = os.environ.get("OLSSM_TRITON_DELTA_FORWARD") or DELTA_FORWARD
+    if mode not in ("split", "fused"):
+        raise ValueError(f"triton: delta forward must be 'split' or 'fused', got {mode!r}")
+    return mode
+
+
+def _chunk_map(cu, BT, T, N):
+    """Varlen grids parallel over chunks: int32 [NTG, 2] of (sequence, chunk in it) for every chunk
+    of every sequence (chunks start at each sequence's bos), NTG = ⌈T/BT⌉ + N ≥ Σ_n ⌈len_n/BT⌉
+    so that no device → host sync is needed for the grid; the rows past the last chunk name
+    sequence 0's chunk ⌈T/BT⌉ + 1, which starts after its end (masked, see _delta_chunk)."""
+    NTG = -(-T // BT) + N
+    nc = (cu[1:] - cu[:-1]).to(torch.int64).add(BT - 1).div(BT, rounding_mode="floor")
+    end = torch.cumsum(nc, 0)
+    i = torch.arange(NTG, device=cu.device, dtype=torch.int64)
+    n = torch.searchsorted(end, i, right=True)
+    ok = n < N
+    n = n.clamp_max(N - 1)
+    c = i - (end[n] - nc[n])
+    ix = torch.stack([torch.where(ok, n, 0), torch.where(ok, c, -(-T // BT) + 1)], 1)
+    return ix.to(torch.int32).contiguous(), NTG
+
+
+def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens):
+    B, T, H, d_k, d_v, N, max_len, C = sizes
+    BK, BV = _blocks(d_k, d_v)
+    # the parallel kernels take wider value blocks: they have parallelism to spare, and each value
+    # block repeats the [BT, BT] work (the inverse in prep, Q Bᵀ and Q Wᵀ in out)
+    BVW = max(16, min(_np2(d_v), SPLIT_BLOCK_V))
+    q, w, e, g, a, b, c = chunk_in[:7]
+    M = w.shape[0]
+    dev = q.device
+    wt = torch.empty(B, T, H, d_k, dtype=torch.float32, device=dev)
+    u = torch.empty(B, T, H, d_v, dtype=torch.float32, device=dev)   # Ũ, then Δ (state kernel, in place)
+    NCK = ck.shape[2]
+    varlen = cu_seqlens is not None
+    if varlen:
+        ix, NTG = _chunk_map(cu_seqlens, C, T, N)
+        G = H
+    else:
+        ix, NTG, G = ht, -(-T // C), B * H
+    cu = cu_seqlens if varlen else ht
+    prec = _precision(o.dtype)
+    common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=prec, num_warps=NUM_WARPS)
+    chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, cu, ix, T, H, d_k, d_v, w[0].numel(), e[0].numel(),
+                                      M=M, BV=BVW, KB=min(BK, SPLIT_BLOCK_K), **common)
+    chunk_delta_state_kernel[(-(-d_v // BV), N * H)](
+        w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
+        w[0].numel(), e[0].numel(), M=M, BV=BV, USE_H0=h0 is not None, **common)
+    chunk_delta_out_kernel[(NTG, -(-d_v // BVW), G)](q, w, e, g, b, u, ck, o, cu, ix, T, H, d_k, d_v, NCK,
+                                                     w[0].numel(), e[0].numel(), M=M, BV=BVW, KB=min(BK, SPLIT_BLOCK_K),
+                                                     **common)
+
+
 def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None):
     """Launch the chunked forward: fills o, ht (and ck, the state entering every chunk)."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
@@ -431,10 +703,16 @@ def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None)
     NCK = ck.shape[2] if save else 1
     if plan.rule.form.corrections:
         a, b, c = chunk_in[4:7]
+        c_row, g_row = _c_row(plan.rule.form), plan.rule.form.decay_kind == ROW
+        if not c_row and not g_row and _delta_forward() == "split":
+            if not save:   # the output kernel reads S₀ of every chunk: a scratch ck, not returned
+                ck = torch.empty(N, H, max(1, -(-max_len // C)), d_v, d_k, dtype=torch.float32, device=q.device)
+            _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, plan.rule.form.decay_kind != "none", cu_seqlens)
+            return
         chunk_delta_fwd_kernel[(NV, N * H)](
             q, k, v, g, a, b, c, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht,
             cu, T, H, d_k, d_v, NCK, k[0].numel(), v[0].numel(), M=k.shape[0], BT=C, BK=BK, BV=BV,
-            C_ROW=_c_row(plan.rule.form), G_ROW=plan.rule.form.decay_kind == ROW, USE_H0=h0 is not None,
+            C_ROW=c_row, G_ROW=g_row, USE_H0=h0 is not None,
             SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype), num_warps=NUM_WARPS)
         return
     chunk_fwd_kernel[(NV, N * H)](
@@ -458,21 +736,10 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
     dQ, dW and ∂g are partial sums over the value-row blocks (summed by the caller)."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_n = i_bh // H
     i_h = i_bh % H
-    if VARLEN:
-        bos = tl.load(cu_ptr + i_n).to(tl.int32)
-        eos = tl.load(cu_ptr + i_n + 1).to(tl.int32)
-    else:
-        bos = i_n * T
-        eos = bos + T
-    rows = i_v * BV + tl.arange(0, BV)
-    cols = tl.arange(0, BK)
+    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
+    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
     tt = tl.arange(0, BT)
-    rm = rows < DV
-    km = cols < DK
-    m2 = rm[:, None] & km[None, :]
-    soff = rows[:, None] * DK + cols[None, :]
     causal = tt[:, None] >= tt[None, :]
     dS = tl.zeros([BV, BK], dtype=tl.float32)
     if USE_DHT:

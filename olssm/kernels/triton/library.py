@@ -83,7 +83,8 @@ def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: lis
     plan.module.fwd_kernel[(NV, N * H)](
         *[x.contiguous() for x in syms], o, h0.contiguous() if h0 is not None else dummy, ht,
         ck if save else dummy, cu_seqlens if cu_seqlens is not None else dummy, T, H, d_k, d_v, NCK,
-        BK=BK, BV=BV, C=C, USE_H0=h0 is not None, STORE_HT=True, SAVE_CK=save, VARLEN=cu_seqlens is not None)
+        BK=BK, BV=BV, C=C, USE_H0=h0 is not None, STORE_HT=True, SAVE_CK=save, VARLEN=cu_seqlens is not None,
+        num_warps=_rec_warps())
     return o, ht, ck
 
 
@@ -139,7 +140,7 @@ def triton_scan_bwd(key: str, syms: list[Tensor], E: list[Tensor], h0: Optional[
     plan.module.bwd_kernel[(NV, N * H)](
         *[e.contiguous() for e in E], *X, *D, *RG, do.contiguous(), dht.contiguous() if dht is not None else dh0,
         dh0, ck, scratch, cu_seqlens if cu_seqlens is not None else dh0, T, TOK, N, H, d_k, d_v, NCK,
-        BK=BK, BV=BV, C=C, USE_DHT=dht is not None, VARLEN=cu_seqlens is not None)
+        BK=BK, BV=BV, C=C, USE_DHT=dht is not None, VARLEN=cu_seqlens is not None, num_warps=_rec_warps())
     out = []
     for n, d in zip(plan.vars, D):
         g = d.sum(0)
@@ -262,6 +263,11 @@ CHUNK = 32
 #: True: whenever the structure allows; False: always the recurrent backward on the chunked
 #: forward's checkpoints. OLSSM_TRITON_CHUNK_BWD=auto|1|0 overrides.
 CHUNK_BACKWARD = "auto"
+
+
+def _rec_warps() -> int:
+    from . import scan
+    return int(scan.NUM_WARPS)
 
 
 def _interpreted() -> bool:

@@ -20,6 +20,10 @@ from .printer import codegen as _cse
 CHECKPOINT = None
 #: value rows per program; None picks min(next_pow2(d_v), 32) (16 when d_k > 128)
 BLOCK_V = None
+#: warps per program of the recurrent kernels (Triton's default 4). Unmeasured alternative worth a
+#: sweep: fla's fused_recurrent uses 8 value rows and 1 warp per program (more programs in flight),
+#: and was 2x faster than ours at d = 128, B = 2 on an H100 (benchmarks/RESULTS.md)
+NUM_WARPS = 4
 
 _LOCK = threading.Lock()
 _MODULES: dict = {}
