@@ -145,7 +145,8 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
     args = check_scan_args(rule, q, k, v, initial_state=initial_state, output_final_state=output_final_state,
                            cu_seqlens=cu_seqlens, inputs=inputs)
     if backend == "auto":
-        # exact rules have no Triton kernel: their chunked torch form runs on any device
+        # exact rules: the per-token solve is torch either way (triton runs only G's scan); the
+        # chunk backend avoids the extra launches
         backend = "triton" if args.device.type == "cuda" and not args.rule.is_exact else "chunk"
     if args.rule.is_rls:
         # the Riccati recursion of P is sequential by nature; its cheap O(d_k²) step is the scan
@@ -156,6 +157,9 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
     if backend == "chunk":
         from .chunk import chunk_scan
         return chunk_scan(args, chunk_size=chunk_size)
+    if args.rule.is_exact:
+        from .triton.exact import triton_exact_scan
+        return triton_exact_scan(args, chunk_size=chunk_size)
     from .triton import triton_scan
     return triton_scan(args)
 

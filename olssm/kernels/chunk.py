@@ -312,9 +312,10 @@ def _loop_engine(decay, ins, q, S0, C):
     return o.reshape(B, H, Tp, V)[:, :, :T].transpose(1, 2), S
 
 
-def _exact_engine(logd, X, ridge, ins, qr, S0, C):
+def _exact_engine(logd, X, ridge, ins, qr, S0, C, g_engine=None):
     """Exact rules: H_t by chunked decayed prefix sums, x_t = (H_t + diag λ)⁻¹ q_t, G by the
-    linear engine with query x_t (CHUNK.md §4)."""
+    linear engine with query x_t (CHUNK.md §4) — or by g_engine(logd, ins, x, G0) -> (o, G_T)
+    (backend="triton" passes the generated kernels' scan there)."""
     G0, H0 = S0
     B, T, Hh = qr.shape[:3]
     K = H0.shape[-1]
@@ -344,7 +345,10 @@ def _exact_engine(logd, X, ridge, ins, qr, S0, C):
     rid = torch.broadcast_to(ridge, (B, T, Hh, 1, K))[..., 0, :]
     qv = torch.broadcast_to(qr, (B, T, Hh, 1, K))[..., 0, :]
     x = torch.linalg.solve(Ht + torch.diag_embed(rid), qv.unsqueeze(-1))     # [B, T, H, K, 1]
-    o, Gf = _linear_engine(logd, [], ins, x.transpose(-1, -2), G0, C)
+    if g_engine is not None:
+        o, Gf = g_engine(logd, ins, x.transpose(-1, -2), G0)
+    else:
+        o, Gf = _linear_engine(logd, [], ins, x.transpose(-1, -2), G0, C)
     return o, (Gf, Hst)
 
 
@@ -400,8 +404,9 @@ def _exprs(form):
     return ex
 
 
-def chunk_scan(args, chunk_size=64):
-    """backend="chunk": same contract as reference_scan (o in out_dtype, fp32 final state)."""
+def chunk_scan(args, chunk_size=64, g_engine=None):
+    """backend="chunk": same contract as reference_scan (o in out_dtype, fp32 final state).
+    g_engine: for exact rules, what runs the G statistics' scan (default: the linear engine)."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"scan: chunk_size must be a positive int, got {chunk_size!r}")
     rule, form = args.rule, args.rule.form
@@ -485,7 +490,7 @@ def chunk_scan(args, chunk_size=64):
         ld = None if logd is None else cut(logd)
         if exact:
             return _exact_engine(ld, cut(X), cut(ev["ridge"]), [(cut(e), cut(w)) for e, w in ins],
-                                 cut(ev["q"]), S0, C)
+                                 cut(ev["q"]), S0, C, g_engine)
         if engine == "loop":
             return _loop_engine(None if none_decay else cut(ev["decay"]), [(cut(e), cut(w)) for e, w in ins],
                                 cut(ev["q"]), S0, C)

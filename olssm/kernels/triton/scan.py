@@ -106,15 +106,25 @@ def plan_for(rule) -> Plan:
 
 
 def kernel_source(rule) -> str:
+    if rule.is_exact and not rule.is_rls:
+        from .exact import g_rule
+        form = rule.form
+        header = ("# exact rule: x_t = (H_t + diag λ)⁻¹ q_t is solved in torch (chunk backend); this is the\n"
+                  "# generated scan of its G statistics, o_t = G_t x_t (olssm/kernels/triton/exact.py)\n")
+        return header + cg.module_source(g_rule(len(form.moments), form.decay_kind != "none"))
     _check_rule(rule)
     return cg.module_source(rule)
 
 
 def _check_rule(rule):
+    if rule.is_rls:
+        raise NotImplementedError(
+            "triton: recursive-least-squares rules (state S, P: a Riccati recursion, sequential by nature) "
+            "have no Triton kernel; scan() runs them on backend='reference'")
     if rule.is_exact:
         raise NotImplementedError(
-            "triton: exact rules (sufficient statistics G, H with a solve per token) have no Triton kernel "
-            "yet; use backend='chunk' or 'reference'")
+            "triton: exact rules run through olssm.kernels.scan(backend='triton') (a torch solve per token "
+            "and the generated kernels for G's scan), not through the normal-form kernels directly")
 
 
 def _check_device(device):
