@@ -10,9 +10,7 @@ for o, the final state and every gradient; bf16/fp16 inputs vs the fp32 referenc
 """
 import os
 
-_DEVICE = os.environ.get("OLSSM_TRITON_DEVICE", "cpu")
-if _DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_testing import DEVICE as _DEVICE, close as _close, dev as _dev  # noqa: E402  (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -40,15 +38,6 @@ def _small_blocks(monkeypatch):
     monkeypatch.setattr(tscan, "BLOCK_V", 4)
 
 
-def _dev(x):
-    return x.to(_DEVICE)
-
-
-def _close(a, b, rtol, what):
-    a, b = a.double().cpu(), b.double().cpu()
-    err = (a - b).abs().max().item() if a.numel() else 0.0
-    scale = b.abs().max().item() if b.numel() else 0.0
-    assert err <= rtol * scale + ABS, f"{what}: max abs error {err:.3g} vs scale {scale:.3g} (rtol {rtol})"
 
 
 def _run(rule, inp, h0, backend, cu_seqlens=None, seed=7, want=None):

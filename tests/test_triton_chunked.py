@@ -13,11 +13,10 @@ with T: the carried state is contracted by the decay).
 """
 import os
 
-_DEVICE = os.environ.get("OLSSM_TRITON_DEVICE", "cpu")
-if _DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_testing import DEVICE as _DEVICE, close as _close, dev as _dev  # noqa: E402  (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
+import sympy as sp  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -50,7 +49,18 @@ def _row_decay_delta_rule():
                                     update="explicit", name="row decay delta"))
 
 
+def _log_gla_rule():
+    # GLA with the column decay written in log space, Λ = exp(−a): log Λ in closed form, so "auto"
+    # runs the chunked backward (GLA's own log g does not have one) and ∂a is exact at any decay
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    a = O.column("a", positive=True)
+    return olssm.derive(O.Objective(O.sqnorm(S - Sp @ O.diag(sp.exp(-a))) / 2 - O.inner(S @ k, v), name="log GLA"))
+
+
 def _rule(name):
+    if name == "log_gla":
+        return _log_gla_rule()
     if name == "row_decay":
         return _row_decay_rule()
     if name == "row_decay_delta":
@@ -83,16 +93,6 @@ def launches(monkeypatch):
     return calls
 
 
-def _dev(x):
-    return x.to(_DEVICE)
-
-
-def _close(a, b, rtol, what):
-    a, b = a.double().cpu(), b.double().cpu()
-    assert torch.isfinite(a).all(), f"{what}: non-finite values"
-    err = (a - b).abs().max().item() if a.numel() else 0.0
-    scale = b.abs().max().item() if b.numel() else 0.0
-    assert err <= rtol * scale + ABS, f"{what}: max abs error {err:.3g} vs scale {scale:.3g} (rtol {rtol})"
 
 
 def _run(rule, inp, h0, backend, grad=True):
@@ -181,6 +181,62 @@ def test_strong_and_zero_decays_stay_finite(name):
     _close(f, f1, STATE_RTOL, "final state")
     for n in g1:   # auto backward: the decay gradient is exact (no ∂logΛ / Λ with Λ = 0 or 1e-30)
         _close(g[n], g1[n], RTOL, f"d{n}")
+
+
+def _log_decay_input(name, inp, log_decay):
+    """Set the log decay of the rule's decay input (`log_decay`: [T, d] or broadcastable)."""
+    if name == "log_gla":
+        inp["a"] = (-log_decay).expand_as(inp["a"]).clone()
+    else:
+        dn = {"gla": "g", "row_decay": "r"}[name]
+        inp[dn] = torch.exp(log_decay).expand_as(inp[dn]).clone()
+
+
+@pytest.mark.parametrize("name", ["gla", "log_gla", "row_decay"])
+def test_row_and_column_decays_fast_path_and_loop_per_chunk(name, monkeypatch):
+    # chunks of 16: 0 mild; 1 one token at log decay −50 in every column (total > −FAST_SPAN: the
+    # factorised dots, factors up to e^{±25}); 2 three tokens at −80 in one column (total −240 <
+    # −FAST_SPAN: the per-token loop; factors e^{±120} would overflow); 3 a partial chunk of 5
+    calls = []
+    real = tchunk.chunked_backward
+    monkeypatch.setattr(tchunk, "chunked_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rule = _rule(name)
+    T, K, V = 53, 5, 6
+    inp = random_inputs(rule, 1, T, 2, K, V, seed=31)
+    d = V if name == "row_decay" else K
+    ld = -0.2 * torch.rand(T, 1, d, generator=torch.Generator().manual_seed(32))
+    ld[20] = -50.0
+    ld[[36, 40, 44], :, 1] = -80.0
+    _log_decay_input(name, inp, ld)
+    span = float(tchunk.FAST_SPAN.value)
+    tot = ld[:48].reshape(3, 16, d).sum(1).amin(1)                # each full chunk's min over columns
+    assert tot[0] > -span and -span < tot[1] < -40 and tot[2] < -span
+    h0 = 0.3 * torch.randn(1, 2, V, K, generator=torch.Generator().manual_seed(33))
+    _compare(rule, inp, h0)
+    assert len(calls) == (1 if name == "log_gla" else 0)        # log GLA: the chunked backward's two paths
+
+
+@pytest.mark.skipif(_DEVICE != "cpu", reason="sets a jit global, which compiled kernels refuse once compiled")
+@pytest.mark.parametrize("name", ["log_gla", "row_decay"])
+def test_fast_path_and_loop_agree(name, monkeypatch):
+    # FAST_SPAN = +inf takes the factorised dots in every chunk, −inf the per-token loop: on mild decays
+    # (log decay −0.2..0 per token) both must agree to fp32 rounding, forward and (log GLA) backward
+    rule = _rule(name)
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=34)
+    d = 6 if name == "row_decay" else 5
+    _log_decay_input(name, inp, -0.2 * torch.rand(37, 1, d, generator=torch.Generator().manual_seed(35)))
+    h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(36))
+    tlib.FORCE = "chunk"
+    res = []
+    for span in (float("inf"), float("-inf")):
+        monkeypatch.setattr(tchunk, "FAST_SPAN", tchunk.tl.constexpr(span))
+        res.append(_run(rule, inp, h0, "triton"))
+    (o1, f1, g1), (o2, f2, g2) = res
+    assert not torch.equal(o1, o2)                                # two different computations
+    _close(o1, o2, RTOL, "o: fast path vs loop")
+    _close(f1, f2, RTOL, "final state: fast path vs loop")
+    for n in g1:
+        _close(g1[n], g2[n], RTOL, f"d{n}: fast path vs loop")
 
 
 @pytest.mark.parametrize("name, dtype", [("gla", torch.bfloat16), ("gated_deltanet", torch.float16)])

@@ -77,6 +77,20 @@ def variants(BT, BK, BV, prec, BVW=None):
     yield "delta split prep decay=scalar, 2 input terms", ch.chunk_delta_prep_kernel, dict(wide, **two)
     yield "delta split state decay=scalar, 2 input terms", ch.chunk_delta_state_kernel, dict(state, **two)
     yield "delta split out decay=scalar, 2 input terms", ch.chunk_delta_out_kernel, dict(wide, **two)
+    # the delta family's chunked backward (chunked_delta_bwd.py): prep / value take the split's wide value blocks
+    from . import chunked_delta_bwd as dbw
+    value = dict(wide, KB=min(BK, dbw.VALUE_BLOCK_K))
+    key = dict(BT=BT, BV=BV, M=1, PREC=prec, KB=min(BK, dbw.KEY_BLOCK_K))
+    for gated in (False, True):
+        tag = f"decay={'scalar' if gated else 'none'} varlen=True"
+        prep = {k: v for k, v in wide.items() if k != "M"}
+        yield f"delta bwd prep {tag}", dbw.chunk_delta_bwd_prep_kernel, dict(prep, GATED=gated, VARLEN=True)
+        yield (f"delta bwd state {tag}", dbw.chunk_delta_bwd_state_kernel,
+               dict(BT=BT, BK=BK, BV=BV, PREC=prec, GATED=gated, USE_DHT=True, VARLEN=True))
+        yield f"delta bwd value {tag}", dbw.chunk_delta_bwd_value_kernel, dict(value, GATED=gated, VARLEN=True)
+        yield f"delta bwd key {tag}", dbw.chunk_delta_bwd_key_kernel, dict(key, GATED=gated, VARLEN=True)
+    yield "delta bwd value decay=scalar, 2 input terms", dbw.chunk_delta_bwd_value_kernel, dict(value, **two)
+    yield "delta bwd key decay=scalar, 2 input terms", dbw.chunk_delta_bwd_key_kernel, dict(key, **two)
 
 
 def main(argv=None) -> int:

@@ -26,10 +26,23 @@ The cumulative log decays b are summed and differenced in fp64 (then rounded to 
 in fp32, b_i − b_j of two tokens after a strong decay (|b| ≈ 400 within a chunk) cancels to an
 absolute error ≈ |b|·2⁻²⁴ ≈ 2e-5, i.e. a relative error of that size in e^{b_i − b_j}; fp64 keeps
 it at the fp32 rounding of the difference. (On GPUs with slow fp64 this is the first thing to
-revisit: the fp64 work is O(BT²·BK) subtractions per chunk for row/column decays, O(BT²) scalar.)
-Scalar decays use one [BT, BT] decay matrix; column (GLA) and row decays compute the intra-chunk
-matrix one key/value column j at a time with the pairwise exponent b_i − b_j (never the
-factorised e^{b_i}·e^{−b_j}, which overflows for strong decays).
+revisit: the fp64 work per chunk is O(BT²) for scalar decays, O(BT·BK) for row/column decays on
+the fast path below, O(BT²·BK) on their per-token loop.)
+Scalar decays use one [BT, BT] decay matrix. Column (GLA) and row decays have one per key column /
+value row; where it is safe they factorise it about the chunk's half-way point, x = b − b_last/2:
+
+    e^{b_i − b_j} = e^{x_i}·e^{−x_j}:   column  A = ((Q ⊙ e^{x}) (K ⊙ e^{−x})ᵀ) ⊙ causal
+                                        row     o += ((Q Kᵀ ⊙ causal) (V ⊙ e^{−x})) ⊙ e^{x}
+
+(one dot each; the backward's dQ, dK terms likewise). Safe means b_last > −FAST_SPAN (= 60) in
+every column / row of the chunk: then |x| ≤ 30, both factors lie in e^{±30} ≈ 1e∓13 (normal fp32,
+products far below its 3e38 max), every kept (i ≥ j) entry is a sum of the exact terms
+q_ik k_jk e^{b_ik − b_jk} (each ≤ |q_ik k_jk|: no cancellation is introduced), the masked-out i < j
+entries (up to e^{60}·|q||k|) are discarded by tl.where, and rounding x to fp32 costs
+≤ 60·2⁻²⁴ ≈ 4e-6 relative, as rounding a pairwise exponent |b_i − b_j| ≤ 60 does. The reference
+point at b_last/2 rather than the chunk start doubles that span. Other chunks (the branch is per
+chunk, at run time) build the matrix one key/value column j at a time with the pairwise exponent
+b_i − b_j, exact for any decay (the factors would overflow).
 
 The delta family's fused kernel runs the UT transform's forward substitution (over [BT, BV] tiles)
 inside that sequential walk. With a scalar c and none / scalar decay the split forward instead
@@ -42,7 +55,8 @@ ck and Δ. Varlen grids over chunks read a host-built (sequence, chunk) map.
 
 The forward also stores the state entering every chunk (``ck``). Backward: ``chunk_bwd_kernel``
 for none / scalar decays without corrections (gradients of q, w, e, log Λ; torch chains them to
-the raw inputs), else the fused recurrent backward kernel (scan.py / codegen.py) run with those
+the raw inputs), chunked_delta_bwd.py for the delta family with scalar c and none / scalar decay,
+else the fused recurrent backward kernel (scan.py / codegen.py) run with those
 checkpoints (checkpoint interval = chunk size). Both exact.
 """
 from __future__ import annotations
@@ -62,6 +76,10 @@ from ...objectives.core import COLUMN, ROW, SCALAR, kind_of
 _TINY = torch.finfo(torch.float32).tiny
 _LOG_FLOOR = math.log(_TINY)
 DECAY_CODE = {"none": 0, SCALAR: 1, ROW: 2, COLUMN: 3}
+#: row / column decays: a chunk whose total log decay (every row / key column) is > −FAST_SPAN
+#: takes the factorised intra-chunk dots, the others the per-token loop (module docstring). A jit
+#: global: set it before the kernels' first launch (compiled kernels refuse a changed global).
+FAST_SPAN = tl.constexpr(60.0)
 
 
 def _np2(n: int) -> int:
@@ -134,10 +152,16 @@ def _evaluator(form):
 
 
 def backward_supported(plan, exact_decay_grad: bool = True) -> bool:
-    """The chunked backward kernel covers none / scalar / column decays without corrections; with
-    exact_decay_grad only where log Λ has a closed form (no division by Λ in the chain rule)."""
+    """The chunked backward kernels cover none / scalar / column decays without corrections and (with
+    chunked_delta_bwd.DELTA_BACKWARD = "chunk") the delta family with a scalar c and none / scalar decay;
+    with exact_decay_grad only where log Λ has a closed form (no division by Λ in the chain rule)."""
     form = plan.rule.form
-    if form.corrections or form.decay_kind not in ("none", SCALAR, COLUMN):
+    if form.corrections:
+        from .chunked_delta_bwd import delta_backward
+        if (delta_backward() != "chunk" or len(form.corrections) != 1 or _c_row(form)
+                or form.decay_kind not in ("none", SCALAR)):
+            return False
+    elif form.decay_kind not in ("none", SCALAR, COLUMN):
         return False
     return not exact_decay_grad or form.decay_kind == "none" or _log_expr(form.decay) is not None
 
@@ -244,6 +268,8 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
             b = tl.cumsum(g, axis=0)                                  # [BT, BK], fp64
             bl = tl.sum(g, axis=0)                                    # [BK]
             dec = tl.exp((bl[None, :] - b).to(tl.float32))            # [BT, BK]
+            fast = tl.min(bl, axis=0) > -FAST_SPAN                    # module docstring
+            x = (b - 0.5 * bl[None, :]).to(tl.float32)                # log decay from the chunk's half-way point
             o = tl.dot(q * tl.exp(b.to(tl.float32)), tl.trans(S), input_precision=PREC)
             S = S * tl.exp(bl.to(tl.float32))[None, :]
         else:              # row decay (d_v)
@@ -251,6 +277,8 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
             b = tl.cumsum(g, axis=0)                                  # [BT, BV], fp64
             bl = tl.sum(g, axis=0)                                    # [BV]
             dec = tl.exp((bl[None, :] - b).to(tl.float32))            # [BT, BV]
+            fast = tl.min(bl, axis=0) > -FAST_SPAN
+            x = (b - 0.5 * bl[None, :]).to(tl.float32)
             o = tl.dot(q, tl.trans(S), input_precision=PREC) * tl.exp(b.to(tl.float32))
             S = S * tl.exp(bl.to(tl.float32))[:, None]
         # the input terms e_m w_mᵀ of the chunk
@@ -266,25 +294,31 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
                 o += tl.dot(A, v, input_precision=PREC)
                 S += tl.dot(tl.trans(v * dec), k, input_precision=PREC)
             elif DECAY == 3:
-                A = tl.zeros([BT, BT], dtype=tl.float32)
-                for j in range(0, BT):
-                    sel = (tt == j)[:, None]
-                    kj = tl.sum(tl.where(sel, k, 0.0), axis=0)        # [BK]
-                    bj = tl.sum(tl.where(sel, b, 0.0), axis=0)
-                    ex = tl.exp(tl.where((tt >= j)[:, None], (b - bj[None, :]).to(tl.float32), float("-inf")))
-                    aj = tl.sum(q * kj[None, :] * ex, axis=1)         # [BT]
-                    A = tl.where((tt == j)[None, :], aj[:, None], A)
+                if fast:   # e^{b_i − b_j} = e^{x_i}·e^{−x_j}, both factors in [e^{−SPAN/2}, e^{SPAN/2}]
+                    A = tl.where(causal, tl.dot(q * tl.exp(x), tl.trans(k * tl.exp(-x)), input_precision=PREC), 0.0)
+                else:      # pairwise exponents, exact for any decay
+                    A = tl.zeros([BT, BT], dtype=tl.float32)
+                    for j in range(0, BT):
+                        sel = (tt == j)[:, None]
+                        kj = tl.sum(tl.where(sel, k, 0.0), axis=0)    # [BK]
+                        bj = tl.sum(tl.where(sel, b, 0.0), axis=0)
+                        ex = tl.exp(tl.where((tt >= j)[:, None], (b - bj[None, :]).to(tl.float32), float("-inf")))
+                        aj = tl.sum(q * kj[None, :] * ex, axis=1)     # [BT]
+                        A = tl.where((tt == j)[None, :], aj[:, None], A)
                 o += tl.dot(A, v, input_precision=PREC)
                 S += tl.dot(tl.trans(v), k * dec, input_precision=PREC)
             else:
                 QK = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)
-                for j in range(0, BT):
-                    sel = (tt == j)[:, None]
-                    vj = tl.sum(tl.where(sel, v, 0.0), axis=0)        # [BV]
-                    bj = tl.sum(tl.where(sel, b, 0.0), axis=0)
-                    qkj = tl.sum(tl.where((tt == j)[None, :], QK, 0.0), axis=1)   # [BT]
-                    ex = tl.exp(tl.where((tt >= j)[:, None], (b - bj[None, :]).to(tl.float32), float("-inf")))
-                    o += qkj[:, None] * vj[None, :] * ex
+                if fast:   # Σ_j QK_ij e^{b_i − b_j} v_j = e^{x_i} ⊙ Σ_j QK_ij (e^{−x_j} ⊙ v_j)
+                    o += tl.dot(QK, v * tl.exp(-x), input_precision=PREC) * tl.exp(x)
+                else:
+                    for j in range(0, BT):
+                        sel = (tt == j)[:, None]
+                        vj = tl.sum(tl.where(sel, v, 0.0), axis=0)    # [BV]
+                        bj = tl.sum(tl.where(sel, b, 0.0), axis=0)
+                        qkj = tl.sum(tl.where((tt == j)[None, :], QK, 0.0), axis=1)   # [BT]
+                        ex = tl.exp(tl.where((tt >= j)[:, None], (b - bj[None, :]).to(tl.float32), float("-inf")))
+                        o += qkj[:, None] * vj[None, :] * ex
                 S += tl.dot(tl.trans(v * dec), k, input_precision=PREC)
         S = tl.where(m2, S, 0.0)
         tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
@@ -636,11 +670,16 @@ SPLIT_BLOCK_V = 64
 SPLIT_BLOCK_K = 64
 
 
-def _delta_forward() -> str:
-    mode = os.environ.get("OLSSM_TRITON_DELTA_FORWARD") or DELTA_FORWARD
-    if mode not in ("split", "fused"):
-        raise ValueError(f"triton: delta forward must be 'split' or 'fused', got {mode!r}")
+def switch(env: str, value: str, allowed: tuple, what: str) -> str:
+    """A kernel choice: the environment variable env if set, else the module's value; checked."""
+    mode = os.environ.get(env) or value
+    if mode not in allowed:
+        raise ValueError(f"triton: {what} must be {' or '.join(map(repr, allowed))}, got {mode!r}")
     return mode
+
+
+def _delta_forward() -> str:
+    return switch("OLSSM_TRITON_DELTA_FORWARD", DELTA_FORWARD, ("split", "fused"), "delta forward")
 
 
 def _chunk_map(cu, BT, T, N):
@@ -725,6 +764,28 @@ def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None)
 # chunked backward for the diagonal family with none / scalar / column decay (no correction)
 
 @triton.jit
+def _chunk_decay(g_ptr, base, tm, BT: tl.constexpr, GATED: tl.constexpr):
+    """D (inclusive), D_st (strict), Γ, dec = Γ_L/Γ, Γ_L of a chunk (fp64 cumulative sums, chunked.py)."""
+    tt = tl.arange(0, BT)
+    incl = tt[:, None] >= tt[None, :]
+    if GATED:
+        g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
+        G = tl.cumsum(g, axis=0)
+        GL = tl.sum(g, axis=0)
+        D = tl.exp(tl.where(incl, (G[:, None] - G[None, :]).to(tl.float32), float("-inf")))
+        gam = tl.exp(G.to(tl.float32))
+        dec = tl.exp((GL - G).to(tl.float32))
+        gl = tl.exp(GL.to(tl.float32))
+    else:
+        D = tl.where(incl, 1.0, 0.0)
+        gam = tl.full([BT], 1.0, tl.float32)
+        dec = tl.full([BT], 1.0, tl.float32)
+        gl = 1.0
+    Dst = tl.where(tt[:, None] > tt[None, :], D, 0.0)
+    return D, Dst, gam, dec, gl
+
+
+@triton.jit
 def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr,
                      dq_ptr, dk_ptr, dv_ptr, dg_ptr, dh0_ptr, T, H, DK, DV, NCK, SW, SE, TOKH,
                      M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
@@ -762,6 +823,7 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
             gq = tl.exp(b.to(tl.float32))                             # [BT, BK]
             decw = tl.exp((bl[None, :] - b).to(tl.float32))           # [BT, BK]
             glk = tl.exp(bl.to(tl.float32))                           # [BK]
+            fast = tl.min(bl, axis=0) > -FAST_SPAN
             dq = tl.dot(do, S0, input_precision=PREC) * gq
             db = q * dq
             dbL = glk * tl.sum(dS * S0, axis=0)                       # [BK]
@@ -769,20 +831,27 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
                 k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0)
                 v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
                 P = tl.where(causal, tl.dot(do, tl.trans(v), input_precision=PREC), 0.0)   # dO E_mᵀ
-                A = tl.zeros([BT, BT], dtype=tl.float32)
-                dqi = tl.zeros([BT, BK], dtype=tl.float32)
-                dki = tl.zeros([BT, BK], dtype=tl.float32)
-                for j in range(0, BT):
-                    sel = (tt == j)[:, None]
-                    colj = (tt == j)[None, :]
-                    kj = tl.sum(tl.where(sel, k, 0.0), axis=0)        # [BK]
-                    bj = tl.sum(tl.where(sel, b, 0.0), axis=0)
-                    ex = tl.exp(tl.where((tt >= j)[:, None], (b - bj[None, :]).to(tl.float32), float("-inf")))
-                    A = tl.where(colj, tl.sum(q * kj[None, :] * ex, axis=1)[:, None], A)
-                    pj = tl.sum(tl.where(colj, P, 0.0), axis=1)       # [BT]: P[:, j]
-                    dqi += pj[:, None] * kj[None, :] * ex
-                    dkj = tl.sum(pj[:, None] * q * ex, axis=0)        # [BK]
-                    dki = tl.where(sel, dkj[None, :], dki)
+                if fast:   # the forward's factorisation; P is causal, so no masked-out product is formed
+                    x = (b - 0.5 * bl[None, :]).to(tl.float32)
+                    kx = k * tl.exp(-x)
+                    dqi = tl.dot(P, kx, input_precision=PREC) * tl.exp(x)
+                    A = tl.where(causal, tl.dot(q * tl.exp(x), tl.trans(kx), input_precision=PREC), 0.0)
+                    dki = tl.dot(tl.trans(P), q * tl.exp(x), input_precision=PREC) * tl.exp(-x)
+                else:
+                    A = tl.zeros([BT, BT], dtype=tl.float32)
+                    dqi = tl.zeros([BT, BK], dtype=tl.float32)
+                    dki = tl.zeros([BT, BK], dtype=tl.float32)
+                    for j in range(0, BT):
+                        sel = (tt == j)[:, None]
+                        colj = (tt == j)[None, :]
+                        kj = tl.sum(tl.where(sel, k, 0.0), axis=0)    # [BK]
+                        bj = tl.sum(tl.where(sel, b, 0.0), axis=0)
+                        ex = tl.exp(tl.where((tt >= j)[:, None], (b - bj[None, :]).to(tl.float32), float("-inf")))
+                        A = tl.where(colj, tl.sum(q * kj[None, :] * ex, axis=1)[:, None], A)
+                        pj = tl.sum(tl.where(colj, P, 0.0), axis=1)   # [BT]: P[:, j]
+                        dqi += pj[:, None] * kj[None, :] * ex
+                        dkj = tl.sum(pj[:, None] * q * ex, axis=0)    # [BK]
+                        dki = tl.where(sel, dkj[None, :], dki)
                 kdS = tl.dot(k * decw, tl.trans(dS), input_precision=PREC)   # [BT, BV]
                 dks = tl.dot(v, dS, input_precision=PREC) * decw       # [BT, BK]: state's share of dW
                 dq += dqi
@@ -799,19 +868,7 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
             tl.store(dg_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dg, mask=qk_m)
             dS = dS * glk[None, :] + tl.dot(tl.trans(do), q * gq, input_precision=PREC)
         else:
-            if DECAY == 1:
-                g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
-                b = tl.cumsum(g, axis=0)
-                bl = tl.sum(g, axis=0)
-                D = tl.exp(tl.where(causal, (b[:, None] - b[None, :]).to(tl.float32), float("-inf")))
-                gam = tl.exp(b.to(tl.float32))
-                dec = tl.exp((bl - b).to(tl.float32))
-                gl = tl.exp(bl.to(tl.float32))
-            else:
-                D = tl.where(causal, 1.0, 0.0)
-                gam = tl.full([BT], 1.0, tl.float32)
-                dec = tl.full([BT], 1.0, tl.float32)
-                gl = 1.0
+            D, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, DECAY == 1)
             # carried state's share
             dSq = tl.dot(do, S0, input_precision=PREC)                # [BT, BK]: dO S₀
             dq = dSq * gam[:, None]

@@ -170,9 +170,16 @@ def _(key, syms, E, h0, cu_seqlens, ck, do, dht, sizes):
 @torch.library.custom_op("olssm::triton_chunk_bwd", mutates_args=())
 def triton_chunk_bwd(key: str, chunk_in: list[Tensor], ck: Tensor, do: Tensor, dht: Optional[Tensor],
                      cu_seqlens: Optional[Tensor], sizes: list[int]) -> list[Tensor]:
-    """Chunked backward (chunked.chunk_bwd_kernel): [∂q, ∂w, ∂e, (∂ log decay), ∂h0]."""
-    from .chunked import chunked_backward
-    grads, dh0 = chunked_backward(_plan(key), chunk_in, ck, do, dht, sizes, cu_seqlens)
+    """Chunked backward: [∂q, ∂w, ∂e, (∂ log decay), ∂h0] (chunked.chunk_bwd_kernel), with a correction
+    [∂q, ∂w, ∂e, ∂ log decay, ∂a, ∂b, ∂c, ∂h0] (chunked_delta_bwd)."""
+    plan = _plan(key)
+    if plan.rule.form.corrections:
+        from . import chunked_delta_bwd
+        fn = chunked_delta_bwd.chunked_delta_backward
+    else:
+        from . import chunked
+        fn = chunked.chunked_backward
+    grads, dh0 = fn(plan, chunk_in, ck, do, dht, sizes, cu_seqlens)
     return [*grads, dh0]
 
 
@@ -257,7 +264,8 @@ def evaluate_entries(plan, ins: dict, sizes) -> list:
 FORCE = None
 #: tokens per chunk of the chunked kernels (also the backward's checkpoint interval on that path)
 CHUNK = 32
-#: the chunked backward kernel (none / scalar / column decay without corrections): "auto" uses it
+#: the chunked backward kernels (none / scalar / column decay without corrections; the delta family with
+#: scalar c and none / scalar decay, see chunked_delta_bwd.DELTA_BACKWARD): "auto" uses them
 #: when the rule has no decay or its log decay has a closed form (Mamba-2: Δ·a), so that the chain
 #: rule never divides by Λ (∂Λ = ∂logΛ / Λ loses ~eps/Λ relative accuracy: 1e-3 at Λ = 1e-4);
 #: True: whenever the structure allows; False: always the recurrent backward on the chunked
@@ -295,8 +303,10 @@ def _chunk_pays(plan, args) -> bool:
     """Where the compiled chunked kernels were measured slower than the recurrent one (H100, bf16,
     (4, 2048, 16, 64), benchmarks/RESULTS.md), auto keeps the recurrent kernel:
     - fp32 inputs: "ieee" dots are FMA loops that spill (DeltaNet chunk fwd 22.8 ms vs 3.5 recurrent);
-    - row / column decays: the intra-chunk pairwise decays are a loop over the chunk's tokens
-      (GLA chunk 4.5 ms vs 4.0 recurrent fwd).
+    - row / column decays: the intra-chunk pairwise decays were a loop over the chunk's tokens
+      (GLA chunk 4.5 ms vs 4.0 recurrent fwd). Chunks with total log decay > −chunked.FAST_SPAN
+      now take factorised dots instead (unmeasured): the next GPU session should rerun
+      `python benchmarks/triton_kernels.py --rules gla` and drop this rule if chunk wins.
     The interpreter keeps the structural rule (it exercises the chunked kernels in tests)."""
     if _interpreted():
         return True

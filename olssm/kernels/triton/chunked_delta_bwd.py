@@ -1,0 +1,393 @@
+"""Chunked backward of the delta-rule family with a scalar c and none / scalar decay (TRITON.md, "Backward").
+
+Forward, per chunk of BT tokens (b = cumulative log decay from the chunk start, Γ = e^b, Γ_L = e^{b_last},
+dec = Γ_L/Γ, D_ij = e^{b_i − b_j} for i ≥ j else 0, D_st its strictly lower part):
+
+    N = A Bᵀ ⊙ D_st,   L = diag(c) N,   T_c = (I + L)⁻¹
+    R' = Γ ⊙ A S₀ᵀ + Σ_m (A W_mᵀ ⊙ D_st) E_m
+    Δ  = T_c diag(c) R'    (= W̃ S₀ᵀ + Ũ of the split forward: Δ_t = c_t γ_t S_{t−1} a_t,
+                            and R' − N Δ = γ_t S_{t−1} a_t, the correction's prediction)
+    O  = Γ ⊙ Q S₀ᵀ − (Q Bᵀ ⊙ D) Δ + Σ_m (Q W_mᵀ ⊙ D) E_m
+    S' = Γ_L S₀ − (dec ⊙ Δ)ᵀ B + Σ_m (dec ⊙ E_m)ᵀ W_m
+
+Backward, with dO = ∂L/∂O and dS = ∂L/∂S' (the chunk end):
+
+    dΔ  = −(Q Bᵀ ⊙ D)ᵀ dO − dec ⊙ (B dSᵀ)                 (∂ through O and S')
+    dR  = T_cᵀ dΔ,  dR' = c ⊙ dR                          (∂ of the right-hand side R = c ⊙ R')
+    dL  = −dR Δᵀ (strictly lower),  dN = diag(c) dL = −(dR' Δᵀ) ⊙ strict
+    dS₀ = Γ_L dS + (Γ ⊙ dO)ᵀ Q + dR'ᵀ (Γ ⊙ A) = Γ_L dS + (Γ ⊙ dO)ᵀ Q + dΔᵀ W̃
+
+So the chunk has two "readouts" of the same shape: Q with dO and the inclusive D, and A with dR' and
+D_st (the correction's own prediction γ_t S_{t−1} a_t); with OD = (dO Δᵀ) ⊙ D, OE_m = (dO E_mᵀ) ⊙ D,
+RD = (dR' Δᵀ) ⊙ D_st, RE_m = (dR' E_mᵀ) ⊙ D_st:
+
+    dQ   = Γ ⊙ (dO S₀) + Σ_m OE_m W_m − OD B              dA  = Γ ⊙ (dR' S₀) + Σ_m RE_m W_m − RD B
+    dB   = −ODᵀ Q − RDᵀ A − (dec ⊙ Δ) dS                   dW_m = OE_mᵀ Q + RE_mᵀ A + (dec ⊙ E_m) dS
+    dE_m = (Q W_mᵀ ⊙ D)ᵀ dO + (A W_mᵀ ⊙ D_st)ᵀ dR' + dec ⊙ (W_m dSᵀ)
+    ∂c_i = Σ_v dR_iv R'_iv + Σ_j dL_ij N_ij = Γ_i a_i·(dR S₀)_i + Σ_j U_ij,
+           U = [Σ_m (dR E_mᵀ) ⊙ (A W_mᵀ) − (dR Δᵀ) ⊙ (A Bᵀ)] ⊙ D_st
+    ∂b_i = Γ_i q_i·(dO S₀)_i + Σ_j T_ij − Σ_j T_ji + c_i ∂c_i − Σ_j c_j U_ji − X_i
+           T = [Σ_m (dO E_mᵀ) ⊙ (Q W_mᵀ) − (dO Δᵀ) ⊙ (Q Bᵀ)] ⊙ D,
+           X_j = dec_j (Σ_m e_m,j·(W_m dSᵀ)_j − Δ_j·(B dSᵀ)_j)
+    ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j X_j,   ∂(log γ)_t = Σ_{i ≥ t in the chunk} ∂b_i
+
+Four launches (prep and value take the split forward's wide value blocks, ≤ SPLIT_BLOCK_V rows):
+- ``chunk_delta_bwd_prep_kernel`` (chunks × heads, parallel): T_c (forward substitution, stored
+  [B, T, H, BT]), W̃ and the state-independent part of dΔ, −(Q Bᵀ ⊙ D)ᵀ dO;
+- ``chunk_delta_bwd_state_kernel`` (value blocks × sequences·heads, reverse over chunks, dS in registers,
+  3 dots per chunk): dh ← dS (the chunk end's gradient, shaped like ck), dΔ −= dec ⊙ (B dSᵀ) (in place),
+  dS ← dS₀; dh0 at the end;
+- ``chunk_delta_bwd_value_kernel`` (chunks × value blocks × heads): Δ = T_c (c ⊙ R') from ck → dl,
+  ∂c_i = Σ_v dR_iv (R' − N Δ)_iv (partial over value blocks), dR' = c ⊙ T_cᵀ dΔ (over dΔ), dE_m;
+- ``chunk_delta_bwd_key_kernel`` (chunks × KEY_BLOCK_K key columns × heads, a loop over the value blocks):
+  dQ, dA, dB, dW_m and ∂ log γ by the identity ∂b_i = q_i·dQ_i + a_i·dA_i − Σ_m w_m,i·dW_m,i − b_i·dB_i
+  (the row sums of T and c ⊙ U and the Γ terms are q·dQ and a·dA, their column sums and X are w·dW and
+  b·dB), ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j X_j (partial over key blocks).
+The callers sum the partials. Extra memory (fp32): dh like ck, T_c (BT per token·head), W̃, dΔ / dR', Δ.
+"""
+from __future__ import annotations
+
+
+import torch
+import triton
+import triton.language as tl
+
+from . import chunked as _ch
+from .chunked import _chunk_decay, _chunk_map, _delta_chunk, _dot_rows_k, _np2, _precision, _sequence, _state_tile, switch
+
+#: the delta family's backward (scalar c, none / scalar decay): "chunk" (the kernels of this module) or
+#: "recurrent" (the fused recurrent backward on the chunked forward's checkpoints, as before).
+#: OLSSM_TRITON_DELTA_BACKWARD overrides.
+DELTA_BACKWARD = "chunk"
+#: key columns per tl.dot operand in the value kernel (sm_90, tf32, 8 warps, BT = 32, d_k = 128, 64-row value
+#: blocks: 64 columns spilled 176 B/thread, 32 columns 112 B; d_k = 64: 40 → 0 B)
+VALUE_BLOCK_K = 32
+#: key columns per program of the key kernel (32 columns spilled more: 256 vs 72 B/thread)
+KEY_BLOCK_K = 64
+
+
+def delta_backward() -> str:
+    return switch("OLSSM_TRITON_DELTA_BACKWARD", DELTA_BACKWARD, ("chunk", "recurrent"), "delta backward")
+
+
+@triton.jit
+def _dot_rows(x_ptr, y_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, PREC: tl.constexpr):
+    """X Yᵀ [BT, BT] of two [BT, DK] token tiles, KB key columns at a time (a loop, not unrolled)."""
+    acc = tl.zeros([BT, BT], dtype=tl.float32)
+    for kb in range(0, BK // KB):
+        cols = kb * KB + tl.arange(0, KB)
+        msk = tm[:, None] & (cols < DK)[None, :]
+        x = tl.load(x_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0)
+        y = tl.load(y_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0)
+        acc += tl.dot(x, tl.trans(y), input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def chunk_delta_bwd_prep_kernel(q_ptr, a_ptr, b_ptr, c_ptr, g_ptr, do_ptr, tc_ptr, wt_ptr, dd_ptr, cu_ptr, ix_ptr,
+                                T, H, DK, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                GATED: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
+                                KB: tl.constexpr = 64):
+    """Per chunk: T_c = (I + diag(c)(A Bᵀ ⊙ D_st))⁻¹ → tc [.., BT], W̃ = T_c (c ⊙ Γ ⊙ A) → wt,
+    dΔ's local part −(Q Bᵀ ⊙ D)ᵀ dO → dd (all value blocks, BV rows at a time)."""
+    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
+    tt = tl.arange(0, BT)
+    tok = start + tt
+    tm = tok < eos
+    base = tok.to(tl.int64) * H + i_h
+    cc = tl.load(c_ptr + base, mask=tm, other=0.0)
+    D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
+    L = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst * cc[:, None]
+    Tc = tl.where(tt[:, None] == tt[None, :], 1.0, 0.0)
+    for i in range(1, BT):                                                    # T_i = e_i − Σ_{j<i} L_ij T_j
+        sel = (tt == i)[:, None]
+        li = tl.sum(tl.where(sel, L, 0.0), axis=0)
+        ti = tl.where(tt == i, 1.0, 0.0) - tl.sum(li[:, None] * Tc, axis=0)
+        Tc = tl.where(sel, ti[None, :], Tc)
+    tl.store(tc_ptr + base[:, None] * BT + tt[None, :], Tc, mask=tm[:, None])
+    cg = cc * gam
+    for kb in tl.static_range(BK // KB):
+        cols = kb * KB + tl.arange(0, KB)
+        km2 = tm[:, None] & (cols < DK)[None, :]
+        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        tl.store(wt_ptr + base[:, None] * DK + cols[None, :], tl.dot(Tc, a * cg[:, None], input_precision=PREC),
+                 mask=km2)
+    QBt = tl.trans(_dot_rows_k(q_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * D)
+    for i_v in range(0, tl.cdiv(DV, BV)):
+        rows = i_v * BV + tl.arange(0, BV)
+        vm = tm[:, None] & (rows < DV)[None, :]
+        do = tl.load(do_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+        tl.store(dd_ptr + base[:, None] * DV + rows[None, :], -tl.dot(QBt, do, input_precision=PREC), mask=vm)
+
+
+@triton.jit
+def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr,
+                                 T, H, DK, DV, NCK, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                 GATED: tl.constexpr, USE_DHT: tl.constexpr, VARLEN: tl.constexpr,
+                                 PREC: tl.constexpr = "ieee"):
+    """Reverse over chunks: dh ← dS, dΔ = dd − dec ⊙ (B dSᵀ) (in place),
+    dS ← Γ_L dS + (Γ ⊙ dO)ᵀ Q + dΔᵀ W̃."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_h = i_bh % H
+    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
+    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
+    tt = tl.arange(0, BT)
+    dS = tl.zeros([BV, BK], dtype=tl.float32)
+    if USE_DHT:
+        dS += tl.load(dht_ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
+    nc = tl.cdiv(eos - bos, BT)
+    for cr in range(0, nc):
+        c = nc - 1 - cr
+        tl.store(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, mask=m2)
+        tok = bos + c * BT + tt
+        tm = tok < eos
+        base = tok.to(tl.int64) * H + i_h
+        km2 = tm[:, None] & km[None, :]
+        vm = tm[:, None] & rm[None, :]
+        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        doff = base[:, None] * DV + rows[None, :]
+        d = tl.load(dd_ptr + doff, mask=vm, other=0.0)
+        do = tl.load(do_ptr + doff, mask=vm, other=0.0).to(tl.float32)
+        BdS = tl.dot(bv, tl.trans(dS), input_precision=PREC)                   # B dSᵀ [BT, BV]
+        if GATED:
+            g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
+            G = tl.cumsum(g, axis=0)
+            GL = tl.sum(g, axis=0)
+            d -= BdS * tl.exp((GL - G).to(tl.float32))[:, None]
+            do = do * tl.exp(G.to(tl.float32))[:, None]
+            dS = dS * tl.exp(GL.to(tl.float32))
+        else:
+            d -= BdS
+        tl.store(dd_ptr + doff, d, mask=vm)
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        wt = tl.load(wt_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        dS += tl.dot(tl.trans(do), q, input_precision=PREC) + tl.dot(tl.trans(d), wt, input_precision=PREC)
+        dS = tl.where(m2, dS, 0.0)
+    tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
+
+
+@triton.jit
+def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, tc_ptr, dd_ptr, do_ptr, ck_ptr,
+                                 dh_ptr, dl_ptr, de_ptr, dc_ptr, cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE, TOKH,
+                                 M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                 GATED: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
+                                 KB: tl.constexpr = 64):
+    """Per (chunk, value block): Δ = T_c (c ⊙ R') → dl, the partial ∂c_i = Σ_v dR_iv (R' − N Δ)_iv → dc
+    (R' − N Δ = γ_t S_{t−1} a_t), dR' = c ⊙ T_cᵀ dΔ (over dΔ in dd), then dE_m → de. A W_mᵀ is computed
+    in both phases (fewer live tiles)."""
+    i_v = tl.program_id(1)
+    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(2), T, H, BT,
+                                            VARLEN)
+    rows = i_v * BV + tl.arange(0, BV)
+    tt = tl.arange(0, BT)
+    tok = start + tt
+    tm = tok < eos
+    base = tok.to(tl.int64) * H + i_h
+    vm = tm[:, None] & (rows < DV)[None, :]
+    sm = rows < tl.where(start < eos, DV, 0)          # a padding program of the varlen map reads no ck / dh
+    sbase = (i_bh.to(tl.int64) * NCK + c) * DV * DK
+    voff = base[:, None] * DV + rows[None, :]
+    cc = tl.load(c_ptr + base, mask=tm, other=0.0)
+    D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
+    # phase 1: R' = Γ ⊙ A S₀ᵀ + Σ_m (A W_mᵀ ⊙ D_st) E_m, Δ, ∂c
+    R = tl.zeros([BT, BV], dtype=tl.float32)
+    for kb in range(0, BK // KB):
+        cols = kb * KB + tl.arange(0, KB)
+        km = cols < DK
+        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+        S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :], other=0.0)
+        R += tl.dot(a, tl.trans(S0), input_precision=PREC)
+    R = R * gam[:, None]
+    for m in tl.static_range(M):
+        AW = _dot_rows(a_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC) * Dst
+        R += tl.dot(AW, tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0), input_precision=PREC)
+    Tc = tl.load(tc_ptr + base[:, None] * BT + tt[None, :], mask=tm[:, None], other=0.0)
+    dl = tl.dot(Tc, R * cc[:, None], input_precision=PREC)                     # Δ = T_c (c ⊙ R')
+    tl.store(dl_ptr + voff, dl, mask=vm)
+    N = _dot_rows(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
+    R -= tl.dot(N, dl, input_precision=PREC)                                   # R' − N Δ
+    dR = tl.dot(tl.trans(Tc), tl.load(dd_ptr + voff, mask=vm, other=0.0), input_precision=PREC)   # T_cᵀ dΔ
+    tl.store(dc_ptr + i_v.to(tl.int64) * TOKH + base, tl.sum(dR * R, axis=1), mask=tm)
+    dR = dR * cc[:, None]                                                      # dR' = c ⊙ dR
+    tl.store(dd_ptr + voff, dR, mask=vm)                                       # this program's tile only
+    # phase 2: dE_m = (Q W_mᵀ ⊙ D)ᵀ dO + (A W_mᵀ ⊙ D_st)ᵀ dR' + dec ⊙ (W_m dSᵀ)
+    do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+    for m in tl.static_range(M):
+        QW = tl.zeros([BT, BT], dtype=tl.float32)
+        AW = tl.zeros([BT, BT], dtype=tl.float32)
+        WdS = tl.zeros([BT, BV], dtype=tl.float32)
+        for kb in range(0, BK // KB):
+            cols = kb * KB + tl.arange(0, KB)
+            km = cols < DK
+            km2 = tm[:, None] & km[None, :]
+            q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+            a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+            w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+            dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
+                         other=0.0)
+            QW += tl.dot(q, tl.trans(w), input_precision=PREC)
+            AW += tl.dot(a, tl.trans(w), input_precision=PREC)
+            WdS += tl.dot(w, tl.trans(dS), input_precision=PREC)
+        de = (tl.dot(tl.trans(QW * D), do, input_precision=PREC) + tl.dot(tl.trans(AW * Dst), dR, input_precision=PREC)
+              + WdS * dec[:, None])
+        tl.store(de_ptr + m * SE + voff, de, mask=vm)
+
+
+@triton.jit
+def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr, dl_ptr, do_ptr, ck_ptr, dh_ptr,
+                               dq_ptr, dw_ptr, dg_ptr, da_ptr, db_ptr, cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE,
+                               TOKH, M: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                               VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64):
+    """Per (chunk, block of KB key columns), summing over all value blocks: dQ, dA, dB, dW_m, and the
+    partial (over key blocks) ∂ log γ from ∂b_i = q_i·dQ_i + a_i·dA_i − Σ_m w_i·dW_i − b_i·dB_i,
+    ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j (Σ_m w_j·(dec ⊙ E_m dS)_j − b_j·(dec ⊙ Δ dS)_j)."""
+    i_k = tl.program_id(1)
+    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(2), T, H, BT,
+                                            VARLEN)
+    cols = i_k * KB + tl.arange(0, KB)
+    km = cols < DK
+    tt = tl.arange(0, BT)
+    tok = start + tt
+    tm = tok < eos
+    base = tok.to(tl.int64) * H + i_h
+    km2 = tm[:, None] & km[None, :]
+    koff = base[:, None] * DK + cols[None, :]
+    DVS = tl.where(start < eos, DV, 0)                # a padding program of the varlen map reads no ck / dh
+    sbase = (i_bh.to(tl.int64) * NCK + c) * DV * DK
+    OD = tl.zeros([BT, BT], dtype=tl.float32)                                  # dO Δᵀ
+    RD = tl.zeros([BT, BT], dtype=tl.float32)                                  # dR' Δᵀ
+    OE = tl.zeros([BT, BT], dtype=tl.float32)                                  # dO E_0ᵀ
+    RE = tl.zeros([BT, BT], dtype=tl.float32)                                  # dR' E_0ᵀ
+    dq = tl.zeros([BT, KB], dtype=tl.float32)
+    da = tl.zeros([BT, KB], dtype=tl.float32)
+    db = tl.zeros([BT, KB], dtype=tl.float32)
+    dwS = tl.zeros([BT, KB], dtype=tl.float32)
+    SS = tl.zeros([KB], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(DV, BV)):
+        rows = i_v * BV + tl.arange(0, BV)
+        vm = tm[:, None] & (rows < DV)[None, :]
+        voff = base[:, None] * DV + rows[None, :]
+        sm2 = (rows < DVS)[:, None] & km[None, :]
+        do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+        dl = tl.load(dl_ptr + voff, mask=vm, other=0.0)
+        dr = tl.load(dr_ptr + voff, mask=vm, other=0.0)
+        e = tl.load(e_ptr + voff, mask=vm, other=0.0)
+        S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0)
+        dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0)
+        OD += tl.dot(do, tl.trans(dl), input_precision=PREC)
+        RD += tl.dot(dr, tl.trans(dl), input_precision=PREC)
+        OE += tl.dot(do, tl.trans(e), input_precision=PREC)
+        RE += tl.dot(dr, tl.trans(e), input_precision=PREC)
+        dq += tl.dot(do, S0, input_precision=PREC)
+        da += tl.dot(dr, S0, input_precision=PREC)
+        db -= tl.dot(dl, dS, input_precision=PREC)
+        dwS += tl.dot(e, dS, input_precision=PREC)
+        SS += tl.sum(dS * S0, axis=0)
+    # the decays only scale rows of what the loop summed (fewer live tiles inside it)
+    D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
+    q = tl.load(q_ptr + koff, mask=km2, other=0.0)
+    a = tl.load(a_ptr + koff, mask=km2, other=0.0)
+    bv = tl.load(b_ptr + koff, mask=km2, other=0.0)
+    db = db * dec[:, None]
+    dwS = dwS * dec[:, None]
+    xs = tl.sum(tl.sum(bv * db, axis=1), axis=0)                               # Σ_j b_j·(state part of dB)_j
+    OD = OD * D
+    RD = RD * Dst
+    dq = dq * gam[:, None] - tl.dot(OD, bv, input_precision=PREC)
+    da = da * gam[:, None] - tl.dot(RD, bv, input_precision=PREC)
+    db -= tl.dot(tl.trans(OD), q, input_precision=PREC) + tl.dot(tl.trans(RD), a, input_precision=PREC)
+    dbt = tl.zeros([BT], dtype=tl.float32)                                     # ∂b_i
+    for m in tl.static_range(M):
+        if m > 0:          # the first input term was accumulated in the loop above
+            OE = tl.zeros([BT, BT], dtype=tl.float32)
+            RE = tl.zeros([BT, BT], dtype=tl.float32)
+            dwS = tl.zeros([BT, KB], dtype=tl.float32)
+            for i_v in range(0, tl.cdiv(DV, BV)):
+                rows = i_v * BV + tl.arange(0, BV)
+                vm = tm[:, None] & (rows < DV)[None, :]
+                voff = base[:, None] * DV + rows[None, :]
+                do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+                dr = tl.load(dr_ptr + voff, mask=vm, other=0.0)
+                e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0)
+                dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :],
+                             mask=(rows < DVS)[:, None] & km[None, :], other=0.0)
+                OE += tl.dot(do, tl.trans(e), input_precision=PREC)
+                RE += tl.dot(dr, tl.trans(e), input_precision=PREC)
+                dwS += tl.dot(e, dS, input_precision=PREC)
+            dwS = dwS * dec[:, None]
+        w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0)
+        OEm = OE * D
+        REm = RE * Dst
+        xs += tl.sum(tl.sum(w * dwS, axis=1), axis=0)
+        dq += tl.dot(OEm, w, input_precision=PREC)
+        da += tl.dot(REm, w, input_precision=PREC)
+        dw = dwS + tl.dot(tl.trans(OEm), q, input_precision=PREC) + tl.dot(tl.trans(REm), a, input_precision=PREC)
+        tl.store(dw_ptr + m * SW + koff, dw, mask=km2)
+        dbt -= tl.sum(w * dw, axis=1)
+    tl.store(dq_ptr + koff, dq, mask=km2)
+    tl.store(da_ptr + koff, da, mask=km2)
+    tl.store(db_ptr + koff, db, mask=km2)
+    if GATED:
+        dbt += tl.sum(q * dq, axis=1) + tl.sum(a * da, axis=1) - tl.sum(bv * db, axis=1)
+        dbt = tl.where(tt == BT - 1, dbt + gl * tl.sum(SS, axis=0) + xs, dbt)
+        dg = tl.sum(dbt, axis=0) - tl.cumsum(dbt, axis=0) + dbt               # Σ_{i ≥ t} ∂b_i
+        tl.store(dg_ptr + i_k.to(tl.int64) * TOKH + base, dg, mask=tm)
+
+
+def chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
+    """∂ of chunk_in = [q, w [M,...], e [M,...], log decay, a, b, c] and ∂h0 for the delta family with a
+    scalar c and none / scalar decay (∂ log decay is zeros without a decay), from the forward's ck."""
+    B, T, H, d_k, d_v, N, max_len, C = sizes
+    BK, BV = _ch._blocks(d_k, d_v)
+    BVW = max(16, min(_np2(d_v), _ch.SPLIT_BLOCK_V))   # the split forward's blocks (read at call time)
+    KB = min(BK, _ch.SPLIT_BLOCK_K)
+    q, w, e, g, a, b, c = chunk_in[:7]
+    M = w.shape[0]
+    gated = plan.rule.form.decay_kind != "none"
+    dev = q.device
+    TOKH = B * T * H
+    NCK = ck.shape[2]
+    do = do.contiguous()
+    varlen = cu_seqlens is not None
+    dh0 = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
+    if varlen:
+        ix, NTG = _chunk_map(cu_seqlens, C, T, N)
+        G = H
+    else:
+        ix, NTG, G = dh0, -(-T // C), B * H
+    cu = cu_seqlens if varlen else dh0
+    prec = _precision(do.dtype)
+    common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=prec, num_warps=_ch.NUM_WARPS)
+    z = dict(dtype=torch.float32, device=dev)
+    tc = torch.empty(B, T, H, C, **z)
+    wt = torch.empty(B, T, H, d_k, **z)
+    dd = torch.empty(B, T, H, d_v, **z)     # dΔ (prep: its local part; state: all of it), then dR' (value kernel)
+    dh = torch.empty_like(ck)
+    chunk_delta_bwd_prep_kernel[(NTG, G)](q, a, b, c, g, do, tc, wt, dd, cu, ix, T, H, d_k, d_v, BK=BK, BV=BVW,
+                                          KB=KB, **common)
+    chunk_delta_bwd_state_kernel[(-(-d_v // BV), N * H)](
+        q, g, b, wt, do, dd, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK,
+        BK=BK, BV=BV, USE_DHT=dht is not None, **common)
+    NVW = -(-d_v // BVW)
+    dl = torch.empty(B, T, H, d_v, **z)
+    de = torch.zeros(M, B, T, H, d_v, **z)
+    dc = torch.zeros(NVW, B, T, H, **z)
+    chunk_delta_bwd_value_kernel[(NTG, NVW, G)](
+        q, w, e, g, a, b, c, tc, dd, do, ck, dh, dl, de, dc, cu, ix, T, H, d_k, d_v, NCK, w[0].numel(),
+        e[0].numel(), TOKH, M=M, BK=BK, BV=BVW, KB=min(BK, VALUE_BLOCK_K), **common)
+    KB = min(BK, KEY_BLOCK_K)
+    NKB = BK // KB
+    dq = torch.zeros(B, T, H, d_k, **z)
+    da = torch.zeros(B, T, H, d_k, **z)
+    db = torch.zeros(B, T, H, d_k, **z)
+    dw = torch.zeros(M, B, T, H, d_k, **z)
+    dg = torch.zeros(NKB if gated else 1, B, T, H, **z)
+    chunk_delta_bwd_key_kernel[(NTG, NKB, G)](
+        q, w, e, g, a, b, dd, dl, do, ck, dh, dq, dw, dg, da, db, cu, ix, T, H, d_k, d_v, NCK, w[0].numel(),
+        e[0].numel(), TOKH, M=M, BV=BV, KB=KB, **common)
+
+    def red(x):
+        return x[0] if x.shape[0] == 1 else x.sum(0)
+
+    return [dq, dw, de, red(dg), da, db, red(dc)], dh0

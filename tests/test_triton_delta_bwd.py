@@ -1,0 +1,270 @@
+"""backend="triton": the delta family's chunked backward (chunked_delta_bwd.py), scalar c, none / scalar decay.
+
+Under the Triton CPU interpreter (TRITON_INTERPRET=1, set before triton is imported) with tiny shapes and
+16-token chunks (4 in one test). On a GPU: `OLSSM_TRITON_DEVICE=cuda pytest tests/test_triton_delta_bwd.py`.
+Tolerances as in test_triton_chunked.py: max|triton − reference| <= 1e-5·max|reference| + 1e-6 (final
+state 2e-5). The direct tests call the kernels on chunk tensors with independent a, b, w (the catalogue's
+rules have a = b = w = k, so torch sums their gradients) against an fp64 autograd loop.
+"""
+from triton_testing import close as _close, dev as _dev  # noqa: E402  (sets TRITON_INTERPRET first)
+
+import pytest  # noqa: E402
+import sympy as sp  # noqa: E402
+import torch  # noqa: E402
+
+import olssm  # noqa: E402
+from olssm import objectives as O  # noqa: E402
+from olssm.catalogue import ENTRIES, random_inputs  # noqa: E402
+from olssm.kernels.triton import chunked as tchunk  # noqa: E402
+from olssm.kernels.triton import chunked_delta_bwd as tdelta  # noqa: E402
+from olssm.kernels.triton import library as tlib  # noqa: E402
+from olssm.kernels.triton import scan as tscan  # noqa: E402
+
+RTOL, STATE_RTOL, ABS = 1e-5, 2e-5, 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _small(monkeypatch):
+    monkeypatch.setattr(tlib, "CHUNK", 16)
+    monkeypatch.setattr(tlib, "FORCE", "chunk")
+    monkeypatch.setattr(tdelta, "DELTA_BACKWARD", "chunk")
+    for var in ("OLSSM_TRITON_KERNEL", "OLSSM_TRITON_CHUNK_BWD", "OLSSM_TRITON_DELTA_BACKWARD"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(tlib, "_chunk_pays", lambda plan, args: True)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts calls of the delta family's chunked backward."""
+    out = []
+    real = tdelta.chunked_delta_backward
+    monkeypatch.setattr(tdelta, "chunked_delta_backward", lambda *a, **k: out.append(1) or real(*a, **k))
+    return out
+
+
+
+
+def _run(rule, inp, h0, backend, cu=None):
+    x = {n: _dev(t).clone().requires_grad_() for n, t in inp.items()}
+    h = None if h0 is None else _dev(h0).clone().requires_grad_()
+    o, f = rule.scan(backend=backend, output_final_state=True, initial_state=h, cu_seqlens=cu, **x)
+    g = torch.Generator().manual_seed(7)
+    loss = (o * _dev(torch.randn(o.shape, generator=g))).sum() + (f * _dev(torch.randn(f.shape, generator=g))).sum()
+    leaves = dict(x, **({"h0": h} if h is not None else {}))
+    return o, f, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+def _compare(rule, inp, h0=None, cu=None):
+    o1, f1, g1 = _run(rule, inp, h0, "reference", cu)
+    o2, f2, g2 = _run(rule, inp, h0, "triton", cu)
+    _close(o2, o1, RTOL, "o")
+    _close(f2, f1, STATE_RTOL, "final state")
+    assert set(g1) == set(g2)
+    for n in g1:
+        assert g2[n].shape == g1[n].shape and g2[n].dtype == g1[n].dtype
+        _close(g2[n], g1[n], RTOL, f"d{n}")
+    return g2
+
+
+def _log_gated_deltanet():
+    # decay exp(la): log Λ in closed form, so "auto" takes the chunked backward
+    S, _ = O.states()
+    beta = O.scalar("beta", domain="unit")
+    la = O.scalar("la", domain="negative")
+    return olssm.derive(O.Objective(O.sqnorm(S @ O.key("k") - O.value("v"), weight=beta) / 2, update="explicit",
+                                    decay=sp.exp(la), name="log-gated DeltaNet"))
+
+
+def _two_term_rule():
+    S, _ = O.states()
+    beta = O.scalar("beta", domain="unit")
+    return olssm.derive(O.Objective(O.sqnorm(S @ O.key("k") - O.value("v"), weight=beta) / 2
+                                    - O.inner(S @ O.key("kl"), O.scalar("s") * O.value("vl")), update="explicit",
+                                    decay=O.scalar("alpha", domain="decay"), name="two-term gated DeltaNet"))
+
+
+def _blocks16(monkeypatch):
+    for mod, name in [(tchunk, "SPLIT_BLOCK_V"), (tchunk, "SPLIT_BLOCK_K"), (tdelta, "VALUE_BLOCK_K"),
+                      (tdelta, "KEY_BLOCK_K")]:
+        monkeypatch.setattr(mod, name, 16)
+
+
+# ---- through rule.scan, against the reference backend --------------------------------------------------
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_catalogue_rules_and_the_recurrent_switch(name, calls, monkeypatch):
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")            # Gated DeltaNet: log α has no closed form
+    rule = ENTRIES[name].rule
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=1)           # 37 = 2 chunks of 16 + 5
+    h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(2))
+    g_chunk = _compare(rule, inp, h0)
+    assert len(calls) == 1
+    monkeypatch.setattr(tdelta, "DELTA_BACKWARD", "recurrent")
+    assert not tchunk.backward_supported(tscan.plan_for(rule), exact_decay_grad=False)
+    g_rec = _compare(rule, inp, h0)
+    assert len(calls) == 1
+    for n in g_chunk:
+        _close(g_chunk[n], g_rec[n], RTOL, f"d{n}: chunk vs recurrent backward")
+    monkeypatch.setattr(tdelta, "DELTA_BACKWARD", "chunk")
+    monkeypatch.setenv("OLSSM_TRITON_DELTA_BACKWARD", "recurrent")
+    assert not tchunk.backward_supported(tscan.plan_for(rule), exact_decay_grad=False)
+    monkeypatch.setenv("OLSSM_TRITON_DELTA_BACKWARD", "bogus")
+    with pytest.raises(ValueError, match="delta backward"):
+        tchunk.backward_supported(tscan.plan_for(rule))
+
+
+def test_auto_policy(calls, monkeypatch):
+    # "auto": the chunked delta backward where there is no decay or log Λ has a closed form; Longhorn's row c
+    # keeps the recurrent backward
+    monkeypatch.setattr(tlib, "FORCE", None)
+    plan = tscan.plan_for
+    assert tchunk.backward_supported(plan(ENTRIES["deltanet"].rule))
+    assert tchunk.backward_supported(plan(_log_gated_deltanet()))
+    assert not tchunk.backward_supported(plan(ENTRIES["gated_deltanet"].rule))
+    assert tchunk.backward_supported(plan(ENTRIES["gated_deltanet"].rule), exact_decay_grad=False)
+    assert not tchunk.backward_supported(plan(ENTRIES["longhorn"].rule), exact_decay_grad=False)
+    rule = ENTRIES["gated_deltanet"].rule
+    _compare(rule, random_inputs(rule, 1, 33, 1, 4, 5, seed=3), None)
+    assert len(calls) == 0
+
+
+def test_strong_decay_closed_form_log(calls):
+    rule = _log_gated_deltanet()
+    inp = random_inputs(rule, 1, 40, 2, 5, 6, seed=5)
+    inp["la"][:, 20] = -30.0                                     # one token forgets (nearly) everything
+    inp["la"][:, 3] = -1e-3
+    h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(5))
+    _compare(rule, inp, h0)
+    assert len(calls) == 1
+
+
+def test_two_input_terms(calls, monkeypatch):
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    rule = _two_term_rule()
+    assert len(rule.form.inputs) == 2 and len(rule.form.corrections) == 1
+    _compare(rule, random_inputs(rule, 1, 21, 1, 4, 5, seed=13), 0.3 * torch.randn(1, 1, 5, 4))
+    assert len(calls) == 1
+
+
+def test_varlen(calls, monkeypatch):
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    rule = ENTRIES["gated_deltanet"].rule
+    cu = [0, 5, 5, 6, 43]                                        # lengths 5, 0, 1, 37
+    inp = random_inputs(rule, 1, 43, 2, 4, 5, seed=6)
+    h0 = 0.3 * torch.randn(4, 2, 5, 4, generator=torch.Generator().manual_seed(6))
+    g = _compare(rule, inp, h0, cu=_dev(torch.tensor(cu, dtype=torch.int32)))
+    assert len(calls) == 1
+    assert g["h0"][1].abs().max() > 0                            # the empty sequence passes dht to dh0
+
+
+def test_value_and_key_blocks(calls, monkeypatch):
+    # d_k = 20 (BK = 32: two 16-column blocks, two key-kernel programs), d_v = 40: three 16-row blocks in
+    # prep / value (partial ∂c), two 32-row blocks in the state pass and the key kernel's loop; no initial state
+    _blocks16(monkeypatch)
+    rule = ENTRIES["deltanet"].rule
+    _compare(rule, random_inputs(rule, 1, 35, 1, 20, 40, seed=8), None)
+    assert len(calls) == 1
+
+
+# ---- the kernels on chunk tensors, against an fp64 autograd loop -------------------------------------
+
+def _loop(q, w, e, ld, a, b, c, h0, bounds):
+    """S_t = γ_t S_{t-1} (I − c_t a_t b_tᵀ) + Σ_m e_m,t w_m,tᵀ, o_t = S_t q_t, over [bos, eos) of each
+    sequence."""
+    outs, finals = {}, []
+    for n, (row, s0, s1) in enumerate(bounds):
+        S = h0[n]                                                # [H, V, K]
+        for t in range(s0, s1):
+            Sa = torch.einsum("hvk,hk->hv", S, a[row, t])
+            S = ld[row, t].exp()[:, None, None] * (S - c[row, t][:, None, None] * Sa[..., None] * b[row, t][:, None, :])
+            S = S + torch.einsum("mhv,mhk->hvk", e[:, row, t], w[:, row, t])
+            outs[(row, t)] = torch.einsum("hvk,hk->hv", S, q[row, t])
+        finals.append(S)
+    B, T = q.shape[:2]
+    zero = torch.zeros_like(q[0, 0, :, :1].expand(-1, e.shape[-1]))
+    o = torch.stack([torch.stack([outs.get((r, t), zero) for t in range(T)]) for r in range(B)])
+    return o, torch.stack(finals)
+
+
+@pytest.mark.parametrize("gated, varlen, chunk, M, K, V", [(True, False, 16, 2, 6, 5), (False, False, 16, 1, 6, 5),
+                                                           (True, True, 16, 1, 20, 20), (True, True, 4, 2, 6, 5)])
+def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, monkeypatch):
+    if K > 16:
+        _blocks16(monkeypatch)                                   # several key and value blocks
+    gen = torch.Generator().manual_seed(11 + M + chunk)
+    H = 2
+    if varlen:
+        cu = [0, 5, 5, 6, 43]
+        B, T = 1, 43
+        bounds = [(0, s, t) for s, t in zip(cu[:-1], cu[1:])]
+    else:
+        B, T = 2, 37
+        bounds = [(r, 0, T) for r in range(B)]
+    N = len(bounds)
+    max_len = max(t - s for _, s, t in bounds)
+
+    def key(*shape):
+        return torch.nn.functional.normalize(torch.randn(*shape, generator=gen), dim=-1)
+
+    q, a, b = key(B, T, H, K), key(B, T, H, K), key(B, T, H, K)
+    w, e = key(M, B, T, H, K), torch.randn(M, B, T, H, V, generator=gen)
+    c = 0.1 + 0.8 * torch.rand(B, T, H, generator=gen)
+    ld = -0.3 * torch.rand(B, T, H, generator=gen) if gated else torch.zeros(B, T, H)
+    if gated:
+        ld[:, 20, 0] = -30.0                                     # a strong decay on one token
+    h0 = 0.3 * torch.randn(N, H, V, K, generator=gen)
+    do, dht = torch.randn(B, T, H, V, generator=gen), torch.randn(N, H, V, K, generator=gen)
+    chunk_in = [_dev(x).contiguous() for x in (q, w, e, ld, a, b, c)]
+    plan = tscan.plan_for(ENTRIES["gated_deltanet" if gated else "deltanet"].rule)
+    sizes = [B, T, H, K, V, N, max_len, chunk]
+    cu_t = _dev(torch.tensor(cu, dtype=torch.int32)) if varlen else None
+    o = _dev(torch.empty(B, T, H, V))
+    ht = _dev(torch.empty(N, H, V, K))
+    ck = _dev(torch.empty(N, H, -(-max_len // chunk), V, K))
+    tchunk.chunked_forward(plan, chunk_in, _dev(h0), o, ht, ck, sizes, True, cu_t)
+    grads, dh0 = tdelta.chunked_delta_backward(plan, chunk_in, ck, _dev(do), _dev(dht), sizes, cu_t)
+
+    ref_in = [x.double().requires_grad_() for x in (q, w, e, ld, a, b, c, h0)]
+    o1, f1 = _loop(*ref_in, bounds)
+    ref = torch.autograd.grad((o1 * do.double()).sum() + (f1 * dht.double()).sum(), ref_in)
+    _close(o, o1, RTOL, "o")
+    _close(ht, f1, STATE_RTOL, "final state")
+    names = ["q", "w", "e", "log decay", "a", "b", "c", "h0"]
+    for n, got, want in zip(names, [*grads, dh0], ref):
+        assert got.shape == want.shape, n
+        if n != "log decay" or gated:
+            _close(got, want, RTOL, f"d{n}")
+
+
+# ---- torch.library / torch.compile ----------------------------------------------------------------------
+
+def test_opcheck_and_torch_compile(calls):
+    rule = ENTRIES["deltanet"].rule
+    plan = tscan.plan_for(rule)
+    key = tlib.register(plan)
+    B, T, H, K, V = 1, 20, 1, 4, 4
+    inp = {n: _dev(t).requires_grad_() for n, t in random_inputs(rule, B, T, H, K, V, seed=10).items()}
+    args = olssm.kernels.api.check_scan_args(rule, None, None, None, initial_state=None, output_final_state=True,
+                                             cu_seqlens=None, inputs=inp)
+    chunk_in = [x.detach().requires_grad_() for x in tchunk.chunk_inputs(plan, args, grad=True)]
+    h0 = _dev(torch.randn(B, H, V, K)).requires_grad_()
+    torch.library.opcheck(torch.ops.olssm.triton_scan_fwd.default,
+                          (key, [inp[s.name] for s in plan.syms], [], chunk_in, h0, None, [B, T, H, K, V, B, T, 16],
+                           torch.float32, True, True, True))
+    assert calls
+    torch._dynamo.reset()
+
+    def fn(h, x):
+        o, f = rule.scan(backend="triton", initial_state=h, output_final_state=True, **x)
+        return (o * o).sum() + (f * torch.arange(f.numel(), device=f.device).reshape(f.shape)).sum() * 1e-2
+
+    outs = []
+    for f in (fn, torch.compile(fn, backend="aot_eager")):
+        x = {n: t.detach().clone().requires_grad_() for n, t in inp.items()}
+        h = h0.detach().clone().requires_grad_()
+        loss = f(h, x)
+        outs.append((loss, torch.autograd.grad(loss, [h, *x.values()])))
+    (l1, g1), (l2, g2) = outs
+    _close(l2, l1, 1e-6, "loss")
+    for a, b in zip(g2, g1):
+        _close(a, b, 1e-6, "grad")
