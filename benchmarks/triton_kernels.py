@@ -19,6 +19,7 @@ import torch
 
 from olssm.catalogue import ENTRIES, random_inputs
 from olssm.kernels.triton import chunked, library
+from olssm.kernels.triton import chunked_delta_bwd
 from olssm.kernels.triton import scan as tscan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,6 +77,9 @@ def main(argv=None):
     p.add_argument("--delta-forward", default=chunked.DELTA_FORWARD, choices=("split", "fused", "both"),
                    help="delta family with a scalar c and none/scalar decay: the split forward (three kernels) or "
                         "the fused one; both: 'chunk' is split and a 'chunk-fused' row is added")
+    p.add_argument("--delta-backward", default="chunk", choices=["chunk", "recurrent", "both"],
+                   help="the delta family's backward after the chunked forward; both: a 'chunk-recbwd' row "
+                        "(recurrent backward on the chunk checkpoints) is added")
     p.add_argument("--peak-gbs", type=float, default=3350.0, help="HBM bandwidth of the GPU (H100 SXM: 3350)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--rec-block-v", type=int, default=None, help="value rows per recurrent program (default: auto)")
@@ -86,12 +90,13 @@ def main(argv=None):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     chunked.DOT_PRECISION = a.precision
     chunked.DELTA_FORWARD = "split" if a.delta_forward == "both" else a.delta_forward
+    chunked_delta_bwd.DELTA_BACKWARD = "chunk" if a.delta_backward == "both" else a.delta_backward
     library.CHUNK = a.chunk
     tscan.BLOCK_V, tscan.NUM_WARPS = a.rec_block_v, a.rec_warps
     dtype = DTYPES[a.dtype]
     where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (TRITON_INTERPRET smoke run)"
     print(f"B={a.B} T={a.T} H={a.H} d_k={a.dk} d_v={a.dv} {a.dtype} chunk={library.CHUNK} dot={a.precision} "
-          f"delta-forward={a.delta_forward} on {where}")
+          f"delta-forward={a.delta_forward} delta-backward={a.delta_backward} on {where}")
     print("| rule | kernel | fwd ms | fwd+bwd ms | Mtok/s fwd | HBM % fwd | rel err o |")
     print("|---|---|---|---|---|---|---|")
     rows = []
@@ -104,6 +109,7 @@ def main(argv=None):
         nbytes = sum(x.numel() * x.element_size() for x in inp.values()) + ref.numel() * ref.element_size()
         runs = {}
         extra = ("chunk-fused",) if a.delta_forward == "both" and rule.form.corrections else ()
+        extra += ("chunk-recbwd",) if a.delta_backward == "both" and rule.form.corrections else ()
         for kernel in ("recurrent", "chunk", *extra, "torch-chunk"):
             backend = "chunk" if kernel == "torch-chunk" else "triton"
             runs[kernel] = (lambda x, b=backend, k=kernel: _olssm(rule, b, k, x)), inp
@@ -134,15 +140,19 @@ def main(argv=None):
 
 
 def _olssm(rule, backend, kernel, inp):
-    library.FORCE = None if kernel == "torch-chunk" else "chunk" if kernel == "chunk-fused" else kernel
-    mode = chunked.DELTA_FORWARD
+    """One olssm variant; the backward's kernel is chosen at the forward call, so setting the module
+    switches around it is enough."""
+    library.FORCE = None if kernel == "torch-chunk" else "chunk" if kernel.startswith("chunk") else kernel
+    fwd, bwd = chunked.DELTA_FORWARD, chunked_delta_bwd.DELTA_BACKWARD
     if kernel == "chunk-fused":
         chunked.DELTA_FORWARD = "fused"
+    if kernel == "chunk-recbwd":
+        chunked_delta_bwd.DELTA_BACKWARD = "recurrent"
     try:
         return rule.scan(backend=backend, **inp)[0]
     finally:
         library.FORCE = None
-        chunked.DELTA_FORWARD = mode
+        chunked.DELTA_FORWARD, chunked_delta_bwd.DELTA_BACKWARD = fwd, bwd
 
 
 def _with_grad(args):
