@@ -128,6 +128,9 @@ def test_rule_decode_dispatches_to_the_kernel(name):
     _close(o, o_ref, FP32_RTOL, "o")
     with pytest.raises(ValueError, match="backend"):
         rule.decode(S0, backend="cuda", **inp)
+    # rule.step (state only, no query needed) goes through the same kernel
+    upd = {n: x for n, x in inp.items() if n in rule.update_inputs}
+    _close(rule.step(S0, backend="triton", **upd), rule.step(S0, backend="torch", **upd), FP32_RTOL, "step")
 
 
 # ---- state round trip and varlen ----------------------------------------------------------------------

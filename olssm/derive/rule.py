@@ -513,8 +513,18 @@ class Rule:
             out[n] = x
         return out
 
-    def step(self, state, **inputs):
-        """One update S_{t-1} -> S_t in torch for any leading batch shape (state math in fp32)."""
+    def step(self, state, backend: str = "auto", **inputs):
+        """One update S_{t-1} -> S_t (state math in fp32).
+
+        backend: "torch" (the generated step, any leading batch shape), "triton" (the fused scan
+        kernel with T = 1, as decode; state [B, H, d_v, d_k]), or "auto": triton for such CUDA
+        states of normal-form rules, torch otherwise."""
+        if self._backend(state, backend, "step") == "triton":
+            qn = self.query_name
+            d_v, d_k = self._state_dims(state)
+            if qn not in inputs:    # the kernel also reads out o = S q: give it a query, drop o
+                inputs = {**inputs, qn: state.new_zeros(*state.shape[:-2], d_k)}
+            return self.decode(state, backend="triton", **inputs)[1]
         d_v, d_k = self._state_dims(state)
         unknown = set(inputs) - set(self.inputs) - {self.query_name}
         if unknown:
@@ -547,16 +557,20 @@ class Rule:
         qn = self.query_name
         if qn is None or qn not in inputs:
             raise ValueError(f"decode: needs the query input {qn!r}")
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"decode: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-        if backend == "auto":
-            fits = (not self.is_exact and torch.is_tensor(state) and state.is_cuda and state.dim() == 4)
-            backend = "triton" if fits else "torch"
-        if backend == "triton":
+        if self._backend(state, backend, "decode") == "triton":
             from ..kernels.triton import triton_decode  # lowering lives in kernels; derive only forwards
             return triton_decode(self, state, **inputs)
-        new = self.step(state, **inputs)
+        new = self.step(state, backend="torch", **inputs)
         return self.read(new, **inputs), new
+
+    def _backend(self, state, backend, where) -> str:
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"{where}: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        if backend == "auto":
+            fits = (not self.is_exact and torch.is_tensor(state) and state.is_cuda and state.dim() == 4
+                    and self.query_name is not None)
+            return "triton" if fits else "torch"
+        return backend
 
     def _state_dims(self, state):
         if self.is_exact:
