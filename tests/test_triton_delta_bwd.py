@@ -6,7 +6,7 @@ Tolerances as in test_triton_chunked.py: max|triton − reference| <= 1e-5·max|
 state 2e-5). The direct tests call the kernels on chunk tensors with independent a, b, w (the catalogue's
 rules have a = b = w = k, so torch sums their gradients) against an fp64 autograd loop.
 """
-from triton_testing import close as _close, dev as _dev  # noqa: E402  (sets TRITON_INTERPRET first)
+from triton_testing import DEVICE as _DEVICE, close as _close, dev as _dev  # noqa: E402  (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -189,6 +189,8 @@ def _loop(q, w, e, ld, a, b, c, h0, bounds):
 @pytest.mark.parametrize("gated, varlen, chunk, M, K, V", [(True, False, 16, 2, 6, 5), (False, False, 16, 1, 6, 5),
                                                            (True, True, 16, 1, 20, 20), (True, True, 4, 2, 6, 5)])
 def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, monkeypatch):
+    if chunk < 16 and _DEVICE != "cpu":
+        pytest.skip("compiled tl.dot needs chunks of >= 16 tokens (library.run_scan clamps; this calls the kernels)")
     if K > 16:
         _blocks16(monkeypatch)                                   # several key and value blocks
     gen = torch.Generator().manual_seed(11 + M + chunk)
