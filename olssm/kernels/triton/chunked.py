@@ -229,6 +229,28 @@ def _state_tile(i_v, DK, DV, BK: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
+def _chunk_decay(g_ptr, base, tm, BT: tl.constexpr, GATED: tl.constexpr):
+    """D (inclusive), D_st (strict), Γ, dec = Γ_L/Γ, Γ_L of a chunk (fp64 cumulative sums: module docstring)."""
+    tt = tl.arange(0, BT)
+    incl = tt[:, None] >= tt[None, :]
+    if GATED:
+        g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
+        G = tl.cumsum(g, axis=0)
+        GL = tl.sum(g, axis=0)
+        D = tl.exp(tl.where(incl, (G[:, None] - G[None, :]).to(tl.float32), float("-inf")))
+        gam = tl.exp(G.to(tl.float32))
+        dec = tl.exp((GL - G).to(tl.float32))
+        gl = tl.exp(GL.to(tl.float32))
+    else:
+        D = tl.where(incl, 1.0, 0.0)
+        gam = tl.full([BT], 1.0, tl.float32)
+        dec = tl.full([BT], 1.0, tl.float32)
+        gl = 1.0
+    Dst = tl.where(tt[:, None] > tt[None, :], D, 0.0)
+    return D, Dst, gam, dec, gl
+
+
+@triton.jit
 def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, cu_ptr, T, H, DK, DV, NCK, SW, SE,
                      M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                      USE_H0: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr,
@@ -482,6 +504,37 @@ def _dot_rows_k(x_ptr, y_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, 
 
 
 @triton.jit
+def _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
+                GATED: tl.constexpr, PREC: tl.constexpr):
+    """The state-independent core of a delta-family chunk (split forward and its backward):
+    c, D, D_st, Γ and T_c = (I + diag(c)(A Bᵀ ⊙ D_st))⁻¹."""
+    tt = tl.arange(0, BT)
+    cc = tl.load(c_ptr + base, mask=tm, other=0.0)
+    D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
+    L = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst * cc[:, None]   # diag(c) N, strictly lower
+    # T_c = (I + L)⁻¹ row by row, T_i = e_i − Σ_{j<i} L_ij T_j: only [BT, BT] work, the right-hand
+    # sides are multiplied afterwards as dots
+    Tc = tl.where(tt[:, None] == tt[None, :], 1.0, 0.0)
+    for i in range(1, BT):
+        sel = (tt == i)[:, None]
+        li = tl.sum(tl.where(sel, L, 0.0), axis=0)                            # row i of L (zero from i on)
+        ti = tl.where(tt == i, 1.0, 0.0) - tl.sum(li[:, None] * Tc, axis=0)
+        Tc = tl.where(sel, ti[None, :], Tc)
+    return cc, D, Dst, gam, Tc
+
+
+@triton.jit
+def _store_wt(a_ptr, wt_ptr, Tc, cg, base, tm, DK, BK: tl.constexpr, KB: tl.constexpr, PREC: tl.constexpr):
+    """W̃ = T_c (c ⊙ Γ ⊙ A) → wt, KB key columns at a time (cg = c ⊙ Γ)."""
+    for kb in tl.static_range(BK // KB):
+        cols = kb * KB + tl.arange(0, KB)
+        km2 = tm[:, None] & (cols < DK)[None, :]
+        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        tl.store(wt_ptr + base[:, None] * DK + cols[None, :], tl.dot(Tc, a * cg[:, None], input_precision=PREC),
+                 mask=km2)
+
+
+@triton.jit
 def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_ptr, cu_ptr, ix_ptr,
                             T, H, DK, DV, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                             BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
@@ -494,30 +547,8 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
     tok = start + tt
     tm = tok < eos
     base = tok.to(tl.int64) * H + i_h
-    strict = tt[:, None] > tt[None, :]
-    cc = tl.load(c_ptr + base, mask=tm, other=0.0)
-    if GATED:
-        G = tl.cumsum(tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64), axis=0)   # fp64: module docstring
-        Dst = tl.exp(tl.where(strict, (G[:, None] - G[None, :]).to(tl.float32), float("-inf")))
-        cg = cc * tl.exp(G.to(tl.float32))
-    else:
-        Dst = tl.where(strict, 1.0, 0.0)
-        cg = cc
-    L = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst * cc[:, None]   # diag(c) N, strictly lower
-    # T_c = (I + L)⁻¹ row by row, T_i = e_i − Σ_{j<i} L_ij T_j: only [BT, BT] work, the right-hand
-    # sides are multiplied afterwards as dots
-    Tc = tl.where(tt[:, None] == tt[None, :], 1.0, 0.0)
-    for i in range(1, BT):
-        sel = (tt == i)[:, None]
-        li = tl.sum(tl.where(sel, L, 0.0), axis=0)                            # row i of L (zero from i on)
-        ti = tl.where(tt == i, 1.0, 0.0) - tl.sum(li[:, None] * Tc, axis=0)
-        Tc = tl.where(sel, ti[None, :], Tc)
-    for kb in tl.static_range(BK // KB):
-        cols = kb * KB + tl.arange(0, KB)
-        km2 = tm[:, None] & (cols < DK)[None, :]
-        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-        tl.store(wt_ptr + base[:, None] * DK + cols[None, :], tl.dot(Tc, a * cg[:, None], input_precision=PREC),
-                 mask=km2)
+    cc, _, Dst, gam, Tc = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC)
+    _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
     Tc = Tc * cc[None, :]                                                     # T_c diag(c)
     if M == 1:   # one [BT, BT] left factor for every value block
         Y = tl.dot(Tc, _dot_rows_k(a_ptr, w_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst, input_precision=PREC)
@@ -567,19 +598,16 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         tl.store(u_ptr + uoff, d, mask=vm)
         bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
         if GATED:
-            g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
-            G = tl.cumsum(g, axis=0)
-            GL = tl.sum(g, axis=0)
-            dec = tl.exp((GL - G).to(tl.float32))[:, None]                    # Γ_L/Γ_i ≤ 1
-            S = S * tl.exp(GL.to(tl.float32))
-            S -= tl.dot(tl.trans(d * dec), bv, input_precision=PREC)
+            _, _, _, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)      # dec = Γ_L/Γ_i ≤ 1
+            S = S * gl
+            S -= tl.dot(tl.trans(d * dec[:, None]), bv, input_precision=PREC)
         else:
             S -= tl.dot(tl.trans(d), bv, input_precision=PREC)
         for m in tl.static_range(M):
             w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
             e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
             if GATED:
-                e = e * dec
+                e = e * dec[:, None]
             S += tl.dot(tl.trans(e), w, input_precision=PREC)
         S = tl.where(m2, S, 0.0)
     tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
@@ -614,13 +642,9 @@ def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_p
         S0 = tl.load(sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :], other=0.0)
         o += tl.dot(q, tl.trans(S0), input_precision=PREC)
         QB += tl.dot(q, tl.trans(bv), input_precision=PREC)
-    incl = tt[:, None] >= tt[None, :]
+    D, _, gam, _, _ = _chunk_decay(g_ptr, base, tm, BT, GATED)
     if GATED:
-        G = tl.cumsum(tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64), axis=0)
-        D = tl.exp(tl.where(incl, (G[:, None] - G[None, :]).to(tl.float32), float("-inf")))
-        o = o * tl.exp(G.to(tl.float32))[:, None]
-    else:
-        D = tl.where(incl, 1.0, 0.0)
+        o = o * gam[:, None]
     d = tl.load(u_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
     o -= tl.dot(QB * D, d, input_precision=PREC)
     for m in tl.static_range(M):
@@ -763,26 +787,6 @@ def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None)
 # --------------------------------------------------------------------------------------------
 # chunked backward for the diagonal family with none / scalar / column decay (no correction)
 
-@triton.jit
-def _chunk_decay(g_ptr, base, tm, BT: tl.constexpr, GATED: tl.constexpr):
-    """D (inclusive), D_st (strict), Γ, dec = Γ_L/Γ, Γ_L of a chunk (fp64 cumulative sums, chunked.py)."""
-    tt = tl.arange(0, BT)
-    incl = tt[:, None] >= tt[None, :]
-    if GATED:
-        g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
-        G = tl.cumsum(g, axis=0)
-        GL = tl.sum(g, axis=0)
-        D = tl.exp(tl.where(incl, (G[:, None] - G[None, :]).to(tl.float32), float("-inf")))
-        gam = tl.exp(G.to(tl.float32))
-        dec = tl.exp((GL - G).to(tl.float32))
-        gl = tl.exp(GL.to(tl.float32))
-    else:
-        D = tl.where(incl, 1.0, 0.0)
-        gam = tl.full([BT], 1.0, tl.float32)
-        dec = tl.full([BT], 1.0, tl.float32)
-        gl = 1.0
-    Dst = tl.where(tt[:, None] > tt[None, :], D, 0.0)
-    return D, Dst, gam, dec, gl
 
 
 @triton.jit

@@ -53,7 +53,8 @@ import triton
 import triton.language as tl
 
 from . import chunked as _ch
-from .chunked import _chunk_decay, _chunk_map, _delta_chunk, _dot_rows_k, _np2, _precision, _sequence, _state_tile, switch
+from .chunked import (_chunk_decay, _chunk_map, _delta_chunk, _dot_rows_k, _np2, _precision, _sequence,
+                      _state_tile, _store_wt, _ut_inverse, switch)
 
 #: the delta family's backward (scalar c, none / scalar decay): "chunk" (the kernels of this module) or
 #: "recurrent" (the fused recurrent backward on the chunked forward's checkpoints, as before).
@@ -95,23 +96,9 @@ def chunk_delta_bwd_prep_kernel(q_ptr, a_ptr, b_ptr, c_ptr, g_ptr, do_ptr, tc_pt
     tok = start + tt
     tm = tok < eos
     base = tok.to(tl.int64) * H + i_h
-    cc = tl.load(c_ptr + base, mask=tm, other=0.0)
-    D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
-    L = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst * cc[:, None]
-    Tc = tl.where(tt[:, None] == tt[None, :], 1.0, 0.0)
-    for i in range(1, BT):                                                    # T_i = e_i − Σ_{j<i} L_ij T_j
-        sel = (tt == i)[:, None]
-        li = tl.sum(tl.where(sel, L, 0.0), axis=0)
-        ti = tl.where(tt == i, 1.0, 0.0) - tl.sum(li[:, None] * Tc, axis=0)
-        Tc = tl.where(sel, ti[None, :], Tc)
+    cc, D, _, gam, Tc = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC)
     tl.store(tc_ptr + base[:, None] * BT + tt[None, :], Tc, mask=tm[:, None])
-    cg = cc * gam
-    for kb in tl.static_range(BK // KB):
-        cols = kb * KB + tl.arange(0, KB)
-        km2 = tm[:, None] & (cols < DK)[None, :]
-        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-        tl.store(wt_ptr + base[:, None] * DK + cols[None, :], tl.dot(Tc, a * cg[:, None], input_precision=PREC),
-                 mask=km2)
+    _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
     QBt = tl.trans(_dot_rows_k(q_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * D)
     for i_v in range(0, tl.cdiv(DV, BV)):
         rows = i_v * BV + tl.arange(0, BV)
@@ -151,12 +138,10 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
         do = tl.load(do_ptr + doff, mask=vm, other=0.0).to(tl.float32)
         BdS = tl.dot(bv, tl.trans(dS), input_precision=PREC)                   # B dSᵀ [BT, BV]
         if GATED:
-            g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
-            G = tl.cumsum(g, axis=0)
-            GL = tl.sum(g, axis=0)
-            d -= BdS * tl.exp((GL - G).to(tl.float32))[:, None]
-            do = do * tl.exp(G.to(tl.float32))[:, None]
-            dS = dS * tl.exp(GL.to(tl.float32))
+            _, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
+            d -= BdS * dec[:, None]
+            do = do * gam[:, None]
+            dS = dS * gl
         else:
             d -= BdS
         tl.store(dd_ptr + doff, d, mask=vm)
