@@ -13,7 +13,8 @@ with T: the carried state is contracted by the decay).
 """
 import os
 
-from triton_testing import DEVICE as _DEVICE, close as _close, dev as _dev  # noqa: E402  (sets TRITON_INTERPRET first)
+from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
+                            dev as _dev, run as _run, spy)  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -29,7 +30,6 @@ from olssm.kernels.triton import chunked as tchunk  # noqa: E402
 from olssm.kernels.triton import library as tlib  # noqa: E402
 from olssm.kernels.triton import scan as tscan  # noqa: E402
 
-RTOL, STATE_RTOL, ABS = 1e-5, 2e-5, 1e-6
 CHUNKED = ["linear_attention", "retnet", "mamba2", "gla", "deltanet", "gated_deltanet", "longhorn"]
 
 
@@ -82,42 +82,9 @@ def _small(monkeypatch):
 @pytest.fixture
 def launches(monkeypatch):
     """Counts launches of the chunked forward kernel."""
-    calls = []
-    real = tchunk.chunked_forward
-
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(tchunk, "chunked_forward", spy)
-    return calls
+    return spy(monkeypatch, tchunk, "chunked_forward")
 
 
-
-
-def _run(rule, inp, h0, backend, grad=True):
-    x = {n: _dev(t).clone().requires_grad_(grad) for n, t in inp.items()}
-    h = None if h0 is None else _dev(h0).clone().requires_grad_(grad)
-    o, f = rule.scan(backend=backend, output_final_state=True, initial_state=h, **x)
-    if not grad:
-        return o, f, {}
-    g = torch.Generator().manual_seed(7)
-    loss = (o.float() * _dev(torch.randn(o.shape, generator=g))).sum() \
-        + (f * _dev(torch.randn(f.shape, generator=g))).sum()
-    leaves = dict(x, **({"h0": h} if h is not None else {}))
-    return o, f, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
-
-
-def _compare(rule, inp, h0=None, grad=True, rtol=RTOL, state_rtol=STATE_RTOL):
-    o1, f1, g1 = _run(rule, inp, h0, "reference", grad)
-    o2, f2, g2 = _run(rule, inp, h0, "triton", grad)
-    assert o2.dtype == o1.dtype and f2.dtype == torch.float32
-    _close(o2, o1, rtol, "o")
-    _close(f2, f1, state_rtol, "final state")
-    assert set(g1) == set(g2)
-    for n in g1:
-        assert g2[n].shape == g1[n].shape and g2[n].dtype == g1[n].dtype
-        _close(g2[n], g1[n], rtol, f"d{n}")
 
 
 # ---- chunked kernels vs the reference ---------------------------------------------------------------
@@ -135,9 +102,7 @@ def test_chunked_forward_state_and_gradients(name, launches):
 def test_chunked_backward_kernel_and_recurrent_backward_agree(name, monkeypatch):
     # none / scalar / column decays without corrections use chunk_bwd_kernel; the recurrent backward on the
     # chunked forward's checkpoints is the other path (CHUNK_BACKWARD=False): both against the reference
-    calls = []
-    real = tchunk.chunked_backward
-    monkeypatch.setattr(tchunk, "chunked_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = spy(monkeypatch, tchunk, "chunked_backward")
     rule = _rule(name)
     inp = random_inputs(rule, 1, 40, 2, 5, 6, seed=14)
     h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(14))
@@ -197,9 +162,7 @@ def test_row_and_column_decays_fast_path_and_loop_per_chunk(name, monkeypatch):
     # chunks of 16: 0 mild; 1 one token at log decay −50 in every column (total > −FAST_SPAN: the
     # factorised dots, factors up to e^{±25}); 2 three tokens at −80 in one column (total −240 <
     # −FAST_SPAN: the per-token loop; factors e^{±120} would overflow); 3 a partial chunk of 5
-    calls = []
-    real = tchunk.chunked_backward
-    monkeypatch.setattr(tchunk, "chunked_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = spy(monkeypatch, tchunk, "chunked_backward")
     rule = _rule(name)
     T, K, V = 53, 5, 6
     inp = random_inputs(rule, 1, T, 2, K, V, seed=31)

@@ -6,7 +6,8 @@ Tolerances as in test_triton_chunked.py: max|triton − reference| <= 1e-5·max|
 state 2e-5). The direct tests call the kernels on chunk tensors with independent a, b, w (the catalogue's
 rules have a = b = w = k, so torch sums their gradients) against an fp64 autograd loop.
 """
-from triton_testing import DEVICE as _DEVICE, close as _close, dev as _dev  # noqa: E402  (sets TRITON_INTERPRET first)
+from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
+                            dev as _dev, spy)  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -20,7 +21,6 @@ from olssm.kernels.triton import chunked_delta_bwd as tdelta  # noqa: E402
 from olssm.kernels.triton import library as tlib  # noqa: E402
 from olssm.kernels.triton import scan as tscan  # noqa: E402
 
-RTOL, STATE_RTOL, ABS = 1e-5, 2e-5, 1e-6
 
 
 @pytest.fixture(autouse=True)
@@ -36,34 +36,9 @@ def _small(monkeypatch):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts calls of the delta family's chunked backward."""
-    out = []
-    real = tdelta.chunked_delta_backward
-    monkeypatch.setattr(tdelta, "chunked_delta_backward", lambda *a, **k: out.append(1) or real(*a, **k))
-    return out
+    return spy(monkeypatch, tdelta, "chunked_delta_backward")
 
 
-
-
-def _run(rule, inp, h0, backend, cu=None):
-    x = {n: _dev(t).clone().requires_grad_() for n, t in inp.items()}
-    h = None if h0 is None else _dev(h0).clone().requires_grad_()
-    o, f = rule.scan(backend=backend, output_final_state=True, initial_state=h, cu_seqlens=cu, **x)
-    g = torch.Generator().manual_seed(7)
-    loss = (o * _dev(torch.randn(o.shape, generator=g))).sum() + (f * _dev(torch.randn(f.shape, generator=g))).sum()
-    leaves = dict(x, **({"h0": h} if h is not None else {}))
-    return o, f, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
-
-
-def _compare(rule, inp, h0=None, cu=None):
-    o1, f1, g1 = _run(rule, inp, h0, "reference", cu)
-    o2, f2, g2 = _run(rule, inp, h0, "triton", cu)
-    _close(o2, o1, RTOL, "o")
-    _close(f2, f1, STATE_RTOL, "final state")
-    assert set(g1) == set(g2)
-    for n in g1:
-        assert g2[n].shape == g1[n].shape and g2[n].dtype == g1[n].dtype
-        _close(g2[n], g1[n], RTOL, f"d{n}")
-    return g2
 
 
 def _log_gated_deltanet():
@@ -152,7 +127,7 @@ def test_varlen(calls, monkeypatch):
     cu = [0, 5, 5, 6, 43]                                        # lengths 5, 0, 1, 37
     inp = random_inputs(rule, 1, 43, 2, 4, 5, seed=6)
     h0 = 0.3 * torch.randn(4, 2, 5, 4, generator=torch.Generator().manual_seed(6))
-    g = _compare(rule, inp, h0, cu=_dev(torch.tensor(cu, dtype=torch.int32)))
+    g = _compare(rule, inp, h0, cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)))
     assert len(calls) == 1
     assert g["h0"][1].abs().max() > 0                            # the empty sequence passes dht to dh0
 

@@ -1,4 +1,5 @@
-"""Shared by the Triton test modules: the device they run on and the tolerance check.
+"""Shared by the Triton test modules: the device they run on, the tolerance check, and the
+triton-vs-reference comparison of o, the final state and every gradient.
 
 Importing this first sets TRITON_INTERPRET=1 (it must be set before triton is imported) unless
 OLSSM_TRITON_DEVICE=cuda asks for the compiled kernels on a GPU.
@@ -11,8 +12,9 @@ if DEVICE == "cpu":
 
 import torch  # noqa: E402
 
-#: absolute slack of every comparison (for entries near zero)
-ABS = 1e-6
+#: fp32 tolerances, relative to max|reference|: o and gradients; the final state (a sum over every
+#: token, summed in another order); absolute slack of every comparison (for entries near zero)
+RTOL, STATE_RTOL, ABS = 1e-5, 2e-5, 1e-6
 
 
 def dev(x):
@@ -26,3 +28,40 @@ def close(a, b, rtol, what):
     err = (a - b).abs().max().item() if a.numel() else 0.0
     scale = b.abs().max().item() if b.numel() else 0.0
     assert err <= rtol * scale + ABS, f"{what}: max abs error {err:.3g} vs scale {scale:.3g} (rtol {rtol})"
+
+
+def run(rule, inp, h0, backend, cu_seqlens=None, grad=True):
+    """o, the final state and (grad) the gradients of a fixed random projection of both w.r.t. every
+    input and the initial state."""
+    x = {n: dev(t).clone().requires_grad_(grad) for n, t in inp.items()}
+    h = None if h0 is None else dev(h0).clone().requires_grad_(grad)
+    o, f = rule.scan(backend=backend, output_final_state=True, initial_state=h, cu_seqlens=cu_seqlens, **x)
+    if not grad:
+        return o, f, {}
+    g = torch.Generator().manual_seed(7)
+    loss = (o.float() * dev(torch.randn(o.shape, generator=g))).sum() \
+        + (f * dev(torch.randn(f.shape, generator=g))).sum()
+    leaves = dict(x, **({"h0": h} if h is not None else {}))
+    return o, f, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+def compare(rule, inp, h0=None, cu_seqlens=None, grad=True, rtol=RTOL, state_rtol=STATE_RTOL):
+    """backend="triton" against the reference loop: o, final state, every gradient; returns triton's gradients."""
+    o1, f1, g1 = run(rule, inp, h0, "reference", cu_seqlens, grad)
+    o2, f2, g2 = run(rule, inp, h0, "triton", cu_seqlens, grad)
+    assert o2.dtype == o1.dtype and f2.dtype == torch.float32
+    close(o2, o1, rtol, "o")
+    close(f2, f1, state_rtol, "final state")
+    assert set(g1) == set(g2)
+    for n in g1:
+        assert g2[n].shape == g1[n].shape and g2[n].dtype == g1[n].dtype
+        close(g2[n], g1[n], rtol, f"d{n}")
+    return g2
+
+
+def spy(monkeypatch, module, name):
+    """Counts the calls of module.name (still calling it): the list grows by one per call."""
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
