@@ -223,7 +223,7 @@ def test_auto_speed_policy_when_compiled(monkeypatch):
     # measured on an H100 (benchmarks/RESULTS.md): compiled fp32 ("ieee") chunked dots and the
     # row/column-decay chunked kernels are slower than the recurrent kernel; the rest is faster
     monkeypatch.undo()
-    monkeypatch.setattr(tlib, "_interpreted", lambda: False)
+    monkeypatch.setattr(tscan, "interpreted", lambda: False)
     monkeypatch.setattr(tchunk, "DOT_PRECISION", "auto")
     monkeypatch.delenv("OLSSM_TRITON_DOT_PRECISION", raising=False)
     for name, dtype, pays in [("deltanet", torch.bfloat16, True), ("mamba2", torch.float16, True),

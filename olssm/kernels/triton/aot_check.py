@@ -94,7 +94,8 @@ def variants(BT, BK, BV, prec, BVW=None):
 
 
 def main(argv=None) -> int:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
+    from .scan import interpreted
+    if interpreted():
         print("aot_check: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
         return 2
     p = argparse.ArgumentParser()

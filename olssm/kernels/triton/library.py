@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ...objectives.core import COLUMN, ROW, spec_of
 from . import codegen as cg
+from . import scan as _scan   # read at call time: NUM_WARPS is a knob
 
 _REGISTRY: dict = {}
 
@@ -84,7 +85,7 @@ def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: lis
         *[x.contiguous() for x in syms], o, h0.contiguous() if h0 is not None else dummy, ht,
         ck if save else dummy, cu_seqlens if cu_seqlens is not None else dummy, T, H, d_k, d_v, NCK,
         BK=BK, BV=BV, C=C, USE_H0=h0 is not None, STORE_HT=True, SAVE_CK=save, VARLEN=cu_seqlens is not None,
-        num_warps=_rec_warps())
+        num_warps=_scan.NUM_WARPS)
     return o, ht, ck
 
 
@@ -140,7 +141,7 @@ def triton_scan_bwd(key: str, syms: list[Tensor], E: list[Tensor], h0: Optional[
     plan.module.bwd_kernel[(NV, N * H)](
         *[e.contiguous() for e in E], *X, *D, *RG, do.contiguous(), dht.contiguous() if dht is not None else dh0,
         dh0, ck, scratch, cu_seqlens if cu_seqlens is not None else dh0, T, TOK, N, H, d_k, d_v, NCK,
-        BK=BK, BV=BV, C=C, USE_DHT=dht is not None, VARLEN=cu_seqlens is not None, num_warps=_rec_warps())
+        BK=BK, BV=BV, C=C, USE_DHT=dht is not None, VARLEN=cu_seqlens is not None, num_warps=_scan.NUM_WARPS)
     out = []
     for n, d in zip(plan.vars, D):
         g = d.sum(0)
@@ -273,15 +274,6 @@ CHUNK = 32
 CHUNK_BACKWARD = "auto"
 
 
-def _rec_warps() -> int:
-    from . import scan
-    return int(scan.NUM_WARPS)
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
-
-
 def _choice(plan, args, max_len):
     force = FORCE or os.environ.get("OLSSM_TRITON_KERNEL") or None
     if force not in (None, "chunk", "recurrent", "prefer-chunk"):
@@ -308,7 +300,7 @@ def _chunk_pays(plan, args) -> bool:
       now take factorised dots instead (unmeasured): the next GPU session should rerun
       `python benchmarks/triton_kernels.py --rules gla` and drop this rule if chunk wins.
     The interpreter keeps the structural rule (it exercises the chunked kernels in tests)."""
-    if _interpreted():
+    if _scan.interpreted():
         return True
     from .chunked import _precision
     if _precision(args.out_dtype) == "ieee":
@@ -337,7 +329,7 @@ def run_scan(args):
     meta = _Meta(args, names)
     chunked, _ = _choice(plan, args, meta.max_len)
     # tl.dot needs every dimension >= 16 when compiled (the interpreter has no such limit)
-    C = (CHUNK if _interpreted() else max(16, CHUNK)) if chunked else meta.checkpoint
+    C = (CHUNK if _scan.interpreted() else max(16, CHUNK)) if chunked else meta.checkpoint
     sizes = [args.B, args.T, args.H, args.d_k, args.d_v, meta.N, meta.max_len, int(C)]
     need = torch.is_grad_enabled() and any(t.requires_grad for t in syms + ([h0] if h0 is not None else []))
     chunk_bwd = False

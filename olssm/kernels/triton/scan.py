@@ -127,10 +127,15 @@ def _check_rule(rule):
             "and the generated kernels for G's scan), not through the normal-form kernels directly")
 
 
+def interpreted() -> bool:
+    """Whether TRITON_INTERPRET asks for the CPU interpreter (kernels interpreted, not compiled)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
+
+
 def _check_device(device):
     if device.type == "cuda":
         return
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
+    if interpreted():
         import triton.language as tl
         from triton.runtime.interpreter import InterpretedFunction
         if not isinstance(tl.standard.sum, InterpretedFunction):
