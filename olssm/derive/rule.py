@@ -519,13 +519,12 @@ class Rule:
         backend: "torch" (the generated step, any leading batch shape), "triton" (the fused scan
         kernel with T = 1, as decode; state [B, H, d_v, d_k]), or "auto": triton for such CUDA
         states of normal-form rules, torch otherwise."""
+        d_v, d_k = self._state_dims(state)
         if self._backend(state, backend, "step") == "triton":
             qn = self.query_name
-            d_v, d_k = self._state_dims(state)
             if qn not in inputs:    # the kernel also reads out o = S q: give it a query, drop o
                 inputs = {**inputs, qn: state.new_zeros(*state.shape[:-2], d_k)}
             return self.decode(state, backend="triton", **inputs)[1]
-        d_v, d_k = self._state_dims(state)
         unknown = set(inputs) - set(self.inputs) - {self.query_name}
         if unknown:
             raise ValueError(f"step: unexpected input(s) {sorted(unknown)}; this rule reads {sorted(self.inputs)}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 
-import torch
+import sympy as sp
 
 from ...derive.rule import InputTerm, NormalForm, Rule
 from ...objectives import core as O
@@ -22,7 +22,9 @@ from ...objectives import core as O
 def g_rule(n_moments: int, decayed: bool) -> Rule:
     """The normal form of G's scan: S_t = γ_t S_{t-1} + Σ_m e_m w_mᵀ, o_t = S_t x_t."""
     terms = tuple(InputTerm(O.row(f"olssm_e{m}"), O.key(f"olssm_w{m}")) for m in range(n_moments))
-    decay = O.scalar("olssm_gamma", positive=True, domain="decay") if decayed else 1
+    # the decay as exp(log γ): the engine already holds log γ (no exp/log round trip), and a closed-form
+    # log lets the chunked kernels use their exact chunked backward
+    decay = sp.exp(O.scalar("olssm_loggamma")) if decayed else 1
     form = NormalForm(decay=decay, corrections=(), inputs=terms, readout=O.query("olssm_x"), mode="exact (G scan)")
     return Rule(None, form)
 
@@ -38,7 +40,7 @@ def g_engine(logd, ins, x, G0):
         inputs[f"olssm_e{m}"] = e[..., 0].expand(B, T, H, V)
         inputs[f"olssm_w{m}"] = w[..., 0, :]
     if logd is not None:
-        inputs["olssm_gamma"] = torch.exp(logd[..., 0, 0])
+        inputs["olssm_loggamma"] = logd[..., 0, 0]
     return scan(g_rule(len(ins), logd is not None), backend="triton", initial_state=G0, output_final_state=True,
                 **inputs)
 
