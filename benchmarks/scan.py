@@ -42,16 +42,24 @@ SHAPES = {  # rule name -> what it stands for in the table
 }
 
 
-def _once(rule, inp, backend, chunk, bwd):
+def _once(name, inp, backend, chunk, bwd):
+    """Seconds for one forward (bwd: forward and backward) of rule `name` on backend "reference",
+    "chunk" or "peer" (the other library's path, _peer)."""
+    if backend == "peer":
+        fn = _peer(name)[1]
+        run = lambda x: (fn(x, chunk), None)
+    else:
+        rule = cat.ENTRIES[name].rule
+        run = lambda x: scan(rule, backend=backend, chunk_size=chunk, output_final_state=True, **x)
     if bwd:
         leaves = {n: x.detach().clone().requires_grad_(True) for n, x in inp.items()}
         t = time.perf_counter()
-        o, f = scan(rule, backend=backend, chunk_size=chunk, output_final_state=True, **leaves)
-        (o.square().mean() + f.square().mean()).backward()
+        o, f = run(leaves)
+        (o.square().mean() + (0 if f is None else f.square().mean())).backward()
     else:
         t = time.perf_counter()
         with torch.no_grad():
-            scan(rule, backend=backend, chunk_size=chunk, output_final_state=True, **inp)
+            run(inp)
     return time.perf_counter() - t
 
 
@@ -87,30 +95,6 @@ def _peer(name):
     return None
 
 
-def _peer_once(name, inp, chunk, bwd):
-    _, fn = _peer(name)
-    if bwd:
-        leaves = {n: x.detach().clone().requires_grad_(True) for n, x in inp.items()}
-        t = time.perf_counter()
-        fn(leaves, chunk).square().mean().backward()
-    else:
-        t = time.perf_counter()
-        with torch.no_grad():
-            fn(inp, chunk)
-    return time.perf_counter() - t
-
-
-def _peer_cell(q, name, B, T, H, d, chunk, bwd, repeat, threads):
-    torch.set_num_threads(threads)
-    rule = cat.ENTRIES[name].rule
-    inp = cat.random_inputs(rule, B, T, H, d, d, seed=0)
-    _peer_once(name, cat.random_inputs(rule, B, 2 * chunk, H, d, d, seed=0), chunk, bwd)
-    base = _rss_kb()
-    times = [_peer_once(name, inp, chunk, bwd) for _ in range(repeat)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    q.put((min(times), max(0, peak - base) / 1024))
-
-
 def _rss_kb():
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
@@ -121,17 +105,17 @@ def _cell(q, name, B, T, H, d, backend, chunk, bwd, repeat, threads):
     rule = cat.ENTRIES[name].rule
     inp = cat.random_inputs(rule, B, T, H, d, d, seed=0)
     small = cat.random_inputs(rule, B, min(T, 2 * chunk), H, d, d, seed=0)
-    _once(rule, small, backend, chunk, bwd)                      # warm-up: codegen, allocator
+    _once(name, small, backend, chunk, bwd)                      # warm-up: codegen, allocator
     base = _rss_kb()
-    times = [_once(rule, inp, backend, chunk, bwd) for _ in range(repeat)]
+    times = [_once(name, inp, backend, chunk, bwd) for _ in range(repeat)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     q.put((min(times), max(0, peak - base) / 1024))
 
 
-def measure(*a, target=None):
+def measure(*a):
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    p = ctx.Process(target=target or _cell, args=(q, *a))
+    p = ctx.Process(target=_cell, args=(q, *a))
     p.start()
     out = q.get()
     p.join()
@@ -192,8 +176,8 @@ def _peers_table(args, Ts, repeat):
         for T in [t for t in Ts if t <= args.ref_max_T and t % args.chunk == 0]:
             r = {}
             for bwd in (False, True):
-                r["peer", bwd] = measure(name, args.B, T, args.H, args.d, args.chunk, bwd, repeat, args.threads,
-                                         target=_peer_cell)
+                r["peer", bwd] = measure(name, args.B, T, args.H, args.d, "peer", args.chunk, bwd, repeat,
+                                         args.threads)
                 r["chunk", bwd] = measure(name, args.B, T, args.H, args.d, "chunk", args.chunk, bwd, repeat,
                                           args.threads)
             print(f"| {SHAPES.get(name, name)} | {T} | {peer[0]} | {r['peer', False][0]:.3f} | {r['chunk', False][0]:.3f} "
