@@ -27,7 +27,6 @@ from olssm.kernels.triton import scan as tscan  # noqa: E402
 
 NORMAL = [n for n, e in ENTRIES.items() if not e.rule.is_exact]
 EXACT = [n for n, e in ENTRIES.items() if e.rule.is_exact]
-EXACT_SCANNED = [n for n in EXACT if not getattr(ENTRIES[n].rule, "is_rls", False)]  # api runs RLS on reference
 FP32_RTOL, ABS = 1e-5, 1e-6
 
 
@@ -259,10 +258,11 @@ def test_printer():
         p.doprint(sp.Piecewise((x, x > 1), (y, True)))
 
 
-@pytest.mark.parametrize("name", EXACT_SCANNED + ["decayed_least_squares/varlen"])
+@pytest.mark.parametrize("name", EXACT + ["decayed_least_squares/varlen", "rls/varlen"])
 def test_exact_rules_hybrid_matches_reference(name):
-    # x_t = (H_t + λ)⁻¹ q_t in torch, o_t = G_t x_t through the generated kernels: o, both final
-    # statistics and every gradient (inputs and the initial pair) equal the reference step loop
+    # x_t = (H_t + λ)⁻¹ q_t in torch, o_t = G_t x_t through the generated kernels (RLS: the gain
+    # scan kernel, then S's generated scan): o, both final states and every gradient (inputs and
+    # the initial pair) equal the reference step loop
     name, _, varlen = name.partition("/")
     rule = ENTRIES[name].rule
     g = torch.Generator().manual_seed(3)
@@ -270,7 +270,8 @@ def test_exact_rules_hybrid_matches_reference(name):
     cu = _dev(torch.tensor([0, 4, 4, 11], dtype=torch.int32)) if varlen else None
     N = 3 if varlen else B
     A = torch.randn(N, H, K, K, generator=g)
-    h0 = (0.3 * torch.randn(N, H, V, K, generator=g), 0.1 * A @ A.transpose(-1, -2))
+    # (G_0, H_0) for the sufficient statistics, (S_0, P_0) for RLS: P_0 symmetric positive definite
+    h0 = (0.3 * torch.randn(N, H, V, K, generator=g), 0.1 * A @ A.transpose(-1, -2) + 0.5 * torch.eye(K))
     inp = random_inputs(rule, B, T, H, K, V, seed=4)
     res = {}
     for backend in ("reference", "triton"):
@@ -280,19 +281,58 @@ def test_exact_rules_hybrid_matches_reference(name):
         gw = torch.Generator().manual_seed(5)
         loss = sum((t * _dev(torch.randn(t.shape, generator=gw))).sum() for t in (o, G, Hs))
         leaves = {**x, "G0": h[0], "H0": h[1]}
-        res[backend] = (o, G, Hs, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())))))
+        # allow_unused: RLS reads its ridge λ only for P_0 = I/λ, and P_0 is given here
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        res[backend] = (o, G, Hs, dict(zip(leaves, grads)))
     (o1, G1, H1, g1), (o2, G2, H2, g2) = res["reference"], res["triton"]
     for what, a, b in (("o", o2, o1), ("G", G2, G1), ("H", H2, H1)):
         _close(a, b, FP32_RTOL, what)   # fp32 solves: measured ≤ 1.4e-6 relative (dλ), 1e-7 for o
     for n in g1:
-        _close(g2[n], g1[n], FP32_RTOL, f"d{n}")
+        assert (g1[n] is None) == (g2[n] is None), f"d{n}: used by one backend only"
+        if g1[n] is not None:
+            _close(g2[n], g1[n], FP32_RTOL, f"d{n}")
 
 
-def test_exact_kernel_source_and_rls_refusal():
+def test_exact_and_rls_kernel_sources():
     src = ENTRIES["decayed_least_squares"].rule.kernel_source("triton")
     assert "solved in torch" in src and "olssm_x" in src
-    with pytest.raises(NotImplementedError, match="recursive-least-squares.*backend='reference'"):
-        ENTRIES["rls"].rule.kernel_source("triton")
+    rls = ENTRIES["rls"].rule.kernel_source("triton")
+    assert "def rls_gain_fwd_kernel" in rls and "def rls_gain_bwd_kernel" in rls   # the Riccati kernels
+    assert "def fwd_kernel(olssm_R_ptr, olssm_e_ptr, olssm_g_ptr" in rls         # S's generated scan
+
+
+def _weighted_rls():
+    S, _ = O.states()
+    k, v = O.key("k"), O.value("v")
+    return olssm.derive(O.Objective(O.sqnorm(S @ k - v, weight=O.scalar("w", positive=True)) / 2, update="exact",
+                                    decay=O.scalar("gamma", domain="decay"), ridge=O.parameter("lam", "scalar",
+                                    domain="positive"), ridge_decays=True))
+
+
+@pytest.mark.parametrize("s_kernel", ["recurrent", "prefer-chunk"])
+@pytest.mark.parametrize("name", ["rls", "weighted rls"])
+def test_rls_from_the_default_state(name, s_kernel, monkeypatch):
+    # no initial state: P_0 = I/λ built in torch, so ∂λ flows through the gain kernel's ∂P_0; S's scan
+    # on the recurrent kernel and on the chunked delta kernels (c = R, a = u, b = w = g: a ≠ b)
+    from olssm.kernels.triton import library
+    monkeypatch.setattr(library, "FORCE", s_kernel)
+    rule = ENTRIES["rls"].rule if name == "rls" else _weighted_rls()
+    B, T, H, K, V = 2, 13, 2, 5, 6
+    inp = random_inputs(rule, B, T, H, K, V, seed=8)
+    inp["q"] = torch.randn(B, T, H, K, generator=torch.Generator().manual_seed(9))
+    res = {}
+    for backend in ("reference", "triton"):
+        x = {n: _dev(t).clone().requires_grad_() for n, t in inp.items()}
+        o, (S, P) = rule.scan(backend=backend, output_final_state=True, **x)
+        gw = torch.Generator().manual_seed(5)
+        loss = sum((t * _dev(torch.randn(t.shape, generator=gw))).sum() for t in (o, S, P))
+        res[backend] = (o, S, P, dict(zip(x, torch.autograd.grad(loss, list(x.values())))))
+    (o1, S1, P1, g1), (o2, S2, P2, g2) = res["reference"], res["triton"]
+    for what, a, b in (("o", o2, o1), ("S", S2, S1), ("P", P2, P1)):
+        _close(a, b, FP32_RTOL, what)
+    assert set(g1) == {"k", "v", "q", "gamma", "lam"} | ({"w"} if name != "rls" else set())
+    for n in g1:
+        _close(g2[n], g1[n], FP32_RTOL, f"d{n}")
 
 
 @pytest.mark.skipif(_DEVICE != "cpu", reason="checks the CPU guard")

@@ -146,10 +146,12 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
                            cu_seqlens=cu_seqlens, inputs=inputs)
     if backend == "auto":
         # exact rules: the per-token solve is torch either way (triton runs only G's scan); the
-        # chunk backend avoids the extra launches
-        backend = "triton" if args.device.type == "cuda" and not args.rule.is_exact else "chunk"
-    if args.rule.is_rls:
-        # the Riccati recursion of P is sequential by nature; its cheap O(d_k²) step is the scan
+        # chunk backend avoids the extra launches. RLS rules: the gain scan is a kernel (triton/rls.py)
+        sufficient_stats = args.rule.is_exact and not args.rule.is_rls
+        backend = "triton" if args.device.type == "cuda" and not sufficient_stats else "chunk"
+    if args.rule.is_rls and backend == "chunk":
+        # in torch the Riccati recursion of P is a loop over tokens either way (sequential by nature,
+        # O(d_k²) per token): the reference loop, which updates S in the same step, is that scan
         backend = "reference"
     if backend == "reference":
         from .reference import reference_scan
@@ -157,6 +159,9 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
     if backend == "chunk":
         from .chunk import chunk_scan
         return chunk_scan(args, chunk_size=chunk_size)
+    if args.rule.is_rls:
+        from .triton.rls import triton_rls_scan
+        return triton_rls_scan(args)
     if args.rule.is_exact:
         from .triton.exact import triton_exact_scan
         return triton_exact_scan(args, chunk_size=chunk_size)

@@ -106,7 +106,10 @@ def plan_for(rule) -> Plan:
 
 
 def kernel_source(rule) -> str:
-    if rule.is_exact and not rule.is_rls:
+    if rule.is_rls:
+        from .rls import kernel_source as rls_source
+        return rls_source(rule)
+    if rule.is_exact:
         from .exact import g_rule
         form = rule.form
         header = ("# exact rule: x_t = (H_t + diag λ)⁻¹ q_t is solved in torch (chunk backend); this is the\n"
@@ -119,8 +122,9 @@ def kernel_source(rule) -> str:
 def _check_rule(rule):
     if rule.is_rls:
         raise NotImplementedError(
-            "triton: recursive-least-squares rules (state S, P: a Riccati recursion, sequential by nature) "
-            "have no Triton kernel; scan() runs them on backend='reference'")
+            "triton: recursive-least-squares rules run through olssm.kernels.scan(backend='triton') (a gain "
+            "scan for P, then the generated kernels for S's scan: triton/rls.py), not through the normal-form "
+            "kernels directly")
     if rule.is_exact:
         raise NotImplementedError(
             "triton: exact rules run through olssm.kernels.scan(backend='triton') (a torch solve per token "

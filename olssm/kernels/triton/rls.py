@@ -1,0 +1,295 @@
+"""backend="triton" for recursive-least-squares rules, as a gain scan plus a generated S scan
+(TRITON.md, "Recursive least squares").
+
+An RLS rule keeps (S, P), P = (H_t + λ_t I)⁻¹, and per token (γ the forgetting, R the weight, u the
+key, e = R·y the target, q the readout):
+
+    P̃ = P_{t-1}/γ,   a = P̃ u,   den = 1 + R uᵀa,   P_t = P̃ − (R/den) a aᵀ,   g_t = P_t u = a/den
+    S_t = S_{t-1} + (e − R S_{t-1} u) g_tᵀ = S_{t-1} (I − R u g_tᵀ) + e g_tᵀ,   o_t = S_t q
+
+The gain g_t depends on P only, never on S or the values. So the scan splits in two:
+1. the gain scan (the Riccati recursion): one program per (sequence, head) holds P [d_k, d_k] in
+   registers and writes g_t, O(d_k²) per token, sequential by nature (``rls_gain_fwd_kernel``);
+2. S's scan is a normal-form rule with one correction (c = R, a = u, b = g) and one input term
+   (e gᵀ), so it runs through the kernels generated for that form (`s_rule`; recurrent or the
+   chunked delta kernels, forward and backward) like any derived rule.
+
+The backward of the gain scan (``rls_gain_bwd_kernel``) walks time in reverse with ∂L/∂P in
+registers, recomputing P_{t-1} of each chunk of C tokens from checkpoints (P entering the chunk):
+
+    dâ   = dg/den                               dden  = −(dg·a)/den²
+    dâ  −= (R/den)(dP + dPᵀ) a                  dR    = −aᵀdP a/den,   dden += R aᵀdP a/den²
+    dR  += (uᵀa)·dden,   ds = R·dden            du    = ds·a,          dâ   += ds·u
+    dP̃   = dP + dâ uᵀ                           du   += P̃ᵀ dâ
+    dγ   = −⟨dP̃, P̃⟩/γ                            dP_{t-1} = dP̃/γ
+
+The coefficients (γ, R, u, e, q) and P_0 = I/λ are evaluated in torch from the rule's sympy
+expressions under autograd, which chains the kernels' gradients to the raw inputs and parameters.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...derive.rule import Correction, InputTerm, NormalForm, Rule, evaluator
+from ...objectives import core as O
+from .chunked import _np2, _sequence
+
+#: warps per program of the gain kernels by BK: P (and dP, P̃ in the backward) are [BK, BK] fp32 tiles
+#: in registers. sm_90 resource report (aot_check's compiler, fwd / bwd, stack = spills per thread):
+#: BK 32, 4 warps: 80 / 240 regs, no spills; BK 64, 8 warps: 181 regs, 0 / 64 B (4 warps: 0 / 1408 B);
+#: BK 128, 16 warps: 128 regs, 520 / 2032 B (the three tiles alone are 48 K of the 64 K registers)
+NUM_WARPS = {16: 4, 32: 4, 64: 8}
+
+
+def _warps(BK: int) -> int:
+    return NUM_WARPS.get(BK, 4 if BK < 16 else 16)
+
+
+@functools.lru_cache(maxsize=1)
+def s_rule() -> Rule:
+    """The normal form of S's scan given the gain: S_t = S_{t-1}(I − R u gᵀ) + e gᵀ, o_t = S_t q."""
+    g = O.key("olssm_g")
+    form = NormalForm(decay=1, corrections=(Correction(O.scalar("olssm_R"), O.key("olssm_u"), g),),
+                      inputs=(InputTerm(O.row("olssm_e"), g),), readout=O.query("olssm_q"), mode="rls (S scan)")
+    return Rule(None, form)
+
+
+@triton.jit
+def _riccati(P, u, gam, r, m2):
+    """One forgetting + Sherman–Morrison step: (P_t, a = P̃ u, den) from P_{t-1}."""
+    Pt = P / gam
+    a = tl.sum(Pt * u[None, :], axis=1)
+    den = 1.0 + r * tl.sum(a * u)
+    return tl.where(m2, Pt - (r / den) * a[:, None] * a[None, :], 0.0), Pt, a, den
+
+
+@triton.jit
+def _program(cu_ptr, T, H, DK, BK: tl.constexpr, VARLEN: tl.constexpr):
+    """The program's (sequence, head), its token range, and P's [BK, BK] tile: indices, masks, offsets."""
+    i_nh = tl.program_id(0)
+    bos, eos = _sequence(cu_ptr, i_nh // H, T, VARLEN)
+    idx = tl.arange(0, BK)
+    km = idx < DK
+    # token offsets · H · d_k can pass 2³¹: int64 token indices
+    return (i_nh, i_nh % H, bos.to(tl.int64), eos.to(tl.int64), idx, km, km[:, None] & km[None, :],
+            idx[:, None] * DK + idx[None, :], i_nh.to(tl.int64) * DK * DK)
+
+
+@triton.jit
+def rls_gain_fwd_kernel(u_ptr, gam_ptr, r_ptr, p0_ptr, g_ptr, pt_ptr, ck_ptr, cu_ptr, T, H, DK, NCK,
+                        BK: tl.constexpr, C: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr):
+    i_nh, i_h, bos, eos, idx, km, m2, poff, base = _program(cu_ptr, T, H, DK, BK, VARLEN)
+    P = tl.load(p0_ptr + base + poff, mask=m2, other=0.0)
+    for tt in range(bos, eos):
+        if SAVE_CK:
+            rel = tt - bos
+            if rel % C == 0:
+                tl.store(ck_ptr + (i_nh.to(tl.int64) * NCK + rel // C) * DK * DK + poff, P, mask=m2)
+        tok = tt * H + i_h
+        u = tl.load(u_ptr + tok * DK + idx, mask=km, other=0.0)
+        P, Pt, a, den = _riccati(P, u, tl.load(gam_ptr + tok), tl.load(r_ptr + tok), m2)
+        tl.store(g_ptr + tok * DK + idx, a / den, mask=km)
+    tl.store(pt_ptr + base + poff, P, mask=m2)
+
+
+@triton.jit
+def rls_gain_bwd_kernel(u_ptr, gam_ptr, r_ptr, ck_ptr, scr_ptr, dg_ptr, dpt_ptr, du_ptr, dgam_ptr, dr_ptr,
+                        dp0_ptr, cu_ptr, T, H, DK, NCK, BK: tl.constexpr, C: tl.constexpr,
+                        USE_DPT: tl.constexpr, VARLEN: tl.constexpr):
+    i_nh, i_h, bos, eos, idx, km, m2, poff, base = _program(cu_ptr, T, H, DK, BK, VARLEN)
+    scr = scr_ptr + i_nh.to(tl.int64) * C * BK * BK + idx[:, None] * BK + idx[None, :]
+    dP = tl.zeros([BK, BK], tl.float32)
+    if USE_DPT:
+        dP += tl.load(dpt_ptr + base + poff, mask=m2, other=0.0)
+    nck = (eos - bos + C - 1) // C
+    for jc in range(0, nck):
+        ic = nck - 1 - jc
+        t0 = bos + ic * C
+        t1 = tl.minimum(t0 + C, eos)
+        # recompute P_{t-1} of the chunk's tokens from the checkpoint
+        P = tl.load(ck_ptr + (i_nh.to(tl.int64) * NCK + ic) * DK * DK + poff, mask=m2, other=0.0)
+        for tt in range(t0, t1):
+            tl.store(scr + (tt - t0) * BK * BK, P)
+            tok = tt * H + i_h
+            u = tl.load(u_ptr + tok * DK + idx, mask=km, other=0.0)
+            P, Pt, a, den = _riccati(P, u, tl.load(gam_ptr + tok), tl.load(r_ptr + tok), m2)
+        tl.debug_barrier()
+        for jt in range(0, t1 - t0):
+            tt = t1 - 1 - jt
+            tok = tt * H + i_h
+            u = tl.load(u_ptr + tok * DK + idx, mask=km, other=0.0)
+            gam = tl.load(gam_ptr + tok)
+            r = tl.load(r_ptr + tok)
+            Pn, Pt, a, den = _riccati(tl.load(scr + (tt - t0) * BK * BK), u, gam, r, m2)
+            dg = tl.load(dg_ptr + tok * DK + idx, mask=km, other=0.0)
+            # g = a/den and P_t = P̃ − (R/den) a aᵀ
+            da = dg / den
+            dden = -tl.sum(dg * a) / (den * den)
+            dPa = tl.sum(dP * a[None, :], axis=1)
+            dPTa = tl.sum(dP * a[:, None], axis=0)
+            ada = tl.sum(a * dPa)
+            da += -(r / den) * (dPa + dPTa)
+            dr = -ada / den
+            dden += r * ada / (den * den)
+            # den = 1 + R uᵀa
+            s = tl.sum(a * u)
+            dr += s * dden
+            ds = r * dden
+            du = ds * a
+            da += ds * u
+            # a = P̃ u, P̃ = P_{t-1}/γ
+            dPt = dP + da[:, None] * u[None, :]
+            du += tl.sum(Pt * da[:, None], axis=0)
+            tl.store(du_ptr + tok * DK + idx, du, mask=km)
+            tl.store(dgam_ptr + tok, -tl.sum(tl.where(m2, dPt * Pt, 0.0)) / gam)
+            tl.store(dr_ptr + tok, dr)
+            dP = tl.where(m2, dPt / gam, 0.0)
+        tl.debug_barrier()
+    tl.store(dp0_ptr + base + poff, dP, mask=m2)
+
+
+def _checkpoint(max_len: int) -> int:
+    from .scan import _auto_checkpoint
+    return _auto_checkpoint(max_len)
+
+
+# sizes = [B, T, H, d_k, N, C]
+def _nck(sizes, max_len):
+    return max(1, -(-max_len // sizes[5]))
+
+
+@torch.library.custom_op("olssm::rls_gain_fwd", mutates_args=())
+def rls_gain_fwd(u: Tensor, gamma: Tensor, R: Tensor, P0: Tensor, cu_seqlens: Optional[Tensor], sizes: list[int],
+                 max_len: int, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """g [B, T, H, d_k], P_T [N, H, d_k, d_k], checkpoints [N, H, NCK, d_k, d_k] (fp32)."""
+    B, T, H, K, N, C = sizes
+    dev = u.device
+    g = torch.empty(B, T, H, K, dtype=torch.float32, device=dev)
+    Pt = torch.empty(N, H, K, K, dtype=torch.float32, device=dev)
+    NCK = _nck(sizes, max_len)
+    ck = torch.empty(N, H, NCK, K, K, dtype=torch.float32, device=dev) if save else Pt.new_empty(0)
+    rls_gain_fwd_kernel[(N * H,)](u, gamma, R, P0, g, Pt, ck if save else Pt,
+                                  cu_seqlens if cu_seqlens is not None else Pt, T, H, K, NCK, BK=_np2(K), C=C,
+                                  SAVE_CK=save, VARLEN=cu_seqlens is not None, num_warps=_warps(_np2(K)))
+    return g, Pt, ck
+
+
+@rls_gain_fwd.register_fake
+def _(u, gamma, R, P0, cu_seqlens, sizes, max_len, save):
+    B, T, H, K, N, C = sizes
+    ck = u.new_empty(N, H, _nck(sizes, max_len), K, K) if save else u.new_empty(0)
+    return u.new_empty(B, T, H, K), u.new_empty(N, H, K, K), ck
+
+
+@torch.library.custom_op("olssm::rls_gain_bwd", mutates_args=())
+def rls_gain_bwd(u: Tensor, gamma: Tensor, R: Tensor, ck: Tensor, cu_seqlens: Optional[Tensor], dg: Tensor,
+                 dPt: Optional[Tensor], sizes: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """∂u, ∂γ, ∂R, ∂P_0 from ∂g and ∂P_T."""
+    B, T, H, K, N, C = sizes
+    BK = _np2(K)
+    du, dgam, dr = torch.empty_like(u), torch.empty_like(gamma), torch.empty_like(R)
+    dP0 = torch.empty(N, H, K, K, dtype=torch.float32, device=u.device)
+    scratch = torch.empty(N * H * C * BK * BK, dtype=torch.float32, device=u.device)
+    rls_gain_bwd_kernel[(N * H,)](u, gamma, R, ck, scratch, dg.contiguous(), dPt.contiguous() if dPt is not None else dP0,
+                                  du, dgam, dr, dP0, cu_seqlens if cu_seqlens is not None else dP0, T, H, K,
+                                  ck.shape[2], BK=BK, C=C, USE_DPT=dPt is not None, VARLEN=cu_seqlens is not None,
+                                  num_warps=_warps(BK))
+    return du, dgam, dr, dP0
+
+
+@rls_gain_bwd.register_fake
+def _(u, gamma, R, ck, cu_seqlens, dg, dPt, sizes):
+    B, T, H, K, N, C = sizes
+    return torch.empty_like(u), torch.empty_like(gamma), torch.empty_like(R), u.new_empty(N, H, K, K)
+
+
+def _setup(ctx, inputs, output):
+    u, gamma, R, P0, cu_seqlens, sizes, max_len, save = inputs
+    ctx.sizes, ctx.save, ctx.has_cu = list(sizes), save, cu_seqlens is not None
+    ctx.save_for_backward(u, gamma, R, output[2], *([cu_seqlens] if cu_seqlens is not None else []))
+
+
+def _backward(ctx, dg, dPt, dck):
+    if not ctx.save:
+        raise RuntimeError("olssm rls gain scan: no checkpoints were saved (no input required grad)")
+    u, gamma, R, ck, *cu = ctx.saved_tensors
+    if dg is None:
+        dg = torch.zeros_like(u)
+    du, dgam, dr, dP0 = rls_gain_bwd(u, gamma, R, ck, cu[0] if ctx.has_cu else None, dg, dPt, ctx.sizes)
+    return du, dgam, dr, dP0, None, None, None, None
+
+
+torch.library.register_autograd("olssm::rls_gain_fwd", _backward, setup_context=_setup)
+
+
+def _full(x, shape, device):
+    x = torch.as_tensor(x, dtype=torch.float32, device=device).to(torch.float32)
+    return torch.broadcast_to(x, shape)
+
+
+def coefficients(args):
+    """γ, R [B, T, H], u, q [B, T, H, d_k], e [B, T, H, d_v]: fp32, contiguous, differentiable."""
+    rule, form = args.rule, args.rule.form
+    B, T, H, K, V = args.B, args.T, args.H, args.d_k, args.d_v
+    lay = rule.broadcast_inputs(K, V, {**args.tokens, **args.params}, "scan", need=rule.inputs)
+    ev = evaluator({"gamma": form.decay, "R": form.weight, "u": form.key, "e": form.target, "q": form.readout})(lay)
+    dev = args.device
+    return (_full(ev["gamma"], (B, T, H, 1, 1), dev)[..., 0, 0].contiguous(),
+            _full(ev["R"], (B, T, H, 1, 1), dev)[..., 0, 0].contiguous(),
+            _full(ev["u"], (B, T, H, 1, K), dev)[..., 0, :].contiguous(),
+            _full(ev["e"], (B, T, H, V, 1), dev)[..., 0].contiguous(),
+            _full(ev["q"], (B, T, H, 1, K), dev)[..., 0, :].contiguous())
+
+
+def _initial_p(args):
+    """P_0 = I/λ per sequence (λ read at each sequence's first token, as the reference does)."""
+    rule = args.rule
+    starts = [0] if args.cu_seqlens is None else args.cu_seqlens.tolist()[:-1]
+    batch = args.B if args.cu_seqlens is None else 1
+    Ps = []
+    for s in starts:
+        first = {n: x[:, min(s, args.T - 1)] for n, x in args.tokens.items()}
+        Ps.append(rule.zero_state((batch, args.H), args.d_k, args.d_v, device=args.device, dtype=torch.float32,
+                                  **args.params, **first)[1])
+    return torch.cat(Ps).contiguous()
+
+
+def triton_rls_scan(args):
+    """o [B, T, H, d_v] (args.out_dtype) and (if asked) the final (S, P), fp32."""
+    from ..api import scan
+    from .scan import _check_device
+    _check_device(args.device)
+    if args.T == 0:
+        raise ValueError("scan: T must be >= 1")
+    gamma, R, u, e, q = coefficients(args)
+    if args.initial_state is None:
+        S0, P0 = None, _initial_p(args)
+    else:
+        S0, P0 = (x.to(torch.float32).contiguous() for x in args.initial_state)
+        _check_device(P0.device)
+    cu = None if args.cu_seqlens is None else args.cu_seqlens.to(args.device).contiguous()
+    max_len = args.T if cu is None else max([b - a for a, b in zip(cu.tolist(), cu.tolist()[1:])] + [0])
+    sizes = [args.B, args.T, args.H, args.d_k, args.num_sequences, _checkpoint(max_len)]
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (u, gamma, R, P0))
+    g, Pt, _ = torch.ops.olssm.rls_gain_fwd(u, gamma, R, P0, cu, sizes, max_len, save)
+    o, St = scan(s_rule(), backend="triton", initial_state=S0, output_final_state=args.output_final_state,
+                 cu_seqlens=args.cu_seqlens, olssm_R=R, olssm_u=u, olssm_g=g, olssm_e=e, olssm_q=q)
+    o = o.to(args.out_dtype)
+    return o, ((St, Pt) if args.output_final_state else None)
+
+
+def kernel_source(rule) -> str:
+    """The gain kernels (the Riccati recursion, shared by every RLS rule) and the generated S scan."""
+    from .codegen import module_source
+    return ("# recursive least squares: the gain g_t = P_t u_t comes from the Riccati kernels below (coefficients\n"
+            "# evaluated in torch from the rule); S's scan is the generated normal-form module that follows\n"
+            "# (olssm/kernels/triton/rls.py)\n\n"
+            + "\n\n".join(inspect.getsource(f.fn) for f in (_riccati, _program, rls_gain_fwd_kernel, rls_gain_bwd_kernel))
+            + "\n\n" + module_source(s_rule()))
