@@ -182,6 +182,19 @@ def test_low_precision_inputs_vs_fp32_reference(name, dtype):
     _compare(rule, low, None, rtol=2e-2, grtol=5e-2, ref_inp=ref)
 
 
+def test_rls_low_precision_inputs():
+    # bf16 inputs: the gain and S scans run in fp32 on the rounded values, so (S, P) match the fp32
+    # reference on those values to fp32 accuracy and o to its bf16 rounding (2^-8 ≈ 4e-3 relative)
+    rule = ENTRIES["rls"].rule
+    low = {n: x.to(torch.bfloat16) for n, x in random_inputs(rule, 1, 8, 2, 5, 6, seed=8).items()}
+    o, (S, P) = rule.scan(backend="triton", output_final_state=True, **{n: _dev(x) for n, x in low.items()})
+    o1, (S1, P1) = rule.scan(backend="reference", output_final_state=True, **{n: x.float() for n, x in low.items()})
+    assert o.dtype == torch.bfloat16 and S.dtype == P.dtype == torch.float32
+    _close(o, o1, 1e-2, "o")
+    _close(S, S1, FP32_RTOL, "S")
+    _close(P, P1, FP32_RTOL, "P")
+
+
 def test_fp64_inputs_run_in_fp32():
     rule = ENTRIES["gla"].rule
     inp = random_inputs(rule, 1, 6, 2, 5, 6, seed=9, dtype=torch.float64)
