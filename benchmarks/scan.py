@@ -39,6 +39,7 @@ SHAPES = {  # rule name -> what it stands for in the table
     "mamba": "Mamba (elementwise exp(Δ A))",
     "mamba2": "Mamba-2 (scalar decay)",
     "gated_deltanet": "Gated DeltaNet",
+    "rls": "RLS (Riccati gain loop + chunked S)",
 }
 
 
@@ -55,7 +56,8 @@ def _once(name, inp, backend, chunk, bwd):
         leaves = {n: x.detach().clone().requires_grad_(True) for n, x in inp.items()}
         t = time.perf_counter()
         o, f = run(leaves)
-        (o.square().mean() + (0 if f is None else f.square().mean())).backward()
+        states = () if f is None else f if isinstance(f, tuple) else (f,)   # exact rules: a pair
+        (o.square().mean() + sum(x.square().mean() for x in states)).backward()
     else:
         t = time.perf_counter()
         with torch.no_grad():

@@ -149,19 +149,19 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
         # chunk backend avoids the extra launches. RLS rules: the gain scan is a kernel (triton/rls.py)
         sufficient_stats = args.rule.is_exact and not args.rule.is_rls
         backend = "triton" if args.device.type == "cuda" and not sufficient_stats else "chunk"
-    if args.rule.is_rls and backend == "chunk":
-        # in torch the Riccati recursion of P is a loop over tokens either way (sequential by nature,
-        # O(d_k²) per token): the reference loop, which updates S in the same step, is that scan
-        backend = "reference"
     if backend == "reference":
         from .reference import reference_scan
         return reference_scan(args)
+    if backend == "chunk" and args.rule.is_rls:
+        # the gain (Riccati) recursion as a torch loop, S's scan by the chunk engines (rls.py)
+        from .rls import rls_scan, torch_gain_scan
+        return rls_scan(args, torch_gain_scan, "chunk", chunk_size)
     if backend == "chunk":
         from .chunk import chunk_scan
         return chunk_scan(args, chunk_size=chunk_size)
     if args.rule.is_rls:
         from .triton.rls import triton_rls_scan
-        return triton_rls_scan(args)
+        return triton_rls_scan(args, chunk_size=chunk_size)
     if args.rule.is_exact:
         from .triton.exact import triton_exact_scan
         return triton_exact_scan(args, chunk_size=chunk_size)

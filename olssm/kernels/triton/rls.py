@@ -1,34 +1,20 @@
-"""backend="triton" for recursive-least-squares rules, as a gain scan plus a generated S scan
-(TRITON.md, "Recursive least squares").
+"""backend="triton" for recursive-least-squares rules: the Riccati gain scan as a kernel (the split
+into a gain scan and S's normal-form scan is olssm/kernels/rls.py; math in TRITON.md, "Recursive
+least squares").
 
-An RLS rule keeps (S, P), P = (H_t + λ_t I)⁻¹, and per token (γ the forgetting, R the weight, u the
-key, e = R·y the target, q the readout):
-
-    P̃ = P_{t-1}/γ,   a = P̃ u,   den = 1 + R uᵀa,   P_t = P̃ − (R/den) a aᵀ,   g_t = P_t u = a/den
-    S_t = S_{t-1} + (e − R S_{t-1} u) g_tᵀ = S_{t-1} (I − R u g_tᵀ) + e g_tᵀ,   o_t = S_t q
-
-The gain g_t depends on P only, never on S or the values. So the scan splits in two:
-1. the gain scan (the Riccati recursion): one program per (sequence, head) holds P [d_k, d_k] in
-   registers and writes g_t, O(d_k²) per token, sequential by nature (``rls_gain_fwd_kernel``);
-2. S's scan is a normal-form rule with one correction (c = R, a = u, b = g) and one input term
-   (e gᵀ), so it runs through the kernels generated for that form (`s_rule`; recurrent or the
-   chunked delta kernels, forward and backward) like any derived rule.
-
-The backward of the gain scan (``rls_gain_bwd_kernel``) walks time in reverse with ∂L/∂P in
-registers, recomputing P_{t-1} of each chunk of C tokens from checkpoints (P entering the chunk):
+``rls_gain_fwd_kernel``: one program per (sequence, head) holds P [d_k, d_k] in registers and
+writes g_t = P_t u_t, O(d_k²) per token, sequential by nature; it saves P entering every chunk of
+C tokens. ``rls_gain_bwd_kernel`` walks time in reverse with dP = ∂L/∂P_t in registers,
+recomputing P_{t-1} of each chunk from its checkpoint (a = P̃u, den = 1 + R uᵀa, g = a/den):
 
     dâ   = dg/den                               dden  = −(dg·a)/den²
     dâ  −= (R/den)(dP + dPᵀ) a                  dR    = −aᵀdP a/den,   dden += R aᵀdP a/den²
     dR  += (uᵀa)·dden,   ds = R·dden            du    = ds·a,          dâ   += ds·u
     dP̃   = dP + dâ uᵀ                           du   += P̃ᵀ dâ
     dγ   = −⟨dP̃, P̃⟩/γ                            dP_{t-1} = dP̃/γ
-
-The coefficients (γ, R, u, e, q) and P_0 = I/λ are evaluated in torch from the rule's sympy
-expressions under autograd, which chains the kernels' gradients to the raw inputs and parameters.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Optional
 
@@ -37,8 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...derive.rule import Correction, InputTerm, NormalForm, Rule, evaluator
-from ...objectives import core as O
+from ..rls import s_rule
 from .chunked import _np2, _sequence
 
 #: warps per program of the gain kernels by BK: P (and dP, P̃ in the backward) are [BK, BK] fp32 tiles
@@ -50,15 +35,6 @@ NUM_WARPS = {16: 4, 32: 4, 64: 8}
 
 def _warps(BK: int) -> int:
     return NUM_WARPS.get(BK, 4 if BK < 16 else 16)
-
-
-@functools.lru_cache(maxsize=1)
-def s_rule() -> Rule:
-    """The normal form of S's scan given the gain: S_t = S_{t-1}(I − R u gᵀ) + e gᵀ, o_t = S_t q."""
-    g = O.key("olssm_g")
-    form = NormalForm(decay=1, corrections=(Correction(O.scalar("olssm_R"), O.key("olssm_u"), g),),
-                      inputs=(InputTerm(O.row("olssm_e"), g),), readout=O.query("olssm_q"), mode="rls (S scan)")
-    return Rule(None, form)
 
 
 @triton.jit
@@ -229,60 +205,25 @@ def _backward(ctx, dg, dPt, dck):
 torch.library.register_autograd("olssm::rls_gain_fwd", _backward, setup_context=_setup)
 
 
-def _full(x, shape, device):
-    x = torch.as_tensor(x, dtype=torch.float32, device=device).to(torch.float32)
-    return torch.broadcast_to(x, shape)
-
-
-def coefficients(args):
-    """γ, R [B, T, H], u, q [B, T, H, d_k], e [B, T, H, d_v]: fp32, contiguous, differentiable."""
-    rule, form = args.rule, args.rule.form
-    B, T, H, K, V = args.B, args.T, args.H, args.d_k, args.d_v
-    lay = rule.broadcast_inputs(K, V, {**args.tokens, **args.params}, "scan", need=rule.inputs)
-    ev = evaluator({"gamma": form.decay, "R": form.weight, "u": form.key, "e": form.target, "q": form.readout})(lay)
-    dev = args.device
-    return (_full(ev["gamma"], (B, T, H, 1, 1), dev)[..., 0, 0].contiguous(),
-            _full(ev["R"], (B, T, H, 1, 1), dev)[..., 0, 0].contiguous(),
-            _full(ev["u"], (B, T, H, 1, K), dev)[..., 0, :].contiguous(),
-            _full(ev["e"], (B, T, H, V, 1), dev)[..., 0].contiguous(),
-            _full(ev["q"], (B, T, H, 1, K), dev)[..., 0, :].contiguous())
-
-
-def _initial_p(args):
-    """P_0 = I/λ per sequence (λ read at each sequence's first token, as the reference does)."""
-    rule = args.rule
-    starts = [0] if args.cu_seqlens is None else args.cu_seqlens.tolist()[:-1]
-    batch = args.B if args.cu_seqlens is None else 1
-    Ps = []
-    for s in starts:
-        first = {n: x[:, min(s, args.T - 1)] for n, x in args.tokens.items()}
-        Ps.append(rule.zero_state((batch, args.H), args.d_k, args.d_v, device=args.device, dtype=torch.float32,
-                                  **args.params, **first)[1])
-    return torch.cat(Ps).contiguous()
-
-
-def triton_rls_scan(args):
-    """o [B, T, H, d_v] (args.out_dtype) and (if asked) the final (S, P), fp32."""
-    from ..api import scan
-    from .scan import _check_device
-    _check_device(args.device)
-    if args.T == 0:
-        raise ValueError("scan: T must be >= 1")
-    gamma, R, u, e, q = coefficients(args)
-    if args.initial_state is None:
-        S0, P0 = None, _initial_p(args)
-    else:
-        S0, P0 = (x.to(torch.float32).contiguous() for x in args.initial_state)
-        _check_device(P0.device)
-    cu = None if args.cu_seqlens is None else args.cu_seqlens.to(args.device).contiguous()
-    max_len = args.T if cu is None else max([b - a for a, b in zip(cu.tolist(), cu.tolist()[1:])] + [0])
-    sizes = [args.B, args.T, args.H, args.d_k, args.num_sequences, _checkpoint(max_len)]
+def _triton_gain_scan(u, gamma, R, P0, cu):
+    B, T, H, K = u.shape
+    N = P0.shape[0]
+    max_len = T if cu is None else max([b - a for a, b in zip(cu.tolist(), cu.tolist()[1:])] + [0])
+    sizes = [B, T, H, K, N, _checkpoint(max_len)]
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (u, gamma, R, P0))
     g, Pt, _ = torch.ops.olssm.rls_gain_fwd(u, gamma, R, P0, cu, sizes, max_len, save)
-    o, St = scan(s_rule(), backend="triton", initial_state=S0, output_final_state=args.output_final_state,
-                 cu_seqlens=args.cu_seqlens, olssm_R=R, olssm_u=u, olssm_g=g, olssm_e=e, olssm_q=q)
-    o = o.to(args.out_dtype)
-    return o, ((St, Pt) if args.output_final_state else None)
+    return g, Pt
+
+
+def triton_rls_scan(args, chunk_size=64):
+    """o [B, T, H, d_v] (args.out_dtype) and (if asked) the final (S, P), fp32: the gain kernel, then
+    S's scan through the generated kernels."""
+    from ..rls import rls_scan
+    from .scan import _check_device
+    _check_device(args.device)
+    if args.initial_state is not None:
+        _check_device(args.initial_state[1].device)
+    return rls_scan(args, _triton_gain_scan, "triton", chunk_size)
 
 
 def kernel_source(rule) -> str:
