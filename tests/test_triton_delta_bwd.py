@@ -1,4 +1,5 @@
-"""backend="triton": the delta family's chunked backward (chunked_delta_bwd.py), scalar c, none / scalar decay.
+"""backend="triton": the delta family's chunked backward (chunked_delta_bwd.py), scalar or row c (Longhorn),
+none / scalar decay.
 
 Under the Triton CPU interpreter (TRITON_INTERPRET=1, set before triton is imported) with tiny shapes and
 16-token chunks (4 in one test). On a GPU: `OLSSM_TRITON_DEVICE=cuda pytest tests/test_triton_delta_bwd.py`.
@@ -28,7 +29,9 @@ def _small(monkeypatch):
     monkeypatch.setattr(tlib, "CHUNK", 16)
     monkeypatch.setattr(tlib, "FORCE", "chunk")
     monkeypatch.setattr(tdelta, "DELTA_BACKWARD", "chunk")
-    for var in ("OLSSM_TRITON_KERNEL", "OLSSM_TRITON_CHUNK_BWD", "OLSSM_TRITON_DELTA_BACKWARD"):
+    monkeypatch.setattr(tdelta, "ROW_C_BACKWARD", "chunk")
+    for var in ("OLSSM_TRITON_KERNEL", "OLSSM_TRITON_CHUNK_BWD", "OLSSM_TRITON_DELTA_BACKWARD",
+                "OLSSM_TRITON_ROW_C_BACKWARD"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(tlib, "_chunk_pays", lambda plan, args: True)
 
@@ -37,6 +40,12 @@ def _small(monkeypatch):
 def calls(monkeypatch):
     """Counts calls of the delta family's chunked backward."""
     return spy(monkeypatch, tdelta, "chunked_delta_backward")
+
+
+@pytest.fixture
+def row_calls(monkeypatch):
+    """Counts calls of the row-c chunked backward."""
+    return spy(monkeypatch, tdelta, "chunked_rowc_backward")
 
 
 
@@ -50,12 +59,23 @@ def _log_gated_deltanet():
                                     decay=sp.exp(la), name="log-gated DeltaNet"))
 
 
-def _two_term_rule():
+def _two_term_rule(row=False):
     S, _ = O.states()
-    beta = O.scalar("beta", domain="unit")
+    beta = O.row("beta", domain="unit") if row else O.scalar("beta", domain="unit")
+    decay = sp.exp(O.scalar("la", domain="negative")) if row else O.scalar("alpha", domain="decay")
     return olssm.derive(O.Objective(O.sqnorm(S @ O.key("k") - O.value("v"), weight=beta) / 2
                                     - O.inner(S @ O.key("kl"), O.scalar("s") * O.value("vl")), update="explicit",
-                                    decay=O.scalar("alpha", domain="decay"), name="two-term gated DeltaNet"))
+                                    decay=decay, name="two-term gated DeltaNet" + (", row β" if row else "")))
+
+
+def _gated_longhorn():
+    # a row c with a scalar decay exp(la) (closed-form log: "auto" takes the chunked backward)
+    S, Sp = O.states()
+    beta = O.row("beta", domain="unit")
+    la = O.scalar("la", domain="negative")
+    return olssm.derive(O.Objective(O.sqnorm(S - sp.exp(la) * Sp) / 2
+                                    + O.sqnorm(S @ O.key("k") - O.value("v"), weight=beta) / 2,
+                                    name="gated Longhorn"))
 
 
 def _blocks16(monkeypatch):
@@ -89,15 +109,14 @@ def test_catalogue_rules_and_the_recurrent_switch(name, calls, monkeypatch):
 
 
 def test_auto_policy(calls, monkeypatch):
-    # "auto": the chunked delta backward where there is no decay or log Λ has a closed form; Longhorn's row c
-    # keeps the recurrent backward
+    # "auto": the chunked delta backward where there is no decay or log Λ has a closed form (scalar or row c)
     monkeypatch.setattr(tlib, "FORCE", None)
     plan = tscan.plan_for
     assert tchunk.backward_supported(plan(ENTRIES["deltanet"].rule))
     assert tchunk.backward_supported(plan(_log_gated_deltanet()))
     assert not tchunk.backward_supported(plan(ENTRIES["gated_deltanet"].rule))
     assert tchunk.backward_supported(plan(ENTRIES["gated_deltanet"].rule), exact_decay_grad=False)
-    assert not tchunk.backward_supported(plan(ENTRIES["longhorn"].rule), exact_decay_grad=False)
+    assert tchunk.backward_supported(plan(ENTRIES["longhorn"].rule))      # row c, no decay
     rule = ENTRIES["gated_deltanet"].rule
     _compare(rule, random_inputs(rule, 1, 33, 1, 4, 5, seed=3), None)
     assert len(calls) == 0
@@ -141,6 +160,67 @@ def test_value_and_key_blocks(calls, monkeypatch):
     assert len(calls) == 1
 
 
+# ---- row c (Longhorn): through rule.scan, against the reference backend --------------------------------
+
+def test_longhorn_and_the_recurrent_switch(row_calls, monkeypatch):
+    rule = ENTRIES["longhorn"].rule
+    plan = tscan.plan_for(rule)
+    assert tchunk.backward_supported(plan)                     # no decay: "auto" takes it
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=1)           # 37 = 2 chunks of 16 + 5
+    h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(2))
+    g_chunk = _compare(rule, inp, h0)
+    assert len(row_calls) == 1
+    monkeypatch.setattr(tdelta, "ROW_C_BACKWARD", "recurrent")
+    assert not tchunk.backward_supported(plan)
+    assert tchunk.backward_supported(tscan.plan_for(ENTRIES["deltanet"].rule))   # scalar c keeps its kernels
+    g_rec = _compare(rule, inp, h0)
+    assert len(row_calls) == 1
+    for n in g_chunk:
+        _close(g_chunk[n], g_rec[n], RTOL, f"d{n}: chunk vs recurrent backward")
+    monkeypatch.setattr(tdelta, "ROW_C_BACKWARD", "chunk")
+    monkeypatch.setenv("OLSSM_TRITON_DELTA_BACKWARD", "recurrent")   # the family's switch covers row c too
+    assert not tchunk.backward_supported(plan)
+    monkeypatch.delenv("OLSSM_TRITON_DELTA_BACKWARD")
+    monkeypatch.setenv("OLSSM_TRITON_ROW_C_BACKWARD", "recurrent")
+    assert not tchunk.backward_supported(plan)
+    monkeypatch.setenv("OLSSM_TRITON_ROW_C_BACKWARD", "bogus")
+    with pytest.raises(ValueError, match="row-c backward"):
+        tchunk.backward_supported(plan)
+
+
+def test_row_c_scalar_decay(row_calls):
+    rule = _gated_longhorn()
+    assert tchunk.backward_supported(tscan.plan_for(rule))
+    inp = random_inputs(rule, 1, 40, 2, 5, 6, seed=5)
+    inp["la"][:, 20] = -30.0                                     # one token forgets (nearly) everything
+    h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(5))
+    _compare(rule, inp, h0)
+    assert len(row_calls) == 1
+
+
+def test_row_c_varlen_and_two_input_terms(row_calls):
+    rule = ENTRIES["longhorn"].rule
+    cu = [0, 5, 5, 6, 43]                                        # lengths 5, 0, 1, 37
+    inp = random_inputs(rule, 1, 43, 2, 4, 5, seed=6)
+    h0 = 0.3 * torch.randn(4, 2, 5, 4, generator=torch.Generator().manual_seed(6))
+    g = _compare(rule, inp, h0, cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)))
+    assert g["h0"][1].abs().max() > 0                            # the empty sequence passes dht to dh0
+    rule = _two_term_rule(row=True)
+    assert len(rule.form.inputs) == 2 and tchunk._c_row(rule.form)
+    _compare(rule, random_inputs(rule, 1, 21, 1, 4, 5, seed=13), 0.3 * torch.randn(1, 1, 5, 4))
+    assert len(row_calls) == 2
+
+
+def test_row_c_value_and_key_blocks(row_calls, monkeypatch):
+    # d_k = 20 (two 16-column key blocks), d_v = 40: three 16-row blocks in the row-c prep / value kernels,
+    # two 32-row blocks in the state pass and the key kernel's loop; T = 37, no initial state
+    _blocks16(monkeypatch)
+    monkeypatch.setattr(tdelta, "ROWC_BLOCK_V", 16)
+    rule = _gated_longhorn()
+    _compare(rule, random_inputs(rule, 1, 37, 1, 20, 40, seed=8), None)
+    assert len(row_calls) == 1
+
+
 # ---- the kernels on chunk tensors, against an fp64 autograd loop -------------------------------------
 
 def _loop(q, w, e, ld, a, b, c, h0, bounds):
@@ -151,7 +231,8 @@ def _loop(q, w, e, ld, a, b, c, h0, bounds):
         S = h0[n]                                                # [H, V, K]
         for t in range(s0, s1):
             Sa = torch.einsum("hvk,hk->hv", S, a[row, t])
-            S = ld[row, t].exp()[:, None, None] * (S - c[row, t][:, None, None] * Sa[..., None] * b[row, t][:, None, :])
+            ct = c[row, t][:, None, None] if c.dim() == 3 else c[row, t][..., None]   # scalar / row c
+            S = ld[row, t].exp()[:, None, None] * (S - ct * Sa[..., None] * b[row, t][:, None, :])
             S = S + torch.einsum("mhv,mhk->hvk", e[:, row, t], w[:, row, t])
             outs[(row, t)] = torch.einsum("hvk,hk->hv", S, q[row, t])
         finals.append(S)
@@ -161,13 +242,16 @@ def _loop(q, w, e, ld, a, b, c, h0, bounds):
     return o, torch.stack(finals)
 
 
-@pytest.mark.parametrize("gated, varlen, chunk, M, K, V", [(True, False, 16, 2, 6, 5), (False, False, 16, 1, 6, 5),
-                                                           (True, True, 16, 1, 20, 20), (True, True, 4, 2, 6, 5)])
-def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, monkeypatch):
+@pytest.mark.parametrize("gated, varlen, chunk, M, K, V, crow",
+                         [(True, False, 16, 2, 6, 5, False), (False, False, 16, 1, 6, 5, False),
+                          (True, True, 16, 1, 20, 20, False), (True, True, 4, 2, 6, 5, False),
+                          (True, False, 16, 2, 6, 5, True), (False, True, 16, 1, 20, 20, True)])
+def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, monkeypatch):
     if chunk < 16 and _DEVICE != "cpu":
         pytest.skip("compiled tl.dot needs chunks of >= 16 tokens (library.run_scan clamps; this calls the kernels)")
     if K > 16:
         _blocks16(monkeypatch)                                   # several key and value blocks
+        monkeypatch.setattr(tdelta, "ROWC_BLOCK_V", 16)
     gen = torch.Generator().manual_seed(11 + M + chunk)
     H = 2
     if varlen:
@@ -185,14 +269,17 @@ def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, monkeypatch):
 
     q, a, b = key(B, T, H, K), key(B, T, H, K), key(B, T, H, K)
     w, e = key(M, B, T, H, K), torch.randn(M, B, T, H, V, generator=gen)
-    c = 0.1 + 0.8 * torch.rand(B, T, H, generator=gen)
+    c = 0.1 + 0.8 * torch.rand(B, T, H, *((V,) if crow else ()), generator=gen)   # row c: one per value row
     ld = -0.3 * torch.rand(B, T, H, generator=gen) if gated else torch.zeros(B, T, H)
     if gated:
         ld[:, 20, 0] = -30.0                                     # a strong decay on one token
     h0 = 0.3 * torch.randn(N, H, V, K, generator=gen)
     do, dht = torch.randn(B, T, H, V, generator=gen), torch.randn(N, H, V, K, generator=gen)
     chunk_in = [_dev(x).contiguous() for x in (q, w, e, ld, a, b, c)]
-    plan = tscan.plan_for(ENTRIES["gated_deltanet" if gated else "deltanet"].rule)
+    if crow:
+        plan = tscan.plan_for(_gated_longhorn() if gated else ENTRIES["longhorn"].rule)
+    else:
+        plan = tscan.plan_for(ENTRIES["gated_deltanet" if gated else "deltanet"].rule)
     sizes = [B, T, H, K, V, N, max_len, chunk]
     cu_t = _dev(torch.tensor(cu, dtype=torch.int32)) if varlen else None
     o = _dev(torch.empty(B, T, H, V))
@@ -215,8 +302,9 @@ def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, monkeypatch):
 
 # ---- torch.library / torch.compile ----------------------------------------------------------------------
 
-def test_opcheck_and_torch_compile(calls):
-    rule = ENTRIES["deltanet"].rule
+@pytest.mark.parametrize("name", ["deltanet", "longhorn"])
+def test_opcheck_and_torch_compile(name, calls):
+    rule = ENTRIES[name].rule
     plan = tscan.plan_for(rule)
     key = tlib.register(plan)
     B, T, H, K, V = 1, 20, 1, 4, 4

@@ -55,7 +55,7 @@ ck and Δ. Varlen grids over chunks read a host-built (sequence, chunk) map.
 
 The forward also stores the state entering every chunk (``ck``). Backward: ``chunk_bwd_kernel``
 for none / scalar decays without corrections (gradients of q, w, e, log Λ; torch chains them to
-the raw inputs), chunked_delta_bwd.py for the delta family with scalar c and none / scalar decay,
+the raw inputs), chunked_delta_bwd.py for the delta family with scalar or row c and none / scalar decay,
 else the fused recurrent backward kernel (scan.py / codegen.py) run with those
 checkpoints (checkpoint interval = chunk size). Both exact.
 """
@@ -153,13 +153,14 @@ def _evaluator(form):
 
 def backward_supported(plan, exact_decay_grad: bool = True) -> bool:
     """The chunked backward kernels cover none / scalar / column decays without corrections and (with
-    chunked_delta_bwd.DELTA_BACKWARD = "chunk") the delta family with a scalar c and none / scalar decay;
+    chunked_delta_bwd.DELTA_BACKWARD = "chunk") the delta family with a scalar or row c (the latter unless
+    chunked_delta_bwd.ROW_C_BACKWARD = "recurrent") and none / scalar decay;
     with exact_decay_grad only where log Λ has a closed form (no division by Λ in the chain rule)."""
     form = plan.rule.form
     if form.corrections:
         from .chunked_delta_bwd import delta_backward
-        if (delta_backward() != "chunk" or len(form.corrections) != 1 or _c_row(form)
-                or form.decay_kind not in ("none", SCALAR)):
+        if (len(form.corrections) != 1 or form.decay_kind not in ("none", SCALAR)
+                or delta_backward(row_c=_c_row(form)) != "chunk"):
             return False
     elif form.decay_kind not in ("none", SCALAR, COLUMN):
         return False

@@ -1,4 +1,4 @@
-"""Chunked backward of the delta-rule family with a scalar c and none / scalar decay (TRITON.md, "Backward").
+"""Chunked backward of the delta-rule family with a scalar or row c and none / scalar decay (TRITON.md, "Backward").
 
 Forward, per chunk of BT tokens (b = cumulative log decay from the chunk start, Γ = e^b, Γ_L = e^{b_last},
 dec = Γ_L/Γ, D_ij = e^{b_i − b_j} for i ≥ j else 0, D_st its strictly lower part):
@@ -44,6 +44,21 @@ Four launches (prep and value take the split forward's wide value blocks, ≤ SP
   (the row sums of T and c ⊙ U and the Γ terms are q·dQ and a·dA, their column sums and X are w·dW and
   b·dB), ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j X_j (partial over key blocks).
 The callers sum the partials. Extra memory (fp32): dh like ck, T_c (BT per token·head), W̃, dΔ / dR', Δ.
+
+Row c (Longhorn's ε = β/(1 + β kᵀk), one c per value row i): each value row is its own scalar-c delta rule,
+Δ[:, i] = T_c⁽ⁱ⁾ (c[:, i] ⊙ R'[:, i]) with T_c⁽ⁱ⁾ = (I + diag(c[:, i]) N)⁻¹, so there is no state-independent
+T_c / W̃ per chunk. Per value row the adjoint is the transpose solve, dR[:, i] = T_c⁽ⁱ⁾ᵀ dΔ[:, i], i.e. the
+backward substitution dR_s = dΔ_s − Σ_{r>s} N_rs c_r dR_r; ∂c = dR ⊙ (R' − N Δ) elementwise; and since N is
+shared by the rows, dN = −Σ_i (c_i ⊙ dR_i) Δ_iᵀ = −(dR' Δᵀ) ⊙ strict as before, so dQ, dA, dB, dW_m, dE_m and
+∂ log γ are the formulas above in terms of dR' = c ⊙ dR and Δ, and dS₀ = Γ_L dS + (Γ ⊙ dO)ᵀ Q + dR'ᵀ (Γ ⊙ A)
+(= dΔᵀ W̃ of the scalar case). Four launches (``chunked_rowc_backward``):
+- ``chunk_rowc_bwd_prep_kernel`` (chunks × value blocks × heads): P = R' − N Δ by the forward substitution per
+  row from ck (Δ = c ⊙ P) → p, and dΔ's local part −(Q Bᵀ ⊙ D)ᵀ dO → dd;
+- ``chunk_rowc_bwd_state_kernel`` (value blocks × sequences·heads, reverse over chunks, dS in registers):
+  dh ← dS, dΔ = dd − dec ⊙ (B dSᵀ), the backward substitution → dR (over dd), dS ← dS₀; dh0 at the end;
+- ``chunk_rowc_bwd_value_kernel`` (chunks × value blocks × heads): ∂c = dR ⊙ P, dR' = c ⊙ dR, Δ = c ⊙ P, dE_m;
+- ``chunk_delta_bwd_key_kernel`` as above.
+Extra memory (fp32): dh like ck, P / Δ and dΔ / dR / dR' ([B, T, H, d_v] each).
 """
 from __future__ import annotations
 
@@ -53,10 +68,10 @@ import triton
 import triton.language as tl
 
 from . import chunked as _ch
-from .chunked import (_chunk_decay, _chunk_map, _delta_chunk, _dot_rows_k, _np2, _precision, _sequence,
+from .chunked import (_c_row, _chunk_decay, _chunk_map, _delta_chunk, _dot_rows_k, _np2, _precision, _sequence,
                       _state_tile, _store_wt, _ut_inverse, switch)
 
-#: the delta family's backward (scalar c, none / scalar decay): "chunk" (the kernels of this module) or
+#: the delta family's backward (scalar or row c, none / scalar decay): "chunk" (the kernels of this module) or
 #: "recurrent" (the fused recurrent backward on the chunked forward's checkpoints, as before).
 #: OLSSM_TRITON_DELTA_BACKWARD overrides.
 DELTA_BACKWARD = "chunk"
@@ -65,10 +80,21 @@ DELTA_BACKWARD = "chunk"
 VALUE_BLOCK_K = 32
 #: key columns per program of the key kernel (32 columns spilled more: 256 vs 72 B/thread)
 KEY_BLOCK_K = 64
+#: a row c (Longhorn): "chunk" (the row-c kernels of this module, under DELTA_BACKWARD = "chunk") or "recurrent"
+#: (the fused recurrent backward on the chunked forward's checkpoints, as before; for benchmarking).
+#: OLSSM_TRITON_ROW_C_BACKWARD overrides.
+ROW_C_BACKWARD = "chunk"
+#: value rows per program of the row-c prep and value kernels (sm_90, tf32, 8 warps, BT = 32, d_k = d_v = 64:
+#: 64 rows 172-186 regs and no spills; 32 rows 176-255 regs, value 8 B, at twice the repeated [BT, BT] work)
+ROWC_BLOCK_V = 64
 
 
-def delta_backward() -> str:
-    return switch("OLSSM_TRITON_DELTA_BACKWARD", DELTA_BACKWARD, ("chunk", "recurrent"), "delta backward")
+def delta_backward(row_c: bool = False) -> str:
+    """"chunk" or "recurrent": the delta family's backward (row_c: for a row c, where ROW_C_BACKWARD also applies)."""
+    mode = switch("OLSSM_TRITON_DELTA_BACKWARD", DELTA_BACKWARD, ("chunk", "recurrent"), "delta backward")
+    if row_c and mode == "chunk":
+        mode = switch("OLSSM_TRITON_ROW_C_BACKWARD", ROW_C_BACKWARD, ("chunk", "recurrent"), "row-c backward")
+    return mode
 
 
 @triton.jit
@@ -153,6 +179,34 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
 
 
 @triton.jit
+def _store_de(q_ptr, w_ptr, a_ptr, do_ptr, dh_ptr, de_ptr, dR, D, Dst, dec, base, tm, rows, sm, sbase, voff, vm, DK,
+              SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+              KB: tl.constexpr):
+    """dE_m = (Q W_mᵀ ⊙ D)ᵀ dO + (A W_mᵀ ⊙ D_st)ᵀ dR' + dec ⊙ (W_m dSᵀ) → de for one (chunk, value block)
+    (dR = dR' [BT, BV]; dS from dh, read where sm; KB key columns at a time)."""
+    do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+    for m in tl.static_range(M):
+        QW = tl.zeros([BT, BT], dtype=tl.float32)
+        AW = tl.zeros([BT, BT], dtype=tl.float32)
+        WdS = tl.zeros([BT, BV], dtype=tl.float32)
+        for kb in range(0, BK // KB):
+            cols = kb * KB + tl.arange(0, KB)
+            km = cols < DK
+            km2 = tm[:, None] & km[None, :]
+            q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+            a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+            w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+            dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
+                         other=0.0)
+            QW += tl.dot(q, tl.trans(w), input_precision=PREC)
+            AW += tl.dot(a, tl.trans(w), input_precision=PREC)
+            WdS += tl.dot(w, tl.trans(dS), input_precision=PREC)
+        de = (tl.dot(tl.trans(QW * D), do, input_precision=PREC) + tl.dot(tl.trans(AW * Dst), dR, input_precision=PREC)
+              + WdS * dec[:, None])
+        tl.store(de_ptr + m * SE + voff, de, mask=vm)
+
+
+@triton.jit
 def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, tc_ptr, dd_ptr, do_ptr, ck_ptr,
                                  dh_ptr, dl_ptr, de_ptr, dc_ptr, cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE, TOKH,
                                  M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -196,27 +250,9 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
     tl.store(dc_ptr + i_v.to(tl.int64) * TOKH + base, tl.sum(dR * R, axis=1), mask=tm)
     dR = dR * cc[:, None]                                                      # dR' = c ⊙ dR
     tl.store(dd_ptr + voff, dR, mask=vm)                                       # this program's tile only
-    # phase 2: dE_m = (Q W_mᵀ ⊙ D)ᵀ dO + (A W_mᵀ ⊙ D_st)ᵀ dR' + dec ⊙ (W_m dSᵀ)
-    do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-    for m in tl.static_range(M):
-        QW = tl.zeros([BT, BT], dtype=tl.float32)
-        AW = tl.zeros([BT, BT], dtype=tl.float32)
-        WdS = tl.zeros([BT, BV], dtype=tl.float32)
-        for kb in range(0, BK // KB):
-            cols = kb * KB + tl.arange(0, KB)
-            km = cols < DK
-            km2 = tm[:, None] & km[None, :]
-            q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-            a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-            w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-            dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
-                         other=0.0)
-            QW += tl.dot(q, tl.trans(w), input_precision=PREC)
-            AW += tl.dot(a, tl.trans(w), input_precision=PREC)
-            WdS += tl.dot(w, tl.trans(dS), input_precision=PREC)
-        de = (tl.dot(tl.trans(QW * D), do, input_precision=PREC) + tl.dot(tl.trans(AW * Dst), dR, input_precision=PREC)
-              + WdS * dec[:, None])
-        tl.store(de_ptr + m * SE + voff, de, mask=vm)
+    # phase 2: dE_m
+    _store_de(q_ptr, w_ptr, a_ptr, do_ptr, dh_ptr, de_ptr, dR, D, Dst, dec, base, tm, rows, sm, sbase, voff, vm, DK,
+              SW, SE, M, BT, BK, BV, PREC, KB)
 
 
 @triton.jit
@@ -320,9 +356,216 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
         tl.store(dg_ptr + i_k.to(tl.int64) * TOKH + base, dg, mask=tm)
 
 
+# --------------------------------------------------------------------------------------------
+# row c (Longhorn: one c per value row): every value row i has its own T_c⁽ⁱ⁾ = (I + diag(c[:, i]) N)⁻¹, so
+# nothing state-independent factors per chunk (no T_c, no W̃). Three kernels per value block instead:
+#   prep (parallel):      P = R' − N Δ by the forward substitution per row from ck (Δ = c ⊙ P), dΔ's local part;
+#   state (sequential):   dΔ −= dec ⊙ (B dSᵀ), dR = T_c⁽ⁱ⁾ᵀ dΔ by the backward substitution per row, dS ← dS₀;
+#   value (parallel):     ∂c = dR ⊙ P, dR' = c ⊙ dR, Δ = c ⊙ P, dE_m;
+# then the scalar path's key kernel (its formulas only see dR' and Δ: dN = −(dR' Δᵀ) ⊙ strict for any c).
+
+@triton.jit
+def chunk_rowc_bwd_prep_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, ck_ptr, p_ptr, dd_ptr,
+                               cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr,
+                               BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
+                               PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64):
+    """Per (chunk, value block), from the checkpoint S₀: R' = Γ ⊙ A S₀ᵀ + Σ_m (A W_mᵀ ⊙ D_st) E_m, then per value
+    row the forward substitution P_s = R'_s − Σ_{r<s} N_sr c_r P_r (so Δ = c ⊙ P and P = R' − N Δ, the
+    correction's prediction γ_t S_{t−1} a_t) → p; dΔ's local part −(Q Bᵀ ⊙ D)ᵀ dO → dd."""
+    i_v = tl.program_id(1)
+    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(2), T, H, BT,
+                                            VARLEN)
+    rows = i_v * BV + tl.arange(0, BV)
+    tt = tl.arange(0, BT)
+    tok = start + tt
+    tm = tok < eos
+    base = tok.to(tl.int64) * H + i_h
+    vm = tm[:, None] & (rows < DV)[None, :]
+    sm = rows < tl.where(start < eos, DV, 0)          # a padding program of the varlen map reads no ck
+    sbase = (i_bh.to(tl.int64) * NCK + c) * DV * DK
+    voff = base[:, None] * DV + rows[None, :]
+    R = tl.zeros([BT, BV], dtype=tl.float32)
+    QB = tl.zeros([BT, BT], dtype=tl.float32)
+    AB = tl.zeros([BT, BT], dtype=tl.float32)
+    for kb in range(0, BK // KB):
+        cols = kb * KB + tl.arange(0, KB)
+        km = cols < DK
+        km2 = tm[:, None] & km[None, :]
+        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :], other=0.0)
+        R += tl.dot(a, tl.trans(S0), input_precision=PREC)
+        QB += tl.dot(q, tl.trans(bv), input_precision=PREC)
+        AB += tl.dot(a, tl.trans(bv), input_precision=PREC)
+    D, Dst, gam, _, _ = _chunk_decay(g_ptr, base, tm, BT, GATED)
+    R = R * gam[:, None]
+    for m in tl.static_range(M):
+        AW = _dot_rows(a_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC) * Dst
+        R += tl.dot(AW, tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0), input_precision=PREC)
+    do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+    tl.store(dd_ptr + voff, -tl.dot(tl.trans(QB * D), do, input_precision=PREC), mask=vm)
+    N = AB * Dst
+    cc = tl.load(c_ptr + voff, mask=vm, other=0.0)                             # [BT, BV]: c per value row
+    P = tl.zeros([BT, BV], dtype=tl.float32)
+    for s_ in range(0, BT):                                                    # forward substitution, per row
+        sel = (tt == s_)[:, None]
+        n_s = tl.sum(tl.where(sel, N, 0.0), axis=0)                            # row s of N, over r (< s)
+        p_s = tl.sum(tl.where(sel, R, 0.0), axis=0) - tl.sum(n_s[:, None] * (cc * P), axis=0)
+        P = tl.where(sel, p_s[None, :], P)
+    tl.store(p_ptr + voff, P, mask=vm)
+
+
+@triton.jit
+def chunk_rowc_bwd_state_kernel(q_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, dd_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr,
+                                T, H, DK, DV, NCK, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                GATED: tl.constexpr, USE_DHT: tl.constexpr, VARLEN: tl.constexpr,
+                                PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64):
+    """Reverse over chunks: dh ← dS, dΔ = dd − dec ⊙ (B dSᵀ), per value row the backward substitution
+    dR_s = dΔ_s − Σ_{r>s} N_rs c_r dR_r (dR = T_c⁽ⁱ⁾ᵀ dΔ) → dd, dS ← Γ_L dS + (Γ ⊙ dO)ᵀ Q + (Γ ⊙ c ⊙ dR)ᵀ A."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_h = i_bh % H
+    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
+    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
+    tt = tl.arange(0, BT)
+    dS = tl.zeros([BV, BK], dtype=tl.float32)
+    if USE_DHT:
+        dS += tl.load(dht_ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
+    nc = tl.cdiv(eos - bos, BT)
+    for cr in range(0, nc):
+        c = nc - 1 - cr
+        tl.store(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, mask=m2)
+        tok = bos + c * BT + tt
+        tm = tok < eos
+        base = tok.to(tl.int64) * H + i_h
+        km2 = tm[:, None] & km[None, :]
+        vm = tm[:, None] & rm[None, :]
+        doff = base[:, None] * DV + rows[None, :]
+        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        d = tl.load(dd_ptr + doff, mask=vm, other=0.0)
+        cc = tl.load(c_ptr + doff, mask=vm, other=0.0)
+        _, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
+        BdS = tl.dot(bv, tl.trans(dS), input_precision=PREC)                   # B dSᵀ [BT, BV]
+        if GATED:
+            d -= BdS * dec[:, None]
+        else:
+            d -= BdS
+        # N = A Bᵀ ⊙ D_st from KB-column operands: only dS stays live as a whole [·, BK] tile (d_k = 128)
+        N = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
+        dR = tl.zeros([BT, BV], dtype=tl.float32)
+        for sr in range(0, BT):                                                # backward substitution, per row
+            s_ = BT - 1 - sr
+            sel = (tt == s_)[:, None]
+            n_s = tl.sum(tl.where((tt == s_)[None, :], N, 0.0), axis=1)        # column s of N, over r (> s)
+            x = tl.sum(tl.where(sel, d, 0.0), axis=0) - tl.sum(n_s[:, None] * (cc * dR), axis=0)
+            dR = tl.where(sel, x[None, :], dR)
+        tl.store(dd_ptr + doff, dR, mask=vm)
+        do = tl.load(do_ptr + doff, mask=vm, other=0.0).to(tl.float32)
+        dRp = cc * dR                                                          # dR' = c ⊙ dR
+        if GATED:
+            do = do * gam[:, None]
+            dRp = dRp * gam[:, None]
+            dS = dS * gl
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        dS += tl.dot(tl.trans(do), q, input_precision=PREC)
+        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        dS += tl.dot(tl.trans(dRp), a, input_precision=PREC)
+        dS = tl.where(m2, dS, 0.0)
+    tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
+
+
+@triton.jit
+def chunk_rowc_bwd_value_kernel(q_ptr, w_ptr, g_ptr, a_ptr, c_ptr, do_ptr, dh_ptr, p_ptr, dd_ptr, dc_ptr, de_ptr,
+                                cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr,
+                                BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
+                                PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64):
+    """Per (chunk, value block): ∂c = dR ⊙ P → dc, dR' = c ⊙ dR (over dR in dd), Δ = c ⊙ P (over P in p), dE_m."""
+    i_v = tl.program_id(1)
+    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(2), T, H, BT,
+                                            VARLEN)
+    rows = i_v * BV + tl.arange(0, BV)
+    tt = tl.arange(0, BT)
+    tok = start + tt
+    tm = tok < eos
+    base = tok.to(tl.int64) * H + i_h
+    vm = tm[:, None] & (rows < DV)[None, :]
+    sm = rows < tl.where(start < eos, DV, 0)          # a padding program of the varlen map reads no dh
+    sbase = (i_bh.to(tl.int64) * NCK + c) * DV * DK
+    voff = base[:, None] * DV + rows[None, :]
+    cc = tl.load(c_ptr + voff, mask=vm, other=0.0)
+    dR = tl.load(dd_ptr + voff, mask=vm, other=0.0)
+    P = tl.load(p_ptr + voff, mask=vm, other=0.0)
+    tl.store(dc_ptr + voff, dR * P, mask=vm)
+    dR = dR * cc
+    tl.store(dd_ptr + voff, dR, mask=vm)
+    tl.store(p_ptr + voff, P * cc, mask=vm)
+    D, Dst, _, dec, _ = _chunk_decay(g_ptr, base, tm, BT, GATED)
+    _store_de(q_ptr, w_ptr, a_ptr, do_ptr, dh_ptr, de_ptr, dR, D, Dst, dec, base, tm, rows, sm, sbase, voff, vm, DK,
+              SW, SE, M, BT, BK, BV, PREC, KB)
+
+
+def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
+    """chunked_delta_backward for a row c ([B, T, H, d_v]); ∂c has c's shape."""
+    B, T, H, d_k, d_v, N, max_len, C = sizes
+    BK, BV = _ch._blocks(d_k, d_v)
+    BVW = max(16, min(_np2(d_v), ROWC_BLOCK_V))
+    q, w, e, g, a, b, c = chunk_in[:7]
+    M = w.shape[0]
+    gated = plan.rule.form.decay_kind != "none"
+    dev = q.device
+    NCK = ck.shape[2]
+    do = do.contiguous()
+    varlen = cu_seqlens is not None
+    dh0 = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
+    if varlen:
+        ix, NTG = _chunk_map(cu_seqlens, C, T, N)
+        G = H
+    else:
+        ix, NTG, G = dh0, -(-T // C), B * H
+    cu = cu_seqlens if varlen else dh0
+    common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=_precision(do.dtype), num_warps=_ch.NUM_WARPS)
+    z = dict(dtype=torch.float32, device=dev)
+    p = torch.empty(B, T, H, d_v, **z)      # P = R' − N Δ (prep), then Δ (value kernel)
+    dd = torch.empty(B, T, H, d_v, **z)     # dΔ's local part (prep), dR (state), dR' (value kernel)
+    dh = torch.empty_like(ck)
+    NVW = -(-d_v // BVW)
+    KBV = min(BK, VALUE_BLOCK_K)
+    chunk_rowc_bwd_prep_kernel[(NTG, NVW, G)](q, w, e, g, a, b, c, do, ck, p, dd, cu, ix, T, H, d_k, d_v, NCK,
+                                              w[0].numel(), e[0].numel(), M=M, BK=BK, BV=BVW, KB=KBV, **common)
+    chunk_rowc_bwd_state_kernel[(-(-d_v // BV), N * H)](
+        q, g, a, b, c, do, dd, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK,
+        BK=BK, BV=BV, KB=min(BK, _ch.SPLIT_BLOCK_K), USE_DHT=dht is not None, **common)
+    dc = torch.zeros(B, T, H, d_v, **z)
+    de = torch.zeros(M, B, T, H, d_v, **z)
+    chunk_rowc_bwd_value_kernel[(NTG, NVW, G)](q, w, g, a, c, do, dh, p, dd, dc, de, cu, ix, T, H, d_k, d_v, NCK,
+                                               w[0].numel(), e[0].numel(), M=M, BK=BK, BV=BVW, KB=KBV, **common)
+    dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dd, p, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common)
+    return [dq, dw, de, dg, da, db, dc], dh0
+
+
+def _key_grads(q, w, e, g, a, b, dr, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common):
+    """The key kernel (dr = dR', dl = Δ): dQ, dW, ∂ log γ (summed over key blocks), dA, dB."""
+    B, T, H, d_k, d_v = sizes[:5]
+    KB = min(BK, KEY_BLOCK_K)
+    NKB = BK // KB
+    z = dict(dtype=torch.float32, device=q.device)
+    dq = torch.zeros(B, T, H, d_k, **z)
+    da = torch.zeros(B, T, H, d_k, **z)
+    db = torch.zeros(B, T, H, d_k, **z)
+    dw = torch.zeros(M, B, T, H, d_k, **z)
+    dg = torch.zeros(NKB if common["GATED"] else 1, B, T, H, **z)
+    chunk_delta_bwd_key_kernel[(NTG, NKB, G)](
+        q, w, e, g, a, b, dr, dl, do, ck, dh, dq, dw, dg, da, db, cu, ix, T, H, d_k, d_v, ck.shape[2], w[0].numel(),
+        e[0].numel(), B * T * H, M=M, BV=BV, KB=KB, **common)
+    return dq, dw, dg[0] if dg.shape[0] == 1 else dg.sum(0), da, db
+
+
 def chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     """∂ of chunk_in = [q, w [M,...], e [M,...], log decay, a, b, c] and ∂h0 for the delta family with a
-    scalar c and none / scalar decay (∂ log decay is zeros without a decay), from the forward's ck."""
+    scalar or row c and none / scalar decay (∂ log decay is zeros without a decay), from the forward's ck."""
+    if _c_row(plan.rule.form):
+        return chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens)
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _ch._blocks(d_k, d_v)
     BVW = max(16, min(_np2(d_v), _ch.SPLIT_BLOCK_V))   # the split forward's blocks (read at call time)
@@ -361,18 +604,5 @@ def chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     chunk_delta_bwd_value_kernel[(NTG, NVW, G)](
         q, w, e, g, a, b, c, tc, dd, do, ck, dh, dl, de, dc, cu, ix, T, H, d_k, d_v, NCK, w[0].numel(),
         e[0].numel(), TOKH, M=M, BK=BK, BV=BVW, KB=min(BK, VALUE_BLOCK_K), **common)
-    KB = min(BK, KEY_BLOCK_K)
-    NKB = BK // KB
-    dq = torch.zeros(B, T, H, d_k, **z)
-    da = torch.zeros(B, T, H, d_k, **z)
-    db = torch.zeros(B, T, H, d_k, **z)
-    dw = torch.zeros(M, B, T, H, d_k, **z)
-    dg = torch.zeros(NKB if gated else 1, B, T, H, **z)
-    chunk_delta_bwd_key_kernel[(NTG, NKB, G)](
-        q, w, e, g, a, b, dd, dl, do, ck, dh, dq, dw, dg, da, db, cu, ix, T, H, d_k, d_v, NCK, w[0].numel(),
-        e[0].numel(), TOKH, M=M, BV=BV, KB=KB, **common)
-
-    def red(x):
-        return x[0] if x.shape[0] == 1 else x.sum(0)
-
-    return [dq, dw, de, red(dg), da, db, red(dc)], dh0
+    dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dd, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common)
+    return [dq, dw, de, dg, da, db, dc[0] if dc.shape[0] == 1 else dc.sum(0)], dh0
