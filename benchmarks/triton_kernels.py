@@ -80,6 +80,15 @@ def main(argv=None):
     p.add_argument("--delta-backward", default="chunk", choices=["chunk", "recurrent", "both"],
                    help="the delta family's backward after the chunked forward; both: a 'chunk-recbwd' row "
                         "(recurrent backward on the chunk checkpoints) is added")
+    p.add_argument("--pscan", default="auto", choices=("auto", "both", "only"),
+                   help="the block-parallel scan (pfwd/pbwd) for rules without corrections: auto: library policy "
+                        "in the 'recurrent' row; both: 'recurrent' is the token loop and a 'pscan' row is added; "
+                        "only: the 'pscan' row replaces 'recurrent'")
+    p.add_argument("--pscan-bt", type=int, default=library.PSCAN_BLOCK_T, help="tokens per block of pfwd/pbwd")
+    p.add_argument("--pscan-warps", type=int, default=library.PSCAN_NUM_WARPS)
+    p.add_argument("--pscan-tile", type=int, default=library.PSCAN_TILE,
+                   help="fp32 elements per [BT, BV, BK] tile of pfwd (pbwd: --pscan-bwd-tile)")
+    p.add_argument("--pscan-bwd-tile", type=int, default=library.PSCAN_BWD_TILE)
     p.add_argument("--peak-gbs", type=float, default=3350.0, help="HBM bandwidth of the GPU (H100 SXM: 3350)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--rec-block-v", type=int, default=None, help="value rows per recurrent program (default: auto)")
@@ -92,11 +101,14 @@ def main(argv=None):
     chunked.DELTA_FORWARD = "split" if a.delta_forward == "both" else a.delta_forward
     chunked_delta_bwd.DELTA_BACKWARD = "chunk" if a.delta_backward == "both" else a.delta_backward
     library.CHUNK = a.chunk
+    library.PSCAN_BLOCK_T, library.PSCAN_NUM_WARPS = a.pscan_bt, a.pscan_warps
+    library.PSCAN_TILE, library.PSCAN_BWD_TILE = a.pscan_tile, a.pscan_bwd_tile
     tscan.BLOCK_V, tscan.NUM_WARPS = a.rec_block_v, a.rec_warps
     dtype = DTYPES[a.dtype]
     where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (TRITON_INTERPRET smoke run)"
     print(f"B={a.B} T={a.T} H={a.H} d_k={a.dk} d_v={a.dv} {a.dtype} chunk={library.CHUNK} dot={a.precision} "
-          f"delta-forward={a.delta_forward} delta-backward={a.delta_backward} on {where}")
+          f"delta-forward={a.delta_forward} delta-backward={a.delta_backward} pscan={a.pscan} "
+          f"(BT={a.pscan_bt}, {a.pscan_warps} warps, tiles {a.pscan_tile}/{a.pscan_bwd_tile}) on {where}")
     print("| rule | kernel | fwd ms | fwd+bwd ms | Mtok/s fwd | HBM % fwd | rel err o |")
     print("|---|---|---|---|---|---|---|")
     rows = []
@@ -110,9 +122,12 @@ def main(argv=None):
         runs = {}
         extra = ("chunk-fused",) if a.delta_forward == "both" and rule.form.corrections else ()
         extra += ("chunk-recbwd",) if a.delta_backward == "both" and rule.form.corrections else ()
-        for kernel in ("recurrent", "chunk", *extra, "torch-chunk"):
+        loops = ("recurrent",)
+        if not rule.form.corrections and a.pscan != "auto":
+            loops = ("recurrent", "pscan") if a.pscan == "both" else ("pscan",)
+        for kernel in (*loops, "chunk", *extra, "torch-chunk"):
             backend = "chunk" if kernel == "torch-chunk" else "triton"
-            runs[kernel] = (lambda x, b=backend, k=kernel: _olssm(rule, b, k, x)), inp
+            runs[kernel] = (lambda x, b=backend, k=kernel: _olssm(rule, b, k, x, a.pscan)), inp
         peers, peer_args = ({}, ()) if a.no_peers else _fla_peers(name, inp)
         for kernel, fn in peers.items():
             runs[kernel] = fn, peer_args
@@ -139,10 +154,15 @@ def main(argv=None):
     return rows
 
 
-def _olssm(rule, backend, kernel, inp):
+def _olssm(rule, backend, kernel, inp, pscan_mode="auto"):
     """One olssm variant; the backward's kernel is chosen at the forward call, so setting the module
     switches around it is enough."""
-    library.FORCE = None if kernel == "torch-chunk" else "chunk" if kernel.startswith("chunk") else kernel
+    library.FORCE = None if kernel == "torch-chunk" else "chunk" if kernel.startswith("chunk") else "recurrent"
+    pscan = library.PARALLEL_SCAN
+    if kernel == "pscan":
+        library.PARALLEL_SCAN = True
+    elif kernel == "recurrent" and pscan_mode == "both":
+        library.PARALLEL_SCAN = False      # 'recurrent' is the token loop when both are timed
     fwd, bwd = chunked.DELTA_FORWARD, chunked_delta_bwd.DELTA_BACKWARD
     if kernel == "chunk-fused":
         chunked.DELTA_FORWARD = "fused"
@@ -152,6 +172,7 @@ def _olssm(rule, backend, kernel, inp):
         return rule.scan(backend=backend, **inp)[0]
     finally:
         library.FORCE = None
+        library.PARALLEL_SCAN = pscan
         chunked.DELTA_FORWARD, chunked_delta_bwd.DELTA_BACKWARD = fwd, bwd
 
 

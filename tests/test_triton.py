@@ -10,7 +10,7 @@ for o, the final state and every gradient; bf16/fp16 inputs vs the fp32 referenc
 """
 import os
 
-from triton_testing import DEVICE as _DEVICE, close as _close, dev as _dev  # noqa: E402  (sets TRITON_INTERPRET first)
+from triton_testing import DEVICE as _DEVICE, close as _close, dev as _dev, separate_sequences_match  # noqa: E402  (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -156,16 +156,7 @@ def test_varlen_equals_separate_sequences(name):
     # varlen triton == varlen reference, gradients included
     _compare(rule, inp, h0, cu_seqlens=cu_t)
     # and == each sequence scanned on its own
-    x = {n: _dev(t) for n, t in inp.items()}
-    o, f = rule.scan(backend="triton", output_final_state=True, initial_state=_dev(h0), cu_seqlens=cu_t, **x)
-    for i, (a, b) in enumerate(zip(cu, cu[1:])):
-        part = {n: (t if rule.inputs[n].is_parameter else t[:, a:b]) for n, t in x.items()}
-        if b == a:
-            _close(f[i], h0[i], 0, "empty sequence keeps its state")
-            continue
-        oi, fi = rule.scan(backend="triton", output_final_state=True, initial_state=_dev(h0[i:i + 1]), **part)
-        _close(o[:, a:b], oi, FP32_RTOL, f"o of sequence {i}")
-        _close(f[i], fi[0], FP32_RTOL, f"state of sequence {i}")
+    separate_sequences_match(rule, inp, h0, cu)
 
 
 # ---- low precision inputs ---------------------------------------------------------------------------

@@ -65,3 +65,19 @@ def spy(monkeypatch, module, name):
     real = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
+
+
+def separate_sequences_match(rule, inp, h0, cu):
+    """A varlen triton scan (packed sequences cu, one initial state each) equals each sequence scanned
+    on its own; an empty sequence keeps its initial state."""
+    cu_t = dev(torch.tensor(cu, dtype=torch.int32))
+    x = {n: dev(t) for n, t in inp.items()}
+    o, f = rule.scan(backend="triton", output_final_state=True, initial_state=dev(h0), cu_seqlens=cu_t, **x)
+    for i, (a, b) in enumerate(zip(cu, cu[1:])):
+        part = {n: (t if rule.inputs[n].is_parameter else t[:, a:b]) for n, t in x.items()}
+        if b == a:
+            close(f[i], h0[i], 0, "empty sequence keeps its state")
+            continue
+        oi, fi = rule.scan(backend="triton", output_final_state=True, initial_state=dev(h0[i:i + 1]), **part)
+        close(o[:, a:b], oi, RTOL, f"o of sequence {i}")
+        close(f[i], fi[0], RTOL, f"state of sequence {i}")

@@ -40,7 +40,7 @@ def compile_for(fn, consts: dict, arch: int, num_warps: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     params = list(inspect.signature(fn.fn).parameters)
-    ints = {"T", "H", "DK", "DV", "NCK", "SW", "SE", "TOKH"}
+    ints = {"T", "H", "DK", "DV", "NCK", "SW", "SE", "TOKH", "TOK", "N"}
     ptrs = {"ix_ptr": "*i32", "cu_ptr": "*i32"}   # the varlen chunk map and cu_seqlens are int32
     sig = {p: ("constexpr" if p in consts else "i32" if p in ints else ptrs.get(p, "*fp32")) for p in params}
     src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()})
@@ -91,6 +91,42 @@ def variants(BT, BK, BV, prec, BVW=None):
         yield f"delta bwd key {tag}", dbw.chunk_delta_bwd_key_kernel, dict(key, GATED=gated, VARLEN=True)
     yield "delta bwd value decay=scalar, 2 input terms", dbw.chunk_delta_bwd_value_kernel, dict(value, **two)
     yield "delta bwd key decay=scalar, 2 input terms", dbw.chunk_delta_bwd_key_kernel, dict(key, **two)
+    # the row-c (Longhorn) chunked backward: prep / value take ROWC_BLOCK_V value rows, the state pass BV
+    rowc = dict(wide, BV=max(16, min(BVW, dbw.ROWC_BLOCK_V)), KB=min(BK, dbw.VALUE_BLOCK_K))
+    for gated in (False, True):
+        tag = f"decay={'scalar' if gated else 'none'} varlen=True"
+        yield f"rowc bwd prep {tag}", dbw.chunk_rowc_bwd_prep_kernel, dict(rowc, GATED=gated, VARLEN=True)
+        yield (f"rowc bwd state {tag}", dbw.chunk_rowc_bwd_state_kernel,
+               dict(BT=BT, BK=BK, BV=BV, PREC=prec, GATED=gated, USE_DHT=True, VARLEN=True,
+                    KB=min(BK, ch.SPLIT_BLOCK_K)))
+        yield f"rowc bwd value {tag}", dbw.chunk_rowc_bwd_value_kernel, dict(rowc, GATED=gated, VARLEN=True)
+    yield "rowc bwd prep decay=scalar, 2 input terms", dbw.chunk_rowc_bwd_prep_kernel, dict(rowc, **two)
+    yield "rowc bwd value decay=scalar, 2 input terms", dbw.chunk_rowc_bwd_value_kernel, dict(rowc, **two)
+
+
+#: catalogue rules whose generated modules (pscan.py's block-scan kernels and, for comparison, the
+#: loop kernels of codegen.py) are compiled: elementwise, column, scalar (parameter) decays
+GENERATED_RULES = ("mamba", "longhorn_diag", "gla", "retnet")
+
+
+def generated_variants(d_k, d_v, BT, rules=GENERATED_RULES):
+    """The generated kernels of a few catalogue rules: pfwd/pbwd (block scan, BT tokens per block,
+    library.pscan_blocks' BV) and fwd/bwd (the token loop, scan._blocks' BV, C = 16)."""
+    from ...catalogue import ENTRIES
+    from . import library
+    from .scan import _blocks, plan_for
+    for name in rules:
+        mod = plan_for(ENTRIES[name].rule).module
+        BK, BV = library.pscan_blocks(d_k, d_v, BT)
+        fwd = dict(BK=BK, BV=BV, BT=BT, USE_H0=True, STORE_HT=True, SAVE_CK=True, VARLEN=True)
+        yield f"{name} pfwd (BT={BT}, BV={BV})", mod.pfwd_kernel, fwd
+        BK, BV = library.pscan_blocks(d_k, d_v, BT, backward=True)
+        yield f"{name} pbwd (BT={BT}, BV={BV})", mod.pbwd_kernel, dict(BK=BK, BV=BV, BT=BT, USE_DHT=True,
+                                                                        VARLEN=True)
+        BK, BV = _blocks(d_k, d_v)
+        yield f"{name} fwd loop (BV={BV})", mod.fwd_kernel, dict(BK=BK, BV=BV, C=16, USE_H0=True, STORE_HT=True,
+                                                                  SAVE_CK=True, VARLEN=True)
+        yield f"{name} bwd loop (BV={BV})", mod.bwd_kernel, dict(BK=BK, BV=BV, C=16, USE_DHT=True, VARLEN=True)
 
 
 def main(argv=None) -> int:
@@ -105,16 +141,46 @@ def main(argv=None) -> int:
     p.add_argument("--dk", type=int, default=64)
     p.add_argument("--dv", type=int, default=32)
     p.add_argument("--precision", default="tf32")
+    p.add_argument("--only", default="all", choices=("all", "chunked", "generated", "rls"),
+                   help="chunked: the chunked kernels; generated: the generated kernels of GENERATED_RULES "
+                        "(block scan pfwd/pbwd and the loop kernels); rls: the RLS gain kernels")
+    p.add_argument("--pscan-bt", type=int, default=None, help="tokens per block of pfwd/pbwd (library.PSCAN_BLOCK_T)")
+    p.add_argument("--pscan-warps", type=int, default=None,
+                   help="warps of the generated kernels (default: library.PSCAN_NUM_WARPS / scan.NUM_WARPS)")
+    p.add_argument("--pscan-tile", type=int, default=None,
+                   help="fp32 elements of a [BT, BV, BK] tile of pfwd (library.PSCAN_TILE)")
+    p.add_argument("--pscan-bwd-tile", type=int, default=None, help="the same for pbwd (library.PSCAN_BWD_TILE)")
     a = p.parse_args(argv)
+    from . import library as _lib
+    _lib.PSCAN_TILE = a.pscan_tile or _lib.PSCAN_TILE
+    _lib.PSCAN_BWD_TILE = a.pscan_bwd_tile or _lib.PSCAN_BWD_TILE
     from .chunked import SPLIT_BLOCK_V, _blocks, _np2
     BK, BV = _blocks(a.dk, a.dv)
     BVW = max(16, min(_np2(a.dv), SPLIT_BLOCK_V))
     print(f"sm_{a.arch}, num_warps={a.num_warps}, BT={a.chunk}, BK={BK}, BV={BV} (split prep/out: {BVW}), "
           f"dot precision {a.precision}")
+    from . import library
+    from . import scan as _scan
+    todo = []
+    if a.only in ("all", "chunked"):
+        todo += [(n, f, c, a.num_warps) for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW)]
+    if a.only in ("all", "generated"):
+        BT = a.pscan_bt or library.PSCAN_BLOCK_T
+        print(f"generated kernels at d_k={a.dk}, d_v={a.dv}: block scan {a.pscan_warps or library.PSCAN_NUM_WARPS} "
+              f"warps, loop kernels {a.pscan_warps or _scan.NUM_WARPS} warps")
+        for n, f, c in generated_variants(a.dk, a.dv, BT):
+            warps = a.pscan_warps or (library.PSCAN_NUM_WARPS if "BT" in c else _scan.NUM_WARPS)
+            todo.append((n, f, c, warps))
+    if a.only in ("all", "rls"):
+        from . import rls
+        bk = _np2(a.dk)
+        for name, fn, flag in (("rls gain fwd", rls.rls_gain_fwd_kernel, "SAVE_CK"),
+                               ("rls gain bwd", rls.rls_gain_bwd_kernel, "USE_DPT")):
+            todo.append((name, fn, dict(BK=bk, C=a.chunk, VARLEN=True, **{flag: True}), rls._warps(bk)))
     bad = 0
-    for name, fn, consts in variants(a.chunk, BK, BV, a.precision, BVW):
+    for name, fn, consts, warps in todo:
         try:
-            k = compile_for(fn, consts, a.arch, a.num_warps)
+            k = compile_for(fn, consts, a.arch, warps)
             print(f"  ok    {name:45s} {_usage(k)}")
         except Exception as e:  # noqa: BLE001 - report every variant
             bad += 1

@@ -413,10 +413,12 @@ import triton.language as tl
 
 
 def module_source(rule) -> str:
+    from .pscan import module_source as pscan_source
     form = rule.form
     text = "\n".join("#   " + ln for ln in str(rule).splitlines())
+    ps = pscan_source(form)   # block-parallel-scan kernels pfwd/pbwd (rules without corrections)
     return (HEADER.format(rule=text, structure=form.structure)
-            + forward_source(form) + "\n\n" + backward_source(form))
+            + forward_source(form) + "\n\n" + backward_source(form) + ("\n\n" + ps if ps else ""))
 
 
 def source_hash(source: str) -> str:

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...objectives.core import COLUMN, ROW, spec_of
+from ...objectives.core import COLUMN, ELEMENTWISE, ROW, spec_of
 from . import codegen as cg
 from . import scan as _scan   # read at call time: NUM_WARPS is a knob
 
@@ -56,9 +56,65 @@ def _plan(key: str):
                            "olssm.kernels.triton.library.register)") from None
 
 
-# sizes = [B, T, H, d_k, d_v, N, max_len, C]
+# sizes = [B, T, H, d_k, d_v, N, max_len, C(, BT)]: BT > 0 (9th entry, optional) selects the block-parallel
+# scan kernels pfwd/pbwd with BT tokens per block; then C = BT (a checkpoint per block)
 def _nck(sizes):
     return max(1, -(-sizes[6] // sizes[7]))
+
+
+def _pscan_bt(sizes) -> int:
+    return int(sizes[8]) if len(sizes) > 8 else 0
+
+
+#: the block-parallel scan (pscan.py) for rules without corrections on the non-chunked path:
+#: "auto" uses it for elementwise decays (Mamba, Longhorn-diagonal: no chunked form; mamba_ssm's
+#: kernel is a block scan too) when the longest sequence has > PSCAN_BLOCK_T tokens; True for every
+#: rule without corrections; False never. OLSSM_TRITON_PSCAN=auto|1|0 overrides "auto".
+#: Never timed on a GPU: benchmarks/triton_kernels.py --pscan both times it against the loop kernel.
+PARALLEL_SCAN = "auto"
+#: tokens per block of the block-parallel scan (also its checkpoint interval)
+PSCAN_BLOCK_T = 16
+#: fp32 elements of one [BT, BV, BK] tile of the forward / the backward: BV = TILE // (BT·BK) rounded
+#: down to a power of two (≥ 1, ≤ next_pow2(d_v)); PSCAN_BLOCK_V overrides BV. The two grids are
+#: independent (the checkpoints are [N, H, NCK, d_v, d_k] whatever BV). sm_90 report (aot_check, 4 warps):
+#: pfwd at 4096 holds ≤ 255 registers without spills; pbwd (~10 live tiles) spilled 0.3–1.4 KB/thread at
+#: 4096 and ≤ 144 B at 2048
+PSCAN_TILE = 4096
+PSCAN_BWD_TILE = 2048
+PSCAN_BLOCK_V = None
+PSCAN_NUM_WARPS = 4
+
+
+def pscan_blocks(d_k: int, d_v: int, BT: int, backward: bool = False):
+    """(BK, BV) of the block-parallel scan: one [BT, BV, BK] fp32 tile ≈ PSCAN_TILE (PSCAN_BWD_TILE) elements."""
+    from .scan import _np2
+    BK = _np2(d_k)
+    if PSCAN_BLOCK_V:
+        return BK, int(PSCAN_BLOCK_V)
+    bv = max(1, (PSCAN_BWD_TILE if backward else PSCAN_TILE) // (BT * BK))
+    bv = 1 << (bv.bit_length() - 1)
+    return BK, max(1, min(bv, _np2(d_v)))
+
+
+def _pscan_mode():
+    mode = PARALLEL_SCAN
+    if mode == "auto":
+        mode = os.environ.get("OLSSM_TRITON_PSCAN") or "auto"
+    mode = {"1": True, "0": False, "true": True, "false": False}.get(str(mode).lower(), mode)
+    if mode not in (True, False, "auto"):
+        raise ValueError(f"triton: PARALLEL_SCAN must be 'auto', True or False, got {mode!r}")
+    return mode
+
+
+def _pscan_choice(plan, max_len: int) -> int:
+    """BT of the block-parallel scan for this call, or 0 for the loop kernel (non-chunked path)."""
+    if plan.rule.form.corrections:
+        return 0
+    mode = _pscan_mode()
+    BT = int(PSCAN_BLOCK_T)
+    if mode == "auto":
+        return BT if plan.rule.form.decay_kind == ELEMENTWISE and max_len > BT else 0
+    return BT if mode else 0
 
 
 @torch.library.custom_op("olssm::triton_scan_fwd", mutates_args=())
@@ -67,7 +123,7 @@ def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: lis
                     chunked: bool, chunk_bwd: bool) -> tuple[Tensor, Tensor, Tensor]:
     from .scan import _blocks
     plan = _plan(key)
-    B, T, H, d_k, d_v, N, max_len, C = sizes
+    B, T, H, d_k, d_v, N, max_len, C = sizes[:8]
     dev = syms[0].device
     o = torch.empty(B, T, H, d_v, dtype=out_dtype, device=dev)
     ht = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
@@ -76,22 +132,28 @@ def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: lis
         else torch.empty(0, dtype=torch.float32, device=dev)
     if chunked:
         from .chunked import chunked_forward
-        chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens)
+        chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes[:8], save, cu_seqlens)
         return o, ht, ck
-    BK, BV = _blocks(d_k, d_v)
+    BT = _pscan_bt(sizes)
+    if BT:   # the block-parallel scan (pscan.py): checkpoints every C = BT tokens
+        BK, BV = pscan_blocks(d_k, d_v, BT)
+        kernel, blk, warps = plan.module.pfwd_kernel, dict(BT=BT), PSCAN_NUM_WARPS
+    else:
+        BK, BV = _blocks(d_k, d_v)
+        kernel, blk, warps = plan.module.fwd_kernel, dict(C=C), _scan.NUM_WARPS
     NV = -(-d_v // BV)
     dummy = ht
-    plan.module.fwd_kernel[(NV, N * H)](
+    kernel[(NV, N * H)](
         *[x.contiguous() for x in syms], o, h0.contiguous() if h0 is not None else dummy, ht,
         ck if save else dummy, cu_seqlens if cu_seqlens is not None else dummy, T, H, d_k, d_v, NCK,
-        BK=BK, BV=BV, C=C, USE_H0=h0 is not None, STORE_HT=True, SAVE_CK=save, VARLEN=cu_seqlens is not None,
-        num_warps=_scan.NUM_WARPS)
+        BK=BK, BV=BV, **blk, USE_H0=h0 is not None, STORE_HT=True, SAVE_CK=save, VARLEN=cu_seqlens is not None,
+        num_warps=warps)
     return o, ht, ck
 
 
 @triton_scan_fwd.register_fake
 def _(key, syms, E, chunk_in, h0, cu_seqlens, sizes, out_dtype, save, chunked, chunk_bwd):
-    B, T, H, d_k, d_v, N, max_len, C = sizes
+    B, T, H, d_k, d_v, N, max_len, C = sizes[:8]
     x = syms[0]
     o = x.new_empty(B, T, H, d_v, dtype=out_dtype)
     ht = x.new_empty(N, H, d_v, d_k, dtype=torch.float32)
@@ -116,9 +178,10 @@ def triton_scan_bwd(key: str, syms: list[Tensor], E: list[Tensor], h0: Optional[
                     ck: Tensor, do: Tensor, dht: Optional[Tensor], sizes: list[int]) -> list[Tensor]:
     from .scan import _blocks
     plan = _plan(key)
-    B, T, H, d_k, d_v, N, max_len, C = sizes
+    B, T, H, d_k, d_v, N, max_len, C = sizes[:8]
     dev = ck.device
-    BK, BV = _blocks(d_k, d_v)
+    BT = _pscan_bt(sizes)
+    BK, BV = pscan_blocks(d_k, d_v, BT, backward=True) if BT else _blocks(d_k, d_v)
     NV = -(-d_v // BV)
     NCK = ck.shape[2]
     TOK = B * T
@@ -137,11 +200,18 @@ def triton_scan_bwd(key: str, syms: list[Tensor], E: list[Tensor], h0: Optional[
         X.append(syms[names.index(x)].contiguous())
         RG.append(torch.zeros(P, N if sx.is_parameter else TOK, H, RV, CK, dtype=torch.float32, device=dev))
     dh0 = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
-    scratch = torch.empty(N * H * NV * C * BV * BK, dtype=torch.float32, device=dev)
-    plan.module.bwd_kernel[(NV, N * H)](
-        *[e.contiguous() for e in E], *X, *D, *RG, do.contiguous(), dht.contiguous() if dht is not None else dh0,
-        dh0, ck, scratch, cu_seqlens if cu_seqlens is not None else dh0, T, TOK, N, H, d_k, d_v, NCK,
-        BK=BK, BV=BV, C=C, USE_DHT=dht is not None, VARLEN=cu_seqlens is not None, num_warps=_scan.NUM_WARPS)
+    common = (do.contiguous(), dht.contiguous() if dht is not None else dh0, dh0, ck)
+    flags = dict(USE_DHT=dht is not None, VARLEN=cu_seqlens is not None)
+    cu = cu_seqlens if cu_seqlens is not None else dh0
+    if BT:   # the block-parallel scan's adjoint (pscan.py): no scratch, checkpoints every BT tokens
+        plan.module.pbwd_kernel[(NV, N * H)](
+            *[e.contiguous() for e in E], *X, *D, *RG, *common, cu, T, TOK, N, H, d_k, d_v, NCK,
+            BK=BK, BV=BV, BT=BT, **flags, num_warps=PSCAN_NUM_WARPS)
+    else:
+        scratch = torch.empty(N * H * NV * C * BV * BK, dtype=torch.float32, device=dev)
+        plan.module.bwd_kernel[(NV, N * H)](
+            *[e.contiguous() for e in E], *X, *D, *RG, *common, scratch, cu, T, TOK, N, H, d_k, d_v, NCK,
+            BK=BK, BV=BV, C=C, **flags, num_warps=_scan.NUM_WARPS)
     out = []
     for n, d in zip(plan.vars, D):
         g = d.sum(0)
@@ -172,7 +242,7 @@ def _(key, syms, E, h0, cu_seqlens, ck, do, dht, sizes):
 def triton_chunk_bwd(key: str, chunk_in: list[Tensor], ck: Tensor, do: Tensor, dht: Optional[Tensor],
                      cu_seqlens: Optional[Tensor], sizes: list[int]) -> list[Tensor]:
     """Chunked backward: [∂q, ∂w, ∂e, (∂ log decay), ∂h0] (chunked.chunk_bwd_kernel), with a correction
-    [∂q, ∂w, ∂e, ∂ log decay, ∂a, ∂b, ∂c, ∂h0] (chunked_delta_bwd)."""
+    [∂q, ∂w, ∂e, ∂ log decay, ∂a, ∂b, ∂c, ∂h0] (chunked_delta_bwd; c scalar or per value row)."""
     plan = _plan(key)
     if plan.rule.form.corrections:
         from . import chunked_delta_bwd
@@ -180,7 +250,7 @@ def triton_chunk_bwd(key: str, chunk_in: list[Tensor], ck: Tensor, do: Tensor, d
     else:
         from . import chunked
         fn = chunked.chunked_backward
-    grads, dh0 = fn(plan, chunk_in, ck, do, dht, sizes, cu_seqlens)
+    grads, dh0 = fn(plan, chunk_in, ck, do, dht, sizes[:8], cu_seqlens)
     return [*grads, dh0]
 
 
@@ -266,7 +336,7 @@ FORCE = None
 #: tokens per chunk of the chunked kernels (also the backward's checkpoint interval on that path)
 CHUNK = 32
 #: the chunked backward kernels (none / scalar / column decay without corrections; the delta family with
-#: scalar c and none / scalar decay, see chunked_delta_bwd.DELTA_BACKWARD): "auto" uses them
+#: scalar or row c and none / scalar decay, see chunked_delta_bwd.DELTA_BACKWARD / ROW_C_BACKWARD): "auto" uses them
 #: when the rule has no decay or its log decay has a closed form (Mamba-2: Δ·a), so that the chain
 #: rule never divides by Λ (∂Λ = ∂logΛ / Λ loses ~eps/Λ relative accuracy: 1e-3 at Λ = 1e-4);
 #: True: whenever the structure allows; False: always the recurrent backward on the chunked
@@ -328,9 +398,10 @@ def run_scan(args):
     syms = [ins[n] for n in names]
     meta = _Meta(args, names)
     chunked, _ = _choice(plan, args, meta.max_len)
+    BT = 0 if chunked else _pscan_choice(plan, meta.max_len)
     # tl.dot needs every dimension >= 16 when compiled (the interpreter has no such limit)
-    C = (CHUNK if _scan.interpreted() else max(16, CHUNK)) if chunked else meta.checkpoint
-    sizes = [args.B, args.T, args.H, args.d_k, args.d_v, meta.N, meta.max_len, int(C)]
+    C = (CHUNK if _scan.interpreted() else max(16, CHUNK)) if chunked else BT or meta.checkpoint
+    sizes = [args.B, args.T, args.H, args.d_k, args.d_v, meta.N, meta.max_len, int(C)] + ([BT] if BT else [])
     need = torch.is_grad_enabled() and any(t.requires_grad for t in syms + ([h0] if h0 is not None else []))
     chunk_bwd = False
     chunk_in = []

@@ -25,8 +25,10 @@ class TritonPrinter(PythonCodePrinter):
 
     printmethod = "_tritoncode"
 
-    def __init__(self, settings=None):
+    def __init__(self, settings=None, key_mask: str = KEY_MASK, key_axis: int = 1):
         super().__init__({"strict": True, **(settings or {})})
+        # the block-scan kernels (pscan.py) hold [BT, BV, BK] tiles: key axis 2, mask km3
+        self.key_mask, self.key_axis = key_mask, key_axis
 
     # -- atoms ----------------------------------------------------------------------------------
     def _print_Symbol(self, e):
@@ -61,7 +63,8 @@ class TritonPrinter(PythonCodePrinter):
 
     # -- the key-index sum ----------------------------------------------------------------------
     def _print_csum(self, e):
-        return f"tl.sum(tl.where({KEY_MASK}, {self._print(e.args[0])}, 0.0), axis=1, keep_dims=True)"
+        return (f"tl.sum(tl.where({self.key_mask}, {self._print(e.args[0])}, 0.0), axis={self.key_axis}, "
+                "keep_dims=True)")
 
     # -- elementary functions -------------------------------------------------------------------
     def _fn(self, name, e):
