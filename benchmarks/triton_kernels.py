@@ -94,6 +94,9 @@ def main(argv=None):
     p.add_argument("--rec-block-v", type=int, default=None, help="value rows per recurrent program (default: auto)")
     p.add_argument("--rec-warps", type=int, default=4, help="warps per recurrent program")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
+    p.add_argument("--autotune", action="store_true",
+                   help="add an 'autotuned' row per rule (olssm.kernels.triton.autotune: every candidate timed on "
+                        "the first call, the fastest kept) and print the decisions")
     p.add_argument("--rules", default="deltanet,gated_deltanet,gla,longhorn,linear_attention,retnet,mamba2,mamba")
     a = p.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,16 +119,21 @@ def main(argv=None):
         rule = ENTRIES[name].rule
         inp = {n: x.to(dev) for n, x in random_inputs(rule, a.B, a.T, a.H, a.dk, a.dv, seed=0).items()}
         inp = {n: (x if rule.inputs[n].is_parameter else x.to(dtype)) for n, x in inp.items()}
+        if rule.is_rls:   # forgetting near 1: with γ ≈ 0.9, P grows ~γ^-T in unexcited directions (overflow)
+            inp["gamma"] = (0.999 + 0.001 * torch.rand(inp["gamma"].shape, device=dev)).to(inp["gamma"].dtype)
         with torch.no_grad():
             ref, _ = rule.scan(backend="chunk", **inp)
         nbytes = sum(x.numel() * x.element_size() for x in inp.values()) + ref.numel() * ref.element_size()
         runs = {}
-        extra = ("chunk-fused",) if a.delta_forward == "both" and rule.form.corrections else ()
-        extra += ("chunk-recbwd",) if a.delta_backward == "both" and rule.form.corrections else ()
+        # RLS: its S scan is a delta-family scan (one correction); exact rules' G scan has none
+        corrected = rule.is_rls or bool(getattr(rule.form, "corrections", ()))
+        extra = ("chunk-fused",) if a.delta_forward == "both" and corrected else ()
+        extra += ("chunk-recbwd",) if a.delta_backward == "both" and corrected else ()
         loops = ("recurrent",)
-        if not rule.form.corrections and a.pscan != "auto":
+        if not corrected and a.pscan != "auto":
             loops = ("recurrent", "pscan") if a.pscan == "both" else ("pscan",)
-        for kernel in (*loops, "chunk", *extra, "torch-chunk"):
+        tuned = ("autotuned",) if a.autotune else ()
+        for kernel in (*loops, "chunk", *extra, *tuned, "torch-chunk"):
             backend = "chunk" if kernel == "torch-chunk" else "triton"
             runs[kernel] = (lambda x, b=backend, k=kernel: _olssm(rule, b, k, x, a.pscan)), inp
         peers, peer_args = ({}, ()) if a.no_peers else _fla_peers(name, inp)
@@ -151,14 +159,25 @@ def main(argv=None):
             print(row, flush=True)
             rows.append(row)
     library.FORCE = None
+    if a.autotune:
+        from olssm.kernels.triton import autotune
+        print("\nautotune decisions (rule key|dtype|fwd/grad|N|H|length bucket|d_k|d_v|varlen -> config):")
+        for k, v in sorted(autotune.decisions().items()):
+            print(f"  {k} -> {v}")
+        for k, v in autotune.failures().items():
+            print(f"  failed candidates for {k}: {v}")
     return rows
 
 
 def _olssm(rule, backend, kernel, inp, pscan_mode="auto"):
     """One olssm variant; the backward's kernel is chosen at the forward call, so setting the module
     switches around it is enough."""
-    library.FORCE = None if kernel == "torch-chunk" else "chunk" if kernel.startswith("chunk") else "recurrent"
-    pscan = library.PARALLEL_SCAN
+    from olssm.kernels.triton import autotune
+    library.FORCE = None if kernel in ("torch-chunk", "autotuned") else "chunk" if kernel.startswith("chunk") \
+        else "recurrent"
+    pscan, tune = library.PARALLEL_SCAN, autotune.ENABLED
+    if kernel == "autotuned":
+        autotune.ENABLED = True
     if kernel == "pscan":
         library.PARALLEL_SCAN = True
     elif kernel == "recurrent" and pscan_mode == "both":
@@ -172,7 +191,7 @@ def _olssm(rule, backend, kernel, inp, pscan_mode="auto"):
         return rule.scan(backend=backend, **inp)[0]
     finally:
         library.FORCE = None
-        library.PARALLEL_SCAN = pscan
+        library.PARALLEL_SCAN, autotune.ENABLED = pscan, tune
         chunked.DELTA_FORWARD, chunked_delta_bwd.DELTA_BACKWARD = fwd, bwd
 
 

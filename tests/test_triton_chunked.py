@@ -411,19 +411,25 @@ def test_chunked_kernels_compile_for_sm90():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_gpu_benchmark_script_runs_and_agrees():
+def test_gpu_benchmark_script_runs_and_agrees(monkeypatch, tmp_path):
     """benchmarks/triton_kernels.py is what a GPU session runs first: it must work end to end (here
-    under the interpreter, tiny shapes) and its kernels must agree with the torch chunk backend."""
+    under the interpreter, tiny shapes; the autotuner's row too) and its kernels must agree with the
+    torch chunk backend."""
     import importlib.util
     import pathlib
+    from olssm.kernels.triton import autotune
+    monkeypatch.setenv("OLSSM_CACHE_DIR", str(tmp_path))
+    autotune.clear()
     path = pathlib.Path(__file__).parent.parent / "benchmarks" / "triton_kernels.py"
     spec = importlib.util.spec_from_file_location("triton_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.main(["--B", "1", "--T", "8", "--H", "1", "--dk", "8", "--dv", "8", "--dtype", "fp32",
-                       "--reps", "1", "--chunk", "4", "--rules", "deltanet,gla", "--no-peers"])
+                       "--reps", "1", "--chunk", "4", "--rules", "deltanet,gla,rls", "--no-peers", "--autotune"])
+    autotune.clear()
     errs = [float(r.rstrip(" |").rsplit("|", 1)[1]) for r in rows if "(" not in r]
-    assert len(errs) >= 6 and max(errs) < 1e-5, rows
+    assert len(errs) >= 12 and max(errs) < 1e-5, rows
+    assert sum("autotuned" in r for r in rows) == 3
 
 
 # ---- delta family: the split forward (prep / state / out kernels) against the fused one -----------------

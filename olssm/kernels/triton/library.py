@@ -23,6 +23,8 @@ the checkpoint count NCK comes from ``sizes`` (computed on the host before the o
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import os
 from typing import Optional
@@ -56,14 +58,29 @@ def _plan(key: str):
                            "olssm.kernels.triton.library.register)") from None
 
 
-# sizes = [B, T, H, d_k, d_v, N, max_len, C(, BT)]: BT > 0 (9th entry, optional) selects the block-parallel
-# scan kernels pfwd/pbwd with BT tokens per block; then C = BT (a checkpoint per block)
+# sizes = [B, T, H, d_k, d_v, N, max_len, C(, BT, BV, NW)]: the launch geometry of the non-chunked kernels,
+# optional trailing entries, 0 = the default: BT > 0 selects the block-parallel scan kernels pfwd/pbwd
+# with BT tokens per block (then C = BT, a checkpoint per block); BV value rows and NW warps per program
+# (the autotuner's choices travel here, so the backward op launches what the forward was tuned with)
 def _nck(sizes):
     return max(1, -(-sizes[6] // sizes[7]))
 
 
-def _pscan_bt(sizes) -> int:
-    return int(sizes[8]) if len(sizes) > 8 else 0
+def _launch(sizes) -> tuple[int, int, int]:
+    """(BT, BV, NW) of sizes' optional trailing entries (0: default)."""
+    BT, BV, NW = (list(sizes[8:11]) + [0, 0, 0])[:3]
+    return int(BT), int(BV), int(NW)
+
+
+def _geometry(d_k: int, d_v: int, sizes, backward: bool = False):
+    """(BT, BK, BV, num_warps) of the loop (BT = 0) or block-scan kernels for this call."""
+    from .scan import _blocks
+    BT, BV, NW = _launch(sizes)
+    if BT:
+        BK, bv = pscan_blocks(d_k, d_v, BT, backward)
+        return BT, BK, BV or bv, NW or PSCAN_NUM_WARPS
+    BK, bv = _blocks(d_k, d_v)
+    return 0, BK, BV or bv, NW or _scan.NUM_WARPS
 
 
 #: the block-parallel scan (pscan.py) for rules without corrections on the non-chunked path:
@@ -121,7 +138,6 @@ def _pscan_choice(plan, max_len: int) -> int:
 def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: list[Tensor], h0: Optional[Tensor],
                     cu_seqlens: Optional[Tensor], sizes: list[int], out_dtype: torch.dtype, save: bool,
                     chunked: bool, chunk_bwd: bool) -> tuple[Tensor, Tensor, Tensor]:
-    from .scan import _blocks
     plan = _plan(key)
     B, T, H, d_k, d_v, N, max_len, C = sizes[:8]
     dev = syms[0].device
@@ -134,13 +150,11 @@ def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: lis
         from .chunked import chunked_forward
         chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes[:8], save, cu_seqlens)
         return o, ht, ck
-    BT = _pscan_bt(sizes)
+    BT, BK, BV, warps = _geometry(d_k, d_v, sizes)
     if BT:   # the block-parallel scan (pscan.py): checkpoints every C = BT tokens
-        BK, BV = pscan_blocks(d_k, d_v, BT)
-        kernel, blk, warps = plan.module.pfwd_kernel, dict(BT=BT), PSCAN_NUM_WARPS
+        kernel, blk = plan.module.pfwd_kernel, dict(BT=BT)
     else:
-        BK, BV = _blocks(d_k, d_v)
-        kernel, blk, warps = plan.module.fwd_kernel, dict(C=C), _scan.NUM_WARPS
+        kernel, blk = plan.module.fwd_kernel, dict(C=C)
     NV = -(-d_v // BV)
     dummy = ht
     kernel[(NV, N * H)](
@@ -176,12 +190,10 @@ def _entry_shapes(plan, sizes):
 @torch.library.custom_op("olssm::triton_scan_bwd", mutates_args=())
 def triton_scan_bwd(key: str, syms: list[Tensor], E: list[Tensor], h0: Optional[Tensor], cu_seqlens: Optional[Tensor],
                     ck: Tensor, do: Tensor, dht: Optional[Tensor], sizes: list[int]) -> list[Tensor]:
-    from .scan import _blocks
     plan = _plan(key)
     B, T, H, d_k, d_v, N, max_len, C = sizes[:8]
     dev = ck.device
-    BT = _pscan_bt(sizes)
-    BK, BV = pscan_blocks(d_k, d_v, BT, backward=True) if BT else _blocks(d_k, d_v)
+    BT, BK, BV, warps = _geometry(d_k, d_v, sizes, backward=True)
     NV = -(-d_v // BV)
     NCK = ck.shape[2]
     TOK = B * T
@@ -206,12 +218,12 @@ def triton_scan_bwd(key: str, syms: list[Tensor], E: list[Tensor], h0: Optional[
     if BT:   # the block-parallel scan's adjoint (pscan.py): no scratch, checkpoints every BT tokens
         plan.module.pbwd_kernel[(NV, N * H)](
             *[e.contiguous() for e in E], *X, *D, *RG, *common, cu, T, TOK, N, H, d_k, d_v, NCK,
-            BK=BK, BV=BV, BT=BT, **flags, num_warps=PSCAN_NUM_WARPS)
+            BK=BK, BV=BV, BT=BT, **flags, num_warps=warps)
     else:
         scratch = torch.empty(N * H * NV * C * BV * BK, dtype=torch.float32, device=dev)
         plan.module.bwd_kernel[(NV, N * H)](
             *[e.contiguous() for e in E], *X, *D, *RG, *common, scratch, cu, T, TOK, N, H, d_k, d_v, NCK,
-            BK=BK, BV=BV, C=C, **flags, num_warps=_scan.NUM_WARPS)
+            BK=BK, BV=BV, C=C, **flags, num_warps=warps)
     out = []
     for n, d in zip(plan.vars, D):
         g = d.sum(0)
@@ -344,6 +356,15 @@ CHUNK = 32
 CHUNK_BACKWARD = "auto"
 
 
+def chunk_backward_mode():
+    """CHUNK_BACKWARD, or OLSSM_TRITON_CHUNK_BWD: "auto", True or False."""
+    mode = os.environ.get("OLSSM_TRITON_CHUNK_BWD") or CHUNK_BACKWARD
+    mode = {"1": True, "0": False, "true": True, "false": False}.get(str(mode).lower(), mode)
+    if mode not in (True, False, "auto"):
+        raise ValueError(f"triton: CHUNK_BACKWARD must be 'auto', True or False, got {mode!r}")
+    return mode
+
+
 def _choice(plan, args, max_len):
     force = FORCE or os.environ.get("OLSSM_TRITON_KERNEL") or None
     if force not in (None, "chunk", "recurrent", "prefer-chunk"):
@@ -378,6 +399,43 @@ def _chunk_pays(plan, args) -> bool:
     return plan.rule.form.decay_kind not in (ROW, COLUMN)
 
 
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """How one scan runs: what the speed policy (`policy_config`) or the autotuner (autotune.py) picks.
+    Every config computes the same thing (the tests hold each kernel to the reference); they differ in speed."""
+    kernel: str                             # "recurrent" (token loop), "pscan" (block-parallel scan), "chunk"
+    block_v: int = 0                        # value rows per program of the loop / block-scan kernels (0: default)
+    warps: int = 0                          # warps per program of those kernels (0: default)
+    delta_forward: str = ""                 # chunked delta family: "split" / "fused" ("": chunked.DELTA_FORWARD)
+    chunk_backward: Optional[bool] = None   # chunked: the chunked backward where "auto" allows it (None: CHUNK_BACKWARD)
+
+
+def policy_config(plan, args, max_len: int) -> LaunchConfig:
+    """The measured-speed policy (FORCE, _chunk_pays, PARALLEL_SCAN) as a LaunchConfig."""
+    chunked, _ = _choice(plan, args, max_len)
+    if chunked:
+        return LaunchConfig("chunk")
+    return LaunchConfig("pscan" if _pscan_choice(plan, max_len) else "recurrent")
+
+
+def forced() -> bool:
+    """Whether a kernel family is forced (FORCE / OLSSM_TRITON_KERNEL, or PARALLEL_SCAN / OLSSM_TRITON_PSCAN
+    switched on or off): the autotuner then leaves the choice to them."""
+    return bool(FORCE or os.environ.get("OLSSM_TRITON_KERNEL")) or _pscan_mode() in (True, False)
+
+
+@contextlib.contextmanager
+def _delta_forward(value: str):
+    from . import chunked
+    old = chunked.DELTA_FORWARD
+    if value:
+        chunked.DELTA_FORWARD = value
+    try:
+        yield
+    finally:
+        chunked.DELTA_FORWARD = old
+
+
 def run_scan(args):
     """backend="triton": o [B, T, H, d_v] (args.out_dtype) and the final state [N, H, d_v, d_k] fp32 (or None)."""
     from .scan import _Meta, _check_device, _check_rule, plan_for
@@ -392,28 +450,37 @@ def run_scan(args):
     if args.T == 0:
         raise ValueError("scan: T must be >= 1")
     plan = plan_for(rule)
-    key = register(plan)
     names = [s.name for s in plan.syms]
     ins = {**args.tokens, **args.params}
-    syms = [ins[n] for n in names]
     meta = _Meta(args, names)
-    chunked, _ = _choice(plan, args, meta.max_len)
-    BT = 0 if chunked else _pscan_choice(plan, meta.max_len)
+    need = torch.is_grad_enabled() and any(t.requires_grad for t in list(ins.values()) + ([h0] if h0 is not None else []))
+    from . import autotune
+    cfg = autotune.choose(plan, args, meta, need) if autotune.enabled(args.device) else None
+    return run_config(plan, args, meta, cfg or policy_config(plan, args, meta.max_len), need)
+
+
+def run_config(plan, args, meta, cfg: LaunchConfig, need: bool):
+    """Run the scan with one launch configuration (need: a backward will follow)."""
+    key = register(plan)
+    ins = {**args.tokens, **args.params}
+    syms = [ins[n] for n in meta.names]
+    h0 = args.initial_state
+    chunked = cfg.kernel == "chunk"
+    BT = int(PSCAN_BLOCK_T) if cfg.kernel == "pscan" else 0
     # tl.dot needs every dimension >= 16 when compiled (the interpreter has no such limit)
     C = (CHUNK if _scan.interpreted() else max(16, CHUNK)) if chunked else BT or meta.checkpoint
-    sizes = [args.B, args.T, args.H, args.d_k, args.d_v, meta.N, meta.max_len, int(C)] + ([BT] if BT else [])
-    need = torch.is_grad_enabled() and any(t.requires_grad for t in syms + ([h0] if h0 is not None else []))
+    sizes = [args.B, args.T, args.H, args.d_k, args.d_v, meta.N, meta.max_len, int(C)]
+    if not chunked and (BT or cfg.block_v or cfg.warps):
+        sizes += [BT, int(cfg.block_v), int(cfg.warps)]
     chunk_bwd = False
     chunk_in = []
     if chunked:
         from .chunked import backward_supported, chunk_inputs
-        mode = os.environ.get("OLSSM_TRITON_CHUNK_BWD") or CHUNK_BACKWARD
-        mode = {"1": True, "0": False, "true": True, "false": False}.get(str(mode).lower(), mode)
-        if mode not in (True, False, "auto"):
-            raise ValueError(f"triton: CHUNK_BACKWARD must be 'auto', True or False, got {mode!r}")
+        mode = chunk_backward_mode() if cfg.chunk_backward is None else "auto" if cfg.chunk_backward else False
         chunk_bwd = need and bool(mode) and backward_supported(plan, exact_decay_grad=mode == "auto")
         chunk_in = chunk_inputs(plan, args, grad=chunk_bwd)
     E = evaluate_entries(plan, ins, sizes) if need and not chunk_bwd else []
-    o, ht, _ = torch.ops.olssm.triton_scan_fwd(key, syms, E, chunk_in, h0, meta.cu, sizes, args.out_dtype, need,
-                                               chunked, chunk_bwd)
+    with _delta_forward(cfg.delta_forward if chunked else ""):
+        o, ht, _ = torch.ops.olssm.triton_scan_fwd(key, syms, E, chunk_in, h0, meta.cu, sizes, args.out_dtype, need,
+                                                   chunked, chunk_bwd)
     return o, (ht if args.output_final_state else None)

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One GPU session's measurements, in stages that each fit a 10-minute device call (TRITON.md,
+# "Status on a GPU"). Run from the repository root on the GPU machine:
+#
+#     bash benchmarks/gpu_session.sh STAGE
+#
+# Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
+# Stages, in the order a session should spend its time:
+#   tests        the Triton test files with compiled kernels (no interpreter), 8 workers
+#   delta64      (4, 2048, 16, 64) bf16: DeltaNet, Gated DeltaNet, Longhorn, RLS — split vs fused forward,
+#                chunked vs recurrent backward, the autotuner's row, fla's kernels
+#   diag64       (4, 2048, 16, 64) bf16: GLA, linear attention, RetNet, Mamba-2, Mamba, Longhorn-diag —
+#                block scan vs token loop, chunked, the autotuner's row, fla's recurrent GLA
+#   d128         (2, 8192, 16, 128) bf16: DeltaNet, Gated DeltaNet, GLA, Mamba, with the autotuner's row
+#   fla-gla      fla's chunk_gla alone (its own autotuning takes minutes)
+#   profile      the top kernels by device time (torch.profiler)
+# fla-core (pure Python) is installed from .whl/ for the benchmark stages when the wheel was carried
+# (device tool: carry [".whl"]); the tests run without it.
+set -uo pipefail
+stage=${1:?usage: gpu_session.sh tests|delta64|diag64|d128|fla-gla|profile}
+out=${OUT:-/tmp/olssm-gpu}
+mkdir -p "$out"
+export PYTHONPATH=$PWD
+unset TRITON_INTERPRET
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1 || true
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt"
+
+with_fla() {
+    if ls .whl/*.whl > /dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+            && export PYTHONPATH=/tmp/site:$PWD
+    fi
+}
+
+bench=(python benchmarks/triton_kernels.py --dtype bf16 --autotune)
+case $stage in
+    tests)
+        OLSSM_TRITON_DEVICE=cuda timeout 570 python -m pytest -q -n 8 -p no:cacheprovider \
+            tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py \
+            tests/test_triton_pscan.py tests/test_triton_autotune.py 2>&1 | tail -60 | tee "$out/tests.txt" ;;
+    delta64)
+        with_fla
+        timeout 570 "${bench[@]}" --B 4 --T 2048 --H 16 --dk 64 --dv 64 --delta-forward both --delta-backward both \
+            --rules deltanet,gated_deltanet,longhorn,rls 2>&1 | tee "$out/delta64.txt" ;;
+    diag64)
+        with_fla
+        timeout 570 "${bench[@]}" --B 4 --T 2048 --H 16 --dk 64 --dv 64 --pscan both \
+            --rules gla,linear_attention,retnet,mamba2,mamba,longhorn_diag 2>&1 | tee "$out/diag64.txt" ;;
+    d128)
+        with_fla
+        timeout 570 "${bench[@]}" --B 2 --T 8192 --H 16 --dk 128 --dv 128 --delta-forward both \
+            --delta-backward both --pscan both --reps 5 --rules deltanet,gated_deltanet,gla,mamba 2>&1 \
+            | tee "$out/d128.txt" ;;
+    fla-gla)
+        with_fla
+        timeout 570 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
+            --rules gla 2>&1 | tee "$out/fla-gla.txt" ;;
+    profile)
+        timeout 570 python benchmarks/profile_gpu.py --rules deltanet,longhorn,mamba,gla --kernels chunk,recurrent \
+            2>&1 | tee "$out/profile.txt" ;;
+    *)
+        echo "unknown stage $stage" >&2; exit 2 ;;
+esac

@@ -1,0 +1,141 @@
+"""The autotuner of the Triton scan's launch configuration (olssm/kernels/triton/autotune.py).
+
+Under the interpreter times mean nothing, so the timer is replaced by a table keyed by the candidate
+being run: the tests check that the fastest candidate is chosen, run and remembered (in memory and on
+disk), that failing candidates are skipped, and — against the reference backend, every gradient — that
+a tuned launch geometry (value rows, warps) reaches both the forward and the backward kernels.
+"""
+from triton_testing import compare  # noqa: F401,E402  (sets TRITON_INTERPRET first)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from olssm.catalogue import ENTRIES, random_inputs  # noqa: E402
+from olssm.kernels.triton import autotune, library  # noqa: E402
+from olssm.kernels.triton.library import LaunchConfig  # noqa: E402
+
+
+@pytest.fixture
+def tuner(monkeypatch, tmp_path):
+    """Autotuning on, a private cache directory, and a fake timer: fake.times[config] ms (default 5),
+    fake.calls the configs measured."""
+    monkeypatch.setenv("OLSSM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("OLSSM_TRITON_KERNEL", raising=False)
+    monkeypatch.delenv("OLSSM_TRITON_PSCAN", raising=False)
+    monkeypatch.setattr(autotune, "ENABLED", True)
+    autotune.clear()
+
+    class Fake:
+        times, calls, fail = {}, [], set()
+        last = None
+
+    real_run = library.run_config
+
+    def run_config(plan, args, meta, cfg, need):
+        Fake.last = cfg
+        return real_run(plan, args, meta, cfg, need)
+
+    def measure(fn, device):
+        fn()
+        cfg = Fake.last
+        Fake.calls.append(cfg)
+        if cfg.kernel in Fake.fail:
+            raise RuntimeError(f"no {cfg.kernel} here")
+        return Fake.times.get(cfg, 5.0)
+
+    monkeypatch.setattr(library, "run_config", run_config)
+    monkeypatch.setattr(autotune, "_measure", measure)
+    yield Fake
+    autotune.clear()
+
+
+def _inputs(name, T=6, seed=3):
+    rule = ENTRIES[name].rule
+    return rule, random_inputs(rule, 1, T, 2, 5, 6, seed=seed)
+
+
+def test_candidates_cover_the_kernels_that_run_the_rule():
+    class Meta:
+        N, max_len = 1, 64
+    from olssm.kernels.triton.scan import plan_for
+
+    def kinds(name, need=True):
+        rule, inp = _inputs(name)
+        args = rule_args(rule, inp)
+        return autotune.candidates(plan_for(rule), args, Meta, need)
+
+    delta = kinds("deltanet")
+    assert {(c.kernel, c.delta_forward, c.chunk_backward) for c in delta if c.kernel == "chunk"} == \
+        {("chunk", f, b) for f in ("split", "fused") for b in (True, False)}
+    assert not any(c.kernel == "pscan" for c in delta)              # corrections: no block scan
+    rowc = kinds("longhorn")
+    assert {c.delta_forward for c in rowc if c.kernel == "chunk"} == {""}   # row c: no split forward
+    mamba = kinds("mamba")
+    assert mamba[0].kernel == "pscan" and not any(c.kernel == "chunk" for c in mamba)   # policy first
+    assert all(c.chunk_backward is None for c in kinds("deltanet", need=False))
+
+
+def rule_args(rule, inp):
+    from olssm.kernels.api import check_scan_args
+    return check_scan_args(rule, inp.get("q"), inp.get("k"), inp.get("v"), initial_state=None,
+                           output_final_state=True, cu_seqlens=None,
+                           inputs={n: x for n, x in inp.items() if n not in ("q", "k", "v")})
+
+
+def test_the_fastest_candidate_runs_and_is_remembered(tuner):
+    rule, inp = _inputs("mamba")
+    tuner.times = {LaunchConfig("recurrent"): 1.0}        # the token loop "wins" over the policy's pscan
+    compare(rule, inp)                                     # tuned results = reference, every gradient
+    (decision,) = autotune.decisions().values()
+    assert decision == {"kernel": "recurrent", "block_v": 0, "warps": 0, "delta_forward": "",
+                        "chunk_backward": None}
+    assert tuner.last == LaunchConfig("recurrent")        # and the real call ran it
+    measured = len(tuner.calls)
+    assert measured >= 2
+    rule.scan(backend="triton", **{n: x.clone().requires_grad_() for n, x in inp.items()})
+    assert len(tuner.calls) == measured                    # looked up, not timed again
+    autotune.clear()                                       # a new process: the decision comes from disk
+    rule.scan(backend="triton", **{n: x.clone().requires_grad_() for n, x in inp.items()})
+    assert len(tuner.calls) == measured and tuner.last == LaunchConfig("recurrent")
+    _, longer = _inputs("mamba", T=40)                     # another length bucket: timed afresh
+    rule.scan(backend="triton", **{n: x.clone().requires_grad_() for n, x in longer.items()})
+    assert len(tuner.calls) > measured and len(autotune.decisions()) == 2
+
+
+def test_forward_only_and_training_calls_are_tuned_separately(tuner):
+    rule, inp = _inputs("retnet")
+    with torch.no_grad():
+        rule.scan(backend="triton", **inp)
+    rule.scan(backend="triton", **{n: x.clone().requires_grad_() for n, x in inp.items()})
+    assert sorted(k.split("|")[4] for k in autotune.decisions()) == ["fwd", "grad"]
+
+
+def test_failing_candidates_are_skipped(tuner):
+    rule, inp = _inputs("deltanet", T=8)
+    tuner.fail = {"chunk", "recurrent"}
+    tuner.times = {}
+    compare(rule, inp)
+    fails = autotune.failures()
+    assert fails and all(c.kernel in tuner.fail for f in fails.values() for c in f)
+    # every candidate failed: the policy runs (and nothing is stored)
+    assert autotune.decisions() == {}
+
+
+def test_forced_kernels_are_not_tuned(tuner, monkeypatch):
+    monkeypatch.setattr(library, "FORCE", "recurrent")
+    rule, inp = _inputs("gla")
+    rule.scan(backend="triton", **inp)
+    assert tuner.calls == [] and autotune.decisions() == {}
+
+
+@pytest.mark.parametrize("cfg", [LaunchConfig("recurrent", block_v=2, warps=1), LaunchConfig("pscan", block_v=2),
+                                 LaunchConfig("chunk", delta_forward="fused", chunk_backward=False)])
+@pytest.mark.parametrize("name", ["gated_deltanet", "mamba"])
+def test_a_tuned_geometry_reaches_forward_and_backward(name, cfg, monkeypatch):
+    # d_v = 6 in blocks of 2 value rows: 3 programs per head in both kernels, or a wrong answer
+    rule, inp = _inputs(name, T=9)
+    if cfg.kernel == "pscan" and name == "gated_deltanet" or cfg.kernel == "chunk" and name == "mamba":
+        pytest.skip("no such kernel for this rule")
+    monkeypatch.setattr(library, "policy_config", lambda plan, args, max_len: cfg)
+    h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(2))
+    compare(rule, inp, h0)
