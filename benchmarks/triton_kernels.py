@@ -93,6 +93,12 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--rec-block-v", type=int, default=None, help="value rows per recurrent program (default: auto)")
     p.add_argument("--rec-warps", type=int, default=4, help="warps per recurrent program")
+    p.add_argument("--ut-block", type=int, default=None,
+                   help="rows per diagonal block of the split delta forward's UT inverse (chunked.UT_BLOCK; "
+                        ">= --chunk: the row-by-row substitution)")
+    p.add_argument("--no-tie", action="store_true",
+                   help="the split delta forward without folding the input term into B's products "
+                        "(chunked.TIE_INPUT_TERM = False: 3 dots per state step instead of 2)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
     p.add_argument("--autotune", action="store_true",
                    help="add an 'autotuned' row per rule (olssm.kernels.triton.autotune: every candidate timed on "
@@ -104,13 +110,18 @@ def main(argv=None):
     chunked.DELTA_FORWARD = "split" if a.delta_forward == "both" else a.delta_forward
     chunked_delta_bwd.DELTA_BACKWARD = "chunk" if a.delta_backward == "both" else a.delta_backward
     library.CHUNK = a.chunk
+    if a.ut_block:   # a jit global: set before the first launch
+        import triton.language as tl
+        chunked.UT_BLOCK = tl.constexpr(a.ut_block)
+    chunked.TIE_INPUT_TERM = not a.no_tie
     library.PSCAN_BLOCK_T, library.PSCAN_NUM_WARPS = a.pscan_bt, a.pscan_warps
     library.PSCAN_TILE, library.PSCAN_BWD_TILE = a.pscan_tile, a.pscan_bwd_tile
     tscan.BLOCK_V, tscan.NUM_WARPS = a.rec_block_v, a.rec_warps
     dtype = DTYPES[a.dtype]
     where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (TRITON_INTERPRET smoke run)"
     print(f"B={a.B} T={a.T} H={a.H} d_k={a.dk} d_v={a.dv} {a.dtype} chunk={library.CHUNK} dot={a.precision} "
-          f"delta-forward={a.delta_forward} delta-backward={a.delta_backward} pscan={a.pscan} "
+          f"delta-forward={a.delta_forward} delta-backward={a.delta_backward} ut-block={int(chunked.UT_BLOCK)} "
+          f"tie={chunked.TIE_INPUT_TERM} pscan={a.pscan} "
           f"(BT={a.pscan_bt}, {a.pscan_warps} warps, tiles {a.pscan_tile}/{a.pscan_bwd_tile}) on {where}")
     print("| rule | kernel | fwd ms | fwd+bwd ms | Mtok/s fwd | HBM % fwd | rel err o |")
     print("|---|---|---|---|---|---|---|")

@@ -13,6 +13,7 @@ from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
 import torch  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 import olssm  # noqa: E402
 from olssm import objectives as O  # noqa: E402
@@ -242,13 +243,20 @@ def _loop(q, w, e, ld, a, b, c, h0, bounds):
     return o, torch.stack(finals)
 
 
-@pytest.mark.parametrize("gated, varlen, chunk, M, K, V, crow",
-                         [(True, False, 16, 2, 6, 5, False), (False, False, 16, 1, 6, 5, False),
-                          (True, True, 16, 1, 20, 20, False), (True, True, 4, 2, 6, 5, False),
-                          (True, False, 16, 2, 6, 5, True), (False, True, 16, 1, 20, 20, True)])
-def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, monkeypatch):
+@pytest.mark.parametrize("gated, varlen, chunk, M, K, V, crow, tied, ut",
+                         [(True, False, 16, 2, 6, 5, False, False, None), (False, False, 16, 1, 6, 5, False, False, 8),
+                          (True, True, 16, 1, 20, 20, False, False, None), (True, True, 4, 2, 6, 5, False, False, None),
+                          (True, False, 16, 2, 6, 5, True, False, None), (False, True, 16, 1, 20, 20, True, False, None),
+                          (True, True, 16, 1, 20, 20, False, True, 4), (False, False, 16, 2, 6, 5, False, True, 4)])
+def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, tied, ut, monkeypatch):
+    """tied: b = w_0 (DeltaNet's w = b = k), the split forward's TIE_INPUT_TERM path; else independent a, b, w
+    with TIE_INPUT_TERM off (the plan says w = b, these tensors do not). ut: UT_BLOCK (4 / 8 at chunk 16: the
+    blocked inverse with 2 / 1 merge levels)."""
     if chunk < 16 and _DEVICE != "cpu":
         pytest.skip("compiled tl.dot needs chunks of >= 16 tokens (library.run_scan clamps; this calls the kernels)")
+    monkeypatch.setattr(tchunk, "TIE_INPUT_TERM", tied)
+    if ut is not None:
+        monkeypatch.setattr(tchunk, "UT_BLOCK", tl.constexpr(ut))
     if K > 16:
         _blocks16(monkeypatch)                                   # several key and value blocks
         monkeypatch.setattr(tdelta, "ROWC_BLOCK_V", 16)
@@ -269,6 +277,8 @@ def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, monkeypat
 
     q, a, b = key(B, T, H, K), key(B, T, H, K), key(B, T, H, K)
     w, e = key(M, B, T, H, K), torch.randn(M, B, T, H, V, generator=gen)
+    if tied:
+        b = w[0].clone()
     c = 0.1 + 0.8 * torch.rand(B, T, H, *((V,) if crow else ()), generator=gen)   # row c: one per value row
     ld = -0.3 * torch.rand(B, T, H, generator=gen) if gated else torch.zeros(B, T, H)
     if gated:

@@ -65,18 +65,21 @@ def variants(BT, BK, BV, prec, BVW=None):
     yield "delta decay=scalar, 2 input terms", ch.chunk_delta_fwd_kernel, dict(base, C_ROW=False, G_ROW=False,
                                                                                  VARLEN=False, M=2)
     # the split delta forward: prep and out take wide value blocks and KB-column key blocks
+    # (tied: w_0 = b, DeltaNet / Gated DeltaNet, chunked._tied; untied: the general path)
     state = dict(BT=BT, BK=BK, BV=BV, M=1, PREC=prec, USE_H0=True)
     wide = dict(BT=BT, BK=BK, BV=BVW, M=1, PREC=prec, KB=min(BK, ch.SPLIT_BLOCK_K))
     for gated in (False, True):
         for varlen in (False, True):
-            tag = f"decay={'scalar' if gated else 'none'} varlen={varlen}"
-            yield f"delta split prep {tag}", ch.chunk_delta_prep_kernel, dict(wide, GATED=gated, VARLEN=varlen)
-            yield f"delta split state {tag}", ch.chunk_delta_state_kernel, dict(state, GATED=gated, VARLEN=varlen)
-            yield f"delta split out {tag}", ch.chunk_delta_out_kernel, dict(wide, GATED=gated, VARLEN=varlen)
+            for tied in (True, False):
+                tag = f"decay={'scalar' if gated else 'none'} varlen={varlen}{' tied' if tied else ''}"
+                kw = dict(GATED=gated, VARLEN=varlen, TIED=tied)
+                yield f"delta split prep {tag}", ch.chunk_delta_prep_kernel, dict(wide, **kw)
+                yield f"delta split state {tag}", ch.chunk_delta_state_kernel, dict(state, **kw)
+                yield f"delta split out {tag}", ch.chunk_delta_out_kernel, dict(wide, **kw)
     two = dict(GATED=True, VARLEN=False, M=2)
-    yield "delta split prep decay=scalar, 2 input terms", ch.chunk_delta_prep_kernel, dict(wide, **two)
-    yield "delta split state decay=scalar, 2 input terms", ch.chunk_delta_state_kernel, dict(state, **two)
-    yield "delta split out decay=scalar, 2 input terms", ch.chunk_delta_out_kernel, dict(wide, **two)
+    yield "delta split prep decay=scalar, 2 input terms", ch.chunk_delta_prep_kernel, dict(wide, TIED=False, **two)
+    yield "delta split state decay=scalar, 2 input terms", ch.chunk_delta_state_kernel, dict(state, TIED=False, **two)
+    yield "delta split out decay=scalar, 2 input terms", ch.chunk_delta_out_kernel, dict(wide, TIED=False, **two)
     # the delta family's chunked backward (chunked_delta_bwd.py): prep / value take the split's wide value blocks
     from . import chunked_delta_bwd as dbw
     value = dict(wide, KB=min(BK, dbw.VALUE_BLOCK_K))

@@ -80,6 +80,11 @@ DECAY_CODE = {"none": 0, SCALAR: 1, ROW: 2, COLUMN: 3}
 #: takes the factorised intra-chunk dots, the others the per-token loop (module docstring). A jit
 #: global: set it before the kernels' first launch (compiled kernels refuse a changed global).
 FAST_SPAN = tl.constexpr(60.0)
+#: rows per diagonal block of the UT inverse T_c in the split delta kernels (_ut_inverse): the forward
+#: substitution takes UT_BLOCK − 1 dependent steps (on all blocks at once) instead of BT − 1, then
+#: log2(BT / UT_BLOCK) block merges of two [BT, BT] dots each (fla's solve_tril: 16). UT_BLOCK ≥ BT is the
+#: plain row-by-row substitution. A jit global, like FAST_SPAN.
+UT_BLOCK = tl.constexpr(16)
 
 
 def _np2(n: int) -> int:
@@ -508,20 +513,34 @@ def _dot_rows_k(x_ptr, y_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, 
 def _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
                 GATED: tl.constexpr, PREC: tl.constexpr):
     """The state-independent core of a delta-family chunk (split forward and its backward):
-    c, D, D_st, Γ and T_c = (I + diag(c)(A Bᵀ ⊙ D_st))⁻¹."""
+    c, D, D_st, Γ, T_c = (I + diag(c) N)⁻¹ and N = A Bᵀ ⊙ D_st.
+
+    T_c in UT_BLOCK-row diagonal blocks (fla's solve_tril does 16): the forward substitution
+    T_i = e_i − Σ_{j<i} L_ij T_j (L = diag(c) N) runs on every diagonal block at once — row i of all blocks
+    in one step, UB − 1 steps instead of BT − 1 (L restricted to the diagonal blocks is block diagonal, so
+    the rows of different blocks occupy disjoint columns of one [BT] vector) — then the blocks are merged
+    pairwise, s = UB, 2·UB, ... < BT: with T the inverse of I + L's s-block diagonal and L_o the part of L
+    below it inside each 2s-block, (I + L_2s) = (I + L_s)(I + T L_o) and (T L_o)² = 0, so
+    T ← T − T L_o T (two [BT, BT] dots per level)."""
     tt = tl.arange(0, BT)
     cc = tl.load(c_ptr + base, mask=tm, other=0.0)
     D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
-    L = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst * cc[:, None]   # diag(c) N, strictly lower
-    # T_c = (I + L)⁻¹ row by row, T_i = e_i − Σ_{j<i} L_ij T_j: only [BT, BT] work, the right-hand
-    # sides are multiplied afterwards as dots
+    N = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
+    L = N * cc[:, None]                                                       # diag(c) N, strictly lower
+    UB: tl.constexpr = UT_BLOCK if UT_BLOCK < BT else BT
     Tc = tl.where(tt[:, None] == tt[None, :], 1.0, 0.0)
-    for i in range(1, BT):
-        sel = (tt == i)[:, None]
-        li = tl.sum(tl.where(sel, L, 0.0), axis=0)                            # row i of L (zero from i on)
-        ti = tl.where(tt == i, 1.0, 0.0) - tl.sum(li[:, None] * Tc, axis=0)
+    for i in range(1, UB):
+        sel = (tt % UB == i)[:, None] & ((tt[:, None] // UB) == (tt[None, :] // UB))
+        li = tl.sum(tl.where(sel, L, 0.0), axis=0)                            # row i of every diagonal block
+        ti = tl.where(tt % UB == i, 1.0, 0.0) - tl.sum(li[:, None] * Tc, axis=0)
         Tc = tl.where(sel, ti[None, :], Tc)
-    return cc, D, Dst, gam, Tc
+    for lvl in tl.static_range(0, 6):                                         # merges: s = UB·2^lvl < BT
+        if (UB << lvl) < BT:
+            s2 = 2 * (UB << lvl)
+            Lo = tl.where(((tt[:, None] // s2) == (tt[None, :] // s2)) & ((tt[:, None] // (UB << lvl)) !=
+                                                                         (tt[None, :] // (UB << lvl))), L, 0.0)
+            Tc = Tc - tl.dot(tl.dot(Tc, Lo, input_precision=PREC), Tc, input_precision=PREC)
+    return cc, D, Dst, gam, Tc, N
 
 
 @triton.jit
@@ -539,20 +558,24 @@ def _store_wt(a_ptr, wt_ptr, Tc, cg, base, tm, DK, BK: tl.constexpr, KB: tl.cons
 def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_ptr, cu_ptr, ix_ptr,
                             T, H, DK, DV, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                             BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
-                            PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64):
+                            PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, TIED: tl.constexpr = False):
     """Per chunk, independent of the state:
         W̃ = T_c (c ⊙ Γ ⊙ A) → wt,   Ũ = T_c (c ⊙ Σ_m (A W_mᵀ ⊙ D_strict) E_m) → u.
-    The [BT, BK] tiles are taken KB key columns at a time (whole [BT, 128] operands spilled ~0.5 KB/thread)."""
+    The [BT, BK] tiles are taken KB key columns at a time (whole [BT, 128] operands spilled ~0.5 KB/thread).
+    TIED: W_0 is B (DeltaNet, Gated DeltaNet: w = b = k), so A W_0ᵀ ⊙ D_st is N, already formed for T_c."""
     i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
     tt = tl.arange(0, BT)
     tok = start + tt
     tm = tok < eos
     base = tok.to(tl.int64) * H + i_h
-    cc, _, Dst, gam, Tc = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC)
+    cc, _, Dst, gam, Tc, Nab = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC)
     _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
     Tc = Tc * cc[None, :]                                                     # T_c diag(c)
     if M == 1:   # one [BT, BT] left factor for every value block
-        Y = tl.dot(Tc, _dot_rows_k(a_ptr, w_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst, input_precision=PREC)
+        if TIED:
+            Y = tl.dot(Tc, Nab, input_precision=PREC)
+        else:
+            Y = tl.dot(Tc, _dot_rows_k(a_ptr, w_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst, input_precision=PREC)
         for i_v in range(0, tl.cdiv(DV, BV)):
             rows = i_v * BV + tl.arange(0, BV)
             vm = tm[:, None] & (rows < DV)[None, :]
@@ -564,7 +587,10 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
             vm = tm[:, None] & (rows < DV)[None, :]
             P = tl.zeros([BT, BV], dtype=tl.float32)
             for m in tl.static_range(M):
-                AW = _dot_rows_k(a_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC) * Dst
+                if TIED and m == 0:
+                    AW = Nab
+                else:
+                    AW = _dot_rows_k(a_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC) * Dst
                 e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
                 P += tl.dot(AW, e, input_precision=PREC)
             tl.store(u_ptr + base[:, None] * DV + rows[None, :], tl.dot(Tc, P, input_precision=PREC), mask=vm)
@@ -574,9 +600,11 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
 def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, ht_ptr, ck_ptr, cu_ptr,
                              T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                              BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr, VARLEN: tl.constexpr,
-                             PREC: tl.constexpr = "ieee"):
+                             PREC: tl.constexpr = "ieee", TIED: tl.constexpr = False):
     """The sequential pass: per chunk, ck ← S₀, Δ = W̃ S₀ᵀ + Ũ (written over Ũ in u),
-    S ← Γ_L S₀ − (Δ ⊙ Γ_L/Γ)ᵀ B + Σ_m (E_m ⊙ Γ_L/Γ)ᵀ W_m; ht ← the last S."""
+    S ← Γ_L S₀ − (Δ ⊙ Γ_L/Γ)ᵀ B + Σ_m (E_m ⊙ Γ_L/Γ)ᵀ W_m; ht ← the last S.
+    TIED (W_0 is B): S ← Γ_L S₀ + ((E_0 − Δ) ⊙ Γ_L/Γ)ᵀ B + Σ_{m≥1} ... — 2 + M − 1 dots and [BT, BK] loads
+    per chunk instead of 2 + M (fla's h += Kᵀ (U − W h))."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_h = i_bh % H
@@ -598,13 +626,17 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         d = tl.dot(wt, tl.trans(S), input_precision=PREC) + tl.load(u_ptr + uoff, mask=vm, other=0.0)
         tl.store(u_ptr + uoff, d, mask=vm)
         bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        if TIED:   # the first input term rides on B's dot
+            d = tl.load(e_ptr + uoff, mask=vm, other=0.0) - d
+        else:
+            d = -d
         if GATED:
             _, _, _, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)      # dec = Γ_L/Γ_i ≤ 1
             S = S * gl
-            S -= tl.dot(tl.trans(d * dec[:, None]), bv, input_precision=PREC)
+            S += tl.dot(tl.trans(d * dec[:, None]), bv, input_precision=PREC)
         else:
-            S -= tl.dot(tl.trans(d), bv, input_precision=PREC)
-        for m in tl.static_range(M):
+            S += tl.dot(tl.trans(d), bv, input_precision=PREC)
+        for m in tl.static_range(1 if TIED else 0, M):   # TIED: m = 0 rode on B's dot
             w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
             e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
             if GATED:
@@ -618,9 +650,10 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
 def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_ptr, cu_ptr, ix_ptr,
                            T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
-                           PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64):
+                           PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, TIED: tl.constexpr = False):
     """o = Γ ⊙ Q S₀ᵀ − (Q Bᵀ ⊙ D) Δ + Σ_m (Q W_mᵀ ⊙ D) E_m per (chunk, value block), S₀ from ck and Δ
-    from u; KB key columns at a time, like prep."""
+    from u; KB key columns at a time, like prep. TIED (W_0 is B): (Q Bᵀ ⊙ D)(E_0 − Δ), one [BT, BT] product
+    and its dot fewer."""
     i_v = tl.program_id(1)
     i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(2), T, H, BT,
                                             VARLEN)
@@ -647,8 +680,12 @@ def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_p
     if GATED:
         o = o * gam[:, None]
     d = tl.load(u_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
-    o -= tl.dot(QB * D, d, input_precision=PREC)
-    for m in tl.static_range(M):
+    if TIED:   # the first input term rides on Q Bᵀ
+        d = tl.load(e_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0) - d
+        o += tl.dot(QB * D, d, input_precision=PREC)
+    else:
+        o -= tl.dot(QB * D, d, input_precision=PREC)
+    for m in tl.static_range(1 if TIED else 0, M):
         QW = _dot_rows_k(q_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC)
         e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
         o += tl.dot(QW * D, e, input_precision=PREC)
@@ -690,6 +727,12 @@ def _blocks(d_k, d_v):
 DELTA_FORWARD = "split"
 #: value rows per program of the split's parallel kernels (prep, out); the state pass keeps _blocks' BV
 SPLIT_BLOCK_V = 64
+#: the split forward folds the first input term into the correction's products where its key side is the
+#: correction's b (w = b = k: DeltaNet, Gated DeltaNet; sympy-equal expressions): S ← ... + ((E_0 − Δ) ⊙ dec)ᵀ B,
+#: o ← ... + (Q Bᵀ ⊙ D)(E_0 − Δ), A W_0ᵀ ⊙ D_st = N — one dot and one [BT, d_k] load fewer per step of the
+#: sequential state pass (3 → 2 dots per chunk), one [BT, BT] product over d_k fewer in prep and in out.
+#: False: the general path (for comparison).
+TIE_INPUT_TERM = True
 #: key columns per tl.dot operand in prep and out (sm_90, tf32, 8 warps, d_k = 128: whole [32, 128]
 #: operands spilled 350-530 B/thread in prep, 64-column blocks 8-64 B)
 SPLIT_BLOCK_K = 64
@@ -724,7 +767,13 @@ def _chunk_map(cu, BT, T, N):
     return ix.to(torch.int32).contiguous(), NTG
 
 
-def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens):
+def _tied(form) -> bool:
+    """The first input term's key side is the correction's b (DeltaNet, Gated DeltaNet: w = b = k): the split
+    forward then folds that term into B's products (TIE_INPUT_TERM)."""
+    return TIE_INPUT_TERM and sp.sympify(form.inputs[0].w) == sp.sympify(form.corrections[0].b)
+
+
+def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied=False):
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
     # the parallel kernels take wider value blocks: they have parallelism to spare, and each value
@@ -744,7 +793,7 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens):
         ix, NTG, G = ht, -(-T // C), B * H
     cu = cu_seqlens if varlen else ht
     prec = _precision(o.dtype)
-    common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=prec, num_warps=NUM_WARPS)
+    common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=prec, TIED=tied, num_warps=NUM_WARPS)
     chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, cu, ix, T, H, d_k, d_v, w[0].numel(), e[0].numel(),
                                       M=M, BV=BVW, KB=min(BK, SPLIT_BLOCK_K), **common)
     chunk_delta_state_kernel[(-(-d_v // BV), N * H)](
@@ -771,7 +820,8 @@ def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None)
         if not c_row and not g_row and _delta_forward() == "split":
             if not save:   # the output kernel reads S₀ of every chunk: a scratch ck, not returned
                 ck = torch.empty(N, H, max(1, -(-max_len // C)), d_v, d_k, dtype=torch.float32, device=q.device)
-            _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, plan.rule.form.decay_kind != "none", cu_seqlens)
+            _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, plan.rule.form.decay_kind != "none", cu_seqlens,
+                                 _tied(plan.rule.form))
             return
         chunk_delta_fwd_kernel[(NV, N * H)](
             q, k, v, g, a, b, c, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht,

@@ -122,7 +122,7 @@ def chunk_delta_bwd_prep_kernel(q_ptr, a_ptr, b_ptr, c_ptr, g_ptr, do_ptr, tc_pt
     tok = start + tt
     tm = tok < eos
     base = tok.to(tl.int64) * H + i_h
-    cc, D, _, gam, Tc = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC)
+    cc, D, _, gam, Tc, _ = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC)
     tl.store(tc_ptr + base[:, None] * BT + tt[None, :], Tc, mask=tm[:, None])
     _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
     QBt = tl.trans(_dot_rows_k(q_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * D)
