@@ -357,3 +357,17 @@ def test_bad_inputs_are_named():
         rule.scan(backend="triton", initial_state=_dev(torch.zeros(1, 2, 4, 3)), **inp)
     with pytest.raises(ValueError, match="cu_seqlens"):
         rule.scan(backend="triton", cu_seqlens=_dev(torch.tensor([0, 2], dtype=torch.int32)), **inp)
+
+
+def test_loop_backward_of_an_elementwise_generator_takes_its_own_value_blocks(monkeypatch):
+    # Mamba's token-loop backward runs 16-row value blocks (library.INKERNEL_BWD_BLOCK_V: the in-kernel
+    # reverse mode spills at 32) while its forward runs one 32-row block for d_v = 20: the checkpoints
+    # do not depend on the split, and the gradients must not either
+    from olssm.kernels.triton import library
+    monkeypatch.setattr(tscan, "BLOCK_V", None)
+    monkeypatch.setattr(library, "PARALLEL_SCAN", False)
+    assert library._geometry(8, 20, [1] * 8)[2] == 32
+    assert library._geometry(8, 20, [1] * 8, backward=True, inkernel=True)[2] == 16
+    rule = ENTRIES["mamba"].rule
+    inp = random_inputs(rule, 1, 9, 1, 8, 20, seed=4)
+    _compare(rule, inp, 0.3 * torch.randn(1, 1, 20, 8, generator=torch.Generator().manual_seed(4)))

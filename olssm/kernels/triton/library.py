@@ -72,14 +72,23 @@ def _launch(sizes) -> tuple[int, int, int]:
     return int(BT), int(BV), int(NW)
 
 
-def _geometry(d_k: int, d_v: int, sizes, backward: bool = False):
+#: value rows per program of the token loop's backward when the rule has in-kernel (elementwise) entries
+#: and no BV was chosen (BLOCK_V / the autotuner): their reverse mode holds ~15 [BV, BK] tiles. sm_90,
+#: d_k = 64, 4 warps (aot_check): Mamba's bwd spills 824 B/thread at BV 32, 8 B at 16, none at 8 (Longhorn-
+#: diag 896 / 24 / 0); the forward keeps its BV (the checkpoints do not depend on it)
+INKERNEL_BWD_BLOCK_V = 16
+
+
+def _geometry(d_k: int, d_v: int, sizes, backward: bool = False, inkernel: bool = False):
     """(BT, BK, BV, num_warps) of the loop (BT = 0) or block-scan kernels for this call."""
-    from .scan import _blocks
+    from .scan import BLOCK_V, _blocks
     BT, BV, NW = _launch(sizes)
     if BT:
         BK, bv = pscan_blocks(d_k, d_v, BT, backward)
         return BT, BK, BV or bv, NW or PSCAN_NUM_WARPS
     BK, bv = _blocks(d_k, d_v)
+    if backward and inkernel and not BLOCK_V:
+        bv = min(bv, INKERNEL_BWD_BLOCK_V)
     return 0, BK, BV or bv, NW or _scan.NUM_WARPS
 
 
@@ -193,7 +202,7 @@ def triton_scan_bwd(key: str, syms: list[Tensor], E: list[Tensor], h0: Optional[
     plan = _plan(key)
     B, T, H, d_k, d_v, N, max_len, C = sizes[:8]
     dev = ck.device
-    BT, BK, BV, warps = _geometry(d_k, d_v, sizes, backward=True)
+    BT, BK, BV, warps = _geometry(d_k, d_v, sizes, backward=True, inkernel=bool(plan.inkernel))
     NV = -(-d_v // BV)
     NCK = ck.shape[2]
     TOK = B * T
