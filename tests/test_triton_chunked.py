@@ -14,7 +14,8 @@ with T: the carried state is contracted by the decay).
 import os
 
 from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
-                            dev as _dev, run as _run, spy)  # (sets TRITON_INTERPRET first)
+                            compare_storage as _compare_storage, dev as _dev, run as _run,
+                            spy)  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -77,6 +78,8 @@ def _small(monkeypatch):
     # these tests check the chunked kernels wherever the structure allows them; auto's speed policy
     # (compiled fp32 and row/column decays stay recurrent) has its own test below
     monkeypatch.setattr(tlib, "_chunk_pays", lambda plan, args: True)
+    monkeypatch.setattr(tchunk, "CHUNK_STORAGE", "fp32")
+    monkeypatch.delenv("OLSSM_TRITON_CHUNK_STORAGE", raising=False)
 
 
 @pytest.fixture
@@ -508,3 +511,104 @@ def test_delta_forward_mode_is_checked(monkeypatch):
     with torch.no_grad():
         rule.scan(backend="triton", **inp)
     assert calls == [1]
+
+
+# ---- CHUNK_STORAGE = "input": bf16 / fp16 chunk tensors ---------------------------------------------------
+
+def _args(rule, inp):
+    return olssm.kernels.api.check_scan_args(rule, None, None, None, initial_state=None, output_final_state=True,
+                                             cu_seqlens=None, inputs={n: _dev(x) for n, x in inp.items()})
+
+
+@pytest.mark.parametrize("name", ["deltanet", "mamba2", "gla", "linear_attention"])
+def test_chunk_storage_dtypes(name, monkeypatch):
+    # "input" + bf16/fp16 inputs: q, w, e (a, b, c) in the input dtype, the log decay fp32; fp32 inputs, or the
+    # knob at "fp32": all fp32. Values: the fp32 tensors rounded. DeltaNet's w = a = b stay one tensor.
+    rule = ENTRIES[name].rule
+    plan = tscan.plan_for(rule)
+    inp = random_inputs(rule, 1, 20, 2, 4, 5, seed=41)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        low = {n: x.to(dtype) for n, x in inp.items()}
+        monkeypatch.setattr(tchunk, "CHUNK_STORAGE", "fp32")
+        ref = tchunk.chunk_inputs(plan, _args(rule, low))
+        assert all(x.dtype == torch.float32 for x in ref)
+        monkeypatch.setattr(tchunk, "CHUNK_STORAGE", "input")
+        got = tchunk.chunk_inputs(plan, _args(rule, low))
+        assert len(got) == len(ref)
+        for i, (x, y) in enumerate(zip(got, ref)):
+            want = torch.float32 if i == 3 else dtype
+            assert x.dtype == want and x.is_contiguous() and x.shape == y.shape, (name, dtype, i)
+            assert torch.equal(x, y.to(want)), (name, dtype, i)
+        if name == "deltanet":
+            q, w, e, g, a, b, c = got
+            assert w.data_ptr() == a.data_ptr() == b.data_ptr()
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_STORAGE", "fp32")   # the environment overrides the module
+    assert tchunk.chunk_storage(torch.bfloat16) == torch.float32
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_STORAGE", "bf16")
+    with pytest.raises(ValueError, match="chunk storage"):
+        tchunk.chunk_storage(torch.bfloat16)
+
+
+@pytest.mark.parametrize("name, dtype", [("linear_attention", torch.bfloat16), ("retnet", torch.bfloat16),
+                                         ("gla", torch.bfloat16), ("mamba2", torch.bfloat16),
+                                         ("mamba2", torch.float16)])
+def test_chunk_storage_input_matches_fp32(name, dtype, monkeypatch):
+    # chunk_fwd_kernel + chunk_bwd_kernel (CHUNK_BACKWARD = True: GLA's log g has no closed form) on bf16 / fp16
+    # chunk tensors against the same rule on fp32 chunk tensors, same low-precision inputs (tolerance:
+    # triton_testing.STORAGE_RTOL)
+    monkeypatch.setattr(tlib, "CHUNK_BACKWARD", True)
+    monkeypatch.setattr(tlib, "FORCE", "chunk")
+    calls = spy(monkeypatch, tchunk, "chunked_backward")
+    rule = _rule(name)
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=42)
+    h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(42))
+    _compare_storage(rule, inp, h0, monkeypatch, dtype)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("name", ["retnet", "gla"])
+def test_chunk_storage_kernels_read_bf16_exactly(name, monkeypatch):
+    # the kernels convert every chunk tensor to fp32 right after loading it: bf16 chunk tensors and fp32 ones
+    # holding the same (bf16-rounded) values give the same o, state, checkpoints and gradients (fp32 rounding)
+    rule = _rule(name)
+    plan = tscan.plan_for(rule)
+    B, T, H, K, V = 1, 37, 2, 5, 20
+    inp = {n: _dev(x) for n, x in random_inputs(rule, B, T, H, K, V, seed=43).items()}
+    monkeypatch.setattr(tchunk, "CHUNK_STORAGE", "fp32")
+    ref = tchunk.chunk_inputs(plan, _args(rule, inp))
+    low = [x if i == 3 else x.to(torch.bfloat16) for i, x in enumerate(ref)]
+    ref = [x.to(torch.float32) for x in low]
+    gen = torch.Generator().manual_seed(44)
+    h0, do, dht = (_dev(torch.randn(*s, generator=gen)) for s in ((B, H, V, K), (B, T, H, V), (B, H, V, K)))
+    sizes = [B, T, H, K, V, B, T, tlib.CHUNK]
+    out = []
+    for chunk_in in (ref, low):
+        o, ht = _dev(torch.empty(B, T, H, V)), _dev(torch.empty(B, H, V, K))
+        ck = _dev(torch.empty(B, H, -(-T // tlib.CHUNK), V, K))
+        tchunk.chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, True)
+        grads, dh0 = tchunk.chunked_backward(plan, chunk_in, ck, do, dht, sizes)
+        out.append([o, ht, ck, *grads, dh0])
+    for what, a, b in zip(["o", "ht", "ck", "dq", "dw", "de", "dg", "dh0"], out[1], out[0]):
+        assert a.dtype == torch.float32
+        _close(a, b, RTOL, f"bf16 vs fp32 chunk tensors of equal values: {what}")
+
+
+def test_every_chunked_load_converts():
+    # CHUNK_STORAGE = "input" relies on every kernel converting what it loads before any arithmetic (tl.dot refuses
+    # bf16 × fp32, but elementwise ops would silently run in bf16): every tl.load( in the chunked kernels' modules
+    # is followed by .to(tl.float32), .to(tl.float64) (log decays) or .to(tl.int32) (cu_seqlens, the chunk map)
+    import inspect
+    import re
+    from olssm.kernels.triton import chunked_delta_bwd
+    n = 0
+    for mod in (tchunk, chunked_delta_bwd):
+        src = inspect.getsource(mod)
+        for m in re.finditer(r"tl\.load\(", src):
+            i, depth = m.end(), 1
+            while depth:
+                depth += {"(": 1, ")": -1}.get(src[i], 0)
+                i += 1
+            n += 1
+            line = src.count("\n", 0, m.start()) + 1
+            assert re.match(r"\.to\(tl\.(float32|float64|int32)\)", src[i:]), f"{mod.__name__}:{line}: {src[m.start():i]}"
+    assert n > 90

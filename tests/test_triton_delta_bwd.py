@@ -8,7 +8,7 @@ state 2e-5). The direct tests call the kernels on chunk tensors with independent
 rules have a = b = w = k, so torch sums their gradients) against an fp64 autograd loop.
 """
 from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
-                            dev as _dev, spy)  # (sets TRITON_INTERPRET first)
+                            compare_storage as _compare_storage, dev as _dev, spy)  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -35,6 +35,8 @@ def _small(monkeypatch):
                 "OLSSM_TRITON_ROW_C_BACKWARD"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(tlib, "_chunk_pays", lambda plan, args: True)
+    monkeypatch.setattr(tchunk, "CHUNK_STORAGE", "fp32")
+    monkeypatch.delenv("OLSSM_TRITON_CHUNK_STORAGE", raising=False)
 
 
 @pytest.fixture
@@ -243,15 +245,25 @@ def _loop(q, w, e, ld, a, b, c, h0, bounds):
     return o, torch.stack(finals)
 
 
-@pytest.mark.parametrize("gated, varlen, chunk, M, K, V, crow, tied, ut",
-                         [(True, False, 16, 2, 6, 5, False, False, None), (False, False, 16, 1, 6, 5, False, False, 8),
-                          (True, True, 16, 1, 20, 20, False, False, None), (True, True, 4, 2, 6, 5, False, False, None),
-                          (True, False, 16, 2, 6, 5, True, False, None), (False, True, 16, 1, 20, 20, True, False, None),
-                          (True, True, 16, 1, 20, 20, False, True, 4), (False, False, 16, 2, 6, 5, False, True, 4)])
-def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, tied, ut, monkeypatch):
+@pytest.mark.parametrize("gated, varlen, chunk, M, K, V, crow, tied, ut, low",
+                         [(True, False, 16, 2, 6, 5, False, False, None, False),
+                          (False, False, 16, 1, 6, 5, False, False, 8, False),
+                          (True, True, 16, 1, 20, 20, False, False, None, False),
+                          (True, True, 4, 2, 6, 5, False, False, None, False),
+                          (True, False, 16, 2, 6, 5, True, False, None, False),
+                          (False, True, 16, 1, 20, 20, True, False, None, False),
+                          (True, True, 16, 1, 20, 20, False, True, 4, False),
+                          (False, False, 16, 2, 6, 5, False, True, 4, False),
+                          # bf16 chunk tensors (CHUNK_STORAGE = "input"): split + fused forward, scalar and row c
+                          (True, True, 16, 2, 20, 20, False, False, None, True),
+                          (True, False, 16, 1, 6, 5, False, True, 8, True),
+                          (True, True, 16, 2, 20, 20, True, False, None, True)])
+def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, tied, ut, low, monkeypatch):
     """tied: b = w_0 (DeltaNet's w = b = k), the split forward's TIE_INPUT_TERM path; else independent a, b, w
     with TIE_INPUT_TERM off (the plan says w = b, these tensors do not). ut: UT_BLOCK (4 / 8 at chunk 16: the
-    blocked inverse with 2 / 1 merge levels)."""
+    blocked inverse with 2 / 1 merge levels). low: q, w, e, a, b, c rounded to bf16 and passed to the kernels
+    as bf16 tensors (the log decay fp32), the reference loop on the same rounded values: the kernels convert
+    every load to fp32, so the fp32 tolerances hold."""
     if chunk < 16 and _DEVICE != "cpu":
         pytest.skip("compiled tl.dot needs chunks of >= 16 tokens (library.run_scan clamps; this calls the kernels)")
     monkeypatch.setattr(tchunk, "TIE_INPUT_TERM", tied)
@@ -285,7 +297,12 @@ def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, tied, ut,
         ld[:, 20, 0] = -30.0                                     # a strong decay on one token
     h0 = 0.3 * torch.randn(N, H, V, K, generator=gen)
     do, dht = torch.randn(B, T, H, V, generator=gen), torch.randn(N, H, V, K, generator=gen)
+    if low:
+        q, w, e, a, b, c = (x.to(torch.bfloat16) for x in (q, w, e, a, b, c))
     chunk_in = [_dev(x).contiguous() for x in (q, w, e, ld, a, b, c)]
+    if low:
+        q, w, e, a, b, c = (x.float() for x in (q, w, e, a, b, c))
+        assert [x.dtype for x in chunk_in] == [torch.bfloat16] * 3 + [torch.float32] + [torch.bfloat16] * 3
     if crow:
         plan = tscan.plan_for(_gated_longhorn() if gated else ENTRIES["longhorn"].rule)
     else:
@@ -312,21 +329,28 @@ def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, tied, ut,
 
 # ---- torch.library / torch.compile ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["deltanet", "longhorn"])
-def test_opcheck_and_torch_compile(name, calls):
+@pytest.mark.parametrize("name, dtype", [("deltanet", torch.float32), ("longhorn", torch.float32),
+                                         ("deltanet", torch.bfloat16), ("longhorn", torch.bfloat16)])
+def test_opcheck_and_torch_compile(name, dtype, calls, monkeypatch):
+    # bf16: CHUNK_STORAGE = "input", so the op takes bf16 chunk tensors and returns their gradients in bf16
+    monkeypatch.setattr(tchunk, "CHUNK_STORAGE", "input")
     rule = ENTRIES[name].rule
     plan = tscan.plan_for(rule)
     key = tlib.register(plan)
     B, T, H, K, V = 1, 20, 1, 4, 4
-    inp = {n: _dev(t).requires_grad_() for n, t in random_inputs(rule, B, T, H, K, V, seed=10).items()}
+    inp = {n: _dev(t).to(dtype).requires_grad_() for n, t in random_inputs(rule, B, T, H, K, V, seed=10).items()}
     args = olssm.kernels.api.check_scan_args(rule, None, None, None, initial_state=None, output_final_state=True,
                                              cu_seqlens=None, inputs=inp)
     chunk_in = [x.detach().requires_grad_() for x in tchunk.chunk_inputs(plan, args, grad=True)]
+    assert [x.dtype for x in chunk_in] == [torch.float32 if i == 3 else dtype for i in range(len(chunk_in))]
     h0 = _dev(torch.randn(B, H, V, K)).requires_grad_()
-    torch.library.opcheck(torch.ops.olssm.triton_scan_fwd.default,
-                          (key, [inp[s.name] for s in plan.syms], [], chunk_in, h0, None, [B, T, H, K, V, B, T, 16],
-                           torch.float32, True, True, True))
+    sizes = [B, T, H, K, V, B, T, 16]
+    op_args = (key, [inp[s.name] for s in plan.syms], [], chunk_in, h0, None, sizes, dtype, True, True, True)
+    torch.library.opcheck(torch.ops.olssm.triton_scan_fwd.default, op_args)
     assert calls
+    o, ht, ck = torch.ops.olssm.triton_scan_fwd(*op_args)
+    grads = torch.autograd.grad((o.float() * o.float()).sum() + ht.sum(), [*chunk_in, h0])
+    assert [g.dtype for g in grads] == [x.dtype for x in (*chunk_in, h0)]
     torch._dynamo.reset()
 
     def fn(h, x):
@@ -343,3 +367,32 @@ def test_opcheck_and_torch_compile(name, calls):
     _close(l2, l1, 1e-6, "loss")
     for a, b in zip(g2, g1):
         _close(a, b, 1e-6, "grad")
+
+
+# ---- CHUNK_STORAGE = "input": bf16 chunk tensors through rule.scan ----------------------------------------
+
+@pytest.mark.parametrize("name, forward", [("deltanet", "split"), ("deltanet", "fused"), ("gated_deltanet", "split"),
+                                           ("gated_deltanet", "fused"), ("longhorn", "fused"), ("two_term", "split")])
+def test_chunk_storage_input_matches_fp32(name, forward, calls, monkeypatch):
+    # the split (prep / state / out) or fused forward and the chunked backward (scalar c: prep / state / value /
+    # key; Longhorn's row c: its own prep / state / value and the key kernel) on bf16 chunk tensors against the
+    # same rule on fp32 chunk tensors, same bf16 inputs (tolerance: triton_testing.STORAGE_RTOL); Longhorn's
+    # row c always runs the fused forward
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")            # Gated DeltaNet: log α has no closed form
+    monkeypatch.setattr(tchunk, "DELTA_FORWARD", forward)
+    split = spy(monkeypatch, tchunk, "_delta_split_forward")
+    rule = _two_term_rule() if name == "two_term" else ENTRIES[name].rule
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=45)
+    h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(45))
+    _compare_storage(rule, inp, h0, monkeypatch)
+    assert len(calls) == 2 and len(split) == (2 if forward == "split" else 0)
+
+
+def test_chunk_storage_varlen(calls, monkeypatch):
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    rule = ENTRIES["gated_deltanet"].rule
+    cu = [0, 5, 5, 6, 43]                                        # lengths 5, 0, 1, 37
+    inp = random_inputs(rule, 1, 43, 2, 4, 5, seed=46)
+    h0 = 0.3 * torch.randn(4, 2, 5, 4, generator=torch.Generator().manual_seed(46))
+    _compare_storage(rule, inp, h0, monkeypatch, cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)))
+    assert len(calls) == 2

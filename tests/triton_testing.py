@@ -50,13 +50,20 @@ def compare(rule, inp, h0=None, cu_seqlens=None, grad=True, rtol=RTOL, state_rto
     o1, f1, g1 = run(rule, inp, h0, "reference", cu_seqlens, grad)
     o2, f2, g2 = run(rule, inp, h0, "triton", cu_seqlens, grad)
     assert o2.dtype == o1.dtype and f2.dtype == torch.float32
-    close(o2, o1, rtol, "o")
-    close(f2, f1, state_rtol, "final state")
+    close_all((o1, f1, g1), (o2, f2, g2), rtol, state_rtol)
+    return g2
+
+
+def close_all(ref, got, rtol, state_rtol, check=close):
+    """o, the final state and every gradient of got = (o, f, grads) against ref (same names, shapes and
+    dtypes), each with check(a, b, tol, what)."""
+    (o1, f1, g1), (o2, f2, g2) = ref, got
+    check(o2, o1, rtol, "o")
+    check(f2, f1, state_rtol, "final state")
     assert set(g1) == set(g2)
     for n in g1:
         assert g2[n].shape == g1[n].shape and g2[n].dtype == g1[n].dtype
-        close(g2[n], g1[n], rtol, f"d{n}")
-    return g2
+        check(g2[n], g1[n], rtol, f"d{n}")
 
 
 def spy(monkeypatch, module, name):
@@ -81,3 +88,46 @@ def separate_sequences_match(rule, inp, h0, cu):
         oi, fi = rule.scan(backend="triton", output_final_state=True, initial_state=dev(h0[i:i + 1]), **part)
         close(o[:, a:b], oi, RTOL, f"o of sequence {i}")
         close(f[i], fi[0], RTOL, f"state of sequence {i}")
+
+
+#: CHUNK_STORAGE = "input" against "fp32" on the same bf16 inputs (compare_storage), relative to max|fp32 run|.
+#: The only difference is the rounding of the evaluated entries (β·v, Δ·v, Longhorn's c and e, ...; q, k, v
+#: themselves are bf16 already) to bf16, ≤ 2⁻⁸ relative each, and of the chunk tensors' gradients to bf16 inside
+#: the op (which autograd does anyway, one step later, at the entry's bf16 cast). o and the gradients are bf16,
+#: so two runs can also differ by one bf16 ulp of the largest entry (2⁻⁷ relative) after a difference of a few
+#: 2⁻⁸-rounded terms: 2e-2 ≈ 5·2⁻⁸. The final state is fp32: a sum of O(T) terms, each perturbed by
+#: ≤ 2⁻⁸, measured ≤ 2e-3 relative at T ≤ 43: 1e-2.
+STORAGE_RTOL, STORAGE_STATE_RTOL = 2e-2, 1e-2
+
+
+def compare_storage(rule, inp, h0, monkeypatch, dtype=torch.bfloat16, cu_seqlens=None, rtol=STORAGE_RTOL,
+                    state_rtol=STORAGE_STATE_RTOL):
+    """Run the chunked kernels on the same low-precision inputs with chunked.CHUNK_STORAGE "fp32" and "input":
+    check the chunk tensors the forward kernels got (fp32 / dtype, the log decay fp32 always) and that o, the
+    final state and every gradient agree (rtol, state_rtol: relative to the fp32 run's max). Returns the
+    measured relative differences {what: err / scale}."""
+    from olssm.kernels.triton import chunked as tchunk
+    real = tchunk.chunked_forward
+    seen = []
+    monkeypatch.setattr(tchunk, "chunked_forward",
+                        lambda plan, chunk_in, *a, **k: seen.append([x.dtype for x in chunk_in]) or
+                        real(plan, chunk_in, *a, **k))
+    low = {n: x.to(dtype) for n, x in inp.items()}
+    res = {}
+    for mode in ("fp32", "input"):
+        monkeypatch.setattr(tchunk, "CHUNK_STORAGE", mode)
+        res[mode] = run(rule, low, h0, "triton", cu_seqlens)
+    assert len(seen) == 2, "the chunked forward did not run (twice)"
+    for mode, dts in zip(("fp32", "input"), seen):
+        want = [torch.float32 if mode == "fp32" or i == 3 else dtype for i in range(len(dts))]
+        assert dts == want, (mode, dts)
+    (o1, f1, g1), (o2, f2, g2) = res["fp32"], res["input"]
+    assert o2.dtype == o1.dtype == dtype and f2.dtype == f1.dtype == torch.float32
+    rel = {}
+
+    def check(a, b, tol, what):
+        close(a, b, tol, f"CHUNK_STORAGE input vs fp32: {what}")
+        rel[what] = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+    close_all((o1, f1, g1), (o2, f2, g2), rtol, state_rtol, check)
+    return rel

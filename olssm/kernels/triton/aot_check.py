@@ -35,13 +35,26 @@ def _usage(kernel) -> str:
         f", shared {kernel.metadata.shared} B"
 
 
-def compile_for(fn, consts: dict, arch: int, num_warps: int):
+#: the pointers of the chunk tensors (chunked.chunk_inputs' q, w, e, a, b, c: k / v in the diagonal kernels, x / y in
+#: the helpers) and of the scan's o / dO, which are bf16 in a bf16 scan under chunked.CHUNK_STORAGE = "input"
+#: (the log decay g, the checkpoints ck / dh and the backward's scratch tensors stay fp32)
+BF16_PTRS = {p: "*bf16" for p in ("q_ptr", "k_ptr", "v_ptr", "w_ptr", "e_ptr", "a_ptr", "b_ptr", "c_ptr", "o_ptr",
+                                  "do_ptr")}
+#: the kernels also compiled with BF16_PTRS (--bf16 some): name prefixes of variants()
+BF16_VARIANTS = ("diag decay=none varlen=False", "diag decay=scalar varlen=False", "diag decay=column varlen=False",
+                 "backward decay=", "delta split prep decay=scalar varlen=True",
+                 "delta split state decay=scalar varlen=True", "delta split out decay=scalar varlen=True",
+                 "delta bwd value decay=scalar varlen", "delta bwd key decay=scalar varlen")
+
+
+def compile_for(fn, consts: dict, arch: int, num_warps: int, ptr_types: dict | None = None):
+    """Compile fn for sm_<arch>: every pointer *fp32 (ix_ptr / cu_ptr *i32) unless ptr_types names it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     params = list(inspect.signature(fn.fn).parameters)
     ints = {"T", "H", "DK", "DV", "NCK", "SW", "SE", "TOKH", "TOK", "N"}
-    ptrs = {"ix_ptr": "*i32", "cu_ptr": "*i32"}   # the varlen chunk map and cu_seqlens are int32
+    ptrs = {**(ptr_types or {}), "ix_ptr": "*i32", "cu_ptr": "*i32"}   # the varlen chunk map and cu_seqlens: int32
     sig = {p: ("constexpr" if p in consts else "i32" if p in ints else ptrs.get(p, "*fp32")) for p in params}
     src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
@@ -144,6 +157,9 @@ def main(argv=None) -> int:
     p.add_argument("--dk", type=int, default=64)
     p.add_argument("--dv", type=int, default=32)
     p.add_argument("--precision", default="tf32")
+    p.add_argument("--bf16", default="some", choices=("some", "all", "none"),
+                   help="also compile the chunked kernels with bf16 chunk tensors and o / dO (BF16_PTRS): some: "
+                        "BF16_VARIANTS; all: every chunked variant")
     p.add_argument("--only", default="all", choices=("all", "chunked", "generated", "rls"),
                    help="chunked: the chunked kernels; generated: the generated kernels of GENERATED_RULES "
                         "(block scan pfwd/pbwd and the loop kernels); rls: the RLS gain kernels")
@@ -167,6 +183,9 @@ def main(argv=None) -> int:
     todo = []
     if a.only in ("all", "chunked"):
         todo += [(n, f, c, a.num_warps) for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW)]
+        todo += [(f"{n} [bf16]", f, c, a.num_warps, BF16_PTRS)
+                 for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW)
+                 if a.bf16 == "all" or (a.bf16 == "some" and n.startswith(BF16_VARIANTS))]
     if a.only in ("all", "generated"):
         BT = a.pscan_bt or library.PSCAN_BLOCK_T
         print(f"generated kernels at d_k={a.dk}, d_v={a.dv}: block scan {a.pscan_warps or library.PSCAN_NUM_WARPS} "
@@ -181,13 +200,15 @@ def main(argv=None) -> int:
                                ("rls gain bwd", rls.rls_gain_bwd_kernel, "USE_DPT")):
             todo.append((name, fn, dict(BK=bk, C=a.chunk, VARLEN=True, **{flag: True}), rls._warps(bk)))
     bad = 0
-    for name, fn, consts, warps in todo:
+    for name, fn, consts, warps, *ptr_types in todo:
         try:
-            k = compile_for(fn, consts, a.arch, warps)
+            k = compile_for(fn, consts, a.arch, warps, *ptr_types)
             print(f"  ok    {name:45s} {_usage(k)}")
         except Exception as e:  # noqa: BLE001 - report every variant
             bad += 1
-            print(f"  FAIL  {name:45s} {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+            why = " ".join(f"{str(x).splitlines()[0][:200]}" if str(x) else type(x).__name__
+                           for x in (e, e.__cause__) if x is not None)   # CompilationError: "at l:c:" + the cause
+            print(f"  FAIL  {name:45s} {why}")
     return 1 if bad else 0
 
 

@@ -172,11 +172,29 @@ def backward_supported(plan, exact_decay_grad: bool = True) -> bool:
     return not exact_decay_grad or form.decay_kind == "none" or _log_expr(form.decay) is not None
 
 
+#: storage dtype of the chunk tensors q, w, e, a, b, c (chunk_inputs): "fp32", or "input": the scan's input dtype
+#: where that is bf16 / fp16 (args.out_dtype; fp32 inputs stay fp32). The log decay stays fp32 either way (the
+#: kernels sum it cumulatively in fp64). The kernels load every chunk tensor and convert it to fp32 at once, so
+#: "input" changes the math only by rounding the evaluated entries (β·k, ...) to the input dtype (≤ 2⁻⁸ relative
+#: for bf16; none where the entry was already evaluated in bf16 from bf16 inputs) and halves their bytes; the
+#: chunked backward's gradients of those tensors are returned in their dtype (as autograd requires).
+#: OLSSM_TRITON_CHUNK_STORAGE overrides. Read at call time.
+CHUNK_STORAGE = "fp32"
+
+
+def chunk_storage(out_dtype=torch.float32) -> torch.dtype:
+    """The dtype chunk_inputs stores q, w, e, a, b, c in for a scan whose inputs (output) have dtype out_dtype."""
+    mode = switch("OLSSM_TRITON_CHUNK_STORAGE", CHUNK_STORAGE, ("fp32", "input"), "chunk storage")
+    return out_dtype if mode == "input" and out_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def chunk_inputs(plan, args, grad: bool = False) -> list:
     """[q [B,T,H,K], w (key sides) [M,B,T,H,K], e (value sides) [M,B,T,H,V], log decay ([B,T,H] / [B,T,H,V] / [B,T,H,K];
-    zeros when a correction has no decay)] + (with a correction) [a, b [B,T,H,K], c [B,T,H]], fp32."""
+    zeros when a correction has no decay)] + (with a correction) [a, b [B,T,H,K], c [B,T,H]]: the log decay fp32,
+    the others in chunk_storage(args.out_dtype) (fp32 unless CHUNK_STORAGE = "input" and bf16 / fp16 inputs)."""
     rule, form = plan.rule, plan.rule.form
     B, T, H, K, V = args.B, args.T, args.H, args.d_k, args.d_v
+    sdt = chunk_storage(args.out_dtype)
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):   # grad: the chunked backward's chain rule
         lay = rule.broadcast_inputs(K, V, {**args.tokens, **args.params}, "scan", need=rule.inputs)
         ev = _evaluator(form)(lay)
@@ -190,18 +208,18 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
         shared = {}
 
         def key_side(name, expr):
-            """[B, T, H, K] fp32, one tensor per distinct expression: DeltaNet's w = a = b = k (and a query
-            equal to the key) are one copy, read from L2 by the kernels instead of three from HBM."""
+            """[B, T, H, K] (storage dtype), one tensor per distinct expression: DeltaNet's w = a = b = k (and a
+            query equal to the key) are one copy, read from L2 by the kernels instead of three from HBM."""
             e = sp.sympify(expr)
-            if e not in shared:
-                shared[e] = full(ev[name], 1, K)[..., 0, :].contiguous()
+            if e not in shared:   # evaluated and broadcast in fp32, then stored (autograd sums in fp32)
+                shared[e] = full(ev[name], 1, K)[..., 0, :].to(sdt).contiguous()
             return shared[e]
 
         M = len(form.inputs)
         ws = [key_side(f"w{m}", t.w) for m, t in enumerate(form.inputs)]
         out = [key_side("q", form.readout),
                ws[0].unsqueeze(0) if M == 1 else torch.stack(ws),                          # [M, B, T, H, K]
-               torch.stack([full(ev[f"e{m}"], V, 1)[..., 0] for m in range(M)])]        # [M, B, T, H, V]
+               torch.stack([full(ev[f"e{m}"], V, 1)[..., 0] for m in range(M)]).to(sdt)]   # [M, B, T, H, V]
         kind = form.decay_kind
         if kind != "none":
             if "ld" in ev:
@@ -220,7 +238,7 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
         if form.corrections:
             c = full(ev["c"], V, 1)[..., 0] if _c_row(form) else full(ev["c"], 1, 1)[..., 0, 0]
             cr = form.corrections[0]
-            out += [key_side("a", cr.a), key_side("b", cr.b), c]
+            out += [key_side("a", cr.a), key_side("b", cr.b), c.to(sdt)]
     return [x.contiguous() for x in out]
 
 
@@ -291,7 +309,7 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
         base = (tok.to(tl.int64) * H + i_h)
         qk_m = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
-        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0)
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
         # the decay of the chunk, the carried state's share of o, and the carried state decayed
         if DECAY == 0:
             o = tl.dot(q, tl.trans(S), input_precision=PREC)
@@ -323,8 +341,8 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
             S = S * tl.exp(bl.to(tl.float32))[:, None]
         # the input terms e_m w_mᵀ of the chunk
         for m in tl.static_range(M):
-            k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0)
-            v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+            k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
             if DECAY == 0:
                 A = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)
                 o += tl.dot(A, v, input_precision=PREC)
@@ -391,13 +409,13 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
         base = (tok.to(tl.int64) * H + i_h)
         km2 = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
-        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         if C_ROW:   # a row coefficient: every value row has its own transform
-            cc = tl.load(c_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)   # [BT, BV]
+            cc = tl.load(c_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)   # [BT, BV]
         else:
-            cc = tl.load(c_ptr + base, mask=tm, other=0.0)[:, None]                        # [BT, 1]
+            cc = tl.load(c_ptr + base, mask=tm, other=0.0).to(tl.float32)[:, None]         # [BT, 1]
         if not G_ROW:   # none / scalar decay: one [BT, BT] decay matrix
             g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
             G = tl.cumsum(g, axis=0)                                      # fp64 cumulative log decay
@@ -414,8 +432,8 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
             o = tl.dot(q, tl.trans(S), input_precision=PREC) * gam[:, None]
             S = S * tl.exp(GL.to(tl.float32))
             for m in tl.static_range(M):
-                w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-                e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+                w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+                e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
                 R += tl.dot(tl.dot(a, tl.trans(w), input_precision=PREC) * Dst, e, input_precision=PREC)
                 o += tl.dot(tl.dot(q, tl.trans(w), input_precision=PREC) * Dinc, e, input_precision=PREC)
                 S += tl.dot(tl.trans(e * dec), w, input_precision=PREC)
@@ -442,8 +460,8 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
             o = tl.dot(q, tl.trans(S), input_precision=PREC) * gam
             S = S * tl.exp(GL.to(tl.float32))[:, None]
             for m in tl.static_range(M):
-                w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-                e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+                w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+                e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
                 AW = tl.where(strict, tl.dot(a, tl.trans(w), input_precision=PREC), 0.0)
                 QW = tl.where(incl, tl.dot(q, tl.trans(w), input_precision=PREC), 0.0)
                 for j in range(0, BT):                                # input terms, per row decays
@@ -515,8 +533,8 @@ def _dot_rows_k(x_ptr, y_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, 
     for kb in tl.static_range(BK // KB):
         cols = kb * KB + tl.arange(0, KB)
         msk = tm[:, None] & (cols < DK)[None, :]
-        x = tl.load(x_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0)
-        y = tl.load(y_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0)
+        x = tl.load(x_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0).to(tl.float32)
         acc += tl.dot(x, tl.trans(y), input_precision=PREC)
     return acc
 
@@ -535,7 +553,7 @@ def _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT: tl.constexpr, BK: 
     below it inside each 2s-block, (I + L_2s) = (I + L_s)(I + T L_o) and (T L_o)² = 0, so
     T ← T − T L_o T (two [BT, BT] dots per level)."""
     tt = tl.arange(0, BT)
-    cc = tl.load(c_ptr + base, mask=tm, other=0.0)
+    cc = tl.load(c_ptr + base, mask=tm, other=0.0).to(tl.float32)
     D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
     N = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
     L = N * cc[:, None]                                                       # diag(c) N, strictly lower
@@ -561,7 +579,7 @@ def _store_wt(a_ptr, wt_ptr, Tc, cg, base, tm, DK, BK: tl.constexpr, KB: tl.cons
     for kb in tl.static_range(BK // KB):
         cols = kb * KB + tl.arange(0, KB)
         km2 = tm[:, None] & (cols < DK)[None, :]
-        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         tl.store(wt_ptr + base[:, None] * DK + cols[None, :], tl.dot(Tc, a * cg[:, None], input_precision=PREC),
                  mask=km2)
 
@@ -591,7 +609,7 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
         for i_v in range(0, tl.cdiv(DV, BV)):
             rows = i_v * BV + tl.arange(0, BV)
             vm = tm[:, None] & (rows < DV)[None, :]
-            e = tl.load(e_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+            e = tl.load(e_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
             tl.store(u_ptr + base[:, None] * DV + rows[None, :], tl.dot(Y, e, input_precision=PREC), mask=vm)
     else:
         for i_v in range(0, tl.cdiv(DV, BV)):
@@ -603,7 +621,7 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
                     AW = Nab
                 else:
                     AW = _dot_rows_k(a_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC) * Dst
-                e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+                e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
                 P += tl.dot(AW, e, input_precision=PREC)
             tl.store(u_ptr + base[:, None] * DV + rows[None, :], tl.dot(Tc, P, input_precision=PREC), mask=vm)
 
@@ -633,13 +651,13 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         base = tok.to(tl.int64) * H + i_h
         km2 = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
-        wt = tl.load(wt_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        wt = tl.load(wt_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         uoff = base[:, None] * DV + rows[None, :]
-        d = tl.dot(wt, tl.trans(S), input_precision=PREC) + tl.load(u_ptr + uoff, mask=vm, other=0.0)
+        d = tl.dot(wt, tl.trans(S), input_precision=PREC) + tl.load(u_ptr + uoff, mask=vm, other=0.0).to(tl.float32)
         tl.store(u_ptr + uoff, d, mask=vm)
-        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         if TIED:   # the first input term rides on B's dot
-            d = tl.load(e_ptr + uoff, mask=vm, other=0.0) - d
+            d = tl.load(e_ptr + uoff, mask=vm, other=0.0).to(tl.float32) - d
         else:
             d = -d
         if GATED:
@@ -649,8 +667,8 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         else:
             S += tl.dot(tl.trans(d), bv, input_precision=PREC)
         for m in tl.static_range(1 if TIED else 0, M):   # TIED: m = 0 rode on B's dot
-            w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-            e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+            w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+            e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
             if GATED:
                 e = e * dec[:, None]
             S += tl.dot(tl.trans(e), w, input_precision=PREC)
@@ -683,23 +701,25 @@ def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_p
     for kb in tl.static_range(BK // KB):
         cols = kb * KB + tl.arange(0, KB)
         km = cols < DK
-        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :], other=0.0)
-        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :], other=0.0)
-        S0 = tl.load(sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :], other=0.0)
+        km2 = tm[:, None] & km[None, :]
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+        S0 = tl.load(sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
+                     other=0.0).to(tl.float32)
         o += tl.dot(q, tl.trans(S0), input_precision=PREC)
         QB += tl.dot(q, tl.trans(bv), input_precision=PREC)
     D, _, gam, _, _ = _chunk_decay(g_ptr, base, tm, BT, GATED)
     if GATED:
         o = o * gam[:, None]
-    d = tl.load(u_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+    d = tl.load(u_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
     if TIED:   # the first input term rides on Q Bᵀ
-        d = tl.load(e_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0) - d
+        d = tl.load(e_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32) - d
         o += tl.dot(QB * D, d, input_precision=PREC)
     else:
         o -= tl.dot(QB * D, d, input_precision=PREC)
     for m in tl.static_range(1 if TIED else 0, M):
         QW = _dot_rows_k(q_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC)
-        e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+        e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
         o += tl.dot(QW * D, e, input_precision=PREC)
     tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
 
@@ -880,8 +900,8 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
         base = (tok.to(tl.int64) * H + i_h)
         qk_m = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
-        S0 = tl.load(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, mask=m2, other=0.0)
-        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0)
+        S0 = tl.load(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
         do = tl.load(do_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
         if DECAY == 3:     # column decay (GLA): b [BT, BK]; ∂b = q ⊙ dq − w ⊙ dw (+ the chunk end's terms)
             g = tl.load(g_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float64)
@@ -895,8 +915,8 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
             db = q * dq
             dbL = glk * tl.sum(dS * S0, axis=0)                       # [BK]
             for m in tl.static_range(M):
-                k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0)
-                v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+                k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
                 P = tl.where(causal, tl.dot(do, tl.trans(v), input_precision=PREC), 0.0)   # dO E_mᵀ
                 if fast:   # the forward's factorisation; P is causal, so no masked-out product is formed
                     x = (b - 0.5 * bl[None, :]).to(tl.float32)
@@ -942,8 +962,8 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
             db = tl.sum(dSq * q, axis=1) * gam                        # ∂b_i from Γ_i
             dbL = gl * tl.sum(tl.sum(dS * S0, axis=1), axis=0)        # ∂b_L from Γ_L
             for m in tl.static_range(M):
-                k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0)
-                v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0)
+                k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
                 P = tl.dot(do, tl.trans(v), input_precision=PREC) * D  # [BT, BT]
                 A = tl.dot(q, tl.trans(k), input_precision=PREC) * D
                 dq += tl.dot(P, k, input_precision=PREC)

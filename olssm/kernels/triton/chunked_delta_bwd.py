@@ -104,8 +104,8 @@ def _dot_rows(x_ptr, y_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, KB
     for kb in range(0, BK // KB):
         cols = kb * KB + tl.arange(0, KB)
         msk = tm[:, None] & (cols < DK)[None, :]
-        x = tl.load(x_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0)
-        y = tl.load(y_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0)
+        x = tl.load(x_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0).to(tl.float32)
         acc += tl.dot(x, tl.trans(y), input_precision=PREC)
     return acc
 
@@ -158,9 +158,9 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
         base = tok.to(tl.int64) * H + i_h
         km2 = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
-        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         doff = base[:, None] * DV + rows[None, :]
-        d = tl.load(dd_ptr + doff, mask=vm, other=0.0)
+        d = tl.load(dd_ptr + doff, mask=vm, other=0.0).to(tl.float32)
         do = tl.load(do_ptr + doff, mask=vm, other=0.0).to(tl.float32)
         BdS = tl.dot(bv, tl.trans(dS), input_precision=PREC)                   # B dSᵀ [BT, BV]
         if GATED:
@@ -171,8 +171,8 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
         else:
             d -= BdS
         tl.store(dd_ptr + doff, d, mask=vm)
-        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-        wt = tl.load(wt_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+        wt = tl.load(wt_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         dS += tl.dot(tl.trans(do), q, input_precision=PREC) + tl.dot(tl.trans(d), wt, input_precision=PREC)
         dS = tl.where(m2, dS, 0.0)
     tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
@@ -193,11 +193,11 @@ def _store_de(q_ptr, w_ptr, a_ptr, do_ptr, dh_ptr, de_ptr, dR, D, Dst, dec, base
             cols = kb * KB + tl.arange(0, KB)
             km = cols < DK
             km2 = tm[:, None] & km[None, :]
-            q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-            a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-            w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+            q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
             dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
-                         other=0.0)
+                         other=0.0).to(tl.float32)
             QW += tl.dot(q, tl.trans(w), input_precision=PREC)
             AW += tl.dot(a, tl.trans(w), input_precision=PREC)
             WdS += tl.dot(w, tl.trans(dS), input_precision=PREC)
@@ -227,26 +227,29 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
     sm = rows < tl.where(start < eos, DV, 0)          # a padding program of the varlen map reads no ck / dh
     sbase = (i_bh.to(tl.int64) * NCK + c) * DV * DK
     voff = base[:, None] * DV + rows[None, :]
-    cc = tl.load(c_ptr + base, mask=tm, other=0.0)
+    cc = tl.load(c_ptr + base, mask=tm, other=0.0).to(tl.float32)
     D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
     # phase 1: R' = Γ ⊙ A S₀ᵀ + Σ_m (A W_mᵀ ⊙ D_st) E_m, Δ, ∂c
     R = tl.zeros([BT, BV], dtype=tl.float32)
     for kb in range(0, BK // KB):
         cols = kb * KB + tl.arange(0, KB)
         km = cols < DK
-        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :], other=0.0)
-        S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :], other=0.0)
+        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :],
+                    other=0.0).to(tl.float32)
+        S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
+                     other=0.0).to(tl.float32)
         R += tl.dot(a, tl.trans(S0), input_precision=PREC)
     R = R * gam[:, None]
     for m in tl.static_range(M):
         AW = _dot_rows(a_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC) * Dst
-        R += tl.dot(AW, tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0), input_precision=PREC)
-    Tc = tl.load(tc_ptr + base[:, None] * BT + tt[None, :], mask=tm[:, None], other=0.0)
+        R += tl.dot(AW, tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32), input_precision=PREC)
+    Tc = tl.load(tc_ptr + base[:, None] * BT + tt[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
     dl = tl.dot(Tc, R * cc[:, None], input_precision=PREC)                     # Δ = T_c (c ⊙ R')
     tl.store(dl_ptr + voff, dl, mask=vm)
     N = _dot_rows(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
     R -= tl.dot(N, dl, input_precision=PREC)                                   # R' − N Δ
-    dR = tl.dot(tl.trans(Tc), tl.load(dd_ptr + voff, mask=vm, other=0.0), input_precision=PREC)   # T_cᵀ dΔ
+    dR = tl.dot(tl.trans(Tc), tl.load(dd_ptr + voff, mask=vm, other=0.0).to(tl.float32),
+                input_precision=PREC)                                          # T_cᵀ dΔ
     tl.store(dc_ptr + i_v.to(tl.int64) * TOKH + base, tl.sum(dR * R, axis=1), mask=tm)
     dR = dR * cc[:, None]                                                      # dR' = c ⊙ dR
     tl.store(dd_ptr + voff, dR, mask=vm)                                       # this program's tile only
@@ -291,11 +294,11 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
         voff = base[:, None] * DV + rows[None, :]
         sm2 = (rows < DVS)[:, None] & km[None, :]
         do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-        dl = tl.load(dl_ptr + voff, mask=vm, other=0.0)
-        dr = tl.load(dr_ptr + voff, mask=vm, other=0.0)
-        e = tl.load(e_ptr + voff, mask=vm, other=0.0)
-        S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0)
-        dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0)
+        dl = tl.load(dl_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+        dr = tl.load(dr_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+        e = tl.load(e_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+        S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
+        dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
         OD += tl.dot(do, tl.trans(dl), input_precision=PREC)
         RD += tl.dot(dr, tl.trans(dl), input_precision=PREC)
         OE += tl.dot(do, tl.trans(e), input_precision=PREC)
@@ -307,9 +310,9 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
         SS += tl.sum(dS * S0, axis=0)
     # the decays only scale rows of what the loop summed (fewer live tiles inside it)
     D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
-    q = tl.load(q_ptr + koff, mask=km2, other=0.0)
-    a = tl.load(a_ptr + koff, mask=km2, other=0.0)
-    bv = tl.load(b_ptr + koff, mask=km2, other=0.0)
+    q = tl.load(q_ptr + koff, mask=km2, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + koff, mask=km2, other=0.0).to(tl.float32)
+    bv = tl.load(b_ptr + koff, mask=km2, other=0.0).to(tl.float32)
     db = db * dec[:, None]
     dwS = dwS * dec[:, None]
     xs = tl.sum(tl.sum(bv * db, axis=1), axis=0)                               # Σ_j b_j·(state part of dB)_j
@@ -329,15 +332,15 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
                 vm = tm[:, None] & (rows < DV)[None, :]
                 voff = base[:, None] * DV + rows[None, :]
                 do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-                dr = tl.load(dr_ptr + voff, mask=vm, other=0.0)
-                e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0)
+                dr = tl.load(dr_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+                e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
                 dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :],
-                             mask=(rows < DVS)[:, None] & km[None, :], other=0.0)
+                             mask=(rows < DVS)[:, None] & km[None, :], other=0.0).to(tl.float32)
                 OE += tl.dot(do, tl.trans(e), input_precision=PREC)
                 RE += tl.dot(dr, tl.trans(e), input_precision=PREC)
                 dwS += tl.dot(e, dS, input_precision=PREC)
             dwS = dwS * dec[:, None]
-        w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0)
+        w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
         OEm = OE * D
         REm = RE * Dst
         xs += tl.sum(tl.sum(w * dwS, axis=1), axis=0)
@@ -391,10 +394,11 @@ def chunk_rowc_bwd_prep_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, 
         cols = kb * KB + tl.arange(0, KB)
         km = cols < DK
         km2 = tm[:, None] & km[None, :]
-        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-        S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :], other=0.0)
+        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+        S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
+                     other=0.0).to(tl.float32)
         R += tl.dot(a, tl.trans(S0), input_precision=PREC)
         QB += tl.dot(q, tl.trans(bv), input_precision=PREC)
         AB += tl.dot(a, tl.trans(bv), input_precision=PREC)
@@ -402,11 +406,11 @@ def chunk_rowc_bwd_prep_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, 
     R = R * gam[:, None]
     for m in tl.static_range(M):
         AW = _dot_rows(a_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC) * Dst
-        R += tl.dot(AW, tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0), input_precision=PREC)
+        R += tl.dot(AW, tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32), input_precision=PREC)
     do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
     tl.store(dd_ptr + voff, -tl.dot(tl.trans(QB * D), do, input_precision=PREC), mask=vm)
     N = AB * Dst
-    cc = tl.load(c_ptr + voff, mask=vm, other=0.0)                             # [BT, BV]: c per value row
+    cc = tl.load(c_ptr + voff, mask=vm, other=0.0).to(tl.float32)              # [BT, BV]: c per value row
     P = tl.zeros([BT, BV], dtype=tl.float32)
     for s_ in range(0, BT):                                                    # forward substitution, per row
         sel = (tt == s_)[:, None]
@@ -442,9 +446,9 @@ def chunk_rowc_bwd_state_kernel(q_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, dd_pt
         km2 = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
         doff = base[:, None] * DV + rows[None, :]
-        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
-        d = tl.load(dd_ptr + doff, mask=vm, other=0.0)
-        cc = tl.load(c_ptr + doff, mask=vm, other=0.0)
+        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+        d = tl.load(dd_ptr + doff, mask=vm, other=0.0).to(tl.float32)
+        cc = tl.load(c_ptr + doff, mask=vm, other=0.0).to(tl.float32)
         _, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
         BdS = tl.dot(bv, tl.trans(dS), input_precision=PREC)                   # B dSᵀ [BT, BV]
         if GATED:
@@ -467,9 +471,9 @@ def chunk_rowc_bwd_state_kernel(q_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, dd_pt
             do = do * gam[:, None]
             dRp = dRp * gam[:, None]
             dS = dS * gl
-        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         dS += tl.dot(tl.trans(do), q, input_precision=PREC)
-        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0)
+        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         dS += tl.dot(tl.trans(dRp), a, input_precision=PREC)
         dS = tl.where(m2, dS, 0.0)
     tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
@@ -493,9 +497,9 @@ def chunk_rowc_bwd_value_kernel(q_ptr, w_ptr, g_ptr, a_ptr, c_ptr, do_ptr, dh_pt
     sm = rows < tl.where(start < eos, DV, 0)          # a padding program of the varlen map reads no dh
     sbase = (i_bh.to(tl.int64) * NCK + c) * DV * DK
     voff = base[:, None] * DV + rows[None, :]
-    cc = tl.load(c_ptr + voff, mask=vm, other=0.0)
-    dR = tl.load(dd_ptr + voff, mask=vm, other=0.0)
-    P = tl.load(p_ptr + voff, mask=vm, other=0.0)
+    cc = tl.load(c_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+    dR = tl.load(dd_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+    P = tl.load(p_ptr + voff, mask=vm, other=0.0).to(tl.float32)
     tl.store(dc_ptr + voff, dR * P, mask=vm)
     dR = dR * cc
     tl.store(dd_ptr + voff, dR, mask=vm)

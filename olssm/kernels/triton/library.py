@@ -263,7 +263,9 @@ def _(key, syms, E, h0, cu_seqlens, ck, do, dht, sizes):
 def triton_chunk_bwd(key: str, chunk_in: list[Tensor], ck: Tensor, do: Tensor, dht: Optional[Tensor],
                      cu_seqlens: Optional[Tensor], sizes: list[int]) -> list[Tensor]:
     """Chunked backward: [∂q, ∂w, ∂e, (∂ log decay), ∂h0] (chunked.chunk_bwd_kernel), with a correction
-    [∂q, ∂w, ∂e, ∂ log decay, ∂a, ∂b, ∂c, ∂h0] (chunked_delta_bwd; c scalar or per value row)."""
+    [∂q, ∂w, ∂e, ∂ log decay, ∂a, ∂b, ∂c, ∂h0] (chunked_delta_bwd; c scalar or per value row). The kernels
+    accumulate in fp32; each gradient is returned in its chunk tensor's dtype (bf16 / fp16 under
+    chunked.CHUNK_STORAGE = "input": autograd would cast it to that dtype anyway), ∂h0 in fp32."""
     plan = _plan(key)
     if plan.rule.form.corrections:
         from . import chunked_delta_bwd
@@ -272,13 +274,13 @@ def triton_chunk_bwd(key: str, chunk_in: list[Tensor], ck: Tensor, do: Tensor, d
         from . import chunked
         fn = chunked.chunked_backward
     grads, dh0 = fn(plan, chunk_in, ck, do, dht, sizes[:8], cu_seqlens)
-    return [*grads, dh0]
+    return [*(g.to(x.dtype) for g, x in zip(grads, chunk_in)), dh0]
 
 
 @triton_chunk_bwd.register_fake
 def _(key, chunk_in, ck, do, dht, cu_seqlens, sizes):
     B, T, H, d_k, d_v, N = sizes[:6]
-    return [x.new_empty(x.shape, dtype=torch.float32) for x in chunk_in] + \
+    return [x.new_empty(x.shape) for x in chunk_in] + \
         [ck.new_empty(N, H, d_v, d_k, dtype=torch.float32)]
 
 
