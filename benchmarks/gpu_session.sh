@@ -12,7 +12,8 @@
 #   diag64       (4, 2048, 16, 64) bf16: GLA, linear attention, RetNet, Mamba-2, Mamba, Longhorn-diag —
 #                block scan vs token loop, chunked, the autotuner's row, fla's recurrent GLA
 #   d128         (2, 8192, 16, 128) bf16: DeltaNet, Gated DeltaNet, GLA, Mamba, with the autotuner's row
-#   delta-ab     the split forward's blocked UT inverse / tied input term, bf16 chunk tensors, chunk 64,
+#   delta-ab     the split forward's blocked UT inverse / tied input term, bf16 chunk tensors, bf16
+#                checkpoints ck, both, chunk 64,
 #                each against the default
 #   fla-gla      fla's chunk_gla alone (its own autotuning takes minutes)
 #   profile      the top kernels by device time (torch.profiler)
@@ -56,7 +57,8 @@ case $stage in
     delta-ab)
         # the split forward's blocked UT inverse and tied input term against the previous forms, and chunk 64
         # (D = 64 only: at D = 128 the state kernels need ~270 KB of shared memory at chunk 64)
-        for flags in "" "--ut-block 64" "--no-tie" "--chunk-storage input" "--chunk 64"; do
+        for flags in "" "--ut-block 64" "--no-tie" "--chunk-storage input" \
+                     "--checkpoint-storage input" "--chunk-storage input --checkpoint-storage input" "--chunk 64"; do
             timeout 180 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
                 --no-peers --rules deltanet,gated_deltanet $flags 2>&1
             [ "$flags" = "--chunk 64" ] || timeout 180 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 \

@@ -102,6 +102,9 @@ def main(argv=None):
     p.add_argument("--chunk-storage", default=chunked.CHUNK_STORAGE, choices=("fp32", "input"),
                    help="dtype of the chunked kernels' chunk tensors q, w, e, a, b, c (chunked.CHUNK_STORAGE; "
                         "input: bf16 / fp16 for such inputs)")
+    p.add_argument("--checkpoint-storage", default=chunked.CHECKPOINT_STORAGE, choices=("fp32", "input"),
+                   help="dtype of the chunked forward's checkpoints ck (chunked.CHECKPOINT_STORAGE; input: bf16 / fp16 "
+                        "for such inputs; the chunked delta backward's dh stays fp32)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
     p.add_argument("--autotune", action="store_true",
                    help="add an 'autotuned' row per rule (olssm.kernels.triton.autotune: every candidate timed on "
@@ -118,6 +121,7 @@ def main(argv=None):
         chunked.UT_BLOCK = tl.constexpr(a.ut_block)
     chunked.TIE_INPUT_TERM = not a.no_tie
     chunked.CHUNK_STORAGE = a.chunk_storage
+    chunked.CHECKPOINT_STORAGE = a.checkpoint_storage
     library.PSCAN_BLOCK_T, library.PSCAN_NUM_WARPS = a.pscan_bt, a.pscan_warps
     library.PSCAN_TILE, library.PSCAN_BWD_TILE = a.pscan_tile, a.pscan_bwd_tile
     tscan.BLOCK_V, tscan.NUM_WARPS = a.rec_block_v, a.rec_warps
@@ -125,7 +129,8 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (TRITON_INTERPRET smoke run)"
     print(f"B={a.B} T={a.T} H={a.H} d_k={a.dk} d_v={a.dv} {a.dtype} chunk={library.CHUNK} dot={a.precision} "
           f"delta-forward={a.delta_forward} delta-backward={a.delta_backward} ut-block={int(chunked.UT_BLOCK)} "
-          f"tie={chunked.TIE_INPUT_TERM} chunk-storage={a.chunk_storage} pscan={a.pscan} "
+          f"tie={chunked.TIE_INPUT_TERM} chunk-storage={a.chunk_storage} checkpoint-storage={a.checkpoint_storage} "
+          f"pscan={a.pscan} "
           f"(BT={a.pscan_bt}, {a.pscan_warps} warps, tiles {a.pscan_tile}/{a.pscan_bwd_tile}) on {where}")
     print("| rule | kernel | fwd ms | fwd+bwd ms | Mtok/s fwd | HBM % fwd | rel err o |")
     print("|---|---|---|---|---|---|---|")

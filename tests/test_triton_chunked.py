@@ -14,8 +14,8 @@ with T: the carried state is contracted by the decay).
 import os
 
 from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
-                            compare_storage as _compare_storage, dev as _dev, run as _run,
-                            spy)  # (sets TRITON_INTERPRET first)
+                            compare_checkpoint_storage as _compare_ck, compare_storage as _compare_storage,
+                            dev as _dev, run as _run, spy)  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -80,6 +80,8 @@ def _small(monkeypatch):
     monkeypatch.setattr(tlib, "_chunk_pays", lambda plan, args: True)
     monkeypatch.setattr(tchunk, "CHUNK_STORAGE", "fp32")
     monkeypatch.delenv("OLSSM_TRITON_CHUNK_STORAGE", raising=False)
+    monkeypatch.setattr(tchunk, "CHECKPOINT_STORAGE", "fp32")
+    monkeypatch.delenv("OLSSM_TRITON_CHECKPOINT_STORAGE", raising=False)
 
 
 @pytest.fixture
@@ -400,7 +402,7 @@ def test_opcheck(name, chunked, chunk_bwd):
             E = []
     h0 = _dev(torch.randn(B, H, V, K)).requires_grad_()
     torch.library.opcheck(torch.ops.olssm.triton_scan_fwd.default,
-                          (key, syms, E, chunk_in, h0, None, sizes, torch.float32, True, chunked, chunk_bwd))
+                          (key, syms, E, chunk_in, h0, None, sizes, torch.float32, True, chunked, chunk_bwd, None))
 
 
 @pytest.mark.skipif(not os.environ.get("OLSSM_TRITON_AOT"), reason="opt-in (~35 s): OLSSM_TRITON_AOT=1")
@@ -591,6 +593,85 @@ def test_chunk_storage_kernels_read_bf16_exactly(name, monkeypatch):
     for what, a, b in zip(["o", "ht", "ck", "dq", "dw", "de", "dg", "dh0"], out[1], out[0]):
         assert a.dtype == torch.float32
         _close(a, b, RTOL, f"bf16 vs fp32 chunk tensors of equal values: {what}")
+
+
+# ---- CHECKPOINT_STORAGE = "input": bf16 / fp16 checkpoints ck ---------------------------------------------
+
+@pytest.mark.parametrize("name, dtype, chunk_bwd", [("linear_attention", torch.bfloat16, True),
+                                                    ("retnet", torch.bfloat16, True),
+                                                    ("mamba2", torch.bfloat16, True),
+                                                    ("mamba2", torch.float16, True),
+                                                    # the chunked forward's ck read by the recurrent backward
+                                                    ("gla", torch.bfloat16, False),
+                                                    ("row_decay", torch.bfloat16, False),
+                                                    ("row_decay_delta", torch.bfloat16, False)])
+def test_checkpoint_storage_input_matches_fp32(name, dtype, chunk_bwd, monkeypatch):
+    # chunk_fwd_kernel (chunk_delta_fwd_kernel for the row-decay delta rule) writing bf16 / fp16 checkpoints, read
+    # by chunk_bwd_kernel or by the generated recurrent bwd_kernel (GLA with CHUNK_BACKWARD False, row decays),
+    # against the same run with fp32 checkpoints (tolerance: triton_testing.CHECKPOINT_RTOL; final state equal)
+    monkeypatch.setattr(tlib, "CHUNK_BACKWARD", chunk_bwd)
+    monkeypatch.setattr(tlib, "FORCE", "chunk")
+    chunked_bwd = spy(monkeypatch, tchunk, "chunked_backward")
+    rule = _rule(name)
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=42)
+    h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(42))
+    rel = _compare_ck(rule, inp, h0, monkeypatch, dtype)
+    assert len(chunked_bwd) == (2 if chunk_bwd else 0)
+    assert rel["o"] == 0.0, rel   # the forward computes o from its fp32 register state; only the backward reads ck
+    print(name, dtype, {k: f"{v:.2e}" for k, v in rel.items()})
+
+
+def test_checkpoint_storage_dtypes(monkeypatch):
+    # ck's dtype with the knob off / on, for bf16 / fp16 / fp32 inputs (fp32 ignores it), the environment
+    # override, an invalid value; the recurrent path keeps fp32 checkpoints under the knob
+    assert tchunk.checkpoint_storage(torch.bfloat16) == torch.float32
+    monkeypatch.setattr(tchunk, "CHECKPOINT_STORAGE", "input")
+    assert tchunk.checkpoint_storage(torch.bfloat16) == torch.bfloat16
+    assert tchunk.checkpoint_storage(torch.float16) == torch.float16
+    assert tchunk.checkpoint_storage(torch.float32) == torch.float32
+    monkeypatch.setenv("OLSSM_TRITON_CHECKPOINT_STORAGE", "fp32")      # the environment overrides the module
+    assert tchunk.checkpoint_storage(torch.bfloat16) == torch.float32
+    monkeypatch.setenv("OLSSM_TRITON_CHECKPOINT_STORAGE", "bf16")
+    with pytest.raises(ValueError, match="checkpoint storage"):
+        tchunk.checkpoint_storage(torch.bfloat16)
+    monkeypatch.delenv("OLSSM_TRITON_CHECKPOINT_STORAGE")
+    rule = ENTRIES["retnet"].rule
+    inp = random_inputs(rule, 1, 20, 1, 4, 4, seed=47)
+    seen = []
+    real = tchunk.chunked_forward
+    monkeypatch.setattr(tchunk, "chunked_forward", lambda *a, **k: seen.append(a[5].dtype) or real(*a, **k))
+    ck_seen = []
+    real_bwd = tlib.triton_scan_bwd
+    monkeypatch.setattr(tlib, "triton_scan_bwd", lambda *a, **k: ck_seen.append(a[5].dtype) or real_bwd(*a, **k))
+    for mode, dtype, want in [("fp32", torch.bfloat16, torch.float32), ("input", torch.bfloat16, torch.bfloat16),
+                              ("input", torch.float16, torch.float16), ("input", torch.float32, torch.float32)]:
+        monkeypatch.setattr(tchunk, "CHECKPOINT_STORAGE", mode)
+        seen.clear()
+        monkeypatch.setattr(tlib, "FORCE", "chunk")
+        _run(rule, {n: x.to(dtype) for n, x in inp.items()}, None, "triton")
+        assert seen == [want], (mode, dtype, seen)
+        monkeypatch.setattr(tlib, "FORCE", "recurrent")   # the token loop: fp32 checkpoints whatever the knob
+        ck_seen.clear()
+        _run(rule, {n: x.to(dtype) for n, x in inp.items()}, None, "triton")
+        assert seen == [want] and ck_seen == [torch.float32], (mode, dtype, ck_seen)
+    # the op: ck_dtype None / fp32 → fp32; bf16 only on the chunked path
+    plan = tscan.plan_for(rule)
+    key = tlib.register(plan)
+    x = {n: _dev(t) for n, t in inp.items()}
+    syms = [x[s.name] for s in plan.syms]
+    with pytest.raises(ValueError, match="chunked kernels only"):
+        torch.ops.olssm.triton_scan_fwd(key, syms, [], [], None, None, [1, 20, 1, 4, 4, 1, 20, 4], torch.float32,
+                                        True, False, False, torch.bfloat16)
+
+
+def test_generated_backward_converts_checkpoints():
+    # the recurrent bwd_kernel reads the chunked forward's ck where no chunked backward runs: with
+    # CHECKPOINT_STORAGE = "input" that ck is bf16 / fp16, so its load converts to fp32 (the scratch stays fp32)
+    from olssm.kernels.triton import codegen
+    for name in ("gla", "retnet", "deltanet"):
+        src = codegen.backward_source(ENTRIES[name].rule.form)
+        loads = [ln for ln in src.splitlines() if "tl.load(ck_ptr" in ln]
+        assert loads and all(ln.rstrip().rstrip('",').endswith(".to(tl.float32)") for ln in loads), loads
 
 
 def test_every_chunked_load_converts():

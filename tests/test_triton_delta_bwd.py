@@ -8,7 +8,9 @@ state 2e-5). The direct tests call the kernels on chunk tensors with independent
 rules have a = b = w = k, so torch sums their gradients) against an fp64 autograd loop.
 """
 from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
-                            compare_storage as _compare_storage, dev as _dev, spy)  # (sets TRITON_INTERPRET first)
+                            CHECKPOINT_RTOL, compare_checkpoint_storage as _compare_ck,
+                            compare_storage as _compare_storage,
+                            dev as _dev, spy)  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -37,6 +39,8 @@ def _small(monkeypatch):
     monkeypatch.setattr(tlib, "_chunk_pays", lambda plan, args: True)
     monkeypatch.setattr(tchunk, "CHUNK_STORAGE", "fp32")
     monkeypatch.delenv("OLSSM_TRITON_CHUNK_STORAGE", raising=False)
+    monkeypatch.setattr(tchunk, "CHECKPOINT_STORAGE", "fp32")
+    monkeypatch.delenv("OLSSM_TRITON_CHECKPOINT_STORAGE", raising=False)
 
 
 @pytest.fixture
@@ -329,11 +333,14 @@ def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, tied, ut,
 
 # ---- torch.library / torch.compile ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, dtype", [("deltanet", torch.float32), ("longhorn", torch.float32),
-                                         ("deltanet", torch.bfloat16), ("longhorn", torch.bfloat16)])
-def test_opcheck_and_torch_compile(name, dtype, calls, monkeypatch):
-    # bf16: CHUNK_STORAGE = "input", so the op takes bf16 chunk tensors and returns their gradients in bf16
+@pytest.mark.parametrize("name, dtype, ck", [("deltanet", torch.float32, "fp32"), ("longhorn", torch.float32, "fp32"),
+                                             ("deltanet", torch.bfloat16, "fp32"), ("longhorn", torch.bfloat16, "fp32"),
+                                             ("deltanet", torch.bfloat16, "input"), ("longhorn", torch.bfloat16, "input")])
+def test_opcheck_and_torch_compile(name, dtype, ck, calls, monkeypatch):
+    # bf16: CHUNK_STORAGE = "input", so the op takes bf16 chunk tensors and returns their gradients in bf16;
+    # ck "input": CHECKPOINT_STORAGE = "input", the op's ck output (ck_dtype) is bf16 and the fake must say so
     monkeypatch.setattr(tchunk, "CHUNK_STORAGE", "input")
+    monkeypatch.setattr(tchunk, "CHECKPOINT_STORAGE", ck)
     rule = ENTRIES[name].rule
     plan = tscan.plan_for(rule)
     key = tlib.register(plan)
@@ -345,10 +352,14 @@ def test_opcheck_and_torch_compile(name, dtype, calls, monkeypatch):
     assert [x.dtype for x in chunk_in] == [torch.float32 if i == 3 else dtype for i in range(len(chunk_in))]
     h0 = _dev(torch.randn(B, H, V, K)).requires_grad_()
     sizes = [B, T, H, K, V, B, T, 16]
-    op_args = (key, [inp[s.name] for s in plan.syms], [], chunk_in, h0, None, sizes, dtype, True, True, True)
+    ck_dtype = tchunk.checkpoint_storage(dtype)
+    assert ck_dtype == (dtype if ck == "input" else torch.float32)
+    op_args = (key, [inp[s.name] for s in plan.syms], [], chunk_in, h0, None, sizes, dtype, True, True, True,
+               None if ck_dtype == torch.float32 else ck_dtype)
     torch.library.opcheck(torch.ops.olssm.triton_scan_fwd.default, op_args)
     assert calls
-    o, ht, ck = torch.ops.olssm.triton_scan_fwd(*op_args)
+    o, ht, ckpt = torch.ops.olssm.triton_scan_fwd(*op_args)
+    assert ckpt.dtype == ck_dtype and ht.dtype == torch.float32
     grads = torch.autograd.grad((o.float() * o.float()).sum() + ht.sum(), [*chunk_in, h0])
     assert [g.dtype for g in grads] == [x.dtype for x in (*chunk_in, h0)]
     torch._dynamo.reset()
@@ -386,6 +397,56 @@ def test_chunk_storage_input_matches_fp32(name, forward, calls, monkeypatch):
     h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(45))
     _compare_storage(rule, inp, h0, monkeypatch)
     assert len(calls) == 2 and len(split) == (2 if forward == "split" else 0)
+
+
+# ---- CHECKPOINT_STORAGE = "input": bf16 checkpoints ck ----------------------------------------------------
+
+@pytest.mark.parametrize("name, forward, chunks", [("deltanet", "split", "fp32"), ("deltanet", "fused", "fp32"),
+                                                   ("gated_deltanet", "split", "fp32"),
+                                                   ("gated_deltanet", "fused", "fp32"), ("longhorn", "fused", "fp32"),
+                                                   ("gated_deltanet", "split", "input")])
+def test_checkpoint_storage_input_matches_fp32(name, forward, chunks, calls, monkeypatch):
+    # bf16 ck written by the split state kernel (read by the out kernel) or the fused forward, read by the chunked
+    # backward (scalar c: value / key kernels; Longhorn's row c: its prep and the key kernel); dh stays fp32;
+    # against the same run with fp32 ck (tolerance: triton_testing.CHECKPOINT_RTOL; final state equal; the fused
+    # forward computes o from the fp32 register state, so o is equal too); chunks "input": bf16 chunk tensors in both
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")            # Gated DeltaNet: log α has no closed form
+    monkeypatch.setattr(tchunk, "DELTA_FORWARD", forward)
+    monkeypatch.setattr(tchunk, "CHUNK_STORAGE", chunks)
+    split = spy(monkeypatch, tchunk, "_delta_split_forward")
+    seen = []   # (ck, dh) dtypes reaching the key kernel: (q, w, e, g, a, b, dr, dl, do, ck, dh, ...)
+    real = tdelta._key_grads
+    monkeypatch.setattr(tdelta, "_key_grads", lambda *a, **k: seen.append((a[9].dtype, a[10].dtype)) or real(*a, **k))
+    rule = ENTRIES[name].rule
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=45)
+    h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(45))
+    rel = _compare_ck(rule, inp, h0, monkeypatch)
+    assert len(calls) == 2 and len(split) == (2 if forward == "split" else 0)
+    assert seen == [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)], seen   # dh stays fp32
+    if forward == "fused":
+        assert rel["o"] == 0.0, rel
+    print(name, forward, {k: f"{v:.2e}" for k, v in rel.items()})
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_checkpoint_storage_split_scratch(gated, monkeypatch):
+    # without a gradient the split forward's ck is scratch (not returned): it follows the knob too; o matches
+    # the fp32-checkpoint run (CHECKPOINT_RTOL) and the final state is equal
+    monkeypatch.setattr(tchunk, "DELTA_FORWARD", "split")
+    seen = []
+    real = tchunk._delta_split_forward
+    monkeypatch.setattr(tchunk, "_delta_split_forward", lambda *a, **k: seen.append(a[4].dtype) or real(*a, **k))
+    rule = ENTRIES["gated_deltanet" if gated else "deltanet"].rule
+    inp = {n: _dev(x).to(torch.bfloat16) for n, x in random_inputs(rule, 1, 37, 2, 5, 6, seed=48).items()}
+    out = []
+    for mode in ("fp32", "input"):
+        monkeypatch.setattr(tchunk, "CHECKPOINT_STORAGE", mode)
+        with torch.no_grad():
+            out.append(rule.scan(backend="triton", output_final_state=True, **inp))
+    assert seen == [torch.float32, torch.bfloat16]
+    (o1, f1), (o2, f2) = out
+    assert torch.equal(f1, f2)
+    _close(o2, o1, CHECKPOINT_RTOL, "o, bf16 scratch ck vs fp32")
 
 
 def test_chunk_storage_varlen(calls, monkeypatch):

@@ -209,7 +209,7 @@ def test_opcheck():
     E = [e.detach().requires_grad_() for e in tlib.evaluate_entries(plan, inp, sizes)]
     h0 = dev(torch.randn(B, H, V, K)).requires_grad_()
     torch.library.opcheck(torch.ops.olssm.triton_scan_fwd.default,
-                          (key, syms, E, [], h0, None, sizes, torch.float32, True, False, False))
+                          (key, syms, E, [], h0, None, sizes, torch.float32, True, False, False, None))
 
 
 def test_torch_compile_matches_eager(calls):

@@ -66,6 +66,55 @@ def close_all(ref, got, rtol, state_rtol, check=close):
         check(g2[n], g1[n], rtol, f"d{n}")
 
 
+#: CHECKPOINT_STORAGE = "input" against "fp32" on the same bf16 inputs (compare_checkpoint_storage), relative to
+#: max|fp32 run|. Only the stored copy of the state entering each chunk is rounded (≤ 2⁻⁸ relative per entry for
+#: bf16, 2⁻¹¹ for fp16); it feeds o's inter-chunk term Γ ⊙ Q S₀ᵀ and the backward's recompute from S₀ (the
+#: chunked kernels' S₀ terms, or the recurrent backward's states S_t rebuilt from the checkpoint). o and the
+#: gradients are low-precision outputs, so the runs can also differ by one ulp of the largest entry (2⁻⁷ relative
+#: for bf16) after a difference of a few 2⁻⁸-rounded terms: 2e-2 ≈ 5·2⁻⁸ (as STORAGE_RTOL). The final state does
+#: not depend on the stored copy (every forward kernel carries its running state in fp32 registers): equal.
+CHECKPOINT_RTOL = 2e-2
+
+
+def compare_checkpoint_storage(rule, inp, h0, monkeypatch, dtype=torch.bfloat16, cu_seqlens=None, rtol=CHECKPOINT_RTOL):
+    """Run the chunked forward on the same low-precision inputs with chunked.CHECKPOINT_STORAGE "fp32" and "input":
+    check the checkpoints' dtype where the forward writes them and where the backward reads them (fp32 / dtype),
+    that the final state is bit-identical and that o and every gradient agree (rtol, relative to the fp32 run's
+    max). Returns the measured relative differences {what: err / scale}."""
+    from olssm.kernels.triton import chunked as tchunk
+    from olssm.kernels.triton import chunked_delta_bwd as tdelta
+    from olssm.kernels.triton import library as tlib
+    seen = {"fwd": [], "bwd": []}
+
+    def watch(module, name, where, i):   # records the dtype of the i-th positional argument (ck)
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: seen[where].append(a[i].dtype) or real(*a, **k))
+
+    watch(tchunk, "chunked_forward", "fwd", 5)           # (plan, chunk_in, h0, o, ht, ck, ...)
+    watch(tchunk, "chunked_backward", "bwd", 2)          # (plan, chunk_in, ck, ...)
+    watch(tdelta, "chunked_delta_backward", "bwd", 2)
+    watch(tlib, "triton_scan_bwd", "bwd", 5)             # the recurrent backward on the chunked checkpoints
+    low = {n: x.to(dtype) for n, x in inp.items()}
+    res = {}
+    for mode in ("fp32", "input"):
+        monkeypatch.setattr(tchunk, "CHECKPOINT_STORAGE", mode)
+        res[mode] = run(rule, low, h0, "triton", cu_seqlens)
+    assert len(seen["fwd"]) == 2 and len(seen["bwd"]) == 2, f"the chunked forward / a backward did not run: {seen}"
+    for where, dts in seen.items():
+        assert dts == [torch.float32, dtype], (where, dts)
+    (o1, f1, g1), (o2, f2, g2) = res["fp32"], res["input"]
+    assert o2.dtype == o1.dtype == dtype and f2.dtype == f1.dtype == torch.float32
+    assert torch.equal(f1, f2), "the final state must not depend on the stored checkpoints"
+    rel = {}
+
+    def check(a, b, tol, what):
+        close(a, b, tol, f"CHECKPOINT_STORAGE input vs fp32: {what}")
+        rel[what] = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+    close_all((o1, f1, g1), (o2, f2, g2), rtol, 0.0, check)
+    return rel
+
+
 def spy(monkeypatch, module, name):
     """Counts the calls of module.name (still calling it): the list grows by one per call."""
     calls = []

@@ -47,6 +47,19 @@ BF16_VARIANTS = ("diag decay=none varlen=False", "diag decay=scalar varlen=False
                  "delta bwd value decay=scalar varlen", "delta bwd key decay=scalar varlen")
 
 
+#: the same plus the checkpoints ck (chunked.CHECKPOINT_STORAGE = "input"): "[bf16 ck]" variants of the kernels that
+#: write ck (chunk_fwd, chunk_delta_fwd, the split state kernel) or read it (the split out kernel, the chunked
+#: backward kernels, the generated recurrent bwd_kernel on the chunked path); dh and the scratch stay fp32
+BF16_CK_PTRS = {**BF16_PTRS, "ck_ptr": "*bf16"}
+#: the kernels compiled with BF16_CK_PTRS under --bf16 some (name prefixes; "all": every variant with a ck_ptr)
+BF16_CK_VARIANTS = ("diag decay=", "delta decay=", "backward decay=", "delta split state decay=",
+                    "delta split out decay=scalar varlen=True", "delta bwd value decay=scalar varlen",
+                    "delta bwd key decay=scalar varlen", "rowc bwd prep decay=scalar varlen")
+#: generated rules whose token-loop backward (bwd_kernel) reads the chunked forward's ck (no chunked backward, or
+#: CHUNK_BACKWARD False): compiled with a bf16 ck_ptr as well
+BF16_CK_GENERATED = ("gla", "retnet")
+
+
 def compile_for(fn, consts: dict, arch: int, num_warps: int, ptr_types: dict | None = None):
     """Compile fn for sm_<arch>: every pointer *fp32 (ix_ptr / cu_ptr *i32) unless ptr_types names it."""
     import triton
@@ -158,8 +171,10 @@ def main(argv=None) -> int:
     p.add_argument("--dv", type=int, default=32)
     p.add_argument("--precision", default="tf32")
     p.add_argument("--bf16", default="some", choices=("some", "all", "none"),
-                   help="also compile the chunked kernels with bf16 chunk tensors and o / dO (BF16_PTRS): some: "
-                        "BF16_VARIANTS; all: every chunked variant")
+                   help="also compile the chunked kernels with bf16 chunk tensors and o / dO (BF16_PTRS), and those "
+                        "that write or read ck with bf16 ck too (BF16_CK_PTRS, '[bf16 ck]'; the generated loop "
+                        "backward of BF16_CK_GENERATED too): some: BF16_VARIANTS / BF16_CK_VARIANTS; all: every "
+                        "chunked variant")
     p.add_argument("--only", default="all", choices=("all", "chunked", "generated", "rls"),
                    help="chunked: the chunked kernels; generated: the generated kernels of GENERATED_RULES "
                         "(block scan pfwd/pbwd and the loop kernels); rls: the RLS gain kernels")
@@ -186,6 +201,10 @@ def main(argv=None) -> int:
         todo += [(f"{n} [bf16]", f, c, a.num_warps, BF16_PTRS)
                  for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW)
                  if a.bf16 == "all" or (a.bf16 == "some" and n.startswith(BF16_VARIANTS))]
+        todo += [(f"{n} [bf16 ck]", f, c, a.num_warps, BF16_CK_PTRS)
+                 for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW)
+                 if "ck_ptr" in inspect.signature(f.fn).parameters
+                 and (a.bf16 == "all" or (a.bf16 == "some" and n.startswith(BF16_CK_VARIANTS)))]
     if a.only in ("all", "generated"):
         BT = a.pscan_bt or library.PSCAN_BLOCK_T
         print(f"generated kernels at d_k={a.dk}, d_v={a.dv}: block scan {a.pscan_warps or library.PSCAN_NUM_WARPS} "
@@ -193,6 +212,8 @@ def main(argv=None) -> int:
         for n, f, c in generated_variants(a.dk, a.dv, BT):
             warps = a.pscan_warps or (library.PSCAN_NUM_WARPS if "BT" in c else _scan.NUM_WARPS)
             todo.append((n, f, c, warps))
+            if a.bf16 != "none" and " bwd loop " in n and n.split()[0] in BF16_CK_GENERATED:
+                todo.append((f"{n} [bf16 ck]", f, c, warps, {"ck_ptr": "*bf16", "do_ptr": "*bf16"}))
     if a.only in ("all", "rls"):
         from . import rls
         bk = _np2(a.dk)

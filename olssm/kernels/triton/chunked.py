@@ -188,6 +188,24 @@ def chunk_storage(out_dtype=torch.float32) -> torch.dtype:
     return out_dtype if mode == "input" and out_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+#: storage dtype of the chunked forward's checkpoints ck (the state entering every chunk, [N, H, NCK, d_v, d_k]):
+#: "fp32", or "input": the scan's input dtype where that is bf16 / fp16 (fp32 inputs stay fp32). Only the stored
+#: copy is rounded (≤ 2⁻⁸ relative per entry for bf16): every sequential kernel carries its running state in fp32
+#: registers, so the rounding does not compound across chunks; it perturbs each chunk's inter-chunk share of o and
+#: the backward's recompute from S₀. Every reader converts ck to fp32 after the load (the chunked kernels and the
+#: generated recurrent backward, which reads it when the chunked forward is followed by the recurrent backward).
+#: The recurrent and block-scan kernels keep fp32 checkpoints, and the chunked delta backward's dh stays fp32
+#: (its key kernel sums cancelling terms). OLSSM_TRITON_CHECKPOINT_STORAGE overrides. Read at call time
+#: (library.run_config passes the result to the op as its ck_dtype argument).
+CHECKPOINT_STORAGE = "fp32"
+
+
+def checkpoint_storage(out_dtype=torch.float32) -> torch.dtype:
+    """The dtype of the chunked forward's checkpoints ck for a scan whose inputs (output) have dtype out_dtype."""
+    mode = switch("OLSSM_TRITON_CHECKPOINT_STORAGE", CHECKPOINT_STORAGE, ("fp32", "input"), "checkpoint storage")
+    return out_dtype if mode == "input" and out_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def chunk_inputs(plan, args, grad: bool = False) -> list:
     """[q [B,T,H,K], w (key sides) [M,B,T,H,K], e (value sides) [M,B,T,H,V], log decay ([B,T,H] / [B,T,H,V] / [B,T,H,K];
     zeros when a correction has no decay)] + (with a correction) [a, b [B,T,H,K], c [B,T,H]]: the log decay fp32,
@@ -303,7 +321,7 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
         S += tl.load(h0_ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         if SAVE_CK:
-            tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S, mask=m2)
+            tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
         tok = bos + c * BT + tt
         tm = tok < eos
         base = (tok.to(tl.int64) * H + i_h)
@@ -403,7 +421,7 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
         S += tl.load(h0_ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         if SAVE_CK:
-            tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S, mask=m2)
+            tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
         tok = bos + c * BT + tt
         tm = tok < eos
         base = (tok.to(tl.int64) * H + i_h)
@@ -645,7 +663,7 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
     if USE_H0:
         S += tl.load(h0_ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
     for c in range(0, tl.cdiv(eos - bos, BT)):
-        tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S, mask=m2)
+        tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
         tok = bos + c * BT + tt
         tm = tok < eos
         base = tok.to(tl.int64) * H + i_h
@@ -850,8 +868,8 @@ def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None)
         a, b, c = chunk_in[4:7]
         c_row, g_row = _c_row(plan.rule.form), plan.rule.form.decay_kind == ROW
         if not c_row and not g_row and _delta_forward() == "split":
-            if not save:   # the output kernel reads S₀ of every chunk: a scratch ck, not returned
-                ck = torch.empty(N, H, max(1, -(-max_len // C)), d_v, d_k, dtype=torch.float32, device=q.device)
+            if not save:   # the output kernel reads S₀ of every chunk: a scratch ck (ck's dtype), not returned
+                ck = torch.empty(N, H, max(1, -(-max_len // C)), d_v, d_k, dtype=ck.dtype, device=q.device)
             _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, plan.rule.form.decay_kind != "none", cu_seqlens,
                                  _tied(plan.rule.form))
             return

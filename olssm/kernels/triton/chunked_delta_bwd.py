@@ -532,7 +532,7 @@ def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     z = dict(dtype=torch.float32, device=dev)
     p = torch.empty(B, T, H, d_v, **z)      # P = R' − N Δ (prep), then Δ (value kernel)
     dd = torch.empty(B, T, H, d_v, **z)     # dΔ's local part (prep), dR (state), dR' (value kernel)
-    dh = torch.empty_like(ck)
+    dh = torch.empty(ck.shape, **z)        # fp32 whatever ck's dtype (the key kernel sums cancelling terms)
     NVW = -(-d_v // BVW)
     KBV = min(BK, VALUE_BLOCK_K)
     chunk_rowc_bwd_prep_kernel[(NTG, NVW, G)](q, w, e, g, a, b, c, do, ck, p, dd, cu, ix, T, H, d_k, d_v, NCK,
@@ -595,7 +595,7 @@ def chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     tc = torch.empty(B, T, H, C, **z)
     wt = torch.empty(B, T, H, d_k, **z)
     dd = torch.empty(B, T, H, d_v, **z)     # dΔ (prep: its local part; state: all of it), then dR' (value kernel)
-    dh = torch.empty_like(ck)
+    dh = torch.empty(ck.shape, **z)        # fp32 whatever ck's dtype (the key kernel sums cancelling terms)
     chunk_delta_bwd_prep_kernel[(NTG, G)](q, a, b, c, g, do, tc, wt, dd, cu, ix, T, H, d_k, d_v, BK=BK, BV=BVW,
                                           KB=KB, **common)
     chunk_delta_bwd_state_kernel[(-(-d_v // BV), N * H)](

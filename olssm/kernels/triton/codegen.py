@@ -344,7 +344,7 @@ def backward_source(form) -> str:
         "        ic = nck - 1 - jc",
         "        t0 = bos + ic * C",
         "        t1 = tl.minimum(t0 + C, eos)",
-        "        S = tl.load(ck_ptr + (i_nh.to(tl.int64) * NCK + ic) * DV * DK + soff, mask=m2, other=0.0)",
+        "        S = tl.load(ck_ptr + (i_nh.to(tl.int64) * NCK + ic) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)",
         "        # recompute the chunk's states S_{t-1} into the scratch buffer",
         "        for tt in range(t0, t1):",
         "            tl.store(scr + (tt - t0) * BV * BK, S)",

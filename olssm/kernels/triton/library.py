@@ -1,7 +1,9 @@
 """The Triton scan as `torch.library` custom ops, so that `torch.compile` sees one opaque op per scan.
 
-    olssm::triton_scan_fwd(key, syms, E, chunk_in, h0, cu_seqlens, sizes, out_dtype, save, chunked, chunk_bwd)
-        -> (o [B, T, H, d_v], final state [N, H, d_v, d_k] fp32, checkpoints [N, H, NCK, d_v, d_k] fp32)
+    olssm::triton_scan_fwd(key, syms, E, chunk_in, h0, cu_seqlens, sizes, out_dtype, save, chunked, chunk_bwd,
+                           ck_dtype)
+        -> (o [B, T, H, d_v], final state [N, H, d_v, d_k] fp32, checkpoints [N, H, NCK, d_v, d_k] fp32
+            (chunked: ck_dtype, None = fp32; chunked.CHECKPOINT_STORAGE = "input" makes it bf16 / fp16))
     olssm::triton_scan_bwd(key, syms, E, h0, cu_seqlens, ck, do, dht, sizes, has_dht)
         -> [∂E..., ∂raw (in-kernel entries' inputs)..., ∂h0]
 
@@ -146,15 +148,15 @@ def _pscan_choice(plan, max_len: int) -> int:
 @torch.library.custom_op("olssm::triton_scan_fwd", mutates_args=())
 def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: list[Tensor], h0: Optional[Tensor],
                     cu_seqlens: Optional[Tensor], sizes: list[int], out_dtype: torch.dtype, save: bool,
-                    chunked: bool, chunk_bwd: bool) -> tuple[Tensor, Tensor, Tensor]:
+                    chunked: bool, chunk_bwd: bool, ck_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
     plan = _plan(key)
     B, T, H, d_k, d_v, N, max_len, C = sizes[:8]
     dev = syms[0].device
     o = torch.empty(B, T, H, d_v, dtype=out_dtype, device=dev)
     ht = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
     NCK = _nck(sizes)
-    ck = torch.empty(N, H, NCK, d_v, d_k, dtype=torch.float32, device=dev) if save \
-        else torch.empty(0, dtype=torch.float32, device=dev)
+    ckdt = _ck_dtype(ck_dtype, chunked)
+    ck = torch.empty(N, H, NCK, d_v, d_k, dtype=ckdt, device=dev) if save else torch.empty(0, dtype=ckdt, device=dev)
     if chunked:
         from .chunked import chunked_forward
         chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes[:8], save, cu_seqlens)
@@ -175,13 +177,26 @@ def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: lis
 
 
 @triton_scan_fwd.register_fake
-def _(key, syms, E, chunk_in, h0, cu_seqlens, sizes, out_dtype, save, chunked, chunk_bwd):
+def _(key, syms, E, chunk_in, h0, cu_seqlens, sizes, out_dtype, save, chunked, chunk_bwd, ck_dtype):
     B, T, H, d_k, d_v, N, max_len, C = sizes[:8]
     x = syms[0]
     o = x.new_empty(B, T, H, d_v, dtype=out_dtype)
     ht = x.new_empty(N, H, d_v, d_k, dtype=torch.float32)
-    ck = x.new_empty(N, H, _nck(sizes), d_v, d_k, dtype=torch.float32) if save else x.new_empty(0, dtype=torch.float32)
+    ckdt = _ck_dtype(ck_dtype, chunked)
+    ck = x.new_empty(N, H, _nck(sizes), d_v, d_k, dtype=ckdt) if save else x.new_empty(0, dtype=ckdt)
     return o, ht, ck
+
+
+def _ck_dtype(ck_dtype, chunked: bool) -> torch.dtype:
+    """The checkpoints' dtype: ck_dtype (None: fp32) on the chunked path; the recurrent and block-scan kernels
+    keep fp32 checkpoints."""
+    if ck_dtype is None or ck_dtype == torch.float32:
+        return torch.float32
+    if not chunked:
+        raise ValueError(f"olssm triton scan: checkpoints in {ck_dtype} are for the chunked kernels only")
+    if ck_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"olssm triton scan: checkpoint dtype must be fp32, bf16 or fp16, got {ck_dtype}")
+    return ck_dtype
 
 
 def _entry_shapes(plan, sizes):
@@ -285,7 +300,7 @@ def _(key, chunk_in, ck, do, dht, cu_seqlens, sizes):
 
 
 def _setup(ctx, inputs, output):
-    key, syms, E, chunk_in, h0, cu_seqlens, sizes, out_dtype, save, chunked, chunk_bwd = inputs
+    key, syms, E, chunk_in, h0, cu_seqlens, sizes, out_dtype, save, chunked, chunk_bwd, ck_dtype = inputs
     o, ht, ck = output
     ctx.key, ctx.sizes, ctx.save, ctx.chunk_bwd = key, list(sizes), save, chunk_bwd
     ctx.n_syms, ctx.n_E, ctx.n_chunk = len(syms), len(E), len(chunk_in)
@@ -314,7 +329,7 @@ def _backward(ctx, do, dht, dck):
         grads = triton_chunk_bwd(ctx.key, list(chunk_in), ck, do, dht, cu, ctx.sizes)
         dh0 = grads[-1]
         return (None, [None] * ctx.n_syms, [None] * ctx.n_E, list(grads[:-1]), dh0.to(h0.dtype) if ctx.has_h0 else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
     plan = _plan(ctx.key)
     if ctx.n_E != len(plan.vars):
         raise RuntimeError("olssm triton scan: the entries E were not passed to the forward op, so no gradient")
@@ -326,7 +341,7 @@ def _backward(ctx, do, dht, dck):
     names = [s.name for s in plan.syms]
     dsyms = [draw.get(n) for n in names]
     return (None, dsyms, list(dE), [None] * ctx.n_chunk, dh0.to(h0.dtype) if ctx.has_h0 else None, None, None, None,
-            None, None, None)
+            None, None, None, None)
 
 
 torch.library.register_autograd("olssm::triton_scan_fwd", _backward, setup_context=_setup)
@@ -485,13 +500,16 @@ def run_config(plan, args, meta, cfg: LaunchConfig, need: bool):
         sizes += [BT, int(cfg.block_v), int(cfg.warps)]
     chunk_bwd = False
     chunk_in = []
+    ck_dtype = None   # fp32 checkpoints
     if chunked:
-        from .chunked import backward_supported, chunk_inputs
+        from .chunked import backward_supported, checkpoint_storage, chunk_inputs
         mode = chunk_backward_mode() if cfg.chunk_backward is None else "auto" if cfg.chunk_backward else False
         chunk_bwd = need and bool(mode) and backward_supported(plan, exact_decay_grad=mode == "auto")
         chunk_in = chunk_inputs(plan, args, grad=chunk_bwd)
+        if checkpoint_storage(args.out_dtype) != torch.float32:   # CHECKPOINT_STORAGE = "input", bf16 / fp16 inputs
+            ck_dtype = checkpoint_storage(args.out_dtype)
     E = evaluate_entries(plan, ins, sizes) if need and not chunk_bwd else []
     with _delta_forward(cfg.delta_forward if chunked else ""):
         o, ht, _ = torch.ops.olssm.triton_scan_fwd(key, syms, E, chunk_in, h0, meta.cu, sizes, args.out_dtype, need,
-                                                   chunked, chunk_bwd)
+                                                   chunked, chunk_bwd, ck_dtype)
     return o, (ht if args.output_final_state else None)
