@@ -97,8 +97,9 @@ def main(argv=None):
                    help="rows per diagonal block of the split delta forward's UT inverse (chunked.UT_BLOCK; "
                         ">= --chunk: the row-by-row substitution)")
     p.add_argument("--no-tie", action="store_true",
-                   help="the split delta forward without folding the input term into B's products "
-                        "(chunked.TIE_INPUT_TERM = False: 3 dots per state step instead of 2)")
+                   help="the split delta forward and the chunked delta backward without folding the input term "
+                        "into B's products (chunked.TIE_INPUT_TERM = False: 3 dots per state step instead of 2, "
+                        "the untied bwd value / key kernels)")
     p.add_argument("--chunk-storage", default=chunked.CHUNK_STORAGE, choices=("fp32", "input"),
                    help="dtype of the chunked kernels' chunk tensors q, w, e, a, b, c (chunked.CHUNK_STORAGE; "
                         "input: bf16 / fp16 for such inputs)")

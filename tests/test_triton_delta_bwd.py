@@ -5,7 +5,8 @@ Under the Triton CPU interpreter (TRITON_INTERPRET=1, set before triton is impor
 16-token chunks (4 in one test). On a GPU: `OLSSM_TRITON_DEVICE=cuda pytest tests/test_triton_delta_bwd.py`.
 Tolerances as in test_triton_chunked.py: max|triton − reference| <= 1e-5·max|reference| + 1e-6 (final
 state 2e-5). The direct tests call the kernels on chunk tensors with independent a, b, w (the catalogue's
-rules have a = b = w = k, so torch sums their gradients) against an fp64 autograd loop.
+rules have a = b = w = k, so torch sums their gradients; the untied kernels) or with b = w_0 (the TIED value and
+key kernels, chunked._tied) against an fp64 autograd loop; the `ties` fixture records which the launches took.
 """
 from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
                             CHECKPOINT_RTOL, compare_checkpoint_storage as _compare_ck,
@@ -55,6 +56,24 @@ def row_calls(monkeypatch):
     return spy(monkeypatch, tdelta, "chunked_rowc_backward")
 
 
+@pytest.fixture
+def ties(monkeypatch):
+    """The TIED constexpr of every launch of the value and key kernels: [(kernel, TIED), ...]."""
+    seen = []
+
+    class Launch:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            run = self.kernel[grid]
+            return lambda *a, **k: seen.append((self.name, k.get("TIED", False))) or run(*a, **k)
+
+    for name in ("chunk_delta_bwd_value_kernel", "chunk_delta_bwd_key_kernel"):
+        monkeypatch.setattr(tdelta, name, Launch(name.split("_")[3], getattr(tdelta, name)))
+    return seen
+
+
 
 
 def _log_gated_deltanet():
@@ -94,13 +113,14 @@ def _blocks16(monkeypatch):
 # ---- through rule.scan, against the reference backend --------------------------------------------------
 
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_catalogue_rules_and_the_recurrent_switch(name, calls, monkeypatch):
+def test_catalogue_rules_and_the_recurrent_switch(name, calls, ties, monkeypatch):
     monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")            # Gated DeltaNet: log α has no closed form
     rule = ENTRIES[name].rule
     inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=1)           # 37 = 2 chunks of 16 + 5
     h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(2))
     g_chunk = _compare(rule, inp, h0)
     assert len(calls) == 1
+    assert ties == [("value", True), ("key", True)]              # w = b = k: the TIED value and key kernels
     monkeypatch.setattr(tdelta, "DELTA_BACKWARD", "recurrent")
     assert not tchunk.backward_supported(tscan.plan_for(rule), exact_decay_grad=False)
     g_rec = _compare(rule, inp, h0)
@@ -139,15 +159,19 @@ def test_strong_decay_closed_form_log(calls):
     assert len(calls) == 1
 
 
-def test_two_input_terms(calls, monkeypatch):
+@pytest.mark.parametrize("tie", [True, False])
+def test_two_input_terms(tie, calls, ties, monkeypatch):
+    # the first input term's w is k = b: TIED (m = 0 folded, m = 1 as untied); TIE_INPUT_TERM off: untied
     monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    monkeypatch.setattr(tchunk, "TIE_INPUT_TERM", tie)
     rule = _two_term_rule()
     assert len(rule.form.inputs) == 2 and len(rule.form.corrections) == 1
     _compare(rule, random_inputs(rule, 1, 21, 1, 4, 5, seed=13), 0.3 * torch.randn(1, 1, 5, 4))
     assert len(calls) == 1
+    assert ties == [("value", tie), ("key", tie)]
 
 
-def test_varlen(calls, monkeypatch):
+def test_varlen(calls, ties, monkeypatch):
     monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
     rule = ENTRIES["gated_deltanet"].rule
     cu = [0, 5, 5, 6, 43]                                        # lengths 5, 0, 1, 37
@@ -156,15 +180,17 @@ def test_varlen(calls, monkeypatch):
     g = _compare(rule, inp, h0, cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)))
     assert len(calls) == 1
     assert g["h0"][1].abs().max() > 0                            # the empty sequence passes dht to dh0
+    assert ties == [("value", True), ("key", True)]
 
 
-def test_value_and_key_blocks(calls, monkeypatch):
+def test_value_and_key_blocks(calls, ties, monkeypatch):
     # d_k = 20 (BK = 32: two 16-column blocks, two key-kernel programs), d_v = 40: three 16-row blocks in
     # prep / value (partial ∂c), two 32-row blocks in the state pass and the key kernel's loop; no initial state
     _blocks16(monkeypatch)
     rule = ENTRIES["deltanet"].rule
     _compare(rule, random_inputs(rule, 1, 35, 1, 20, 40, seed=8), None)
     assert len(calls) == 1
+    assert ties == [("value", True), ("key", True)]
 
 
 # ---- row c (Longhorn): through rule.scan, against the reference backend --------------------------------
@@ -258,13 +284,15 @@ def _loop(q, w, e, ld, a, b, c, h0, bounds):
                           (False, True, 16, 1, 20, 20, True, False, None, False),
                           (True, True, 16, 1, 20, 20, False, True, 4, False),
                           (False, False, 16, 2, 6, 5, False, True, 4, False),
+                          (True, True, 16, 2, 20, 20, False, True, None, False),   # tied, m = 1 untied, blocks
                           # bf16 chunk tensors (CHUNK_STORAGE = "input"): split + fused forward, scalar and row c
                           (True, True, 16, 2, 20, 20, False, False, None, True),
                           (True, False, 16, 1, 6, 5, False, True, 8, True),
                           (True, True, 16, 2, 20, 20, True, False, None, True)])
-def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, tied, ut, low, monkeypatch):
-    """tied: b = w_0 (DeltaNet's w = b = k), the split forward's TIE_INPUT_TERM path; else independent a, b, w
-    with TIE_INPUT_TERM off (the plan says w = b, these tensors do not). ut: UT_BLOCK (4 / 8 at chunk 16: the
+def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, tied, ut, low, ties, monkeypatch):
+    """tied: b = w_0 (DeltaNet's w = b = k), the split forward's and the backward's TIE_INPUT_TERM path (the
+    TIED value and key kernels); else independent a, b, w with TIE_INPUT_TERM off (the plan says w = b, these
+    tensors do not: the untied kernels). ut: UT_BLOCK (4 / 8 at chunk 16: the
     blocked inverse with 2 / 1 merge levels). low: q, w, e, a, b, c rounded to bf16 and passed to the kernels
     as bf16 tensors (the log decay fp32), the reference loop on the same rounded values: the kernels convert
     every load to fp32, so the fp32 tolerances hold."""
@@ -318,6 +346,7 @@ def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, tied, ut,
     ck = _dev(torch.empty(N, H, -(-max_len // chunk), V, K))
     tchunk.chunked_forward(plan, chunk_in, _dev(h0), o, ht, ck, sizes, True, cu_t)
     grads, dh0 = tdelta.chunked_delta_backward(plan, chunk_in, ck, _dev(do), _dev(dht), sizes, cu_t)
+    assert ties == ([("key", False)] if crow else [("value", tied), ("key", tied)])   # row c: untied
 
     ref_in = [x.double().requires_grad_() for x in (q, w, e, ld, a, b, c, h0)]
     o1, f1 = _loop(*ref_in, bounds)

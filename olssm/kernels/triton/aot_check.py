@@ -116,10 +116,16 @@ def variants(BT, BK, BV, prec, BVW=None):
         yield f"delta bwd prep {tag}", dbw.chunk_delta_bwd_prep_kernel, dict(prep, GATED=gated, VARLEN=True)
         yield (f"delta bwd state {tag}", dbw.chunk_delta_bwd_state_kernel,
                dict(BT=BT, BK=BK, BV=BV, PREC=prec, GATED=gated, USE_DHT=True, VARLEN=True))
-        yield f"delta bwd value {tag}", dbw.chunk_delta_bwd_value_kernel, dict(value, GATED=gated, VARLEN=True)
-        yield f"delta bwd key {tag}", dbw.chunk_delta_bwd_key_kernel, dict(key, GATED=gated, VARLEN=True)
-    yield "delta bwd value decay=scalar, 2 input terms", dbw.chunk_delta_bwd_value_kernel, dict(value, **two)
-    yield "delta bwd key decay=scalar, 2 input terms", dbw.chunk_delta_bwd_key_kernel, dict(key, **two)
+        for tied in (False, True):     # tied: w_0 = b (DeltaNet / Gated DeltaNet, chunked._tied)
+            t = f"{tag}{' tied' if tied else ''}"
+            kw = dict(GATED=gated, VARLEN=True, TIED=tied)
+            yield f"delta bwd value {t}", dbw.chunk_delta_bwd_value_kernel, dict(value, **kw)
+            yield f"delta bwd key {t}", dbw.chunk_delta_bwd_key_kernel, dict(key, **kw)
+    for tied in (False, True):
+        t = " tied" if tied else ""
+        yield (f"delta bwd value decay=scalar, 2 input terms{t}", dbw.chunk_delta_bwd_value_kernel,
+               dict(value, TIED=tied, **two))
+        yield f"delta bwd key decay=scalar, 2 input terms{t}", dbw.chunk_delta_bwd_key_kernel, dict(key, TIED=tied, **two)
     # the row-c (Longhorn) chunked backward: prep / value take ROWC_BLOCK_V value rows, the state pass BV
     rowc = dict(wide, BV=max(16, min(BVW, dbw.ROWC_BLOCK_V)), KB=min(BK, dbw.VALUE_BLOCK_K))
     for gated in (False, True):

@@ -44,6 +44,10 @@ Four launches (prep and value take the split forward's wide value blocks, ≤ SP
   (the row sums of T and c ⊙ U and the Γ terms are q·dQ and a·dA, their column sums and X are w·dW and
   b·dB), ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j X_j (partial over key blocks).
 The callers sum the partials. Extra memory (fp32): dh like ck, T_c (BT per token·head), W̃, dΔ / dR', Δ.
+TIED (w_0 = b: DeltaNet, Gated DeltaNet; chunked._tied, as the split forward): A W_0ᵀ ⊙ D_st = N, and since
+dΔ = −(Q Bᵀ ⊙ D)ᵀ dO − dec ⊙ (B dSᵀ), dE_0 = Nᵀ dR' − dΔ — the value kernel forms N once and no Q W_0ᵀ, A W_0ᵀ,
+W_0 dSᵀ; the key kernel's dQ = Γ ⊙ (dO S₀) + (OE_0 − OD) B + Σ_{m≥1} OE_m W_m (dA likewise), one product
+with B instead of two. dB and dW_0 stay separate outputs.
 
 Row c (Longhorn's ε = β/(1 + β kᵀk), one c per value row i): each value row is its own scalar-c delta rule,
 Δ[:, i] = T_c⁽ⁱ⁾ (c[:, i] ⊙ R'[:, i]) with T_c⁽ⁱ⁾ = (I + diag(c[:, i]) N)⁻¹, so there is no state-independent
@@ -181,11 +185,12 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
 @triton.jit
 def _store_de(q_ptr, w_ptr, a_ptr, do_ptr, dh_ptr, de_ptr, dR, D, Dst, dec, base, tm, rows, sm, sbase, voff, vm, DK,
               SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-              KB: tl.constexpr):
-    """dE_m = (Q W_mᵀ ⊙ D)ᵀ dO + (A W_mᵀ ⊙ D_st)ᵀ dR' + dec ⊙ (W_m dSᵀ) → de for one (chunk, value block)
-    (dR = dR' [BT, BV]; dS from dh, read where sm; KB key columns at a time)."""
-    do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-    for m in tl.static_range(M):
+              KB: tl.constexpr, M0: tl.constexpr = 0):
+    """dE_m = (Q W_mᵀ ⊙ D)ᵀ dO + (A W_mᵀ ⊙ D_st)ᵀ dR' + dec ⊙ (W_m dSᵀ) → de for one (chunk, value block) and
+    m = M0 .. M − 1 (dR = dR' [BT, BV]; dS from dh, read where sm; KB key columns at a time)."""
+    if M0 < M:
+        do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+    for m in tl.static_range(M0, M):
         QW = tl.zeros([BT, BT], dtype=tl.float32)
         AW = tl.zeros([BT, BT], dtype=tl.float32)
         WdS = tl.zeros([BT, BV], dtype=tl.float32)
@@ -211,10 +216,13 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
                                  dh_ptr, dl_ptr, de_ptr, dc_ptr, cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE, TOKH,
                                  M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                  GATED: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
-                                 KB: tl.constexpr = 64):
+                                 KB: tl.constexpr = 64, TIED: tl.constexpr = False):
     """Per (chunk, value block): Δ = T_c (c ⊙ R') → dl, the partial ∂c_i = Σ_v dR_iv (R' − N Δ)_iv → dc
     (R' − N Δ = γ_t S_{t−1} a_t), dR' = c ⊙ T_cᵀ dΔ (over dΔ in dd), then dE_m → de. A W_mᵀ is computed
-    in both phases (fewer live tiles)."""
+    in both phases (fewer live tiles).
+    TIED (W_0 is B: DeltaNet, Gated DeltaNet, chunked._tied): A W_0ᵀ ⊙ D_st is N, formed once and kept, and
+    since dΔ = −(Q Bᵀ ⊙ D)ᵀ dO − dec ⊙ (B dSᵀ), dE_0 = Nᵀ dR' − dΔ: no Q W_0ᵀ, A W_0ᵀ (twice), W_0 dSᵀ over
+    d_k, no q / w_0 / dS / dO loads for m = 0 (the m ≥ 1 terms as untied)."""
     i_v = tl.program_id(1)
     i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(2), T, H, BT,
                                             VARLEN)
@@ -240,32 +248,41 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
                      other=0.0).to(tl.float32)
         R += tl.dot(a, tl.trans(S0), input_precision=PREC)
     R = R * gam[:, None]
-    for m in tl.static_range(M):
+    if TIED:           # A W_0ᵀ ⊙ D_st = N: formed once, kept for R' − N Δ and dE_0
+        N = _dot_rows(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
+        R += tl.dot(N, tl.load(e_ptr + voff, mask=vm, other=0.0).to(tl.float32), input_precision=PREC)
+    for m in tl.static_range(1 if TIED else 0, M):
         AW = _dot_rows(a_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC) * Dst
         R += tl.dot(AW, tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32), input_precision=PREC)
     Tc = tl.load(tc_ptr + base[:, None] * BT + tt[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
     dl = tl.dot(Tc, R * cc[:, None], input_precision=PREC)                     # Δ = T_c (c ⊙ R')
     tl.store(dl_ptr + voff, dl, mask=vm)
-    N = _dot_rows(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
+    if not TIED:
+        N = _dot_rows(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
     R -= tl.dot(N, dl, input_precision=PREC)                                   # R' − N Δ
-    dR = tl.dot(tl.trans(Tc), tl.load(dd_ptr + voff, mask=vm, other=0.0).to(tl.float32),
-                input_precision=PREC)                                          # T_cᵀ dΔ
+    dD = tl.load(dd_ptr + voff, mask=vm, other=0.0).to(tl.float32)             # dΔ
+    dR = tl.dot(tl.trans(Tc), dD, input_precision=PREC)                        # T_cᵀ dΔ
     tl.store(dc_ptr + i_v.to(tl.int64) * TOKH + base, tl.sum(dR * R, axis=1), mask=tm)
     dR = dR * cc[:, None]                                                      # dR' = c ⊙ dR
     tl.store(dd_ptr + voff, dR, mask=vm)                                       # this program's tile only
     # phase 2: dE_m
+    if TIED:           # dE_0 = (Q Bᵀ ⊙ D)ᵀ dO + Nᵀ dR' + dec ⊙ (B dSᵀ) = Nᵀ dR' − dΔ
+        tl.store(de_ptr + voff, tl.dot(tl.trans(N), dR, input_precision=PREC) - dD, mask=vm)
     _store_de(q_ptr, w_ptr, a_ptr, do_ptr, dh_ptr, de_ptr, dR, D, Dst, dec, base, tm, rows, sm, sbase, voff, vm, DK,
-              SW, SE, M, BT, BK, BV, PREC, KB)
+              SW, SE, M, BT, BK, BV, PREC, KB, 1 if TIED else 0)
 
 
 @triton.jit
 def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr, dl_ptr, do_ptr, ck_ptr, dh_ptr,
                                dq_ptr, dw_ptr, dg_ptr, da_ptr, db_ptr, cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE,
                                TOKH, M: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
-                               VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64):
+                               VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64,
+                               TIED: tl.constexpr = False):
     """Per (chunk, block of KB key columns), summing over all value blocks: dQ, dA, dB, dW_m, and the
     partial (over key blocks) ∂ log γ from ∂b_i = q_i·dQ_i + a_i·dA_i − Σ_m w_i·dW_i − b_i·dB_i,
-    ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j (Σ_m w_j·(dec ⊙ E_m dS)_j − b_j·(dec ⊙ Δ dS)_j)."""
+    ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j (Σ_m w_j·(dec ⊙ E_m dS)_j − b_j·(dec ⊙ Δ dS)_j).
+    TIED (W_0 is B): dQ's OE_0 W_0 − OD B = (OE_0 − OD) B = ((dO (E_0 − Δ)ᵀ) ⊙ D) B, dA's likewise with
+    (RE_0 − RD) ⊙ D_st: one [BT, BT] × [BT, KB] product each instead of two, and no w_0 load (w_0 = b)."""
     i_k = tl.program_id(1)
     i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(2), T, H, BT,
                                             VARLEN)
@@ -318,8 +335,12 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
     xs = tl.sum(tl.sum(bv * db, axis=1), axis=0)                               # Σ_j b_j·(state part of dB)_j
     OD = OD * D
     RD = RD * Dst
-    dq = dq * gam[:, None] - tl.dot(OD, bv, input_precision=PREC)
-    da = da * gam[:, None] - tl.dot(RD, bv, input_precision=PREC)
+    if TIED:           # the first input term rides on B's products
+        dq = dq * gam[:, None] + tl.dot(OE * D - OD, bv, input_precision=PREC)
+        da = da * gam[:, None] + tl.dot(RE * Dst - RD, bv, input_precision=PREC)
+    else:
+        dq = dq * gam[:, None] - tl.dot(OD, bv, input_precision=PREC)
+        da = da * gam[:, None] - tl.dot(RD, bv, input_precision=PREC)
     db -= tl.dot(tl.trans(OD), q, input_precision=PREC) + tl.dot(tl.trans(RD), a, input_precision=PREC)
     dbt = tl.zeros([BT], dtype=tl.float32)                                     # ∂b_i
     for m in tl.static_range(M):
@@ -340,12 +361,18 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
                 RE += tl.dot(dr, tl.trans(e), input_precision=PREC)
                 dwS += tl.dot(e, dS, input_precision=PREC)
             dwS = dwS * dec[:, None]
-        w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
+        if TIED and m == 0:    # w_0 = b; OE_0 W_0 and RE_0 W_0 are in dq / da already
+            w = bv
+        else:
+            w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
         OEm = OE * D
         REm = RE * Dst
         xs += tl.sum(tl.sum(w * dwS, axis=1), axis=0)
-        dq += tl.dot(OEm, w, input_precision=PREC)
-        da += tl.dot(REm, w, input_precision=PREC)
+        if TIED and m == 0:
+            pass
+        else:
+            dq += tl.dot(OEm, w, input_precision=PREC)
+            da += tl.dot(REm, w, input_precision=PREC)
         dw = dwS + tl.dot(tl.trans(OEm), q, input_precision=PREC) + tl.dot(tl.trans(REm), a, input_precision=PREC)
         tl.store(dw_ptr + m * SW + koff, dw, mask=km2)
         dbt -= tl.sum(w * dw, axis=1)
@@ -548,8 +575,8 @@ def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     return [dq, dw, de, dg, da, db, dc], dh0
 
 
-def _key_grads(q, w, e, g, a, b, dr, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common):
-    """The key kernel (dr = dR', dl = Δ): dQ, dW, ∂ log γ (summed over key blocks), dA, dB."""
+def _key_grads(q, w, e, g, a, b, dr, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common, tied=False):
+    """The key kernel (dr = dR', dl = Δ): dQ, dW, ∂ log γ (summed over key blocks), dA, dB (tied: w_0 = b)."""
     B, T, H, d_k, d_v = sizes[:5]
     KB = min(BK, KEY_BLOCK_K)
     NKB = BK // KB
@@ -561,7 +588,7 @@ def _key_grads(q, w, e, g, a, b, dr, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, B
     dg = torch.zeros(NKB if common["GATED"] else 1, B, T, H, **z)
     chunk_delta_bwd_key_kernel[(NTG, NKB, G)](
         q, w, e, g, a, b, dr, dl, do, ck, dh, dq, dw, dg, da, db, cu, ix, T, H, d_k, d_v, ck.shape[2], w[0].numel(),
-        e[0].numel(), B * T * H, M=M, BV=BV, KB=KB, **common)
+        e[0].numel(), B * T * H, M=M, BV=BV, KB=KB, TIED=tied, **common)
     return dq, dw, dg[0] if dg.shape[0] == 1 else dg.sum(0), da, db
 
 
@@ -577,6 +604,7 @@ def chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     q, w, e, g, a, b, c = chunk_in[:7]
     M = w.shape[0]
     gated = plan.rule.form.decay_kind != "none"
+    tied = _ch._tied(plan.rule.form)   # w_0 = b (DeltaNet, Gated DeltaNet): TIED value and key kernels
     dev = q.device
     TOKH = B * T * H
     NCK = ck.shape[2]
@@ -607,6 +635,7 @@ def chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     dc = torch.zeros(NVW, B, T, H, **z)
     chunk_delta_bwd_value_kernel[(NTG, NVW, G)](
         q, w, e, g, a, b, c, tc, dd, do, ck, dh, dl, de, dc, cu, ix, T, H, d_k, d_v, NCK, w[0].numel(),
-        e[0].numel(), TOKH, M=M, BK=BK, BV=BVW, KB=min(BK, VALUE_BLOCK_K), **common)
-    dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dd, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common)
+        e[0].numel(), TOKH, M=M, BK=BK, BV=BVW, KB=min(BK, VALUE_BLOCK_K), TIED=tied, **common)
+    dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dd, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common,
+                                    tied)
     return [dq, dw, de, dg, da, db, dc[0] if dc.shape[0] == 1 else dc.sum(0)], dh0
