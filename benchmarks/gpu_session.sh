@@ -12,15 +12,14 @@
 #   diag64       (4, 2048, 16, 64) bf16: GLA, linear attention, RetNet, Mamba-2, Mamba, Longhorn-diag —
 #                block scan vs token loop, chunked, the autotuner's row, fla's recurrent GLA
 #   d128         (2, 8192, 16, 128) bf16: DeltaNet, Gated DeltaNet, GLA, Mamba, with the autotuner's row
-#   delta-ab     the split forward's blocked UT inverse / tied input term, bf16 chunk tensors, bf16
-#                checkpoints ck, both, chunk 64,
-#                each against the default
+#   delta-ab     the split forward's blocked UT inverse / tied input term / bf16 chunk tensors against the default
+#   delta-ab2    bf16 checkpoints, both bf16 storages, chunk 64 (with 2 pipeline stages at D = 128)
 #   fla-gla      fla's chunk_gla alone (its own autotuning takes minutes)
 #   profile      the top kernels by device time (torch.profiler)
 # fla-core (pure Python) is installed from .whl/ for the benchmark stages when the wheel was carried
 # (device tool: carry [".whl"]); the tests run without it.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|delta64|diag64|d128|delta-ab|fla-gla|profile}
+stage=${1:?usage: gpu_session.sh tests|delta64|diag64|d128|delta-ab|delta-ab2|fla-gla|profile}
 out=${OUT:-/tmp/olssm-gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
@@ -54,16 +53,23 @@ case $stage in
         timeout 570 "${bench[@]}" --B 2 --T 8192 --H 16 --dk 128 --dv 128 --delta-forward both \
             --delta-backward both --pscan both --reps 5 --rules deltanet,gated_deltanet,gla,mamba 2>&1 \
             | tee "$out/d128.txt" ;;
-    delta-ab)
-        # the split forward's blocked UT inverse and tied input term against the previous forms, and chunk 64
-        # (D = 64 only: at D = 128 the state kernels need ~270 KB of shared memory at chunk 64)
-        for flags in "" "--ut-block 64" "--no-tie" "--chunk-storage input" \
-                     "--checkpoint-storage input" "--chunk-storage input --checkpoint-storage input" "--chunk 64"; do
-            timeout 180 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
+    delta-ab|delta-ab2)
+        # the split forward's blocked UT inverse, tied input term, bf16 storages and chunk 64, each against the
+        # default (two stages: each run compiles its kernels afresh). Plain chunk 64: D = 64 only (the untied
+        # state kernels need ~270 KB of shared memory at D = 128 with 3 pipeline stages; with --num-stages 2
+        # every DeltaNet kernel fits under the H100's 227 KB)
+        if [ "$stage" = delta-ab ]; then
+            set -- "" "--ut-block 64" "--no-tie" "--chunk-storage input"
+        else
+            set -- "--checkpoint-storage input" "--chunk-storage input --checkpoint-storage input" \
+                "--chunk 64 --num-stages 2" "--chunk 64"
+        fi
+        for flags in "$@"; do
+            timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
                 --no-peers --rules deltanet,gated_deltanet $flags 2>&1
-            [ "$flags" = "--chunk 64" ] || timeout 180 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 \
+            [ "$flags" = "--chunk 64" ] || timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 \
                 --H 16 --dk 128 --dv 128 --no-peers --rules deltanet --reps 5 $flags 2>&1
-        done | tee "$out/delta-ab.txt" ;;
+        done | tee "$out/$stage.txt" ;;
     fla-gla)
         with_fla
         timeout 570 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \

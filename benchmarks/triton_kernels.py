@@ -96,6 +96,9 @@ def main(argv=None):
     p.add_argument("--ut-block", type=int, default=None,
                    help="rows per diagonal block of the split delta forward's UT inverse (chunked.UT_BLOCK; "
                         ">= --chunk: the row-by-row substitution)")
+    p.add_argument("--num-stages", type=int, default=None,
+                   help="software-pipelining stages of the chunked kernels (chunked.NUM_STAGES; 2 lets --chunk 64 "
+                        "fit at d_k 128)")
     p.add_argument("--no-tie", action="store_true",
                    help="the split delta forward and the chunked delta backward without folding the input term "
                         "into B's products (chunked.TIE_INPUT_TERM = False: 3 dots per state step instead of 2, "
@@ -121,6 +124,7 @@ def main(argv=None):
         import triton.language as tl
         chunked.UT_BLOCK = tl.constexpr(a.ut_block)
     chunked.TIE_INPUT_TERM = not a.no_tie
+    chunked.NUM_STAGES = a.num_stages
     chunked.CHUNK_STORAGE = a.chunk_storage
     chunked.CHECKPOINT_STORAGE = a.checkpoint_storage
     library.PSCAN_BLOCK_T, library.PSCAN_NUM_WARPS = a.pscan_bt, a.pscan_warps

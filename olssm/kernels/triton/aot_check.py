@@ -60,7 +60,7 @@ BF16_CK_VARIANTS = ("diag decay=", "delta decay=", "backward decay=", "delta spl
 BF16_CK_GENERATED = ("gla", "retnet")
 
 
-def compile_for(fn, consts: dict, arch: int, num_warps: int, ptr_types: dict | None = None):
+def compile_for(fn, consts: dict, arch: int, num_warps: int, ptr_types: dict | None = None, num_stages=None):
     """Compile fn for sm_<arch>: every pointer *fp32 (ix_ptr / cu_ptr *i32) unless ptr_types names it."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -70,7 +70,8 @@ def compile_for(fn, consts: dict, arch: int, num_warps: int, ptr_types: dict | N
     ptrs = {**(ptr_types or {}), "ix_ptr": "*i32", "cu_ptr": "*i32"}   # the varlen chunk map and cu_seqlens: int32
     sig = {p: ("constexpr" if p in consts else "i32" if p in ints else ptrs.get(p, "*fp32")) for p in params}
     src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    opts = {"num_warps": num_warps, **({"num_stages": int(num_stages)} if num_stages else {})}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
 def variants(BT, BK, BV, prec, BVW=None):
@@ -176,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--dk", type=int, default=64)
     p.add_argument("--dv", type=int, default=32)
     p.add_argument("--precision", default="tf32")
+    p.add_argument("--num-stages", type=int, default=None,
+                   help="software-pipelining stages of the chunked kernels (chunked.NUM_STAGES; default Triton's 3)")
     p.add_argument("--bf16", default="some", choices=("some", "all", "none"),
                    help="also compile the chunked kernels with bf16 chunk tensors and o / dO (BF16_PTRS), and those "
                         "that write or read ck with bf16 ck too (BF16_CK_PTRS, '[bf16 ck]'; the generated loop "
@@ -229,7 +232,7 @@ def main(argv=None) -> int:
     bad = 0
     for name, fn, consts, warps, *ptr_types in todo:
         try:
-            k = compile_for(fn, consts, a.arch, warps, *ptr_types)
+            k = compile_for(fn, consts, a.arch, warps, *(ptr_types or [None]), num_stages=a.num_stages)
             print(f"  ok    {name:45s} {_usage(k)}")
         except Exception as e:  # noqa: BLE001 - report every variant
             bad += 1

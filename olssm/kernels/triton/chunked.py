@@ -751,6 +751,16 @@ DOT_PRECISION = "auto"
 #: warps per program of the chunked kernels: 8 keeps the [BT, BK] and [BV, BK] tiles of d_k=64..128
 #: in registers with tf32 dots (sm_90 report: 4 warps spill 100–700 B/thread, 8 warps 0–300 B)
 NUM_WARPS = 8
+#: software-pipelining stages of the chunked kernels' loops (None: Triton's default, 3). Shared memory grows
+#: with the stages: at chunk 64 and d_k = 128 the state kernels need ~270 KB with 3 (over an H100's 227 KB);
+#: 2 is what would let chunk 64 launch there (wgmma needs 64-row operands: chunk 32 compiles to mma.sync).
+#: Untimed: benchmarks/triton_kernels.py --num-stages, gpu_session.sh delta-ab
+NUM_STAGES = None
+
+
+def _launch_opts() -> dict:
+    """num_warps / num_stages of every chunked launch."""
+    return dict(num_warps=NUM_WARPS, **({"num_stages": int(NUM_STAGES)} if NUM_STAGES else {}))
 
 
 def _precision(dtype=torch.float32) -> str:
@@ -843,7 +853,7 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
         ix, NTG, G = ht, -(-T // C), B * H
     cu = cu_seqlens if varlen else ht
     prec = _precision(o.dtype)
-    common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=prec, TIED=tied, num_warps=NUM_WARPS)
+    common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=prec, TIED=tied, **_launch_opts())
     chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, cu, ix, T, H, d_k, d_v, w[0].numel(), e[0].numel(),
                                       M=M, BV=BVW, KB=min(BK, SPLIT_BLOCK_K), **common)
     chunk_delta_state_kernel[(-(-d_v // BV), N * H)](
@@ -877,12 +887,12 @@ def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None)
             q, k, v, g, a, b, c, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht,
             cu, T, H, d_k, d_v, NCK, k[0].numel(), v[0].numel(), M=k.shape[0], BT=C, BK=BK, BV=BV,
             C_ROW=c_row, G_ROW=g_row, USE_H0=h0 is not None,
-            SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype), num_warps=NUM_WARPS)
+            SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype), **_launch_opts())
         return
     chunk_fwd_kernel[(NV, N * H)](
         q, k, v, g, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht, cu, T, H, d_k, d_v, NCK,
         k[0].numel(), v[0].numel(), M=k.shape[0], BT=C, BK=BK, BV=BV, DECAY=decay, USE_H0=h0 is not None,
-        SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype), num_warps=NUM_WARPS)
+        SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype), **_launch_opts())
 
 
 # --------------------------------------------------------------------------------------------
@@ -1028,7 +1038,7 @@ def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
         q, k, v, g, do.contiguous(), dht.contiguous() if dht is not None else dh0, ck,
         cu_seqlens if cu_seqlens is not None else dh0, dq, dk, dv, dg, dh0, T, H, d_k, d_v, ck.shape[2],
         k[0].numel(), v[0].numel(), TOKH, M=M, BT=C, BK=BK, BV=BV, DECAY=decay, USE_DHT=dht is not None,
-        VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), num_warps=NUM_WARPS)
+        VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), **_launch_opts())
     out = [dq.sum(0), dk.sum(0), dv]
     if decay:
         out.append(dg.sum(0))

@@ -555,7 +555,7 @@ def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     else:
         ix, NTG, G = dh0, -(-T // C), B * H
     cu = cu_seqlens if varlen else dh0
-    common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=_precision(do.dtype), num_warps=_ch.NUM_WARPS)
+    common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=_precision(do.dtype), **_ch._launch_opts())
     z = dict(dtype=torch.float32, device=dev)
     p = torch.empty(B, T, H, d_v, **z)      # P = R' − N Δ (prep), then Δ (value kernel)
     dd = torch.empty(B, T, H, d_v, **z)     # dΔ's local part (prep), dR (state), dR' (value kernel)
@@ -618,7 +618,7 @@ def chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
         ix, NTG, G = dh0, -(-T // C), B * H
     cu = cu_seqlens if varlen else dh0
     prec = _precision(do.dtype)
-    common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=prec, num_warps=_ch.NUM_WARPS)
+    common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=prec, **_ch._launch_opts())
     z = dict(dtype=torch.float32, device=dev)
     tc = torch.empty(B, T, H, C, **z)
     wt = torch.empty(B, T, H, d_k, **z)
