@@ -544,6 +544,26 @@ def _delta_chunk(ix_ptr, cu_ptr, i_t, i_g, T, H, BT: tl.constexpr, VARLEN: tl.co
 
 
 @triton.jit
+def _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr):
+    """The (chunk, value block) of a program of a grid (chunk-map rows, value blocks, heads): its value block
+    i_v, head i_h, token lanes tt and mask tm, token·head offsets base, value rows and mask vm, the offset of
+    its [BT, BV] value tiles voff, and of its state in ck / dh, sbase. sm masks the state's rows: empty for a
+    padding program of the varlen map (start ≥ eos), which must not read ck / dh past their end."""
+    i_v = tl.program_id(1)
+    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(2), T, H, BT,
+                                            VARLEN)
+    rows = i_v * BV + tl.arange(0, BV)
+    tt = tl.arange(0, BT)
+    tok = start + tt
+    tm = tok < eos
+    base = tok.to(tl.int64) * H + i_h
+    vm = tm[:, None] & (rows < DV)[None, :]
+    sm = rows < tl.where(start < eos, DV, 0)
+    sbase = (i_bh.to(tl.int64) * NCK + c) * DV * DK
+    return i_v, i_h, tt, rows, tm, base, vm, sm, sbase, base[:, None] * DV + rows[None, :]
+
+
+@triton.jit
 def _dot_rows_k(x_ptr, y_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
                 PREC: tl.constexpr):
     """X Yᵀ [BT, BT] of two [BT, DK] token tiles, KB key columns at a time."""
@@ -702,18 +722,9 @@ def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_p
     """o = Γ ⊙ Q S₀ᵀ − (Q Bᵀ ⊙ D) Δ + Σ_m (Q W_mᵀ ⊙ D) E_m per (chunk, value block), S₀ from ck and Δ
     from u; KB key columns at a time, like prep. TIED (W_0 is B): (Q Bᵀ ⊙ D)(E_0 − Δ), one [BT, BT] product
     and its dot fewer."""
-    i_v = tl.program_id(1)
-    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(2), T, H, BT,
-                                            VARLEN)
-    rows = i_v * BV + tl.arange(0, BV)
-    tt = tl.arange(0, BT)
-    tok = start + tt
-    tm = tok < eos
-    base = tok.to(tl.int64) * H + i_h
-    vm = tm[:, None] & (rows < DV)[None, :]
-    # a padding program of the varlen map (start ≥ eos) must not read ck past its end
-    sm = rows < tl.where(start < eos, DV, 0)
-    sbase = ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK
+    i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
+                                                                          VARLEN)
+    sbase = ck_ptr + sbase
     o = tl.zeros([BT, BV], dtype=tl.float32)
     QB = tl.zeros([BT, BT], dtype=tl.float32)
     for kb in tl.static_range(BK // KB):

@@ -72,8 +72,8 @@ import triton
 import triton.language as tl
 
 from . import chunked as _ch
-from .chunked import (_c_row, _chunk_decay, _chunk_map, _delta_chunk, _dot_rows_k, _np2, _precision, _sequence,
-                      _state_tile, _store_wt, _ut_inverse, switch)
+from .chunked import (_c_row, _chunk_decay, _chunk_map, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
+                      _precision, _sequence, _state_tile, _store_wt, _ut_inverse, switch)
 
 #: the delta family's backward (scalar or row c, none / scalar decay): "chunk" (the kernels of this module) or
 #: "recurrent" (the fused recurrent backward on the chunked forward's checkpoints, as before).
@@ -223,18 +223,8 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
     TIED (W_0 is B: DeltaNet, Gated DeltaNet, chunked._tied): A W_0ᵀ ⊙ D_st is N, formed once and kept, and
     since dΔ = −(Q Bᵀ ⊙ D)ᵀ dO − dec ⊙ (B dSᵀ), dE_0 = Nᵀ dR' − dΔ: no Q W_0ᵀ, A W_0ᵀ (twice), W_0 dSᵀ over
     d_k, no q / w_0 / dS / dO loads for m = 0 (the m ≥ 1 terms as untied)."""
-    i_v = tl.program_id(1)
-    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(2), T, H, BT,
-                                            VARLEN)
-    rows = i_v * BV + tl.arange(0, BV)
-    tt = tl.arange(0, BT)
-    tok = start + tt
-    tm = tok < eos
-    base = tok.to(tl.int64) * H + i_h
-    vm = tm[:, None] & (rows < DV)[None, :]
-    sm = rows < tl.where(start < eos, DV, 0)          # a padding program of the varlen map reads no ck / dh
-    sbase = (i_bh.to(tl.int64) * NCK + c) * DV * DK
-    voff = base[:, None] * DV + rows[None, :]
+    i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
+                                                                          VARLEN)
     cc = tl.load(c_ptr + base, mask=tm, other=0.0).to(tl.float32)
     D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
     # phase 1: R' = Γ ⊙ A S₀ᵀ + Σ_m (A W_mᵀ ⊙ D_st) E_m, Δ, ∂c
@@ -402,18 +392,8 @@ def chunk_rowc_bwd_prep_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, 
     """Per (chunk, value block), from the checkpoint S₀: R' = Γ ⊙ A S₀ᵀ + Σ_m (A W_mᵀ ⊙ D_st) E_m, then per value
     row the forward substitution P_s = R'_s − Σ_{r<s} N_sr c_r P_r (so Δ = c ⊙ P and P = R' − N Δ, the
     correction's prediction γ_t S_{t−1} a_t) → p; dΔ's local part −(Q Bᵀ ⊙ D)ᵀ dO → dd."""
-    i_v = tl.program_id(1)
-    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(2), T, H, BT,
-                                            VARLEN)
-    rows = i_v * BV + tl.arange(0, BV)
-    tt = tl.arange(0, BT)
-    tok = start + tt
-    tm = tok < eos
-    base = tok.to(tl.int64) * H + i_h
-    vm = tm[:, None] & (rows < DV)[None, :]
-    sm = rows < tl.where(start < eos, DV, 0)          # a padding program of the varlen map reads no ck
-    sbase = (i_bh.to(tl.int64) * NCK + c) * DV * DK
-    voff = base[:, None] * DV + rows[None, :]
+    i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
+                                                                          VARLEN)
     R = tl.zeros([BT, BV], dtype=tl.float32)
     QB = tl.zeros([BT, BT], dtype=tl.float32)
     AB = tl.zeros([BT, BT], dtype=tl.float32)
@@ -512,18 +492,8 @@ def chunk_rowc_bwd_value_kernel(q_ptr, w_ptr, g_ptr, a_ptr, c_ptr, do_ptr, dh_pt
                                 BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
                                 PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64):
     """Per (chunk, value block): ∂c = dR ⊙ P → dc, dR' = c ⊙ dR (over dR in dd), Δ = c ⊙ P (over P in p), dE_m."""
-    i_v = tl.program_id(1)
-    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(2), T, H, BT,
-                                            VARLEN)
-    rows = i_v * BV + tl.arange(0, BV)
-    tt = tl.arange(0, BT)
-    tok = start + tt
-    tm = tok < eos
-    base = tok.to(tl.int64) * H + i_h
-    vm = tm[:, None] & (rows < DV)[None, :]
-    sm = rows < tl.where(start < eos, DV, 0)          # a padding program of the varlen map reads no dh
-    sbase = (i_bh.to(tl.int64) * NCK + c) * DV * DK
-    voff = base[:, None] * DV + rows[None, :]
+    i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
+                                                                          VARLEN)
     cc = tl.load(c_ptr + voff, mask=vm, other=0.0).to(tl.float32)
     dR = tl.load(dd_ptr + voff, mask=vm, other=0.0).to(tl.float32)
     P = tl.load(p_ptr + voff, mask=vm, other=0.0).to(tl.float32)
