@@ -15,6 +15,7 @@ the template; the coefficient expressions are printed in.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import sympy as sp
@@ -57,6 +58,27 @@ def inkernel_entries(form) -> list:
     (Mamba's exp(Δ·A), ...), which would otherwise be materialised as [B·T, H, d_v, d_k]."""
     ents = entries(form)
     return [n for n, e in ents.items() if entry_class(e) == "token" and entry_kind(e) == ELEMENTWISE]
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryTable:
+    """How the backward kernels treat each normal-form entry: one table for the loop and block-scan
+    templates and the host side (scan.Plan, library) that evaluates and feeds them."""
+    entries: dict    # name -> expression ('lam' only with a decay)
+    cls: dict        # name -> 'const' | 'param' | 'token' (entry_class)
+    kind: dict       # name -> scalar / row / column / elementwise (entry_kind)
+    inkernel: list   # entries whose chain rule runs inside the backward kernel (inkernel_entries)
+    vars: list       # the others that are not constants: evaluated in torch, passed as E_<name>, ∂ as D_<name>
+    raw: list        # sympy symbols: the raw inputs of the in-kernel entries (X_ / R_<name>), by name
+
+
+def entry_table(form) -> EntryTable:
+    ents = entries(form)
+    cls = {n: entry_class(e) for n, e in ents.items()}
+    ink = inkernel_entries(form)
+    return EntryTable(ents, cls, {n: entry_kind(e) for n, e in ents.items()}, ink,
+                      [n for n in ents if cls[n] != "const" and n not in ink],
+                      sorted({x for n in ink for x in ents[n].free_symbols}, key=lambda x: x.name))
 
 
 def lift_csums(expr, tag: str):
@@ -214,14 +236,54 @@ def forward_source(form) -> str:
     return "\n".join(src) + "\n"
 
 
+def _sum_to(kind: str, tile: str) -> str:
+    """Sum an (already selected) [BV, BK] tile down to the shape of an input of the given kind."""
+    return {SCALAR: f"tl.sum({tile})", ROW: f"tl.sum({tile}, axis=1, keep_dims=True)",
+            COLUMN: f"tl.sum({tile}, axis=0, keep_dims=True)", ELEMENTWISE: tile}[kind]
+
+
+def reverse_mode(indent, n, lifted, g, printer, full, scalar_mask, zeros, red, red_par) -> list[str]:
+    """Lines accumulating dL/d(raw inputs) of an in-kernel entry n from its gradient tile g: reverse mode
+    over the lifted expression (lift_csums: the top expression and its csum σ's, whose adjoints a_σ are
+    row / scalar tiles) into a_σ, gr_x (parameters) and r_x (per-token inputs). The tile vocabulary is the
+    kernel's (the loop kernels' [BV, BK] tiles, the block scan's [BT, BV, BK]): `full` / `scalar_mask` select
+    the entry's lanes / a scalar σ's (which must not be counted once per value row), zeros(kind) starts a σ
+    adjoint, red / red_par(kind, tile) sum a selected tile down to a token / parameter input of that kind."""
+    top, defs = lifted
+    sig_kind = {sym: k for sym, _i, k in defs}
+    L = [f"{indent}gt_{n} = tl.where({full}, {g}, 0.0)"]
+    for sym, _i, k in defs:
+        L.append(f"{indent}a_{sym.name} = {zeros(k)}")
+    # derivative expressions, cse'd together
+    dexprs, uses = {}, []
+    for x in sorted(top.free_symbols, key=lambda x: x.name):
+        dexprs[f"t_{x.name}"] = sp.diff(top, x)
+        uses.append((x, f"t_{x.name}", f"gt_{n}", full))
+    for sym, inner, k in reversed(defs):
+        for x in sorted(inner.free_symbols, key=lambda x: x.name):
+            key = f"{sym.name}_{x.name}"
+            dexprs[key] = sp.diff(inner, x)
+            uses.append((x, key, f"a_{sym.name}", full if k != SCALAR else scalar_mask))
+    lines, out = codegen(dexprs, printer, prefix=f"xg_{n}_")
+    L += [f"{indent}{ln}" for ln in lines]
+    # contributions in order: the top level first, then the σ's from the outermost down,
+    # so every σ adjoint is complete before it is propagated
+    for x, key, adj, mask in uses:
+        tile = f"tl.where({mask}, {adj} * ({out[key]}), 0.0)"
+        kx = _sym_kind(x, sig_kind)
+        if x in sig_kind:
+            L.append(f"{indent}a_{x.name} += {red(kx, tile)}")
+        elif spec_of(x).is_parameter:
+            L.append(f"{indent}gr_{x.name} += {red_par(kx, tile)}")
+        else:
+            L.append(f"{indent}r_{x.name} += {red(kx, tile)}")
+    return L
+
+
 def backward_source(form) -> str:
-    ents = entries(form)
     R, M = len(form.corrections), len(form.inputs)
-    cls = {n: entry_class(e) for n, e in ents.items()}
-    kind = {n: entry_kind(e) for n, e in ents.items()}
-    ink = inkernel_entries(form)
-    vars_ = [n for n in ents if cls[n] != "const" and n not in ink]
-    raw = sorted({x for n in ink for x in ents[n].free_symbols}, key=lambda x: x.name)
+    t = entry_table(form)
+    ents, cls, kind, ink, vars_, raw = t.entries, t.cls, t.kind, t.inkernel, t.vars, t.raw
     p = TritonPrinter()
     const = {n: p.doprint(e) for n, e in ents.items() if cls[n] == "const"}
     ref = {n: (const[n] if cls[n] == "const" else f"v_{n}") for n in ents}
@@ -274,39 +336,8 @@ def backward_source(form) -> str:
         return L
 
     def inkernel_grad(indent, n, g):
-        """dL/d(raw inputs) of an in-kernel entry from its [BV, BK] gradient tile g: reverse mode
-        over the expression, csum nodes as masked row sums (their adjoint is a row/scalar tile)."""
-        top, defs = lifted[n]
-        sig_kind = {sym: k for sym, _i, k in defs}
-        L = [f"{indent}gt_{n} = tl.where(m2, {g}, 0.0)"]
-        for sym, _i, k in defs:
-            L.append(f"{indent}a_{sym.name} = {_zeros(k)}")
-        # derivative expressions, cse'd together
-        dexprs, uses = {}, []
-        for x in sorted(top.free_symbols, key=lambda x: x.name):
-            dexprs[f"t_{x.name}"] = sp.diff(top, x)
-            uses.append((x, f"t_{x.name}", f"gt_{n}", "m2"))
-        for sym, inner, k in reversed(defs):
-            for x in sorted(inner.free_symbols, key=lambda x: x.name):
-                key = f"{sym.name}_{x.name}"
-                dexprs[key] = sp.diff(inner, x)
-                uses.append((x, key, f"a_{sym.name}", "m2" if k != SCALAR else "km2"))
-        lines, out = codegen(dexprs, p, prefix=f"xg_{n}_")
-        L += [f"{indent}{ln}" for ln in lines]
-        # contributions in order: the top level first, then the σ's from the outermost down,
-        # so every σ adjoint is complete before it is propagated
-        for x, key, adj, mask in uses:
-            tile = f"tl.where({mask}, {adj} * ({out[key]}), 0.0)"
-            kx = _sym_kind(x, sig_kind)
-            red = {SCALAR: f"tl.sum({tile})", ROW: f"tl.sum({tile}, axis=1, keep_dims=True)",
-                   COLUMN: f"tl.sum({tile}, axis=0, keep_dims=True)", ELEMENTWISE: tile}[kx]
-            if x in sig_kind:
-                L.append(f"{indent}a_{x.name} += {red}")
-            elif spec_of(x).is_parameter:
-                L.append(f"{indent}gr_{x.name} += {red}")
-            else:
-                L.append(f"{indent}r_{x.name} += {red}")
-        return L
+        """dL/d(raw inputs) of an in-kernel entry from its [BV, BK] gradient tile g."""
+        return reverse_mode(indent, n, lifted[n], g, p, "m2", "km2", _zeros, _sum_to, _sum_to)
 
     def step(indent):
         return _update_lines(indent, ref, R, M)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sympy as sp
 
 from ...objectives.core import COLUMN, ELEMENTWISE, ROW, SCALAR, spec_of
-from .codegen import HAS_ROWS, entries, entry_class, entry_kind, inkernel_entries, lift_csums, symbols_of
+from .codegen import HAS_ROWS, entries, entry_table, lift_csums, reverse_mode, symbols_of
 from .printer import TritonPrinter, codegen
 
 #: the printer of the block kernels: csum(x) is a masked sum over the key axis (2) of [BT, BV, BK] tiles
@@ -188,13 +188,9 @@ def pforward_source(form) -> str:
 # backward
 
 def pbackward_source(form) -> str:
-    ents = entries(form)
     M = len(form.inputs)
-    cls = {n: entry_class(e) for n, e in ents.items()}
-    kind = {n: entry_kind(e) for n, e in ents.items()}
-    ink = inkernel_entries(form)
-    vars_ = [n for n in ents if cls[n] != "const" and n not in ink]
-    raw = sorted({x for n in ink for x in ents[n].free_symbols}, key=lambda x: x.name)
+    t = entry_table(form)
+    ents, cls, kind, ink, vars_, raw = t.entries, t.cls, t.kind, t.inkernel, t.vars, t.raw
     p = printer3()
     const = {n: p.doprint(e) for n, e in ents.items() if cls[n] == "const"}
     lifted = {n: lift_csums(ents[n], n) for n in ink}
@@ -256,35 +252,9 @@ def pbackward_source(form) -> str:
         return p.doprint(e.xreplace({x: sp.Symbol(f"in_{x.name}") for x in e.free_symbols}))
 
     def inkernel_grad(indent, n, g):
-        """dL/d(raw inputs) of an in-kernel entry from its [BT, BV, BK] gradient tile g: reverse mode
-        over the expression (codegen.backward_source's, vectorised over the block's tokens)."""
-        top, defs = lifted[n]
-        sig_kind = {sym: k for sym, _i, k in defs}
-        L = [f"{indent}gt_{n} = tl.where(m3, {g}, 0.0)"]
-        for sym, _i, k in defs:
-            L.append(f"{indent}a_{sym.name} = {_zeros_tok(k)}")
-        dexprs, uses = {}, []
-        for x in sorted(top.free_symbols, key=lambda x: x.name):
-            dexprs[f"t_{x.name}"] = sp.diff(top, x)
-            uses.append((x, f"t_{x.name}", f"gt_{n}", "m3"))
-        for sym, inner, k in reversed(defs):
-            for x in sorted(inner.free_symbols, key=lambda x: x.name):
-                key = f"{sym.name}_{x.name}"
-                dexprs[key] = sp.diff(inner, x)
-                # a scalar σ (no row index) must not be counted once per value row
-                uses.append((x, key, f"a_{sym.name}", "m3" if k != SCALAR else "tk3"))
-        lines, out = codegen(dexprs, p, prefix=f"xg_{n}_")
-        L += [f"{indent}{ln}" for ln in lines]
-        for x, key, adj, mask in uses:
-            tile = f"tl.where({mask}, {adj} * ({out[key]}), 0.0)"
-            kx = sig_kind[x] if x in sig_kind else spec_of(x).kind
-            if x in sig_kind:
-                L.append(f"{indent}a_{x.name} += {_red_tok(kx, tile)}")
-            elif spec_of(x).is_parameter:
-                L.append(f"{indent}gr_{x.name} += {_red_par(kx, tile)}")
-            else:
-                L.append(f"{indent}r_{x.name} += {_red_tok(kx, tile)}")
-        return L
+        """dL/d(raw inputs) of an in-kernel entry from its [BT, BV, BK] gradient tile g (codegen's reverse
+        mode, vectorised over the block's tokens)."""
+        return reverse_mode(indent, n, lifted[n], g, p, "m3", "tk3", _zeros_tok, _red_tok, _red_par)
 
     def grad(indent, n, g, ref):
         if cls[n] == "const":

@@ -78,13 +78,10 @@ class Plan:
         self.source = cg.module_source(rule)
         self.module = _load_module(self.source)
         self.syms = cg.symbols_of(form)
-        self.entries = cg.entries(form)
-        self.cls = {n: cg.entry_class(e) for n, e in self.entries.items()}
-        self.kind = {n: cg.entry_kind(e) for n, e in self.entries.items()}
-        self.inkernel = cg.inkernel_entries(form)
-        self.vars = [n for n in self.entries if self.cls[n] != "const" and n not in self.inkernel]
-        # raw inputs of the in-kernel entries (their chain rule runs in the backward kernel)
-        self.raw = sorted({x.name for n in self.inkernel for x in self.entries[n].free_symbols})
+        t = cg.entry_table(form)
+        self.entries, self.cls, self.kind, self.inkernel, self.vars = t.entries, t.cls, t.kind, t.inkernel, t.vars
+        # names of the raw inputs of the in-kernel entries (their chain rule runs in the backward kernel)
+        self.raw = [x.name for x in t.raw]
         # torch evaluation of the entries (for the backward's chain rule), printed like rule.step
         lines, out = _cse({n: self.entries[n] for n in self.vars}, _TorchPrinter())
         used = sorted({s.name for n in self.vars for s in self.entries[n].free_symbols})
