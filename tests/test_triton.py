@@ -10,7 +10,7 @@ for o, the final state and every gradient; bf16/fp16 inputs vs the fp32 referenc
 """
 import os
 
-from triton_testing import DEVICE as _DEVICE, close as _close, dev as _dev, separate_sequences_match  # noqa: E402  (sets TRITON_INTERPRET first)
+from triton_testing import DEVICE as _DEVICE, close as _close, dev as _dev, separate_sequences_match, split_scan_matches  # noqa: E402  (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -137,13 +137,7 @@ def test_rule_decode_dispatches_to_the_kernel(name):
 @pytest.mark.parametrize("name", ["gated_deltanet", "mamba"])
 def test_initial_final_state_round_trip(name):
     rule = ENTRIES[name].rule
-    inp = {n: _dev(x) for n, x in random_inputs(rule, 2, 10, 2, 5, 6, seed=5).items()}
-    split = lambda a, b: {n: (x if rule.inputs[n].is_parameter else x[:, a:b]) for n, x in inp.items()}
-    o, f = rule.scan(backend="triton", output_final_state=True, **inp)
-    o1, f1 = rule.scan(backend="triton", output_final_state=True, **split(0, 4))
-    o2, f2 = rule.scan(backend="triton", output_final_state=True, initial_state=f1, **split(4, 10))
-    _close(torch.cat([o1, o2], 1), o, FP32_RTOL, "o (split)")
-    _close(f2, f, FP32_RTOL, "final state (split)")
+    split_scan_matches(rule, random_inputs(rule, 2, 10, 2, 5, 6, seed=5), 4, FP32_RTOL)
 
 
 @pytest.mark.parametrize("name", ["deltanet", "longhorn_diag", "mamba2"])

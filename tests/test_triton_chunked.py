@@ -15,7 +15,7 @@ import os
 
 from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
                             compare_checkpoint_storage as _compare_ck, compare_storage as _compare_storage,
-                            dev as _dev, run as _run, spy)  # (sets TRITON_INTERPRET first)
+                            dev as _dev, pin_fp32_storage, run as _run, spy)  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -78,10 +78,7 @@ def _small(monkeypatch):
     # these tests check the chunked kernels wherever the structure allows them; auto's speed policy
     # (compiled fp32 and row/column decays stay recurrent) has its own test below
     monkeypatch.setattr(tlib, "_chunk_pays", lambda plan, args: True)
-    monkeypatch.setattr(tchunk, "CHUNK_STORAGE", "fp32")
-    monkeypatch.delenv("OLSSM_TRITON_CHUNK_STORAGE", raising=False)
-    monkeypatch.setattr(tchunk, "CHECKPOINT_STORAGE", "fp32")
-    monkeypatch.delenv("OLSSM_TRITON_CHECKPOINT_STORAGE", raising=False)
+    pin_fp32_storage(monkeypatch)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ key kernels, chunked._tied) against an fp64 autograd loop; the `ties` fixture re
 from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
                             CHECKPOINT_RTOL, compare_checkpoint_storage as _compare_ck,
                             compare_storage as _compare_storage,
-                            dev as _dev, spy)  # (sets TRITON_INTERPRET first)
+                            dev as _dev, pin_fp32_storage, spy)  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -38,10 +38,7 @@ def _small(monkeypatch):
                 "OLSSM_TRITON_ROW_C_BACKWARD"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(tlib, "_chunk_pays", lambda plan, args: True)
-    monkeypatch.setattr(tchunk, "CHUNK_STORAGE", "fp32")
-    monkeypatch.delenv("OLSSM_TRITON_CHUNK_STORAGE", raising=False)
-    monkeypatch.setattr(tchunk, "CHECKPOINT_STORAGE", "fp32")
-    monkeypatch.delenv("OLSSM_TRITON_CHECKPOINT_STORAGE", raising=False)
+    pin_fp32_storage(monkeypatch)
 
 
 @pytest.fixture

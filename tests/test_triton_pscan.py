@@ -10,7 +10,7 @@ that short sequences cross several blocks; T is never a multiple of BT.
 """
 import os
 
-from triton_testing import DEVICE, close, compare, dev, run, separate_sequences_match, spy  # noqa: E402  (sets TRITON_INTERPRET first)
+from triton_testing import DEVICE, close, compare, dev, run, separate_sequences_match, split_scan_matches, spy  # noqa: E402  (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -85,13 +85,7 @@ def test_default_block_sizes(monkeypatch, calls):
 @pytest.mark.parametrize("name", ["mamba", "gla"])
 def test_initial_final_state_round_trip(name):
     rule = ENTRIES[name].rule
-    inp = {n: dev(x) for n, x in random_inputs(rule, 2, 11, 2, 5, 6, seed=5).items()}
-    split = lambda a, b: {n: (x if rule.inputs[n].is_parameter else x[:, a:b]) for n, x in inp.items()}
-    o, f = rule.scan(backend="triton", output_final_state=True, **inp)
-    o1, f1 = rule.scan(backend="triton", output_final_state=True, **split(0, 5))
-    o2, f2 = rule.scan(backend="triton", output_final_state=True, initial_state=f1, **split(5, 11))
-    close(torch.cat([o1, o2], 1), o, 1e-5, "o (split)")
-    close(f2, f, 1e-5, "final state (split)")
+    split_scan_matches(rule, random_inputs(rule, 2, 11, 2, 5, 6, seed=5), 5)
 
 
 @pytest.mark.parametrize("name", ["mamba", "longhorn_diag", "retnet"])

@@ -180,3 +180,25 @@ def compare_storage(rule, inp, h0, monkeypatch, dtype=torch.bfloat16, cu_seqlens
 
     close_all((o1, f1, g1), (o2, f2, g2), rtol, state_rtol, check)
     return rel
+
+
+def pin_fp32_storage(monkeypatch):
+    """The chunked path's chunk tensors and checkpoints in fp32 (the knobs' defaults), whatever the
+    environment says: tests that count or compare kernels rely on it."""
+    from olssm.kernels.triton import chunked
+    for knob in ("CHUNK_STORAGE", "CHECKPOINT_STORAGE"):
+        monkeypatch.setattr(chunked, knob, "fp32")
+        monkeypatch.delenv(f"OLSSM_TRITON_{knob}", raising=False)
+
+
+def split_scan_matches(rule, inp, cut, rtol=RTOL):
+    """backend="triton": scanning tokens [0, cut) and then [cut, T) from the first part's final state
+    gives the whole scan's o and final state."""
+    inp = {n: dev(x) for n, x in inp.items()}
+    part = lambda a, b: {n: (x if rule.inputs[n].is_parameter else x[:, a:b]) for n, x in inp.items()}
+    T = next(x.shape[1] for n, x in inp.items() if not rule.inputs[n].is_parameter)
+    o, f = rule.scan(backend="triton", output_final_state=True, **inp)
+    o1, f1 = rule.scan(backend="triton", output_final_state=True, **part(0, cut))
+    o2, f2 = rule.scan(backend="triton", output_final_state=True, initial_state=f1, **part(cut, T))
+    close(torch.cat([o1, o2], 1), o, rtol, "o (split)")
+    close(f2, f, rtol, "final state (split)")
