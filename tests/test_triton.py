@@ -10,7 +10,8 @@ for o, the final state and every gradient; bf16/fp16 inputs vs the fp32 referenc
 """
 import os
 
-from triton_testing import DEVICE as _DEVICE, close as _close, dev as _dev, separate_sequences_match, split_scan_matches  # noqa: E402  (sets TRITON_INTERPRET first)
+from triton_testing import (DEVICE as _DEVICE, close as _close, dev as _dev,  # noqa: E402  (sets TRITON_INTERPRET first)
+                            separate_sequences_match, split_scan_matches)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402

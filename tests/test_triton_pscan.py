@@ -10,7 +10,8 @@ that short sequences cross several blocks; T is never a multiple of BT.
 """
 import os
 
-from triton_testing import DEVICE, close, compare, dev, run, separate_sequences_match, split_scan_matches, spy  # noqa: E402  (sets TRITON_INTERPRET first)
+from triton_testing import (DEVICE, close, compare, dev, run, separate_sequences_match,  # noqa: E402  (sets TRITON_INTERPRET first)
+                            split_scan_matches, spy)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
