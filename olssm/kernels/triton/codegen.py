@@ -187,28 +187,38 @@ def _update_lines(indent: str, ref: dict, R: int, M: int) -> list[str]:
     return L
 
 
+def forward_head(name, syms, block, prologue, tiles, load_param) -> list[str]:
+    """The signature, prologue, parameter loads and initial state of a forward kernel (the token loop's
+    fwd_kernel: block "C"; the block scan's pfwd_kernel: "BT"); load_param(symbol name, kind) prints the
+    load of a learned parameter, loaded once per program (tiles: how they are shaped, for the comment)."""
+    ptrs = ", ".join(f"{s.name}_ptr" for s in syms)
+    pad = " " * (len(name) + 5)
+    src = [
+        "@triton.jit",
+        f"def {name}({ptrs}, o_ptr, h0_ptr, ht_ptr, ck_ptr, cu_ptr, T, H, DK, DV, NCK,",
+        f"{pad}BK: tl.constexpr, BV: tl.constexpr, {block}: tl.constexpr, USE_H0: tl.constexpr,",
+        f"{pad}STORE_HT: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr):",
+        prologue.rstrip("\n"),
+        f"    # learned parameters: loaded once per program{tiles}",
+    ]
+    for s in syms:
+        sp_ = spec_of(s)
+        if sp_.is_parameter:
+            src.append(f"    in_{s.name} = {load_param(s.name, sp_.kind)}")
+    return src + [
+        "    S = tl.zeros([BV, BK], tl.float32)",
+        "    if USE_H0:",
+        "        S += tl.load(h0_ptr + i_nh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)",
+    ]
+
+
 def forward_source(form) -> str:
     syms = symbols_of(form)
     ents = entries(form)
     R = len(form.corrections)
     lines, out = codegen(ents, TritonPrinter())
-    ptrs = ", ".join(f"{s.name}_ptr" for s in syms)
-    src = [
-        "@triton.jit",
-        f"def fwd_kernel({ptrs}, o_ptr, h0_ptr, ht_ptr, ck_ptr, cu_ptr, T, H, DK, DV, NCK,",
-        "               BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, USE_H0: tl.constexpr,",
-        "               STORE_HT: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr):",
-        _PROLOGUE.rstrip("\n"),
-        "    # learned parameters: loaded once per program",
-    ]
-    for s in syms:
-        sp_ = spec_of(s)
-        if sp_.is_parameter:
-            src.append(f"    in_{s.name} = {_load(s.name + '_ptr', 'i_h', sp_.kind)}")
+    src = forward_head("fwd_kernel", syms, "C", _PROLOGUE, "", lambda s, kind: _load(s + "_ptr", "i_h", kind))
     src += [
-        "    S = tl.zeros([BV, BK], tl.float32)",
-        "    if USE_H0:",
-        "        S += tl.load(h0_ptr + i_nh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)",
         "    for tt in range(bos, eos):",
         "        if SAVE_CK:",
         "            rel = tt - bos",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sympy as sp
 
 from ...objectives.core import COLUMN, ELEMENTWISE, ROW, SCALAR, spec_of
-from .codegen import HAS_ROWS, entries, entry_table, lift_csums, reverse_mode, symbols_of
+from .codegen import HAS_ROWS, entries, entry_table, forward_head, lift_csums, reverse_mode, symbols_of
 from .printer import TritonPrinter, codegen
 
 #: the printer of the block kernels: csum(x) is a masked sum over the key axis (2) of [BT, BV, BK] tiles
@@ -134,23 +134,9 @@ def pforward_source(form) -> str:
     ents = entries(form)
     M = len(form.inputs)
     lines, out = codegen(ents, printer3())
-    ptrs = ", ".join(f"{s.name}_ptr" for s in syms)
-    src = [
-        "@triton.jit",
-        f"def pfwd_kernel({ptrs}, o_ptr, h0_ptr, ht_ptr, ck_ptr, cu_ptr, T, H, DK, DV, NCK,",
-        "                BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, USE_H0: tl.constexpr,",
-        "                STORE_HT: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr):",
-        _PROLOGUE.rstrip("\n"),
-        "    # learned parameters: loaded once per program ([1, ...] tiles)",
-    ]
-    for s in syms:
-        sp_ = spec_of(s)
-        if sp_.is_parameter:
-            src.append(f"    in_{s.name} = {_load3(s.name + '_ptr', 'i_h', sp_.kind, None)}")
+    src = forward_head("pfwd_kernel", syms, "BT", _PROLOGUE, " ([1, ...] tiles)",
+                       lambda s, kind: _load3(s + "_ptr", "i_h", kind, None))
     src += [
-        "    S = tl.zeros([BV, BK], tl.float32)",
-        "    if USE_H0:",
-        "        S += tl.load(h0_ptr + i_nh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)",
         "    for ib in range(0, nb):",
         "        t0 = bos + ib * BT",
         "        if SAVE_CK:   # the state entering the block (checkpoint interval C = BT)",
