@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..rls import s_rule
 from .chunked import _np2, _sequence
+from .scan import checkpoint_interval, longest
 
 #: warps per program of the gain kernels by BK: P (and dP, P̃ in the backward) are [BK, BK] fp32 tiles
 #: in registers. sm_90 resource report (aot_check's compiler, fwd / bwd, stack = spills per thread):
@@ -131,11 +132,6 @@ def rls_gain_bwd_kernel(u_ptr, gam_ptr, r_ptr, ck_ptr, scr_ptr, dg_ptr, dpt_ptr,
     tl.store(dp0_ptr + base + poff, dP, mask=m2)
 
 
-def _checkpoint(max_len: int) -> int:
-    from .scan import _auto_checkpoint
-    return _auto_checkpoint(max_len)
-
-
 # sizes = [B, T, H, d_k, N, C]
 def _nck(sizes, max_len):
     return max(1, -(-max_len // sizes[5]))
@@ -208,8 +204,8 @@ torch.library.register_autograd("olssm::rls_gain_fwd", _backward, setup_context=
 def _triton_gain_scan(u, gamma, R, P0, cu):
     B, T, H, K = u.shape
     N = P0.shape[0]
-    max_len = T if cu is None else max([b - a for a, b in zip(cu.tolist(), cu.tolist()[1:])] + [0])
-    sizes = [B, T, H, K, N, _checkpoint(max_len)]
+    max_len = longest(T, cu)
+    sizes = [B, T, H, K, N, checkpoint_interval(max_len)]
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (u, gamma, R, P0))
     g, Pt, _ = torch.ops.olssm.rls_gain_fwd(u, gamma, R, P0, cu, sizes, max_len, save)
     return g, Pt

@@ -159,18 +159,30 @@ def _auto_checkpoint(T: int) -> int:
     return max(8, min(64, c))
 
 
+def longest(T: int, cu_seqlens) -> int:
+    """The longest sequence: T, or the longest packed one of cu_seqlens."""
+    if cu_seqlens is None:
+        return T
+    cu = cu_seqlens.tolist()
+    return max([b - a for a, b in zip(cu, cu[1:])] + [0])
+
+
+def checkpoint_interval(max_len: int) -> int:
+    """Tokens between the states a recurrent forward saves for its backward (CHECKPOINT, else ≈ √max_len)."""
+    return int(CHECKPOINT) if CHECKPOINT else _auto_checkpoint(max_len)
+
+
 class _Meta:
     def __init__(self, args, names):
         self.B, self.T, self.H, self.d_k, self.d_v = args.B, args.T, args.H, args.d_k, args.d_v
         self.N = args.num_sequences
         self.cu = None if args.cu_seqlens is None else args.cu_seqlens.to(args.device).contiguous()
-        self.max_len = args.T if args.cu_seqlens is None else max(
-            [b - a for a, b in zip(args.cu_seqlens.tolist(), args.cu_seqlens.tolist()[1:])] + [0])
+        self.max_len = longest(args.T, args.cu_seqlens)
         self.names = names
         self.out_dtype = args.out_dtype
         self.params = {n for n in names if n in args.params}
         self.has_h0 = args.initial_state is not None
-        self.checkpoint = int(CHECKPOINT) if CHECKPOINT else _auto_checkpoint(self.max_len)
+        self.checkpoint = checkpoint_interval(self.max_len)
 
 
 def triton_scan(args):
