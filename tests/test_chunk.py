@@ -337,13 +337,14 @@ def test_loop_engine_three_passes_equal_one_pass():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["mamba", "longhorn_diag"])
-def test_cpu_single_pass_across_coefficient_blocks(name, monkeypatch):
-    """The CPU single pass evaluates coefficients a block of tokens at a time; with blocks of 3 tokens,
+@pytest.mark.parametrize("name", ["mamba", "longhorn_diag", "longhorn"])
+def test_cpu_recurrent_engine_across_blocks(name, monkeypatch):
+    """On a CPU these rules run the token loop with a hand-written adjoint (recurrent.py), which
+    checkpoints and evaluates coefficients a block of tokens at a time; with blocks of 3 tokens,
     sequences of 11 span several blocks: outputs, final states and every gradient must still equal the
     reference (fp64, 1e-9), with and without packed sequences."""
     import olssm.kernels.chunk as chunk_mod
-    monkeypatch.setattr(chunk_mod, "_LOOP_BLOCK", 3)
+    monkeypatch.setattr(chunk_mod, "RECURRENT_BLOCK", 3)
     rule = cat.ENTRIES[name].rule
     inp = {n: x.double() for n, x in cat.random_inputs(rule, 2, 11, 2, 4, 3, seed=7).items()}
     _compare(rule, inp, tol=1e-9, init=_init(rule, 2, 2, 4, 3, torch.float64), what=f"{name} blocks")

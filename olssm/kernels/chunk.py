@@ -13,8 +13,10 @@ Three engines, picked from the *evaluated* shapes of the normal-form coefficient
   token by chunked decayed prefix sums, a batched solve per token, then G by the linear engine
   with x_t = (H_t + diag λ)⁻¹ q_t as its query.
 
-Anything else (e.g. an elementwise decay together with corrections) runs the reference loop and
-says so with a ``ChunkFallbackWarning``.
+On a CPU, elementwise decays, per-row corrections and the structures no engine chunks (an
+elementwise decay together with corrections, ...) run ``recurrent.recurrent_scan`` instead: the token
+loop with a hand-written adjoint (CHUNK.md §5); the unchunkable ones say so with a
+``ChunkFallbackWarning`` (elsewhere they run the reference loop).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import sympy as sp
 import torch
 
 from ..derive.rule import ExactForm, NormalForm, closed_form_log, evaluator
+from .recurrent import Plan, recurrent_scan
 
 # log of a decay is clamped here so that an exact 0 decay (a reset) stays finite; exp of the
 # clamped cumulative sums underflows to 0 as it should (see CHUNK.md, "zero decays").
@@ -36,7 +39,7 @@ _FACTOR_RANGE = 30.0
 _ROW_CHUNK = 8
 
 
-_LOOP_BLOCK = 128   # tokens of coefficients evaluated at once by the CPU single pass
+RECURRENT_BLOCK = 64   # tokens per checkpoint / coefficient block of the CPU recurrent engine
 
 
 class ChunkFallbackWarning(UserWarning):
@@ -382,6 +385,13 @@ def _plan(form, ev):
     return "linear", None
 
 
+def _per_row_corrections(form, ev):
+    """Corrections whose transition differs between value rows (a row coefficient c_r or a row decay):
+    the chunked form needs one triangular inverse per row and chunk (CHUNK.md §2)."""
+    R = len(form.corrections)
+    return R > 0 and (ev["decay"].shape[-2] > 1 or any(ev[f"c{r}"].shape[-2] > 1 for r in range(R)))
+
+
 def _log_decay_expr(decay):
     """{"logdecay": log Λ} in closed form (CHUNK.md, "gradients and tiny decays"), else nothing."""
     le = None if sp.sympify(decay) == 1 else closed_form_log(decay)
@@ -429,26 +439,30 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
     # the plan depends only on which indices each coefficient carries: one token tells
     probe = {nm: _full(x, B, min(T, 1), H, dt, args.device) for nm, x in evaluate(lay_at(slice(None), 0, 1)).items()}
     engine, why = _plan(form, probe)
-    # elementwise decays on a CPU: one pass, coefficients evaluated a block of tokens at a time (an
-    # all-at-once exp(Δ A) is a [B, T, H, d_v, d_k] tensor — memory traffic, not arithmetic, was the cost)
-    blockwise = engine == "loop" and not exact and args.device.type == "cpu"
-    ev = None if blockwise else {nm: _full(x, B, T, H, dt, args.device) for nm, x in evaluate(lay).items()}
+    # on a CPU, elementwise decays and per-row corrections run the token loop with a hand-written
+    # adjoint (recurrent.py, CHUNK.md §5): their chunked forms move T·d_v·d_k (or T·d_v·C) elements
+    # through memory, more than the loop's L2-resident steps; coefficients are evaluated per block
+    recurrent = not exact and args.device.type == "cpu" and (
+        engine in ("loop", None) or (engine == "linear" and _per_row_corrections(form, probe)))
+    ev = None if recurrent else {nm: _full(x, B, T, H, dt, args.device) for nm, x in evaluate(lay).items()}
     if engine is None:
-        warnings.warn(f"chunk backend: cannot chunk {why} (rule structure: {rule.structure}); running the "
-                      "reference loop instead (backend='reference' says so explicitly)", ChunkFallbackWarning,
-                      stacklevel=3)
-        from .reference import reference_scan
-        return reference_scan(args)
+        warnings.warn(f"chunk backend: cannot chunk {why} (rule structure: {rule.structure}); running "
+                      + ("a token loop (the recurrent engine)" if recurrent else
+                         "the reference loop instead (backend='reference' says so explicitly)"),
+                      ChunkFallbackWarning, stacklevel=3)
+        if not recurrent:
+            from .reference import reference_scan
+            return reference_scan(args)
 
     none_decay = exprs["decay"] == 1
     logd = None
-    if blockwise:
+    if recurrent:
         ins = corrs = None
     elif not none_decay and engine != "loop":      # the loop engine multiplies decays, no logs needed
         lev = _log_evaluator_for(form)
         logd = (_full(lev(lay)["logdecay"], B, T, H, dt, args.device).clamp_min(_LOG_FLOOR) if lev is not None
                 else _log_decay(ev["decay"]))
-    if blockwise:
+    if recurrent:
         pass
     elif exact:
         X = sum((ev[f"R{r}"] * ev[f"u{r}"].transpose(-1, -2) * ev[f"uw{r}"] for r in range(len(form.gram))),
@@ -475,17 +489,11 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
         S0 = initial(sl, count)
         if t1 == t0:
             return torch.zeros(count, 0, H, V, dtype=dt, device=args.device), S0
-        if blockwise:
-            # the three passes parallelise over chunks but do twice the work; a CPU gains nothing
-            # from that parallelism, so it runs one pass, _LOOP_BLOCK tokens of coefficients at a time
-            outs, S = [], S0
-            for b0 in range(t0, t1, _LOOP_BLOCK):
-                b1 = min(b0 + _LOOP_BLOCK, t1)
-                e = {nm: _full(x, count, b1 - b0, H, dt, args.device) for nm, x in evaluate(lay_at(bs, b0, b1)).items()}
-                o_b, S = _loop_engine(None if none_decay else e["decay"],
-                                      [(e[f"e{m}"], e[f"w{m}"]) for m in range(len(form.inputs))], e["q"], S, b1 - b0)
-                outs.append(o_b)
-            return torch.cat(outs, 1), S
+        if recurrent:
+            plan = Plan(lambda inp, L: {nm: _full(x, L, count, H, dt, args.device) for nm, x in evaluate(inp).items()},
+                        len(form.corrections), len(form.inputs), not none_decay, (count, t1 - t0, H, V, K))
+            tok = {n: x[bs, t0:t1] for n, x in lay.items() if n in tokens}
+            return recurrent_scan(plan, tok, {n: x for n, x in lay.items() if n not in tokens}, S0, RECURRENT_BLOCK)
         C = min(chunk_size, t1 - t0)
         ld = None if logd is None else cut(logd)
         if exact:

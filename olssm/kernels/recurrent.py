@@ -1,0 +1,230 @@
+"""A token loop with a hand-written adjoint: the chunk backend's CPU engine for the structures that a
+CPU cannot chunk profitably (elementwise decays, per-row corrections). Math: CHUNK.md §5.
+
+Why a loop: an elementwise decay has no matmul form, and per-row corrections need one triangular
+inverse per value row and chunk. Both make chunked tensors of T·d_v·d_k or T·d_v·C elements whose
+passes through memory cost more than the token loop's L2-resident steps on a [B, H, d_v, d_k] state.
+What made the loop slow was autograd (a graph node per token and per op, the backward of T per-token
+output writes); here the backward is written out: states are recomputed from checkpoints block by
+block, the adjoint state runs backwards token by token, and the gradients of the normal-form entries
+flow to the user's inputs through one autograd call per block of re-evaluated coefficients (so an
+elementwise entry such as Mamba's exp(Δ A) is never materialised for all tokens).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _contract(x, y, X, Y, out=None):
+    """Σ of x ⊙ y over the axes an entry of per-token shape [..., X, Y] broadcasts along (X ∈ {1, d_v},
+    Y ∈ {1, d_k}): the gradient of a broadcast factor. Operands are contiguous per-token tensors (a
+    strided GEMV copies first and costs 4× as much on a CPU)."""
+    V, K = max(x.shape[-2], y.shape[-2]), max(x.shape[-1], y.shape[-1])
+    if out is not None and X == V and Y == K and K > 1:
+        return torch.mul(x, y, out=out)
+    if K == 1 or (X == V and Y == K):                  # nothing to contract over columns
+        r = x * y
+        if X == 1 and V > 1:
+            r = r.sum(-2, keepdim=True)
+    elif Y == 1 and X == V and y.shape[-2] == 1:
+        r = x @ y.mT                                   # [.., V, K] @ [.., K, 1]: one GEMV
+    elif Y == 1 and X == V and x.shape[-2] == 1:
+        r = y @ x.mT
+    elif Y == 1 and X == V:
+        r = torch.linalg.vecdot(x, y).unsqueeze(-1)
+    elif X == 1 and y.shape[-1] == 1 and x.shape[-2] == V:
+        r = y.mT @ x                                   # [.., 1, V] @ [.., V, K]: one GEMV
+    elif X == 1 and x.shape[-1] == 1 and y.shape[-2] == V:
+        r = x.mT @ y
+    else:
+        r = (x * y).sum([d for d, keep in ((-2, X == V), (-1, Y == K)) if not keep], keepdim=True)
+    if r.shape[-1] != Y:
+        r = r.sum(-1, keepdim=True)
+    return r.expand(*r.shape[:-2], X, Y) if r.shape[-2:] != (X, Y) else r
+
+
+class Plan:
+    """What the loop needs to know about a normal form: R corrections, M input terms, whether there
+    is a decay, and `entries(inputs, L)`: every normal-form entry for a block of L tokens as
+    [L, B, H, X, Y] tensors from token inputs given as [L, B, ...] (the chunk backend's evaluator,
+    broadcast; time leading, so that each token's entry is one contiguous piece)."""
+
+    def __init__(self, entries, R, M, decay, shape):
+        self.entries, self.R, self.M, self.decay = entries, R, M, decay
+        self.B, self.T, self.H, self.V, self.K = shape
+        self.corr = [(f"c{r}", f"a{r}", f"b{r}") for r in range(R)]
+        self.ins = [(f"e{m}", f"w{m}") for m in range(M)]
+
+
+def _per_token(ent, L):
+    """[L, B, H, X, Y] entries -> L dicts of contiguous [B, H, X, Y] tensors (a copy only for entries
+    that are views of the inputs, once per distinct tensor: DeltaNet's a = b = w = k is one)."""
+    cols, seen = {}, {}
+    for n, x in ent.items():
+        if id(x) not in seen:
+            seen[id(x)] = x.contiguous().unbind(0)
+        cols[n] = seen[id(x)]
+    return [{n: c[i] for n, c in cols.items()} for i in range(L)]
+
+
+def _advance_(S, St, e, plan, ps=None):
+    """One token of the normal form into S, in place (S̃ given: S itself, or Λ ⊙ S_{t-1} written into S);
+    returns [p_r] = [S̃ a_r] (into the tensors `ps` if given). Writing in place matters on a CPU: a
+    fresh 128 KB state per token is an mmap and its page faults."""
+    if ps is None:
+        ps = [St @ e[a].mT for _, a, _ in plan.corr]
+    else:
+        for (_, a, _), p in zip(plan.corr, ps):
+            torch.matmul(St, e[a].mT, out=p)
+    for (c, _, b), p in zip(plan.corr, ps):
+        S.addcmul_(e[c] * p, e[b], value=-1)
+    for en, wn in plan.ins:
+        S.addcmul_(e[en], e[wn])
+    return ps
+
+
+class _RecurrentScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan, block, names, S0, *flat):
+        T = plan.T
+        inputs = dict(zip(names, flat))
+        # outputs go into one buffer: T small tensors interleaved with each block's large coefficient
+        # tensors fragment glibc's heap (measured: +24 MB resident per block for Mamba at d = 64)
+        o = S0.new_empty(T, plan.B, plan.H, plan.V, 1)
+        ckpts = S0.new_empty(-(-T // block), *S0.shape)
+        S = S0.clone()
+        for j, t0 in enumerate(range(0, T, block)):
+            ckpts[j].copy_(S)
+            L = min(block, T - t0)
+            for i, e in enumerate(_per_token(plan.entries(_block(inputs, plan, t0, L), L), L)):
+                if plan.decay:
+                    S.mul_(e["decay"])
+                # with corrections and no decay S̃ = S_{t-1} is read before S changes: p first
+                _advance_(S, S, e, plan)
+                torch.matmul(S, e["q"].mT, out=o[t0 + i])
+        ctx.plan, ctx.block, ctx.names = plan, block, names
+        ctx.save_for_backward(ckpts, *flat)
+        return o[..., 0].transpose(0, 1), S
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        plan, block, names = ctx.plan, ctx.block, ctx.names
+        ckpts, *flat = ctx.saved_tensors
+        decay, T = plan.decay, plan.T
+        need = dict(zip(names, ctx.needs_input_grad[4:]))
+        inputs = dict(zip(names, flat))
+        grads = {n: None for n in names}
+        G = dS.clone()
+        # every per-token quantity that lives until the end of its block goes into a buffer allocated
+        # once: small tensors kept alive between each block's large ones fragment glibc's heap
+        full = {}
+        states = torch.empty(min(block, T) + 1, *G.shape, dtype=G.dtype, device=G.device)
+        p_buf = G.new_empty(plan.R, min(block, T), *G.shape[:-1], 1)
+        for j in reversed(range(ckpts.shape[0])):
+            t0 = j * block
+            L = min(block, T - t0)
+            with torch.enable_grad():
+                leaves = {n: x.detach().requires_grad_(need[n]) for n, x in _block(inputs, plan, t0, L).items()}
+                ent = plan.entries(leaves, L)
+            live = [n for n, x in ent.items() if x.requires_grad]
+            shape = {n: tuple(x.shape[-2:]) for n, x in ent.items()}
+            toks = _per_token({n: x.detach() for n, x in ent.items()}, L)
+            do_j = do[:, t0:t0 + L].transpose(0, 1).unsqueeze(-1).contiguous().unbind(0)
+            # recompute the block's states from its checkpoint: states[i] = S entering token i
+            states[0].copy_(ckpts[j])
+            for i, e in enumerate(toks):
+                S = states[i + 1]
+                if decay:
+                    torch.mul(e["decay"], states[i], out=S)
+                else:
+                    S.copy_(states[i])
+                _advance_(S, S if decay else states[i], e, plan, p_buf[:, i].unbind(0))
+            dent = {n: [None] * L for n in live}
+            # full-size (elementwise) entry gradients go into one buffer per entry: a fresh
+            # [B, H, d_v, d_k] tensor per token would be an mmap and its page faults on a CPU
+            for n in live:
+                if n not in full:
+                    full[n] = G.new_empty(min(block, T), *G.shape[:-2], *shape[n])
+                dent[n] = full[n][:L].unbind(0)
+            for i in reversed(range(L)):
+                e, ps, prev, S = toks[i], p_buf[:, i].unbind(0), states[i], states[i + 1]
+                memo = {}
+
+                def contract(x, y, n_or_shape):
+                    """_contract, once per token for a repeated (x, y) pair: DeltaNet-like rules read
+                    G b and G w with b = w. The memo keeps x and y alive, so that ids stay unique."""
+                    XY = shape[n_or_shape] if isinstance(n_or_shape, str) else n_or_shape
+                    key = (id(x), id(y), XY)
+                    if key not in memo:
+                        memo[key] = (x, y, _contract(x, y, *XY))
+                    return memo[key][2]
+
+                def put(n, x, y, sign=1):
+                    """dent[n][i] = ± Σ x ⊙ y over n's broadcast axes."""
+                    out = dent[n][i]
+                    if out.shape[-2:] == G.shape[-2:] and G.shape[-1] > 1:
+                        _contract(x, y, *shape[n], out=out)
+                    else:
+                        out.copy_(contract(x, y, n))
+                    if sign < 0:
+                        out.neg_()
+
+                do_i = do_j[i]
+                G.addcmul_(do_i, e["q"])                 # G is ours: a clone or a product of this loop
+                if "q" in dent:
+                    put("q", do_i, S)
+                for en, wn in plan.ins:
+                    if en in dent:
+                        put(en, G, e[wn])
+                    if wn in dent:
+                        put(wn, G, e[en])
+                if plan.corr:
+                    St = e["decay"] * prev if decay else prev
+                dps = []
+                for (cn, an, bn), p in zip(plan.corr, ps):   # every correction reads the same S̃ and G
+                    c = e[cn]
+                    cp = c * p
+                    dcp = -contract(G, e[bn], tuple(cp.shape[-2:]))
+                    if bn in dent:
+                        put(bn, G, cp, -1)
+                    if cn in dent:
+                        put(cn, dcp, p)
+                    dp = _contract(dcp, c, p.shape[-2], 1)
+                    if an in dent:
+                        put(an, dp, St)
+                    dps.append(dp)
+                for (_, an, _), dp in zip(plan.corr, dps):
+                    G.addcmul_(dp, e[an])                # G is dS̃ now
+                if decay:
+                    if "decay" in dent:
+                        put("decay", G, prev)
+                    G.mul_(e["decay"])
+            if live:
+                wrt = [n for n in names if need[n]]
+                gouts = [full[n][:L] for n in live]
+                got = torch.autograd.grad([ent[n] for n in live], [leaves[n] for n in wrt], gouts, allow_unused=True)
+                for n, g in zip(wrt, got):
+                    if g is None:
+                        continue
+                    if n in plan.token_names:
+                        if grads[n] is None:
+                            grads[n] = torch.zeros_like(inputs[n])
+                        grads[n][:, t0:t0 + L] += g.transpose(0, 1)
+                    else:
+                        grads[n] = g if grads[n] is None else grads[n] + g
+        return (None, None, None, G, *[grads[n] for n in names])
+
+
+def _block(inputs, plan, t0, L):
+    """Tokens t0..t0+L as [L, B, ...] (parameters whole)."""
+    return {n: (x[:, t0:t0 + L].transpose(0, 1) if n in plan.token_names else x) for n, x in inputs.items()}
+
+
+def recurrent_scan(plan, tokens, params, S0, block=64):
+    """o [B, T, H, d_v] and the final state of the normal form `plan` on inputs `tokens` ([B, T, ...],
+    sliced along T per block) and `params` (whole), from S0 [B, H, d_v, d_k] in the compute dtype."""
+    plan.token_names = frozenset(tokens)
+    names = tuple(tokens) + tuple(params)
+    if plan.T == 0:
+        return S0.new_zeros(plan.B, 0, plan.H, plan.V), S0
+    return _RecurrentScan.apply(plan, block, names, S0, *tokens.values(), *params.values())
