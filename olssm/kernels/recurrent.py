@@ -116,10 +116,14 @@ class _RecurrentScan(torch.autograd.Function):
         grads = {n: None for n in names}
         G = dS.clone()
         # every per-token quantity that lives until the end of its block goes into a buffer allocated
-        # once: small tensors kept alive between each block's large ones fragment glibc's heap
-        full = {}
-        states = torch.empty(min(block, T) + 1, *G.shape, dtype=G.dtype, device=G.device)
-        p_buf = G.new_empty(plan.R, min(block, T), *G.shape[:-1], 1)
+        # once: small tensors kept alive between each block's large ones fragment glibc's heap. Views
+        # into them are made once too (Python overhead is a good part of a CPU token loop).
+        Lmax = min(block, T)
+        states = G.new_empty(Lmax + 1, *G.shape).unbind(0)      # states[i]: S entering token i
+        p_buf = G.new_empty(Lmax, plan.R, *G.shape[:-1], 1)
+        p_tok = [p.unbind(0) for p in p_buf.unbind(0)]
+        full, dent_tok = {}, {}
+        VK = tuple(G.shape[-2:])
         for j in reversed(range(ckpts.shape[0])):
             t0 = j * block
             L = min(block, T - t0)
@@ -128,9 +132,12 @@ class _RecurrentScan(torch.autograd.Function):
                 ent = plan.entries(leaves, L)
             live = [n for n, x in ent.items() if x.requires_grad]
             shape = {n: tuple(x.shape[-2:]) for n, x in ent.items()}
+            for n in live:
+                if n not in full:
+                    full[n] = G.new_empty(Lmax, *G.shape[:-2], *shape[n])
+                    dent_tok[n] = full[n].unbind(0)
             toks = _per_token({n: x.detach() for n, x in ent.items()}, L)
             do_j = do[:, t0:t0 + L].transpose(0, 1).unsqueeze(-1).contiguous().unbind(0)
-            # recompute the block's states from its checkpoint: states[i] = S entering token i
             states[0].copy_(ckpts[j])
             for i, e in enumerate(toks):
                 S = states[i + 1]
@@ -138,46 +145,40 @@ class _RecurrentScan(torch.autograd.Function):
                     torch.mul(e["decay"], states[i], out=S)
                 else:
                     S.copy_(states[i])
-                _advance_(S, S if decay else states[i], e, plan, p_buf[:, i].unbind(0))
-            dent = {n: [None] * L for n in live}
-            # full-size (elementwise) entry gradients go into one buffer per entry: a fresh
-            # [B, H, d_v, d_k] tensor per token would be an mmap and its page faults on a CPU
-            for n in live:
-                if n not in full:
-                    full[n] = G.new_empty(min(block, T), *G.shape[:-2], *shape[n])
-                dent[n] = full[n][:L].unbind(0)
+                _advance_(S, S if decay else states[i], e, plan, p_tok[i])
+            memo = {}
+
+            def contract(x, y, XY):
+                """_contract, once per token for a repeated (x, y) pair: DeltaNet-like rules read G b
+                and G w with b = w. The memo keeps x and y alive, so that ids stay unique."""
+                key = (id(x), id(y), XY)
+                hit = memo.get(key)
+                if hit is None:
+                    hit = memo[key] = (x, y, _contract(x, y, *XY))
+                return hit[2]
+
+            def put(n, i, x, y, negate=False):
+                """The gradient of entry n at token i: ± Σ x ⊙ y over n's broadcast axes."""
+                out = dent_tok[n][i]
+                if shape[n] == VK and VK[-1] > 1:
+                    _contract(x, y, *VK, out=out)
+                else:
+                    out.copy_(contract(x, y, shape[n]))
+                if negate:
+                    out.neg_()
+
             for i in reversed(range(L)):
-                e, ps, prev, S = toks[i], p_buf[:, i].unbind(0), states[i], states[i + 1]
-                memo = {}
-
-                def contract(x, y, n_or_shape):
-                    """_contract, once per token for a repeated (x, y) pair: DeltaNet-like rules read
-                    G b and G w with b = w. The memo keeps x and y alive, so that ids stay unique."""
-                    XY = shape[n_or_shape] if isinstance(n_or_shape, str) else n_or_shape
-                    key = (id(x), id(y), XY)
-                    if key not in memo:
-                        memo[key] = (x, y, _contract(x, y, *XY))
-                    return memo[key][2]
-
-                def put(n, x, y, sign=1):
-                    """dent[n][i] = ± Σ x ⊙ y over n's broadcast axes."""
-                    out = dent[n][i]
-                    if out.shape[-2:] == G.shape[-2:] and G.shape[-1] > 1:
-                        _contract(x, y, *shape[n], out=out)
-                    else:
-                        out.copy_(contract(x, y, n))
-                    if sign < 0:
-                        out.neg_()
-
+                e, ps, prev, S = toks[i], p_tok[i], states[i], states[i + 1]
+                memo.clear()
                 do_i = do_j[i]
                 G.addcmul_(do_i, e["q"])                 # G is ours: a clone or a product of this loop
-                if "q" in dent:
-                    put("q", do_i, S)
+                if "q" in full:
+                    put("q", i, do_i, S)
                 for en, wn in plan.ins:
-                    if en in dent:
-                        put(en, G, e[wn])
-                    if wn in dent:
-                        put(wn, G, e[en])
+                    if en in full:
+                        put(en, i, G, e[wn])
+                    if wn in full:
+                        put(wn, i, G, e[en])
                 if plan.corr:
                     St = e["decay"] * prev if decay else prev
                 dps = []
@@ -185,19 +186,19 @@ class _RecurrentScan(torch.autograd.Function):
                     c = e[cn]
                     cp = c * p
                     dcp = -contract(G, e[bn], tuple(cp.shape[-2:]))
-                    if bn in dent:
-                        put(bn, G, cp, -1)
-                    if cn in dent:
-                        put(cn, dcp, p)
+                    if bn in full:
+                        put(bn, i, G, cp, True)
+                    if cn in full:
+                        put(cn, i, dcp, p)
                     dp = _contract(dcp, c, p.shape[-2], 1)
-                    if an in dent:
-                        put(an, dp, St)
+                    if an in full:
+                        put(an, i, dp, St)
                     dps.append(dp)
                 for (_, an, _), dp in zip(plan.corr, dps):
                     G.addcmul_(dp, e[an])                # G is dS̃ now
                 if decay:
-                    if "decay" in dent:
-                        put("decay", G, prev)
+                    if "decay" in full:
+                        put("decay", i, G, prev)
                     G.mul_(e["decay"])
             if live:
                 wrt = [n for n in names if need[n]]
