@@ -149,6 +149,13 @@ def _unit_lower_inverse(N):
     return inv[..., :m, :m] if p != m else inv
 
 
+def _same(x, y):
+    """Two evaluated coefficients that are the same values (views of one input: DeltaNet's b and w
+    are both k), known without reading them."""
+    return (x.shape == y.shape and x.dtype == y.dtype and x.stride() == y.stride()
+            and x.data_ptr() == y.data_ptr())
+
+
 def _gmm(Lm, Rm):
     """Lm [..., G1, m, k] @ Rm [..., G2, k, r] without broadcasting a shared (G = 1) operand over the
     d_v per-row groups when the other side is a single row/column per group (one GEMM instead)."""
@@ -205,12 +212,24 @@ def _linear_engine(logd, corrs, ins, q, S0, C):
         y = x.unsqueeze(-2) * f.unsqueeze(-3)                        # [b, C, P, gL, K]
         return y.movedim(-2, 3).reshape(B, H, n, gL, -1, K)
 
-    pair = lambda z, y, strict: _pair(z, y, Lc, strict, factor)
-    if M:
+    pairs = {}
+
+    def pair(z, y, strict):    # once per distinct (z, y): DeltaNet's K(a, b) = K(a, w) = k kᵀ
+        key = (id(z), id(y), strict)
+        if key not in pairs:
+            pairs[key] = _pair(z, y, Lc, strict, factor)
+        return pairs[key]
+
+    # tied: every input term's key is its correction's b (DeltaNet, Gated DeltaNet: w = b = k), so
+    # the input and correction terms share one product each: (e − δ) against b (CHUNK.md §2)
+    tied = R == M and R > 0 and not row and all(_same(b, w) for (_, _, b), (_, w) in zip(corrs, ins))
+    if M and not tied:
         Sloc = _gmm(ef.transpose(-1, -2), decayed(W, dec if Lc is not None else None))   # [b, g, Rg, K]
     if R:
         A = ck(torch.cat([a.expand(*a.shape[:3], 1, K) for _, a, _ in corrs], -2))  # [b, C, R, K]
-        Bv = ck(torch.cat([b.expand(*b.shape[:3], 1, K) for _, _, b in corrs], -2))
+        Bv = W if tied else ck(torch.cat([b.expand(*b.shape[:3], 1, K) for _, _, b in corrs], -2))
+        if M and all(_same(a, w) for (_, a, _), (_, w) in zip(corrs, ins)):
+            A = W
         gc = V if any(c.shape[-2] > 1 for c, _, _ in corrs) else 1
         cc = ck(torch.cat([c.expand(*c.shape[:3], gc, 1) for c, _, _ in corrs], -1))  # [b, C, gc, R]
         cf = cc.permute(0, 1, 2, 4, 3, 5).reshape(B, H, n, gc, C * R)
@@ -233,7 +252,8 @@ def _linear_engine(logd, corrs, ins, q, S0, C):
     # index chunks through unbind (one backward node) rather than x[:, :, j] (n full-size zero grads)
     ub = lambda x: x.unbind(2) if x is not None else [None] * n
     gam_j = ub(gam.unsqueeze(-2) if Lc is not None else None)
-    Sloc_j = ub(Sloc if M else None)
+    Sloc_j = ub(Sloc if M and not tied else None)
+    ef_j = ub(ef if tied else None)
     if R:
         Bdec_j = ub(Bdec)
         if per_row:
@@ -245,7 +265,7 @@ def _linear_engine(logd, corrs, ins, q, S0, C):
     for j in range(n):
         S0s.append(S)
         new = S if Lc is None else S * gam_j[j]
-        if M:
+        if M and not tied:
             new = new + Sloc_j[j]
         if R:
             if per_row:
@@ -257,14 +277,18 @@ def _linear_engine(logd, corrs, ins, q, S0, C):
                 if U_j[j] is not None:
                     d = d + U_j[j]
             deltas.append(d)
-            new = new - _gmm(d.transpose(-1, -2), Bdec_j[j])
+            new = new + (ef_j[j] - d).transpose(-1, -2) @ Bdec_j[j] if tied else \
+                new - _gmm(d.transpose(-1, -2), Bdec_j[j])
         S = new
     S0s = torch.stack(S0s, 2)                                        # [b, g, Rg, K]
     o = _gmm(decayed(Q, eL if Lc is not None else None), S0s.transpose(-1, -2))      # [b, G, C, Rg]
-    if M:
-        o = o + _gmm(pair(Q, W, False), ef)
-    if R:
-        o = o - _gmm(pair(Q, Bv, False), torch.stack(deltas, 2))
+    if tied:
+        o = o + pair(Q, Bv, False) @ (ef - torch.stack(deltas, 2))
+    else:
+        if M:
+            o = o + _gmm(pair(Q, W, False), ef)
+        if R:
+            o = o - _gmm(pair(Q, Bv, False), torch.stack(deltas, 2))
     o = o.expand(B, H, n, g, C, Rg).permute(0, 1, 2, 4, 3, 5).reshape(B, H, Tp, V)
     return o[:, :, :T].transpose(1, 2), S.reshape(B, H, V, K)
 
