@@ -228,7 +228,7 @@ def _linear_engine(logd, corrs, ins, q, S0, C):
     if R:
         A = ck(torch.cat([a.expand(*a.shape[:3], 1, K) for _, a, _ in corrs], -2))  # [b, C, R, K]
         Bv = W if tied else ck(torch.cat([b.expand(*b.shape[:3], 1, K) for _, _, b in corrs], -2))
-        if M and all(_same(a, w) for (_, a, _), (_, w) in zip(corrs, ins)):
+        if R == M and all(_same(a, w) for (_, a, _), (_, w) in zip(corrs, ins)):
             A = W
         gc = V if any(c.shape[-2] > 1 for c, _, _ in corrs) else 1
         cc = ck(torch.cat([c.expand(*c.shape[:3], gc, 1) for c, _, _ in corrs], -1))  # [b, C, gc, R]
