@@ -180,6 +180,33 @@ def test_varlen(calls, ties, monkeypatch):
     assert ties == [("value", True), ("key", True)]
 
 
+@pytest.mark.parametrize("name, cu", [("gated_deltanet", None), ("deltanet", [0, 5, 5, 6, 43])])
+def test_backward_reads_the_forwards_chunk_core(name, cu, calls, monkeypatch):
+    """The split forward keeps T_c and W̃ (chunked.saves_chunk_core: the op's aux output) and the backward's
+    prep kernel skips its own UT inverse (HAVE_TC): every gradient bit-identical to the backward that
+    recomputes both (the same _ut_inverse on the same chunk tensors), and both against the reference."""
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    have_tc = []
+    real = tdelta.chunk_delta_bwd_prep_kernel
+
+    class Launch:
+        def __getitem__(self, grid):
+            return lambda *a, **k: have_tc.append(k.get("HAVE_TC", False)) or real[grid](*a, **k)
+
+    monkeypatch.setattr(tdelta, "chunk_delta_bwd_prep_kernel", Launch())
+    rule = ENTRIES[name].rule
+    T = 43 if cu else 37
+    inp = random_inputs(rule, 1, T, 2, 4, 5, seed=6)
+    h0 = 0.3 * torch.randn(4 if cu else 1, 2, 5, 4, generator=torch.Generator().manual_seed(6))
+    cu_t = _dev(torch.tensor(cu, dtype=torch.int32)) if cu else None
+    g_saved = _compare(rule, inp, h0, cu_seqlens=cu_t)
+    monkeypatch.setattr(tchunk, "saves_chunk_core", lambda *a: False)
+    g_recomputed = _compare(rule, inp, h0, cu_seqlens=cu_t)
+    assert have_tc == [True, False] and len(calls) == 2
+    for n in g_saved:
+        assert torch.equal(g_saved[n], g_recomputed[n]), n
+
+
 def test_value_and_key_blocks(calls, ties, monkeypatch):
     # d_k = 20 (BK = 32: two 16-column blocks, two key-kernel programs), d_v = 40: three 16-row blocks in
     # prep / value (partial ∂c), two 32-row blocks in the state pass and the key kernel's loop; no initial state
@@ -384,7 +411,7 @@ def test_opcheck_and_torch_compile(name, dtype, ck, calls, monkeypatch):
                None if ck_dtype == torch.float32 else ck_dtype)
     torch.library.opcheck(torch.ops.olssm.triton_scan_fwd.default, op_args)
     assert calls
-    o, ht, ckpt = torch.ops.olssm.triton_scan_fwd(*op_args)
+    o, ht, ckpt, _ = torch.ops.olssm.triton_scan_fwd(*op_args)
     assert ckpt.dtype == ck_dtype and ht.dtype == torch.float32
     grads = torch.autograd.grad((o.float() * o.float()).sum() + ht.sum(), [*chunk_in, h0])
     assert [g.dtype for g in grads] == [x.dtype for x in (*chunk_in, h0)]

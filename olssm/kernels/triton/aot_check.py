@@ -101,6 +101,9 @@ def variants(BT, BK, BV, prec, BVW=None):
                 tag = f"decay={'scalar' if gated else 'none'} varlen={varlen}{' tied' if tied else ''}"
                 kw = dict(GATED=gated, VARLEN=varlen, TIED=tied)
                 yield f"delta split prep {tag}", ch.chunk_delta_prep_kernel, dict(wide, **kw)
+                if tied:   # training: T_c kept for the backward (chunked.saves_chunk_core)
+                    yield (f"delta split prep {tag} SAVE_TC", ch.chunk_delta_prep_kernel,
+                           dict(wide, SAVE_TC=True, **kw))
                 yield f"delta split state {tag}", ch.chunk_delta_state_kernel, dict(state, **kw)
                 yield f"delta split out {tag}", ch.chunk_delta_out_kernel, dict(wide, **kw)
     two = dict(GATED=True, VARLEN=False, M=2)
@@ -115,6 +118,8 @@ def variants(BT, BK, BV, prec, BVW=None):
         tag = f"decay={'scalar' if gated else 'none'} varlen=True"
         prep = {k: v for k, v in wide.items() if k != "M"}
         yield f"delta bwd prep {tag}", dbw.chunk_delta_bwd_prep_kernel, dict(prep, GATED=gated, VARLEN=True)
+        yield (f"delta bwd prep {tag} HAVE_TC", dbw.chunk_delta_bwd_prep_kernel,
+               dict(prep, GATED=gated, VARLEN=True, HAVE_TC=True))
         yield (f"delta bwd state {tag}", dbw.chunk_delta_bwd_state_kernel,
                dict(BT=BT, BK=BK, BV=BV, PREC=prec, GATED=gated, USE_DHT=True, VARLEN=True))
         for tied in (False, True):     # tied: w_0 = b (DeltaNet / Gated DeltaNet, chunked._tied)

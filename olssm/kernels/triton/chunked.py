@@ -623,12 +623,14 @@ def _store_wt(a_ptr, wt_ptr, Tc, cg, base, tm, DK, BK: tl.constexpr, KB: tl.cons
 
 
 @triton.jit
-def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_ptr, cu_ptr, ix_ptr,
+def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_ptr, tc_ptr, cu_ptr, ix_ptr,
                             T, H, DK, DV, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                             BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
-                            PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, TIED: tl.constexpr = False):
+                            PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, TIED: tl.constexpr = False,
+                            SAVE_TC: tl.constexpr = False):
     """Per chunk, independent of the state:
-        W̃ = T_c (c ⊙ Γ ⊙ A) → wt,   Ũ = T_c (c ⊙ Σ_m (A W_mᵀ ⊙ D_strict) E_m) → u.
+        W̃ = T_c (c ⊙ Γ ⊙ A) → wt,   Ũ = T_c (c ⊙ Σ_m (A W_mᵀ ⊙ D_strict) E_m) → u,
+    and (SAVE_TC, for the chunked backward, which then skips its own inverse) T_c → tc [.., BT].
     The [BT, BK] tiles are taken KB key columns at a time (whole [BT, 128] operands spilled ~0.5 KB/thread).
     TIED: W_0 is B (DeltaNet, Gated DeltaNet: w = b = k), so A W_0ᵀ ⊙ D_st is N, already formed for T_c."""
     i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
@@ -638,6 +640,8 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
     base = tok.to(tl.int64) * H + i_h
     cc, _, Dst, gam, Tc, Nab = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC)
     _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
+    if SAVE_TC:
+        tl.store(tc_ptr + base[:, None] * BT + tt[None, :], Tc, mask=tm[:, None])
     Tc = Tc * cc[None, :]                                                     # T_c diag(c)
     if M == 1:   # one [BT, BT] left factor for every value block
         if TIED:
@@ -844,7 +848,26 @@ def _tied(form) -> bool:
     return TIE_INPUT_TERM and sp.sympify(form.inputs[0].w) == sp.sympify(form.corrections[0].b)
 
 
-def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied=False):
+def saved_chunk_core(aux, sizes):
+    """(T_c [B, T, H, C], W̃ [B, T, H, d_k]) as views into the forward op's `aux` output (one flat fp32
+    tensor: the op returns a fixed number of tensors), or None when the forward did not save them."""
+    if aux is None or aux.numel() == 0:
+        return None
+    B, T, H, d_k, d_v, N, max_len, C = sizes[:8]
+    n = B * T * H
+    return aux[:n * C].view(B, T, H, C), aux[n * C:].view(B, T, H, d_k)
+
+
+def saves_chunk_core(plan, chunked: bool, save: bool, chunk_bwd: bool) -> bool:
+    """Whether the forward op keeps T_c and W̃ for the chunked delta backward: the split forward computes
+    them anyway (its prep kernel), and the backward would otherwise recompute both (a UT inverse per
+    chunk). The fake op and the real one decide alike from the same arguments."""
+    form = plan.rule.form
+    return (chunked and save and chunk_bwd and bool(form.corrections) and not _c_row(form)
+            and form.decay_kind != ROW and _delta_forward() == "split")
+
+
+def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied=False, core=None):
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
     # the parallel kernels take wider value blocks: they have parallelism to spare, and each value
@@ -853,7 +876,7 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
     q, w, e, g, a, b, c = chunk_in[:7]
     M = w.shape[0]
     dev = q.device
-    wt = torch.empty(B, T, H, d_k, dtype=torch.float32, device=dev)
+    tc, wt = core if core is not None else (ht, torch.empty(B, T, H, d_k, dtype=torch.float32, device=dev))
     u = torch.empty(B, T, H, d_v, dtype=torch.float32, device=dev)   # Ũ, then Δ (state kernel, in place)
     NCK = ck.shape[2]
     varlen = cu_seqlens is not None
@@ -865,8 +888,9 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
     cu = cu_seqlens if varlen else ht
     prec = _precision(o.dtype)
     common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=prec, TIED=tied, **_launch_opts())
-    chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, cu, ix, T, H, d_k, d_v, w[0].numel(), e[0].numel(),
-                                      M=M, BV=BVW, KB=min(BK, SPLIT_BLOCK_K), **common)
+    chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
+                                      e[0].numel(), M=M, BV=BVW, KB=min(BK, SPLIT_BLOCK_K),
+                                      SAVE_TC=core is not None, **common)
     chunk_delta_state_kernel[(-(-d_v // BV), N * H)](
         w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
         w[0].numel(), e[0].numel(), M=M, BV=BV, USE_H0=h0 is not None, **common)
@@ -875,8 +899,9 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
                                                      **common)
 
 
-def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None):
-    """Launch the chunked forward: fills o, ht (and ck, the state entering every chunk)."""
+def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None, core=None):
+    """Launch the chunked forward: fills o, ht (and ck, the state entering every chunk; and core = (T_c, W̃)
+    buffers when given: saved_chunk_core)."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
     cu = cu_seqlens if cu_seqlens is not None else ht
@@ -892,7 +917,7 @@ def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None)
             if not save:   # the output kernel reads S₀ of every chunk: a scratch ck (ck's dtype), not returned
                 ck = torch.empty(N, H, max(1, -(-max_len // C)), d_v, d_k, dtype=ck.dtype, device=q.device)
             _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, plan.rule.form.decay_kind != "none", cu_seqlens,
-                                 _tied(plan.rule.form))
+                                 _tied(plan.rule.form), core)
             return
         chunk_delta_fwd_kernel[(NV, N * H)](
             q, k, v, g, a, b, c, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht,

@@ -118,17 +118,22 @@ def _dot_rows(x_ptr, y_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, KB
 def chunk_delta_bwd_prep_kernel(q_ptr, a_ptr, b_ptr, c_ptr, g_ptr, do_ptr, tc_ptr, wt_ptr, dd_ptr, cu_ptr, ix_ptr,
                                 T, H, DK, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                 GATED: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
-                                KB: tl.constexpr = 64):
-    """Per chunk: T_c = (I + diag(c)(A Bᵀ ⊙ D_st))⁻¹ → tc [.., BT], W̃ = T_c (c ⊙ Γ ⊙ A) → wt,
-    dΔ's local part −(Q Bᵀ ⊙ D)ᵀ dO → dd (all value blocks, BV rows at a time)."""
+                                KB: tl.constexpr = 64, HAVE_TC: tl.constexpr = False):
+    """Per chunk: T_c = (I + diag(c)(A Bᵀ ⊙ D_st))⁻¹ → tc [.., BT], W̃ = T_c (c ⊙ Γ ⊙ A) → wt (unless
+    HAVE_TC: the split forward saved both), dΔ's local part −(Q Bᵀ ⊙ D)ᵀ dO → dd (all value blocks, BV
+    rows at a time)."""
     i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
     tt = tl.arange(0, BT)
     tok = start + tt
     tm = tok < eos
     base = tok.to(tl.int64) * H + i_h
-    cc, D, _, gam, Tc, _ = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC)
-    tl.store(tc_ptr + base[:, None] * BT + tt[None, :], Tc, mask=tm[:, None])
-    _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
+    # (no shared throwaway names across the two branches: Triton types every name both branches assign)
+    if HAVE_TC:
+        D = _chunk_decay(g_ptr, base, tm, BT, GATED)[0]
+    else:
+        cc, D, Dst, gam, Tc, N = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC)
+        tl.store(tc_ptr + base[:, None] * BT + tt[None, :], Tc, mask=tm[:, None])
+        _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
     QBt = tl.trans(_dot_rows_k(q_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * D)
     for i_v in range(0, tl.cdiv(DV, BV)):
         rows = i_v * BV + tl.arange(0, BV)
@@ -562,9 +567,10 @@ def _key_grads(q, w, e, g, a, b, dr, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, B
     return dq, dw, dg[0] if dg.shape[0] == 1 else dg.sum(0), da, db
 
 
-def chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
+def chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=None):
     """∂ of chunk_in = [q, w [M,...], e [M,...], log decay, a, b, c] and ∂h0 for the delta family with a
-    scalar or row c and none / scalar decay (∂ log decay is zeros without a decay), from the forward's ck."""
+    scalar or row c and none / scalar decay (∂ log decay is zeros without a decay), from the forward's ck
+    (and core = (T_c, W̃) when the split forward saved them: _ch.saved_chunk_core)."""
     if _c_row(plan.rule.form):
         return chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens)
     B, T, H, d_k, d_v, N, max_len, C = sizes
@@ -590,12 +596,11 @@ def chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     prec = _precision(do.dtype)
     common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=prec, **_ch._launch_opts())
     z = dict(dtype=torch.float32, device=dev)
-    tc = torch.empty(B, T, H, C, **z)
-    wt = torch.empty(B, T, H, d_k, **z)
+    tc, wt = core if core is not None else (torch.empty(B, T, H, C, **z), torch.empty(B, T, H, d_k, **z))
     dd = torch.empty(B, T, H, d_v, **z)     # dΔ (prep: its local part; state: all of it), then dR' (value kernel)
     dh = torch.empty(ck.shape, **z)        # fp32 whatever ck's dtype (the key kernel sums cancelling terms)
     chunk_delta_bwd_prep_kernel[(NTG, G)](q, a, b, c, g, do, tc, wt, dd, cu, ix, T, H, d_k, d_v, BK=BK, BV=BVW,
-                                          KB=KB, **common)
+                                          KB=KB, HAVE_TC=core is not None, **common)
     chunk_delta_bwd_state_kernel[(-(-d_v // BV), N * H)](
         q, g, b, wt, do, dd, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK,
         BK=BK, BV=BV, USE_DHT=dht is not None, **common)

@@ -3,7 +3,8 @@
     olssm::triton_scan_fwd(key, syms, E, chunk_in, h0, cu_seqlens, sizes, out_dtype, save, chunked, chunk_bwd,
                            ck_dtype)
         -> (o [B, T, H, d_v], final state [N, H, d_v, d_k] fp32, checkpoints [N, H, NCK, d_v, d_k] fp32
-            (chunked: ck_dtype, None = fp32; chunked.CHECKPOINT_STORAGE = "input" makes it bf16 / fp16))
+            (chunked: ck_dtype, None = fp32; chunked.CHECKPOINT_STORAGE = "input" makes it bf16 / fp16),
+            aux: T_c and W̃ of every chunk, flat fp32, when the chunked delta backward reads them, else empty)
     olssm::triton_scan_bwd(key, syms, E, h0, cu_seqlens, ck, do, dht, sizes, has_dht)
         -> [∂E..., ∂raw (in-kernel entries' inputs)..., ∂h0]
 
@@ -148,7 +149,11 @@ def _pscan_choice(plan, max_len: int) -> int:
 @torch.library.custom_op("olssm::triton_scan_fwd", mutates_args=())
 def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: list[Tensor], h0: Optional[Tensor],
                     cu_seqlens: Optional[Tensor], sizes: list[int], out_dtype: torch.dtype, save: bool,
-                    chunked: bool, chunk_bwd: bool, ck_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
+                    chunked: bool, chunk_bwd: bool, ck_dtype: Optional[torch.dtype]
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """o, the final state, the checkpoints (the state entering every chunk / checkpoint interval) and aux:
+    T_c and W̃ of every chunk, flat, when the chunked delta backward will read them (chunked.saves_chunk_core;
+    else empty)."""
     plan = _plan(key)
     B, T, H, d_k, d_v, N, max_len, C = sizes[:8]
     dev = syms[0].device
@@ -157,10 +162,11 @@ def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: lis
     NCK = _nck(sizes)
     ckdt = _ck_dtype(ck_dtype, chunked)
     ck = torch.empty(N, H, NCK, d_v, d_k, dtype=ckdt, device=dev) if save else torch.empty(0, dtype=ckdt, device=dev)
+    aux = torch.empty(_aux_numel(plan, sizes, save, chunked, chunk_bwd), dtype=torch.float32, device=dev)
     if chunked:
-        from .chunked import chunked_forward
-        chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes[:8], save, cu_seqlens)
-        return o, ht, ck
+        from .chunked import chunked_forward, saved_chunk_core
+        chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes[:8], save, cu_seqlens, saved_chunk_core(aux, sizes))
+        return o, ht, ck, aux
     BT, BK, BV, warps = _geometry(d_k, d_v, sizes)
     if BT:   # the block-parallel scan (pscan.py): checkpoints every C = BT tokens
         kernel, blk = plan.module.pfwd_kernel, dict(BT=BT)
@@ -173,7 +179,13 @@ def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: lis
         ck if save else dummy, cu_seqlens if cu_seqlens is not None else dummy, T, H, d_k, d_v, NCK,
         BK=BK, BV=BV, **blk, USE_H0=h0 is not None, STORE_HT=True, SAVE_CK=save, VARLEN=cu_seqlens is not None,
         num_warps=warps)
-    return o, ht, ck
+    return o, ht, ck, aux
+
+
+def _aux_numel(plan, sizes, save, chunked, chunk_bwd) -> int:
+    from .chunked import saves_chunk_core
+    B, T, H, d_k, d_v, N, max_len, C = sizes[:8]
+    return B * T * H * (C + d_k) if saves_chunk_core(plan, chunked, save, chunk_bwd) else 0
 
 
 @triton_scan_fwd.register_fake
@@ -184,7 +196,8 @@ def _(key, syms, E, chunk_in, h0, cu_seqlens, sizes, out_dtype, save, chunked, c
     ht = x.new_empty(N, H, d_v, d_k, dtype=torch.float32)
     ckdt = _ck_dtype(ck_dtype, chunked)
     ck = x.new_empty(N, H, _nck(sizes), d_v, d_k, dtype=ckdt) if save else x.new_empty(0, dtype=ckdt)
-    return o, ht, ck
+    aux = x.new_empty(_aux_numel(_plan(key), sizes, save, chunked, chunk_bwd), dtype=torch.float32)
+    return o, ht, ck, aux
 
 
 def _ck_dtype(ck_dtype, chunked: bool) -> torch.dtype:
@@ -275,25 +288,27 @@ def _(key, syms, E, h0, cu_seqlens, ck, do, dht, sizes):
 
 
 @torch.library.custom_op("olssm::triton_chunk_bwd", mutates_args=())
-def triton_chunk_bwd(key: str, chunk_in: list[Tensor], ck: Tensor, do: Tensor, dht: Optional[Tensor],
+def triton_chunk_bwd(key: str, chunk_in: list[Tensor], ck: Tensor, aux: Tensor, do: Tensor, dht: Optional[Tensor],
                      cu_seqlens: Optional[Tensor], sizes: list[int]) -> list[Tensor]:
     """Chunked backward: [∂q, ∂w, ∂e, (∂ log decay), ∂h0] (chunked.chunk_bwd_kernel), with a correction
     [∂q, ∂w, ∂e, ∂ log decay, ∂a, ∂b, ∂c, ∂h0] (chunked_delta_bwd; c scalar or per value row). The kernels
     accumulate in fp32; each gradient is returned in its chunk tensor's dtype (bf16 / fp16 under
     chunked.CHUNK_STORAGE = "input": autograd would cast it to that dtype anyway), ∂h0 in fp32."""
     plan = _plan(key)
+    from .chunked import saved_chunk_core
+    core = saved_chunk_core(aux, sizes)
     if plan.rule.form.corrections:
         from . import chunked_delta_bwd
-        fn = chunked_delta_bwd.chunked_delta_backward
+        grads, dh0 = chunked_delta_bwd.chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes[:8], cu_seqlens,
+                                                              core)
     else:
         from . import chunked
-        fn = chunked.chunked_backward
-    grads, dh0 = fn(plan, chunk_in, ck, do, dht, sizes[:8], cu_seqlens)
+        grads, dh0 = chunked.chunked_backward(plan, chunk_in, ck, do, dht, sizes[:8], cu_seqlens)
     return [*(g.to(x.dtype) for g, x in zip(grads, chunk_in)), dh0]
 
 
 @triton_chunk_bwd.register_fake
-def _(key, chunk_in, ck, do, dht, cu_seqlens, sizes):
+def _(key, chunk_in, ck, aux, do, dht, cu_seqlens, sizes):
     B, T, H, d_k, d_v, N = sizes[:6]
     return [x.new_empty(x.shape) for x in chunk_in] + \
         [ck.new_empty(N, H, d_v, d_k, dtype=torch.float32)]
@@ -301,20 +316,20 @@ def _(key, chunk_in, ck, do, dht, cu_seqlens, sizes):
 
 def _setup(ctx, inputs, output):
     key, syms, E, chunk_in, h0, cu_seqlens, sizes, out_dtype, save, chunked, chunk_bwd, ck_dtype = inputs
-    o, ht, ck = output
+    o, ht, ck, aux = output
     ctx.key, ctx.sizes, ctx.save, ctx.chunk_bwd = key, list(sizes), save, chunk_bwd
     ctx.n_syms, ctx.n_E, ctx.n_chunk = len(syms), len(E), len(chunk_in)
     ctx.has_h0, ctx.has_cu = h0 is not None, cu_seqlens is not None
     ctx.out_dtypes = [s.dtype for s in syms]
-    ctx.save_for_backward(ck, *syms, *E, *(chunk_in if ctx.chunk_bwd else []), *([h0] if h0 is not None else []),
+    ctx.save_for_backward(ck, aux, *syms, *E, *(chunk_in if ctx.chunk_bwd else []), *([h0] if h0 is not None else []),
                           *([cu_seqlens] if cu_seqlens is not None else []))
 
 
-def _backward(ctx, do, dht, dck):
+def _backward(ctx, do, dht, dck, daux):
     if not ctx.save:
         raise RuntimeError("olssm triton scan: no checkpoints were saved (the forward ran with save=False, "
                            "i.e. without any input requiring grad)")
-    ck, *rest = ctx.saved_tensors
+    ck, aux, *rest = ctx.saved_tensors
     syms = rest[:ctx.n_syms]
     E = rest[ctx.n_syms:ctx.n_syms + ctx.n_E]
     i = ctx.n_syms + ctx.n_E
@@ -326,7 +341,7 @@ def _backward(ctx, do, dht, dck):
     if do is None:
         do = torch.zeros(B, T, H, d_v, dtype=torch.float32, device=ck.device)
     if ctx.chunk_bwd:
-        grads = triton_chunk_bwd(ctx.key, list(chunk_in), ck, do, dht, cu, ctx.sizes)
+        grads = triton_chunk_bwd(ctx.key, list(chunk_in), ck, aux, do, dht, cu, ctx.sizes)
         dh0 = grads[-1]
         return (None, [None] * ctx.n_syms, [None] * ctx.n_E, list(grads[:-1]), dh0.to(h0.dtype) if ctx.has_h0 else None,
                 None, None, None, None, None, None, None)
@@ -510,6 +525,6 @@ def run_config(plan, args, meta, cfg: LaunchConfig, need: bool):
             ck_dtype = checkpoint_storage(args.out_dtype)
     E = evaluate_entries(plan, ins, sizes) if need and not chunk_bwd else []
     with _delta_forward(cfg.delta_forward if chunked else ""):
-        o, ht, _ = torch.ops.olssm.triton_scan_fwd(key, syms, E, chunk_in, h0, meta.cu, sizes, args.out_dtype, need,
-                                                   chunked, chunk_bwd, ck_dtype)
+        o, ht, _, _ = torch.ops.olssm.triton_scan_fwd(key, syms, E, chunk_in, h0, meta.cu, sizes, args.out_dtype,
+                                                      need, chunked, chunk_bwd, ck_dtype)
     return o, (ht if args.output_final_state else None)
