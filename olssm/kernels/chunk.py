@@ -237,14 +237,16 @@ def _linear_engine(logd, corrs, ins, q, S0, C):
         Gx = max(gc, gL)
         Tinv = _unit_lower_inverse(cf[..., :, None] * Kab)           # (I + c ⊙ Kab)⁻¹, [b, Gx, CR, CR]
         At = decayed(A, eL if Lc is not None else None)              # [b, gL, CR, K]
-        rhs_l = cf[..., None] * _gmm(pair(A, W, True), ef) if M else None   # [b, *, CR, Rg]
+        # tied: e − δ = T e − W̃ S0ᵀ, since (I + c ⊙ K(a, b)) e − c ⊙ K(a, w) e = e when w = b (one product
+        # T e instead of K(a, w) e and T (c ⊙ ·)); x = e − δ is what the chunk pass and the output need
+        rhs_l = cf[..., None] * _gmm(pair(A, W, True), ef) if M and not tied else None   # [b, *, CR, Rg]
         # shared rows (Gx == 1): δ = U + Wt S0ᵀ with Wt = T (c ⊙ ã) for all chunks at once.
         # per-row transitions (Gx == d_v): Wt would be [d_v, CR, d_k] per chunk; apply T to the
         # one right-hand side column of each row inside the chunk pass instead (CHUNK.md §2).
         per_row = Gx > 1
         if not per_row:
             Wt = Tinv @ (cf[..., None] * At)
-            U = Tinv @ rhs_l if M else None
+            U = Tinv @ (ef if tied else rhs_l) if M else None     # tied: T e
         Bdec = decayed(Bv, dec if Lc is not None else None)          # [b, gL, CR, K]
 
     S = S0.reshape(B, H, g, Rg, K)
@@ -253,7 +255,6 @@ def _linear_engine(logd, corrs, ins, q, S0, C):
     ub = lambda x: x.unbind(2) if x is not None else [None] * n
     gam_j = ub(gam.unsqueeze(-2) if Lc is not None else None)
     Sloc_j = ub(Sloc if M and not tied else None)
-    ef_j = ub(ef if tied else None)
     if R:
         Bdec_j = ub(Bdec)
         if per_row:
@@ -274,16 +275,17 @@ def _linear_engine(logd, corrs, ins, q, S0, C):
                     d = d + U_j[j]
             else:
                 d = Wt_j[j] @ S.transpose(-1, -2)                    # [B, H, g, CR, Rg]
-                if U_j[j] is not None:
+                if tied:
+                    d = U_j[j] - d                                   # x = e − δ = T e − W̃ S0ᵀ
+                elif U_j[j] is not None:
                     d = d + U_j[j]
             deltas.append(d)
-            new = new + (ef_j[j] - d).transpose(-1, -2) @ Bdec_j[j] if tied else \
-                new - _gmm(d.transpose(-1, -2), Bdec_j[j])
+            new = new + d.transpose(-1, -2) @ Bdec_j[j] if tied else new - _gmm(d.transpose(-1, -2), Bdec_j[j])
         S = new
     S0s = torch.stack(S0s, 2)                                        # [b, g, Rg, K]
     o = _gmm(decayed(Q, eL if Lc is not None else None), S0s.transpose(-1, -2))      # [b, G, C, Rg]
     if tied:
-        o = o + pair(Q, Bv, False) @ (ef - torch.stack(deltas, 2))
+        o = o + pair(Q, Bv, False) @ torch.stack(deltas, 2)         # deltas hold x = e − δ
     else:
         if M:
             o = o + _gmm(pair(Q, W, False), ef)
