@@ -14,12 +14,13 @@
 #   d128         (2, 8192, 16, 128) bf16: DeltaNet, Gated DeltaNet, GLA, Mamba, with the autotuner's row
 #   delta-ab     the split forward's blocked UT inverse / tied input term / bf16 chunk tensors against the default
 #   delta-ab2    bf16 checkpoints, both bf16 storages, chunk 64 (with 2 pipeline stages at D = 128)
+#   delta-ab3    T_c and W̃ kept from the forward (the default) against the backward recomputing them
 #   fla-gla      fla's chunk_gla alone (its own autotuning takes minutes)
 #   profile      the top kernels by device time (torch.profiler)
 # fla-core (pure Python) is installed from .whl/ for the benchmark stages when the wheel was carried
 # (device tool: carry [".whl"]); the tests run without it.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|delta64|diag64|d128|delta-ab|delta-ab2|fla-gla|profile}
+stage=${1:?usage: gpu_session.sh tests|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile}
 out=${OUT:-/tmp/olssm-gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
@@ -53,13 +54,15 @@ case $stage in
         timeout 570 "${bench[@]}" --B 2 --T 8192 --H 16 --dk 128 --dv 128 --delta-forward both \
             --delta-backward both --pscan both --reps 5 --rules deltanet,gated_deltanet,gla,mamba 2>&1 \
             | tee "$out/d128.txt" ;;
-    delta-ab|delta-ab2)
+    delta-ab|delta-ab2|delta-ab3)
         # the split forward's blocked UT inverse, tied input term, bf16 storages and chunk 64, each against the
         # default (two stages: each run compiles its kernels afresh). Plain chunk 64: D = 64 only (the untied
         # state kernels need ~270 KB of shared memory at D = 128 with 3 pipeline stages; with --num-stages 2
         # every DeltaNet kernel fits under the H100's 227 KB)
         if [ "$stage" = delta-ab ]; then
             set -- "" "--ut-block 64" "--no-tie" "--chunk-storage input"
+        elif [ "$stage" = delta-ab3 ]; then
+            set -- "" "--no-save-core"
         else
             set -- "--checkpoint-storage input" "--chunk-storage input --checkpoint-storage input" \
                 "--chunk 64 --num-stages 2" "--chunk 64"

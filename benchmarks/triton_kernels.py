@@ -103,6 +103,9 @@ def main(argv=None):
                    help="the split delta forward and the chunked delta backward without folding the input term "
                         "into B's products (chunked.TIE_INPUT_TERM = False: 3 dots per state step instead of 2, "
                         "the untied bwd value / key kernels)")
+    p.add_argument("--no-save-core", action="store_true",
+                   help="the chunked delta backward recomputes T_c and W̃ instead of reading the split forward's "
+                        "(chunked.SAVE_CHUNK_CORE = False)")
     p.add_argument("--chunk-storage", default=chunked.CHUNK_STORAGE, choices=("fp32", "input"),
                    help="dtype of the chunked kernels' chunk tensors q, w, e, a, b, c (chunked.CHUNK_STORAGE; "
                         "input: bf16 / fp16 for such inputs)")
@@ -124,6 +127,7 @@ def main(argv=None):
         import triton.language as tl
         chunked.UT_BLOCK = tl.constexpr(a.ut_block)
     chunked.TIE_INPUT_TERM = not a.no_tie
+    chunked.SAVE_CHUNK_CORE = not a.no_save_core
     chunked.NUM_STAGES = a.num_stages
     chunked.CHUNK_STORAGE = a.chunk_storage
     chunked.CHECKPOINT_STORAGE = a.checkpoint_storage
@@ -134,7 +138,7 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (TRITON_INTERPRET smoke run)"
     print(f"B={a.B} T={a.T} H={a.H} d_k={a.dk} d_v={a.dv} {a.dtype} chunk={library.CHUNK} dot={a.precision} "
           f"delta-forward={a.delta_forward} delta-backward={a.delta_backward} ut-block={int(chunked.UT_BLOCK)} "
-          f"tie={chunked.TIE_INPUT_TERM} chunk-storage={a.chunk_storage} checkpoint-storage={a.checkpoint_storage} "
+          f"tie={chunked.TIE_INPUT_TERM} save-core={chunked.SAVE_CHUNK_CORE} chunk-storage={a.chunk_storage} checkpoint-storage={a.checkpoint_storage} "
           f"pscan={a.pscan} "
           f"(BT={a.pscan_bt}, {a.pscan_warps} warps, tiles {a.pscan_tile}/{a.pscan_bwd_tile}) on {where}")
     print("| rule | kernel | fwd ms | fwd+bwd ms | Mtok/s fwd | HBM % fwd | rel err o |")

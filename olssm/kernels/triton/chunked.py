@@ -808,6 +808,10 @@ SPLIT_BLOCK_V = 64
 #: sequential state pass (3 → 2 dots per chunk), one [BT, BT] product over d_k fewer in prep and in out.
 #: False: the general path (for comparison).
 TIE_INPUT_TERM = True
+#: the split forward keeps T_c and W̃ of every chunk for the chunked delta backward (saves_chunk_core; fla keeps
+#: A likewise): (C + d_k) fp32 per token and head for one UT inverse per chunk fewer. False: the backward
+#: recomputes both (for comparison: benchmarks/triton_kernels.py --no-save-core)
+SAVE_CHUNK_CORE = True
 #: key columns per tl.dot operand in prep and out (sm_90, tf32, 8 warps, d_k = 128: whole [32, 128]
 #: operands spilled 350-530 B/thread in prep, 64-column blocks 8-64 B)
 SPLIT_BLOCK_K = 64
@@ -863,7 +867,7 @@ def saves_chunk_core(plan, chunked: bool, save: bool, chunk_bwd: bool) -> bool:
     them anyway (its prep kernel), and the backward would otherwise recompute both (a UT inverse per
     chunk). The fake op and the real one decide alike from the same arguments."""
     form = plan.rule.form
-    return (chunked and save and chunk_bwd and bool(form.corrections) and not _c_row(form)
+    return (SAVE_CHUNK_CORE and chunked and save and chunk_bwd and bool(form.corrections) and not _c_row(form)
             and form.decay_kind != ROW and _delta_forward() == "split")
 
 
