@@ -20,26 +20,29 @@ def _contract(x, y, X, Y, out=None):
     Y ∈ {1, d_k}): the gradient of a broadcast factor. Operands are contiguous per-token tensors (a
     strided GEMV copies first and costs 4× as much on a CPU)."""
     V, K = max(x.shape[-2], y.shape[-2]), max(x.shape[-1], y.shape[-1])
+    sx, sy = tuple(x.shape[-2:]), tuple(y.shape[-2:])
     if out is not None and X == V and Y == K and K > 1:
         return torch.mul(x, y, out=out)
     if K == 1 or (X == V and Y == K):                  # nothing to contract over columns
         r = x * y
         if X == 1 and V > 1:
             r = r.sum(-2, keepdim=True)
-    elif Y == 1 and X == V and y.shape[-2] == 1:
+    elif Y == 1 and X == V and sx == (V, K) and sy == (1, K):
         r = x @ y.mT                                   # [.., V, K] @ [.., K, 1]: one GEMV
-    elif Y == 1 and X == V and x.shape[-2] == 1:
+    elif Y == 1 and X == V and sy == (V, K) and sx == (1, K):
         r = y @ x.mT
     elif Y == 1 and X == V:
         r = torch.linalg.vecdot(x, y).unsqueeze(-1)
-    elif X == 1 and y.shape[-1] == 1 and x.shape[-2] == V:
+    elif X == 1 and Y == K and sx == (V, K) and sy == (V, 1):
         r = y.mT @ x                                   # [.., 1, V] @ [.., V, K]: one GEMV
-    elif X == 1 and x.shape[-1] == 1 and y.shape[-2] == V:
+    elif X == 1 and Y == K and sy == (V, K) and sx == (V, 1):
         r = x.mT @ y
     else:
         r = (x * y).sum([d for d, keep in ((-2, X == V), (-1, Y == K)) if not keep], keepdim=True)
     if r.shape[-1] != Y:
         r = r.sum(-1, keepdim=True)
+    if r.shape[-2] != X:
+        r = r.sum(-2, keepdim=True) if X == 1 else r
     return r.expand(*r.shape[:-2], X, Y) if r.shape[-2:] != (X, Y) else r
 
 
@@ -67,15 +70,26 @@ def _per_token(ent, L):
     return [{n: c[i] for n, c in cols.items()} for i in range(L)]
 
 
-def _advance_(S, St, e, plan, ps=None):
-    """One token of the normal form into S, in place (S̃ given: S itself, or Λ ⊙ S_{t-1} written into S);
-    returns [p_r] = [S̃ a_r] (into the tensors `ps` if given). Writing in place matters on a CPU: a
-    fresh 128 KB state per token is an mmap and its page faults."""
+def _rowdot(S, k, out=None):
+    """Σ_j S[., j] k[., j] per value row, [..., d_v, 1]: one GEMV for a key vector k [..., 1, d_k], a
+    row-wise dot for any other broadcast shape (an entry varying over rows, or constant over columns)."""
+    if k.shape[-2] == 1 and k.shape[-1] == S.shape[-1]:
+        return torch.matmul(S, k.mT, out=out)
+    if out is None:
+        return torch.linalg.vecdot(S, k).unsqueeze(-1)
+    torch.linalg.vecdot(S, k, out=out[..., 0])
+    return out
+
+
+def _advance_(S, e, plan, ps=None):
+    """One token of the normal form into S, in place, S holding S̃ = Λ ⊙ S_{t-1} on entry; returns
+    [p_r] = [S̃ a_r] (into the tensors `ps` if given), formed before S changes. Writing in place matters
+    on a CPU: a fresh 128 KB state per token is an mmap and its page faults."""
     if ps is None:
-        ps = [St @ e[a].mT for _, a, _ in plan.corr]
+        ps = [_rowdot(S, e[a]) for _, a, _ in plan.corr]
     else:
         for (_, a, _), p in zip(plan.corr, ps):
-            torch.matmul(St, e[a].mT, out=p)
+            _rowdot(S, e[a], out=p)
     for (c, _, b), p in zip(plan.corr, ps):
         S.addcmul_(e[c] * p, e[b], value=-1)
     for en, wn in plan.ins:
@@ -99,9 +113,8 @@ class _RecurrentScan(torch.autograd.Function):
             for i, e in enumerate(_per_token(plan.entries(_block(inputs, plan, t0, L), L), L)):
                 if plan.decay:
                     S.mul_(e["decay"])
-                # with corrections and no decay S̃ = S_{t-1} is read before S changes: p first
-                _advance_(S, S, e, plan)
-                torch.matmul(S, e["q"].mT, out=o[t0 + i])
+                _advance_(S, e, plan)
+                _rowdot(S, e["q"], out=o[t0 + i])
         ctx.plan, ctx.block, ctx.names = plan, block, names
         ctx.save_for_backward(ckpts, *flat)
         return o[..., 0].transpose(0, 1), S
@@ -145,7 +158,7 @@ class _RecurrentScan(torch.autograd.Function):
                     torch.mul(e["decay"], states[i], out=S)
                 else:
                     S.copy_(states[i])
-                _advance_(S, S if decay else states[i], e, plan, p_tok[i])
+                _advance_(S, e, plan, p_tok[i])
             memo = {}
 
             def contract(x, y, XY):
