@@ -7,8 +7,9 @@
 Time: best of --repeat runs (after one warm-up), the reference too (--ref-repeat; sessions 1-3 timed it
 once, which overstated the ratios: see RESULTS.md, session 4). Memory: high-water mark of the resident set above the
 pre-run baseline, measured in a forked child per cell (torch's CPU allocator is invisible to
-tracemalloc). fp32 throughout. The reference is skipped above --ref-max-T (its backward through the
-per-token output writes grows quadratically with T) and marked "skipped".
+tracemalloc). fp32 throughout. The reference is skipped above --ref-max-T (autograd through its token
+loop keeps every state: ~1–2 GB at T = 2048, d = 64) and marked "skipped". Sessions 1–4 measured a
+reference whose backward was quadratic in T (per-token slicing); RESULTS.md, session 4, says by how much.
 
 --peers adds a second table: the same recurrence through other libraries' CPU paths where they are
 installed (optional, never dependencies): flash-linear-attention's torch references

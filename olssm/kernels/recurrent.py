@@ -4,11 +4,11 @@ CPU cannot chunk profitably (elementwise decays, per-row corrections). Math: CHU
 Why a loop: an elementwise decay has no matmul form, and per-row corrections need one triangular
 inverse per value row and chunk. Both make chunked tensors of T·d_v·d_k or T·d_v·C elements whose
 passes through memory cost more than the token loop's L2-resident steps on a [B, H, d_v, d_k] state.
-What made the loop slow was autograd (a graph node per token and per op, the backward of T per-token
-output writes); here the backward is written out: states are recomputed from checkpoints block by
-block, the adjoint state runs backwards token by token, and the gradients of the normal-form entries
-flow to the user's inputs through one autograd call per block of re-evaluated coefficients (so an
-elementwise entry such as Mamba's exp(Δ A) is never materialised for all tokens).
+Autograd through a loop keeps every per-token state and coefficient; here the backward is written
+out: states are recomputed from checkpoints block by block, the adjoint state runs backwards token by
+token, and the gradients of the normal-form entries flow to the user's inputs through one autograd
+call per block of re-evaluated coefficients (so an elementwise entry such as Mamba's exp(Δ A) is
+never materialised for all tokens). Memory: the inputs plus T/64 states.
 """
 from __future__ import annotations
 

@@ -30,8 +30,11 @@ def reference_scan(args):
             S = tuple(x[states].to(dtype) for x in args.initial_state)
         else:
             S = args.initial_state[states].to(dtype)
-        for t in range(start, end):
-            inp = {nm: x[rows, t] for nm, x in tok.items()}
+        # per-token slices through one unbind per input: x[rows, t] would make autograd add T full-size
+        # zero gradients per input (a backward quadratic in T)
+        steps = {nm: x[rows, start:end].unbind(1) for nm, x in tok.items()}
+        for i in range(end - start):
+            inp = {nm: xs[i] for nm, xs in steps.items()}
             inp.update(par)
             S = rule._step_fn(S, {nm: inp[nm] for nm in need})
             if rule.is_exact:

@@ -76,12 +76,14 @@ def torch_gain_scan(u, gamma, R, P0, cu_seqlens=None):
     gains, finals = [], []
     for rows, start, end, seq in pieces:
         P = P0[seq]
-        for t in range(start, end):
-            x = u[rows, t]
-            Pt = P / gamma[rows, t, :, None, None]
+        # per-token slices through one unbind each: x[:, t] would make autograd add T full-size zero
+        # gradients (quadratic in T; it was most of RLS's backward at T = 2048)
+        us, gs, Rs = (x[rows, start:end].unbind(1) for x in (u, gamma, R))
+        for x, gm, r in zip(us, gs, Rs):
+            Pt = P / gm[:, :, None, None]
             a = (Pt * x.unsqueeze(-2)).sum(-1)                                   # P̃ u
-            den = 1 + R[rows, t, :, None] * (a * x).sum(-1, keepdim=True)
-            P = Pt - (R[rows, t, :, None] / den).unsqueeze(-1) * a.unsqueeze(-1) * a.unsqueeze(-2)
+            den = 1 + r[:, :, None] * (a * x).sum(-1, keepdim=True)
+            P = Pt - (r[:, :, None] / den).unsqueeze(-1) * a.unsqueeze(-1) * a.unsqueeze(-2)
             gains.append(a / den)
         finals.append(P)
     g = torch.stack(gains, 1) if cu_seqlens is None else torch.stack(gains, 1).reshape(1, T, *u.shape[2:])
