@@ -8,7 +8,7 @@ Autograd through a loop keeps every per-token state and coefficient; here the ba
 out: states are recomputed from checkpoints block by block, the adjoint state runs backwards token by
 token, and the gradients of the normal-form entries flow to the user's inputs through one autograd
 call per block of re-evaluated coefficients (so an elementwise entry such as Mamba's exp(Δ A) is
-never materialised for all tokens). Memory: the inputs plus T/64 states.
+never materialised for all tokens). Memory: the inputs plus T/16 states.
 """
 from __future__ import annotations
 
