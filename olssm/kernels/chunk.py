@@ -20,6 +20,7 @@ loop with a hand-written adjoint (CHUNK.md §5); the unchunkable ones say so wit
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -32,6 +33,8 @@ from .recurrent import Plan, recurrent_scan
 # log of a decay is clamped here so that an exact 0 decay (a reset) stays finite; exp of the
 # clamped cumulative sums underflows to 0 as it should (see CHUNK.md, "zero decays").
 _LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+# exact rules: tokens per chunk of H's decayed prefix sums (CHUNK.md §4)
+EXACT_H_CHUNK = 16
 # column decays: factorised intra-chunk form (exp(L_t) q, exp(-L_s) k) when a chunk's total log
 # decay stays above -_FACTOR_RANGE in every column, else the pairwise [C, C, d_k] form.
 _FACTOR_RANGE = 30.0
@@ -344,27 +347,52 @@ def _loop_engine(decay, ins, q, S0, C):
     return o.reshape(B, H, Tp, V)[:, :, :T].transpose(1, 2), S
 
 
-def _exact_engine(logd, X, ridge, ins, qr, S0, C, g_engine=None):
+def _exact_x_loop(logd, X, ridge, qr, H0):
+    """x_t = (H_t + diag λ_t)⁻¹ q_t with H_t = γ_t H_{t-1} + X_t token by token (the CPU form of the
+    exact engine's first half, CHUNK.md §4): x [B, T, H, K, 1] and H_T."""
+    B, T, Hh = qr.shape[:3]
+    K = H0.shape[-1]
+    per_token = lambda x, shape: torch.broadcast_to(x, shape).unbind(1)
+    Xs = per_token(X, (B, T, Hh, K, K))
+    gs = per_token(torch.exp(logd), (B, T, Hh, 1, 1)) if logd is not None else [None] * T
+    rs = per_token(ridge, (B, T, Hh, 1, K))
+    qs = per_token(qr, (B, T, Hh, 1, K))
+    H, xs = H0, []
+    for Xt, gt, rt, qt in zip(Xs, gs, rs, qs):
+        H = Xt + (H if gt is None else gt * H)
+        xs.append(torch.linalg.solve(H + torch.diag_embed(rt[..., 0, :]), qt.mT))
+    return torch.stack(xs, 1), H
+
+
+def _exact_engine(logd, X, ridge, ins, qr, S0, C, g_engine=None, h_loop=False):
     """Exact rules: H_t by chunked decayed prefix sums, x_t = (H_t + diag λ)⁻¹ q_t, G by the
     linear engine with query x_t (CHUNK.md §4) — or by g_engine(logd, ins, x, G0) -> (o, G_T)
-    (backend="triton" passes the generated kernels' scan there)."""
+    (backend="triton" passes the generated kernels' scan there). h_loop: H and x token by token
+    (_exact_x_loop; faster on a CPU, where the chunked form's passes over T·d_k² elements dominate)."""
     G0, H0 = S0
     B, T, Hh = qr.shape[:3]
     K = H0.shape[-1]
     dt = H0.dtype
-    n = -(-T // C)
-    Tp = n * C
-    ck = lambda x, val=0.0: _chunks(_pad_T(x, Tp, val), C)
-    Xc = ck(X)                                                       # [b, C, K, K]
-    mask = _tril(C, False, X.device)
+    if h_loop:
+        x, Hst = _exact_x_loop(logd, X, ridge, qr, H0)
+        o, Gf = _linear_engine(logd, [], ins, x.transpose(-1, -2), G0, C)
+        return o, (Gf, Hst)
+    # H's prefix sums in chunks of at most EXACT_H_CHUNK tokens: their pairwise form costs T·C·d_k² (64×
+    # the T·d_k² of H itself at C = 64), and the sequential pass over chunk states is cheap
+    CH = min(C, EXACT_H_CHUNK)
+    n = -(-T // CH)
+    Tp = n * CH
+    ck = lambda x, val=0.0: _chunks(_pad_T(x, Tp, val), CH)
+    Xc = ck(X)                                                       # [b, CH, K, K]
+    mask = _tril(CH, False, X.device)
     if logd is not None:
-        Lc = torch.cumsum(ck(logd)[..., 0, 0].to(torch.float64), dim=3)   # [b, C]
+        Lc = torch.cumsum(ck(logd)[..., 0, 0].to(torch.float64), dim=3)   # [b, CH]
         Wd = torch.exp(torch.where(mask, Lc[..., :, None] - Lc[..., None, :], -math.inf).to(dt))
         eL = torch.exp(Lc).to(dt)
         gam = torch.exp(Lc[..., -1]).to(dt)                          # [b]
     else:
         Wd = mask.to(dt)
-    Hloc = torch.einsum("...ts,...sij->...tij", Wd, Xc)              # [b, C, K, K]
+    Hloc = torch.einsum("...ts,...sij->...tij", Wd, Xc)              # [b, CH, K, K]
     Hs, Hst = [], H0
     Hend = Hloc[:, :, :, -1].unbind(2)
     gam_j = gam.unbind(2) if logd is not None else None
@@ -372,11 +400,14 @@ def _exact_engine(logd, X, ridge, ins, qr, S0, C, g_engine=None):
         Hs.append(Hst)
         Hst = (Hst if logd is None else gam_j[j][:, :, None, None] * Hst) + Hend[j]
     Hs = torch.stack(Hs, 2)                                          # [b, K, K]
-    Ht = Hloc + (Hs.unsqueeze(3) if logd is None else eL[..., None, None] * Hs.unsqueeze(3))
-    Ht = Ht.reshape(B, Hh, Tp, K, K)[:, :, :T].transpose(1, 2)       # [B, T, H, K, K]
-    rid = torch.broadcast_to(ridge, (B, T, Hh, 1, K))[..., 0, :]
-    qv = torch.broadcast_to(qr, (B, T, Hh, 1, K))[..., 0, :]
-    x = torch.linalg.solve(Ht + torch.diag_embed(rid), qv.unsqueeze(-1))     # [B, T, H, K, 1]
+    A = (Hloc + Hs.unsqueeze(3) if logd is None else
+         torch.addcmul(Hloc, eL[..., None, None], Hs.unsqueeze(3))).reshape(B, Hh, Tp, K, K)
+    # the ridge goes onto A's diagonal in place (A is a fresh sum no other op saved) and the solve runs in
+    # A's own [B, H, T, ...] layout: a diag_embed and a transposed copy were two more passes over T·d_k²
+    tok_major = lambda x: _pad_T(torch.broadcast_to(x, (B, T, Hh, 1, K))[..., 0, :], Tp, 1.0).transpose(1, 2)
+    A.diagonal(dim1=-2, dim2=-1).add_(tok_major(ridge))
+    x = torch.linalg.solve(A, tok_major(qr).unsqueeze(-1))          # [B, H, Tp, K, 1]
+    x = x[:, :, :T].transpose(1, 2)                                  # [B, T, H, K, 1]
     if g_engine is not None:
         o, Gf = g_engine(logd, ins, x.transpose(-1, -2), G0)
     else:
@@ -494,8 +525,8 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
     if recurrent:
         pass
     elif exact:
-        X = sum((ev[f"R{r}"] * ev[f"u{r}"].transpose(-1, -2) * ev[f"uw{r}"] for r in range(len(form.gram))),
-                torch.zeros((), dtype=dt, device=args.device))
+        terms = [(ev[f"R{r}"] * ev[f"u{r}"].transpose(-1, -2)) * ev[f"uw{r}"] for r in range(len(form.gram))]
+        X = functools.reduce(torch.add, terms) if terms else torch.zeros((), dtype=dt, device=args.device)
         if form.gram_diag != 0:
             X = X + torch.diag_embed(torch.broadcast_to(ev["gram_diag"], (B, T, H, 1, K))[..., 0, :])
         X = torch.broadcast_to(X, (B, T, H, K, K))
@@ -527,7 +558,7 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
         ld = None if logd is None else cut(logd)
         if exact:
             return _exact_engine(ld, cut(X), cut(ev["ridge"]), [(cut(e), cut(w)) for e, w in ins],
-                                 cut(ev["q"]), S0, C, g_engine)
+                                 cut(ev["q"]), S0, C, g_engine, h_loop=args.device.type == "cpu" and g_engine is None)
         if engine == "loop":
             return _loop_engine(None if none_decay else cut(ev["decay"]), [(cut(e), cut(w)) for e, w in ins],
                                 cut(ev["q"]), S0, C)
