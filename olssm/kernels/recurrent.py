@@ -64,9 +64,10 @@ def _per_token(ent, L):
     that are views of the inputs, once per distinct tensor: DeltaNet's a = b = w = k is one)."""
     cols, seen = {}, {}
     for n, x in ent.items():
-        if id(x) not in seen:
-            seen[id(x)] = x.contiguous().unbind(0)
-        cols[n] = seen[id(x)]
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)     # views of one input are one entry
+        if key not in seen:
+            seen[key] = x.contiguous().unbind(0)
+        cols[n] = seen[key]
     return [{n: c[i] for n, c in cols.items()} for i in range(L)]
 
 
