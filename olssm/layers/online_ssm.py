@@ -583,8 +583,9 @@ class OnlineSSM(nn.Module):
                                          dtype=torch.float64 if v.dtype == torch.float64 else torch.float32,
                                          **params, **first)
         outs = []
+        steps = {n: x.unbind(1) for n, x in inputs.items()}   # x[:, t] per token: a quadratic backward
         for t in range(T):
-            o, state = self.rule.decode(state, **{n: x[:, t] for n, x in inputs.items()}, **params)
+            o, state = self.rule.decode(state, **{n: xs[t] for n, xs in steps.items()}, **params)
             outs.append(o)
         if not outs:
             return v.new_zeros(B, 0, self.n_heads, self.d_v), state
