@@ -59,12 +59,18 @@ class Plan:
         self.ins = [(f"e{m}", f"w{m}") for m in range(M)]
 
 
+def view_key(x):
+    """Equal for tensors that are the same view of the same memory, hence the same values without
+    reading them (DeltaNet's evaluated a, b and w are all broadcast views of k)."""
+    return x.data_ptr(), tuple(x.shape), x.stride(), x.dtype
+
+
 def _per_token(ent, L):
     """[L, B, H, X, Y] entries -> L dicts of contiguous [B, H, X, Y] tensors (a copy only for entries
     that are views of the inputs, once per distinct tensor: DeltaNet's a = b = w = k is one)."""
     cols, seen = {}, {}
     for n, x in ent.items():
-        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)     # views of one input are one entry
+        key = view_key(x)
         if key not in seen:
             seen[key] = x.contiguous().unbind(0)
         cols[n] = seen[key]
