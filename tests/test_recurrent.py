@@ -212,3 +212,15 @@ def test_rls_gain_scan_adjoint(varlen, monkeypatch):
     P0 = (A @ A.mT + torch.eye(K, dtype=torch.float64)).requires_grad_()
     cu = torch.tensor([0, 2, 2, 5]) if varlen else None
     assert torch.autograd.gradcheck(lambda *x: rls.torch_gain_scan(*x, cu_seqlens=cu), (u, gamma, R, P0))
+
+
+@pytest.mark.parametrize("name", ["longhorn", "rls"])
+def test_second_derivative_raises(name):
+    """The hand-written backwards are first-order only: a gradient penalty through them must raise,
+    not return second-order terms of zero."""
+    rule = cat.ENTRIES[name].rule
+    inp = {n: x.double().requires_grad_() for n, x in cat.random_inputs(rule, 1, 5, 1, 3, 3).items()}
+    o, _ = scan(rule, backend="chunk", **inp)
+    (g,) = torch.autograd.grad(o.square().sum(), [inp["k"]], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()

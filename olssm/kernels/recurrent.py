@@ -127,6 +127,7 @@ class _RecurrentScan(torch.autograd.Function):
         return o[..., 0].transpose(0, 1), S
 
     @staticmethod
+    @torch.autograd.function.once_differentiable      # a second derivative raises instead of being silently 0
     def backward(ctx, do, dS):
         plan, block, names = ctx.plan, ctx.block, ctx.names
         ckpts, *flat = ctx.saved_tensors

@@ -125,6 +125,7 @@ class _GainScan(torch.autograd.Function):
         return g, torch.cat(PT)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable      # a second derivative raises instead of being silently 0
     def backward(ctx, dg, dPT):
         u, gamma, R, *ckpts = ctx.saved_tensors
         B, T = u.shape[:2]
