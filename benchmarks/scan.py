@@ -8,7 +8,7 @@ Time: best of --repeat runs (after one warm-up), the reference too (--ref-repeat
 once, which overstated the ratios: see RESULTS.md, session 4). Memory: high-water mark of the resident set above the
 pre-run baseline, measured in a forked child per cell (torch's CPU allocator is invisible to
 tracemalloc). fp32 throughout. The reference is skipped above --ref-max-T (autograd through its token
-loop keeps every state: ~1–2 GB at T = 2048, d = 64) and marked "skipped". Sessions 1–4 measured a
+loop keeps every state: 2–4.5 GB at T = 8192, d = 64) and marked "skipped". Sessions 1–4 measured a
 reference whose backward was quadratic in T (per-token slicing); RESULTS.md, session 4, says by how much.
 
 --peers adds a second table: the same recurrence through other libraries' CPU paths where they are
@@ -136,7 +136,7 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--ref-max-T", type=int, default=2048, help="skip the reference above this T")
+    ap.add_argument("--ref-max-T", type=int, default=8192, help="skip the reference above this T")
     ap.add_argument("--ref-repeat", type=int, default=None,
                     help="runs of the reference per cell (default: --repeat; the first run in a fresh process "
                          "pays the page faults of its large autograd graph, up to 2x its best time here)")
