@@ -273,6 +273,13 @@ def _sequence(cu_ptr, i_n, T, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _tokens(start, tt, eos, H, i_h):
+    """Mask and flat (token, head) row index of the tokens start + tt of a chunk (those < eos are real)."""
+    tok = start + tt
+    return tok < eos, tok.to(tl.int64) * H + i_h
+
+
+@triton.jit
 def _state_tile(i_v, DK, DV, BK: tl.constexpr, BV: tl.constexpr):
     """The program's [BV, BK] block of the state: row / column indices, masks and offsets."""
     rows = i_v * BV + tl.arange(0, BV)
@@ -322,9 +329,7 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
     for c in range(0, tl.cdiv(eos - bos, BT)):
         if SAVE_CK:
             tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
-        tok = bos + c * BT + tt
-        tm = tok < eos
-        base = (tok.to(tl.int64) * H + i_h)
+        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
         qk_m = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
         q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
@@ -422,9 +427,7 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
     for c in range(0, tl.cdiv(eos - bos, BT)):
         if SAVE_CK:
             tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
-        tok = bos + c * BT + tt
-        tm = tok < eos
-        base = (tok.to(tl.int64) * H + i_h)
+        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
         km2 = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
         q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
@@ -554,9 +557,7 @@ def _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT: tl.constexpr, BV: t
                                             VARLEN)
     rows = i_v * BV + tl.arange(0, BV)
     tt = tl.arange(0, BT)
-    tok = start + tt
-    tm = tok < eos
-    base = tok.to(tl.int64) * H + i_h
+    tm, base = _tokens(start, tt, eos, H, i_h)
     vm = tm[:, None] & (rows < DV)[None, :]
     sm = rows < tl.where(start < eos, DV, 0)
     sbase = (i_bh.to(tl.int64) * NCK + c) * DV * DK
@@ -635,9 +636,7 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
     TIED: W_0 is B (DeltaNet, Gated DeltaNet: w = b = k), so A W_0ᵀ ⊙ D_st is N, already formed for T_c."""
     i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
     tt = tl.arange(0, BT)
-    tok = start + tt
-    tm = tok < eos
-    base = tok.to(tl.int64) * H + i_h
+    tm, base = _tokens(start, tt, eos, H, i_h)
     cc, _, Dst, gam, Tc, Nab = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC)
     _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
     if SAVE_TC:
@@ -688,9 +687,7 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         S += tl.load(h0_ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
-        tok = bos + c * BT + tt
-        tm = tok < eos
-        base = tok.to(tl.int64) * H + i_h
+        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
         km2 = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
         wt = tl.load(wt_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
@@ -963,9 +960,7 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
     nc = tl.cdiv(eos - bos, BT)
     for cr in range(0, nc):
         c = nc - 1 - cr
-        tok = bos + c * BT + tt
-        tm = tok < eos
-        base = (tok.to(tl.int64) * H + i_h)
+        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
         qk_m = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
         S0 = tl.load(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)

@@ -73,7 +73,7 @@ import triton.language as tl
 
 from . import chunked as _ch
 from .chunked import (_c_row, _chunk_decay, _chunk_map, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
-                      _precision, _sequence, _state_tile, _store_wt, _ut_inverse, switch)
+                      _precision, _sequence, _state_tile, _store_wt, _tokens, _ut_inverse, switch)
 
 #: the delta family's backward (scalar or row c, none / scalar decay): "chunk" (the kernels of this module) or
 #: "recurrent" (the fused recurrent backward on the chunked forward's checkpoints, as before).
@@ -124,9 +124,7 @@ def chunk_delta_bwd_prep_kernel(q_ptr, a_ptr, b_ptr, c_ptr, g_ptr, do_ptr, tc_pt
     rows at a time)."""
     i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
     tt = tl.arange(0, BT)
-    tok = start + tt
-    tm = tok < eos
-    base = tok.to(tl.int64) * H + i_h
+    tm, base = _tokens(start, tt, eos, H, i_h)
     # (no shared throwaway names across the two branches: Triton types every name both branches assign)
     if HAVE_TC:
         D = _chunk_decay(g_ptr, base, tm, BT, GATED)[0]
@@ -162,9 +160,7 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
     for cr in range(0, nc):
         c = nc - 1 - cr
         tl.store(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, mask=m2)
-        tok = bos + c * BT + tt
-        tm = tok < eos
-        base = tok.to(tl.int64) * H + i_h
+        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
         km2 = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
         bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
@@ -284,9 +280,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
     cols = i_k * KB + tl.arange(0, KB)
     km = cols < DK
     tt = tl.arange(0, BT)
-    tok = start + tt
-    tm = tok < eos
-    base = tok.to(tl.int64) * H + i_h
+    tm, base = _tokens(start, tt, eos, H, i_h)
     km2 = tm[:, None] & km[None, :]
     koff = base[:, None] * DK + cols[None, :]
     DVS = tl.where(start < eos, DV, 0)                # a padding program of the varlen map reads no ck / dh
@@ -452,9 +446,7 @@ def chunk_rowc_bwd_state_kernel(q_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, dd_pt
     for cr in range(0, nc):
         c = nc - 1 - cr
         tl.store(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, mask=m2)
-        tok = bos + c * BT + tt
-        tm = tok < eos
-        base = tok.to(tl.int64) * H + i_h
+        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
         km2 = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
         doff = base[:, None] * DV + rows[None, :]
