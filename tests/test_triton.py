@@ -11,7 +11,7 @@ for o, the final state and every gradient; bf16/fp16 inputs vs the fp32 referenc
 import os
 
 from triton_testing import (DEVICE as _DEVICE, close as _close, dev as _dev,  # noqa: E402  (sets TRITON_INTERPRET first)
-                            separate_sequences_match, split_scan_matches)
+                            elementwise_row_csum_rule, separate_sequences_match, split_scan_matches)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -222,12 +222,7 @@ def test_two_key_woodbury_rule():
 def test_elementwise_generator_with_row_csum():
     # an elementwise decay whose generator holds a row-kind key sum: the in-kernel chain rule
     # must treat csum(P k²) as a row-sum node (its adjoint a [BV, 1] tile)
-    S, Sp = O.states()
-    k, v = O.key("k"), O.value("v")
-    dt, P = O.row("dt", domain="timestep"), O.parameter("P", "matrix", positive=True)
-    lam = sp.exp(-dt * P / (1 + O.csum(P * k ** 2)))
-    rule = olssm.derive(O.Objective(O.sqnorm(S - lam * Sp) / 2 - O.inner(S @ k, v)))
-    assert rule.decay_kind == "elementwise"
+    rule = elementwise_row_csum_rule()
     _compare(rule, random_inputs(rule, 2, 7, 2, 5, 6, seed=3),
              0.3 * torch.randn(2, 2, 6, 5, generator=torch.Generator().manual_seed(3)))
 

@@ -10,11 +10,10 @@ that short sequences cross several blocks; T is never a multiple of BT.
 """
 import os
 
-from triton_testing import (DEVICE, close, compare, dev, run, separate_sequences_match,  # noqa: E402  (sets TRITON_INTERPRET first)
-                            split_scan_matches, spy)
+from triton_testing import (DEVICE, close, compare, dev, elementwise_row_csum_rule, run,  # noqa: E402  (sets TRITON_INTERPRET first)
+                            separate_sequences_match, split_scan_matches, spy)
 
 import pytest  # noqa: E402
-import sympy as sp  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -133,12 +132,7 @@ def test_low_precision_inputs():
 
 def test_elementwise_generator_with_row_csum():
     # a row-kind key sum inside the decay's generator: its adjoint is a [BT, BV, 1] tile in pbwd
-    S, Sp = O.states()
-    k, v = O.key("k"), O.value("v")
-    dt, P = O.row("dt", domain="timestep"), O.parameter("P", "matrix", positive=True)
-    lam = sp.exp(-dt * P / (1 + O.csum(P * k ** 2)))
-    rule = olssm.derive(O.Objective(O.sqnorm(S - lam * Sp) / 2 - O.inner(S @ k, v)))
-    assert rule.decay_kind == "elementwise"
+    rule = elementwise_row_csum_rule()
     compare(rule, random_inputs(rule, 2, 7, 2, 5, 6, seed=3), _h0(2, 2, 6, 5, 3))
 
 

@@ -202,3 +202,20 @@ def split_scan_matches(rule, inp, cut, rtol=RTOL):
     o2, f2 = rule.scan(backend="triton", output_final_state=True, initial_state=f1, **part(cut, T))
     close(torch.cat([o1, o2], 1), o, rtol, "o (split)")
     close(f2, f, rtol, "final state (split)")
+
+
+def elementwise_row_csum_rule():
+    """An elementwise decay whose generator holds a row-kind key sum, exp(−Δ P / (1 + Σ_j P_ij k_j²)): the
+    in-kernel chain rule must treat the sum as a row node (its adjoint a [BV, 1] tile; [BT, BV, 1] in the
+    block scan). Used by the loop-kernel and the block-scan tests."""
+    import sympy as sp
+
+    import olssm
+    from olssm import objectives as O
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    dt, P = O.row("dt", domain="timestep"), O.parameter("P", "matrix", positive=True)
+    lam = sp.exp(-dt * P / (1 + O.csum(P * k ** 2)))
+    rule = olssm.derive(O.Objective(O.sqnorm(S - lam * Sp) / 2 - O.inner(S @ k, v)))
+    assert rule.decay_kind == "elementwise"
+    return rule

@@ -150,7 +150,9 @@ def _zeros(kind: str) -> str:
             ELEMENTWISE: "tl.zeros([BV, BK], tl.float32)"}[kind]
 
 
-_PROLOGUE = """\
+#: a scan program's opening: its (value block, sequence·head), the sequence's [bos, eos) and the [BV, BK]
+#: state tile's indices, masks and offsets (the loop templates here and the block scan, pscan.py)
+PROLOGUE = """\
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = i_nh // H
@@ -217,7 +219,7 @@ def forward_source(form) -> str:
     ents = entries(form)
     R = len(form.corrections)
     lines, out = codegen(ents, TritonPrinter())
-    src = forward_head("fwd_kernel", syms, "C", _PROLOGUE, "", lambda s, kind: _load(s + "_ptr", "i_h", kind))
+    src = forward_head("fwd_kernel", syms, "C", PROLOGUE, "", lambda s, kind: _load(s + "_ptr", "i_h", kind))
     src += [
         "    for tt in range(bos, eos):",
         "        if SAVE_CK:",
@@ -304,7 +306,7 @@ def backward_source(form) -> str:
         f"def bwd_kernel({args}, do_ptr, dht_ptr, dh0_ptr, ck_ptr, scr_ptr, cu_ptr, T, TOK, N, H, DK, DV, NCK,",
         "               BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, USE_DHT: tl.constexpr,",
         "               VARLEN: tl.constexpr):",
-        _PROLOGUE.rstrip("\n"),
+        PROLOGUE.rstrip("\n"),
         "    scr = scr_ptr + (i_nh.to(tl.int64) * tl.num_programs(0) + i_v) * C * BV * BK + tl.arange(0, BV)[:, None] * BK + c2",
     ]
 

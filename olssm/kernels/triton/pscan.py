@@ -15,7 +15,8 @@ from __future__ import annotations
 import sympy as sp
 
 from ...objectives.core import COLUMN, ELEMENTWISE, ROW, SCALAR, spec_of
-from .codegen import HAS_ROWS, entries, entry_table, forward_head, lift_csums, reverse_mode, symbols_of
+from .codegen import (HAS_ROWS, PROLOGUE, entries, entry_table, forward_head, lift_csums, reverse_mode,
+                      symbols_of)
 from .printer import TritonPrinter, codegen
 
 #: the printer of the block kernels: csum(x) is a masked sum over the key axis (2) of [BT, BV, BK] tiles
@@ -30,24 +31,7 @@ def _pscan_combine(a1, b1, a2, b2):
     return a1 * a2, a2 * b1 + b2
 '''
 
-_PROLOGUE = """\
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    if VARLEN:
-        bos = tl.load(cu_ptr + i_n).to(tl.int64)
-        eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
-    rows = i_v * BV + tl.arange(0, BV)
-    cols = tl.arange(0, BK)
-    # [BV, BK] state tiles
-    r2 = rows[:, None]
-    c2 = cols[None, :]
-    m2 = (r2 < DV) & (c2 < DK)
-    soff = r2 * DK + c2
+_PROLOGUE = PROLOGUE + """\
     # [BT, BV, BK] block tiles: token j of the block, value row, key column
     jt3 = tl.arange(0, BT)[:, None, None]
     r3 = rows[None, :, None]
