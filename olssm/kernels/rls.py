@@ -132,7 +132,7 @@ class _GainScan(torch.autograd.Function):
         du, dgam, dR = torch.zeros_like(u), torch.zeros_like(gamma), torch.zeros_like(R)
         dP0 = torch.empty_like(dPT)
         P = torch.empty_like(ckpts[0]) if ckpts else None
-        Pts = torch.empty(GAIN_BLOCK, *P.shape, dtype=P.dtype).unbind(0) if ckpts else None   # P̃ per token
+        Pts = P.new_empty(GAIN_BLOCK, *P.shape).unbind(0) if ckpts else None   # P̃ per token (P's device)
         k = 0
         for rows, start, end, seq in _pieces(B, T, ctx.cu):
             nblk = -(-(end - start) // GAIN_BLOCK)
