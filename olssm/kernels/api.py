@@ -33,12 +33,26 @@ class ScanArgs:
     def num_sequences(self) -> int:
         return self.B if self.cu_seqlens is None else len(self.cu_seqlens) - 1
 
+    def pieces(self):
+        """What a token loop scans at once: (batch rows, start, end, state rows) — the whole batch, or each
+        packed sequence as a batch of one (scan_pieces)."""
+        return scan_pieces(self.B, self.T, self.cu_seqlens)
+
     def segments(self):
         """(batch index, start, end, state index) of each sequence."""
         if self.cu_seqlens is None:
             return [(b, 0, self.T, b) for b in range(self.B)]
         cu = self.cu_seqlens.tolist()
         return [(0, cu[n], cu[n + 1], n) for n in range(len(cu) - 1)]
+
+
+def scan_pieces(B: int, T: int, cu_seqlens):
+    """(batch rows, start, end, state rows) of each piece a token loop scans at once: all B rows over
+    [0, T), or each packed sequence of cu_seqlens as a batch of one."""
+    if cu_seqlens is None:
+        return [(slice(None), 0, T, slice(None))]
+    cu = cu_seqlens.tolist()
+    return [(slice(0, 1), cu[n], cu[n + 1], slice(n, n + 1)) for n in range(len(cu) - 1)]
 
 
 def _shape(x):

@@ -14,13 +14,8 @@ def reference_scan(args):
     need = set(rule.update_inputs)
     dtype = torch.float64 if args.out_dtype == torch.float64 else torch.float32
     # whole batches step together; packed (varlen) sequences one after another, batch of one
-    if args.cu_seqlens is None:
-        pieces = [(slice(None), 0, args.T, slice(None))]
-    else:
-        cu = args.cu_seqlens.tolist()
-        pieces = [(slice(0, 1), cu[n], cu[n + 1], slice(n, n + 1)) for n in range(len(cu) - 1)]
     outs, finals = [], []
-    for rows, start, end, states in pieces:
+    for rows, start, end, states in args.pieces():
         if args.initial_state is None:
             first = {nm: x[rows, start] for nm, x in args.tokens.items()}  # RLS: P_0 = I/λ at the first token
             batch = args.B if args.cu_seqlens is None else 1
