@@ -859,13 +859,19 @@ def saved_chunk_core(aux, sizes):
     return aux[:n * C].view(B, T, H, C), aux[n * C:].view(B, T, H, d_k)
 
 
+def _runs_split(form) -> bool:
+    """Whether the chunked forward of this delta-family rule is the split one (scalar c, no row decay,
+    DELTA_FORWARD = "split"): chunked_forward's choice, which saves_chunk_core must agree with."""
+    return not _c_row(form) and form.decay_kind != ROW and _delta_forward() == "split"
+
+
 def saves_chunk_core(plan, chunked: bool, save: bool, chunk_bwd: bool) -> bool:
     """Whether the forward op keeps T_c and W̃ for the chunked delta backward: the split forward computes
     them anyway (its prep kernel), and the backward would otherwise recompute both (a UT inverse per
     chunk). The fake op and the real one decide alike from the same arguments."""
     form = plan.rule.form
-    return (SAVE_CHUNK_CORE and chunked and save and chunk_bwd and bool(form.corrections) and not _c_row(form)
-            and form.decay_kind != ROW and _delta_forward() == "split")
+    return (SAVE_CHUNK_CORE and chunked and save and chunk_bwd and bool(form.corrections)
+            and _runs_split(form))
 
 
 def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied=False, core=None):
@@ -914,7 +920,7 @@ def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None,
     if plan.rule.form.corrections:
         a, b, c = chunk_in[4:7]
         c_row, g_row = _c_row(plan.rule.form), plan.rule.form.decay_kind == ROW
-        if not c_row and not g_row and _delta_forward() == "split":
+        if _runs_split(plan.rule.form):
             if not save:   # the output kernel reads S₀ of every chunk: a scratch ck (ck's dtype), not returned
                 ck = torch.empty(N, H, max(1, -(-max_len // C)), d_v, d_k, dtype=ck.dtype, device=q.device)
             _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, plan.rule.form.decay_kind != "none", cu_seqlens,
