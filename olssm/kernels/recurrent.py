@@ -79,7 +79,9 @@ def _per_token(ent, L):
 
 def _rowdot(S, k, out=None):
     """Σ_j S[., j] k[., j] per value row, [..., d_v, 1]: one GEMV for a key vector k [..., 1, d_k], a
-    row-wise dot for any other broadcast shape (an entry varying over rows, or constant over columns)."""
+    row-wise dot for any other broadcast shape (an entry varying over rows, or constant over columns).
+    The GEMV takes k as a transposed row: torch's CPU matmul first copies a [..., n, 1] right operand
+    whose strides are (1, 1) (measured 21 µs against 7.6 µs at n = 64)."""
     if k.shape[-2] == 1 and k.shape[-1] == S.shape[-1]:
         return torch.matmul(S, k.mT, out=out)
     if out is None:

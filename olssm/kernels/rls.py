@@ -22,6 +22,7 @@ import torch
 from ..derive.rule import Correction, InputTerm, NormalForm, Rule, evaluator
 from ..objectives import core as O
 from .api import scan, scan_pieces
+from .recurrent import _rowdot
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,12 +69,6 @@ def initial_p(args, dtype=torch.float32):
 GAIN_BLOCK = 16
 
 
-def _mv(M, v):
-    """M v for [..., n, n] and [..., n]. Through v as a transposed row: torch's CPU matmul copies a
-    [..., n, 1] right operand whose strides are (1, 1) first (measured 21 µs against 7.6 µs at n = 64)."""
-    return (M @ v.unsqueeze(-2).mT)[..., 0]
-
-
 def _riccati_(P, x, gm, r, Pt=None):
     """One token in place: P becomes P_t = P̃ − (R/den) a aᵀ with P̃ = P/γ, a = P̃ u, den = 1 + R uᵀa; P̃ is
     written into Pt when given (the backward keeps it), else formed in P itself. Returns (a, den). In
@@ -82,7 +77,7 @@ def _riccati_(P, x, gm, r, Pt=None):
         Pt = P.div_(gm[:, :, None, None])
     else:
         torch.div(P, gm[:, :, None, None], out=Pt)
-    a = _mv(Pt, x)                                                           # P̃ u
+    a = _rowdot(Pt, x.unsqueeze(-2))[..., 0]                                 # P̃ u
     den = 1 + r[:, :, None] * (a * x).sum(-1, keepdim=True)
     torch.addcmul(Pt, (r[:, :, None] / den).unsqueeze(-1) * a.unsqueeze(-1), a.unsqueeze(-2), value=-1, out=P)
     return a, den
@@ -140,7 +135,7 @@ class _GainScan(torch.autograd.Function):
                     Pt, (a, den) = Pts[t - b0], saved[t - b0]
                     rr = r[:, :, None]
                     dgt = dg[rows, t]
-                    dPa = _mv(dP, a)                                           # dP a
+                    dPa = _rowdot(dP, a.unsqueeze(-2))[..., 0]                 # dP a
                     aPa = (a * dPa).sum(-1, keepdim=True)                      # aᵀ dP a
                     dPta = (a.unsqueeze(-2) @ dP)[..., 0, :]                   # dPᵀ a (no transposed copy)
                     dden = -(dgt * a).sum(-1, keepdim=True) / den ** 2 + rr * aPa / den ** 2
