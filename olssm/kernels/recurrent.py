@@ -39,10 +39,10 @@ def _contract(x, y, X, Y, out=None):
         r = x.mT @ y
     else:
         r = (x * y).sum([d for d, keep in ((-2, X == V), (-1, Y == K)) if not keep], keepdim=True)
-    if r.shape[-1] != Y:
+    if Y == 1 and r.shape[-1] != 1:
         r = r.sum(-1, keepdim=True)
-    if r.shape[-2] != X:
-        r = r.sum(-2, keepdim=True) if X == 1 else r
+    if X == 1 and r.shape[-2] != 1:
+        r = r.sum(-2, keepdim=True)
     return r.expand(*r.shape[:-2], X, Y) if r.shape[-2:] != (X, Y) else r
 
 
@@ -108,7 +108,7 @@ def _advance_(S, e, plan, ps=None):
 
 class _RecurrentScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan, block, names, S0, *flat):
+    def forward(ctx, plan, block, names, tokens, S0, *flat):
         T = plan.T
         inputs = dict(zip(names, flat))
         # outputs go into one buffer: T small tensors interleaved with each block's large coefficient
@@ -119,22 +119,22 @@ class _RecurrentScan(torch.autograd.Function):
         for j, t0 in enumerate(range(0, T, block)):
             ckpts[j].copy_(S)
             L = min(block, T - t0)
-            for i, e in enumerate(_per_token(plan.entries(_block(inputs, plan, t0, L), L), L)):
+            for i, e in enumerate(_per_token(plan.entries(_block(inputs, tokens, t0, L), L), L)):
                 if plan.decay:
                     S.mul_(e["decay"])
                 _advance_(S, e, plan)
                 _rowdot(S, e["q"], out=o[t0 + i])
-        ctx.plan, ctx.block, ctx.names = plan, block, names
+        ctx.plan, ctx.block, ctx.names, ctx.tokens = plan, block, names, tokens
         ctx.save_for_backward(ckpts, *flat)
         return o[..., 0].transpose(0, 1), S
 
     @staticmethod
     @torch.autograd.function.once_differentiable      # a second derivative raises instead of being silently 0
     def backward(ctx, do, dS):
-        plan, block, names = ctx.plan, ctx.block, ctx.names
+        plan, block, names, tokens = ctx.plan, ctx.block, ctx.names, ctx.tokens
         ckpts, *flat = ctx.saved_tensors
         decay, T = plan.decay, plan.T
-        need = dict(zip(names, ctx.needs_input_grad[4:]))
+        need = dict(zip(names, ctx.needs_input_grad[5:]))
         inputs = dict(zip(names, flat))
         grads = {n: None for n in names}
         G = dS.clone()
@@ -151,7 +151,7 @@ class _RecurrentScan(torch.autograd.Function):
             t0 = j * block
             L = min(block, T - t0)
             with torch.enable_grad():
-                leaves = {n: x.detach().requires_grad_(need[n]) for n, x in _block(inputs, plan, t0, L).items()}
+                leaves = {n: x.detach().requires_grad_(need[n]) for n, x in _block(inputs, tokens, t0, L).items()}
                 ent = plan.entries(leaves, L)
             live = [n for n, x in ent.items() if x.requires_grad]
             shape = {n: tuple(x.shape[-2:]) for n, x in ent.items()}
@@ -230,25 +230,25 @@ class _RecurrentScan(torch.autograd.Function):
                 for n, g in zip(wrt, got):
                     if g is None:
                         continue
-                    if n in plan.token_names:
+                    if n in tokens:
                         if grads[n] is None:
                             grads[n] = torch.zeros_like(inputs[n])
                         grads[n][:, t0:t0 + L] += g.transpose(0, 1)
                     else:
                         grads[n] = g if grads[n] is None else grads[n] + g
-        return (None, None, None, G, *[grads[n] for n in names])
+        return (None, None, None, None, G, *[grads[n] for n in names])
 
 
-def _block(inputs, plan, t0, L):
-    """Tokens t0..t0+L as [L, B, ...] (parameters whole)."""
-    return {n: (x[:, t0:t0 + L].transpose(0, 1) if n in plan.token_names else x) for n, x in inputs.items()}
+def _block(inputs, tokens, t0, L):
+    """The inputs named in `tokens` at tokens t0..t0+L as [L, B, ...]; the others (parameters) whole."""
+    return {n: (x[:, t0:t0 + L].transpose(0, 1) if n in tokens else x) for n, x in inputs.items()}
 
 
-def recurrent_scan(plan, tokens, params, S0, block=64):
+def recurrent_scan(plan, tokens, params, S0, block):
     """o [B, T, H, d_v] and the final state of the normal form `plan` on inputs `tokens` ([B, T, ...],
-    sliced along T per block) and `params` (whole), from S0 [B, H, d_v, d_k] in the compute dtype."""
-    plan.token_names = frozenset(tokens)
+    sliced along T per block of `block` tokens, the checkpoint interval) and `params` (whole), from S0
+    [B, H, d_v, d_k] in the compute dtype."""
     names = tuple(tokens) + tuple(params)
     if plan.T == 0:
         return S0.new_zeros(plan.B, 0, plan.H, plan.V), S0
-    return _RecurrentScan.apply(plan, block, names, S0, *tokens.values(), *params.values())
+    return _RecurrentScan.apply(plan, block, names, frozenset(tokens), S0, *tokens.values(), *params.values())
