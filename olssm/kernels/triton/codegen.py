@@ -214,6 +214,43 @@ def forward_head(name, syms, block, prologue, tiles, load_param) -> list[str]:
     ]
 
 
+def backward_head(name, table, scratch, block, prologue, load, zeros, after_prologue=()) -> list[str]:
+    """The signature, prologue and once-per-program parameter loads of a backward kernel (the token loop's
+    bwd_kernel: scratch "scr_ptr, ", block "C"; the block scan's pbwd_kernel: "", "BT"): every entry's
+    gradient D_ and every in-kernel input's gradient R_ are outputs; load(pointer, kind) and zeros(kind)
+    print a parameter's load and its zero accumulator in the kernel's tile vocabulary."""
+    vars_, raw = table.vars, table.raw
+    args = ", ".join([f"E_{n}" for n in vars_] + [f"X_{x.name}" for x in raw]
+                     + [f"D_{n}" for n in vars_] + [f"R_{x.name}" for x in raw])
+    pad = " " * (len(name) + 5)
+    src = [
+        "@triton.jit",
+        f"def {name}({args}, do_ptr, dht_ptr, dh0_ptr, ck_ptr, {scratch}cu_ptr, T, TOK, N, H, DK, DV, NCK,",
+        f"{pad}BK: tl.constexpr, BV: tl.constexpr, {block}: tl.constexpr, USE_DHT: tl.constexpr,",
+        f"{pad}VARLEN: tl.constexpr):",
+        prologue.rstrip("\n"),
+        *after_prologue,
+    ]
+    # parameter-only entries: loaded once, gradients accumulated over the sequence
+    for n in vars_:
+        if table.cls[n] == "param":
+            src.append(f"    v_{n} = {load('E_' + n, table.kind[n])}")
+            src.append(f"    g_{n} = {zeros(table.kind[n])}")
+    # raw inputs of the in-kernel entries: parameters loaded once, gradients accumulated
+    for x in raw:
+        sx = spec_of(x)
+        if sx.is_parameter:
+            src.append(f"    in_{x.name} = {load('X_' + x.name, sx.kind)}")
+            src.append(f"    gr_{x.name} = {zeros(sx.kind)}")
+    return src
+
+
+def partial_slot(kind) -> str:
+    """Partial-sum slot of an entry's gradient: entries without a row index are summed over the value blocks
+    (one slot per block, reduced on the host)."""
+    return "0" if HAS_ROWS[kind] else "i_v"
+
+
 def forward_source(form) -> str:
     syms = symbols_of(form)
     ents = entries(form)
@@ -299,31 +336,12 @@ def backward_source(form) -> str:
     p = TritonPrinter()
     const = {n: p.doprint(e) for n, e in ents.items() if cls[n] == "const"}
     ref = {n: (const[n] if cls[n] == "const" else f"v_{n}") for n in ents}
-    args = ", ".join([f"E_{n}" for n in vars_] + [f"X_{x.name}" for x in raw]
-                     + [f"D_{n}" for n in vars_] + [f"R_{x.name}" for x in raw])
-    src = [
-        "@triton.jit",
-        f"def bwd_kernel({args}, do_ptr, dht_ptr, dh0_ptr, ck_ptr, scr_ptr, cu_ptr, T, TOK, N, H, DK, DV, NCK,",
-        "               BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, USE_DHT: tl.constexpr,",
-        "               VARLEN: tl.constexpr):",
-        PROLOGUE.rstrip("\n"),
-        "    scr = scr_ptr + (i_nh.to(tl.int64) * tl.num_programs(0) + i_v) * C * BV * BK + tl.arange(0, BV)[:, None] * BK + c2",
-    ]
+    src = backward_head(
+        "bwd_kernel", t, "scr_ptr, ", "C", PROLOGUE, lambda ptr, k: _load(ptr, "i_h", k), _zeros,
+        ["    scr = scr_ptr + (i_nh.to(tl.int64) * tl.num_programs(0) + i_v) * C * BV * BK + tl.arange(0, BV)[:, None] * BK + c2"])
 
-    def part(n):  # partial-sum slot: entries without a row index are summed over the row blocks
-        return "0" if HAS_ROWS[kind[n]] else "i_v"
-
-    # parameter-only entries: loaded once, gradients accumulated over the sequence
-    for n in vars_:
-        if cls[n] == "param":
-            src.append(f"    v_{n} = {_load('E_' + n, 'i_h', kind[n])}")
-            src.append(f"    g_{n} = {_zeros(kind[n])}")
-    # raw inputs of the in-kernel entries: parameters loaded once, gradients accumulated
-    for x in raw:
-        sx = spec_of(x)
-        if sx.is_parameter:
-            src.append(f"    in_{x.name} = {_load('X_' + x.name, 'i_h', sx.kind)}")
-            src.append(f"    gr_{x.name} = {_zeros(sx.kind)}")
+    def part(n):
+        return partial_slot(kind[n])
 
     # in-kernel entries: value code (csums lifted to σ tiles) and reverse-mode code
     lifted = {n: lift_csums(ents[n], n) for n in ink}

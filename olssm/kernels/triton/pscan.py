@@ -15,8 +15,8 @@ from __future__ import annotations
 import sympy as sp
 
 from ...objectives.core import COLUMN, ELEMENTWISE, ROW, SCALAR, spec_of
-from .codegen import (HAS_ROWS, PROLOGUE, entries, entry_table, forward_head, lift_csums, reverse_mode,
-                      symbols_of)
+from .codegen import (HAS_ROWS, PROLOGUE, backward_head, entries, entry_table, forward_head, lift_csums,
+                      partial_slot, reverse_mode, symbols_of)
 from .printer import TritonPrinter, codegen
 
 #: the printer of the block kernels: csum(x) is a masked sum over the key axis (2) of [BT, BV, BK] tiles
@@ -164,28 +164,11 @@ def pbackward_source(form) -> str:
     p = printer3()
     const = {n: p.doprint(e) for n, e in ents.items() if cls[n] == "const"}
     lifted = {n: lift_csums(ents[n], n) for n in ink}
-    args = ", ".join([f"E_{n}" for n in vars_] + [f"X_{x.name}" for x in raw]
-                     + [f"D_{n}" for n in vars_] + [f"R_{x.name}" for x in raw])
-    src = [
-        "@triton.jit",
-        f"def pbwd_kernel({args}, do_ptr, dht_ptr, dh0_ptr, ck_ptr, cu_ptr, T, TOK, N, H, DK, DV, NCK,",
-        "                BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, USE_DHT: tl.constexpr,",
-        "                VARLEN: tl.constexpr):",
-        _PROLOGUE.rstrip("\n"),
-    ]
+    src = backward_head("pbwd_kernel", t, "", "BT", _PROLOGUE, lambda ptr, k: _load3(ptr, "i_h", k, None),
+                        _zeros_par)
 
-    def part(n):  # partial-sum slot: entries without a row index are summed over the value blocks
-        return "0" if HAS_ROWS[kind[n]] else "i_v"
-
-    for n in vars_:
-        if cls[n] == "param":
-            src.append(f"    v_{n} = {_load3('E_' + n, 'i_h', kind[n], None)}")
-            src.append(f"    g_{n} = {_zeros_par(kind[n])}")
-    for x in raw:
-        sx = spec_of(x)
-        if sx.is_parameter:
-            src.append(f"    in_{x.name} = {_load3('X_' + x.name, 'i_h', sx.kind, None)}")
-            src.append(f"    gr_{x.name} = {_zeros_par(sx.kind)}")
+    def part(n):
+        return partial_slot(kind[n])
 
     def evaluate(indent, names, tag, tok, tmask):
         """Lines evaluating entries `names` at the tokens `tok` (mask `tmask`); returns (lines, ref):
