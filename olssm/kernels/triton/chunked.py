@@ -280,6 +280,16 @@ def _tokens(start, tt, eos, H, i_h):
 
 
 @triton.jit
+def _initial_tile(ptr, i_bh, DK, DV, soff, m2, BK: tl.constexpr, BV: tl.constexpr, USE: tl.constexpr):
+    """The program's [BV, BK] fp32 tile of a state given per sequence·head at ptr (h0, or dS at the end),
+    zeros unless USE."""
+    S = tl.zeros([BV, BK], dtype=tl.float32)
+    if USE:
+        S += tl.load(ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
+    return S
+
+
+@triton.jit
 def _state_tile(i_v, DK, DV, BK: tl.constexpr, BV: tl.constexpr):
     """The program's [BV, BK] block of the state: row / column indices, masks and offsets."""
     rows = i_v * BV + tl.arange(0, BV)
@@ -323,9 +333,7 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
     rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
     tt = tl.arange(0, BT)
     causal = tt[:, None] >= tt[None, :]
-    S = tl.zeros([BV, BK], dtype=tl.float32)
-    if USE_H0:
-        S += tl.load(h0_ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
+    S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         if SAVE_CK:
             tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
@@ -421,9 +429,7 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
     tt = tl.arange(0, BT)
     incl = tt[:, None] >= tt[None, :]
     strict = tt[:, None] > tt[None, :]
-    S = tl.zeros([BV, BK], dtype=tl.float32)
-    if USE_H0:
-        S += tl.load(h0_ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
+    S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         if SAVE_CK:
             tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
@@ -682,9 +688,7 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
     bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
     rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
     tt = tl.arange(0, BT)
-    S = tl.zeros([BV, BK], dtype=tl.float32)
-    if USE_H0:
-        S += tl.load(h0_ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
+    S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
         tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
@@ -960,9 +964,7 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
     rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
     tt = tl.arange(0, BT)
     causal = tt[:, None] >= tt[None, :]
-    dS = tl.zeros([BV, BK], dtype=tl.float32)
-    if USE_DHT:
-        dS += tl.load(dht_ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
+    dS = _initial_tile(dht_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_DHT)
     nc = tl.cdiv(eos - bos, BT)
     for cr in range(0, nc):
         c = nc - 1 - cr

@@ -73,7 +73,8 @@ import triton.language as tl
 
 from . import chunked as _ch
 from .chunked import (_c_row, _chunk_decay, _chunk_map, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
-                      _precision, _sequence, _state_tile, _store_wt, _tokens, _ut_inverse, switch)
+                      _initial_tile, _precision, _sequence, _state_tile, _store_wt, _tokens, _ut_inverse,
+                      switch)
 
 #: the delta family's backward (scalar or row c, none / scalar decay): "chunk" (the kernels of this module) or
 #: "recurrent" (the fused recurrent backward on the chunked forward's checkpoints, as before).
@@ -153,9 +154,7 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
     bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
     rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
     tt = tl.arange(0, BT)
-    dS = tl.zeros([BV, BK], dtype=tl.float32)
-    if USE_DHT:
-        dS += tl.load(dht_ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
+    dS = _initial_tile(dht_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_DHT)
     nc = tl.cdiv(eos - bos, BT)
     for cr in range(0, nc):
         c = nc - 1 - cr
@@ -439,9 +438,7 @@ def chunk_rowc_bwd_state_kernel(q_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, dd_pt
     bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
     rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
     tt = tl.arange(0, BT)
-    dS = tl.zeros([BV, BK], dtype=tl.float32)
-    if USE_DHT:
-        dS += tl.load(dht_ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
+    dS = _initial_tile(dht_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_DHT)
     nc = tl.cdiv(eos - bos, BT)
     for cr in range(0, nc):
         c = nc - 1 - cr
