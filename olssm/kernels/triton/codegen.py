@@ -245,6 +245,21 @@ def backward_head(name, table, scratch, block, prologue, load, zeros, after_prol
     return src
 
 
+def backward_tail(table, store) -> list[str]:
+    """The end of a backward kernel: ∂h0, then the gradients accumulated over the sequence for the
+    parameter-only entries and the in-kernel entries' parameter inputs; store(pointer, offset, kind,
+    value) prints a store in the kernel's tile vocabulary."""
+    src = ["    tl.store(dh0_ptr + i_nh.to(tl.int64) * DV * DK + soff, dS, mask=m2)"]
+    for n in table.vars:
+        if table.cls[n] == "param":
+            src.append(f"    {store('D_' + n, f'({partial_slot(table.kind[n])} * N + i_n) * H + i_h', table.kind[n], 'g_' + n)}")
+    for x in table.raw:
+        sx = spec_of(x)
+        if sx.is_parameter:
+            src.append(f"    {store('R_' + x.name, f'({partial_slot(sx.kind)} * N + i_n) * H + i_h', sx.kind, 'gr_' + x.name)}")
+    return src
+
+
 def partial_slot(kind) -> str:
     """Partial-sum slot of an entry's gradient: entries without a row index are summed over the value blocks
     (one slot per block, reduced on the host)."""
@@ -392,7 +407,7 @@ def backward_source(form) -> str:
         for x in raw:
             sx = spec_of(x)
             if not sx.is_parameter:
-                slot = "0" if HAS_ROWS[sx.kind] else "i_v"
+                slot = partial_slot(sx.kind)
                 L.append(f"{indent}{_store('R_' + x.name, f'{slot} * TOK * H + tok', sx.kind, 'r_' + x.name)}")
         return L
 
@@ -448,16 +463,7 @@ def backward_source(form) -> str:
         src.append(f"{I}dS = tl.where(m2, dSt, 0.0)")
     src += raw_store(I)
     src.append("        tl.debug_barrier()")
-    src.append("    tl.store(dh0_ptr + i_nh.to(tl.int64) * DV * DK + soff, dS, mask=m2)")
-    for n in vars_:
-        if cls[n] == "param":
-            base = f"({part(n)} * N + i_n) * H + i_h"
-            src.append(f"    {_store('D_' + n, base, kind[n], 'g_' + n)}")
-    for x in raw:
-        sx = spec_of(x)
-        if sx.is_parameter:
-            slot = "0" if HAS_ROWS[sx.kind] else "i_v"
-            src.append(f"    {_store('R_' + x.name, f'({slot} * N + i_n) * H + i_h', sx.kind, 'gr_' + x.name)}")
+    src += backward_tail(t, _store)
     return "\n".join(src) + "\n"
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sympy as sp
 
 from ...objectives.core import COLUMN, ELEMENTWISE, ROW, SCALAR, spec_of
-from .codegen import (HAS_ROWS, PROLOGUE, backward_head, entries, entry_table, forward_head, lift_csums,
+from .codegen import (PROLOGUE, backward_head, backward_tail, entries, entry_table, forward_head, lift_csums,
                       partial_slot, reverse_mode, symbols_of)
 from .printer import TritonPrinter, codegen
 
@@ -160,7 +160,7 @@ def pforward_source(form) -> str:
 def pbackward_source(form) -> str:
     M = len(form.inputs)
     t = entry_table(form)
-    ents, cls, kind, ink, vars_, raw = t.entries, t.cls, t.kind, t.inkernel, t.vars, t.raw
+    ents, cls, kind, ink, raw = t.entries, t.cls, t.kind, t.inkernel, t.raw
     p = printer3()
     const = {n: p.doprint(e) for n, e in ents.items() if cls[n] == "const"}
     lifted = {n: lift_csums(ents[n], n) for n in ink}
@@ -283,17 +283,9 @@ def pbackward_source(form) -> str:
     for x in raw:
         sx = spec_of(x)
         if not sx.is_parameter:
-            slot = "0" if HAS_ROWS[sx.kind] else "i_v"
+            slot = partial_slot(sx.kind)
             src.append(f"{I}{_store3('R_' + x.name, f'{slot} * TOK * H + tok3', sx.kind, 'r_' + x.name, 'tm3')}")
-    src.append("    tl.store(dh0_ptr + i_nh.to(tl.int64) * DV * DK + soff, dS, mask=m2)")
-    for n in vars_:
-        if cls[n] == "param":
-            src.append(f"    {_store3('D_' + n, f'({part(n)} * N + i_n) * H + i_h', kind[n], 'g_' + n, None)}")
-    for x in raw:
-        sx = spec_of(x)
-        if sx.is_parameter:
-            slot = "0" if HAS_ROWS[sx.kind] else "i_v"
-            src.append(f"    {_store3('R_' + x.name, f'({slot} * N + i_n) * H + i_h', sx.kind, 'gr_' + x.name, None)}")
+    src += backward_tail(t, lambda ptr, off, k, val: _store3(ptr, off, k, val, None))
     return "\n".join(src) + "\n"
 
 
