@@ -65,7 +65,12 @@ def compile_for(fn, consts: dict, arch: int, num_warps: int, ptr_types: dict | N
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    params = list(inspect.signature(fn.fn).parameters)
+    sig_params = inspect.signature(fn.fn).parameters
+    params = list(sig_params)
+    # constexprs the variant leaves out take their defaults, as at launch (they were compiled as *fp32 pointer
+    # arguments, i.e. runtime branches: HAVE_TC / SAVE_TC's register counts were wrong)
+    consts = {**{p: v.default for p, v in sig_params.items() if v.default is not inspect.Parameter.empty},
+              **consts}
     ints = {"T", "H", "DK", "DV", "NCK", "SW", "SE", "TOKH", "TOK", "N"}
     ptrs = {**(ptr_types or {}), "ix_ptr": "*i32", "cu_ptr": "*i32"}   # the varlen chunk map and cu_seqlens: int32
     sig = {p: ("constexpr" if p in consts else "i32" if p in ints else ptrs.get(p, "*fp32")) for p in params}
