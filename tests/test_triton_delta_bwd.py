@@ -11,7 +11,7 @@ key kernels, chunked._tied) against an fp64 autograd loop; the `ties` fixture re
 from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
                             CHECKPOINT_RTOL, compare_checkpoint_storage as _compare_ck,
                             compare_storage as _compare_storage,
-                            dev as _dev, pin_fp32_storage, spy)  # (sets TRITON_INTERPRET first)
+                            dev as _dev, pin_fp32_storage, split_scan_matches, spy)  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -510,3 +510,101 @@ def test_chunk_storage_varlen(calls, monkeypatch):
     h0 = 0.3 * torch.randn(4, 2, 5, 4, generator=torch.Generator().manual_seed(46))
     _compare_storage(rule, inp, h0, monkeypatch, cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)))
     assert len(calls) == 2
+
+
+# ---- rank-R corrections: R' = next_pow2(R) sub-tokens per token (chunked.sub_tokens, TRITON.md) ------------
+
+def _multi_key_rule(kind):
+    """Objectives with several keys. Implicit ones give R = n² corrections (the Woodbury mixing of k_0..k_{n−1}:
+    a = k_i, b = k_j), the explicit one R = 2."""
+    S, Sp = O.states()
+    k0, v0, k1, v1 = O.key("k0"), O.value("v0"), O.key("k1"), O.value("v1")
+    if kind == "explicit":      # scalar c, a raw decay α (no closed-form log): split forward, R = 2
+        return olssm.derive(O.Objective(O.sqnorm(S @ k0 - v0, weight=O.scalar("b0", domain="unit")) / 2
+                                        + O.sqnorm(S @ k1 - v1, weight=O.scalar("b1", domain="unit")) / 2,
+                                        update="explicit", decay=O.scalar("alpha", domain="decay"),
+                                        name="two-key explicit"))
+    prox = O.sqnorm(S - (sp.exp(O.scalar("la", domain="negative")) if kind == "decay" else 1) * Sp) / 2
+    w0 = O.row("b0", positive=True) if kind == "row" else None   # a row weight: row c (fused forward, row-c bwd)
+    keys = 3 if kind == "three" else 2
+    loss = O.sqnorm(S @ k0 - v0, weight=w0) / 2 + O.sqnorm(S @ k1 - v1, weight=O.scalar("b1", positive=True)) / 2
+    if keys == 3:
+        loss = loss + O.sqnorm(S @ O.key("k2") - O.value("v2")) / 2
+    return olssm.derive(O.Objective(prox + loss, name=f"multi-key {kind}"))
+
+
+@pytest.fixture
+def subs(monkeypatch):
+    """The sub-tokens per token of every chunked forward launch (the `sub` of chunked._chunked_forward)."""
+    seen = []
+    real = tchunk._chunked_forward
+    monkeypatch.setattr(tchunk, "_chunked_forward", lambda *a, **k: seen.append(a[-1] if len(a) > 10 else 1)
+                        or real(*a, **k))
+    return seen
+
+
+@pytest.mark.parametrize("kind, R, sub", [("explicit", 2, 2), ("decay", 4, 4), ("row", 4, 4), ("three", 9, 16)])
+def test_rank_r_corrections(kind, R, sub, calls, subs, monkeypatch):
+    # every correction of a token reads the same S̃_t: the kernels keep the corrections of one token out of each
+    # other's triangular system (D_st strict between tokens); chunks of 16 sub-tokens = 16 / R' tokens, T = 21 is
+    # not a multiple of them; the chunked backward and the recurrent one (on the sub-token checkpoints, read as
+    # checkpoints every 16 / R' tokens) against the reference
+    rule = _multi_key_rule(kind)
+    assert len(rule.form.corrections) == R and tchunk.sub_tokens(rule.form) == sub
+    inp = random_inputs(rule, 1, 21, 2, 4, 5, seed=11)
+    h0 = 0.3 * torch.randn(1, 2, 5, 4, generator=torch.Generator().manual_seed(11))
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    g_chunk = _compare(rule, inp, h0)
+    assert len(calls) == 1 and subs == [sub]
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "0")
+    g_rec = _compare(rule, inp, h0)
+    assert len(calls) == 1 and subs == [sub, sub]
+    for n in g_chunk:
+        _close(g_chunk[n], g_rec[n], RTOL, f"d{n}: chunk vs recurrent backward")
+
+
+@pytest.mark.parametrize("forward", ["split", "fused"])
+def test_rank_r_varlen_and_state_round_trip(forward, calls, monkeypatch):
+    # sequences start at sub-token bos·R'; an empty sequence keeps its state and passes dht to dh0
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    monkeypatch.setattr(tchunk, "DELTA_FORWARD", forward)
+    rule = _multi_key_rule("decay")
+    cu = [0, 5, 5, 6, 27]
+    inp = random_inputs(rule, 1, 27, 2, 4, 5, seed=16)
+    h0 = 0.3 * torch.randn(4, 2, 5, 4, generator=torch.Generator().manual_seed(16))
+    g = _compare(rule, inp, h0, cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)))
+    assert len(calls) == 1 and g["h0"][1].abs().max() > 0
+    split_scan_matches(rule, inp, 10)
+
+
+def test_rank_r_opcheck_and_layout(calls):
+    # the op's fake output (aux holds T_c and W̃ in the sub-token layout) and autograd registration; and the
+    # layout's gather is the adjoint of its spread: <spread(x), y> = <x, gather(y)>
+    rule = _multi_key_rule("decay")
+    plan = tscan.plan_for(rule)
+    key = tlib.register(plan)
+    B, T, H, K, V = 1, 9, 1, 4, 4
+    inp = {n: _dev(t).requires_grad_() for n, t in random_inputs(rule, B, T, H, K, V, seed=12).items()}
+    args = olssm.kernels.api.check_scan_args(rule, None, None, None, initial_state=None, output_final_state=True,
+                                             cu_seqlens=None, inputs=inp)
+    chunk_in = [x.detach().requires_grad_() for x in tchunk.chunk_inputs(plan, args, grad=True)]
+    assert chunk_in[4].shape == (4, B, T, H, K) and chunk_in[6].shape == (4, B, T, H)
+    h0 = _dev(torch.randn(B, H, V, K)).requires_grad_()
+    op_args = (key, [inp[s.name] for s in plan.syms], [], chunk_in, h0, None, [B, T, H, K, V, B, T, 4], torch.float32,
+               True, True, True, None)
+    torch.library.opcheck(torch.ops.olssm.triton_scan_fwd.default, op_args)
+    assert calls
+    _, _, _, aux = torch.ops.olssm.triton_scan_fwd(*op_args)
+    assert aux.numel() == B * T * 4 * H * (16 + K)
+
+    gen = torch.Generator().manual_seed(0)
+    x = [torch.randn(c.shape, generator=gen, dtype=torch.float64) for c in chunk_in]
+    x[4:] = [t[:3] for t in x[4:]]   # three corrections in four sub-tokens: one padding slot
+    sx = tchunk.to_sub_tokens(x, 4)
+    y = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in sx]
+    lhs = sum((a * b).sum() for a, b in zip(sx, y))
+    rhs = sum((a * b).sum() for a, b in zip(x, tchunk.from_sub_tokens(y, 4, 3)))
+    assert torch.allclose(lhs, rhs, rtol=1e-12)
+    assert sx[0].unflatten(1, (T, 4))[:, :, :3].abs().max() == 0        # q only at the last sub-token
+    assert sx[3].unflatten(1, (T, 4))[:, :, 1:].abs().max() == 0        # the decay only at the first
+    assert sx[6].unflatten(1, (T, 4))[:, :, 3].abs().max() == 0         # the padding correction has c = 0

@@ -148,6 +148,19 @@ def variants(BT, BK, BV, prec, BVW=None):
         yield f"rowc bwd value {tag}", dbw.chunk_rowc_bwd_value_kernel, dict(rowc, GATED=gated, VARLEN=True)
     yield "rowc bwd prep decay=scalar, 2 input terms", dbw.chunk_rowc_bwd_prep_kernel, dict(rowc, **two)
     yield "rowc bwd value decay=scalar, 2 input terms", dbw.chunk_rowc_bwd_value_kernel, dict(rowc, **two)
+    # rank-R corrections on 4 sub-tokens per token (chunked.sub_tokens: the strict mask between tokens, SUB)
+    sub = dict(GATED=True, VARLEN=True, M=2, SUB=4)
+    yield "rank4 delta fwd c=row", ch.chunk_delta_fwd_kernel, dict(base, C_ROW=True, G_ROW=False, VARLEN=True, M=2,
+                                                                   SUB=4)
+    yield "rank4 delta split prep SAVE_TC", ch.chunk_delta_prep_kernel, dict(wide, TIED=False, SAVE_TC=True, **sub)
+    yield "rank4 delta bwd prep", dbw.chunk_delta_bwd_prep_kernel, dict(prep, GATED=True, VARLEN=True, SUB=4)
+    yield "rank4 delta bwd value", dbw.chunk_delta_bwd_value_kernel, dict(value, TIED=False, **sub)
+    yield "rank4 delta bwd key", dbw.chunk_delta_bwd_key_kernel, dict(key, TIED=False, **sub)
+    yield "rank4 rowc bwd prep", dbw.chunk_rowc_bwd_prep_kernel, dict(rowc, **sub)
+    yield ("rank4 rowc bwd state", dbw.chunk_rowc_bwd_state_kernel,
+           dict(BT=BT, BK=BK, BV=BV, PREC=prec, GATED=True, USE_DHT=True, VARLEN=True, KB=min(BK, ch.SPLIT_BLOCK_K),
+                SUB=4))
+    yield "rank4 rowc bwd value", dbw.chunk_rowc_bwd_value_kernel, dict(rowc, **sub)
 
 
 #: catalogue rules whose generated modules (pscan.py's block-scan kernels and, for comparison, the

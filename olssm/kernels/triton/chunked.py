@@ -7,6 +7,10 @@
                              in three launches (DELTA_FORWARD = "split", the default there)
     o_t = S_t q_t
 
+R ≥ 2 corrections, S_t = S̃_t − Σ_r (c_r ⊙ S̃_t a_r) b_rᵀ + ..., run through the same delta kernels on a
+sub-token layout (sub_tokens, to_sub_tokens): one correction per sub-token, and the triangular system's
+strict mask strict between tokens (constexpr SUB), since all corrections of a token read the same S̃_t.
+
 (linear attention, RetNet, Mamba-2, GLA; DeltaNet, Gated DeltaNet, Longhorn; and any derived rule
 with one of those structures: `unsupported` says why a rule is not). The rule's
 entries are evaluated per token in torch from the Rule's sympy expressions (printed by the same
@@ -96,12 +100,9 @@ def unsupported(plan, args):
     form = plan.rule.form
     if not isinstance(form, NormalForm):
         return "not a normal-form rule"
-    if len(form.corrections) > 1:
-        return f"rank-{len(form.corrections)} corrections (the chunked delta kernel takes rank 1)"
-    if form.corrections:
-        cr = form.corrections[0]
-        if form.decay_kind not in ("none", SCALAR, ROW):
-            return f"a {form.decay_kind} decay together with a correction (delta kernel: none/scalar/row decay)"
+    if form.corrections and form.decay_kind not in ("none", SCALAR, ROW):
+        return f"a {form.decay_kind} decay together with a correction (delta kernel: none/scalar/row decay)"
+    for cr in form.corrections:
         if sp.sympify(cr.coef).free_symbols and kind_of(cr.coef) not in (SCALAR, ROW):
             return f"a correction coefficient of kind {kind_of(cr.coef)} (delta kernel: scalar or row)"
         for what, e in (("a", cr.a), ("b", cr.b)):
@@ -121,8 +122,61 @@ def unsupported(plan, args):
 
 
 def _c_row(form) -> bool:
-    c = sp.sympify(form.corrections[0].coef)
-    return bool(c.free_symbols) and kind_of(c) == ROW
+    """Some correction's coefficient varies over value rows (Longhorn's ε): the kernels then take a row c for
+    every correction."""
+    return any(bool(sp.sympify(cr.coef).free_symbols) and kind_of(cr.coef) == ROW for cr in form.corrections)
+
+
+def sub_tokens(form) -> int:
+    """How many sub-tokens each token occupies in the delta kernels: 1 for one correction; for R ≥ 2
+    corrections next_pow2(R), one correction per sub-token (the padding ones have c = 0), so that a chunk of
+    BT sub-tokens holds whole tokens (TRITON.md, "Rank-R corrections")."""
+    R = len(form.corrections)
+    return _np2(R) if R > 1 else 1
+
+
+def sub_sizes(sizes, R: int) -> list:
+    """The op's sizes (tokens) as the kernels see them with R sub-tokens per token."""
+    B, T, H, d_k, d_v, N, max_len, C = sizes[:8]
+    return [B, T * R, H, d_k, d_v, N, max_len * R, C * R]
+
+
+def _spread(x, R: int, slot: int, t_axis: int):
+    """x with time axis t_axis of length T → length T·R, x at sub-token `slot` of every token, zeros elsewhere."""
+    out = x.new_zeros(*x.shape[:t_axis + 1], R, *x.shape[t_axis + 1:])
+    out.select(t_axis + 1, slot).copy_(x)
+    return out.flatten(t_axis, t_axis + 1)
+
+
+def _pick(x, R: int, slot: int, t_axis: int):
+    """_spread's adjoint: sub-token `slot` of every token."""
+    return x.unflatten(t_axis, (x.shape[t_axis] // R, R)).select(t_axis + 1, slot)
+
+
+def to_sub_tokens(chunk_in, R: int) -> list:
+    """chunk_inputs of a rank-R rule ([R, B, T, H, ·] a, b, c) laid out as R' = sub_tokens sub-tokens per token:
+    correction r at sub-token r (its a, b, c; zeros in the padding slots), the token's decay at the first
+    sub-token (log 1 = 0 at the others: the corrections all read S̃_t = Λ_t S_{t−1}), q and the input terms at
+    the last (o_t reads S_t after every correction; the input terms are added after them)."""
+    q, w, e, g, a, b, c = chunk_in
+    R0 = a.shape[0]
+
+    def corr(x):
+        out = x.new_zeros(*x.shape[1:3], R, *x.shape[3:])
+        out[:, :, :R0] = x.movedim(0, 2)
+        return out.flatten(1, 2)
+    return [_spread(q, R, R - 1, 1), _spread(w, R, R - 1, 2), _spread(e, R, R - 1, 2), _spread(g, R, 0, 1),
+            corr(a), corr(b), corr(c)]
+
+
+def from_sub_tokens(grads, R: int, R0: int) -> list:
+    """The gradients of to_sub_tokens' outputs → those of its inputs (R0 corrections)."""
+    dq, dw, de, dg, da, db, dc = grads
+
+    def corr(x):
+        return x.unflatten(1, (x.shape[1] // R, R))[:, :, :R0].movedim(2, 0)
+    return [_pick(dq, R, R - 1, 1), _pick(dw, R, R - 1, 2), _pick(de, R, R - 1, 2), _pick(dg, R, 0, 1),
+            corr(da), corr(db), corr(dc)]
 
 
 def _log_expr(decay):
@@ -144,9 +198,8 @@ def _evaluator(form):
     exprs = {"q": form.readout}
     for m, t in enumerate(form.inputs):
         exprs[f"w{m}"], exprs[f"e{m}"] = t.w, t.coef
-    if form.corrections:
-        cr = form.corrections[0]
-        exprs.update(c=cr.coef, a=cr.a, b=cr.b)
+    for r, cr in enumerate(form.corrections):
+        exprs.update({f"c{r}": cr.coef, f"a{r}": cr.a, f"b{r}": cr.b})
     if form.decay_kind != "none":
         le = _log_expr(form.decay)
         if le is not None:
@@ -164,7 +217,7 @@ def backward_supported(plan, exact_decay_grad: bool = True) -> bool:
     form = plan.rule.form
     if form.corrections:
         from .chunked_delta_bwd import delta_backward
-        if (len(form.corrections) != 1 or form.decay_kind not in ("none", SCALAR)
+        if (form.decay_kind not in ("none", SCALAR)
                 or delta_backward(row_c=_c_row(form)) != "chunk"):
             return False
     elif form.decay_kind not in ("none", SCALAR, COLUMN):
@@ -208,8 +261,9 @@ def checkpoint_storage(out_dtype=torch.float32) -> torch.dtype:
 
 def chunk_inputs(plan, args, grad: bool = False) -> list:
     """[q [B,T,H,K], w (key sides) [M,B,T,H,K], e (value sides) [M,B,T,H,V], log decay ([B,T,H] / [B,T,H,V] / [B,T,H,K];
-    zeros when a correction has no decay)] + (with a correction) [a, b [B,T,H,K], c [B,T,H]]: the log decay fp32,
-    the others in chunk_storage(args.out_dtype) (fp32 unless CHUNK_STORAGE = "input" and bf16 / fp16 inputs)."""
+    zeros when a correction has no decay)] + (with a correction) [a, b [B,T,H,K], c [B,T,H] (a row c: [B,T,H,V])],
+    with R ≥ 2 corrections stacked [R, ...]: the log decay fp32, the others in chunk_storage(args.out_dtype) (fp32
+    unless CHUNK_STORAGE = "input" and bf16 / fp16 inputs)."""
     rule, form = plan.rule, plan.rule.form
     B, T, H, K, V = args.B, args.T, args.H, args.d_k, args.d_v
     sdt = chunk_storage(args.out_dtype)
@@ -254,9 +308,12 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
         elif form.corrections:
             out.append(torch.zeros(B, T, H, device=args.device))
         if form.corrections:
-            c = full(ev["c"], V, 1)[..., 0] if _c_row(form) else full(ev["c"], 1, 1)[..., 0, 0]
-            cr = form.corrections[0]
-            out += [key_side("a", cr.a), key_side("b", cr.b), c.to(sdt)]
+            row = _c_row(form)
+            cs = [(full(ev[f"c{r}"], V, 1)[..., 0] if row else full(ev[f"c{r}"], 1, 1)[..., 0, 0]).to(sdt)
+                  for r in range(len(form.corrections))]
+            a_s = [key_side(f"a{r}", cr.a) for r, cr in enumerate(form.corrections)]
+            b_s = [key_side(f"b{r}", cr.b) for r, cr in enumerate(form.corrections)]
+            out += [a_s[0], b_s[0], cs[0]] if len(cs) == 1 else [torch.stack(a_s), torch.stack(b_s), torch.stack(cs)]
     return [x.contiguous() for x in out]
 
 
@@ -300,8 +357,10 @@ def _state_tile(i_v, DK, DV, BK: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
-def _chunk_decay(g_ptr, base, tm, BT: tl.constexpr, GATED: tl.constexpr):
-    """D (inclusive), D_st (strict), Γ, dec = Γ_L/Γ, Γ_L of a chunk (fp64 cumulative sums: module docstring)."""
+def _chunk_decay(g_ptr, base, tm, BT: tl.constexpr, GATED: tl.constexpr, SUB: tl.constexpr = 1):
+    """D (inclusive), D_st (strict), Γ, dec = Γ_L/Γ, Γ_L of a chunk (fp64 cumulative sums: module docstring).
+    SUB > 1 (rank-R corrections laid out as SUB sub-tokens per token, sub_tokens()): D_st is strict between
+    *tokens*, so the corrections of one token never see each other (they all read the same S̃_t)."""
     tt = tl.arange(0, BT)
     incl = tt[:, None] >= tt[None, :]
     if GATED:
@@ -317,8 +376,18 @@ def _chunk_decay(g_ptr, base, tm, BT: tl.constexpr, GATED: tl.constexpr):
         gam = tl.full([BT], 1.0, tl.float32)
         dec = tl.full([BT], 1.0, tl.float32)
         gl = 1.0
-    Dst = tl.where(tt[:, None] > tt[None, :], D, 0.0)
-    return D, Dst, gam, dec, gl
+    return D, tl.where(_strict(tt, SUB), D, 0.0), gam, dec, gl
+
+
+@triton.jit
+def _strict(tt, SUB: tl.constexpr):
+    """[BT, BT]: token i after token j; with SUB sub-tokens per token, i's token after j's (sub_tokens). SUB = 1
+    keeps the plain comparison: the integer division is not folded away, and it moved the sm_90 register counts."""
+    if SUB == 1:
+        out = tt[:, None] > tt[None, :]
+    else:
+        out = (tt // SUB)[:, None] > (tt // SUB)[None, :]
+    return out
 
 
 @triton.jit
@@ -419,8 +488,9 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
                            cu_ptr, T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr,
                            C_ROW: tl.constexpr, G_ROW: tl.constexpr, USE_H0: tl.constexpr, SAVE_CK: tl.constexpr,
-                           VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee"):
-    """S_t = γ_t S_{t-1} (I − c_t a_t b_tᵀ) + e_t w_tᵀ, chunk by chunk (UT transform, TRITON.md)."""
+                           VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1):
+    """S_t = γ_t S_{t-1} (I − c_t a_t b_tᵀ) + e_t w_tᵀ, chunk by chunk (UT transform, TRITON.md); SUB as in
+    _chunk_decay (strict between tokens)."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_h = i_bh % H
@@ -428,7 +498,7 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
     rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
     tt = tl.arange(0, BT)
     incl = tt[:, None] >= tt[None, :]
-    strict = tt[:, None] > tt[None, :]
+    strict = _strict(tt, SUB)
     S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         if SAVE_CK:
@@ -586,7 +656,7 @@ def _dot_rows_k(x_ptr, y_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, 
 
 @triton.jit
 def _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
-                GATED: tl.constexpr, PREC: tl.constexpr):
+                GATED: tl.constexpr, PREC: tl.constexpr, SUB: tl.constexpr = 1):
     """The state-independent core of a delta-family chunk (split forward and its backward):
     c, D, D_st, Γ, T_c = (I + diag(c) N)⁻¹ and N = A Bᵀ ⊙ D_st.
 
@@ -599,7 +669,7 @@ def _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT: tl.constexpr, BK: 
     T ← T − T L_o T (two [BT, BT] dots per level)."""
     tt = tl.arange(0, BT)
     cc = tl.load(c_ptr + base, mask=tm, other=0.0).to(tl.float32)
-    D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
+    D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
     N = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
     L = N * cc[:, None]                                                       # diag(c) N, strictly lower
     UB: tl.constexpr = UT_BLOCK if UT_BLOCK < BT else BT
@@ -634,7 +704,7 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
                             T, H, DK, DV, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                             BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
                             PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, TIED: tl.constexpr = False,
-                            SAVE_TC: tl.constexpr = False):
+                            SAVE_TC: tl.constexpr = False, SUB: tl.constexpr = 1):
     """Per chunk, independent of the state:
         W̃ = T_c (c ⊙ Γ ⊙ A) → wt,   Ũ = T_c (c ⊙ Σ_m (A W_mᵀ ⊙ D_strict) E_m) → u,
     and (SAVE_TC, for the chunked backward, which then skips its own inverse) T_c → tc [.., BT].
@@ -643,7 +713,7 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
     i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
     tt = tl.arange(0, BT)
     tm, base = _tokens(start, tt, eos, H, i_h)
-    cc, _, Dst, gam, Tc, Nab = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC)
+    cc, _, Dst, gam, Tc, Nab = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC, SUB)
     _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
     if SAVE_TC:
         tl.store(tc_ptr + base[:, None] * BT + tt[None, :], Tc, mask=tm[:, None])
@@ -677,7 +747,7 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
 def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, ht_ptr, ck_ptr, cu_ptr,
                              T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                              BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr, VARLEN: tl.constexpr,
-                             PREC: tl.constexpr = "ieee", TIED: tl.constexpr = False):
+                             PREC: tl.constexpr = "ieee", TIED: tl.constexpr = False, SUB: tl.constexpr = 1):
     """The sequential pass: per chunk, ck ← S₀, Δ = W̃ S₀ᵀ + Ũ (written over Ũ in u),
     S ← Γ_L S₀ − (Δ ⊙ Γ_L/Γ)ᵀ B + Σ_m (E_m ⊙ Γ_L/Γ)ᵀ W_m; ht ← the last S.
     TIED (W_0 is B): S ← Γ_L S₀ + ((E_0 − Δ) ⊙ Γ_L/Γ)ᵀ B + Σ_{m≥1} ... — 2 + M − 1 dots and [BT, BK] loads
@@ -723,7 +793,8 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
 def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_ptr, cu_ptr, ix_ptr,
                            T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
-                           PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, TIED: tl.constexpr = False):
+                           PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, TIED: tl.constexpr = False,
+                           SUB: tl.constexpr = 1):
     """o = Γ ⊙ Q S₀ᵀ − (Q Bᵀ ⊙ D) Δ + Σ_m (Q W_mᵀ ⊙ D) E_m per (chunk, value block), S₀ from ck and Δ
     from u; KB key columns at a time, like prep. TIED (W_0 is B): (Q Bᵀ ⊙ D)(E_0 − Δ), one [BT, BT] product
     and its dot fewer."""
@@ -850,15 +921,22 @@ def _chunk_map(cu, BT, T, N):
 def _tied(form) -> bool:
     """The first input term's key side is the correction's b (DeltaNet, Gated DeltaNet: w = b = k): the split
     forward then folds that term into B's products (TIE_INPUT_TERM)."""
-    return TIE_INPUT_TERM and sp.sympify(form.inputs[0].w) == sp.sympify(form.corrections[0].b)
+    return (TIE_INPUT_TERM and len(form.corrections) == 1
+            and sp.sympify(form.inputs[0].w) == sp.sympify(form.corrections[0].b))
 
 
-def saved_chunk_core(aux, sizes):
-    """(T_c [B, T, H, C], W̃ [B, T, H, d_k]) as views into the forward op's `aux` output (one flat fp32
-    tensor: the op returns a fixed number of tensors), or None when the forward did not save them."""
+def chunk_core_numel(form, sizes) -> int:
+    """Elements of the T_c and W̃ the split forward keeps (saves_chunk_core), in the kernels' sub-token layout."""
+    B, T, H, d_k, d_v, N, max_len, C = sub_sizes(sizes, sub_tokens(form))
+    return B * T * H * (C + d_k)
+
+
+def saved_chunk_core(form, aux, sizes):
+    """(T_c [B, T, H, C], W̃ [B, T, H, d_k]) (T, C in sub-tokens) as views into the forward op's `aux` output (one
+    flat fp32 tensor: the op returns a fixed number of tensors), or None when the forward did not save them."""
     if aux is None or aux.numel() == 0:
         return None
-    B, T, H, d_k, d_v, N, max_len, C = sizes[:8]
+    B, T, H, d_k, d_v, N, max_len, C = sub_sizes(sizes, sub_tokens(form))
     n = B * T * H
     return aux[:n * C].view(B, T, H, C), aux[n * C:].view(B, T, H, d_k)
 
@@ -878,7 +956,7 @@ def saves_chunk_core(plan, chunked: bool, save: bool, chunk_bwd: bool) -> bool:
             and _runs_split(form))
 
 
-def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied=False, core=None):
+def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied=False, core=None, sub=1):
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
     # the parallel kernels take wider value blocks: they have parallelism to spare, and each value
@@ -898,7 +976,7 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
         ix, NTG, G = ht, -(-T // C), B * H
     cu = cu_seqlens if varlen else ht
     prec = _precision(o.dtype)
-    common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=prec, TIED=tied, **_launch_opts())
+    common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=prec, TIED=tied, SUB=sub, **_launch_opts())
     chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
                                       e[0].numel(), M=M, BV=BVW, KB=min(BK, SPLIT_BLOCK_K),
                                       SAVE_TC=core is not None, **common)
@@ -912,7 +990,19 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
 
 def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None, core=None):
     """Launch the chunked forward: fills o, ht (and ck, the state entering every chunk; and core = (T_c, W̃)
-    buffers when given: saved_chunk_core)."""
+    buffers when given: saved_chunk_core). sizes in tokens; a rank-R rule runs on sub-tokens (sub_tokens)."""
+    R = sub_tokens(plan.rule.form)
+    if R > 1:
+        B, T, H, d_v = o.shape
+        o_sub = torch.empty(B, T * R, H, d_v, dtype=o.dtype, device=o.device)
+        _chunked_forward(plan, to_sub_tokens(chunk_in, R), h0, o_sub, ht, ck, sub_sizes(sizes, R), save,
+                         cu_seqlens * R if cu_seqlens is not None else None, core, R)
+        o.copy_(_pick(o_sub, R, R - 1, 1))
+    else:
+        _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens, core)
+
+
+def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None, core=None, sub=1):
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
     cu = cu_seqlens if cu_seqlens is not None else ht
@@ -928,13 +1018,13 @@ def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None,
             if not save:   # the output kernel reads S₀ of every chunk: a scratch ck (ck's dtype), not returned
                 ck = torch.empty(N, H, max(1, -(-max_len // C)), d_v, d_k, dtype=ck.dtype, device=q.device)
             _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, plan.rule.form.decay_kind != "none", cu_seqlens,
-                                 _tied(plan.rule.form), core)
+                                 _tied(plan.rule.form), core, sub)
             return
         chunk_delta_fwd_kernel[(NV, N * H)](
             q, k, v, g, a, b, c, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht,
             cu, T, H, d_k, d_v, NCK, k[0].numel(), v[0].numel(), M=k.shape[0], BT=C, BK=BK, BV=BV,
             C_ROW=c_row, G_ROW=g_row, USE_H0=h0 is not None,
-            SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype), **_launch_opts())
+            SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype), SUB=sub, **_launch_opts())
         return
     chunk_fwd_kernel[(NV, N * H)](
         q, k, v, g, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht, cu, T, H, d_k, d_v, NCK,

@@ -119,7 +119,7 @@ def _dot_rows(x_ptr, y_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, KB
 def chunk_delta_bwd_prep_kernel(q_ptr, a_ptr, b_ptr, c_ptr, g_ptr, do_ptr, tc_ptr, wt_ptr, dd_ptr, cu_ptr, ix_ptr,
                                 T, H, DK, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                 GATED: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
-                                KB: tl.constexpr = 64, HAVE_TC: tl.constexpr = False):
+                                KB: tl.constexpr = 64, HAVE_TC: tl.constexpr = False, SUB: tl.constexpr = 1):
     """Per chunk: T_c = (I + diag(c)(A Bᵀ ⊙ D_st))⁻¹ → tc [.., BT], W̃ = T_c (c ⊙ Γ ⊙ A) → wt (unless
     HAVE_TC: the split forward saved both), dΔ's local part −(Q Bᵀ ⊙ D)ᵀ dO → dd (all value blocks, BV
     rows at a time)."""
@@ -128,9 +128,9 @@ def chunk_delta_bwd_prep_kernel(q_ptr, a_ptr, b_ptr, c_ptr, g_ptr, do_ptr, tc_pt
     tm, base = _tokens(start, tt, eos, H, i_h)
     # (no shared throwaway names across the two branches: Triton types every name both branches assign)
     if HAVE_TC:
-        D = _chunk_decay(g_ptr, base, tm, BT, GATED)[0]
+        D = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)[0]
     else:
-        cc, D, Dst, gam, Tc, N = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC)
+        cc, D, Dst, gam, Tc, N = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC, SUB)
         tl.store(tc_ptr + base[:, None] * BT + tt[None, :], Tc, mask=tm[:, None])
         _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
     QBt = tl.trans(_dot_rows_k(q_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * D)
@@ -145,7 +145,7 @@ def chunk_delta_bwd_prep_kernel(q_ptr, a_ptr, b_ptr, c_ptr, g_ptr, do_ptr, tc_pt
 def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr,
                                  T, H, DK, DV, NCK, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                  GATED: tl.constexpr, USE_DHT: tl.constexpr, VARLEN: tl.constexpr,
-                                 PREC: tl.constexpr = "ieee"):
+                                 PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1):
     """Reverse over chunks: dh ← dS, dΔ = dd − dec ⊙ (B dSᵀ) (in place),
     dS ← Γ_L dS + (Γ ⊙ dO)ᵀ Q + dΔᵀ W̃."""
     i_v = tl.program_id(0)
@@ -168,7 +168,7 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
         do = tl.load(do_ptr + doff, mask=vm, other=0.0).to(tl.float32)
         BdS = tl.dot(bv, tl.trans(dS), input_precision=PREC)                   # B dSᵀ [BT, BV]
         if GATED:
-            _, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
+            _, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
             d -= BdS * dec[:, None]
             do = do * gam[:, None]
             dS = dS * gl
@@ -216,7 +216,7 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
                                  dh_ptr, dl_ptr, de_ptr, dc_ptr, cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE, TOKH,
                                  M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                  GATED: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
-                                 KB: tl.constexpr = 64, TIED: tl.constexpr = False):
+                                 KB: tl.constexpr = 64, TIED: tl.constexpr = False, SUB: tl.constexpr = 1):
     """Per (chunk, value block): Δ = T_c (c ⊙ R') → dl, the partial ∂c_i = Σ_v dR_iv (R' − N Δ)_iv → dc
     (R' − N Δ = γ_t S_{t−1} a_t), dR' = c ⊙ T_cᵀ dΔ (over dΔ in dd), then dE_m → de. A W_mᵀ is computed
     in both phases (fewer live tiles).
@@ -226,7 +226,7 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
     i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
                                                                           VARLEN)
     cc = tl.load(c_ptr + base, mask=tm, other=0.0).to(tl.float32)
-    D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
+    D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
     # phase 1: R' = Γ ⊙ A S₀ᵀ + Σ_m (A W_mᵀ ⊙ D_st) E_m, Δ, ∂c
     R = tl.zeros([BT, BV], dtype=tl.float32)
     for kb in range(0, BK // KB):
@@ -267,7 +267,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
                                dq_ptr, dw_ptr, dg_ptr, da_ptr, db_ptr, cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE,
                                TOKH, M: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                                VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64,
-                               TIED: tl.constexpr = False):
+                               TIED: tl.constexpr = False, SUB: tl.constexpr = 1):
     """Per (chunk, block of KB key columns), summing over all value blocks: dQ, dA, dB, dW_m, and the
     partial (over key blocks) ∂ log γ from ∂b_i = q_i·dQ_i + a_i·dA_i − Σ_m w_i·dW_i − b_i·dB_i,
     ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j (Σ_m w_j·(dec ⊙ E_m dS)_j − b_j·(dec ⊙ Δ dS)_j).
@@ -314,7 +314,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
         dwS += tl.dot(e, dS, input_precision=PREC)
         SS += tl.sum(dS * S0, axis=0)
     # the decays only scale rows of what the loop summed (fewer live tiles inside it)
-    D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
+    D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
     q = tl.load(q_ptr + koff, mask=km2, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + koff, mask=km2, other=0.0).to(tl.float32)
     bv = tl.load(b_ptr + koff, mask=km2, other=0.0).to(tl.float32)
@@ -386,7 +386,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
 def chunk_rowc_bwd_prep_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, ck_ptr, p_ptr, dd_ptr,
                                cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr,
                                BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
-                               PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64):
+                               PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, SUB: tl.constexpr = 1):
     """Per (chunk, value block), from the checkpoint S₀: R' = Γ ⊙ A S₀ᵀ + Σ_m (A W_mᵀ ⊙ D_st) E_m, then per value
     row the forward substitution P_s = R'_s − Σ_{r<s} N_sr c_r P_r (so Δ = c ⊙ P and P = R' − N Δ, the
     correction's prediction γ_t S_{t−1} a_t) → p; dΔ's local part −(Q Bᵀ ⊙ D)ᵀ dO → dd."""
@@ -407,7 +407,7 @@ def chunk_rowc_bwd_prep_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, 
         R += tl.dot(a, tl.trans(S0), input_precision=PREC)
         QB += tl.dot(q, tl.trans(bv), input_precision=PREC)
         AB += tl.dot(a, tl.trans(bv), input_precision=PREC)
-    D, Dst, gam, _, _ = _chunk_decay(g_ptr, base, tm, BT, GATED)
+    D, Dst, gam, _, _ = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
     R = R * gam[:, None]
     for m in tl.static_range(M):
         AW = _dot_rows(a_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC) * Dst
@@ -429,7 +429,7 @@ def chunk_rowc_bwd_prep_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, 
 def chunk_rowc_bwd_state_kernel(q_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, dd_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr,
                                 T, H, DK, DV, NCK, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                 GATED: tl.constexpr, USE_DHT: tl.constexpr, VARLEN: tl.constexpr,
-                                PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64):
+                                PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, SUB: tl.constexpr = 1):
     """Reverse over chunks: dh ← dS, dΔ = dd − dec ⊙ (B dSᵀ), per value row the backward substitution
     dR_s = dΔ_s − Σ_{r>s} N_rs c_r dR_r (dR = T_c⁽ⁱ⁾ᵀ dΔ) → dd, dS ← Γ_L dS + (Γ ⊙ dO)ᵀ Q + (Γ ⊙ c ⊙ dR)ᵀ A."""
     i_v = tl.program_id(0)
@@ -450,7 +450,7 @@ def chunk_rowc_bwd_state_kernel(q_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, dd_pt
         bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         d = tl.load(dd_ptr + doff, mask=vm, other=0.0).to(tl.float32)
         cc = tl.load(c_ptr + doff, mask=vm, other=0.0).to(tl.float32)
-        _, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)
+        _, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
         BdS = tl.dot(bv, tl.trans(dS), input_precision=PREC)                   # B dSᵀ [BT, BV]
         if GATED:
             d -= BdS * dec[:, None]
@@ -484,7 +484,7 @@ def chunk_rowc_bwd_state_kernel(q_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, dd_pt
 def chunk_rowc_bwd_value_kernel(q_ptr, w_ptr, g_ptr, a_ptr, c_ptr, do_ptr, dh_ptr, p_ptr, dd_ptr, dc_ptr, de_ptr,
                                 cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr,
                                 BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
-                                PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64):
+                                PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, SUB: tl.constexpr = 1):
     """Per (chunk, value block): ∂c = dR ⊙ P → dc, dR' = c ⊙ dR (over dR in dd), Δ = c ⊙ P (over P in p), dE_m."""
     i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
                                                                           VARLEN)
@@ -495,12 +495,12 @@ def chunk_rowc_bwd_value_kernel(q_ptr, w_ptr, g_ptr, a_ptr, c_ptr, do_ptr, dh_pt
     dR = dR * cc
     tl.store(dd_ptr + voff, dR, mask=vm)
     tl.store(p_ptr + voff, P * cc, mask=vm)
-    D, Dst, _, dec, _ = _chunk_decay(g_ptr, base, tm, BT, GATED)
+    D, Dst, _, dec, _ = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
     _store_de(q_ptr, w_ptr, a_ptr, do_ptr, dh_ptr, de_ptr, dR, D, Dst, dec, base, tm, rows, sm, sbase, voff, vm, DK,
               SW, SE, M, BT, BK, BV, PREC, KB)
 
 
-def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
+def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, sub=1):
     """chunked_delta_backward for a row c ([B, T, H, d_v]); ∂c has c's shape."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _ch._blocks(d_k, d_v)
@@ -519,7 +519,7 @@ def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     else:
         ix, NTG, G = dh0, -(-T // C), B * H
     cu = cu_seqlens if varlen else dh0
-    common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=_precision(do.dtype), **_ch._launch_opts())
+    common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=_precision(do.dtype), SUB=sub, **_ch._launch_opts())
     z = dict(dtype=torch.float32, device=dev)
     p = torch.empty(B, T, H, d_v, **z)      # P = R' − N Δ (prep), then Δ (value kernel)
     dd = torch.empty(B, T, H, d_v, **z)     # dΔ's local part (prep), dR (state), dR' (value kernel)
@@ -559,9 +559,20 @@ def _key_grads(q, w, e, g, a, b, dr, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, B
 def chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=None):
     """∂ of chunk_in = [q, w [M,...], e [M,...], log decay, a, b, c] and ∂h0 for the delta family with a
     scalar or row c and none / scalar decay (∂ log decay is zeros without a decay), from the forward's ck
-    (and core = (T_c, W̃) when the split forward saved them: _ch.saved_chunk_core)."""
+    (and core = (T_c, W̃) when the split forward saved them: _ch.saved_chunk_core). sizes in tokens; a rank-R
+    rule runs on sub-tokens (_ch.sub_tokens) and its a, b, c and their gradients are [R, ...]."""
+    R = _ch.sub_tokens(plan.rule.form)
+    if R > 1:
+        grads, dh0 = _delta_backward(plan, _ch.to_sub_tokens(chunk_in, R), ck, _ch._spread(do, R, R - 1, 1), dht,
+                                     _ch.sub_sizes(sizes, R), cu_seqlens * R if cu_seqlens is not None else None,
+                                     core, R)
+        return _ch.from_sub_tokens(grads, R, len(plan.rule.form.corrections)), dh0
+    return _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, core)
+
+
+def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=None, sub=1):
     if _c_row(plan.rule.form):
-        return chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens)
+        return chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, sub)
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _ch._blocks(d_k, d_v)
     BVW = max(16, min(_np2(d_v), _ch.SPLIT_BLOCK_V))   # the split forward's blocks (read at call time)
@@ -583,7 +594,7 @@ def chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, 
         ix, NTG, G = dh0, -(-T // C), B * H
     cu = cu_seqlens if varlen else dh0
     prec = _precision(do.dtype)
-    common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=prec, **_ch._launch_opts())
+    common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=prec, SUB=sub, **_ch._launch_opts())
     z = dict(dtype=torch.float32, device=dev)
     tc, wt = core if core is not None else (torch.empty(B, T, H, C, **z), torch.empty(B, T, H, d_k, **z))
     dd = torch.empty(B, T, H, d_v, **z)     # dΔ (prep: its local part; state: all of it), then dR' (value kernel)

@@ -165,7 +165,8 @@ def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: lis
     aux = torch.empty(_aux_numel(plan, sizes, save, chunked, chunk_bwd), dtype=torch.float32, device=dev)
     if chunked:
         from .chunked import chunked_forward, saved_chunk_core
-        chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes[:8], save, cu_seqlens, saved_chunk_core(aux, sizes))
+        chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes[:8], save, cu_seqlens,
+                        saved_chunk_core(plan.rule.form, aux, sizes))
         return o, ht, ck, aux
     BT, BK, BV, warps = _geometry(d_k, d_v, sizes)
     if BT:   # the block-parallel scan (pscan.py): checkpoints every C = BT tokens
@@ -183,9 +184,8 @@ def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: lis
 
 
 def _aux_numel(plan, sizes, save, chunked, chunk_bwd) -> int:
-    from .chunked import saves_chunk_core
-    B, T, H, d_k, d_v, N, max_len, C = sizes[:8]
-    return B * T * H * (C + d_k) if saves_chunk_core(plan, chunked, save, chunk_bwd) else 0
+    from .chunked import chunk_core_numel, saves_chunk_core
+    return chunk_core_numel(plan.rule.form, sizes) if saves_chunk_core(plan, chunked, save, chunk_bwd) else 0
 
 
 @triton_scan_fwd.register_fake
@@ -296,7 +296,7 @@ def triton_chunk_bwd(key: str, chunk_in: list[Tensor], ck: Tensor, aux: Tensor, 
     chunked.CHUNK_STORAGE = "input": autograd would cast it to that dtype anyway), ∂h0 in fp32."""
     plan = _plan(key)
     from .chunked import saved_chunk_core
-    core = saved_chunk_core(aux, sizes)
+    core = saved_chunk_core(plan.rule.form, aux, sizes)
     if plan.rule.form.corrections:
         from . import chunked_delta_bwd
         grads, dh0 = chunked_delta_bwd.chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes[:8], cu_seqlens,
@@ -510,6 +510,9 @@ def run_config(plan, args, meta, cfg: LaunchConfig, need: bool):
     BT = int(PSCAN_BLOCK_T) if cfg.kernel == "pscan" else 0
     # tl.dot needs every dimension >= 16 when compiled (the interpreter has no such limit)
     C = (CHUNK if _scan.interpreted() else max(16, CHUNK)) if chunked else BT or meta.checkpoint
+    if chunked:   # a rank-R rule: chunks of C / R' tokens = C sub-tokens (chunked.sub_tokens)
+        from .chunked import sub_tokens
+        C = max(1, C // sub_tokens(plan.rule.form))
     sizes = [args.B, args.T, args.H, args.d_k, args.d_v, meta.N, meta.max_len, int(C)]
     if not chunked and (BT or cfg.block_v or cfg.warps):
         sizes += [BT, int(cfg.block_v), int(cfg.warps)]
