@@ -41,8 +41,11 @@ def _time(fn, device, reps=10):
     return sorted(ts)[len(ts) // 2]
 
 
-def _fla_peers(name, inp):
-    """fla's fused_recurrent and chunk kernels for the same recurrence (scale=1: olssm reads o = S q)."""
+def _fla_peers(name, rule, inp):
+    """fla's fused_recurrent and chunk kernels for the same recurrence (scale=1: olssm reads o = S q). fla's gates
+    are log decays: the rule's own input where it reads one (Rule.with_log_decays), else its log."""
+    def log_gate(n):
+        return inp[n].float() if rule.inputs[n].domain == "log_decay" else torch.log(inp[n].float())
     try:
         if name == "deltanet":
             from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
@@ -51,12 +54,12 @@ def _fla_peers(name, inp):
                     "fla-chunk": lambda x: chunk_delta_rule(*x, scale=1.0)[0]}, args
         if name == "gated_deltanet":
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-            args = (inp["q"], inp["k"], inp["v"], torch.log(inp["alpha"].float()), inp["beta"])
+            args = (inp["q"], inp["k"], inp["v"], log_gate("alpha"), inp["beta"])
             return {"fla-recurrent": lambda x: fused_recurrent_gated_delta_rule(*x, scale=1.0)[0],
                     "fla-chunk": lambda x: chunk_gated_delta_rule(*x, scale=1.0)[0]}, args
         if name == "gla":
             from fla.ops.gla import chunk_gla, fused_recurrent_gla
-            args = (inp["q"], inp["k"], inp["v"], torch.log(inp["g"].float()))
+            args = (inp["q"], inp["k"], inp["v"], log_gate("g"))
             return {"fla-recurrent": lambda x: fused_recurrent_gla(x[0], x[1], x[2], gk=x[3], scale=1.0)[0],
                     "fla-chunk": lambda x: chunk_gla(x[0], x[1], x[2], g=x[3], scale=1.0)[0]}, args
     except ImportError:
@@ -113,6 +116,10 @@ def main(argv=None):
                    help="dtype of the chunked forward's checkpoints ck (chunked.CHECKPOINT_STORAGE; input: bf16 / fp16 "
                         "for such inputs; the chunked delta backward's dh stays fp32)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
+    p.add_argument("--raw-decays", action="store_true",
+                   help="time the catalogue rules as they are, reading raw decays α (\"auto\" then keeps the "
+                        "recurrent backward where log α has no closed form: Gated DeltaNet, GLA); default: "
+                        "rule.with_log_decays(), what the layers run and what fla's gated kernels take")
     p.add_argument("--autotune", action="store_true",
                    help="add an 'autotuned' row per rule (olssm.kernels.triton.autotune: every candidate timed on "
                         "the first call, the fastest kept) and print the decisions")
@@ -138,18 +145,20 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (TRITON_INTERPRET smoke run)"
     print(f"B={a.B} T={a.T} H={a.H} d_k={a.dk} d_v={a.dv} {a.dtype} chunk={library.CHUNK} dot={a.precision} "
           f"delta-forward={a.delta_forward} delta-backward={a.delta_backward} ut-block={int(chunked.UT_BLOCK)} "
-          f"tie={chunked.TIE_INPUT_TERM} save-core={chunked.SAVE_CHUNK_CORE} chunk-storage={a.chunk_storage} checkpoint-storage={a.checkpoint_storage} "
+          f"tie={chunked.TIE_INPUT_TERM} save-core={chunked.SAVE_CHUNK_CORE} decays={'raw' if a.raw_decays else 'log'} chunk-storage={a.chunk_storage} checkpoint-storage={a.checkpoint_storage} "
           f"pscan={a.pscan} "
           f"(BT={a.pscan_bt}, {a.pscan_warps} warps, tiles {a.pscan_tile}/{a.pscan_bwd_tile}) on {where}")
     print("| rule | kernel | fwd ms | fwd+bwd ms | Mtok/s fwd | HBM % fwd | rel err o |")
     print("|---|---|---|---|---|---|---|")
     rows = []
     for name in a.rules.split(","):
-        rule = ENTRIES[name].rule
+        rule = ENTRIES[name].rule if a.raw_decays else ENTRIES[name].rule.with_log_decays()
         inp = {n: x.to(dev) for n, x in random_inputs(rule, a.B, a.T, a.H, a.dk, a.dv, seed=0).items()}
         inp = {n: (x if rule.inputs[n].is_parameter else x.to(dtype)) for n, x in inp.items()}
         if rule.is_rls:   # forgetting near 1: with γ ≈ 0.9, P grows ~γ^-T in unexcited directions (overflow)
-            inp["gamma"] = (0.999 + 0.001 * torch.rand(inp["gamma"].shape, device=dev)).to(inp["gamma"].dtype)
+            gamma = 0.999 + 0.001 * torch.rand(inp["gamma"].shape, device=dev)
+            gamma = torch.log(gamma) if rule.inputs["gamma"].domain == "log_decay" else gamma
+            inp["gamma"] = gamma.to(inp["gamma"].dtype)
         with torch.no_grad():
             ref, _ = rule.scan(backend="chunk", **inp)
         nbytes = sum(x.numel() * x.element_size() for x in inp.values()) + ref.numel() * ref.element_size()
@@ -165,7 +174,7 @@ def main(argv=None):
         for kernel in (*loops, "chunk", *extra, *tuned, "torch-chunk"):
             backend = "chunk" if kernel == "torch-chunk" else "triton"
             runs[kernel] = (lambda x, b=backend, k=kernel: _olssm(rule, b, k, x, a.pscan)), inp
-        peers, peer_args = ({}, ()) if a.no_peers else _fla_peers(name, inp)
+        peers, peer_args = ({}, ()) if a.no_peers else _fla_peers(name, rule, inp)
         for kernel, fn in peers.items():
             runs[kernel] = fn, peer_args
         for kernel, (fn, args) in runs.items():

@@ -213,8 +213,9 @@ def random_inputs(rule: Rule, B: int, T: int, H: int, d_k: int, d_v: int, seed: 
             x = torch.randn(shape, generator=g)
         elif s.domain == "negative":
             x = -torch.exp(torch.rand(shape, generator=g) * 2 - 1)
-        elif s.domain == "decay":
+        elif s.domain in ("decay", "log_decay"):
             x = 0.8 + 0.2 * torch.rand(shape, generator=g)
+            x = torch.log(x) if s.domain == "log_decay" else x
         elif s.domain == "timestep":
             x = torch.exp(torch.rand(shape, generator=g) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3)))
                           + torch.log(torch.tensor(1e-3))) * 10

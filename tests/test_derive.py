@@ -172,3 +172,37 @@ def test_derivation_is_cached_and_fast():
     t0 = time.perf_counter()
     r2 = olssm.derive(obj)
     assert r2 is r1 and time.perf_counter() - t0 < 0.05
+
+
+# ---- log-space decays ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "gla", "decayed_least_squares"])
+def test_with_log_decays_is_the_same_rule(name):
+    # α ↦ exp(α'): the scan of the log rule on log α equals the rule's on α, and so do the gradients chained
+    # through torch.log (reference backend both: an oracle that never takes a log itself)
+    from olssm.catalogue import ENTRIES, random_inputs
+    rule = ENTRIES[name].rule
+    log_rule = rule.with_log_decays()
+    replaced = {n for n, s in rule.inputs.items() if s.domain == "decay" and not s.is_parameter}
+    assert replaced and set(log_rule.inputs) == set(rule.inputs)
+    for n, s in log_rule.inputs.items():
+        old = rule.inputs[n]
+        assert (s.role, s.kind) == (old.role, old.kind)
+        assert s.domain == ("log_decay" if n in replaced else old.domain)
+    assert log_rule.with_log_decays() is log_rule
+    inp = {n: x.double().requires_grad_() for n, x in random_inputs(rule, 2, 9, 2, 4, 5, seed=3).items()}
+    o1, f1 = rule.scan(backend="reference", output_final_state=True, **inp)
+    o2, f2 = log_rule.scan(backend="reference", output_final_state=True,
+                           **{n: (torch.log(x) if n in replaced else x) for n, x in inp.items()})
+    assert torch.allclose(o1, o2, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(o1)
+    g1 = torch.autograd.grad((o1 * w).sum(), list(inp.values()))
+    g2 = torch.autograd.grad((o2 * w).sum(), list(inp.values()))
+    for n, a, b in zip(inp, g1, g2):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), n
+
+
+def test_with_log_decays_leaves_parameters_and_other_decays():
+    from olssm.catalogue import ENTRIES
+    for name in ("retnet", "mamba", "mamba2", "deltanet"):   # a decay parameter; exp(Δ A); no decay domain
+        assert ENTRIES[name].rule.with_log_decays() is ENTRIES[name].rule

@@ -135,9 +135,11 @@ def test_domains_are_kept(decay_style):
     assert set(inputs) | set(params) == set(specs)
     check = {"unit": lambda t: ((t > 0) & (t < 1)).all(), "decay": lambda t: ((t > 0) & (t <= 1)).all(),
              "positive": lambda t: (t > 0).all(), "timestep": lambda t: (t > 0).all(),
-             "negative": lambda t: (t < 0).all(), "real": lambda t: torch.isfinite(t).all()}
+             "negative": lambda t: (t < 0).all(), "real": lambda t: torch.isfinite(t).all(),
+             "log_decay": lambda t: ((t <= 0) & torch.isfinite(t)).all()}
     for n, t in {**inputs, **params}.items():
         assert bool(check[specs[n].domain](t)), (n, specs[n].domain)
+    assert specs["g"].domain == "log_decay"        # the layer hands its per-token decays over in log space
     # shapes follow the scan layout
     assert inputs["dt"].shape == (4, 5, 2) and inputs["g"].shape == (4, 5, 2, 4)
     assert params["A"].shape == (2, 3) and params["gamma"].shape == (2, 4, 3) and params["w"].shape == (2,)

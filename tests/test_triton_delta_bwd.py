@@ -144,6 +144,11 @@ def test_auto_policy(calls, monkeypatch):
     rule = ENTRIES["gated_deltanet"].rule
     _compare(rule, random_inputs(rule, 1, 33, 1, 4, 5, seed=3), None)
     assert len(calls) == 0
+    # the same rule reading log α (Rule.with_log_decays, what the layers hand over): the chunked backward
+    rule = rule.with_log_decays()
+    assert tchunk.backward_supported(plan(rule))
+    _compare(rule, random_inputs(rule, 1, 33, 1, 4, 5, seed=3), None)
+    assert len(calls) == 1
 
 
 def test_strong_decay_closed_form_log(calls):

@@ -261,6 +261,19 @@ _GREEK_TEX = [r"\varepsilon", r"\eta", r"\kappa", r"\mu", r"\nu", r"\xi", r"\rho
               r"\psi", r"\omega"]
 
 
+def _substitute(form, subs: dict):
+    """form with subs applied to every expression (also inside its Correction / InputTerm tuples)."""
+    def sub(v):
+        if isinstance(v, sp.Basic):
+            return v.xreplace(subs)
+        if isinstance(v, (Correction, InputTerm)):
+            return dataclasses.replace(v, **{f.name: sub(getattr(v, f.name)) for f in dataclasses.fields(v)})
+        if isinstance(v, tuple) and v and isinstance(v[0], (Correction, InputTerm)):
+            return tuple(sub(x) for x in v)
+        return v
+    return dataclasses.replace(form, **{f.name: sub(getattr(form, f.name)) for f in dataclasses.fields(form)})
+
+
 class Rule:
     """A closed-form state update derived from an Objective."""
 
@@ -270,6 +283,28 @@ class Rule:
         self._names = self._name_coefficients()
 
     # -- introspection ------------------------------------------------------------------------
+    def with_log_decays(self) -> "Rule":
+        """The same rule reading every per-token input of domain "decay" in log space: α ↦ exp(α') with α' of
+        the same name, role and kind and domain "log_decay" (≤ 0). Learned parameters are left as they are.
+
+        Why: a kernel that works with cumulative log decays (the chunked ones) needs log Λ. With a raw α it
+        takes log α, and the chain rule back to α divides by α, so ∂L/∂α carries a relative error ~ε/α
+        (the triton backend's "auto" policy then keeps the slower recurrent backward). From α' the log is
+        α' itself: no log, no division, no clamp at float32's tiny, and strong decays never round-trip
+        through exp. This is fla's interface too (its gated kernels take g = log α). Layers use it: they
+        produce the decay in log space anyway. Returns self when there is nothing to replace."""
+        from ..objectives.core import InputSymbol
+        subs = {}
+        for e in self.form.expressions():
+            for s in sp.sympify(e).free_symbols:
+                spec = spec_of(s)
+                if spec.domain == "decay" and not spec.is_parameter:
+                    new = InputSpec(spec.name, spec.role, spec.kind, False, "log_decay")
+                    subs[s] = sp.exp(InputSymbol(new, real=True, nonpositive=True))
+        if not subs:
+            return self
+        return Rule(self.objective, _substitute(self.form, subs))
+
     @property
     def mode(self) -> str:
         return self.form.mode

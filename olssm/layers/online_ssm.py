@@ -12,7 +12,9 @@ The layer reads ``rule.inputs`` (role, kind, domain of every symbol) and creates
   unit       sigmoid(x)
   positive   softplus(x)
   decay      exp(log_decay), log_decay = −softplus(x) / decay_normalizer   (``decay_style="softplus"``)
-             or −exp(A_log) · softplus(x + dt_bias)                         (``decay_style="mamba"``)
+             or −exp(A_log) · softplus(x + dt_bias)                         (``decay_style="mamba"``);
+             handed to the scan as log_decay: the layer runs ``rule.with_log_decays()``, which reads
+             such an input as exp(·) (domain ``log_decay``), so no backend takes the log of a decay
   timestep   softplus(x + dt_bias), dt_bias = softplus⁻¹(dt), dt log-uniform in [dt_min, dt_max]
   real       x
   negative   −softplus(x)
@@ -201,6 +203,9 @@ class OnlineSSM(nn.Module):
             q_scale = d_k ** -0.5
         if rule.query_name is None:
             raise ValueError("OnlineSSM: the rule has no query input symbol to read the state with")
+        # the layer produces its decays in log space: handing them over as such gives every backend log Λ in
+        # closed form (Rule.with_log_decays: no log of a tiny decay, the triton chunked backward under "auto")
+        rule = rule.with_log_decays()
 
         self.rule = rule
         self.d_model, self.n_heads, self.d_k, self.d_v = d_model, H, d_k, d_v
@@ -271,7 +276,8 @@ class OnlineSSM(nn.Module):
         self.decay_A_log = nn.ParameterDict()
         for n, s in self.coef_specs.items():
             out = {SCALAR: H, ROW: H * d_v, COLUMN: H * d_k}[s.kind]
-            has_bias = s.domain not in ("timestep",) and not (s.domain == "decay" and decay_style == "mamba")
+            decay = s.domain in ("decay", "log_decay")
+            has_bias = s.domain not in ("timestep",) and not (decay and decay_style == "mamba")
             r = ranks.get(n)
             if r:
                 _check_pos_int(f"coef_rank[{n!r}]", r)
@@ -284,7 +290,7 @@ class OnlineSSM(nn.Module):
                 mod = last = nn.Linear(src_dim[n], out, bias=has_bias)
             if last.bias is not None:
                 nn.init.zeros_(last.bias)
-                if s.domain == "decay" and decay_init is not None:
+                if decay and decay_init is not None:
                     lo, hi = decay_init
                     if not (0 < lo <= hi < 1):
                         raise ValueError(f"OnlineSSM: decay_init must satisfy 0 < lo <= hi < 1, got {decay_init}")
@@ -292,10 +298,10 @@ class OnlineSSM(nn.Module):
                         d = lo + (hi - lo) * torch.rand(out)
                         last.bias.copy_(inv_softplus(-torch.log(d) * self.decay_normalizer))
             self.coef_proj[n] = mod
-            if s.domain == "timestep" or (s.domain == "decay" and decay_style == "mamba"):
+            if s.domain == "timestep" or (decay and decay_style == "mamba"):
                 self.coef_bias[n] = nn.Parameter(dt_bias_init(out, dt_min, dt_max, dt_init_floor))
                 self.coef_bias[n]._no_weight_decay = True
-            if s.domain == "decay" and decay_style == "mamba":  # Gated DeltaNet: A ~ U(0, 16) per head
+            if decay and decay_style == "mamba":  # Gated DeltaNet: A ~ U(0, 16) per head
                 self.decay_A_log[n] = nn.Parameter(torch.log(torch.empty(H).uniform_(0, 16)))
                 self.decay_A_log[n]._no_weight_decay = True
 
@@ -388,17 +394,17 @@ class OnlineSSM(nn.Module):
         dom = s.domain
         if dom == "timestep":
             y = F.softplus(x + self.coef_bias[n].to(x.dtype))
-        elif dom == "decay":
+        elif dom in ("decay", "log_decay"):   # the log decay; the decay itself only for a rule that reads it raw
             if self.decay_style == "mamba":
                 rate = F.softplus(x + self.coef_bias[n].to(x.dtype))
                 A = torch.exp(self.decay_A_log[n].to(x.dtype))
                 if s.kind != SCALAR:
-                    rate = rate.unflatten(-1, (self.n_heads, -1))
-                    y = torch.exp(-A[:, None] * rate).flatten(-2)
+                    y = (-A[:, None] * rate.unflatten(-1, (self.n_heads, -1))).flatten(-2)
                 else:
-                    y = torch.exp(-A * rate)
+                    y = -A * rate
             else:
-                y = torch.exp(-F.softplus(x) / self.decay_normalizer)
+                y = -F.softplus(x) / self.decay_normalizer
+            y = torch.exp(y) if dom == "decay" else y
         elif dom == "unit":
             y = torch.sigmoid(x)
         elif dom == "positive":

@@ -141,6 +141,8 @@ DOMAINS = {
     "decay": "in (0, 1], parameterised in log space (exp(-softplus)), e.g. forget gates",
     "timestep": "Mamba's Δ: softplus(projection + bias), bias initialised for Δ ∈ [1e-3, 1e-1]",
     "negative": "< 0 (−exp(log-parameter)), e.g. Mamba's A with S4D-real initialisation",
+    "log_decay": "≤ 0, the log of a decay: the rule reads exp(·) (Rule.with_log_decays), so the kernels get "
+                 "log Λ in closed form; layers produce it as the decay's log-space parameterisation",
 }
 _POSITIVE_DOMAINS = ("positive", "unit", "decay", "timestep")
 
@@ -158,6 +160,8 @@ def _declare(name: str, role: str, kind: str, positive: bool, domain: str = "rea
     spec = InputSpec(name, role, kind, positive, domain)
     if domain == "negative":
         return InputSymbol(spec, real=True, negative=True)
+    if domain == "log_decay":
+        return InputSymbol(spec, real=True, nonpositive=True)
     return InputSymbol(spec, real=True, positive=True) if positive else InputSymbol(spec, real=True)
 
 
