@@ -4,8 +4,9 @@ from hypothesis import strategies as st
 
 from olssm import objectives as O
 
-#: proximal terms: none, ‖S − S_prev‖², and decayed centres of every decay kind
-PROX = ("none", "plain", "scalar", "row", "column", "elementwise")
+#: proximal terms: none, ‖S − S_prev‖², decayed centres of every decay kind, and a scalar decay read in log
+#: space (exp(a), a in the log_decay domain: what Rule.with_log_decays produces)
+PROX = ("none", "plain", "scalar", "row", "column", "elementwise", "log_scalar")
 
 
 @st.composite
@@ -23,6 +24,8 @@ def objectives(draw, prox_kinds=PROX, max_keys=2):
         expr = O.sqnorm(S - Sp) / 2
     elif prox == "scalar":
         expr = O.sqnorm(S - O.scalar("a", domain="decay") * Sp) / 2
+    elif prox == "log_scalar":
+        expr = O.sqnorm(S - sp.exp(O.scalar("la", domain="log_decay")) * Sp) / 2
     elif prox == "row":
         expr = O.sqnorm(S - O.diag(O.row("r", domain="decay")) @ Sp) / 2
     elif prox == "column":

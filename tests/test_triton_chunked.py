@@ -323,7 +323,7 @@ def test_two_key_rule_runs_the_chunked_kernels(launches):
 
 @settings(max_examples=int(os.environ.get("OLSSM_TRITON_EXAMPLES", 6)), deadline=None,
           suppress_health_check=list(HealthCheck))
-@given(objectives(prox_kinds=("none", "plain", "scalar", "row", "column"), max_keys=2), st.integers(0, 3))
+@given(objectives(prox_kinds=("none", "plain", "scalar", "row", "column", "log_scalar"), max_keys=2), st.integers(0, 3))
 def test_custom_objectives_chunked_match_reference(obj, seed):
     try:
         rule = olssm.derive(obj)

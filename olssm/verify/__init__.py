@@ -74,8 +74,18 @@ def _minimise(f, x0_shape, x0=None):
     return torch.tensor(res.x, dtype=torch_dtype).view(x0_shape)
 
 
+def _in_domain(u, spec):
+    """u ~ U(0.1, 1) moved into the input's domain (a derivation may rely on a symbol's sign)."""
+    if spec.domain == "negative":
+        return -u
+    if spec.domain == "log_decay":
+        return torch.log(u)
+    return u
+
+
 def random_inputs(rule: Rule, steps: int, d_k: int, d_v: int, seed: int = 0) -> list[dict]:
-    """Random per-step inputs: vectors ~ N(0, 1/d), coefficients and parameters ~ U(0.1, 1)."""
+    """Random per-step inputs: vectors ~ N(0, 1/d), coefficients and parameters ~ U(0.1, 1) (negated for a
+    negative domain, its log for a log decay)."""
     g = torch.Generator().manual_seed(seed)
     names = {**rule.inputs, **rule.objective.inputs()}
     params = {}
@@ -86,12 +96,12 @@ def random_inputs(rule: Rule, steps: int, d_k: int, d_v: int, seed: int = 0) -> 
             size = {SCALAR: (), ROW: (d_v,), COLUMN: (d_k,), ELEMENTWISE: (d_v, d_k)}[s.kind]
             if s.is_parameter:
                 if n not in params:
-                    params[n] = 0.1 + 0.9 * torch.rand(size, generator=g, dtype=torch_dtype)
+                    params[n] = _in_domain(0.1 + 0.9 * torch.rand(size, generator=g, dtype=torch_dtype), s)
                 inp[n] = params[n]
             elif s.role in ("key", "query", "value"):
                 inp[n] = torch.randn(size, generator=g, dtype=torch_dtype) / np.sqrt(size[0]) * 1.5
             else:
-                inp[n] = 0.1 + 0.9 * torch.rand(size, generator=g, dtype=torch_dtype)
+                inp[n] = _in_domain(0.1 + 0.9 * torch.rand(size, generator=g, dtype=torch_dtype), s)
         out.append(inp)
     return out
 
