@@ -64,6 +64,8 @@ def _rule(name):
         return _log_gla_rule()
     if name == "row_decay":
         return _row_decay_rule()
+    if name == "log_row_decay":   # the row decay read in log space: log Λ in closed form, the chunked backward
+        return _row_decay_rule().with_log_decays()
     if name == "row_decay_delta":
         return _row_decay_delta_rule()
     return ENTRIES[name].rule
@@ -100,19 +102,20 @@ def test_chunked_forward_state_and_gradients(name, launches):
     assert len(launches) == 1
 
 
-@pytest.mark.parametrize("name", ["mamba2", "linear_attention", "gla"])
+@pytest.mark.parametrize("name", ["mamba2", "linear_attention", "gla", "row_decay", "log_row_decay"])
 def test_chunked_backward_kernel_and_recurrent_backward_agree(name, monkeypatch):
-    # none / scalar / column decays without corrections use chunk_bwd_kernel; the recurrent backward on the
-    # chunked forward's checkpoints is the other path (CHUNK_BACKWARD=False): both against the reference
+    # decays without corrections use chunk_bwd_kernel; the recurrent backward on the chunked forward's
+    # checkpoints is the other path (CHUNK_BACKWARD=False): both against the reference
     calls = spy(monkeypatch, tchunk, "chunked_backward")
     rule = _rule(name)
     inp = random_inputs(rule, 1, 40, 2, 5, 6, seed=14)
     h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(14))
     _compare(rule, inp, h0)
-    assert len(calls) == (0 if name == "gla" else 1)    # auto: GLA's log g has no closed form
+    raw = name in ("gla", "row_decay")
+    assert len(calls) == (0 if raw else 1)              # auto: a raw decay's log has no closed form
     monkeypatch.setattr(tlib, "CHUNK_BACKWARD", True)   # fine for decays ≫ eps (here g ∈ [0.8, 1])
     _compare(rule, inp, h0)
-    assert len(calls) == (1 if name == "gla" else 2)
+    assert len(calls) == (1 if raw else 2)
     calls.clear()
     monkeypatch.setattr(tlib, "CHUNK_BACKWARD", False)
     _compare(rule, inp, h0)
@@ -127,12 +130,15 @@ def test_chunked_without_initial_state_and_no_grad(name, launches):
     assert len(launches) == 1
 
 
-@pytest.mark.parametrize("name", ["mamba2", "gla", "row_decay", "gated_deltanet", "row_decay_delta"])
+@pytest.mark.parametrize("name", ["mamba2", "gla", "row_decay", "gated_deltanet", "row_decay_delta", "log_row_decay"])
 def test_strong_and_zero_decays_stay_finite(name):
     rule = _rule(name)
     inp = random_inputs(rule, 1, 35, 2, 5, 6, seed=4)
     if name == "mamba2":
         inp["dt"] = inp["dt"] * 2000.0            # Δ·a ≈ -300..-5000 per token: exp underflows to 0
+    elif name == "log_row_decay":                 # the chunked backward, under auto
+        inp["r"][:, ::3] = -69.0
+        inp["r"][:, 5::7] = -400.0                # e^{-400} = 0 in fp32: a reset, without a log
     else:
         dn = {"gla": "g", "row_decay": "r", "gated_deltanet": "alpha", "row_decay_delta": "r"}[name]
         d = inp[dn]
@@ -154,12 +160,14 @@ def _log_decay_input(name, inp, log_decay):
     """Set the log decay of the rule's decay input (`log_decay`: [T, d] or broadcastable)."""
     if name == "log_gla":
         inp["a"] = (-log_decay).expand_as(inp["a"]).clone()
+    elif name == "log_row_decay":
+        inp["r"] = log_decay.expand_as(inp["r"]).clone()
     else:
         dn = {"gla": "g", "row_decay": "r"}[name]
         inp[dn] = torch.exp(log_decay).expand_as(inp[dn]).clone()
 
 
-@pytest.mark.parametrize("name", ["gla", "log_gla", "row_decay"])
+@pytest.mark.parametrize("name", ["gla", "log_gla", "row_decay", "log_row_decay"])
 def test_row_and_column_decays_fast_path_and_loop_per_chunk(name, monkeypatch):
     # chunks of 16: 0 mild; 1 one token at log decay −50 in every column (total > −FAST_SPAN: the
     # factorised dots, factors up to e^{±25}); 2 three tokens at −80 in one column (total −240 <
@@ -168,7 +176,7 @@ def test_row_and_column_decays_fast_path_and_loop_per_chunk(name, monkeypatch):
     rule = _rule(name)
     T, K, V = 53, 5, 6
     inp = random_inputs(rule, 1, T, 2, K, V, seed=31)
-    d = V if name == "row_decay" else K
+    d = V if name in ("row_decay", "log_row_decay") else K
     ld = -0.2 * torch.rand(T, 1, d, generator=torch.Generator().manual_seed(32))
     ld[20] = -50.0
     ld[[36, 40, 44], :, 1] = -80.0
@@ -178,17 +186,17 @@ def test_row_and_column_decays_fast_path_and_loop_per_chunk(name, monkeypatch):
     assert tot[0] > -span and -span < tot[1] < -40 and tot[2] < -span
     h0 = 0.3 * torch.randn(1, 2, V, K, generator=torch.Generator().manual_seed(33))
     _compare(rule, inp, h0)
-    assert len(calls) == (1 if name == "log_gla" else 0)        # log GLA: the chunked backward's two paths
+    assert len(calls) == (1 if name.startswith("log") else 0)   # log decays: the chunked backward's two paths
 
 
 @pytest.mark.skipif(_DEVICE != "cpu", reason="sets a jit global, which compiled kernels refuse once compiled")
-@pytest.mark.parametrize("name", ["log_gla", "row_decay"])
+@pytest.mark.parametrize("name", ["log_gla", "row_decay", "log_row_decay"])
 def test_fast_path_and_loop_agree(name, monkeypatch):
     # FAST_SPAN = +inf takes the factorised dots in every chunk, −inf the per-token loop: on mild decays
     # (log decay −0.2..0 per token) both must agree to fp32 rounding, forward and (log GLA) backward
     rule = _rule(name)
     inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=34)
-    d = 6 if name == "row_decay" else 5
+    d = 6 if name in ("row_decay", "log_row_decay") else 5
     _log_decay_input(name, inp, -0.2 * torch.rand(37, 1, d, generator=torch.Generator().manual_seed(35)))
     h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(36))
     tlib.FORCE = "chunk"

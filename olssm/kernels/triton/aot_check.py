@@ -92,7 +92,7 @@ def variants(BT, BK, BV, prec, BVW=None):
                    ch.chunk_delta_fwd_kernel, dict(base, C_ROW=crow, G_ROW=grow, VARLEN=True))
     yield "diag decay=scalar, 2 input terms", ch.chunk_fwd_kernel, dict(base, DECAY=1, VARLEN=False, M=2)
     bwd = {k: v for k, v in base.items() if k not in ("USE_H0", "SAVE_CK")}
-    for name, code in (("none", 0), ("scalar", 1), ("column", 3)):
+    for name, code in (("none", 0), ("scalar", 1), ("row", 2), ("column", 3)):
         yield f"backward decay={name}", ch.chunk_bwd_kernel, dict(bwd, DECAY=code, USE_DHT=True, VARLEN=True)
     yield "delta decay=scalar, 2 input terms", ch.chunk_delta_fwd_kernel, dict(base, C_ROW=False, G_ROW=False,
                                                                                  VARLEN=False, M=2)

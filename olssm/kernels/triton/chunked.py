@@ -58,7 +58,7 @@ dots only) writes ck and Δ; ``out`` (parallel over chunks × value blocks × he
 ck and Δ. Varlen grids over chunks read a host-built (sequence, chunk) map.
 
 The forward also stores the state entering every chunk (``ck``). Backward: ``chunk_bwd_kernel``
-for none / scalar decays without corrections (gradients of q, w, e, log Λ; torch chains them to
+for decays without corrections (gradients of q, w, e, log Λ; torch chains them to
 the raw inputs), chunked_delta_bwd.py for the delta family with scalar or row c and none / scalar decay,
 else the fused recurrent backward kernel (scan.py / codegen.py) run with those
 checkpoints (checkpoint interval = chunk size). Both exact.
@@ -210,7 +210,7 @@ def _evaluator(form):
 
 
 def backward_supported(plan, exact_decay_grad: bool = True) -> bool:
-    """The chunked backward kernels cover none / scalar / column decays without corrections and (with
+    """The chunked backward kernels cover none / scalar / row / column decays without corrections and (with
     chunked_delta_bwd.DELTA_BACKWARD = "chunk") the delta family with a scalar or row c (the latter unless
     chunked_delta_bwd.ROW_C_BACKWARD = "recurrent") and none / scalar decay;
     with exact_decay_grad only where log Λ has a closed form (no division by Λ in the chain rule)."""
@@ -220,7 +220,7 @@ def backward_supported(plan, exact_decay_grad: bool = True) -> bool:
         if (form.decay_kind not in ("none", SCALAR)
                 or delta_backward(row_c=_c_row(form)) != "chunk"):
             return False
-    elif form.decay_kind not in ("none", SCALAR, COLUMN):
+    elif form.decay_kind not in ("none", SCALAR, ROW, COLUMN):
         return False
     return not exact_decay_grad or form.decay_kind == "none" or _log_expr(form.decay) is not None
 
@@ -391,6 +391,18 @@ def _strict(tt, SUB: tl.constexpr):
 
 
 @triton.jit
+def _token_column(tt, j, x, b):
+    """The per-token path of the row / column / per-row decay kernels, exact for any decay: token j's row
+    selector [BT, 1] and column selector [1, BT], its row of x, and the pairwise factors e^{b_i − b_j}
+    (i ≥ j; 0 above, never an overflowing exponent)."""
+    sel = (tt == j)[:, None]
+    xj = tl.sum(tl.where(sel, x, 0.0), axis=0)
+    bj = tl.sum(tl.where(sel, b, 0.0), axis=0)
+    ex = tl.exp(tl.where((tt >= j)[:, None], (b - bj[None, :]).to(tl.float32), float("-inf")))
+    return sel, (tt == j)[None, :], xj, ex
+
+
+@triton.jit
 def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, cu_ptr, T, H, DK, DV, NCK, SW, SE,
                      M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                      USE_H0: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr,
@@ -457,12 +469,9 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
                 else:      # pairwise exponents, exact for any decay
                     A = tl.zeros([BT, BT], dtype=tl.float32)
                     for j in range(0, BT):
-                        sel = (tt == j)[:, None]
-                        kj = tl.sum(tl.where(sel, k, 0.0), axis=0)    # [BK]
-                        bj = tl.sum(tl.where(sel, b, 0.0), axis=0)
-                        ex = tl.exp(tl.where((tt >= j)[:, None], (b - bj[None, :]).to(tl.float32), float("-inf")))
+                        sel, colj, kj, ex = _token_column(tt, j, k, b)
                         aj = tl.sum(q * kj[None, :] * ex, axis=1)     # [BT]
-                        A = tl.where((tt == j)[None, :], aj[:, None], A)
+                        A = tl.where(colj, aj[:, None], A)
                 o += tl.dot(A, v, input_precision=PREC)
                 S += tl.dot(tl.trans(v), k * dec, input_precision=PREC)
             else:
@@ -471,11 +480,8 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
                     o += tl.dot(QK, v * tl.exp(-x), input_precision=PREC) * tl.exp(x)
                 else:
                     for j in range(0, BT):
-                        sel = (tt == j)[:, None]
-                        vj = tl.sum(tl.where(sel, v, 0.0), axis=0)    # [BV]
-                        bj = tl.sum(tl.where(sel, b, 0.0), axis=0)
-                        qkj = tl.sum(tl.where((tt == j)[None, :], QK, 0.0), axis=1)   # [BT]
-                        ex = tl.exp(tl.where((tt >= j)[:, None], (b - bj[None, :]).to(tl.float32), float("-inf")))
+                        sel, colj, vj, ex = _token_column(tt, j, v, b)
+                        qkj = tl.sum(tl.where(colj, QK, 0.0), axis=1)   # [BT]
                         o += qkj[:, None] * vj[None, :] * ex
                 S += tl.dot(tl.trans(v * dec), k, input_precision=PREC)
         S = tl.where(m2, S, 0.0)
@@ -562,11 +568,7 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
                 AW = tl.where(strict, tl.dot(a, tl.trans(w), input_precision=PREC), 0.0)
                 QW = tl.where(incl, tl.dot(q, tl.trans(w), input_precision=PREC), 0.0)
                 for j in range(0, BT):                                # input terms, per row decays
-                    sel = (tt == j)[:, None]
-                    ej = tl.sum(tl.where(sel, e, 0.0), axis=0)        # [BV]
-                    Gj = tl.sum(tl.where(sel, G, 0.0), axis=0)
-                    ex = tl.exp(tl.where((tt >= j)[:, None], (G - Gj[None, :]).to(tl.float32), float("-inf")))
-                    colj = (tt == j)[None, :]
+                    sel, colj, ej, ex = _token_column(tt, j, e, G)
                     R += tl.sum(tl.where(colj, AW, 0.0), axis=1)[:, None] * ej[None, :] * ex
                     o += tl.sum(tl.where(colj, QW, 0.0), axis=1)[:, None] * ej[None, :] * ex
                 S += tl.dot(tl.trans(e * dec), w, input_precision=PREC)
@@ -582,11 +584,8 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
                 d_s = r_s - c_s * tl.sum(n_s[:, None] * ex * Dl, axis=0)
                 Dl = tl.where(sel, d_s[None, :], Dl)
             for j in range(0, BT):                                    # corrections' share of o
-                sel = (tt == j)[:, None]
-                dj = tl.sum(tl.where(sel, Dl, 0.0), axis=0)
-                Gj = tl.sum(tl.where(sel, G, 0.0), axis=0)
-                ex = tl.exp(tl.where((tt >= j)[:, None], (G - Gj[None, :]).to(tl.float32), float("-inf")))
-                o -= tl.sum(tl.where((tt == j)[None, :], QB, 0.0), axis=1)[:, None] * dj[None, :] * ex
+                sel, colj, dj, ex = _token_column(tt, j, Dl, G)
+                o -= tl.sum(tl.where(colj, QB, 0.0), axis=1)[:, None] * dj[None, :] * ex
             S -= tl.dot(tl.trans(Dl * dec), bv, input_precision=PREC)
         S = tl.where(m2, S, 0.0)
         tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
@@ -1033,7 +1032,7 @@ def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None
 
 
 # --------------------------------------------------------------------------------------------
-# chunked backward for the diagonal family with none / scalar / column decay (no correction)
+# chunked backward for the diagonal family: none / scalar / row / column decay (no correction)
 
 
 
@@ -1090,11 +1089,7 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
                     dqi = tl.zeros([BT, BK], dtype=tl.float32)
                     dki = tl.zeros([BT, BK], dtype=tl.float32)
                     for j in range(0, BT):
-                        sel = (tt == j)[:, None]
-                        colj = (tt == j)[None, :]
-                        kj = tl.sum(tl.where(sel, k, 0.0), axis=0)    # [BK]
-                        bj = tl.sum(tl.where(sel, b, 0.0), axis=0)
-                        ex = tl.exp(tl.where((tt >= j)[:, None], (b - bj[None, :]).to(tl.float32), float("-inf")))
+                        sel, colj, kj, ex = _token_column(tt, j, k, b)
                         A = tl.where(colj, tl.sum(q * kj[None, :] * ex, axis=1)[:, None], A)
                         pj = tl.sum(tl.where(colj, P, 0.0), axis=1)   # [BT]: P[:, j]
                         dqi += pj[:, None] * kj[None, :] * ex
@@ -1115,6 +1110,57 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
             dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db
             tl.store(dg_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dg, mask=qk_m)
             dS = dS * glk[None, :] + tl.dot(tl.trans(do), q * gq, input_precision=PREC)
+        elif DECAY == 2:   # row decay (d_v): the column case's transpose, ∂b = dO ⊙ o − Σ_m e_m ⊙ de_m (+ chunk end)
+            g = tl.load(g_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float64)
+            b = tl.cumsum(g, axis=0)                                  # [BT, BV]
+            bl = tl.sum(g, axis=0)                                    # [BV]
+            gv = tl.exp(b.to(tl.float32))                             # Γ [BT, BV]
+            decv = tl.exp((bl[None, :] - b).to(tl.float32))           # Γ_L/Γ [BT, BV]
+            glv = tl.exp(bl.to(tl.float32))                           # [BV]
+            fast = tl.min(bl, axis=0) > -FAST_SPAN
+            x = (b - 0.5 * bl[None, :]).to(tl.float32)
+            dog = do * gv
+            dq = tl.dot(dog, S0, input_precision=PREC)                # (dO ⊙ Γ) S₀
+            o = tl.dot(q, tl.trans(S0), input_precision=PREC) * gv    # o, recomputed: its state share first
+            db = tl.zeros([BT, BV], dtype=tl.float32)
+            dbL = glv * tl.sum(dS * S0, axis=1)                       # [BV]
+            for m in tl.static_range(M):
+                k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+                QK = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)
+                if fast:   # D_i(t, s) = e^{x_ti}·e^{−x_si}, as in the forward
+                    vx = v * tl.exp(-x)
+                    dox = do * tl.exp(x)
+                    om = tl.dot(QK, vx, input_precision=PREC) * tl.exp(x)
+                    P = tl.where(causal, tl.dot(dox, tl.trans(vx), input_precision=PREC), 0.0)   # Σ_i dO e D
+                    dvl = tl.dot(tl.trans(QK), dox, input_precision=PREC) * tl.exp(-x)
+                else:      # pairwise exponents, one token column j at a time
+                    om = tl.zeros([BT, BV], dtype=tl.float32)
+                    P = tl.zeros([BT, BT], dtype=tl.float32)
+                    dvl = tl.zeros([BT, BV], dtype=tl.float32)
+                    for j in range(0, BT):
+                        sel, colj, vj, ex = _token_column(tt, j, v, b)
+                        qkj = tl.sum(tl.where(colj, QK, 0.0), axis=1)  # [BT]: QK[:, j]
+                        om += qkj[:, None] * vj[None, :] * ex
+                        P = tl.where(colj, tl.sum(do * vj[None, :] * ex, axis=1)[:, None], P)
+                        dvj = tl.sum(qkj[:, None] * do * ex, axis=0)  # [BV]
+                        dvl = tl.where(sel, dvj[None, :], dvl)
+                kdS = tl.dot(k, tl.trans(dS), input_precision=PREC)   # [BT, BV]: W dSᵀ
+                dk = tl.dot(tl.trans(P), q, input_precision=PREC) + tl.dot(v * decv, dS, input_precision=PREC)
+                dv = dvl + kdS * decv
+                dq += tl.dot(P, k, input_precision=PREC)
+                tl.store(dk_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dk,
+                         mask=qk_m)
+                tl.store(dv_ptr + m * SE + base[:, None] * DV + rows[None, :], dv, mask=vm)
+                o += om
+                db -= v * dv
+                dbL += tl.sum(v * kdS * decv, axis=0)
+            tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
+            db += do * o
+            db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
+            dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db
+            tl.store(dg_ptr + base[:, None] * DV + rows[None, :], dg, mask=vm)
+            dS = dS * glv[:, None] + tl.dot(tl.trans(dog), q, input_precision=PREC)
         else:
             D, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, DECAY == 1)
             # carried state's share
@@ -1152,7 +1198,7 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
 
 
 def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
-    """∂ of (q, w [M,...], e [M,...], log decay) and ∂h0 for chunk_fwd_kernel with none/scalar/column decay."""
+    """∂ of (q, w [M,...], e [M,...], log decay) and ∂h0 for chunk_fwd_kernel (any decay kind it takes)."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
     NV = -(-d_v // BV)
@@ -1165,7 +1211,9 @@ def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     dq = torch.zeros(NV, B, T, H, d_k, dtype=torch.float32, device=dev)
     dk = torch.zeros(NV, M, B, T, H, d_k, dtype=torch.float32, device=dev)
     dv = torch.zeros(M, B, T, H, d_v, dtype=torch.float32, device=dev)
-    dg = torch.zeros(NV, B, T, H, *((d_k,) if decay == 3 else ()), dtype=torch.float32, device=dev)
+    # row decay: each program owns its value rows, so its ∂g is whole (the first slot); other kinds: partial sums
+    dg = torch.zeros(1 if decay == 2 else NV, B, T, H, *((d_k,) if decay == 3 else (d_v,) if decay == 2 else ()),
+                     dtype=torch.float32, device=dev)
     dh0 = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
     chunk_bwd_kernel[(NV, N * H)](
         q, k, v, g, do.contiguous(), dht.contiguous() if dht is not None else dh0, ck,

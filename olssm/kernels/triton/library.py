@@ -388,7 +388,7 @@ def evaluate_entries(plan, ins: dict, sizes) -> list:
 FORCE = None
 #: tokens per chunk of the chunked kernels (also the backward's checkpoint interval on that path)
 CHUNK = 32
-#: the chunked backward kernels (none / scalar / column decay without corrections; the delta family with
+#: the chunked backward kernels (none / scalar / row / column decay without corrections; the delta family with
 #: scalar or row c and none / scalar decay, see chunked_delta_bwd.DELTA_BACKWARD / ROW_C_BACKWARD): "auto" uses them
 #: when the rule has no decay or its log decay has a closed form (Mamba-2: Δ·a), so that the chain
 #: rule never divides by Λ (∂Λ = ∂logΛ / Λ loses ~eps/Λ relative accuracy: 1e-3 at Λ = 1e-4);
