@@ -52,7 +52,7 @@ def _once(name, inp, backend, chunk, bwd):
         fn = _peer(name)[1]
         run = lambda x: (fn(x, chunk), None)
     else:
-        rule = cat.ENTRIES[name].rule
+        rule = cat.rule(name)
         run = lambda x: scan(rule, backend=backend, chunk_size=chunk, output_final_state=True, **x)
     if bwd:
         leaves = {n: x.detach().clone().requires_grad_(True) for n, x in inp.items()}
@@ -106,7 +106,7 @@ def _rss_kb():
 
 def _cell(q, name, B, T, H, d, backend, chunk, bwd, repeat, threads):
     torch.set_num_threads(threads)
-    rule = cat.ENTRIES[name].rule
+    rule = cat.rule(name)
     inp = cat.random_inputs(rule, B, T, H, d, d, seed=0)
     small = cat.random_inputs(rule, B, min(T, 2 * chunk), H, d, d, seed=0)
     _once(name, small, backend, chunk, bwd)                      # warm-up: codegen, allocator

@@ -17,32 +17,13 @@ import time
 
 import torch
 
-from olssm.catalogue import ENTRIES, random_inputs
+from olssm import catalogue
+from olssm.catalogue import random_inputs
 from olssm.kernels.triton import chunked, library
 from olssm.kernels.triton import chunked_delta_bwd
 from olssm.kernels.triton import scan as tscan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _two_key_rule():
-    """A derived rule no catalogue names: one explicit step on two gated regressions (k0 → v0, k1 → v1), a
-    rank-2 correction per token (TRITON.md, chunked structure 3: two sub-tokens per token)."""
-    import olssm
-    from olssm import objectives as O
-    S, _ = O.states()
-    loss = sum(O.sqnorm(S @ O.key(f"k{i}") - O.value(f"v{i}"), weight=O.scalar(f"b{i}", domain="unit")) / 2
-               for i in range(2))
-    return olssm.derive(O.Objective(loss / 2, update="explicit", decay=O.scalar("alpha", domain="decay"),
-                                    name="two-key gated delta"))
-
-
-#: rules timed beside the catalogue's (--rules names them too)
-EXTRA_RULES = {"two_keys": _two_key_rule}
-
-
-def _rule(name):
-    return EXTRA_RULES[name]() if name in EXTRA_RULES else ENTRIES[name].rule
 
 
 def _time(fn, device, reps=10):
@@ -172,7 +153,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|")
     rows = []
     for name in a.rules.split(","):
-        rule = _rule(name) if a.raw_decays else _rule(name).with_log_decays()
+        rule = catalogue.rule(name) if a.raw_decays else catalogue.rule(name).with_log_decays()
         inp = {n: x.to(dev) for n, x in random_inputs(rule, a.B, a.T, a.H, a.dk, a.dv, seed=0).items()}
         inp = {n: (x if rule.inputs[n].is_parameter else x.to(dtype)) for n, x in inp.items()}
         if rule.is_rls:   # forgetting near 1: with γ ≈ 0.9, P grows ~γ^-T in unexcited directions (overflow)

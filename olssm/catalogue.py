@@ -199,6 +199,28 @@ def get(name: str) -> Entry:
         raise KeyError(f"no catalogue entry {name!r}; known: {sorted(ENTRIES)}") from None
 
 
+def _two_keys():
+    S, _ = O.states()
+    loss = sum(O.sqnorm(S @ O.key(f"k{i}") - O.value(f"v{i}"), weight=O.scalar(f"b{i}", domain="unit")) / 2
+               for i in range(2))
+    return O.Objective(loss, update="explicit", decay=O.scalar("alpha", domain="decay"), name="two-key gated delta")
+
+
+#: objectives no paper names, derived here to exercise (and benchmark) the generic path: their rules have
+#: structures no catalogue entry has (two_keys: one gradient step on two gated regressions, rank-2 corrections)
+DERIVED = {"two_keys": _two_keys}
+
+
+@functools.lru_cache(maxsize=None)
+def rule(name: str) -> Rule:
+    """The rule of a catalogue entry or of a DERIVED objective, by name."""
+    if name in ENTRIES:
+        return ENTRIES[name].rule
+    if name in DERIVED:
+        return derive(DERIVED[name]())
+    raise KeyError(f"no catalogue entry or derived example {name!r}; known: {sorted(ENTRIES) + sorted(DERIVED)}")
+
+
 def random_inputs(rule: Rule, B: int, T: int, H: int, d_k: int, d_v: int, seed: int = 0,
                   dtype=torch.float32, device=None) -> dict:
     """Random scan inputs in the ranges a trained layer produces (keys L2-normalised)."""

@@ -263,6 +263,14 @@ def test_custom_objectives(mode, dkind, terms, T, chunk, d_k, d_v, with_init, se
     _compare(rule, inp, tol=TOL32, init=init, chunk_size=chunk, what=f"{mode} {dkind} {terms}")
 
 
+@pytest.mark.parametrize("name", list(cat.DERIVED))
+def test_derived_rank_r_rules_default_chunk(name):
+    # rank-R rules run chunks of chunk_size // R tokens (here 64 → 32): T = 75 spans three of them
+    rule = cat.rule(name)
+    inp = cat.random_inputs(rule, 2, 75, 2, 6, 5, seed=8)
+    _compare(rule, inp, tol=TOL32, init=_init(rule, 2, 2, 6, 5, torch.float32), chunk_size=64, what=name)
+
+
 def _elementwise_objectives():
     S, Sp = O.states()
     k, v, k2, v2 = O.key("k"), O.value("v"), O.key("k2"), O.value("v2")

@@ -206,3 +206,13 @@ def test_with_log_decays_leaves_parameters_and_other_decays():
     from olssm.catalogue import ENTRIES
     for name in ("retnet", "mamba", "mamba2", "deltanet"):   # a decay parameter; exp(Δ A); no decay domain
         assert ENTRIES[name].rule.with_log_decays() is ENTRIES[name].rule
+
+
+def test_derived_examples_verify():
+    # catalogue.DERIVED: objectives no paper names (the benchmarks time them beside the catalogue's rules)
+    for name, make in catalogue.DERIVED.items():
+        rep = olssm.verify(make(), steps=5, d_k=5, d_v=3)
+        assert rep.ok, (name, str(rep))
+        assert catalogue.rule(name).form.rank == 2
+    with pytest.raises(KeyError, match="two_keys"):
+        catalogue.rule("nope")

@@ -186,6 +186,8 @@ def _linear_engine(logd, corrs, ins, q, S0, C):
     g, Rg = (V, 1) if row else (1, V)
     if R and row:      # per-row transitions: the UT inverse is per value row, O(d_v C^2) per chunk
         C = min(C, _ROW_CHUNK)
+    elif R > 1:        # R corrections: the UT system has C·R unknowns per chunk, so chunks of C / R tokens (CHUNK.md §2)
+        C = max(min(C, _ROW_CHUNK), C // R)
     n = -(-T // C)
     Tp = n * C
     ck = lambda x, val=0.0: _chunks(_pad_T(x, Tp, val), C)
