@@ -15,7 +15,8 @@ reference whose backward was quadratic in T (per-token slicing); RESULTS.md, ses
 installed (optional, never dependencies): flash-linear-attention's torch references
 (fla.ops.delta_rule.naive.delta_rule_chunkwise, fla.ops.gla.naive.naive_recurrent_gla) and mambapy's
 parallel (Blelloch) scan for the Mamba rule, timed and measured like the cells above, against
-olssm's chunk backend in the same run.
+olssm's chunk backend in the same run. `pip install -e ".[peers]"` installs both (pure Python; they use
+the torch already installed).
 """
 from __future__ import annotations
 
