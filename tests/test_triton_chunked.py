@@ -26,6 +26,7 @@ from hypothesis import strategies as st  # noqa: E402
 import olssm  # noqa: E402
 from olssm import objectives as O  # noqa: E402
 from strategies import objectives  # noqa: E402
+from olssm import catalogue as cat  # noqa: E402
 from olssm.catalogue import ENTRIES, random_inputs  # noqa: E402
 from olssm.kernels.triton import chunked as tchunk  # noqa: E402
 from olssm.kernels.triton import library as tlib  # noqa: E402
@@ -66,6 +67,8 @@ def _rule(name):
         return _row_decay_rule()
     if name == "log_row_decay":   # the row decay read in log space: log Λ in closed form, the chunked backward
         return _row_decay_rule().with_log_decays()
+    if name in cat.DERIVED:       # rank-2 corrections: the delta kernels on two sub-tokens per token
+        return cat.rule(name)
     if name == "row_decay_delta":
         return _row_decay_delta_rule()
     return ENTRIES[name].rule
@@ -130,7 +133,8 @@ def test_chunked_without_initial_state_and_no_grad(name, launches):
     assert len(launches) == 1
 
 
-@pytest.mark.parametrize("name", ["mamba2", "gla", "row_decay", "gated_deltanet", "row_decay_delta", "log_row_decay"])
+@pytest.mark.parametrize("name", ["mamba2", "gla", "row_decay", "gated_deltanet", "row_decay_delta", "log_row_decay",
+                                  "two_keys"])
 def test_strong_and_zero_decays_stay_finite(name):
     rule = _rule(name)
     inp = random_inputs(rule, 1, 35, 2, 5, 6, seed=4)
@@ -140,7 +144,7 @@ def test_strong_and_zero_decays_stay_finite(name):
         inp["r"][:, ::3] = -69.0
         inp["r"][:, 5::7] = -400.0                # e^{-400} = 0 in fp32: a reset, without a log
     else:
-        dn = {"gla": "g", "row_decay": "r", "gated_deltanet": "alpha", "row_decay_delta": "r"}[name]
+        dn = {"gla": "g", "row_decay": "r", "gated_deltanet": "alpha", "row_decay_delta": "r", "two_keys": "alpha"}[name]
         d = inp[dn]
         d[:, ::3] = 1e-30                         # e^{-69} per token; Σ over a chunk ≈ -400
         d[:, 5::7] = 0.0                          # exact resets (log clamped at log(float32 tiny))
