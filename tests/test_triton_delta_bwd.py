@@ -613,3 +613,60 @@ def test_rank_r_opcheck_and_layout(calls):
     assert sx[0].unflatten(1, (T, 4))[:, :, :3].abs().max() == 0        # q only at the last sub-token
     assert sx[3].unflatten(1, (T, 4))[:, :, 1:].abs().max() == 0        # the decay only at the first
     assert sx[6].unflatten(1, (T, 4))[:, :, 3].abs().max() == 0         # the padding correction has c = 0
+
+
+# ---- row decays with corrections: chunk_rowdecay_bwd_kernel ----------------------------------------------
+
+def _row_decay_delta(kind):
+    """A per-value-row decay r with a correction: explicit with a row weight (row c), implicit (scalar c), explicit
+    with a second input term, and two keys (rank 4: four sub-tokens per token)."""
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    prox = O.sqnorm(S - O.diag(O.row("r", domain="decay")) @ Sp) / 2
+    if kind == "row c":
+        return olssm.derive(O.Objective(prox + O.sqnorm(S @ k - v, weight=O.row("b", positive=True)) / 2,
+                                        update="explicit"))
+    if kind == "implicit":
+        return olssm.derive(O.Objective(prox + O.sqnorm(S @ k - v, weight=O.scalar("b", positive=True)) / 2))
+    if kind == "two terms":
+        return olssm.derive(O.Objective(prox + O.sqnorm(S @ k - v, weight=O.scalar("b", domain="unit")) / 2
+                                        - O.inner(S @ O.key("kl"), O.value("vl")), update="explicit"))
+    return olssm.derive(O.Objective(prox + O.sqnorm(S @ k - v) / 2 + O.sqnorm(S @ O.key("k1") - O.value("v1")) / 2))
+
+
+@pytest.fixture
+def rowdecay_calls(monkeypatch):
+    return spy(monkeypatch, tdelta, "chunked_rowdecay_backward")
+
+
+@pytest.mark.parametrize("kind", ["row c", "implicit", "two terms", "two keys"])
+def test_row_decay_corrections_chunked_backward(kind, rowdecay_calls, monkeypatch):
+    # each value row a scalar-decay delta rule with its own pairwise decays: against the reference and against the
+    # recurrent backward on the same chunked forward's checkpoints
+    rule = _row_decay_delta(kind)
+    assert rule.decay_kind == "row" and tchunk.backward_supported(tscan.plan_for(rule), exact_decay_grad=False)
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=21)
+    h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(21))
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")               # r is a raw decay: auto keeps the recurrent one
+    g_chunk = _compare(rule, inp, h0)
+    assert len(rowdecay_calls) == 1
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "0")
+    g_rec = _compare(rule, inp, h0)
+    assert len(rowdecay_calls) == 1
+    for n in g_chunk:
+        _close(g_chunk[n], g_rec[n], RTOL, f"d{n}: chunk vs recurrent backward")
+
+
+def test_row_decay_corrections_log_space_auto_varlen_strong(rowdecay_calls):
+    # read in log space (Rule.with_log_decays) "auto" takes the chunked backward; packed sequences with an empty
+    # one; decays of e^{-69} per token and resets (e^{-400} = 0 in fp32) stay finite and exact
+    rule = _row_decay_delta("row c").with_log_decays()
+    assert rule.inputs["r"].domain == "log_decay"
+    cu = [0, 5, 5, 6, 43]
+    inp = random_inputs(rule, 1, 43, 2, 4, 5, seed=22)
+    inp["r"][:, ::3] = -69.0
+    inp["r"][:, 7::11] = -400.0
+    h0 = 0.3 * torch.randn(4, 2, 5, 4, generator=torch.Generator().manual_seed(22))
+    g = _compare(rule, inp, h0, cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)))
+    assert len(rowdecay_calls) == 1 and g["h0"][1].abs().max() > 0
+    assert all(torch.isfinite(x).all() for x in g.values())

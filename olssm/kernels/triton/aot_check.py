@@ -148,6 +148,13 @@ def variants(BT, BK, BV, prec, BVW=None):
         yield f"rowc bwd value {tag}", dbw.chunk_rowc_bwd_value_kernel, dict(rowc, GATED=gated, VARLEN=True)
     yield "rowc bwd prep decay=scalar, 2 input terms", dbw.chunk_rowc_bwd_prep_kernel, dict(rowc, **two)
     yield "rowc bwd value decay=scalar, 2 input terms", dbw.chunk_rowc_bwd_value_kernel, dict(rowc, **two)
+    # row decays with corrections: one sequential backward kernel (c scalar / row; rank 4 on sub-tokens)
+    rowd = dict(BT=BT, BK=BK, BV=BV, M=1, PREC=prec, USE_DHT=True, VARLEN=True)
+    for crow in (False, True):
+        yield (f"rowdecay bwd c={'row' if crow else 'scalar'}", dbw.chunk_rowdecay_bwd_kernel,
+               dict(rowd, C_ROW=crow))
+    yield "rank4 rowdecay bwd c=scalar, 2 input terms", dbw.chunk_rowdecay_bwd_kernel, dict(rowd, C_ROW=False, M=2,
+                                                                                          SUB=4)
     # rank-R corrections on 4 sub-tokens per token (chunked.sub_tokens: the strict mask between tokens, SUB)
     sub = dict(GATED=True, VARLEN=True, M=2, SUB=4)
     yield "rank4 delta fwd c=row", ch.chunk_delta_fwd_kernel, dict(base, C_ROW=True, G_ROW=False, VARLEN=True, M=2,

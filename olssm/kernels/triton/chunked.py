@@ -212,12 +212,12 @@ def _evaluator(form):
 def backward_supported(plan, exact_decay_grad: bool = True) -> bool:
     """The chunked backward kernels cover none / scalar / row / column decays without corrections and (with
     chunked_delta_bwd.DELTA_BACKWARD = "chunk") the delta family with a scalar or row c (the latter unless
-    chunked_delta_bwd.ROW_C_BACKWARD = "recurrent") and none / scalar decay;
+    chunked_delta_bwd.ROW_C_BACKWARD = "recurrent") and none / scalar / row decay;
     with exact_decay_grad only where log Λ has a closed form (no division by Λ in the chain rule)."""
     form = plan.rule.form
     if form.corrections:
         from .chunked_delta_bwd import delta_backward
-        if (form.decay_kind not in ("none", SCALAR)
+        if (form.decay_kind not in ("none", SCALAR, ROW)
                 or delta_backward(row_c=_c_row(form)) != "chunk"):
             return False
     elif form.decay_kind not in ("none", SCALAR, ROW, COLUMN):
@@ -403,6 +403,31 @@ def _token_column(tt, j, x, b):
 
 
 @triton.jit
+def _delta_tiles(q_ptr, a_ptr, b_ptr, c_ptr, base, tm, rows, cols, km2, vm, DK, DV, C_ROW: tl.constexpr):
+    """A delta-family chunk's q, a, b [BT, BK] and c ([BT, BV] for a row coefficient, where every value row has its
+    own transform; else [BT, 1])."""
+    koff = base[:, None] * DK + cols[None, :]
+    q = tl.load(q_ptr + koff, mask=km2, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + koff, mask=km2, other=0.0).to(tl.float32)
+    bv = tl.load(b_ptr + koff, mask=km2, other=0.0).to(tl.float32)
+    if C_ROW:
+        cc = tl.load(c_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+    else:
+        cc = tl.load(c_ptr + base, mask=tm, other=0.0).to(tl.float32)[:, None]
+    return q, a, bv, cc
+
+
+@triton.jit
+def _row_decay_tiles(g_ptr, voff, vm):
+    """A row decay's chunk: b (fp64 cumulative log decay from the chunk start, [BT, BV]), b_L [BV], Γ = e^b and
+    dec = e^{b_L − b} ([BT, BV])."""
+    g = tl.load(g_ptr + voff, mask=vm, other=0.0).to(tl.float64)
+    G = tl.cumsum(g, axis=0)
+    GL = tl.sum(g, axis=0)
+    return G, GL, tl.exp(G.to(tl.float32)), tl.exp((GL[None, :] - G).to(tl.float32))
+
+
+@triton.jit
 def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, cu_ptr, T, H, DK, DV, NCK, SW, SE,
                      M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                      USE_H0: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr,
@@ -512,13 +537,7 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
         tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
         km2 = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
-        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-        if C_ROW:   # a row coefficient: every value row has its own transform
-            cc = tl.load(c_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)   # [BT, BV]
-        else:
-            cc = tl.load(c_ptr + base, mask=tm, other=0.0).to(tl.float32)[:, None]         # [BT, 1]
+        q, a, bv, cc = _delta_tiles(q_ptr, a_ptr, b_ptr, c_ptr, base, tm, rows, cols, km2, vm, DK, DV, C_ROW)
         if not G_ROW:   # none / scalar decay: one [BT, BT] decay matrix
             g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
             G = tl.cumsum(g, axis=0)                                      # fp64 cumulative log decay
@@ -552,11 +571,7 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
             o -= tl.dot(tl.dot(q, tl.trans(bv), input_precision=PREC) * Dinc, Dl, input_precision=PREC)
             S -= tl.dot(tl.trans(Dl * dec), bv, input_precision=PREC)
         else:           # row decay (d_v): every value row is its own scalar-decay delta rule
-            g = tl.load(g_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float64)
-            G = tl.cumsum(g, axis=0)                                  # [BT, BV] fp64
-            GL = tl.sum(g, axis=0)                                    # [BV]
-            gam = tl.exp(G.to(tl.float32))
-            dec = tl.exp((GL[None, :] - G).to(tl.float32))
+            G, GL, gam, dec = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)
             AB = tl.where(strict, tl.dot(a, tl.trans(bv), input_precision=PREC), 0.0)
             QB = tl.where(incl, tl.dot(q, tl.trans(bv), input_precision=PREC), 0.0)
             R = tl.dot(a, tl.trans(S), input_precision=PREC) * gam

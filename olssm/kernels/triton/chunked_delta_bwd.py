@@ -1,4 +1,5 @@
-"""Chunked backward of the delta-rule family with a scalar or row c and none / scalar decay (TRITON.md, "Backward").
+"""Chunked backward of the delta-rule family with a scalar or row c and none / scalar decay (TRITON.md, "Backward");
+row decays with corrections have their own kernel at the end (chunk_rowdecay_bwd_kernel).
 
 Forward, per chunk of BT tokens (b = cumulative log decay from the chunk start, Γ = e^b, Γ_L = e^{b_last},
 dec = Γ_L/Γ, D_ij = e^{b_i − b_j} for i ≥ j else 0, D_st its strictly lower part):
@@ -71,10 +72,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ...objectives.core import ROW
 from . import chunked as _ch
 from .chunked import (_c_row, _chunk_decay, _chunk_map, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
-                      _initial_tile, _precision, _sequence, _state_tile, _store_wt, _tokens, _ut_inverse,
-                      switch)
+                      _delta_tiles, _initial_tile, _precision, _row_decay_tiles, _sequence, _state_tile, _store_wt,
+                      _strict, _token_column, _tokens, _ut_inverse, switch)
 
 #: the delta family's backward (scalar or row c, none / scalar decay): "chunk" (the kernels of this module) or
 #: "recurrent" (the fused recurrent backward on the chunked forward's checkpoints, as before).
@@ -500,6 +502,172 @@ def chunk_rowc_bwd_value_kernel(q_ptr, w_ptr, g_ptr, a_ptr, c_ptr, do_ptr, dh_pt
               SW, SE, M, BT, BK, BV, PREC, KB)
 
 
+# --------------------------------------------------------------------------------------------
+# row decay (one γ per value row) with corrections: every value row is its own scalar-decay delta rule, with its
+# own pairwise decays e^{b_t − b_r} in every product, so one sequential kernel per (value block, sequence·head)
+# walks the chunks in reverse with the rows' decays as [BT, BV] tiles (the fused forward's row-decay path,
+# chunked.chunk_delta_fwd_kernel G_ROW, transposed). Per value row, with P = γ S_{t−1} a (the correction's
+# prediction), Δ = c ⊙ P and the totals dΔ (the backward substitution), dP = c ⊙ dΔ, dE_m:
+#   ∂b_t = dO_t O_t + dP_t P_t − Σ_m e_m,t dE_m,t − Δ_t dΔ_t   (+ Γ_L ⟨dS, S₀⟩ + Σ_t dec_t X_t at the chunk end,
+#          X = Σ_m e_m (W_m dSᵀ) − Δ (B dSᵀ))
+# every pairwise factor e^{b_t − b_r} puts t on the side of O or P (the rows that read the state) and r on the
+# side of e_m or Δ (what was written), Γ_t = e^{b_t} the former, dec_r = e^{b_L − b_r} the latter; with the
+# totals the dec terms cancel but for the chunk end's. Key-side gradients sum over the program's value rows
+# (partials over value blocks), with the pair matrices OE_m[t, r] = Σ_i dO_ti e_m,ri e^{b_ti − b_ri} (t ≥ r),
+# OD (Δ for e), RE_m, RD (dP for dO, r < t by tokens):
+#   dQ = (dO ⊙ Γ) S₀ + Σ_m OE_m W_m − OD B      dA = (dP ⊙ Γ) S₀ + Σ_m RE_m W_m − RD B
+#   dW_m = OE_mᵀ Q + RE_mᵀ A + (E_m ⊙ dec) dS   dB = −ODᵀ Q − RDᵀ A − (Δ ⊙ dec) dS
+#   dS₀ = Γ_L ⊙ dS + (dO ⊙ Γ)ᵀ Q + (dP ⊙ Γ)ᵀ A
+# Exact for any decay (one token column at a time, pairwise exponents ≤ 0, as chunked._token_column); no
+# factorised fast path (unmeasured on a GPU, like the forward it mirrors).
+
+@triton.jit
+def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr,
+                              dq_ptr, dw_ptr, de_ptr, dg_ptr, da_ptr, db_ptr, dc_ptr, dh0_ptr,
+                              T, H, DK, DV, NCK, SW, SE, TOKH, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                              BV: tl.constexpr, C_ROW: tl.constexpr, USE_DHT: tl.constexpr, VARLEN: tl.constexpr,
+                              PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1):
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_h = i_bh % H
+    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
+    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
+    tt = tl.arange(0, BT)
+    incl = tt[:, None] >= tt[None, :]
+    strict = _strict(tt, SUB)
+    dS = _initial_tile(dht_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_DHT)
+    nc = tl.cdiv(eos - bos, BT)
+    for cr in range(0, nc):
+        c = nc - 1 - cr
+        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
+        km2 = tm[:, None] & km[None, :]
+        vm = tm[:, None] & rm[None, :]
+        koff = base[:, None] * DK + cols[None, :]
+        voff = base[:, None] * DV + rows[None, :]
+        S0 = tl.load(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
+        q, a, bv, cc = _delta_tiles(q_ptr, a_ptr, b_ptr, c_ptr, base, tm, rows, cols, km2, vm, DK, DV, C_ROW)
+        do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+        G, GL, gam, dec = _row_decay_tiles(g_ptr, voff, vm)
+        glv = tl.exp(GL.to(tl.float32))
+        AB = tl.where(strict, tl.dot(a, tl.trans(bv), input_precision=PREC), 0.0)
+        QB = tl.where(incl, tl.dot(q, tl.trans(bv), input_precision=PREC), 0.0)
+        # the forward, recomputed from S₀: R' (prediction before the corrections), O without them, then P, Δ
+        Rp = tl.dot(a, tl.trans(S0), input_precision=PREC) * gam
+        o = tl.dot(q, tl.trans(S0), input_precision=PREC) * gam
+        for m in tl.static_range(M):
+            w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
+            e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
+            AW = tl.where(strict, tl.dot(a, tl.trans(w), input_precision=PREC), 0.0)
+            QW = tl.where(incl, tl.dot(q, tl.trans(w), input_precision=PREC), 0.0)
+            for j in range(0, BT):
+                sel, colj, ej, ex = _token_column(tt, j, e, G)
+                Rp += tl.sum(tl.where(colj, AW, 0.0), axis=1)[:, None] * ej[None, :] * ex
+                o += tl.sum(tl.where(colj, QW, 0.0), axis=1)[:, None] * ej[None, :] * ex
+        P = tl.zeros([BT, BV], dtype=tl.float32)
+        Dl = tl.zeros([BT, BV], dtype=tl.float32)
+        for s_ in range(0, BT):                                  # forward substitution: P_s = R'_s − Σ_r N_sr Δ_r
+            sel = (tt == s_)[:, None]
+            n_s = tl.sum(tl.where(sel, AB, 0.0), axis=0)
+            Gs = tl.sum(tl.where(sel, G, 0.0), axis=0)
+            ex = tl.exp(tl.where((tt < s_)[:, None], (Gs[None, :] - G).to(tl.float32), float("-inf")))
+            p_s = tl.sum(tl.where(sel, Rp, 0.0), axis=0) - tl.sum(n_s[:, None] * ex * Dl, axis=0)
+            P = tl.where(sel, p_s[None, :], P)
+            Dl = tl.where(sel, (tl.sum(tl.where(sel, cc, 0.0), axis=0) * p_s)[None, :], Dl)
+        # O's correction share; dΔ's local part −Σ_t D QB dO; then the backward substitution over the totals
+        BdS = tl.dot(bv, tl.trans(dS), input_precision=PREC)                             # B dSᵀ [BT, BV]
+        dd = -BdS * dec
+        for j in range(0, BT):
+            sel, colj, dj, ex = _token_column(tt, j, Dl, G)
+            qbj = tl.sum(tl.where(colj, QB, 0.0), axis=1)                                # QB[:, j]
+            o -= qbj[:, None] * dj[None, :] * ex
+            dd = tl.where(sel, dd - tl.sum(qbj[:, None] * ex * do, axis=0)[None, :], dd)
+        dD = tl.zeros([BT, BV], dtype=tl.float32)
+        for sr in range(0, BT):                                  # dΔ_r = dd_r − Σ_{s>r} N_sr c_s dΔ_s
+            r_ = BT - 1 - sr
+            sel, colj, ddr, ex = _token_column(tt, r_, dd, G)
+            abr = tl.sum(tl.where(colj, AB, 0.0), axis=1)                                # AB[:, r] (s > r)
+            x = ddr - tl.sum(abr[:, None] * ex * (cc * dD), axis=0)
+            dD = tl.where(sel, x[None, :], dD)
+        dP = cc * dD
+        if C_ROW:
+            tl.store(dc_ptr + voff, P * dD, mask=vm)
+        else:
+            tl.store(dc_ptr + i_v.to(tl.int64) * TOKH + base, tl.sum(P * dD, axis=1), mask=tm)
+        # the pair matrices of Δ (OD, RD), and per input term de_m, OE_m, RE_m and their key-side products
+        OD = tl.zeros([BT, BT], dtype=tl.float32)
+        RD = tl.zeros([BT, BT], dtype=tl.float32)
+        for j in range(0, BT):
+            sel, colj, dj, ex = _token_column(tt, j, Dl, G)
+            OD = tl.where(colj, tl.sum(do * dj[None, :] * ex, axis=1)[:, None], OD)
+            RD = tl.where(colj, tl.sum(dP * dj[None, :] * ex, axis=1)[:, None], RD)
+        RD = tl.where(strict, RD, 0.0)
+        dq = tl.dot(do * gam, S0, input_precision=PREC) - tl.dot(OD, bv, input_precision=PREC)
+        da = tl.dot(dP * gam, S0, input_precision=PREC) - tl.dot(RD, bv, input_precision=PREC)
+        db = (-tl.dot(tl.trans(OD), q, input_precision=PREC) - tl.dot(tl.trans(RD), a, input_precision=PREC)
+              - tl.dot(Dl * dec, dS, input_precision=PREC))
+        dbt = do * o + dP * P - Dl * dD                                                  # ∂b, [BT, BV]
+        XL = -tl.sum(Dl * BdS * dec, axis=0)                                             # Σ_t dec_t X_t, [BV]
+        for m in tl.static_range(M):
+            w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
+            e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
+            AW = tl.where(strict, tl.dot(a, tl.trans(w), input_precision=PREC), 0.0)
+            QW = tl.where(incl, tl.dot(q, tl.trans(w), input_precision=PREC), 0.0)
+            WdS = tl.dot(w, tl.trans(dS), input_precision=PREC)                          # W dSᵀ [BT, BV]
+            de = WdS * dec
+            OE = tl.zeros([BT, BT], dtype=tl.float32)
+            RE = tl.zeros([BT, BT], dtype=tl.float32)
+            for j in range(0, BT):
+                sel, colj, ej, ex = _token_column(tt, j, e, G)
+                qwj = tl.sum(tl.where(colj, QW, 0.0), axis=1)
+                awj = tl.sum(tl.where(colj, AW, 0.0), axis=1)
+                de = tl.where(sel, de + tl.sum((qwj[:, None] * do + awj[:, None] * dP) * ex, axis=0)[None, :], de)
+                OE = tl.where(colj, tl.sum(do * ej[None, :] * ex, axis=1)[:, None], OE)
+                RE = tl.where(colj, tl.sum(dP * ej[None, :] * ex, axis=1)[:, None], RE)
+            RE = tl.where(strict, RE, 0.0)
+            tl.store(de_ptr + m * SE + voff, de, mask=vm)
+            dq += tl.dot(OE, w, input_precision=PREC)
+            da += tl.dot(RE, w, input_precision=PREC)
+            dw = (tl.dot(tl.trans(OE), q, input_precision=PREC) + tl.dot(tl.trans(RE), a, input_precision=PREC)
+                  + tl.dot(e * dec, dS, input_precision=PREC))
+            tl.store(dw_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + koff, dw, mask=km2)
+            dbt -= e * de
+            XL += tl.sum(e * WdS * dec, axis=0)
+        tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + koff, dq, mask=km2)
+        tl.store(da_ptr + i_v.to(tl.int64) * TOKH * DK + koff, da, mask=km2)
+        tl.store(db_ptr + i_v.to(tl.int64) * TOKH * DK + koff, db, mask=km2)
+        dbt = tl.where((tt == BT - 1)[:, None], dbt + (glv * tl.sum(dS * S0, axis=1) + XL)[None, :], dbt)
+        tl.store(dg_ptr + voff, tl.sum(dbt, axis=0)[None, :] - tl.cumsum(dbt, axis=0) + dbt, mask=vm)
+        dS = (dS * glv[:, None] + tl.dot(tl.trans(do * gam), q, input_precision=PREC)
+              + tl.dot(tl.trans(dP * gam), a, input_precision=PREC))
+        dS = tl.where(m2, dS, 0.0)
+    tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
+
+
+def chunked_rowdecay_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, sub=1):
+    """chunked_delta_backward for a row decay ([B, T, H, d_v] log decay; c scalar or row): one sequential kernel."""
+    B, T, H, d_k, d_v, N, max_len, C = sizes
+    BK, BV = _ch._blocks(d_k, d_v)
+    NV = -(-d_v // BV)
+    q, w, e, g, a, b, c = chunk_in[:7]
+    M = w.shape[0]
+    c_row = _c_row(plan.rule.form)
+    dev = q.device
+    TOKH = B * T * H
+    z = dict(dtype=torch.float32, device=dev)
+    dq, da, db = (torch.zeros(NV, B, T, H, d_k, **z) for _ in range(3))
+    dw = torch.zeros(NV, M, B, T, H, d_k, **z)
+    de = torch.zeros(M, B, T, H, d_v, **z)
+    dg = torch.zeros(B, T, H, d_v, **z)
+    dc = torch.zeros(*((B, T, H, d_v) if c_row else (NV, B, T, H)), **z)
+    dh0 = torch.empty(N, H, d_v, d_k, **z)
+    chunk_rowdecay_bwd_kernel[(NV, N * H)](
+        q, w, e, g, a, b, c, do.contiguous(), dht.contiguous() if dht is not None else dh0, ck,
+        cu_seqlens if cu_seqlens is not None else dh0, dq, dw, de, dg, da, db, dc, dh0, T, H, d_k, d_v, ck.shape[2],
+        w[0].numel(), e[0].numel(), TOKH, M=M, BT=C, BK=BK, BV=BV, C_ROW=c_row, USE_DHT=dht is not None,
+        VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), SUB=sub, **_ch._launch_opts())
+    return [dq.sum(0), dw.sum(0), de, dg, da.sum(0), db.sum(0), dc if c_row else dc.sum(0)], dh0
+
+
 def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, sub=1):
     """chunked_delta_backward for a row c ([B, T, H, d_v]); ∂c has c's shape."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
@@ -571,6 +739,8 @@ def chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, 
 
 
 def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=None, sub=1):
+    if plan.rule.form.decay_kind == ROW:
+        return chunked_rowdecay_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, sub)
     if _c_row(plan.rule.form):
         return chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, sub)
     B, T, H, d_k, d_v, N, max_len, C = sizes

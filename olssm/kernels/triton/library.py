@@ -389,7 +389,7 @@ FORCE = None
 #: tokens per chunk of the chunked kernels (also the backward's checkpoint interval on that path)
 CHUNK = 32
 #: the chunked backward kernels (none / scalar / row / column decay without corrections; the delta family with
-#: scalar or row c and none / scalar decay, see chunked_delta_bwd.DELTA_BACKWARD / ROW_C_BACKWARD): "auto" uses them
+#: scalar or row c and none / scalar / row decay, see chunked_delta_bwd.DELTA_BACKWARD / ROW_C_BACKWARD): "auto" uses them
 #: when the rule has no decay or its log decay has a closed form (Mamba-2: Δ·a), so that the chain
 #: rule never divides by Λ (∂Λ = ∂logΛ / Λ loses ~eps/Λ relative accuracy: 1e-3 at Λ = 1e-4);
 #: True: whenever the structure allows; False: always the recurrent backward on the chunked
