@@ -365,19 +365,23 @@ def test_exact_engine_chunked_h_equals_token_loop(decay):
     """Exact rules: on a CPU the chunk backend forms H_t and x_t = (H_t + diag λ)⁻¹ q_t token by token
     (faster there); other devices use chunked prefix sums of H (CHUNK.md §4). Both forms must give the
     same o, final (G, H) and gradients (fp64, 1e-10), with T = 37 across chunks of 8 / H-chunks of 16."""
-    from olssm.kernels.chunk import _exact_engine
+    from olssm.kernels.chunk import Gram, _exact_engine
     g = torch.Generator().manual_seed(11)
     B, T, H, K, V = 2, 37, 2, 4, 3
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
-    u = r(B, T, H, 1, K)
-    leaves = dict(X=(u.transpose(-1, -2) * u).requires_grad_(), ridge=(r(1, 1, H, 1, K).abs() + 0.5).requires_grad_(),
+    # H's update in factors, X_t = R u wᵀ + diag δ with u ≠ w (a non-symmetric H: A⁻ᵀ in the loop's adjoint)
+    leaves = dict(R=(r(B, T, H, 1, 1).abs() + 0.1).requires_grad_(), u=r(B, T, H, 1, K).requires_grad_(),
+                  uw=r(B, T, H, 1, K).requires_grad_(), delta=(r(1, 1, H, 1, K).abs() + 0.2).requires_grad_(),
+                  ridge=(r(1, 1, H, 1, K).abs() + 0.5).requires_grad_(),
                   q=r(B, T, H, 1, K).requires_grad_(), e=r(B, T, H, V, 1).requires_grad_(),
                   w=r(B, T, H, 1, K).requires_grad_(),
                   logd=(-torch.rand(B, T, H, 1, 1, generator=g, dtype=torch.float64)).requires_grad_())
-    S0 = (r(B, H, V, K), torch.eye(K, dtype=torch.float64).expand(B, H, K, K).clone())
+    S0 = (r(B, H, V, K), (torch.eye(K, dtype=torch.float64) * 3).expand(B, H, K, K).clone())
+    full = lambda x: torch.broadcast_to(x, (B, T, H, *x.shape[-2:]))
+    X = Gram([(leaves["R"], leaves["u"], leaves["uw"])], full(leaves["delta"]))
     outs = []
     for h_loop in (False, True):
-        o, (G, Hf) = _exact_engine(leaves["logd"] if decay else None, leaves["X"], leaves["ridge"],
+        o, (G, Hf) = _exact_engine(leaves["logd"] if decay else None, X, leaves["ridge"],
                                    [(leaves["e"], leaves["w"])], leaves["q"], S0, 8, h_loop=h_loop)
         names = [n for n in leaves if decay or n != "logd"]
         grads = torch.autograd.grad(o.sin().sum() + G.cos().sum() + Hf.square().sum(), [leaves[n] for n in names])

@@ -214,7 +214,7 @@ def test_rls_gain_scan_adjoint(varlen, monkeypatch):
     assert torch.autograd.gradcheck(lambda *x: rls.torch_gain_scan(*x, cu_seqlens=cu), (u, gamma, R, P0))
 
 
-@pytest.mark.parametrize("name", ["longhorn", "rls"])
+@pytest.mark.parametrize("name", ["longhorn", "rls", "decayed_least_squares"])
 def test_second_derivative_raises(name):
     """The hand-written backwards are first-order only: a gradient penalty through them must raise,
     not return second-order terms of zero."""
@@ -224,3 +224,29 @@ def test_second_derivative_raises(name):
     (g,) = torch.autograd.grad(o.square().sum(), [inp["k"]], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_exact_x_loop_gradcheck(decay):
+    """The exact rules' CPU token loop (x_t = (H_t + diag λ_t)⁻¹ q_t, H_t = γ_t H_{t−1} + R u wᵀ + diag δ, X kept in
+    its factors) with its written-out adjoint, against finite differences (fp64): blocks of 3 over T = 7 (a
+    partial last block), broadcast ridge, δ and decay, u ≠ w (a non-symmetric H: A⁻ᵀ in the adjoint matters),
+    two Gram terms, every input and H0."""
+    from olssm.kernels.recurrent import exact_x_loop
+    g = torch.Generator().manual_seed(5)
+    B, T, H, K = 2, 7, 1, 3
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    terms = [((r(B, T, H, 1, 1).abs() + 0.1).requires_grad_(), (0.5 * r(B, T, H, 1, K)).requires_grad_(),
+              (0.5 * r(B, T, H, 1, K)).requires_grad_()) for _ in range(2)]
+    delta = (r(1, 1, H, 1, K).abs() + 0.1).requires_grad_()
+    ridge = (r(1, 1, H, 1, K).abs() + 1.0).requires_grad_()
+    q = r(B, T, H, 1, K).requires_grad_()
+    H0 = (torch.eye(K, dtype=torch.float64) + 0.1 * r(B, H, K, K)).requires_grad_()
+    gam = (0.5 + 0.5 * torch.rand(B, 1, H, 1, 1, generator=g, dtype=torch.float64)).requires_grad_()
+    flat = [f for term in terms for f in term]
+    ins = [delta, ridge, q, H0, *flat] + ([gam] if decay else [])
+
+    def f(delta, ridge, q, H0, *rest):
+        fs, gg = (rest[:-1], rest[-1]) if decay else (rest, None)
+        return exact_x_loop(gg, [fs[0:3], fs[3:6]], delta, ridge, q, H0, 3)
+    assert torch.autograd.gradcheck(f, ins, atol=1e-8, rtol=1e-6)

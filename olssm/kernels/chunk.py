@@ -20,6 +20,7 @@ loop with a hand-written adjoint (CHUNK.md §5); the unchunkable ones say so wit
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -28,7 +29,7 @@ import sympy as sp
 import torch
 
 from ..derive.rule import ExactForm, NormalForm, closed_form_log, evaluator
-from .recurrent import Plan, recurrent_scan, view_key
+from .recurrent import Plan, exact_x_loop, recurrent_scan, view_key
 
 # log of a decay is clamped here so that an exact 0 decay (a reset) stays finite; exp of the
 # clamped cumulative sums underflows to 0 as it should (see CHUNK.md, "zero decays").
@@ -348,28 +349,42 @@ def _loop_engine(decay, ins, q, S0, C):
     return o.reshape(B, H, Tp, V)[:, :, :T].transpose(1, 2), S
 
 
+@dataclasses.dataclass
+class Gram:
+    """H's per-token update X_t = Σ_r R_r u_r w_rᵀ + diag δ of an exact rule, in its factors ([B, T, H, ·, ·]
+    views: R [.., 1, 1], u, w, δ [.., 1, K]; δ None when absent). The token loop never forms X; the chunked form
+    does (full)."""
+    terms: list
+    diag: object = None
+
+    def full(self, K: int):
+        """X [B, T, H, K, K]."""
+        parts = [(R * u.mT) * w for R, u, w in self.terms]
+        if self.diag is not None:
+            parts.append(torch.diag_embed(self.diag[..., 0, :]))
+        return functools.reduce(torch.add, parts)
+
+    def map(self, fn):
+        return Gram([tuple(fn(x) for x in term) for term in self.terms], None if self.diag is None else fn(self.diag))
+
+
 def _exact_x_loop(logd, X, ridge, qr, H0):
     """x_t = (H_t + diag λ_t)⁻¹ q_t with H_t = γ_t H_{t-1} + X_t token by token (the CPU form of the
-    exact engine's first half, CHUNK.md §4): x [B, T, H, K, 1] and H_T."""
+    exact engine's first half, CHUNK.md §4): x [B, T, H, K, 1] and H_T, through the recurrent module's
+    written-out adjoint (X kept in its factors, LU factors kept for the backward, H recomputed per
+    RECURRENT_BLOCK tokens)."""
     B, T, Hh = qr.shape[:3]
     K = H0.shape[-1]
-    per_token = lambda x, shape: torch.broadcast_to(x, shape).unbind(1)
-    Xs = per_token(X, (B, T, Hh, K, K))
-    gs = per_token(torch.exp(logd), (B, T, Hh, 1, 1)) if logd is not None else [None] * T
-    rs = per_token(ridge, (B, T, Hh, 1, K))
-    qs = per_token(qr, (B, T, Hh, 1, K))
-    H, xs = H0, []
-    for Xt, gt, rt, qt in zip(Xs, gs, rs, qs):
-        H = Xt + (H if gt is None else gt * H)
-        xs.append(torch.linalg.solve(H + torch.diag_embed(rt[..., 0, :]), qt.mT))
-    return torch.stack(xs, 1), H
+    return exact_x_loop(torch.exp(logd) if logd is not None else None, X.terms, X.diag, ridge,
+                        torch.broadcast_to(qr, (B, T, Hh, 1, K)), H0, RECURRENT_BLOCK)
 
 
 def _exact_engine(logd, X, ridge, ins, qr, S0, C, g_engine=None, h_loop=False):
     """Exact rules: H_t by chunked decayed prefix sums, x_t = (H_t + diag λ)⁻¹ q_t, G by the
     linear engine with query x_t (CHUNK.md §4) — or by g_engine(logd, ins, x, G0) -> (o, G_T)
-    (backend="triton" passes the generated kernels' scan there). h_loop: H and x token by token
-    (_exact_x_loop; faster on a CPU, where the chunked form's passes over T·d_k² elements dominate)."""
+    (backend="triton" passes the generated kernels' scan there). X: H's update, a Gram (its factors) or, for
+    the chunked form only, a full [B, T, H, K, K] tensor. h_loop: H and x token by token (_exact_x_loop;
+    faster on a CPU, where the chunked form's passes over T·d_k² elements dominate)."""
     G0, H0 = S0
     B, T, Hh = qr.shape[:3]
     K = H0.shape[-1]
@@ -378,6 +393,7 @@ def _exact_engine(logd, X, ridge, ins, qr, S0, C, g_engine=None, h_loop=False):
         x, Hst = _exact_x_loop(logd, X, ridge, qr, H0)
         o, Gf = _linear_engine(logd, [], ins, x.transpose(-1, -2), G0, C)
         return o, (Gf, Hst)
+    X = X.full(K) if isinstance(X, Gram) else X
     # H's prefix sums in chunks of at most EXACT_H_CHUNK tokens: their pairwise form costs T·C·d_k² (64×
     # the T·d_k² of H itself at C = 64), and the sequential pass over chunk states is cheap
     CH = min(C, EXACT_H_CHUNK)
@@ -526,11 +542,12 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
     if recurrent:
         pass
     elif exact:
-        terms = [(ev[f"R{r}"] * ev[f"u{r}"].transpose(-1, -2)) * ev[f"uw{r}"] for r in range(len(form.gram))]
-        X = functools.reduce(torch.add, terms) if terms else torch.zeros((), dtype=dt, device=args.device)
-        if form.gram_diag != 0:
-            X = X + torch.diag_embed(torch.broadcast_to(ev["gram_diag"], (B, T, H, 1, K))[..., 0, :])
-        X = torch.broadcast_to(X, (B, T, H, K, K))
+        full = lambda x, c: torch.broadcast_to(x, (B, T, H, *c))      # views: cut() slices B and T
+        X = Gram([(full(ev[f"R{r}"], (1, 1)), full(ev[f"u{r}"], (1, K)), full(ev[f"uw{r}"], (1, K)))
+                  for r in range(len(form.gram))],
+                 full(ev["gram_diag"], (1, K)) if form.gram_diag != 0 else None)
+        if not X.terms and X.diag is None:   # no Gram update at all: H stays its initial value
+            X = Gram([], torch.zeros(B, T, H, 1, K, dtype=dt, device=args.device))
         ins = [(ev[f"e{m}"], ev[f"w{m}"]) for m in range(len(form.moments))]
     else:
         corrs = [(ev[f"c{r}"], ev[f"a{r}"], ev[f"b{r}"]) for r in range(len(form.corrections))]
@@ -558,7 +575,7 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
         C = min(chunk_size, t1 - t0)
         ld = None if logd is None else cut(logd)
         if exact:
-            return _exact_engine(ld, cut(X), cut(ev["ridge"]), [(cut(e), cut(w)) for e, w in ins],
+            return _exact_engine(ld, X.map(cut), cut(ev["ridge"]), [(cut(e), cut(w)) for e, w in ins],
                                  cut(ev["q"]), S0, C, g_engine, h_loop=args.device.type == "cpu" and g_engine is None)
         if engine == "loop":
             return _loop_engine(None if none_decay else cut(ev["decay"]), [(cut(e), cut(w)) for e, w in ins],

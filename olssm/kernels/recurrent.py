@@ -252,3 +252,114 @@ def recurrent_scan(plan, tokens, params, S0, block):
     if plan.T == 0:
         return S0.new_zeros(plan.B, 0, plan.H, plan.V), S0
     return _RecurrentScan.apply(plan, block, names, frozenset(tokens), S0, *tokens.values(), *params.values())
+
+
+class _ExactXLoop(torch.autograd.Function):
+    """x_t = (H_t + diag λ_t)⁻¹ q_t with H_t = γ_t H_{t−1} + X_t, X_t = Σ_r R_r u_r w_rᵀ + diag δ, token by token with
+    the adjoint written out (CHUNK.md §4). X is kept in its factors: a full [B, T, H, d_k, d_k] X and its gradient
+    would be 2·T·d_k² per head. H is recurrent, but given a block's states the systems are independent: per block
+    of `block` tokens the states are formed one after the other, then the block's systems are factorised and
+    solved in one batched call; the LU factors are kept (T·d_k² per head, what autograd through a solve keeps)
+    for the backward's transposed solves, and H is checkpointed per block and recomputed there (for ∂γ).
+    With A_t = H_t + diag λ_t, y_t = A_t⁻ᵀ ∂x_t and G the gradient of H_t (the later tokens' γ_{t+1} G_{t+1} and
+    the final H's):
+
+        ∂q_t = y_tᵀ    G += −y_t x_tᵀ    ∂λ_t = −y_t ⊙ x_t    ∂γ_t = ⟨G, H_{t−1}⟩    G ← γ_t G (after)
+        ∂R_r = u_rᵀ G w_r    ∂u_r = R_r G w_r    ∂w_r = R_r Gᵀ u_r    ∂δ = diag G
+
+    Autograd through the loop keeps every H_t, H_t + diag λ_t, LU factor and X_t (MesaNet at T = 2048, d_k = 64,
+    B·H = 8: 2.2 GB). First derivatives only."""
+
+    @staticmethod
+    def _states(Hbuf, H_prev, t0, gt, diag, terms):
+        """Hbuf[i] = H of token t0 + i, from H_prev (the state before the block)."""
+        for i in range(Hbuf.shape[0]):
+            t = t0 + i
+            prev = H_prev if i == 0 else Hbuf[i - 1]
+            h = Hbuf[i]
+            if gt is None:
+                h.copy_(prev)
+            else:
+                torch.mul(prev, gt[t], out=h)
+            for R, u, w in terms:
+                h.addcmul_(u[t].mT * R[t], w[t])
+            if diag is not None:
+                h.diagonal(dim1=-2, dim2=-1).add_(diag[t][..., 0, :])
+        return Hbuf
+
+    @staticmethod
+    def forward(ctx, block, gam, ridge, q, H0, diag, *factors):
+        B, T, Hh, _, K = q.shape
+        tm = lambda v, c: None if v is None else torch.broadcast_to(v, (B, T, Hh, *c)).transpose(0, 1)  # [T, B, H, ·]
+        terms = [(tm(R, (1, 1)), tm(u, (1, K)), tm(w, (1, K))) for R, u, w in zip(*[iter(factors)] * 3)]
+        gt, lam, qt, dg = tm(gam, (1, 1)), tm(ridge, (1, K)), tm(q, (1, K)), tm(diag, (1, K))
+        x = q.new_empty(T, B, Hh, K, 1)
+        LU = q.new_empty(T, B, Hh, K, K)
+        piv = torch.empty(T, B, Hh, K, dtype=torch.int32, device=q.device)
+        cks = q.new_empty(-(-T // block), B, Hh, K, K)
+        H = H0.detach().to(q.dtype)
+        for i, t0 in enumerate(range(0, T, block)):
+            t1 = min(T, t0 + block)
+            cks[i] = H
+            Hb = _ExactXLoop._states(LU[t0:t1], H, t0, gt, dg, terms)          # the states, in LU's storage
+            H = Hb[-1].clone()
+            Hb.diagonal(dim1=-2, dim2=-1).add_(lam[t0:t1][..., 0, :])         # A = H + diag λ, in place
+            lu, pv, _ = torch.linalg.lu_factor_ex(Hb)
+            LU[t0:t1], piv[t0:t1] = lu, pv
+            x[t0:t1] = torch.linalg.lu_solve(lu, pv, qt[t0:t1].mT)
+        ctx.block, ctx.n = block, len(terms)
+        ctx.shapes = [None if v is None else v.shape for v in (gam, ridge, q, H0, diag, *factors)]
+        ctx.save_for_backward(gam, diag, x, LU, piv, cks, *factors)
+        return x.transpose(0, 1), H
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable      # a second derivative raises instead of being silently 0
+    def backward(ctx, dx, dHT):
+        gam, diag, x, LU, piv, cks, *factors = ctx.saved_tensors
+        block = ctx.block
+        T, B, Hh, K, _ = x.shape
+        need = ctx.needs_input_grad
+        need_g, need_l, need_q, need_h0, need_d = need[1:6]
+        tm = lambda v, c: None if v is None else torch.broadcast_to(v, (B, T, Hh, *c)).transpose(0, 1)
+        terms = [(tm(R, (1, 1)), tm(u, (1, K)), tm(w, (1, K))) for R, u, w in zip(*[iter(factors)] * 3)]
+        gt, dg = tm(gam, (1, 1)), tm(diag, (1, K))
+        dx = torch.zeros_like(x) if dx is None else dx.transpose(0, 1)
+        Y = torch.linalg.lu_solve(LU, piv, dx, adjoint=True)                  # A_t⁻ᵀ ∂x_t, all tokens at once
+        G = torch.zeros_like(cks[0]) if dHT is None else dHT.to(x.dtype).clone()
+        dgam = x.new_zeros(T, B, Hh, 1, 1) if need_g and gam is not None else None
+        ddiag = x.new_empty(T, B, Hh, 1, K) if need_d and diag is not None else None
+        dterms = [[x.new_empty(T, B, Hh, 1, 1), x.new_empty(T, B, Hh, 1, K), x.new_empty(T, B, Hh, 1, K)]
+                  for _ in terms]
+        Hbuf = x.new_empty(block, B, Hh, K, K) if dgam is not None else None
+        for i in reversed(range(cks.shape[0])):
+            t0, t1 = i * block, min(T, (i + 1) * block)
+            Hb = _ExactXLoop._states(Hbuf[:t1 - t0], cks[i], t0, gt, dg, terms) if dgam is not None else None
+            for t in reversed(range(t0, t1)):
+                G.sub_(Y[t] @ x[t].mT)
+                for (R, u, w), (dR, du, dw) in zip(terms, dterms):
+                    Gw = G @ w[t].mT                                           # [B, H, K, 1]
+                    torch.mul(u[t] @ Gw, 1.0, out=dR[t])
+                    torch.mul(Gw.mT, R[t], out=du[t])
+                    torch.mul(u[t] @ G, R[t], out=dw[t])
+                if ddiag is not None:
+                    ddiag[t] = G.diagonal(dim1=-2, dim2=-1).unsqueeze(-2)
+                if gt is not None:
+                    if dgam is not None:
+                        dgam[t] = (G * (Hb[t - t0 - 1] if t > t0 else cks[i])).sum((-2, -1), keepdim=True)
+                    G.mul_(gt[t])
+        sg, sl, sq, sh, sd, *sf = ctx.shapes
+        out = lambda v, shape: v.transpose(0, 1).sum_to_size(shape)
+        df = []
+        for r, (dR, du, dw) in enumerate(dterms):
+            df += [out(dR, sf[3 * r]) if need[6 + 3 * r] else None, out(du, sf[3 * r + 1]) if need[7 + 3 * r] else None,
+                   out(dw, sf[3 * r + 2]) if need[8 + 3 * r] else None]
+        return (None, out(dgam, sg) if dgam is not None else None, out(-(Y * x).mT, sl) if need_l else None,
+                out(Y.mT, sq) if need_q else None, G.to(dx.dtype) if need_h0 else None,
+                out(ddiag, sd) if ddiag is not None else None, *df)
+
+
+def exact_x_loop(gam, terms, diag, ridge, q, H0, block: int):
+    """x [B, T, H, K, 1] and H_T for x_t = (H_t + diag λ_t)⁻¹ q_t, H_t = γ_t H_{t−1} + Σ_r R_r u_rᵀ w_r + diag δ (γ, δ
+    None: absent); terms [(R [.., 1, 1], u [.., 1, K], w [.., 1, K])], δ, λ (ridge), q per token [B, T, H, 1, ·]
+    (broadcastable), H0 [B, H, K, K]. _ExactXLoop: a token loop with a written-out backward."""
+    return _ExactXLoop.apply(block, gam, ridge, q, H0, diag, *[f for term in terms for f in term])
