@@ -670,3 +670,28 @@ def test_row_decay_corrections_log_space_auto_varlen_strong(rowdecay_calls):
     g = _compare(rule, inp, h0, cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)))
     assert len(rowdecay_calls) == 1 and g["h0"][1].abs().max() > 0
     assert all(torch.isfinite(x).all() for x in g.values())
+
+
+def test_gated_deltanet_layer_trains_through_the_chunked_backward(calls, monkeypatch):
+    # the layer hands its decay over in log space (Rule.with_log_decays), so under "auto" a Gated DeltaNet layer's
+    # backward is the chunked one (the catalogue rule, reading α raw, keeps the recurrent one: test_auto_policy);
+    # the layer's output and every parameter gradient equal the chunk backend's
+    from olssm.layers.presets import GatedDeltaNet
+    monkeypatch.setattr(tlib, "FORCE", None)
+    torch.manual_seed(0)
+    layer = GatedDeltaNet(16, n_heads=2, d_k=4, d_v=4, expand_v=1.0)
+    assert layer.rule.inputs["alpha"].domain == "log_decay"
+    x = torch.randn(1, 40, 16)
+    outs = []
+    for backend, dev in (("triton", _DEVICE), ("chunk", "cpu")):
+        layer.to(dev)
+        layer.backend = backend
+        layer.zero_grad()
+        y = layer(x.to(dev))
+        (y.float() * torch.linspace(-1, 1, y.shape[-1], device=y.device)).sum().backward()
+        outs.append((y.detach().cpu(), {n: p.grad.detach().cpu().clone() for n, p in layer.named_parameters()}))
+    assert len(calls) == 1
+    (y1, g1), (y2, g2) = outs
+    _close(y1, y2, RTOL, "layer output")
+    for n in g2:   # weight gradients sum 40 tokens' products through the projections and norms: 1e-4 of the max
+        _close(g1[n], g2[n], 1e-4, f"d{n}")
