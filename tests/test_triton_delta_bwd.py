@@ -441,7 +441,8 @@ def test_opcheck_and_torch_compile(name, dtype, ck, calls, monkeypatch):
 # ---- CHUNK_STORAGE = "input": bf16 chunk tensors through rule.scan ----------------------------------------
 
 @pytest.mark.parametrize("name, forward", [("deltanet", "split"), ("deltanet", "fused"), ("gated_deltanet", "split"),
-                                           ("gated_deltanet", "fused"), ("longhorn", "fused"), ("two_term", "split")])
+                                           ("gated_deltanet", "fused"), ("longhorn", "fused"), ("two_term", "split"),
+                                           ("two_keys", "split"), ("row_decay_delta", "fused")])
 def test_chunk_storage_input_matches_fp32(name, forward, calls, monkeypatch):
     # the split (prep / state / out) or fused forward and the chunked backward (scalar c: prep / state / value /
     # key; Longhorn's row c: its own prep / state / value and the key kernel) on bf16 chunk tensors against the
@@ -450,11 +451,12 @@ def test_chunk_storage_input_matches_fp32(name, forward, calls, monkeypatch):
     monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")            # Gated DeltaNet: log α has no closed form
     monkeypatch.setattr(tchunk, "DELTA_FORWARD", forward)
     split = spy(monkeypatch, tchunk, "_delta_split_forward")
-    rule = _two_term_rule() if name == "two_term" else ENTRIES[name].rule
+    rule = {"two_term": _two_term_rule, "two_keys": lambda: olssm.catalogue.rule("two_keys"),   # rank 2 (sub-tokens)
+            "row_decay_delta": lambda: _row_decay_delta("row c")}.get(name, lambda: ENTRIES[name].rule)()
     inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=45)
     h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(45))
     _compare_storage(rule, inp, h0, monkeypatch)
-    assert len(calls) == 2 and len(split) == (2 if forward == "split" else 0)
+    assert len(calls) == 2 and len(split) == (2 if forward == "split" and name != "row_decay_delta" else 0)
 
 
 # ---- CHECKPOINT_STORAGE = "input": bf16 checkpoints ck ----------------------------------------------------
