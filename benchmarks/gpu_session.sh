@@ -7,8 +7,8 @@
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
 #   tests        the Triton test files with compiled kernels (no interpreter), 8 workers
-#   delta64      (4, 2048, 16, 64) bf16: DeltaNet, Gated DeltaNet, Longhorn, RLS, a two-key rule (rank-2
-#                corrections, derived: no catalogue entry) — split vs fused forward,
+#   delta64      (4, 2048, 16, 64) bf16: DeltaNet, Gated DeltaNet, Longhorn, RLS, derived rules (two_keys: rank-2
+#                corrections; longhorn_forget: a row decay with a row c) — split vs fused forward,
 #                chunked vs recurrent backward, the autotuner's row, fla's kernels
 #   diag64       (4, 2048, 16, 64) bf16: GLA, linear attention, RetNet, Mamba-2, Mamba, Longhorn-diag —
 #                block scan vs token loop, chunked, the autotuner's row, fla's recurrent GLA
@@ -45,7 +45,7 @@ case $stage in
     delta64)
         with_fla
         timeout 570 "${bench[@]}" --B 4 --T 2048 --H 16 --dk 64 --dv 64 --delta-forward both --delta-backward both \
-            --rules deltanet,gated_deltanet,longhorn,rls,two_keys 2>&1 | tee "$out/delta64.txt" ;;
+            --rules deltanet,gated_deltanet,longhorn,rls,two_keys,longhorn_forget 2>&1 | tee "$out/delta64.txt" ;;
     diag64)
         with_fla
         timeout 570 "${bench[@]}" --B 4 --T 2048 --H 16 --dk 64 --dv 64 --pscan both \

@@ -206,9 +206,17 @@ def _two_keys():
     return O.Objective(loss, update="explicit", decay=O.scalar("alpha", domain="decay"), name="two-key gated delta")
 
 
+def _longhorn_forget():
+    S, Sp = O.states()
+    return O.Objective(O.sqnorm(S - O.diag(O.row("r", domain="decay")) @ Sp) / 2
+                       + O.sqnorm(S @ O.key("k") - O.value("v"), weight=O.row("beta", domain="unit")) / 2,
+                       name="Longhorn with a per-channel forget gate")
+
+
 #: objectives no paper names, derived here to exercise (and benchmark) the generic path: their rules have
-#: structures no catalogue entry has (two_keys: one gradient step on two gated regressions, rank-2 corrections)
-DERIVED = {"two_keys": _two_keys}
+#: structures no catalogue entry has (two_keys: one gradient step on two gated regressions, rank-2 corrections;
+#: longhorn_forget: Longhorn's implicit update from a forgotten copy diag(r) S_{t−1}, a row decay with a row c)
+DERIVED = {"two_keys": _two_keys, "longhorn_forget": _longhorn_forget}
 
 
 @functools.lru_cache(maxsize=None)

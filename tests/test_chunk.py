@@ -264,8 +264,9 @@ def test_custom_objectives(mode, dkind, terms, T, chunk, d_k, d_v, with_init, se
 
 
 @pytest.mark.parametrize("name", list(cat.DERIVED))
-def test_derived_rank_r_rules_default_chunk(name):
-    # rank-R rules run chunks of chunk_size // R tokens (here 64 → 32): T = 75 spans three of them
+def test_derived_rules_default_chunk(name):
+    # rank-R rules run chunks of chunk_size // R tokens (here 64 → 32): T = 75 spans three of them; a row decay
+    # with a row c runs the CPU recurrent engine
     rule = cat.rule(name)
     inp = cat.random_inputs(rule, 2, 75, 2, 6, 5, seed=8)
     _compare(rule, inp, tol=TOL32, init=_init(rule, 2, 2, 6, 5, torch.float32), chunk_size=64, what=name)

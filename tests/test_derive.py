@@ -213,6 +213,7 @@ def test_derived_examples_verify():
     for name, make in catalogue.DERIVED.items():
         rep = olssm.verify(make(), steps=5, d_k=5, d_v=3)
         assert rep.ok, (name, str(rep))
-        assert catalogue.rule(name).form.rank == 2
+    assert catalogue.rule("two_keys").form.rank == 2
+    assert catalogue.rule("longhorn_forget").decay_kind == "row"
     with pytest.raises(KeyError, match="two_keys"):
         catalogue.rule("nope")
