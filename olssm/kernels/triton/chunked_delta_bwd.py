@@ -76,7 +76,7 @@ from ...objectives.core import ROW
 from . import chunked as _ch
 from .chunked import (_c_row, _chunk_decay, _chunk_map, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
                       _delta_tiles, _initial_tile, _precision, _row_decay_tiles, _sequence, _state_tile, _store_wt,
-                      _strict, _token_column, _tokens, _ut_inverse, switch)
+                      _strict, _token_column, _tokens, _ut_inverse, FAST_SPAN, switch)
 
 #: the delta family's backward (scalar or row c, none / scalar decay): "chunk" (the kernels of this module) or
 #: "recurrent" (the fused recurrent backward on the chunked forward's checkpoints, as before).
@@ -518,8 +518,9 @@ def chunk_rowc_bwd_value_kernel(q_ptr, w_ptr, g_ptr, a_ptr, c_ptr, do_ptr, dh_pt
 #   dQ = (dO ⊙ Γ) S₀ + Σ_m OE_m W_m − OD B      dA = (dP ⊙ Γ) S₀ + Σ_m RE_m W_m − RD B
 #   dW_m = OE_mᵀ Q + RE_mᵀ A + (E_m ⊙ dec) dS   dB = −ODᵀ Q − RDᵀ A − (Δ ⊙ dec) dS
 #   dS₀ = Γ_L ⊙ dS + (dO ⊙ Γ)ᵀ Q + (dP ⊙ Γ)ᵀ A
-# Exact for any decay (one token column at a time, pairwise exponents ≤ 0, as chunked._token_column); no
-# factorised fast path (unmeasured on a GPU, like the forward it mirrors).
+# Chunks whose total log decay is > −FAST_SPAN in every row form each pair product as one dot, with the chunk's
+# half-way factorisation e^{b_t − b_r} = e^{x_t}·e^{−x_r} (chunked's module docstring); the others one token column
+# at a time with the pairwise exponent (≤ 0), exact for any decay. The two substitutions stay token loops.
 
 @triton.jit
 def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr,
@@ -552,6 +553,11 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
         AB = tl.where(strict, tl.dot(a, tl.trans(bv), input_precision=PREC), 0.0)
         QB = tl.where(incl, tl.dot(q, tl.trans(bv), input_precision=PREC), 0.0)
         # the forward, recomputed from S₀: R' (prediction before the corrections), O without them, then P, Δ
+        # fast: every row's chunk total log decay > −FAST_SPAN, so e^{b_t − b_r} = e^{x_t}·e^{−x_r} with x = b − b_L/2
+        # (|x| ≤ FAST_SPAN/2, chunked's module docstring) and each pair product below is one dot; else one token
+        # column at a time with the pairwise exponent
+        fast = tl.min(GL, axis=0) > -FAST_SPAN
+        xh = (G - 0.5 * GL[None, :]).to(tl.float32)
         Rp = tl.dot(a, tl.trans(S0), input_precision=PREC) * gam
         o = tl.dot(q, tl.trans(S0), input_precision=PREC) * gam
         for m in tl.static_range(M):
@@ -559,10 +565,15 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
             e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
             AW = tl.where(strict, tl.dot(a, tl.trans(w), input_precision=PREC), 0.0)
             QW = tl.where(incl, tl.dot(q, tl.trans(w), input_precision=PREC), 0.0)
-            for j in range(0, BT):
-                sel, colj, ej, ex = _token_column(tt, j, e, G)
-                Rp += tl.sum(tl.where(colj, AW, 0.0), axis=1)[:, None] * ej[None, :] * ex
-                o += tl.sum(tl.where(colj, QW, 0.0), axis=1)[:, None] * ej[None, :] * ex
+            if fast:
+                ex_ = e * tl.exp(-xh)
+                Rp += tl.dot(AW, ex_, input_precision=PREC) * tl.exp(xh)
+                o += tl.dot(QW, ex_, input_precision=PREC) * tl.exp(xh)
+            else:
+                for j in range(0, BT):
+                    sel, colj, ej, ex = _token_column(tt, j, e, G)
+                    Rp += tl.sum(tl.where(colj, AW, 0.0), axis=1)[:, None] * ej[None, :] * ex
+                    o += tl.sum(tl.where(colj, QW, 0.0), axis=1)[:, None] * ej[None, :] * ex
         P = tl.zeros([BT, BV], dtype=tl.float32)
         Dl = tl.zeros([BT, BV], dtype=tl.float32)
         for s_ in range(0, BT):                                  # forward substitution: P_s = R'_s − Σ_r N_sr Δ_r
@@ -576,11 +587,15 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
         # O's correction share; dΔ's local part −Σ_t D QB dO; then the backward substitution over the totals
         BdS = tl.dot(bv, tl.trans(dS), input_precision=PREC)                             # B dSᵀ [BT, BV]
         dd = -BdS * dec
-        for j in range(0, BT):
-            sel, colj, dj, ex = _token_column(tt, j, Dl, G)
-            qbj = tl.sum(tl.where(colj, QB, 0.0), axis=1)                                # QB[:, j]
-            o -= qbj[:, None] * dj[None, :] * ex
-            dd = tl.where(sel, dd - tl.sum(qbj[:, None] * ex * do, axis=0)[None, :], dd)
+        if fast:
+            o -= tl.dot(QB, Dl * tl.exp(-xh), input_precision=PREC) * tl.exp(xh)
+            dd -= tl.dot(tl.trans(QB), do * tl.exp(xh), input_precision=PREC) * tl.exp(-xh)
+        else:
+            for j in range(0, BT):
+                sel, colj, dj, ex = _token_column(tt, j, Dl, G)
+                qbj = tl.sum(tl.where(colj, QB, 0.0), axis=1)                            # QB[:, j]
+                o -= qbj[:, None] * dj[None, :] * ex
+                dd = tl.where(sel, dd - tl.sum(qbj[:, None] * ex * do, axis=0)[None, :], dd)
         dD = tl.zeros([BT, BV], dtype=tl.float32)
         for sr in range(0, BT):                                  # dΔ_r = dd_r − Σ_{s>r} N_sr c_s dΔ_s
             r_ = BT - 1 - sr
@@ -594,13 +609,18 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
         else:
             tl.store(dc_ptr + i_v.to(tl.int64) * TOKH + base, tl.sum(P * dD, axis=1), mask=tm)
         # the pair matrices of Δ (OD, RD), and per input term de_m, OE_m, RE_m and their key-side products
-        OD = tl.zeros([BT, BT], dtype=tl.float32)
-        RD = tl.zeros([BT, BT], dtype=tl.float32)
-        for j in range(0, BT):
-            sel, colj, dj, ex = _token_column(tt, j, Dl, G)
-            OD = tl.where(colj, tl.sum(do * dj[None, :] * ex, axis=1)[:, None], OD)
-            RD = tl.where(colj, tl.sum(dP * dj[None, :] * ex, axis=1)[:, None], RD)
-        RD = tl.where(strict, RD, 0.0)
+        if fast:   # the masked-out (t < r) products reach e^{FAST_SPAN}·|·|: finite, and discarded by the where
+            dlx = Dl * tl.exp(-xh)
+            OD = tl.where(incl, tl.dot(do * tl.exp(xh), tl.trans(dlx), input_precision=PREC), 0.0)
+            RD = tl.where(strict, tl.dot(dP * tl.exp(xh), tl.trans(dlx), input_precision=PREC), 0.0)
+        else:
+            OD = tl.zeros([BT, BT], dtype=tl.float32)
+            RD = tl.zeros([BT, BT], dtype=tl.float32)
+            for j in range(0, BT):
+                sel, colj, dj, ex = _token_column(tt, j, Dl, G)
+                OD = tl.where(colj, tl.sum(do * dj[None, :] * ex, axis=1)[:, None], OD)
+                RD = tl.where(colj, tl.sum(dP * dj[None, :] * ex, axis=1)[:, None], RD)
+            RD = tl.where(strict, RD, 0.0)
         dq = tl.dot(do * gam, S0, input_precision=PREC) - tl.dot(OD, bv, input_precision=PREC)
         da = tl.dot(dP * gam, S0, input_precision=PREC) - tl.dot(RD, bv, input_precision=PREC)
         db = (-tl.dot(tl.trans(OD), q, input_precision=PREC) - tl.dot(tl.trans(RD), a, input_precision=PREC)
@@ -614,16 +634,23 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
             QW = tl.where(incl, tl.dot(q, tl.trans(w), input_precision=PREC), 0.0)
             WdS = tl.dot(w, tl.trans(dS), input_precision=PREC)                          # W dSᵀ [BT, BV]
             de = WdS * dec
-            OE = tl.zeros([BT, BT], dtype=tl.float32)
-            RE = tl.zeros([BT, BT], dtype=tl.float32)
-            for j in range(0, BT):
-                sel, colj, ej, ex = _token_column(tt, j, e, G)
-                qwj = tl.sum(tl.where(colj, QW, 0.0), axis=1)
-                awj = tl.sum(tl.where(colj, AW, 0.0), axis=1)
-                de = tl.where(sel, de + tl.sum((qwj[:, None] * do + awj[:, None] * dP) * ex, axis=0)[None, :], de)
-                OE = tl.where(colj, tl.sum(do * ej[None, :] * ex, axis=1)[:, None], OE)
-                RE = tl.where(colj, tl.sum(dP * ej[None, :] * ex, axis=1)[:, None], RE)
-            RE = tl.where(strict, RE, 0.0)
+            if fast:
+                dox, dpx, ex_ = do * tl.exp(xh), dP * tl.exp(xh), e * tl.exp(-xh)
+                de += (tl.dot(tl.trans(QW), dox, input_precision=PREC)
+                       + tl.dot(tl.trans(AW), dpx, input_precision=PREC)) * tl.exp(-xh)
+                OE = tl.where(incl, tl.dot(dox, tl.trans(ex_), input_precision=PREC), 0.0)
+                RE = tl.where(strict, tl.dot(dpx, tl.trans(ex_), input_precision=PREC), 0.0)
+            else:
+                OE = tl.zeros([BT, BT], dtype=tl.float32)
+                RE = tl.zeros([BT, BT], dtype=tl.float32)
+                for j in range(0, BT):
+                    sel, colj, ej, ex = _token_column(tt, j, e, G)
+                    qwj = tl.sum(tl.where(colj, QW, 0.0), axis=1)
+                    awj = tl.sum(tl.where(colj, AW, 0.0), axis=1)
+                    de = tl.where(sel, de + tl.sum((qwj[:, None] * do + awj[:, None] * dP) * ex, axis=0)[None, :], de)
+                    OE = tl.where(colj, tl.sum(do * ej[None, :] * ex, axis=1)[:, None], OE)
+                    RE = tl.where(colj, tl.sum(dP * ej[None, :] * ex, axis=1)[:, None], RE)
+                RE = tl.where(strict, RE, 0.0)
             tl.store(de_ptr + m * SE + voff, de, mask=vm)
             dq += tl.dot(OE, w, input_precision=PREC)
             da += tl.dot(RE, w, input_precision=PREC)
