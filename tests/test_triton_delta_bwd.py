@@ -716,3 +716,22 @@ def test_row_decay_corrections_fast_path_and_loop_agree(kind, rowdecay_calls, mo
     assert any(not torch.equal(grads[0][n], grads[1][n]) for n in grads[0])   # two different computations
     for n in grads[0]:
         _close(grads[0][n], grads[1][n], RTOL, f"d{n}: fast path vs loop")
+
+
+@pytest.mark.skipif(_DEVICE != "cpu", reason="sets a jit global, which compiled kernels refuse once compiled")
+def test_row_decay_delta_forward_fast_path_and_loop_agree(monkeypatch):
+    # the fused forward's row-decay path: factorised dots (FAST_SPAN = +inf) or token columns (−inf)
+    rule = _row_decay_delta("two terms")
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=24)
+    h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(24))
+    res = []
+    for span in (float("inf"), float("-inf")):
+        monkeypatch.setattr(tchunk, "FAST_SPAN", tl.constexpr(span))
+        with torch.no_grad():
+            res.append(rule.scan(backend="triton", initial_state=_dev(h0), output_final_state=True,
+                                 **{n: _dev(x) for n, x in inp.items()}))
+    (o1, f1), (o2, f2) = res
+    assert not torch.equal(o1, o2)
+    _close(o1, o2, RTOL, "o: fast path vs loop")
+    _close(f1, f2, RTOL, "final state: fast path vs loop")
+    _compare(rule, inp, h0)                                     # and the default path against the reference

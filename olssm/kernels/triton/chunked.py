@@ -572,6 +572,8 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
             S -= tl.dot(tl.trans(Dl * dec), bv, input_precision=PREC)
         else:           # row decay (d_v): every value row is its own scalar-decay delta rule
             G, GL, gam, dec = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)
+            fast = tl.min(GL, axis=0) > -FAST_SPAN                    # the diagonal row case's factorisation
+            xh = (G - 0.5 * GL[None, :]).to(tl.float32)
             AB = tl.where(strict, tl.dot(a, tl.trans(bv), input_precision=PREC), 0.0)
             QB = tl.where(incl, tl.dot(q, tl.trans(bv), input_precision=PREC), 0.0)
             R = tl.dot(a, tl.trans(S), input_precision=PREC) * gam
@@ -582,10 +584,15 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
                 e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
                 AW = tl.where(strict, tl.dot(a, tl.trans(w), input_precision=PREC), 0.0)
                 QW = tl.where(incl, tl.dot(q, tl.trans(w), input_precision=PREC), 0.0)
-                for j in range(0, BT):                                # input terms, per row decays
-                    sel, colj, ej, ex = _token_column(tt, j, e, G)
-                    R += tl.sum(tl.where(colj, AW, 0.0), axis=1)[:, None] * ej[None, :] * ex
-                    o += tl.sum(tl.where(colj, QW, 0.0), axis=1)[:, None] * ej[None, :] * ex
+                if fast:   # Σ_j X_ij e^{b_i − b_j} e_j = e^{x_i} ⊙ Σ_j X_ij (e^{−x_j} ⊙ e_j)
+                    ex_ = e * tl.exp(-xh)
+                    R += tl.dot(AW, ex_, input_precision=PREC) * tl.exp(xh)
+                    o += tl.dot(QW, ex_, input_precision=PREC) * tl.exp(xh)
+                else:
+                    for j in range(0, BT):                            # input terms, per row decays
+                        sel, colj, ej, ex = _token_column(tt, j, e, G)
+                        R += tl.sum(tl.where(colj, AW, 0.0), axis=1)[:, None] * ej[None, :] * ex
+                        o += tl.sum(tl.where(colj, QW, 0.0), axis=1)[:, None] * ej[None, :] * ex
                 S += tl.dot(tl.trans(e * dec), w, input_precision=PREC)
             R = cc * R
             Dl = tl.zeros([BT, BV], dtype=tl.float32)
@@ -598,9 +605,12 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
                 ex = tl.exp(tl.where((tt < s_)[:, None], (Gs[None, :] - G).to(tl.float32), float("-inf")))
                 d_s = r_s - c_s * tl.sum(n_s[:, None] * ex * Dl, axis=0)
                 Dl = tl.where(sel, d_s[None, :], Dl)
-            for j in range(0, BT):                                    # corrections' share of o
-                sel, colj, dj, ex = _token_column(tt, j, Dl, G)
-                o -= tl.sum(tl.where(colj, QB, 0.0), axis=1)[:, None] * dj[None, :] * ex
+            if fast:                                                  # corrections' share of o
+                o -= tl.dot(QB, Dl * tl.exp(-xh), input_precision=PREC) * tl.exp(xh)
+            else:
+                for j in range(0, BT):
+                    sel, colj, dj, ex = _token_column(tt, j, Dl, G)
+                    o -= tl.sum(tl.where(colj, QB, 0.0), axis=1)[:, None] * dj[None, :] * ex
             S -= tl.dot(tl.trans(Dl * dec), bv, input_precision=PREC)
         S = tl.where(m2, S, 0.0)
         tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
