@@ -293,14 +293,13 @@ class Rule:
         α' itself: no log, no division, no clamp at float32's tiny, and strong decays never round-trip
         through exp. This is fla's interface too (its gated kernels take g = log α). Layers use it: they
         produce the decay in log space anyway. Returns self when there is nothing to replace."""
-        from ..objectives.core import InputSymbol
+        from ..objectives.core import _declare
         subs = {}
         for e in self.form.expressions():
             for s in sp.sympify(e).free_symbols:
                 spec = spec_of(s)
                 if spec.domain == "decay" and not spec.is_parameter:
-                    new = InputSpec(spec.name, spec.role, spec.kind, False, "log_decay")
-                    subs[s] = sp.exp(InputSymbol(new, real=True, nonpositive=True))
+                    subs[s] = sp.exp(_declare(spec.name, spec.role, spec.kind, False, "log_decay"))
         if not subs:
             return self
         return Rule(self.objective, _substitute(self.form, subs))
