@@ -735,3 +735,13 @@ def test_row_decay_delta_forward_fast_path_and_loop_agree(monkeypatch):
     _close(o1, o2, RTOL, "o: fast path vs loop")
     _close(f1, f2, RTOL, "final state: fast path vs loop")
     _compare(rule, inp, h0)                                     # and the default path against the reference
+
+
+@pytest.mark.parametrize("name", ["longhorn_forget", "two_keys"])
+def test_derived_rules_odd_shapes_and_value_blocks(name, monkeypatch):
+    # d_v = 33: two 32-row value blocks, whose key-side partial gradients (dq, da, db, dw) and scalar-c partials
+    # are summed on the host; d_k = 20 (masked key lanes); B = 2; T = 40 (a partial last chunk)
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    rule = olssm.catalogue.rule(name)
+    inp = random_inputs(rule, 2, 40, 2, 20, 33, seed=40)
+    _compare(rule, inp, 0.3 * torch.randn(2, 2, 33, 20, generator=torch.Generator().manual_seed(40)))
