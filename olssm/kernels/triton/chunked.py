@@ -59,9 +59,10 @@ ck and Δ. Varlen grids over chunks read a host-built (sequence, chunk) map.
 
 The forward also stores the state entering every chunk (``ck``). Backward: ``chunk_bwd_kernel``
 for decays without corrections (gradients of q, w, e, log Λ; torch chains them to
-the raw inputs), chunked_delta_bwd.py for the delta family with scalar or row c and none / scalar decay,
-else the fused recurrent backward kernel (scan.py / codegen.py) run with those
-checkpoints (checkpoint interval = chunk size). Both exact.
+the raw inputs), chunked_delta_bwd.py for the delta family with scalar or row c and none / scalar / row decay
+— so every structure with a chunked forward has a chunked backward — or, where "auto" wants an exact decay
+gradient and log Λ has no closed form, the fused recurrent backward kernel (scan.py / codegen.py) run with
+those checkpoints (checkpoint interval = chunk size). All exact.
 """
 from __future__ import annotations
 
