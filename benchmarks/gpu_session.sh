@@ -7,6 +7,7 @@
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
 #   tests        the Triton test files with compiled kernels (no interpreter), 8 workers
+#   tests1/2     the same in two halves, if `tests` ran past its 570 s
 #   delta64      (4, 2048, 16, 64) bf16: DeltaNet, Gated DeltaNet, Longhorn, RLS, derived rules (two_keys: rank-2
 #                corrections; longhorn_forget: a row decay with a row c) — split vs fused forward,
 #                chunked vs recurrent backward, the autotuner's row, fla's kernels
@@ -21,7 +22,7 @@
 # fla-core (pure Python) is installed from .whl/ for the benchmark stages when the wheel was carried
 # (device tool: carry [".whl"]); the tests run without it.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile}
+stage=${1:?usage: gpu_session.sh tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile}
 out=${OUT:-/tmp/olssm-gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
@@ -42,6 +43,13 @@ case $stage in
         OLSSM_TRITON_DEVICE=cuda timeout 570 python -m pytest -q -n 8 -p no:cacheprovider \
             tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py \
             tests/test_triton_pscan.py tests/test_triton_autotune.py 2>&1 | tail -60 | tee "$out/tests.txt" ;;
+    tests1|tests2)
+        # the same files in two halves, each its own 10-minute call, if `tests` ran out of time (every kernel
+        # variant compiles on first use; sessions 3-5 added many)
+        if [ "$stage" = tests1 ]; then files="tests/test_triton.py tests/test_triton_chunked.py"
+        else files="tests/test_triton_delta_bwd.py tests/test_triton_pscan.py tests/test_triton_autotune.py"; fi
+        OLSSM_TRITON_DEVICE=cuda timeout 570 python -m pytest -q -n 8 -p no:cacheprovider $files 2>&1 \
+            | tail -60 | tee "$out/$stage.txt" ;;
     delta64)
         with_fla
         timeout 570 "${bench[@]}" --B 4 --T 2048 --H 16 --dk 64 --dv 64 --delta-forward both --delta-backward both \
