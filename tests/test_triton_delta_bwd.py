@@ -616,6 +616,22 @@ def test_rank_r_opcheck_and_layout(calls):
     assert sx[3].unflatten(1, (T, 4))[:, :, 1:].abs().max() == 0        # the decay only at the first
     assert sx[6].unflatten(1, (T, 4))[:, :, 3].abs().max() == 0         # the padding correction has c = 0
 
+    # and through torch.compile (aot_eager: the ops' fake implementations, rank-R sizes included) = eager
+    torch._dynamo.reset()
+
+    def fn(xs):
+        o, f = rule.scan(backend="triton", output_final_state=True, **xs)
+        return (o * o).sum() + f.sum()
+    outs = []
+    for f in (fn, torch.compile(fn, backend="aot_eager")):
+        xs = {n: t.detach().clone().requires_grad_() for n, t in inp.items()}
+        loss = f(xs)
+        outs.append((loss.detach(), torch.autograd.grad(loss, list(xs.values()))))
+    (l1, g1), (l2, g2) = outs
+    _close(l2, l1, 1e-6, "loss")
+    for a_, b_ in zip(g2, g1):
+        _close(a_, b_, 1e-6, "grad")
+
 
 # ---- row decays with corrections: chunk_rowdecay_bwd_kernel ----------------------------------------------
 

@@ -171,13 +171,14 @@ def to_sub_tokens(chunk_in, R: int) -> list:
 
 
 def from_sub_tokens(grads, R: int, R0: int) -> list:
-    """The gradients of to_sub_tokens' outputs → those of its inputs (R0 corrections)."""
+    """The gradients of to_sub_tokens' outputs → those of its inputs (R0 corrections), contiguous (the backward
+    op's fake implementation promises its inputs' shapes with contiguous strides)."""
     dq, dw, de, dg, da, db, dc = grads
 
     def corr(x):
         return x.unflatten(1, (x.shape[1] // R, R))[:, :, :R0].movedim(2, 0)
-    return [_pick(dq, R, R - 1, 1), _pick(dw, R, R - 1, 2), _pick(de, R, R - 1, 2), _pick(dg, R, 0, 1),
-            corr(da), corr(db), corr(dc)]
+    return [x.contiguous() for x in (_pick(dq, R, R - 1, 1), _pick(dw, R, R - 1, 2), _pick(de, R, R - 1, 2),
+                                     _pick(dg, R, 0, 1), corr(da), corr(db), corr(dc))]
 
 
 def _log_expr(decay):
