@@ -430,6 +430,44 @@ def _row_decay_tiles(g_ptr, voff, vm):
 
 
 @triton.jit
+def _rowdecay_delta_chunk(q, a, cc, S0, AB, G, gam, xh, fast, tt, incl, strict, w_ptr, e_ptr, SW, SE, koff, voff,
+                          km2, vm, M: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """One chunk of a delta rule with a row decay (every value row its own scalar-decay rule), from the state S₀
+    entering it: o without the corrections' share, P = γ S_{t−1} a (the corrections' predictions) and Δ = c ⊙ P.
+    R′ = Γ ⊙ A S₀ᵀ + Σ_m (A W_mᵀ ⊙ D_st) E_m and the input terms' share of o take factorised dots when `fast`
+    (every row's total log decay > −FAST_SPAN, x = b − b_L/2), else one token column at a time; the forward
+    substitution P_s = R′_s − Σ_{r<s} N_sr Δ_r (N = A Bᵀ ⊙ D_st per row) is a loop. The fused forward and the
+    row-decay backward's recompute both use it."""
+    Rp = tl.dot(a, tl.trans(S0), input_precision=PREC) * gam
+    o = tl.dot(q, tl.trans(S0), input_precision=PREC) * gam
+    for m in tl.static_range(M):
+        w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
+        e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
+        AW = tl.where(strict, tl.dot(a, tl.trans(w), input_precision=PREC), 0.0)
+        QW = tl.where(incl, tl.dot(q, tl.trans(w), input_precision=PREC), 0.0)
+        if fast:   # Σ_j X_ij e^{b_i − b_j} e_j = e^{x_i} ⊙ Σ_j X_ij (e^{−x_j} ⊙ e_j)
+            ex_ = e * tl.exp(-xh)
+            Rp += tl.dot(AW, ex_, input_precision=PREC) * tl.exp(xh)
+            o += tl.dot(QW, ex_, input_precision=PREC) * tl.exp(xh)
+        else:
+            for j in range(0, BT):
+                sel, colj, ej, ex = _token_column(tt, j, e, G)
+                Rp += tl.sum(tl.where(colj, AW, 0.0), axis=1)[:, None] * ej[None, :] * ex
+                o += tl.sum(tl.where(colj, QW, 0.0), axis=1)[:, None] * ej[None, :] * ex
+    P = tl.zeros([BT, BV], dtype=tl.float32)
+    Dl = tl.zeros([BT, BV], dtype=tl.float32)
+    for s_ in range(0, BT):
+        sel = (tt == s_)[:, None]
+        n_s = tl.sum(tl.where(sel, AB, 0.0), axis=0)                              # row s of N, over r
+        Gs = tl.sum(tl.where(sel, G, 0.0), axis=0)
+        ex = tl.exp(tl.where((tt < s_)[:, None], (Gs[None, :] - G).to(tl.float32), float("-inf")))
+        p_s = tl.sum(tl.where(sel, Rp, 0.0), axis=0) - tl.sum(n_s[:, None] * ex * Dl, axis=0)
+        P = tl.where(sel, p_s[None, :], P)
+        Dl = tl.where(sel, (tl.sum(tl.where(sel, cc, 0.0), axis=0) * p_s)[None, :], Dl)
+    return o, P, Dl
+
+
+@triton.jit
 def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, cu_ptr, T, H, DK, DV, NCK, SW, SE,
                      M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                      USE_H0: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr,
@@ -578,35 +616,14 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
             xh = (G - 0.5 * GL[None, :]).to(tl.float32)
             AB = tl.where(strict, tl.dot(a, tl.trans(bv), input_precision=PREC), 0.0)
             QB = tl.where(incl, tl.dot(q, tl.trans(bv), input_precision=PREC), 0.0)
-            R = tl.dot(a, tl.trans(S), input_precision=PREC) * gam
-            o = tl.dot(q, tl.trans(S), input_precision=PREC) * gam
+            koff, voff = base[:, None] * DK + cols[None, :], base[:, None] * DV + rows[None, :]
+            o, _, Dl = _rowdecay_delta_chunk(q, a, cc, S, AB, G, gam, xh, fast, tt, incl, strict, w_ptr, e_ptr,
+                                             SW, SE, koff, voff, km2, vm, M, BT, BV, PREC)
             S = S * tl.exp(GL.to(tl.float32))[:, None]
-            for m in tl.static_range(M):
-                w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-                e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-                AW = tl.where(strict, tl.dot(a, tl.trans(w), input_precision=PREC), 0.0)
-                QW = tl.where(incl, tl.dot(q, tl.trans(w), input_precision=PREC), 0.0)
-                if fast:   # Σ_j X_ij e^{b_i − b_j} e_j = e^{x_i} ⊙ Σ_j X_ij (e^{−x_j} ⊙ e_j)
-                    ex_ = e * tl.exp(-xh)
-                    R += tl.dot(AW, ex_, input_precision=PREC) * tl.exp(xh)
-                    o += tl.dot(QW, ex_, input_precision=PREC) * tl.exp(xh)
-                else:
-                    for j in range(0, BT):                            # input terms, per row decays
-                        sel, colj, ej, ex = _token_column(tt, j, e, G)
-                        R += tl.sum(tl.where(colj, AW, 0.0), axis=1)[:, None] * ej[None, :] * ex
-                        o += tl.sum(tl.where(colj, QW, 0.0), axis=1)[:, None] * ej[None, :] * ex
+            for m in tl.static_range(M):                              # the input terms' share of the new state
+                w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
+                e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
                 S += tl.dot(tl.trans(e * dec), w, input_precision=PREC)
-            R = cc * R
-            Dl = tl.zeros([BT, BV], dtype=tl.float32)
-            for s_ in range(0, BT):                                   # forward substitution, per row
-                sel = (tt == s_)[:, None]
-                n_s = tl.sum(tl.where(sel, AB, 0.0), axis=0)          # [BT] over r
-                r_s = tl.sum(tl.where(sel, R, 0.0), axis=0)
-                c_s = tl.sum(tl.where(sel, cc, 0.0), axis=0)
-                Gs = tl.sum(tl.where(sel, G, 0.0), axis=0)
-                ex = tl.exp(tl.where((tt < s_)[:, None], (Gs[None, :] - G).to(tl.float32), float("-inf")))
-                d_s = r_s - c_s * tl.sum(n_s[:, None] * ex * Dl, axis=0)
-                Dl = tl.where(sel, d_s[None, :], Dl)
             if fast:                                                  # corrections' share of o
                 o -= tl.dot(QB, Dl * tl.exp(-xh), input_precision=PREC) * tl.exp(xh)
             else:

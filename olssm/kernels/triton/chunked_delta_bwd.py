@@ -75,8 +75,8 @@ import triton.language as tl
 from ...objectives.core import ROW
 from . import chunked as _ch
 from .chunked import (_c_row, _chunk_decay, _chunk_map, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
-                      _delta_tiles, _initial_tile, _precision, _row_decay_tiles, _sequence, _state_tile, _store_wt,
-                      _strict, _token_column, _tokens, _ut_inverse, FAST_SPAN, switch)
+                      _delta_tiles, _initial_tile, _precision, _row_decay_tiles, _rowdecay_delta_chunk, _sequence,
+                      _state_tile, _store_wt, _strict, _token_column, _tokens, _ut_inverse, FAST_SPAN, switch)
 
 #: the delta family's backward (scalar or row c, none / scalar decay): "chunk" (the kernels of this module) or
 #: "recurrent" (the fused recurrent backward on the chunked forward's checkpoints, as before).
@@ -552,38 +552,13 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
         glv = tl.exp(GL.to(tl.float32))
         AB = tl.where(strict, tl.dot(a, tl.trans(bv), input_precision=PREC), 0.0)
         QB = tl.where(incl, tl.dot(q, tl.trans(bv), input_precision=PREC), 0.0)
-        # the forward, recomputed from S₀: R' (prediction before the corrections), O without them, then P, Δ
-        # fast: every row's chunk total log decay > −FAST_SPAN, so e^{b_t − b_r} = e^{x_t}·e^{−x_r} with x = b − b_L/2
-        # (|x| ≤ FAST_SPAN/2, chunked's module docstring) and each pair product below is one dot; else one token
-        # column at a time with the pairwise exponent
+        # the forward, recomputed from S₀: O without the corrections' share, P and Δ (chunked._rowdecay_delta_chunk;
+        # fast: every row's chunk total log decay > −FAST_SPAN, so e^{b_t − b_r} = e^{x_t}·e^{−x_r} with
+        # x = b − b_L/2 and each pair product below is one dot; else one token column at a time)
         fast = tl.min(GL, axis=0) > -FAST_SPAN
         xh = (G - 0.5 * GL[None, :]).to(tl.float32)
-        Rp = tl.dot(a, tl.trans(S0), input_precision=PREC) * gam
-        o = tl.dot(q, tl.trans(S0), input_precision=PREC) * gam
-        for m in tl.static_range(M):
-            w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
-            e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
-            AW = tl.where(strict, tl.dot(a, tl.trans(w), input_precision=PREC), 0.0)
-            QW = tl.where(incl, tl.dot(q, tl.trans(w), input_precision=PREC), 0.0)
-            if fast:
-                ex_ = e * tl.exp(-xh)
-                Rp += tl.dot(AW, ex_, input_precision=PREC) * tl.exp(xh)
-                o += tl.dot(QW, ex_, input_precision=PREC) * tl.exp(xh)
-            else:
-                for j in range(0, BT):
-                    sel, colj, ej, ex = _token_column(tt, j, e, G)
-                    Rp += tl.sum(tl.where(colj, AW, 0.0), axis=1)[:, None] * ej[None, :] * ex
-                    o += tl.sum(tl.where(colj, QW, 0.0), axis=1)[:, None] * ej[None, :] * ex
-        P = tl.zeros([BT, BV], dtype=tl.float32)
-        Dl = tl.zeros([BT, BV], dtype=tl.float32)
-        for s_ in range(0, BT):                                  # forward substitution: P_s = R'_s − Σ_r N_sr Δ_r
-            sel = (tt == s_)[:, None]
-            n_s = tl.sum(tl.where(sel, AB, 0.0), axis=0)
-            Gs = tl.sum(tl.where(sel, G, 0.0), axis=0)
-            ex = tl.exp(tl.where((tt < s_)[:, None], (Gs[None, :] - G).to(tl.float32), float("-inf")))
-            p_s = tl.sum(tl.where(sel, Rp, 0.0), axis=0) - tl.sum(n_s[:, None] * ex * Dl, axis=0)
-            P = tl.where(sel, p_s[None, :], P)
-            Dl = tl.where(sel, (tl.sum(tl.where(sel, cc, 0.0), axis=0) * p_s)[None, :], Dl)
+        o, P, Dl = _rowdecay_delta_chunk(q, a, cc, S0, AB, G, gam, xh, fast, tt, incl, strict, w_ptr, e_ptr, SW, SE,
+                                         koff, voff, km2, vm, M, BT, BV, PREC)
         # O's correction share; dΔ's local part −Σ_t D QB dO; then the backward substitution over the totals
         BdS = tl.dot(bv, tl.trans(dS), input_precision=PREC)                             # B dSᵀ [BT, BV]
         dd = -BdS * dec
