@@ -726,7 +726,7 @@ def test_row_decay_corrections_fast_path_and_loop_agree(kind, rowdecay_calls, mo
     h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(23))
     grads = []
     for span in (float("inf"), float("-inf")):
-        monkeypatch.setattr(tdelta, "FAST_SPAN", tl.constexpr(span))
+        monkeypatch.setattr(tchunk, "FAST_SPAN", tl.constexpr(span))   # read by chunked._row_decay_tiles
         grads.append(_compare(rule, inp, h0))
     assert len(rowdecay_calls) == 2
     assert any(not torch.equal(grads[0][n], grads[1][n]) for n in grads[0])   # two different computations

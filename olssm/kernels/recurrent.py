@@ -338,7 +338,7 @@ class _ExactXLoop(torch.autograd.Function):
                 G.sub_(Y[t] @ x[t].mT)
                 for (R, u, w), (dR, du, dw) in zip(terms, dterms):
                     Gw = G @ w[t].mT                                           # [B, H, K, 1]
-                    torch.mul(u[t] @ Gw, 1.0, out=dR[t])
+                    torch.matmul(u[t], Gw, out=dR[t])
                     torch.mul(Gw.mT, R[t], out=du[t])
                     torch.mul(u[t] @ G, R[t], out=dw[t])
                 if ddiag is not None:

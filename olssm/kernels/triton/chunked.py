@@ -422,11 +422,14 @@ def _delta_tiles(q_ptr, a_ptr, b_ptr, c_ptr, base, tm, rows, cols, km2, vm, DK, 
 @triton.jit
 def _row_decay_tiles(g_ptr, voff, vm):
     """A row decay's chunk: b (fp64 cumulative log decay from the chunk start, [BT, BV]), b_L [BV], Γ = e^b and
-    dec = e^{b_L − b} ([BT, BV])."""
+    dec = e^{b_L − b} ([BT, BV]), and the factorisation about the chunk's half-way point: x = b − b_L/2 (fp32) and
+    `fast`, whether every row's b_L > −FAST_SPAN, so that e^{b_i − b_j} = e^{x_i}·e^{−x_j} is safe (module
+    docstring)."""
     g = tl.load(g_ptr + voff, mask=vm, other=0.0).to(tl.float64)
     G = tl.cumsum(g, axis=0)
     GL = tl.sum(g, axis=0)
-    return G, GL, tl.exp(G.to(tl.float32)), tl.exp((GL[None, :] - G).to(tl.float32))
+    return (G, GL, tl.exp(G.to(tl.float32)), tl.exp((GL[None, :] - G).to(tl.float32)),
+            (G - 0.5 * GL[None, :]).to(tl.float32), tl.min(GL, axis=0) > -FAST_SPAN)
 
 
 @triton.jit
@@ -508,13 +511,8 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
             o = tl.dot(q * tl.exp(b.to(tl.float32)), tl.trans(S), input_precision=PREC)
             S = S * tl.exp(bl.to(tl.float32))[None, :]
         else:              # row decay (d_v)
-            g = tl.load(g_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float64)
-            b = tl.cumsum(g, axis=0)                                  # [BT, BV], fp64
-            bl = tl.sum(g, axis=0)                                    # [BV]
-            dec = tl.exp((bl[None, :] - b).to(tl.float32))            # [BT, BV]
-            fast = tl.min(bl, axis=0) > -FAST_SPAN
-            x = (b - 0.5 * bl[None, :]).to(tl.float32)
-            o = tl.dot(q, tl.trans(S), input_precision=PREC) * tl.exp(b.to(tl.float32))
+            b, bl, gv, dec, x, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)
+            o = tl.dot(q, tl.trans(S), input_precision=PREC) * gv
             S = S * tl.exp(bl.to(tl.float32))[:, None]
         # the input terms e_m w_mᵀ of the chunk
         for m in tl.static_range(M):
@@ -611,9 +609,7 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
             o -= tl.dot(tl.dot(q, tl.trans(bv), input_precision=PREC) * Dinc, Dl, input_precision=PREC)
             S -= tl.dot(tl.trans(Dl * dec), bv, input_precision=PREC)
         else:           # row decay (d_v): every value row is its own scalar-decay delta rule
-            G, GL, gam, dec = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)
-            fast = tl.min(GL, axis=0) > -FAST_SPAN                    # the diagonal row case's factorisation
-            xh = (G - 0.5 * GL[None, :]).to(tl.float32)
+            G, GL, gam, dec, xh, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)
             AB = tl.where(strict, tl.dot(a, tl.trans(bv), input_precision=PREC), 0.0)
             QB = tl.where(incl, tl.dot(q, tl.trans(bv), input_precision=PREC), 0.0)
             koff, voff = base[:, None] * DK + cols[None, :], base[:, None] * DV + rows[None, :]
@@ -1155,14 +1151,8 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
             tl.store(dg_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dg, mask=qk_m)
             dS = dS * glk[None, :] + tl.dot(tl.trans(do), q * gq, input_precision=PREC)
         elif DECAY == 2:   # row decay (d_v): the column case's transpose, ∂b = dO ⊙ o − Σ_m e_m ⊙ de_m (+ chunk end)
-            g = tl.load(g_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float64)
-            b = tl.cumsum(g, axis=0)                                  # [BT, BV]
-            bl = tl.sum(g, axis=0)                                    # [BV]
-            gv = tl.exp(b.to(tl.float32))                             # Γ [BT, BV]
-            decv = tl.exp((bl[None, :] - b).to(tl.float32))           # Γ_L/Γ [BT, BV]
+            b, bl, gv, decv, x, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)   # Γ, Γ_L/Γ
             glv = tl.exp(bl.to(tl.float32))                           # [BV]
-            fast = tl.min(bl, axis=0) > -FAST_SPAN
-            x = (b - 0.5 * bl[None, :]).to(tl.float32)
             dog = do * gv
             dq = tl.dot(dog, S0, input_precision=PREC)                # (dO ⊙ Γ) S₀
             o = tl.dot(q, tl.trans(S0), input_precision=PREC) * gv    # o, recomputed: its state share first

@@ -76,7 +76,7 @@ from ...objectives.core import ROW
 from . import chunked as _ch
 from .chunked import (_c_row, _chunk_decay, _chunk_map, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
                       _delta_tiles, _initial_tile, _precision, _row_decay_tiles, _rowdecay_delta_chunk, _sequence,
-                      _state_tile, _store_wt, _strict, _token_column, _tokens, _ut_inverse, FAST_SPAN, switch)
+                      _state_tile, _store_wt, _strict, _token_column, _tokens, _ut_inverse, switch)
 
 #: the delta family's backward (scalar or row c, none / scalar decay): "chunk" (the kernels of this module) or
 #: "recurrent" (the fused recurrent backward on the chunked forward's checkpoints, as before).
@@ -548,15 +548,13 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
         S0 = tl.load(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
         q, a, bv, cc = _delta_tiles(q_ptr, a_ptr, b_ptr, c_ptr, base, tm, rows, cols, km2, vm, DK, DV, C_ROW)
         do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-        G, GL, gam, dec = _row_decay_tiles(g_ptr, voff, vm)
+        G, GL, gam, dec, xh, fast = _row_decay_tiles(g_ptr, voff, vm)
         glv = tl.exp(GL.to(tl.float32))
         AB = tl.where(strict, tl.dot(a, tl.trans(bv), input_precision=PREC), 0.0)
         QB = tl.where(incl, tl.dot(q, tl.trans(bv), input_precision=PREC), 0.0)
         # the forward, recomputed from S₀: O without the corrections' share, P and Δ (chunked._rowdecay_delta_chunk;
         # fast: every row's chunk total log decay > −FAST_SPAN, so e^{b_t − b_r} = e^{x_t}·e^{−x_r} with
         # x = b − b_L/2 and each pair product below is one dot; else one token column at a time)
-        fast = tl.min(GL, axis=0) > -FAST_SPAN
-        xh = (G - 0.5 * GL[None, :]).to(tl.float32)
         o, P, Dl = _rowdecay_delta_chunk(q, a, cc, S0, AB, G, gam, xh, fast, tt, incl, strict, w_ptr, e_ptr, SW, SE,
                                          koff, voff, km2, vm, M, BT, BV, PREC)
         # O's correction share; dΔ's local part −Σ_t D QB dO; then the backward substitution over the totals
