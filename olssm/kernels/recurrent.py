@@ -338,7 +338,7 @@ class _ExactXLoop(torch.autograd.Function):
                 G.sub_(Y[t] @ x[t].mT)
                 for (R, u, w), (dR, du, dw) in zip(terms, dterms):
                     Gw = G @ w[t].mT                                           # [B, H, K, 1]
-                    torch.matmul(u[t], Gw, out=dR[t])
+                    dR[t] = u[t] @ Gw               # assigned, not out=: under bf16 autocast @ returns bf16
                     torch.mul(Gw.mT, R[t], out=du[t])
                     torch.mul(u[t] @ G, R[t], out=dw[t])
                 if ddiag is not None:
