@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import olssm.objectives as O
-from olssm import derive
+from olssm import catalogue, derive
 from olssm.layers import PRESETS, OnlineSSM, available_backends, get_preset
 
 # every scan backend importable here, plus the layer's own batched token loop
@@ -173,7 +173,7 @@ def test_published_initialisations():
     assert A2.shape == (4,) and ((A2 <= -1 + 1e-5) & (A2 >= -16 - 1e-4)).all()
     longhorn = PRESETS["longhorn"](32, 4, backend="recurrent")
     assert set(longhorn.rule.inputs) == {"beta", "k", "q", "v"}  # no A: no forget gate
-    assert longhorn.D is not None and longhorn.share_qk and longhorn.project_from == "value"
+    assert longhorn.D is not None and longhorn.qk_heads == 1 and longhorn.project_from == "value"
     dn = PRESETS["deltanet"](32, 4, backend="recurrent")
     x = torch.randn(2, 5, 32)
     inputs, _ = dn.scan_inputs(x)
@@ -280,18 +280,40 @@ def test_presets_use_catalogue_objectives():
 
 
 @settings(max_examples=15, deadline=None)
-@given(H=st.integers(1, 3), d_k=st.integers(1, 4), d_v=st.integers(1, 4), conv=st.integers(0, 3),
-       B=st.integers(1, 2), T=st.integers(1, 6), share=st.booleans(), d_skip=st.sampled_from([False, "channel", "head"]),
+@given(H=st.integers(1, 4), d_k=st.integers(1, 4), d_v=st.integers(1, 4), conv=st.integers(0, 3),
+       B=st.integers(1, 2), T=st.integers(1, 6), groups=st.integers(0, 2), d_skip=st.sampled_from([False, "channel", "head"]),
        gate=st.booleans(), norm=st.booleans(), backend=st.sampled_from(BACKENDS))
-def test_shapes_and_step_equals_forward_hypothesis(H, d_k, d_v, conv, B, T, share, d_skip, gate, norm, backend):
+def test_shapes_and_step_equals_forward_hypothesis(H, d_k, d_v, conv, B, T, groups, d_skip, gate, norm, backend):
     torch.manual_seed(0)
-    layer = OnlineSSM(_custom_objective(), 6, H, d_k=d_k, d_v=d_v, conv_size=conv, share_qk=share,
+    qk_heads = [g for g in (1, 2, H) if H % g == 0]
+    qk_heads = qk_heads[groups % len(qk_heads)]                     # shared, grouped (H = 4: 2) or per head
+    layer = OnlineSSM(_custom_objective(), 6, H, d_k=d_k, d_v=d_v, conv_size=conv, qk_heads=qk_heads,
                       d_skip=d_skip, gate=gate, out_norm=norm, backend=backend).double()
     x = torch.randn(B, T, 6, dtype=torch.float64)
     y = layer(x)
     assert y.shape == (B, T, 6)
     ys, _ = _step_all(layer, x)
     assert torch.allclose(y, ys, rtol=1e-9, atol=1e-9)
+
+
+def test_grouped_keys_equal_their_projections_repeated_per_head():
+    """qk_heads = G: head h reads key / query group h // (H / G). The oracle: a per-head layer whose key and
+    query projection (and conv) rows are the grouped layer's, repeated per head, gives the same output."""
+    torch.manual_seed(0)
+    H, G, d_k = 4, 2, 3
+    kw = dict(d_k=d_k, d_v=2, conv_size=3, backend="chunk")
+    grouped = OnlineSSM(catalogue.get("gated_deltanet").objective, 8, H, qk_heads=G, **kw).double()
+    full = OnlineSSM(catalogue.get("gated_deltanet").objective, 8, H, **kw).double()
+    heads = torch.arange(H) // (H // G)
+    rows = (heads[:, None] * d_k + torch.arange(d_k)).flatten()       # head h's rows: its group's
+    with torch.no_grad():
+        for (n, p), (n2, p2) in zip(grouped.named_parameters(), full.named_parameters()):
+            assert n == n2
+            repeat = n.split(".")[1] in ("k", "q") and n.split(".")[0] in ("proj", "conv")
+            p2.copy_(p[rows] if repeat else p)
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    assert grouped.proj["k"].out_features == G * d_k
+    torch.testing.assert_close(grouped(x), full(x), rtol=1e-10, atol=1e-12)
 
 
 def test_mamba_family_parameter_counts_match_reference_code():

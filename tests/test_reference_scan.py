@@ -71,6 +71,52 @@ def test_gradients_flow_to_every_input():
         assert x.grad is not None and x.grad.abs().sum() > 0, n
 
 
+def _ungrouped(x, H):
+    """Each group's slice repeated for its H / G consecutive heads, built group by group (the oracle for
+    the scan's grouped-head layout)."""
+    G = x.shape[2]
+    return torch.cat([x[:, :, g:g + 1].expand(-1, -1, H // G, -1) for g in range(G)], 2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunk"])
+@pytest.mark.parametrize("name,G", [("mamba2", 1), ("gated_deltanet", 2), ("gla", 2), ("longhorn", 1),
+                                    ("mamba", 2), ("decayed_least_squares", 2)])
+def test_grouped_key_inputs_equal_repeated_heads(name, G, backend):
+    """Key-sized inputs with G < H heads (Mamba-2's ngroups, grouped-value heads): the scan equals the scan of
+    the same inputs repeated per head, and each group's gradient is the sum over the heads that read it.
+    fp32; the grouped and the repeated run do the same arithmetic, so 1e-6 (rounding)."""
+    rule = catalogue.ENTRIES[name].rule
+    H = 4
+    inp = _inputs(rule, H=H, T=9, seed=3)
+    keyed = [n for n, s in rule.inputs.items() if s.kind == "column" and not s.is_parameter]
+    assert keyed
+    grouped = {n: (x[:, :, :G].clone() if n in keyed else x).requires_grad_() for n, x in inp.items()}
+    full = {n: (_ungrouped(x, H) if n in keyed else x).detach().clone().requires_grad_() for n, x in grouped.items()}
+    o, final = rule.scan(backend=backend, output_final_state=True, **grouped)
+    o_full, final_full = rule.scan(backend=backend, output_final_state=True, **full)
+    torch.testing.assert_close(o, o_full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(final if rule.is_exact else (final,), final_full if rule.is_exact else (final_full,)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    w = torch.randn_like(o)
+    (o * w).sum().backward()
+    (o_full * w).sum().backward()
+    for n, x in grouped.items():
+        want = full[n].grad
+        if n in keyed:
+            want = want.unflatten(2, (G, H // G)).sum(3)
+        torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name} d{n}: {m}")
+
+
+def test_grouped_inputs_must_divide_the_heads():
+    rule = catalogue.ENTRIES["gated_deltanet"].rule
+    inp = _inputs(rule, H=4)
+    with pytest.raises(ValueError, match=r"'k'.*G dividing H.*H\) = \(2, 7, 4\)"):
+        rule.scan(**{**inp, "k": inp["k"][:, :, :3]}, backend="reference")
+    # value-sized and scalar inputs set H and are never grouped: a wrong head count is an error
+    with pytest.raises(ValueError, match=r"'beta'.*\[B, T, H\] with"):
+        rule.scan(**{**inp, "beta": inp["beta"][:, :, :2]}, backend="reference")
+
+
 def test_bad_arguments_name_what_is_wrong():
     rule = catalogue.ENTRIES["longhorn"].rule
     inp = _inputs(rule)

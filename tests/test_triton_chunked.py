@@ -105,6 +105,19 @@ def test_chunked_forward_state_and_gradients(name, launches):
     assert len(launches) == 1
 
 
+@pytest.mark.parametrize("name, G", [("mamba2", 1), ("gated_deltanet", 2)])
+def test_grouped_keys(name, G, launches):
+    # key-sized inputs with G of H = 4 heads (Mamba-2's ngroups): through the chunked kernels, forward and
+    # every gradient (each group's summed over its heads) against the reference, which
+    # test_reference_scan holds equal to the inputs repeated per head
+    rule = _rule(name)
+    inp = random_inputs(rule, 1, 37, 4, 5, 6, seed=8)       # 37 = 2 chunks of 16 + 5
+    inp = {n: (x[:, :, :G].contiguous() if rule.inputs[n].kind == "column" and not rule.inputs[n].is_parameter else x)
+           for n, x in inp.items()}
+    _compare(rule, inp, 0.3 * torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(8)))
+    assert len(launches) == 1
+
+
 @pytest.mark.parametrize("name", ["mamba2", "linear_attention", "gla", "row_decay", "log_row_decay"])
 def test_chunked_backward_kernel_and_recurrent_backward_agree(name, monkeypatch):
     # decays without corrections use chunk_bwd_kernel; the recurrent backward on the chunked forward's

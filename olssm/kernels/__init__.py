@@ -1,4 +1,4 @@
 """Lowering: run a Rule over sequences (reference loop, chunk-parallel torch, generated Triton)."""
-from .api import BACKENDS, ScanArgs, check_scan_args, kernel_source, scan
+from .api import BACKENDS, ScanArgs, check_scan_args, expand_heads, kernel_source, scan
 
-__all__ = ["scan", "kernel_source", "check_scan_args", "ScanArgs", "BACKENDS"]
+__all__ = ["scan", "kernel_source", "check_scan_args", "expand_heads", "ScanArgs", "BACKENDS"]

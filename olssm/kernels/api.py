@@ -59,6 +59,20 @@ def _shape(x):
     return tuple(x.shape)
 
 
+def expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
+    """[B, T, G, ...] -> [B, T, H, ...] for G dividing H: head h reads group h // (H / G), the grouping of
+    Mamba-2's B/C (ngroups), fla's grouped-value heads and grouped-query attention. G = 1 is a view;
+    otherwise a copy (no stride repeats each group H / G times). Gradients sum over each group."""
+    G = x.shape[2]
+    if G == H:
+        return x
+    if G < 1 or H % G:
+        raise ValueError(f"expand_heads: {G} heads do not divide H = {H}")
+    if G == 1:
+        return x.expand(*x.shape[:2], H, *x.shape[3:])
+    return x.repeat_interleave(H // G, dim=2)
+
+
 def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seqlens, inputs) -> ScanArgs:
     if isinstance(rule, Objective):
         rule = derive(rule)
@@ -86,20 +100,27 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
                 raise TypeError(f"scan: input {n!r} must be a torch.Tensor, got {type(x).__name__}")
             if not x.is_floating_point():
                 raise TypeError(f"scan: input {n!r} must be floating point (fp32/bf16/fp16), got {x.dtype}")
-    # (B, T, H) come from the key/query/value so that a wrong coefficient is the one blamed
+    # (B, T, H) come from the key/query/value so that a wrong coefficient is the one blamed; H from a
+    # value-sized or scalar input when there is one, since key-sized inputs may be grouped (below)
     ordered = sorted(tokens, key=lambda n: (need[n].role not in ("key", "query", "value"), n))
     first = tokens[ordered[0]] if ordered else None
     if first is None or first.dim() < 3:
         raise ValueError("scan: needs per-token inputs laid out [B, T, H, ...]")
-    B, T, H = first.shape[:3]
+    B, T = first.shape[:2]
+    per_head = [tokens[n] for n in ordered if need[n].kind != COLUMN and tokens[n].dim() >= 3]
+    H = per_head[0].shape[2] if per_head else max(x.shape[2] for x in tokens.values() if x.dim() >= 3)
     d_k = d_v = None
     for n, x in tokens.items():
         s = need[n]
         nd = 3 if s.kind == SCALAR else 4
-        if x.dim() != nd or _shape(x)[:3] != (B, T, H):
+        grouped = s.kind == COLUMN and x.dim() == nd and x.shape[2] >= 1 and H % x.shape[2] == 0
+        if x.dim() != nd or _shape(x)[:2] != (B, T) or not (x.shape[2] == H or grouped):
             lay = "[B, T, H]" if s.kind == SCALAR else "[B, T, H, d]"
-            raise ValueError(f"scan: input {n!r} ({s.role}) must be {lay} with (B, T, H) = {(B, T, H)}, "
+            also = " or [B, T, G, d] with G dividing H (grouped heads)" if s.kind == COLUMN else ""
+            raise ValueError(f"scan: input {n!r} ({s.role}) must be {lay}{also} with (B, T, H) = {(B, T, H)}, "
                              f"got {_shape(x)}")
+        if x.shape[2] != H:
+            tokens[n] = x = expand_heads(x, H)
         if s.kind == COLUMN:
             if d_k is not None and x.shape[-1] != d_k:
                 raise ValueError(f"scan: input {n!r} has key size {x.shape[-1]}, other key-sized inputs have {d_k}")
@@ -150,6 +171,10 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
 def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state=False, backend="auto",
          cu_seqlens=None, chunk_size=64, **inputs):
     """Run a rule over a sequence: o [B, T, H, d_v] and (if asked) the final state(s) in fp32.
+
+    Per-token inputs are [B, T, H, ...]; key-sized ones (keys, queries, column coefficients) may be
+    grouped, [B, T, G, d_k] with G dividing H: head h reads group h // (H / G) (Mamba-2's ngroups,
+    grouped-value heads). H is then the head count of the value-sized and scalar inputs.
 
     backend: "reference" (step loop, the oracle), "chunk" (chunk-parallel torch), "triton"
     (generated kernels; CUDA or TRITON_INTERPRET=1), "auto" (triton on CUDA, chunk on CPU).

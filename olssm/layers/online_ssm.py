@@ -50,6 +50,7 @@ from torch import nn
 
 from ..derive import Rule, derive
 from ..objectives.core import COLUMN, ELEMENTWISE, ROW, SCALAR, DOMAINS, Objective
+from ..kernels.api import expand_heads
 
 #: scan backends of olssm.kernels, plus "recurrent": the layer's own batched token loop over
 #: rule.decode (the decoding path; no kernel needed, vectorised over the batch)
@@ -136,8 +137,9 @@ class OnlineSSM(nn.Module):
         gate: SiLU output gate from a projection of the input (o ⊙ silu(W_g x)).
         norm_before_gate: norm(o) ⊙ silu(g) (True, fla) or norm(o ⊙ silu(g)) (False, Mamba-2).
         d_skip: False, True / "channel" (D ∈ R^{H × d_v}), or "head" (D ∈ R^H): o += D ⊙ v.
-        share_qk: project keys / queries once (size d_k) and share them across heads (Mamba's B/C,
-            Mamba-2 with one group).
+        qk_heads: key / query heads G, dividing n_heads: head h reads key / query group h // (n_heads / G)
+            (Mamba's B/C and Mamba-2 with one group: 1; Mamba-2's ngroups; fla's grouped-value heads).
+            Default n_heads. The scan takes the G-head inputs as they are (olssm.kernels.scan).
         project_from: "input" (keys, queries and coefficients are projected from the layer input) or
             "value" (Mamba's block: they are projected from the convolved value stream).
         coef_rank: low-rank projection for coefficients: an int for all of them, or {name: rank}
@@ -164,7 +166,8 @@ class OnlineSSM(nn.Module):
                  d_v: int | None = None, *, expand_k: float = 1.0, expand_v: float = 1.0,
                  conv_size: int = 4, conv_bias: bool = True, key_norm: bool = True,
                  query_norm: bool | None = None, feature_map: str | None = None, q_scale=1.0,
-                 out_norm: bool = True, gate: bool = True, norm_before_gate: bool = True, d_skip=False, share_qk: bool = False,
+                 out_norm: bool = True, gate: bool = True, norm_before_gate: bool = True, d_skip=False,
+                 qk_heads: int | None = None,
                  project_from: str = "input", coef_rank=None, dt_min: float = 1e-3, dt_max: float = 1e-1,
                  dt_init_floor: float = 1e-4, decay_style: str = "softplus", decay_normalizer: float = 1.0,
                  decay_init=(0.9, 0.999), param_init: dict | None = None, freeze=(), bias: bool = False,
@@ -181,6 +184,11 @@ class OnlineSSM(nn.Module):
         _check_pos_int("conv_size", conv_size, allow_zero=True)
         _check_pos_int("chunk_size", chunk_size)
         H = n_heads
+        qk_heads = H if qk_heads is None else qk_heads
+        _check_pos_int("qk_heads", qk_heads)
+        if H % qk_heads:
+            raise ValueError(f"OnlineSSM: qk_heads = {qk_heads} must divide n_heads = {H} (each key / query head "
+                             "serves n_heads / qk_heads consecutive heads)")
         if d_k is None:
             d_k = _head_dim("key", "expand_k", "d_k", int(d_model * expand_k), H)
         if d_v is None:
@@ -212,7 +220,7 @@ class OnlineSSM(nn.Module):
         self.conv_size, self.key_norm = conv_size, bool(key_norm)
         self.query_norm = self.key_norm if query_norm is None else bool(query_norm)
         self.feature_map, self.q_scale = feature_map, float(q_scale)
-        self.share_qk, self.project_from = bool(share_qk), project_from
+        self.qk_heads, self.project_from = qk_heads, project_from
         self.decay_style, self.decay_normalizer = decay_style, float(decay_normalizer)
         self.backend, self.chunk_size, self.layer_idx = backend, chunk_size, layer_idx
         self._warned_fallback = False
@@ -241,7 +249,7 @@ class OnlineSSM(nn.Module):
             return d_k if s.kind == COLUMN else d_v
 
         def heads_of(n, s):
-            return 1 if (self.share_qk and s.role in ("key", "query")) else H
+            return self.qk_heads if s.role in ("key", "query") else H
 
         value_width = H * d_v
         src_dim = {n: (value_width if (project_from == "value" and s.role != "value") else d_model)
@@ -445,9 +453,8 @@ class OnlineSSM(nn.Module):
         return F.silu(y).transpose(1, 2), full[..., full.shape[-1] - (K - 1):]
 
     def _features(self, x, conv_cache, cu_seqlens=None):
-        """Scan inputs [B, T, H, ...], parameters [H, ...], the value stream and the new conv cache."""
-        B, T, _ = x.shape
-        H = self.n_heads
+        """Scan inputs [B, T, H, ...] (keys / queries [B, T, qk_heads, d_k]), parameters [H, ...], the new
+        conv cache."""
         new_conv = {}
         streams = {}
         vec_items = list(self.vector_specs.items())
@@ -470,8 +477,6 @@ class OnlineSSM(nn.Module):
                     u = F.normalize(u.to(_compute_dtype(u)), dim=-1).to(u.dtype)
                 if s.role == "query" and self.q_scale != 1.0:
                     u = u * self.q_scale
-                if h == 1 and H > 1:
-                    u = u.expand(B, T, H, self.d_k).contiguous()
             inputs[n] = u
         for n, s in self.coef_specs.items():
             src = x if self.src_dim[n] == self.d_model else streams[self.value_name]
@@ -480,7 +485,8 @@ class OnlineSSM(nn.Module):
         return inputs, params, new_conv
 
     def scan_inputs(self, x: torch.Tensor) -> tuple[dict, dict]:
-        """(per-token inputs [B, T, H, ...], parameters [H, ...]) that forward passes to the scan."""
+        """(per-token inputs [B, T, H, ...], parameters [H, ...]) that forward passes to the scan (keys and
+        queries with qk_heads heads)."""
         self._check_x(x, "scan_inputs", 3)
         inputs, params, _ = self._features(x, None)
         return inputs, params
@@ -581,6 +587,7 @@ class OnlineSSM(nn.Module):
             if self.rule.is_exact:
                 return o, tuple(torch.cat([r[1][i] for r in runs]) for i in range(2))
             return o, torch.cat([r[1] for r in runs])
+        inputs = self._per_head(inputs)
         v = inputs[self.value_name]
         B, T = v.shape[:2]
         if state is None:  # RLS rules start from P = I/λ: zero_state reads the ridge input
@@ -596,6 +603,12 @@ class OnlineSSM(nn.Module):
         if not outs:
             return v.new_zeros(B, 0, self.n_heads, self.d_v), state
         return torch.stack(outs, 1).to(v.dtype), state
+
+    def _per_head(self, inputs: dict) -> dict:
+        """Grouped keys / queries repeated per head, for the token loops over rule.decode (the scan takes them
+        grouped)."""
+        return {n: (expand_heads(x, self.n_heads) if n in self.vector_specs and self.vector_specs[n].role in
+                    ("key", "query") else x) for n, x in inputs.items()}
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> dict:
         """Zero decoding cache: {"state": fp32 state [B, H, d_v, d_k] (exact rules: (G, H)),
@@ -618,7 +631,7 @@ class OnlineSSM(nn.Module):
             cache = self.init_cache(x_t.shape[0], x_t.device)
         x = x_t[:, None]
         inputs, params, new_conv = self._features(x, cache.get("conv"))
-        tok = {n: t[:, 0] for n, t in inputs.items()}
+        tok = {n: t[:, 0] for n, t in self._per_head(inputs).items()}
         o, state = self.rule.decode(cache["state"], **tok, **params)
         y = self._post(o[:, None], x, inputs[self.value_name])
         return y[:, 0], {"state": state, "conv": new_conv}

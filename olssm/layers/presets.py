@@ -35,7 +35,7 @@ def _mamba_block(d_model, n_heads, expand=2, d_state=16):
         raise ValueError(f"Mamba-style preset: d_inner = expand * d_model = {d_inner} is not divisible by "
                          f"n_heads = {n_heads}")
     return dict(d_k=d_state, d_v=d_inner // n_heads, conv_size=4, conv_bias=True, key_norm=False,
-                query_norm=False, out_norm=False, gate=True, d_skip="channel", share_qk=True,
+                query_norm=False, out_norm=False, gate=True, d_skip="channel", qk_heads=1,
                 project_from="value", bias=False)
 
 
@@ -73,7 +73,7 @@ class Mamba2(_Preset):
             raise ValueError(f"Mamba2: d_inner = 2 * d_model = {d_inner} is not divisible by n_heads = {n_heads}")
         return dict(d_k=128, d_v=d_inner // n_heads, conv_size=4, conv_bias=True, key_norm=False,
                     query_norm=False, out_norm=True, gate=True, norm_before_gate=False, d_skip="head",
-                    share_qk=True,
+                    qk_heads=1,
                     dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4, bias=False)
 
 
