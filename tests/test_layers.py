@@ -350,17 +350,27 @@ def test_rls_rule_layer_decodes_like_its_forward():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_sequences_equal_separate_forwards(name, backend):
     """forward(x, cu_seqlens) on packed sequences equals each sequence run alone: the conv and the state
-    restart at every boundary (float64, 1e-10); the returned cache holds each sequence's final state."""
+    restart at every boundary (float64, 1e-10); the returned cache holds each sequence's final state (an empty
+    sequence: the zero state, as a forward on no tokens gives)."""
     torch.manual_seed(0)
     layer = PRESETS[name](D_MODEL, n_heads=H, backend=backend).double()
-    lens = [5, 1, 7]
+    lens = [5, 1, 0, 7]
     xs = [torch.randn(1, n, D_MODEL, dtype=torch.float64) for n in lens]
-    cu = torch.tensor([0, 5, 6, 13])
+    cu = torch.tensor([0, 5, 6, 6, 13])
     y, cache = layer(torch.cat(xs, 1), cu_seqlens=cu, return_cache=True)
     for i, x in enumerate(xs):
         y_i, c_i = layer(x, return_cache=True)
         torch.testing.assert_close(y[:, cu[i]:cu[i + 1]], y_i, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(cache["state"][i:i + 1], c_i["state"], rtol=1e-10, atol=1e-10)
+        for n in c_i["conv"]:
+            torch.testing.assert_close(cache["conv"][n][i:i + 1], c_i["conv"][n], rtol=1e-10, atol=1e-10)
+    assert not cache["state"][2].any()
+    # no tokens after a prefix: nothing comes out and the cache is unchanged
+    y0, after = layer(xs[0][:, :0], cache={"state": cache["state"][:1], "conv": {n: c[:1] for n, c in
+                                                                                 cache["conv"].items()}},
+                      return_cache=True)
+    assert y0.shape == (1, 0, D_MODEL)
+    torch.testing.assert_close(after["state"], cache["state"][:1], rtol=0, atol=0)
     with pytest.raises(ValueError, match="batch"):
         layer(torch.randn(2, 13, D_MODEL, dtype=torch.float64), cu_seqlens=cu)
     with pytest.raises(ValueError, match="end at T"):

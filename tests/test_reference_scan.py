@@ -117,6 +117,41 @@ def test_grouped_inputs_must_divide_the_heads():
         rule.scan(**{**inp, "beta": inp["beta"][:, :, :2]}, backend="reference")
 
 
+@pytest.mark.parametrize("backend", ["reference", "chunk"])
+@pytest.mark.parametrize("name", ["gated_deltanet", "mamba", "decayed_least_squares", "rls"])
+def test_no_tokens_keeps_the_initial_state(name, backend):
+    """T = 0 on every backend: o has no rows and the final state is the one the scan started from, with its
+    gradient; without an initial state, zeros (RLS: S = 0, P = I/λ)."""
+    rule = catalogue.ENTRIES[name].rule
+    inp = _inputs(rule, T=0)
+    o, final = rule.scan(backend=backend, output_final_state=True, **inp)
+    assert o.shape == (2, 0, 3, 4)
+    finals = final if rule.is_exact else (final,)
+    assert not any(f.any() for f in finals[:1])
+    if rule.is_rls:
+        want = torch.eye(5) / inp["lam"][:, None, None]
+        torch.testing.assert_close(finals[1], want.expand(2, 3, 5, 5))
+    h0 = [torch.rand(2, 3, *s, requires_grad=True) for s in (rule.state_shape(5, 4) if rule.is_exact else [(4, 5)])]
+    _, final = rule.scan(backend=backend, output_final_state=True, initial_state=tuple(h0) if rule.is_exact else h0[0],
+                         **inp)
+    finals = final if rule.is_exact else (final,)
+    for f, h in zip(finals, h0):
+        torch.testing.assert_close(f, h)
+        f.sum().backward()
+        assert torch.equal(h.grad, torch.ones_like(h))
+
+
+def test_empty_last_sequence_keeps_its_initial_state():
+    rule = catalogue.ENTRIES["rls"].rule
+    inp = _inputs(rule, B=1, T=4)
+    cu = torch.tensor([0, 4, 4])
+    _, (S, P) = rule.scan(backend="reference", cu_seqlens=cu, output_final_state=True, **inp)
+    _, (S_c, P_c) = rule.scan(backend="chunk", cu_seqlens=cu, output_final_state=True, **inp)
+    assert not S[1].any()
+    torch.testing.assert_close(P[1], torch.eye(5) / inp["lam"][:, None, None])
+    torch.testing.assert_close((S, P), (S_c, P_c), rtol=1e-5, atol=1e-6)
+
+
 def test_bad_arguments_name_what_is_wrong():
     rule = catalogue.ENTRIES["longhorn"].rule
     inp = _inputs(rule)

@@ -188,6 +188,8 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
         # chunk backend avoids the extra launches. RLS rules: the gain scan is a kernel (triton/rls.py)
         sufficient_stats = args.rule.is_exact and not args.rule.is_rls
         backend = "triton" if args.device.type == "cuda" and not sufficient_stats else "chunk"
+    if args.T == 0:
+        return _no_tokens(args)
     if backend == "reference":
         from .reference import reference_scan
         return reference_scan(args)
@@ -206,6 +208,20 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
         return triton_exact_scan(args, chunk_size=chunk_size)
     from .triton import triton_scan
     return triton_scan(args)
+
+
+def _no_tokens(args: ScanArgs):
+    """T = 0, whatever the backend: no output rows, and each sequence ends in the state it started from (its
+    initial_state, or the zero state: RLS's P = I/λ). fp32 states, fp64 for fp64 inputs."""
+    dtype = torch.float64 if args.out_dtype == torch.float64 else torch.float32
+    o = torch.zeros(args.B, 0, args.H, args.d_v, dtype=args.out_dtype, device=args.device)
+    if not args.output_final_state:
+        return o, None
+    st = args.initial_state
+    if st is None:
+        return o, args.rule.zero_state((args.num_sequences, args.H), args.d_k, args.d_v, device=args.device,
+                                       dtype=dtype, **args.params)
+    return o, (tuple(x.to(dtype).clone() for x in st) if args.rule.is_exact else st.to(dtype).clone())
 
 
 def kernel_source(rule, target: str) -> str:

@@ -17,7 +17,8 @@ def reference_scan(args):
     outs, finals = [], []
     for rows, start, end, states in args.pieces():
         if args.initial_state is None:
-            first = {nm: x[rows, start] for nm, x in args.tokens.items()}  # RLS: P_0 = I/λ at the first token
+            # RLS: P_0 = I/λ at the first token (an empty sequence: the nearest one, as rls.initial_p)
+            first = {nm: x[rows, min(start, args.T - 1)] for nm, x in args.tokens.items()}
             batch = args.B if args.cu_seqlens is None else 1
             S = rule.zero_state((batch, args.H), args.d_k, args.d_v, device=args.device, dtype=dtype,
                                 **args.params, **first)

@@ -449,6 +449,8 @@ class OnlineSSM(nn.Module):
         if prev is None:
             prev = ut.new_zeros(ut.shape[0], ut.shape[1], K - 1)
         full = torch.cat([prev.to(ut.dtype), ut], dim=-1)
+        if ut.shape[-1] == 0:   # no tokens (an empty packed sequence): conv1d refuses an input shorter than K
+            return u, full
         y = F.conv1d(full, conv.weight, conv.bias, groups=conv.groups)
         return F.silu(y).transpose(1, 2), full[..., full.shape[-1] - (K - 1):]
 

@@ -488,8 +488,6 @@ def run_scan(args):
         _check_device(h0.device)
         if h0.device != args.device:
             raise ValueError(f"scan: initial_state is on {h0.device}, inputs on {args.device}")
-    if args.T == 0:
-        raise ValueError("scan: T must be >= 1")
     plan = plan_for(rule)
     names = [s.name for s in plan.syms]
     ins = {**args.tokens, **args.params}
