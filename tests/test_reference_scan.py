@@ -141,6 +141,21 @@ def test_no_tokens_keeps_the_initial_state(name, backend):
         assert torch.equal(h.grad, torch.ones_like(h))
 
 
+@pytest.mark.parametrize("name", ["deltanet", "gla", "decayed_least_squares"])
+@pytest.mark.parametrize("B, H, d_k, d_v", [(0, 3, 5, 4), (2, 0, 5, 4), (2, 3, 0, 4), (2, 3, 5, 0)])
+def test_empty_batch_heads_or_state(name, B, H, d_k, d_v):
+    """No sequences, no heads or an empty state dimension: every torch backend returns o of the right shape
+    (zeros: d_k = 0 makes o = S q an empty sum) and the same final state as the reference (the chunk engines
+    reshaped empty tensors and failed)."""
+    rule = catalogue.ENTRIES[name].rule
+    inp = _inputs(rule, B=B, H=H, d_k=d_k, d_v=d_v)
+    o_ref, f_ref = rule.scan(backend="reference", output_final_state=True, **inp)
+    o, f = rule.scan(backend="chunk", output_final_state=True, **inp)
+    assert o.shape == o_ref.shape == (B, 7, H, d_v) and not o.any()
+    for a, b in zip(f if rule.is_exact else (f,), f_ref if rule.is_exact else (f_ref,)):
+        torch.testing.assert_close(a, b)
+
+
 def test_empty_last_sequence_keeps_its_initial_state():
     rule = catalogue.ENTRIES["rls"].rule
     inp = _inputs(rule, B=1, T=4)
@@ -150,6 +165,43 @@ def test_empty_last_sequence_keeps_its_initial_state():
     assert not S[1].any()
     torch.testing.assert_close(P[1], torch.eye(5) / inp["lam"][:, None, None])
     torch.testing.assert_close((S, P), (S_c, P_c), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["deltanet", "decayed_least_squares"])
+def test_mixed_precision_inputs_agree_across_backends(name):
+    """One fp64 input among fp32 ones: every torch backend runs the state in fp64 (and the exact readout
+    solves in it: linalg.solve refused the mix); o takes the value input's dtype. Against the all-fp64 run
+    (whose inputs hold the same, fp32-rounded values): 1e-6, the fp32 rounding of the evaluated coefficients."""
+    rule = catalogue.ENTRIES[name].rule
+    inp = _inputs(rule, T=9)
+    mixed = dict(inp, v=inp["v"].double())
+    wide = {n: x.double() for n, x in inp.items()}
+    o64, f64 = rule.scan(backend="reference", output_final_state=True, **wide)
+    for backend in ("reference", "chunk"):
+        o, f = rule.scan(backend=backend, output_final_state=True, **mixed)
+        assert o.dtype == torch.float64
+        for a, b in zip(f if rule.is_exact else (f,), f64 if rule.is_exact else (f64,)):
+            assert a.dtype == torch.float64, backend
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(o, o64, rtol=1e-6, atol=1e-6)
+
+
+def test_output_dtype_is_the_value_inputs():
+    two = catalogue.rule("two_keys")
+    inp = _inputs(two)
+    o, _ = two.scan(backend="reference", **dict(inp, k0=inp["k0"].bfloat16()))
+    assert o.dtype == torch.float32                 # v0 / v1 are fp32; a bf16 key does not set it
+    o, _ = two.scan(backend="reference", **dict(inp, v0=inp["v0"].bfloat16(), v1=inp["v1"].bfloat16()))
+    assert o.dtype == torch.bfloat16
+
+
+def test_chunk_backend_on_the_meta_device():
+    """Shapes without values (FakeTensor / meta tracing): GLA's column decay chose its intra-chunk form
+    from the values; on meta it takes the pairwise one."""
+    rule = catalogue.ENTRIES["gla"].rule
+    inp = {n: x.to("meta") for n, x in _inputs(rule, T=20).items()}
+    o, f = rule.scan(backend="chunk", output_final_state=True, chunk_size=8, **inp)
+    assert o.shape == (2, 20, 3, 4) and o.device.type == "meta" and f.shape == (2, 3, 4, 5)
 
 
 def test_bad_arguments_name_what_is_wrong():
@@ -171,6 +223,11 @@ def test_bad_arguments_name_what_is_wrong():
         rule.scan(**inp, backend="cuda-magic")
     with pytest.raises(ValueError, match="cu_seqlens"):
         rule.scan(**{n: x[:1] for n, x in inp.items()}, cu_seqlens=torch.tensor([0, 9]), backend="reference")
+    with pytest.raises(TypeError, match="cu_seqlens must be a 1-D int32/int64 tensor.*got list"):
+        rule.scan(**{n: x[:1] for n, x in inp.items()}, cu_seqlens=[0, 3, 7], backend="reference")
+    # (B, T) are the ones most inputs agree on: the key with one token too few is the input named
+    with pytest.raises(ValueError, match=r"input 'k' .*\(B, T, H\) = \(2, 7, 3\), got \(2, 6, 3, 5\)"):
+        rule.scan(**{**inp, "k": inp["k"][:, :6]}, backend="reference")
     mamba = catalogue.ENTRIES["mamba"].rule
     minp = _inputs(mamba)
     with pytest.raises(ValueError, match="parameter 'A'.*\\(3, 4, 5\\)"):

@@ -660,16 +660,20 @@ def closed_form_log(decay):
 def exact_readout(form, state, inp: dict):
     """o = G (H + diag λ)⁻¹ q (RLS: o = S q) with inputs in broadcast layout."""
     if isinstance(form, RLSForm):
-        q = torch.broadcast_to(inp[form.readout.name], state[0].shape[:-2] + (1, state[0].shape[-1]))
-        return (state[0] * q).sum(-1)
+        return (state[0] * inp[form.readout.name]).sum(-1)
     G, H = state
     ev = evaluator({"ridge": form.ridge, "q": form.readout})(inp)
-    ridge, q = ev["ridge"], ev["q"]
-    ridge = torch.as_tensor(ridge, dtype=H.dtype, device=H.device)
-    ridge = torch.broadcast_to(ridge, H.shape[:-2] + (1, H.shape[-1]))[..., 0, :]
-    q = torch.broadcast_to(q, H.shape[:-2] + (1, H.shape[-1]))[..., 0, :]
-    x = torch.linalg.solve(H + torch.diag_embed(ridge), q.unsqueeze(-1)).squeeze(-1)
-    return (G * x.unsqueeze(-2)).sum(-1)
+    # one dtype (fp32 inputs against an fp64 state: linalg.solve does not promote) and one batch shape (an
+    # unbatched state read with a batch of queries), as the other rules get from broadcasting
+    q = torch.as_tensor(ev["q"], device=H.device)
+    dt = torch.promote_types(H.dtype, q.dtype)
+    ridge = torch.as_tensor(ev["ridge"], dtype=dt, device=H.device)
+    G, H, q = G.to(dt), H.to(dt), q.to(dt)
+    K = H.shape[-1]
+    batch = torch.broadcast_shapes(G.shape[:-2], H.shape[:-2], q.shape[:-2], ridge.shape[:-2])
+    A = torch.broadcast_to(H, batch + (K, K)) + torch.diag_embed(torch.broadcast_to(ridge, batch + (1, K))[..., 0, :])
+    x = torch.linalg.solve(A, torch.broadcast_to(q, batch + (1, K)).mT)
+    return (G * x.mT).sum(-1)
 
 
 def compute_dtype(x) -> torch.dtype:

@@ -30,6 +30,13 @@ class ScanArgs:
     output_final_state: bool
 
     @property
+    def state_dtype(self) -> torch.dtype:
+        """The torch backends' state math: fp64 when any input is fp64 (verification), else fp32 (the triton
+        kernels: always fp32)."""
+        wide = any(x.dtype == torch.float64 for x in (*self.tokens.values(), *self.params.values()))
+        return torch.float64 if wide else torch.float32
+
+    @property
     def num_sequences(self) -> int:
         return self.B if self.cu_seqlens is None else len(self.cu_seqlens) - 1
 
@@ -106,7 +113,9 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
     first = tokens[ordered[0]] if ordered else None
     if first is None or first.dim() < 3:
         raise ValueError("scan: needs per-token inputs laid out [B, T, H, ...]")
-    B, T = first.shape[:2]
+    # (B, T) that most inputs agree on, so that the one input that disagrees is the one named
+    votes = [tuple(tokens[n].shape[:2]) for n in ordered if tokens[n].dim() >= 3]
+    B, T = max(dict.fromkeys(votes), key=votes.count)
     per_head = [tokens[n] for n in ordered if need[n].kind != COLUMN and tokens[n].dim() >= 3]
     H = per_head[0].shape[2] if per_head else max(x.shape[2] for x in tokens.values() if x.dim() >= 3)
     d_k = d_v = None
@@ -145,6 +154,9 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
         if x.device != device:
             raise ValueError(f"scan: input {n!r} is on {x.device}, others on {device}")
     if cu_seqlens is not None:
+        if not torch.is_tensor(cu_seqlens):
+            raise TypeError(f"scan: cu_seqlens must be a 1-D int32/int64 tensor [N+1] of cumulative lengths, got "
+                            f"{type(cu_seqlens).__name__}")
         if B != 1:
             raise ValueError(f"scan: with cu_seqlens the sequences are packed along T and B must be 1, got B={B}")
         if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or len(cu_seqlens) < 2:
@@ -163,7 +175,7 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
                 raise ValueError(f"scan: initial_state must have shape {(N, H, *shp)} "
                                  f"({'sequences' if cu_seqlens is not None else 'batch'}, heads, state), "
                                  f"got {_shape(st) if torch.is_tensor(st) else type(st).__name__}")
-    out_dtype = tokens.get("v", first).dtype
+    out_dtype = next((tokens[n] for n in ordered if need[n].role == "value"), first).dtype
     return ScanArgs(rule, tokens, params, B, T, H, d_k, d_v, out_dtype, device, initial_state,
                     cu_seqlens, output_final_state)
 
@@ -188,7 +200,7 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
         # chunk backend avoids the extra launches. RLS rules: the gain scan is a kernel (triton/rls.py)
         sufficient_stats = args.rule.is_exact and not args.rule.is_rls
         backend = "triton" if args.device.type == "cuda" and not sufficient_stats else "chunk"
-    if args.T == 0:
+    if args.T == 0 or args.B == 0 or args.H == 0 or args.d_k == 0 or (args.d_v == 0 and not args.rule.is_exact):
         return _no_tokens(args)
     if backend == "reference":
         from .reference import reference_scan
@@ -211,10 +223,12 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
 
 
 def _no_tokens(args: ScanArgs):
-    """T = 0, whatever the backend: no output rows, and each sequence ends in the state it started from (its
-    initial_state, or the zero state: RLS's P = I/λ). fp32 states, fp64 for fp64 inputs."""
-    dtype = torch.float64 if args.out_dtype == torch.float64 else torch.float32
-    o = torch.zeros(args.B, 0, args.H, args.d_v, dtype=args.out_dtype, device=args.device)
+    """Nothing to scan, whatever the backend: no tokens (T = 0), no sequences or heads (B, H = 0), or an empty
+    state (d_k = 0: o = S q = 0; d_v = 0). o is zeros, and each sequence ends in the state it started from (its
+    initial_state, or the zero state: RLS's P = I/λ), which is also right when the state has no entries.
+    fp32 states, fp64 for fp64 inputs."""
+    dtype = args.state_dtype
+    o = torch.zeros(args.B, args.T, args.H, args.d_v, dtype=args.out_dtype, device=args.device)
     if not args.output_final_state:
         return o, None
     st = args.initial_state

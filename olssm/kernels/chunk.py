@@ -209,7 +209,8 @@ def _linear_engine(logd, corrs, ins, q, S0, C):
         dec = torch.exp(LC - Lc).to(dt)                              # decay from t to chunk end
         gam = torch.exp(LC[:, :, :, 0]).to(dt)                       # [b, gL, kL]
         gL = Lc.shape[-2]
-        factor = Lc.shape[-1] > 1 and bool((LC > -_FACTOR_RANGE).all())
+        # (a meta tensor has no values to test: the pairwise form is right for any decay)
+        factor = Lc.shape[-1] > 1 and LC.device.type != "meta" and bool((LC > -_FACTOR_RANGE).all())
     else:
         Lc = None
         gL, factor = 1, False
@@ -503,7 +504,7 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
         from .reference import reference_scan
         return reference_scan(args)
     exact = isinstance(form, ExactForm)
-    dt = torch.float64 if args.out_dtype == torch.float64 else torch.float32
+    dt = args.state_dtype if g_engine is None else torch.float32   # triton's G scan: fp32 state, so H too
     lay = rule.broadcast_inputs(args.d_k, args.d_v, {**args.tokens, **args.params}, "chunk")
     exprs = _exprs(form)
     evaluate = _evaluator_for(form)

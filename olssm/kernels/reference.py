@@ -12,7 +12,7 @@ def reference_scan(args):
     tok = {n: lay[n] for n in args.tokens}
     par = {n: lay[n] for n in args.params}
     need = set(rule.update_inputs)
-    dtype = torch.float64 if args.out_dtype == torch.float64 else torch.float32
+    dtype = args.state_dtype
     # whole batches step together; packed (varlen) sequences one after another, batch of one
     outs, finals = [], []
     for rows, start, end, states in args.pieces():

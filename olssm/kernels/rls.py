@@ -162,7 +162,7 @@ def rls_scan(args, gain_scan, backend: str, chunk_size: int = 64):
     """o [B, T, H, d_v] (args.out_dtype) and (if asked) the final (S, P) fp32 (fp64 for fp64 inputs on
     the chunk backend, as verification wants): the gain by gain_scan(u, γ, R, P_0, cu_seqlens) ->
     (g, P_T), then S's scan on `backend` ("chunk" / "triton")."""
-    dtype = torch.float64 if backend == "chunk" and args.out_dtype == torch.float64 else torch.float32
+    dtype = args.state_dtype if backend == "chunk" else torch.float32
     gamma, R, u, e, q = coefficients(args, dtype)
     if args.initial_state is None:
         S0, P0 = None, initial_p(args, dtype)
