@@ -46,6 +46,16 @@ SHAPES = {  # rule name -> what it stands for in the table
 }
 
 
+#: decay gates in log space (rule.with_log_decays(), what OnlineSSM runs, fla's convention) unless --raw-decays:
+#: a gradient to a raw gate runs the chunk backend's token loops (exact ∂L/∂Λ; CHUNK.md §1)
+RAW_DECAYS = False
+
+
+def _rule(name):
+    rule = cat.rule(name)
+    return rule if RAW_DECAYS or rule.is_rls else rule.with_log_decays()
+
+
 def _once(name, inp, backend, chunk, bwd):
     """Seconds for one forward (bwd: forward and backward) of rule `name` on backend "reference",
     "chunk" or "peer" (the other library's path, _peer)."""
@@ -53,7 +63,7 @@ def _once(name, inp, backend, chunk, bwd):
         fn = _peer(name)[1]
         run = lambda x: (fn(x, chunk), None)
     else:
-        rule = cat.rule(name)
+        rule = _rule(name)
         run = lambda x: scan(rule, backend=backend, chunk_size=chunk, output_final_state=True, **x)
     if bwd:
         leaves = {n: x.detach().clone().requires_grad_(True) for n, x in inp.items()}
@@ -83,7 +93,7 @@ def _peer(name):
         if name == "gla":
             from fla.ops.gla.naive import naive_recurrent_gla
             return "fla naive_recurrent_gla (torch)", lambda x, chunk: naive_recurrent_gla(
-                x["q"], x["k"], x["v"], torch.log(x["g"]))[0]
+                x["q"], x["k"], x["v"], torch.log(x["g"]) if RAW_DECAYS else x["g"])[0]
         if name == "mamba":
             from mambapy.pscan import pscan
 
@@ -107,7 +117,7 @@ def _rss_kb():
 
 def _cell(q, name, B, T, H, d, backend, chunk, bwd, repeat, threads):
     torch.set_num_threads(threads)
-    rule = cat.rule(name)
+    rule = _rule(name)
     inp = cat.random_inputs(rule, B, T, H, d, d, seed=0)
     small = cat.random_inputs(rule, B, min(T, 2 * chunk), H, d, d, seed=0)
     _once(name, small, backend, chunk, bwd)                      # warm-up: codegen, allocator
@@ -143,14 +153,19 @@ def main(argv=None):
                          "pays the page faults of its large autograd graph, up to 2x its best time here)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--peers", action="store_true", help="also time other libraries' CPU paths (if installed)")
+    ap.add_argument("--raw-decays", action="store_true",
+                    help="decay gates as raw values in (0, 1] (their gradients then run the token loops) instead of "
+                         "log space")
     args = ap.parse_args(argv)
+    global RAW_DECAYS
+    RAW_DECAYS = args.raw_decays
     Ts = [128, 512] if args.quick else args.T
     repeat = 1 if args.quick else args.repeat
     if args.ref_repeat is None:
         args.ref_repeat = repeat
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}; fp32, B={args.B}, H={args.H}, "
-          f"d_k=d_v={args.d}, chunk_size={args.chunk}; time = best of {repeat} (reference: best of {args.ref_repeat}); mem = peak RSS above baseline\n")
+          f"d_k=d_v={args.d}, chunk_size={args.chunk}, decay gates {'raw' if RAW_DECAYS else 'in log space'}; time = best of {repeat} (reference: best of {args.ref_repeat}); mem = peak RSS above baseline\n")
     print("| rule | T | ref fwd s | chunk fwd s | fwd × | ref fwd+bwd s | chunk fwd+bwd s | fwd+bwd × "
           "| ref mem MB (f+b) | chunk mem MB (f+b) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -86,14 +86,24 @@ def _init(rule, N, H, d_k, d_v, dtype, seed=5):
 
 
 CHUNKABLE = list(cat.ENTRIES)   # RLS too: a torch gain loop, then S's scan by the chunk engines
+# rules whose decay is read raw: a gradient to it runs the token loops (chunk.py, _raw_decay_grad); in log
+# space ("name:log", what the layers run) the same rule takes the chunked engines' decay gradients
+RAW_DECAY = [n for n in cat.ENTRIES if any(s.domain == "decay" for s in cat.ENTRIES[n].rule.inputs.values())
+             and not cat.ENTRIES[n].rule.is_rls]
+
+
+def _rule(name):
+    base, _, log = name.partition(":")
+    rule = cat.ENTRIES[base].rule
+    return rule.with_log_decays() if log else rule
 
 
 # --------------------------------------------------------------------------------------------
 # catalogue
 
-@pytest.mark.parametrize("name", CHUNKABLE)
+@pytest.mark.parametrize("name", CHUNKABLE + [n + ":log" for n in RAW_DECAY])
 def test_catalogue_fp32_with_grads(name):
-    rule = cat.ENTRIES[name].rule
+    rule = _rule(name)
     B, T, H, d_k, d_v = 2, 37, 2, 6, 5        # T not a multiple of the chunk size
     inp = cat.random_inputs(rule, B, T, H, d_k, d_v, seed=0)
     _compare(rule, inp, tol=TOL32, chunk_size=8, what=name)
@@ -101,9 +111,9 @@ def test_catalogue_fp32_with_grads(name):
              what=name + " +initial_state")
 
 
-@pytest.mark.parametrize("name", CHUNKABLE)
+@pytest.mark.parametrize("name", CHUNKABLE + [n + ":log" for n in RAW_DECAY])
 def test_catalogue_fp64(name):
-    rule = cat.ENTRIES[name].rule
+    rule = _rule(name)
     B, T, H, d_k, d_v = 1, 23, 2, 4, 3
     inp = cat.random_inputs(rule, B, T, H, d_k, d_v, seed=1, dtype=torch.float64)
     for C in (1, 5, 64):
@@ -184,21 +194,35 @@ def test_long_strong_decay(name):
 
 
 def test_column_decay_both_paths():
-    """GLA: the factorised intra-chunk form (mild decays) and the pairwise one (strong) agree with reference.
-
-    A raw decay input g is differentiated through log g, so dL/dg carries an absolute rounding error
-    ~ eps * O(1) / g (CHUNK.md): it is compared where g > 1e-4 only; every other gradient everywhere."""
-    rule = cat.ENTRIES["gla"].rule
+    """GLA with its gate in log space: the factorised intra-chunk form (mild decays) and the pairwise one
+    (strong) agree with the reference, every gradient included."""
+    rule = cat.ENTRIES["gla"].rule.with_log_decays()
     mild = cat.random_inputs(rule, 1, 50, 2, 4, 3, seed=4, dtype=torch.float64)
-    strong = dict(mild, g=mild["g"] ** 400)                      # chunk total log decay far below -30
+    strong = dict(mild, g=mild["g"] * 400)                       # chunk total log decay far below -30
     for inp in (mild, strong):
         o1, f1, g1 = _run(rule, inp, "reference", grad_seed=1)
         o2, f2, g2 = _run(rule, inp, "chunk", chunk_size=16, grad_seed=1)
         _close(o2, o1, TOL64, "gla output")
         _close(f2[0], f1[0], TOL64, "gla state")
         for n in g1:
-            keep = inp["g"] > 1e-4 if n == "g" else torch.ones_like(g1[n], dtype=torch.bool)
-            _close(g2[n][keep], g1[n][keep], TOL64, f"gla grad {n}")
+            _close(g2[n], g1[n], TOL64, f"gla grad {n}")
+
+
+@pytest.mark.parametrize("name,gate", [("gla", "g"), ("gated_deltanet", "alpha"), ("decayed_least_squares", "gamma")])
+def test_raw_decay_gradients_at_tiny_and_zero_decays(name, gate):
+    """A raw decay of 1e-6, 1e-10 or exactly 0 (a reset) at one token: the gradient to it equals the
+    reference's (fp32, 1e-5 of the largest). Through log Λ it would not: ∂L/∂Λ = ∂L/∂log Λ / Λ made
+    ~ε/Λ errors (GLA at 1e-10: 7e3 against 1.45) and a zero decay got no gradient."""
+    rule = cat.ENTRIES[name].rule
+    inp = cat.random_inputs(rule, 1, 24, 2, 3, 2, seed=1)
+    for value in (1e-6, 1e-10, 0.0):
+        inp[gate][:, 5] = value
+        inp[gate][:, 17] = value
+        o1, f1, g1 = _run(rule, inp, "reference", grad_seed=3)
+        o2, f2, g2 = _run(rule, inp, "chunk", chunk_size=8, grad_seed=3)
+        _close(o2, o1, 1e-5, f"{name} output")
+        for n in g1:
+            _close(g2[n], g1[n], 1e-5, f"{name} grad {n} at decay {value}")
 
 
 @pytest.mark.parametrize("name", ["mamba2", "mamba", "longhorn_diag"])

@@ -369,29 +369,46 @@ class Gram:
         return Gram([tuple(fn(x) for x in term) for term in self.terms], None if self.diag is None else fn(self.diag))
 
 
-def _exact_x_loop(logd, X, ridge, qr, H0):
+def _exact_x_loop(gam, X, ridge, qr, H0):
     """x_t = (H_t + diag λ_t)⁻¹ q_t with H_t = γ_t H_{t-1} + X_t token by token (the CPU form of the
     exact engine's first half, CHUNK.md §4): x [B, T, H, K, 1] and H_T, through the recurrent module's
     written-out adjoint (X kept in its factors, LU factors kept for the backward, H recomputed per
-    RECURRENT_BLOCK tokens)."""
+    RECURRENT_BLOCK tokens). gam: γ [B, T, H, 1, 1] or None."""
     B, T, Hh = qr.shape[:3]
     K = H0.shape[-1]
-    return exact_x_loop(torch.exp(logd) if logd is not None else None, X.terms, X.diag, ridge,
-                        torch.broadcast_to(qr, (B, T, Hh, 1, K)), H0, RECURRENT_BLOCK)
+    return exact_x_loop(gam, X.terms, X.diag, ridge, torch.broadcast_to(qr, (B, T, Hh, 1, K)), H0, RECURRENT_BLOCK)
 
 
-def _exact_engine(logd, X, ridge, ins, qr, S0, C, g_engine=None, h_loop=False):
+def _g_loop(decay, ins, x, G0):
+    """G_t = γ_t G_{t-1} + Σ_m e_m w_mᵀ, o_t = G_t x_t through the recurrent engine (γ differentiated as
+    itself, not through its log): evaluated entries [B, T, H, X, Y] in, o [B, T, H, d_v] and G_T out."""
+    B, T, Hh = x.shape[:3]
+    V, K = G0.shape[-2:]
+    tokens = {"decay": decay, "q": x}
+    for m, (e, w) in enumerate(ins):
+        tokens[f"e{m}"], tokens[f"w{m}"] = e, w
+    plan = Plan(lambda inp, L: {n: torch.broadcast_to(t, (L, B, Hh, *t.shape[-2:])) for n, t in inp.items()},
+                0, len(ins), True, (B, T, Hh, V, K))
+    return recurrent_scan(plan, tokens, {}, G0, RECURRENT_BLOCK)
+
+
+def _exact_engine(logd, X, ridge, ins, qr, S0, C, g_engine=None, h_loop=False, decay=None):
     """Exact rules: H_t by chunked decayed prefix sums, x_t = (H_t + diag λ)⁻¹ q_t, G by the
     linear engine with query x_t (CHUNK.md §4) — or by g_engine(logd, ins, x, G0) -> (o, G_T)
     (backend="triton" passes the generated kernels' scan there). X: H's update, a Gram (its factors) or, for
     the chunked form only, a full [B, T, H, K, K] tensor. h_loop: H and x token by token (_exact_x_loop;
-    faster on a CPU, where the chunked form's passes over T·d_k² elements dominate)."""
+    faster on a CPU, where the chunked form's passes over T·d_k² elements dominate). decay: γ itself
+    [B, T, H, 1, 1] instead of logd, for both token loops (an exact gradient for a raw γ)."""
     G0, H0 = S0
     B, T, Hh = qr.shape[:3]
     K = H0.shape[-1]
     dt = H0.dtype
+    if decay is not None:
+        x, Hst = _exact_x_loop(decay, X, ridge, qr, H0)
+        o, Gf = _g_loop(decay, ins, x.transpose(-1, -2), G0)
+        return o, (Gf, Hst)
     if h_loop:
-        x, Hst = _exact_x_loop(logd, X, ridge, qr, H0)
+        x, Hst = _exact_x_loop(torch.exp(logd) if logd is not None else None, X, ridge, qr, H0)
         o, Gf = _linear_engine(logd, [], ins, x.transpose(-1, -2), G0, C)
         return o, (Gf, Hst)
     X = X.full(K) if isinstance(X, Gram) else X
@@ -470,6 +487,15 @@ def _per_row_corrections(form, ev):
     return R > 0 and (ev["decay"].shape[-2] > 1 or any(ev[f"c{r}"].shape[-2] > 1 for r in range(R)))
 
 
+def _raw_decay_grad(form, lay) -> bool:
+    """A gradient will flow to a decay read raw: Λ not constant, log Λ without a closed form, and some input
+    of Λ requires grad."""
+    decay = sp.sympify(form.decay)
+    if decay == 1 or closed_form_log(decay) is not None or not torch.is_grad_enabled():
+        return False
+    return any(torch.is_tensor(lay.get(s.name)) and lay[s.name].requires_grad for s in decay.free_symbols)
+
+
 def _log_decay_expr(decay):
     """{"logdecay": log Λ} in closed form (CHUNK.md, "gradients and tiny decays"), else nothing."""
     le = None if sp.sympify(decay) == 1 else closed_form_log(decay)
@@ -519,9 +545,13 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
     engine, why = _plan(form, probe)
     # on a CPU, elementwise decays and per-row corrections run the token loop with a hand-written
     # adjoint (recurrent.py, CHUNK.md §5): their chunked forms move T·d_v·d_k (or T·d_v·C) elements
-    # through memory, more than the loop's L2-resident steps; coefficients are evaluated per block
-    recurrent = not exact and args.device.type == "cpu" and (
-        engine in ("loop", None) or (engine == "linear" and _per_row_corrections(form, probe)))
+    # through memory, more than the loop's L2-resident steps; coefficients are evaluated per block.
+    # A raw decay (no closed-form log) whose gradient is wanted takes the token loops on any device: the
+    # chunked forms differentiate log Λ, and ∂L/∂Λ = ∂L/∂log Λ / Λ turns its rounding error into ~ε/Λ
+    # (and a Λ of exactly 0 into no gradient); the loops differentiate Λ itself (CHUNK.md §1)
+    raw_grad = _raw_decay_grad(form, lay)
+    recurrent = not exact and (raw_grad or args.device.type == "cpu" and (
+        engine in ("loop", None) or (engine == "linear" and _per_row_corrections(form, probe))))
     ev = None if recurrent else {nm: _full(x, B, T, H, dt, args.device) for nm, x in evaluate(lay).items()}
     if engine is None:
         warnings.warn(f"chunk backend: cannot chunk {why} (rule structure: {rule.structure}); running "
@@ -576,6 +606,9 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
         C = min(chunk_size, t1 - t0)
         ld = None if logd is None else cut(logd)
         if exact:
+            if raw_grad and g_engine is None:   # Λ = γ itself through both token loops (x's and G's)
+                return _exact_engine(None, X.map(cut), cut(ev["ridge"]), [(cut(e), cut(w)) for e, w in ins],
+                                     cut(ev["q"]), S0, C, h_loop=True, decay=cut(ev["decay"]))
             return _exact_engine(ld, X.map(cut), cut(ev["ridge"]), [(cut(e), cut(w)) for e, w in ins],
                                  cut(ev["q"]), S0, C, g_engine, h_loop=args.device.type == "cpu" and g_engine is None)
         if engine == "loop":
