@@ -142,11 +142,38 @@ def _S():
     (lambda S, Sp, k, v: O.Objective(O.sqnorm(S - Sp) / 2, update="sideways"), "update="),
     (lambda S, Sp, k, v: O.Objective(O.sqnorm(S @ k - v) / 2 + O.sqnorm(S @ O.key("k2") - v) / 2, update="exact",
                                      ridge=O.scalar("l", positive=True), ridge_decays=True), "Sherman"),
+    # H_t = Σ γ k kᵀ is singular on the first tokens: x_t = H_t⁻¹ q_t has no value there
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(S @ k - v) / 2, update="exact", decay=O.scalar("g", domain="decay")),
+     "no ridge"),
+    # Hessian I − k kᵀ: a saddle for ‖k‖ > 1, not a minimum (the derivation would return the stationary point)
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=-1) / 2), "not convex"),
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(S @ k - v, weight=O.scalar("n", domain="negative")) / 2, update="exact",
+                                     ridge=O.parameter("lam", "scalar", domain="positive")), "not convex"),
 ])
 def test_derivation_errors_name_the_problem(build, match):
     S, Sp = _S()
     with pytest.raises(O.DerivationError, match=match):
         olssm.derive(build(S, Sp, O.key("k"), O.value("v")))
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "decayed_least_squares", "rls"])
+def test_verify_reads_log_decays_as_the_rule_does(name):
+    """rule.with_log_decays() reads α' where the objective has α = exp(α'): verify samples α' in the log
+    domain and hands the solver exp(α'), so the log rule verifies like the raw one (it reported MISMATCH
+    when the solver was given α' itself)."""
+    rule = catalogue.ENTRIES[name].rule.with_log_decays()
+    assert any(s.domain == "log_decay" for s in rule.inputs.values())
+    report = olssm.verify(rule, steps=4)
+    assert report.ok, report
+
+
+def test_verify_exact_rule_with_a_ridge_per_key_column():
+    S, _ = _S()
+    k, v = O.key("k"), O.value("v")
+    obj = O.Objective(O.sqnorm(S @ k - v) / 2, update="exact", decay=O.scalar("g", domain="decay"),
+                      ridge=O.column("cr", domain="positive"))
+    report = olssm.verify(obj, steps=5)
+    assert report.ok, report
 
 
 def test_malformed_objectives_fail_at_construction():

@@ -86,6 +86,16 @@ def _hessian_split(delta, has_lowrank, what):
     return delta, sp.Integer(1)  # elementwise: handled as an elementwise decay, no corrections
 
 
+def _no_negative_squares(g, where):
+    """A squared loss ‖S u − y‖² with a weight that is negative for every input adds −c u uᵀ to the Hessian:
+    the objective then has no minimum once ‖u‖ is large (the "minimiser" a derivation would return is a
+    saddle point)."""
+    for (u, w), c in g.lowrank.items():
+        if u == w and sp.sympify(c).is_negative:
+            raise DerivationError(f"{where}: the squared loss on S {u} has weight {c} < 0, so the objective is "
+                                  f"not convex in S and has no minimum for large ‖{u}‖; use a nonnegative weight")
+
+
 def derive_implicit(obj: Objective) -> NormalForm:
     g = gradient(obj.expr.terms)
     if not g.has_state:
@@ -99,6 +109,7 @@ def derive_implicit(obj: Objective) -> NormalForm:
     if sp.sympify(g.diag).is_nonpositive:
         raise DerivationError(f"implicit update of {obj.expr}: the diagonal of the Hessian, {g.diag}, is "
                               "never positive: the objective has no minimum")
+    _no_negative_squares(g, f"implicit update of {obj.expr}")
     row_part, col_part = _hessian_split(g.diag, bool(g.lowrank), f"implicit update of {obj.expr}")
     decay = -g.prev_diag / g.diag
     row = _Row()
@@ -207,6 +218,7 @@ def derive_exact(obj: Objective) -> ExactForm:
                               "replaces the proximal term); drop S_prev or use update='implicit'")
     if not g.has_state:
         raise DerivationError(f"{where}: the per-token loss is linear in S; least squares needs squares")
+    _no_negative_squares(g, where)
     for (u, w), c in g.lowrank.items():
         if kind_of(c) != SCALAR:
             raise DerivationError(
@@ -222,9 +234,10 @@ def derive_exact(obj: Objective) -> ExactForm:
     if kind_of(ridge) not in (SCALAR, COLUMN):
         raise DerivationError(f"{where}: ridge {ridge} must be scalar or per key column")
     if g.diag == 0 and ridge == 0:
-        notes = ("H_t may be singular until d_k independent keys are seen: pass ridge > 0",)
-    else:
-        notes = ()
+        raise DerivationError(f"{where}: no ridge and no diagonal term, so H_t = Σ γ k kᵀ is singular until d_k "
+                              "independent keys have arrived and x_t = H_t⁻¹ q_t has no value on the first tokens; "
+                              "pass ridge= (e.g. O.parameter('lam', 'scalar', domain='positive'))")
+    notes = ()
     gram = tuple(Correction(simplify(c), u, w) for (u, w), c in g.lowrank.items())
     moments = tuple(InputTerm(simplify(-c), w) for w, c in g.const.items())
     if obj.ridge_decays:

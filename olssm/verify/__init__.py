@@ -87,7 +87,7 @@ def random_inputs(rule: Rule, steps: int, d_k: int, d_v: int, seed: int = 0) -> 
     """Random per-step inputs: vectors ~ N(0, 1/d), coefficients and parameters ~ U(0.1, 1) (negated for a
     negative domain, its log for a log decay)."""
     g = torch.Generator().manual_seed(seed)
-    names = {**rule.inputs, **rule.objective.inputs()}
+    names = {**rule.objective.inputs(), **rule.inputs}     # the rule's domain where they differ (log decays)
     params = {}
     out = []
     for t in range(steps):
@@ -153,8 +153,12 @@ def verify(objective_or_rule, steps: int = 6, d_k: int = 4, d_v: int = 3, seed: 
     seq = inputs if inputs is not None else random_inputs(rule, steps, d_k, d_v, seed)
     steps = len(seq)
     sym_kind = {**{n: s.kind for n, s in obj.inputs().items()}, **{n: s.kind for n, s in rule.inputs.items()}}
+    # rule.with_log_decays() reads α' where the objective has α = exp(α'): the oracle gets α
+    logged = {n for n, s in rule.inputs.items()
+              if s.domain == "log_decay" and n in obj.inputs() and obj.inputs()[n].domain != "log_decay"}
 
     def lay(inp):
+        inp = {n: (torch.exp(x) if n in logged else x) for n, x in inp.items()}
         return {n: (x[:, None] if sym_kind.get(n) == ROW else x[None, :] if sym_kind.get(n) == COLUMN else x)
                 for n, x in inp.items()}
 
@@ -184,16 +188,13 @@ def verify(objective_or_rule, steps: int = 6, d_k: int = 4, d_v: int = 3, seed: 
                     val = val + 0.5 * rw * (lam_t * S * S).sum()
                 return val
 
-            if ridge is None and t + 1 < d_k:
-                note = f"first {d_k - 1} steps skipped: without a ridge the least-squares problem is underdetermined"
-                continue
             S_or = _minimise(total, (d_v, d_k))
             if rule.is_rls:
                 S_rule = state[0]
             else:
                 G, H = state
                 lam = _eval(obj.ridge, L) if obj.ridge is not None else torch.tensor(0.0, dtype=torch_dtype)
-                S_rule = torch.linalg.solve((H + torch.diag_embed(torch.broadcast_to(lam, (d_k,)))).T, G.T).T
+                S_rule = torch.linalg.solve((H + torch.diag_embed(torch.broadcast_to(lam, (1, d_k))[0])).T, G.T).T
             o_or = S_or @ inp[qn]
             e1, e2 = _rel(S_rule, S_or), _rel(o_rule, o_or)
             per_step.append((t, e1, e2))
