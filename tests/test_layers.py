@@ -258,6 +258,11 @@ def test_bad_configs():
         OnlineSSM(obj, 16, 2, freeze=("A",))
     with pytest.raises(ValueError, match="feature_map"):
         OnlineSSM(obj, 16, 2, feature_map="tanh")
+    for bad in (0.0, -1.0, float("nan")):   # the softplus log decay is divided by it: NaN / sign-flipped decays
+        with pytest.raises(ValueError, match="decay_normalizer must be a finite number > 0"):
+            OnlineSSM(obj, 16, 2, decay_normalizer=bad)
+    with pytest.raises(ValueError, match="qk_heads = 3 must divide n_heads = 2"):
+        OnlineSSM(obj, 16, 2, qk_heads=3)
     with pytest.raises(ValueError, match="unknown mixer preset 'transformer'"):
         get_preset("transformer")
     with pytest.raises(ValueError, match="d_inner"):

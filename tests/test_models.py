@@ -86,10 +86,14 @@ def test_sampling():
     assert torch.equal(a, b)
     assert torch.equal(model.generate(prompt, 6, temperature=0.7, top_k=1), model.generate(prompt, 6))
     assert model.generate(prompt, 0).shape == (3, 4)
-    with pytest.raises(ValueError, match="temperature"):
-        model.generate(prompt, 2, temperature=-1.0)
-    with pytest.raises(ValueError, match="top_k"):
-        model.generate(prompt, 2, temperature=1.0, top_k=0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            model.generate(prompt, 2, temperature=bad)
+    for bad in (0, True):
+        with pytest.raises(ValueError, match="top_k"):
+            model.generate(prompt, 2, temperature=1.0, top_k=bad)
+    # a tiny temperature is greedy (the logits are shifted before dividing: no inf − inf = NaN)
+    assert torch.equal(model.generate(prompt, 6, temperature=1e-45), model.generate(prompt, 6))
     with pytest.raises(ValueError, match="input_ids must be an integer tensor"):
         model.generate(prompt.float(), 2)
 

@@ -205,6 +205,8 @@ class OnlineSSM(nn.Module):
             raise ValueError(f"OnlineSSM: project_from must be 'input' or 'value', got {project_from!r}")
         if d_skip not in (False, True, "channel", "head", None):
             raise ValueError(f"OnlineSSM: d_skip must be False, True, 'channel' or 'head', got {d_skip!r}")
+        if not (isinstance(decay_normalizer, (int, float)) and math.isfinite(decay_normalizer) and decay_normalizer > 0):
+            raise ValueError(f"OnlineSSM: decay_normalizer must be a finite number > 0, got {decay_normalizer!r}")
         if isinstance(q_scale, str):
             if q_scale != "rsqrt_dk":
                 raise ValueError(f"OnlineSSM: q_scale must be a number or 'rsqrt_dk', got {q_scale!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 
@@ -222,9 +223,9 @@ class CausalLM(nn.Module):
         self._check_ids(input_ids, "generate")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if temperature < 0:
-            raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"generate: top_k must be a positive integer or None, got {top_k!r}")
         if input_ids.shape[1] == 0:
             raise ValueError("generate: the prompt must have at least one token")
@@ -244,7 +245,9 @@ class CausalLM(nn.Module):
     def _sample(logits, temperature, top_k, generator):
         if temperature == 0:
             return logits.argmax(-1)
-        logits = logits.float() / temperature
+        logits = logits.float()
+        # shifted so that the largest is 0 first: a tiny temperature then gives −inf elsewhere, not inf − inf
+        logits = (logits - logits.amax(-1, keepdim=True)) / temperature
         if top_k is not None and top_k < logits.shape[-1]:
             kth = logits.topk(top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
