@@ -252,13 +252,16 @@ def test_printer():
         p.doprint(sp.Piecewise((x, x > 1), (y, True)))
 
 
-@pytest.mark.parametrize("name", EXACT + ["decayed_least_squares/varlen", "rls/varlen"])
+@pytest.mark.parametrize("name", EXACT + ["decayed_least_squares/varlen", "rls/varlen", "decayed_least_squares:log",
+                                  "decayed_least_squares:log/varlen"])
 def test_exact_rules_hybrid_matches_reference(name):
     # x_t = (H_t + λ)⁻¹ q_t in torch, o_t = G_t x_t through the generated kernels (RLS: the gain
     # scan kernel, then S's generated scan): o, both final states and every gradient (inputs and
-    # the initial pair) equal the reference step loop
+    # the initial pair) equal the reference step loop. A raw γ requiring grad takes x's token loop and
+    # G's scan on γ itself; ":log" (γ in log space) the chunked H and the log-γ G scan
     name, _, varlen = name.partition("/")
-    rule = ENTRIES[name].rule
+    name, _, log = name.partition(":")
+    rule = ENTRIES[name].rule.with_log_decays() if log else ENTRIES[name].rule
     g = torch.Generator().manual_seed(3)
     B, T, H, K, V = (1, 11, 2, 5, 6) if varlen else (2, 9, 2, 5, 6)
     cu = _dev(torch.tensor([0, 4, 4, 11], dtype=torch.int32)) if varlen else None
@@ -285,6 +288,24 @@ def test_exact_rules_hybrid_matches_reference(name):
         assert (g1[n] is None) == (g2[n] is None), f"d{n}: used by one backend only"
         if g1[n] is not None:
             _close(g2[n], g1[n], FP32_RTOL, f"d{n}")
+
+
+def test_exact_rule_raw_gamma_gradient_at_zero_and_tiny_gamma():
+    # γ = 0 (a reset) and 1e-10 at one token: ∂γ equals the reference's (through log γ it was lost at 0 and
+    # ~ε/γ off at 1e-10; CHUNK.md §1)
+    rule = ENTRIES["decayed_least_squares"].rule
+    inp = random_inputs(rule, 1, 9, 1, 3, 2, seed=6)
+    w = torch.randn(1, 9, 1, 2, generator=torch.Generator().manual_seed(6))
+    for value in (1e-10, 0.0):
+        inp["gamma"][:, 4] = value
+        grads = {}
+        for backend in ("reference", "triton"):
+            x = {n: _dev(t).clone().requires_grad_() for n, t in inp.items()}
+            o, (G, Hs) = rule.scan(backend=backend, output_final_state=True, **x)
+            loss = (o * _dev(w)).sum() + G.sum() + Hs.sum()
+            grads[backend] = dict(zip(x, torch.autograd.grad(loss, list(x.values()))))
+        for n in grads["reference"]:
+            _close(grads["triton"][n], grads["reference"][n], FP32_RTOL, f"d{n} at γ = {value}")
 
 
 def test_exact_and_rls_kernel_sources():

@@ -405,7 +405,8 @@ def _exact_engine(logd, X, ridge, ins, qr, S0, C, g_engine=None, h_loop=False, d
     dt = H0.dtype
     if decay is not None:
         x, Hst = _exact_x_loop(decay, X, ridge, qr, H0)
-        o, Gf = _g_loop(decay, ins, x.transpose(-1, -2), G0)
+        xr = x.transpose(-1, -2)
+        o, Gf = _g_loop(decay, ins, xr, G0) if g_engine is None else g_engine(None, ins, xr, G0, decay=decay)
         return o, (Gf, Hst)
     if h_loop:
         x, Hst = _exact_x_loop(torch.exp(logd) if logd is not None else None, X, ridge, qr, H0)
@@ -606,9 +607,9 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
         C = min(chunk_size, t1 - t0)
         ld = None if logd is None else cut(logd)
         if exact:
-            if raw_grad and g_engine is None:   # Λ = γ itself through both token loops (x's and G's)
+            if raw_grad:   # Λ = γ itself through x's token loop and G's scan (the recurrent engine or triton's)
                 return _exact_engine(None, X.map(cut), cut(ev["ridge"]), [(cut(e), cut(w)) for e, w in ins],
-                                     cut(ev["q"]), S0, C, h_loop=True, decay=cut(ev["decay"]))
+                                     cut(ev["q"]), S0, C, g_engine, h_loop=True, decay=cut(ev["decay"]))
             return _exact_engine(ld, X.map(cut), cut(ev["ridge"]), [(cut(e), cut(w)) for e, w in ins],
                                  cut(ev["q"]), S0, C, g_engine, h_loop=args.device.type == "cpu" and g_engine is None)
         if engine == "loop":

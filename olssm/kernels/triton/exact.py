@@ -19,19 +19,20 @@ from ...objectives import core as O
 
 
 @functools.lru_cache(maxsize=16)
-def g_rule(n_moments: int, decayed: bool) -> Rule:
+def g_rule(n_moments: int, decayed: bool, raw: bool = False) -> Rule:
     """The normal form of G's scan: S_t = γ_t S_{t-1} + Σ_m e_m w_mᵀ, o_t = S_t x_t."""
     terms = tuple(InputTerm(O.row(f"olssm_e{m}"), O.key(f"olssm_w{m}")) for m in range(n_moments))
     # the decay as exp(log γ): the engine already holds log γ (no exp/log round trip), and a closed-form
-    # log lets the chunked kernels use their exact chunked backward
-    decay = sp.exp(O.scalar("olssm_loggamma")) if decayed else 1
+    # log lets the chunked kernels use their exact chunked backward. raw: γ itself, for a raw γ whose
+    # gradient is wanted (auto then keeps the recurrent backward, exact at any γ; CHUNK.md §1)
+    decay = (O.scalar("olssm_gamma", domain="decay") if raw else sp.exp(O.scalar("olssm_loggamma"))) if decayed else 1
     form = NormalForm(decay=decay, corrections=(), inputs=terms, readout=O.query("olssm_x"), mode="exact (G scan)")
     return Rule(None, form)
 
 
-def g_engine(logd, ins, x, G0):
-    """chunk._exact_engine's G scan through backend="triton": logd [B, T, H, 1, 1] or None, ins
-    [(e [B, T, H, V|1, 1], w [B, T, H, 1, K])], x [B, T, H, 1, K], G0 [B, H, V, K]."""
+def g_engine(logd, ins, x, G0, decay=None):
+    """chunk._exact_engine's G scan through backend="triton": logd [B, T, H, 1, 1] or None (or decay, γ itself
+    [B, T, H, 1, 1]), ins [(e [B, T, H, V|1, 1], w [B, T, H, 1, K])], x [B, T, H, 1, K], G0 [B, H, V, K]."""
     from ..api import scan
     B, T, H = x.shape[:3]
     V = G0.shape[-2]
@@ -39,10 +40,12 @@ def g_engine(logd, ins, x, G0):
     for m, (e, w) in enumerate(ins):
         inputs[f"olssm_e{m}"] = e[..., 0].expand(B, T, H, V)
         inputs[f"olssm_w{m}"] = w[..., 0, :]
-    if logd is not None:
+    if decay is not None:
+        inputs["olssm_gamma"] = decay[..., 0, 0]
+    elif logd is not None:
         inputs["olssm_loggamma"] = logd[..., 0, 0]
-    return scan(g_rule(len(ins), logd is not None), backend="triton", initial_state=G0, output_final_state=True,
-                **inputs)
+    rule = g_rule(len(ins), logd is not None or decay is not None, decay is not None)
+    return scan(rule, backend="triton", initial_state=G0, output_final_state=True, **inputs)
 
 
 def triton_exact_scan(args, chunk_size=64):
