@@ -33,7 +33,7 @@ def table(latex: bool = False, steps: int = 6, out=sys.stdout, derived: bool = T
         print("|---|---|---|---|---|---|---|", file=out)
         for r in rows:
             rec = "<br>".join(r["rule"].lines())
-            print(f"| {r['title']} | `{r['objective'].expr}` | {r['rule'].mode} | {rec} | "
+            print(f"| {r['title']} | `{r['objective'].summary()}` | {r['rule'].mode} | {rec} | "
                   f"{r['rule'].structure} | {r['published_error']:.1e} | {r['solver_error']:.1e} |", file=out)
         n_ok = sum(r["ok"] for r in rows)
         print(f"\n{n_ok}/{len(rows)} derived rules match their published recurrence (float64, rel. err < 1e-10) "
@@ -46,7 +46,7 @@ def table(latex: bool = False, steps: int = 6, out=sys.stdout, derived: bool = T
         print("|---|---|---|---|---|---|", file=out)
         for r in extra:
             rec = "<br>".join(r["rule"].lines())
-            print(f"| {r['name']} | `{r['objective'].expr}` | {r['rule'].mode} | {rec} | {r['rule'].structure} | "
+            print(f"| {r['name']} | `{r['objective'].summary()}` | {r['rule'].mode} | {rec} | {r['rule'].structure} | "
                   f"{r['solver_error']:.1e} |", file=out)
         rows = rows + extra
     return rows
@@ -63,12 +63,19 @@ def _derived_rows(steps: int) -> list[dict]:
     return rows
 
 
+def _steps(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="olssm", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("table", help="derive every catalogue objective, check it, print the table")
     t.add_argument("--latex", action="store_true", help="LaTeX instead of markdown")
-    t.add_argument("--steps", type=int, default=6, help="steps of the numerical-solver check")
+    t.add_argument("--steps", type=_steps, default=6, help="steps of the numerical-solver check")
     args = p.parse_args(argv)
     if args.cmd == "table":
         rows = table(latex=args.latex, steps=args.steps)

@@ -176,6 +176,43 @@ def test_verify_exact_rule_with_a_ridge_per_key_column():
     assert report.ok, report
 
 
+@pytest.mark.parametrize("backend", ["reference", "chunk"])
+def test_max_min_with_a_number(backend):
+    """Max(a, 1/10) and Min(a, 9/10) as step sizes: the torch printer turns the number into a clamp bound
+    (sympy's torch.max(0.1, a) refused a Python number). Oracle: the plain rule with a clamped beforehand."""
+    S, _ = _S()
+    k, v = O.key("k"), O.value("v")
+    a = O.scalar("a", domain="real")
+    plain = olssm.derive(O.Objective(O.sqnorm(S @ k - v) / 2, update="explicit", step_size=a))
+    for bound, clamp in ((sp.Max(a, sp.Rational(1, 10)), dict(min=0.1)), (sp.Min(a, sp.Rational(9, 10)), dict(max=0.9))):
+        rule = olssm.derive(O.Objective(O.sqnorm(S @ k - v) / 2, update="explicit", step_size=bound))
+        inp = catalogue.random_inputs(plain, 1, 6, 2, 4, 3, seed=2)
+        inp["a"] = torch.linspace(-0.5, 1.5, 12).reshape(1, 6, 2)
+        o, _ = rule.scan(backend=backend, **inp)
+        o_want, _ = plain.scan(backend="reference", **dict(inp, a=inp["a"].clamp(**clamp)))
+        torch.testing.assert_close(o, o_want, rtol=1e-5, atol=1e-6)
+
+
+def test_verify_input_contract():
+    rule = catalogue.ENTRIES["deltanet"].rule
+    from olssm.verify import random_inputs
+    seq = random_inputs(rule, 4, 4, 3)
+    # a NaN step is a MISMATCH (max(x, nan) is x: it read as OK)
+    bad = [dict(s) for s in seq]
+    bad[1]["beta"] = torch.tensor(float("nan"), dtype=torch.float64)
+    report = olssm.verify(rule, inputs=bad)
+    assert not report.ok and report.state_error != report.state_error
+    # fp32 inputs run in the oracle's float64; a missing input and no steps are errors naming them
+    assert olssm.verify(rule, inputs=[{n: x.float() for n, x in s.items()} for s in seq]).ok
+    with pytest.raises(ValueError, match=r"step 0 of inputs lacks \['beta'\]"):
+        olssm.verify(rule, inputs=[{n: x for n, x in seq[0].items() if n != "beta"}])
+    with pytest.raises(ValueError, match="at least one step"):
+        olssm.verify(catalogue.ENTRIES["decayed_least_squares"].objective, steps=0)
+    from olssm.__main__ import main
+    with pytest.raises(SystemExit):
+        main(["table", "--steps", "0"])
+
+
 def test_malformed_objectives_fail_at_construction():
     S, Sp = _S()
     k, v = O.key("k"), O.value("v")

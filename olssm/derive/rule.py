@@ -162,6 +162,23 @@ class _TorchPrinter(TorchPrinter):
     def _print_csum(self, e):
         return f"({self._print(e.args[0])}).sum(-1, keepdim=True)"
 
+    def _minmax(self, e, fold, clamp):
+        # sympy's torch.max(a, b) refuses a Python number; numbers become one clamp bound instead
+        nums = [a for a in e.args if a.is_number]
+        out = None
+        for a in (a for a in e.args if not a.is_number):
+            out = self._print(a) if out is None else f"torch.{fold}({out}, {self._print(a)})"
+        if nums:
+            bound = max(nums) if fold == "maximum" else min(nums)
+            out = f"torch.clamp({out}, {clamp}={float(bound)!r})"
+        return out
+
+    def _print_Max(self, e):
+        return self._minmax(e, "maximum", "min")
+
+    def _print_Min(self, e):
+        return self._minmax(e, "minimum", "max")
+
     def _print_Symbol(self, e):
         return e.name
 
@@ -556,8 +573,16 @@ class Rule:
         d_v, d_k = self._state_dims(state)
         if self._backend(state, backend, "step") == "triton":
             qn = self.query_name
+            S = state[0] if self.is_exact else state
             if qn not in inputs:    # the kernel also reads out o = S q: give it a query, drop o
-                inputs = {**inputs, qn: state.new_zeros(*state.shape[:-2], d_k)}
+                inputs = {**inputs, qn: S.new_zeros(*S.shape[:-2], d_k)}
+            if self.is_exact:       # and an exact rule's readout reads λ: any positive value, o is dropped
+                for sym in sp.sympify(self.form.ridge).free_symbols:
+                    spec = spec_of(sym)
+                    if sym.name not in inputs:
+                        lead = S.shape[1:2] if spec.is_parameter else S.shape[:2]
+                        size = {SCALAR: (), ROW: (d_v,), COLUMN: (d_k,)}[spec.kind]
+                        inputs = {**inputs, sym.name: S.new_ones(*lead, *size)}
             return self.decode(state, backend="triton", **inputs)[1]
         unknown = set(inputs) - set(self.inputs) - {self.query_name}
         if unknown:

@@ -694,8 +694,20 @@ class Objective:
         extra += ", ridge_decays=True" if self.ridge_decays else ""
         return f"Objective({self.expr}, update={self.update!r}{extra})"
 
+    def _options(self):
+        return [(f, getattr(self, f)) for f in ("step_size", "decay", "ridge") if getattr(self, f) is not None]
+
+    def summary(self) -> str:
+        """The loss with the options that change the rule (decay, ridge, step size): a table cell. The loss
+        alone reads the same for DeltaNet and Gated DeltaNet (decay α)."""
+        parts = [str(self.expr)] + [f"{f} {v}" for f, v in self._options()]
+        return "; ".join(parts + (["decaying ridge"] if self.ridge_decays else []))
+
     def latex(self) -> str:
-        return self.expr.tex
+        """The loss, and (as text) the options that change the rule, like summary()."""
+        opts = [rf"\text{{{f.replace('_', ' ')} }}{sp.latex(v)}" for f, v in self._options()]
+        opts += [r"\text{decaying ridge}"] if self.ridge_decays else []
+        return "; ".join([self.expr.tex] + opts)
 
     @property
     def key(self) -> str:

@@ -11,6 +11,7 @@ from the oracle's *own* previous state, so errors cannot hide by sharing a traje
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import scipy.optimize
@@ -139,6 +140,24 @@ class VerifyReport:
     __repr__ = __str__
 
 
+def _worst(a: float, b: float) -> float:
+    """max that keeps a NaN (Python's max(x, nan) is x: a NaN step would have read as OK)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+def _given(rule: Rule, inputs: list) -> list[dict]:
+    """User-given steps as float64 tensors (the oracle's precision), each with every input the rule and the
+    objective read."""
+    need = {**rule.objective.inputs(), **rule.inputs}
+    seq = []
+    for t, step in enumerate(inputs):
+        missing = sorted(set(need) - set(step))
+        if missing:
+            raise ValueError(f"verify: step {t} of inputs lacks {missing}; each step needs {sorted(need)}")
+        seq.append({n: torch.as_tensor(x, dtype=torch_dtype) for n, x in step.items()})
+    return seq
+
+
 def _rel(a, b):
     # relative to the oracle, floored at 1e-6 so that an exactly-zero state (e.g. a pure ridge
     # objective) does not turn rounding at 1e-17 into a "relative" error of 1e-5
@@ -150,8 +169,10 @@ def verify(objective_or_rule, steps: int = 6, d_k: int = 4, d_v: int = 3, seed: 
     """Run the derived rule and an independent numerical solver side by side; report the errors."""
     rule = derive(objective_or_rule)
     obj: Objective = rule.objective
-    seq = inputs if inputs is not None else random_inputs(rule, steps, d_k, d_v, seed)
+    seq = _given(rule, inputs) if inputs is not None else random_inputs(rule, steps, d_k, d_v, seed)
     steps = len(seq)
+    if steps < 1:
+        raise ValueError(f"verify: needs at least one step, got {steps}")
     sym_kind = {**{n: s.kind for n, s in obj.inputs().items()}, **{n: s.kind for n, s in rule.inputs.items()}}
     # rule.with_log_decays() reads α' where the objective has α = exp(α'): the oracle gets α
     logged = {n for n, s in rule.inputs.items()
@@ -198,7 +219,7 @@ def verify(objective_or_rule, steps: int = 6, d_k: int = 4, d_v: int = 3, seed: 
             o_or = S_or @ inp[qn]
             e1, e2 = _rel(S_rule, S_or), _rel(o_rule, o_or)
             per_step.append((t, e1, e2))
-            s_err, o_err = max(s_err, e1), max(o_err, e2)
+            s_err, o_err = _worst(s_err, e1), _worst(o_err, e2)
     else:
         S_rule, S_or = S0.clone(), S0.clone()
         for t, inp in enumerate(seq):
@@ -212,7 +233,7 @@ def verify(objective_or_rule, steps: int = 6, d_k: int = 4, d_v: int = 3, seed: 
             o_rule, o_or = S_rule @ inp[qn], S_or @ inp[qn]
             e1, e2 = _rel(S_rule, S_or), _rel(o_rule, o_or)
             per_step.append((t, e1, e2))
-            s_err, o_err = max(s_err, e1), max(o_err, e2)
+            s_err, o_err = _worst(s_err, e1), _worst(o_err, e2)
     return VerifyReport(obj.name or str(obj.expr), rule.mode, steps, d_k, d_v, s_err, o_err, per_step,
                         tolerance, note)
 

@@ -18,6 +18,8 @@ from sympy.printing.pycode import PythonCodePrinter
 
 #: name of the [1, BK] key-lane mask in the generated kernels
 KEY_MASK = "km2"
+#: the sympy functions TritonPrinter lowers; any other raises NotImplementedError at generation time
+LOWERED = frozenset({"exp", "log", "Abs", "sin", "cos", "tanh", "Max", "Min", "csum", "sign", "cosh", "sinh"})
 
 
 class TritonPrinter(PythonCodePrinter):
@@ -120,6 +122,27 @@ class TritonPrinter(PythonCodePrinter):
             return f"tl.exp({n}.0 * tl.log(tl.abs({base})))" + ("" if n % 2 == 0 else f" * tl.where({base} < 0.0, -1.0, 1.0)")
         # non-integer exponent: defined for a positive base
         return f"tl.exp(({self._print(x)}) * tl.log({base}))"
+
+    def _print_sign(self, e):   # also what the in-kernel reverse mode makes of Abs
+        x = self._print(e.args[0])
+        return f"tl.where(({x}) > 0.0, 1.0, tl.where(({x}) < 0.0, -1.0, 0.0))"
+
+    def _print_cosh(self, e):
+        x = self._print(e.args[0])
+        return f"(0.5 * (tl.exp({x}) + tl.exp(-({x}))))"
+
+    def _print_sinh(self, e):
+        x = self._print(e.args[0])
+        return f"(0.5 * (tl.exp({x}) - tl.exp(-({x}))))"
+
+    def doprint(self, expr, assign_to=None):
+        # PythonCodePrinter prints every function it knows (floor, atan, erf, ...) as math.<name>, which a
+        # kernel cannot call (and the interpreter runs wrongly): anything without a lowering here raises
+        for f in sp.sympify(expr).atoms(sp.Function):
+            if type(f).__name__ not in LOWERED and not isinstance(f, sp.Piecewise):
+                raise NotImplementedError(f"triton printer: no Triton lowering for function {type(f).__name__} "
+                                          f"(lowered: {', '.join(sorted(LOWERED))})")
+        return super().doprint(expr, assign_to)
 
     def _print_Piecewise(self, e):
         raise NotImplementedError("triton printer: Piecewise coefficients are not supported")

@@ -203,6 +203,14 @@ def triton_decode(rule, state, **inputs):
     """
     from ..api import scan
     specs = rule.inputs
+    unknown = sorted(set(inputs) - set(specs))
+    if unknown:
+        raise ValueError(f"decode: unexpected input(s) {unknown}; this rule reads {sorted(specs)}")
+    for st in (state if rule.is_exact else (state,)):
+        if not torch.is_tensor(st) or st.dim() != 4:
+            raise ValueError("decode(backend='triton'): the state must be [B, H, d_v, d_k] (exact rules: a pair with "
+                             f"H [B, H, d_k, d_k]), got {tuple(getattr(st, 'shape', ())) or type(st).__name__}; "
+                             "backend='torch' takes any leading shape")
     tok = {n: (x if specs[n].is_parameter else x.unsqueeze(1)) for n, x in inputs.items()}
     o, new = scan(rule, initial_state=state, output_final_state=True, backend="triton", **tok)
     return o[:, 0], new
