@@ -208,6 +208,29 @@ def test_column_decay_both_paths():
             _close(g2[n], g1[n], TOL64, f"gla grad {n}")
 
 
+def test_which_decays_take_the_token_loops(monkeypatch):
+    """A per-token raw gate that needs a gradient runs the recurrent engine; in log space, without a gradient,
+    or as a learned per-head parameter (RetNet's γ) it keeps the chunked engine."""
+    from olssm.kernels import chunk as chunk_mod
+    calls = []
+    real = chunk_mod.recurrent_scan
+    monkeypatch.setattr(chunk_mod, "recurrent_scan", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def runs_loop(rule, grad):
+        calls.clear()
+        inp = {n: x.requires_grad_(grad) for n, x in cat.random_inputs(rule, 1, 20, 2, 4, 3, seed=1).items()}
+        o, _ = scan(rule, backend="chunk", chunk_size=8, **inp)
+        if grad:
+            o.sum().backward()
+        return bool(calls)
+
+    gla = cat.ENTRIES["gla"].rule
+    assert runs_loop(gla, grad=True)
+    assert not runs_loop(gla, grad=False)
+    assert not runs_loop(gla.with_log_decays(), grad=True)
+    assert not runs_loop(cat.ENTRIES["retnet"].rule, grad=True)
+
+
 @pytest.mark.parametrize("name,gate", [("gla", "g"), ("gated_deltanet", "alpha"), ("decayed_least_squares", "gamma")])
 def test_raw_decay_gradients_at_tiny_and_zero_decays(name, gate):
     """A raw decay of 1e-6, 1e-10 or exactly 0 (a reset) at one token: the gradient to it equals the

@@ -107,13 +107,12 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
                 raise TypeError(f"scan: input {n!r} must be a torch.Tensor, got {type(x).__name__}")
             if not x.is_floating_point():
                 raise TypeError(f"scan: input {n!r} must be floating point (fp32/bf16/fp16), got {x.dtype}")
-    # (B, T, H) come from the key/query/value so that a wrong coefficient is the one blamed; H from a
-    # value-sized or scalar input when there is one, since key-sized inputs may be grouped (below)
+    # (B, T) are the ones most inputs agree on, so that the input that disagrees is the one named; H comes
+    # from a value-sized or scalar input when there is one, since key-sized inputs may be grouped (below)
     ordered = sorted(tokens, key=lambda n: (need[n].role not in ("key", "query", "value"), n))
     first = tokens[ordered[0]] if ordered else None
     if first is None or first.dim() < 3:
         raise ValueError("scan: needs per-token inputs laid out [B, T, H, ...]")
-    # (B, T) that most inputs agree on, so that the one input that disagrees is the one named
     votes = [tuple(tokens[n].shape[:2]) for n in ordered if tokens[n].dim() >= 3]
     B, T = max(dict.fromkeys(votes), key=votes.count)
     per_head = [tokens[n] for n in ordered if need[n].kind != COLUMN and tokens[n].dim() >= 3]
@@ -201,7 +200,7 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
         sufficient_stats = args.rule.is_exact and not args.rule.is_rls
         backend = "triton" if args.device.type == "cuda" and not sufficient_stats else "chunk"
     if args.T == 0 or args.B == 0 or args.H == 0 or args.d_k == 0 or (args.d_v == 0 and not args.rule.is_exact):
-        return _no_tokens(args)
+        return _nothing_to_scan(args)
     if backend == "reference":
         from .reference import reference_scan
         return reference_scan(args)
@@ -222,7 +221,7 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
     return triton_scan(args)
 
 
-def _no_tokens(args: ScanArgs):
+def _nothing_to_scan(args: ScanArgs):
     """Nothing to scan, whatever the backend: no tokens (T = 0), no sequences or heads (B, H = 0), or an empty
     state (d_k = 0: o = S q = 0; d_v = 0). o is zeros, and each sequence ends in the state it started from (its
     initial_state, or the zero state: RLS's P = I/λ), which is also right when the state has no entries.

@@ -488,13 +488,15 @@ def _per_row_corrections(form, ev):
     return R > 0 and (ev["decay"].shape[-2] > 1 or any(ev[f"c{r}"].shape[-2] > 1 for r in range(R)))
 
 
-def _raw_decay_grad(form, lay) -> bool:
-    """A gradient will flow to a decay read raw: Λ not constant, log Λ without a closed form, and some input
-    of Λ requires grad."""
+def _raw_decay_grad(form, lay, tokens) -> bool:
+    """A gradient will flow to a per-token decay read raw: Λ not constant, log Λ without a closed form, and
+    some per-token input of Λ requires grad. (Learned decay parameters keep the chunked forms: a layer's
+    γ = exp(−exp(raw)) is never 0, and a per-head constant far from fp32's tiny has ε/γ ≪ ε·T error; a
+    per-token gate is where resets and tiny values happen.)"""
     decay = sp.sympify(form.decay)
     if decay == 1 or closed_form_log(decay) is not None or not torch.is_grad_enabled():
         return False
-    return any(torch.is_tensor(lay.get(s.name)) and lay[s.name].requires_grad for s in decay.free_symbols)
+    return any(s.name in tokens and lay[s.name].requires_grad for s in decay.free_symbols)
 
 
 def _log_decay_expr(decay):
@@ -550,7 +552,7 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
     # A raw decay (no closed-form log) whose gradient is wanted takes the token loops on any device: the
     # chunked forms differentiate log Λ, and ∂L/∂Λ = ∂L/∂log Λ / Λ turns its rounding error into ~ε/Λ
     # (and a Λ of exactly 0 into no gradient); the loops differentiate Λ itself (CHUNK.md §1)
-    raw_grad = _raw_decay_grad(form, lay)
+    raw_grad = _raw_decay_grad(form, lay, args.tokens)
     recurrent = not exact and (raw_grad or args.device.type == "cpu" and (
         engine in ("loop", None) or (engine == "linear" and _per_row_corrections(form, probe))))
     ev = None if recurrent else {nm: _full(x, B, T, H, dt, args.device) for nm, x in evaluate(lay).items()}
@@ -609,7 +611,7 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
         if exact:
             if raw_grad:   # Λ = γ itself through x's token loop and G's scan (the recurrent engine or triton's)
                 return _exact_engine(None, X.map(cut), cut(ev["ridge"]), [(cut(e), cut(w)) for e, w in ins],
-                                     cut(ev["q"]), S0, C, g_engine, h_loop=True, decay=cut(ev["decay"]))
+                                     cut(ev["q"]), S0, C, g_engine, decay=cut(ev["decay"]))
             return _exact_engine(ld, X.map(cut), cut(ev["ridge"]), [(cut(e), cut(w)) for e, w in ins],
                                  cut(ev["q"]), S0, C, g_engine, h_loop=args.device.type == "cpu" and g_engine is None)
         if engine == "loop":
