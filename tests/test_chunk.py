@@ -208,6 +208,17 @@ def test_column_decay_both_paths():
             _close(g2[n], g1[n], TOL64, f"gla grad {n}")
 
 
+def test_constant_zero_decay():
+    """λ‖S‖²/2 − ⟨S k, v⟩ derives S_t = v kᵀ/λ: the decay is the constant 0 (nothing carried over). Its log
+    is the floor, not log 0 = NaN (the chunk backend returned NaN everywhere)."""
+    S, _ = O.states()
+    obj = O.Objective(O.scalar("lam", positive=True) * O.sqnorm(S) / 2 - O.inner(S @ O.key("k"), O.value("v")))
+    rule = olssm.derive(obj)
+    assert sympy.sympify(rule.form.decay) == 0
+    inp = cat.random_inputs(rule, 2, 21, 2, 4, 3, seed=5)
+    _compare(rule, inp, tol=TOL32, init=_init(rule, 2, 2, 4, 3, torch.float32), chunk_size=8, what="zero decay")
+
+
 def test_which_decays_take_the_token_loops(monkeypatch):
     """A per-token raw gate that needs a gradient runs the recurrent engine; in log space, without a gradient,
     or as a learned per-head parameter (RetNet's γ) it keeps the chunked engine."""
@@ -228,7 +239,14 @@ def test_which_decays_take_the_token_loops(monkeypatch):
     assert runs_loop(gla, grad=True)
     assert not runs_loop(gla, grad=False)
     assert not runs_loop(gla.with_log_decays(), grad=True)
-    assert not runs_loop(cat.ENTRIES["retnet"].rule, grad=True)
+    retnet = cat.ENTRIES["retnet"].rule
+    assert not runs_loop(retnet, grad=True)
+    # a learned decay parameter with a tiny or zero value takes the loops, and its gradient is the reference's
+    inp = cat.random_inputs(retnet, 1, 20, 2, 4, 3, seed=1)
+    for gamma in (0.0, 1e-30):
+        calls.clear()
+        _compare(retnet, dict(inp, gamma=torch.tensor([gamma, 0.9])), tol=TOL32, chunk_size=8, what=f"γ = {gamma}")
+        assert calls
 
 
 @pytest.mark.parametrize("name,gate", [("gla", "g"), ("gated_deltanet", "alpha"), ("decayed_least_squares", "gamma")])

@@ -181,7 +181,8 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
 
 def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state=False, backend="auto",
          cu_seqlens=None, chunk_size=64, **inputs):
-    """Run a rule over a sequence: o [B, T, H, d_v] and (if asked) the final state(s) in fp32.
+    """Run a rule over a sequence: o [B, T, H, d_v] and (if asked) the final state(s) in fp32 (fp64 on the torch
+    backends when an input is fp64: ScanArgs.state_dtype).
 
     Per-token inputs are [B, T, H, ...]; key-sized ones (keys, queries, column coefficients) may be
     grouped, [B, T, G, d_k] with G dividing H: head h reads group h // (H / G) (Mamba-2's ngroups,

@@ -499,9 +499,29 @@ def _raw_decay_grad(form, lay, tokens) -> bool:
     return any(s.name in tokens and lay[s.name].requires_grad for s in decay.free_symbols)
 
 
+#: a raw decay read from learned parameters only takes the token loops for its gradient below this value
+#: (fp32: ε/Λ ≈ 6e-5 relative error at it; RetNet's γ = 0 had lost its gradient, γ = 1e-30 flipped its sign)
+TINY_PARAMETER_DECAY = 1e-3
+
+
+def _tiny_parameter_decay(form, lay, tokens, decay) -> bool:
+    """A raw decay whose gradient flows to a learned parameter (no per-token input of it needs one) and some
+    value of which is tiny or 0: a value test (one host sync), since a per-head constant is usually far from 0."""
+    d = sp.sympify(form.decay)
+    if d == 1 or closed_form_log(d) is not None or not torch.is_grad_enabled() or decay.device.type == "meta":
+        return False
+    if not any(s.name not in tokens and lay[s.name].requires_grad for s in d.free_symbols):
+        return False
+    return bool((decay.detach().abs() < TINY_PARAMETER_DECAY).any())
+
+
 def _log_decay_expr(decay):
-    """{"logdecay": log Λ} in closed form (CHUNK.md, "gradients and tiny decays"), else nothing."""
-    le = None if sp.sympify(decay) == 1 else closed_form_log(decay)
+    """{"logdecay": log Λ} in closed form (CHUNK.md, "gradients and tiny decays"), else nothing. A constant 0
+    (an objective with a ridge and no proximal term forgets everything: S̃ = 0) is the floor, not log 0."""
+    decay = sp.sympify(decay)
+    if decay.is_number:
+        return {} if decay == 1 else {"logdecay": sp.Float(_LOG_FLOOR) if decay == 0 else sp.log(decay)}
+    le = closed_form_log(decay)
     return {} if le is None else {"logdecay": le}
 
 
@@ -522,7 +542,7 @@ def _exprs(form):
 
 
 def chunk_scan(args, chunk_size=64, g_engine=None):
-    """backend="chunk": same contract as reference_scan (o in out_dtype, fp32 final state).
+    """backend="chunk": same contract as reference_scan (o in out_dtype, the final state in args.state_dtype).
     g_engine: for exact rules, what runs the G statistics' scan (default: the linear engine)."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"scan: chunk_size must be a positive int, got {chunk_size!r}")
@@ -556,6 +576,8 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
     recurrent = not exact and (raw_grad or args.device.type == "cpu" and (
         engine in ("loop", None) or (engine == "linear" and _per_row_corrections(form, probe))))
     ev = None if recurrent else {nm: _full(x, B, T, H, dt, args.device) for nm, x in evaluate(lay).items()}
+    if ev is not None and _tiny_parameter_decay(form, lay, args.tokens, ev["decay"]):
+        raw_grad, recurrent, ev = True, not exact, (ev if exact else None)
     if engine is None:
         warnings.warn(f"chunk backend: cannot chunk {why} (rule structure: {rule.structure}); running "
                       + ("a token loop (the recurrent engine)" if recurrent else

@@ -106,6 +106,15 @@ def _advance_(S, e, plan, ps=None):
     return ps
 
 
+def first_derivative_only(where: str) -> None:
+    """Called first in a hand-written backward: with create_graph (a second derivative on the way) grad mode
+    is on there, and the hand-written adjoint is not itself differentiable. once_differentiable guarded only
+    .backward(); torch.autograd.grad(..., inputs=...) went around it and gave None or wrong values."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{where}: second derivatives (create_graph=True) are not implemented by the chunk "
+                           "backend's token loops; use backend='reference' (autograd through the step loop)")
+
+
 class _RecurrentScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, block, names, tokens, S0, *flat):
@@ -129,8 +138,8 @@ class _RecurrentScan(torch.autograd.Function):
         return o[..., 0].transpose(0, 1), S
 
     @staticmethod
-    @torch.autograd.function.once_differentiable      # a second derivative raises instead of being silently 0
     def backward(ctx, do, dS):
+        first_derivative_only("chunk backend (recurrent engine)")
         plan, block, names, tokens = ctx.plan, ctx.block, ctx.names, ctx.tokens
         ckpts, *flat = ctx.saved_tensors
         decay, T = plan.decay, plan.T
@@ -313,8 +322,8 @@ class _ExactXLoop(torch.autograd.Function):
         return x.transpose(0, 1), H
 
     @staticmethod
-    @torch.autograd.function.once_differentiable      # a second derivative raises instead of being silently 0
     def backward(ctx, dx, dHT):
+        first_derivative_only("chunk backend (exact rules' x loop)")
         gam, diag, x, LU, piv, cks, *factors = ctx.saved_tensors
         block = ctx.block
         T, B, Hh, K, _ = x.shape

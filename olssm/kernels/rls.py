@@ -22,7 +22,7 @@ import torch
 from ..derive.rule import Correction, InputTerm, NormalForm, Rule, evaluator
 from ..objectives import core as O
 from .api import scan, scan_pieces
-from .recurrent import _rowdot
+from .recurrent import _rowdot, first_derivative_only
 
 
 @functools.lru_cache(maxsize=1)
@@ -112,8 +112,8 @@ class _GainScan(torch.autograd.Function):
         return g, torch.cat(PT)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable      # a second derivative raises instead of being silently 0
     def backward(ctx, dg, dPT):
+        first_derivative_only("the RLS gain scan")
         u, gamma, R, *ckpts = ctx.saved_tensors
         B, T = u.shape[:2]
         du, dgam, dR = torch.zeros_like(u), torch.zeros_like(gamma), torch.zeros_like(R)
