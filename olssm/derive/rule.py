@@ -210,10 +210,13 @@ def torch_step_source(form) -> str:
         body = [f"    {ln}" for ln in _input_lines(form) + lines]
         body += ["    S, P = S",
                  f"    g, R, u, e = ({out['g']}), ({out['R']}), ({out['u']}), ({out['e']})",
-                 "    P = P / g",
+                 # P is kept symmetric: its antisymmetric part (rounding) would grow like Π 1/γ, in P and in
+                 # its adjoint (NOTES.md §5); symmetrising the input also symmetrises the adjoint, and
+                 # (R/den)·(Pu Puᵀ) is bitwise symmetric where (R·Pu)·Puᵀ/den is not
+                 "    P = 0.5 * (P + P.transpose(-1, -2)) / g",
                  "    Pu = (P * u).sum(-1, keepdim=True)                       # P u, [..., d_k, 1]",
                  "    uPu = (Pu * u.transpose(-1, -2)).sum(-2, keepdim=True)     # uᵀ P u",
-                 "    P = P - R * Pu * Pu.transpose(-1, -2) / (1 + R * uPu)",
+                 "    P = P - (R / (1 + R * uPu)) * (Pu * Pu.transpose(-1, -2))",
                  "    gain = (P * u).sum(-1, keepdim=True).transpose(-1, -2)   # (P_t u)ᵀ, [..., 1, d_k]",
                  "    S = S + (e - R * (S * u).sum(-1, keepdim=True)) * gain",
                  "    return (S, P)"]

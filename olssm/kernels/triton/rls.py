@@ -11,7 +11,10 @@ recomputing P_{t-1} of each chunk from its checkpoint (a = P̃u, den = 1 + R u�
     dâ  −= (R/den)(dP + dPᵀ) a                  dR    = −aᵀdP a/den,   dden += R aᵀdP a/den²
     dR  += (uᵀa)·dden,   ds = R·dden            du    = ds·a,          dâ   += ds·u
     dP̃   = dP + dâ uᵀ                           du   += P̃ᵀ dâ
-    dγ   = −⟨dP̃, P̃⟩/γ                            dP_{t-1} = dP̃/γ
+    dγ   = −⟨dP̃, P̃⟩/γ                            dP_{t-1} = sym(dP̃)/γ
+
+P is kept symmetric (P_0 symmetrised once, then the bitwise-symmetric update), and dP with it: the
+antisymmetric part of rounding in either would grow like Π 1/γ (RLS's known loss of symmetry).
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ from .scan import checkpoint_interval, longest
 
 #: warps per program of the gain kernels by BK: P (and dP, P̃ in the backward) are [BK, BK] fp32 tiles
 #: in registers. sm_90 resource report (aot_check's compiler, fwd / bwd, stack = spills per thread):
-#: BK 32, 4 warps: 80 / 240 regs, no spills; BK 64, 8 warps: 181 regs, 0 / 64 B (4 warps: 0 / 1408 B);
-#: BK 128, 16 warps: 128 regs, 520 / 2032 B (the three tiles alone are 48 K of the 64 K registers)
+#: BK 32, 4 warps: 80 / 240 regs, no spills; BK 64, 8 warps: 181 / 255 regs, 0 / 120 B (4 warps: 0 / 1408 B before the
+#: backward symmetrised dP); BK 128, 16 warps: 128 regs, 520 / 2088 B (the three tiles alone are 48 K of the 64 K registers)
 NUM_WARPS = {16: 4, 32: 4, 64: 8}
 
 
@@ -44,7 +47,8 @@ def _riccati(P, u, gam, r, m2):
     Pt = P / gam
     a = tl.sum(Pt * u[None, :], axis=1)
     den = 1.0 + r * tl.sum(a * u)
-    return tl.where(m2, Pt - (r / den) * a[:, None] * a[None, :], 0.0), Pt, a, den
+    # (R/den)·(a_i a_j) is bitwise symmetric, ((R/den) a_i)·a_j is not: P's antisymmetric rounding grew like Π 1/γ
+    return tl.where(m2, Pt - (r / den) * (a[:, None] * a[None, :]), 0.0), Pt, a, den
 
 
 @triton.jit
@@ -64,6 +68,8 @@ def rls_gain_fwd_kernel(u_ptr, gam_ptr, r_ptr, p0_ptr, g_ptr, pt_ptr, ck_ptr, cu
                         BK: tl.constexpr, C: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr):
     i_nh, i_h, bos, eos, idx, km, m2, poff, base = _program(cu_ptr, T, H, DK, BK, VARLEN)
     P = tl.load(p0_ptr + base + poff, mask=m2, other=0.0)
+    # as the reference's step, which symmetrises its input (exact after the first; an empty sequence keeps P_0)
+    P = tl.where(eos > bos, 0.5 * (P + tl.trans(P)), P)
     for tt in range(bos, eos):
         if SAVE_CK:
             rel = tt - bos
@@ -128,6 +134,7 @@ def rls_gain_bwd_kernel(u_ptr, gam_ptr, r_ptr, ck_ptr, scr_ptr, dg_ptr, dpt_ptr,
             tl.store(dgam_ptr + tok, -tl.sum(tl.where(m2, dPt * Pt, 0.0)) / gam)
             tl.store(dr_ptr + tok, dr)
             dP = tl.where(m2, dPt / gam, 0.0)
+            dP = 0.5 * (dP + tl.trans(dP))   # the adjoint of the step's symmetrisation: no Π 1/γ growth
         tl.debug_barrier()
     tl.store(dp0_ptr + base + poff, dP, mask=m2)
 
