@@ -25,7 +25,7 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=8)
     a = p.parse_args(argv)
     for name in a.rules.split(","):
-        rule = ENTRIES[name].rule
+        rule = ENTRIES[name].rule.with_log_decays()    # gates in log space, as the layers give them
         inp = {n: x.cuda() for n, x in random_inputs(rule, a.B, a.T, a.H, a.d, a.d, seed=0).items()}
         inp = {n: (x if rule.inputs[n].is_parameter else x.to(torch.bfloat16)).requires_grad_() for n, x in inp.items()}
         for kernel in a.kernels.split(","):
