@@ -204,6 +204,19 @@ def test_chunk_backend_on_the_meta_device():
     assert o.shape == (2, 20, 3, 4) and o.device.type == "meta" and f.shape == (2, 3, 4, 5)
 
 
+def test_auto_backend():
+    """auto: triton on CUDA, chunk elsewhere, and chunk for exact sufficient-statistics rules on CUDA too (their
+    solve is torch either way); the layer resolves "auto" the same way (it sent every CUDA rule to triton)."""
+    from olssm.kernels import auto_backend
+    from olssm.layers import OnlineSSM
+    E = catalogue.ENTRIES
+    assert auto_backend(E["deltanet"].rule, "cuda") == "triton" and auto_backend(E["deltanet"].rule, "cpu") == "chunk"
+    assert auto_backend(E["rls"].rule, "cuda") == "triton"
+    assert auto_backend(E["decayed_least_squares"].rule, "cuda") == "chunk"
+    layer = OnlineSSM(E["decayed_least_squares"].objective, 16, 2)
+    assert layer._resolve_backend(torch.device("cuda"))[0] == "chunk"
+
+
 def test_bad_arguments_name_what_is_wrong():
     rule = catalogue.ENTRIES["longhorn"].rule
     inp = _inputs(rule)
@@ -225,6 +238,11 @@ def test_bad_arguments_name_what_is_wrong():
         rule.scan(**{n: x[:1] for n, x in inp.items()}, cu_seqlens=torch.tensor([0, 9]), backend="reference")
     with pytest.raises(TypeError, match="cu_seqlens must be a 1-D int32/int64 tensor.*got list"):
         rule.scan(**{n: x[:1] for n, x in inp.items()}, cu_seqlens=[0, 3, 7], backend="reference")
+    # H and the value size are voted too: a wrong beta is named, not the v beside it (it used to be)
+    with pytest.raises(ValueError, match="input 'beta' has value size 6, other value-sized inputs have 4"):
+        rule.scan(**{**inp, "beta": torch.rand(2, 7, 3, 6)}, backend="reference")
+    with pytest.raises(ValueError, match=r"input 'v' \(value\) must be .* got \(2, 7, 4, 4\)"):
+        rule.scan(**{**inp, "v": torch.randn(2, 7, 4, 4)}, backend="reference")
     # (B, T) are the ones most inputs agree on: the key with one token too few is the input named
     with pytest.raises(ValueError, match=r"input 'k' .*\(B, T, H\) = \(2, 7, 3\), got \(2, 6, 3, 5\)"):
         rule.scan(**{**inp, "k": inp["k"][:, :6]}, backend="reference")

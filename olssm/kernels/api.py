@@ -66,6 +66,12 @@ def _shape(x):
     return tuple(x.shape)
 
 
+def _majority(values: list):
+    """The value most entries have (ties: the first in the list, which puts keys, queries and values first):
+    the entry that disagrees is then the one an error names."""
+    return max(dict.fromkeys(values), key=values.count)
+
+
 def expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
     """[B, T, G, ...] -> [B, T, H, ...] for G dividing H: head h reads group h // (H / G), the grouping of
     Mamba-2's B/C (ngroups), fla's grouped-value heads and grouped-query attention. G = 1 is a view;
@@ -113,11 +119,20 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
     first = tokens[ordered[0]] if ordered else None
     if first is None or first.dim() < 3:
         raise ValueError("scan: needs per-token inputs laid out [B, T, H, ...]")
-    votes = [tuple(tokens[n].shape[:2]) for n in ordered if tokens[n].dim() >= 3]
-    B, T = max(dict.fromkeys(votes), key=votes.count)
-    per_head = [tokens[n] for n in ordered if need[n].kind != COLUMN and tokens[n].dim() >= 3]
-    H = per_head[0].shape[2] if per_head else max(x.shape[2] for x in tokens.values() if x.dim() >= 3)
-    d_k = d_v = None
+    B, T = _majority([tuple(tokens[n].shape[:2]) for n in ordered if tokens[n].dim() >= 3])
+    # H: the value-sized and scalar inputs' head count by vote; key-sized ones (maybe grouped) only break a tie
+    heads = [tokens[n].shape[2] for n in ordered if tokens[n].dim() >= 3 and need[n].kind != COLUMN]
+    key_heads = [tokens[n].shape[2] for n in ordered if tokens[n].dim() >= 3 and need[n].kind == COLUMN]
+    if heads:
+        top = max(heads.count(h) for h in heads)
+        H = max(dict.fromkeys(h for h in heads if heads.count(h) == top), key=key_heads.count)
+    else:
+        H = max(key_heads)                                   # keys only: the ungrouped ones have the most heads
+    # the key and value sizes by the same vote (a wrong beta must not blame v)
+    sizes = {kind: [tokens[n].shape[-1] for n in ordered if need[n].kind == kind and tokens[n].dim() == 4]
+             for kind in (COLUMN, ROW)}
+    d_k = _majority(sizes[COLUMN]) if sizes[COLUMN] else None
+    d_v = _majority(sizes[ROW]) if sizes[ROW] else None
     for n, x in tokens.items():
         s = need[n]
         nd = 3 if s.kind == SCALAR else 4
@@ -129,14 +144,10 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
                              f"got {_shape(x)}")
         if x.shape[2] != H:
             tokens[n] = x = expand_heads(x, H)
-        if s.kind == COLUMN:
-            if d_k is not None and x.shape[-1] != d_k:
-                raise ValueError(f"scan: input {n!r} has key size {x.shape[-1]}, other key-sized inputs have {d_k}")
-            d_k = x.shape[-1]
-        elif s.kind == ROW:
-            if d_v is not None and x.shape[-1] != d_v:
-                raise ValueError(f"scan: input {n!r} has value size {x.shape[-1]}, other value-sized inputs have {d_v}")
-            d_v = x.shape[-1]
+        if s.kind == COLUMN and x.shape[-1] != d_k:
+            raise ValueError(f"scan: input {n!r} has key size {x.shape[-1]}, other key-sized inputs have {d_k}")
+        if s.kind == ROW and x.shape[-1] != d_v:
+            raise ValueError(f"scan: input {n!r} has value size {x.shape[-1]}, other value-sized inputs have {d_v}")
     if d_k is None or d_v is None:
         st = initial_state[0] if isinstance(initial_state, (tuple, list)) else initial_state
         if st is None:
@@ -189,17 +200,15 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
     grouped-value heads). H is then the head count of the value-sized and scalar inputs.
 
     backend: "reference" (step loop, the oracle), "chunk" (chunk-parallel torch), "triton"
-    (generated kernels; CUDA or TRITON_INTERPRET=1), "auto" (triton on CUDA, chunk on CPU).
+    (generated kernels; CUDA or TRITON_INTERPRET=1), "auto" (triton on CUDA, chunk on CPU and for exact
+    sufficient-statistics rules: auto_backend).
     """
     if backend not in BACKENDS:
         raise ValueError(f"scan: backend must be one of {BACKENDS}, got {backend!r}")
     args = check_scan_args(rule, q, k, v, initial_state=initial_state, output_final_state=output_final_state,
                            cu_seqlens=cu_seqlens, inputs=inputs)
     if backend == "auto":
-        # exact rules: the per-token solve is torch either way (triton runs only G's scan); the
-        # chunk backend avoids the extra launches. RLS rules: the gain scan is a kernel (triton/rls.py)
-        sufficient_stats = args.rule.is_exact and not args.rule.is_rls
-        backend = "triton" if args.device.type == "cuda" and not sufficient_stats else "chunk"
+        backend = auto_backend(args.rule, args.device)
     if args.T == 0 or args.B == 0 or args.H == 0 or args.d_k == 0 or (args.d_v == 0 and not args.rule.is_exact):
         return _nothing_to_scan(args)
     if backend == "reference":
@@ -220,6 +229,14 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
         return triton_exact_scan(args, chunk_size=chunk_size)
     from .triton import triton_scan
     return triton_scan(args)
+
+
+def auto_backend(rule: Rule, device) -> str:
+    """What backend="auto" runs: triton on CUDA, chunk elsewhere — and chunk for exact (sufficient-statistics)
+    rules on CUDA too: their per-token solve is torch either way (triton would run only G's scan), and the
+    chunk backend saves the extra launches. RLS rules take triton (their gain scan is a kernel)."""
+    sufficient_stats = rule.is_exact and not rule.is_rls
+    return "triton" if torch.device(device).type == "cuda" and not sufficient_stats else "chunk"
 
 
 def _nothing_to_scan(args: ScanArgs):

@@ -50,7 +50,8 @@ RECURRENT_BLOCK = 16
 
 
 class ChunkFallbackWarning(UserWarning):
-    """The chunk backend cannot chunk this rule's structure and runs the reference loop."""
+    """The chunk backend cannot chunk this rule's structure: it runs a token loop instead (the recurrent
+    engine on a CPU, the reference loop elsewhere)."""
 
 
 # --------------------------------------------------------------------------------------------

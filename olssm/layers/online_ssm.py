@@ -50,7 +50,7 @@ from torch import nn
 
 from ..derive import Rule, derive
 from ..objectives.core import COLUMN, ELEMENTWISE, ROW, SCALAR, DOMAINS, Objective
-from ..kernels.api import expand_heads
+from ..kernels.api import auto_backend, expand_heads
 
 #: scan backends of olssm.kernels, plus "recurrent": the layer's own batched token loop over
 #: rule.decode (the decoding path; no kernel needed, vectorised over the batch)
@@ -155,8 +155,9 @@ class OnlineSSM(nn.Module):
         freeze: parameter names kept fixed (e.g. RetNet's γ).
         bias: bias in the q/k/v/gate/output projections.
         norm_eps: RMSNorm epsilon.
-        backend: scan backend: "auto" (triton on CUDA, chunk on CPU; falls back to "recurrent" with a
-            warning when that backend is not importable or raises NotImplementedError for the rule),
+        backend: scan backend: "auto" (kernels.auto_backend: triton on CUDA, chunk on CPU and for exact rules;
+            falls back to "recurrent" with a warning when that backend is not importable or raises
+            NotImplementedError for the rule),
             "reference", "chunk", "triton" (olssm.kernels.scan), or "recurrent" (the layer's token
             loop over rule.decode, batched; what step() runs).
         chunk_size: chunk length for the chunk backend.
@@ -513,7 +514,7 @@ class OnlineSSM(nn.Module):
     def _resolve_backend(self, device):
         if self.backend != "auto":
             return self.backend, False
-        want = "triton" if device.type == "cuda" else "chunk"
+        want = auto_backend(self.rule, device)      # what scan(backend="auto") runs (exact rules: chunk)
         avail = available_backends()
         if want in avail:
             return want, True
