@@ -139,6 +139,14 @@ class _Parser(argparse.ArgumentParser):
         return super().add_argument(*args, **kw)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (an interval of 0 divided by zero)."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def base_parser(name: str, description: str, **defaults) -> argparse.ArgumentParser:
     """Flags every training example shares; defaults= overrides their default values."""
     p = _Parser(prog=f"python examples/{name}.py", description=description, formatter_class=_Formatter)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from common import (MIXERS, base_parser, count_parameters, get_device, models, out_dir,  # noqa: E402
-                    plot_series, set_seed, token_loss, train, make_optimizer, write_results)
+                    plot_series, positive_int, set_seed, token_loss, train, make_optimizer, write_results)
 
 import torch
 
@@ -68,34 +68,44 @@ def load_corpus(num_chars: int, val_frac: float, seed: int):
 
 def random_windows(ids: torch.Tensor, batch_size: int, seq_len: int, g: torch.Generator):
     """(inputs, targets) [B, seq_len]: random windows, targets shifted by one character."""
-    starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=g)
+    if len(ids) < seq_len + 1:
+        raise ValueError(f"the training text has {len(ids)} characters, fewer than one window of seq_len + 1 = "
+                         f"{seq_len + 1}: raise --corpus-chars or lower --seq-len")
+    starts = torch.randint(0, len(ids) - seq_len, (batch_size,), generator=g)   # the last window ends at the text's end
     w = torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])
     return w[:, :-1], w[:, 1:]
 
 
 @torch.no_grad()
 def evaluate(model, ids: torch.Tensor, seq_len: int, batch_size: int, device, max_batches: int = 8) -> float:
-    """Mean next-character loss over consecutive windows of the validation text."""
+    """Mean next-character loss per character over the first max_batches·batch_size consecutive windows of the
+    validation text (a short last batch weighs by its size, not as a whole batch)."""
+    n = (len(ids) - 1) // seq_len
+    if n == 0:
+        raise ValueError(f"the validation text has {len(ids)} characters, fewer than one window of seq_len + 1 = "
+                         f"{seq_len + 1}: raise --corpus-chars or --val-frac, or lower --seq-len")
     was = model.training
     model.eval()
-    n = (len(ids) - 1) // seq_len
+    n = min(n, batch_size * max_batches)
     x = ids[:n * seq_len].view(n, seq_len)
     y = ids[1:n * seq_len + 1].view(n, seq_len)
-    losses = []
-    for i in range(0, min(n, batch_size * max_batches), batch_size):
-        losses.append(float(token_loss(model(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device))))
+    total = 0.0
+    for i in range(0, n, batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        total += float(token_loss(model(xb.to(device)), yb.to(device))) * len(xb)
     model.train(was)
-    return sum(losses) / max(1, len(losses))
+    return total / n
 
 
 # --------------------------------------------------------------------------------------------
 # checkpoints: <ckpt>/model (save_pretrained) + <ckpt>/trainer.pt (optimizer, step, history)
 
-def save_checkpoint(ckpt: Path, model, optimizer, step: int, history: dict, args) -> None:
+def save_checkpoint(ckpt: Path, model, optimizer, step: int, history: dict, args, recent=()) -> None:
+    """recent: the training losses since the last evaluation (a resumed run's first logged mean needs them)."""
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     model.save_pretrained(str(tmp / "model"))
     torch.save({"optimizer": optimizer.state_dict(), "step": step, "history": history, "args": vars(args),
-                "rng": torch.get_rng_state()}, tmp / TRAINER_STATE)
+                "rng": torch.get_rng_state(), "recent": list(recent)}, tmp / TRAINER_STATE)
     if ckpt.exists():  # replace atomically enough: the old checkpoint survives a crash while saving
         old = ckpt.with_name(ckpt.name + ".old")
         if old.exists():
@@ -129,8 +139,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--corpus-chars", type=int, default=200_000)
     p.add_argument("--val-frac", type=float, default=0.05)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--eval-every", type=positive_int, default=100)
+    p.add_argument("--save-every", type=positive_int, default=100)
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default <out>/checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint if there is one")
     p.add_argument("--prompt", default="The ")
@@ -147,16 +157,21 @@ def main(argv=None) -> dict:
     log = print if is_main else (lambda *a, **k: None)
 
     tok, train_ids, val_ids = load_corpus(args.corpus_chars, args.val_frac, args.seed)
+    for what, ids in (("training", train_ids), ("validation", val_ids)):   # before any step, not at the first eval
+        if len(ids) < args.seq_len + 1:
+            raise ValueError(f"the {what} text has {len(ids)} characters, fewer than one window of seq_len + 1 = "
+                             f"{args.seq_len + 1}: raise --corpus-chars (or --val-frac), or lower --seq-len")
     set_seed(args.seed)
 
     # model and optimizer: fresh, or from the checkpoint
     start_step, history = 0, {"step": [], "train": [], "val": []}
-    resumed = False
+    resumed, recent_losses = False, []
     if args.resume and (ckpt / TRAINER_STATE).exists():
         model, state = load_checkpoint(ckpt, device)
         optimizer = make_optimizer(model, args.lr, args.weight_decay)
         optimizer.load_state_dict(state["optimizer"])
         start_step, history, resumed = state["step"] + 1, state["history"], True
+        recent_losses = list(state.get("recent", []))
         log(f"resumed from {ckpt} at step {start_step}")
     else:
         if args.resume:
@@ -184,7 +199,7 @@ def main(argv=None) -> dict:
         x, y = batch
         return token_loss(m(x), y)
 
-    recent: list[float] = []
+    recent: list[float] = recent_losses
 
     def callback(step, loss):
         recent.append(loss)
@@ -199,7 +214,7 @@ def main(argv=None) -> dict:
             log(f"step {step:6d}  train loss {train_loss:.4f}  val loss {val:.4f}  "
                 f"(val bits/char {val / math.log(2):.3f})")
         if is_main and ((step + 1) % args.save_every == 0 or last):
-            save_checkpoint(ckpt, model, optimizer, step, history, args)
+            save_checkpoint(ckpt, model, optimizer, step, history, args, recent)
 
     t0 = time.perf_counter()
     hist = {"losses": [], "first_loss": float("nan"), "last_loss": float("nan")}

@@ -138,6 +138,42 @@ def test_train_lm_loss_decreases_and_resumes(tmp_path):
     assert second["history"]["step"][-1] == 34
 
 
+def test_train_lm_interrupted_run_equals_uninterrupted(tmp_path, monkeypatch):
+    """A run that dies at step 22 and resumes from its step-19 checkpoint logs the same history as one that
+    did not die: the training losses since the last evaluation are checkpointed too (the first mean after a
+    resume covered one step), and the evaluation is a per-character mean (a short last batch had the weight
+    of a whole one)."""
+    need_api()
+    ex = load("train_lm")
+    flags = ["--no-progress", "--mixer", "deltanet", "--d-model", "16", "--n-layers", "1", "--seq-len", "16",
+             "--batch-size", "4", "--corpus-chars", "6000", "--eval-every", "10", "--save-every", "10",
+             "--sample-chars", "0", "--steps", "30"]
+    whole = ex.main(flags + ["--out", str(tmp_path / "whole")])
+    real, calls = ex.random_windows, []
+
+    def dies_at_step_22(*a, **k):
+        calls.append(1)
+        if len(calls) == 23:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(ex, "random_windows", dies_at_step_22)
+    with pytest.raises(KeyboardInterrupt):
+        ex.main(flags + ["--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(ex, "random_windows", real)
+    resumed = ex.main(flags + ["--out", str(tmp_path / "cut"), "--resume"])
+    assert resumed["start_step"] == 20
+    assert resumed["history"]["step"] == whole["history"]["step"]
+    for key in ("train", "val"):
+        assert resumed["history"][key] == pytest.approx(whole["history"][key], rel=1e-6), key
+    # the validation loss is the mean over characters: equal to one pass over every window at once
+    model, val_ids = whole["model"], ex.load_corpus(6000, 0.05, 0)[2]
+    n = min((len(val_ids) - 1) // 16, 32 * 8)
+    x, y = val_ids[:n * 16].view(n, 16), val_ids[1:n * 16 + 1].view(n, 16)
+    with torch.no_grad():
+        want = float(ex.token_loss(model(x), y))
+    assert ex.evaluate(model, val_ids, 16, 7, torch.device("cpu")) == pytest.approx(want, rel=1e-5)
+
+
 def test_train_lm_torchrun_two_processes(tmp_path):
     """torchrun --nproc_per_node=2: DistributedDataParallel over gloo on the CPU."""
     need_api()
