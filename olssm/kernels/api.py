@@ -113,8 +113,7 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
                 raise TypeError(f"scan: input {n!r} must be a torch.Tensor, got {type(x).__name__}")
             if not x.is_floating_point():
                 raise TypeError(f"scan: input {n!r} must be floating point (fp32/bf16/fp16), got {x.dtype}")
-    # (B, T) are the ones most inputs agree on, so that the input that disagrees is the one named; H comes
-    # from a value-sized or scalar input when there is one, since key-sized inputs may be grouped (below)
+    # (B, T), H and the sizes are the ones most inputs agree on, so that the input that disagrees is the one named
     ordered = sorted(tokens, key=lambda n: (need[n].role not in ("key", "query", "value"), n))
     first = tokens[ordered[0]] if ordered else None
     if first is None or first.dim() < 3:
