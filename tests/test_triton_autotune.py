@@ -102,6 +102,52 @@ def test_the_fastest_candidate_runs_and_is_remembered(tuner):
     assert len(tuner.calls) > measured and len(autotune.decisions()) == 2
 
 
+@pytest.mark.parametrize("entry", [
+    {"kernel": "recurrent", "block_v": 0, "warps": 0, "delta_forward": "", "chunk_backward": None, "new_field": 1},
+    {"kernel": "chunk"},                       # Mamba has no chunked form
+    {"kernel": "recurrent", "block_v": 3},     # not a power of two
+    {"kernel": "bogus"},
+    "recurrent",
+])
+def test_a_stored_decision_that_does_not_run_the_rule_is_retuned(tuner, entry):
+    """A decision from another olssm version (a field this one lacks), edited or corrupted, is ignored and the
+    call retuned, with results equal to the reference; it was passed to LaunchConfig as is and crashed every
+    call (TypeError, a kernel the rule has no form for, an arange of 3)."""
+    import json
+    rule, inp = _inputs("mamba")
+    compare(rule, inp)
+    (key,) = autotune.decisions()
+    path = autotune._path()
+    with open(path) as f:
+        stored = json.load(f)
+    stored[key] = entry
+    with open(path, "w") as f:
+        json.dump(stored, f)
+    autotune.clear()                                        # a new process reads the edited file
+    measured = len(tuner.calls)
+    compare(rule, inp)
+    assert len(tuner.calls) > measured                      # retuned
+    assert isinstance(autotune.decisions()[key], dict) and autotune.decisions()[key] != entry
+
+
+def test_decision_files_merge_across_processes(tuner):
+    """Two processes tuning different rules: each store merges what the other wrote since it read the file
+    (each rewrote its whole table, so one decision was lost)."""
+    import json
+    rule, inp = _inputs("mamba")
+    compare(rule, inp)
+    path = autotune._path()
+    with open(path) as f:
+        stored = json.load(f)
+    stored["elsewhere|another process's decision"] = {"kernel": "recurrent"}
+    with open(path, "w") as f:
+        json.dump(stored, f)
+    rule2, inp2 = _inputs("gla")
+    compare(rule2, inp2)                                    # this process stores after the other one wrote
+    with open(path) as f:
+        assert "elsewhere|another process's decision" in json.load(f)
+
+
 def test_forward_only_and_training_calls_are_tuned_separately(tuner):
     rule, inp = _inputs("retnet")
     with torch.no_grad():

@@ -429,6 +429,53 @@ def test_opcheck(name, chunked, chunk_bwd):
                           (key, syms, E, chunk_in, h0, None, sizes, torch.float32, True, chunked, chunk_bwd, None))
 
 
+@pytest.mark.parametrize("name, extra", [("mamba", []), ("gla", [4, 0, 0]), ("longhorn", [0, 2, 1])])
+def test_opcheck_varlen(name, extra):
+    # packed sequences 4, 0 and 5 long: the short and the empty one never write their trailing checkpoint slots,
+    # which were uninitialised memory (two identical calls differed; opcheck's AOT comparison failed)
+    rule = ENTRIES[name].rule
+    plan = tscan.plan_for(rule)
+    key = tlib.register(plan)
+    B, T, H, K, V = 1, 9, 2, 5, 6
+    inp = {n: _dev(t).requires_grad_() for n, t in random_inputs(rule, B, T, H, K, V, seed=10).items()}
+    syms = [inp[s.name] for s in plan.syms]
+    cu = _dev(torch.tensor([0, 4, 4, T]))
+    sizes = [B, T, H, K, V, 3, 5, 4] + extra
+    E = [e.detach().requires_grad_() for e in tlib.evaluate_entries(plan, inp, sizes)]
+    h0 = _dev(torch.randn(3, H, V, K)).requires_grad_()
+    torch.library.opcheck(torch.ops.olssm.triton_scan_fwd.default,
+                          (key, syms, E, [], h0, cu, sizes, torch.float32, True, False, False, None))
+
+
+def test_plans_of_constants_equal_to_15_digits_differ():
+    # repr prints a Float to 15 digits: two rules differing past them shared one plan (the first one's kernel)
+    S, Sp = O.states()
+    rules = [olssm.derive(O.Objective(O.sqnorm(S - c * Sp) / 2 - O.inner(S @ O.key("k"), O.value("v"))))
+             for c in (sp.Float(0.9), sp.Float(0.9000000000000001))]
+    assert repr(rules[0].form) == repr(rules[1].form)
+    assert tscan.plan_for(rules[0]) is not tscan.plan_for(rules[1])
+    assert tlib.register(tscan.plan_for(rules[0])) != tlib.register(tscan.plan_for(rules[1]))
+
+
+def test_cache_dir_under_threads(monkeypatch, tmp_path):
+    # every thread probed the same file: one removing it made another fall back to the temp dir
+    import threading
+    monkeypatch.setenv("OLSSM_CACHE_DIR", str(tmp_path))
+    seen, lock = [], threading.Lock()
+
+    def work():
+        for _ in range(300):
+            d = tscan.cache_dir()
+            with lock:
+                seen.append(d)
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(seen) == {os.path.join(str(tmp_path), "triton")}
+
+
 @pytest.mark.skipif(not os.environ.get("OLSSM_TRITON_AOT"), reason="opt-in (~35 s): OLSSM_TRITON_AOT=1")
 def test_chunked_kernels_compile_for_sm90():
     # the GPU compile pipeline (to a cubin, with the wheel's ptxas) runs without a GPU

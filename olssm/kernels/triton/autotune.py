@@ -140,10 +140,32 @@ def _load() -> dict:
                 _DECISIONS = json.load(f)
         except (OSError, ValueError):
             _DECISIONS = {}
+        if not isinstance(_DECISIONS, dict):   # valid JSON, but not a decision table
+            _DECISIONS = {}
     return _DECISIONS
 
 
+def _stored_config(hit, plan, args, meta, need: bool):
+    """A stored decision, if it is one of the configs that run this rule now: an entry from another olssm
+    version (other fields), edited or corrupted (a kernel the rule has no form for, a non-power-of-two block)
+    is ignored and the call retuned, instead of crashing every call."""
+    if not isinstance(hit, dict):
+        return None
+    try:
+        cfg = LaunchConfig(**hit)
+    except TypeError:
+        return None
+    return cfg if cfg in candidates(plan, args, meta, need) else None
+
+
 def _store(full_key: str, cfg: LaunchConfig):
+    try:                       # merge what other processes stored since this one read the file
+        with open(_path()) as f:
+            on_disk = json.load(f)
+        if isinstance(on_disk, dict):
+            _load().update({k: v for k, v in on_disk.items() if k not in _DECISIONS})
+    except (OSError, ValueError):
+        pass
     _load()[full_key] = dataclasses.asdict(cfg)
     try:
         tmp = f"{_path()}.{os.getpid()}.tmp"
@@ -184,8 +206,9 @@ def choose(plan, args, meta, need: bool):
     full = f"{_device_tag(args.device)}|{key}"
     with _LOCK:
         hit = _load().get(full)
-    if hit is not None:
-        return LaunchConfig(**hit)
+    stored = _stored_config(hit, plan, args, meta, need)
+    if stored is not None:
+        return stored
     if torch.compiler.is_compiling():
         return None
     targs = _detached(args, need)

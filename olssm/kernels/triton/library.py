@@ -46,7 +46,7 @@ def register(plan) -> str:
     """The key of a plan (and remember it): sha256 of the normal form and its input specs."""
     key = getattr(plan, "_op_key", None)
     if key is None:
-        ident = repr((repr(plan.rule.form), tuple(spec_of(s) for s in plan.syms)))
+        ident = repr((_scan.form_key(plan.rule.form), tuple(spec_of(s) for s in plan.syms)))
         key = hashlib.sha256(ident.encode()).hexdigest()[:32]
         plan._op_key = key
     _REGISTRY.setdefault(key, plan)
@@ -161,7 +161,10 @@ def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: lis
     ht = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
     NCK = _nck(sizes)
     ckdt = _ck_dtype(ck_dtype, chunked)
-    ck = torch.empty(N, H, NCK, d_v, d_k, dtype=ckdt, device=dev) if save else torch.empty(0, dtype=ckdt, device=dev)
+    # varlen: a sequence shorter than the longest never writes its trailing checkpoint slots; zeros, so that the
+    # op's outputs are a function of its inputs (opcheck, torch.compile's AOT dispatch compare them)
+    alloc = torch.zeros if cu_seqlens is not None else torch.empty
+    ck = alloc(N, H, NCK, d_v, d_k, dtype=ckdt, device=dev) if save else torch.empty(0, dtype=ckdt, device=dev)
     aux = torch.empty(_aux_numel(plan, sizes, save, chunked, chunk_bwd), dtype=torch.float32, device=dev)
     if chunked:
         from .chunked import chunked_forward, saved_chunk_core

@@ -1,12 +1,14 @@
 """backend="triton": compile the generated kernels, launch them, and wrap them for autograd."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
 import tempfile
 import threading
 
+import sympy as sp
 import torch
 
 from ...derive.rule import _TorchPrinter
@@ -34,12 +36,24 @@ def _np2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def form_key(form) -> str:
+    """A normal form as text for cache keys, its expressions in sympy's srepr, whose Floats carry every digit
+    (repr prints 15: rules whose constants differed past them shared one plan and one op)."""
+    if dataclasses.is_dataclass(form):
+        return f"{type(form).__name__}(" + ", ".join(f"{f.name}={form_key(getattr(form, f.name))}"
+                                                       for f in dataclasses.fields(form)) + ")"
+    if isinstance(form, (tuple, list)):
+        return "(" + ", ".join(form_key(x) for x in form) + ",)"
+    return sp.srepr(form) if isinstance(form, sp.Basic) else repr(form)
+
+
 def cache_dir() -> str:
     base = os.environ.get("OLSSM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "olssm")
     path = os.path.join(base, "triton")
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".probe-{os.getpid()}")
+        # one probe file per thread: another thread removing a shared one made this one fall back to the temp dir
+        probe = os.path.join(path, f".probe-{os.getpid()}-{threading.get_ident()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError:
@@ -94,8 +108,8 @@ class Plan:
 
 @torch.compiler.disable   # sympy code generation is not traceable (torch 2.11's dynamo fails inside sp.cse)
 def plan_for(rule) -> Plan:
-    # repr(form) prints symbols by name only: the specs (kinds) are part of the key
-    key = (repr(rule.form), tuple(spec_of(s) for s in cg.symbols_of(rule.form)))
+    # form_key: every constant to full precision; symbols print by name only, so the specs (kinds) join the key
+    key = (form_key(rule.form), tuple(spec_of(s) for s in cg.symbols_of(rule.form)))
     p = _PLANS.get(key)
     if p is None:
         p = _PLANS[key] = Plan(rule)
