@@ -405,17 +405,21 @@ def test_torch_compile_op_is_in_the_graph():
     assert any(t.startswith("olssm.triton_scan_fwd") for t in targets), targets
 
 
+def _op_inputs(name, T, H, K, V, N, max_len, C, extra=()):
+    """(rule, plan, op key, inputs, their symbols, sizes, evaluated entries) for calling triton_scan_fwd."""
+    rule = ENTRIES[name].rule
+    plan = tscan.plan_for(rule)
+    inp = {n: _dev(t).requires_grad_() for n, t in random_inputs(rule, 1, T, H, K, V, seed=10).items()}
+    sizes = [1, T, H, K, V, N, max_len, C, *extra]
+    E = [e.detach().requires_grad_() for e in tlib.evaluate_entries(plan, inp, sizes)]
+    return rule, plan, tlib.register(plan), inp, [inp[s.name] for s in plan.syms], sizes, E
+
+
 @pytest.mark.parametrize("name, chunked, chunk_bwd", [("gated_deltanet", False, False), ("gla", True, False),
                                                      ("retnet", True, True)])
 def test_opcheck(name, chunked, chunk_bwd):
-    rule = ENTRIES[name].rule
-    plan = tscan.plan_for(rule)
-    key = tlib.register(plan)
     B, T, H, K, V = 1, 5, 1, 4, 4
-    inp = {n: _dev(t).requires_grad_() for n, t in random_inputs(rule, B, T, H, K, V, seed=10).items()}
-    syms = [inp[s.name] for s in plan.syms]
-    sizes = [B, T, H, K, V, B, T, 16 if chunked else 4]
-    E = [e.detach().requires_grad_() for e in tlib.evaluate_entries(plan, inp, sizes)]
+    rule, plan, key, inp, syms, sizes, E = _op_inputs(name, T, H, K, V, B, T, 16 if chunked else 4)
     chunk_in = []
     if chunked:
         args = olssm.kernels.api.check_scan_args(rule, None, None, None, initial_state=None, output_final_state=True,
@@ -433,15 +437,9 @@ def test_opcheck(name, chunked, chunk_bwd):
 def test_opcheck_varlen(name, extra):
     # packed sequences 4, 0 and 5 long: the short and the empty one never write their trailing checkpoint slots,
     # which were uninitialised memory (two identical calls differed; opcheck's AOT comparison failed)
-    rule = ENTRIES[name].rule
-    plan = tscan.plan_for(rule)
-    key = tlib.register(plan)
-    B, T, H, K, V = 1, 9, 2, 5, 6
-    inp = {n: _dev(t).requires_grad_() for n, t in random_inputs(rule, B, T, H, K, V, seed=10).items()}
-    syms = [inp[s.name] for s in plan.syms]
+    T, H, K, V = 9, 2, 5, 6
+    _, _, key, _, syms, sizes, E = _op_inputs(name, T, H, K, V, 3, 5, 4, extra)
     cu = _dev(torch.tensor([0, 4, 4, T]))
-    sizes = [B, T, H, K, V, 3, 5, 4] + extra
-    E = [e.detach().requires_grad_() for e in tlib.evaluate_entries(plan, inp, sizes)]
     h0 = _dev(torch.randn(3, H, V, K)).requires_grad_()
     torch.library.opcheck(torch.ops.olssm.triton_scan_fwd.default,
                           (key, syms, E, [], h0, cu, sizes, torch.float32, True, False, False, None))
