@@ -213,6 +213,35 @@ def test_verify_input_contract():
         main(["table", "--steps", "0"])
 
 
+def test_log_decays_leave_a_decay_domain_readout_raw():
+    """A readout symbol of domain "decay" is the query o = S q reads, not a decay: with_log_decays() turned it
+    into exp(ac), the rule lost its query and every scan raised KeyError: None. Oracle: the raw rule's scan."""
+    S, Sp = _S()
+    k, v = O.key("k"), O.value("v")
+    ac, a = O.column("ac", domain="decay"), O.scalar("a", domain="decay")
+    for obj in (O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=O.scalar("b", domain="unit")) / 2,
+                            readout=ac),
+                O.Objective(O.sqnorm(S @ k - v) / 2, update="exact", decay=a, ridge=O.parameter("lam", "scalar",
+                            domain="positive"), readout=ac)):
+        raw = olssm.derive(obj)
+        log = raw.with_log_decays()
+        assert log.query_name == "ac"
+        inp = catalogue.random_inputs(log, 1, 5, 1, 4, 3, seed=1, dtype=torch.float64)
+        o_log, _ = log.scan(backend="reference", **inp)
+        raw_inp = {n: (torch.exp(x) if log.inputs[n].domain == "log_decay" else x) for n, x in inp.items()}
+        o_raw, _ = raw.scan(backend="reference", **raw_inp)
+        torch.testing.assert_close(o_log, o_raw)
+        assert olssm.verify(log, steps=3).ok
+
+
+def test_exact_rule_latex_prints_a_column_ridge_as_diag():
+    S, _ = _S()
+    rule = olssm.derive(O.Objective(O.sqnorm(S @ O.key("k") - O.value("v")) / 2, update="exact",
+                                    decay=O.scalar("a", domain="decay"), ridge=O.column("c", positive=True)))
+    assert "diag(c)" in str(rule)
+    assert r"\operatorname{diag}(c)" in rule.latex() and "c I" not in rule.latex()
+
+
 def test_malformed_objectives_fail_at_construction():
     S, Sp = _S()
     k, v = O.key("k"), O.value("v")

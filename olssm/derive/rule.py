@@ -318,7 +318,8 @@ class Rule:
         for e in self.form.expressions():
             for s in sp.sympify(e).free_symbols:
                 spec = spec_of(s)
-                if spec.domain == "decay" and not spec.is_parameter:
+                # (a decay-domain input that is also the readout stays raw: o = S q reads it as it is)
+                if spec.domain == "decay" and not spec.is_parameter and s != self.form.readout:
                     subs[s] = sp.exp(_declare(spec.name, spec.role, spec.kind, False, "log_decay"))
         if not subs:
             return self
@@ -451,8 +452,10 @@ class Rule:
             gterms = "".join(f" + {self._input(t, tex)}" for t in f.moments)
             out.append(T(f"H_t = {g} H_{{t-1}}{hterms}", rf"H_t = {g} H_{{t-1}}{hterms}"))
             out.append(T(f"G_t = {g} G_{{t-1}}{gterms}", rf"G_t = {g} G_{{t-1}}{gterms}"))
-            lam = "" if f.ridge == 0 else T(f" + diag({f.ridge})" if kind_of(f.ridge) == COLUMN else f" + {self._c(f.ridge)} I",
-                                              rf" + {sp.latex(f.ridge)} I")
+            col = kind_of(f.ridge) == COLUMN    # a per-column ridge is diag(λ), not λ I (in LaTeX too)
+            lam = "" if f.ridge == 0 else T(f" + diag({f.ridge})" if col else f" + {self._c(f.ridge)} I",
+                                              rf" + \operatorname{{diag}}({sp.latex(f.ridge)})" if col
+                                              else rf" + {sp.latex(f.ridge)} I")
             out.append(T(f"o_t = G_t (H_t{lam})⁻¹ {self._vec(f.readout)}",
                          rf"o_t = G_t \left(H_t{lam}\right)^{{-1}} {self._vec(f.readout, True)}"))
         else:
