@@ -86,7 +86,7 @@ def _init(rule, N, H, d_k, d_v, dtype, seed=5):
 
 
 CHUNKABLE = list(cat.ENTRIES)   # RLS too: a torch gain loop, then S's scan by the chunk engines
-# rules whose decay is read raw: a gradient to it runs the token loops (chunk.py, _raw_decay_grad); in log
+# rules whose decay is read raw: a gradient to it runs the token loops (chunk.py, _raw_decay_grads); in log
 # space ("name:log", what the layers run) the same rule takes the chunked engines' decay gradients
 RAW_DECAY = [n for n in cat.ENTRIES if any(s.domain == "decay" for s in cat.ENTRIES[n].rule.inputs.values())
              and not cat.ENTRIES[n].rule.is_rls]

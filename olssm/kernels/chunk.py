@@ -489,15 +489,16 @@ def _per_row_corrections(form, ev):
     return R > 0 and (ev["decay"].shape[-2] > 1 or any(ev[f"c{r}"].shape[-2] > 1 for r in range(R)))
 
 
-def _raw_decay_grad(form, lay, tokens) -> bool:
-    """A gradient will flow to a per-token decay read raw: Λ not constant, log Λ without a closed form, and
-    some per-token input of Λ requires grad. (Learned decay parameters keep the chunked forms: a layer's
-    γ = exp(−exp(raw)) is never 0, and a per-head constant far from fp32's tiny has ε/γ ≪ ε·T error; a
-    per-token gate is where resets and tiny values happen.)"""
+def _raw_decay_grads(form, lay, tokens) -> tuple[bool, bool]:
+    """Whether a gradient will flow to a decay read raw (Λ not constant, log Λ without a closed form) through
+    (a per-token input, a learned parameter). A per-token gate is where resets and tiny values happen; a learned
+    parameter (a layer's γ = exp(−exp(raw))) is a per-head constant, usually far from 0, so it counts only
+    where its value is tiny (_tiny)."""
     decay = sp.sympify(form.decay)
     if decay == 1 or closed_form_log(decay) is not None or not torch.is_grad_enabled():
-        return False
-    return any(s.name in tokens and lay[s.name].requires_grad for s in decay.free_symbols)
+        return False, False
+    want = [s.name for s in decay.free_symbols if lay[s.name].requires_grad]
+    return any(n in tokens for n in want), any(n not in tokens for n in want)
 
 
 #: a raw decay read from learned parameters only takes the token loops for its gradient below this value
@@ -505,15 +506,9 @@ def _raw_decay_grad(form, lay, tokens) -> bool:
 TINY_PARAMETER_DECAY = 1e-3
 
 
-def _tiny_parameter_decay(form, lay, tokens, decay) -> bool:
-    """A raw decay whose gradient flows to a learned parameter (no per-token input of it needs one) and some
-    value of which is tiny or 0: a value test (one host sync), since a per-head constant is usually far from 0."""
-    d = sp.sympify(form.decay)
-    if d == 1 or closed_form_log(d) is not None or not torch.is_grad_enabled() or decay.device.type == "meta":
-        return False
-    if not any(s.name not in tokens and lay[s.name].requires_grad for s in d.free_symbols):
-        return False
-    return bool((decay.detach().abs() < TINY_PARAMETER_DECAY).any())
+def _tiny(decay) -> bool:
+    """Some value of the evaluated decay is below TINY_PARAMETER_DECAY (one host sync; a meta tensor has none)."""
+    return decay.device.type != "meta" and bool((decay.detach().abs() < TINY_PARAMETER_DECAY).any())
 
 
 def _log_decay_expr(decay):
@@ -573,11 +568,11 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
     # A raw decay (no closed-form log) whose gradient is wanted takes the token loops on any device: the
     # chunked forms differentiate log Λ, and ∂L/∂Λ = ∂L/∂log Λ / Λ turns its rounding error into ~ε/Λ
     # (and a Λ of exactly 0 into no gradient); the loops differentiate Λ itself (CHUNK.md §1)
-    raw_grad = _raw_decay_grad(form, lay, args.tokens)
+    raw_grad, raw_param_grad = _raw_decay_grads(form, lay, args.tokens)
     recurrent = not exact and (raw_grad or args.device.type == "cpu" and (
         engine in ("loop", None) or (engine == "linear" and _per_row_corrections(form, probe))))
     ev = None if recurrent else {nm: _full(x, B, T, H, dt, args.device) for nm, x in evaluate(lay).items()}
-    if ev is not None and _tiny_parameter_decay(form, lay, args.tokens, ev["decay"]):
+    if ev is not None and raw_param_grad and _tiny(ev["decay"]):
         raw_grad, recurrent, ev = True, not exact, (ev if exact else None)
     if engine is None:
         warnings.warn(f"chunk backend: cannot chunk {why} (rule structure: {rule.structure}); running "
