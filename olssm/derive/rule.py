@@ -309,7 +309,8 @@ class Rule:
 
         Why: a kernel that works with cumulative log decays (the chunked ones) needs log Λ. With a raw α it
         takes log α, and the chain rule back to α divides by α, so ∂L/∂α carries a relative error ~ε/α
-        (the triton backend's "auto" policy then keeps the slower recurrent backward). From α' the log is
+        (so a gradient to a raw α takes the slower token loops: triton's recurrent backward under "auto",
+        the chunk backend's recurrent engine). From α' the log is
         α' itself: no log, no division, no clamp at float32's tiny, and strong decays never round-trip
         through exp. This is fla's interface too (its gated kernels take g = log α). Layers use it: they
         produce the decay in log space anyway. Returns self when there is nothing to replace."""

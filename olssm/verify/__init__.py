@@ -84,11 +84,16 @@ def _in_domain(u, spec):
     return u
 
 
+def _input_specs(rule: Rule) -> dict:
+    """Every input the rule and its objective read; the rule's spec where both have one (its log decays)."""
+    return {**rule.objective.inputs(), **rule.inputs}
+
+
 def random_inputs(rule: Rule, steps: int, d_k: int, d_v: int, seed: int = 0) -> list[dict]:
     """Random per-step inputs: vectors ~ N(0, 1/d), coefficients and parameters ~ U(0.1, 1) (negated for a
     negative domain, its log for a log decay)."""
     g = torch.Generator().manual_seed(seed)
-    names = {**rule.objective.inputs(), **rule.inputs}     # the rule's domain where they differ (log decays)
+    names = _input_specs(rule)
     params = {}
     out = []
     for t in range(steps):
@@ -148,7 +153,7 @@ def _worst(a: float, b: float) -> float:
 def _given(rule: Rule, inputs: list) -> list[dict]:
     """User-given steps as float64 tensors (the oracle's precision), each with every input the rule and the
     objective read."""
-    need = {**rule.objective.inputs(), **rule.inputs}
+    need = _input_specs(rule)
     seq = []
     for t, step in enumerate(inputs):
         missing = sorted(set(need) - set(step))
@@ -186,7 +191,7 @@ def verify(objective_or_rule, steps: int = 6, d_k: int = 4, d_v: int = 3, seed: 
     g = torch.Generator().manual_seed(seed + 1)
     S0 = torch.randn(d_v, d_k, generator=g, dtype=torch_dtype) * 0.5
     qn = rule.query_name
-    per_step, s_err, o_err, note = [], 0.0, 0.0, ""
+    per_step, s_err, o_err = [], 0.0, 0.0
     if rule.is_exact:
         state = rule.zero_state((), d_k, d_v, dtype=torch_dtype, **seq[0])  # RLS: P_0 = I/λ_0
         weights, history = [], []
@@ -235,7 +240,7 @@ def verify(objective_or_rule, steps: int = 6, d_k: int = 4, d_v: int = 3, seed: 
             per_step.append((t, e1, e2))
             s_err, o_err = _worst(s_err, e1), _worst(o_err, e2)
     return VerifyReport(obj.name or str(obj.expr), rule.mode, steps, d_k, d_v, s_err, o_err, per_step,
-                        tolerance, note)
+                        tolerance)
 
 
 def _explicit_oracle(obj: Objective, Sp, L, d_v, d_k):
