@@ -66,11 +66,16 @@ def load_corpus(num_chars: int, val_frac: float, seed: int):
     return tok, ids[:-n_val], ids[-n_val:]
 
 
+def require_window(ids: torch.Tensor, seq_len: int, what: str) -> None:
+    """A text split must hold one window of seq_len + 1 characters (input and shifted target)."""
+    if len(ids) < seq_len + 1:
+        raise ValueError(f"the {what} text has {len(ids)} characters, fewer than one window of seq_len + 1 = "
+                         f"{seq_len + 1}: raise --corpus-chars (or --val-frac), or lower --seq-len")
+
+
 def random_windows(ids: torch.Tensor, batch_size: int, seq_len: int, g: torch.Generator):
     """(inputs, targets) [B, seq_len]: random windows, targets shifted by one character."""
-    if len(ids) < seq_len + 1:
-        raise ValueError(f"the training text has {len(ids)} characters, fewer than one window of seq_len + 1 = "
-                         f"{seq_len + 1}: raise --corpus-chars or lower --seq-len")
+    require_window(ids, seq_len, "training")
     starts = torch.randint(0, len(ids) - seq_len, (batch_size,), generator=g)   # the last window ends at the text's end
     w = torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])
     return w[:, :-1], w[:, 1:]
@@ -80,13 +85,10 @@ def random_windows(ids: torch.Tensor, batch_size: int, seq_len: int, g: torch.Ge
 def evaluate(model, ids: torch.Tensor, seq_len: int, batch_size: int, device, max_batches: int = 8) -> float:
     """Mean next-character loss per character over the first max_batches·batch_size consecutive windows of the
     validation text (a short last batch weighs by its size, not as a whole batch)."""
-    n = (len(ids) - 1) // seq_len
-    if n == 0:
-        raise ValueError(f"the validation text has {len(ids)} characters, fewer than one window of seq_len + 1 = "
-                         f"{seq_len + 1}: raise --corpus-chars or --val-frac, or lower --seq-len")
+    require_window(ids, seq_len, "validation")
     was = model.training
     model.eval()
-    n = min(n, batch_size * max_batches)
+    n = min((len(ids) - 1) // seq_len, batch_size * max_batches)
     x = ids[:n * seq_len].view(n, seq_len)
     y = ids[1:n * seq_len + 1].view(n, seq_len)
     total = 0.0
@@ -157,10 +159,7 @@ def main(argv=None) -> dict:
     log = print if is_main else (lambda *a, **k: None)
 
     tok, train_ids, val_ids = load_corpus(args.corpus_chars, args.val_frac, args.seed)
-    for what, ids in (("training", train_ids), ("validation", val_ids)):   # before any step, not at the first eval
-        if len(ids) < args.seq_len + 1:
-            raise ValueError(f"the {what} text has {len(ids)} characters, fewer than one window of seq_len + 1 = "
-                             f"{args.seq_len + 1}: raise --corpus-chars (or --val-frac), or lower --seq-len")
+    require_window(val_ids, args.seq_len, "validation")   # before any step, not at the first evaluation
     set_seed(args.seed)
 
     # model and optimizer: fresh, or from the checkpoint
