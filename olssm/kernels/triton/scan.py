@@ -7,6 +7,7 @@ import math
 import os
 import tempfile
 import threading
+import weakref
 
 import sympy as sp
 import torch
@@ -30,6 +31,7 @@ NUM_WARPS = 4
 _LOCK = threading.Lock()
 _MODULES: dict = {}
 _PLANS: dict = {}
+_RULE_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _np2(n: int) -> int:
@@ -108,11 +110,16 @@ class Plan:
 
 @torch.compiler.disable   # sympy code generation is not traceable (torch 2.11's dynamo fails inside sp.cse)
 def plan_for(rule) -> Plan:
-    # form_key: every constant to full precision; symbols print by name only, so the specs (kinds) join the key
-    key = (form_key(rule.form), tuple(spec_of(s) for s in cg.symbols_of(rule.form)))
-    p = _PLANS.get(key)
+    # remembered per rule object (rules are immutable), so that a call does not print its form again (~0.2 ms
+    # a scan), and weakly, so that the rule stays picklable and collectable; form_key: every constant to full
+    # precision; symbols print by name only, so the specs (kinds) join the key
+    p = _RULE_PLANS.get(rule)
     if p is None:
-        p = _PLANS[key] = Plan(rule)
+        key = (form_key(rule.form), tuple(spec_of(s) for s in cg.symbols_of(rule.form)))
+        p = _PLANS.get(key)
+        if p is None:
+            p = _PLANS[key] = Plan(rule)
+        _RULE_PLANS[rule] = p
     return p
 
 
