@@ -349,6 +349,19 @@ def _initial_tile(ptr, i_bh, DK, DV, soff, m2, BK: tl.constexpr, BV: tl.constexp
 
 
 @triton.jit
+def _sequential_program(cu_ptr, T, H, DK, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        VARLEN: tl.constexpr):
+    """The opening of a kernel that walks one sequence's chunks in order, one program per (value block,
+    sequence × head): i_v, i_bh, i_h, the sequence's bounds, its state tile (_state_tile) and the chunk's token
+    index tt."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
+    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
+    return i_v, i_bh, i_bh % H, bos, eos, rows, cols, rm, km, m2, soff, tl.arange(0, BT)
+
+
+@triton.jit
 def _state_tile(i_v, DK, DV, BK: tl.constexpr, BV: tl.constexpr):
     """The program's [BV, BK] block of the state: row / column indices, masks and offsets."""
     rows = i_v * BV + tl.arange(0, BV)
@@ -475,12 +488,8 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
                      M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                      USE_H0: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr,
                      PREC: tl.constexpr = "ieee"):
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_h = i_bh % H
-    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
-    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
-    tt = tl.arange(0, BT)
+    i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
+                                                                                      BV, VARLEN)
     causal = tt[:, None] >= tt[None, :]
     S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0)
     for c in range(0, tl.cdiv(eos - bos, BT)):
@@ -560,12 +569,8 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
                            VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1):
     """S_t = γ_t S_{t-1} (I − c_t a_t b_tᵀ) + e_t w_tᵀ, chunk by chunk (UT transform, TRITON.md); SUB as in
     _chunk_decay (strict between tokens)."""
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_h = i_bh % H
-    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
-    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
-    tt = tl.arange(0, BT)
+    i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
+                                                                                      BV, VARLEN)
     incl = tt[:, None] >= tt[None, :]
     strict = _strict(tt, SUB)
     S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0)
@@ -791,12 +796,8 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
     S ← Γ_L S₀ − (Δ ⊙ Γ_L/Γ)ᵀ B + Σ_m (E_m ⊙ Γ_L/Γ)ᵀ W_m; ht ← the last S.
     TIED (W_0 is B): S ← Γ_L S₀ + ((E_0 − Δ) ⊙ Γ_L/Γ)ᵀ B + Σ_{m≥1} ... — 2 + M − 1 dots and [BT, BK] loads
     per chunk instead of 2 + M (fla's h += Kᵀ (U − W h))."""
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_h = i_bh % H
-    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
-    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
-    tt = tl.arange(0, BT)
+    i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
+                                                                                      BV, VARLEN)
     S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
@@ -1086,12 +1087,8 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
         dE_m = (Q W_mᵀ ⊙ D)ᵀ dO + dec ⊙ (W_m dSᵀ)     dS₀  = Γ_L dS + (Γ ⊙ dO)ᵀ Q
         ∂b_i (cumulative log decay) from D, Γ, dec, Γ_L; ∂g = reverse cumsum of ∂b.
     dQ, dW and ∂g are partial sums over the value-row blocks (summed by the caller)."""
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_h = i_bh % H
-    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
-    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
-    tt = tl.arange(0, BT)
+    i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
+                                                                                      BV, VARLEN)
     causal = tt[:, None] >= tt[None, :]
     dS = _initial_tile(dht_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_DHT)
     nc = tl.cdiv(eos - bos, BT)

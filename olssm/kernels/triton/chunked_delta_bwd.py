@@ -75,8 +75,8 @@ import triton.language as tl
 from ...objectives.core import ROW
 from . import chunked as _ch
 from .chunked import (_c_row, _chunk_decay, _chunk_map, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
-                      _delta_tiles, _initial_tile, _precision, _row_decay_tiles, _rowdecay_delta_chunk, _sequence,
-                      _state_tile, _store_wt, _strict, _token_column, _tokens, _ut_inverse, switch)
+                      _delta_tiles, _initial_tile, _precision, _row_decay_tiles, _rowdecay_delta_chunk,
+                      _sequential_program, _store_wt, _strict, _token_column, _tokens, _ut_inverse, switch)
 
 #: the delta family's backward (scalar or row c, none / scalar decay): "chunk" (the kernels of this module) or
 #: "recurrent" (the fused recurrent backward on the chunked forward's checkpoints, as before).
@@ -150,12 +150,8 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
                                  PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1):
     """Reverse over chunks: dh ← dS, dΔ = dd − dec ⊙ (B dSᵀ) (in place),
     dS ← Γ_L dS + (Γ ⊙ dO)ᵀ Q + dΔᵀ W̃."""
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_h = i_bh % H
-    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
-    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
-    tt = tl.arange(0, BT)
+    i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
+                                                                                      BV, VARLEN)
     dS = _initial_tile(dht_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_DHT)
     nc = tl.cdiv(eos - bos, BT)
     for cr in range(0, nc):
@@ -434,12 +430,8 @@ def chunk_rowc_bwd_state_kernel(q_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, dd_pt
                                 PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, SUB: tl.constexpr = 1):
     """Reverse over chunks: dh ← dS, dΔ = dd − dec ⊙ (B dSᵀ), per value row the backward substitution
     dR_s = dΔ_s − Σ_{r>s} N_rs c_r dR_r (dR = T_c⁽ⁱ⁾ᵀ dΔ) → dd, dS ← Γ_L dS + (Γ ⊙ dO)ᵀ Q + (Γ ⊙ c ⊙ dR)ᵀ A."""
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_h = i_bh % H
-    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
-    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
-    tt = tl.arange(0, BT)
+    i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
+                                                                                      BV, VARLEN)
     dS = _initial_tile(dht_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_DHT)
     nc = tl.cdiv(eos - bos, BT)
     for cr in range(0, nc):
@@ -528,12 +520,8 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
                               T, H, DK, DV, NCK, SW, SE, TOKH, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                               BV: tl.constexpr, C_ROW: tl.constexpr, USE_DHT: tl.constexpr, VARLEN: tl.constexpr,
                               PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1):
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_h = i_bh % H
-    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
-    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
-    tt = tl.arange(0, BT)
+    i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
+                                                                                      BV, VARLEN)
     incl = tt[:, None] >= tt[None, :]
     strict = _strict(tt, SUB)
     dS = _initial_tile(dht_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_DHT)
