@@ -6,6 +6,8 @@
 #
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
+#   lease        all of a 15-minute lease in one call (~560 s): the D = 64 table (six rules, fla's kernels but
+#                chunk_gla), DeltaNet / Gated DeltaNet at D = 128, then the compiled tests for what time is left
 #   tests        the Triton test files with compiled kernels (no interpreter), 8 workers
 #   tests1/2     the same in two halves, if `tests` ran past its 570 s
 #   delta64      (4, 2048, 16, 64) bf16: DeltaNet, Gated DeltaNet, Longhorn, RLS, derived rules (two_keys: rank-2
@@ -22,7 +24,7 @@
 # fla-core (pure Python) is installed from .whl/ for the benchmark stages when the wheel was carried
 # (device tool: carry [".whl"]); the tests run without it.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile}
+stage=${1:?usage: gpu_session.sh lease|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile}
 out=${OUT:-/tmp/olssm-gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
@@ -38,7 +40,21 @@ with_fla() {
 }
 
 bench=(python benchmarks/triton_kernels.py --dtype bf16 --autotune)
+triton_tests=(tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py tests/test_triton_pscan.py
+              tests/test_triton_autotune.py)
 case $stage in
+    lease)
+        with_fla
+        export PYTHONUNBUFFERED=1
+        gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800   # vendor HBM bandwidth, for the HBM % column
+        timeout 170 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
+            --peak-gbs $gbs --reps 5 --skip gla:fla-chunk \
+            --rules deltanet,gated_deltanet,mamba2,longhorn,gla,mamba 2>&1 | tee "$out/bench64.txt"
+        timeout 90 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
+            --peak-gbs $gbs --reps 5 --rules deltanet,gated_deltanet 2>&1 | tee "$out/bench128.txt"
+        OLSSM_TRITON_DEVICE=cuda timeout 280 python -m pytest -vv -rfE -n 16 -p no:cacheprovider "${triton_tests[@]}" \
+            > "$out/tests.txt" 2>&1
+        grep -E "FAILED|ERROR|passed|failed" "$out/tests.txt" | tail -40 ;;
     tests)
         OLSSM_TRITON_DEVICE=cuda timeout 570 python -m pytest -q -n 8 -p no:cacheprovider \
             tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py \
