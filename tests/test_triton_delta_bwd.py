@@ -329,7 +329,7 @@ def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, tied, ut,
         pytest.skip("compiled tl.dot needs chunks of >= 16 tokens (library.run_scan clamps; this calls the kernels)")
     monkeypatch.setattr(tchunk, "TIE_INPUT_TERM", tied)
     if ut is not None:
-        monkeypatch.setattr(tchunk, "UT_BLOCK", tl.constexpr(ut))
+        monkeypatch.setattr(tchunk, "UT_BLOCK", ut)
     if K > 16:
         _blocks16(monkeypatch)                                   # several key and value blocks
         monkeypatch.setattr(tdelta, "ROWC_BLOCK_V", 16)

@@ -88,8 +88,9 @@ FAST_SPAN = tl.constexpr(60.0)
 #: rows per diagonal block of the UT inverse T_c in the split delta kernels (_ut_inverse): the forward
 #: substitution takes UT_BLOCK − 1 dependent steps (on all blocks at once) instead of BT − 1, then
 #: log2(BT / UT_BLOCK) block merges of two [BT, BT] dots each (fla's solve_tril: 16). UT_BLOCK ≥ BT is the
-#: plain row-by-row substitution. A jit global, like FAST_SPAN.
-UT_BLOCK = tl.constexpr(16)
+#: plain row-by-row substitution. Passed to each launch as the constexpr UTB (a jit global could not be changed
+#: once a compiled kernel had read it).
+UT_BLOCK = 16
 
 
 def _np2(n: int) -> int:
@@ -700,11 +701,11 @@ def _dot_rows_k(x_ptr, y_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, 
 
 @triton.jit
 def _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
-                GATED: tl.constexpr, PREC: tl.constexpr, SUB: tl.constexpr = 1):
+                GATED: tl.constexpr, PREC: tl.constexpr, SUB: tl.constexpr = 1, UTB: tl.constexpr = 16):
     """The state-independent core of a delta-family chunk (split forward and its backward):
     c, D, D_st, Γ, T_c = (I + diag(c) N)⁻¹ and N = A Bᵀ ⊙ D_st.
 
-    T_c in UT_BLOCK-row diagonal blocks (fla's solve_tril does 16): the forward substitution
+    T_c in UTB-row diagonal blocks (UT_BLOCK; fla's solve_tril does 16): the forward substitution
     T_i = e_i − Σ_{j<i} L_ij T_j (L = diag(c) N) runs on every diagonal block at once — row i of all blocks
     in one step, UB − 1 steps instead of BT − 1 (L restricted to the diagonal blocks is block diagonal, so
     the rows of different blocks occupy disjoint columns of one [BT] vector) — then the blocks are merged
@@ -716,7 +717,7 @@ def _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT: tl.constexpr, BK: 
     D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
     N = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
     L = N * cc[:, None]                                                       # diag(c) N, strictly lower
-    UB: tl.constexpr = UT_BLOCK if UT_BLOCK < BT else BT
+    UB: tl.constexpr = UTB if UTB < BT else BT
     Tc = tl.where(tt[:, None] == tt[None, :], 1.0, 0.0)
     for i in range(1, UB):
         sel = (tt % UB == i)[:, None] & ((tt[:, None] // UB) == (tt[None, :] // UB))
@@ -748,7 +749,7 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
                             T, H, DK, DV, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                             BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
                             PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, TIED: tl.constexpr = False,
-                            SAVE_TC: tl.constexpr = False, SUB: tl.constexpr = 1):
+                            SAVE_TC: tl.constexpr = False, SUB: tl.constexpr = 1, UTB: tl.constexpr = 16):
     """Per chunk, independent of the state:
         W̃ = T_c (c ⊙ Γ ⊙ A) → wt,   Ũ = T_c (c ⊙ Σ_m (A W_mᵀ ⊙ D_strict) E_m) → u,
     and (SAVE_TC, for the chunked backward, which then skips its own inverse) T_c → tc [.., BT].
@@ -757,7 +758,8 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
     i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
     tt = tl.arange(0, BT)
     tm, base = _tokens(start, tt, eos, H, i_h)
-    cc, _, Dst, gam, Tc, Nab = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC, SUB)
+    cc, _, Dst, gam, Tc, Nab = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC, SUB,
+                                           UTB)
     _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
     if SAVE_TC:
         tl.store(tc_ptr + base[:, None] * BT + tt[None, :], Tc, mask=tm[:, None])
@@ -1019,7 +1021,7 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
     common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=prec, TIED=tied, SUB=sub, **_launch_opts())
     chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
                                       e[0].numel(), M=M, BV=BVW, KB=min(BK, SPLIT_BLOCK_K),
-                                      SAVE_TC=core is not None, **common)
+                                      SAVE_TC=core is not None, UTB=int(UT_BLOCK), **common)
     chunk_delta_state_kernel[(-(-d_v // BV), N * H)](
         w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
         w[0].numel(), e[0].numel(), M=M, BV=BV, USE_H0=h0 is not None, **common)
