@@ -197,6 +197,7 @@ def _safe_log(d):
 
 
 @functools.lru_cache(maxsize=64)
+@torch.compiler.disable   # sympy work (log-decay forms); the evaluator it returns is traced
 def _evaluator(form):
     exprs = {"q": form.readout}
     for m, t in enumerate(form.inputs):
