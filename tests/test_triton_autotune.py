@@ -5,7 +5,7 @@ being run: the tests check that the fastest candidate is chosen, run and remembe
 disk), that failing candidates are skipped, and — against the reference backend, every gradient — that
 a tuned launch geometry (value rows, warps) reaches both the forward and the backward kernels.
 """
-from triton_testing import compare  # noqa: F401,E402  (sets TRITON_INTERPRET first)
+from triton_testing import compare, dev  # noqa: F401,E402  (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -54,6 +54,11 @@ def _inputs(name, T=6, seed=3):
     return rule, random_inputs(rule, 1, T, 2, 5, 6, seed=seed)
 
 
+def _scan(rule, inp, grad=False):
+    """rule.scan on the test device (compare moves its inputs itself; these calls did not, and failed on a GPU)."""
+    return rule.scan(backend="triton", **{n: dev(x).clone().requires_grad_(grad) for n, x in inp.items()})
+
+
 def test_candidates_cover_the_kernels_that_run_the_rule():
     class Meta:
         N, max_len = 1, 64
@@ -92,13 +97,13 @@ def test_the_fastest_candidate_runs_and_is_remembered(tuner):
     assert tuner.last == LaunchConfig("recurrent")        # and the real call ran it
     measured = len(tuner.calls)
     assert measured >= 2
-    rule.scan(backend="triton", **{n: x.clone().requires_grad_() for n, x in inp.items()})
+    _scan(rule, inp, grad=True)
     assert len(tuner.calls) == measured                    # looked up, not timed again
     autotune.clear()                                       # a new process: the decision comes from disk
-    rule.scan(backend="triton", **{n: x.clone().requires_grad_() for n, x in inp.items()})
+    _scan(rule, inp, grad=True)
     assert len(tuner.calls) == measured and tuner.last == LaunchConfig("recurrent")
     _, longer = _inputs("mamba", T=40)                     # another length bucket: timed afresh
-    rule.scan(backend="triton", **{n: x.clone().requires_grad_() for n, x in longer.items()})
+    _scan(rule, longer, grad=True)
     assert len(tuner.calls) > measured and len(autotune.decisions()) == 2
 
 
@@ -151,8 +156,8 @@ def test_decision_files_merge_across_processes(tuner):
 def test_forward_only_and_training_calls_are_tuned_separately(tuner):
     rule, inp = _inputs("retnet")
     with torch.no_grad():
-        rule.scan(backend="triton", **inp)
-    rule.scan(backend="triton", **{n: x.clone().requires_grad_() for n, x in inp.items()})
+        _scan(rule, inp)
+    _scan(rule, inp, grad=True)
     assert sorted(k.split("|")[4] for k in autotune.decisions()) == ["fwd", "grad"]
 
 
@@ -170,7 +175,7 @@ def test_failing_candidates_are_skipped(tuner):
 def test_forced_kernels_are_not_tuned(tuner, monkeypatch):
     monkeypatch.setattr(library, "FORCE", "recurrent")
     rule, inp = _inputs("gla")
-    rule.scan(backend="triton", **inp)
+    _scan(rule, inp)
     assert tuner.calls == [] and autotune.decisions() == {}
 
 
