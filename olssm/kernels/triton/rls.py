@@ -13,8 +13,8 @@ recomputing P_{t-1} of each chunk from its checkpoint (a = P̃u, den = 1 + R u�
     dP̃   = dP + dâ uᵀ                           du   += P̃ᵀ dâ
     dγ   = −⟨dP̃, P̃⟩/γ                            dP_{t-1} = sym(dP̃)/γ
 
-P is kept symmetric (P_0 symmetrised once, then the bitwise-symmetric update), and dP with it: the
-antisymmetric part of rounding in either would grow like Π 1/γ (RLS's known loss of symmetry).
+P is kept symmetric (symmetrised after every step), and dP with it: the antisymmetric part of rounding
+in either would grow like Π 1/γ (RLS's known loss of symmetry).
 """
 from __future__ import annotations
 
@@ -41,14 +41,22 @@ def _warps(BK: int) -> int:
     return NUM_WARPS.get(BK, 4 if BK < 16 else 16)
 
 
+def _gain_block(K: int) -> int:
+    """P's tile: at least 16 (a [4, 4] tile over 4 warps is mostly copies of itself)."""
+    return max(16, _np2(K))
+
+
 @triton.jit
 def _riccati(P, u, gam, r, m2):
     """One forgetting + Sherman–Morrison step: (P_t, a = P̃ u, den) from P_{t-1}."""
     Pt = P / gam
     a = tl.sum(Pt * u[None, :], axis=1)
     den = 1.0 + r * tl.sum(a * u)
-    # (R/den)·(a_i a_j) is bitwise symmetric, ((R/den) a_i)·a_j is not: P's antisymmetric rounding grew like Π 1/γ
-    return tl.where(m2, Pt - (r / den) * (a[:, None] * a[None, :]), 0.0), Pt, a, den
+    P = tl.where(m2, Pt - (r / den) * (a[:, None] * a[None, :]), 0.0)
+    # symmetrised every step: (R/den)·(a_i a_j) is symmetric on paper, but compiled, a[:, None] and a[None, :] can be
+    # different threads' copies of a, reduced in different orders (sm_90, d_k = 3: |P − Pᵀ| reached 9 by T = 160
+    # while |P| ≈ 0.4), and the antisymmetric part grows like Π 1/γ
+    return 0.5 * (P + tl.trans(P)), Pt, a, den
 
 
 @triton.jit
@@ -156,8 +164,8 @@ def rls_gain_fwd(u: Tensor, gamma: Tensor, R: Tensor, P0: Tensor, cu_seqlens: Op
     alloc = torch.zeros if cu_seqlens is not None else torch.empty   # varlen: unwritten slots of short sequences
     ck = alloc(N, H, NCK, K, K, dtype=torch.float32, device=dev) if save else Pt.new_empty(0)
     rls_gain_fwd_kernel[(N * H,)](u, gamma, R, P0, g, Pt, ck if save else Pt,
-                                  cu_seqlens if cu_seqlens is not None else Pt, T, H, K, NCK, BK=_np2(K), C=C,
-                                  SAVE_CK=save, VARLEN=cu_seqlens is not None, num_warps=_warps(_np2(K)))
+                                  cu_seqlens if cu_seqlens is not None else Pt, T, H, K, NCK, BK=_gain_block(K), C=C,
+                                  SAVE_CK=save, VARLEN=cu_seqlens is not None, num_warps=_warps(_gain_block(K)))
     return g, Pt, ck
 
 
@@ -173,7 +181,7 @@ def rls_gain_bwd(u: Tensor, gamma: Tensor, R: Tensor, ck: Tensor, cu_seqlens: Op
                  dPt: Optional[Tensor], sizes: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """∂u, ∂γ, ∂R, ∂P_0 from ∂g and ∂P_T."""
     B, T, H, K, N, C = sizes
-    BK = _np2(K)
+    BK = _gain_block(K)
     du, dgam, dr = torch.empty_like(u), torch.empty_like(gamma), torch.empty_like(R)
     dP0 = torch.empty(N, H, K, K, dtype=torch.float32, device=u.device)
     scratch = torch.empty(N * H * C * BK * BK, dtype=torch.float32, device=u.device)
