@@ -506,6 +506,25 @@ def test_gpu_benchmark_script_runs_and_agrees(monkeypatch, tmp_path):
     assert sum("autotuned" in r for r in rows) == 3
 
 
+def test_host_overhead_script_counts_the_policys_launches():
+    """benchmarks/host_overhead.py (kernel launches stubbed, CPU tensors through the compiled-mode path): DeltaNet's
+    bf16 policy at T = 2048 is the split forward (prep, state, out: 3 launches) and the chunked backward (4 more),
+    and the autotuner answering from a held decision (every candidate tied: the policy's) runs the same kernels."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "host_overhead.py"), "--rules", "deltanet",
+                        "--reps", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:7]]
+            for line in r.stdout.splitlines() if line.startswith("| deltanet")}
+    assert rows["policy"][1::2] == ["3", "7"] and rows["autotuned"][1::2] == ["3", "7"], r.stdout
+
+
 # ---- delta family: the split forward (prep / state / out kernels) against the fused one -----------------
 
 def _two_term_delta_rule():

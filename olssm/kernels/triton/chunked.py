@@ -99,7 +99,12 @@ def _np2(n: int) -> int:
 
 def unsupported(plan, args):
     """None when the chunked kernel runs this rule and these arguments, else the reason."""
-    form = plan.rule.form
+    return _unsupported_form(plan.rule.form)
+
+
+@functools.lru_cache(maxsize=256)
+def _unsupported_form(form):
+    # asked on every call: the answer depends on the (frozen) form alone
     if not isinstance(form, NormalForm):
         return "not a normal-form rule"
     if form.corrections and form.decay_kind not in ("none", SCALAR, ROW):
