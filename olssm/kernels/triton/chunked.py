@@ -268,6 +268,20 @@ def checkpoint_storage(out_dtype=torch.float32) -> torch.dtype:
     return out_dtype if mode == "input" and out_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def written(*shape, device) -> torch.Tensor:
+    """A float32 output buffer of which the launching kernel writes every element: left uninitialised (the zero
+    fills were full passes over memory, ~0.7 GB per DeltaNet fwd+bwd at (2, 8192, 16, 128)). With
+    OLSSM_TRITON_POISON=1 (tests/triton_testing.py sets it) it is filled with NaN instead, so an element a kernel
+    leaves unwritten fails the tests' finiteness and gradient checks."""
+    if os.environ.get("OLSSM_TRITON_POISON", "0") not in ("", "0"):
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _stack(xs):
+    return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
+
+
 def chunk_inputs(plan, args, grad: bool = False) -> list:
     """[q [B,T,H,K], w (key sides) [M,B,T,H,K], e (value sides) [M,B,T,H,V], log decay ([B,T,H] / [B,T,H,V] / [B,T,H,K];
     zeros when a correction has no decay)] + (with a correction) [a, b [B,T,H,K], c [B,T,H] (a row c: [B,T,H,V])],
@@ -293,14 +307,16 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
             query equal to the key) are one copy, read from L2 by the kernels instead of three from HBM."""
             e = sp.sympify(expr)
             if e not in shared:   # evaluated and broadcast in fp32, then stored (autograd sums in fp32)
-                shared[e] = full(ev[name], 1, K)[..., 0, :].to(sdt).contiguous()
+                shared[e] = full(ev[name], 1, K).squeeze(-2).to(sdt).contiguous()
             return shared[e]
 
+        # size-1 axes dropped by squeeze and one term put in a stack by unsqueeze: both are views, whose backward
+        # is a view too (a select's backward writes a zero tensor and copies in; a stack's copies)
         M = len(form.inputs)
         ws = [key_side(f"w{m}", t.w) for m, t in enumerate(form.inputs)]
         out = [key_side("q", form.readout),
                ws[0].unsqueeze(0) if M == 1 else torch.stack(ws),                          # [M, B, T, H, K]
-               torch.stack([full(ev[f"e{m}"], V, 1)[..., 0] for m in range(M)]).to(sdt)]   # [M, B, T, H, V]
+               _stack([full(ev[f"e{m}"], V, 1).squeeze(-1) for m in range(M)]).to(sdt)]    # [M, B, T, H, V]
         kind = form.decay_kind
         if kind != "none":
             if "ld" in ev:
@@ -308,18 +324,18 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
             else:
                 ld = _safe_log(torch.as_tensor(ev["decay"], dtype=torch.float32, device=args.device))
             if kind == SCALAR:
-                ld = full(ld, 1, 1)[..., 0, 0]
+                ld = full(ld, 1, 1).squeeze(-1).squeeze(-1)
             elif kind == ROW:
-                ld = full(ld, V, 1)[..., 0]
+                ld = full(ld, V, 1).squeeze(-1)
             else:
-                ld = full(ld, 1, K)[..., 0, :]
+                ld = full(ld, 1, K).squeeze(-2)
             out.append(ld.clamp_min(_LOG_FLOOR))
         elif form.corrections:
             out.append(torch.zeros(B, T, H, device=args.device))
         if form.corrections:
             row = _c_row(form)
-            cs = [(full(ev[f"c{r}"], V, 1)[..., 0] if row else full(ev[f"c{r}"], 1, 1)[..., 0, 0]).to(sdt)
-                  for r in range(len(form.corrections))]
+            cs = [(full(ev[f"c{r}"], V, 1).squeeze(-1) if row else full(ev[f"c{r}"], 1, 1).squeeze(-1).squeeze(-1))
+                  .to(sdt) for r in range(len(form.corrections))]
             a_s = [key_side(f"a{r}", cr.a) for r, cr in enumerate(form.corrections)]
             b_s = [key_side(f"b{r}", cr.b) for r, cr in enumerate(form.corrections)]
             out += [a_s[0], b_s[0], cs[0]] if len(cs) == 1 else [torch.stack(a_s), torch.stack(b_s), torch.stack(cs)]
@@ -1247,12 +1263,12 @@ def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     g = chunk_in[3] if decay else q
     dev = q.device
     TOKH = B * T * H
-    dq = torch.zeros(NV, B, T, H, d_k, dtype=torch.float32, device=dev)
-    dk = torch.zeros(NV, M, B, T, H, d_k, dtype=torch.float32, device=dev)
-    dv = torch.zeros(M, B, T, H, d_v, dtype=torch.float32, device=dev)
+    dq = written(NV, B, T, H, d_k, device=dev)
+    dk = written(NV, M, B, T, H, d_k, device=dev)
+    dv = written(M, B, T, H, d_v, device=dev)
     # row decay: each program owns its value rows, so its ∂g is whole (the first slot); other kinds: partial sums
-    dg = torch.zeros(1 if decay == 2 else NV, B, T, H, *((d_k,) if decay == 3 else (d_v,) if decay == 2 else ()),
-                     dtype=torch.float32, device=dev)
+    dg = written(1 if decay == 2 else NV, B, T, H, *((d_k,) if decay == 3 else (d_v,) if decay == 2 else ()),
+                 device=dev)
     dh0 = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
     chunk_bwd_kernel[(NV, N * H)](
         q, k, v, g, do.contiguous(), dht.contiguous() if dht is not None else dh0, ck,

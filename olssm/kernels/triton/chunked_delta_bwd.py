@@ -644,11 +644,11 @@ def chunked_rowdecay_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=Non
     dev = q.device
     TOKH = B * T * H
     z = dict(dtype=torch.float32, device=dev)
-    dq, da, db = (torch.zeros(NV, B, T, H, d_k, **z) for _ in range(3))
-    dw = torch.zeros(NV, M, B, T, H, d_k, **z)
-    de = torch.zeros(M, B, T, H, d_v, **z)
-    dg = torch.zeros(B, T, H, d_v, **z)
-    dc = torch.zeros(*((B, T, H, d_v) if c_row else (NV, B, T, H)), **z)
+    dq, da, db = (_ch.written(NV, B, T, H, d_k, device=dev) for _ in range(3))
+    dw = _ch.written(NV, M, B, T, H, d_k, device=dev)
+    de = _ch.written(M, B, T, H, d_v, device=dev)
+    dg = _ch.written(B, T, H, d_v, device=dev)
+    dc = _ch.written(*((B, T, H, d_v) if c_row else (NV, B, T, H)), device=dev)
     dh0 = torch.empty(N, H, d_v, d_k, **z)
     chunk_rowdecay_bwd_kernel[(NV, N * H)](
         q, w, e, g, a, b, c, do.contiguous(), dht.contiguous() if dht is not None else dh0, ck,
@@ -689,8 +689,8 @@ def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, s
     chunk_rowc_bwd_state_kernel[(-(-d_v // BV), N * H)](
         q, g, a, b, c, do, dd, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK,
         BK=BK, BV=BV, KB=min(BK, _ch.SPLIT_BLOCK_K), USE_DHT=dht is not None, **common)
-    dc = torch.zeros(B, T, H, d_v, **z)
-    de = torch.zeros(M, B, T, H, d_v, **z)
+    dc = _ch.written(B, T, H, d_v, device=dev)
+    de = _ch.written(M, B, T, H, d_v, device=dev)
     chunk_rowc_bwd_value_kernel[(NTG, NVW, G)](q, w, g, a, c, do, dh, p, dd, dc, de, cu, ix, T, H, d_k, d_v, NCK,
                                                w[0].numel(), e[0].numel(), M=M, BK=BK, BV=BVW, KB=KBV, **common)
     dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dd, p, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common)
@@ -703,11 +703,12 @@ def _key_grads(q, w, e, g, a, b, dr, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, B
     KB = min(BK, KEY_BLOCK_K)
     NKB = BK // KB
     z = dict(dtype=torch.float32, device=q.device)
-    dq = torch.zeros(B, T, H, d_k, **z)
-    da = torch.zeros(B, T, H, d_k, **z)
-    db = torch.zeros(B, T, H, d_k, **z)
-    dw = torch.zeros(M, B, T, H, d_k, **z)
-    dg = torch.zeros(NKB if common["GATED"] else 1, B, T, H, **z)
+    dq = _ch.written(B, T, H, d_k, device=q.device)
+    da = _ch.written(B, T, H, d_k, device=q.device)
+    db = _ch.written(B, T, H, d_k, device=q.device)
+    dw = _ch.written(M, B, T, H, d_k, device=q.device)
+    # without a decay the kernel writes no ∂ log γ: zeros (the chunk inputs' zero log decay has no gradient anyway)
+    dg = _ch.written(NKB, B, T, H, device=q.device) if common["GATED"] else torch.zeros(1, B, T, H, **z)
     chunk_delta_bwd_key_kernel[(NTG, NKB, G)](
         q, w, e, g, a, b, dr, dl, do, ck, dh, dq, dw, dg, da, db, cu, ix, T, H, d_k, d_v, ck.shape[2], w[0].numel(),
         e[0].numel(), B * T * H, M=M, BV=BV, KB=KB, TIED=tied, **common)
@@ -766,8 +767,8 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
         BK=BK, BV=BV, USE_DHT=dht is not None, **common)
     NVW = -(-d_v // BVW)
     dl = torch.empty(B, T, H, d_v, **z)
-    de = torch.zeros(M, B, T, H, d_v, **z)
-    dc = torch.zeros(NVW, B, T, H, **z)
+    de = _ch.written(M, B, T, H, d_v, device=dev)
+    dc = _ch.written(NVW, B, T, H, device=dev)
     chunk_delta_bwd_value_kernel[(NTG, NVW, G)](
         q, w, e, g, a, b, c, tc, dd, do, ck, dh, dl, de, dc, cu, ix, T, H, d_k, d_v, NCK, w[0].numel(),
         e[0].numel(), TOKH, M=M, BK=BK, BV=BVW, KB=min(BK, VALUE_BLOCK_K), TIED=tied, **common)

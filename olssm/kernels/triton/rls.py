@@ -202,6 +202,8 @@ def _setup(ctx, inputs, output):
     u, gamma, R, P0, cu_seqlens, sizes, max_len, save = inputs
     ctx.sizes, ctx.save, ctx.has_cu = list(sizes), save, cu_seqlens is not None
     ctx.save_for_backward(u, gamma, R, output[2], *([cu_seqlens] if cu_seqlens is not None else []))
+    # an unused output's gradient comes as None, not as zeros: the checkpoints' would be NCK·d_k² per sequence·head
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dg, dPt, dck):
