@@ -147,6 +147,39 @@ def test_state_math_stays_fp32_under_autocast(name):
         assert err < 1e-6, f"{name} d{n}: autocast changed the gradient by {err:.2e} relative"
 
 
+def _signed_decay_rules():
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    real = olssm.derive(O.Objective(O.sqnorm(S - O.scalar("a") * Sp) / 2 - O.inner(S @ k, v)))
+    minus_exp = olssm.derive(O.Objective(O.sqnorm(S + sympy.exp(O.scalar("a", domain="log_decay")) * Sp) / 2
+                                         - O.inner(S @ k, v)))
+    return {"real a": (real, -0.5), "-exp(a)": (minus_exp, -0.1)}
+
+
+@pytest.mark.parametrize("name", ["real a", "-exp(a)"])
+def test_decays_that_can_be_negative_run_the_loops(name):
+    # a decay its inputs' domains do not make >= 0 has no real log: the chunked forms had clamped a = -0.5 to
+    # e^-87 (o off by 1.3; exact with grads, which took the loops), and read log(-e^a) = a + iπ as a (o off by 7).
+    # Now they take the token loops: o, final state and every gradient against the reference (fp64, 1e-12)
+    rule, value = _signed_decay_rules()[name]
+    from olssm.derive.rule import closed_form_log, decay_may_be_negative
+    assert decay_may_be_negative(rule.form.decay) and closed_form_log(rule.form.decay) is None
+    inp = cat.random_inputs(rule, 1, 9, 2, 3, 2, seed=0, dtype=torch.float64)
+    inp["a"] = torch.full_like(inp["a"], value)
+    for grads in (False, True):
+        _compare(rule, inp, tol=TOL64, chunk_size=4, grads=grads, what=f"{name} grads={grads}")
+
+
+def test_a_decay_input_outside_its_domain_is_an_error():
+    # RetNet's γ is declared a decay, in (0, 1]: γ = -0.5 came out of the chunk backend silently wrong (o off by
+    # 1.2 against the reference), since the chunked form takes log γ
+    rule = cat.rule("retnet")
+    inp = cat.random_inputs(rule, 1, 8, 2, 3, 2, dtype=torch.float64)
+    inp["gamma"] = torch.tensor([-0.5, 0.9], dtype=torch.float64)
+    with pytest.raises(ValueError, match="'gamma' \\(parameter, domain 'decay'\\)"):
+        rule.scan(**inp, backend="chunk")
+
+
 @pytest.mark.parametrize("name", CHUNKABLE)
 def test_state_round_trip(name):
     """scan(a + b) == scan(b, initial_state=final(a))."""

@@ -506,6 +506,27 @@ def test_gpu_benchmark_script_runs_and_agrees(monkeypatch, tmp_path):
     assert sum("autotuned" in r for r in rows) == 3
 
 
+def test_decays_that_can_be_negative_run_the_recurrent_kernel(monkeypatch):
+    """A decay its inputs' domains do not make >= 0 (a scalar declared domain="real") has no real log: the chunked
+    kernels refuse it (forced: NotImplementedError naming it), the policy runs the recurrent kernel, which multiplies
+    by Λ: o, final state and every gradient against the reference with a = -0.5. A declared decay outside its
+    domain (RetNet's γ = -0.5) on the chunked path is a ValueError naming γ, not log(clamp(γ))."""
+    S, Sp = O.states()
+    rule = olssm.derive(O.Objective(O.sqnorm(S - O.scalar("a") * Sp) / 2 - O.inner(S @ O.key("k"), O.value("v"))))
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=3)
+    inp["a"] = torch.full_like(inp["a"], -0.5)
+    assert "negative" in tchunk.unsupported(tscan.plan_for(rule), None)
+    _compare(rule, inp)
+    monkeypatch.setattr(tlib, "FORCE", "chunk")
+    with pytest.raises(NotImplementedError, match="can be negative"):
+        rule.scan(backend="triton", **{n: _dev(x) for n, x in inp.items()})
+    retnet = cat.rule("retnet")
+    x = random_inputs(retnet, 1, 37, 2, 5, 6, seed=3)
+    x["gamma"] = torch.tensor([-0.5, 0.9])
+    with pytest.raises(ValueError, match="'gamma' \\(parameter, domain 'decay'\\)"):
+        retnet.scan(backend="triton", **{n: _dev(t) for n, t in x.items()})
+
+
 def test_host_overhead_script_counts_the_policys_launches():
     """benchmarks/host_overhead.py (kernel launches stubbed, CPU tensors through the compiled-mode path): DeltaNet's
     bf16 policy at T = 2048 is the split forward (prep, state, out: 3 launches) and the chunked backward (4 more),

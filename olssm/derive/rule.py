@@ -690,10 +690,19 @@ def _evaluator(items):
 
 def closed_form_log(decay):
     """log Λ without a log when Λ is a product of exp()s and powers (Mamba: log exp(Δ A) = Δ A), so
-    that gradients never divide by a tiny decay; None when no such form exists."""
+    that gradients never divide by a tiny decay; None when no such form exists, or when it is not real
+    (Λ = −e^a: expand_log gives a + iπ, whose real part a was silently taken)."""
     decay = sp.sympify(decay)
     le = sp.expand_log(sp.log(decay), force=True)
-    return None if le.has(sp.log) else le
+    return None if le.has(sp.log) or le.has(sp.I) or le.has(sp.zoo, sp.nan) else le
+
+
+def decay_may_be_negative(decay) -> bool:
+    """Λ is not known to be ≥ 0: neither from its inputs' declared domains (sympy's assumptions) nor as a real
+    closed-form log. The chunked forms work with log Λ, so such a rule runs the token loops, which multiply by Λ
+    (a decay of −0.5 had come out as e^-87 from the chunk backend)."""
+    decay = sp.sympify(decay)
+    return not (decay.is_nonnegative or closed_form_log(decay) is not None)
 
 
 def exact_readout(form, state, inp: dict):

@@ -28,7 +28,8 @@ import warnings
 import sympy as sp
 import torch
 
-from ..derive.rule import ExactForm, NormalForm, closed_form_log, evaluator
+from ..derive.rule import ExactForm, NormalForm, closed_form_log, decay_may_be_negative, evaluator
+from ..objectives.core import spec_of
 from .recurrent import Plan, exact_x_loop, recurrent_scan, view_key
 
 # log of a decay is clamped here so that an exact 0 decay (a reset) stays finite; exp of the
@@ -506,6 +507,21 @@ def _raw_decay_grads(form, lay, tokens) -> tuple[bool, bool]:
 TINY_PARAMETER_DECAY = 1e-3
 
 
+def check_decay_values(decay, form, tokens) -> None:
+    """A decay that its inputs' declared domains make ≥ 0 (decay_may_be_negative is False) but that evaluates
+    negative has an input outside its domain: an error naming them (one host sync; the chunked forms take its log,
+    where the clamp had turned RetNet's γ = −0.5 into e^-87 silently)."""
+    if decay.device.type == "meta" or not bool((decay.detach() < 0).any()):
+        return
+    syms = sorted(sp.sympify(form.decay).free_symbols, key=lambda s: s.name)
+    declared = ", ".join(f"{s.name!r} ({'per token' if s.name in tokens else 'parameter'}, domain "
+                         f"{spec_of(s).domain!r})" for s in syms)
+    raise ValueError(f"scan: the decay {form.decay} evaluates to negative values (min {float(decay.min()):.3g}), "
+                     f"which its inputs' declared domains rule out: one of {declared} is outside its domain. The "
+                     "chunked forms work with log Λ; declare the input domain='real' if negative decays are meant "
+                     "(the token loops then run)")
+
+
 def _tiny(decay) -> bool:
     """Some value of the evaluated decay is below TINY_PARAMETER_DECAY (one host sync; a meta tensor has none)."""
     return decay.device.type != "meta" and bool((decay.detach().abs() < TINY_PARAMETER_DECAY).any())
@@ -569,6 +585,8 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
     # chunked forms differentiate log Λ, and ∂L/∂Λ = ∂L/∂log Λ / Λ turns its rounding error into ~ε/Λ
     # (and a Λ of exactly 0 into no gradient); the loops differentiate Λ itself (CHUNK.md §1)
     raw_grad, raw_param_grad = _raw_decay_grads(form, lay, args.tokens)
+    # a decay not known to be >= 0 has no real log: the loops, which multiply by Λ, on every path
+    raw_grad = raw_grad or decay_may_be_negative(form.decay)
     recurrent = not exact and (raw_grad or args.device.type == "cpu" and (
         engine in ("loop", None) or (engine == "linear" and _per_row_corrections(form, probe))))
     ev = None if recurrent else {nm: _full(x, B, T, H, dt, args.device) for nm, x in evaluate(lay).items()}
@@ -589,6 +607,8 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
         ins = corrs = None
     elif not none_decay and engine != "loop":      # the loop engine multiplies decays, no logs needed
         lev = _log_evaluator_for(form)
+        if lev is None:
+            check_decay_values(ev["decay"], form, args.tokens)
         logd = (_full(lev(lay)["logdecay"], B, T, H, dt, args.device).clamp_min(_LOG_FLOOR) if lev is not None
                 else _log_decay(ev["decay"]))
     if recurrent:

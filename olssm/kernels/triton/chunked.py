@@ -75,8 +75,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ...derive.rule import NormalForm, closed_form_log, evaluator
+from ...derive.rule import NormalForm, closed_form_log, decay_may_be_negative, evaluator
 from ...objectives.core import COLUMN, ROW, SCALAR, kind_of
+from ..chunk import check_decay_values
 
 _TINY = torch.finfo(torch.float32).tiny
 _LOG_FLOOR = math.log(_TINY)
@@ -119,6 +120,9 @@ def _unsupported_form(form):
         return "no input term"
     if form.decay_kind not in DECAY_CODE:
         return f"{form.decay_kind} decay"
+    if decay_may_be_negative(form.decay):
+        return ("a decay that can be negative (its inputs' domains do not make it >= 0): the chunked kernels work "
+                "with log Λ")
     for t in form.inputs:
         if sp.sympify(t.coef).free_symbols and kind_of(t.coef) not in (SCALAR, ROW):
             return f"an input coefficient of kind {kind_of(t.coef)}"
@@ -322,7 +326,9 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
             if "ld" in ev:
                 ld = torch.as_tensor(ev["ld"], dtype=torch.float32, device=args.device)
             else:
-                ld = _safe_log(torch.as_tensor(ev["decay"], dtype=torch.float32, device=args.device))
+                raw = torch.as_tensor(ev["decay"], dtype=torch.float32, device=args.device)
+                check_decay_values(raw, form, args.tokens)   # one host sync, raw decays only (layers give logs)
+                ld = _safe_log(raw)
             if kind == SCALAR:
                 ld = full(ld, 1, 1).squeeze(-1).squeeze(-1)
             elif kind == ROW:
