@@ -272,6 +272,36 @@ def test_bad_configs():
         layer(torch.randn(2, 3, 8))
     with pytest.raises(ValueError, match=r"x must be \[B, d_model\]"):
         layer.step(torch.randn(2, 3, 16), layer.init_cache(2))
+    # (each of these was accepted, or failed far from its cause: coef_rank 0 built a full-rank projection, a NaN
+    # q_scale made every output NaN, dt_min = 0 raised 'math domain error')
+    with pytest.raises(ValueError, match=r"coef_rank\['beta'\] must be an integer >= 1, got 0"):
+        PRESETS["deltanet"](16, 2, coef_rank=0)
+    with pytest.raises(ValueError, match="q_scale must be a finite number"):
+        OnlineSSM(obj, 16, 2, q_scale=float("nan"))
+    for name, bad in (("dt_min", 0.0), ("dt_max", -1.0), ("dt_init_floor", float("inf"))):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number > 0"):
+            PRESETS["mamba"](16, 2, **{name: bad})
+    with pytest.raises(ValueError, match="dt_min must be <= dt_max"):
+        PRESETS["mamba"](16, 2, dt_min=0.5, dt_max=0.1)
+
+
+@pytest.mark.parametrize("name", ["deltanet", "mamba", "decayed_least_squares"])
+def test_a_cache_for_another_batch_or_layer_is_named(name):
+    """step and forward check the cache against the layer and the batch: step had failed inside torch.cat (a cache
+    for another batch) or blamed the key input (a state of another d_k); forward had only the state checked."""
+    layer = PRESETS[name](16, 2, backend="recurrent")
+    x = torch.randn(2, 16)
+    state = layer.init_cache(2)["state"]
+    first = state[0] if isinstance(state, tuple) else state
+    B, H, d_v, d_k = first.shape
+    with pytest.raises(ValueError, match=rf"step: cache\['state'\] must be \(2, {H}, {d_v}, {d_k}\).*got"):
+        layer.step(x, layer.init_cache(3))
+    if layer.conv:
+        conv = {n: t[:, :, :0] for n, t in layer.init_cache(2)["conv"].items()}
+        with pytest.raises(ValueError, match=r"forward: cache\['conv'\]\['.*'\] must be \(2, "):
+            layer(torch.randn(2, 3, 16), cache={"state": state, "conv": conv})
+    with pytest.raises(ValueError, match="cache must be a dict"):
+        layer.step(x, [state])
 
 
 def test_presets_use_catalogue_objectives():

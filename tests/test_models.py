@@ -126,6 +126,32 @@ def test_save_load_torch_fallback(tmp_path):
         assert torch.equal(model(ids), CausalLM.from_pretrained(tmp_path)(ids))
 
 
+def test_the_last_save_wins_in_a_reused_directory(tmp_path):
+    # a safetensors save, then a torch one into the same directory: from_pretrained loaded the first model's
+    # model.safetensors with the second one's config, silently. Saving removes the other format's weights
+    first, second = _tiny("deltanet").eval(), _tiny("deltanet").eval()
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(0.1)
+    ids = torch.randint(0, 16, (1, 6))
+    for model, safe in ((first, True), (second, False), (first, True)):
+        model.save_pretrained(tmp_path, safe_serialization=safe)
+        assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors" if safe else "model.pt"]
+        with torch.no_grad():
+            assert torch.equal(CausalLM.from_pretrained(tmp_path).eval()(ids), model(ids))
+
+
+def test_step_without_caches_starts_fresh():
+    model = _tiny("gla").eval()
+    tok = torch.randint(0, 16, (3,))
+    with torch.no_grad():
+        a, _ = model.step(tok, None)
+        b, _ = model.step(tok, model.init_caches(3))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="caches must be a list of 2 per-layer caches"):
+        model.step(tok, model.init_caches(3)[:1])
+
+
 def test_custom_objective_save_load(tmp_path):
     obj = _custom_objective()
     torch.manual_seed(0)

@@ -212,6 +212,16 @@ class OnlineSSM(nn.Module):
             if q_scale != "rsqrt_dk":
                 raise ValueError(f"OnlineSSM: q_scale must be a number or 'rsqrt_dk', got {q_scale!r}")
             q_scale = d_k ** -0.5
+        if isinstance(q_scale, bool) or not isinstance(q_scale, (int, float)) or not math.isfinite(q_scale):
+            raise ValueError(f"OnlineSSM: q_scale must be a finite number or 'rsqrt_dk', got {q_scale!r} (NaN made "
+                             "every output NaN)")
+        for name, value in (("dt_min", dt_min), ("dt_max", dt_max), ("dt_init_floor", dt_init_floor)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
+                                                                                      and value > 0):
+                raise ValueError(f"OnlineSSM: {name} must be a finite number > 0 (Mamba's Δ initialisation, "
+                                 f"log-uniform), got {value!r}")
+        if dt_min > dt_max:
+            raise ValueError(f"OnlineSSM: dt_min must be <= dt_max, got dt_min={dt_min!r} > dt_max={dt_max!r}")
         if rule.query_name is None:
             raise ValueError("OnlineSSM: the rule has no query input symbol to read the state with")
         # the layer produces its decays in log space: handing them over as such gives every backend log Λ in
@@ -290,7 +300,7 @@ class OnlineSSM(nn.Module):
             decay = s.domain in ("decay", "log_decay")
             has_bias = s.domain not in ("timestep",) and not (decay and decay_style == "mamba")
             r = ranks.get(n)
-            if r:
+            if r is not None:   # (`if r:` had let a rank of 0 through as full rank)
                 _check_pos_int(f"coef_rank[{n!r}]", r)
                 second = nn.Linear(r, out, bias=has_bias)
                 if s.domain == "timestep":  # Mamba's dt_proj init
@@ -546,6 +556,8 @@ class OnlineSSM(nn.Module):
         self._check_x(x, "forward", 3)
         if cu_seqlens is not None:
             self._check_cu_seqlens(x, cu_seqlens, cache)
+        if cache is not None:
+            self._check_cache(cache, x.shape[0], "forward")
         from ..kernels import scan
         inputs, params, new_conv = self._features(x, None if cache is None else cache.get("conv"), cu_seqlens)
         init = None if cache is None else cache["state"]
@@ -566,6 +578,32 @@ class OnlineSSM(nn.Module):
         if not return_cache:
             return y
         return y, {"state": final, "conv": new_conv}
+
+    def _check_cache(self, cache, batch: int, where: str):
+        """A cache from init_cache or a previous call, for this layer and this batch: a wrong one is named here
+        (step had failed inside torch.cat, or blamed the key input for a state of the wrong d_k)."""
+        name = f"OnlineSSM.{where}"
+        if not isinstance(cache, dict) or "state" not in cache:
+            raise ValueError(f"{name}: cache must be a dict with 'state' and 'conv' (init_cache or a previous "
+                             f"call's), got {type(cache).__name__}")
+        want = [(batch, self.n_heads, self.d_v, self.d_k)] + ([(batch, self.n_heads, self.d_k, self.d_k)]
+                                                              if self.rule.is_exact else [])
+        state = cache["state"]
+        got = list(state) if self.rule.is_exact and isinstance(state, (tuple, list)) else [state]
+        if len(got) != len(want) or any(not torch.is_tensor(t) or tuple(t.shape) != w for t, w in zip(got, want)):
+            shapes = [tuple(t.shape) if torch.is_tensor(t) else type(t).__name__ for t in got]
+            raise ValueError(f"{name}: cache['state'] must be {' and '.join(map(str, want))} (batch, heads, d_v, "
+                             f"d_k{'; then P or H: d_k, d_k' if self.rule.is_exact else ''}) for this layer and a "
+                             f"batch of {batch}, got {shapes if len(shapes) > 1 else shapes[0]}")
+        conv = cache.get("conv") or {}
+        if not isinstance(conv, dict):
+            raise ValueError(f"{name}: cache['conv'] must be a dict of short-conv tails, got {type(conv).__name__}")
+        for n, c in self.conv.items():
+            t = conv.get(n)
+            want_c = (batch, c.in_channels, self.conv_size - 1)
+            if t is not None and (not torch.is_tensor(t) or tuple(t.shape) != want_c):
+                raise ValueError(f"{name}: cache['conv'][{n!r}] must be {want_c} (batch, channels, conv_size - 1), "
+                                 f"got {tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
 
     def _check_cu_seqlens(self, x, cu_seqlens, cache):
         if x.shape[0] != 1:
@@ -634,6 +672,7 @@ class OnlineSSM(nn.Module):
         self._check_x(x_t, "step", 2)
         if cache is None:
             cache = self.init_cache(x_t.shape[0], x_t.device)
+        self._check_cache(cache, x_t.shape[0], "step")
         x = x_t[:, None]
         inputs, params, new_conv = self._features(x, cache.get("conv"))
         tok = {n: t[:, 0] for n, t in self._per_head(inputs).items()}

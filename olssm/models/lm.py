@@ -65,8 +65,10 @@ class LMConfig:
         elif self.mixer not in PRESETS:
             raise ValueError(f"LMConfig: unknown mixer {self.mixer!r}; known presets: {sorted(PRESETS)} "
                              "(or pass mixer_objective=an Objective)")
-        if not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio < 0:
-            raise ValueError(f"LMConfig: mlp_ratio must be >= 0 (0 disables the MLP), got {self.mlp_ratio!r}")
+        if (isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float))
+                or not (math.isfinite(self.mlp_ratio) and self.mlp_ratio >= 0)):
+            raise ValueError(f"LMConfig: mlp_ratio must be a finite number >= 0 (0 disables the MLP), got "
+                             f"{self.mlp_ratio!r}")
         if not isinstance(self.mixer_kwargs, dict):
             raise ValueError(f"LMConfig: mixer_kwargs must be a dict, got {type(self.mixer_kwargs).__name__}")
 
@@ -204,9 +206,16 @@ class CausalLM(nn.Module):
     def init_caches(self, batch_size: int, device=None) -> list:
         return [blk.mixer.init_cache(batch_size, device) for blk in self.blocks]
 
-    def step(self, token: torch.Tensor, caches: list):
-        """One token [B] -> (logits [B, vocab], caches)."""
+    def step(self, token: torch.Tensor, caches: list | None = None):
+        """One token [B] -> (logits [B, vocab], caches). caches None: fresh ones (init_caches), as for the
+        first token of a sequence (OnlineSSM.step does the same)."""
         self._check_ids(token, "step", ndim=1)
+        if caches is None:
+            caches = self.init_caches(token.shape[0], token.device)
+        if not isinstance(caches, (list, tuple)) or len(caches) != len(self.blocks):
+            raise ValueError(f"step: caches must be a list of {len(self.blocks)} per-layer caches (init_caches or "
+                             f"a previous step's), got {type(caches).__name__}"
+                             + (f" of length {len(caches)}" if isinstance(caches, (list, tuple)) else ""))
         h = self.embed(token)
         new = []
         for blk, c in zip(self.blocks, caches):
@@ -284,9 +293,15 @@ class CausalLM(nn.Module):
         except ImportError:
             st = None
         if st is not None and safe_serialization:
+            written, other = WEIGHTS_NAME, TORCH_WEIGHTS_NAME
             st.save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
         else:
+            written, other = TORCH_WEIGHTS_NAME, WEIGHTS_NAME
             torch.save(state, os.path.join(directory, TORCH_WEIGHTS_NAME))
+        # a directory saved before in the other format keeps no stale weights: from_pretrained prefers
+        # model.safetensors, and loaded an older one next to this config (and these model.pt weights) silently
+        if os.path.exists(os.path.join(directory, other)):
+            os.remove(os.path.join(directory, other))
         if self.config.mixer_objective is not None:
             with open(os.path.join(directory, OBJECTIVE_NAME), "wb") as f:
                 pickle.dump(self.config.mixer_objective, f)
@@ -295,7 +310,8 @@ class CausalLM(nn.Module):
     def from_pretrained(cls, directory, objective: Objective | None = None, allow_pickle: bool = False,
                         map_location="cpu") -> "CausalLM":
         """Load a model written by save_pretrained; errors name missing / unexpected keys, shape
-        mismatches and unknown mixers."""
+        mismatches and unknown mixers. The parameters are float32 whatever dtype they were saved in (as a
+        freshly built model's); call .to(dtype) after loading for another."""
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"from_pretrained: no {CONFIG_NAME} in {directory!r}")
