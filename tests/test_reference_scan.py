@@ -232,6 +232,10 @@ def test_bad_arguments_name_what_is_wrong():
         rule.scan(**inp, gamma=torch.rand(2, 7, 3), backend="reference")
     with pytest.raises(ValueError, match="initial_state must have shape"):
         rule.scan(**inp, initial_state=torch.zeros(2, 3, 5, 5), backend="reference")
+    with pytest.raises(ValueError, match="initial_state must be a floating-point tensor, got torch.int32"):
+        S0 = rule.zero_state((2, 3), inp["k"].shape[-1], inp["v"].shape[-1])
+        rule.scan(**inp, initial_state=(tuple(x.int() for x in S0) if rule.is_exact else S0.int()),
+                  backend="reference")
     with pytest.raises(ValueError, match="backend"):
         rule.scan(**inp, backend="cuda-magic")
     with pytest.raises(ValueError, match="cu_seqlens"):

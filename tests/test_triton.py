@@ -284,6 +284,11 @@ def test_decode_errors_name_the_problem():
         rule.decode(S0, backend="triton", foo=_dev(torch.ones(2, 2)), **inp)
     with pytest.raises(ValueError, match=r"state must be \[B, H, d_v, d_k\]"):
         rule.decode(S0[0], backend="triton", **{n: x[0] for n, x in inp.items()})
+    # scan's checks surface in decode's terms (they had read as a scan error about T = 1)
+    with pytest.raises(ValueError, match=r"decode\(backend='triton'\).*initial_state must have shape \(2, 2, 6, 5\)"):
+        rule.decode(S0[:1], backend="triton", **inp)
+    with pytest.raises(ValueError, match=r"decode\(backend='triton'\).*floating-point tensor, got torch.int32"):
+        rule.decode(S0.int(), backend="triton", **inp)
 
 
 def test_exact_rule_step_through_the_kernel():

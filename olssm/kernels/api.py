@@ -185,6 +185,8 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
                 raise ValueError(f"scan: initial_state must have shape {(N, H, *shp)} "
                                  f"({'sequences' if cu_seqlens is not None else 'batch'}, heads, state), "
                                  f"got {_shape(st) if torch.is_tensor(st) else type(st).__name__}")
+            if not st.is_floating_point():   # an int state was taken and rounded silently
+                raise ValueError(f"scan: initial_state must be a floating-point tensor, got {st.dtype}")
     out_dtype = next((tokens[n] for n in ordered if need[n].role == "value"), first).dtype
     return ScanArgs(rule, tokens, params, B, T, H, d_k, d_v, out_dtype, device, initial_state,
                     cu_seqlens, output_final_state)

@@ -233,5 +233,9 @@ def triton_decode(rule, state, **inputs):
                              f"H [B, H, d_k, d_k]), got {tuple(getattr(st, 'shape', ())) or type(st).__name__}; "
                              "backend='torch' takes any leading shape")
     tok = {n: (x if specs[n].is_parameter else x.unsqueeze(1)) for n, x in inputs.items()}
-    o, new = scan(rule, initial_state=state, output_final_state=True, backend="triton", **tok)
+    try:
+        o, new = scan(rule, initial_state=state, output_final_state=True, backend="triton", **tok)
+    except ValueError as e:   # scan's checks, in decode's terms: the token axis (T = 1) is decode's own
+        raise ValueError(f"decode(backend='triton') runs scan on one token [B, 1, H, ...] with the state as "
+                         f"initial_state; per-token inputs are [B, H, ...]: {e}") from None
     return o[:, 0], new
