@@ -153,14 +153,17 @@ def _signed_decay_rules():
     real = olssm.derive(O.Objective(O.sqnorm(S - O.scalar("a") * Sp) / 2 - O.inner(S @ k, v)))
     minus_exp = olssm.derive(O.Objective(O.sqnorm(S + sympy.exp(O.scalar("a", domain="log_decay")) * Sp) / 2
                                          - O.inner(S @ k, v)))
-    return {"real a": (real, -0.5), "-exp(a)": (minus_exp, -0.1)}
+    exact = olssm.derive(O.Objective(O.sqnorm(S @ k - v, weight=O.scalar("beta", positive=True)) / 2,
+                                     update="exact", decay=O.scalar("a"), ridge=O.parameter("lam", positive=True)))
+    return {"real a": (real, -0.5), "-exp(a)": (minus_exp, -0.1), "exact, real a": (exact, -0.5)}
 
 
-@pytest.mark.parametrize("name", ["real a", "-exp(a)"])
+@pytest.mark.parametrize("name", ["real a", "-exp(a)", "exact, real a"])
 def test_decays_that_can_be_negative_run_the_loops(name):
     # a decay its inputs' domains do not make >= 0 has no real log: the chunked forms had clamped a = -0.5 to
-    # e^-87 (o off by 1.3; exact with grads, which took the loops), and read log(-e^a) = a + iπ as a (o off by 7).
-    # Now they take the token loops: o, final state and every gradient against the reference (fp64, 1e-12)
+    # e^-87 (o off by 1.3; exact with grads, which took the loops), and read log(-e^a) = a + iπ as a (o off by 7);
+    # an exact rule's first fix raised a self-contradictory domain error. Now they take the token loops: o, final
+    # state and every gradient against the reference (fp64, 1e-12)
     rule, value = _signed_decay_rules()[name]
     from olssm.derive.rule import closed_form_log, decay_may_be_negative
     assert decay_may_be_negative(rule.form.decay) and closed_form_log(rule.form.decay) is None

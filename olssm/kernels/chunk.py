@@ -605,7 +605,8 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
     logd = None
     if recurrent:
         ins = corrs = None
-    elif not none_decay and engine != "loop":      # the loop engine multiplies decays, no logs needed
+    elif not none_decay and engine != "loop" and not (exact and raw_grad):
+        # (the loop engine, and an exact rule's loops on a raw or signed decay, multiply by Λ: no logs needed)
         lev = _log_evaluator_for(form)
         if lev is None:
             check_decay_values(ev["decay"], form, args.tokens)
