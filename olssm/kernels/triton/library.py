@@ -430,20 +430,19 @@ def _choice(plan, args, max_len):
 
 
 def _chunk_pays(plan, args) -> bool:
-    """Where the compiled chunked kernels were measured slower than the recurrent one (H100, bf16,
-    (4, 2048, 16, 64), benchmarks/RESULTS.md), auto keeps the recurrent kernel:
-    - fp32 inputs: "ieee" dots are FMA loops that spill (DeltaNet chunk fwd 22.8 ms vs 3.5 recurrent);
-    - row / column decays: the intra-chunk pairwise decays were a loop over the chunk's tokens
-      (GLA chunk 4.5 ms vs 4.0 recurrent fwd). Chunks with total log decay > −chunked.FAST_SPAN
-      now take factorised dots instead (unmeasured): the next GPU session should rerun
-      `python benchmarks/triton_kernels.py --rules gla` and drop this rule if chunk wins.
+    """Where the compiled chunked kernels were measured slower than the recurrent one, auto keeps the recurrent
+    kernel (benchmarks/RESULTS.md):
+    - fp32 inputs: "ieee" dots are FMA loops that spill (H100: DeltaNet chunk fwd 22.8 ms vs 3.5 recurrent);
+    - row decays: untimed since their factorised fast path was built (the H100's loop over the chunk's
+      tokens had lost). Column decays (GLA) were timed on an H200 in session 7: chunked 0.45 / 2.13 ms fwd /
+      fwd+bwd against the recurrent kernel's 3.09 / 10.23, so they now take the chunked kernels.
     The interpreter keeps the structural rule (it exercises the chunked kernels in tests)."""
     if _scan.interpreted():
         return True
     from .chunked import _precision
     if _precision(args.out_dtype) == "ieee":
         return False
-    return plan.rule.form.decay_kind not in (ROW, COLUMN)
+    return plan.rule.form.decay_kind != ROW
 
 
 @dataclasses.dataclass(frozen=True)
