@@ -2,7 +2,7 @@
 
 On a GPU a scan call is host-bound when its Python (argument checks, the plan, coefficient evaluation,
 torch.library dispatch, autograd) takes longer than its kernels: at (4, 2048, 16, 64) bf16 the chunked
-forwards take 0.35-0.8 ms on an H200 (RESULTS.md, session 7), the same order as this overhead. Kernel
+forwards take 0.35-2 ms on an H200 (RESULTS.md, session 7): the short ones are within a few times this overhead. Kernel
 launches are replaced by a no-op (Triton's own launch cost, ~20-40 us each, is not counted; the launch
 count is printed), so the figure is olssm's own host time, measurable without a GPU:
 

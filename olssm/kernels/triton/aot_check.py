@@ -255,7 +255,7 @@ def main(argv=None) -> int:
                 todo.append((f"{n} [bf16 ck]", f, c, warps, {"ck_ptr": "*bf16", "do_ptr": "*bf16"}))
     if a.only in ("all", "rls"):
         from . import rls
-        bk = _np2(a.dk)
+        bk = rls._gain_block(a.dk)   # the tile the launch uses (at least 16)
         for name, fn, flag in (("rls gain fwd", rls.rls_gain_fwd_kernel, "SAVE_CK"),
                                ("rls gain bwd", rls.rls_gain_bwd_kernel, "USE_DPT")):
             todo.append((name, fn, dict(BK=bk, C=a.chunk, VARLEN=True, **{flag: True}), rls._warps(bk)))

@@ -31,9 +31,9 @@ from .chunked import _np2, _sequence
 from .scan import checkpoint_interval, longest
 
 #: warps per program of the gain kernels by BK: P (and dP, P̃ in the backward) are [BK, BK] fp32 tiles
-#: in registers. sm_90 resource report (aot_check's compiler, fwd / bwd, stack = spills per thread):
-#: BK 32, 4 warps: 80 / 240 regs, no spills; BK 64, 8 warps: 181 / 255 regs, 0 / 120 B (4 warps: 0 / 1408 B before the
-#: backward symmetrised dP); BK 128, 16 warps: 128 regs, 520 / 2088 B (the three tiles alone are 48 K of the 64 K registers)
+#: in registers. sm_90 resource report (aot_check's compiler, fwd / bwd, stack = spills per thread), with P
+#: symmetrised every step (session 7): BK 64, 8 warps: 198 / 255 regs, 0 / 96 B; BK 128, 16 warps: 592 / 2056 B
+#: of stack (the three tiles alone are 48 K of the 64 K registers)
 NUM_WARPS = {16: 4, 32: 4, 64: 8}
 
 
