@@ -692,7 +692,12 @@ def closed_form_log(decay):
     """log Λ without a log when Λ is a product of exp()s and powers (Mamba: log exp(Δ A) = Δ A), so
     that gradients never divide by a tiny decay; None when no such form exists, or when it is not real
     (Λ = −e^a: expand_log gives a + iπ, whose real part a was silently taken)."""
-    decay = sp.sympify(decay)
+    return _closed_form_log(sp.sympify(decay))
+
+
+@functools.lru_cache(maxsize=1024)
+def _closed_form_log(decay):
+    # every scan call asks (10-30 us of expand_log each time): once per decay expression
     le = sp.expand_log(sp.log(decay), force=True)
     return None if le.has(sp.log) or le.has(sp.I) or le.has(sp.zoo, sp.nan) else le
 
@@ -701,8 +706,12 @@ def decay_may_be_negative(decay) -> bool:
     """Λ is not known to be ≥ 0: neither from its inputs' declared domains (sympy's assumptions) nor as a real
     closed-form log. The chunked forms work with log Λ, so such a rule runs the token loops, which multiply by Λ
     (a decay of −0.5 had come out as e^-87 from the chunk backend)."""
-    decay = sp.sympify(decay)
-    return not (decay.is_nonnegative or closed_form_log(decay) is not None)
+    return _may_be_negative(sp.sympify(decay))
+
+
+@functools.lru_cache(maxsize=1024)
+def _may_be_negative(decay) -> bool:
+    return not (decay.is_nonnegative or _closed_form_log(decay) is not None)
 
 
 def exact_readout(form, state, inp: dict):
