@@ -384,7 +384,7 @@ def test_exact_and_rls_kernel_sources():
     assert "solved in torch" in src and "olssm_x" in src
     rls = ENTRIES["rls"].rule.kernel_source("triton")
     assert "def rls_gain_fwd_kernel" in rls and "def rls_gain_bwd_kernel" in rls   # the Riccati kernels
-    assert "def fwd_kernel(olssm_R_ptr, olssm_e_ptr, olssm_g_ptr" in rls         # S's generated scan
+    assert "def fwd_kernel(arg_olssm_R, arg_olssm_e, arg_olssm_g" in rls         # S's generated scan
 
 
 def _weighted_rls():
@@ -453,3 +453,21 @@ def test_loop_backward_of_an_elementwise_generator_takes_its_own_value_blocks(mo
     rule = ENTRIES["mamba"].rule
     inp = random_inputs(rule, 1, 9, 1, 8, 20, seed=4)
     _compare(rule, inp, 0.3 * torch.randn(1, 1, 20, 8, generator=torch.Generator().manual_seed(4)))
+
+
+@pytest.mark.parametrize("kernel", ["recurrent", "pscan", "chunk"])
+def test_inputs_named_like_the_kernels_own_arguments(kernel, monkeypatch):
+    # an input named o, h0, do, ... made the generated kernel a SyntaxError (a duplicate argument o_ptr): input
+    # pointers are now arg_{name}. o, final state and every gradient against the reference, each kernel family
+    from olssm.kernels.triton import library as tlib
+    monkeypatch.setattr(tlib, "FORCE", "chunk" if kernel == "chunk" else "recurrent")
+    monkeypatch.setattr(tlib, "PARALLEL_SCAN", kernel == "pscan")
+    monkeypatch.setattr(tlib, "CHUNK", 16)
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    rule = olssm.derive(O.Objective(O.sqnorm(S - O.row("do", domain="unit") * Sp) / 2
+                                    + O.sqnorm(S @ k - v, weight=O.scalar("o", domain="unit")) / 2))
+    if kernel == "pscan":   # the block scan takes rules without corrections: a plain decayed linear attention
+        rule = olssm.derive(O.Objective(O.sqnorm(S - O.row("do", domain="unit") * Sp) / 2
+                                        - O.inner(S @ k, O.scalar("o", domain="unit") * v)))
+    _compare(rule, random_inputs(rule, 1, 37, 2, 5, 4, seed=9))

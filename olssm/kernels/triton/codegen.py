@@ -189,11 +189,18 @@ def _update_lines(indent: str, ref: dict, R: int, M: int) -> list[str]:
     return L
 
 
+def input_ptr(name: str) -> str:
+    """The kernel argument of an input's pointer. A prefix rather than a `_ptr` suffix: the kernels' own
+    arguments end in `_ptr` (o_ptr, h0_ptr, ht_ptr, ck_ptr, cu_ptr, do_ptr, ...), and an input named o or h0
+    had made the generated source a SyntaxError (a duplicate argument); values are `in_{name}`."""
+    return f"arg_{name}"
+
+
 def forward_head(name, syms, block, prologue, tiles, load_param) -> list[str]:
     """The signature, prologue, parameter loads and initial state of a forward kernel (the token loop's
     fwd_kernel: block "C"; the block scan's pfwd_kernel: "BT"); load_param(symbol name, kind) prints the
     load of a learned parameter, loaded once per program (tiles: how they are shaped, for the comment)."""
-    ptrs = ", ".join(f"{s.name}_ptr" for s in syms)
+    ptrs = ", ".join(input_ptr(s.name) for s in syms)
     pad = " " * (len(name) + 5)
     src = [
         "@triton.jit",
@@ -271,7 +278,7 @@ def forward_source(form) -> str:
     ents = entries(form)
     R = len(form.corrections)
     lines, out = codegen(ents, TritonPrinter())
-    src = forward_head("fwd_kernel", syms, "C", PROLOGUE, "", lambda s, kind: _load(s + "_ptr", "i_h", kind))
+    src = forward_head("fwd_kernel", syms, "C", PROLOGUE, "", lambda s, kind: _load(input_ptr(s), "i_h", kind))
     src += [
         "    for tt in range(bos, eos):",
         "        if SAVE_CK:",
@@ -284,7 +291,7 @@ def forward_source(form) -> str:
     for s in syms:
         sp_ = spec_of(s)
         if not sp_.is_parameter:
-            src.append(f"        in_{s.name} = {_load(s.name + '_ptr', 'tok', sp_.kind)}")
+            src.append(f"        in_{s.name} = {_load(input_ptr(s.name), 'tok', sp_.kind)}")
     src.append("        # normal-form entries, printed from sympy (cse)")
     src += [f"        {ln}" for ln in lines]
     for r in range(R):   # reduced vectors: select the padded key lanes away

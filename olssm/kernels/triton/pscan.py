@@ -15,8 +15,8 @@ from __future__ import annotations
 import sympy as sp
 
 from ...objectives.core import COLUMN, ELEMENTWISE, ROW, SCALAR, spec_of
-from .codegen import (PROLOGUE, backward_head, backward_tail, entries, entry_table, forward_head, lift_csums,
-                      partial_slot, reverse_mode, symbols_of)
+from .codegen import (PROLOGUE, backward_head, backward_tail, entries, entry_table, forward_head, input_ptr,
+                      lift_csums, partial_slot, reverse_mode, symbols_of)
 from .printer import TritonPrinter, codegen
 
 #: the printer of the block kernels: csum(x) is a masked sum over the key axis (2) of [BT, BV, BK] tiles
@@ -119,7 +119,7 @@ def pforward_source(form) -> str:
     M = len(form.inputs)
     lines, out = codegen(ents, printer3())
     src = forward_head("pfwd_kernel", syms, "BT", _PROLOGUE, " ([1, ...] tiles)",
-                       lambda s, kind: _load3(s + "_ptr", "i_h", kind, None))
+                       lambda s, kind: _load3(input_ptr(s), "i_h", kind, None))
     src += [
         "    for ib in range(0, nb):",
         "        t0 = bos + ib * BT",
@@ -131,7 +131,7 @@ def pforward_source(form) -> str:
     for s in syms:
         sp_ = spec_of(s)
         if not sp_.is_parameter:
-            src.append(f"        in_{s.name} = {_load3(s.name + '_ptr', 'tok3', sp_.kind, 'tm3')}")
+            src.append(f"        in_{s.name} = {_load3(input_ptr(s.name), 'tok3', sp_.kind, 'tm3')}")
     src.append("        # normal-form entries, printed from sympy (cse)")
     src += [f"        {ln}" for ln in lines]
     bterm = " + ".join(f"({out[f'e{m}']}) * ({out[f'w{m}']})" for m in range(M)) or "0.0"

@@ -64,6 +64,11 @@ def cache_dir() -> str:
     return path
 
 
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
 def _load_module(source: str):
     """Write the generated source to the cache dir (keyed by its hash) and import it:
     triton.jit needs functions that live in a real source file."""
@@ -73,7 +78,7 @@ def _load_module(source: str):
         if mod is not None:
             return mod
         path = os.path.join(cache_dir(), f"olssm_{key}.py")
-        if not (os.path.exists(path) and open(path).read() == source):
+        if not (os.path.exists(path) and _read(path) == source):
             tmp = f"{path}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
                 f.write(source)
