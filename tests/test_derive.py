@@ -310,3 +310,42 @@ def test_derived_examples_verify():
     assert catalogue.rule("longhorn_forget").decay_kind == "row"
     with pytest.raises(KeyError, match="two_keys"):
         catalogue.rule("nope")
+
+
+def test_coefficient_names_avoid_the_inputs_names():
+    # an input named eta printed as η, and the second derived coefficient was named η too: "η = (−η·kᵀk₂)/…"
+    S, Sp = O.states()
+    k, v, k2, v2 = O.key("k"), O.value("v"), O.key("k2"), O.value("v2")
+    rule = olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=O.scalar("eta", domain="unit"))
+                                    / 2 + O.sqnorm(S @ k2 - v2) / 2))
+    where = str(rule).split("where ", 1)[1]
+    defined = [part.split(" = ")[0] for part in where.split(", ") if " = " in part]
+    assert "η" not in defined and defined[:2] == ["ε", "κ"], defined
+    assert "η" in where                                       # the input itself still prints as η
+
+
+def test_a_loss_weight_of_open_sign_warns():
+    # a real-domain weight: the closed form is the minimiser only while it is >= 0 (negative values gave NaN in
+    # a layer, whose real-domain inputs are plain projections); declared positive / unit: no warning
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    with pytest.warns(O.UnknownSignWarning, match="'w': domain 'real'.*domain='positive' or 'unit'"):
+        olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=O.scalar("w")) / 2))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", O.UnknownSignWarning)
+        olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=O.scalar("w", domain="unit")) / 2))
+        for entry in catalogue.ENTRIES.values():
+            olssm.derive(entry.objective)
+
+
+def test_an_exact_readout_reads_the_ridge_and_the_query_only():
+    S = O.states()[0]
+    k, v = O.key("k"), O.value("v")
+    rule = olssm.derive(O.Objective(O.sqnorm(S @ k - v, weight=O.scalar("beta", positive=True)) / 2, update="exact",
+                                    decay=O.scalar("gamma", domain="decay"),
+                                    ridge=O.parameter("lam", "column", domain="positive")))
+    state = rule.zero_state((1, 1), 4, 3, lam=torch.ones(1, 4))
+    assert rule.read(state, q=torch.randn(1, 1, 4), lam=torch.ones(1, 4)).shape == (1, 1, 3)   # no k, v, β, γ
+    with pytest.raises(ValueError, match=r"read: missing input\(s\) \['lam'\]"):
+        rule.read(state, q=torch.randn(1, 1, 4))

@@ -23,7 +23,7 @@ import sympy as sp
 import torch
 from sympy.printing.pytorch import TorchPrinter
 
-from ..objectives.core import COLUMN, ROW, SCALAR, InputSpec, kind_of, spec_of
+from ..objectives.core import COLUMN, ROW, SCALAR, InputSpec, display_name, kind_of, spec_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,15 +391,14 @@ class Rule:
             cands = [c.coef for c in self.form.corrections] + [self._strip_values(t.coef)[0] for t in self.form.inputs]
         else:
             cands = [c.coef for c in getattr(self.form, "gram", ())]
-        i = 0
+        # a letter an input already prints as is skipped: an input named eta had read "η = (−η·…)/…"
+        taken = {display_name(sym.name) for e in self.form.expressions() for sym in sp.sympify(e).free_symbols}
+        letters = iter([(g, t) for g, t in zip(_GREEK, _GREEK_TEX) if g not in taken]
+                       + [(f"c{j}", f"c_{{{j}}}") for j in range(len(cands)) if f"c{j}" not in taken])
         for e in cands:
             if e in names or e.is_Symbol or e.is_Number or (-e).is_Symbol:
                 continue
-            if i < len(_GREEK):
-                names[e] = (_GREEK[i], _GREEK_TEX[i])
-            else:
-                names[e] = (f"c{i}", f"c_{{{i}}}")
-            i += 1
+            names[e] = next(letters)
         return names
 
     @staticmethod
@@ -609,7 +608,12 @@ class Rule:
     def read(self, state, **inputs):
         """The readout o = S q (exact rules: G (H + diag λ)⁻¹ q) for the query in inputs."""
         d_v, d_k = self._state_dims(state)
-        inp = self.broadcast_inputs(d_k, d_v, inputs, "read") if self.is_exact and not self.is_rls else None
+        # an exact readout G (H + diag λ)⁻¹ q reads the ridge's inputs and the query only (all of the rule's inputs
+        # had been required)
+        reads = {s.name for e in (self.form.ridge, self.form.readout) for s in sp.sympify(e).free_symbols} \
+            if self.is_exact and not self.is_rls else set()
+        inp = (self.broadcast_inputs(d_k, d_v, inputs, "read", need={n: self.inputs[n] for n in sorted(reads)})
+               if self.is_exact and not self.is_rls else None)
         if self.is_exact and not self.is_rls:
             return exact_readout(self.form, tuple(x.to(compute_dtype(x)) for x in state), inp)
         qn = self.query_name

@@ -1,12 +1,13 @@
 """Closed-form solutions of the first-order conditions: implicit, explicit, exact (see NOTES.md)."""
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
 import sympy as sp
 
-from ..objectives.core import (COLUMN, ELEMENTWISE, ROW, SCALAR, DerivationError, Objective, csum,
-                               kind_of)
+from ..objectives.core import (COLUMN, ELEMENTWISE, ROW, SCALAR, DerivationError, Objective, UnknownSignWarning,
+                               csum, kind_of)
 from .gradient import check_quadratic, gradient, is_proximal, split_vector
 from .rule import Correction, ExactForm, InputTerm, NormalForm, RLSForm
 
@@ -86,6 +87,17 @@ def _hessian_split(delta, has_lowrank, what):
     return delta, sp.Integer(1)  # elementwise: handled as an elementwise decay, no corrections
 
 
+def _caller_level() -> int:
+    """warnings.warn's stacklevel of the first frame outside olssm (the user's derive call, however deep)."""
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(root):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 def _no_negative_squares(g, where):
     """A squared loss ‖S u − y‖² with a weight that is negative for every input adds −c u uᵀ to the Hessian:
     the objective then has no minimum once ‖u‖ is large (the "minimiser" a derivation would return is a
@@ -94,6 +106,14 @@ def _no_negative_squares(g, where):
         if u == w and sp.sympify(c).is_negative:
             raise DerivationError(f"{where}: the squared loss on S {u} has weight {c} < 0, so the objective is "
                                   f"not convex in S and has no minimum for large ‖{u}‖; use a nonnegative weight")
+        if u == w and sp.sympify(c).is_nonnegative is not True:
+            # the closed form is the minimiser only while the weight is >= 0 (a layer feeds a real-domain input
+            # from a plain linear projection: negative values came out as NaN where 1 + c‖u‖² crossed 0)
+            names = sorted(s.name for s in sp.sympify(c).free_symbols)
+            warnings.warn(f"{where}: the squared loss on S {u} has weight {c}, whose sign the declared domains do "
+                          f"not fix ({', '.join(repr(n) for n in names)}: domain 'real'); the derived update is the "
+                          "minimiser only while it is >= 0. Declare domain='positive' or 'unit' (a layer then "
+                          "keeps it so)", UnknownSignWarning, stacklevel=_caller_level())
 
 
 def derive_implicit(obj: Objective) -> NormalForm:

@@ -25,6 +25,11 @@ class DerivationError(ValueError):
     """An objective that has no closed form in the asked mode, or is malformed."""
 
 
+class UnknownSignWarning(UserWarning):
+    """A derived update that is the objective's minimiser only for one sign of an input whose declared domain
+    ('real') leaves the sign open, e.g. a squared loss weighted by it."""
+
+
 # --------------------------------------------------------------------------------------------
 # index kinds
 
