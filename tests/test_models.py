@@ -171,6 +171,25 @@ def test_custom_objective_save_load(tmp_path):
         CausalLM.from_pretrained(tmp_path)
 
 
+def test_custom_objective_weights_only_and_the_fingerprint(tmp_path):
+    # save_objective=False writes weights and config alone (the workaround had been: pickle, then delete the
+    # pickle by hand); loading with another objective of the same inputs was silent (logits off by 0.12)
+    S, Sp = O.states()
+    k, v, beta = O.key("k"), O.value("v"), O.scalar("beta", domain="unit")
+    implicit = O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=beta) / 2)
+    explicit = O.Objective(O.sqnorm(S @ k - v) / 2, update="explicit", step_size=beta)
+    torch.manual_seed(0)
+    model = CausalLM(LMConfig(vocab_size=16, d_model=16, n_layers=1, mixer_objective=implicit)).eval()
+    model.save_pretrained(tmp_path, allow_pickle=True)
+    model.save_pretrained(tmp_path, save_objective=False)       # and the earlier objective.pkl goes with it
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    ids = torch.randint(0, 16, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(CausalLM.from_pretrained(tmp_path, objective=implicit)(ids), model(ids))
+    with pytest.raises(ValueError, match="saved with another mixer objective"):
+        CausalLM.from_pretrained(tmp_path, objective=explicit)
+
+
 def test_save_rejects_non_json_mixer_kwargs(tmp_path):
     obj_kw = {"param_init": {"gamma": torch.tensor([0.9, 0.8, 0.7, 0.6])}}
     model = _tiny("retnet", n_layers=1, mixer_kwargs=obj_kw)

@@ -30,6 +30,15 @@ OBJECTIVE_NAME = "objective.pkl"
 FORMAT_VERSION = 1
 
 
+def objective_fingerprint(objective: Objective) -> str:
+    """A short hash of what a layer built from the objective depends on: its terms and settings as printed, and
+    every input's name, role, kind and domain. Kept in config.json to check the objective passed at load."""
+    import hashlib
+    from ..derive import derive
+    specs = sorted((s.name, s.role, s.kind, s.domain, bool(s.positive)) for s in derive(objective).inputs.values())
+    return hashlib.sha256(repr((repr(objective), specs)).encode()).hexdigest()[:16]
+
+
 @dataclasses.dataclass
 class LMConfig:
     """Configuration of :class:`CausalLM`.
@@ -76,12 +85,15 @@ class LMConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "mixer_objective"}
         d["mixer_kwargs"] = dict(self.mixer_kwargs)
         d["custom_objective"] = self.mixer_objective is not None
+        if self.mixer_objective is not None:
+            d["objective_fingerprint"] = objective_fingerprint(self.mixer_objective)
         return d
 
     @classmethod
     def from_dict(cls, d: dict, objective: Objective | None = None) -> "LMConfig":
         d = dict(d)
         d.pop("custom_objective", None)
+        d.pop("objective_fingerprint", None)
         d.pop("format_version", None)
         d.pop("olssm_version", None)
         names = {f.name for f in dataclasses.fields(cls)}
@@ -264,15 +276,18 @@ class CausalLM(nn.Module):
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     # -- save / load ---------------------------------------------------------------------------
-    def save_pretrained(self, directory, allow_pickle: bool = False, safe_serialization: bool = True):
+    def save_pretrained(self, directory, allow_pickle: bool = False, safe_serialization: bool = True,
+                        save_objective: bool = True):
         """Write config.json and model.safetensors (model.pt via torch.save if safetensors is missing).
-        A custom mixer_objective is pickled to objective.pkl only with allow_pickle=True."""
+        A custom mixer_objective is pickled to objective.pkl only with allow_pickle=True; save_objective=False
+        writes weights and config alone, and from_pretrained(dir, objective=...) rebuilds it (config.json keeps
+        the objective's fingerprint, and loading with another objective is an error)."""
         from .. import __version__
-        if self.config.mixer_objective is not None and not allow_pickle:
+        if self.config.mixer_objective is not None and save_objective and not allow_pickle:
             raise ValueError("save_pretrained: this model uses a custom mixer_objective, which is not JSON. "
-                             "Pass allow_pickle=True to pickle it to objective.pkl, or save without it by "
-                             "rebuilding with from_pretrained(dir, objective=...) after saving weights only "
-                             "(save_pretrained(dir, allow_pickle=True) then delete objective.pkl)")
+                             "Pass allow_pickle=True to pickle it to objective.pkl, or save_objective=False to "
+                             "save weights and config only (then from_pretrained(dir, objective=the same "
+                             "Objective))")
         cfg = self.config.to_dict()
         cfg["format_version"] = FORMAT_VERSION
         cfg["olssm_version"] = __version__
@@ -302,9 +317,12 @@ class CausalLM(nn.Module):
         # model.safetensors, and loaded an older one next to this config (and these model.pt weights) silently
         if os.path.exists(os.path.join(directory, other)):
             os.remove(os.path.join(directory, other))
-        if self.config.mixer_objective is not None:
-            with open(os.path.join(directory, OBJECTIVE_NAME), "wb") as f:
+        pkl = os.path.join(directory, OBJECTIVE_NAME)
+        if self.config.mixer_objective is not None and save_objective:
+            with open(pkl, "wb") as f:
                 pickle.dump(self.config.mixer_objective, f)
+        elif os.path.exists(pkl):   # a stale objective from an earlier save would be loaded with these weights
+            os.remove(pkl)
 
     @classmethod
     def from_pretrained(cls, directory, objective: Objective | None = None, allow_pickle: bool = False,
@@ -337,6 +355,12 @@ class CausalLM(nn.Module):
             if cfg.get("mixer") not in PRESETS:
                 raise ValueError(f"from_pretrained: unknown mixer {cfg.get('mixer')!r} in {path}; known presets: "
                                  f"{sorted(PRESETS)}")
+        want = cfg.get("objective_fingerprint")
+        if objective is not None and want is not None and objective_fingerprint(objective) != want:
+            raise ValueError(f"from_pretrained: {directory!r} was saved with another mixer objective than the one "
+                             f"passed ({objective!r}): its inputs, domains or terms differ (fingerprint "
+                             f"{objective_fingerprint(objective)} != {want}); pass the Objective the model was "
+                             "trained with")
         config = LMConfig.from_dict(cfg, objective)
         model = cls(config)
         wpath = os.path.join(directory, WEIGHTS_NAME)
