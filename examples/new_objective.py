@@ -144,10 +144,7 @@ def main(argv=None) -> dict:
         print("\nstructure:", rule.structure)
         print("inputs the layer must produce:",
               ", ".join(f"{n} ({s.role}, {s.kind}, {s.domain})" for n, s in rule.inputs.items()))
-        try:
-            print("\nLaTeX:\n" + rule.latex())
-        except TypeError as e:  # sympy printer edge case in olssm (csum squared); reported upstream
-            print(f"\n(LaTeX printing failed: {e})")
+        print("\nLaTeX:\n" + rule.latex())
 
         # --------------------------------------------------------------------------------------
         # 3. Verify. Independently of the derivation, minimise L_t numerically at every step

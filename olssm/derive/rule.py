@@ -484,9 +484,12 @@ class Rule:
         if named:
             defs = ", ".join(f"{n[1 if tex else 0]} = {sp.latex(e) if tex else str(e)}" for n, e in named)
             out.append(T(f"where {defs}", rf"\text{{where }} {defs}"))
-        if isinstance(f, NormalForm) and any(kind_of(c.coef) == ROW for c in f.corrections):
-            out.append(T("(row-wise: value row i of the state uses its own coefficient, e.g. ε_i)",
-                         r"\text{(row-wise: value row } i \text{ uses its own coefficient)}"))
+        row = [c.coef for c in f.corrections if kind_of(c.coef) == ROW] if isinstance(f, NormalForm) else []
+        if row:   # named after the rule's own row coefficient (it had always said ε_i)
+            name = self._c(row[0])
+            out.append(T(f"(row-wise: value row i of the state uses its own coefficient, e.g. {name}_i)",
+                         rf"\text{{(row-wise: value row }} i \text{{ uses its own coefficient, e.g. }} "
+                         rf"{self._c(row[0], True)}_i\text{{)}}"))
         return out
 
     def _input(self, t: InputTerm, tex=False) -> str:

@@ -148,7 +148,10 @@ def derive_implicit(obj: Objective) -> NormalForm:
         vecs = sorted({v for pair in g.lowrank for v in pair}, key=sp.default_sort_key)
         p = len(vecs)
         if p > MAX_RANK:
-            raise DerivationError(f"implicit update of {obj.expr}: the low-rank part has rank {p} > {MAX_RANK}")
+            raise DerivationError(f"implicit update of {obj.expr}: the low-rank part has rank {p} > {MAX_RANK} "
+                                  f"(the closed form inverts a {p}×{p} matrix symbolically); use at most {MAX_RANK} "
+                                  "distinct vectors in the squared losses, or update='exact' (sufficient statistics, "
+                                  "any number of keys) or update='explicit' (one gradient step)")
         R = sp.Matrix(p, p, lambda m, n: g.lowrank.get((vecs[m], vecs[n]), 0))
         G = sp.Matrix(p, p, lambda m, n: csum(vecs[m] * vecs[n] / col_part) / row_part)
         A = sp.eye(p) + G * R

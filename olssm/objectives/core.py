@@ -660,7 +660,7 @@ class Objective:
 
     implicit: S_t = argmin_S L_t(S)
     explicit: S_t = C − η ∇ℓ_t(C), C the proximal centre (decay ⊙ S_prev, or the minimiser of the
-              objective's proximal part), η = step_size, ℓ_t the non-proximal part
+              objective's proximal part), η = step_size (1 when not given), ℓ_t the non-proximal part
     exact:    S_t = argmin_S Σ_{i≤t} (Π_{m=i+1..t} decay_m) ℓ_i(S) + ½ ridge ‖S‖²
               (ridge_decays=True: the ridge is forgotten with the data, ½ (Π_{m≤t} decay_m) ridge ‖S‖²,
               which is what recursive least squares computes — derive() then returns the RLS form)
