@@ -1,4 +1,9 @@
-"""Command line: `python -m olssm table [--latex] [--steps N]` derives and checks the catalogue."""
+"""Command line:
+
+    python -m olssm table [--latex] [--steps N]          derive and check the catalogue
+    python -m olssm derive FILE.py:NAME [--latex] [--steps N] [--source]
+                                                         derive and check your own objective
+"""
 from __future__ import annotations
 
 import argparse
@@ -70,16 +75,74 @@ def _steps(text: str) -> int:
     return n
 
 
+def load_objective(spec: str):
+    """FILE.py:NAME or package.module:NAME -> the Objective (NAME may also be a function returning one)."""
+    import importlib
+    import importlib.util
+    import os
+    from .objectives import Objective
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise SystemExit(f"olssm derive: expected FILE.py:NAME or module:NAME, got {spec!r}")
+    if where.endswith(".py") or os.sep in where:
+        if not os.path.isfile(where):
+            raise SystemExit(f"olssm derive: no such file {where!r}")
+        mod_spec = importlib.util.spec_from_file_location("olssm_user_objective", where)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    if not hasattr(module, name):
+        found = sorted(n for n, v in vars(module).items() if isinstance(v, Objective))
+        raise SystemExit(f"olssm derive: {where!r} has no {name!r}; Objectives there: {found or 'none'}")
+    obj = getattr(module, name)
+    if callable(obj) and not isinstance(obj, Objective):
+        obj = obj()
+    if not isinstance(obj, Objective):
+        raise SystemExit(f"olssm derive: {spec!r} is a {type(obj).__name__}, not an olssm.objectives.Objective")
+    return obj
+
+
+def derive_command(spec: str, latex: bool = False, steps: int = 6, source: bool = False, out=sys.stdout) -> int:
+    """Print the derived rule of one objective and its check against the numerical solver; 0 if it agrees,
+    1 if not, 2 if the objective has no closed form."""
+    from . import derive, verify
+    from .objectives import DerivationError
+    obj = load_objective(spec)
+    try:
+        rule = derive(obj)
+    except DerivationError as e:
+        print(f"no closed form: {e}", file=out)
+        return 2
+    print(f"objective: {obj.summary()}  (update: {rule.mode})", file=out)
+    print(rule.latex() if latex else str(rule), file=out)
+    print(f"structure: {rule.structure}", file=out)
+    print("inputs: " + ", ".join(f"{n} ({s.role}, {s.kind}, {s.domain})" for n, s in rule.inputs.items()), file=out)
+    if source:
+        print("\n" + rule.kernel_source("triton"), file=out)
+    report = verify(obj, steps=steps)
+    print(report, file=out)
+    return 0 if report.ok else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="olssm", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("table", help="derive every catalogue objective, check it, print the table")
     t.add_argument("--latex", action="store_true", help="LaTeX instead of markdown")
     t.add_argument("--steps", type=_steps, default=6, help="steps of the numerical-solver check")
+    d = sub.add_parser("derive", help="derive your own objective (FILE.py:NAME or module:NAME), print the rule, "
+                                      "check it against the numerical solver")
+    d.add_argument("objective", help="FILE.py:NAME or package.module:NAME: an Objective, or a function returning one")
+    d.add_argument("--latex", action="store_true", help="the rule in LaTeX")
+    d.add_argument("--steps", type=_steps, default=6, help="steps of the numerical-solver check")
+    d.add_argument("--source", action="store_true", help="also print the generated Triton kernel source")
     args = p.parse_args(argv)
     if args.cmd == "table":
         rows = table(latex=args.latex, steps=args.steps)
         return 0 if all(r["ok"] for r in rows) else 1
+    if args.cmd == "derive":
+        return derive_command(args.objective, latex=args.latex, steps=args.steps, source=args.source)
     return 2
 
 

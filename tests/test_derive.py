@@ -349,3 +349,24 @@ def test_an_exact_readout_reads_the_ridge_and_the_query_only():
     assert rule.read(state, q=torch.randn(1, 1, 4), lam=torch.ones(1, 4)).shape == (1, 1, 3)   # no k, v, β, γ
     with pytest.raises(ValueError, match=r"read: missing input\(s\) \['lam'\]"):
         rule.read(state, q=torch.randn(1, 1, 4))
+
+
+def test_cli_derives_a_users_objective(tmp_path, capsys):
+    # `python -m olssm derive FILE.py:NAME`: the rule, its structure and inputs, and the solver check; exit status
+    # 0 when it agrees, 2 for an objective with no closed form, a message naming what the file holds otherwise
+    from olssm.__main__ import main
+    f = tmp_path / "mine.py"
+    f.write_text("import olssm.objectives as O\n"
+                 "S, Sp = O.states()\n"
+                 "k, v = O.key('k'), O.value('v')\n"
+                 "gated = O.Objective(O.sqnorm(S - O.scalar('a', domain='decay') * Sp) / 2\n"
+                 "                    + O.sqnorm(S @ k - v, weight=O.scalar('beta', domain='unit')) / 2)\n"
+                 "def no_minimum():\n"
+                 "    return O.Objective(O.sqnorm(S @ k - v) / 2)\n")
+    assert main(["derive", f"{f}:gated", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "S̃_t = a ⊙ S_{t-1}" in out and "where ε = β/(β*‖k‖² + 1)" in out and "OK (tolerance" in out
+    assert main(["derive", f"{f}:no_minimum"]) == 2
+    assert "no closed form: implicit update" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"has no 'nope'; Objectives there: \['gated'\]"):
+        main(["derive", f"{f}:nope"])
