@@ -75,45 +75,70 @@ def _steps(text: str) -> int:
     return n
 
 
+def _usage_error(message: str):
+    print(f"olssm derive: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def load_objective(spec: str):
-    """FILE.py:NAME or package.module:NAME -> the Objective (NAME may also be a function returning one)."""
+    """FILE.py:NAME or package.module:NAME -> the Objective (NAME may also be a function of no arguments
+    returning one). A file runs as a module of its own, its folder first on sys.path (its imports of
+    neighbours work as when it is run directly)."""
     import importlib
     import importlib.util
     import os
     from .objectives import Objective
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
-        raise SystemExit(f"olssm derive: expected FILE.py:NAME or module:NAME, got {spec!r}")
-    if where.endswith(".py") or os.sep in where:
-        if not os.path.isfile(where):
-            raise SystemExit(f"olssm derive: no such file {where!r}")
-        mod_spec = importlib.util.spec_from_file_location("olssm_user_objective", where)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
+        _usage_error(f"expected FILE.py:NAME or module:NAME, got {spec!r}")
+    try:
+        if where.endswith(".py") or os.sep in where:
+            if not os.path.isfile(where):
+                _usage_error(f"no such file {where!r}")
+            folder = os.path.dirname(os.path.abspath(where))
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+            mod_name = "olssm_user_" + os.path.splitext(os.path.basename(where))[0]
+            mod_spec = importlib.util.spec_from_file_location(mod_name, where)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_name] = module   # dataclasses and pickling look the module up by name
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except SystemExit:
+        raise
+    except ImportError as e:
+        _usage_error(f"cannot import {where!r}: {e}")
     if not hasattr(module, name):
         found = sorted(n for n, v in vars(module).items() if isinstance(v, Objective))
-        raise SystemExit(f"olssm derive: {where!r} has no {name!r}; Objectives there: {found or 'none'}")
+        _usage_error(f"{where!r} has no {name!r}; Objectives there: {found or 'none'}")
     obj = getattr(module, name)
     if callable(obj) and not isinstance(obj, Objective):
-        obj = obj()
+        try:
+            obj = obj()
+        except TypeError as e:
+            _usage_error(f"{spec!r} is a function; it is called with no arguments, which failed: {e}")
     if not isinstance(obj, Objective):
-        raise SystemExit(f"olssm derive: {spec!r} is a {type(obj).__name__}, not an olssm.objectives.Objective")
+        _usage_error(f"{spec!r} is a {type(obj).__name__}, not an olssm.objectives.Objective")
     return obj
 
 
-def derive_command(spec: str, latex: bool = False, steps: int = 6, source: bool = False, out=sys.stdout) -> int:
+def derive_command(spec: str, latex: bool = False, steps: int = 6, source: bool = False, out=None) -> int:
     """Print the derived rule of one objective and its check against the numerical solver; 0 if it agrees,
-    1 if not, 2 if the objective has no closed form."""
+    1 if not, 3 if the objective has no closed form (2: a usage or loading error, as argparse's)."""
     from . import derive, verify
     from .objectives import DerivationError
-    obj = load_objective(spec)
+    out = sys.stdout if out is None else out   # read at call time (a test's capture replaces sys.stdout)
+    try:
+        obj = load_objective(spec)
+    except DerivationError as e:   # raised while the file builds its Objective
+        print(f"olssm derive: building {spec!r} failed: {e}", file=sys.stderr)
+        return 2
     try:
         rule = derive(obj)
     except DerivationError as e:
         print(f"no closed form: {e}", file=out)
-        return 2
+        return 3
     print(f"objective: {obj.summary()}  (update: {rule.mode})", file=out)
     print(rule.latex() if latex else str(rule), file=out)
     print(f"structure: {rule.structure}", file=out)

@@ -353,7 +353,8 @@ def test_an_exact_readout_reads_the_ridge_and_the_query_only():
 
 def test_cli_derives_a_users_objective(tmp_path, capsys):
     # `python -m olssm derive FILE.py:NAME`: the rule, its structure and inputs, and the solver check; exit status
-    # 0 when it agrees, 2 for an objective with no closed form, a message naming what the file holds otherwise
+    # 0 when it agrees, 3 for an objective with no closed form, 2 (argparse's usage status) with a message naming
+    # what the file holds for a NAME it lacks
     from olssm.__main__ import main
     f = tmp_path / "mine.py"
     f.write_text("import olssm.objectives as O\n"
@@ -366,7 +367,38 @@ def test_cli_derives_a_users_objective(tmp_path, capsys):
     assert main(["derive", f"{f}:gated", "--steps", "3"]) == 0
     out = capsys.readouterr().out
     assert "S̃_t = a ⊙ S_{t-1}" in out and "where ε = β/(β*‖k‖² + 1)" in out and "OK (tolerance" in out
-    assert main(["derive", f"{f}:no_minimum"]) == 2
+    assert main(["derive", f"{f}:no_minimum"]) == 3
     assert "no closed form: implicit update" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"has no 'nope'; Objectives there: \['gated'\]"):
+    with pytest.raises(SystemExit) as exit_:
         main(["derive", f"{f}:nope"])
+    assert exit_.value.code == 2 and "has no 'nope'; Objectives there: ['gated']" in capsys.readouterr().err
+
+
+def test_verify_catches_a_wrong_readout_and_a_nan_output():
+    # the oracle had read out with the rule's own query symbol (a rule reading S k instead of S q passed), and a NaN
+    # output error beside a finite state error read as OK (max(0.1, nan) is 0.1)
+    import dataclasses
+    from olssm.derive import Rule
+    from olssm.verify import VerifyReport
+    entry = catalogue.ENTRIES["longhorn"]
+    rule = olssm.derive(entry.objective)
+    wrong = Rule(entry.objective, dataclasses.replace(rule.form, readout=O.key("k")))
+    assert olssm.verify(rule).ok and not olssm.verify(wrong).ok
+    report = VerifyReport("x", "implicit", 1, 4, 3, state_error=1e-16, output_error=float("nan"), per_step=[])
+    assert not report.ok and "MISMATCH" in str(report)
+
+
+def test_open_sign_warnings_repeat_and_name_the_domains():
+    # an equal objective built again hit the derive cache and derived silently; a weight a - 0.5 with a declared
+    # 'unit' was said to be of domain 'real'; a Hessian diagonal 1 + b of open sign went unwarned
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    for _ in range(2):
+        with pytest.warns(O.UnknownSignWarning) as caught:
+            olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=O.scalar("b_open")) / 2))
+        assert caught[0].filename == __file__
+    with pytest.warns(O.UnknownSignWarning, match="'a': domain 'unit'"):
+        olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2
+                                 + O.sqnorm(S @ k - v, weight=O.scalar("a", domain="unit") - 0.5) / 2))
+    with pytest.warns(O.UnknownSignWarning, match="diagonal of the Hessian is .*'b': domain 'real'"):
+        olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.scalar("b") * O.sqnorm(S) / 2 + O.sqnorm(S @ k - v) / 2))
