@@ -127,7 +127,8 @@ class VerifyReport:
 
     @property
     def max_error(self) -> float:
-        return max(self.state_error, self.output_error)
+        # NaN wins (max(0.1, nan) is 0.1: a NaN output error had read OK)
+        return _worst(self.state_error, self.output_error)
 
     @property
     def ok(self) -> bool:
@@ -190,7 +191,7 @@ def verify(objective_or_rule, steps: int = 6, d_k: int = 4, d_v: int = 3, seed: 
 
     g = torch.Generator().manual_seed(seed + 1)
     S0 = torch.randn(d_v, d_k, generator=g, dtype=torch_dtype) * 0.5
-    qn = rule.query_name
+    qn = obj.readout.name   # the oracle reads out with the objective's readout; the rule with its own (form.readout)
     per_step, s_err, o_err = [], 0.0, 0.0
     if rule.is_exact:
         state = rule.zero_state((), d_k, d_v, dtype=torch_dtype, **seq[0])  # RLS: P_0 = I/λ_0
@@ -235,7 +236,7 @@ def verify(objective_or_rule, steps: int = 6, d_k: int = 4, d_v: int = 3, seed: 
                 S_or = _minimise(lambda S: objective_value(obj.expr.terms, S, Sp, L), (d_v, d_k), x0=Sp)
             else:
                 S_or = _explicit_oracle(obj, Sp, L, d_v, d_k)
-            o_rule, o_or = S_rule @ inp[qn], S_or @ inp[qn]
+            o_rule, o_or = rule.read(S_rule, **inp), S_or @ inp[qn]
             e1, e2 = _rel(S_rule, S_or), _rel(o_rule, o_or)
             per_step.append((t, e1, e2))
             s_err, o_err = _worst(s_err, e1), _worst(o_err, e2)
