@@ -1,11 +1,16 @@
 """Symbolic derivation: Objective -> Rule (see NOTES.md for the math)."""
 from __future__ import annotations
 
+import warnings
+
 from ..objectives.core import DerivationError, Objective
 from .rule import Correction, ExactForm, InputTerm, NormalForm, RLSForm, Rule, decay_kind, torch_step_source
-from .solve import derive_form
+from .solve import _caller_level, derive_form
 
 _CACHE: dict[str, Rule] = {}
+#: the warnings each cached derivation raised: every new Objective that hits the cache gets them again (an equal
+#: objective built a second time had derived silently)
+_WARNINGS: dict[str, list] = {}
 
 
 def derive(objective: Objective) -> Rule:
@@ -17,9 +22,17 @@ def derive(objective: Objective) -> Rule:
     key = objective.key
     rule = _CACHE.get(key)
     if rule is None or rule.objective is not objective:
-        form = derive_form(objective) if rule is None else rule.form
+        if rule is None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                form = derive_form(objective)
+            _WARNINGS[key] = [w.message for w in caught]
+        else:
+            form = rule.form
         rule = Rule(objective, form)
         _CACHE[key] = rule
+        for message in _WARNINGS.get(key, ()):
+            warnings.warn(message, stacklevel=_caller_level())
     return rule
 
 

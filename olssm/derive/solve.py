@@ -7,7 +7,7 @@ from collections import defaultdict
 import sympy as sp
 
 from ..objectives.core import (COLUMN, ELEMENTWISE, ROW, SCALAR, DerivationError, Objective, UnknownSignWarning,
-                               csum, kind_of)
+                               csum, kind_of, spec_of)
 from .gradient import check_quadratic, gradient, is_proximal, split_vector
 from .rule import Correction, ExactForm, InputTerm, NormalForm, RLSForm
 
@@ -93,7 +93,7 @@ def _caller_level() -> int:
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     level, frame = 1, sys._getframe(1)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(root):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(root + os.sep):
         level, frame = level + 1, frame.f_back
     return level
 
@@ -109,11 +109,17 @@ def _no_negative_squares(g, where):
         if u == w and sp.sympify(c).is_nonnegative is not True:
             # the closed form is the minimiser only while the weight is >= 0 (a layer feeds a real-domain input
             # from a plain linear projection: negative values came out as NaN where 1 + c‖u‖² crossed 0)
-            names = sorted(s.name for s in sp.sympify(c).free_symbols)
-            warnings.warn(f"{where}: the squared loss on S {u} has weight {c}, whose sign the declared domains do "
-                          f"not fix ({', '.join(repr(n) for n in names)}: domain 'real'); the derived update is the "
-                          "minimiser only while it is >= 0. Declare domain='positive' or 'unit' (a layer then "
-                          "keeps it so)", UnknownSignWarning, stacklevel=_caller_level())
+            _open_sign(f"{where}: the squared loss on S {u} has weight {c}", c, ">= 0")
+
+
+def _open_sign(what, expr, need):
+    """An UnknownSignWarning at the user's line, naming the expression's inputs and their declared domains."""
+    declared = ", ".join(f"{s.name!r}: domain {spec_of(s).domain!r}"
+                         for s in sorted(sp.sympify(expr).free_symbols, key=lambda s: s.name))
+    warnings.warn(f"{what}, whose sign the declared domains do not fix ({declared}); the derived update is the "
+                  f"minimiser only while it is {need}. Declare the inputs' domains so that it is (e.g. "
+                  "domain='positive' or 'unit'; a layer then keeps them so)", UnknownSignWarning,
+                  stacklevel=_caller_level())
 
 
 def derive_implicit(obj: Objective) -> NormalForm:
@@ -129,6 +135,8 @@ def derive_implicit(obj: Objective) -> NormalForm:
     if sp.sympify(g.diag).is_nonpositive:
         raise DerivationError(f"implicit update of {obj.expr}: the diagonal of the Hessian, {g.diag}, is "
                               "never positive: the objective has no minimum")
+    if sp.sympify(g.diag).is_positive is not True:   # e.g. ½‖S − S_prev‖² + ½ b‖S‖² with b of open sign: 1 + b
+        _open_sign(f"implicit update of {obj.expr}: the diagonal of the Hessian is {g.diag}", g.diag, "> 0")
     _no_negative_squares(g, f"implicit update of {obj.expr}")
     row_part, col_part = _hessian_split(g.diag, bool(g.lowrank), f"implicit update of {obj.expr}")
     decay = -g.prev_diag / g.diag
