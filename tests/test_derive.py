@@ -197,11 +197,12 @@ def test_verify_input_contract():
     rule = catalogue.ENTRIES["deltanet"].rule
     from olssm.verify import random_inputs
     seq = random_inputs(rule, 4, 4, 3)
-    # a NaN step is a MISMATCH (max(x, nan) is x: it read as OK)
+    # a NaN input is an error naming it (it had been a MISMATCH report; a NaN *error* still makes one:
+    # test_verify_catches_a_wrong_readout_and_a_nan_output)
     bad = [dict(s) for s in seq]
     bad[1]["beta"] = torch.tensor(float("nan"), dtype=torch.float64)
-    report = olssm.verify(rule, inputs=bad)
-    assert not report.ok and report.state_error != report.state_error
+    with pytest.raises(ValueError, match="step 1, input 'beta' has non-finite values"):
+        olssm.verify(rule, inputs=bad)
     # fp32 inputs run in the oracle's float64; a missing input and no steps are errors naming them
     assert olssm.verify(rule, inputs=[{n: x.float() for n, x in s.items()} for s in seq]).ok
     with pytest.raises(ValueError, match=r"step 0 of inputs lacks \['beta'\]"):
@@ -402,3 +403,26 @@ def test_open_sign_warnings_repeat_and_name_the_domains():
                                  + O.sqnorm(S @ k - v, weight=O.scalar("a", domain="unit") - 0.5) / 2))
     with pytest.warns(O.UnknownSignWarning, match="diagonal of the Hessian is .*'b': domain 'real'"):
         olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.scalar("b") * O.sqnorm(S) / 2 + O.sqnorm(S @ k - v) / 2))
+
+
+def test_verify_takes_its_sizes_from_given_inputs_and_names_bad_ones():
+    # given inputs of d_k = 5 had failed inside rule.step ("d_k (key size) = 4", a size the user never set); a
+    # dict for the list iterated its keys; None, a batched vector and NaN failed far from the input
+    import numpy as np
+    obj = catalogue.ENTRIES["longhorn"].objective
+    g = np.random.default_rng(0)
+    steps = [dict(k=g.standard_normal(5), v=g.standard_normal(2), q=g.standard_normal(5), beta=g.random(2))
+             for _ in range(3)]
+    report = olssm.verify(obj, inputs=steps)
+    assert report.ok and (report.d_k, report.d_v) == (5, 2)
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        olssm.verify(obj, inputs=steps[0])
+    for bad, msg in ((dict(steps[0], beta=None), "'beta' is None"),
+                     (dict(steps[0], k=np.ones((2, 5))), r"'k' \(column\) must be a vector \[d_k\]"),
+                     (dict(steps[0], v=np.full(2, np.nan)), "'v' has non-finite values")):
+        with pytest.raises(ValueError, match=msg):
+            olssm.verify(obj, inputs=[bad])
+    with pytest.raises(ValueError, match="d_k=4 was passed, but the given inputs have size 5"):
+        olssm.verify(obj, inputs=steps, d_k=4)
+    with pytest.raises(ValueError, match="got steps=-3"):
+        olssm.verify(obj, steps=-3)

@@ -151,17 +151,44 @@ def _worst(a: float, b: float) -> float:
     return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
-def _given(rule: Rule, inputs: list) -> list[dict]:
+def _given(rule: Rule, inputs: list) -> tuple[list[dict], int | None, int | None]:
     """User-given steps as float64 tensors (the oracle's precision), each with every input the rule and the
-    objective read."""
+    objective read, checked one by one (shapes: scalars 0-d, rows [d_v], columns [d_k], parameters as the rule
+    reads them); and the (d_k, d_v) they imply (None where no input tells)."""
+    if isinstance(inputs, dict) or not isinstance(inputs, (list, tuple)):
+        raise TypeError(f"verify: inputs must be a list of per-step dicts {{name: value}}, got "
+                        f"{type(inputs).__name__}" + (" (one step? wrap it in a list)" if isinstance(inputs, dict)
+                                                      else ""))
     need = _input_specs(rule)
-    seq = []
+    seq, sizes = [], {COLUMN: None, ROW: None}
     for t, step in enumerate(inputs):
+        if not isinstance(step, dict):
+            raise TypeError(f"verify: step {t} of inputs must be a dict {{name: value}}, got {type(step).__name__}")
         missing = sorted(set(need) - set(step))
         if missing:
             raise ValueError(f"verify: step {t} of inputs lacks {missing}; each step needs {sorted(need)}")
-        seq.append({n: torch.as_tensor(x, dtype=torch_dtype) for n, x in step.items()})
-    return seq
+        out = {}
+        for n, x in step.items():
+            if x is None:
+                raise ValueError(f"verify: step {t}, input {n!r} is None")
+            x = torch.as_tensor(x, dtype=torch_dtype)
+            if not torch.isfinite(x).all():
+                raise ValueError(f"verify: step {t}, input {n!r} has non-finite values")
+            spec = need.get(n)
+            if spec is not None and not spec.is_parameter:
+                want = {SCALAR: (0, "a scalar (0-d)"), ROW: (1, "a vector [d_v]"), COLUMN: (1, "a vector [d_k]")}
+                if spec.kind in want and x.dim() != want[spec.kind][0]:
+                    raise ValueError(f"verify: step {t}, input {n!r} ({spec.kind}) must be {want[spec.kind][1]} "
+                                     f"for one token, got shape {tuple(x.shape)}")
+                if spec.kind in sizes:
+                    if sizes[spec.kind] is None:
+                        sizes[spec.kind] = x.shape[-1]
+                    elif x.shape[-1] != sizes[spec.kind]:
+                        raise ValueError(f"verify: step {t}, input {n!r} has size {x.shape[-1]}, another "
+                                         f"{'value' if spec.kind == ROW else 'key'}-sized input {sizes[spec.kind]}")
+            out[n] = x
+        seq.append(out)
+    return seq, sizes[COLUMN], sizes[ROW]
 
 
 def _rel(a, b):
@@ -170,12 +197,23 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-6))
 
 
-def verify(objective_or_rule, steps: int = 6, d_k: int = 4, d_v: int = 3, seed: int = 0,
+def verify(objective_or_rule, steps: int = 6, d_k: int | None = None, d_v: int | None = None, seed: int = 0,
            tolerance: float = 1e-6, inputs: list[dict] | None = None) -> VerifyReport:
-    """Run the derived rule and an independent numerical solver side by side; report the errors."""
+    """Run the derived rule and an independent numerical solver side by side; report the errors. d_k, d_v: the
+    sizes of drawn inputs (4, 3); with `inputs` given, the sizes they have."""
     rule = derive(objective_or_rule)
     obj: Objective = rule.objective
-    seq = _given(rule, inputs) if inputs is not None else random_inputs(rule, steps, d_k, d_v, seed)
+    if inputs is not None:
+        seq, k_given, v_given = _given(rule, inputs)
+        for name, asked, given in (("d_k", d_k, k_given), ("d_v", d_v, v_given)):
+            if asked is not None and given is not None and asked != given:
+                raise ValueError(f"verify: {name}={asked} was passed, but the given inputs have size {given}")
+        d_k, d_v = d_k or k_given or 4, d_v or v_given or 3
+    else:
+        if steps < 1:
+            raise ValueError(f"verify: needs at least one step, got steps={steps}")
+        d_k, d_v = d_k or 4, d_v or 3
+        seq = random_inputs(rule, steps, d_k, d_v, seed)
     steps = len(seq)
     if steps < 1:
         raise ValueError(f"verify: needs at least one step, got {steps}")
