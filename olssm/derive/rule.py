@@ -21,7 +21,9 @@ import functools
 
 import sympy as sp
 import torch
+from sympy.printing.precedence import precedence
 from sympy.printing.pytorch import TorchPrinter
+from sympy.printing.str import StrPrinter
 
 from ..objectives.core import COLUMN, ROW, SCALAR, InputSpec, display_name, kind_of, spec_of
 
@@ -294,6 +296,28 @@ def _substitute(form, subs: dict):
     return dataclasses.replace(form, **{f.name: sub(getattr(form, f.name)) for f in dataclasses.fields(form)})
 
 
+_SUPERSCRIPT = "⁰¹²³⁴⁵⁶⁷⁸⁹"
+
+
+class _TextPrinter(StrPrinter):
+    """sympy's str printer with small integer powers as superscripts: (kᵀk₂)² rather than (kᵀk₂)**2 in a
+    rule's text form (the LaTeX form has its own printer)."""
+
+    def _print_Pow(self, expr, rational=False):
+        n = expr.exp
+        if n.is_Integer and 2 <= int(n) <= 9:
+            base = self.parenthesize(expr.base, precedence(expr), strict=False)
+            if base[-1] in _SUPERSCRIPT + "²³":   # ‖k‖² squared: (‖k‖²)², not ‖k‖²²
+                base = f"({base})"
+            return base + _SUPERSCRIPT[int(n)]
+        return super()._print_Pow(expr, rational)
+
+
+def text(e) -> str:
+    """A coefficient expression as a rule's text form prints it."""
+    return _TextPrinter().doprint(sp.sympify(e))
+
+
 class Rule:
     """A closed-form state update derived from an Objective."""
 
@@ -418,7 +442,7 @@ class Rule:
             return "-" + self._names[-e][1 if tex else 0]
         if tex:
             return sp.latex(e)
-        s = str(e)
+        s = text(e)
         return f"({s})" if any(ch in s for ch in "+-/ ") else s
 
     def _named(self, e, tex=False) -> str:
@@ -428,7 +452,7 @@ class Rule:
             return self._c(e, tex)
         for expr, (name, name_tex) in self._names.items():
             e = e.subs(expr, sp.Symbol(name_tex if tex else name))
-        return sp.latex(e) if tex else str(e)
+        return sp.latex(e) if tex else text(e)
 
     def _vec(self, v, tex=False) -> str:
         s = sp.latex(v) if tex else str(v)
@@ -482,7 +506,7 @@ class Rule:
             out.append(T(f"o_t = S_t {self._vec(f.readout)}", rf"o_t = S_t {self._vec(f.readout, True)}"))
         named = [(n, e) for e, n in self._names.items()]
         if named:
-            defs = ", ".join(f"{n[1 if tex else 0]} = {sp.latex(e) if tex else str(e)}" for n, e in named)
+            defs = ", ".join(f"{n[1 if tex else 0]} = {sp.latex(e) if tex else text(e)}" for n, e in named)
             out.append(T(f"where {defs}", rf"\text{{where }} {defs}"))
         row = [c.coef for c in f.corrections if kind_of(c.coef) == ROW] if isinstance(f, NormalForm) else []
         if row:   # named after the rule's own row coefficient (it had always said ε_i)
