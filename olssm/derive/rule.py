@@ -307,7 +307,7 @@ class _TextPrinter(StrPrinter):
         n = expr.exp
         if n.is_Integer and 2 <= int(n) <= 9:
             base = self.parenthesize(expr.base, precedence(expr), strict=False)
-            if base[-1] in _SUPERSCRIPT + "²³":   # ‖k‖² squared: (‖k‖²)², not ‖k‖²²
+            if base[-1] in _SUPERSCRIPT:   # ‖k‖² squared: (‖k‖²)², not ‖k‖²²
                 base = f"({base})"
             return base + _SUPERSCRIPT[int(n)]
         return super()._print_Pow(expr, rational)
@@ -416,7 +416,7 @@ class Rule:
         else:
             cands = [c.coef for c in getattr(self.form, "gram", ())]
         # a letter an input already prints as is skipped: an input named eta had read "η = (−η·…)/…"
-        taken = {display_name(sym.name) for e in self.form.expressions() for sym in sp.sympify(e).free_symbols}
+        taken = {display_name(n) for n in self.inputs}
         letters = iter([(g, t) for g, t in zip(_GREEK, _GREEK_TEX) if g not in taken]
                        + [(f"c{j}", f"c_{{{j}}}") for j in range(len(cands)) if f"c{j}" not in taken])
         for e in cands:
@@ -635,13 +635,10 @@ class Rule:
     def read(self, state, **inputs):
         """The readout o = S q (exact rules: G (H + diag λ)⁻¹ q) for the query in inputs."""
         d_v, d_k = self._state_dims(state)
-        # an exact readout G (H + diag λ)⁻¹ q reads the ridge's inputs and the query only (all of the rule's inputs
-        # had been required)
-        reads = {s.name for e in (self.form.ridge, self.form.readout) for s in sp.sympify(e).free_symbols} \
-            if self.is_exact and not self.is_rls else set()
-        inp = (self.broadcast_inputs(d_k, d_v, inputs, "read", need={n: self.inputs[n] for n in sorted(reads)})
-               if self.is_exact and not self.is_rls else None)
         if self.is_exact and not self.is_rls:
+            # G (H + diag λ)⁻¹ q reads the ridge's inputs and the query only (all of the rule's had been required)
+            reads = {s.name for e in (self.form.ridge, self.form.readout) for s in sp.sympify(e).free_symbols}
+            inp = self.broadcast_inputs(d_k, d_v, inputs, "read", need={n: self.inputs[n] for n in sorted(reads)})
             return exact_readout(self.form, tuple(x.to(compute_dtype(x)) for x in state), inp)
         qn = self.query_name
         if qn not in inputs:

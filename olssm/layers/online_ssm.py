@@ -113,6 +113,11 @@ def _head_dim(what, expand, arg, width, H):
     return width // H
 
 
+def _finite_number(v) -> bool:
+    """A finite int or float, not a bool (True would pass as 1)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def _check_pos_int(name, v, allow_zero=False):
     if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
         raise ValueError(f"OnlineSSM: {name} must be an integer >= {0 if allow_zero else 1}, got {v!r}")
@@ -212,12 +217,11 @@ class OnlineSSM(nn.Module):
             if q_scale != "rsqrt_dk":
                 raise ValueError(f"OnlineSSM: q_scale must be a number or 'rsqrt_dk', got {q_scale!r}")
             q_scale = d_k ** -0.5
-        if isinstance(q_scale, bool) or not isinstance(q_scale, (int, float)) or not math.isfinite(q_scale):
+        if not _finite_number(q_scale):
             raise ValueError(f"OnlineSSM: q_scale must be a finite number or 'rsqrt_dk', got {q_scale!r} (NaN made "
                              "every output NaN)")
         for name, value in (("dt_min", dt_min), ("dt_max", dt_max), ("dt_init_floor", dt_init_floor)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
-                                                                                      and value > 0):
+            if not (_finite_number(value) and value > 0):
                 raise ValueError(f"OnlineSSM: {name} must be a finite number > 0 (Mamba's Δ initialisation, "
                                  f"log-uniform), got {value!r}")
         if dt_min > dt_max:

@@ -309,10 +309,10 @@ class CausalLM(nn.Module):
             st = None
         if st is not None and safe_serialization:
             written, other = WEIGHTS_NAME, TORCH_WEIGHTS_NAME
-            st.save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+            st.save_file(state, os.path.join(directory, written), metadata={"format": "pt"})
         else:
             written, other = TORCH_WEIGHTS_NAME, WEIGHTS_NAME
-            torch.save(state, os.path.join(directory, TORCH_WEIGHTS_NAME))
+            torch.save(state, os.path.join(directory, written))
         # a directory saved before in the other format keeps no stale weights: from_pretrained prefers
         # model.safetensors, and loaded an older one next to this config (and these model.pt weights) silently
         if os.path.exists(os.path.join(directory, other)):
@@ -356,11 +356,11 @@ class CausalLM(nn.Module):
                 raise ValueError(f"from_pretrained: unknown mixer {cfg.get('mixer')!r} in {path}; known presets: "
                                  f"{sorted(PRESETS)}")
         want = cfg.get("objective_fingerprint")
-        if objective is not None and want is not None and objective_fingerprint(objective) != want:
+        got = objective_fingerprint(objective) if objective is not None and want is not None else want
+        if got != want:
             raise ValueError(f"from_pretrained: {directory!r} was saved with another mixer objective than the one "
-                             f"passed ({objective!r}): its inputs, domains or terms differ (fingerprint "
-                             f"{objective_fingerprint(objective)} != {want}); pass the Objective the model was "
-                             "trained with")
+                             f"passed ({objective!r}): its inputs, domains or terms differ (fingerprint {got} != "
+                             f"{want}); pass the Objective the model was trained with")
         config = LMConfig.from_dict(cfg, objective)
         model = cls(config)
         wpath = os.path.join(directory, WEIGHTS_NAME)

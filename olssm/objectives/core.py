@@ -694,8 +694,7 @@ class Objective:
                                   f"(d_k) input symbol such as query('q'), got {self.readout}")
 
     def __repr__(self):
-        extra = "".join(f", {f}={getattr(self, f)}" for f in ("step_size", "decay", "ridge")
-                        if getattr(self, f) is not None)
+        extra = "".join(f", {f}={v}" for f, v in self._options())
         extra += ", ridge_decays=True" if self.ridge_decays else ""
         return f"Objective({self.expr}, update={self.update!r}{extra})"
 

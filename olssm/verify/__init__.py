@@ -151,6 +151,10 @@ def _worst(a: float, b: float) -> float:
     return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
+#: one token's per-token input of each kind: its dimensions, and how an error says it
+_ONE_TOKEN = {SCALAR: (0, "a scalar (0-d)"), ROW: (1, "a vector [d_v]"), COLUMN: (1, "a vector [d_k]")}
+
+
 def _given(rule: Rule, inputs: list) -> tuple[list[dict], int | None, int | None]:
     """User-given steps as float64 tensors (the oracle's precision), each with every input the rule and the
     objective read, checked one by one (shapes: scalars 0-d, rows [d_v], columns [d_k], parameters as the rule
@@ -176,10 +180,9 @@ def _given(rule: Rule, inputs: list) -> tuple[list[dict], int | None, int | None
                 raise ValueError(f"verify: step {t}, input {n!r} has non-finite values")
             spec = need.get(n)
             if spec is not None and not spec.is_parameter:
-                want = {SCALAR: (0, "a scalar (0-d)"), ROW: (1, "a vector [d_v]"), COLUMN: (1, "a vector [d_k]")}
-                if spec.kind in want and x.dim() != want[spec.kind][0]:
-                    raise ValueError(f"verify: step {t}, input {n!r} ({spec.kind}) must be {want[spec.kind][1]} "
-                                     f"for one token, got shape {tuple(x.shape)}")
+                if spec.kind in _ONE_TOKEN and x.dim() != _ONE_TOKEN[spec.kind][0]:
+                    raise ValueError(f"verify: step {t}, input {n!r} ({spec.kind}) must be "
+                                     f"{_ONE_TOKEN[spec.kind][1]} for one token, got shape {tuple(x.shape)}")
                 if spec.kind in sizes:
                     if sizes[spec.kind] is None:
                         sizes[spec.kind] = x.shape[-1]

@@ -319,7 +319,7 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
         M = len(form.inputs)
         ws = [key_side(f"w{m}", t.w) for m, t in enumerate(form.inputs)]
         out = [key_side("q", form.readout),
-               ws[0].unsqueeze(0) if M == 1 else torch.stack(ws),                          # [M, B, T, H, K]
+               _stack(ws),                                                                  # [M, B, T, H, K]
                _stack([full(ev[f"e{m}"], V, 1).squeeze(-1) for m in range(M)]).to(sdt)]    # [M, B, T, H, V]
         kind = form.decay_kind
         if kind != "none":

@@ -161,11 +161,12 @@ def rls_gain_fwd(u: Tensor, gamma: Tensor, R: Tensor, P0: Tensor, cu_seqlens: Op
     g = torch.empty(B, T, H, K, dtype=torch.float32, device=dev)
     Pt = torch.empty(N, H, K, K, dtype=torch.float32, device=dev)
     NCK = _nck(sizes, max_len)
+    BK = _gain_block(K)
     alloc = torch.zeros if cu_seqlens is not None else torch.empty   # varlen: unwritten slots of short sequences
     ck = alloc(N, H, NCK, K, K, dtype=torch.float32, device=dev) if save else Pt.new_empty(0)
     rls_gain_fwd_kernel[(N * H,)](u, gamma, R, P0, g, Pt, ck if save else Pt,
-                                  cu_seqlens if cu_seqlens is not None else Pt, T, H, K, NCK, BK=_gain_block(K), C=C,
-                                  SAVE_CK=save, VARLEN=cu_seqlens is not None, num_warps=_warps(_gain_block(K)))
+                                  cu_seqlens if cu_seqlens is not None else Pt, T, H, K, NCK, BK=BK, C=C,
+                                  SAVE_CK=save, VARLEN=cu_seqlens is not None, num_warps=_warps(BK))
     return g, Pt, ck
 
 

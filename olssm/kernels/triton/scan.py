@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import pathlib
 import tempfile
 import threading
 import weakref
@@ -64,11 +65,6 @@ def cache_dir() -> str:
     return path
 
 
-
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
-
 def _load_module(source: str):
     """Write the generated source to the cache dir (keyed by its hash) and import it:
     triton.jit needs functions that live in a real source file."""
@@ -78,7 +74,7 @@ def _load_module(source: str):
         if mod is not None:
             return mod
         path = os.path.join(cache_dir(), f"olssm_{key}.py")
-        if not (os.path.exists(path) and _read(path) == source):
+        if not (os.path.exists(path) and pathlib.Path(path).read_text() == source):
             tmp = f"{path}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
                 f.write(source)
