@@ -6,9 +6,10 @@
 #
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
-#   lease        all of a 15-minute lease in one call (~4 min in session 7; its timeouts add to 580 s): the
-#                D = 64 table (six rules, fla's kernels but chunk_gla and the gated delta ones), DeltaNet / Gated
-#                DeltaNet at D = 128, chunk 64 and the recurrent kernel's fla geometry there, then the compiled tests
+#   lease        all of a 15-minute lease in one call (~4 min in session 7; its timeouts add to 665 s, the tests before the last two benchmarks): the
+#                D = 64 table (five rules, fla's kernels but chunk_gla and the gated delta ones), DeltaNet / Gated
+#                DeltaNet at D = 128, bf16 dot operands and chunk 64 against the default at both shapes, the
+#                recurrent kernel's fla geometry at D = 128, then the compiled tests
 #   tests        the Triton test files with compiled kernels (no interpreter), 8 workers
 #   tests1/2     the same in two halves, if `tests` ran past its 570 s
 #   delta64      (4, 2048, 16, 64) bf16: DeltaNet, Gated DeltaNet, Longhorn, RLS, derived rules (two_keys: rank-2
@@ -51,24 +52,30 @@ case $stage in
         # fla 0.6.0's gated delta kernels hit an illegal memory access on Triton 3.6 (session 7), which poisons the
         # process: skipped here
         fla_gated=gated_deltanet:fla-recurrent,gated_deltanet:fla-chunk
-        timeout 170 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
-            --peak-gbs $gbs --reps 5 --skip gla:fla-chunk,$fla_gated \
-            --rules deltanet,gated_deltanet,mamba2,longhorn,gla,mamba 2>&1 | tee "$out/bench64.txt"
-        timeout 90 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
-            --peak-gbs $gbs --reps 5 --skip $fla_gated --rules deltanet,gated_deltanet 2>&1 | tee "$out/bench128.txt"
-        # session 7's open questions at D = 128, each against the default rows above (same process, same machine):
-        # chunk 64 with 2 pipeline stages for the delta rules (6.97 vs 7.70 ms fwd+bwd, across calls), and fla's
-        # recurrent geometry for the recurrent kernel (8 value rows, 1 warp: 4x the programs at B = 2)
-        timeout 60 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
-            --peak-gbs $gbs --reps 5 --no-peers --chunk 64 --num-stages 2 --rules deltanet,gated_deltanet \
-            --skip deltanet:torch-chunk,gated_deltanet:torch-chunk,deltanet:recurrent,gated_deltanet:recurrent \
-            2>&1 | tee "$out/bench128-c64.txt"
-        timeout 60 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
-            --peak-gbs $gbs --reps 5 --no-peers --rec-block-v 8 --rec-warps 1 --rules deltanet,gla \
-            --skip deltanet:torch-chunk,gla:torch-chunk,deltanet:chunk,gla:chunk 2>&1 | tee "$out/bench128-rec8.txt"
-        OLSSM_TRITON_DEVICE=cuda timeout 200 python -m pytest -vv -rfE -n 16 -p no:cacheprovider "${triton_tests[@]}" \
+        d64=(--dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 --peak-gbs $gbs --reps 5)
+        d128=(--dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 --peak-gbs $gbs --reps 5)
+        only_chunk='*:torch-chunk,*:recurrent'
+        timeout 150 python benchmarks/triton_kernels.py "${d64[@]}" --skip gla:fla-chunk,$fla_gated \
+            --rules deltanet,gated_deltanet,mamba2,longhorn,gla 2>&1 | tee "$out/bench64.txt"
+        timeout 60 python benchmarks/triton_kernels.py "${d128[@]}" --skip $fla_gated,$only_chunk \
+            --rules deltanet,gated_deltanet 2>&1 | tee "$out/bench128.txt"
+        # session 8's questions, each against the default rows above (same call, one process each; the default
+        # again at the end for the drift): bf16 dot operands (fla's precision, chunked.DOT_PRECISION), and chunk 64
+        # with 2 pipeline stages at D = 128 (6.97 vs 7.70 ms fwd+bwd in session 7, across calls)
+        for flags in "--precision bf16" "--chunk 64 --num-stages 2" "--chunk 64 --num-stages 2 --precision bf16" ""; do
+            timeout 45 python benchmarks/triton_kernels.py "${d128[@]}" --no-peers --skip $only_chunk \
+                --rules deltanet,gated_deltanet $flags 2>&1
+        done | tee "$out/bench128-ab.txt"
+        OLSSM_TRITON_DEVICE=cuda timeout 150 python -m pytest -vv -rfE -n 16 -p no:cacheprovider "${triton_tests[@]}" \
             > "$out/tests.txt" 2>&1
-        grep -E "FAILED|ERROR|passed|failed" "$out/tests.txt" | tail -40 ;;
+        grep -E "FAILED|ERROR|passed|failed" "$out/tests.txt" | tail -40
+        for flags in "--precision bf16" "--chunk 64 --precision bf16"; do
+            timeout 60 python benchmarks/triton_kernels.py "${d64[@]}" --no-peers --skip $only_chunk \
+                --rules deltanet,gated_deltanet,mamba2,longhorn,gla $flags 2>&1
+        done | tee "$out/bench64-ab.txt"
+        timeout 40 python benchmarks/triton_kernels.py "${d128[@]}" --no-peers --rec-block-v 8 --rec-warps 1 \
+            --rules deltanet --skip deltanet:torch-chunk,deltanet:chunk 2>&1 | tee "$out/bench128-rec8.txt"
+        ;;
     tests)
         OLSSM_TRITON_DEVICE=cuda timeout 570 python -m pytest -q -n 8 -p no:cacheprovider \
             tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py \

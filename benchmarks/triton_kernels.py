@@ -77,7 +77,7 @@ def main(argv=None):
     p.add_argument("--dk", type=int, default=64)
     p.add_argument("--dv", type=int, default=64)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--precision", default="auto", help="chunked kernels' tl.dot precision: auto, ieee, tf32, tf32x3")
+    p.add_argument("--precision", default="auto", help="chunked kernels' tl.dot precision: auto, ieee, tf32, tf32x3, bf16")
     p.add_argument("--chunk", type=int, default=library.CHUNK)
     p.add_argument("--delta-forward", default=chunked.DELTA_FORWARD, choices=("split", "fused", "both"),
                    help="delta family with a scalar c and none/scalar decay: the split forward (three kernels) or "
@@ -128,7 +128,7 @@ def main(argv=None):
     p.add_argument("--rules", default="deltanet,gated_deltanet,gla,longhorn,linear_attention,retnet,mamba2,mamba")
     p.add_argument("--skip", default="",
                    help="rule:kernel pairs not to time, comma-separated (e.g. gla:fla-chunk, whose own autotuning "
-                        "compiles for minutes)")
+                        "compiles for minutes; *:torch-chunk for every rule)")
     a = p.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     chunked.DOT_PRECISION = a.precision
@@ -181,7 +181,7 @@ def main(argv=None):
         peers, peer_args = ({}, ()) if a.no_peers else _fla_peers(name, rule, inp)
         for kernel, fn in peers.items():
             runs[kernel] = fn, peer_args
-        skipped = {pair.split(":", 1)[1] for pair in a.skip.split(",") if pair.startswith(name + ":")}
+        skipped = {pair.split(":", 1)[1] for pair in a.skip.split(",") if pair.split(":", 1)[0] in (name, "*")}
         for kernel, (fn, args) in runs.items():
             if kernel in skipped:
                 continue

@@ -246,6 +246,37 @@ def test_low_precision_inputs(name, dtype, launches):
     _close(f, f1, 1e-5 if _DEVICE == "cpu" else 2e-3, "final state")
 
 
+#: DOT_PRECISION "bf16" against the fp32 reference on the same bf16 inputs, relative to max|reference|: every dot
+#: operand is rounded to bf16 (≤ 2⁻⁹ relative each, so ≤ 2⁻⁸ per product) and o and the gradients are bf16 outputs
+#: (one more 2⁻⁹ rounding); a few such terms differ in sign, so 2e-2 ≈ 5·2⁻⁸ (as STORAGE_RTOL). The final state is
+#: fp32 but every chunk's update is a dot of rounded operands: measured ≤ 6.5e-3 at T = 45 under the interpreter,
+#: 2e-2. A kernel that dropped or mis-scaled a term is off by O(1).
+BF16_DOT_RTOL = 2e-2
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "longhorn", "gla", "mamba2", "two_keys"])
+def test_bf16_dot_operands(name, launches, monkeypatch):
+    # the split and fused delta forwards, the chunked delta, row-c and decay backwards and the sub-token layout,
+    # each with bf16 operands (_mm); the same inputs' fp32 reference is the oracle
+    rule = _rule(name)
+    low = {n: x if rule.inputs[n].is_parameter else x.to(torch.bfloat16)
+           for n, x in random_inputs(rule, 2, 45, 2, 8, 8, seed=3).items()}
+    h0 = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(tchunk, "DOT_PRECISION", "bf16")
+    monkeypatch.delenv("OLSSM_TRITON_DOT_PRECISION", raising=False)
+    o, f, g = _run(rule, low, h0, "triton")
+    assert len(launches) == 1
+    o1, f1, g1 = _run(rule, {n: x.float() for n, x in low.items()}, h0, "reference")
+    _close(o, o1, BF16_DOT_RTOL, "o")
+    _close(f, f1, BF16_DOT_RTOL, "final state")
+    for n in g1:
+        _close(g[n], g1[n], BF16_DOT_RTOL, f"d{n}")
+    # the operands were rounded: the fp32 state is off by more than fp32 dots would leave (≤ 2e-5, STATE_RTOL)
+    monkeypatch.setattr(tchunk, "DOT_PRECISION", "ieee")
+    _, f2, _ = _run(rule, low, h0, "triton", grad=False)
+    assert (f - f2).abs().max() > 1e-4 * f2.abs().max()
+
+
 def test_auto_speed_policy_when_compiled(monkeypatch):
     # measured (benchmarks/RESULTS.md): compiled fp32 ("ieee") chunked dots are slower than the recurrent kernel
     # (H100), GLA's column decay chunked is 4.8x faster fwd+bwd (H200, session 7); row decays stay recurrent

@@ -94,6 +94,41 @@ FAST_SPAN = tl.constexpr(60.0)
 UT_BLOCK = 16
 
 
+@triton.jit
+def _bf16_rounded(x):
+    """x (fp32) rounded to the nearest bf16, ties to even, kept in fp32: what the GPU's fp32 → bf16 conversion
+    does. The CPU interpreter's .to(tl.bfloat16) truncates instead, and its dots read bf16 operands as raw
+    integers, so "bf16" runs there as fp32 dots of these rounded operands (products of two bf16 values are exact
+    in fp32: the same arithmetic as the tensor cores' bf16 dot with fp32 accumulation, up to summation order)."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mm(x, y, PREC: tl.constexpr):
+    """x @ y with fp32 accumulation. PREC "bf16" rounds both operands to bf16 first (fla's choice: its dots take
+    the inputs' dtype and a bf16 copy of the state), which halves the operands' registers / shared memory and
+    doubles the tensor-core rate over tf32; the state and every accumulator stay fp32 ("bf16_interpreted": the
+    same under the CPU interpreter, _bf16_rounded). Otherwise PREC is tl.dot's input_precision."""
+    if PREC == "bf16":
+        return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
+    elif PREC == "bf16_interpreted":
+        return tl.dot(_bf16_rounded(x.to(tl.float32)), _bf16_rounded(y.to(tl.float32)), input_precision="ieee")
+    else:
+        return tl.dot(x, y, input_precision=PREC)
+
+
+@triton.jit
+def _mm_inverse(x, y, PREC: tl.constexpr):
+    """The UT inverse's merge products (T ← T − T L_o T): tf32 under "bf16", since a rounding of T_c there
+    multiplies into every W̃ and Ũ of the chunk."""
+    if PREC == "bf16" or PREC == "bf16_interpreted":
+        return tl.dot(x, y, input_precision="tf32")
+    else:
+        return tl.dot(x, y, input_precision=PREC)
+
+
 def _np2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -483,17 +518,17 @@ def _rowdecay_delta_chunk(q, a, cc, S0, AB, G, gam, xh, fast, tt, incl, strict, 
     (every row's total log decay > −FAST_SPAN, x = b − b_L/2), else one token column at a time; the forward
     substitution P_s = R′_s − Σ_{r<s} N_sr Δ_r (N = A Bᵀ ⊙ D_st per row) is a loop. The fused forward and the
     row-decay backward's recompute both use it."""
-    Rp = tl.dot(a, tl.trans(S0), input_precision=PREC) * gam
-    o = tl.dot(q, tl.trans(S0), input_precision=PREC) * gam
+    Rp = _mm(a, tl.trans(S0), PREC) * gam
+    o = _mm(q, tl.trans(S0), PREC) * gam
     for m in tl.static_range(M):
         w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
         e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
-        AW = tl.where(strict, tl.dot(a, tl.trans(w), input_precision=PREC), 0.0)
-        QW = tl.where(incl, tl.dot(q, tl.trans(w), input_precision=PREC), 0.0)
+        AW = tl.where(strict, _mm(a, tl.trans(w), PREC), 0.0)
+        QW = tl.where(incl, _mm(q, tl.trans(w), PREC), 0.0)
         if fast:   # Σ_j X_ij e^{b_i − b_j} e_j = e^{x_i} ⊙ Σ_j X_ij (e^{−x_j} ⊙ e_j)
             ex_ = e * tl.exp(-xh)
-            Rp += tl.dot(AW, ex_, input_precision=PREC) * tl.exp(xh)
-            o += tl.dot(QW, ex_, input_precision=PREC) * tl.exp(xh)
+            Rp += _mm(AW, ex_, PREC) * tl.exp(xh)
+            o += _mm(QW, ex_, PREC) * tl.exp(xh)
         else:
             for j in range(0, BT):
                 sel, colj, ej, ex = _token_column(tt, j, e, G)
@@ -530,14 +565,14 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
         q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
         # the decay of the chunk, the carried state's share of o, and the carried state decayed
         if DECAY == 0:
-            o = tl.dot(q, tl.trans(S), input_precision=PREC)
+            o = _mm(q, tl.trans(S), PREC)
         elif DECAY == 1:
             g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
             b = tl.cumsum(g, axis=0)                                  # fp64: see the module docstring
             bl = tl.sum(g, axis=0)
             D = tl.exp(tl.where(causal, (b[:, None] - b[None, :]).to(tl.float32), float("-inf")))
             dec = tl.exp((bl - b).to(tl.float32))[:, None]            # [BT, 1]
-            o = tl.dot(q, tl.trans(S), input_precision=PREC) * tl.exp(b.to(tl.float32))[:, None]
+            o = _mm(q, tl.trans(S), PREC) * tl.exp(b.to(tl.float32))[:, None]
             S = S * tl.exp(bl.to(tl.float32))
         elif DECAY == 3:   # column decay (d_k), GLA
             g = tl.load(g_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float64)
@@ -546,45 +581,45 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
             dec = tl.exp((bl[None, :] - b).to(tl.float32))            # [BT, BK]
             fast = tl.min(bl, axis=0) > -FAST_SPAN                    # module docstring
             x = (b - 0.5 * bl[None, :]).to(tl.float32)                # log decay from the chunk's half-way point
-            o = tl.dot(q * tl.exp(b.to(tl.float32)), tl.trans(S), input_precision=PREC)
+            o = _mm(q * tl.exp(b.to(tl.float32)), tl.trans(S), PREC)
             S = S * tl.exp(bl.to(tl.float32))[None, :]
         else:              # row decay (d_v)
             b, bl, gv, dec, x, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)
-            o = tl.dot(q, tl.trans(S), input_precision=PREC) * gv
+            o = _mm(q, tl.trans(S), PREC) * gv
             S = S * tl.exp(bl.to(tl.float32))[:, None]
         # the input terms e_m w_mᵀ of the chunk
         for m in tl.static_range(M):
             k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
             if DECAY == 0:
-                A = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)
-                o += tl.dot(A, v, input_precision=PREC)
-                S += tl.dot(tl.trans(v), k, input_precision=PREC)
+                A = tl.where(causal, _mm(q, tl.trans(k), PREC), 0.0)
+                o += _mm(A, v, PREC)
+                S += _mm(tl.trans(v), k, PREC)
             elif DECAY == 1:
-                A = tl.dot(q, tl.trans(k), input_precision=PREC) * D
-                o += tl.dot(A, v, input_precision=PREC)
-                S += tl.dot(tl.trans(v * dec), k, input_precision=PREC)
+                A = _mm(q, tl.trans(k), PREC) * D
+                o += _mm(A, v, PREC)
+                S += _mm(tl.trans(v * dec), k, PREC)
             elif DECAY == 3:
                 if fast:   # e^{b_i − b_j} = e^{x_i}·e^{−x_j}, both factors in [e^{−SPAN/2}, e^{SPAN/2}]
-                    A = tl.where(causal, tl.dot(q * tl.exp(x), tl.trans(k * tl.exp(-x)), input_precision=PREC), 0.0)
+                    A = tl.where(causal, _mm(q * tl.exp(x), tl.trans(k * tl.exp(-x)), PREC), 0.0)
                 else:      # pairwise exponents, exact for any decay
                     A = tl.zeros([BT, BT], dtype=tl.float32)
                     for j in range(0, BT):
                         sel, colj, kj, ex = _token_column(tt, j, k, b)
                         aj = tl.sum(q * kj[None, :] * ex, axis=1)     # [BT]
                         A = tl.where(colj, aj[:, None], A)
-                o += tl.dot(A, v, input_precision=PREC)
-                S += tl.dot(tl.trans(v), k * dec, input_precision=PREC)
+                o += _mm(A, v, PREC)
+                S += _mm(tl.trans(v), k * dec, PREC)
             else:
-                QK = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)
+                QK = tl.where(causal, _mm(q, tl.trans(k), PREC), 0.0)
                 if fast:   # Σ_j QK_ij e^{b_i − b_j} v_j = e^{x_i} ⊙ Σ_j QK_ij (e^{−x_j} ⊙ v_j)
-                    o += tl.dot(QK, v * tl.exp(-x), input_precision=PREC) * tl.exp(x)
+                    o += _mm(QK, v * tl.exp(-x), PREC) * tl.exp(x)
                 else:
                     for j in range(0, BT):
                         sel, colj, vj, ex = _token_column(tt, j, v, b)
                         qkj = tl.sum(tl.where(colj, QK, 0.0), axis=1)   # [BT]
                         o += qkj[:, None] * vj[None, :] * ex
-                S += tl.dot(tl.trans(v * dec), k, input_precision=PREC)
+                S += _mm(tl.trans(v * dec), k, PREC)
         S = tl.where(m2, S, 0.0)
         tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
     tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
@@ -621,16 +656,16 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
             dec = tl.exp((GL - G).to(tl.float32))[:, None]                # Γ_L/Γ_i (to the chunk end)
             # Δ_s = R_s − c_s ⊙ Σ_{r<s} N_sr Δ_r,  N = A Bᵀ ⊙ Dst,
             # R = c ⊙ (Γ ⊙ A S₀ᵀ + Σ_m (A W_mᵀ ⊙ Dst) E_m)
-            N = tl.dot(a, tl.trans(bv), input_precision=PREC) * Dst
-            R = tl.dot(a, tl.trans(S), input_precision=PREC) * gam[:, None]
-            o = tl.dot(q, tl.trans(S), input_precision=PREC) * gam[:, None]
+            N = _mm(a, tl.trans(bv), PREC) * Dst
+            R = _mm(a, tl.trans(S), PREC) * gam[:, None]
+            o = _mm(q, tl.trans(S), PREC) * gam[:, None]
             S = S * tl.exp(GL.to(tl.float32))
             for m in tl.static_range(M):
                 w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
                 e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-                R += tl.dot(tl.dot(a, tl.trans(w), input_precision=PREC) * Dst, e, input_precision=PREC)
-                o += tl.dot(tl.dot(q, tl.trans(w), input_precision=PREC) * Dinc, e, input_precision=PREC)
-                S += tl.dot(tl.trans(e * dec), w, input_precision=PREC)
+                R += _mm(_mm(a, tl.trans(w), PREC) * Dst, e, PREC)
+                o += _mm(_mm(q, tl.trans(w), PREC) * Dinc, e, PREC)
+                S += _mm(tl.trans(e * dec), w, PREC)
             R = cc * R
             Dl = tl.zeros([BT, BV], dtype=tl.float32)
             for s_ in range(0, BT):                                       # forward substitution
@@ -640,12 +675,12 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
                 c_s = tl.sum(tl.where(sel, cc, 0.0), axis=0)              # [BV] or [1]
                 d_s = r_s - c_s * tl.sum(n_s[:, None] * Dl, axis=0)
                 Dl = tl.where(sel, d_s[None, :], Dl)
-            o -= tl.dot(tl.dot(q, tl.trans(bv), input_precision=PREC) * Dinc, Dl, input_precision=PREC)
-            S -= tl.dot(tl.trans(Dl * dec), bv, input_precision=PREC)
+            o -= _mm(_mm(q, tl.trans(bv), PREC) * Dinc, Dl, PREC)
+            S -= _mm(tl.trans(Dl * dec), bv, PREC)
         else:           # row decay (d_v): every value row is its own scalar-decay delta rule
             G, GL, gam, dec, xh, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)
-            AB = tl.where(strict, tl.dot(a, tl.trans(bv), input_precision=PREC), 0.0)
-            QB = tl.where(incl, tl.dot(q, tl.trans(bv), input_precision=PREC), 0.0)
+            AB = tl.where(strict, _mm(a, tl.trans(bv), PREC), 0.0)
+            QB = tl.where(incl, _mm(q, tl.trans(bv), PREC), 0.0)
             koff, voff = base[:, None] * DK + cols[None, :], base[:, None] * DV + rows[None, :]
             o, _, Dl = _rowdecay_delta_chunk(q, a, cc, S, AB, G, gam, xh, fast, tt, incl, strict, w_ptr, e_ptr,
                                              SW, SE, koff, voff, km2, vm, M, BT, BV, PREC)
@@ -653,14 +688,14 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
             for m in tl.static_range(M):                              # the input terms' share of the new state
                 w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
                 e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
-                S += tl.dot(tl.trans(e * dec), w, input_precision=PREC)
+                S += _mm(tl.trans(e * dec), w, PREC)
             if fast:                                                  # corrections' share of o
-                o -= tl.dot(QB, Dl * tl.exp(-xh), input_precision=PREC) * tl.exp(xh)
+                o -= _mm(QB, Dl * tl.exp(-xh), PREC) * tl.exp(xh)
             else:
                 for j in range(0, BT):
                     sel, colj, dj, ex = _token_column(tt, j, Dl, G)
                     o -= tl.sum(tl.where(colj, QB, 0.0), axis=1)[:, None] * dj[None, :] * ex
-            S -= tl.dot(tl.trans(Dl * dec), bv, input_precision=PREC)
+            S -= _mm(tl.trans(Dl * dec), bv, PREC)
         S = tl.where(m2, S, 0.0)
         tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
     tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
@@ -723,7 +758,7 @@ def _dot_rows_k(x_ptr, y_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, 
         msk = tm[:, None] & (cols < DK)[None, :]
         x = tl.load(x_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0).to(tl.float32)
-        acc += tl.dot(x, tl.trans(y), input_precision=PREC)
+        acc += _mm(x, tl.trans(y), PREC)
     return acc
 
 
@@ -757,7 +792,7 @@ def _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT: tl.constexpr, BK: 
             s2 = 2 * (UB << lvl)
             Lo = tl.where(((tt[:, None] // s2) == (tt[None, :] // s2)) & ((tt[:, None] // (UB << lvl)) !=
                                                                          (tt[None, :] // (UB << lvl))), L, 0.0)
-            Tc = Tc - tl.dot(tl.dot(Tc, Lo, input_precision=PREC), Tc, input_precision=PREC)
+            Tc = Tc - _mm_inverse(_mm_inverse(Tc, Lo, PREC), Tc, PREC)
     return cc, D, Dst, gam, Tc, N
 
 
@@ -768,7 +803,7 @@ def _store_wt(a_ptr, wt_ptr, Tc, cg, base, tm, DK, BK: tl.constexpr, KB: tl.cons
         cols = kb * KB + tl.arange(0, KB)
         km2 = tm[:, None] & (cols < DK)[None, :]
         a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-        tl.store(wt_ptr + base[:, None] * DK + cols[None, :], tl.dot(Tc, a * cg[:, None], input_precision=PREC),
+        tl.store(wt_ptr + base[:, None] * DK + cols[None, :], _mm(Tc, a * cg[:, None], PREC),
                  mask=km2)
 
 
@@ -794,14 +829,14 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
     Tc = Tc * cc[None, :]                                                     # T_c diag(c)
     if M == 1:   # one [BT, BT] left factor for every value block
         if TIED:
-            Y = tl.dot(Tc, Nab, input_precision=PREC)
+            Y = _mm(Tc, Nab, PREC)
         else:
-            Y = tl.dot(Tc, _dot_rows_k(a_ptr, w_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst, input_precision=PREC)
+            Y = _mm(Tc, _dot_rows_k(a_ptr, w_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst, PREC)
         for i_v in range(0, tl.cdiv(DV, BV)):
             rows = i_v * BV + tl.arange(0, BV)
             vm = tm[:, None] & (rows < DV)[None, :]
             e = tl.load(e_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-            tl.store(u_ptr + base[:, None] * DV + rows[None, :], tl.dot(Y, e, input_precision=PREC), mask=vm)
+            tl.store(u_ptr + base[:, None] * DV + rows[None, :], _mm(Y, e, PREC), mask=vm)
     else:
         for i_v in range(0, tl.cdiv(DV, BV)):
             rows = i_v * BV + tl.arange(0, BV)
@@ -813,8 +848,8 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
                 else:
                     AW = _dot_rows_k(a_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC) * Dst
                 e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-                P += tl.dot(AW, e, input_precision=PREC)
-            tl.store(u_ptr + base[:, None] * DV + rows[None, :], tl.dot(Tc, P, input_precision=PREC), mask=vm)
+                P += _mm(AW, e, PREC)
+            tl.store(u_ptr + base[:, None] * DV + rows[None, :], _mm(Tc, P, PREC), mask=vm)
 
 
 @triton.jit
@@ -836,7 +871,7 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         vm = tm[:, None] & rm[None, :]
         wt = tl.load(wt_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         uoff = base[:, None] * DV + rows[None, :]
-        d = tl.dot(wt, tl.trans(S), input_precision=PREC) + tl.load(u_ptr + uoff, mask=vm, other=0.0).to(tl.float32)
+        d = _mm(wt, tl.trans(S), PREC) + tl.load(u_ptr + uoff, mask=vm, other=0.0).to(tl.float32)
         tl.store(u_ptr + uoff, d, mask=vm)
         bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         if TIED:   # the first input term rides on B's dot
@@ -846,15 +881,15 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         if GATED:
             _, _, _, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)      # dec = Γ_L/Γ_i ≤ 1
             S = S * gl
-            S += tl.dot(tl.trans(d * dec[:, None]), bv, input_precision=PREC)
+            S += _mm(tl.trans(d * dec[:, None]), bv, PREC)
         else:
-            S += tl.dot(tl.trans(d), bv, input_precision=PREC)
+            S += _mm(tl.trans(d), bv, PREC)
         for m in tl.static_range(1 if TIED else 0, M):   # TIED: m = 0 rode on B's dot
             w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
             e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
             if GATED:
                 e = e * dec[:, None]
-            S += tl.dot(tl.trans(e), w, input_precision=PREC)
+            S += _mm(tl.trans(e), w, PREC)
         S = tl.where(m2, S, 0.0)
     tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
 
@@ -881,25 +916,26 @@ def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_p
         bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         S0 = tl.load(sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
                      other=0.0).to(tl.float32)
-        o += tl.dot(q, tl.trans(S0), input_precision=PREC)
-        QB += tl.dot(q, tl.trans(bv), input_precision=PREC)
+        o += _mm(q, tl.trans(S0), PREC)
+        QB += _mm(q, tl.trans(bv), PREC)
     D, _, gam, _, _ = _chunk_decay(g_ptr, base, tm, BT, GATED)
     if GATED:
         o = o * gam[:, None]
     d = tl.load(u_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
     if TIED:   # the first input term rides on Q Bᵀ
         d = tl.load(e_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32) - d
-        o += tl.dot(QB * D, d, input_precision=PREC)
+        o += _mm(QB * D, d, PREC)
     else:
-        o -= tl.dot(QB * D, d, input_precision=PREC)
+        o -= _mm(QB * D, d, PREC)
     for m in tl.static_range(1 if TIED else 0, M):
         QW = _dot_rows_k(q_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC)
         e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-        o += tl.dot(QW * D, e, input_precision=PREC)
+        o += _mm(QW * D, e, PREC)
     tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
 
 
-#: tl.dot precision: "auto" (the default), "ieee", "tf32" or "tf32x3". "auto" is "tf32" when the
+#: tl.dot precision: "auto" (the default), "ieee", "tf32", "tf32x3" or "bf16" (operands rounded to bf16, fp32
+#: accumulation and state: fla's precision; _mm). "auto" is "tf32" when the
 #: scan's inputs are bf16/fp16 (their own rounding, 2⁻⁸ for bf16, exceeds tf32's 2⁻¹¹) and "ieee"
 #: (true fp32, ~1e-6 of the reference) for fp32 inputs. Measured on an H100 (benchmarks/RESULTS.md):
 #: "ieee" dots are lowered to FMA loops that spill 3–10 KB per thread and run 10–40× slower, so
@@ -923,10 +959,12 @@ def _launch_opts() -> dict:
 
 def _precision(dtype=torch.float32) -> str:
     p = os.environ.get("OLSSM_TRITON_DOT_PRECISION") or DOT_PRECISION
-    if p not in ("auto", "ieee", "tf32", "tf32x3"):
-        raise ValueError(f"triton: dot precision must be auto, ieee, tf32 or tf32x3, got {p!r}")
+    if p not in ("auto", "ieee", "tf32", "tf32x3", "bf16"):
+        raise ValueError(f"triton: dot precision must be auto, ieee, tf32, tf32x3 or bf16, got {p!r}")
     if p == "auto":
         p = "ieee" if dtype == torch.float32 else "tf32"
+    if p == "bf16" and os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
+        p = "bf16_interpreted"   # _mm
     return p
 
 
@@ -1139,19 +1177,19 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
             decw = tl.exp((bl[None, :] - b).to(tl.float32))           # [BT, BK]
             glk = tl.exp(bl.to(tl.float32))                           # [BK]
             fast = tl.min(bl, axis=0) > -FAST_SPAN
-            dq = tl.dot(do, S0, input_precision=PREC) * gq
+            dq = _mm(do, S0, PREC) * gq
             db = q * dq
             dbL = glk * tl.sum(dS * S0, axis=0)                       # [BK]
             for m in tl.static_range(M):
                 k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
                 v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-                P = tl.where(causal, tl.dot(do, tl.trans(v), input_precision=PREC), 0.0)   # dO E_mᵀ
+                P = tl.where(causal, _mm(do, tl.trans(v), PREC), 0.0)   # dO E_mᵀ
                 if fast:   # the forward's factorisation; P is causal, so no masked-out product is formed
                     x = (b - 0.5 * bl[None, :]).to(tl.float32)
                     kx = k * tl.exp(-x)
-                    dqi = tl.dot(P, kx, input_precision=PREC) * tl.exp(x)
-                    A = tl.where(causal, tl.dot(q * tl.exp(x), tl.trans(kx), input_precision=PREC), 0.0)
-                    dki = tl.dot(tl.trans(P), q * tl.exp(x), input_precision=PREC) * tl.exp(-x)
+                    dqi = _mm(P, kx, PREC) * tl.exp(x)
+                    A = tl.where(causal, _mm(q * tl.exp(x), tl.trans(kx), PREC), 0.0)
+                    dki = _mm(tl.trans(P), q * tl.exp(x), PREC) * tl.exp(-x)
                 else:
                     A = tl.zeros([BT, BT], dtype=tl.float32)
                     dqi = tl.zeros([BT, BK], dtype=tl.float32)
@@ -1163,11 +1201,11 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
                         dqi += pj[:, None] * kj[None, :] * ex
                         dkj = tl.sum(pj[:, None] * q * ex, axis=0)    # [BK]
                         dki = tl.where(sel, dkj[None, :], dki)
-                kdS = tl.dot(k * decw, tl.trans(dS), input_precision=PREC)   # [BT, BV]
-                dks = tl.dot(v, dS, input_precision=PREC) * decw       # [BT, BK]: state's share of dW
+                kdS = _mm(k * decw, tl.trans(dS), PREC)   # [BT, BV]
+                dks = _mm(v, dS, PREC) * decw       # [BT, BK]: state's share of dW
                 dq += dqi
                 dk = dki + dks
-                dv = tl.dot(tl.trans(A), do, input_precision=PREC) + kdS
+                dv = _mm(tl.trans(A), do, PREC) + kdS
                 tl.store(dk_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dk,
                          mask=qk_m)
                 tl.store(dv_ptr + m * SE + base[:, None] * DV + rows[None, :], dv, mask=vm)
@@ -1177,25 +1215,25 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
             db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
             dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db
             tl.store(dg_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dg, mask=qk_m)
-            dS = dS * glk[None, :] + tl.dot(tl.trans(do), q * gq, input_precision=PREC)
+            dS = dS * glk[None, :] + _mm(tl.trans(do), q * gq, PREC)
         elif DECAY == 2:   # row decay (d_v): the column case's transpose, ∂b = dO ⊙ o − Σ_m e_m ⊙ de_m (+ chunk end)
             b, bl, gv, decv, x, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)   # Γ, Γ_L/Γ
             glv = tl.exp(bl.to(tl.float32))                           # [BV]
             dog = do * gv
-            dq = tl.dot(dog, S0, input_precision=PREC)                # (dO ⊙ Γ) S₀
-            o = tl.dot(q, tl.trans(S0), input_precision=PREC) * gv    # o, recomputed: its state share first
+            dq = _mm(dog, S0, PREC)                # (dO ⊙ Γ) S₀
+            o = _mm(q, tl.trans(S0), PREC) * gv    # o, recomputed: its state share first
             db = tl.zeros([BT, BV], dtype=tl.float32)
             dbL = glv * tl.sum(dS * S0, axis=1)                       # [BV]
             for m in tl.static_range(M):
                 k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
                 v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-                QK = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)
+                QK = tl.where(causal, _mm(q, tl.trans(k), PREC), 0.0)
                 if fast:   # D_i(t, s) = e^{x_ti}·e^{−x_si}, as in the forward
                     vx = v * tl.exp(-x)
                     dox = do * tl.exp(x)
-                    om = tl.dot(QK, vx, input_precision=PREC) * tl.exp(x)
-                    P = tl.where(causal, tl.dot(dox, tl.trans(vx), input_precision=PREC), 0.0)   # Σ_i dO e D
-                    dvl = tl.dot(tl.trans(QK), dox, input_precision=PREC) * tl.exp(-x)
+                    om = _mm(QK, vx, PREC) * tl.exp(x)
+                    P = tl.where(causal, _mm(dox, tl.trans(vx), PREC), 0.0)   # Σ_i dO e D
+                    dvl = _mm(tl.trans(QK), dox, PREC) * tl.exp(-x)
                 else:      # pairwise exponents, one token column j at a time
                     om = tl.zeros([BT, BV], dtype=tl.float32)
                     P = tl.zeros([BT, BT], dtype=tl.float32)
@@ -1207,10 +1245,10 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
                         P = tl.where(colj, tl.sum(do * vj[None, :] * ex, axis=1)[:, None], P)
                         dvj = tl.sum(qkj[:, None] * do * ex, axis=0)  # [BV]
                         dvl = tl.where(sel, dvj[None, :], dvl)
-                kdS = tl.dot(k, tl.trans(dS), input_precision=PREC)   # [BT, BV]: W dSᵀ
-                dk = tl.dot(tl.trans(P), q, input_precision=PREC) + tl.dot(v * decv, dS, input_precision=PREC)
+                kdS = _mm(k, tl.trans(dS), PREC)   # [BT, BV]: W dSᵀ
+                dk = _mm(tl.trans(P), q, PREC) + _mm(v * decv, dS, PREC)
                 dv = dvl + kdS * decv
-                dq += tl.dot(P, k, input_precision=PREC)
+                dq += _mm(P, k, PREC)
                 tl.store(dk_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dk,
                          mask=qk_m)
                 tl.store(dv_ptr + m * SE + base[:, None] * DV + rows[None, :], dv, mask=vm)
@@ -1222,29 +1260,29 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
             db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
             dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db
             tl.store(dg_ptr + base[:, None] * DV + rows[None, :], dg, mask=vm)
-            dS = dS * glv[:, None] + tl.dot(tl.trans(dog), q, input_precision=PREC)
+            dS = dS * glv[:, None] + _mm(tl.trans(dog), q, PREC)
         else:
             D, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, DECAY == 1)
             # carried state's share
-            dSq = tl.dot(do, S0, input_precision=PREC)                # [BT, BK]: dO S₀
+            dSq = _mm(do, S0, PREC)                # [BT, BK]: dO S₀
             dq = dSq * gam[:, None]
             db = tl.sum(dSq * q, axis=1) * gam                        # ∂b_i from Γ_i
             dbL = gl * tl.sum(tl.sum(dS * S0, axis=1), axis=0)        # ∂b_L from Γ_L
             for m in tl.static_range(M):
                 k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
                 v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-                P = tl.dot(do, tl.trans(v), input_precision=PREC) * D  # [BT, BT]
-                A = tl.dot(q, tl.trans(k), input_precision=PREC) * D
-                dq += tl.dot(P, k, input_precision=PREC)
+                P = _mm(do, tl.trans(v), PREC) * D  # [BT, BT]
+                A = _mm(q, tl.trans(k), PREC) * D
+                dq += _mm(P, k, PREC)
                 vd = v * dec[:, None]
-                dk = tl.dot(tl.trans(P), q, input_precision=PREC) + tl.dot(vd, dS, input_precision=PREC)
-                kdS = tl.dot(k, tl.trans(dS), input_precision=PREC)  # [BT, BV]: W dSᵀ
-                dv = tl.dot(tl.trans(A), do, input_precision=PREC) + kdS * dec[:, None]
+                dk = _mm(tl.trans(P), q, PREC) + _mm(vd, dS, PREC)
+                kdS = _mm(k, tl.trans(dS), PREC)  # [BT, BV]: W dSᵀ
+                dv = _mm(tl.trans(A), do, PREC) + kdS * dec[:, None]
                 tl.store(dk_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dk,
                          mask=qk_m)
                 tl.store(dv_ptr + m * SE + base[:, None] * DV + rows[None, :], dv, mask=vm)
                 if DECAY == 1:
-                    Tm = P * tl.dot(q, tl.trans(k), input_precision=PREC)  # ∂L/∂D ⊙ D
+                    Tm = P * _mm(q, tl.trans(k), PREC)  # ∂L/∂D ⊙ D
                     db += tl.sum(Tm, axis=1) - tl.sum(Tm, axis=0)
                     X = tl.sum(vd * kdS, axis=1)                       # ∂ from dec_j = e^{b_L − b_j}
                     db -= X
@@ -1254,7 +1292,7 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
                 db = tl.where(tt == BT - 1, db + dbL, db)
                 dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db   # Σ_{i ≥ t} ∂b_i
                 tl.store(dg_ptr + i_v.to(tl.int64) * TOKH + base, dg, mask=tm)
-            dS = dS * gl + tl.dot(tl.trans(do * gam[:, None]), q, input_precision=PREC)
+            dS = dS * gl + _mm(tl.trans(do * gam[:, None]), q, PREC)
         dS = tl.where(m2, dS, 0.0)
     tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
 

@@ -75,7 +75,7 @@ import triton.language as tl
 from ...objectives.core import ROW
 from . import chunked as _ch
 from .chunked import (_c_row, _chunk_decay, _chunk_map, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
-                      _delta_tiles, _initial_tile, _precision, _row_decay_tiles, _rowdecay_delta_chunk,
+                      _delta_tiles, _initial_tile, _mm, _precision, _row_decay_tiles, _rowdecay_delta_chunk,
                       _sequential_program, _store_wt, _strict, _token_column, _tokens, _ut_inverse, switch)
 
 #: the delta family's backward (scalar or row c, none / scalar decay): "chunk" (the kernels of this module) or
@@ -113,7 +113,7 @@ def _dot_rows(x_ptr, y_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, KB
         msk = tm[:, None] & (cols < DK)[None, :]
         x = tl.load(x_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0).to(tl.float32)
-        acc += tl.dot(x, tl.trans(y), input_precision=PREC)
+        acc += _mm(x, tl.trans(y), PREC)
     return acc
 
 
@@ -142,7 +142,7 @@ def chunk_delta_bwd_prep_kernel(q_ptr, a_ptr, b_ptr, c_ptr, g_ptr, do_ptr, tc_pt
         rows = i_v * BV + tl.arange(0, BV)
         vm = tm[:, None] & (rows < DV)[None, :]
         do = tl.load(do_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-        tl.store(dd_ptr + base[:, None] * DV + rows[None, :], -tl.dot(QBt, do, input_precision=PREC), mask=vm)
+        tl.store(dd_ptr + base[:, None] * DV + rows[None, :], -_mm(QBt, do, PREC), mask=vm)
 
 
 @triton.jit
@@ -166,7 +166,7 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
         doff = base[:, None] * DV + rows[None, :]
         d = tl.load(dd_ptr + doff, mask=vm, other=0.0).to(tl.float32)
         do = tl.load(do_ptr + doff, mask=vm, other=0.0).to(tl.float32)
-        BdS = tl.dot(bv, tl.trans(dS), input_precision=PREC)                   # B dSᵀ [BT, BV]
+        BdS = _mm(bv, tl.trans(dS), PREC)                   # B dSᵀ [BT, BV]
         if GATED:
             _, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
             d -= BdS * dec[:, None]
@@ -177,7 +177,7 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
         tl.store(dd_ptr + doff, d, mask=vm)
         q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         wt = tl.load(wt_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-        dS += tl.dot(tl.trans(do), q, input_precision=PREC) + tl.dot(tl.trans(d), wt, input_precision=PREC)
+        dS += _mm(tl.trans(do), q, PREC) + _mm(tl.trans(d), wt, PREC)
         dS = tl.where(m2, dS, 0.0)
     tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
 
@@ -203,10 +203,10 @@ def _store_de(q_ptr, w_ptr, a_ptr, do_ptr, dh_ptr, de_ptr, dR, D, Dst, dec, base
             w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
             dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
                          other=0.0).to(tl.float32)
-            QW += tl.dot(q, tl.trans(w), input_precision=PREC)
-            AW += tl.dot(a, tl.trans(w), input_precision=PREC)
-            WdS += tl.dot(w, tl.trans(dS), input_precision=PREC)
-        de = (tl.dot(tl.trans(QW * D), do, input_precision=PREC) + tl.dot(tl.trans(AW * Dst), dR, input_precision=PREC)
+            QW += _mm(q, tl.trans(w), PREC)
+            AW += _mm(a, tl.trans(w), PREC)
+            WdS += _mm(w, tl.trans(dS), PREC)
+        de = (_mm(tl.trans(QW * D), do, PREC) + _mm(tl.trans(AW * Dst), dR, PREC)
               + WdS * dec[:, None])
         tl.store(de_ptr + m * SE + voff, de, mask=vm)
 
@@ -236,28 +236,28 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
                     other=0.0).to(tl.float32)
         S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
                      other=0.0).to(tl.float32)
-        R += tl.dot(a, tl.trans(S0), input_precision=PREC)
+        R += _mm(a, tl.trans(S0), PREC)
     R = R * gam[:, None]
     if TIED:           # A W_0ᵀ ⊙ D_st = N: formed once, kept for R' − N Δ and dE_0
         N = _dot_rows(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
-        R += tl.dot(N, tl.load(e_ptr + voff, mask=vm, other=0.0).to(tl.float32), input_precision=PREC)
+        R += _mm(N, tl.load(e_ptr + voff, mask=vm, other=0.0).to(tl.float32), PREC)
     for m in tl.static_range(1 if TIED else 0, M):
         AW = _dot_rows(a_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC) * Dst
-        R += tl.dot(AW, tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32), input_precision=PREC)
+        R += _mm(AW, tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32), PREC)
     Tc = tl.load(tc_ptr + base[:, None] * BT + tt[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
-    dl = tl.dot(Tc, R * cc[:, None], input_precision=PREC)                     # Δ = T_c (c ⊙ R')
+    dl = _mm(Tc, R * cc[:, None], PREC)                     # Δ = T_c (c ⊙ R')
     tl.store(dl_ptr + voff, dl, mask=vm)
     if not TIED:
         N = _dot_rows(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
-    R -= tl.dot(N, dl, input_precision=PREC)                                   # R' − N Δ
+    R -= _mm(N, dl, PREC)                                   # R' − N Δ
     dD = tl.load(dd_ptr + voff, mask=vm, other=0.0).to(tl.float32)             # dΔ
-    dR = tl.dot(tl.trans(Tc), dD, input_precision=PREC)                        # T_cᵀ dΔ
+    dR = _mm(tl.trans(Tc), dD, PREC)                        # T_cᵀ dΔ
     tl.store(dc_ptr + i_v.to(tl.int64) * TOKH + base, tl.sum(dR * R, axis=1), mask=tm)
     dR = dR * cc[:, None]                                                      # dR' = c ⊙ dR
     tl.store(dd_ptr + voff, dR, mask=vm)                                       # this program's tile only
     # phase 2: dE_m
     if TIED:           # dE_0 = (Q Bᵀ ⊙ D)ᵀ dO + Nᵀ dR' + dec ⊙ (B dSᵀ) = Nᵀ dR' − dΔ
-        tl.store(de_ptr + voff, tl.dot(tl.trans(N), dR, input_precision=PREC) - dD, mask=vm)
+        tl.store(de_ptr + voff, _mm(tl.trans(N), dR, PREC) - dD, mask=vm)
     _store_de(q_ptr, w_ptr, a_ptr, do_ptr, dh_ptr, de_ptr, dR, D, Dst, dec, base, tm, rows, sm, sbase, voff, vm, DK,
               SW, SE, M, BT, BK, BV, PREC, KB, 1 if TIED else 0)
 
@@ -304,14 +304,14 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
         e = tl.load(e_ptr + voff, mask=vm, other=0.0).to(tl.float32)
         S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
         dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
-        OD += tl.dot(do, tl.trans(dl), input_precision=PREC)
-        RD += tl.dot(dr, tl.trans(dl), input_precision=PREC)
-        OE += tl.dot(do, tl.trans(e), input_precision=PREC)
-        RE += tl.dot(dr, tl.trans(e), input_precision=PREC)
-        dq += tl.dot(do, S0, input_precision=PREC)
-        da += tl.dot(dr, S0, input_precision=PREC)
-        db -= tl.dot(dl, dS, input_precision=PREC)
-        dwS += tl.dot(e, dS, input_precision=PREC)
+        OD += _mm(do, tl.trans(dl), PREC)
+        RD += _mm(dr, tl.trans(dl), PREC)
+        OE += _mm(do, tl.trans(e), PREC)
+        RE += _mm(dr, tl.trans(e), PREC)
+        dq += _mm(do, S0, PREC)
+        da += _mm(dr, S0, PREC)
+        db -= _mm(dl, dS, PREC)
+        dwS += _mm(e, dS, PREC)
         SS += tl.sum(dS * S0, axis=0)
     # the decays only scale rows of what the loop summed (fewer live tiles inside it)
     D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
@@ -324,12 +324,12 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
     OD = OD * D
     RD = RD * Dst
     if TIED:           # the first input term rides on B's products
-        dq = dq * gam[:, None] + tl.dot(OE * D - OD, bv, input_precision=PREC)
-        da = da * gam[:, None] + tl.dot(RE * Dst - RD, bv, input_precision=PREC)
+        dq = dq * gam[:, None] + _mm(OE * D - OD, bv, PREC)
+        da = da * gam[:, None] + _mm(RE * Dst - RD, bv, PREC)
     else:
-        dq = dq * gam[:, None] - tl.dot(OD, bv, input_precision=PREC)
-        da = da * gam[:, None] - tl.dot(RD, bv, input_precision=PREC)
-    db -= tl.dot(tl.trans(OD), q, input_precision=PREC) + tl.dot(tl.trans(RD), a, input_precision=PREC)
+        dq = dq * gam[:, None] - _mm(OD, bv, PREC)
+        da = da * gam[:, None] - _mm(RD, bv, PREC)
+    db -= _mm(tl.trans(OD), q, PREC) + _mm(tl.trans(RD), a, PREC)
     dbt = tl.zeros([BT], dtype=tl.float32)                                     # ∂b_i
     for m in tl.static_range(M):
         if m > 0:          # the first input term was accumulated in the loop above
@@ -345,9 +345,9 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
                 e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
                 dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :],
                              mask=(rows < DVS)[:, None] & km[None, :], other=0.0).to(tl.float32)
-                OE += tl.dot(do, tl.trans(e), input_precision=PREC)
-                RE += tl.dot(dr, tl.trans(e), input_precision=PREC)
-                dwS += tl.dot(e, dS, input_precision=PREC)
+                OE += _mm(do, tl.trans(e), PREC)
+                RE += _mm(dr, tl.trans(e), PREC)
+                dwS += _mm(e, dS, PREC)
             dwS = dwS * dec[:, None]
         if TIED and m == 0:    # w_0 = b; OE_0 W_0 and RE_0 W_0 are in dq / da already
             w = bv
@@ -359,9 +359,9 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
         if TIED and m == 0:
             pass
         else:
-            dq += tl.dot(OEm, w, input_precision=PREC)
-            da += tl.dot(REm, w, input_precision=PREC)
-        dw = dwS + tl.dot(tl.trans(OEm), q, input_precision=PREC) + tl.dot(tl.trans(REm), a, input_precision=PREC)
+            dq += _mm(OEm, w, PREC)
+            da += _mm(REm, w, PREC)
+        dw = dwS + _mm(tl.trans(OEm), q, PREC) + _mm(tl.trans(REm), a, PREC)
         tl.store(dw_ptr + m * SW + koff, dw, mask=km2)
         dbt -= tl.sum(w * dw, axis=1)
     tl.store(dq_ptr + koff, dq, mask=km2)
@@ -404,16 +404,16 @@ def chunk_rowc_bwd_prep_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, 
         bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
                      other=0.0).to(tl.float32)
-        R += tl.dot(a, tl.trans(S0), input_precision=PREC)
-        QB += tl.dot(q, tl.trans(bv), input_precision=PREC)
-        AB += tl.dot(a, tl.trans(bv), input_precision=PREC)
+        R += _mm(a, tl.trans(S0), PREC)
+        QB += _mm(q, tl.trans(bv), PREC)
+        AB += _mm(a, tl.trans(bv), PREC)
     D, Dst, gam, _, _ = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
     R = R * gam[:, None]
     for m in tl.static_range(M):
         AW = _dot_rows(a_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC) * Dst
-        R += tl.dot(AW, tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32), input_precision=PREC)
+        R += _mm(AW, tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32), PREC)
     do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-    tl.store(dd_ptr + voff, -tl.dot(tl.trans(QB * D), do, input_precision=PREC), mask=vm)
+    tl.store(dd_ptr + voff, -_mm(tl.trans(QB * D), do, PREC), mask=vm)
     N = AB * Dst
     cc = tl.load(c_ptr + voff, mask=vm, other=0.0).to(tl.float32)              # [BT, BV]: c per value row
     P = tl.zeros([BT, BV], dtype=tl.float32)
@@ -447,7 +447,7 @@ def chunk_rowc_bwd_state_kernel(q_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, dd_pt
         d = tl.load(dd_ptr + doff, mask=vm, other=0.0).to(tl.float32)
         cc = tl.load(c_ptr + doff, mask=vm, other=0.0).to(tl.float32)
         _, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
-        BdS = tl.dot(bv, tl.trans(dS), input_precision=PREC)                   # B dSᵀ [BT, BV]
+        BdS = _mm(bv, tl.trans(dS), PREC)                   # B dSᵀ [BT, BV]
         if GATED:
             d -= BdS * dec[:, None]
         else:
@@ -469,9 +469,9 @@ def chunk_rowc_bwd_state_kernel(q_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, dd_pt
             dRp = dRp * gam[:, None]
             dS = dS * gl
         q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-        dS += tl.dot(tl.trans(do), q, input_precision=PREC)
+        dS += _mm(tl.trans(do), q, PREC)
         a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-        dS += tl.dot(tl.trans(dRp), a, input_precision=PREC)
+        dS += _mm(tl.trans(dRp), a, PREC)
         dS = tl.where(m2, dS, 0.0)
     tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
 
@@ -540,19 +540,19 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
         do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
         G, GL, gam, dec, xh, fast = _row_decay_tiles(g_ptr, voff, vm)
         glv = tl.exp(GL.to(tl.float32))
-        AB = tl.where(strict, tl.dot(a, tl.trans(bv), input_precision=PREC), 0.0)
-        QB = tl.where(incl, tl.dot(q, tl.trans(bv), input_precision=PREC), 0.0)
+        AB = tl.where(strict, _mm(a, tl.trans(bv), PREC), 0.0)
+        QB = tl.where(incl, _mm(q, tl.trans(bv), PREC), 0.0)
         # the forward, recomputed from S₀: O without the corrections' share, P and Δ (chunked._rowdecay_delta_chunk;
         # fast: every row's chunk total log decay > −FAST_SPAN, so e^{b_t − b_r} = e^{x_t}·e^{−x_r} with
         # x = b − b_L/2 and each pair product below is one dot; else one token column at a time)
         o, P, Dl = _rowdecay_delta_chunk(q, a, cc, S0, AB, G, gam, xh, fast, tt, incl, strict, w_ptr, e_ptr, SW, SE,
                                          koff, voff, km2, vm, M, BT, BV, PREC)
         # O's correction share; dΔ's local part −Σ_t D QB dO; then the backward substitution over the totals
-        BdS = tl.dot(bv, tl.trans(dS), input_precision=PREC)                             # B dSᵀ [BT, BV]
+        BdS = _mm(bv, tl.trans(dS), PREC)                             # B dSᵀ [BT, BV]
         dd = -BdS * dec
         if fast:
-            o -= tl.dot(QB, Dl * tl.exp(-xh), input_precision=PREC) * tl.exp(xh)
-            dd -= tl.dot(tl.trans(QB), do * tl.exp(xh), input_precision=PREC) * tl.exp(-xh)
+            o -= _mm(QB, Dl * tl.exp(-xh), PREC) * tl.exp(xh)
+            dd -= _mm(tl.trans(QB), do * tl.exp(xh), PREC) * tl.exp(-xh)
         else:
             for j in range(0, BT):
                 sel, colj, dj, ex = _token_column(tt, j, Dl, G)
@@ -574,8 +574,8 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
         # the pair matrices of Δ (OD, RD), and per input term de_m, OE_m, RE_m and their key-side products
         if fast:   # the masked-out (t < r) products reach e^{FAST_SPAN}·|·|: finite, and discarded by the where
             dlx = Dl * tl.exp(-xh)
-            OD = tl.where(incl, tl.dot(do * tl.exp(xh), tl.trans(dlx), input_precision=PREC), 0.0)
-            RD = tl.where(strict, tl.dot(dP * tl.exp(xh), tl.trans(dlx), input_precision=PREC), 0.0)
+            OD = tl.where(incl, _mm(do * tl.exp(xh), tl.trans(dlx), PREC), 0.0)
+            RD = tl.where(strict, _mm(dP * tl.exp(xh), tl.trans(dlx), PREC), 0.0)
         else:
             OD = tl.zeros([BT, BT], dtype=tl.float32)
             RD = tl.zeros([BT, BT], dtype=tl.float32)
@@ -584,25 +584,25 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
                 OD = tl.where(colj, tl.sum(do * dj[None, :] * ex, axis=1)[:, None], OD)
                 RD = tl.where(colj, tl.sum(dP * dj[None, :] * ex, axis=1)[:, None], RD)
             RD = tl.where(strict, RD, 0.0)
-        dq = tl.dot(do * gam, S0, input_precision=PREC) - tl.dot(OD, bv, input_precision=PREC)
-        da = tl.dot(dP * gam, S0, input_precision=PREC) - tl.dot(RD, bv, input_precision=PREC)
-        db = (-tl.dot(tl.trans(OD), q, input_precision=PREC) - tl.dot(tl.trans(RD), a, input_precision=PREC)
-              - tl.dot(Dl * dec, dS, input_precision=PREC))
+        dq = _mm(do * gam, S0, PREC) - _mm(OD, bv, PREC)
+        da = _mm(dP * gam, S0, PREC) - _mm(RD, bv, PREC)
+        db = (-_mm(tl.trans(OD), q, PREC) - _mm(tl.trans(RD), a, PREC)
+              - _mm(Dl * dec, dS, PREC))
         dbt = do * o + dP * P - Dl * dD                                                  # ∂b, [BT, BV]
         XL = -tl.sum(Dl * BdS * dec, axis=0)                                             # Σ_t dec_t X_t, [BV]
         for m in tl.static_range(M):
             w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
             e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
-            AW = tl.where(strict, tl.dot(a, tl.trans(w), input_precision=PREC), 0.0)
-            QW = tl.where(incl, tl.dot(q, tl.trans(w), input_precision=PREC), 0.0)
-            WdS = tl.dot(w, tl.trans(dS), input_precision=PREC)                          # W dSᵀ [BT, BV]
+            AW = tl.where(strict, _mm(a, tl.trans(w), PREC), 0.0)
+            QW = tl.where(incl, _mm(q, tl.trans(w), PREC), 0.0)
+            WdS = _mm(w, tl.trans(dS), PREC)                          # W dSᵀ [BT, BV]
             de = WdS * dec
             if fast:
                 dox, dpx, ex_ = do * tl.exp(xh), dP * tl.exp(xh), e * tl.exp(-xh)
-                de += (tl.dot(tl.trans(QW), dox, input_precision=PREC)
-                       + tl.dot(tl.trans(AW), dpx, input_precision=PREC)) * tl.exp(-xh)
-                OE = tl.where(incl, tl.dot(dox, tl.trans(ex_), input_precision=PREC), 0.0)
-                RE = tl.where(strict, tl.dot(dpx, tl.trans(ex_), input_precision=PREC), 0.0)
+                de += (_mm(tl.trans(QW), dox, PREC)
+                       + _mm(tl.trans(AW), dpx, PREC)) * tl.exp(-xh)
+                OE = tl.where(incl, _mm(dox, tl.trans(ex_), PREC), 0.0)
+                RE = tl.where(strict, _mm(dpx, tl.trans(ex_), PREC), 0.0)
             else:
                 OE = tl.zeros([BT, BT], dtype=tl.float32)
                 RE = tl.zeros([BT, BT], dtype=tl.float32)
@@ -615,10 +615,10 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
                     RE = tl.where(colj, tl.sum(dP * ej[None, :] * ex, axis=1)[:, None], RE)
                 RE = tl.where(strict, RE, 0.0)
             tl.store(de_ptr + m * SE + voff, de, mask=vm)
-            dq += tl.dot(OE, w, input_precision=PREC)
-            da += tl.dot(RE, w, input_precision=PREC)
-            dw = (tl.dot(tl.trans(OE), q, input_precision=PREC) + tl.dot(tl.trans(RE), a, input_precision=PREC)
-                  + tl.dot(e * dec, dS, input_precision=PREC))
+            dq += _mm(OE, w, PREC)
+            da += _mm(RE, w, PREC)
+            dw = (_mm(tl.trans(OE), q, PREC) + _mm(tl.trans(RE), a, PREC)
+                  + _mm(e * dec, dS, PREC))
             tl.store(dw_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + koff, dw, mask=km2)
             dbt -= e * de
             XL += tl.sum(e * WdS * dec, axis=0)
@@ -627,8 +627,8 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
         tl.store(db_ptr + i_v.to(tl.int64) * TOKH * DK + koff, db, mask=km2)
         dbt = tl.where((tt == BT - 1)[:, None], dbt + (glv * tl.sum(dS * S0, axis=1) + XL)[None, :], dbt)
         tl.store(dg_ptr + voff, tl.sum(dbt, axis=0)[None, :] - tl.cumsum(dbt, axis=0) + dbt, mask=vm)
-        dS = (dS * glv[:, None] + tl.dot(tl.trans(do * gam), q, input_precision=PREC)
-              + tl.dot(tl.trans(dP * gam), a, input_precision=PREC))
+        dS = (dS * glv[:, None] + _mm(tl.trans(do * gam), q, PREC)
+              + _mm(tl.trans(dP * gam), a, PREC))
         dS = tl.where(m2, dS, 0.0)
     tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
 
