@@ -10,6 +10,8 @@
 #                D = 64 table (five rules, fla's kernels but chunk_gla and the gated delta ones), DeltaNet / Gated
 #                DeltaNet at D = 128, bf16 dot operands and chunk 64 against the default at both shapes, the
 #                recurrent kernel's fla geometry at D = 128, then the compiled tests
+#   variants     bf16 dot operands, chunk 64 and the recurrent kernel's fla geometry against the defaults, rows
+#                interleaved in one process per shape (~6 min)
 #   tests        the Triton test files with compiled kernels (no interpreter), 8 workers
 #   tests1/2     the same in two halves, if `tests` ran past its 570 s
 #   delta64      (4, 2048, 16, 64) bf16: DeltaNet, Gated DeltaNet, Longhorn, RLS, derived rules (two_keys: rank-2
@@ -26,7 +28,7 @@
 # fla-core (pure Python) is installed from .whl/ for the benchmark stages when the wheel was carried
 # (device tool: carry [".whl"]); the tests run without it.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh lease|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile}
+stage=${1:?usage: gpu_session.sh lease|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile}
 out=${OUT:-/tmp/olssm-gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
@@ -76,6 +78,20 @@ case $stage in
         timeout 40 python benchmarks/triton_kernels.py "${d128[@]}" --no-peers --rec-block-v 8 --rec-warps 1 \
             --rules deltanet --skip deltanet:torch-chunk,deltanet:chunk 2>&1 | tee "$out/bench128-rec8.txt"
         ;;
+    variants)
+        # settings timed against the defaults in one process, rows interleaved per rule (session 8: the lease's
+        # one-process-per-setting rows drifted, DeltaNet's D = 64 default 2.46 -> 3.65 ms between calls)
+        with_fla
+        export PYTHONUNBUFFERED=1
+        timeout 200 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
+            --peak-gbs 4800 --reps 5 --rules deltanet,gated_deltanet \
+            --skip '*:torch-chunk,*:fla-recurrent,gated_deltanet:fla-chunk' \
+            --variants 'c64bf16=precision:bf16,chunk:64,stages:2;r8=block_v:8,warps:1;again=' \
+            2>&1 | tee "$out/variants128.txt"
+        timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
+            --peak-gbs 4800 --reps 5 --rules deltanet,gated_deltanet,mamba2,gla,longhorn \
+            --skip '*:torch-chunk,*:recurrent,*:fla-recurrent,gated_deltanet:fla-chunk,gla:fla-chunk' \
+            --variants 'bf16=precision:bf16;c64bf16=precision:bf16,chunk:64;again=' 2>&1 | tee "$out/variants64.txt" ;;
     tests)
         OLSSM_TRITON_DEVICE=cuda timeout 570 python -m pytest -q -n 8 -p no:cacheprovider \
             tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py \

@@ -13,6 +13,7 @@ under TRITON_INTERPRET=1 with tiny shapes as a smoke test only (times are meanin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 import traceback
 
@@ -117,6 +118,12 @@ def main(argv=None):
     p.add_argument("--checkpoint-storage", default=chunked.CHECKPOINT_STORAGE, choices=("fp32", "input"),
                    help="dtype of the chunked forward's checkpoints ck (chunked.CHECKPOINT_STORAGE; input: bf16 / fp16 "
                         "for such inputs; the chunked delta backward's dh stays fp32)")
+    p.add_argument("--variants", default="",
+                   help="time each olssm kernel row again under other settings in this same process, rows "
+                        "'KERNEL@LABEL': ';'-separated LABEL=KEY:VALUE,... with keys precision (chunked dots), chunk, "
+                        "stages (chunked pipeline stages), block_v, warps (recurrent kernel); e.g. "
+                        "'bf16=precision:bf16;c64=chunk:64,stages:2;base=' (an empty setting: the defaults again, "
+                        "for the drift)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
     p.add_argument("--raw-decays", action="store_true",
                    help="time the catalogue rules as they are, reading raw decays α (\"auto\" then keeps the "
@@ -146,6 +153,7 @@ def main(argv=None):
     library.PSCAN_TILE, library.PSCAN_BWD_TILE = a.pscan_tile, a.pscan_bwd_tile
     tscan.BLOCK_V, tscan.NUM_WARPS = a.rec_block_v, a.rec_warps
     dtype = DTYPES[a.dtype]
+    variants = _variants(a.variants)
     where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (TRITON_INTERPRET smoke run)"
     print(f"B={a.B} T={a.T} H={a.H} d_k={a.dk} d_v={a.dv} {a.dtype} chunk={library.CHUNK} dot={a.precision} "
           f"delta-forward={a.delta_forward} delta-backward={a.delta_backward} ut-block={int(chunked.UT_BLOCK)} "
@@ -178,19 +186,25 @@ def main(argv=None):
         for kernel in (*loops, "chunk", *extra, *tuned, "torch-chunk"):
             backend = "chunk" if kernel == "torch-chunk" else "triton"
             runs[kernel] = (lambda x, b=backend, k=kernel: _olssm(rule, b, k, x, a.pscan)), inp
+            for label, setting in (variants.items() if backend == "triton" else ()):
+                if setting and not any(_VARIANT_KEYS[key][3] == kernel.split("-")[0] for key in setting):
+                    continue   # a chunked setting on the recurrent row, or the reverse: the same kernel again
+                runs[f"{kernel}@{label}"] = (lambda x, b=backend, k=kernel: _olssm(rule, b, k, x, a.pscan)), inp
         peers, peer_args = ({}, ()) if a.no_peers else _fla_peers(name, rule, inp)
         for kernel, fn in peers.items():
             runs[kernel] = fn, peer_args
         skipped = {pair.split(":", 1)[1] for pair in a.skip.split(",") if pair.split(":", 1)[0] in (name, "*")}
+        skipped |= {k for k in runs if k.split("@")[0] in skipped}
         for kernel, (fn, args) in runs.items():
             if kernel in skipped:
                 continue
             try:
-                with torch.no_grad():
+                with _settings(variants.get(kernel.partition("@")[2], {})), torch.no_grad():
                     o = fn(args)
                 grad_args = _with_grad(args)
-                tf = _time(lambda: _no_grad(fn, args), dev, a.reps)
-                tb = _time(lambda: fn(grad_args).float().sum().backward(), dev, a.reps)
+                with _settings(variants.get(kernel.partition("@")[2], {})):
+                    tf = _time(lambda: _no_grad(fn, args), dev, a.reps)
+                    tb = _time(lambda: fn(grad_args).float().sum().backward(), dev, a.reps)
                 err = float((o.float() - ref.float()).abs().max() / ref.float().abs().max())
                 tok = a.B * a.T / tf / 1e6
                 hbm = nbytes / tf / (a.peak_gbs * 1e9) * 100
@@ -216,6 +230,40 @@ def main(argv=None):
     if failed:
         raise SystemExit(f"olssm kernels that failed: {', '.join(failed)}")
     return rows
+
+
+#: --variants keys: (module, attribute, type, the kernel rows it changes)
+_VARIANT_KEYS = {"precision": (chunked, "DOT_PRECISION", str, "chunk"), "chunk": (library, "CHUNK", int, "chunk"),
+                 "stages": (chunked, "NUM_STAGES", int, "chunk"), "block_v": (tscan, "BLOCK_V", int, "recurrent"),
+                 "warps": (tscan, "NUM_WARPS", int, "recurrent")}
+
+
+def _variants(spec: str) -> dict:
+    """--variants: {label: {key: value}}."""
+    out = {}
+    for part in filter(None, spec.split(";")):
+        label, _, settings = part.partition("=")
+        out[label] = {}
+        for item in filter(None, settings.split(",")):
+            key, _, value = item.partition(":")
+            if key not in _VARIANT_KEYS:
+                raise SystemExit(f"--variants: unknown key {key!r} in {part!r}; keys: {', '.join(_VARIANT_KEYS)}")
+            out[label][key] = _VARIANT_KEYS[key][2](value)
+    return out
+
+
+@contextlib.contextmanager
+def _settings(variant: dict):
+    """--variants settings for the forward and the backward (which reads the precision and stages at its own
+    launch), restored after."""
+    saved = {key: getattr(*_VARIANT_KEYS[key][:2]) for key in variant}
+    for key, value in variant.items():
+        setattr(*_VARIANT_KEYS[key][:2], value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(*_VARIANT_KEYS[key][:2], value)
 
 
 def _olssm(rule, backend, kernel, inp, pscan_mode="auto"):
