@@ -83,12 +83,12 @@ case $stage in
         # one-process-per-setting rows drifted, DeltaNet's D = 64 default 2.46 -> 3.65 ms between calls)
         with_fla
         export PYTHONUNBUFFERED=1
-        timeout 200 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
+        timeout 185 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
             --peak-gbs 4800 --reps 5 --rules deltanet,gated_deltanet \
             --skip '*:torch-chunk,*:fla-recurrent,gated_deltanet:fla-chunk' \
             --variants 'c64bf16=precision:bf16,chunk:64,stages:2;r8=block_v:8,warps:1;again=' \
             2>&1 | tee "$out/variants128.txt"
-        timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
+        timeout 135 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
             --peak-gbs 4800 --reps 5 --rules deltanet,gated_deltanet,mamba2,gla,longhorn \
             --skip '*:torch-chunk,*:recurrent,*:fla-recurrent,gated_deltanet:fla-chunk,gla:fla-chunk' \
             --variants 'bf16=precision:bf16;c64bf16=precision:bf16,chunk:64;again=' 2>&1 | tee "$out/variants64.txt" ;;
@@ -130,7 +130,7 @@ case $stage in
                 "--chunk 64 --num-stages 2" "--chunk 64"
         fi
         for flags in "$@"; do
-            timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
+            timeout 135 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
                 --no-peers --rules deltanet,gated_deltanet $flags 2>&1
             [ "$flags" = "--chunk 64" ] || timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 \
                 --H 16 --dk 128 --dv 128 --no-peers --rules deltanet --reps 5 $flags 2>&1
