@@ -6,12 +6,11 @@
 #
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
-#   lease        all of a 15-minute lease in one call (~4 min in session 7; its timeouts add to 665 s, the tests before the last two benchmarks): the
-#                D = 64 table (five rules, fla's kernels but chunk_gla and the gated delta ones), DeltaNet / Gated
-#                DeltaNet at D = 128, bf16 dot operands and chunk 64 against the default at both shapes, the
-#                recurrent kernel's fla geometry at D = 128, then the compiled tests
-#   variants     bf16 dot operands, chunk 64 and the recurrent kernel's fla geometry against the defaults, rows
-#                interleaved in one process per shape (~6 min)
+#   lease        the first call of a lease (its timeouts add to 500 s): the compiled tests, the D = 64 table (five
+#                rules, fla's kernels but chunk_gla and the gated delta ones; the recurrent kernel's old geometry as a
+#                variant row), DeltaNet / Gated DeltaNet at D = 128 against fla's chunk and the wide-key settings off
+#   variants     the defaults against their alternatives (the wide-key settings off, the recurrent kernel's old
+#                32 rows / 4 warps, bf16 operands at D = 64), rows interleaved in one process per shape (~5 min)
 #   tests        the Triton test files with compiled kernels (no interpreter), 8 workers
 #   tests1/2     the same in two halves, if `tests` ran past its 570 s
 #   delta64      (4, 2048, 16, 64) bf16: DeltaNet, Gated DeltaNet, Longhorn, RLS, derived rules (two_keys: rank-2
@@ -48,50 +47,39 @@ triton_tests=(tests/test_triton.py tests/test_triton_chunked.py tests/test_trito
               tests/test_triton_autotune.py)
 case $stage in
     lease)
+        # the compiled tests first (session 8's defaults have not run compiled), then the D = 64 table with fla's
+        # kernels, then D = 128 with the old defaults as variant rows in the same process
         with_fla
         export PYTHONUNBUFFERED=1
         gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800   # vendor HBM bandwidth, for the HBM % column
-        # fla 0.6.0's gated delta kernels hit an illegal memory access on Triton 3.6 (session 7), which poisons the
-        # process: skipped here
-        fla_gated=gated_deltanet:fla-recurrent,gated_deltanet:fla-chunk
-        d64=(--dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 --peak-gbs $gbs --reps 5)
-        d128=(--dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 --peak-gbs $gbs --reps 5)
-        only_chunk='*:torch-chunk,*:recurrent'
-        timeout 150 python benchmarks/triton_kernels.py "${d64[@]}" --skip gla:fla-chunk,$fla_gated \
-            --rules deltanet,gated_deltanet,mamba2,longhorn,gla 2>&1 | tee "$out/bench64.txt"
-        timeout 60 python benchmarks/triton_kernels.py "${d128[@]}" --skip $fla_gated,$only_chunk \
-            --rules deltanet,gated_deltanet 2>&1 | tee "$out/bench128.txt"
-        # session 8's questions, each against the default rows above (same call, one process each; the default
-        # again at the end for the drift): bf16 dot operands (fla's precision, chunked.DOT_PRECISION), and chunk 64
-        # with 2 pipeline stages at D = 128 (6.97 vs 7.70 ms fwd+bwd in session 7, across calls)
-        for flags in "--precision bf16" "--chunk 64 --num-stages 2" "--chunk 64 --num-stages 2 --precision bf16" ""; do
-            timeout 45 python benchmarks/triton_kernels.py "${d128[@]}" --no-peers --skip $only_chunk \
-                --rules deltanet,gated_deltanet $flags 2>&1
-        done | tee "$out/bench128-ab.txt"
         OLSSM_TRITON_DEVICE=cuda timeout 150 python -m pytest -vv -rfE -n 16 -p no:cacheprovider "${triton_tests[@]}" \
             > "$out/tests.txt" 2>&1
         grep -E "FAILED|ERROR|passed|failed" "$out/tests.txt" | tail -40
-        for flags in "--precision bf16" "--chunk 64 --precision bf16"; do
-            timeout 60 python benchmarks/triton_kernels.py "${d64[@]}" --no-peers --skip $only_chunk \
-                --rules deltanet,gated_deltanet,mamba2,longhorn,gla $flags 2>&1
-        done | tee "$out/bench64-ab.txt"
-        timeout 40 python benchmarks/triton_kernels.py "${d128[@]}" --no-peers --rec-block-v 8 --rec-warps 1 \
-            --rules deltanet --skip deltanet:torch-chunk,deltanet:chunk 2>&1 | tee "$out/bench128-rec8.txt"
-        ;;
+        # fla 0.6.0's gated delta kernels hit an illegal memory access on Triton 3.6 (session 7), which poisons the
+        # process: skipped here; its chunk_gla's autotuning outran a call (session 2)
+        fla_skip=gated_deltanet:fla-recurrent,gated_deltanet:fla-chunk,gla:fla-chunk
+        timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
+            --peak-gbs $gbs --reps 5 --skip "$fla_skip,*:torch-chunk" --rules deltanet,gated_deltanet,mamba2,longhorn,gla \
+            --variants 'rec32=block_v:32,warps:4;again=' 2>&1 | tee "$out/bench64.txt"
+        timeout 200 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
+            --peak-gbs $gbs --reps 5 --skip "$fla_skip,*:torch-chunk,*:fla-recurrent" --rules deltanet,gated_deltanet \
+            --variants 'narrow=wide:off;again=' 2>&1 | tee "$out/bench128.txt" ;;
     variants)
-        # settings timed against the defaults in one process, rows interleaved per rule (session 8: the lease's
-        # one-process-per-setting rows drifted, DeltaNet's D = 64 default 2.46 -> 3.65 ms between calls)
+        # the defaults against their alternatives in one process, rows interleaved per rule (session 8: separate
+        # processes drifted, DeltaNet's D = 64 chunk row 2.46 -> 3.65 ms between calls). Session 8 set the wide-key
+        # settings (chunk 64, 2 stages, bf16 operands: split delta path at d_k > 64) and the recurrent kernel's 8 rows
+        # / 1 warp from D = 128 rows; `narrow` and `rec32` are the old defaults. D = 64 times the recurrent geometry
+        # there (never timed) and bf16 operands once more
         with_fla
         export PYTHONUNBUFFERED=1
         timeout 185 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
             --peak-gbs 4800 --reps 5 --rules deltanet,gated_deltanet \
             --skip '*:torch-chunk,*:fla-recurrent,gated_deltanet:fla-chunk' \
-            --variants 'c64bf16=precision:bf16,chunk:64,stages:2;r8=block_v:8,warps:1;again=' \
-            2>&1 | tee "$out/variants128.txt"
+            --variants 'narrow=wide:off;rec32=block_v:32,warps:4;again=' 2>&1 | tee "$out/variants128.txt"
         timeout 135 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
             --peak-gbs 4800 --reps 5 --rules deltanet,gated_deltanet,mamba2,gla,longhorn \
-            --skip '*:torch-chunk,*:recurrent,*:fla-recurrent,gated_deltanet:fla-chunk,gla:fla-chunk' \
-            --variants 'bf16=precision:bf16;c64bf16=precision:bf16,chunk:64;again=' 2>&1 | tee "$out/variants64.txt" ;;
+            --skip '*:torch-chunk,gated_deltanet:fla-chunk,gla:fla-chunk,gated_deltanet:fla-recurrent' \
+            --variants 'bf16=precision:bf16;rec32=block_v:32,warps:4;again=' 2>&1 | tee "$out/variants64.txt" ;;
     tests)
         OLSSM_TRITON_DEVICE=cuda timeout 570 python -m pytest -q -n 8 -p no:cacheprovider \
             tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py \

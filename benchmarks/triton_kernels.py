@@ -79,7 +79,9 @@ def main(argv=None):
     p.add_argument("--dv", type=int, default=64)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--precision", default="auto", help="chunked kernels' tl.dot precision: auto, ieee, tf32, tf32x3, bf16")
-    p.add_argument("--chunk", type=int, default=library.CHUNK)
+    p.add_argument("--chunk", type=int, default=None,
+                   help="tokens per chunk everywhere (library.CHUNK and WIDE_CHUNK; default: the policy, 32 and 64 "
+                        "on the split delta path at d_k > 64)")
     p.add_argument("--delta-forward", default=chunked.DELTA_FORWARD, choices=("split", "fused", "both"),
                    help="delta family with a scalar c and none/scalar decay: the split forward (three kernels) or "
                         "the fused one; both: 'chunk' is split and a 'chunk-fused' row is added")
@@ -98,7 +100,7 @@ def main(argv=None):
     p.add_argument("--peak-gbs", type=float, default=3350.0, help="HBM bandwidth of the GPU (H100 SXM: 3350)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--rec-block-v", type=int, default=None, help="value rows per recurrent program (default: auto)")
-    p.add_argument("--rec-warps", type=int, default=4, help="warps per recurrent program")
+    p.add_argument("--rec-warps", type=int, default=None, help="warps per recurrent program (default: auto)")
     p.add_argument("--ut-block", type=int, default=None,
                    help="rows per diagonal block of the split delta forward's UT inverse (chunked.UT_BLOCK; "
                         ">= --chunk: the row-by-row substitution)")
@@ -121,9 +123,9 @@ def main(argv=None):
     p.add_argument("--variants", default="",
                    help="time each olssm kernel row again under other settings in this same process, rows "
                         "'KERNEL@LABEL': ';'-separated LABEL=KEY:VALUE,... with keys precision (chunked dots), chunk, "
-                        "stages (chunked pipeline stages), block_v, warps (recurrent kernel); e.g. "
-                        "'bf16=precision:bf16;c64=chunk:64,stages:2;base=' (an empty setting: the defaults again, "
-                        "for the drift)")
+                        "stages (chunked pipeline stages), wide (chunked.WIDE_KEYS, 'off': no wide-key settings), "
+                        "block_v, warps (recurrent kernel); e.g. 'narrow=wide:off;bf16=precision:bf16;again=' (an "
+                        "empty setting: the defaults again, for the drift)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
     p.add_argument("--raw-decays", action="store_true",
                    help="time the catalogue rules as they are, reading raw decays α (\"auto\" then keeps the "
@@ -141,7 +143,8 @@ def main(argv=None):
     chunked.DOT_PRECISION = a.precision
     chunked.DELTA_FORWARD = "split" if a.delta_forward == "both" else a.delta_forward
     chunked_delta_bwd.DELTA_BACKWARD = "chunk" if a.delta_backward == "both" else a.delta_backward
-    library.CHUNK = a.chunk
+    if a.chunk:
+        library.CHUNK = library.WIDE_CHUNK = a.chunk
     if a.ut_block:
         chunked.UT_BLOCK = a.ut_block
     chunked.TIE_INPUT_TERM = not a.no_tie
@@ -155,7 +158,7 @@ def main(argv=None):
     dtype = DTYPES[a.dtype]
     variants = _variants(a.variants)
     where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (TRITON_INTERPRET smoke run)"
-    print(f"B={a.B} T={a.T} H={a.H} d_k={a.dk} d_v={a.dv} {a.dtype} chunk={library.CHUNK} dot={a.precision} "
+    print(f"B={a.B} T={a.T} H={a.H} d_k={a.dk} d_v={a.dv} {a.dtype} chunk={a.chunk or 'policy'} dot={a.precision} "
           f"delta-forward={a.delta_forward} delta-backward={a.delta_backward} ut-block={int(chunked.UT_BLOCK)} "
           f"tie={chunked.TIE_INPUT_TERM} save-core={chunked.SAVE_CHUNK_CORE} decays={'raw' if a.raw_decays else 'log'} chunk-storage={a.chunk_storage} checkpoint-storage={a.checkpoint_storage} "
           f"pscan={a.pscan} "
@@ -232,10 +235,13 @@ def main(argv=None):
     return rows
 
 
-#: --variants keys: (module, attribute, type, the kernel rows it changes)
-_VARIANT_KEYS = {"precision": (chunked, "DOT_PRECISION", str, "chunk"), "chunk": (library, "CHUNK", int, "chunk"),
-                 "stages": (chunked, "NUM_STAGES", int, "chunk"), "block_v": (tscan, "BLOCK_V", int, "recurrent"),
-                 "warps": (tscan, "NUM_WARPS", int, "recurrent")}
+#: --variants keys: (module, attributes, type, the kernel rows it changes)
+_VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), str, "chunk"),
+                 "chunk": (library, ("CHUNK", "WIDE_CHUNK"), int, "chunk"),
+                 "stages": (chunked, ("NUM_STAGES",), int, "chunk"),
+                 "wide": (chunked, ("WIDE_KEYS",), lambda v: None if v == "off" else int(v), "chunk"),
+                 "block_v": (tscan, ("BLOCK_V",), int, "recurrent"),
+                 "warps": (tscan, ("NUM_WARPS",), int, "recurrent")}
 
 
 def _variants(spec: str) -> dict:
@@ -256,14 +262,17 @@ def _variants(spec: str) -> dict:
 def _settings(variant: dict):
     """--variants settings for the forward and the backward (which reads the precision and stages at its own
     launch), restored after."""
-    saved = {key: getattr(*_VARIANT_KEYS[key][:2]) for key in variant}
+    saved = [(module, attr, getattr(module, attr)) for key in variant
+             for module, attrs in [_VARIANT_KEYS[key][:2]] for attr in attrs]
     for key, value in variant.items():
-        setattr(*_VARIANT_KEYS[key][:2], value)
+        module, attrs = _VARIANT_KEYS[key][:2]
+        for attr in attrs:
+            setattr(module, attr, value)
     try:
         yield
     finally:
-        for key, value in saved.items():
-            setattr(*_VARIANT_KEYS[key][:2], value)
+        for module, attr, value in saved:
+            setattr(module, attr, value)
 
 
 def _olssm(rule, backend, kernel, inp, pscan_mode="auto"):

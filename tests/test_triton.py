@@ -442,14 +442,15 @@ def test_bad_inputs_are_named():
 
 
 def test_loop_backward_of_an_elementwise_generator_takes_its_own_value_blocks(monkeypatch):
-    # Mamba's token-loop backward runs 16-row value blocks (library.INKERNEL_BWD_BLOCK_V: the in-kernel
-    # reverse mode spills at 32) while its forward runs one 32-row block for d_v = 20: the checkpoints
-    # do not depend on the split, and the gradients must not either
+    # Mamba's token-loop backward runs value blocks of at most library.INKERNEL_BWD_BLOCK_V rows (the in-kernel
+    # reverse mode spills at 32; 4 here, under the default 8) while its forward runs 8-row blocks for d_v = 20:
+    # the checkpoints do not depend on the split, and the gradients must not either
     from olssm.kernels.triton import library
     monkeypatch.setattr(tscan, "BLOCK_V", None)
     monkeypatch.setattr(library, "PARALLEL_SCAN", False)
-    assert library._geometry(8, 20, [1] * 8)[2] == 32
-    assert library._geometry(8, 20, [1] * 8, backward=True, inkernel=True)[2] == 16
+    monkeypatch.setattr(library, "INKERNEL_BWD_BLOCK_V", 4)
+    assert library._geometry(8, 20, [1] * 8)[2] == 8
+    assert library._geometry(8, 20, [1] * 8, backward=True, inkernel=True)[2] == 4
     rule = ENTRIES["mamba"].rule
     inp = random_inputs(rule, 1, 9, 1, 8, 20, seed=4)
     _compare(rule, inp, 0.3 * torch.randn(1, 1, 20, 8, generator=torch.Generator().manual_seed(4)))

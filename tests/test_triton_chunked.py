@@ -277,6 +277,46 @@ def test_bf16_dot_operands(name, launches, monkeypatch):
     assert (f - f2).abs().max() > 1e-4 * f2.abs().max()
 
 
+def test_wide_key_settings(monkeypatch):
+    # measured policy (chunked.WIDE_KEYS, benchmarks/RESULTS.md session 8): the split delta path at d_k > 64 takes
+    # chunks of 64, 2 pipeline stages and, for bf16 inputs under "auto", bf16 dot operands; nothing else does
+    monkeypatch.setattr(tchunk, "DOT_PRECISION", "auto")
+    monkeypatch.setattr(tchunk, "NUM_STAGES", None)
+    monkeypatch.delenv("OLSSM_TRITON_DOT_PRECISION", raising=False)
+    monkeypatch.setattr(tscan, "interpreted", lambda: False)
+    for name, wide in [("deltanet", True), ("gated_deltanet", True), ("two_keys", False), ("longhorn", False),
+                       ("longhorn_forget", False), ("gla", False), ("mamba2", False), ("linear_attention", False)]:
+        plan = tscan.plan_for(_rule(name) if name != "longhorn_forget" else cat.rule(name))
+        assert tchunk.wide(plan.rule.form, 128) is wide, name
+        assert not tchunk.wide(plan.rule.form, 64), name
+        assert tlib.chunk_size(plan, 128) == (64 if wide else 16), name   # 16: the _small fixture's CHUNK
+        assert tlib.chunk_size(plan, 64) == 16, name
+    assert tchunk._launch_opts(True)["num_stages"] == 2 and "num_stages" not in tchunk._launch_opts(False)
+    assert tchunk._precision(torch.bfloat16, True) in ("bf16", "bf16_interpreted")
+    assert tchunk._precision(torch.bfloat16, False) == tchunk._precision(torch.float16, True) == "tf32"
+    assert tchunk._precision(torch.float32, True) == "ieee"
+    monkeypatch.setattr(tchunk, "NUM_STAGES", 3)   # an explicit setting wins
+    assert tchunk._launch_opts(True)["num_stages"] == 3
+    monkeypatch.setattr(tchunk, "WIDE_KEYS", None)
+    assert not tchunk.wide(tscan.plan_for(_rule("deltanet")).rule.form, 128)
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_wide_keys_run_chunks_of_64(name, monkeypatch):
+    # d_k = 72 > 64: the policy's chunk of 64 tokens (3 chunks, the last partial), every gradient against the
+    # reference at the fp32 tolerances (RTOL, STATE_RTOL); the chunk size the forward ran is checked, so that
+    # a policy that stopped applying could not pass
+    seen = []
+    real = tchunk.chunked_forward
+    monkeypatch.setattr(tchunk, "chunked_forward",
+                        lambda plan, chunk_in, h0, o, ht, ck, sizes, *a, **k: seen.append(sizes[7]) or
+                        real(plan, chunk_in, h0, o, ht, ck, sizes, *a, **k))
+    rule = _rule(name)
+    inp = random_inputs(rule, 1, 140, 1, 72, 6, seed=8)
+    _compare(rule, inp, 0.3 * torch.randn(1, 1, 6, 72, generator=torch.Generator().manual_seed(9)))
+    assert seen == [64]
+
+
 def test_auto_speed_policy_when_compiled(monkeypatch):
     # measured (benchmarks/RESULTS.md): compiled fp32 ("ieee") chunked dots are slower than the recurrent kernel
     # (H100), GLA's column decay chunked is 4.8x faster fwd+bwd (H200, session 7); row decays stay recurrent

@@ -219,7 +219,7 @@ def main(argv=None) -> int:
                         "(block scan pfwd/pbwd and the loop kernels); rls: the RLS gain kernels")
     p.add_argument("--pscan-bt", type=int, default=None, help="tokens per block of pfwd/pbwd (library.PSCAN_BLOCK_T)")
     p.add_argument("--pscan-warps", type=int, default=None,
-                   help="warps of the generated kernels (default: library.PSCAN_NUM_WARPS / scan.NUM_WARPS)")
+                   help="warps of the generated kernels (default: library.PSCAN_NUM_WARPS / scan.loop_warps)")
     p.add_argument("--pscan-tile", type=int, default=None,
                    help="fp32 elements of a [BT, BV, BK] tile of pfwd (library.PSCAN_TILE)")
     p.add_argument("--pscan-bwd-tile", type=int, default=None, help="the same for pbwd (library.PSCAN_BWD_TILE)")
@@ -247,9 +247,9 @@ def main(argv=None) -> int:
     if a.only in ("all", "generated"):
         BT = a.pscan_bt or library.PSCAN_BLOCK_T
         print(f"generated kernels at d_k={a.dk}, d_v={a.dv}: block scan {a.pscan_warps or library.PSCAN_NUM_WARPS} "
-              f"warps, loop kernels {a.pscan_warps or _scan.NUM_WARPS} warps")
+              f"warps, loop kernels {a.pscan_warps or _scan.loop_warps(_np2(a.dk))} warps")
         for n, f, c in generated_variants(a.dk, a.dv, BT):
-            warps = a.pscan_warps or (library.PSCAN_NUM_WARPS if "BT" in c else _scan.NUM_WARPS)
+            warps = a.pscan_warps or (library.PSCAN_NUM_WARPS if "BT" in c else _scan.loop_warps(c["BK"]))
             todo.append((n, f, c, warps))
             if a.bf16 != "none" and " bwd loop " in n and n.split()[0] in BF16_CK_GENERATED:
                 todo.append((f"{n} [bf16 ck]", f, c, warps, {"ck_ptr": "*bf16", "do_ptr": "*bf16"}))

@@ -100,7 +100,7 @@ def candidates(plan, args, meta, need: bool) -> list:
             policy, delta_forward=_delta_forward() if split else "",
             chunk_backward=chunk_bwd if need and lib.chunk_backward_mode() == "auto" else None)
     out = [policy]
-    for bv, warps in ((0, 0), (16, 2), (8, 1)):   # fla's fused_recurrent: 8 value rows, 1 warp
+    for bv, warps in ((0, 0), (16, 2), (32, 4)):   # the default is fla's fused_recurrent: 8 value rows, 1 warp
         if not bv or bv < _np2(args.d_v):
             out.append(LaunchConfig("recurrent", bv, warps))
     if not form.corrections:

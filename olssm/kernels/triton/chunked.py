@@ -952,20 +952,43 @@ NUM_WARPS = 8
 NUM_STAGES = None
 
 
-def _launch_opts() -> dict:
-    """num_warps / num_stages of every chunked launch."""
-    return dict(num_warps=NUM_WARPS, **({"num_stages": int(NUM_STAGES)} if NUM_STAGES else {}))
+def _launch_opts(wide: bool = False) -> dict:
+    """num_warps / num_stages of every chunked launch (wide: the wide-key settings, WIDE_KEYS)."""
+    stages = NUM_STAGES or (WIDE_STAGES if wide else None)
+    return dict(num_warps=NUM_WARPS, **({"num_stages": int(stages)} if stages else {}))
 
 
-def _precision(dtype=torch.float32) -> str:
+def _precision(dtype=torch.float32, wide: bool = False) -> str:
+    """The dots' precision for inputs of this dtype (DOT_PRECISION / OLSSM_TRITON_DOT_PRECISION; wide: the
+    wide-key settings, where "auto" takes bf16 operands for bf16 inputs)."""
     p = os.environ.get("OLSSM_TRITON_DOT_PRECISION") or DOT_PRECISION
     if p not in ("auto", "ieee", "tf32", "tf32x3", "bf16"):
         raise ValueError(f"triton: dot precision must be auto, ieee, tf32, tf32x3 or bf16, got {p!r}")
     if p == "auto":
-        p = "ieee" if dtype == torch.float32 else "tf32"
+        p = "ieee" if dtype == torch.float32 else "bf16" if wide and dtype == torch.bfloat16 else "tf32"
     if p == "bf16" and os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         p = "bf16_interpreted"   # _mm
     return p
+
+
+#: head sizes d_k above WIDE_KEYS on the split delta path with one correction and one input term (scalar c,
+#: none / scalar decay: DeltaNet, Gated DeltaNet) take the wide-key settings: chunks of library.WIDE_CHUNK (64)
+#: tokens, WIDE_STAGES pipeline stages (3 would need ~270 KB of shared memory at chunk 64 and d_k 128, over an
+#: H100's 227 KB; more input terms or rank-R sub-tokens need 262-279 KB even with 2) and, under "auto", bf16 dot
+#: operands for bf16 inputs (fla's precision: halves the operands' registers; sm_90, the state kernel's spills
+#: 392 -> 136 B/thread). Measured together against chunk 32 / tf32, H200, (2, 8192, 16, 128) bf16, one process
+#: (benchmarks/RESULTS.md, session 8): DeltaNet 2.83 / 6.97 -> 2.06 / 5.70 ms fwd / fwd+bwd, Gated DeltaNet
+#: 3.03 / 8.43 -> 2.20 / 6.53, rel. error of o unchanged (4.3e-3, 5.7e-3). At d_k = 64 neither paid in fwd+bwd
+#: (within the run-to-run spread). None: off
+WIDE_KEYS = 64
+WIDE_STAGES = 2
+
+
+def wide(form, d_k: int) -> bool:
+    """Whether a call takes the wide-key settings (WIDE_KEYS): decided from the rule's structure and d_k alone,
+    so that the forward, its backward and the chunk size (library) agree without passing it along."""
+    return (WIDE_KEYS is not None and d_k > WIDE_KEYS and len(form.corrections) == 1 and len(form.inputs) == 1
+            and not _c_row(form) and form.decay_kind != ROW)
 
 
 def _blocks(d_k, d_v):
@@ -1065,7 +1088,8 @@ def saves_chunk_core(plan, chunked: bool, save: bool, chunk_bwd: bool) -> bool:
             and _runs_split(form))
 
 
-def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied=False, core=None, sub=1):
+def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied=False, core=None, sub=1,
+                         wide_keys=False):
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
     # the parallel kernels take wider value blocks: they have parallelism to spare, and each value
@@ -1084,8 +1108,8 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
     else:
         ix, NTG, G = ht, -(-T // C), B * H
     cu = cu_seqlens if varlen else ht
-    prec = _precision(o.dtype)
-    common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=prec, TIED=tied, SUB=sub, **_launch_opts())
+    common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=_precision(o.dtype, wide_keys), TIED=tied, SUB=sub,
+                  **_launch_opts(wide_keys))
     chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
                                       e[0].numel(), M=M, BV=BVW, KB=min(BK, SPLIT_BLOCK_K),
                                       SAVE_TC=core is not None, UTB=int(UT_BLOCK), **common)
@@ -1127,13 +1151,15 @@ def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None
             if not save:   # the output kernel reads S₀ of every chunk: a scratch ck (ck's dtype), not returned
                 ck = torch.empty(N, H, max(1, -(-max_len // C)), d_v, d_k, dtype=ck.dtype, device=q.device)
             _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, plan.rule.form.decay_kind != "none", cu_seqlens,
-                                 _tied(plan.rule.form), core, sub)
+                                 _tied(plan.rule.form), core, sub, wide(plan.rule.form, d_k))
             return
+        wide_keys = wide(plan.rule.form, d_k)
         chunk_delta_fwd_kernel[(NV, N * H)](
             q, k, v, g, a, b, c, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht,
             cu, T, H, d_k, d_v, NCK, k[0].numel(), v[0].numel(), M=k.shape[0], BT=C, BK=BK, BV=BV,
             C_ROW=c_row, G_ROW=g_row, USE_H0=h0 is not None,
-            SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype), SUB=sub, **_launch_opts())
+            SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype, wide_keys), SUB=sub,
+            **_launch_opts(wide_keys))
         return
     chunk_fwd_kernel[(NV, N * H)](
         q, k, v, g, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht, cu, T, H, d_k, d_v, NCK,

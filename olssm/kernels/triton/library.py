@@ -92,7 +92,7 @@ def _geometry(d_k: int, d_v: int, sizes, backward: bool = False, inkernel: bool 
     BK, bv = _blocks(d_k, d_v)
     if backward and inkernel and not BLOCK_V:
         bv = min(bv, INKERNEL_BWD_BLOCK_V)
-    return 0, BK, BV or bv, NW or _scan.NUM_WARPS
+    return 0, BK, BV or bv, NW or _scan.loop_warps(BK)
 
 
 #: the block-parallel scan (pscan.py) for rules without corrections on the non-chunked path:
@@ -394,6 +394,18 @@ def evaluate_entries(plan, ins: dict, sizes) -> list:
 FORCE = None
 #: tokens per chunk of the chunked kernels (also the backward's checkpoint interval on that path)
 CHUNK = 32
+#: tokens per chunk where the wide-key settings apply (chunked.wide: the split delta path at d_k > 64; with 2
+#: pipeline stages, and bf16 dot operands for bf16 inputs). None: CHUNK everywhere
+WIDE_CHUNK = 64
+
+
+def chunk_size(plan, d_k: int) -> int:
+    """Tokens per chunk for this rule and head size (before the sub-token split of rank-R rules)."""
+    from .chunked import wide
+    C = WIDE_CHUNK if WIDE_CHUNK and wide(plan.rule.form, d_k) else CHUNK
+    # tl.dot needs every dimension >= 16 when compiled (the interpreter has no such limit)
+    return C if _scan.interpreted() else max(16, C)
+
 #: the chunked backward kernels (none / scalar / row / column decay without corrections; the delta family with
 #: scalar or row c and none / scalar / row decay, see chunked_delta_bwd.DELTA_BACKWARD / ROW_C_BACKWARD): "auto" uses them
 #: when the rule has no decay or its log decay has a closed form (Mamba-2: Δ·a), so that the chain
@@ -511,8 +523,7 @@ def run_config(plan, args, meta, cfg: LaunchConfig, need: bool):
     h0 = args.initial_state
     chunked = cfg.kernel == "chunk"
     BT = int(PSCAN_BLOCK_T) if cfg.kernel == "pscan" else 0
-    # tl.dot needs every dimension >= 16 when compiled (the interpreter has no such limit)
-    C = (CHUNK if _scan.interpreted() else max(16, CHUNK)) if chunked else BT or meta.checkpoint
+    C = chunk_size(plan, args.d_k) if chunked else BT or meta.checkpoint
     if chunked:   # a rank-R rule: chunks of C / R' tokens = C sub-tokens (chunked.sub_tokens)
         from .chunked import sub_tokens
         C = max(1, C // sub_tokens(plan.rule.form))

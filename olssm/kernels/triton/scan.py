@@ -22,12 +22,21 @@ from .printer import codegen as _cse
 #: None picks the power of two nearest sqrt(longest sequence), clamped to [8, 64], which balances
 #: the checkpoints (∝ T/C states) against the backward's scratch buffer (∝ C states)
 CHECKPOINT = None
-#: value rows per program; None picks min(next_pow2(d_v), 32) (16 when d_k > 128)
+#: value rows per program; None picks min(next_pow2(d_v), 8). With NUM_WARPS = 1 (fla's fused_recurrent
+#: geometry) a program holds the same [BV, BK] state per thread as 32 rows on 4 warps did, and there are 4x the
+#: programs: at (2, 8192, 16, 128) bf16 the old 32 rows / 4 warps made 128 programs for 132 SMs. H200, one process
+#: (benchmarks/RESULTS.md, session 8): DeltaNet 20.08 / 79.19 -> 9.22 / 41.45 ms fwd / fwd+bwd (fla's
+#: fused_recurrent: 9.68 / 55.92), Gated DeltaNet 18.77 / 84.56 -> 9.88 / 39.07. Not timed at d = 64 (the same
+#: 128 programs at B = 4 there). The autotuner still tries 16 / 2 and 32 / 4
 BLOCK_V = None
-#: warps per program of the recurrent kernels (Triton's default 4). Unmeasured alternative worth a
-#: sweep: fla's fused_recurrent uses 8 value rows and 1 warp per program (more programs in flight),
-#: and was 2x faster than ours at d = 128, B = 2 on an H100 (benchmarks/RESULTS.md)
-NUM_WARPS = 4
+#: warps per program of the recurrent kernels (see BLOCK_V); None: loop_warps
+NUM_WARPS = None
+
+
+def loop_warps(BK: int) -> int:
+    """Warps per recurrent program: NUM_WARPS, else 1, and 2 when BK > 128, so that a thread's share of a
+    [8, BK] state tile stays at most 32 elements (the in-kernel reverse mode holds ~15 such tiles)."""
+    return int(NUM_WARPS) if NUM_WARPS else 1 if BK <= 128 else 2
 
 _LOCK = threading.Lock()
 _MODULES: dict = {}
@@ -172,7 +181,7 @@ def _check_device(device):
 
 def _blocks(d_k, d_v):
     BK = _np2(d_k)
-    BV = BLOCK_V or min(_np2(d_v), 32 if BK <= 128 else 16)
+    BV = BLOCK_V or min(_np2(d_v), 8)
     return BK, BV
 
 
