@@ -123,7 +123,8 @@ def main(argv=None):
     p.add_argument("--variants", default="",
                    help="time each olssm kernel row again under other settings in this same process, rows "
                         "'KERNEL@LABEL': ';'-separated LABEL=KEY:VALUE,... with keys precision (chunked dots), chunk, "
-                        "stages (chunked pipeline stages), wide (chunked.WIDE_KEYS, 'off': no wide-key settings), "
+                        "stages (chunked pipeline stages), wide (chunked.WIDE_KEYS, 'off': no wide-key settings), wide_blocks "
+                        "(chunked.WIDE_BLOCKS: 1 or 0), "
                         "block_v, warps (recurrent kernel); e.g. 'narrow=wide:off;bf16=precision:bf16;again=' (an "
                         "empty setting: the defaults again, for the drift)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
@@ -240,6 +241,7 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), str, "chunk"),
                  "chunk": (library, ("CHUNK", "WIDE_CHUNK"), int, "chunk"),
                  "stages": (chunked, ("NUM_STAGES",), int, "chunk"),
                  "wide": (chunked, ("WIDE_KEYS",), lambda v: None if v == "off" else int(v), "chunk"),
+                 "wide_blocks": (chunked, ("WIDE_BLOCKS",), lambda v: v not in ("0", "off", "false"), "chunk"),
                  "block_v": (tscan, ("BLOCK_V",), int, "recurrent"),
                  "warps": (tscan, ("NUM_WARPS",), int, "recurrent")}
 

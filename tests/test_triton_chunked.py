@@ -301,19 +301,22 @@ def test_wide_key_settings(monkeypatch):
     assert not tchunk.wide(tscan.plan_for(_rule("deltanet")).rule.form, 128)
 
 
+@pytest.mark.parametrize("narrow", [False, True])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_wide_keys_run_chunks_of_64(name, monkeypatch):
+def test_wide_keys_run_chunks_of_64(name, narrow, monkeypatch):
     # d_k = 72 > 64: the policy's chunk of 64 tokens (3 chunks, the last partial), every gradient against the
     # reference at the fp32 tolerances (RTOL, STATE_RTOL); the chunk size the forward ran is checked, so that
-    # a policy that stopped applying could not pass
+    # a policy that stopped applying could not pass. narrow: chunked.WIDE_BLOCKS' 32-column / 16-row blocks
+    # (4 key blocks of BK = 128, d_v = 20 over two state programs)
+    monkeypatch.setattr(tchunk, "WIDE_BLOCKS", narrow)
     seen = []
     real = tchunk.chunked_forward
     monkeypatch.setattr(tchunk, "chunked_forward",
                         lambda plan, chunk_in, h0, o, ht, ck, sizes, *a, **k: seen.append(sizes[7]) or
                         real(plan, chunk_in, h0, o, ht, ck, sizes, *a, **k))
     rule = _rule(name)
-    inp = random_inputs(rule, 1, 140, 1, 72, 6, seed=8)
-    _compare(rule, inp, 0.3 * torch.randn(1, 1, 6, 72, generator=torch.Generator().manual_seed(9)))
+    inp = random_inputs(rule, 1, 140, 1, 72, 20, seed=8)
+    _compare(rule, inp, 0.3 * torch.randn(1, 1, 20, 72, generator=torch.Generator().manual_seed(9)))
     assert seen == [64]
 
 

@@ -982,6 +982,17 @@ def _precision(dtype=torch.float32, wide: bool = False) -> str:
 #: (within the run-to-run spread). None: off
 WIDE_KEYS = 64
 WIDE_STAGES = 2
+#: narrower blocks on the wide-key path (off: untimed). sm_90 spills per thread at chunk 64, bf16 operands,
+#: d_k = d_v = 128, 8 warps (aot_check's compile_for, session 8): prep and out take 32 key columns per operand
+#: instead of SPLIT_BLOCK_K's 64 (360 -> 32 B, 56 -> 0), the state passes 16 value rows instead of 32 (forward
+#: 56 -> 0 B, backward 480 -> 224, twice the programs), the backward's key kernel 32 key columns instead of
+#: KEY_BLOCK_K's 64 (560 -> 176 B, twice the programs). gpu_session.sh variants times it (wide_blocks:1)
+WIDE_BLOCKS = False
+
+
+def narrow_blocks(wide_keys: bool) -> bool:
+    """Whether this wide-key call takes WIDE_BLOCKS' narrower blocks."""
+    return bool(wide_keys and WIDE_BLOCKS)
 
 
 def wide(form, d_k: int) -> bool:
@@ -1092,6 +1103,8 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
                          wide_keys=False):
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
+    KB = min(BK, 32 if narrow_blocks(wide_keys) else SPLIT_BLOCK_K)
+    BV = 16 if narrow_blocks(wide_keys) else BV
     # the parallel kernels take wider value blocks: they have parallelism to spare, and each value
     # block repeats the [BT, BT] work (the inverse in prep, Q Bᵀ and Q Wᵀ in out)
     BVW = max(16, min(_np2(d_v), SPLIT_BLOCK_V))
@@ -1111,13 +1124,13 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
     common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=_precision(o.dtype, wide_keys), TIED=tied, SUB=sub,
                   **_launch_opts(wide_keys))
     chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
-                                      e[0].numel(), M=M, BV=BVW, KB=min(BK, SPLIT_BLOCK_K),
+                                      e[0].numel(), M=M, BV=BVW, KB=KB,
                                       SAVE_TC=core is not None, UTB=int(UT_BLOCK), **common)
     chunk_delta_state_kernel[(-(-d_v // BV), N * H)](
         w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
         w[0].numel(), e[0].numel(), M=M, BV=BV, USE_H0=h0 is not None, **common)
     chunk_delta_out_kernel[(NTG, -(-d_v // BVW), G)](q, w, e, g, b, u, ck, o, cu, ix, T, H, d_k, d_v, NCK,
-                                                     w[0].numel(), e[0].numel(), M=M, BV=BVW, KB=min(BK, SPLIT_BLOCK_K),
+                                                     w[0].numel(), e[0].numel(), M=M, BV=BVW, KB=KB,
                                                      **common)
 
 

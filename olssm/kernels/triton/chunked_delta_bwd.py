@@ -697,10 +697,11 @@ def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, s
     return [dq, dw, de, dg, da, db, dc], dh0
 
 
-def _key_grads(q, w, e, g, a, b, dr, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common, tied=False):
+def _key_grads(q, w, e, g, a, b, dr, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common, tied=False,
+               key_block_k=None):
     """The key kernel (dr = dR', dl = Δ): dQ, dW, ∂ log γ (summed over key blocks), dA, dB (tied: w_0 = b)."""
     B, T, H, d_k, d_v = sizes[:5]
-    KB = min(BK, KEY_BLOCK_K)
+    KB = min(BK, key_block_k or KEY_BLOCK_K)
     NKB = BK // KB
     z = dict(dtype=torch.float32, device=q.device)
     dq = _ch.written(B, T, H, d_k, device=q.device)
@@ -737,7 +738,9 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _ch._blocks(d_k, d_v)
     BVW = max(16, min(_np2(d_v), _ch.SPLIT_BLOCK_V))   # the split forward's blocks (read at call time)
-    KB = min(BK, _ch.SPLIT_BLOCK_K)
+    wide_keys = _ch.wide(plan.rule.form, d_k)   # the forward's choice (chunk size, stages, precision)
+    narrow = _ch.narrow_blocks(wide_keys)
+    KB = min(BK, 32 if narrow else _ch.SPLIT_BLOCK_K)
     q, w, e, g, a, b, c = chunk_in[:7]
     M = w.shape[0]
     gated = plan.rule.form.decay_kind != "none"
@@ -754,7 +757,6 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     else:
         ix, NTG, G = dh0, -(-T // C), B * H
     cu = cu_seqlens if varlen else dh0
-    wide_keys = _ch.wide(plan.rule.form, d_k)   # the forward's choice (chunk size, stages, precision)
     common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=_precision(do.dtype, wide_keys), SUB=sub,
                   **_ch._launch_opts(wide_keys))
     z = dict(dtype=torch.float32, device=dev)
@@ -763,9 +765,10 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     dh = torch.empty(ck.shape, **z)        # fp32 whatever ck's dtype (the key kernel sums cancelling terms)
     chunk_delta_bwd_prep_kernel[(NTG, G)](q, a, b, c, g, do, tc, wt, dd, cu, ix, T, H, d_k, d_v, BK=BK, BV=BVW,
                                           KB=KB, HAVE_TC=core is not None, UTB=int(_ch.UT_BLOCK), **common)
-    chunk_delta_bwd_state_kernel[(-(-d_v // BV), N * H)](
+    BVS = 16 if narrow else BV   # the state pass's value rows
+    chunk_delta_bwd_state_kernel[(-(-d_v // BVS), N * H)](
         q, g, b, wt, do, dd, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK,
-        BK=BK, BV=BV, USE_DHT=dht is not None, **common)
+        BK=BK, BV=BVS, USE_DHT=dht is not None, **common)
     NVW = -(-d_v // BVW)
     dl = torch.empty(B, T, H, d_v, **z)
     de = _ch.written(M, B, T, H, d_v, device=dev)
@@ -774,5 +777,5 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
         q, w, e, g, a, b, c, tc, dd, do, ck, dh, dl, de, dc, cu, ix, T, H, d_k, d_v, NCK, w[0].numel(),
         e[0].numel(), TOKH, M=M, BK=BK, BV=BVW, KB=min(BK, VALUE_BLOCK_K), TIED=tied, **common)
     dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dd, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common,
-                                    tied)
+                                    tied, 32 if narrow else None)
     return [dq, dw, de, dg, da, db, dc[0] if dc.shape[0] == 1 else dc.sum(0)], dh0
