@@ -58,7 +58,10 @@ def _fla_peers(name, rule, inp):
         if name == "gated_deltanet":
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
             args = (inp["q"], inp["k"], inp["v"], log_gate("alpha"), inp["beta"])
-            return {"fla-recurrent": lambda x: fused_recurrent_gated_delta_rule(*x, scale=1.0)[0],
+            # keywords: fla 0.6's fused_recurrent_gated_delta_rule takes (q, k, v, g, gk, gv, beta, ...), so a fifth
+            # positional beta was read as a [B, T, H, K] key gate (sessions 7-8's "illegal memory access")
+            return {"fla-recurrent": lambda x: fused_recurrent_gated_delta_rule(x[0], x[1], x[2], g=x[3], beta=x[4],
+                                                                                 scale=1.0)[0],
                     "fla-chunk": lambda x: chunk_gated_delta_rule(*x, scale=1.0)[0]}, args
         if name == "gla":
             from fla.ops.gla import chunk_gla, fused_recurrent_gla
