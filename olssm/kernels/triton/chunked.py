@@ -1259,8 +1259,8 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
             b, bl, gv, decv, x, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)   # Γ, Γ_L/Γ
             glv = tl.exp(bl.to(tl.float32))                           # [BV]
             dog = do * gv
-            dq = _mm(dog, S0, PREC)                # (dO ⊙ Γ) S₀
-            o = _mm(q, tl.trans(S0), PREC) * gv    # o, recomputed: its state share first
+            dq = _mm(dog, S0, PREC)                                   # (dO ⊙ Γ) S₀
+            o = _mm(q, tl.trans(S0), PREC) * gv                       # o, recomputed: its state share first
             db = tl.zeros([BT, BV], dtype=tl.float32)
             dbL = glv * tl.sum(dS * S0, axis=1)                       # [BV]
             for m in tl.static_range(M):

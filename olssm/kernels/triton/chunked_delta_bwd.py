@@ -249,9 +249,9 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
     tl.store(dl_ptr + voff, dl, mask=vm)
     if not TIED:
         N = _dot_rows(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
-    R -= _mm(N, dl, PREC)                                   # R' − N Δ
+    R -= _mm(N, dl, PREC)                                                      # R' − N Δ
     dD = tl.load(dd_ptr + voff, mask=vm, other=0.0).to(tl.float32)             # dΔ
-    dR = _mm(tl.trans(Tc), dD, PREC)                        # T_cᵀ dΔ
+    dR = _mm(tl.trans(Tc), dD, PREC)                                           # T_cᵀ dΔ
     tl.store(dc_ptr + i_v.to(tl.int64) * TOKH + base, tl.sum(dR * R, axis=1), mask=tm)
     dR = dR * cc[:, None]                                                      # dR' = c ⊙ dR
     tl.store(dd_ptr + voff, dR, mask=vm)                                       # this program's tile only
