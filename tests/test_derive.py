@@ -14,8 +14,10 @@ from strategies import objectives
 
 
 def longhorn_objective():
+    # β declared 'unit' (as the README's): a 'real' β is of open sign, derive warns, and verify draws it of both
+    # signs, where the objective can lack a minimum (test_verify_draws_real_inputs_of_both_signs)
     S, Sp = O.states()
-    k, v, beta = O.key("k"), O.value("v"), O.row("beta")
+    k, v, beta = O.key("k"), O.value("v"), O.row("beta", domain="unit")
     return O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=beta) / 2, update="implicit")
 
 
@@ -47,7 +49,7 @@ def test_catalogue_matches_published_and_solver(name):
 def test_objectives_no_catalogue_names():
     S, Sp = O.states()
     k, v, k2, v2 = O.key("k"), O.value("v"), O.key("k2"), O.value("v2")
-    beta, a, lam = O.row("beta"), O.scalar("a", domain="decay"), O.scalar("lam", positive=True)
+    beta, a, lam = O.row("beta", domain="unit"), O.scalar("a", domain="decay"), O.scalar("lam", positive=True)
     c = O.column("c", positive=True)
     objs = {
         "ridge": O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=beta) / 2 + lam * O.sqnorm(S) / 2),

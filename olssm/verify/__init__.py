@@ -7,6 +7,12 @@ sqnorm/inner terms, numerically, in float64), and
             minimiser of the objective's proximal part),
   exact     minimises the decayed prefix sum Σ_i Π γ ℓ_i(S) + ½ λ‖S‖² with scipy.optimize,
 from the oracle's *own* previous state, so errors cannot hide by sharing a trajectory.
+
+Inputs are drawn from their declared domains (`random_inputs`): a 'real' input takes both signs, so a derivation
+that silently assumed a sign fails the default check. Where the drawn inputs leave a step's objective without a
+minimum (its Hessian in S has a negative eigenvalue: an open-sign loss weight that came out negative, an indefinite
+cross term), the report is never OK and its note says which step, by how much, and which open-sign inputs it drew
+(NOTES.md beside this file).
 """
 from __future__ import annotations
 
@@ -56,7 +62,18 @@ def objective_value(terms, S, Sp, inp):
     return total
 
 
+#: a step's Hessian in vec(S) is "not positive semidefinite" when its smallest eigenvalue is below
+#: -NO_MINIMUM_RTOL x its largest magnitude (floored at 1). The objective is quadratic, autograd gives its Hessian
+#: exactly up to float64 rounding (~1e-16 relative, and eigvalsh adds ~d·1e-16), so a PSD Hessian (a singular one
+#: included) never reads below -1e-14 relative; 1e-9 leaves five orders of margin either side, while the open-sign
+#: weights that break convexity give eigenvalues of order -0.1..-1 relative.
+NO_MINIMUM_RTOL = 1e-9
+
+
 def _minimise(f, x0_shape, x0=None):
+    """(argmin of f over a [x0_shape] matrix, the smallest eigenvalue of f's Hessian relative to its largest one).
+    f is quadratic, so the Hessian at the start is the Hessian everywhere; a negative relative eigenvalue means f
+    has no minimum (the solver then runs off, and the returned point is not an argmin)."""
     n = int(np.prod(x0_shape))
 
     def fun(x):
@@ -70,18 +87,44 @@ def _minimise(f, x0_shape, x0=None):
         return torch.autograd.functional.hessian(lambda y: f(y.view(x0_shape)), X).numpy()
 
     start = np.zeros(n) if x0 is None else x0.reshape(-1).numpy()
+    eig = np.linalg.eigvalsh(hess(start))
+    lowest = float(eig.min() / max(1.0, float(np.abs(eig).max())))
     res = scipy.optimize.minimize(fun, start, jac=True, hess=hess, method="trust-exact",
                                   options={"gtol": 1e-12, "maxiter": 200})
-    return torch.tensor(res.x, dtype=torch_dtype).view(x0_shape)
+    return torch.tensor(res.x, dtype=torch_dtype).view(x0_shape), lowest
 
 
-def _in_domain(u, spec):
-    """u ~ U(0.1, 1) moved into the input's domain (a derivation may rely on a symbol's sign)."""
+def _in_domain(u, spec, sign=None):
+    """u ~ U(0.1, 1) moved into the input's domain (a derivation may rely on a symbol's sign): negated for
+    'negative', its log for 'log_decay', times `sign` (±1) for 'real', as drawn for every other domain."""
     if spec.domain == "negative":
         return -u
     if spec.domain == "log_decay":
         return torch.log(u)
+    if spec.domain == "real" and sign is not None:
+        return sign * u
     return u
+
+
+def _signs(g, shape, steps: int | None, seed: int):
+    """±1 for a 'real' input, one per element (per step for a per-token input: shape [steps, *shape]), each
+    element taking both signs over the steps when there are two or more; a parameter's elements both signs when it
+    has two or more, and a scalar parameter (one number per run) is negative for an even seed, positive for an odd
+    one (seeds 0 and 1 check both)."""
+    full = shape if steps is None else (steps, *shape)
+    s = torch.randint(0, 2, full, generator=g).to(torch_dtype) * 2 - 1
+    flat = s.reshape(-1) if steps is None else s.reshape(steps, -1)
+    if steps is None:
+        if flat.numel() == 1:
+            flat[0] = -1.0 if seed % 2 == 0 else 1.0
+        elif bool((flat == flat[0]).all()):
+            flat[int(torch.randint(0, flat.numel(), (), generator=g))] *= -1
+    elif steps >= 2:
+        same = (flat == flat[:1]).all(0)                      # elements that drew one sign at every step
+        at = torch.randint(0, steps, (flat.shape[1],), generator=g)
+        cols = same.nonzero().flatten()
+        flat[at[cols], cols] *= -1
+    return flat.reshape(full)
 
 
 def _input_specs(rule: Rule) -> dict:
@@ -90,24 +133,34 @@ def _input_specs(rule: Rule) -> dict:
 
 
 def random_inputs(rule: Rule, steps: int, d_k: int, d_v: int, seed: int = 0) -> list[dict]:
-    """Random per-step inputs: vectors ~ N(0, 1/d), coefficients and parameters ~ U(0.1, 1) (negated for a
-    negative domain, its log for a log decay)."""
+    """Random per-step inputs: vectors ~ N(0, 1/d); coefficients and parameters of magnitude ~ U(0.1, 1), as drawn
+    for a positive domain (positive, unit, decay, timestep), negated for 'negative', its log for 'log_decay', and
+    of both signs for 'real' (every element of a per-token input takes both signs over two or more steps; a
+    scalar 'real' parameter is negative for an even seed, positive for an odd one). A derivation that assumed a
+    sign the declared domain leaves open therefore fails the default check instead of passing it."""
     g = torch.Generator().manual_seed(seed)
+    gs = torch.Generator().manual_seed(seed + 2)   # the signs' own stream: every other draw is as it was
     names = _input_specs(rule)
+    size_of = {n: {SCALAR: (), ROW: (d_v,), COLUMN: (d_k,), ELEMENTWISE: (d_v, d_k)}[s.kind]
+               for n, s in names.items()}
+    signs = {n: _signs(gs, size_of[n], None if s.is_parameter else steps, seed) for n, s in names.items()
+             if s.domain == "real" and s.role not in ("key", "query", "value")}
     params = {}
     out = []
     for t in range(steps):
         inp = {}
         for n, s in names.items():
-            size = {SCALAR: (), ROW: (d_v,), COLUMN: (d_k,), ELEMENTWISE: (d_v, d_k)}[s.kind]
+            size = size_of[n]
             if s.is_parameter:
                 if n not in params:
-                    params[n] = _in_domain(0.1 + 0.9 * torch.rand(size, generator=g, dtype=torch_dtype), s)
+                    params[n] = _in_domain(0.1 + 0.9 * torch.rand(size, generator=g, dtype=torch_dtype), s,
+                                           signs.get(n))
                 inp[n] = params[n]
             elif s.role in ("key", "query", "value"):
                 inp[n] = torch.randn(size, generator=g, dtype=torch_dtype) / np.sqrt(size[0]) * 1.5
             else:
-                inp[n] = _in_domain(0.1 + 0.9 * torch.rand(size, generator=g, dtype=torch_dtype), s)
+                inp[n] = _in_domain(0.1 + 0.9 * torch.rand(size, generator=g, dtype=torch_dtype), s,
+                                    signs[n][t] if n in signs else None)
         out.append(inp)
     return out
 
@@ -124,6 +177,10 @@ class VerifyReport:
     per_step: list
     tolerance: float = 1e-6
     note: str = ""
+    #: (step, smallest eigenvalue of the step's Hessian in vec(S) relative to its largest) for every step whose
+    #: drawn inputs leave the objective the oracle minimises without a minimum: never OK (there is no argmin to
+    #: agree with), and the note says why
+    no_minimum: tuple = ()
 
     @property
     def max_error(self) -> float:
@@ -132,13 +189,16 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return bool(self.max_error <= self.tolerance)
+        return bool(self.max_error <= self.tolerance) and not self.no_minimum
 
     def __str__(self):
+        verdict = "OK" if self.ok else "MISMATCH"
+        if self.no_minimum:
+            verdict += f", no minimum at step(s) {', '.join(str(t) for t, _ in self.no_minimum)}"
         lines = [f"verify {self.name} ({self.mode}): {self.steps} steps, d_k={self.d_k}, d_v={self.d_v}",
                  f"  max relative error, state : {self.state_error:.2e}",
                  f"  max relative error, output: {self.output_error:.2e}",
-                 f"  {'OK' if self.ok else 'MISMATCH'} (tolerance {self.tolerance:.0e}, float64)"]
+                 f"  {verdict} (tolerance {self.tolerance:.0e}, float64)"]
         if self.note:
             lines.append(f"  note: {self.note}")
         return "\n".join(lines)
@@ -203,7 +263,15 @@ def _rel(a, b):
 def verify(objective_or_rule, steps: int = 6, d_k: int | None = None, d_v: int | None = None, seed: int = 0,
            tolerance: float = 1e-6, inputs: list[dict] | None = None) -> VerifyReport:
     """Run the derived rule and an independent numerical solver side by side; report the errors. d_k, d_v: the
-    sizes of drawn inputs (4, 3); with `inputs` given, the sizes they have."""
+    sizes of drawn inputs (4, 3); with `inputs` given, the sizes they have.
+
+    Drawn inputs follow their declared domains (random_inputs): a 'real' coefficient or parameter takes both
+    signs. That includes an input derive() flagged with UnknownSignWarning (a squared-loss weight or a Hessian
+    diagonal of open sign): where a drawn value leaves a step's objective without a minimum (its Hessian in S has
+    a negative eigenvalue, NO_MINIMUM_RTOL), the report is not OK, `no_minimum` lists the steps, and the note
+    names the open-sign inputs drawn there; the steps where a negative value still leaves a minimum are checked
+    like any other. So a rule is OK only if it is the minimiser over the declared domains; to check a narrower
+    range, declare it (domain='positive', 'unit', ...) or pass `inputs=` (olssm/verify/NOTES.md)."""
     rule = derive(objective_or_rule)
     obj: Objective = rule.objective
     if inputs is not None:
@@ -233,7 +301,14 @@ def verify(objective_or_rule, steps: int = 6, d_k: int | None = None, d_v: int |
     g = torch.Generator().manual_seed(seed + 1)
     S0 = torch.randn(d_v, d_k, generator=g, dtype=torch_dtype) * 0.5
     qn = obj.readout.name   # the oracle reads out with the objective's readout; the rule with its own (form.readout)
-    per_step, s_err, o_err = [], 0.0, 0.0
+    per_step, s_err, o_err, no_min = [], 0.0, 0.0, []
+
+    def solve(f, t, x0=None):
+        S, lowest = _minimise(f, (d_v, d_k), x0)
+        if lowest < -NO_MINIMUM_RTOL:
+            no_min.append((t, lowest))
+        return S
+
     if rule.is_exact:
         state = rule.zero_state((), d_k, d_v, dtype=torch_dtype, **seq[0])  # RLS: P_0 = I/λ_0
         weights, history = [], []
@@ -256,7 +331,7 @@ def verify(objective_or_rule, steps: int = 6, d_k: int | None = None, d_v: int |
                     val = val + 0.5 * rw * (lam_t * S * S).sum()
                 return val
 
-            S_or = _minimise(total, (d_v, d_k))
+            S_or = solve(total, t)
             if rule.is_rls:
                 S_rule = state[0]
             else:
@@ -274,18 +349,41 @@ def verify(objective_or_rule, steps: int = 6, d_k: int | None = None, d_v: int |
             L = lay(inp)
             Sp = S_or
             if obj.update == "implicit":
-                S_or = _minimise(lambda S: objective_value(obj.expr.terms, S, Sp, L), (d_v, d_k), x0=Sp)
+                S_or = solve(lambda S: objective_value(obj.expr.terms, S, Sp, L), t, x0=Sp)
             else:
-                S_or = _explicit_oracle(obj, Sp, L, d_v, d_k)
+                S_or = _explicit_oracle(obj, Sp, L, d_v, d_k, lambda f, x0: solve(f, t, x0))
             o_rule, o_or = rule.read(S_rule, **inp), S_or @ inp[qn]
             e1, e2 = _rel(S_rule, S_or), _rel(o_rule, o_or)
             per_step.append((t, e1, e2))
             s_err, o_err = _worst(s_err, e1), _worst(o_err, e2)
+    specs = _input_specs(rule)
     return VerifyReport(obj.name or str(obj.expr), rule.mode, steps, d_k, d_v, s_err, o_err, per_step,
-                        tolerance)
+                        tolerance, note=_no_minimum_note(no_min, seq, specs), no_minimum=tuple(no_min))
 
 
-def _explicit_oracle(obj: Objective, Sp, L, d_v, d_k):
+def _no_minimum_note(no_min, seq, specs) -> str:
+    """Why a step has no minimum: its Hessian's eigenvalue, and the open-sign ('real') inputs drawn there."""
+    if not no_min:
+        return ""
+    t, lowest = no_min[0]
+    open_sign = [n for n, s in specs.items() if s.domain == "real" and s.role not in ("key", "query", "value")]
+
+    def shown(x):
+        x = torch.as_tensor(x)
+        return f"{float(x):.2g}" if x.numel() == 1 else f"[{float(x.min()):.2g} .. {float(x.max()):.2g}]"
+
+    drawn = ", ".join(f"{n} = {shown(seq[t][n])}" for n in open_sign if n in seq[t])
+    why = (f"; the open-sign ('real'-domain) inputs drawn there: {drawn} (derive's UnknownSignWarning names those "
+           "the minimiser needs of one sign): declare their domain (e.g. 'positive' or 'unit'), or pass inputs= "
+           "within the range you use" if drawn else
+           "; no input of open sign is involved, so the objective's quadratic part is not positive semidefinite "
+           "for these inputs")
+    return (f"the objective has no minimum at step {t} (the smallest eigenvalue of its Hessian in S is "
+            f"{lowest:.2g} relative to the largest magnitude): the rule returns a stationary point that is not a "
+            f"minimiser, the solver runs off, and from step {t} on the errors compare with it" + why)
+
+
+def _explicit_oracle(obj: Objective, Sp, L, d_v, d_k, minimise):
     terms = obj.expr.terms
     prox = [t for t in terms if is_proximal(t)]
     if obj.decay is not None or not prox:
@@ -293,7 +391,7 @@ def _explicit_oracle(obj: Objective, Sp, L, d_v, d_k):
         C = torch.broadcast_to(C, (d_v, d_k))
         loss = terms
     else:
-        C = _minimise(lambda S: objective_value(prox, S, Sp, L), (d_v, d_k), x0=Sp)
+        C = minimise(lambda S: objective_value(prox, S, Sp, L), Sp)
         loss = [t for t in terms if not is_proximal(t)]
     X = C.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(objective_value(loss, X, Sp, L), X)

@@ -1,0 +1,100 @@
+"""olssm.verify's own contract: the inputs it draws, and what it reports where they leave an objective without a
+minimum. The oracles are computed here from the drawn numbers themselves (signs, ranges, the per-row Hessian
+I + β k kᵀ in closed form), never from verify's solver."""
+import dataclasses
+import warnings
+
+import pytest
+import sympy as sp
+import torch
+
+import olssm
+from olssm import objectives as O
+from olssm.derive import Rule
+from olssm.verify import random_inputs
+
+
+def _every_domain():
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    a, r, c = O.scalar("a"), O.row("r"), O.column("c")                      # 'real': both signs
+    P, M = O.parameter("P"), O.parameter("M", "matrix")                     # 'real' parameters
+    u, g, dt = O.scalar("u", domain="unit"), O.row("g", domain="decay"), O.row("dt", domain="timestep")
+    n, la = O.parameter("n", domain="negative"), O.scalar("la", domain="log_decay")
+    return O.Objective(O.sqnorm(S - sp.exp(la) * g * Sp) / 2 - O.inner(S @ k, (a + P + r + dt * u * n) * v)
+                       - O.inner(S, M * c * v * k))
+
+
+def test_verify_draws_real_inputs_of_both_signs():
+    # 'real' coefficients and parameters had been drawn from U(0.1, 1) like 'positive' ones: a rule that assumed a
+    # positive sign passed the default check. Every other domain keeps its range.
+    rule = olssm.derive(_every_domain())
+    for seed in (0, 1):
+        seq = random_inputs(rule, 6, 4, 3, seed)
+        x = {n: torch.stack([s[n] for s in seq]) for n in seq[0]}          # [steps, *shape]
+        for n in ("a", "r", "c", "P", "M"):
+            assert ((x[n].abs() >= 0.1) & (x[n].abs() <= 1)).all(), n
+        for n in ("a", "r", "c"):                    # per token: every element takes both signs over the steps
+            assert ((x[n] < 0).any(0) & (x[n] > 0).any(0)).all(), (n, x[n])
+        assert (x["M"][0] < 0).any() and (x["M"][0] > 0).any()
+        assert (x["P"] < 0).all() if seed == 0 else (x["P"] > 0).all()     # a scalar parameter: seeds 0, 1
+        for n in ("u", "g", "dt"):
+            assert ((x[n] >= 0.1) & (x[n] <= 1)).all(), n
+        assert ((x["n"] <= -0.1) & (x["n"] >= -1)).all()
+        assert ((x["la"] <= 0) & (x["la"] >= torch.log(torch.tensor(0.1, dtype=x["la"].dtype)))).all()
+    assert olssm.verify(rule).ok
+
+
+def test_verify_catches_a_rule_that_assumed_a_positive_sign():
+    # ½‖S − S_prev‖² − ⟨S k, a v⟩ has the minimiser S_prev + a v kᵀ for every a; the rule a derivation gets when it
+    # treats a as positive (√(a²) → a read the other way: |a| v kᵀ) had verified OK by default
+    S, Sp = O.states()
+    k, v, a = O.key("k"), O.value("v"), O.scalar("a")
+    obj = O.Objective(O.sqnorm(S - Sp) / 2 - O.inner(S @ k, a * v))
+    rule = olssm.derive(obj)
+    (term,) = rule.form.inputs
+    wrong = Rule(obj, dataclasses.replace(rule.form, inputs=(dataclasses.replace(
+        term, coef=term.coef.subs(a, sp.sqrt(a ** 2))),)))
+    # the closed form itself, by hand: float64, so agreement to 1e-12 is rounding only
+    S0, kk, vv, aa = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64), \
+        torch.randn(3, dtype=torch.float64), torch.tensor(-0.5, dtype=torch.float64)
+    torch.testing.assert_close(rule.step(S0, k=kk, v=vv, a=aa), S0 + aa * vv[:, None] * kk[None, :],
+                               rtol=1e-12, atol=1e-12)
+    good, bad = olssm.verify(rule), olssm.verify(wrong)
+    assert good.ok, good
+    assert not bad.ok and bad.max_error > 0.1, bad       # |a| − a = 2|a| ≥ 0.2 on a negative step: no rounding
+
+
+def test_verify_explains_an_open_sign_weight_where_the_objective_has_no_minimum():
+    # Longhorn with β of domain 'real' (derive: UnknownSignWarning). Row i's Hessian is I + β_i k kᵀ, eigenvalues
+    # 1 and 1 + β_i‖k‖²: a step has no minimum iff some 1 + β_i‖k‖² < 0. verify must say so (never OK there) and
+    # check the negative-β steps that keep a minimum like any other.
+    S, Sp = O.states()
+    k, v, beta = O.key("k"), O.value("v"), O.row("beta")
+    obj = O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=beta) / 2)
+    with pytest.warns(O.UnknownSignWarning):
+        rule = olssm.derive(obj)
+    checked_negative = False
+    for seed in range(3):
+        seq = random_inputs(rule, 6, 4, 3, seed)
+        curv = [1 + s["beta"] * (s["k"] @ s["k"]) for s in seq]
+        expect = [t for t, c in enumerate(curv) if c.min() < 0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", O.UnknownSignWarning)
+            rep = olssm.verify(obj, seed=seed)
+        assert [t for t, _ in rep.no_minimum] == expect and expect, (seed, rep)
+        t0 = expect[0]
+        # the Hessian's smallest eigenvalue over its largest magnitude (≥ 1: the proximal identity); eigvalsh of an
+        # exact float64 Hessian: 1e-9 is rounding with margin
+        lowest = float(curv[t0].min() / max(1.0, float(curv[t0].abs().max())))
+        assert rep.no_minimum[0][1] == pytest.approx(lowest, rel=1e-9, abs=1e-12)
+        assert not rep.ok and "no minimum at step(s)" in str(rep) and "MISMATCH" in str(rep)
+        assert f"no minimum at step {t0}" in rep.note and "beta = [" in rep.note and "UnknownSignWarning" in rep.note
+        for t, e_state, e_out in rep.per_step[:t0]:   # before the solver runs off: verified (1e-6 as verify's)
+            assert e_state <= 1e-6 and e_out <= 1e-6
+            checked_negative |= bool((seq[t]["beta"] < 0).any())
+    assert checked_negative   # a negative β that keeps a minimum was drawn and verified
+    # inputs within the range the user runs: OK
+    pos = [dict(s, beta=s["beta"].abs()) for s in random_inputs(rule, 6, 4, 3, 0)]
+    rep = olssm.verify(rule, inputs=pos)
+    assert rep.ok and not rep.no_minimum and rep.note == "", rep
