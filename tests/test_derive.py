@@ -428,3 +428,63 @@ def test_verify_takes_its_sizes_from_given_inputs_and_names_bad_ones():
         olssm.verify(obj, inputs=steps, d_k=4)
     with pytest.raises(ValueError, match="got steps=-3"):
         olssm.verify(obj, steps=-3)
+
+
+def test_an_indefinite_cross_term_warns_and_a_convex_coupling_does_not():
+    # ½‖S − S_prev‖² + ⟨S k₀, S k₁⟩ − ⟨S k, v⟩: per row the Hessian is I + k₀k₁ᵀ + k₁k₀ᵀ, eigenvalue
+    # 1 + k₀ᵀk₁ − ‖k₀‖‖k₁‖ < 0 for large keys, so the derived stationary point is a saddle. derive had said nothing
+    # (verify reported MISMATCH without a reason).
+    import warnings
+    S, Sp = O.states()
+    k, v, k0, k1 = O.key("k"), O.value("v"), O.key("k0"), O.key("k1")
+    obj = O.Objective(O.sqnorm(S - Sp) / 2 + O.inner(S @ k0, S @ k1) - O.inner(S @ k, v))
+    with pytest.warns(O.IndefiniteHessianWarning, match=r"⟨S k₀, S k₁⟩ couples S k₀ and S k₁.*principal minor -1") as w:
+        rule = olssm.derive(obj)
+    assert w[0].filename == __file__
+    # independent check that it is a saddle: at large orthogonal-ish keys the hand-built Hessian has a negative
+    # eigenvalue, the rule's state has zero gradient (float64: 1e-10 is rounding) and moving along that eigenvector
+    # lowers the objective
+    g = torch.Generator().manual_seed(0)
+    kk0, kk1, kq, vv = (torch.randn(4, generator=g, dtype=torch.float64) * 2 for _ in range(4))
+    vv = vv[:3]
+    Sp0 = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    P = torch.eye(4, dtype=torch.float64) + torch.outer(kk0, kk1) + torch.outer(kk1, kk0)
+    lam, vecs = torch.linalg.eigh(P)
+    assert lam[0] < -0.5
+    S1 = rule.step(Sp0, k=kq, v=vv, k0=kk0, k1=kk1)
+    grad = (S1 - Sp0) + (S1 @ kk1)[:, None] * kk0 + (S1 @ kk0)[:, None] * kk1 - vv[:, None] * kq
+    assert grad.abs().max() < 1e-10
+
+    def L(X):
+        return 0.5 * ((X - Sp0) ** 2).sum() + ((X @ kk0) * (X @ kk1)).sum() - (vv * (X @ kq)).sum()
+
+    d = torch.zeros(3, 4, dtype=torch.float64)
+    d[0] = vecs[:, 0]
+    assert L(S1 + d) < L(S1) - 0.25                 # ½ λ_min ‖d‖² with λ_min < −0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", O.IndefiniteHessianWarning)
+        rep = olssm.verify(obj)
+    assert not rep.ok and rep.no_minimum and "IndefiniteHessianWarning" in rep.note
+    # a weight of open sign on the cross term: the minor 1 − c² of open sign, UnknownSignWarning naming c
+    c = O.scalar("c")
+    with pytest.warns(O.UnknownSignWarning, match=r"principal minor 1 - c² is >= 0.*'c': domain 'real'"):
+        olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k0 - v) / 2 + O.sqnorm(S @ k1 - v) / 2
+                                 + c * O.inner(S @ k0, S @ k1)))
+    # exact mode reads the same Gram weights
+    with pytest.warns(O.IndefiniteHessianWarning, match="exact"):
+        olssm.derive(O.Objective(O.sqnorm(S @ k0 - v) / 2 + O.sqnorm(S @ k1 - v) / 2 + 2 * O.inner(S @ k0, S @ k1),
+                                 update="exact", ridge=O.parameter("lam", domain="positive")))
+    # positive semidefinite couplings derive silently, and so does every catalogue and DERIVED objective
+    b0, b1 = O.scalar("b0", domain="unit"), O.scalar("b1", domain="unit")
+    convex = [O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k0 - v) / 2 + O.sqnorm(S @ k1 - v) / 2
+                          + O.inner(S @ k0, S @ k1)),                     # ½‖S k₀ + S k₁‖² + …: R = [1 1; 1 1]
+              O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k0 + S @ k1 - v, weight=b0) / 2
+                          + O.sqnorm(S @ k1 - v, weight=b1) / 2)]         # minor b₀b₁ > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for o in convex:
+            assert olssm.verify(o, steps=4).ok
+        for entry in catalogue.ENTRIES.values():
+            olssm.derive(entry.objective)
+        for make in catalogue.DERIVED.values():
+            olssm.derive(make())

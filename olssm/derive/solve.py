@@ -1,15 +1,16 @@
 """Closed-form solutions of the first-order conditions: implicit, explicit, exact (see NOTES.md)."""
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections import defaultdict
 
 import sympy as sp
 
-from ..objectives.core import (COLUMN, ELEMENTWISE, ROW, SCALAR, DerivationError, Objective, UnknownSignWarning,
-                               csum, kind_of, spec_of)
+from ..objectives.core import (COLUMN, ELEMENTWISE, ROW, SCALAR, DerivationError, IndefiniteHessianWarning,
+                               Objective, UnknownSignWarning, csum, kind_of, spec_of)
 from .gradient import check_quadratic, gradient, is_proximal, split_vector
-from .rule import Correction, ExactForm, InputTerm, NormalForm, RLSForm
+from .rule import Correction, ExactForm, InputTerm, NormalForm, RLSForm, text
 
 MAX_RANK = 4
 
@@ -112,6 +113,85 @@ def _no_negative_squares(g, where):
             _open_sign(f"{where}: the squared loss on S {u} has weight {c}", c, ">= 0")
 
 
+def _coupled_squares(g, obj, where):
+    """The low-rank part of the Hessian per row is U R Uᵀ (U = [u_1 … u_p], R the weights of the squared losses on
+    S u_m and of the cross terms ⟨S u_m, S u_n⟩ between them). For keys in general position U R Uᵀ has R's inertia
+    on span(U) and grows with ‖u‖², so P = diag(δ) + U R Uᵀ is positive definite for every key only if R is positive
+    semidefinite; a negative eigenvalue of R makes the stationary point a saddle once the keys are large. R is
+    PSD iff every principal minor is ≥ 0; a diagonal R is the squared losses' weights, which _no_negative_squares
+    checks, so only minors of blocks with a cross term are read here, within each group of coupled vectors (R is
+    block diagonal over them), up to MAX_RANK at a time: a minor < 0 (or ≤ 0 and not 0) warns
+    IndefiniteHessianWarning, one of open sign UnknownSignWarning, ≥ 0 for every input nothing."""
+    pairs = {k: v for k, v in g.lowrank.items() if v != 0}
+    coupled = {(u, w) for (u, w) in pairs if u != w}
+    if not coupled:
+        return
+    vecs = sorted({x for pair in pairs for x in pair}, key=sp.default_sort_key)
+    R = sp.Matrix(len(vecs), len(vecs), lambda m, n: (sp.sympify(pairs.get((vecs[m], vecs[n]), 0))
+                                                       + pairs.get((vecs[n], vecs[m]), 0)) / 2)
+    group = {x: {x} for x in vecs}                     # connected components of the coupling graph
+    for u, w in coupled:
+        merged = group[u] | group[w]
+        for x in merged:
+            group[x] = merged
+    components = {frozenset(c) for c in group.values() if len(c) > 1}
+    open_minor = None
+    for comp in sorted(components, key=lambda c: sp.default_sort_key(sorted(c, key=sp.default_sort_key)[0])):
+        idx_all = [vecs.index(x) for x in sorted(comp, key=sp.default_sort_key)]
+        for size in range(2, min(len(idx_all), MAX_RANK) + 1):
+            for idx in itertools.combinations(idx_all, size):
+                sub = R.extract(list(idx), list(idx))
+                if sub.is_diagonal():
+                    continue
+                minor = simplify(sub.det(method="berkowitz"))
+                if minor == 0:
+                    continue
+                names = [vecs[i] for i in idx]
+                if minor.is_negative or minor.is_nonpositive:
+                    sign = ("negative for every input" if minor.is_negative else
+                            "≤ 0 for every input and 0 only where the coupling vanishes")
+                    warnings.warn(
+                        f"{where}: the Hessian in S is indefinite for large keys: {_coupling_terms(obj, names)}, "
+                        f"and the weights of the squared losses and cross terms on them, "
+                        f"R = {_matrix_text(sub)}, have the principal minor {text(minor)}, {sign} (R is "
+                        "not positive semidefinite). Once the keys are large enough that U R Uᵀ outweighs the "
+                        "diagonal part (the proximal term / ridge), the objective has no minimum and the derived "
+                        "update is a stationary point (a saddle), not the minimiser; olssm.verify reports those "
+                        "steps as 'no minimum'. Make the coupling part of a squared norm (e.g. "
+                        f"‖S ({' + '.join(map(str, names))}) − v‖²), or use update='explicit' (a gradient step needs "
+                        "no minimum)", IndefiniteHessianWarning, stacklevel=_caller_level())
+                    return
+                if minor.is_nonnegative is not True and open_minor is None:
+                    open_minor = (names, sub, minor)
+    if open_minor is not None:
+        names, sub, minor = open_minor
+        _open_sign(f"{where}: {_coupling_terms(obj, names)}; the weights of the squared losses "
+                   f"and cross terms on them, R = {_matrix_text(sub)}, are positive semidefinite (and the Hessian in S "
+                   f"with them, for every key) only while the principal minor {text(minor)} is >= 0", minor, ">= 0")
+
+
+def _matrix_text(M) -> str:
+    return "[" + "; ".join(", ".join(text(M[i, j]) for j in range(M.cols)) for i in range(M.rows)) + "]"
+
+
+def _coupling_terms(obj, names) -> str:
+    """'the term(s) … couple(s) S u and S w': the objective's terms that pair S u with S w for two different vectors of
+    `names`, as the user wrote them."""
+    found = []
+    for t in obj.expr.terms:
+        if is_proximal(t):
+            continue
+        if any(u != w and u in names and w in names for (u, w) in gradient([t]).lowrank):
+            ab = f"‖{t.a}‖²" if t.a is t.b else f"⟨{t.a}, {t.b}⟩"
+            w = "" if t.weight == 1 else f"_{t.weight}"
+            c = "" if t.coef == 1 else f"{t.coef}·"
+            found.append(f"{c}{ab}{w}")
+    pair = " and ".join(f"S {text(x)}" for x in names)
+    if len(found) == 1:
+        return f"the term {found[0]} couples {pair}"
+    return f"the terms {' and '.join(found)} couple {pair}" if found else f"cross terms couple {pair}"
+
+
 def _open_sign(what, expr, need):
     """An UnknownSignWarning at the user's line, naming the expression's inputs and their declared domains."""
     declared = ", ".join(f"{s.name!r}: domain {spec_of(s).domain!r}"
@@ -138,6 +218,7 @@ def derive_implicit(obj: Objective) -> NormalForm:
     if sp.sympify(g.diag).is_positive is not True:   # e.g. ½‖S − S_prev‖² + ½ b‖S‖² with b of open sign: 1 + b
         _open_sign(f"implicit update of {obj.expr}: the diagonal of the Hessian is {g.diag}", g.diag, "> 0")
     _no_negative_squares(g, f"implicit update of {obj.expr}")
+    _coupled_squares(g, obj, f"implicit update of {obj.expr}")
     row_part, col_part = _hessian_split(g.diag, bool(g.lowrank), f"implicit update of {obj.expr}")
     decay = -g.prev_diag / g.diag
     row = _Row()
@@ -250,6 +331,7 @@ def derive_exact(obj: Objective) -> ExactForm:
     if not g.has_state:
         raise DerivationError(f"{where}: the per-token loss is linear in S; least squares needs squares")
     _no_negative_squares(g, where)
+    _coupled_squares(g, obj, where)
     for (u, w), c in g.lowrank.items():
         if kind_of(c) != SCALAR:
             raise DerivationError(

@@ -30,6 +30,13 @@ class UnknownSignWarning(UserWarning):
     ('real') leaves the sign open, e.g. a squared loss weighted by it."""
 
 
+class IndefiniteHessianWarning(UserWarning):
+    """A derived implicit / exact update whose objective has a Hessian in S that is not positive semidefinite for
+    large enough keys whatever the inputs' values, e.g. a cross term ⟨S k₀, S k₁⟩ that no squared loss on S k₀,
+    S k₁ dominates: the closed form is then a stationary point (a saddle), not the minimiser, once the keys are
+    large."""
+
+
 # --------------------------------------------------------------------------------------------
 # index kinds
 

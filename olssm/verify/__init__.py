@@ -377,7 +377,7 @@ def _no_minimum_note(no_min, seq, specs) -> str:
            "the minimiser needs of one sign): declare their domain (e.g. 'positive' or 'unit'), or pass inputs= "
            "within the range you use" if drawn else
            "; no input of open sign is involved, so the objective's quadratic part is not positive semidefinite "
-           "for these inputs")
+           "for these inputs (derive's IndefiniteHessianWarning names the term, e.g. a cross term ⟨S k₀, S k₁⟩)")
     return (f"the objective has no minimum at step {t} (the smallest eigenvalue of its Hessian in S is "
             f"{lowest:.2g} relative to the largest magnitude): the rule returns a stationary point that is not a "
             f"minimiser, the solver runs off, and from step {t} on the errors compare with it" + why)
