@@ -80,6 +80,32 @@ def test_candidates_cover_the_kernels_that_run_the_rule():
     assert all(c.chunk_backward is None for c in kinds("deltanet", need=False))
 
 
+def test_recurrent_candidates_up_to_one_block_of_every_value_row():
+    # the default geometry is 8 value rows (scan.BLOCK_V): 16 rows on 2 warps and 32 on 4 (the default before
+    # session 8) are other launches wherever they hold at most next_pow2(d_v) rows. The filter had kept
+    # "bv < next_pow2(d_v)" from when the default was 32 rows, so d_v = 16 got no alternative and d_v = 32 lost 32 / 4
+    class Meta:
+        N, max_len = 1, 64
+    from olssm.kernels.triton.scan import plan_for
+    rule = ENTRIES["deltanet"].rule
+    for d_v, want in [(6, [(0, 0)]), (12, [(0, 0), (16, 2)]), (16, [(0, 0), (16, 2)]),
+                      (20, [(0, 0), (16, 2), (32, 4)]), (32, [(0, 0), (16, 2), (32, 4)]),
+                      (128, [(0, 0), (16, 2), (32, 4)])]:
+        args = rule_args(rule, random_inputs(rule, 1, 6, 2, 5, d_v, seed=3))
+        got = [(c.block_v, c.warps) for c in autotune.candidates(plan_for(rule), args, Meta, True)
+               if c.kernel == "recurrent"]
+        assert got == want, (d_v, got)
+
+
+def test_a_block_of_every_value_row_matches_the_reference(monkeypatch):
+    # d_v = 12 in one 16-row block (4 rows masked) in the forward and the backward kernel: o, the final state and
+    # every gradient against the reference at the fp32 tolerances (triton_testing.compare)
+    rule = ENTRIES["gated_deltanet"].rule
+    inp = random_inputs(rule, 1, 9, 2, 5, 12, seed=3)
+    monkeypatch.setattr(library, "policy_config", lambda plan, args, max_len: LaunchConfig("recurrent", 16, 2))
+    compare(rule, inp, 0.3 * torch.randn(1, 2, 12, 5, generator=torch.Generator().manual_seed(2)))
+
+
 def rule_args(rule, inp):
     from olssm.kernels.api import check_scan_args
     return check_scan_args(rule, inp.get("q"), inp.get("k"), inp.get("v"), initial_state=None,

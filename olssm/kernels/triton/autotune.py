@@ -100,8 +100,11 @@ def candidates(plan, args, meta, need: bool) -> list:
             policy, delta_forward=_delta_forward() if split else "",
             chunk_backward=chunk_bwd if need and lib.chunk_backward_mode() == "auto" else None)
     out = [policy]
-    for bv, warps in ((0, 0), (16, 2), (32, 4)):   # the default is fla's fused_recurrent: 8 value rows, 1 warp
-        if not bv or bv < _np2(args.d_v):
+    # the default is fla's fused_recurrent, 8 value rows on 1 warp (scan.BLOCK_V); the wider blocks are other
+    # geometries up to one block holding every row (bv = next_pow2(d_v): d_v = 16 in one program, 32 rows on 4
+    # warps was the default before session 8); a block wider than that only masks rows
+    for bv, warps in ((0, 0), (16, 2), (32, 4)):
+        if not bv or bv <= _np2(args.d_v):
             out.append(LaunchConfig("recurrent", bv, warps))
     if not form.corrections:
         out.append(LaunchConfig("pscan"))
