@@ -81,8 +81,8 @@ def main(argv=None):
     p.add_argument("--dk", type=int, default=64)
     p.add_argument("--dv", type=int, default=64)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--precision", default="auto", help="chunked kernels' tl.dot precision: auto, ieee, tf32, tf32x3, bf16")
-    p.add_argument("--chunk", type=int, default=None,
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="chunked kernels' tl.dot precision")
+    p.add_argument("--chunk", type=_pow2, default=None,
                    help="tokens per chunk everywhere (library.CHUNK and WIDE_CHUNK; default: the policy, 32 and 64 "
                         "on the split delta path at d_k > 64)")
     p.add_argument("--delta-forward", default=chunked.DELTA_FORWARD, choices=("split", "fused", "both"),
@@ -239,27 +239,80 @@ def main(argv=None):
     return rows
 
 
-#: --variants keys: (module, attributes, type, the kernel rows it changes)
-_VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), str, "chunk"),
-                 "chunk": (library, ("CHUNK", "WIDE_CHUNK"), int, "chunk"),
-                 "stages": (chunked, ("NUM_STAGES",), int, "chunk"),
-                 "wide": (chunked, ("WIDE_KEYS",), lambda v: None if v == "off" else int(v), "chunk"),
-                 "wide_blocks": (chunked, ("WIDE_BLOCKS",), lambda v: v not in ("0", "off", "false"), "chunk"),
-                 "block_v": (tscan, ("BLOCK_V",), int, "recurrent"),
-                 "warps": (tscan, ("NUM_WARPS",), int, "recurrent")}
+def _pow2(v: str) -> int:
+    n = int(v)
+    if n < 1 or n & (n - 1):
+        raise ValueError("a power of two >= 1")
+    return n
+
+
+def _positive(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise ValueError("an int >= 1 (0 would silently mean the default)")
+    return n
+
+
+def _precision(v: str) -> str:
+    if v not in PRECISIONS:
+        raise ValueError(f"one of {', '.join(PRECISIONS)}")
+    return v
+
+
+def _wide(v: str):
+    if v == "off":
+        return None
+    n = int(v)
+    if n < 0:
+        raise ValueError("'off' or a head size >= 0")
+    return n
+
+
+def _switch(v: str) -> bool:
+    if v not in ("0", "1", "on", "off"):
+        raise ValueError("1 / on or 0 / off")
+    return v in ("1", "on")
+
+
+PRECISIONS = ("auto", "ieee", "tf32", "tf32x3", "bf16")
+#: --variants keys: (module, attributes, parser of the value (raises ValueError naming what it wants), the kernel
+#: rows it changes)
+_VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _precision, "chunk"),
+                 "chunk": (library, ("CHUNK", "WIDE_CHUNK"), _pow2, "chunk"),
+                 "stages": (chunked, ("NUM_STAGES",), _positive, "chunk"),
+                 "wide": (chunked, ("WIDE_KEYS",), _wide, "chunk"),
+                 "wide_blocks": (chunked, ("WIDE_BLOCKS",), _switch, "chunk"),
+                 "block_v": (tscan, ("BLOCK_V",), _pow2, "recurrent"),
+                 "warps": (tscan, ("NUM_WARPS",), _pow2, "recurrent")}
 
 
 def _variants(spec: str) -> dict:
-    """--variants: {label: {key: value}}."""
+    """--variants: {label: {key: value}}, every part checked before anything is timed (a bad value had surfaced
+    as a bare int() traceback, or as a failed row after the others were timed; a part without a label, e.g.
+    'wide:off', had silently timed the defaults again under the label 'wide:off'; an empty label ran its
+    settings on the default rows)."""
     out = {}
     for part in filter(None, spec.split(";")):
-        label, _, settings = part.partition("=")
+        label, eq, settings = part.partition("=")
+        if not eq or not label:
+            raise SystemExit(f"--variants: {part!r} needs a label: LABEL=KEY:VALUE,... (e.g. 'narrow=wide:off'; "
+                             "'again=' times the defaults again)")
+        if label in out:
+            raise SystemExit(f"--variants: label {label!r} appears twice")
         out[label] = {}
         for item in filter(None, settings.split(",")):
-            key, _, value = item.partition(":")
+            key, colon, value = item.partition(":")
             if key not in _VARIANT_KEYS:
                 raise SystemExit(f"--variants: unknown key {key!r} in {part!r}; keys: {', '.join(_VARIANT_KEYS)}")
-            out[label][key] = _VARIANT_KEYS[key][2](value)
+            if key in out[label]:
+                raise SystemExit(f"--variants: key {key!r} appears twice in {part!r}")
+            if not colon:
+                raise SystemExit(f"--variants: {key!r} in {part!r} needs a value (KEY:VALUE)")
+            try:
+                out[label][key] = _VARIANT_KEYS[key][2](value)
+            except ValueError as e:
+                want = str(e) if str(e) and not str(e).startswith("invalid literal") else "an int"
+                raise SystemExit(f"--variants: bad value {value!r} for {key!r} in {part!r}: expected {want}") from None
     return out
 
 

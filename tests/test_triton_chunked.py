@@ -582,6 +582,49 @@ def test_gpu_benchmark_script_runs_and_agrees(monkeypatch, tmp_path):
     assert sum("autotuned" in r for r in rows) == 3
 
 
+def _bench_module():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "triton_kernels.py"
+    spec = importlib.util.spec_from_file_location("triton_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("wide:off", "needs a label"),             # had timed the defaults again, labelled 'wide:off'
+    ("=chunk:16", "needs a label"),            # had run chunk 16 on the unlabelled default rows too
+    ("x=chunk:abc", "bad value 'abc' for 'chunk'"),   # had been a bare int() traceback
+    ("x=chunk", "needs a value"),
+    ("x=chunk:48", "power of two"),            # had failed in tl.arange on the GPU, after the other rows
+    ("x=chunk:0", "power of two"),             # had silently run chunks of 1 (interpreter) or 16 (GPU)
+    ("x=precision:fp8", "one of auto"),        # had failed row by row at run time
+    ("x=stages:0", ">= 1"),                    # had silently meant the default
+    ("x=block_v:3", "power of two"),
+    ("x=warps:-1", "power of two"),
+    ("x=wide:no", "bad value 'no' for 'wide'"),
+    ("x=foo:1", "unknown key 'foo'"),
+    ("a=chunk:16;a=chunk:32", "appears twice"),
+    ("a=chunk:16,chunk:32", "appears twice"),
+])
+def test_benchmark_variants_reject_bad_specs(spec, says):
+    """benchmarks/triton_kernels.py --variants: a bad spec stops the run before anything is timed (a GPU lease is
+    short), with a message naming the part and what it wants."""
+    bench = _bench_module()
+    with pytest.raises(SystemExit, match=says):
+        bench._variants(spec)
+
+
+def test_benchmark_variants_parse_the_session_specs():
+    bench = _bench_module()
+    assert bench._variants("narrow=wide:off;rec32=block_v:32,warps:4;again=") == {
+        "narrow": {"wide": None}, "rec32": {"block_v": 32, "warps": 4}, "again": {}}
+    assert bench._variants("bf16=precision:bf16;c64=chunk:64,stages:2;w=wide:128") == {
+        "bf16": {"precision": "bf16"}, "c64": {"chunk": 64, "stages": 2}, "w": {"wide": 128}}
+    assert bench._variants("") == {}
+
+
 def test_decays_that_can_be_negative_run_the_recurrent_kernel(monkeypatch):
     """A decay its inputs' domains do not make >= 0 (a scalar declared domain="real") has no real log: the chunked
     kernels refuse it (forced: NotImplementedError naming it), the policy runs the recurrent kernel, which multiplies
