@@ -301,6 +301,31 @@ def test_wide_key_settings(monkeypatch):
     assert not tchunk.wide(tscan.plan_for(_rule("deltanet")).rule.form, 128)
 
 
+@pytest.mark.parametrize("name, bf16_operands", [("deltanet", True), ("gated_deltanet", False)])
+def test_wide_keys_bf16_operands_only_without_a_decay(name, bf16_operands, monkeypatch):
+    # bf16 inputs at d_k = 72: every launch of the forward and the backward asks _precision for bf16 operands on
+    # DeltaNet and never on Gated DeltaNet, whose ∂ log γ (a reverse cumulative sum of differences of products)
+    # was 2.1 % off with them at chunk 64 (WIDE_KEYS); both against the fp32 reference at BF16_DOT_RTOL
+    from olssm.kernels.triton import chunked_delta_bwd as tdbw
+    asked = []
+    real = tchunk._precision
+    spy_precision = lambda dtype=torch.float32, bf16_operands=False: asked.append(bf16_operands) or real(dtype, bf16_operands)
+    monkeypatch.setattr(tchunk, "_precision", spy_precision)
+    monkeypatch.setattr(tdbw, "_precision", spy_precision)
+    monkeypatch.setattr(tchunk, "DOT_PRECISION", "auto")
+    monkeypatch.delenv("OLSSM_TRITON_DOT_PRECISION", raising=False)
+    rule = _rule(name)
+    low = {n: x if rule.inputs[n].is_parameter else x.to(torch.bfloat16)
+           for n, x in random_inputs(rule, 1, 70, 1, 72, 8, seed=6).items()}
+    o, f, g = _run(rule, low, None, "triton")
+    o1, f1, g1 = _run(rule, {n: x.float() for n, x in low.items()}, None, "reference")
+    assert asked and set(asked) == {bf16_operands}, asked
+    _close(o, o1, BF16_DOT_RTOL, "o")
+    _close(f, f1, BF16_DOT_RTOL, "final state")
+    for n in g1:
+        _close(g[n], g1[n], BF16_DOT_RTOL, f"d{n}")
+
+
 @pytest.mark.parametrize("narrow", [False, True])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
 def test_wide_keys_run_chunks_of_64(name, narrow, monkeypatch):

@@ -958,14 +958,14 @@ def _launch_opts(wide: bool = False) -> dict:
     return dict(num_warps=NUM_WARPS, **({"num_stages": int(stages)} if stages else {}))
 
 
-def _precision(dtype=torch.float32, wide: bool = False) -> str:
-    """The dots' precision for inputs of this dtype (DOT_PRECISION / OLSSM_TRITON_DOT_PRECISION; wide: the
-    wide-key settings, where "auto" takes bf16 operands for bf16 inputs)."""
+def _precision(dtype=torch.float32, bf16_operands: bool = False) -> str:
+    """The dots' precision for inputs of this dtype (DOT_PRECISION / OLSSM_TRITON_DOT_PRECISION; bf16_operands:
+    the wide-key path without a decay, where "auto" takes bf16 operands for bf16 inputs, see WIDE_KEYS)."""
     p = os.environ.get("OLSSM_TRITON_DOT_PRECISION") or DOT_PRECISION
     if p not in ("auto", "ieee", "tf32", "tf32x3", "bf16"):
         raise ValueError(f"triton: dot precision must be auto, ieee, tf32, tf32x3 or bf16, got {p!r}")
     if p == "auto":
-        p = "ieee" if dtype == torch.float32 else "bf16" if wide and dtype == torch.bfloat16 else "tf32"
+        p = "ieee" if dtype == torch.float32 else "bf16" if bf16_operands and dtype == torch.bfloat16 else "tf32"
     if p == "bf16" and os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         p = "bf16_interpreted"   # _mm
     return p
@@ -974,12 +974,15 @@ def _precision(dtype=torch.float32, wide: bool = False) -> str:
 #: head sizes d_k above WIDE_KEYS on the split delta path with one correction and one input term (scalar c,
 #: none / scalar decay: DeltaNet, Gated DeltaNet) take the wide-key settings: chunks of library.WIDE_CHUNK (64)
 #: tokens, WIDE_STAGES pipeline stages (3 would need ~270 KB of shared memory at chunk 64 and d_k 128, over an
-#: H100's 227 KB; more input terms or rank-R sub-tokens need 262-279 KB even with 2) and, under "auto", bf16 dot
-#: operands for bf16 inputs (fla's precision: halves the operands' registers; sm_90, the state kernel's spills
-#: 392 -> 136 B/thread). Measured together against chunk 32 / tf32, H200, (2, 8192, 16, 128) bf16, one process
-#: (benchmarks/RESULTS.md, session 8): DeltaNet 2.83 / 6.97 -> 2.06 / 5.70 ms fwd / fwd+bwd, Gated DeltaNet
-#: 3.03 / 8.43 -> 2.20 / 6.53, rel. error of o unchanged (4.3e-3, 5.7e-3). At d_k = 64 neither paid in fwd+bwd
-#: (within the run-to-run spread). None: off
+#: H100's 227 KB; more input terms or rank-R sub-tokens need 262-279 KB even with 2) and, for bf16 inputs without a
+#: decay (DeltaNet) under "auto", bf16 dot operands (fla's precision: halves the operands' registers; sm_90, the
+#: state kernel's spills 392 -> 136 B/thread). H200, (2, 8192, 16, 128) bf16 (benchmarks/RESULTS.md, session 8):
+#: DeltaNet 2.83 / 6.97 -> 2.06 / 5.70 ms fwd / fwd+bwd (one process; o's error unchanged, 4.3e-3); Gated DeltaNet
+#: 3.03 / 8.43 -> 2.38 / 7.23 with tf32 operands (separate processes), 2.20 / 6.53 with bf16 ones. A decay keeps
+#: tf32 operands because ∂ log γ is a reverse cumulative sum over the chunk of differences of products (the key
+#: kernel's dbt): with bf16 operands it was 2.1 % of its largest value off the reference at chunk 64, d_k = 72
+#: (1.2 % at chunk 32; 0.55 % from rounding the inputs alone), found by a probing helper under the interpreter.
+#: At d_k = 64 neither setting paid in fwd+bwd (within the run-to-run spread). None: off
 WIDE_KEYS = 64
 WIDE_STAGES = 2
 #: narrower blocks on the wide-key path (off: untimed). sm_90 spills per thread at chunk 64, bf16 operands,
@@ -1121,8 +1124,8 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
     else:
         ix, NTG, G = ht, -(-T // C), B * H
     cu = cu_seqlens if varlen else ht
-    common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=_precision(o.dtype, wide_keys), TIED=tied, SUB=sub,
-                  **_launch_opts(wide_keys))
+    common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=_precision(o.dtype, wide_keys and not gated),
+                  TIED=tied, SUB=sub, **_launch_opts(wide_keys))
     chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
                                       e[0].numel(), M=M, BV=BVW, KB=KB,
                                       SAVE_TC=core is not None, UTB=int(UT_BLOCK), **common)
@@ -1171,7 +1174,8 @@ def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None
             q, k, v, g, a, b, c, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht,
             cu, T, H, d_k, d_v, NCK, k[0].numel(), v[0].numel(), M=k.shape[0], BT=C, BK=BK, BV=BV,
             C_ROW=c_row, G_ROW=g_row, USE_H0=h0 is not None,
-            SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype, wide_keys), SUB=sub,
+            SAVE_CK=save, VARLEN=cu_seqlens is not None,
+            PREC=_precision(o.dtype, wide_keys and plan.rule.form.decay_kind == "none"), SUB=sub,
             **_launch_opts(wide_keys))
         return
     chunk_fwd_kernel[(NV, N * H)](

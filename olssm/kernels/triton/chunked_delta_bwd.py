@@ -757,7 +757,7 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     else:
         ix, NTG, G = dh0, -(-T // C), B * H
     cu = cu_seqlens if varlen else dh0
-    common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=_precision(do.dtype, wide_keys), SUB=sub,
+    common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=_precision(do.dtype, wide_keys and not gated), SUB=sub,
                   **_ch._launch_opts(wide_keys))
     z = dict(dtype=torch.float32, device=dev)
     tc, wt = core if core is not None else (torch.empty(B, T, H, C, **z), torch.empty(B, T, H, d_k, **z))
