@@ -53,6 +53,10 @@ def cleanup_distributed(world: int):
     if world > 1:
         import torch.distributed as dist
         if dist.is_initialized():
+            # every rank tears gloo down together: rank 0 writes results and samples after the last step while the
+            # others reach this point at once, and a rank that destroyed its group meanwhile aborted ("terminate
+            # called without an active exception", SIGABRT) under load (seen once in the test suite)
+            dist.barrier()
             dist.destroy_process_group()
 
 
