@@ -11,7 +11,8 @@
 #                variant row), DeltaNet / Gated DeltaNet at D = 128 against fla's chunk, the wide-key settings off and
 #                with WIDE_BLOCKS' narrower blocks
 #   variants     the defaults against their alternatives (the wide-key settings off, the recurrent kernel's old
-#                32 rows / 4 warps, bf16 operands at D = 64), rows interleaved in one process per shape (~5 min)
+#                32 rows / 4 warps, bf16 operands at D = 64), rows interleaved in one process per shape, then a
+#                profile of DeltaNet at D = 128 (timeouts add to 380 s)
 #   tests        the Triton test files with compiled kernels (no interpreter), 8 workers
 #   tests1/2     the same in two halves, if `tests` ran past its 570 s
 #   delta64      (4, 2048, 16, 64) bf16: DeltaNet, Gated DeltaNet, Longhorn, RLS, derived rules (two_keys: rank-2
@@ -80,7 +81,10 @@ case $stage in
         timeout 135 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
             --peak-gbs 4800 --reps 5 --rules deltanet,gated_deltanet,mamba2,gla,longhorn \
             --skip '*:torch-chunk,gla:fla-chunk' \
-            --variants 'bf16=precision:bf16;rec32=block_v:32,warps:4;again=' 2>&1 | tee "$out/variants64.txt" ;;
+            --variants 'bf16=precision:bf16;rec32=block_v:32,warps:4;again=' 2>&1 | tee "$out/variants64.txt"
+        # where DeltaNet's D = 128 time goes under the wide-key defaults (session 7 profiled chunk 32 / tf32)
+        timeout 60 python benchmarks/profile_gpu.py --rules deltanet --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
+            --top 12 2>&1 | tee "$out/profile128.txt" ;;
     tests)
         OLSSM_TRITON_DEVICE=cuda timeout 570 python -m pytest -q -n 8 -p no:cacheprovider \
             tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py \
