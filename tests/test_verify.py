@@ -98,3 +98,20 @@ def test_verify_explains_an_open_sign_weight_where_the_objective_has_no_minimum(
     pos = [dict(s, beta=s["beta"].abs()) for s in random_inputs(rule, 6, 4, 3, 0)]
     rep = olssm.verify(rule, inputs=pos)
     assert rep.ok and not rep.no_minimum and rep.note == "", rep
+
+
+def test_verify_reaches_a_minimiser_far_from_the_start():
+    # ½‖S − S_prev‖² + ½ λ‖S‖² − ⟨S k, v⟩ with λ a 'real' parameter (the default domain): for even seeds λ is drawn
+    # in (−1, −0.1), 1 + λ > 0 keeps a minimum, and S_t = (S_{t-1} + v kᵀ)/(1 + λ) grows by 1/(1 + λ) per step.
+    # scipy's trust radius stopped at its default cap of 1000, so the solver never reached a far minimiser and
+    # this right rule read MISMATCH (state error 18, 350, 190 at seeds 2, 4, 10) with no note.
+    S, Sp = O.states()
+    k, v, lam = O.key("k"), O.value("v"), O.parameter("lam")
+    obj = O.Objective(O.sqnorm(S - Sp) / 2 + lam * O.sqnorm(S) / 2 - O.inner(S @ k, v))
+    with pytest.warns(O.UnknownSignWarning):
+        rule = olssm.derive(obj)
+    for seed in (2, 4, 10):
+        seq = random_inputs(rule, 6, 4, 3, seed)
+        assert -1 < float(seq[0]["lam"]) < -0.1
+        rep = olssm.verify(rule, seed=seed)
+        assert rep.ok and not rep.no_minimum, (seed, rep)

@@ -87,10 +87,20 @@ def _minimise(f, x0_shape, x0=None):
         return torch.autograd.functional.hessian(lambda y: f(y.view(x0_shape)), X).numpy()
 
     start = np.zeros(n) if x0 is None else x0.reshape(-1).numpy()
-    eig = np.linalg.eigvalsh(hess(start))
+    H = hess(start)
+    eig = np.linalg.eigvalsh(H)
     lowest = float(eig.min() / max(1.0, float(np.abs(eig).max())))
+    # scipy caps the trust radius at 1000 by default, so a minimiser farther than ~200 x 1000 from the start (a
+    # state grown by 1/(1 + λ) per step with a 'real' λ drawn near −1) was never reached and a right rule read
+    # MISMATCH. Where a minimum exists, let the radius grow to the length of the Newton step (the radius still
+    # starts at 1 and only doubles while the quadratic model is exact, so ordinary steps are unchanged); where
+    # none exists the default cap keeps the runaway finite.
+    max_radius = 1000.0
+    if lowest >= -NO_MINIMUM_RTOL:
+        newton = np.linalg.lstsq(H, fun(start)[1], rcond=None)[0]
+        max_radius = max(max_radius, 4.0 * float(np.linalg.norm(newton)))
     res = scipy.optimize.minimize(fun, start, jac=True, hess=hess, method="trust-exact",
-                                  options={"gtol": 1e-12, "maxiter": 200})
+                                  options={"gtol": 1e-12, "maxiter": 200, "max_trust_radius": max_radius})
     return torch.tensor(res.x, dtype=torch_dtype).view(x0_shape), lowest
 
 
