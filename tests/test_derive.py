@@ -488,3 +488,74 @@ def test_an_indefinite_cross_term_warns_and_a_convex_coupling_does_not():
             olssm.derive(entry.objective)
         for make in catalogue.DERIVED.values():
             olssm.derive(make())
+
+
+def test_unit_and_decay_upper_bounds_count_in_the_sign_checks():
+    # sympy's assumptions say only that a 'unit' input is positive, so 1 − c², 1 − c and b₀(1 − b₀/4) read as of
+    # open sign and derive warned UnknownSignWarning on objectives that are convex for every c in (0, 1)
+    import warnings
+    S, Sp = O.states()
+    k, v, k1, v1 = O.key("k"), O.value("v"), O.key("k1"), O.value("v1")
+    c, b0 = O.scalar("c", domain="unit"), O.scalar("b0", domain="unit")
+    convex = {
+        "unit cross term": O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v) / 2 + O.sqnorm(S @ k1 - v1) / 2
+                                       + c * O.inner(S @ k, S @ k1)),            # minor 1 − c² > 0
+        "unit anti-ridge": O.Objective(O.sqnorm(S - Sp) / 2 - c * O.sqnorm(S) / 2 - O.inner(S @ k, v)),  # δ = 1 − c
+        "unit complement weight": O.Objective(O.sqnorm(S - Sp) / 2 + (1 - c) * O.sqnorm(S @ k - v) / 2),
+        "exact, unit cross term": O.Objective(b0 * O.sqnorm(S @ k - v) / 2 + O.sqnorm(S @ k1 - v1) / 2
+                                              + b0 * O.inner(S @ k, S @ k1) / 2, update="exact",
+                                              ridge=O.parameter("lam", domain="positive")),   # b₀(1 − b₀/4) > 0
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for name, obj in convex.items():
+            olssm.derive(obj)
+    for name, obj in convex.items():
+        assert olssm.verify(obj, steps=4).ok, name
+    # the bounds are used, not assumed away: 1 − g with g in (0, 1] (a 'decay') is 0 at g = 1, and 1 − 2c is
+    # negative for c > ½
+    g = O.scalar("g", domain="decay")
+    with pytest.warns(O.UnknownSignWarning, match="diagonal of the Hessian is 1 - g"):
+        olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 - g * O.sqnorm(S) / 2 - O.inner(S @ k, v)))
+    with pytest.warns(O.UnknownSignWarning, match="1 - 2"):
+        olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + (1 - 2 * c) * O.sqnorm(S @ k - v) / 2))
+
+
+def test_exact_mode_checks_the_sign_of_the_ridge_diagonal_and_decay():
+    # exact mode checked the squared-loss weights only: a 'real' ridge (the default domain of parameter()) derived
+    # silently, while H_0 + λ = k kᵀ + λ I has the eigenvalue λ < 0 on keys orthogonal to k, and verify reported
+    # every even seed "no minimum", its note pointing to an UnknownSignWarning that derive had not given
+    import warnings
+    S, _ = O.states()
+    k, v = O.key("k"), O.value("v")
+    g = O.scalar("g", domain="decay")
+    real_ridge = O.Objective(O.sqnorm(S @ k - v) / 2, update="exact", decay=g, ridge=O.parameter("lam"))
+    with pytest.warns(O.UnknownSignWarning, match=r"the ridge is λ.*'lam': domain 'real'") as w:
+        olssm.derive(real_ridge)
+    assert w[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", O.UnknownSignWarning)
+        rep = olssm.verify(real_ridge, steps=2)
+    assert not rep.ok and rep.no_minimum and "lam = -" in rep.note and "UnknownSignWarning" in rep.note
+    with pytest.warns(O.UnknownSignWarning, match="the ridge is λ"):
+        olssm.derive(O.Objective(O.sqnorm(S @ k - v) / 2, update="exact", decay=g, ridge=O.parameter("lam"),
+                                 ridge_decays=True))
+    with pytest.warns(O.UnknownSignWarning, match="per-token term on ‖S‖² has weight b"):
+        olssm.derive(O.Objective(O.sqnorm(S @ k - v) / 2 + O.scalar("b") * O.sqnorm(S) / 2, update="exact",
+                                 ridge=O.parameter("lam", domain="positive")))
+    with pytest.warns(O.UnknownSignWarning, match="forgetting factor is a"):
+        olssm.derive(O.Objective(O.sqnorm(S @ k - v) / 2, update="exact", decay=O.scalar("a"),
+                                 ridge=O.parameter("lam", domain="positive")))
+    for obj, msg in ((O.Objective(O.sqnorm(S @ k - v) / 2, update="exact",
+                                  ridge=O.parameter("lam", domain="negative")), "eigenvalue λ ≤ 0"),
+                     (O.Objective(O.sqnorm(S @ k - v) / 2 - O.sqnorm(S) / 2, update="exact",
+                                  ridge=O.parameter("lam", domain="positive")), "weight -1 < 0"),
+                     (O.Objective(O.sqnorm(S @ k - v) / 2, update="exact", decay=O.scalar("n", domain="negative"),
+                                  ridge=O.parameter("lam", domain="positive")), "forgetting factor n is negative")):
+        with pytest.raises(O.DerivationError, match=msg):
+            olssm.derive(obj)
+    # a positive ridge beside a 'real' one that only adds to it is silent: 1 + b² > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        olssm.derive(O.Objective(O.sqnorm(S @ k - v) / 2, update="exact", decay=g,
+                                 ridge=1 + O.parameter("b") ** 2))

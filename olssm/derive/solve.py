@@ -8,7 +8,7 @@ from collections import defaultdict
 import sympy as sp
 
 from ..objectives.core import (COLUMN, ELEMENTWISE, ROW, SCALAR, DerivationError, IndefiniteHessianWarning,
-                               Objective, UnknownSignWarning, csum, kind_of, spec_of)
+                               InputSymbol, Objective, UnknownSignWarning, csum, kind_of, spec_of)
 from .gradient import check_quadratic, gradient, is_proximal, split_vector
 from .rule import Correction, ExactForm, InputTerm, NormalForm, RLSForm, text
 
@@ -99,15 +99,36 @@ def _caller_level() -> int:
     return level
 
 
+def _holds(e, prop: str) -> bool:
+    """sympy's sign query `prop` ('is_positive', 'is_nonnegative', ...) on e, true where it is provable from the
+    declared domains: sympy's assumptions state only the lower bounds, so the query is also asked of e with every
+    'unit' input c written as 1/(1 + t), t > 0 ((0, 1)) and every 'decay' input as 1/(1 + t), t ≥ 0 ((0, 1]), an
+    onto reparameterisation. Without it 1 − c² (a 'unit' cross-term weight beside two squared losses) or a
+    Hessian diagonal 1 − c read as of open sign and warned."""
+    e = sp.sympify(e)
+    if getattr(e, prop) is True:
+        return True
+    subs = {}
+    for x in e.free_symbols:
+        if isinstance(x, InputSymbol) and x.spec.domain in ("unit", "decay"):
+            t = (sp.Dummy(f"t_{x.name}", positive=True) if x.spec.domain == "unit"
+                 else sp.Dummy(f"t_{x.name}", nonnegative=True))
+            subs[x] = 1 / (1 + t)
+    if not subs:
+        return False
+    b = sp.together(e.xreplace(subs))
+    return getattr(b, prop) is True or getattr(sp.factor(sp.cancel(b)), prop) is True
+
+
 def _no_negative_squares(g, where):
     """A squared loss ‖S u − y‖² with a weight that is negative for every input adds −c u uᵀ to the Hessian:
     the objective then has no minimum once ‖u‖ is large (the "minimiser" a derivation would return is a
     saddle point)."""
     for (u, w), c in g.lowrank.items():
-        if u == w and sp.sympify(c).is_negative:
+        if u == w and _holds(c, 'is_negative'):
             raise DerivationError(f"{where}: the squared loss on S {u} has weight {c} < 0, so the objective is "
                                   f"not convex in S and has no minimum for large ‖{u}‖; use a nonnegative weight")
-        if u == w and sp.sympify(c).is_nonnegative is not True:
+        if u == w and not _holds(c, 'is_nonnegative'):
             # the closed form is the minimiser only while the weight is >= 0 (a layer feeds a real-domain input
             # from a plain linear projection: negative values came out as NaN where 1 + c‖u‖² crossed 0)
             _open_sign(f"{where}: the squared loss on S {u} has weight {c}", c, ">= 0")
@@ -147,8 +168,8 @@ def _coupled_squares(g, obj, where):
                 if minor == 0:
                     continue
                 names = [vecs[i] for i in idx]
-                if minor.is_negative or minor.is_nonpositive:
-                    sign = ("negative for every input" if minor.is_negative else
+                if _holds(minor, 'is_nonpositive'):
+                    sign = ("negative for every input" if _holds(minor, 'is_negative') else
                             "≤ 0 for every input and 0 only where the coupling vanishes")
                     warnings.warn(
                         f"{where}: the Hessian in S is indefinite for large keys: {_coupling_terms(obj, names)}, "
@@ -161,7 +182,7 @@ def _coupled_squares(g, obj, where):
                         f"‖S ({' + '.join(map(str, names))}) − v‖²), or use update='explicit' (a gradient step needs "
                         "no minimum)", IndefiniteHessianWarning, stacklevel=_caller_level())
                     return
-                if minor.is_nonnegative is not True and open_minor is None:
+                if open_minor is None and not _holds(minor, 'is_nonnegative'):
                     open_minor = (names, sub, minor)
     if open_minor is not None:
         names, sub, minor = open_minor
@@ -212,10 +233,10 @@ def derive_implicit(obj: Objective) -> NormalForm:
         raise DerivationError(
             f"implicit update of {obj.expr}: the Hessian is pure low rank (no identity/diagonal part), "
             "so the minimiser is not unique; add a proximal term sqnorm(S - S_prev)/2 or a ridge")
-    if sp.sympify(g.diag).is_nonpositive:
+    if _holds(g.diag, 'is_nonpositive'):
         raise DerivationError(f"implicit update of {obj.expr}: the diagonal of the Hessian, {g.diag}, is "
                               "never positive: the objective has no minimum")
-    if sp.sympify(g.diag).is_positive is not True:   # e.g. ½‖S − S_prev‖² + ½ b‖S‖² with b of open sign: 1 + b
+    if not _holds(g.diag, 'is_positive'):   # e.g. ½‖S − S_prev‖² + ½ b‖S‖² with b of open sign: 1 + b
         _open_sign(f"implicit update of {obj.expr}: the diagonal of the Hessian is {g.diag}", g.diag, "> 0")
     _no_negative_squares(g, f"implicit update of {obj.expr}")
     _coupled_squares(g, obj, f"implicit update of {obj.expr}")
@@ -350,6 +371,7 @@ def derive_exact(obj: Objective) -> ExactForm:
         raise DerivationError(f"{where}: no ridge and no diagonal term, so H_t = Σ γ k kᵀ is singular until d_k "
                               "independent keys have arrived and x_t = H_t⁻¹ q_t has no value on the first tokens; "
                               "pass ridge= (e.g. O.parameter('lam', 'scalar', domain='positive'))")
+    _exact_signs(g.diag, ridge, gamma, where)
     notes = ()
     gram = tuple(Correction(simplify(c), u, w) for (u, w), c in g.lowrank.items())
     moments = tuple(InputTerm(simplify(-c), w) for w, c in g.const.items())
@@ -357,6 +379,40 @@ def derive_exact(obj: Objective) -> ExactForm:
         return _rls_form(obj, where, simplify(gamma), gram, simplify(g.diag), moments, simplify(ridge))
     return ExactForm(decay=simplify(gamma), gram=gram, gram_diag=simplify(g.diag), moments=moments,
                      ridge=simplify(ridge), readout=obj.readout, mode="exact", notes=notes)
+
+
+def _exact_signs(diag, ridge, gamma, where):
+    """H_t + λ I = Σ_i Π γ (R_i u_i u_iᵀ + diag_i) + λ I is positive definite for every key only if the forgetting
+    factor and the per-token ‖S‖² weight are ≥ 0 (older tokens' terms keep their sign, the diagonal accumulates)
+    and the first token's diagonal diag + λ is > 0 (on keys orthogonal to u it is H_0's eigenvalue). Negative for
+    every input: a refusal, as for a negative squared-loss weight; of open sign: UnknownSignWarning. These had not
+    been checked: a 'real' ridge derived silently and verify reported steps without a minimum."""
+    if gamma != 1:
+        if _holds(gamma, "is_negative"):
+            raise DerivationError(f"{where}: the forgetting factor {gamma} is negative, so the previous token's "
+                                  "squared loss enters H_t with a negative weight and the prefix objective has no "
+                                  "minimum for large keys; use a decay in (0, 1] (domain='decay')")
+        if not _holds(gamma, "is_nonnegative"):
+            _open_sign(f"{where}: the forgetting factor is {gamma}", gamma, ">= 0")
+    warned = False
+    if diag != 0:
+        if _holds(diag, "is_negative"):
+            raise DerivationError(f"{where}: the per-token term on ‖S‖² has weight {diag} < 0; it accumulates over "
+                                  "the prefix, so H_t loses its minimum on long sequences; use a nonnegative weight "
+                                  "(or the ridge= for a prior)")
+        if not _holds(diag, "is_nonnegative"):
+            _open_sign(f"{where}: the per-token term on ‖S‖² has weight {diag} (it accumulates over the prefix)",
+                       diag, ">= 0")
+            warned = True
+    h0 = simplify(diag + ridge)
+    if _holds(h0, "is_nonpositive"):
+        raise DerivationError(f"{where}: the first token's Hessian is R u uᵀ + ({h0}) I, whose eigenvalue {h0} ≤ 0 "
+                              "(on keys orthogonal to u) leaves the objective without a minimum; use a positive "
+                              "ridge (e.g. O.parameter('lam', 'scalar', domain='positive'))")
+    if not warned and not _holds(h0, "is_positive"):
+        what = "the ridge" if diag == 0 else "the ridge plus the per-token ‖S‖² weight"
+        _open_sign(f"{where}: {what} is {h0}, the first token's Hessian's eigenvalue on keys orthogonal to u",
+                   h0, "> 0")
 
 
 def _rls_form(obj, where, gamma, gram, gram_diag, moments, ridge) -> RLSForm:
