@@ -559,3 +559,29 @@ def test_exact_mode_checks_the_sign_of_the_ridge_diagonal_and_decay():
         warnings.simplefilter("error", UserWarning)
         olssm.derive(O.Objective(O.sqnorm(S @ k - v) / 2, update="exact", decay=g,
                                  ridge=1 + O.parameter("b") ** 2))
+
+
+def test_coupled_squares_reads_every_minor_of_a_large_exact_block():
+    # exact mode takes any number of keys; the minors had been read up to 4×4 only. R = 0.78 I − 0.22 (J − I) on
+    # five keys has every principal minor of size ≤ 4 positive (0.12 at 4×4) and det R = −0.1 (eigenvalue −0.1):
+    # derive was silent, and with large keys the prefix objective has no minimum
+    import numpy as np
+    S, _ = O.states()
+    ks, v = [O.key(f"k{i}") for i in range(5)], O.value("v")
+    w, c = sp.Rational(78, 100), sp.Rational(-22, 100)
+    expr = -O.inner(S @ ks[0], v)
+    for i in range(5):
+        expr = expr + w * O.sqnorm(S @ ks[i]) / 2
+        for j in range(i + 1, 5):
+            expr = expr + c * O.inner(S @ ks[i], S @ ks[j])
+    obj = O.Objective(expr, update="exact", ridge=O.parameter("lam", domain="positive"))
+    R = np.full((5, 5), -0.22) + np.eye(5)
+    assert np.linalg.eigvalsh(R)[0] == pytest.approx(-0.1) and np.linalg.det(R[:4, :4]) > 0.1
+    with pytest.warns(O.IndefiniteHessianWarning, match="principal minor -1/10"):
+        rule = olssm.derive(obj)
+    g = torch.Generator().manual_seed(0)
+    big = [dict({f"k{i}": 4 * torch.randn(6, generator=g, dtype=torch.float64) for i in range(5)},
+                v=torch.randn(3, dtype=torch.float64), q=torch.randn(6, dtype=torch.float64),
+                lam=torch.tensor(0.5, dtype=torch.float64))]
+    rep = olssm.verify(rule, inputs=big)
+    assert not rep.ok and rep.no_minimum, rep

@@ -141,7 +141,8 @@ def _coupled_squares(g, obj, where):
     semidefinite; a negative eigenvalue of R makes the stationary point a saddle once the keys are large. R is
     PSD iff every principal minor is ≥ 0; a diagonal R is the squared losses' weights, which _no_negative_squares
     checks, so only minors of blocks with a cross term are read here, within each group of coupled vectors (R is
-    block diagonal over them), up to MAX_RANK at a time: a minor < 0 (or ≤ 0 and not 0) warns
+    block diagonal over them), of every size (a 5×5 R can have every smaller principal minor ≥ 0 and a negative
+    determinant, e.g. I − 0.22 J): a minor < 0 (or ≤ 0 and not 0) warns
     IndefiniteHessianWarning, one of open sign UnknownSignWarning, ≥ 0 for every input nothing."""
     pairs = {k: v for k, v in g.lowrank.items() if v != 0}
     coupled = {(u, w) for (u, w) in pairs if u != w}
@@ -159,7 +160,7 @@ def _coupled_squares(g, obj, where):
     open_minor = None
     for comp in sorted(components, key=lambda c: sp.default_sort_key(sorted(c, key=sp.default_sort_key)[0])):
         idx_all = [vecs.index(x) for x in sorted(comp, key=sp.default_sort_key)]
-        for size in range(2, min(len(idx_all), MAX_RANK) + 1):
+        for size in range(2, len(idx_all) + 1):    # every size: exact mode takes any number of vectors
             for idx in itertools.combinations(idx_all, size):
                 sub = R.extract(list(idx), list(idx))
                 if sub.is_diagonal():
@@ -239,7 +240,8 @@ def derive_implicit(obj: Objective) -> NormalForm:
     if not _holds(g.diag, 'is_positive'):   # e.g. ½‖S − S_prev‖² + ½ b‖S‖² with b of open sign: 1 + b
         _open_sign(f"implicit update of {obj.expr}: the diagonal of the Hessian is {g.diag}", g.diag, "> 0")
     _no_negative_squares(g, f"implicit update of {obj.expr}")
-    _coupled_squares(g, obj, f"implicit update of {obj.expr}")
+    if len({x for pair in g.lowrank for x in pair}) <= MAX_RANK:   # more is refused below
+        _coupled_squares(g, obj, f"implicit update of {obj.expr}")
     row_part, col_part = _hessian_split(g.diag, bool(g.lowrank), f"implicit update of {obj.expr}")
     decay = -g.prev_diag / g.diag
     row = _Row()
