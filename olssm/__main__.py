@@ -134,18 +134,37 @@ def derive_command(spec: str, latex: bool = False, steps: int = 6, source: bool 
     except DerivationError as e:   # raised while the file builds its Objective
         print(f"olssm derive: building {spec!r} failed: {e}", file=sys.stderr)
         return 2
+    import warnings
+    shown = set()
+
+    def show(caught):
+        # derive's warnings are raised at the first frame outside olssm, which here is runpy ("<frozen runpy>:88:
+        # IndefiniteHessianWarning: ..."): print them as the command's own, once each
+        for w in caught:
+            text = f"olssm derive: {w.category.__name__}: {w.message}"
+            if text not in shown:
+                shown.add(text)
+                print(text, file=sys.stderr)
+
     try:
-        rule = derive(obj)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rule = derive(obj)
     except DerivationError as e:
+        show(caught)
         print(f"no closed form: {e}", file=out)
         return 3
+    show(caught)
     print(f"objective: {obj.summary()}  (update: {rule.mode})", file=out)
     print(rule.latex() if latex else str(rule), file=out)
     print(f"structure: {rule.structure}", file=out)
     print("inputs: " + ", ".join(f"{n} ({s.role}, {s.kind}, {s.domain})" for n, s in rule.inputs.items()), file=out)
     if source:
         print("\n" + rule.kernel_source("triton"), file=out)
-    report = verify(obj, steps=steps)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = verify(obj, steps=steps)
+    show(caught)
     print(report, file=out)
     return 0 if report.ok else 1
 

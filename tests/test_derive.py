@@ -585,3 +585,19 @@ def test_coupled_squares_reads_every_minor_of_a_large_exact_block():
                 lam=torch.tensor(0.5, dtype=torch.float64))]
     rep = olssm.verify(rule, inputs=big)
     assert not rep.ok and rep.no_minimum, rep
+
+
+def test_cli_prints_derives_warnings_as_its_own(tmp_path, capsys):
+    # `python -m olssm derive` on an indefinite objective printed "<frozen runpy>:88: IndefiniteHessianWarning: …"
+    # (the first frame outside olssm is runpy's); now the command prints each warning once, as its own, and exits 1
+    # (the solver finds no minimum)
+    from olssm.__main__ import main
+    f = tmp_path / "saddle.py"
+    f.write_text("import olssm.objectives as O\n"
+                 "S, Sp = O.states()\n"
+                 "k, v, k1 = O.key('k'), O.value('v'), O.key('k1')\n"
+                 "obj = O.Objective(O.sqnorm(S - Sp) / 2 + O.inner(S @ k, S @ k1) - O.inner(S @ k, v))\n")
+    assert main(["derive", f"{f}:obj", "--steps", "2"]) == 1
+    cap = capsys.readouterr()
+    assert cap.err.count("olssm derive: IndefiniteHessianWarning: implicit update") == 1, cap.err
+    assert "no minimum at step(s)" in cap.out and "IndefiniteHessianWarning names the term" in cap.out
