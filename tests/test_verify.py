@@ -115,3 +115,21 @@ def test_verify_reaches_a_minimiser_far_from_the_start():
         assert -1 < float(seq[0]["lam"]) < -0.1
         rep = olssm.verify(rule, seed=seed)
         assert rep.ok and not rep.no_minimum, (seed, rep)
+
+
+def test_verify_checks_both_signs_of_a_scalar_real_parameter():
+    # a scalar 'real' parameter is one number per run (negative for an even seed), so the default check saw one
+    # sign: the rule S_prev − |a| v kᵀ for ½‖S − S_prev‖² − ⟨S k, a v⟩ (right only for a < 0) verified OK at seed 0
+    S, Sp = O.states()
+    k, v, a = O.key("k"), O.value("v"), O.parameter("a")
+    obj = O.Objective(O.sqnorm(S - Sp) / 2 - O.inner(S @ k, a * v))
+    rule = olssm.derive(obj)
+    (term,) = rule.form.inputs
+    wrong = Rule(obj, dataclasses.replace(rule.form, inputs=(dataclasses.replace(
+        term, coef=term.coef.subs(a, -sp.sqrt(a ** 2))),)))
+    assert float(random_inputs(rule, 1, 4, 3, 0)[0]["a"]) < 0
+    for seed in (0, 1):
+        good, bad = olssm.verify(rule, seed=seed), olssm.verify(wrong, seed=seed)
+        assert good.ok, good
+        assert not bad.ok and bad.max_error > 0.1, bad     # |a| + a = 2a ≥ 0.2 with a > 0: no rounding
+        assert "checks both signs; this run has a = 0." in bad.note, bad.note

@@ -280,8 +280,10 @@ def verify(objective_or_rule, steps: int = 6, d_k: int | None = None, d_v: int |
     diagonal of open sign): where a drawn value leaves a step's objective without a minimum (its Hessian in S has
     a negative eigenvalue, NO_MINIMUM_RTOL), the report is not OK, `no_minimum` lists the steps, and the note
     names the open-sign inputs drawn there; the steps where a negative value still leaves a minimum are checked
-    like any other. So a rule is OK only if it is the minimiser over the declared domains; to check a narrower
-    range, declare it (domain='positive', 'unit', ...) or pass `inputs=` (olssm/verify/NOTES.md)."""
+    like any other. A scalar 'real' parameter is one number per run: verify runs the drawn inputs and the same with
+    it negated, and reports the first run that is not OK. So a rule is OK only if it is the minimiser over the
+    declared domains; to check a narrower range, declare it (domain='positive', 'unit', ...) or pass `inputs=`
+    (olssm/verify/NOTES.md)."""
     rule = derive(objective_or_rule)
     obj: Objective = rule.objective
     if inputs is not None:
@@ -295,6 +297,10 @@ def verify(objective_or_rule, steps: int = 6, d_k: int | None = None, d_v: int |
             raise ValueError(f"verify: needs at least one step, got steps={steps}")
         d_k, d_v = d_k or 4, d_v or 3
         seq = random_inputs(rule, steps, d_k, d_v, seed)
+        one_sign = [n for n, s in _input_specs(rule).items()
+                    if s.is_parameter and s.kind == SCALAR and s.domain == "real"]
+        if one_sign:
+            return _both_signs(rule, seq, one_sign, d_k, d_v, seed, tolerance)
     steps = len(seq)
     if steps < 1:
         raise ValueError(f"verify: needs at least one step, got {steps}")
@@ -369,6 +375,27 @@ def verify(objective_or_rule, steps: int = 6, d_k: int | None = None, d_v: int |
     specs = _input_specs(rule)
     return VerifyReport(obj.name or str(obj.expr), rule.mode, steps, d_k, d_v, s_err, o_err, per_step,
                         tolerance, note=_no_minimum_note(no_min, seq, specs), no_minimum=tuple(no_min))
+
+
+def _both_signs(rule, seq, names, d_k, d_v, seed, tolerance) -> VerifyReport:
+    """A scalar 'real' parameter is one number per run, so one run checks one sign (negative for an even seed): a
+    rule right only for that sign (−|a| for a) had verified OK by default. Run the drawn inputs, then the same
+    inputs with those parameters negated; report the first run that is not OK (its note says which signs), else
+    the first run with the worse errors of both."""
+    runs = []
+    for flip in (False, True):
+        steps = [dict(x, **{n: -x[n] for n in names}) for x in seq] if flip else seq
+        runs.append((verify(rule, d_k=d_k, d_v=d_v, seed=seed, tolerance=tolerance, inputs=steps), steps))
+    drawn = ", ".join(f"{n} = {float(runs[0][1][0][n]):.2g}" for n in names)
+    for i, (rep, steps) in enumerate(runs):
+        if not rep.ok:
+            which = ", ".join(f"{n} = {float(steps[0][n]):.2g}" for n in names)
+            why = (f"a scalar 'real' parameter is one number per run, so verify checks both signs; this run has "
+                   f"{which}" + (f" (the drawn {drawn} verified OK)" if i else ""))
+            return dataclasses.replace(rep, note=why + (f"; {rep.note}" if rep.note else ""))
+    (a, _), (b, _) = runs
+    return dataclasses.replace(a, state_error=_worst(a.state_error, b.state_error),
+                               output_error=_worst(a.output_error, b.output_error))
 
 
 def _no_minimum_note(no_min, seq, specs) -> str:
