@@ -133,3 +133,19 @@ def test_verify_checks_both_signs_of_a_scalar_real_parameter():
         assert good.ok, good
         assert not bad.ok and bad.max_error > 0.1, bad     # |a| + a = 2a ≥ 0.2 with a > 0: no rounding
         assert "checks both signs; this run has a = 0." in bad.note, bad.note
+
+
+def test_no_minimum_note_names_only_inputs_the_hessian_reads():
+    # ½‖S − a S_prev‖² + ⟨S k, S k₁⟩ − ⟨S k, v⟩ with a 'real' a: the cross term makes the Hessian I + k k₁ᵀ + k₁ kᵀ
+    # indefinite, a does not enter it; the note had blamed "a = -0.97" and told the user to declare a's domain
+    S, Sp = O.states()
+    k, v, k1, a = O.key("k"), O.value("v"), O.key("k1"), O.scalar("a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", O.IndefiniteHessianWarning)
+        warnings.simplefilter("ignore", O.UnknownSignWarning)
+        rep = olssm.verify(O.Objective(O.sqnorm(S - a * Sp) / 2 + O.inner(S @ k, S @ k1) - O.inner(S @ k, v)))
+        assert not rep.ok and rep.no_minimum
+        assert "a = " not in rep.note and "IndefiniteHessianWarning names the term" in rep.note, rep.note
+        # an open-sign weight the Hessian does read is still named
+        rep = olssm.verify(O.Objective(O.sqnorm(S - a * Sp) / 2 + O.sqnorm(S @ k - v, weight=O.row("b")) / 2))
+    assert rep.no_minimum and "b = [" in rep.note and "a = " not in rep.note, rep.note

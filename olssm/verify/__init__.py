@@ -25,7 +25,7 @@ import sympy as sp
 import torch
 
 from ..derive import Rule, derive
-from ..derive.gradient import is_proximal
+from ..derive.gradient import gradient, is_proximal
 from ..derive.rule import evaluator
 from ..objectives.core import COLUMN, ELEMENTWISE, ROW, SCALAR, MatrixAffine, Objective, VectorAffine
 
@@ -374,7 +374,19 @@ def verify(objective_or_rule, steps: int = 6, d_k: int | None = None, d_v: int |
             s_err, o_err = _worst(s_err, e1), _worst(o_err, e2)
     specs = _input_specs(rule)
     return VerifyReport(obj.name or str(obj.expr), rule.mode, steps, d_k, d_v, s_err, o_err, per_step,
-                        tolerance, note=_no_minimum_note(no_min, seq, specs), no_minimum=tuple(no_min))
+                        tolerance, note=_no_minimum_note(no_min, seq, specs, _hessian_inputs(obj) if no_min else ()),
+                        no_minimum=tuple(no_min))
+
+
+def _hessian_inputs(obj: Objective) -> set:
+    """Names of the inputs the Hessian in S reads (the quadratic part: diagonal, squared losses and cross terms;
+    for exact least squares also the ridge and the forgetting factor), not those of S_prev's decay or the linear
+    terms, which cannot take a minimum away."""
+    g = gradient(obj.expr.terms)
+    exprs = [g.diag, *g.lowrank.values(), *(x for pair in g.lowrank for x in pair)]
+    if obj.update == "exact":
+        exprs += [e for e in (obj.ridge, obj.decay) if e is not None]
+    return {x.name for e in exprs for x in sp.sympify(e).free_symbols}
 
 
 def _both_signs(rule, seq, names, d_k, d_v, seed, tolerance) -> VerifyReport:
@@ -398,12 +410,15 @@ def _both_signs(rule, seq, names, d_k, d_v, seed, tolerance) -> VerifyReport:
                                output_error=_worst(a.output_error, b.output_error))
 
 
-def _no_minimum_note(no_min, seq, specs) -> str:
-    """Why a step has no minimum: its Hessian's eigenvalue, and the open-sign ('real') inputs drawn there."""
+def _no_minimum_note(no_min, seq, specs, hessian_inputs) -> str:
+    """Why a step has no minimum: its Hessian's eigenvalue, and the open-sign ('real') inputs drawn there that the
+    Hessian reads (a 'real' decay of S_prev beside an indefinite cross term had been blamed, and the user told to
+    declare its domain)."""
     if not no_min:
         return ""
     t, lowest = no_min[0]
-    open_sign = [n for n, s in specs.items() if s.domain == "real" and s.role not in ("key", "query", "value")]
+    open_sign = [n for n, s in specs.items() if s.domain == "real" and s.role not in ("key", "query", "value")
+                 and n in hessian_inputs]
 
     def shown(x):
         x = torch.as_tensor(x)
@@ -413,7 +428,7 @@ def _no_minimum_note(no_min, seq, specs) -> str:
     why = (f"; the open-sign ('real'-domain) inputs drawn there: {drawn} (derive's UnknownSignWarning names those "
            "the minimiser needs of one sign): declare their domain (e.g. 'positive' or 'unit'), or pass inputs= "
            "within the range you use" if drawn else
-           "; no input of open sign is involved, so the objective's quadratic part is not positive semidefinite "
+           "; no input of open sign enters its Hessian, so the objective's quadratic part is not positive semidefinite "
            "for these inputs (derive's IndefiniteHessianWarning names the term, e.g. a cross term ⟨S k₀, S k₁⟩)")
     return (f"the objective has no minimum at step {t} (the smallest eigenvalue of its Hessian in S is "
             f"{lowest:.2g} relative to the largest magnitude): the rule returns a stationary point that is not a "
