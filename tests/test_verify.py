@@ -45,16 +45,23 @@ def test_verify_draws_real_inputs_of_both_signs():
     assert olssm.verify(rule).ok
 
 
-def test_verify_catches_a_rule_that_assumed_a_positive_sign():
-    # ½‖S − S_prev‖² − ⟨S k, a v⟩ has the minimiser S_prev + a v kᵀ for every a; the rule a derivation gets when it
-    # treats a as positive (√(a²) → a read the other way: |a| v kᵀ) had verified OK by default
+def _rule_and_one_assuming_a_sign(a, sign):
+    """½‖S − S_prev‖² − ⟨S k, a v⟩ derived (minimiser S_prev + a v kᵀ for every a), and the rule a derivation gets
+    when it assumes a's sign: a replaced by sign·|a|; and a's symbol."""
     S, Sp = O.states()
-    k, v, a = O.key("k"), O.value("v"), O.scalar("a")
+    k, v = O.key("k"), O.value("v")
     obj = O.Objective(O.sqnorm(S - Sp) / 2 - O.inner(S @ k, a * v))
     rule = olssm.derive(obj)
     (term,) = rule.form.inputs
     wrong = Rule(obj, dataclasses.replace(rule.form, inputs=(dataclasses.replace(
-        term, coef=term.coef.subs(a, sp.sqrt(a ** 2))),)))
+        term, coef=term.coef.subs(a, sign * sp.sqrt(a ** 2))),)))
+    return rule, wrong, a
+
+
+def test_verify_catches_a_rule_that_assumed_a_positive_sign():
+    # ½‖S − S_prev‖² − ⟨S k, a v⟩ has the minimiser S_prev + a v kᵀ for every a; the rule a derivation gets when it
+    # treats a as positive (√(a²) → a read the other way: |a| v kᵀ) had verified OK by default
+    rule, wrong, a = _rule_and_one_assuming_a_sign(O.scalar("a"), +1)
     # the closed form itself, by hand: float64, so agreement to 1e-12 is rounding only
     S0, kk, vv, aa = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64), \
         torch.randn(3, dtype=torch.float64), torch.tensor(-0.5, dtype=torch.float64)
@@ -120,13 +127,7 @@ def test_verify_reaches_a_minimiser_far_from_the_start():
 def test_verify_checks_both_signs_of_a_scalar_real_parameter():
     # a scalar 'real' parameter is one number per run (negative for an even seed), so the default check saw one
     # sign: the rule S_prev − |a| v kᵀ for ½‖S − S_prev‖² − ⟨S k, a v⟩ (right only for a < 0) verified OK at seed 0
-    S, Sp = O.states()
-    k, v, a = O.key("k"), O.value("v"), O.parameter("a")
-    obj = O.Objective(O.sqnorm(S - Sp) / 2 - O.inner(S @ k, a * v))
-    rule = olssm.derive(obj)
-    (term,) = rule.form.inputs
-    wrong = Rule(obj, dataclasses.replace(rule.form, inputs=(dataclasses.replace(
-        term, coef=term.coef.subs(a, -sp.sqrt(a ** 2))),)))
+    rule, wrong = _rule_and_one_assuming_a_sign(O.parameter("a"), -1)[:2]
     assert float(random_inputs(rule, 1, 4, 3, 0)[0]["a"]) < 0
     for seed in (0, 1):
         good, bad = olssm.verify(rule, seed=seed), olssm.verify(wrong, seed=seed)

@@ -390,22 +390,14 @@ def _exact_signs(diag, ridge, gamma, where):
     every input: a refusal, as for a negative squared-loss weight; of open sign: UnknownSignWarning. These had not
     been checked: a 'real' ridge derived silently and verify reported steps without a minimum."""
     if gamma != 1:
-        if _holds(gamma, "is_negative"):
-            raise DerivationError(f"{where}: the forgetting factor {gamma} is negative, so the previous token's "
-                                  "squared loss enters H_t with a negative weight and the prefix objective has no "
-                                  "minimum for large keys; use a decay in (0, 1] (domain='decay')")
-        if not _holds(gamma, "is_nonnegative"):
-            _open_sign(f"{where}: the forgetting factor is {gamma}", gamma, ">= 0")
-    warned = False
-    if diag != 0:
-        if _holds(diag, "is_negative"):
-            raise DerivationError(f"{where}: the per-token term on ‖S‖² has weight {diag} < 0; it accumulates over "
-                                  "the prefix, so H_t loses its minimum on long sequences; use a nonnegative weight "
-                                  "(or the ridge= for a prior)")
-        if not _holds(diag, "is_nonnegative"):
-            _open_sign(f"{where}: the per-token term on ‖S‖² has weight {diag} (it accumulates over the prefix)",
-                       diag, ">= 0")
-            warned = True
+        _nonnegative(gamma, f"{where}: the forgetting factor {gamma} is negative, so the previous token's squared "
+                            "loss enters H_t with a negative weight and the prefix objective has no minimum for "
+                            "large keys; use a decay in (0, 1] (domain='decay')",
+                     f"{where}: the forgetting factor is {gamma}")
+    warned = diag != 0 and _nonnegative(
+        diag, f"{where}: the per-token term on ‖S‖² has weight {diag} < 0; it accumulates over the prefix, so H_t "
+              "loses its minimum on long sequences; use a nonnegative weight (or the ridge= for a prior)",
+        f"{where}: the per-token term on ‖S‖² has weight {diag} (it accumulates over the prefix)")
     h0 = simplify(diag + ridge)
     if _holds(h0, "is_nonpositive"):
         raise DerivationError(f"{where}: the first token's Hessian is R u uᵀ + ({h0}) I, whose eigenvalue {h0} ≤ 0 "
@@ -415,6 +407,17 @@ def _exact_signs(diag, ridge, gamma, where):
         what = "the ridge" if diag == 0 else "the ridge plus the per-token ‖S‖² weight"
         _open_sign(f"{where}: {what} is {h0}, the first token's Hessian's eigenvalue on keys orthogonal to u",
                    h0, "> 0")
+
+
+def _nonnegative(x, refusal: str, what: str) -> bool:
+    """x must be ≥ 0 for every input: a DerivationError (refusal) where it is negative for all of them, an
+    UnknownSignWarning (what ...) where its sign is open; True when it warned."""
+    if _holds(x, "is_negative"):
+        raise DerivationError(refusal)
+    if not _holds(x, "is_nonnegative"):
+        _open_sign(what, x, ">= 0")
+        return True
+    return False
 
 
 def _rls_form(obj, where, gamma, gram, gram_diag, moments, ridge) -> RLSForm:
