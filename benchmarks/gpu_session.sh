@@ -8,8 +8,8 @@
 # Stages, in the order a session should spend its time:
 #   lease        the first call of a lease (its timeouts add to 500 s): the compiled tests, the D = 64 table (five
 #                rules, fla's kernels but chunk_gla; the recurrent kernel's old geometry as a
-#                variant row), DeltaNet / Gated DeltaNet at D = 128 against fla's chunk, the wide-key settings off and
-#                with WIDE_BLOCKS' narrower blocks
+#                variant row), DeltaNet / Gated DeltaNet at D = 128 against fla's chunk, the wide-key settings off,
+#                WIDE_BLOCKS' narrower blocks, and bf16 chunk tensors (chunk_storage:input: no fp32 copies of q, k, v)
 #   variants     the defaults against their alternatives (the wide-key settings off, the recurrent kernel's old
 #                32 rows / 4 warps, bf16 operands at D = 64), rows interleaved in one process per shape, then a
 #                profile of DeltaNet at D = 128 (timeouts add to 380 s)
@@ -65,7 +65,7 @@ case $stage in
             --variants 'rec32=block_v:32,warps:4;again=' 2>&1 | tee "$out/bench64.txt"
         timeout 200 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
             --peak-gbs $gbs --reps 5 --skip "$fla_skip,*:torch-chunk,*:fla-recurrent" --rules deltanet,gated_deltanet \
-            --variants 'narrow=wide:off;wb=wide_blocks:1;again=' 2>&1 | tee "$out/bench128.txt" ;;
+            --variants 'narrow=wide:off;wb=wide_blocks:1;cs=chunk_storage:input;again=' 2>&1 | tee "$out/bench128.txt" ;;
     variants)
         # the defaults against their alternatives in one process, rows interleaved per rule (session 8: separate
         # processes drifted, DeltaNet's D = 64 chunk row 2.46 -> 3.65 ms between calls). Session 8 set the wide-key
@@ -77,7 +77,7 @@ case $stage in
         timeout 185 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
             --peak-gbs 4800 --reps 5 --rules deltanet,gated_deltanet \
             --skip '*:torch-chunk,*:fla-recurrent' \
-            --variants 'narrow=wide:off;wb=wide_blocks:1;rec32=block_v:32,warps:4;again=' 2>&1 | tee "$out/variants128.txt"
+            --variants 'narrow=wide:off;wb=wide_blocks:1;cs=chunk_storage:input;rec32=block_v:32,warps:4;again=' 2>&1 | tee "$out/variants128.txt"
         timeout 135 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
             --peak-gbs 4800 --reps 5 --rules deltanet,gated_deltanet,mamba2,gla,longhorn \
             --skip '*:torch-chunk,gla:fla-chunk' \

@@ -127,7 +127,7 @@ def main(argv=None):
                    help="time each olssm kernel row again under other settings in this same process, rows "
                         "'KERNEL@LABEL': ';'-separated LABEL=KEY:VALUE,... with keys precision (chunked dots), chunk, "
                         "stages (chunked pipeline stages), wide (chunked.WIDE_KEYS, 'off': no wide-key settings), wide_blocks "
-                        "(chunked.WIDE_BLOCKS: 1 or 0), "
+                        "(chunked.WIDE_BLOCKS: 1 or 0), chunk_storage / checkpoint_storage (fp32 or input), "
                         "block_v, warps (recurrent kernel); e.g. 'narrow=wide:off;bf16=precision:bf16;again=' (an "
                         "empty setting: the defaults again, for the drift)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
@@ -268,6 +268,12 @@ def _wide(v: str):
     return n
 
 
+def _storage(v: str) -> str:
+    if v not in ("fp32", "input"):
+        raise ValueError("fp32 or input")
+    return v
+
+
 def _switch(v: str) -> bool:
     if v not in ("0", "1", "on", "off"):
         raise ValueError("1 / on or 0 / off")
@@ -282,6 +288,8 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _precision, "chunk")
                  "stages": (chunked, ("NUM_STAGES",), _positive, "chunk"),
                  "wide": (chunked, ("WIDE_KEYS",), _wide, "chunk"),
                  "wide_blocks": (chunked, ("WIDE_BLOCKS",), _switch, "chunk"),
+                 "chunk_storage": (chunked, ("CHUNK_STORAGE",), _storage, "chunk"),
+                 "checkpoint_storage": (chunked, ("CHECKPOINT_STORAGE",), _storage, "chunk"),
                  "block_v": (tscan, ("BLOCK_V",), _pow2, "recurrent"),
                  "warps": (tscan, ("NUM_WARPS",), _pow2, "recurrent")}
 
