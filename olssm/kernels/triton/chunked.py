@@ -935,16 +935,17 @@ def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_p
 
 
 #: tl.dot precision: "auto" (the default), "ieee", "tf32", "tf32x3" or "bf16" (operands rounded to bf16, fp32
-#: accumulation and state: fla's precision; _mm). "auto" is "tf32" when the
-#: scan's inputs are bf16/fp16 (their own rounding, 2⁻⁸ for bf16, exceeds tf32's 2⁻¹¹) and "ieee"
-#: (true fp32, ~1e-6 of the reference) for fp32 inputs. Measured on an H100 (benchmarks/RESULTS.md):
-#: "ieee" dots are lowered to FMA loops that spill 3–10 KB per thread and run 10–40× slower, so
-#: backend="auto" runs fp32 inputs through the recurrent kernel instead. See TRITON.md.
+#: accumulation and state: fla's precision; _mm). "auto" is "tf32" (bf16 on the wide-key path without a decay,
+#: WIDE_KEYS) when the scan's inputs are bf16/fp16 (their own rounding, 2⁻⁸ for bf16, exceeds tf32's 2⁻¹¹) and "ieee"
+#: (true fp32, ~1e-6 of the reference) for fp32 inputs. Measured on an H100 (benchmarks/RESULTS.md): "ieee" dots are
+#: lowered to FMA loops that spill 3–10 KB per thread and run 10–40× slower, so backend="auto" runs fp32 inputs through
+#: the recurrent kernel instead. See TRITON.md.
 DOT_PRECISION = "auto"
 #: warps per program of the chunked kernels: 8 keeps the [BT, BK] and [BV, BK] tiles of d_k=64..128
 #: in registers with tf32 dots (sm_90 report: 4 warps spill 100–700 B/thread, 8 warps 0–300 B)
 NUM_WARPS = 8
-#: software-pipelining stages of the chunked kernels' loops (None: Triton's default, 3). Shared memory grows
+#: software-pipelining stages of the chunked kernels' loops (None: Triton's default, 3; WIDE_STAGES on the
+#: wide-key path). Shared memory grows
 #: with the stages: at chunk 64 and d_k = 128 the state kernels need ~270 KB with 3 (over an H100's 227 KB);
 #: 2 is what would let chunk 64 launch there (wgmma needs 64-row operands: chunk 32 compiles to mma.sync).
 #: Timed once with chunk 64 at d = 128 (H200, session 7: DeltaNet 6.97 vs chunk 32's 7.70 ms fwd+bwd, across calls);
@@ -971,25 +972,29 @@ def _precision(dtype=torch.float32, bf16_operands: bool = False) -> str:
     return p
 
 
-#: head sizes d_k above WIDE_KEYS on the split delta path with one correction and one input term (scalar c,
-#: none / scalar decay: DeltaNet, Gated DeltaNet) take the wide-key settings: chunks of library.WIDE_CHUNK (64)
-#: tokens, WIDE_STAGES pipeline stages (3 would need ~270 KB of shared memory at chunk 64 and d_k 128, over an
-#: H100's 227 KB; more input terms or rank-R sub-tokens need 262-279 KB even with 2) and, for bf16 inputs without a
-#: decay (DeltaNet) under "auto", bf16 dot operands (fla's precision: halves the operands' registers; sm_90, the
-#: state kernel's spills 392 -> 136 B/thread). H200, (2, 8192, 16, 128) bf16 (benchmarks/RESULTS.md, session 8):
-#: DeltaNet 2.83 / 6.97 -> 2.06 / 5.70 ms fwd / fwd+bwd (one process; o's error unchanged, 4.3e-3); Gated DeltaNet
-#: 3.03 / 8.43 -> 2.38 / 7.23 with tf32 operands (separate processes), 2.20 / 6.53 with bf16 ones. A decay keeps
-#: tf32 operands because ∂ log γ is a reverse cumulative sum over the chunk of differences of products (the key
-#: kernel's dbt): with bf16 operands it was 2.1 % of its largest value off the reference at chunk 64, d_k = 72
-#: (1.2 % at chunk 32; 0.55 % from rounding the inputs alone), found by a probing helper under the interpreter.
-#: At d_k = 64 neither setting paid in fwd+bwd (within the run-to-run spread). None: off
+#: head sizes d_k above WIDE_KEYS on the split delta path with one correction and one input term (scalar c, none /
+#: scalar decay: DeltaNet, Gated DeltaNet) take the wide-key settings: chunks of library.WIDE_CHUNK (64) tokens,
+#: WIDE_STAGES pipeline stages (3 would need ~270 KB of shared memory at chunk 64 and d_k 128, over an H100's 227 KB;
+#: more input terms or rank-R sub-tokens need 262-279 KB even with 2) and, for bf16 inputs without a decay (DeltaNet)
+#: under "auto", bf16 dot operands (fla's precision: halves the operands' registers; sm_90, DeltaNet's split state
+#: kernel at chunk 64 / 2 stages spills 168 -> 48 B/thread, Triton 3.9 AOT; the 392 -> 136 quoted before matches no
+#: fp32-storage compile here, bf16 chunk tensors at chunk 32 give 424 -> 136). wide() does not read DELTA_FORWARD: the
+#: fused forward takes the same settings (untimed). H200, (2, 8192, 16, 128) bf16 (benchmarks/RESULTS.md, session 8):
+#: DeltaNet 2.83 / 6.97 -> 2.06 / 5.70 ms fwd / fwd+bwd (one process; o's error unchanged, 4.3e-3); Gated DeltaNet 3.03
+#: / 8.43 -> 2.38 / 7.23 with tf32 operands (separate processes), 2.20 / 6.53 with bf16 ones. A decay keeps tf32
+#: operands because ∂ log γ is a reverse cumulative sum over the chunk of differences of products (the key kernel's
+#: dbt): with bf16 operands it was 2.1 % of its largest value off the reference at chunk 64, d_k = 72 (1.2 % at chunk
+#: 32; 0.55 % from rounding the inputs alone), found by a probing helper under the interpreter. At d_k = 64 neither
+#: setting paid in fwd+bwd (within the run-to-run spread). None: off (library.WIDE_CHUNK = None turns off only the chunk
+#: size)
 WIDE_KEYS = 64
 WIDE_STAGES = 2
-#: narrower blocks on the wide-key path (off: untimed). sm_90 spills per thread at chunk 64, bf16 operands,
-#: d_k = d_v = 128, 8 warps (aot_check's compile_for, session 8): prep and out take 32 key columns per operand
-#: instead of SPLIT_BLOCK_K's 64 (360 -> 32 B, 56 -> 0), the state passes 16 value rows instead of 32 (forward
-#: 56 -> 0 B, backward 480 -> 224, twice the programs), the backward's key kernel 32 key columns instead of
-#: KEY_BLOCK_K's 64 (560 -> 176 B, twice the programs). gpu_session.sh variants times it (wide_blocks:1)
+#: narrower blocks on the wide-key path (off: untimed). sm_90 spills per thread at chunk 64, bf16 operands, d_k = d_v =
+#: 128, 8 warps, the decay = scalar variants (aot_check's compile_for, session 8; TRITON.md has DeltaNet's): prep and
+#: out take 32 key columns per operand instead of SPLIT_BLOCK_K's 64 (360 -> 32 B, 56 -> 0), the state passes 16 value
+#: rows instead of 32 (forward 56 -> 0 B, backward 480 -> 224, twice the programs), the backward's key kernel 32 key
+#: columns instead of KEY_BLOCK_K's 64 (560 -> 176 B, twice the programs). gpu_session.sh variants times it
+#: (wide_blocks:1)
 WIDE_BLOCKS = False
 
 

@@ -394,8 +394,9 @@ def evaluate_entries(plan, ins: dict, sizes) -> list:
 FORCE = None
 #: tokens per chunk of the chunked kernels (also the backward's checkpoint interval on that path)
 CHUNK = 32
-#: tokens per chunk where the wide-key settings apply (chunked.wide: the split delta path at d_k > 64; with 2
-#: pipeline stages, and bf16 dot operands for bf16 inputs). None: CHUNK everywhere
+#: tokens per chunk where the wide-key settings apply (chunked.wide: the delta path with scalar c and none / scalar
+#: decay at d_k > 64; with 2 pipeline stages, and bf16 dot operands for bf16 inputs without a decay). None: CHUNK
+#: everywhere (the stages and operands stay: chunked.WIDE_KEYS = None turns those off)
 WIDE_CHUNK = 64
 
 

@@ -22,12 +22,13 @@ from .printer import codegen as _cse
 #: None picks the power of two nearest sqrt(longest sequence), clamped to [8, 64], which balances
 #: the checkpoints (∝ T/C states) against the backward's scratch buffer (∝ C states)
 CHECKPOINT = None
-#: value rows per program; None picks min(next_pow2(d_v), 8). With NUM_WARPS = 1 (fla's fused_recurrent
-#: geometry) a program holds the same [BV, BK] state per thread as 32 rows on 4 warps did, and there are 4x the
-#: programs: at (2, 8192, 16, 128) bf16 the old 32 rows / 4 warps made 128 programs for 132 SMs. H200, one process
-#: (benchmarks/RESULTS.md, session 8): DeltaNet 20.08 / 79.19 -> 9.22 / 41.45 ms fwd / fwd+bwd (fla's
-#: fused_recurrent: 9.68 / 55.92), Gated DeltaNet 18.77 / 84.56 -> 9.88 / 39.07. Not timed at d = 64 (the same
-#: 128 programs at B = 4 there). The autotuner still tries 16 / 2 and 32 / 4
+#: value rows per program; None picks min(next_pow2(d_v), 8). With 1 warp (loop_warps; fla's fused_recurrent
+#: forward geometry, its backward takes 32 rows on 2 warps) a program holds the same [BV, BK] state per thread as
+#: 32 rows on 4 warps did, and there are 4x the programs: at (2, 8192, 16, 128) bf16 the old 32 rows / 4 warps
+#: made 128 programs for 132 SMs. H200, one process (benchmarks/RESULTS.md, session 8): DeltaNet 20.08 / 79.19 ->
+#: 9.22 / 41.45 ms fwd / fwd+bwd (fla's fused_recurrent, another process: 9.68 / 55.92), Gated DeltaNet
+#: 18.77 / 84.56 -> 9.88 / 39.07. Not timed at d = 64 (the same 128 programs at B = 4 there). The autotuner still
+#: tries 16 / 2 and 32 / 4
 BLOCK_V = None
 #: warps per program of the recurrent kernels (see BLOCK_V); None: loop_warps
 NUM_WARPS = None
@@ -35,7 +36,8 @@ NUM_WARPS = None
 
 def loop_warps(BK: int) -> int:
     """Warps per recurrent program: NUM_WARPS, else 1, and 2 when BK > 128, so that a thread's share of a
-    [8, BK] state tile stays at most 32 elements (the in-kernel reverse mode holds ~15 such tiles)."""
+    [8, BK] state tile stays at most 32 elements up to d_k = 256 (the in-kernel reverse mode holds ~15 such
+    tiles)."""
     return int(NUM_WARPS) if NUM_WARPS else 1 if BK <= 128 else 2
 
 _LOCK = threading.Lock()
