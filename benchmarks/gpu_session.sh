@@ -10,9 +10,9 @@
 #                rules, fla's kernels but chunk_gla; the recurrent kernel's old geometry as a
 #                variant row), DeltaNet / Gated DeltaNet at D = 128 against fla's chunk, the wide-key settings off,
 #                WIDE_BLOCKS' narrower blocks, and bf16 chunk tensors (chunk_storage:input: no fp32 copies of q, k, v)
-#   variants     the defaults against their alternatives (the wide-key settings off, the recurrent kernel's old
-#                32 rows / 4 warps, bf16 operands at D = 64), rows interleaved in one process per shape, then a
-#                profile of DeltaNet at D = 128 (timeouts add to 380 s)
+#   variants     the defaults against their alternatives (the wide-key settings off, WIDE_BLOCKS, bf16 chunk tensors
+#                at D = 128; the recurrent kernel's old 32 rows / 4 warps; bf16 operands at D = 64), rows interleaved
+#                in one process per shape, then a profile of DeltaNet at D = 128 (timeouts add to 380 s)
 #   tests        the Triton test files with compiled kernels (no interpreter), 8 workers
 #   tests1/2     the same in two halves, if `tests` ran past its 570 s
 #   delta64      (4, 2048, 16, 64) bf16: DeltaNet, Gated DeltaNet, Longhorn, RLS, derived rules (two_keys: rank-2
@@ -50,7 +50,7 @@ triton_tests=(tests/test_triton.py tests/test_triton_chunked.py tests/test_trito
 case $stage in
     lease)
         # the compiled tests first (session 8's defaults have not run compiled), then the D = 64 table with fla's
-        # kernels, then D = 128 with the old defaults as variant rows in the same process
+        # kernels, then D = 128 with the old chunked defaults, WIDE_BLOCKS and bf16 chunk tensors as variant rows
         with_fla
         export PYTHONUNBUFFERED=1
         gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800   # vendor HBM bandwidth, for the HBM % column
@@ -69,7 +69,7 @@ case $stage in
     variants)
         # the defaults against their alternatives in one process, rows interleaved per rule (session 8: separate
         # processes drifted, DeltaNet's D = 64 chunk row 2.46 -> 3.65 ms between calls). Session 8 set the wide-key
-        # settings (chunk 64, 2 stages, bf16 operands: split delta path at d_k > 64) and the recurrent kernel's 8 rows
+        # settings (chunk 64, 2 stages, bf16 operands without a decay: d_k > 64) and the recurrent kernel's 8 rows
         # / 1 warp from D = 128 rows; `narrow` and `rec32` are the old defaults. D = 64 times the recurrent geometry
         # there (never timed) and bf16 operands once more
         with_fla
