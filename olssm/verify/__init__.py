@@ -66,7 +66,7 @@ def objective_value(terms, S, Sp, inp):
 #: -NO_MINIMUM_RTOL x its largest magnitude (floored at 1). The objective is quadratic, autograd gives its Hessian
 #: exactly up to float64 rounding (~1e-16 relative, and eigvalsh adds ~d·1e-16), so a PSD Hessian (a singular one
 #: included) never reads below -1e-14 relative; 1e-9 leaves five orders of margin either side, while the open-sign
-#: weights that break convexity give eigenvalues of order -0.1..-1 relative.
+#: weights that break convexity give eigenvalues of order -0.01..-1 relative (-0.037 for a cross term at seed 3).
 NO_MINIMUM_RTOL = 1e-9
 
 
