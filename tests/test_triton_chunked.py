@@ -291,6 +291,7 @@ def test_wide_key_settings(monkeypatch):
         assert not tchunk.wide(plan.rule.form, 64), name
         assert tlib.chunk_size(plan, 128) == (64 if wide else 16), name   # 16: the _small fixture's CHUNK
         assert tlib.chunk_size(plan, 64) == 16, name
+        assert tlib.chunk_size(plan, 128, "fused") == 16, name   # the fused forward keeps CHUNK (untimed at 64)
     assert tchunk._launch_opts(True)["num_stages"] == 2 and "num_stages" not in tchunk._launch_opts(False)
     assert tchunk._precision(torch.bfloat16, True) in ("bf16", "bf16_interpreted")
     assert tchunk._precision(torch.bfloat16, False) == tchunk._precision(torch.float16, True) == "tf32"

@@ -979,7 +979,7 @@ def _precision(dtype=torch.float32, bf16_operands: bool = False) -> str:
 #: under "auto", bf16 dot operands (fla's precision: halves the operands' registers; sm_90, DeltaNet's split state
 #: kernel at chunk 64 / 2 stages spills 168 -> 48 B/thread, Triton 3.9 AOT; the 392 -> 136 quoted before matches no
 #: fp32-storage compile here, bf16 chunk tensors at chunk 32 give 424 -> 136). wide() does not read DELTA_FORWARD: the
-#: fused forward takes the same settings (untimed). H200, (2, 8192, 16, 128) bf16 (benchmarks/RESULTS.md, session 8):
+#: fused forward takes the stages and operands (untimed), its chunks stay CHUNK (library.chunk_size). H200, (2, 8192, 16, 128) bf16 (benchmarks/RESULTS.md, session 8):
 #: DeltaNet 2.83 / 6.97 -> 2.06 / 5.70 ms fwd / fwd+bwd (one process; o's error unchanged, 4.3e-3); Gated DeltaNet 3.03
 #: / 8.43 -> 2.38 / 7.23 with tf32 operands (separate processes), 2.20 / 6.53 with bf16 ones. A decay keeps tf32
 #: operands because ∂ log γ is a reverse cumulative sum over the chunk of differences of products (the key kernel's

@@ -400,10 +400,13 @@ CHUNK = 32
 WIDE_CHUNK = 64
 
 
-def chunk_size(plan, d_k: int) -> int:
-    """Tokens per chunk for this rule and head size (before the sub-token split of rank-R rules)."""
-    from .chunked import wide
-    C = WIDE_CHUNK if WIDE_CHUNK and wide(plan.rule.form, d_k) else CHUNK
+def chunk_size(plan, d_k: int, delta_forward: str = "") -> int:
+    """Tokens per chunk for this rule and head size (before the sub-token split of rank-R rules). WIDE_CHUNK on the
+    wide-key path where the delta forward is the split one (delta_forward, "" for chunked.DELTA_FORWARD): the fused
+    forward was never timed at chunk 64 and spills ~1.7 KB/thread there at d_k = 128 (sm_90 compile)."""
+    from .chunked import _delta_forward, wide
+    split = (delta_forward or _delta_forward()) == "split"
+    C = WIDE_CHUNK if WIDE_CHUNK and split and wide(plan.rule.form, d_k) else CHUNK
     # tl.dot needs every dimension >= 16 when compiled (the interpreter has no such limit)
     return C if _scan.interpreted() else max(16, C)
 
@@ -524,7 +527,7 @@ def run_config(plan, args, meta, cfg: LaunchConfig, need: bool):
     h0 = args.initial_state
     chunked = cfg.kernel == "chunk"
     BT = int(PSCAN_BLOCK_T) if cfg.kernel == "pscan" else 0
-    C = chunk_size(plan, args.d_k) if chunked else BT or meta.checkpoint
+    C = chunk_size(plan, args.d_k, cfg.delta_forward) if chunked else BT or meta.checkpoint
     if chunked:   # a rank-R rule: chunks of C / R' tokens = C sub-tokens (chunked.sub_tokens)
         from .chunked import sub_tokens
         C = max(1, C // sub_tokens(plan.rule.form))
