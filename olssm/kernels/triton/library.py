@@ -35,9 +35,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...objectives.core import COLUMN, ELEMENTWISE, ROW, spec_of
+from ...objectives.core import ELEMENTWISE, ROW, spec_of
 from . import codegen as cg
-from . import scan as _scan   # read at call time: NUM_WARPS is a knob
+from . import scan as _scan   # read at call time: BLOCK_V / NUM_WARPS are knobs
 
 _REGISTRY: dict = {}
 
