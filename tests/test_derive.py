@@ -1,6 +1,8 @@
 """Derivation: derived rules against the numerical solver (olssm.verify), the published
 recurrences, and the error contract. Tolerances: verify runs in float64; a closed form that is
 right agrees with the trust-region solver to ~1e-12, so 1e-6 can only fail on a wrong rule."""
+import warnings
+
 import pytest
 import sympy as sp
 import torch
@@ -564,7 +566,8 @@ def test_exact_mode_checks_the_sign_of_the_ridge_diagonal_and_decay():
 def test_coupled_squares_reads_every_minor_of_a_large_exact_block():
     # exact mode takes any number of keys; the minors had been read up to 4×4 only. R = 0.78 I − 0.22 (J − I) on
     # five keys has every principal minor of size ≤ 4 positive (0.12 at 4×4) and det R = −0.1 (eigenvalue −0.1):
-    # derive was silent, and with large keys the prefix objective has no minimum
+    # derive was silent, and with large keys the prefix objective has no minimum. A numeric block larger than
+    # ALL_MINORS_UP_TO is decided by its eigenvalues
     import numpy as np
     S, _ = O.states()
     ks, v = [O.key(f"k{i}") for i in range(5)], O.value("v")
@@ -577,7 +580,7 @@ def test_coupled_squares_reads_every_minor_of_a_large_exact_block():
     obj = O.Objective(expr, update="exact", ridge=O.parameter("lam", domain="positive"))
     R = np.full((5, 5), -0.22) + np.eye(5)
     assert np.linalg.eigvalsh(R)[0] == pytest.approx(-0.1) and np.linalg.det(R[:4, :4]) > 0.1
-    with pytest.warns(O.IndefiniteHessianWarning, match="principal minor -1/10"):
+    with pytest.warns(O.IndefiniteHessianWarning, match="eigenvalue -0.1"):   # numeric 5×5: its eigenvalues
         rule = olssm.derive(obj)
     g = torch.Generator().manual_seed(0)
     big = [dict({f"k{i}": 4 * torch.randn(6, generator=g, dtype=torch.float64) for i in range(5)},
@@ -601,3 +604,26 @@ def test_cli_prints_derives_warnings_as_its_own(tmp_path, capsys):
     cap = capsys.readouterr()
     assert cap.err.count("olssm derive: IndefiniteHessianWarning: implicit update") == 1, cap.err
     assert "no minimum at step(s)" in cap.out and "IndefiniteHessianWarning names the term" in cap.out
+
+
+def test_coupled_squares_bounds_its_symbolic_minors(monkeypatch):
+    # eight keys coupled by 'unit' weights c_i c_j / 10 (R = I + C with |C| ≤ 0.1 per entry: diagonally dominant,
+    # positive definite): all 2^8 principal minors, each a sign query on the reparameterised 'unit' inputs, had
+    # taken minutes; at most SYMBOLIC_MINORS determinants are formed now, and nothing warns
+    from olssm.derive import solve
+    formed = []
+    real_det = sp.MutableDenseMatrix.det
+    monkeypatch.setattr(sp.MutableDenseMatrix, "det", lambda self, *a, **k: formed.append(self.rows) or
+                        real_det(self, *a, **k))
+    S, _ = O.states()
+    ks, v = [O.key(f"k{i}") for i in range(8)], O.value("v")
+    cs = [O.scalar(f"c{i}", domain="unit") for i in range(8)]
+    expr = -O.inner(S @ ks[0], v)
+    for i in range(8):
+        expr = expr + O.sqnorm(S @ ks[i]) / 2
+        for j in range(i + 1, 8):
+            expr = expr + cs[i] * cs[j] / 10 * O.inner(S @ ks[i], S @ ks[j])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        olssm.derive(O.Objective(expr, update="exact", ridge=O.parameter("lam", domain="positive")))
+    assert 0 < len(formed) <= solve.SYMBOLIC_MINORS, len(formed)

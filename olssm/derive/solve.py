@@ -141,9 +141,10 @@ def _coupled_squares(g, obj, where):
     semidefinite; a negative eigenvalue of R makes the stationary point a saddle once the keys are large. R is
     PSD iff every principal minor is ≥ 0; a diagonal R is the squared losses' weights, which _no_negative_squares
     checks, so only minors of blocks with a cross term are read here, within each group of coupled vectors (R is
-    block diagonal over them), of every size (a 5×5 R can have every smaller principal minor ≥ 0 and a negative
-    determinant, e.g. I − 0.22 J): a minor < 0 (or ≤ 0 and not 0) warns
-    IndefiniteHessianWarning, one of open sign UnknownSignWarning, ≥ 0 for every input nothing."""
+    block diagonal over them), every one up to ALL_MINORS_UP_TO vectors and beyond that the eigenvalues (a numeric
+    block; a 5×5 R can have every smaller principal minor ≥ 0 and a negative determinant, e.g. I − 0.22 J) or the
+    leading minors (a symbolic one): a minor or eigenvalue < 0 (a minor ≤ 0 and not 0) warns
+    IndefiniteHessianWarning, a minor of open sign UnknownSignWarning, ≥ 0 for every input nothing."""
     pairs = {k: v for k, v in g.lowrank.items() if v != 0}
     coupled = {(u, w) for (u, w) in pairs if u != w}
     if not coupled:
@@ -157,40 +158,77 @@ def _coupled_squares(g, obj, where):
         for x in merged:
             group[x] = merged
     components = {frozenset(c) for c in group.values() if len(c) > 1}
-    open_minor = None
+    open_minor, symbolic = None, 0
     for comp in sorted(components, key=lambda c: sp.default_sort_key(sorted(c, key=sp.default_sort_key)[0])):
         idx_all = [vecs.index(x) for x in sorted(comp, key=sp.default_sort_key)]
-        for size in range(2, len(idx_all) + 1):    # every size: exact mode takes any number of vectors
-            for idx in itertools.combinations(idx_all, size):
-                sub = R.extract(list(idx), list(idx))
-                if sub.is_diagonal():
-                    continue
-                minor = simplify(sub.det(method="berkowitz"))
-                if minor == 0:
-                    continue
-                names = [vecs[i] for i in idx]
-                if _holds(minor, 'is_nonpositive'):
-                    sign = ("negative for every input" if _holds(minor, 'is_negative') else
-                            "≤ 0 for every input and 0 only where the coupling vanishes")
-                    warnings.warn(
-                        f"{where}: the Hessian in S is indefinite for large keys: {_coupling_terms(obj, names)}, "
-                        f"and the weights of the squared losses and cross terms on them, "
-                        f"R = {_matrix_text(sub)}, have the principal minor {text(minor)}, {sign} (R is "
-                        "not positive semidefinite). Once the keys are large enough that U R Uᵀ outweighs the "
-                        "diagonal part (the proximal term / ridge), the objective has no minimum and the derived "
-                        "update is a stationary point (a saddle), not the minimiser; olssm.verify reports those "
-                        "steps as 'no minimum'. Make the coupling part of a squared norm (e.g. "
-                        f"‖S ({' + '.join(map(str, names))}) − v‖²), or use update='explicit' (a gradient step needs "
-                        "no minimum)", IndefiniteHessianWarning, stacklevel=_caller_level())
+        for idx in _minor_indices(idx_all, R):
+            sub = R.extract(list(idx), list(idx))
+            if sub.is_diagonal():
+                continue
+            if sub.free_symbols:
+                symbolic += 1
+                if symbolic > SYMBOLIC_MINORS:
+                    break
+            names = [vecs[i] for i in idx]
+            if not sub.free_symbols and len(idx) > ALL_MINORS_UP_TO:
+                # a numeric block: its smallest eigenvalue decides at once (2^p principal minors would not)
+                import numpy as np
+                lowest = float(np.linalg.eigvalsh(np.array(sub.evalf(), dtype=float))[0])
+                if lowest < -1e-12 * max(1.0, float(max(abs(x) for x in sub.evalf()))):
+                    _warn_indefinite(obj, where, names, sub, f"the eigenvalue {lowest:.3g}", "negative")
                     return
-                if open_minor is None and not _holds(minor, 'is_nonnegative'):
-                    open_minor = (names, sub, minor)
+                continue
+            minor = simplify(sub.det(method="berkowitz"))
+            if minor == 0:
+                continue
+            if _holds(minor, 'is_nonpositive'):
+                sign = ("negative for every input" if _holds(minor, 'is_negative') else
+                        "≤ 0 for every input and 0 only where the coupling vanishes")
+                _warn_indefinite(obj, where, names, sub, f"the principal minor {text(minor)}", sign)
+                return
+            if open_minor is None and not _holds(minor, 'is_nonnegative'):
+                open_minor = (names, sub, minor)
     if open_minor is not None:
         names, sub, minor = open_minor
         _open_sign(f"{where}: {_coupling_terms(obj, names)}; the weights of the squared losses "
                    f"and cross terms on them, R = {_matrix_text(sub)}, are positive semidefinite (and the Hessian in S "
                    f"with them, for every key) only while the principal minor {text(minor)} is >= 0", minor, ">= 0")
 
+
+#: symbolic principal minors read per objective at most, smallest first (each sign query on 'unit' / 'decay' inputs
+#: takes ~0.1-1 s: eight keys coupled by 'unit' weights had taken minutes); the rest are not checked (NOTES.md)
+SYMBOLIC_MINORS = 40
+#: principal minors of a coupled block read at every size up to this one (2^p of them for p vectors: 57 symbolic
+#: 6×6 determinants took 19 s, 8 vectors minutes). A larger block is decided by its eigenvalues when it is numeric,
+#: else by these minors plus its leading principal minors of every larger size: necessary conditions only, so a
+#: large symbolic block can be indefinite without a warning (derive/NOTES.md)
+ALL_MINORS_UP_TO = 4
+
+
+def _minor_indices(idx_all, R):
+    """The principal submatrices _coupled_squares reads (ALL_MINORS_UP_TO), smallest first."""
+    p = len(idx_all)
+    for size in range(2, min(p, ALL_MINORS_UP_TO) + 1):
+        yield from itertools.combinations(idx_all, size)
+    if p > ALL_MINORS_UP_TO:
+        if not R.extract(idx_all, idx_all).free_symbols:
+            yield tuple(idx_all)                       # numeric: the eigenvalues of the whole block
+        else:
+            for size in range(ALL_MINORS_UP_TO + 1, p + 1):
+                yield tuple(idx_all[:size])
+
+
+def _warn_indefinite(obj, where, names, sub, evidence, sign):
+    """IndefiniteHessianWarning: the weights R on these vectors are not positive semidefinite (evidence: a minor or
+    an eigenvalue of R, and its sign)."""
+    warnings.warn(
+        f"{where}: the Hessian in S is indefinite for large keys: {_coupling_terms(obj, names)}, "
+        f"and the weights of the squared losses and cross terms on them, R = {_matrix_text(sub)}, have "
+        f"{evidence}, {sign} (R is not positive semidefinite). Once the keys are large enough that U R Uᵀ outweighs "
+        "the diagonal part (the proximal term / ridge), the objective has no minimum and the derived update is a "
+        "stationary point (a saddle), not the minimiser; olssm.verify reports those steps as 'no minimum'. Make the "
+        f"coupling part of a squared norm (e.g. ‖S ({' + '.join(map(str, names))}) − v‖²), or use update='explicit' "
+        "(a gradient step needs no minimum)", IndefiniteHessianWarning, stacklevel=_caller_level())
 
 def _matrix_text(M) -> str:
     return "[" + "; ".join(", ".join(text(M[i, j]) for j in range(M.cols)) for i in range(M.rows)) + "]"
