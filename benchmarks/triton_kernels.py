@@ -81,7 +81,7 @@ def main(argv=None):
     p.add_argument("--dk", type=int, default=64)
     p.add_argument("--dv", type=int, default=64)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="chunked kernels' tl.dot precision")
+    p.add_argument("--precision", default="auto", choices=chunked.DOT_PRECISIONS, help="chunked kernels' tl.dot precision")
     p.add_argument("--chunk", type=_pow2, default=None,
                    help="tokens per chunk everywhere (library.CHUNK and WIDE_CHUNK; default: the policy, 32 and 64 "
                         "on the split delta path at d_k > 64)")
@@ -260,10 +260,12 @@ def _positive(v: str) -> int:
     return n
 
 
-def _precision(v: str) -> str:
-    if v not in PRECISIONS:
-        raise ValueError(f"one of {', '.join(PRECISIONS)}")
-    return v
+def _one_of(*allowed):
+    def parse(v: str) -> str:
+        if v not in allowed:
+            raise ValueError(f"one of {', '.join(allowed)}")
+        return v
+    return parse
 
 
 def _wide(v: str):
@@ -275,28 +277,21 @@ def _wide(v: str):
     return n
 
 
-def _storage(v: str) -> str:
-    if v not in ("fp32", "input"):
-        raise ValueError("fp32 or input")
-    return v
-
-
 def _switch(v: str) -> bool:
     if v not in ("0", "1", "on", "off"):
         raise ValueError("1 / on or 0 / off")
     return v in ("1", "on")
 
 
-PRECISIONS = ("auto", "ieee", "tf32", "tf32x3", "bf16")
 #: --variants keys: (module, attributes, parser of the value (raises ValueError naming what it wants), the kernel
 #: rows it changes)
-_VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _precision, "chunk"),
+_VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _one_of(*chunked.DOT_PRECISIONS), "chunk"),
                  "chunk": (library, ("CHUNK", "WIDE_CHUNK"), _pow2, "chunk"),
                  "stages": (chunked, ("NUM_STAGES",), _positive, "chunk"),
                  "wide": (chunked, ("WIDE_KEYS",), _wide, "chunk"),
                  "wide_blocks": (chunked, ("WIDE_BLOCKS",), _switch, "chunk"),
-                 "chunk_storage": (chunked, ("CHUNK_STORAGE",), _storage, "chunk"),
-                 "checkpoint_storage": (chunked, ("CHECKPOINT_STORAGE",), _storage, "chunk"),
+                 "chunk_storage": (chunked, ("CHUNK_STORAGE",), _one_of("fp32", "input"), "chunk"),
+                 "checkpoint_storage": (chunked, ("CHECKPOINT_STORAGE",), _one_of("fp32", "input"), "chunk"),
                  "block_v": (tscan, ("BLOCK_V",), _pow2, "recurrent"),
                  "warps": (tscan, ("NUM_WARPS",), _pow2, "recurrent")}
 

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 import warnings
 from collections import defaultdict
 
+import numpy as np
 import sympy as sp
 
 from ..objectives.core import (COLUMN, ELEMENTWISE, ROW, SCALAR, DerivationError, IndefiniteHessianWarning,
@@ -90,8 +93,6 @@ def _hessian_split(delta, has_lowrank, what):
 
 def _caller_level() -> int:
     """warnings.warn's stacklevel of the first frame outside olssm (the user's derive call, however deep)."""
-    import os
-    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     level, frame = 1, sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(root + os.sep):
@@ -125,13 +126,13 @@ def _no_negative_squares(g, where):
     the objective then has no minimum once ‖u‖ is large (the "minimiser" a derivation would return is a
     saddle point)."""
     for (u, w), c in g.lowrank.items():
-        if u == w and _holds(c, 'is_negative'):
-            raise DerivationError(f"{where}: the squared loss on S {u} has weight {c} < 0, so the objective is "
-                                  f"not convex in S and has no minimum for large ‖{u}‖; use a nonnegative weight")
-        if u == w and not _holds(c, 'is_nonnegative'):
-            # the closed form is the minimiser only while the weight is >= 0 (a layer feeds a real-domain input
-            # from a plain linear projection: negative values came out as NaN where 1 + c‖u‖² crossed 0)
-            _open_sign(f"{where}: the squared loss on S {u} has weight {c}", c, ">= 0")
+        if u == w:
+            # of open sign: the closed form is the minimiser only while the weight is >= 0 (a layer feeds a
+            # real-domain input from a plain linear projection: negative values came out as NaN where 1 + c‖u‖²
+            # crossed 0)
+            _nonnegative(c, f"{where}: the squared loss on S {u} has weight {c} < 0, so the objective is not convex "
+                            f"in S and has no minimum for large ‖{u}‖; use a nonnegative weight",
+                         f"{where}: the squared loss on S {u} has weight {c}")
 
 
 def _coupled_squares(g, obj, where):
@@ -172,7 +173,6 @@ def _coupled_squares(g, obj, where):
             names = [vecs[i] for i in idx]
             if not sub.free_symbols and len(idx) > ALL_MINORS_UP_TO:
                 # a numeric block: its smallest eigenvalue decides at once (2^p principal minors would not)
-                import numpy as np
                 lowest = float(np.linalg.eigvalsh(np.array(sub.evalf(), dtype=float))[0])
                 if lowest < -1e-12 * max(1.0, float(max(abs(x) for x in sub.evalf()))):
                     _warn_indefinite(obj, where, names, sub, f"the eigenvalue {lowest:.3g}", "negative")
@@ -229,6 +229,7 @@ def _warn_indefinite(obj, where, names, sub, evidence, sign):
         "stationary point (a saddle), not the minimiser; olssm.verify reports those steps as 'no minimum'. Make the "
         f"coupling part of a squared norm (e.g. ‖S ({' + '.join(map(str, names))}) − v‖²), or use update='explicit' "
         "(a gradient step needs no minimum)", IndefiniteHessianWarning, stacklevel=_caller_level())
+
 
 def _matrix_text(M) -> str:
     return "[" + "; ".join(", ".join(text(M[i, j]) for j in range(M.cols)) for i in range(M.rows)) + "]"

@@ -137,6 +137,11 @@ def _signs(g, shape, steps: int | None, seed: int):
     return flat.reshape(full)
 
 
+def _open_sign(spec) -> bool:
+    """A coefficient or parameter (not a key, query or value vector) whose declared domain leaves its sign open."""
+    return spec.domain == "real" and spec.role not in ("key", "query", "value")
+
+
 def _input_specs(rule: Rule) -> dict:
     """Every input the rule and its objective read; the rule's spec where both have one (its log decays)."""
     return {**rule.objective.inputs(), **rule.inputs}
@@ -154,7 +159,7 @@ def random_inputs(rule: Rule, steps: int, d_k: int, d_v: int, seed: int = 0) -> 
     size_of = {n: {SCALAR: (), ROW: (d_v,), COLUMN: (d_k,), ELEMENTWISE: (d_v, d_k)}[s.kind]
                for n, s in names.items()}
     signs = {n: _signs(gs, size_of[n], None if s.is_parameter else steps, seed) for n, s in names.items()
-             if s.domain == "real" and s.role not in ("key", "query", "value")}
+             if _open_sign(s)}
     params = {}
     out = []
     for t in range(steps):
@@ -417,8 +422,7 @@ def _no_minimum_note(no_min, seq, specs, hessian_inputs) -> str:
     if not no_min:
         return ""
     t, lowest = no_min[0]
-    open_sign = [n for n, s in specs.items() if s.domain == "real" and s.role not in ("key", "query", "value")
-                 and n in hessian_inputs]
+    open_sign = [n for n, s in specs.items() if _open_sign(s) and n in hessian_inputs]
 
     def shown(x):
         x = torch.as_tensor(x)

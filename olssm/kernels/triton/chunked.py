@@ -78,6 +78,7 @@ import triton.language as tl
 from ...derive.rule import NormalForm, closed_form_log, decay_may_be_negative, evaluator
 from ...objectives.core import COLUMN, ROW, SCALAR, kind_of
 from ..chunk import check_decay_values
+from . import scan as _scan
 
 _TINY = torch.finfo(torch.float32).tiny
 _LOG_FLOOR = math.log(_TINY)
@@ -941,6 +942,7 @@ def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_p
 #: lowered to FMA loops that spill 3–10 KB per thread and run 10–40× slower, so backend="auto" runs fp32 inputs through
 #: the recurrent kernel instead. See TRITON.md.
 DOT_PRECISION = "auto"
+DOT_PRECISIONS = ("auto", "ieee", "tf32", "tf32x3", "bf16")
 #: warps per program of the chunked kernels: 8 keeps the [BT, BK] and [BV, BK] tiles of d_k=64..128
 #: in registers with tf32 dots (sm_90 report: 4 warps spill 100–700 B/thread, 8 warps 0–300 B)
 NUM_WARPS = 8
@@ -963,11 +965,11 @@ def _precision(dtype=torch.float32, bf16_operands: bool = False) -> str:
     """The dots' precision for inputs of this dtype (DOT_PRECISION / OLSSM_TRITON_DOT_PRECISION; bf16_operands:
     the wide-key path without a decay, where "auto" takes bf16 operands for bf16 inputs, see WIDE_KEYS)."""
     p = os.environ.get("OLSSM_TRITON_DOT_PRECISION") or DOT_PRECISION
-    if p not in ("auto", "ieee", "tf32", "tf32x3", "bf16"):
-        raise ValueError(f"triton: dot precision must be auto, ieee, tf32, tf32x3 or bf16, got {p!r}")
+    if p not in DOT_PRECISIONS:
+        raise ValueError(f"triton: dot precision must be {', '.join(DOT_PRECISIONS)}, got {p!r}")
     if p == "auto":
         p = "ieee" if dtype == torch.float32 else "bf16" if bf16_operands and dtype == torch.bfloat16 else "tf32"
-    if p == "bf16" and os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
+    if p == "bf16" and _scan.interpreted():
         p = "bf16_interpreted"   # _mm
     return p
 
@@ -996,11 +998,19 @@ WIDE_STAGES = 2
 #: columns instead of KEY_BLOCK_K's 64 (560 -> 176 B, twice the programs). gpu_session.sh variants times it
 #: (wide_blocks:1)
 WIDE_BLOCKS = False
+#: WIDE_BLOCKS' key columns per operand (prep, out, the backward's prep and key kernel) and value rows (state passes)
+WIDE_BLOCK_K = 32
+WIDE_BLOCK_V = 16
 
 
 def narrow_blocks(wide_keys: bool) -> bool:
     """Whether this wide-key call takes WIDE_BLOCKS' narrower blocks."""
     return bool(wide_keys and WIDE_BLOCKS)
+
+
+def bf16_operands(form, d_k: int) -> bool:
+    """Whether "auto" takes bf16 dot operands for bf16 inputs: the wide-key path without a decay (WIDE_KEYS)."""
+    return wide(form, d_k) and form.decay_kind == "none"
 
 
 def wide(form, d_k: int) -> bool:
@@ -1108,11 +1118,11 @@ def saves_chunk_core(plan, chunked: bool, save: bool, chunk_bwd: bool) -> bool:
 
 
 def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied=False, core=None, sub=1,
-                         wide_keys=False):
+                         wide_keys=False, bf16=False):
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
-    KB = min(BK, 32 if narrow_blocks(wide_keys) else SPLIT_BLOCK_K)
-    BV = 16 if narrow_blocks(wide_keys) else BV
+    KB = min(BK, WIDE_BLOCK_K if narrow_blocks(wide_keys) else SPLIT_BLOCK_K)
+    BV = WIDE_BLOCK_V if narrow_blocks(wide_keys) else BV
     # the parallel kernels take wider value blocks: they have parallelism to spare, and each value
     # block repeats the [BT, BT] work (the inverse in prep, Q Bᵀ and Q Wᵀ in out)
     BVW = max(16, min(_np2(d_v), SPLIT_BLOCK_V))
@@ -1129,7 +1139,7 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
     else:
         ix, NTG, G = ht, -(-T // C), B * H
     cu = cu_seqlens if varlen else ht
-    common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=_precision(o.dtype, wide_keys and not gated),
+    common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=_precision(o.dtype, bf16),
                   TIED=tied, SUB=sub, **_launch_opts(wide_keys))
     chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
                                       e[0].numel(), M=M, BV=BVW, KB=KB,
@@ -1168,19 +1178,19 @@ def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None
     if plan.rule.form.corrections:
         a, b, c = chunk_in[4:7]
         c_row, g_row = _c_row(plan.rule.form), plan.rule.form.decay_kind == ROW
+        wide_keys, bf16 = wide(plan.rule.form, d_k), bf16_operands(plan.rule.form, d_k)
         if _runs_split(plan.rule.form):
             if not save:   # the output kernel reads S₀ of every chunk: a scratch ck (ck's dtype), not returned
                 ck = torch.empty(N, H, max(1, -(-max_len // C)), d_v, d_k, dtype=ck.dtype, device=q.device)
             _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, plan.rule.form.decay_kind != "none", cu_seqlens,
-                                 _tied(plan.rule.form), core, sub, wide(plan.rule.form, d_k))
+                                 _tied(plan.rule.form), core, sub, wide_keys, bf16)
             return
-        wide_keys = wide(plan.rule.form, d_k)
         chunk_delta_fwd_kernel[(NV, N * H)](
             q, k, v, g, a, b, c, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht,
             cu, T, H, d_k, d_v, NCK, k[0].numel(), v[0].numel(), M=k.shape[0], BT=C, BK=BK, BV=BV,
             C_ROW=c_row, G_ROW=g_row, USE_H0=h0 is not None,
             SAVE_CK=save, VARLEN=cu_seqlens is not None,
-            PREC=_precision(o.dtype, wide_keys and plan.rule.form.decay_kind == "none"), SUB=sub,
+            PREC=_precision(o.dtype, bf16), SUB=sub,
             **_launch_opts(wide_keys))
         return
     chunk_fwd_kernel[(NV, N * H)](

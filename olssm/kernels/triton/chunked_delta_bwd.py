@@ -740,7 +740,7 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     BVW = max(16, min(_np2(d_v), _ch.SPLIT_BLOCK_V))   # the split forward's blocks (read at call time)
     wide_keys = _ch.wide(plan.rule.form, d_k)   # the forward's choice (chunk size, stages, precision)
     narrow = _ch.narrow_blocks(wide_keys)
-    KB = min(BK, 32 if narrow else _ch.SPLIT_BLOCK_K)
+    KB = min(BK, _ch.WIDE_BLOCK_K if narrow else _ch.SPLIT_BLOCK_K)
     q, w, e, g, a, b, c = chunk_in[:7]
     M = w.shape[0]
     gated = plan.rule.form.decay_kind != "none"
@@ -757,7 +757,7 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     else:
         ix, NTG, G = dh0, -(-T // C), B * H
     cu = cu_seqlens if varlen else dh0
-    common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=_precision(do.dtype, wide_keys and not gated), SUB=sub,
+    common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=_precision(do.dtype, _ch.bf16_operands(plan.rule.form, d_k)), SUB=sub,
                   **_ch._launch_opts(wide_keys))
     z = dict(dtype=torch.float32, device=dev)
     tc, wt = core if core is not None else (torch.empty(B, T, H, C, **z), torch.empty(B, T, H, d_k, **z))
@@ -765,7 +765,7 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     dh = torch.empty(ck.shape, **z)        # fp32 whatever ck's dtype (the key kernel sums cancelling terms)
     chunk_delta_bwd_prep_kernel[(NTG, G)](q, a, b, c, g, do, tc, wt, dd, cu, ix, T, H, d_k, d_v, BK=BK, BV=BVW,
                                           KB=KB, HAVE_TC=core is not None, UTB=int(_ch.UT_BLOCK), **common)
-    BVS = 16 if narrow else BV   # the state pass's value rows
+    BVS = _ch.WIDE_BLOCK_V if narrow else BV   # the state pass's value rows
     chunk_delta_bwd_state_kernel[(-(-d_v // BVS), N * H)](
         q, g, b, wt, do, dd, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK,
         BK=BK, BV=BVS, USE_DHT=dht is not None, **common)
@@ -777,5 +777,5 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
         q, w, e, g, a, b, c, tc, dd, do, ck, dh, dl, de, dc, cu, ix, T, H, d_k, d_v, NCK, w[0].numel(),
         e[0].numel(), TOKH, M=M, BK=BK, BV=BVW, KB=min(BK, VALUE_BLOCK_K), TIED=tied, **common)
     dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dd, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common,
-                                    tied, 32 if narrow else None)
+                                    tied, _ch.WIDE_BLOCK_K if narrow else None)
     return [dq, dw, de, dg, da, db, dc[0] if dc.shape[0] == 1 else dc.sum(0)], dh0

@@ -410,6 +410,7 @@ def chunk_size(plan, d_k: int, delta_forward: str = "") -> int:
     # tl.dot needs every dimension >= 16 when compiled (the interpreter has no such limit)
     return C if _scan.interpreted() else max(16, C)
 
+
 #: the chunked backward kernels (none / scalar / row / column decay without corrections; the delta family with
 #: scalar or row c and none / scalar / row decay, see chunked_delta_bwd.DELTA_BACKWARD / ROW_C_BACKWARD): "auto" uses them
 #: when the rule has no decay or its log decay has a closed form (Mamba-2: Δ·a), so that the chain

@@ -40,6 +40,7 @@ def loop_warps(BK: int) -> int:
     tiles)."""
     return int(NUM_WARPS) if NUM_WARPS else 1 if BK <= 128 else 2
 
+
 _LOCK = threading.Lock()
 _MODULES: dict = {}
 _PLANS: dict = {}
