@@ -492,6 +492,67 @@ def test_an_indefinite_cross_term_warns_and_a_convex_coupling_does_not():
             olssm.derive(make())
 
 
+def test_a_combined_key_is_read_over_its_parts():
+    # S (k + k₁) is a combination of S k and S k₁; R had been read over {k, k₁, k + k₁} as if they were independent,
+    # so ½‖S (k + k₁) − v‖² − ⟨S k, S k₁⟩ = ½‖S k‖² + ½‖S k₁‖² − ⟨S (k + k₁), v⟩ + … (positive definite) read the
+    # minor −1 of the cross term alone and warned IndefiniteHessianWarning. Over the parts R' = Cᵀ R C = I
+    S, Sp = O.states()
+    k, k1, v = O.key("k"), O.key("k1"), O.value("v")
+    a = O.scalar("a")
+    lam = O.parameter("lam", domain="positive")
+    convex = {
+        "combined key": O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ (k + k1) - v) / 2 - O.inner(S @ k, S @ k1)),
+        # a 'real' scale a: ½‖S k‖² + ½ a²‖S k₁‖², R' = diag(1, a²); read over the vectors, the minor −a² had warned
+        "scaled part": O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ (k + a * k1) - v) / 2
+                                   - a * O.inner(S @ k, S @ k1)),
+        # sympy writes 2 (k + k₁) as 2k + 2k₁: 2‖S k‖² + 2‖S k₁‖²
+        "numeric scale": O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ (2 * (k + k1)) - v) / 2
+                                     - 4 * O.inner(S @ k, S @ k1)),
+        "exact": O.Objective(O.sqnorm(S @ (k + k1) - v) / 2 - O.inner(S @ k, S @ k1), update="exact", ridge=lam),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for obj in convex.values():
+            olssm.derive(obj)
+    for name, obj in convex.items():
+        assert olssm.verify(obj, steps=4).ok, name
+    # the rewrite does not hide an indefinite form: a cross term outweighing the square (R' = [1 −2; −2 1]), in
+    # either mode, and ⟨S (k + k₁), S (k − k₁)⟩ = ‖S k‖² − ‖S k₁‖², no squared loss at all and R' = diag(2, −2)
+    # (a diagonal entry of R' that is no squared loss's weight is read on its own)
+    indefinite = {
+        r"terms 1/2·‖S k \+ k₁ - v‖² and -3·⟨S k, S k₁⟩ couple S k and S k₁.*R = \[1, -2; -2, 1\].*minor -3":
+            O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ (k + k1) - v) / 2 - 3 * O.inner(S @ k, S @ k1)),
+        "exact.*minor -3": O.Objective(O.sqnorm(S @ (k + k1) - v) / 2 - 3 * O.inner(S @ k, S @ k1), update="exact",
+                                       ridge=lam),
+        r"acts on S k₁.*R = \[-2\], have the principal minor -2":
+            O.Objective(O.sqnorm(S - Sp) / 2 + O.inner(S @ (k + k1), S @ (k - k1)) - O.inner(S @ k, v)),
+    }
+    for match, obj in indefinite.items():
+        with pytest.warns(O.IndefiniteHessianWarning, match=match):
+            olssm.derive(obj)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", O.IndefiniteHessianWarning)
+            rep = olssm.verify(obj, steps=4)
+        assert not rep.ok and rep.no_minimum, match
+    # a cross-term weight of open sign beside a combined key: R' = [1 1 + c; 1 + c 1], minor −c(c + 2)
+    c = O.scalar("c")
+    with pytest.warns(O.UnknownSignWarning, match=r"k \+ k₁ written over their parts.*minor -c\*\(c \+ 2\)"):
+        olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ (k + k1) - v) / 2
+                                 + c * O.inner(S @ k, S @ k1)))
+
+
+def test_independent_vectors_split_combinations_and_keep_the_rest_whole():
+    from olssm.derive.solve import _independent_vectors
+    k, k1 = O.key("k"), O.key("k1")
+    a, r, g = O.scalar("a"), O.row("r"), O.column("g")
+    assert _independent_vectors(k) == {k: 1}
+    assert _independent_vectors(k + a * k1) == {k: 1, k1: a}
+    assert _independent_vectors(a * (k + r * (k1 - k))) == {k: a - a * r, k1: a * r}
+    assert _independent_vectors(g * (k + k1)) == {g * k: 1, g * k1: 1}      # elementwise products: their own vectors
+    assert _independent_vectors(sp.exp(k + k1) + k) == {sp.exp(k + k1): 1, k: 1}
+    assert _independent_vectors(k - k) == {}
+
+
 def test_unit_and_decay_upper_bounds_count_in_the_sign_checks():
     # sympy's assumptions say only that a 'unit' input is positive, so 1 − c², 1 − c and b₀(1 − b₀/4) read as of
     # open sign and derive warned UnknownSignWarning on objectives that are convex for every c in (0, 1)

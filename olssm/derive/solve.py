@@ -137,15 +137,21 @@ def _no_negative_squares(g, where):
 
 def _coupled_squares(g, obj, where):
     """The low-rank part of the Hessian per row is U R Uᵀ (U = [u_1 … u_p], R the weights of the squared losses on
-    S u_m and of the cross terms ⟨S u_m, S u_n⟩ between them). For keys in general position U R Uᵀ has R's inertia
-    on span(U) and grows with ‖u‖², so P = diag(δ) + U R Uᵀ is positive definite for every key only if R is positive
-    semidefinite; a negative eigenvalue of R makes the stationary point a saddle once the keys are large. R is
-    PSD iff every principal minor is ≥ 0; a diagonal R is the squared losses' weights, which _no_negative_squares
-    checks, so only minors of blocks with a cross term are read here, within each group of coupled vectors (R is
-    block diagonal over them), every one up to ALL_MINORS_UP_TO vectors and beyond that the eigenvalues (a numeric
-    block; a 5×5 R can have every smaller principal minor ≥ 0 and a negative determinant, e.g. I − 0.22 J) or the
-    leading minors (a symbolic one): a minor or eigenvalue < 0 (a minor ≤ 0 and not 0) warns
-    IndefiniteHessianWarning, a minor of open sign UnknownSignWarning, ≥ 0 for every input nothing."""
+    S u_m and of the cross terms ⟨S u_m, S u_n⟩ between them). A vector may be a combination of others (S (k + a k₁)
+    beside ⟨S k, S k₁⟩), so U = A C with A the independent vectors the u_m are made of (_independent_vectors: the
+    declared inputs and their elementwise products, anything else one vector of its own) and the form is
+    A (Cᵀ R C) Aᵀ: R read over the u_m as if independent had warned on objectives that are positive definite
+    (½‖S (k + k₁) − v‖² − ⟨S k, S k₁⟩ = ½‖S k‖² + ½‖S k₁‖² − …). For vectors A in general position A R' Aᵀ
+    (R' = Cᵀ R C) has R''s inertia on span(A) and grows with ‖a‖², so P = diag(δ) + A R' Aᵀ is positive definite for
+    every key only if R' is positive semidefinite; a negative eigenvalue of R' makes the stationary point a saddle
+    once the keys are large. R' is PSD iff every principal minor is ≥ 0. Without cross terms R is diagonal, its
+    entries the squared losses' weights, which _no_negative_squares checks, and then R' ⪰ 0 too: nothing to read.
+    Otherwise the diagonal entries of R' that are not such a weight are read, and the minors of blocks with a cross
+    term, within each group of coupled vectors (R' is block diagonal over them), every one up to ALL_MINORS_UP_TO
+    vectors and beyond that the eigenvalues (a numeric block; a 5×5 R' can have every smaller principal minor ≥ 0
+    and a negative determinant, e.g. I − 0.22 J) or the leading minors (a symbolic one): a minor or eigenvalue < 0
+    (a minor ≤ 0 and not 0) warns IndefiniteHessianWarning, a minor of open sign UnknownSignWarning, ≥ 0 for every
+    input nothing."""
     pairs = {k: v for k, v in g.lowrank.items() if v != 0}
     coupled = {(u, w) for (u, w) in pairs if u != w}
     if not coupled:
@@ -153,46 +159,74 @@ def _coupled_squares(g, obj, where):
     vecs = sorted({x for pair in pairs for x in pair}, key=sp.default_sort_key)
     R = sp.Matrix(len(vecs), len(vecs), lambda m, n: (sp.sympify(pairs.get((vecs[m], vecs[n]), 0))
                                                        + pairs.get((vecs[n], vecs[m]), 0)) / 2)
-    group = {x: {x} for x in vecs}                     # connected components of the coupling graph
-    for u, w in coupled:
-        merged = group[u] | group[w]
-        for x in merged:
-            group[x] = merged
-    components = {frozenset(c) for c in group.values() if len(c) > 1}
+    parts = {u: _independent_vectors(u) for u in vecs}
+    weights = "the weights of the squared losses and cross terms on them"
+    if all(parts[u] == {u: 1} for u in vecs):
+        basis, read_diagonal = vecs, set()
+    else:
+        weights += " (with " + ", ".join(text(u) for u in vecs if parts[u] != {u: 1}) + " written over their parts)"
+        basis = sorted({a for u in vecs for a in parts[u]}, key=sp.default_sort_key)
+        C = sp.Matrix(len(vecs), len(basis), lambda m, n: parts[vecs[m]].get(basis[n], 0))
+        R = (C.T * R * C).applyfunc(sp.cancel)
+        # a diagonal entry of R' that is not one squared loss's weight (checked already) can be negative alone:
+        # ⟨S (k + k₁), S (k − k₁)⟩ = ‖S k‖² − ‖S k₁‖² has R' = diag(2, −2)
+        read_diagonal = {i for i, a in enumerate(basis) if sp.cancel(R[i, i] - pairs.get((a, a), 0)) != 0}
+    group = {i: {i} for i in range(len(basis))}       # connected components of the coupling graph
+    for m, n in itertools.combinations(range(len(basis)), 2):
+        if R[m, n] != 0:
+            merged = group[m] | group[n]
+            for i in merged:
+                group[i] = merged
+    components = {frozenset(c) for c in group.values() if len(c) > 1 or c & read_diagonal}
     open_minor, symbolic = None, 0
-    for comp in sorted(components, key=lambda c: sp.default_sort_key(sorted(c, key=sp.default_sort_key)[0])):
-        idx_all = [vecs.index(x) for x in sorted(comp, key=sp.default_sort_key)]
-        for idx in _minor_indices(idx_all, R):
+    for comp in sorted(components, key=min):          # basis is sorted: the block of the first vector first
+        idx_all = sorted(comp)
+        for idx in itertools.chain(((i,) for i in idx_all if i in read_diagonal), _minor_indices(idx_all, R)):
             sub = R.extract(list(idx), list(idx))
-            if sub.is_diagonal():
+            if len(idx) > 1 and sub.is_diagonal():    # its diagonal entries are weights or read above
                 continue
             if sub.free_symbols:
                 symbolic += 1
                 if symbolic > SYMBOLIC_MINORS:
                     break
-            names = [vecs[i] for i in idx]
+            names = [basis[i] for i in idx]
             if not sub.free_symbols and len(idx) > ALL_MINORS_UP_TO:
                 # a numeric block: its smallest eigenvalue decides at once (2^p principal minors would not)
                 lowest = float(np.linalg.eigvalsh(np.array(sub.evalf(), dtype=float))[0])
                 if lowest < -1e-12 * max(1.0, float(max(abs(x) for x in sub.evalf()))):
-                    _warn_indefinite(obj, where, names, sub, f"the eigenvalue {lowest:.3g}", "negative")
+                    _warn_indefinite(obj, where, names, sub, f"the eigenvalue {lowest:.3g}", "negative", weights)
                     return
                 continue
-            minor = simplify(sub.det(method="berkowitz"))
+            minor = simplify(sub.det(method="berkowitz")) if len(idx) > 1 else simplify(sub[0, 0])
             if minor == 0:
                 continue
             if _holds(minor, 'is_nonpositive'):
                 sign = ("negative for every input" if _holds(minor, 'is_negative') else
                         "≤ 0 for every input and 0 only where the coupling vanishes")
-                _warn_indefinite(obj, where, names, sub, f"the principal minor {text(minor)}", sign)
+                _warn_indefinite(obj, where, names, sub, f"the principal minor {text(minor)}", sign, weights)
                 return
             if open_minor is None and not _holds(minor, 'is_nonnegative'):
                 open_minor = (names, sub, minor)
     if open_minor is not None:
         names, sub, minor = open_minor
-        _open_sign(f"{where}: {_coupling_terms(obj, names)}; the weights of the squared losses "
-                   f"and cross terms on them, R = {_matrix_text(sub)}, are positive semidefinite (and the Hessian in S "
-                   f"with them, for every key) only while the principal minor {text(minor)} is >= 0", minor, ">= 0")
+        _open_sign(f"{where}: {_coupling_terms(obj, names)}; {weights}, R = {_matrix_text(sub)}, are positive "
+                   f"semidefinite (and the Hessian in S with them, for every key) only while the principal minor "
+                   f"{text(minor)} is >= 0", minor, ">= 0")
+
+
+def _independent_vectors(u) -> dict:
+    """u as {vector: coefficient}, a combination of vectors that are independent for inputs in general position: the
+    products of key-indexed factors (k, k ⊙ g, exp(k), 1) with the scalar or per-row rest as coefficients, so that
+    k + a·k₁ is {k: 1, k₁: a}. A factor sympy does not expand (exp(k + k₁)) stays one vector, as before: treating
+    dependent vectors as independent can only make the check stricter (R ⪰ 0 implies Cᵀ R C ⪰ 0)."""
+    out = defaultdict(lambda: sp.Integer(0))
+    for term in sp.Add.make_args(sp.expand(u, mul=True, multinomial=True, power_exp=False, power_base=False,
+                                           log=False)):
+        vec, coef = [], []
+        for f in sp.Mul.make_args(term):
+            (vec if kind_of(f) in (COLUMN, ELEMENTWISE) else coef).append(f)
+        out[sp.Mul(*vec)] += sp.Mul(*coef)
+    return {v: c for v, c in out.items() if c != 0}
 
 
 #: symbolic principal minors read per objective at most, smallest first (each sign query on 'unit' / 'decay' inputs
@@ -218,17 +252,18 @@ def _minor_indices(idx_all, R):
                 yield tuple(idx_all[:size])
 
 
-def _warn_indefinite(obj, where, names, sub, evidence, sign):
+def _warn_indefinite(obj, where, names, sub, evidence, sign, weights):
     """IndefiniteHessianWarning: the weights R on these vectors are not positive semidefinite (evidence: a minor or
-    an eigenvalue of R, and its sign)."""
+    an eigenvalue of R, and its sign; weights: what R is, in words)."""
     warnings.warn(
         f"{where}: the Hessian in S is indefinite for large keys: {_coupling_terms(obj, names)}, "
-        f"and the weights of the squared losses and cross terms on them, R = {_matrix_text(sub)}, have "
+        f"and {weights}, R = {_matrix_text(sub)}, have "
         f"{evidence}, {sign} (R is not positive semidefinite). Once the keys are large enough that U R Uᵀ outweighs "
         "the diagonal part (the proximal term / ridge), the objective has no minimum and the derived update is a "
-        "stationary point (a saddle), not the minimiser; olssm.verify reports those steps as 'no minimum'. Make the "
-        f"coupling part of a squared norm (e.g. ‖S ({' + '.join(map(str, names))}) − v‖²), or use update='explicit' "
-        "(a gradient step needs no minimum)", IndefiniteHessianWarning, stacklevel=_caller_level())
+        "stationary point (a saddle), not the minimiser; olssm.verify reports those steps as 'no minimum'. "
+        + (f"Make the coupling part of a squared norm (e.g. ‖S ({' + '.join(map(str, names))}) − v‖²), or use "
+           if len(names) > 1 else "Use ")
+        + "update='explicit' (a gradient step needs no minimum)", IndefiniteHessianWarning, stacklevel=_caller_level())
 
 
 def _matrix_text(M) -> str:
@@ -236,21 +271,27 @@ def _matrix_text(M) -> str:
 
 
 def _coupling_terms(obj, names) -> str:
-    """'the term(s) … couple(s) S u and S w': the objective's terms that pair S u with S w for two different vectors of
-    `names`, as the user wrote them."""
-    found = []
+    """'the term(s) … couple(s) S u and S w': the objective's terms that pair S u with S w for two different vectors,
+    or square a combination of vectors (‖S (k + k₁) − v‖²), where both u and w are made of vectors in `names`, as the
+    user wrote them."""
+    found, names = [], set(names)
     for t in obj.expr.terms:
         if is_proximal(t):
             continue
-        if any(u != w and u in names and w in names for (u, w) in gradient([t]).lowrank):
-            ab = f"‖{t.a}‖²" if t.a is t.b else f"⟨{t.a}, {t.b}⟩"
-            w = "" if t.weight == 1 else f"_{t.weight}"
-            c = "" if t.coef == 1 else f"{t.coef}·"
-            found.append(f"{c}{ab}{w}")
-    pair = " and ".join(f"S {text(x)}" for x in names)
+        for u, w in gradient([t]).lowrank:
+            parts_u, parts_w = _independent_vectors(u), _independent_vectors(w)
+            if (u != w or len(parts_u) > 1) and names & set(parts_u) and names & set(parts_w):
+                ab = f"‖{t.a}‖²" if t.a is t.b else f"⟨{t.a}, {t.b}⟩"
+                weight = "" if t.weight == 1 else f"_{t.weight}"
+                c = "" if t.coef == 1 else f"{t.coef}·"
+                found.append(f"{c}{ab}{weight}")
+                break
+    pair = " and ".join(f"S {text(x)}" for x in sorted(names, key=sp.default_sort_key))
+    # one vector: a diagonal entry of R' (⟨S (k + k₁), S (k − k₁)⟩ weighs ‖S k₁‖² by −1), which no term couples alone
+    verb = ("acts on", "act on") if len(names) == 1 else ("couples", "couple")
     if len(found) == 1:
-        return f"the term {found[0]} couples {pair}"
-    return f"the terms {' and '.join(found)} couple {pair}" if found else f"cross terms couple {pair}"
+        return f"the term {found[0]} {verb[0]} {pair}"
+    return f"the terms {' and '.join(found)} {verb[1]} {pair}" if found else f"cross terms {verb[1]} {pair}"
 
 
 def _open_sign(what, expr, need):
