@@ -222,6 +222,108 @@ def test_value_and_key_blocks(calls, ties, monkeypatch):
     assert ties == [("value", True), ("key", True)]
 
 
+# ---- the key-major state tile (chunked.STATE_KEY_MAJOR): through rule.scan, against the reference -------------
+
+@pytest.fixture
+def state_dots(monkeypatch):
+    """What the two sequential state kernels ran, per launch: [kernel, its KEY_MAJOR constexpr, the shapes (rows,
+    inner) of the left operands of its dots]. The interpreter runs a kernel as Python and looks chunked._mm up at
+    call time, so a spy there sees every dot the state kernels issue (their dots all go through it)."""
+    launches, inside = [], []
+    real_mm = tchunk._mm
+
+    def mm(x, y, PREC):
+        if inside:
+            launches[-1][2].append(tuple(int(n) for n in x.shape))
+        return real_mm(x, y, PREC)
+
+    class Launch:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            run = self.kernel[grid]
+
+            def call(*a, **k):
+                launches.append([self.name, k.get("KEY_MAJOR", False), []])
+                inside.append(1)
+                try:
+                    return run(*a, **k)
+                finally:
+                    inside.pop()
+            return call
+
+    monkeypatch.setattr(tchunk, "_mm", mm)
+    monkeypatch.setattr(tchunk, "chunk_delta_state_kernel", Launch("forward", tchunk.chunk_delta_state_kernel))
+    monkeypatch.setattr(tdelta, "chunk_delta_bwd_state_kernel", Launch("backward", tdelta.chunk_delta_bwd_state_kernel))
+    return launches
+
+
+@pytest.mark.parametrize("key_major", [False, True])
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_state_key_major_wide_keys(name, narrow, key_major, calls, state_dots, monkeypatch):
+    # d_k = 72 > 64: the wide-key path's chunks of 64 tokens (3, the last partial), d_v = 20 (WIDE_BLOCKS' narrow
+    # blocks: two programs of 16 value rows), an initial state; o, the final state and every gradient against the
+    # reference (RTOL, STATE_RTOL). The dots the state kernels ran tell the orientations apart, so a knob that
+    # stopped reaching the kernels fails here: both read the state with a [BT, BK] = [64, 128] tile (W̃ forward,
+    # B backward); the updates' left operands are [BK, BT] = [128, 64] key-major (Bᵀ, W̃ᵀ, Qᵀ), [BV, BT] otherwise
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")            # Gated DeltaNet: log α has no closed form
+    monkeypatch.setattr(tchunk, "WIDE_BLOCKS", narrow)
+    monkeypatch.setattr(tchunk, "STATE_KEY_MAJOR", key_major)
+    rule = ENTRIES[name].rule
+    inp = random_inputs(rule, 1, 140, 1, 72, 20, seed=8)
+    _compare(rule, inp, 0.3 * torch.randn(1, 1, 20, 72, generator=torch.Generator().manual_seed(9)))
+    assert len(calls) == 1
+    BV = 16 if narrow else 32
+    update = (128, 64) if key_major else (BV, 64)
+    assert [x[:2] for x in state_dots] == [["forward", key_major], ["backward", key_major]]
+    for kernel, _, shapes in state_dots:
+        assert set(shapes) == {(64, 128), update}, (kernel, shapes)
+
+
+#: DOT_PRECISION "bf16" (operands rounded to bf16, fp32 state and accumulators) against the fp32 reference: as
+#: test_triton_chunked.BF16_DOT_RTOL (≤ 2⁻⁸ per product, a few terms of either sign: 2e-2); fp32 inputs and outputs here
+BF16_DOT_RTOL = 2e-2
+
+
+@pytest.mark.parametrize("case", ["varlen", "untied", "two terms", "rank 4", "chunk 32", "bf16 operands"])
+def test_state_key_major_paths(case, state_dots, monkeypatch):
+    # every path the two state kernels serve, with the state tile key-major, against the reference: a gated rule on
+    # packed sequences (lengths 5, 0, 1, 37) with an initial state each (the empty one passes dht to dh0); the untied
+    # input term (TIE_INPUT_TERM off); two input terms (the second untied); a rank-4 rule on sub-tokens; chunks of 32
+    # (d_k = 40, d_v = 20: the updates' left operands [BK, BT] = [64, 32], not [BV, BT] = [32, 32]); bf16 operands
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    monkeypatch.setattr(tchunk, "STATE_KEY_MAJOR", True)
+    rule, h0, cu, rtol, state_rtol = ENTRIES["gated_deltanet"].rule, None, None, RTOL, STATE_RTOL
+    T, H, K, V = 37, 2, 4, 5
+    if case == "varlen":
+        cu, T = [0, 5, 5, 6, 43], 43
+    elif case == "untied":
+        monkeypatch.setattr(tchunk, "TIE_INPUT_TERM", False)
+    elif case == "two terms":
+        rule, T, H = _two_term_rule(), 21, 1
+    elif case == "rank 4":
+        rule, T = _multi_key_rule("decay"), 21
+    elif case == "chunk 32":
+        monkeypatch.setattr(tlib, "CHUNK", 32)
+        rule, T, H, K, V = ENTRIES["deltanet"].rule, 70, 1, 40, 20
+    else:
+        monkeypatch.setattr(tchunk, "DOT_PRECISION", "bf16")
+        monkeypatch.delenv("OLSSM_TRITON_DOT_PRECISION", raising=False)
+        rule, rtol, state_rtol = ENTRIES["deltanet"].rule, BF16_DOT_RTOL, BF16_DOT_RTOL
+    N = len(cu) - 1 if cu else 1
+    h0 = 0.3 * torch.randn(N, H, V, K, generator=torch.Generator().manual_seed(6))
+    g = _compare(rule, random_inputs(rule, 1, T, H, K, V, seed=6), h0, rtol=rtol, state_rtol=state_rtol,
+                 cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)) if cu else None)
+    assert [x[:2] for x in state_dots] == [["forward", True], ["backward", True]]
+    if case == "varlen":
+        assert g["h0"][1].abs().max() > 0
+    if case == "chunk 32":
+        for kernel, _, shapes in state_dots:
+            assert set(shapes) == {(32, 64), (64, 32)}, (kernel, shapes)
+
+
 # ---- row c (Longhorn): through rule.scan, against the reference backend --------------------------------
 
 def test_longhorn_and_the_recurrent_switch(row_calls, monkeypatch):

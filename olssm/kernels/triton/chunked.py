@@ -404,10 +404,14 @@ def _tokens(start, tt, eos, H, i_h):
 
 
 @triton.jit
-def _initial_tile(ptr, i_bh, DK, DV, soff, m2, BK: tl.constexpr, BV: tl.constexpr, USE: tl.constexpr):
-    """The program's [BV, BK] fp32 tile of a state given per sequence·head at ptr (h0, or dS at the end),
-    zeros unless USE."""
-    S = tl.zeros([BV, BK], dtype=tl.float32)
+def _initial_tile(ptr, i_bh, DK, DV, soff, m2, BK: tl.constexpr, BV: tl.constexpr, USE: tl.constexpr,
+                  KEY_MAJOR: tl.constexpr = False):
+    """The program's [BV, BK] fp32 tile of a state given per sequence·head at ptr (h0, or dS at the end), or its
+    transpose [BK, BV] with KEY_MAJOR (soff, m2 from _state_tile alike); zeros unless USE."""
+    if KEY_MAJOR:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    else:
+        S = tl.zeros([BV, BK], dtype=tl.float32)
     if USE:
         S += tl.load(ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
     return S
@@ -415,25 +419,56 @@ def _initial_tile(ptr, i_bh, DK, DV, soff, m2, BK: tl.constexpr, BV: tl.constexp
 
 @triton.jit
 def _sequential_program(cu_ptr, T, H, DK, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        VARLEN: tl.constexpr):
+                        VARLEN: tl.constexpr, KEY_MAJOR: tl.constexpr = False):
     """The opening of a kernel that walks one sequence's chunks in order, one program per (value block,
     sequence × head): i_v, i_bh, i_h, the sequence's bounds, its state tile (_state_tile) and the chunk's token
     index tt."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
     bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
-    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV)
+    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV, KEY_MAJOR)
     return i_v, i_bh, i_bh % H, bos, eos, rows, cols, rm, km, m2, soff, tl.arange(0, BT)
 
 
 @triton.jit
-def _state_tile(i_v, DK, DV, BK: tl.constexpr, BV: tl.constexpr):
-    """The program's [BV, BK] block of the state: row / column indices, masks and offsets."""
+def _state_tile(i_v, DK, DV, BK: tl.constexpr, BV: tl.constexpr, KEY_MAJOR: tl.constexpr = False):
+    """The program's block of the state: row / column indices and masks, and the mask and offsets (into the
+    [.., DV, DK] layout of h0 / ck / ht / dh) of the tile as held, [BV, BK] or with KEY_MAJOR its transpose
+    [BK, BV] (STATE_KEY_MAJOR)."""
     rows = i_v * BV + tl.arange(0, BV)
     cols = tl.arange(0, BK)
     rm = rows < DV
     km = cols < DK
-    return rows, cols, rm, km, rm[:, None] & km[None, :], rows[:, None] * DK + cols[None, :]
+    if KEY_MAJOR:
+        m2 = km[:, None] & rm[None, :]
+        soff = cols[:, None] + rows[None, :] * DK
+    else:
+        m2 = rm[:, None] & km[None, :]
+        soff = rows[:, None] * DK + cols[None, :]
+    return rows, cols, rm, km, m2, soff
+
+
+@triton.jit
+def _state_read(x, S, PREC: tl.constexpr, KEY_MAJOR: tl.constexpr):
+    """x Sᵀ [BT, BV] of a key-side token tile x [BT, BK] and the state tile S, held [BV, BK] or (KEY_MAJOR) as
+    Sᵀ [BK, BV]."""
+    if KEY_MAJOR:
+        out = _mm(x, S, PREC)
+    else:
+        out = _mm(x, tl.trans(S), PREC)
+    return out
+
+
+@triton.jit
+def _state_outer(x, y, PREC: tl.constexpr, KEY_MAJOR: tl.constexpr):
+    """The state tile's share yᵀ x [BV, BK] of a key-side token tile x [BT, BK] and a value-side one y [BT, BV],
+    or (KEY_MAJOR) its transpose xᵀ y [BK, BV]: a dot of BK rows, which sm_90 can issue as wgmma (it takes
+    M a multiple of 64), where yᵀ x has BV ≤ 32 rows and is lowered to mma.sync (STATE_KEY_MAJOR)."""
+    if KEY_MAJOR:
+        out = _mm(tl.trans(x), y, PREC)
+    else:
+        out = _mm(tl.trans(y), x, PREC)
+    return out
 
 
 @triton.jit
@@ -857,14 +892,17 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
 def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, ht_ptr, ck_ptr, cu_ptr,
                              T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                              BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr, VARLEN: tl.constexpr,
-                             PREC: tl.constexpr = "ieee", TIED: tl.constexpr = False, SUB: tl.constexpr = 1):
+                             PREC: tl.constexpr = "ieee", TIED: tl.constexpr = False, SUB: tl.constexpr = 1,
+                             KEY_MAJOR: tl.constexpr = False):
     """The sequential pass: per chunk, ck ← S₀, Δ = W̃ S₀ᵀ + Ũ (written over Ũ in u),
     S ← Γ_L S₀ − (Δ ⊙ Γ_L/Γ)ᵀ B + Σ_m (E_m ⊙ Γ_L/Γ)ᵀ W_m; ht ← the last S.
     TIED (W_0 is B): S ← Γ_L S₀ + ((E_0 − Δ) ⊙ Γ_L/Γ)ᵀ B + Σ_{m≥1} ... — 2 + M − 1 dots and [BT, BK] loads
-    per chunk instead of 2 + M (fla's h += Kᵀ (U − W h))."""
+    per chunk instead of 2 + M (fla's h += Kᵀ (U − W h)).
+    KEY_MAJOR (STATE_KEY_MAJOR): S is held as Sᵀ [BK, BV], so the updates are Bᵀ (Δ ⊙ ..) and W_mᵀ E_m (dots of
+    BK rows); ck and ht keep their layout."""
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
-                                                                                      BV, VARLEN)
-    S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0)
+                                                                                      BV, VARLEN, KEY_MAJOR)
+    S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0, KEY_MAJOR)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
         tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
@@ -872,7 +910,7 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         vm = tm[:, None] & rm[None, :]
         wt = tl.load(wt_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         uoff = base[:, None] * DV + rows[None, :]
-        d = _mm(wt, tl.trans(S), PREC) + tl.load(u_ptr + uoff, mask=vm, other=0.0).to(tl.float32)
+        d = _state_read(wt, S, PREC, KEY_MAJOR) + tl.load(u_ptr + uoff, mask=vm, other=0.0).to(tl.float32)
         tl.store(u_ptr + uoff, d, mask=vm)
         bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         if TIED:   # the first input term rides on B's dot
@@ -882,15 +920,15 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         if GATED:
             _, _, _, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)      # dec = Γ_L/Γ_i ≤ 1
             S = S * gl
-            S += _mm(tl.trans(d * dec[:, None]), bv, PREC)
+            S += _state_outer(bv, d * dec[:, None], PREC, KEY_MAJOR)
         else:
-            S += _mm(tl.trans(d), bv, PREC)
+            S += _state_outer(bv, d, PREC, KEY_MAJOR)
         for m in tl.static_range(1 if TIED else 0, M):   # TIED: m = 0 rode on B's dot
             w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
             e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
             if GATED:
                 e = e * dec[:, None]
-            S += _mm(tl.trans(e), w, PREC)
+            S += _state_outer(w, e, PREC, KEY_MAJOR)
         S = tl.where(m2, S, 0.0)
     tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
 
@@ -1001,6 +1039,16 @@ WIDE_BLOCKS = False
 #: WIDE_BLOCKS' key columns per operand (prep, out, the backward's prep and key kernel) and value rows (state passes)
 WIDE_BLOCK_K = 32
 WIDE_BLOCK_V = 16
+#: the split delta path's sequential state passes (chunk_delta_state_kernel, chunk_delta_bwd_state_kernel) hold the
+#: state tile key-major, Sᵀ [BK, BV], instead of S [BV, BK] (ck / ht / dh keep their layout). Off: untimed. Why: sm_90
+#: issues wgmma only for dots of M a multiple of 64 rows; the updates (Δ ⊙ dec)ᵀ B, E_mᵀ W_m, (Γ ⊙ dO)ᵀ Q, dΔᵀ W̃ have
+#: M = BV ≤ 32 and lower to mma.sync, their transposes Bᵀ (Δ ⊙ dec), ... have M = BK (fla's chunk_gated_delta_rule_fwd_h
+#: holds h as [K, BV] for this). aot_check, sm_90, chunk 64, d 128, 2 stages, 8 warps, tied (regs / spills B per thread /
+#: shared KB; every dot wgmma key-major, the updates mma.sync before): DeltaNet (bf16 operands) forward 255 / 32 / 88
+#: -> 255 / 48 / 88, backward 255 / 352 / 128 -> 255 / 104 / 120; Gated DeltaNet (tf32) forward 255 / 256 / 128 ->
+#: 255 / 96 / 160, backward 255 / 392 / 160 -> 255 / 64 / 204. Over an H100's 227 KB with tf32 and no decay: the
+#: backward (236 KB) and the untied forward (232 KB); such a launch fails (TRITON.md, "Key-major state tile")
+STATE_KEY_MAJOR = False
 
 
 def narrow_blocks(wide_keys: bool) -> bool:
@@ -1146,7 +1194,7 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
                                       SAVE_TC=core is not None, UTB=int(UT_BLOCK), **common)
     chunk_delta_state_kernel[(-(-d_v // BV), N * H)](
         w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
-        w[0].numel(), e[0].numel(), M=M, BV=BV, USE_H0=h0 is not None, **common)
+        w[0].numel(), e[0].numel(), M=M, BV=BV, USE_H0=h0 is not None, KEY_MAJOR=bool(STATE_KEY_MAJOR), **common)
     chunk_delta_out_kernel[(NTG, -(-d_v // BVW), G)](q, w, e, g, b, u, ck, o, cu, ix, T, H, d_k, d_v, NCK,
                                                      w[0].numel(), e[0].numel(), M=M, BV=BVW, KB=KB,
                                                      **common)

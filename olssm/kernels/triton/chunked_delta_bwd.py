@@ -76,7 +76,8 @@ from ...objectives.core import ROW
 from . import chunked as _ch
 from .chunked import (_c_row, _chunk_decay, _chunk_map, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
                       _delta_tiles, _initial_tile, _mm, _precision, _row_decay_tiles, _rowdecay_delta_chunk,
-                      _sequential_program, _store_wt, _strict, _token_column, _tokens, _ut_inverse, switch)
+                      _sequential_program, _state_outer, _state_read, _store_wt, _strict, _token_column, _tokens,
+                      _ut_inverse, switch)
 
 #: the delta family's backward (scalar or row c, none / scalar decay): "chunk" (the kernels of this module) or
 #: "recurrent" (the fused recurrent backward on the chunked forward's checkpoints, as before).
@@ -149,12 +150,14 @@ def chunk_delta_bwd_prep_kernel(q_ptr, a_ptr, b_ptr, c_ptr, g_ptr, do_ptr, tc_pt
 def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr,
                                  T, H, DK, DV, NCK, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                  GATED: tl.constexpr, USE_DHT: tl.constexpr, VARLEN: tl.constexpr,
-                                 PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1):
+                                 PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1,
+                                 KEY_MAJOR: tl.constexpr = False):
     """Reverse over chunks: dh ← dS, dΔ = dd − dec ⊙ (B dSᵀ) (in place),
-    dS ← Γ_L dS + (Γ ⊙ dO)ᵀ Q + dΔᵀ W̃."""
+    dS ← Γ_L dS + (Γ ⊙ dO)ᵀ Q + dΔᵀ W̃. KEY_MAJOR (chunked.STATE_KEY_MAJOR): dS is held as dSᵀ [BK, BV], so its
+    updates are Qᵀ (Γ ⊙ dO) and W̃ᵀ dΔ (dots of BK rows); dh and dh0 keep their layout."""
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
-                                                                                      BV, VARLEN)
-    dS = _initial_tile(dht_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_DHT)
+                                                                                      BV, VARLEN, KEY_MAJOR)
+    dS = _initial_tile(dht_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_DHT, KEY_MAJOR)
     nc = tl.cdiv(eos - bos, BT)
     for cr in range(0, nc):
         c = nc - 1 - cr
@@ -166,18 +169,24 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
         doff = base[:, None] * DV + rows[None, :]
         d = tl.load(dd_ptr + doff, mask=vm, other=0.0).to(tl.float32)
         do = tl.load(do_ptr + doff, mask=vm, other=0.0).to(tl.float32)
-        BdS = _mm(bv, tl.trans(dS), PREC)                   # B dSᵀ [BT, BV]
+        BdS = _state_read(bv, dS, PREC, KEY_MAJOR)          # B dSᵀ [BT, BV]
         if GATED:
             _, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
             d -= BdS * dec[:, None]
-            do = do * gam[:, None]
+            if not KEY_MAJOR:
+                do = do * gam[:, None]
             dS = dS * gl
         else:
             d -= BdS
         tl.store(dd_ptr + doff, d, mask=vm)
         q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+        if KEY_MAJOR and GATED:
+            # Γ on Q's side, Qᵀ (Γ ⊙ dO) = (Γ ⊙ Q)ᵀ dO: a Q that feeds wgmma straight from its async copy is held
+            # in one shared buffer per pipeline stage (64 KB at [64, 128] fp32); scaled in registers, it is not:
+            # sm_90, tf32, chunk 64, d 128, 2 stages: 232 -> 204 KB, under an H100's 227 KB
+            q = q * gam[:, None]
         wt = tl.load(wt_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-        dS += _mm(tl.trans(do), q, PREC) + _mm(tl.trans(d), wt, PREC)
+        dS += _state_outer(q, do, PREC, KEY_MAJOR) + _state_outer(wt, d, PREC, KEY_MAJOR)
         dS = tl.where(m2, dS, 0.0)
     tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
 
@@ -768,7 +777,7 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     BVS = _ch.WIDE_BLOCK_V if narrow else BV   # the state pass's value rows
     chunk_delta_bwd_state_kernel[(-(-d_v // BVS), N * H)](
         q, g, b, wt, do, dd, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK,
-        BK=BK, BV=BVS, USE_DHT=dht is not None, **common)
+        BK=BK, BV=BVS, USE_DHT=dht is not None, KEY_MAJOR=bool(_ch.STATE_KEY_MAJOR), **common)
     NVW = -(-d_v // BVW)
     dl = torch.empty(B, T, H, d_v, **z)
     de = _ch.written(M, B, T, H, d_v, device=dev)
