@@ -32,7 +32,13 @@ def _usage(kernel) -> str:
         os.unlink(f.name)
     m = re.search(r"REG:(\d+) STACK:(\d+)", out)
     return (f"regs {m.group(1)}, stack {m.group(2)} B/thread" if m else "resource usage unavailable") + \
-        f", shared {kernel.metadata.shared} B"
+        f", shared {kernel.metadata.shared} B, {_mma_kinds(kernel.asm['ptx'])}"
+
+
+def _mma_kinds(ptx: str) -> str:
+    """How many tensor-core instructions of each kind the PTX holds: wgmma (sm_90's warpgroup MMA, issued only for
+    dots of M a multiple of 64 rows) or mma.sync (the warp-level MMA every smaller dot is lowered to)."""
+    return f"wgmma {len(re.findall(r'wgmma.mma_async', ptx))}, mma.sync {len(re.findall(r'mma.sync', ptx))}"
 
 
 #: the pointers of the chunk tensors (chunked.chunk_inputs' q, w, e, a, b, c: k / v in the diagonal kernels, x / y in
@@ -110,10 +116,14 @@ def variants(BT, BK, BV, prec, BVW=None):
                     yield (f"delta split prep {tag} SAVE_TC", ch.chunk_delta_prep_kernel,
                            dict(wide, SAVE_TC=True, **kw))
                 yield f"delta split state {tag}", ch.chunk_delta_state_kernel, dict(state, **kw)
+                yield f"delta split state {tag} KEY_MAJOR", ch.chunk_delta_state_kernel, dict(state, KEY_MAJOR=True,
+                                                                                             **kw)
                 yield f"delta split out {tag}", ch.chunk_delta_out_kernel, dict(wide, **kw)
     two = dict(GATED=True, VARLEN=False, M=2)
     yield "delta split prep decay=scalar, 2 input terms", ch.chunk_delta_prep_kernel, dict(wide, TIED=False, **two)
     yield "delta split state decay=scalar, 2 input terms", ch.chunk_delta_state_kernel, dict(state, TIED=False, **two)
+    yield ("delta split state decay=scalar, 2 input terms KEY_MAJOR", ch.chunk_delta_state_kernel,
+           dict(state, TIED=False, KEY_MAJOR=True, **two))
     yield "delta split out decay=scalar, 2 input terms", ch.chunk_delta_out_kernel, dict(wide, TIED=False, **two)
     # the delta family's chunked backward (chunked_delta_bwd.py): prep / value take the split's wide value blocks
     from . import chunked_delta_bwd as dbw
@@ -125,8 +135,9 @@ def variants(BT, BK, BV, prec, BVW=None):
         yield f"delta bwd prep {tag}", dbw.chunk_delta_bwd_prep_kernel, dict(prep, GATED=gated, VARLEN=True)
         yield (f"delta bwd prep {tag} HAVE_TC", dbw.chunk_delta_bwd_prep_kernel,
                dict(prep, GATED=gated, VARLEN=True, HAVE_TC=True))
-        yield (f"delta bwd state {tag}", dbw.chunk_delta_bwd_state_kernel,
-               dict(BT=BT, BK=BK, BV=BV, PREC=prec, GATED=gated, USE_DHT=True, VARLEN=True))
+        for key_major in (False, True):   # chunked.STATE_KEY_MAJOR
+            yield (f"delta bwd state {tag}{' KEY_MAJOR' if key_major else ''}", dbw.chunk_delta_bwd_state_kernel,
+                   dict(BT=BT, BK=BK, BV=BV, PREC=prec, GATED=gated, USE_DHT=True, VARLEN=True, KEY_MAJOR=key_major))
         for tied in (False, True):     # tied: w_0 = b (DeltaNet / Gated DeltaNet, chunked._tied)
             t = f"{tag}{' tied' if tied else ''}"
             kw = dict(GATED=gated, VARLEN=True, TIED=tied)
@@ -217,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="all", choices=("all", "chunked", "generated", "rls"),
                    help="chunked: the chunked kernels; generated: the generated kernels of GENERATED_RULES "
                         "(block scan pfwd/pbwd and the loop kernels); rls: the RLS gain kernels")
+    p.add_argument("--match", default="",
+                   help="compile only the variants whose name contains this string (e.g. 'split state')")
     p.add_argument("--pscan-bt", type=int, default=None, help="tokens per block of pfwd/pbwd (library.PSCAN_BLOCK_T)")
     p.add_argument("--pscan-warps", type=int, default=None,
                    help="warps of the generated kernels (default: library.PSCAN_NUM_WARPS / scan.loop_warps)")
@@ -260,6 +273,7 @@ def main(argv=None) -> int:
                                ("rls gain bwd", rls.rls_gain_bwd_kernel, "USE_DPT")):
             todo.append((name, fn, dict(BK=bk, C=a.chunk, VARLEN=True, **{flag: True}), rls._warps(bk)))
     bad = 0
+    todo = [t for t in todo if a.match in t[0]]
     for name, fn, consts, warps, *ptr_types in todo:
         try:
             k = compile_for(fn, consts, a.arch, warps, *(ptr_types or [None]), num_stages=a.num_stages)
