@@ -127,7 +127,8 @@ def main(argv=None):
                    help="time each olssm kernel row again under other settings in this same process, rows "
                         "'KERNEL@LABEL': ';'-separated LABEL=KEY:VALUE,... with keys precision (chunked dots), chunk, "
                         "stages (chunked pipeline stages), wide (chunked.WIDE_KEYS, 'off': no wide-key settings), wide_blocks "
-                        "(chunked.WIDE_BLOCKS: 1 or 0), chunk_storage / checkpoint_storage (fp32 or input), "
+                        "(chunked.WIDE_BLOCKS: 1 or 0), key_major (chunked.STATE_KEY_MAJOR: 1 or 0), "
+                        "chunk_storage / checkpoint_storage (fp32 or input), "
                         "block_v, warps (recurrent kernel); e.g. 'narrow=wide:off;bf16=precision:bf16;again=' (an "
                         "empty setting: the defaults again, for the drift)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
@@ -290,6 +291,7 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _one_of(*chunked.DOT
                  "stages": (chunked, ("NUM_STAGES",), _positive, "chunk"),
                  "wide": (chunked, ("WIDE_KEYS",), _wide, "chunk"),
                  "wide_blocks": (chunked, ("WIDE_BLOCKS",), _switch, "chunk"),
+                 "key_major": (chunked, ("STATE_KEY_MAJOR",), _switch, "chunk"),
                  "chunk_storage": (chunked, ("CHUNK_STORAGE",), _one_of("fp32", "input"), "chunk"),
                  "checkpoint_storage": (chunked, ("CHECKPOINT_STORAGE",), _one_of("fp32", "input"), "chunk"),
                  "block_v": (tscan, ("BLOCK_V",), _pow2, "recurrent"),

@@ -646,8 +646,9 @@ def test_benchmark_variants_parse_the_session_specs():
     bench = _bench_module()
     assert bench._variants("narrow=wide:off;rec32=block_v:32,warps:4;again=") == {
         "narrow": {"wide": None}, "rec32": {"block_v": 32, "warps": 4}, "again": {}}
-    assert bench._variants("bf16=precision:bf16;c64=chunk:64,stages:2;w=wide:128") == {
-        "bf16": {"precision": "bf16"}, "c64": {"chunk": 64, "stages": 2}, "w": {"wide": 128}}
+    assert bench._variants("bf16=precision:bf16;c64=chunk:64,stages:2;w=wide:128;km=key_major:1") == {
+        "bf16": {"precision": "bf16"}, "c64": {"chunk": 64, "stages": 2}, "w": {"wide": 128},
+        "km": {"key_major": True}}
     assert bench._variants("") == {}
 
 
