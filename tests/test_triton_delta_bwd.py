@@ -427,6 +427,12 @@ def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, tied, ut,
     blocked inverse with 2 / 1 merge levels). low: q, w, e, a, b, c rounded to bf16 and passed to the kernels
     as bf16 tensors (the log decay fp32), the reference loop on the same rounded values: the kernels convert
     every load to fp32, so the fp32 tolerances hold."""
+    _kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, tied, ut, low, ties, monkeypatch)
+
+
+def _kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, tied, ut, low, ties, monkeypatch):
+    """test_kernels_on_chunk_tensors: the split (or fused) forward and the chunked backward, which recomputes T_c
+    (no saved chunk core), on chunk tensors, against the fp64 autograd loop: o, final state, every gradient."""
     if chunk < 16 and _DEVICE != "cpu":
         pytest.skip("compiled tl.dot needs chunks of >= 16 tokens (library.run_scan clamps; this calls the kernels)")
     monkeypatch.setattr(tchunk, "TIE_INPUT_TERM", tied)
@@ -489,6 +495,117 @@ def test_kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, tied, ut,
         assert got.shape == want.shape, n
         if n != "log decay" or gated:
             _close(got, want, RTOL, f"d{n}")
+
+
+# ---- the UT substitution on the diagonal blocks alone (chunked.UT_SOLVE = "blocks") -------------------------
+
+@pytest.fixture
+def solves(monkeypatch):
+    """Which substitution every _ut_inverse ran, in call order ("masked" / "blocks"): the helpers are looked up in
+    chunked's globals at each call under the interpreter, so wrapping them records the branch the kernels took
+    (a knob the host passes on but a kernel ignores fails too). None when compiled (a plain function cannot stand
+    in for a jit helper there)."""
+    if not tscan.interpreted():
+        return None
+    seen = []
+    for name, what in (("_ut_substitute_masked", "masked"), ("_ut_substitute_blocks", "blocks")):
+        real = getattr(tchunk, name)
+        monkeypatch.setattr(tchunk, name, lambda *a, _real=real, _what=what, **k: seen.append(_what) or _real(*a, **k))
+    return seen
+
+
+@pytest.mark.parametrize("gated, varlen, chunk, M, K, V, tied, ut",
+                         [(True, True, 16, 1, 20, 20, True, None),     # one 16-row block, no merge
+                          (False, False, 16, 2, 6, 5, False, 4),       # 4 blocks of 4, 2 merge levels
+                          (True, False, 32, 1, 20, 20, True, None),    # 2 blocks, 1 merge
+                          (True, True, 64, 1, 72, 16, True, None),     # the wide-key shape: 4 blocks, 2 merges
+                          (False, True, 64, 2, 72, 16, False, 64)])    # UT_BLOCK ≥ BT: one block of 64
+def test_ut_solve_blocks_on_chunk_tensors(gated, varlen, chunk, M, K, V, tied, ut, ties, solves, monkeypatch):
+    """UT_SOLVE = "blocks": the split forward and the chunked backward recomputing T_c (no saved chunk core), with an
+    initial state, against the fp64 autograd loop (o, final state, every gradient; test_triton_chunked.py's
+    tolerances), at chunks of 16 / 32 / 64 (d_k = 72 at 64), gated, varlen (padded rows in every last chunk); and
+    both prep kernels took the blocks branch."""
+    monkeypatch.setattr(tchunk, "UT_SOLVE", "blocks")
+    _kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, False, tied, ut, False, ties, monkeypatch)
+    if solves is not None:
+        assert solves and set(solves) == {"blocks"}
+        assert len(solves) % 2 == 0   # one per chunk program, in the forward prep and again in the backward prep
+
+
+def test_ut_solve_blocks_rank_r(calls, solves, monkeypatch):
+    """Sub-tokens (SUB = 4: 4 corrections per token, the strict mask between tokens) with UT_SOLVE = "blocks" and
+    UT_BLOCK = 8 (two tokens per block, 2 blocks per 16-sub-token chunk, one merge), through rule.scan against the
+    reference: o, final state, every gradient."""
+    monkeypatch.setattr(tchunk, "UT_SOLVE", "blocks")
+    monkeypatch.setattr(tchunk, "UT_BLOCK", 8)
+    monkeypatch.setattr(tchunk, "SAVE_CHUNK_CORE", False)      # the backward recomputes T_c too
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    rule = _multi_key_rule("decay")
+    assert tchunk.sub_tokens(rule.form) == 4
+    inp = random_inputs(rule, 1, 21, 2, 4, 5, seed=17)
+    h0 = 0.3 * torch.randn(1, 2, 5, 4, generator=torch.Generator().manual_seed(17))
+    _compare(rule, inp, h0)
+    assert len(calls) == 1
+    if solves is not None:
+        assert solves and set(solves) == {"blocks"}
+
+
+def _prep_tc(k, c, ld, chunk, cu, gated):
+    """T_c as the split forward's prep kernel stores it (the saved chunk core), for a = b = w = k: [B, T, H, chunk],
+    row t holding its chunk's row of T_c (columns past the chunk's last token unwritten: NaN)."""
+    B, T, H, K = k.shape
+    V = 4
+    plan = tscan.plan_for(ENTRIES["gated_deltanet" if gated else "deltanet"].rule)
+    chunk_in = [_dev(x).contiguous() for x in (torch.zeros(B, T, H, K), k[None], torch.zeros(1, B, T, H, V), ld,
+                                               k, k, c)]
+    bounds = list(zip(cu[:-1], cu[1:]))
+    N, max_len = len(bounds), max(t - s for s, t in bounds)
+    tc = _dev(torch.full((B, T, H, chunk), float("nan")))
+    ck = _dev(torch.empty(N, H, -(-max_len // chunk), V, K))
+    tchunk.chunked_forward(plan, chunk_in, None, _dev(torch.empty(B, T, H, V)), _dev(torch.empty(N, H, V, K)), ck,
+                           [B, T, H, K, V, N, max_len, chunk], True, _dev(torch.tensor(cu, dtype=torch.int32)),
+                           core=(tc, _dev(torch.empty(B, T, H, K))))
+    return tc.cpu()
+
+
+@pytest.mark.parametrize("chunk, gated", [(16, False), (32, True), (64, False), (64, True)])
+def test_ut_solve_blocks_inverse_of_nearly_parallel_keys(chunk, gated, solves, monkeypatch):
+    """T_c = (I + diag(β) (K Kᵀ ⊙ D_st))⁻¹ of both substitutions against torch.linalg.inv in fp64, for nearly
+    parallel unit keys (k_t = k + 1e-3·noise, normalised: K Kᵀ ≈ 1 everywhere) and β ∈ [1.5, 2] (|T_c| up to 2,
+    entries alternating in sign: a product / Neumann form would cancel catastrophically here; the substitution
+    does not). Two sequences of 50 and 78 tokens, so each ends inside a chunk and its padded rows must leave the
+    valid part exact. Tolerance: max error ≤ 5e-5·max|T_c| for both (measured ≈ 4e-6 under the interpreter),
+    and "blocks" within 2× the masked path's error (+ 1e-6·max|T_c|): the same fp32 products, summed in
+    another order."""
+    gen = torch.Generator().manual_seed(21 + chunk)
+    B, T, H, K = 1, 128, 2, 72
+    cu = [0, 50, 128]
+    k = torch.nn.functional.normalize(torch.randn(K, generator=gen) + 1e-3 * torch.randn(B, T, H, K, generator=gen),
+                                      dim=-1)
+    c = 1.5 + 0.5 * torch.rand(B, T, H, generator=gen)
+    ld = -0.05 * torch.rand(B, T, H, generator=gen) if gated else torch.zeros(B, T, H)
+    ref = torch.full((B, T, H, chunk), float("nan"), dtype=torch.float64)
+    for s, t in zip(cu[:-1], cu[1:]):
+        for c0 in range(s, t, chunk):
+            kk, n = k[0, c0:min(c0 + chunk, t)].double(), min(chunk, t - c0)     # [n, H, K]
+            G = ld[0, c0:c0 + n].double().cumsum(0)                              # [n, H]
+            strict = torch.ones(n, n, dtype=torch.bool).tril(-1)
+            Dst = torch.where(strict, (G.T[:, :, None] - G.T[:, None, :]).exp(), 0.0)     # [H, n, n]
+            L = c[0, c0:c0 + n].double().T[:, :, None] * torch.einsum("ihk,jhk->hij", kk, kk) * Dst
+            ref[0, c0:c0 + n, :, :n] = torch.linalg.inv(torch.eye(n, dtype=torch.float64) + L).permute(1, 0, 2)
+    valid = ~ref.isnan()
+    scale = ref[valid].abs().max().item()
+    errs = {}
+    for solve in ("masked", "blocks"):
+        monkeypatch.setattr(tchunk, "UT_SOLVE", solve)
+        got = _prep_tc(k, c, ld, chunk, cu, gated).double()
+        assert torch.isfinite(got[valid]).all(), solve
+        errs[solve] = (got[valid] - ref[valid]).abs().max().item()
+        assert errs[solve] <= 5e-5 * scale, f"{solve}: max error {errs[solve]:.3g} vs max|T_c| {scale:.3g}"
+    assert errs["blocks"] <= 2 * errs["masked"] + 1e-6 * scale, errs
+    if solves is not None:
+        n = len(solves) // 2
+        assert solves == ["masked"] * n + ["blocks"] * n and n > 0
 
 
 # ---- torch.library / torch.compile ----------------------------------------------------------------------

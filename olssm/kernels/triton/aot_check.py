@@ -41,6 +41,27 @@ def _mma_kinds(ptx: str) -> str:
     return f"wgmma {len(re.findall(r'wgmma.mma_async', ptx))}, mma.sync {len(re.findall(r'mma.sync', ptx))}"
 
 
+def ptx_loops(ptx: str) -> list:
+    """Every loop of a PTX listing, in order: a label and a later branch back to it. Per loop (nested ones counted in
+    their parents too): (label, instructions, bar.sync, shared-memory loads, shared-memory stores, warp shuffles),
+    the per-iteration cost that cross-warp reductions leave in a sequential loop (a reduction across warps goes
+    through shared memory between two barriers; one inside a warp through shuffles)."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    seen, loops = {}, []
+    for n, line in enumerate(lines):
+        label = re.match(r"(\$L__BB\d+_\d+):", line)
+        if label:
+            seen[label.group(1)] = n
+        back = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if back and back.group(1) in seen:
+            body = [x for x in lines[seen[back.group(1)]:n + 1] if x and x[0] not in "/${}."]
+            loops.append((back.group(1), len(body), sum("bar.sync" in x or "barrier.sync" in x for x in body),
+                          sum(re.search(r"\bld\.shared|\bldmatrix", x) is not None for x in body),
+                          sum(re.search(r"\bst\.shared|\bstmatrix", x) is not None for x in body),
+                          sum("shfl.sync" in x for x in body)))
+    return loops
+
+
 #: the pointers of the chunk tensors (chunked.chunk_inputs' q, w, e, a, b, c: k / v in the diagonal kernels, x / y in
 #: the helpers) and of the scan's o / dO, which are bf16 in a bf16 scan under chunked.CHUNK_STORAGE = "input"
 #: (the log decay g, the checkpoints ck / dh and the backward's scratch tensors stay fp32)
@@ -168,10 +189,19 @@ def variants(BT, BK, BV, prec, BVW=None):
                                                                                           SUB=4)
     # rank-R corrections on 4 sub-tokens per token (chunked.sub_tokens: the strict mask between tokens, SUB)
     sub = dict(GATED=True, VARLEN=True, M=2, SUB=4)
+    # the UT substitution on the diagonal blocks alone (chunked.UT_SOLVE = "blocks"): both callers of _ut_inverse
+    for gated in (False, True):
+        tag = f"decay={'scalar' if gated else 'none'} varlen=True"
+        yield (f"delta split prep {tag} tied SAVE_TC blocks", ch.chunk_delta_prep_kernel,
+               dict(wide, GATED=gated, VARLEN=True, TIED=True, SAVE_TC=True, SOLVE="blocks"))
+        yield (f"delta bwd prep {tag} blocks", dbw.chunk_delta_bwd_prep_kernel,
+               dict(prep, GATED=gated, VARLEN=True, SOLVE="blocks"))
     yield "rank4 delta fwd c=row", ch.chunk_delta_fwd_kernel, dict(base, C_ROW=True, G_ROW=False, VARLEN=True, M=2,
                                                                    SUB=4)
     yield "rank4 delta split prep SAVE_TC", ch.chunk_delta_prep_kernel, dict(wide, TIED=False, SAVE_TC=True, **sub)
     yield "rank4 delta bwd prep", dbw.chunk_delta_bwd_prep_kernel, dict(prep, GATED=True, VARLEN=True, SUB=4)
+    yield ("rank4 delta bwd prep blocks", dbw.chunk_delta_bwd_prep_kernel,
+           dict(prep, GATED=True, VARLEN=True, SUB=4, SOLVE="blocks"))
     yield "rank4 delta bwd value", dbw.chunk_delta_bwd_value_kernel, dict(value, TIED=False, **sub)
     yield "rank4 delta bwd key", dbw.chunk_delta_bwd_key_kernel, dict(key, TIED=False, **sub)
     yield "rank4 rowc bwd prep", dbw.chunk_rowc_bwd_prep_kernel, dict(rowc, **sub)
@@ -236,6 +266,11 @@ def main(argv=None) -> int:
     p.add_argument("--pscan-tile", type=int, default=None,
                    help="fp32 elements of a [BT, BV, BK] tile of pfwd (library.PSCAN_TILE)")
     p.add_argument("--pscan-bwd-tile", type=int, default=None, help="the same for pbwd (library.PSCAN_BWD_TILE)")
+    p.add_argument("--match", default=None,
+                   help="compile only the variants whose names contain one of these comma-separated strings")
+    p.add_argument("--ptx-loops", action="store_true",
+                   help="also list every loop of each kernel's PTX with its bar.sync, shared-memory and shuffle "
+                        "instructions (ptx_loops)")
     a = p.parse_args(argv)
     from . import library as _lib
     _lib.PSCAN_TILE = a.pscan_tile or _lib.PSCAN_TILE
@@ -272,12 +307,17 @@ def main(argv=None) -> int:
         for name, fn, flag in (("rls gain fwd", rls.rls_gain_fwd_kernel, "SAVE_CK"),
                                ("rls gain bwd", rls.rls_gain_bwd_kernel, "USE_DPT")):
             todo.append((name, fn, dict(BK=bk, C=a.chunk, VARLEN=True, **{flag: True}), rls._warps(bk)))
+    if a.match:
+        todo = [t for t in todo if any(m in t[0] for m in a.match.split(","))]
     bad = 0
     todo = [t for t in todo if a.match in t[0]]
     for name, fn, consts, warps, *ptr_types in todo:
         try:
             k = compile_for(fn, consts, a.arch, warps, *(ptr_types or [None]), num_stages=a.num_stages)
             print(f"  ok    {name:45s} {_usage(k)}")
+            for label, instr, bars, lds, sts, shfl in (ptx_loops(k.asm["ptx"]) if a.ptx_loops else ()):
+                print(f"          loop {label}: {instr} instructions, {bars} bar.sync, {lds} shared loads, "
+                      f"{sts} shared stores, {shfl} shfl")
         except Exception as e:  # noqa: BLE001 - report every variant
             bad += 1
             why = " ".join(f"{str(x).splitlines()[0][:200]}" if str(x) else type(x).__name__

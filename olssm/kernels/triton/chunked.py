@@ -93,6 +93,17 @@ FAST_SPAN = tl.constexpr(60.0)
 #: plain row-by-row substitution. Passed to each launch as the constexpr UTB (a jit global could not be changed
 #: once a compiled kernel had read it).
 UT_BLOCK = 16
+#: where the UT inverse's 15 substitution steps run (_ut_inverse): "masked", on the whole [BT, BT] tile with the
+#: other blocks masked off, or "blocks", on the diagonal blocks alone as a [BT/UB, UB, UB] tile (TRITON.md,
+#: "Blocked inverse"). Every "masked" step reduces over BT² elements across warps, of which BT·UB matter (1024 of
+#: 4096 at chunk 64), and the prep kernel was the largest forward kernel (0.97 ms of DeltaNet's 2.06 at D = 128,
+#: session 7). Compiled for sm_90 (aot_check --ptx-loops; d_k = d_v = 128, chunk 64, 2 stages, 8 warps), one step
+#: of the forward prep's loop goes from 335 PTX instructions, 14 bar.sync, 20 shared-memory accesses and 82 shuffles
+#: to 77, 0, 0 and 16 (chunk 32 at d_k = 64: 149, 10, 11, 35 before), and the kernel's spills from 424 to 408
+#: B/thread with tf32 operands, 480 to 208 with bf16 (the backward's prep, Gated DeltaNet: 552 → 592, 584 → 264).
+#: The default stays "masked" until "blocks" is timed on a GPU. OLSSM_TRITON_UT_SOLVE overrides; read at each
+#: launch (ut_solve()), passed as the constexpr SOLVE.
+UT_SOLVE = "masked"
 
 
 @triton.jit
@@ -799,15 +810,54 @@ def _dot_rows_k(x_ptr, y_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, 
 
 
 @triton.jit
+def _ut_substitute_masked(L, BT: tl.constexpr, UB: tl.constexpr):
+    """The inverse of I + L's UB-row block diagonal (L strictly lower) by forward substitution on the whole
+    [BT, BT] tile: row i of every block per step (the blocks occupy disjoint columns of one [BT] vector)."""
+    tt = tl.arange(0, BT)
+    Tc = tl.where(tt[:, None] == tt[None, :], 1.0, 0.0)
+    for i in range(1, UB):
+        sel = (tt % UB == i)[:, None] & ((tt[:, None] // UB) == (tt[None, :] // UB))
+        li = tl.sum(tl.where(sel, L, 0.0), axis=0)                            # row i of every diagonal block
+        ti = tl.where(tt % UB == i, 1.0, 0.0) - tl.sum(li[:, None] * Tc, axis=0)
+        Tc = tl.where(sel, ti[None, :], Tc)
+    return Tc
+
+
+@triton.jit
+def _ut_substitute_blocks(L, BT: tl.constexpr, UB: tl.constexpr):
+    """The same substitution on the diagonal blocks alone (UT_SOLVE "blocks"): a [BT/UB, UB, UB] tile, each step
+    reducing over UB elements per block instead of masking all BT². T is kept transposed, Tt[block, column, row],
+    so that both reductions of a step run along the last axis: compiled for sm_90 in the prep kernel (8 warps,
+    BT = 64) the loop then holds no bar.sync and no shared-memory access (with T untransposed, [block, row,
+    column], 6 bar.sync and 9 accesses were left; the masked loop has 14 and 20: UT_SOLVE). The same fp32
+    products as the masked loop, each sum without its exact zeros; the block-diagonal [BT, BT] T is rebuilt
+    for the merges."""
+    NB: tl.constexpr = BT // UB
+    blk = tl.arange(0, NB)
+    r = tl.arange(0, UB)
+    on_diagonal = blk[:, None, None, None] == blk[None, None, :, None]        # [NB, 1, NB, 1]
+    Lb = tl.sum(tl.where(on_diagonal, tl.reshape(L, [NB, UB, NB, UB]), 0.0), axis=2)    # [block, row, column]
+    # the identity of every block ((blk >= 0) only broadcasts it to [NB, UB, UB])
+    Tt = tl.where((r[:, None] == r[None, :])[None, :, :] & (blk >= 0)[:, None, None], 1.0, 0.0)
+    for i in range(1, UB):
+        li = tl.sum(tl.where((r == i)[None, :, None], Lb, 0.0), axis=1)      # [NB, UB]: row i of each block
+        ti = tl.where(r == i, 1.0, 0.0)[None, :] - tl.sum(li[:, None, :] * Tt, axis=2)
+        Tt = tl.where((r == i)[None, None, :], ti[:, :, None], Tt)
+    Tb = tl.permute(Tt, (0, 2, 1))
+    return tl.reshape(tl.where(on_diagonal, Tb[:, :, None, :], 0.0), [BT, BT])
+
+
+@triton.jit
 def _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
-                GATED: tl.constexpr, PREC: tl.constexpr, SUB: tl.constexpr = 1, UTB: tl.constexpr = 16):
+                GATED: tl.constexpr, PREC: tl.constexpr, SUB: tl.constexpr = 1, UTB: tl.constexpr = 16,
+                SOLVE: tl.constexpr = "masked"):
     """The state-independent core of a delta-family chunk (split forward and its backward):
     c, D, D_st, Γ, T_c = (I + diag(c) N)⁻¹ and N = A Bᵀ ⊙ D_st.
 
     T_c in UTB-row diagonal blocks (UT_BLOCK; fla's solve_tril does 16): the forward substitution
     T_i = e_i − Σ_{j<i} L_ij T_j (L = diag(c) N) runs on every diagonal block at once — row i of all blocks
-    in one step, UB − 1 steps instead of BT − 1 (L restricted to the diagonal blocks is block diagonal, so
-    the rows of different blocks occupy disjoint columns of one [BT] vector) — then the blocks are merged
+    in one step, UB − 1 steps instead of BT − 1 (L restricted to the diagonal blocks is block diagonal) —
+    on the masked [BT, BT] tile or on the blocks alone (SOLVE, UT_SOLVE) — then the blocks are merged
     pairwise, s = UB, 2·UB, ... < BT: with T the inverse of I + L's s-block diagonal and L_o the part of L
     below it inside each 2s-block, (I + L_2s) = (I + L_s)(I + T L_o) and (T L_o)² = 0, so
     T ← T − T L_o T (two [BT, BT] dots per level)."""
@@ -817,12 +867,10 @@ def _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT: tl.constexpr, BK: 
     N = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
     L = N * cc[:, None]                                                       # diag(c) N, strictly lower
     UB: tl.constexpr = UTB if UTB < BT else BT
-    Tc = tl.where(tt[:, None] == tt[None, :], 1.0, 0.0)
-    for i in range(1, UB):
-        sel = (tt % UB == i)[:, None] & ((tt[:, None] // UB) == (tt[None, :] // UB))
-        li = tl.sum(tl.where(sel, L, 0.0), axis=0)                            # row i of every diagonal block
-        ti = tl.where(tt % UB == i, 1.0, 0.0) - tl.sum(li[:, None] * Tc, axis=0)
-        Tc = tl.where(sel, ti[None, :], Tc)
+    if SOLVE == "blocks":
+        Tc = _ut_substitute_blocks(L, BT, UB)
+    else:
+        Tc = _ut_substitute_masked(L, BT, UB)
     for lvl in tl.static_range(0, 6):                                         # merges: s = UB·2^lvl < BT
         if (UB << lvl) < BT:
             s2 = 2 * (UB << lvl)
@@ -848,7 +896,8 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
                             T, H, DK, DV, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                             BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
                             PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, TIED: tl.constexpr = False,
-                            SAVE_TC: tl.constexpr = False, SUB: tl.constexpr = 1, UTB: tl.constexpr = 16):
+                            SAVE_TC: tl.constexpr = False, SUB: tl.constexpr = 1, UTB: tl.constexpr = 16,
+                            SOLVE: tl.constexpr = "masked"):
     """Per chunk, independent of the state:
         W̃ = T_c (c ⊙ Γ ⊙ A) → wt,   Ũ = T_c (c ⊙ Σ_m (A W_mᵀ ⊙ D_strict) E_m) → u,
     and (SAVE_TC, for the chunked backward, which then skips its own inverse) T_c → tc [.., BT].
@@ -858,7 +907,7 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
     tt = tl.arange(0, BT)
     tm, base = _tokens(start, tt, eos, H, i_h)
     cc, _, Dst, gam, Tc, Nab = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC, SUB,
-                                           UTB)
+                                           UTB, SOLVE)
     _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
     if SAVE_TC:
         tl.store(tc_ptr + base[:, None] * BT + tt[None, :], Tc, mask=tm[:, None])
@@ -1106,6 +1155,11 @@ def switch(env: str, value: str, allowed: tuple, what: str) -> str:
     return mode
 
 
+def ut_solve() -> str:
+    """UT_SOLVE, or OLSSM_TRITON_UT_SOLVE if set; checked (the forward prep and the backward's prep read it)."""
+    return switch("OLSSM_TRITON_UT_SOLVE", UT_SOLVE, ("masked", "blocks"), "UT solve")
+
+
 def _delta_forward() -> str:
     return switch("OLSSM_TRITON_DELTA_FORWARD", DELTA_FORWARD, ("split", "fused"), "delta forward")
 
@@ -1191,7 +1245,8 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
                   TIED=tied, SUB=sub, **_launch_opts(wide_keys))
     chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
                                       e[0].numel(), M=M, BV=BVW, KB=KB,
-                                      SAVE_TC=core is not None, UTB=int(UT_BLOCK), **common)
+                                      SAVE_TC=core is not None, UTB=int(UT_BLOCK), SOLVE=ut_solve(),
+                                      **common)
     chunk_delta_state_kernel[(-(-d_v // BV), N * H)](
         w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
         w[0].numel(), e[0].numel(), M=M, BV=BV, USE_H0=h0 is not None, KEY_MAJOR=bool(STATE_KEY_MAJOR), **common)

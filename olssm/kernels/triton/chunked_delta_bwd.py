@@ -123,7 +123,7 @@ def chunk_delta_bwd_prep_kernel(q_ptr, a_ptr, b_ptr, c_ptr, g_ptr, do_ptr, tc_pt
                                 T, H, DK, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                 GATED: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
                                 KB: tl.constexpr = 64, HAVE_TC: tl.constexpr = False, SUB: tl.constexpr = 1,
-                                UTB: tl.constexpr = 16):
+                                UTB: tl.constexpr = 16, SOLVE: tl.constexpr = "masked"):
     """Per chunk: T_c = (I + diag(c)(A Bᵀ ⊙ D_st))⁻¹ → tc [.., BT], W̃ = T_c (c ⊙ Γ ⊙ A) → wt (unless
     HAVE_TC: the split forward saved both), dΔ's local part −(Q Bᵀ ⊙ D)ᵀ dO → dd (all value blocks, BV
     rows at a time)."""
@@ -135,7 +135,7 @@ def chunk_delta_bwd_prep_kernel(q_ptr, a_ptr, b_ptr, c_ptr, g_ptr, do_ptr, tc_pt
         D = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)[0]
     else:
         cc, D, Dst, gam, Tc, N = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC, SUB,
-                                             UTB)
+                                             UTB, SOLVE)
         tl.store(tc_ptr + base[:, None] * BT + tt[None, :], Tc, mask=tm[:, None])
         _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
     QBt = tl.trans(_dot_rows_k(q_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * D)
@@ -773,7 +773,8 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     dd = torch.empty(B, T, H, d_v, **z)     # dΔ (prep: its local part; state: all of it), then dR' (value kernel)
     dh = torch.empty(ck.shape, **z)        # fp32 whatever ck's dtype (the key kernel sums cancelling terms)
     chunk_delta_bwd_prep_kernel[(NTG, G)](q, a, b, c, g, do, tc, wt, dd, cu, ix, T, H, d_k, d_v, BK=BK, BV=BVW,
-                                          KB=KB, HAVE_TC=core is not None, UTB=int(_ch.UT_BLOCK), **common)
+                                          KB=KB, HAVE_TC=core is not None, UTB=int(_ch.UT_BLOCK),
+                                          SOLVE=_ch.ut_solve(), **common)
     BVS = _ch.WIDE_BLOCK_V if narrow else BV   # the state pass's value rows
     chunk_delta_bwd_state_kernel[(-(-d_v // BVS), N * H)](
         q, g, b, wt, do, dd, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK,
