@@ -649,6 +649,9 @@ def test_benchmark_variants_parse_the_session_specs():
     assert bench._variants("bf16=precision:bf16;c64=chunk:64,stages:2;w=wide:128;km=key_major:1") == {
         "bf16": {"precision": "bf16"}, "c64": {"chunk": 64, "stages": 2}, "w": {"wide": 128},
         "km": {"key_major": True}}
+    assert bench._variants("utb=ut_solve:blocks;again=") == {"utb": {"ut_solve": "blocks"}, "again": {}}
+    with pytest.raises(SystemExit, match="expected"):
+        bench._variants("utb=ut_solve:rows")
     assert bench._variants("") == {}
 
 
