@@ -129,8 +129,8 @@ def main(argv=None):
                         "stages (chunked pipeline stages), wide (chunked.WIDE_KEYS, 'off': no wide-key settings), wide_blocks "
                         "(chunked.WIDE_BLOCKS: 1 or 0), key_major (chunked.STATE_KEY_MAJOR: 1 or 0), "
                         "chunk_storage / checkpoint_storage (fp32 or input), ut_solve (chunked.UT_SOLVE: masked or "
-                        "blocks), block_v, warps (recurrent kernel); e.g. 'narrow=wide:off;bf16=precision:bf16;again=' (an "
-                        "empty setting: the defaults again, for the drift)")
+                        "blocks), block_v, warps (recurrent kernel); e.g. "
+                        "'narrow=wide:off;bf16=precision:bf16;again=' (an empty setting: the defaults again, for the drift)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
     p.add_argument("--raw-decays", action="store_true",
                    help="time the catalogue rules as they are, reading raw decays α (\"auto\" then keeps the "
@@ -164,7 +164,8 @@ def main(argv=None):
     variants = _variants(a.variants)
     where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (TRITON_INTERPRET smoke run)"
     print(f"B={a.B} T={a.T} H={a.H} d_k={a.dk} d_v={a.dv} {a.dtype} chunk={a.chunk or 'policy'} dot={a.precision} "
-          f"delta-forward={a.delta_forward} delta-backward={a.delta_backward} ut-block={int(chunked.UT_BLOCK)} ut-solve={chunked.ut_solve()} "
+          f"delta-forward={a.delta_forward} delta-backward={a.delta_backward} ut-block={int(chunked.UT_BLOCK)} "
+          f"ut-solve={chunked.ut_solve()} "
           f"tie={chunked.TIE_INPUT_TERM} save-core={chunked.SAVE_CHUNK_CORE} decays={'raw' if a.raw_decays else 'log'} chunk-storage={a.chunk_storage} checkpoint-storage={a.checkpoint_storage} "
           f"pscan={a.pscan} "
           f"(BT={a.pscan_bt}, {a.pscan_warps} warps, tiles {a.pscan_tile}/{a.pscan_bwd_tile}) on {where}")
