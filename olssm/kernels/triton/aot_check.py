@@ -258,8 +258,6 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="all", choices=("all", "chunked", "generated", "rls"),
                    help="chunked: the chunked kernels; generated: the generated kernels of GENERATED_RULES "
                         "(block scan pfwd/pbwd and the loop kernels); rls: the RLS gain kernels")
-    p.add_argument("--match", default="",
-                   help="compile only the variants whose name contains this string (e.g. 'split state')")
     p.add_argument("--pscan-bt", type=int, default=None, help="tokens per block of pfwd/pbwd (library.PSCAN_BLOCK_T)")
     p.add_argument("--pscan-warps", type=int, default=None,
                    help="warps of the generated kernels (default: library.PSCAN_NUM_WARPS / scan.loop_warps)")
@@ -267,7 +265,8 @@ def main(argv=None) -> int:
                    help="fp32 elements of a [BT, BV, BK] tile of pfwd (library.PSCAN_TILE)")
     p.add_argument("--pscan-bwd-tile", type=int, default=None, help="the same for pbwd (library.PSCAN_BWD_TILE)")
     p.add_argument("--match", default=None,
-                   help="compile only the variants whose names contain one of these comma-separated strings")
+                   help="compile only the variants whose names contain one of these comma-separated strings "
+                        "(e.g. 'split state,split prep')")
     p.add_argument("--ptx-loops", action="store_true",
                    help="also list every loop of each kernel's PTX with its bar.sync, shared-memory and shuffle "
                         "instructions (ptx_loops)")
@@ -310,7 +309,6 @@ def main(argv=None) -> int:
     if a.match:
         todo = [t for t in todo if any(m in t[0] for m in a.match.split(","))]
     bad = 0
-    todo = [t for t in todo if a.match in t[0]]
     for name, fn, consts, warps, *ptr_types in todo:
         try:
             k = compile_for(fn, consts, a.arch, warps, *(ptr_types or [None]), num_stages=a.num_stages)
