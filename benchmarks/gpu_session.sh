@@ -6,13 +6,13 @@
 #
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
-#   lease        the first call of a lease (its timeouts add to 500 s): the compiled tests, the D = 64 table (five
-#                rules, fla's kernels but chunk_gla; the recurrent kernel's old geometry as a
-#                variant row), DeltaNet / Gated DeltaNet at D = 128 against fla's chunk, the wide-key settings off,
-#                WIDE_BLOCKS' narrower blocks, and bf16 chunk tensors (chunk_storage:input: no fp32 copies of q, k, v)
-#   variants     the defaults against their alternatives (the wide-key settings off, WIDE_BLOCKS, bf16 chunk tensors
-#                at D = 128; the recurrent kernel's old 32 rows / 4 warps; bf16 operands at D = 64), rows interleaved
-#                in one process per shape, then a profile of DeltaNet at D = 128 (timeouts add to 380 s)
+#   lease        the first call of a lease (its timeouts add to 440 s): the compiled tests; DeltaNet at D = 128 profiled
+#                kernel by kernel (forward alone and fwd+bwd) beside fla's chunk kernels, with the untimed variants;
+#                DeltaNet / Gated DeltaNet at D = 128 against fla's chunk with every untimed chunked setting as a row
+#                of one process ($variants128)
+#   variants     the second call (timeouts add to 520 s): the D = 64 table with fla's kernels (but chunk_gla), the
+#                recurrent kernel's old 32 rows / 4 warps and bf16 operands as rows; the session-9 variants at
+#                D = 64; fla's chunk_gla against ours at D = 64
 #   tests        the Triton test files with compiled kernels (no interpreter), 8 workers
 #   tests1/2     the same in two halves, if `tests` ran past its 570 s
 #   delta64      (4, 2048, 16, 64) bf16: DeltaNet, Gated DeltaNet, Longhorn, RLS, derived rules (two_keys: rank-2
@@ -45,46 +45,50 @@ with_fla() {
 }
 
 bench=(python benchmarks/triton_kernels.py --dtype bf16 --autotune)
+# the chunked settings timed against the defaults (benchmarks/triton_kernels.py --variants): the wide-key settings off
+# (`narrow`), WIDE_BLOCKS (`wb`), bf16 chunk tensors (`cs`: no fp32 copies of q, k, v), the key-major state tile (`km`)
+# and the UT substitution on the diagonal blocks only (`utb`), untimed since sessions 8-9
+variants128='narrow=wide:off;wb=wide_blocks:1;cs=chunk_storage:input;km=key_major:1;utb=ut_solve:blocks;again='
+variants128_profile='wb=wide_blocks:1;km=key_major:1;utb=ut_solve:blocks'
+variants64='km=key_major:1;utb=ut_solve:blocks;again='
 triton_tests=(tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py tests/test_triton_pscan.py
               tests/test_triton_autotune.py)
 case $stage in
     lease)
-        # the compiled tests first (session 8's defaults have not run compiled), then the D = 64 table with fla's
-        # kernels, then D = 128 with the old chunked defaults, WIDE_BLOCKS and bf16 chunk tensors as variant rows
+        # the compiled tests first (session 8's defaults and session 9's variants have not run compiled), then where
+        # DeltaNet's D = 128 time goes, kernel by kernel beside fla's (never profiled under the wide-key defaults),
+        # then D = 128 against fla's chunk kernels with every untimed variant as a row of one process. Timeouts add to
+        # 440 s; `variants` has the D = 64 table
         with_fla
         export PYTHONUNBUFFERED=1
         gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800   # vendor HBM bandwidth, for the HBM % column
-        OLSSM_TRITON_DEVICE=cuda timeout 150 python -m pytest -vv -rfE -n 16 -p no:cacheprovider "${triton_tests[@]}" \
+        OLSSM_TRITON_DEVICE=cuda timeout 140 python -m pytest -vv -rfE -n 16 -p no:cacheprovider "${triton_tests[@]}" \
             > "$out/tests.txt" 2>&1
         grep -E "FAILED|ERROR|passed|failed" "$out/tests.txt" | tail -40
+        timeout 110 python benchmarks/profile_gpu.py --rules deltanet --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
+            --peers --variants "$variants128_profile" 2>&1 | grep -v "^USDT" | tee "$out/profile128.txt"
         # fla's chunk_gla: its autotuning outran a call (session 2). Its gated delta kernels run since session 8 (the
         # "illegal memory access" of sessions 7-8 was our call passing beta where fla 0.6 takes gk)
-        fla_skip=gla:fla-chunk
-        timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
-            --peak-gbs $gbs --reps 5 --skip "$fla_skip,*:torch-chunk" --rules deltanet,gated_deltanet,mamba2,longhorn,gla \
-            --variants 'rec32=block_v:32,warps:4;again=' 2>&1 | tee "$out/bench64.txt"
-        timeout 200 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
-            --peak-gbs $gbs --reps 5 --skip "$fla_skip,*:torch-chunk,*:fla-recurrent" --rules deltanet,gated_deltanet \
-            --variants 'narrow=wide:off;wb=wide_blocks:1;cs=chunk_storage:input;again=' 2>&1 | tee "$out/bench128.txt" ;;
+        timeout 190 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
+            --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules deltanet,gated_deltanet --variants "$variants128" 2>&1 | tee "$out/bench128.txt" ;;
     variants)
-        # the defaults against their alternatives in one process, rows interleaved per rule (session 8: separate
-        # processes drifted, DeltaNet's D = 64 chunk row 2.46 -> 3.65 ms between calls). Session 8 set the wide-key
-        # settings (chunk 64, 2 stages, bf16 operands without a decay: d_k > 64) and the recurrent kernel's 8 rows
-        # / 1 warp from D = 128 rows; `narrow` and `rec32` are the old defaults. D = 64 times the recurrent geometry
-        # there (never timed) and bf16 operands once more
+        # the D = 64 table with fla's kernels (but chunk_gla), the recurrent kernel's old 32 rows / 4 warps (its 8 rows /
+        # 1 warp default was set from D = 128 rows) and bf16 operands as rows of one process (session 8: separate
+        # processes drifted, DeltaNet's D = 64 chunk row 2.46 -> 3.65 ms between calls), then the session-9 variants at
+        # D = 64, then fla's chunk_gla alone at D = 64 (timeouts add to 520 s)
         with_fla
         export PYTHONUNBUFFERED=1
-        timeout 185 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
-            --peak-gbs 4800 --reps 5 --rules deltanet,gated_deltanet \
-            --skip '*:torch-chunk,*:fla-recurrent' \
-            --variants 'narrow=wide:off;wb=wide_blocks:1;cs=chunk_storage:input;rec32=block_v:32,warps:4;again=' 2>&1 | tee "$out/variants128.txt"
-        timeout 135 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
+        timeout 170 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
             --peak-gbs 4800 --reps 5 --rules deltanet,gated_deltanet,mamba2,gla,longhorn \
             --skip '*:torch-chunk,gla:fla-chunk' \
             --variants 'bf16=precision:bf16;rec32=block_v:32,warps:4;again=' 2>&1 | tee "$out/variants64.txt"
-        # where DeltaNet's D = 128 time goes under the wide-key defaults (session 7 profiled chunk 32 / tf32)
-        timeout 60 python benchmarks/profile_gpu.py --rules deltanet --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
-            --top 12 2>&1 | tee "$out/profile128.txt" ;;
+        timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
+            --peak-gbs 4800 --reps 5 --rules deltanet,gated_deltanet --no-peers \
+            --skip '*:torch-chunk,*:recurrent' --variants "$variants64" 2>&1 | tee "$out/variants64b.txt"
+        timeout 200 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
+            --peak-gbs 4800 --reps 5 --rules gla --skip '*:torch-chunk,*:recurrent,*:fla-recurrent' 2>&1 \
+            | tee "$out/fla-gla64.txt" ;;
     tests)
         OLSSM_TRITON_DEVICE=cuda timeout 570 python -m pytest -q -n 8 -p no:cacheprovider \
             tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py \

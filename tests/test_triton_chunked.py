@@ -18,6 +18,7 @@ from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close
                             dev as _dev, pin_fp32_storage, run as _run, spy)  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
+from pathlib import Path  # noqa: E402
 import sympy as sp  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -653,6 +654,20 @@ def test_benchmark_variants_parse_the_session_specs():
     with pytest.raises(SystemExit, match="expected"):
         bench._variants("utb=ut_solve:rows")
     assert bench._variants("") == {}
+
+
+def test_gpu_session_variant_specs_parse():
+    """Every --variants spec benchmarks/gpu_session.sh passes (its variants* variables and its literal ones) parses: a
+    typo there would cost a call of a rare GPU lease before anything is timed."""
+    import re
+    bench = _bench_module()
+    script = (Path(__file__).parent.parent / "benchmarks" / "gpu_session.sh").read_text()
+    specs = re.findall(r"^\s*variants\w*='([^']*)'", script, re.M) + re.findall(r"--variants '([^']*)'", script)
+    assert len(specs) >= 4, specs
+    for spec in specs:
+        assert bench._variants(spec), spec
+    for name in re.findall(r'--variants "\$(\w+)"', script):
+        assert re.search(rf"^{name}='", script, re.M), f"gpu_session.sh uses ${name} but never sets it"
 
 
 def test_decays_that_can_be_negative_run_the_recurrent_kernel(monkeypatch):
