@@ -228,7 +228,10 @@ def test_value_and_key_blocks(calls, ties, monkeypatch):
 def state_dots(monkeypatch):
     """What the two sequential state kernels ran, per launch: [kernel, its KEY_MAJOR constexpr, the shapes (rows,
     inner) of the left operands of its dots]. The interpreter runs a kernel as Python and looks chunked._mm up at
-    call time, so a spy there sees every dot the state kernels issue (their dots all go through it)."""
+    call time, so a spy there sees every dot the state kernels issue (their dots all go through it). None when
+    compiled (a plain function cannot stand in for a jit helper there: the kernels would not compile)."""
+    if not tscan.interpreted():
+        return None
     launches, inside = [], []
     real_mm = tchunk._mm
 
@@ -277,9 +280,10 @@ def test_state_key_major_wide_keys(name, narrow, key_major, calls, state_dots, m
     assert len(calls) == 1
     BV = 16 if narrow else 32
     update = (128, 64) if key_major else (BV, 64)
-    assert [x[:2] for x in state_dots] == [["forward", key_major], ["backward", key_major]]
-    for kernel, _, shapes in state_dots:
-        assert set(shapes) == {(64, 128), update}, (kernel, shapes)
+    if state_dots is not None:   # interpreted: the orientation each state kernel ran
+        assert [x[:2] for x in state_dots] == [["forward", key_major], ["backward", key_major]]
+        for kernel, _, shapes in state_dots:
+            assert set(shapes) == {(64, 128), update}, (kernel, shapes)
 
 
 #: DOT_PRECISION "bf16" (operands rounded to bf16, fp32 state and accumulators) against the fp32 reference: as
@@ -316,10 +320,11 @@ def test_state_key_major_paths(case, state_dots, monkeypatch):
     h0 = 0.3 * torch.randn(N, H, V, K, generator=torch.Generator().manual_seed(6))
     g = _compare(rule, random_inputs(rule, 1, T, H, K, V, seed=6), h0, rtol=rtol, state_rtol=state_rtol,
                  cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)) if cu else None)
-    assert [x[:2] for x in state_dots] == [["forward", True], ["backward", True]]
+    if state_dots is not None:
+        assert [x[:2] for x in state_dots] == [["forward", True], ["backward", True]]
     if case == "varlen":
         assert g["h0"][1].abs().max() > 0
-    if case == "chunk 32":
+    if case == "chunk 32" and state_dots is not None:
         for kernel, _, shapes in state_dots:
             assert set(shapes) == {(32, 64), (64, 32)}, (kernel, shapes)
 
