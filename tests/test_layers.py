@@ -190,6 +190,32 @@ def test_param_init_override_and_freeze():
         OnlineSSM(_custom_objective(), 8, 2, param_init={"gamma": 1.5})
 
 
+def test_a_log_decay_parameter_is_the_log_of_a_decay_parameter():
+    """A learned parameter declared in the 'log_decay' domain (≤ 0) is log γ: the layer reading exp(g) is the
+    one reading a 'decay' γ, initialised alike (RetNet's γ_h) and with param_init in log space. The oracle is the
+    decay-domain layer with the same weights (float64, 1e-12). It had been read as 'real': g = +1 at init (a
+    state growing by e per token, NaN by T = 200) and param_init raised KeyError."""
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    g = O.parameter("g", "scalar", domain="log_decay")
+    gamma = O.parameter("gamma", "scalar", domain="decay")
+    logged = O.Objective(O.sqnorm(S - sp.exp(g) * Sp) / 2 - O.inner(S @ k, v))
+    raw = O.Objective(O.sqnorm(S - gamma * Sp) / 2 - O.inner(S @ k, v))
+    x = torch.randn(2, 200, 8, dtype=torch.float64)
+    for init_log, init_raw in ((None, None), ({"g": [math.log(0.5), math.log(0.25)]}, {"gamma": [0.5, 0.25]})):
+        torch.manual_seed(0)
+        a = OnlineSSM(logged, 8, 2, backend="chunk", param_init=init_log).double()
+        torch.manual_seed(0)
+        b = OnlineSSM(raw, 8, 2, backend="chunk", param_init=init_raw).double()
+        torch.testing.assert_close(a.parameter_values(torch.float64)["g"].exp(),
+                                   b.parameter_values(torch.float64)["gamma"], rtol=1e-12, atol=0)
+        state = {n.replace("params_raw.gamma", "params_raw.g"): t for n, t in b.state_dict().items()}
+        a.load_state_dict(state)
+        torch.testing.assert_close(a(x), b(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"param_init\['g'\] is outside its domain 'log_decay'"):
+        OnlineSSM(logged, 8, 2, param_init={"g": 0.5})
+
+
 @pytest.mark.parametrize("backend", ["auto", "recurrent"])
 @pytest.mark.parametrize("name", ["longhorn", "gated_deltanet", "decayed_least_squares", "mamba2"])
 def test_bf16_autocast(name, backend):

@@ -25,6 +25,7 @@ The layer reads ``rule.inputs`` (role, kind, domain of every symbol) and creates
   ========== ====================================================================================
   negative   A = −exp(A_log); S4D-real init A_log = log(1..d_k) (key-indexed kinds), else log U(1, 16)
   decay      γ = exp(−exp(w)); init γ_h = 1 − 2^(−5−h) (RetNet)
+  log_decay  log γ = −exp(w), the same γ in log space
   positive   softplus(w), init 1
   unit       sigmoid(w), init 1/2
   timestep   softplus(w), init like dt
@@ -372,20 +373,21 @@ class OnlineSSM(nn.Module):
         if value is not None:
             v = torch.broadcast_to(torch.as_tensor(value, dtype=torch.float32), shape).clone()
             checks = {"negative": (v < 0).all(), "decay": ((v > 0) & (v < 1)).all(),
-                      "positive": (v > 0).all(), "timestep": (v > 0).all(), "unit": ((v > 0) & (v < 1)).all()}
+                      "positive": (v > 0).all(), "timestep": (v > 0).all(), "unit": ((v > 0) & (v < 1)).all(),
+                      "log_decay": (v < 0).all()}
             if dom in checks and not bool(checks[dom]):
                 raise ValueError(f"OnlineSSM: param_init[{spec.name!r}] is outside its domain {dom!r} "
                                  f"({DOMAINS[dom]})")
             return {"negative": lambda: torch.log(-v), "decay": lambda: torch.log(-torch.log(v)),
                     "positive": lambda: inv_softplus(v), "timestep": lambda: inv_softplus(v),
-                    "unit": lambda: torch.logit(v), "real": lambda: v}[dom]()
+                    "unit": lambda: torch.logit(v), "real": lambda: v, "log_decay": lambda: torch.log(-v)}[dom]()
         H = shape[0]
         if dom == "negative":
             if spec.kind in (ELEMENTWISE, COLUMN):  # S4D-real: A[..., j] = -(j + 1)
                 d_k = shape[-1]
                 return torch.log(torch.arange(1, d_k + 1, dtype=torch.float32)).expand(shape).clone()
             return torch.log(torch.empty(shape).uniform_(1, 16))  # Mamba-2: A ~ U(1, 16)
-        if dom == "decay":  # RetNet: γ_h = 1 - 2^(-5-h)
+        if dom in ("decay", "log_decay"):  # RetNet: γ_h = 1 - 2^(-5-h) (log_decay: log γ_h, the same raw w)
             gamma = 1 - 2.0 ** (-5 - torch.arange(H, dtype=torch.float64))
             w = torch.log(-torch.log(gamma)).float()
             return w.reshape(H, *([1] * (len(shape) - 1))).expand(shape).clone()
@@ -403,6 +405,8 @@ class OnlineSSM(nn.Module):
             return -torch.exp(raw)
         if dom == "decay":
             return torch.exp(-torch.exp(raw))
+        if dom == "log_decay":   # log γ of the decay above (read as 'real' it had started at +1: a growing state)
+            return -torch.exp(raw)
         if dom in ("positive", "timestep"):
             return F.softplus(raw)
         if dom == "unit":
