@@ -152,6 +152,16 @@ def test_step_without_caches_starts_fresh():
         model.step(tok, model.init_caches(3)[:1])
 
 
+def test_forward_names_a_caches_list_of_the_wrong_length():
+    """forward(ids, caches) checks the list as step does: one cache short had raised a bare IndexError, and one
+    too many (another model's caches) were silently ignored."""
+    model = _tiny("gla").eval()
+    ids = torch.randint(0, 16, (3, 4))
+    for bad in (model.init_caches(3)[:1], model.init_caches(3) + model.init_caches(3)[:1]):
+        with pytest.raises(ValueError, match=f"forward: caches must be a list of 2 per-layer caches.*length {len(bad)}"):
+            model(ids, caches=bad, return_caches=True)
+
+
 def test_custom_objective_save_load(tmp_path):
     obj = _custom_objective()
     torch.manual_seed(0)

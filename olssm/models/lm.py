@@ -197,10 +197,18 @@ class CausalLM(nn.Module):
             raise ValueError(f"CausalLM.{what}: input_ids must be an integer tensor {want}, got "
                              f"{tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__}")
 
+    def _check_caches(self, caches, what):
+        if not isinstance(caches, (list, tuple)) or len(caches) != len(self.blocks):
+            raise ValueError(f"{what}: caches must be a list of {len(self.blocks)} per-layer caches (init_caches or "
+                             f"a previous call's), got {type(caches).__name__}"
+                             + (f" of length {len(caches)}" if isinstance(caches, (list, tuple)) else ""))
+
     def forward(self, input_ids: torch.Tensor, caches=None, return_caches: bool = False, cu_seqlens=None):
         """logits [B, T, vocab]; with return_caches also the per-layer decoding caches (prefill).
         cu_seqlens [N+1]: input_ids [1, T] packs N independent sequences (no state crosses a boundary)."""
         self._check_ids(input_ids, "forward")
+        if caches is not None:   # (one short had raised IndexError; extra ones, another model's, were ignored)
+            self._check_caches(caches, "forward")
         h = self.embed(input_ids)
         new = []
         for i, blk in enumerate(self.blocks):
@@ -224,10 +232,7 @@ class CausalLM(nn.Module):
         self._check_ids(token, "step", ndim=1)
         if caches is None:
             caches = self.init_caches(token.shape[0], token.device)
-        if not isinstance(caches, (list, tuple)) or len(caches) != len(self.blocks):
-            raise ValueError(f"step: caches must be a list of {len(self.blocks)} per-layer caches (init_caches or "
-                             f"a previous step's), got {type(caches).__name__}"
-                             + (f" of length {len(caches)}" if isinstance(caches, (list, tuple)) else ""))
+        self._check_caches(caches, "step")
         h = self.embed(token)
         new = []
         for blk, c in zip(self.blocks, caches):
