@@ -188,6 +188,10 @@ def test_param_init_override_and_freeze():
     assert not layer.params_raw["gamma"].requires_grad
     with pytest.raises(ValueError, match="outside its domain"):
         OnlineSSM(_custom_objective(), 8, 2, param_init={"gamma": 1.5})
+    # a value of another shape is named with the parameter's (torch's broadcast error had named neither)
+    with pytest.raises(ValueError, match=r"param_init\['gamma'\] of shape \(3,\) does not broadcast to the "
+                                         r"parameter's shape \(2,\)"):
+        OnlineSSM(_custom_objective(), 8, 2, param_init={"gamma": [0.5, 0.5, 0.5]})
 
 
 def test_a_log_decay_parameter_is_the_log_of_a_decay_parameter():

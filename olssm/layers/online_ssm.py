@@ -371,7 +371,12 @@ class OnlineSSM(nn.Module):
         """Raw (unconstrained) tensor for a parameter; `value` (in the domain) overrides the default."""
         dom = spec.domain
         if value is not None:
-            v = torch.broadcast_to(torch.as_tensor(value, dtype=torch.float32), shape).clone()
+            v = torch.as_tensor(value, dtype=torch.float32)
+            try:
+                v = torch.broadcast_to(v, shape).clone()
+            except RuntimeError:
+                raise ValueError(f"OnlineSSM: param_init[{spec.name!r}] of shape {tuple(v.shape)} does not broadcast "
+                                 f"to the parameter's shape {tuple(shape)} ([H, ...] per head)") from None
             checks = {"negative": (v < 0).all(), "decay": ((v > 0) & (v < 1)).all(),
                       "positive": (v > 0).all(), "timestep": (v > 0).all(), "unit": ((v > 0) & (v < 1)).all(),
                       "log_decay": (v < 0).all()}
