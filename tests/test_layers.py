@@ -411,6 +411,28 @@ def test_rls_rule_layer_decodes_like_its_forward():
     torch.testing.assert_close(torch.stack(ys, 1), y, rtol=1e-12, atol=1e-12)
 
 
+def test_rls_rule_with_a_per_token_ridge_decodes_from_its_first_token():
+    """An RLS rule whose ridge is a per-token input starts from P = I/λ with the first token's λ (verify's and the
+    forward's reading). init_cache cannot know it: it raised 'zero_state: missing input(s)', and step(x, None),
+    which called it, made the rule undecodable. step(x, None) now starts from the first token's λ, as the forward's
+    token loop does; the oracle is the forward (float64, 1e-12). init_cache names why it cannot."""
+    S, _ = O.states()
+    k, v = O.key("k"), O.value("v")
+    obj = O.Objective(O.sqnorm(S @ k - v) / 2, update="exact", decay=O.scalar("gamma", domain="decay"),
+                      ridge=O.scalar("lam", domain="positive"), ridge_decays=True)
+    torch.manual_seed(0)
+    layer = OnlineSSM(obj, 8, 2, backend="chunk").double()
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    y = layer(x)
+    cache, ys = None, []
+    for t in range(6):
+        y_t, cache = layer.step(x[:, t], cache)
+        ys.append(y_t)
+    torch.testing.assert_close(torch.stack(ys, 1), y, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"init_cache: .*per-token input\(s\) \['lam'\].*step\(x_t, None\)"):
+        layer.init_cache(2)
+
+
 @pytest.mark.parametrize("name", ["longhorn", "mamba", "gated_deltanet"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_sequences_equal_separate_forwards(name, backend):

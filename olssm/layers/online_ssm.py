@@ -670,6 +670,11 @@ class OnlineSSM(nn.Module):
         """Zero decoding cache: {"state": fp32 state [B, H, d_v, d_k] (exact rules: (G, H)),
         "conv": {name: [B, C, conv_size - 1]}}."""
         _check_pos_int("batch_size", batch_size)
+        per_token = self._per_token_initial_inputs()
+        if per_token:
+            raise ValueError(f"OnlineSSM.init_cache: this rule's initial state reads the per-token input(s) {per_token} "
+                             "(RLS: P_0 = I/λ with the first token's λ), which no token has given yet; start with "
+                             "step(x_t, None) or prefill with forward(x, return_cache=True)")
         p = self.out_proj.weight
         device = p.device if device is None else device
         sdt = torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -680,16 +685,31 @@ class OnlineSSM(nn.Module):
                                dtype=dtype or p.dtype) for n, c in self.conv.items()}
         return {"state": st, "conv": conv}
 
-    def step(self, x_t: torch.Tensor, cache: dict):
-        """One token: x_t [B, d_model] -> (y_t [B, d_model], new cache); equal to forward on the sequence."""
+    def _per_token_initial_inputs(self) -> list:
+        """Per-token inputs the zero state reads (an RLS ridge declared per token), sorted."""
+        if not self.rule.is_rls:
+            return []
+        return sorted(s.name for s in self.rule.form.ridge.free_symbols if s.name not in self.param_specs)
+
+    def step(self, x_t: torch.Tensor, cache: dict | None):
+        """One token: x_t [B, d_model] -> (y_t [B, d_model], new cache); equal to forward on the sequence.
+        cache None: the first token (zero conv tails, the rule's zero state from this token's inputs)."""
         self._check_x(x_t, "step", 2)
-        if cache is None:
-            cache = self.init_cache(x_t.shape[0], x_t.device)
-        self._check_cache(cache, x_t.shape[0], "step")
+        if cache is not None:
+            self._check_cache(cache, x_t.shape[0], "step")
         x = x_t[:, None]
-        inputs, params, new_conv = self._features(x, cache.get("conv"))
+        inputs, params, new_conv = self._features(x, None if cache is None else cache.get("conv"))
         tok = {n: t[:, 0] for n, t in self._per_head(inputs).items()}
-        o, state = self.rule.decode(cache["state"], **tok, **params)
+        if cache is None:
+            # as the forward's token loop starts: an RLS ridge given per token is the first token's (init_cache,
+            # which has no token, could not decode such a rule)
+            v = inputs[self.value_name]
+            state = self.rule.zero_state((x_t.shape[0], self.n_heads), self.d_k, self.d_v, device=v.device,
+                                         dtype=torch.float64 if v.dtype == torch.float64 else torch.float32,
+                                         **params, **tok)
+        else:
+            state = cache["state"]
+        o, state = self.rule.decode(state, **tok, **params)
         y = self._post(o[:, None], x, inputs[self.value_name])
         return y[:, 0], {"state": state, "conv": new_conv}
 

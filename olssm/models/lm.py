@@ -227,11 +227,11 @@ class CausalLM(nn.Module):
         return [blk.mixer.init_cache(batch_size, device) for blk in self.blocks]
 
     def step(self, token: torch.Tensor, caches: list | None = None):
-        """One token [B] -> (logits [B, vocab], caches). caches None: fresh ones (init_caches), as for the
-        first token of a sequence (OnlineSSM.step does the same)."""
+        """One token [B] -> (logits [B, vocab], caches). caches None: fresh ones (each mixer's step(x, None)), as
+        for the first token of a sequence."""
         self._check_ids(token, "step", ndim=1)
-        if caches is None:
-            caches = self.init_caches(token.shape[0], token.device)
+        if caches is None:   # each mixer's step starts its own (init_caches cannot for a per-token RLS ridge)
+            caches = [None] * len(self.blocks)
         self._check_caches(caches, "step")
         h = self.embed(token)
         new = []
