@@ -73,7 +73,28 @@ def _fla_peers(name, rule, inp):
     return {}, ()
 
 
+#: the module settings main() sets from its flags: restored when it returns, so that a caller in the same process (the
+#: tests run it in-process with --chunk 4) keeps its own (a leaked WIDE_CHUNK = 4 had made a later test's wide-key
+#: path run chunks of 4 tokens)
+_MAIN_SETTINGS = [(chunked, n) for n in ("DOT_PRECISION", "DELTA_FORWARD", "UT_BLOCK", "TIE_INPUT_TERM",
+                                         "SAVE_CHUNK_CORE", "NUM_STAGES", "CHUNK_STORAGE", "CHECKPOINT_STORAGE")] + \
+    [(chunked_delta_bwd, "DELTA_BACKWARD"), (tscan, "BLOCK_V"), (tscan, "NUM_WARPS")] + \
+    [(library, n) for n in ("CHUNK", "WIDE_CHUNK", "PSCAN_BLOCK_T", "PSCAN_NUM_WARPS", "PSCAN_TILE", "PSCAN_BWD_TILE",
+                            "FORCE", "PARALLEL_SCAN")]
+
+
 def main(argv=None):
+    """Run the benchmark (see the module docstring); returns the table's rows."""
+    from olssm.kernels.triton import autotune
+    saved = [(module, name, getattr(module, name)) for module, name in _MAIN_SETTINGS + [(autotune, "ENABLED")]]
+    try:
+        return _main(argv)
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def _main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--B", type=int, default=4)
     p.add_argument("--T", type=int, default=2048)

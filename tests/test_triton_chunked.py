@@ -601,9 +601,13 @@ def test_gpu_benchmark_script_runs_and_agrees(monkeypatch, tmp_path):
     spec = importlib.util.spec_from_file_location("triton_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    before = [getattr(module, name) for module, name in bench._MAIN_SETTINGS]
     rows = bench.main(["--B", "1", "--T", "8", "--H", "1", "--dk", "8", "--dv", "8", "--dtype", "fp32",
                        "--reps", "1", "--chunk", "4", "--rules", "deltanet,gla,rls", "--no-peers", "--autotune"])
     autotune.clear()
+    # its flags' settings do not outlive it (a leaked WIDE_CHUNK = 4 ran a later test's wide-key path in chunks of 4)
+    assert [getattr(module, name) for module, name in bench._MAIN_SETTINGS] == before
+    assert (tlib.CHUNK, tlib.WIDE_CHUNK) == (16, 64)   # this module's fixture sets CHUNK 16
     errs = [float(r.rstrip(" |").rsplit("|", 1)[1]) for r in rows if "(" not in r]
     assert len(errs) >= 12 and max(errs) < 1e-5, rows
     assert sum("autotuned" in r for r in rows) == 3
