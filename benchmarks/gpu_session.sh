@@ -6,7 +6,7 @@
 #
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
-#   lease        the first call of a lease (its timeouts add to 440 s): the compiled tests; DeltaNet at D = 128 profiled
+#   lease        the first call of a lease (its timeouts add to 480 s): the compiled tests; DeltaNet at D = 128 profiled
 #                kernel by kernel (forward alone and fwd+bwd) beside fla's chunk kernels, with the untimed variants;
 #                DeltaNet / Gated DeltaNet at D = 128 against fla's chunk with every untimed chunked setting as a row
 #                of one process ($variants128)
@@ -45,12 +45,14 @@ with_fla() {
 }
 
 bench=(python benchmarks/triton_kernels.py --dtype bf16 --autotune)
-# the chunked settings timed against the defaults (benchmarks/triton_kernels.py --variants): the wide-key settings off
-# (`narrow`), WIDE_BLOCKS (`wb`), bf16 chunk tensors (`cs`: no fp32 copies of q, k, v), the key-major state tile (`km`)
-# and the UT substitution on the diagonal blocks only (`utb`), untimed since sessions 8-9
-variants128='narrow=wide:off;wb=wide_blocks:1;cs=chunk_storage:input;km=key_major:1;utb=ut_solve:blocks;again='
-variants128_profile='wb=wide_blocks:1;km=key_major:1;utb=ut_solve:blocks'
-variants64='km=key_major:1;utb=ut_solve:blocks;again='
+# the chunked settings timed against the defaults (benchmarks/triton_kernels.py --variants), untimed since sessions 8-9:
+# WIDE_BLOCKS (`wb`), bf16 chunk tensors (`cs`: no fp32 copies of q, k, v), the key-major state tile (`km`), the UT
+# substitution on the diagonal blocks only (`utb`), and the last three together (`all`; they touch different kernels
+# and glue). Session 8's wide-key settings against the old chunk-32 defaults are not repeated (one process, 2.06 /
+# 5.70 against 2.83 / 6.97 ms). Triton's on-disk cache carries the profile's compiles over to the table
+variants128='wb=wide_blocks:1;cs=chunk_storage:input;km=key_major:1;utb=ut_solve:blocks;all=key_major:1,ut_solve:blocks,chunk_storage:input;again='
+variants128_profile='utb=ut_solve:blocks;all=key_major:1,ut_solve:blocks,chunk_storage:input'
+variants64='km=key_major:1;utb=ut_solve:blocks;all=key_major:1,ut_solve:blocks,chunk_storage:input;again='
 triton_tests=(tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py tests/test_triton_pscan.py
               tests/test_triton_autotune.py)
 case $stage in
@@ -58,18 +60,18 @@ case $stage in
         # the compiled tests first (session 8's defaults and session 9's variants have not run compiled), then where
         # DeltaNet's D = 128 time goes, kernel by kernel beside fla's (never profiled under the wide-key defaults),
         # then D = 128 against fla's chunk kernels with every untimed variant as a row of one process. Timeouts add to
-        # 440 s; `variants` has the D = 64 table
+        # 480 s; `variants` has the D = 64 table
         with_fla
         export PYTHONUNBUFFERED=1
         gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800   # vendor HBM bandwidth, for the HBM % column
         OLSSM_TRITON_DEVICE=cuda timeout 140 python -m pytest -vv -rfE -n 16 -p no:cacheprovider "${triton_tests[@]}" \
             > "$out/tests.txt" 2>&1
         grep -E "FAILED|ERROR|passed|failed" "$out/tests.txt" | tail -40
-        timeout 110 python benchmarks/profile_gpu.py --rules deltanet --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
+        timeout 100 python benchmarks/profile_gpu.py --rules deltanet --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
             --peers --variants "$variants128_profile" 2>&1 | grep -v "^USDT" | tee "$out/profile128.txt"
         # fla's chunk_gla: its autotuning outran a call (session 2). Its gated delta kernels run since session 8 (the
         # "illegal memory access" of sessions 7-8 was our call passing beta where fla 0.6 takes gk)
-        timeout 190 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
+        timeout 240 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
             --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
             --rules deltanet,gated_deltanet --variants "$variants128" 2>&1 | tee "$out/bench128.txt" ;;
     variants)
