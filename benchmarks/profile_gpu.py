@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from olssm.catalogue import ENTRIES, random_inputs
 from olssm.kernels.triton import library
-from triton_kernels import _fla_peers, _settings, _variants
+from triton_kernels import _changes, _fla_peers, _settings, _variants
 
 
 def _kernel_times(fn, calls: int, device: str) -> dict:
@@ -76,6 +76,8 @@ def main(argv=None):
         runs = []
         for kernel in a.kernels.split(","):
             for label, setting in variants.items():
+                if not _changes(setting, kernel):   # e.g. a chunked setting on the recurrent row: the same kernels
+                    continue
                 runs.append((f"{kernel}@{label}", setting,
                              lambda k=kernel: rule.scan(backend="triton", **inp)[0], kernel))
         peers, args = _fla_peers(name, rule, inp) if a.peers else ({}, ())

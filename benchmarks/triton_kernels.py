@@ -217,7 +217,7 @@ def _main(argv=None):
             backend = "chunk" if kernel == "torch-chunk" else "triton"
             runs[kernel] = (lambda x, b=backend, k=kernel: _olssm(rule, b, k, x, a.pscan)), inp
             for label, setting in (variants.items() if backend == "triton" else ()):
-                if setting and not any(_VARIANT_KEYS[key][3] == kernel.split("-")[0] for key in setting):
+                if not _changes(setting, kernel):
                     continue   # a chunked setting on the recurrent row, or the reverse: the same kernel again
                 runs[f"{kernel}@{label}"] = (lambda x, b=backend, k=kernel: _olssm(rule, b, k, x, a.pscan)), inp
         peers, peer_args = ({}, ()) if a.no_peers else _fla_peers(name, rule, inp)
@@ -349,6 +349,12 @@ def _variants(spec: str) -> dict:
                 want = str(e) if str(e) and not str(e).startswith("invalid literal") else "an int"
                 raise SystemExit(f"--variants: bad value {value!r} for {key!r} in {part!r}: expected {want}") from None
     return out
+
+
+def _changes(setting: dict, kernel: str) -> bool:
+    """Whether a --variants setting changes what the olssm row `kernel` ("chunk", "chunk-fused", "recurrent", ...)
+    runs: an empty one (the defaults again) or one with a key for that kernel family (_VARIANT_KEYS)."""
+    return not setting or any(_VARIANT_KEYS[key][3] == kernel.split("-")[0] for key in setting)
 
 
 @contextlib.contextmanager

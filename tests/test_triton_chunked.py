@@ -660,6 +660,27 @@ def test_benchmark_variants_parse_the_session_specs():
     assert bench._variants("") == {}
 
 
+def test_profile_rows_skip_settings_of_the_other_kernel_family(monkeypatch, capsys):
+    """benchmarks/profile_gpu.py profiles a --variants setting only on the rows it changes, as triton_kernels.py times
+    them: a chunked setting on the recurrent row (or block_v on the chunk row) had been profiled again under its label,
+    the defaults' kernels named as if they were the setting's. _kernel_times is stubbed: nothing runs."""
+    import sys
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    for name in ("triton_kernels", "profile_gpu"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import profile_gpu
+    bench = sys.modules["triton_kernels"]
+    assert bench._changes({}, "recurrent") and bench._changes({"key_major": True}, "chunk-fused")
+    assert not bench._changes({"key_major": True}, "recurrent") and not bench._changes({"block_v": 32}, "chunk")
+    monkeypatch.setattr(profile_gpu, "_kernel_times", lambda fn, calls, device: {})
+    profile_gpu.main(["--rules", "deltanet", "--B", "1", "--T", "8", "--H", "1", "--d", "4",
+                      "--variants", "km=key_major:1;rec=block_v:32;again="])
+    rows = [line.split(" / ")[1].split(" (")[0] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("== ")]
+    assert rows == ["chunk@default", "chunk@km", "chunk@again", "recurrent@default", "recurrent@rec",
+                    "recurrent@again"], rows
+
+
 def test_gpu_session_variant_specs_parse():
     """Every --variants spec benchmarks/gpu_session.sh passes (its variants* variables and its literal ones) parses: a
     typo there would cost a call of a rare GPU lease before anything is timed."""
