@@ -646,11 +646,8 @@ class OnlineSSM(nn.Module):
         inputs = self._per_head(inputs)
         v = inputs[self.value_name]
         B, T = v.shape[:2]
-        if state is None:  # RLS rules start from P = I/λ: zero_state reads the ridge input
-            first = {n: x[:, 0] for n, x in inputs.items()} if T else {}
-            state = self.rule.zero_state((B, self.n_heads), self.d_k, self.d_v, device=v.device,
-                                         dtype=torch.float64 if v.dtype == torch.float64 else torch.float32,
-                                         **params, **first)
+        if state is None:
+            state = self._first_state(v, params, {n: x[:, 0] for n, x in inputs.items()} if T else {})
         outs = []
         steps = {n: x.unbind(1) for n, x in inputs.items()}   # x[:, t] per token: a quadratic backward
         for t in range(T):
@@ -659,6 +656,14 @@ class OnlineSSM(nn.Module):
         if not outs:
             return v.new_zeros(B, 0, self.n_heads, self.d_v), state
         return torch.stack(outs, 1).to(v.dtype), state
+
+    def _first_state(self, v, params, first: dict):
+        """The state before a sequence's first token, on v's device (fp64 for fp64 values, else fp32): the rule's
+        zero state, which for an RLS rule is P = I/λ with λ from the parameters or the first token's inputs
+        (first: {name: [B, H, ...]}, the token's per-head inputs)."""
+        return self.rule.zero_state((v.shape[0], self.n_heads), self.d_k, self.d_v, device=v.device,
+                                    dtype=torch.float64 if v.dtype == torch.float64 else torch.float32,
+                                    **params, **first)
 
     def _per_head(self, inputs: dict) -> dict:
         """Grouped keys / queries repeated per head, for the token loops over rule.decode (the scan takes them
@@ -703,10 +708,7 @@ class OnlineSSM(nn.Module):
         if cache is None:
             # as the forward's token loop starts: an RLS ridge given per token is the first token's (init_cache,
             # which has no token, could not decode such a rule)
-            v = inputs[self.value_name]
-            state = self.rule.zero_state((x_t.shape[0], self.n_heads), self.d_k, self.d_v, device=v.device,
-                                         dtype=torch.float64 if v.dtype == torch.float64 else torch.float32,
-                                         **params, **tok)
+            state = self._first_state(inputs[self.value_name], params, tok)
         else:
             state = cache["state"]
         o, state = self.rule.decode(state, **tok, **params)
