@@ -218,6 +218,12 @@ def test_a_log_decay_parameter_is_the_log_of_a_decay_parameter():
         torch.testing.assert_close(a(x), b(x), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"param_init\['g'\] is outside its domain 'log_decay'"):
         OnlineSSM(logged, 8, 2, param_init={"g": 0.5})
+    # the closed ends of the domains (log γ = 0, γ = 1) are in them but out of −exp(w) / exp(−exp(w)): the message
+    # had said "outside its domain 'log_decay' (≤ 0, ...)" of 0
+    with pytest.raises(ValueError, match=r"'log_decay' as the layer parameterises it: < 0, as −exp\(w\)"):
+        OnlineSSM(logged, 8, 2, param_init={"g": 0.0})
+    with pytest.raises(ValueError, match=r"'decay' as the layer parameterises it: in \(0, 1\), as exp"):
+        OnlineSSM(raw, 8, 2, param_init={"gamma": 1.0})
 
 
 @pytest.mark.parametrize("backend", ["auto", "recurrent"])

@@ -377,12 +377,17 @@ class OnlineSSM(nn.Module):
             except RuntimeError:
                 raise ValueError(f"OnlineSSM: param_init[{spec.name!r}] of shape {tuple(v.shape)} does not broadcast "
                                  f"to the parameter's shape {tuple(shape)} ([H, ...] per head)") from None
-            checks = {"negative": (v < 0).all(), "decay": ((v > 0) & (v < 1)).all(),
-                      "positive": (v > 0).all(), "timestep": (v > 0).all(), "unit": ((v > 0) & (v < 1)).all(),
-                      "log_decay": (v < 0).all()}
-            if dom in checks and not bool(checks[dom]):
-                raise ValueError(f"OnlineSSM: param_init[{spec.name!r}] is outside its domain {dom!r} "
-                                 f"({DOMAINS[dom]})")
+            # what each parameterisation below reaches: open intervals, so a domain's closed end (a decay of 1, a
+            # log decay of 0) is refused too, and the message says so rather than quote the domain alone
+            checks = {"negative": ((v < 0).all(), "< 0, as −exp(w)"),
+                      "decay": (((v > 0) & (v < 1)).all(), "in (0, 1), as exp(−exp(w))"),
+                      "positive": ((v > 0).all(), "> 0, as softplus(w)"),
+                      "timestep": ((v > 0).all(), "> 0, as softplus(w)"),
+                      "unit": (((v > 0) & (v < 1)).all(), "in (0, 1), as sigmoid(w)"),
+                      "log_decay": ((v < 0).all(), "< 0, as −exp(w)")}
+            if dom in checks and not bool(checks[dom][0]):
+                raise ValueError(f"OnlineSSM: param_init[{spec.name!r}] is outside its domain {dom!r} as the layer "
+                                 f"parameterises it: {checks[dom][1]} (the domain: {DOMAINS[dom]})")
             return {"negative": lambda: torch.log(-v), "decay": lambda: torch.log(-torch.log(v)),
                     "positive": lambda: inv_softplus(v), "timestep": lambda: inv_softplus(v),
                     "unit": lambda: torch.logit(v), "real": lambda: v, "log_decay": lambda: torch.log(-v)}[dom]()
