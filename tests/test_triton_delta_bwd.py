@@ -329,6 +329,130 @@ def test_state_key_major_paths(case, state_dots, monkeypatch):
             assert set(shapes) == {(32, 64), (64, 32)}, (kernel, shapes)
 
 
+# ---- the same-key key kernel (chunked_delta_bwd.SAME_KEY): through rule.scan, against the reference ------------
+
+@pytest.fixture
+def same_keys(monkeypatch):
+    """Per launch of the key kernel: [its SAME_KEY constexpr, its BT, its programs, how many of them ran
+    _same_key_grads]. The interpreter looks _same_key_grads up in the module at each call, so a wrapper there
+    counts the programs that took the branch (a constexpr the kernel ignored would show 0). None when compiled (a
+    plain function cannot stand in for a jit helper there)."""
+    if not tscan.interpreted():
+        return None
+    launches = []
+    real_kernel, real_helper = tdelta.chunk_delta_bwd_key_kernel, tdelta._same_key_grads
+
+    def helper(*a, **k):
+        launches[-1][3] += 1
+        return real_helper(*a, **k)
+
+    class Launch:
+        def __getitem__(self, grid):
+            run = real_kernel[grid]
+
+            def call(*a, **k):
+                launches.append([k.get("SAME_KEY", False), k["BT"], grid[0] * grid[1] * grid[2], 0])
+                return run(*a, **k)
+            return call
+
+    monkeypatch.setattr(tdelta, "_same_key_grads", helper)
+    monkeypatch.setattr(tdelta, "chunk_delta_bwd_key_kernel", Launch())
+    return launches
+
+
+def _same_key_rule(name):
+    # Gated DeltaNet reading log α, as the layers hand it over (the chunked backward under "auto")
+    return ENTRIES[name].rule.with_log_decays() if name == "gated_deltanet" else ENTRIES[name].rule
+
+
+@pytest.mark.parametrize("case", ["wide keys", "wide keys, bf16 operands", "chunk 16 varlen"])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "longhorn"])
+def test_same_key_kernel(name, case, calls, same_keys, monkeypatch):
+    # SAME_KEY on: the key kernel writes dK = dA + dB + dW_0 for the one key tensor (a = b = w_0 = k) and the op
+    # returns it once; o, the final state and every gradient (dk above all) against the reference (RTOL,
+    # STATE_RTOL), with initial states. "wide keys": d_k = 72, d_v = 20, 140 tokens (DeltaNet, Gated DeltaNet: the
+    # wide-key path's chunks of 64, the last partial; Longhorn's row c keeps chunks of 16); with bf16 dot operands
+    # (BF16_DOT_RTOL: the same-key kernel rounds E − Δ once where the general one rounds E and Δ); "chunk 16
+    # varlen": packed sequences of 5, 0, 1 and 37 tokens. Every program of the one key launch took the same-key branch
+    monkeypatch.setattr(tdelta, "SAME_KEY", True)
+    rule = _same_key_rule(name)
+    assert tdelta.same_key(rule.form)
+    rtol, state_rtol = RTOL, STATE_RTOL
+    if case.startswith("wide keys"):
+        T, H, K, V, cu = 140, 1, 72, 20, None
+    else:
+        T, H, K, V, cu = 43, 2, 4, 5, [0, 5, 5, 6, 43]
+    if case.endswith("bf16 operands"):
+        monkeypatch.setattr(tchunk, "DOT_PRECISION", "bf16")
+        monkeypatch.delenv("OLSSM_TRITON_DOT_PRECISION", raising=False)
+        rtol, state_rtol = BF16_DOT_RTOL, BF16_DOT_RTOL
+    N = len(cu) - 1 if cu else 1
+    h0 = 0.3 * torch.randn(N, H, V, K, generator=torch.Generator().manual_seed(12))
+    g = _compare(rule, random_inputs(rule, 1, T, H, K, V, seed=12), h0, rtol=rtol, state_rtol=state_rtol,
+                 cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)) if cu else None)
+    assert len(calls) == 1
+    if cu:
+        assert g["h0"][1].abs().max() > 0                        # the empty sequence passes dht to dh0
+    if same_keys is not None:
+        chunk = 64 if case.startswith("wide keys") and name != "longhorn" else 16
+        [(knob, BT, programs, took)] = same_keys
+        assert knob is True and BT == chunk and took == programs > 0
+
+
+@pytest.mark.parametrize("case", ["two input terms", "two keys", "independent keys", "independent keys, row c"])
+def test_same_key_stays_off_where_the_keys_differ(case, calls, same_keys, ties, monkeypatch):
+    # SAME_KEY on where its identity does not hold, exact against the reference or the fp64 loop: two input terms
+    # (w_0 = b = k but a second w: M = 2), two keys (rank 2 on sub-tokens), and the kernels on chunk tensors with
+    # independent a, b, w under the DeltaNet / Longhorn plans (the structure says a = b = w_0, the tensors do not:
+    # no placeholders, so the general kernel); no key launch took the same-key branch
+    monkeypatch.setattr(tdelta, "SAME_KEY", True)
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")            # the two-key rule's raw α has no closed-form log
+    if case.startswith("independent"):
+        crow = case.endswith("row c")
+        _kernels_on_chunk_tensors(True, True, 16, 1, 20, 20, crow, False, None, False, ties, monkeypatch)
+    else:
+        rule = _two_term_rule() if case == "two input terms" else _multi_key_rule("explicit")
+        assert not tdelta.same_key(rule.form)
+        _compare(rule, random_inputs(rule, 1, 21, 2, 4, 5, seed=13), 0.3 * torch.randn(1, 2, 5, 4))
+        assert len(calls) == 1
+    if same_keys is not None:
+        assert same_keys and all(knob is False and took == 0 for knob, _, _, took in same_keys), same_keys
+
+
+@pytest.mark.parametrize("name", ["deltanet", "longhorn"])
+def test_same_key_leaves_autograd_no_key_gradients_to_add(name, monkeypatch):
+    # the point of the host side: without the knob autograd adds the key tensor's three gradients dA + dB + dW_0
+    # (two adds of fp32 [B, T, H, d_k] tensors); with it the op hands back one and autograd adds none. Counted by a
+    # dispatch mode over the backward; dk the same either way
+    from torch.utils._python_dispatch import TorchDispatchMode
+    B, T, H, K, V = 1, 20, 1, 6, 5                             # d_k = 6: no other tensor has this shape
+    rule = ENTRIES[name].rule
+    inp = random_inputs(rule, B, T, H, K, V, seed=14)
+
+    class Adds(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("add", "add_") and torch.is_tensor(out) \
+                    and out.dtype == torch.float32 and tuple(out.shape) == (B, T, H, K):
+                self.n += 1
+            return out
+
+    counts, grads = {}, {}
+    for knob in (False, True):
+        monkeypatch.setattr(tdelta, "SAME_KEY", knob)
+        x = {n: _dev(t).clone().requires_grad_() for n, t in inp.items()}
+        o, _ = rule.scan(backend="triton", **x)
+        with Adds() as adds:
+            o.backward(_dev(torch.randn(o.shape, generator=torch.Generator().manual_seed(15))))
+        counts[knob], grads[knob] = adds.n, x["k"].grad
+    assert counts == {False: 2, True: 0}
+    _close(grads[True], grads[False], RTOL, "dk: same key vs three gradients")
+
+
 # ---- row c (Longhorn): through rule.scan, against the reference backend --------------------------------
 
 def test_longhorn_and_the_recurrent_switch(row_calls, monkeypatch):
@@ -615,14 +739,21 @@ def test_ut_solve_blocks_inverse_of_nearly_parallel_keys(chunk, gated, solves, m
 
 # ---- torch.library / torch.compile ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, dtype, ck", [("deltanet", torch.float32, "fp32"), ("longhorn", torch.float32, "fp32"),
-                                             ("deltanet", torch.bfloat16, "fp32"), ("longhorn", torch.bfloat16, "fp32"),
-                                             ("deltanet", torch.bfloat16, "input"), ("longhorn", torch.bfloat16, "input")])
-def test_opcheck_and_torch_compile(name, dtype, ck, calls, monkeypatch):
+@pytest.mark.parametrize("name, dtype, ck, same", [("deltanet", torch.float32, "fp32", False),
+                                                   ("longhorn", torch.float32, "fp32", False),
+                                                   ("deltanet", torch.bfloat16, "fp32", False),
+                                                   ("longhorn", torch.bfloat16, "fp32", False),
+                                                   ("deltanet", torch.bfloat16, "input", False),
+                                                   ("longhorn", torch.bfloat16, "input", False),
+                                                   ("deltanet", torch.float32, "fp32", True),
+                                                   ("longhorn", torch.bfloat16, "input", True)])
+def test_opcheck_and_torch_compile(name, dtype, ck, same, calls, monkeypatch):
     # bf16: CHUNK_STORAGE = "input", so the op takes bf16 chunk tensors and returns their gradients in bf16;
-    # ck "input": CHECKPOINT_STORAGE = "input", the op's ck output (ck_dtype) is bf16 and the fake must say so
+    # ck "input": CHECKPOINT_STORAGE = "input", the op's ck output (ck_dtype) is bf16 and the fake must say so;
+    # same: chunked_delta_bwd.SAME_KEY, the op takes empty placeholders for w and a and hands empty ones back
     monkeypatch.setattr(tchunk, "CHUNK_STORAGE", "input")
     monkeypatch.setattr(tchunk, "CHECKPOINT_STORAGE", ck)
+    monkeypatch.setattr(tdelta, "SAME_KEY", same)
     rule = ENTRIES[name].rule
     plan = tscan.plan_for(rule)
     key = tlib.register(plan)
@@ -631,6 +762,7 @@ def test_opcheck_and_torch_compile(name, dtype, ck, calls, monkeypatch):
     args = olssm.kernels.api.check_scan_args(rule, None, None, None, initial_state=None, output_final_state=True,
                                              cu_seqlens=None, inputs=inp)
     chunk_in = [x.detach().requires_grad_() for x in tchunk.chunk_inputs(plan, args, grad=True)]
+    assert [x.numel() == 0 for x in chunk_in] == [same if i in (1, 4) else False for i in range(len(chunk_in))]
     assert [x.dtype for x in chunk_in] == [torch.float32 if i == 3 else dtype for i in range(len(chunk_in))]
     h0 = _dev(torch.randn(B, H, V, K)).requires_grad_()
     sizes = [B, T, H, K, V, B, T, 16]

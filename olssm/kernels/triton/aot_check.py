@@ -164,6 +164,9 @@ def variants(BT, BK, BV, prec, BVW=None):
             kw = dict(GATED=gated, VARLEN=True, TIED=tied)
             yield f"delta bwd value {t}", dbw.chunk_delta_bwd_value_kernel, dict(value, **kw)
             yield f"delta bwd key {t}", dbw.chunk_delta_bwd_key_kernel, dict(key, **kw)
+        # a = b = w_0 (chunked_delta_bwd.SAME_KEY: DeltaNet, Gated DeltaNet, and Longhorn's row-c key launch)
+        yield (f"delta bwd key {tag} SAME_KEY", dbw.chunk_delta_bwd_key_kernel,
+               dict(key, GATED=gated, VARLEN=True, SAME_KEY=True))
     for tied in (False, True):
         t = " tied" if tied else ""
         yield (f"delta bwd value decay=scalar, 2 input terms{t}", dbw.chunk_delta_bwd_value_kernel,

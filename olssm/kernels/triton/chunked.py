@@ -337,7 +337,8 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
     """[q [B,T,H,K], w (key sides) [M,B,T,H,K], e (value sides) [M,B,T,H,V], log decay ([B,T,H] / [B,T,H,V] / [B,T,H,K];
     zeros when a correction has no decay)] + (with a correction) [a, b [B,T,H,K], c [B,T,H] (a row c: [B,T,H,V])],
     with R ≥ 2 corrections stacked [R, ...]: the log decay fp32, the others in chunk_storage(args.out_dtype) (fp32
-    unless CHUNK_STORAGE = "input" and bf16 / fp16 inputs)."""
+    unless CHUNK_STORAGE = "input" and bf16 / fp16 inputs). grad and chunked_delta_bwd.same_key: w and a are empty
+    placeholders for b (shared_key_inputs)."""
     rule, form = plan.rule, plan.rule.form
     B, T, H, K, V = args.B, args.T, args.H, args.d_k, args.d_v
     sdt = chunk_storage(args.out_dtype)
@@ -392,7 +393,23 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
             a_s = [key_side(f"a{r}", cr.a) for r, cr in enumerate(form.corrections)]
             b_s = [key_side(f"b{r}", cr.b) for r, cr in enumerate(form.corrections)]
             out += [a_s[0], b_s[0], cs[0]] if len(cs) == 1 else [torch.stack(a_s), torch.stack(b_s), torch.stack(cs)]
+            if grad:
+                from .chunked_delta_bwd import same_key
+                if same_key(form):   # one key tensor takes the whole key gradient (shared_key_inputs)
+                    out[1] = out[4] = out[5].new_empty(0)
     return [x.contiguous() for x in out]
+
+
+def shared_key_inputs(chunk_in) -> tuple:
+    """(chunk_in, same): with chunk_inputs' placeholders for w and a (empty 1-D tensors, where
+    chunked_delta_bwd.same_key holds: a = b = w_0) replaced by b and b[None], and whether they were. The
+    placeholders tell the backward op that the three uses share one tensor, so it returns dA + dB + dW_0 once, as
+    ∂b, and nothing for w and a: autograd then has no three [B, T, H, K] fp32 gradients to add. Full chunk
+    tensors pass through (same False)."""
+    if len(chunk_in) < 7 or chunk_in[4].dim() != 1:
+        return list(chunk_in), False
+    q, w, e, g, a, b, c = chunk_in[:7]
+    return [q, b.unsqueeze(0), e, g, b, b, c, *chunk_in[7:]], True
 
 
 @triton.jit
@@ -1257,7 +1274,9 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
 
 def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None, core=None):
     """Launch the chunked forward: fills o, ht (and ck, the state entering every chunk; and core = (T_c, W̃)
-    buffers when given: saved_chunk_core). sizes in tokens; a rank-R rule runs on sub-tokens (sub_tokens)."""
+    buffers when given: saved_chunk_core). sizes in tokens; a rank-R rule runs on sub-tokens (sub_tokens).
+    chunk_in may hold chunk_inputs' same-key placeholders (shared_key_inputs)."""
+    chunk_in = shared_key_inputs(chunk_in)[0]
     R = sub_tokens(plan.rule.form)
     if R > 1:
         B, T, H, d_v = o.shape

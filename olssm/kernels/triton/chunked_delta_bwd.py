@@ -43,7 +43,8 @@ Four launches (prep and value take the split forward's wide value blocks, ≤ SP
 - ``chunk_delta_bwd_key_kernel`` (chunks × KEY_BLOCK_K key columns × heads, a loop over the value blocks):
   dQ, dA, dB, dW_m and ∂ log γ by the identity ∂b_i = q_i·dQ_i + a_i·dA_i − Σ_m w_m,i·dW_m,i − b_i·dB_i
   (the row sums of T and c ⊙ U and the Γ terms are q·dQ and a·dA, their column sums and X are w·dW and
-  b·dB), ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j X_j (partial over key blocks).
+  b·dB), ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j X_j (partial over key blocks). With a = b = w_0 one tensor (SAME_KEY, off:
+  DeltaNet, Gated DeltaNet, Longhorn) it writes dQ and dK = dA + dB + dW_0 alone, from E − Δ (_same_key_grads).
 The callers sum the partials. Extra memory (fp32): dh like ck, T_c (BT per token·head), W̃, dΔ / dR', Δ.
 TIED (w_0 = b: DeltaNet, Gated DeltaNet; chunked._tied, as the split forward): A W_0ᵀ ⊙ D_st = N, and since
 dΔ = −(Q Bᵀ ⊙ D)ᵀ dO − dec ⊙ (B dSᵀ), dE_0 = Nᵀ dR' − dΔ — the value kernel forms N once and no Q W_0ᵀ, A W_0ᵀ,
@@ -68,6 +69,7 @@ Extra memory (fp32): dh like ck, P / Δ and dΔ / dR / dR' ([B, T, H, d_v] each)
 from __future__ import annotations
 
 
+import sympy as sp
 import torch
 import triton
 import triton.language as tl
@@ -92,6 +94,13 @@ KEY_BLOCK_K = 64
 #: (the fused recurrent backward on the chunked forward's checkpoints, as before; for benchmarking).
 #: OLSSM_TRITON_ROW_C_BACKWARD overrides.
 ROW_C_BACKWARD = "chunk"
+#: the key kernel for a = b = w_0 (one correction, one input term, sympy-equal key sides: DeltaNet, Gated DeltaNet,
+#: Longhorn; chunked.chunk_inputs makes them one tensor): autograd summed that tensor's three gradients dA + dB + dW_0
+#: (two fp32 [B, T, H, d_k] adds, 34 MB at (2, 1024, 16, 128)); with SAME_KEY the kernel writes dK = dA + dB + dW_0
+#: itself, from E − Δ alone (5 value-loop products instead of 8, 4 after it instead of 6: _same_key_grads), and the
+#: op returns it once (chunked.shared_key_inputs). Off: never timed on a GPU (sm_90 compile, chunk 64, d 128, bf16,
+#: 2 stages: TRITON.md, "Same-key key kernel").
+SAME_KEY = False
 #: value rows per program of the row-c prep and value kernels (sm_90, tf32, 8 warps, BT = 32, d_k = d_v = 64:
 #: 64 rows 172-186 regs and no spills; 32 rows 176-255 regs, value 8 B, at twice the repeated [BT, BT] work)
 ROWC_BLOCK_V = 64
@@ -103,6 +112,16 @@ def delta_backward(row_c: bool = False) -> str:
     if row_c and mode == "chunk":
         mode = switch("OLSSM_TRITON_ROW_C_BACKWARD", ROW_C_BACKWARD, ("chunk", "recurrent"), "row-c backward")
     return mode
+
+
+def same_key(form) -> bool:
+    """SAME_KEY and the rule's key sides are one expression: a = b = w_0, one correction and one input term, and not a
+    row decay (its own kernel, chunk_rowdecay_bwd_kernel, has no such path). Read by chunked.chunk_inputs, which
+    then hands the op placeholders for w and a; the kernels take the placeholders, not this test, as the signal."""
+    if not (SAME_KEY and len(form.corrections) == 1 and len(form.inputs) == 1 and form.decay_kind != ROW):
+        return False
+    b = sp.sympify(form.corrections[0].b)
+    return sp.sympify(form.corrections[0].a) == b and sp.sympify(form.inputs[0].w) == b
 
 
 @triton.jit
@@ -272,16 +291,72 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
 
 
 @triton.jit
+def _same_key_grads(q_ptr, e_ptr, g_ptr, k_ptr, dr_ptr, dl_ptr, do_ptr, ck_ptr, dh_ptr, dq_ptr, dg_ptr, dk_ptr, i_k, tm,
+                    tt, base, km, km2, koff, cols, sbase, DK, DV, DVS, TOKH, BT: tl.constexpr, BV: tl.constexpr,
+                    GATED: tl.constexpr, PREC: tl.constexpr, KB: tl.constexpr, SUB: tl.constexpr):
+    """The key kernel where a = b = w_0 = K and M = 1 (DeltaNet, Gated DeltaNet, Longhorn): with
+    X = (dO (E − Δ)ᵀ) ⊙ D, Y = (dR' (E − Δ)ᵀ) ⊙ D_st, Z = dec ⊙ ((E − Δ) dS),
+
+        dQ = Γ ⊙ (dO S₀) + X K,   dA = Γ ⊙ (dR' S₀) + Y K,   dB + dW_0 = Z + Xᵀ Q + Yᵀ K,
+
+    so dK = dA + dB + dW_0 → dk; ∂b_i = q_i·dQ_i + k_i·(dA − dB − dW_0)_i and ∂b_last's
+    Σ_j (w_j·(dec ⊙ E dS)_j − b_j·(dec ⊙ Δ dS)_j) = Σ_j k_j·Z_j. E and Δ enter only as E − Δ: the value loop sums
+    5 products (X, Y, dO S₀, dR' S₀, Z) where the general kernel sums 8 (OD, RD, OE, RE and four [BT, KB] ones)."""
+    X = tl.zeros([BT, BT], dtype=tl.float32)                                   # dO (E − Δ)ᵀ
+    Y = tl.zeros([BT, BT], dtype=tl.float32)                                   # dR' (E − Δ)ᵀ
+    dq = tl.zeros([BT, KB], dtype=tl.float32)
+    da = tl.zeros([BT, KB], dtype=tl.float32)
+    Z = tl.zeros([BT, KB], dtype=tl.float32)                                   # (E − Δ) dS
+    SS = tl.zeros([KB], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(DV, BV)):
+        rows = i_v * BV + tl.arange(0, BV)
+        vm = tm[:, None] & (rows < DV)[None, :]
+        voff = base[:, None] * DV + rows[None, :]
+        sm2 = (rows < DVS)[:, None] & km[None, :]
+        do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+        dr = tl.load(dr_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+        ed = (tl.load(e_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+              - tl.load(dl_ptr + voff, mask=vm, other=0.0).to(tl.float32))
+        S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
+        dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
+        X += _mm(do, tl.trans(ed), PREC)
+        Y += _mm(dr, tl.trans(ed), PREC)
+        dq += _mm(do, S0, PREC)
+        da += _mm(dr, S0, PREC)
+        Z += _mm(ed, dS, PREC)
+        SS += tl.sum(dS * S0, axis=0)
+    D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
+    q = tl.load(q_ptr + koff, mask=km2, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + koff, mask=km2, other=0.0).to(tl.float32)
+    Z = Z * dec[:, None]
+    X = X * D
+    Y = Y * Dst
+    dq = dq * gam[:, None] + _mm(X, k, PREC)
+    da = da * gam[:, None] + _mm(Y, k, PREC)
+    dbw = Z + _mm(tl.trans(X), q, PREC) + _mm(tl.trans(Y), k, PREC)          # dB + dW_0
+    tl.store(dq_ptr + koff, dq, mask=km2)
+    tl.store(dk_ptr + koff, da + dbw, mask=km2)
+    if GATED:
+        dbt = tl.sum(q * dq, axis=1) + tl.sum(k * (da - dbw), axis=1)
+        xs = tl.sum(tl.sum(k * Z, axis=1), axis=0)
+        dbt = tl.where(tt == BT - 1, dbt + gl * tl.sum(SS, axis=0) + xs, dbt)
+        dg = tl.sum(dbt, axis=0) - tl.cumsum(dbt, axis=0) + dbt               # Σ_{i ≥ t} ∂b_i
+        tl.store(dg_ptr + i_k.to(tl.int64) * TOKH + base, dg, mask=tm)
+
+
+@triton.jit
 def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr, dl_ptr, do_ptr, ck_ptr, dh_ptr,
                                dq_ptr, dw_ptr, dg_ptr, da_ptr, db_ptr, cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE,
                                TOKH, M: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                                VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64,
-                               TIED: tl.constexpr = False, SUB: tl.constexpr = 1):
+                               TIED: tl.constexpr = False, SUB: tl.constexpr = 1, SAME_KEY: tl.constexpr = False):
     """Per (chunk, block of KB key columns), summing over all value blocks: dQ, dA, dB, dW_m, and the
     partial (over key blocks) ∂ log γ from ∂b_i = q_i·dQ_i + a_i·dA_i − Σ_m w_i·dW_i − b_i·dB_i,
     ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j (Σ_m w_j·(dec ⊙ E_m dS)_j − b_j·(dec ⊙ Δ dS)_j).
     TIED (W_0 is B): dQ's OE_0 W_0 − OD B = (OE_0 − OD) B = ((dO (E_0 − Δ)ᵀ) ⊙ D) B, dA's likewise with
-    (RE_0 − RD) ⊙ D_st: one [BT, BT] × [BT, KB] product each instead of two, and no w_0 load (w_0 = b)."""
+    (RE_0 − RD) ⊙ D_st: one [BT, BT] × [BT, KB] product each instead of two, and no w_0 load (w_0 = b).
+    SAME_KEY (a = b = w_0 = K, M = 1; SAME_KEY below): dQ and dK = dA + dB + dW_0 → db, nothing to da / dw
+    (_same_key_grads)."""
     i_k = tl.program_id(1)
     i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(2), T, H, BT,
                                             VARLEN)
@@ -293,94 +368,99 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
     koff = base[:, None] * DK + cols[None, :]
     DVS = tl.where(start < eos, DV, 0)                # a padding program of the varlen map reads no ck / dh
     sbase = (i_bh.to(tl.int64) * NCK + c) * DV * DK
-    OD = tl.zeros([BT, BT], dtype=tl.float32)                                  # dO Δᵀ
-    RD = tl.zeros([BT, BT], dtype=tl.float32)                                  # dR' Δᵀ
-    OE = tl.zeros([BT, BT], dtype=tl.float32)                                  # dO E_0ᵀ
-    RE = tl.zeros([BT, BT], dtype=tl.float32)                                  # dR' E_0ᵀ
-    dq = tl.zeros([BT, KB], dtype=tl.float32)
-    da = tl.zeros([BT, KB], dtype=tl.float32)
-    db = tl.zeros([BT, KB], dtype=tl.float32)
-    dwS = tl.zeros([BT, KB], dtype=tl.float32)
-    SS = tl.zeros([KB], dtype=tl.float32)
-    for i_v in range(0, tl.cdiv(DV, BV)):
-        rows = i_v * BV + tl.arange(0, BV)
-        vm = tm[:, None] & (rows < DV)[None, :]
-        voff = base[:, None] * DV + rows[None, :]
-        sm2 = (rows < DVS)[:, None] & km[None, :]
-        do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-        dl = tl.load(dl_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-        dr = tl.load(dr_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-        e = tl.load(e_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-        S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
-        dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
-        OD += _mm(do, tl.trans(dl), PREC)
-        RD += _mm(dr, tl.trans(dl), PREC)
-        OE += _mm(do, tl.trans(e), PREC)
-        RE += _mm(dr, tl.trans(e), PREC)
-        dq += _mm(do, S0, PREC)
-        da += _mm(dr, S0, PREC)
-        db -= _mm(dl, dS, PREC)
-        dwS += _mm(e, dS, PREC)
-        SS += tl.sum(dS * S0, axis=0)
-    # the decays only scale rows of what the loop summed (fewer live tiles inside it)
-    D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
-    q = tl.load(q_ptr + koff, mask=km2, other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + koff, mask=km2, other=0.0).to(tl.float32)
-    bv = tl.load(b_ptr + koff, mask=km2, other=0.0).to(tl.float32)
-    db = db * dec[:, None]
-    dwS = dwS * dec[:, None]
-    xs = tl.sum(tl.sum(bv * db, axis=1), axis=0)                               # Σ_j b_j·(state part of dB)_j
-    OD = OD * D
-    RD = RD * Dst
-    if TIED:           # the first input term rides on B's products
-        dq = dq * gam[:, None] + _mm(OE * D - OD, bv, PREC)
-        da = da * gam[:, None] + _mm(RE * Dst - RD, bv, PREC)
+    if SAME_KEY:
+        _same_key_grads(q_ptr, e_ptr, g_ptr, b_ptr, dr_ptr, dl_ptr, do_ptr, ck_ptr, dh_ptr, dq_ptr, dg_ptr, db_ptr,
+                        i_k, tm, tt, base, km, km2, koff, cols, sbase, DK, DV, DVS, TOKH, BT, BV, GATED, PREC, KB,
+                        SUB)
     else:
-        dq = dq * gam[:, None] - _mm(OD, bv, PREC)
-        da = da * gam[:, None] - _mm(RD, bv, PREC)
-    db -= _mm(tl.trans(OD), q, PREC) + _mm(tl.trans(RD), a, PREC)
-    dbt = tl.zeros([BT], dtype=tl.float32)                                     # ∂b_i
-    for m in tl.static_range(M):
-        if m > 0:          # the first input term was accumulated in the loop above
-            OE = tl.zeros([BT, BT], dtype=tl.float32)
-            RE = tl.zeros([BT, BT], dtype=tl.float32)
-            dwS = tl.zeros([BT, KB], dtype=tl.float32)
-            for i_v in range(0, tl.cdiv(DV, BV)):
-                rows = i_v * BV + tl.arange(0, BV)
-                vm = tm[:, None] & (rows < DV)[None, :]
-                voff = base[:, None] * DV + rows[None, :]
-                do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-                dr = tl.load(dr_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-                e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
-                dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :],
-                             mask=(rows < DVS)[:, None] & km[None, :], other=0.0).to(tl.float32)
-                OE += _mm(do, tl.trans(e), PREC)
-                RE += _mm(dr, tl.trans(e), PREC)
-                dwS += _mm(e, dS, PREC)
-            dwS = dwS * dec[:, None]
-        if TIED and m == 0:    # w_0 = b; OE_0 W_0 and RE_0 W_0 are in dq / da already
-            w = bv
+        OD = tl.zeros([BT, BT], dtype=tl.float32)                                  # dO Δᵀ
+        RD = tl.zeros([BT, BT], dtype=tl.float32)                                  # dR' Δᵀ
+        OE = tl.zeros([BT, BT], dtype=tl.float32)                                  # dO E_0ᵀ
+        RE = tl.zeros([BT, BT], dtype=tl.float32)                                  # dR' E_0ᵀ
+        dq = tl.zeros([BT, KB], dtype=tl.float32)
+        da = tl.zeros([BT, KB], dtype=tl.float32)
+        db = tl.zeros([BT, KB], dtype=tl.float32)
+        dwS = tl.zeros([BT, KB], dtype=tl.float32)
+        SS = tl.zeros([KB], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(DV, BV)):
+            rows = i_v * BV + tl.arange(0, BV)
+            vm = tm[:, None] & (rows < DV)[None, :]
+            voff = base[:, None] * DV + rows[None, :]
+            sm2 = (rows < DVS)[:, None] & km[None, :]
+            do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+            dl = tl.load(dl_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+            dr = tl.load(dr_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+            e = tl.load(e_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+            S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
+            dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
+            OD += _mm(do, tl.trans(dl), PREC)
+            RD += _mm(dr, tl.trans(dl), PREC)
+            OE += _mm(do, tl.trans(e), PREC)
+            RE += _mm(dr, tl.trans(e), PREC)
+            dq += _mm(do, S0, PREC)
+            da += _mm(dr, S0, PREC)
+            db -= _mm(dl, dS, PREC)
+            dwS += _mm(e, dS, PREC)
+            SS += tl.sum(dS * S0, axis=0)
+        # the decays only scale rows of what the loop summed (fewer live tiles inside it)
+        D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
+        q = tl.load(q_ptr + koff, mask=km2, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + koff, mask=km2, other=0.0).to(tl.float32)
+        bv = tl.load(b_ptr + koff, mask=km2, other=0.0).to(tl.float32)
+        db = db * dec[:, None]
+        dwS = dwS * dec[:, None]
+        xs = tl.sum(tl.sum(bv * db, axis=1), axis=0)                               # Σ_j b_j·(state part of dB)_j
+        OD = OD * D
+        RD = RD * Dst
+        if TIED:           # the first input term rides on B's products
+            dq = dq * gam[:, None] + _mm(OE * D - OD, bv, PREC)
+            da = da * gam[:, None] + _mm(RE * Dst - RD, bv, PREC)
         else:
-            w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
-        OEm = OE * D
-        REm = RE * Dst
-        xs += tl.sum(tl.sum(w * dwS, axis=1), axis=0)
-        if TIED and m == 0:
-            pass
-        else:
-            dq += _mm(OEm, w, PREC)
-            da += _mm(REm, w, PREC)
-        dw = dwS + _mm(tl.trans(OEm), q, PREC) + _mm(tl.trans(REm), a, PREC)
-        tl.store(dw_ptr + m * SW + koff, dw, mask=km2)
-        dbt -= tl.sum(w * dw, axis=1)
-    tl.store(dq_ptr + koff, dq, mask=km2)
-    tl.store(da_ptr + koff, da, mask=km2)
-    tl.store(db_ptr + koff, db, mask=km2)
-    if GATED:
-        dbt += tl.sum(q * dq, axis=1) + tl.sum(a * da, axis=1) - tl.sum(bv * db, axis=1)
-        dbt = tl.where(tt == BT - 1, dbt + gl * tl.sum(SS, axis=0) + xs, dbt)
-        dg = tl.sum(dbt, axis=0) - tl.cumsum(dbt, axis=0) + dbt               # Σ_{i ≥ t} ∂b_i
-        tl.store(dg_ptr + i_k.to(tl.int64) * TOKH + base, dg, mask=tm)
+            dq = dq * gam[:, None] - _mm(OD, bv, PREC)
+            da = da * gam[:, None] - _mm(RD, bv, PREC)
+        db -= _mm(tl.trans(OD), q, PREC) + _mm(tl.trans(RD), a, PREC)
+        dbt = tl.zeros([BT], dtype=tl.float32)                                     # ∂b_i
+        for m in tl.static_range(M):
+            if m > 0:          # the first input term was accumulated in the loop above
+                OE = tl.zeros([BT, BT], dtype=tl.float32)
+                RE = tl.zeros([BT, BT], dtype=tl.float32)
+                dwS = tl.zeros([BT, KB], dtype=tl.float32)
+                for i_v in range(0, tl.cdiv(DV, BV)):
+                    rows = i_v * BV + tl.arange(0, BV)
+                    vm = tm[:, None] & (rows < DV)[None, :]
+                    voff = base[:, None] * DV + rows[None, :]
+                    do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+                    dr = tl.load(dr_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+                    e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
+                    dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :],
+                                 mask=(rows < DVS)[:, None] & km[None, :], other=0.0).to(tl.float32)
+                    OE += _mm(do, tl.trans(e), PREC)
+                    RE += _mm(dr, tl.trans(e), PREC)
+                    dwS += _mm(e, dS, PREC)
+                dwS = dwS * dec[:, None]
+            if TIED and m == 0:    # w_0 = b; OE_0 W_0 and RE_0 W_0 are in dq / da already
+                w = bv
+            else:
+                w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
+            OEm = OE * D
+            REm = RE * Dst
+            xs += tl.sum(tl.sum(w * dwS, axis=1), axis=0)
+            if TIED and m == 0:
+                pass
+            else:
+                dq += _mm(OEm, w, PREC)
+                da += _mm(REm, w, PREC)
+            dw = dwS + _mm(tl.trans(OEm), q, PREC) + _mm(tl.trans(REm), a, PREC)
+            tl.store(dw_ptr + m * SW + koff, dw, mask=km2)
+            dbt -= tl.sum(w * dw, axis=1)
+        tl.store(dq_ptr + koff, dq, mask=km2)
+        tl.store(da_ptr + koff, da, mask=km2)
+        tl.store(db_ptr + koff, db, mask=km2)
+        if GATED:
+            dbt += tl.sum(q * dq, axis=1) + tl.sum(a * da, axis=1) - tl.sum(bv * db, axis=1)
+            dbt = tl.where(tt == BT - 1, dbt + gl * tl.sum(SS, axis=0) + xs, dbt)
+            dg = tl.sum(dbt, axis=0) - tl.cumsum(dbt, axis=0) + dbt               # Σ_{i ≥ t} ∂b_i
+            tl.store(dg_ptr + i_k.to(tl.int64) * TOKH + base, dg, mask=tm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -667,7 +747,7 @@ def chunked_rowdecay_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=Non
     return [dq.sum(0), dw.sum(0), de, dg, da.sum(0), db.sum(0), dc if c_row else dc.sum(0)], dh0
 
 
-def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, sub=1):
+def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, sub=1, same=False):
     """chunked_delta_backward for a row c ([B, T, H, d_v]); ∂c has c's shape."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _ch._blocks(d_k, d_v)
@@ -702,48 +782,55 @@ def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, s
     de = _ch.written(M, B, T, H, d_v, device=dev)
     chunk_rowc_bwd_value_kernel[(NTG, NVW, G)](q, w, g, a, c, do, dh, p, dd, dc, de, cu, ix, T, H, d_k, d_v, NCK,
                                                w[0].numel(), e[0].numel(), M=M, BK=BK, BV=BVW, KB=KBV, **common)
-    dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dd, p, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common)
+    dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dd, p, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common,
+                                    same=same)
     return [dq, dw, de, dg, da, db, dc], dh0
 
 
 def _key_grads(q, w, e, g, a, b, dr, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common, tied=False,
-               key_block_k=None):
-    """The key kernel (dr = dR', dl = Δ): dQ, dW, ∂ log γ (summed over key blocks), dA, dB (tied: w_0 = b)."""
+               key_block_k=None, same=False):
+    """The key kernel (dr = dR', dl = Δ): dQ, dW, ∂ log γ (summed over key blocks), dA, dB (tied: w_0 = b); same
+    (a = b = w_0 one tensor: chunked.shared_key_inputs): dW and dA None, and dK = dA + dB + dW_0 in dB's place."""
     B, T, H, d_k, d_v = sizes[:5]
     KB = min(BK, key_block_k or KEY_BLOCK_K)
     NKB = BK // KB
     z = dict(dtype=torch.float32, device=q.device)
     dq = _ch.written(B, T, H, d_k, device=q.device)
-    da = _ch.written(B, T, H, d_k, device=q.device)
     db = _ch.written(B, T, H, d_k, device=q.device)
-    dw = _ch.written(M, B, T, H, d_k, device=q.device)
+    # same: the kernel writes neither (dq stands in for their pointers)
+    da = dq if same else _ch.written(B, T, H, d_k, device=q.device)
+    dw = dq if same else _ch.written(M, B, T, H, d_k, device=q.device)
     # without a decay the kernel writes no ∂ log γ: zeros (the chunk inputs' zero log decay has no gradient anyway)
     dg = _ch.written(NKB, B, T, H, device=q.device) if common["GATED"] else torch.zeros(1, B, T, H, **z)
     chunk_delta_bwd_key_kernel[(NTG, NKB, G)](
         q, w, e, g, a, b, dr, dl, do, ck, dh, dq, dw, dg, da, db, cu, ix, T, H, d_k, d_v, ck.shape[2], w[0].numel(),
-        e[0].numel(), B * T * H, M=M, BV=BV, KB=KB, TIED=tied, **common)
-    return dq, dw, dg[0] if dg.shape[0] == 1 else dg.sum(0), da, db
+        e[0].numel(), B * T * H, M=M, BV=BV, KB=KB, TIED=tied, SAME_KEY=same, **common)
+    return dq, None if same else dw, dg[0] if dg.shape[0] == 1 else dg.sum(0), None if same else da, db
 
 
 def chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=None):
     """∂ of chunk_in = [q, w [M,...], e [M,...], log decay, a, b, c] and ∂h0 for the delta family with a
     scalar or row c and none / scalar decay (∂ log decay is zeros without a decay), from the forward's ck
     (and core = (T_c, W̃) when the split forward saved them: _ch.saved_chunk_core). sizes in tokens; a rank-R
-    rule runs on sub-tokens (_ch.sub_tokens) and its a, b, c and their gradients are [R, ...]."""
+    rule runs on sub-tokens (_ch.sub_tokens) and its a, b, c and their gradients are [R, ...]. With chunk_inputs'
+    same-key placeholders for w and a (_ch.shared_key_inputs) their gradients are None and ∂b is dA + dB + dW_0."""
+    chunk_in, same = _ch.shared_key_inputs(chunk_in)
     R = _ch.sub_tokens(plan.rule.form)
     if R > 1:
+        assert not same, "the same-key placeholders are for one correction (chunked_delta_bwd.same_key)"
         grads, dh0 = _delta_backward(plan, _ch.to_sub_tokens(chunk_in, R), ck, _ch._spread(do, R, R - 1, 1), dht,
                                      _ch.sub_sizes(sizes, R), cu_seqlens * R if cu_seqlens is not None else None,
                                      core, R)
         return _ch.from_sub_tokens(grads, R, len(plan.rule.form.corrections)), dh0
-    return _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, core)
+    return _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, core, same=same)
 
 
-def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=None, sub=1):
+def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=None, sub=1, same=False):
     if plan.rule.form.decay_kind == ROW:
+        assert not same, "the same-key placeholders are not for row decays (chunked_delta_bwd.same_key)"
         return chunked_rowdecay_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, sub)
     if _c_row(plan.rule.form):
-        return chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, sub)
+        return chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, sub, same)
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _ch._blocks(d_k, d_v)
     BVW = max(16, min(_np2(d_v), _ch.SPLIT_BLOCK_V))   # the split forward's blocks (read at call time)
@@ -787,5 +874,5 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
         q, w, e, g, a, b, c, tc, dd, do, ck, dh, dl, de, dc, cu, ix, T, H, d_k, d_v, NCK, w[0].numel(),
         e[0].numel(), TOKH, M=M, BK=BK, BV=BVW, KB=min(BK, VALUE_BLOCK_K), TIED=tied, **common)
     dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dd, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common,
-                                    tied, _ch.WIDE_BLOCK_K if narrow else None)
+                                    tied, _ch.WIDE_BLOCK_K if narrow else None, same)
     return [dq, dw, de, dg, da, db, dc[0] if dc.shape[0] == 1 else dc.sum(0)], dh0

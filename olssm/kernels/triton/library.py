@@ -296,7 +296,9 @@ def triton_chunk_bwd(key: str, chunk_in: list[Tensor], ck: Tensor, aux: Tensor, 
     """Chunked backward: [∂q, ∂w, ∂e, (∂ log decay), ∂h0] (chunked.chunk_bwd_kernel), with a correction
     [∂q, ∂w, ∂e, ∂ log decay, ∂a, ∂b, ∂c, ∂h0] (chunked_delta_bwd; c scalar or per value row). The kernels
     accumulate in fp32; each gradient is returned in its chunk tensor's dtype (bf16 / fp16 under
-    chunked.CHUNK_STORAGE = "input": autograd would cast it to that dtype anyway), ∂h0 in fp32."""
+    chunked.CHUNK_STORAGE = "input": autograd would cast it to that dtype anyway), ∂h0 in fp32. Where chunk_in holds
+    chunk_inputs' same-key placeholders for w and a (chunked.shared_key_inputs), ∂b is the shared key's whole
+    gradient dA + dB + dW_0 and their slots get placeholders back (empty, as the fake's x.new_empty(x.shape))."""
     plan = _plan(key)
     from .chunked import saved_chunk_core
     core = saved_chunk_core(plan.rule.form, aux, sizes)
@@ -307,7 +309,7 @@ def triton_chunk_bwd(key: str, chunk_in: list[Tensor], ck: Tensor, aux: Tensor, 
     else:
         from . import chunked
         grads, dh0 = chunked.chunked_backward(plan, chunk_in, ck, do, dht, sizes[:8], cu_seqlens)
-    return [*(g.to(x.dtype) for g, x in zip(grads, chunk_in)), dh0]
+    return [*(x.new_empty(x.shape) if g is None else g.to(x.dtype) for g, x in zip(grads, chunk_in)), dh0]
 
 
 @triton_chunk_bwd.register_fake
