@@ -150,7 +150,8 @@ def _main(argv=None):
                         "stages (chunked pipeline stages), wide (chunked.WIDE_KEYS, 'off': no wide-key settings), wide_blocks "
                         "(chunked.WIDE_BLOCKS: 1 or 0), key_major (chunked.STATE_KEY_MAJOR: 1 or 0), "
                         "chunk_storage / checkpoint_storage (fp32 or input), ut_solve (chunked.UT_SOLVE: masked or "
-                        "blocks), block_v, warps (recurrent kernel); e.g. "
+                        "blocks), same_key (chunked_delta_bwd.SAME_KEY: 1 or 0), block_v, warps (recurrent "
+                        "kernel); e.g. "
                         "'narrow=wide:off;bf16=precision:bf16;again=' (an empty setting: the defaults again, for the drift)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
     p.add_argument("--raw-decays", action="store_true",
@@ -317,6 +318,7 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _one_of(*chunked.DOT
                  "chunk_storage": (chunked, ("CHUNK_STORAGE",), _one_of("fp32", "input"), "chunk"),
                  "checkpoint_storage": (chunked, ("CHECKPOINT_STORAGE",), _one_of("fp32", "input"), "chunk"),
                  "ut_solve": (chunked, ("UT_SOLVE",), _one_of("masked", "blocks"), "chunk"),
+                 "same_key": (chunked_delta_bwd, ("SAME_KEY",), _switch, "chunk"),
                  "block_v": (tscan, ("BLOCK_V",), _pow2, "recurrent"),
                  "warps": (tscan, ("NUM_WARPS",), _pow2, "recurrent")}
 

@@ -655,6 +655,8 @@ def test_benchmark_variants_parse_the_session_specs():
         "bf16": {"precision": "bf16"}, "c64": {"chunk": 64, "stages": 2}, "w": {"wide": 128},
         "km": {"key_major": True}}
     assert bench._variants("utb=ut_solve:blocks;again=") == {"utb": {"ut_solve": "blocks"}, "again": {}}
+    assert bench._variants("sk=same_key:1;again=") == {"sk": {"same_key": True}, "again": {}}
+    assert bench._changes({"same_key": True}, "chunk") and not bench._changes({"same_key": True}, "recurrent")
     with pytest.raises(SystemExit, match="expected"):
         bench._variants("utb=ut_solve:rows")
     assert bench._variants("") == {}
