@@ -684,17 +684,21 @@ def test_profile_rows_skip_settings_of_the_other_kernel_family(monkeypatch, caps
 
 
 def test_gpu_session_variant_specs_parse():
-    """Every --variants spec benchmarks/gpu_session.sh passes (its variants* variables and its literal ones) parses: a
-    typo there would cost a call of a rare GPU lease before anything is timed."""
+    """Every --variants spec benchmarks/gpu_session.sh passes (the variables its commands name, as bash expands them,
+    and its literal ones) parses: a typo there would cost a call of a rare GPU lease before anything is timed."""
     import re
+    import subprocess
     bench = _bench_module()
     script = (Path(__file__).parent.parent / "benchmarks" / "gpu_session.sh").read_text()
-    specs = re.findall(r"^\s*variants\w*='([^']*)'", script, re.M) + re.findall(r"--variants '([^']*)'", script)
-    assert len(specs) >= 4, specs
+    names = sorted(set(re.findall(r'--variants "\$(\w+)"', script)))
+    assignments = "\n".join(re.findall(r"^variants\w*=.*$", script, re.M))
+    expanded = subprocess.run(["bash", "-uc", assignments + "\n" + "".join(f'printf "%s\\n" "${n}"\n' for n in names)],
+                              capture_output=True, text=True)
+    assert expanded.returncode == 0, f"gpu_session.sh uses a variable it never sets: {expanded.stderr}"
+    specs = expanded.stdout.splitlines() + re.findall(r"--variants '([^']*)'", script)
+    assert len(names) >= 3 and len(specs) == len(names) + 1, (names, specs)
     for spec in specs:
         assert bench._variants(spec), spec
-    for name in re.findall(r'--variants "\$(\w+)"', script):
-        assert re.search(rf"^{name}='", script, re.M), f"gpu_session.sh uses ${name} but never sets it"
 
 
 def test_decays_that_can_be_negative_run_the_recurrent_kernel(monkeypatch):

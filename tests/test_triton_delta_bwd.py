@@ -399,6 +399,31 @@ def test_same_key_kernel(name, case, calls, same_keys, monkeypatch):
         assert knob is True and BT == chunk and took == programs > 0
 
 
+@pytest.mark.parametrize("storage", ["fp32", "bf16 chunk tensors"])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_wide_key_variants_together(name, storage, calls, monkeypatch):
+    # the next lease's `all` row (benchmarks/gpu_session.sh): the key-major state tiles, the UT substitution on the
+    # diagonal blocks and the same-key key kernel at once, on the wide-key path (d_k = 72: chunks of 64, the last
+    # partial), packed sequences with initial states. fp32: o, the final state and every gradient against the
+    # reference (RTOL, STATE_RTOL). bf16 chunk tensors (CHUNK_STORAGE "input", the fourth setting of `all`): bf16
+    # inputs, "input" against "fp32" storage under the same three knobs (compare_storage's STORAGE_RTOL)
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    monkeypatch.setattr(tchunk, "STATE_KEY_MAJOR", True)
+    monkeypatch.setattr(tchunk, "UT_SOLVE", "blocks")
+    monkeypatch.delenv("OLSSM_TRITON_UT_SOLVE", raising=False)
+    monkeypatch.setattr(tdelta, "SAME_KEY", True)
+    rule = _same_key_rule(name)
+    cu = [0, 70, 71, 140]
+    h0 = 0.3 * torch.randn(3, 1, 20, 72, generator=torch.Generator().manual_seed(14))
+    inp = random_inputs(rule, 1, 140, 1, 72, 20, seed=14)
+    cu_seqlens = _dev(torch.tensor(cu, dtype=torch.int32))
+    if storage == "fp32":
+        _compare(rule, inp, h0, cu_seqlens=cu_seqlens)
+        assert len(calls) == 1
+    else:
+        _compare_storage(rule, inp, h0, monkeypatch, cu_seqlens=cu_seqlens)
+
+
 @pytest.mark.parametrize("case", ["two input terms", "two keys", "independent keys", "independent keys, row c"])
 def test_same_key_stays_off_where_the_keys_differ(case, calls, same_keys, ties, monkeypatch):
     # SAME_KEY on where its identity does not hold, exact against the reference or the fp64 loop: two input terms
