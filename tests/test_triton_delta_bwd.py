@@ -401,12 +401,14 @@ def test_same_key_kernel(name, case, calls, same_keys, monkeypatch):
 
 @pytest.mark.parametrize("storage", ["fp32", "bf16 chunk tensors"])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_wide_key_variants_together(name, storage, calls, monkeypatch):
+def test_wide_key_variants_together(name, storage, calls, same_keys, solves, state_dots, monkeypatch):
     # the next lease's `all` row (benchmarks/gpu_session.sh): the key-major state tiles, the UT substitution on the
     # diagonal blocks and the same-key key kernel at once, on the wide-key path (d_k = 72: chunks of 64, the last
     # partial), packed sequences with initial states. fp32: o, the final state and every gradient against the
     # reference (RTOL, STATE_RTOL). bf16 chunk tensors (CHUNK_STORAGE "input", the fourth setting of `all`): bf16
-    # inputs, "input" against "fp32" storage under the same three knobs (compare_storage's STORAGE_RTOL)
+    # inputs, "input" against "fp32" storage under the same three knobs (compare_storage's STORAGE_RTOL). Each
+    # knob reached its kernels (interpreted): every state launch key-major, every UT solve on blocks, every key
+    # program through _same_key_grads at chunks of 64 (a knob dropped on the way had still passed the comparisons)
     monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
     monkeypatch.setattr(tchunk, "STATE_KEY_MAJOR", True)
     monkeypatch.setattr(tchunk, "UT_SOLVE", "blocks")
@@ -422,6 +424,14 @@ def test_wide_key_variants_together(name, storage, calls, monkeypatch):
         assert len(calls) == 1
     else:
         _compare_storage(rule, inp, h0, monkeypatch, cu_seqlens=cu_seqlens)
+    runs = 1 if storage == "fp32" else 2
+    if same_keys is not None:
+        assert len(same_keys) == runs
+        assert all(knob is True and BT == 64 and took == programs > 0 for knob, BT, programs, took in same_keys)
+    if solves is not None:
+        assert solves and set(solves) == {"blocks"}
+    if state_dots is not None:
+        assert [x[:2] for x in state_dots] == [["forward", True], ["backward", True]] * runs
 
 
 @pytest.mark.parametrize("case", ["two input terms", "two keys", "independent keys", "independent keys, row c"])
