@@ -402,7 +402,7 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
 
 def shared_key_inputs(chunk_in) -> tuple:
     """(chunk_in, same): with chunk_inputs' placeholders for w and a (empty 1-D tensors, where
-    chunked_delta_bwd.same_key holds: a = b = w_0) replaced by b and b[None], and whether they were. The
+    chunked_delta_bwd.same_key holds: a = b = w_0) replaced by b[None] and b, and whether they were. The
     placeholders tell the backward op that the three uses share one tensor, so it returns dA + dB + dW_0 once, as
     ∂b, and nothing for w and a: autograd then has no three [B, T, H, K] fp32 gradients to add. Full chunk
     tensors pass through (same False)."""

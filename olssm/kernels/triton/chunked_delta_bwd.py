@@ -97,9 +97,9 @@ ROW_C_BACKWARD = "chunk"
 #: the key kernel for a = b = w_0 (one correction, one input term, sympy-equal key sides: DeltaNet, Gated DeltaNet,
 #: Longhorn; chunked.chunk_inputs makes them one tensor): autograd summed that tensor's three gradients dA + dB + dW_0
 #: (two fp32 [B, T, H, d_k] adds, 34 MB at (2, 1024, 16, 128)); with SAME_KEY the kernel writes dK = dA + dB + dW_0
-#: itself, from E − Δ alone (5 value-loop products instead of 8, 4 after it instead of 6: _same_key_grads), and the
-#: op returns it once (chunked.shared_key_inputs). Off: never timed on a GPU (sm_90 compile, chunk 64, d 128, bf16,
-#: 2 stages: TRITON.md, "Same-key key kernel").
+#: itself, from E − Δ alone (5 value-loop products instead of 8, 4 after it instead of 6 tied or 8 untied:
+#: _same_key_grads), and the op returns it once (chunked.shared_key_inputs). Off: never timed on a GPU (sm_90
+#: compile, chunk 64, d 128, bf16, 2 stages: TRITON.md, "Same-key key kernel").
 SAME_KEY = False
 #: value rows per program of the row-c prep and value kernels (sm_90, tf32, 8 warps, BT = 32, d_k = d_v = 64:
 #: 64 rows 172-186 regs and no spills; 32 rows 176-255 regs, value 8 B, at twice the repeated [BT, BT] work)
