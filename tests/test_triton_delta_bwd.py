@@ -454,6 +454,76 @@ def test_same_key_stays_off_where_the_keys_differ(case, calls, same_keys, ties, 
         assert same_keys and all(knob is False and took == 0 for knob, _, _, took in same_keys), same_keys
 
 
+def _query_is_key_rule(row):
+    # o = S k: the readout is the key too, so chunk_inputs' q is the very tensor b (key_side) and autograd must add
+    # the op's ∂q to the same-key kernel's dK = dA + dB + dW_0 in that one tensor
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    if row:
+        return olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=O.row("beta", domain="unit"))
+                                        / 2, readout=k, name="Longhorn reading S k"))
+    return olssm.derive(O.Objective(O.sqnorm(S @ k - v, weight=O.scalar("beta", domain="unit")) / 2, update="explicit",
+                                    decay=sp.exp(O.scalar("la", domain="negative")), readout=k,
+                                    name="log-gated DeltaNet reading S k"))
+
+
+@pytest.mark.parametrize("case", ["fused forward", "query is key", "query is key, row c", "raw decay, forced",
+                                  "raw decay, auto", "recurrent backward", "autotuned"])
+def test_same_key_host_paths(case, calls, same_keys, monkeypatch, tmp_path):
+    # SAME_KEY on through the other paths that make or read chunk_inputs' placeholders, against the reference (o,
+    # the final state, every gradient, packed sequences of 5, 0, 1 and 37 tokens with initial states): the fused
+    # forward (rebuilds w and a from b as the split one does); a rule reading S k (q is b: ∂q and dK meet in one
+    # tensor), with a scalar and a row c; Gated DeltaNet's raw α under OLSSM_TRITON_CHUNK_BWD=1 (the chunked backward
+    # through log α: placeholders) and under "auto" (the recurrent backward: none); the recurrent delta backward
+    # (none); the autotuner timing candidates with the chunked and the recurrent backward in one process. Where the
+    # placeholders were made, every key program took _same_key_grads; where not, no key launch ran
+    monkeypatch.setattr(tdelta, "SAME_KEY", True)
+    rule = _same_key_rule("gated_deltanet")
+    made, real_inputs = [], tchunk.chunk_inputs
+
+    def chunk_inputs(plan, args, grad=False):   # whether each call handed out the placeholders
+        out = real_inputs(plan, args, grad)
+        made.append(len(out) >= 7 and out[4].dim() == 1)
+        return out
+
+    monkeypatch.setattr(tchunk, "chunk_inputs", chunk_inputs)
+    if case == "fused forward":
+        monkeypatch.setattr(tchunk, "DELTA_FORWARD", "fused")
+    elif case.startswith("query is key"):
+        rule = _query_is_key_rule(case.endswith("row c"))
+        assert tdelta.same_key(rule.form) and sp.sympify(rule.form.readout) == sp.sympify(rule.form.corrections[0].b)
+    elif case.startswith("raw decay"):
+        rule = ENTRIES["gated_deltanet"].rule
+        if case.endswith("forced"):
+            monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    elif case == "recurrent backward":
+        monkeypatch.setenv("OLSSM_TRITON_DELTA_BACKWARD", "recurrent")
+    else:
+        from olssm.kernels.triton import autotune
+        monkeypatch.setenv("OLSSM_CACHE_DIR", str(tmp_path))
+        monkeypatch.setattr(tlib, "FORCE", None)
+        monkeypatch.setattr(autotune, "ENABLED", True)
+        autotune.clear()
+    cu = [0, 5, 5, 6, 43]
+    h0 = 0.3 * torch.randn(4, 2, 5, 4, generator=torch.Generator().manual_seed(16))
+    try:
+        _compare(rule, random_inputs(rule, 1, 43, 2, 4, 5, seed=16), h0,
+                 cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)))
+        if case == "autotuned":   # a candidate that raised would only have been skipped
+            assert not autotune.failures(), autotune.failures()
+    finally:
+        if case == "autotuned":
+            autotune.clear()
+    if case == "autotuned":
+        assert True in made and False in made, made   # both backwards were timed, each with its own chunk inputs
+        return
+    placeholders = case not in ("raw decay, auto", "recurrent backward")
+    assert made == [placeholders] and len(calls) == placeholders
+    if same_keys is not None:
+        assert all(knob and took == programs > 0 for knob, _, programs, took in same_keys) and \
+            len(same_keys) == placeholders
+
+
 @pytest.mark.parametrize("name", ["deltanet", "longhorn"])
 def test_same_key_leaves_autograd_no_key_gradients_to_add(name, monkeypatch):
     # the point of the host side: without the knob autograd adds the key tensor's three gradients dA + dB + dW_0
