@@ -434,6 +434,30 @@ def test_wide_key_variants_together(name, storage, calls, same_keys, solves, sta
         assert [x[:2] for x in state_dots] == [["forward", True], ["backward", True]] * runs
 
 
+def test_variant_knobs_take_their_environment_overrides(state_dots, same_keys, monkeypatch):
+    # OLSSM_TRITON_STATE_KEY_MAJOR / OLSSM_TRITON_SAME_KEY switch the two opt-in variants on with the module constants
+    # off (as OLSSM_TRITON_UT_SOLVE does UT_SOLVE), exact against the reference; a value other than 0 / 1 is refused
+    # naming the variable
+    monkeypatch.setenv("OLSSM_TRITON_STATE_KEY_MAJOR", "1")
+    monkeypatch.setenv("OLSSM_TRITON_SAME_KEY", "1")
+    monkeypatch.setattr(tchunk, "STATE_KEY_MAJOR", False)
+    monkeypatch.setattr(tdelta, "SAME_KEY", False)
+    rule = ENTRIES["deltanet"].rule
+    h0 = 0.3 * torch.randn(1, 2, 5, 4, generator=torch.Generator().manual_seed(15))
+    _compare(rule, random_inputs(rule, 1, 37, 2, 4, 5, seed=15), h0)
+    if state_dots is not None:
+        assert [x[:2] for x in state_dots] == [["forward", True], ["backward", True]]
+    if same_keys is not None:
+        [(knob, BT, programs, took)] = same_keys
+        assert knob is True and took == programs > 0
+    for var in ("OLSSM_TRITON_STATE_KEY_MAJOR", "OLSSM_TRITON_SAME_KEY"):
+        monkeypatch.setenv(var, "yes")
+        with pytest.raises(ValueError, match=var):
+            tchunk.state_key_major() if "STATE" in var else tdelta.same_key(rule.form)
+        monkeypatch.setenv(var, "0")
+    assert not tchunk.state_key_major() and not tdelta.same_key(rule.form)
+
+
 @pytest.mark.parametrize("case", ["two input terms", "two keys", "independent keys", "independent keys, row c"])
 def test_same_key_stays_off_where_the_keys_differ(case, calls, same_keys, ties, monkeypatch):
     # SAME_KEY on where its identity does not hold, exact against the reference or the fp64 loop: two input terms

@@ -1113,8 +1113,16 @@ WIDE_BLOCK_V = 16
 #: shared KB; every dot wgmma key-major, the updates mma.sync before): DeltaNet (bf16 operands) forward 255 / 32 / 88
 #: -> 255 / 48 / 88, backward 255 / 352 / 128 -> 255 / 104 / 120; Gated DeltaNet (tf32) forward 255 / 256 / 128 ->
 #: 255 / 96 / 160, backward 255 / 392 / 160 -> 255 / 64 / 204. Over an H100's 227 KB with tf32 and no decay: the
-#: backward (236 KB) and the untied forward (232 KB); such a launch fails (TRITON.md, "Key-major state tile")
+#: backward (236 KB) and the untied forward (232 KB); such a launch fails (TRITON.md, "Key-major state tile").
+#: OLSSM_TRITON_STATE_KEY_MAJOR (0 / 1) overrides (state_key_major)
 STATE_KEY_MAJOR = False
+
+
+def state_key_major() -> bool:
+    """STATE_KEY_MAJOR, or OLSSM_TRITON_STATE_KEY_MAJOR if set ("0" / "1"); checked. The forward's and the backward's
+    state launches each read it."""
+    return switch("OLSSM_TRITON_STATE_KEY_MAJOR", "1" if STATE_KEY_MAJOR else "0", ("0", "1"),
+                  "state key-major (OLSSM_TRITON_STATE_KEY_MAJOR)") == "1"
 
 
 def narrow_blocks(wide_keys: bool) -> bool:
@@ -1266,7 +1274,7 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
                                       **common)
     chunk_delta_state_kernel[(-(-d_v // BV), N * H)](
         w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
-        w[0].numel(), e[0].numel(), M=M, BV=BV, USE_H0=h0 is not None, KEY_MAJOR=bool(STATE_KEY_MAJOR), **common)
+        w[0].numel(), e[0].numel(), M=M, BV=BV, USE_H0=h0 is not None, KEY_MAJOR=state_key_major(), **common)
     chunk_delta_out_kernel[(NTG, -(-d_v // BVW), G)](q, w, e, g, b, u, ck, o, cu, ix, T, H, d_k, d_v, NCK,
                                                      w[0].numel(), e[0].numel(), M=M, BV=BVW, KB=KB,
                                                      **common)

@@ -99,7 +99,7 @@ ROW_C_BACKWARD = "chunk"
 #: (two fp32 [B, T, H, d_k] adds, 34 MB at (2, 1024, 16, 128)); with SAME_KEY the kernel writes dK = dA + dB + dW_0
 #: itself, from E − Δ alone (5 value-loop products instead of 8, 4 after it instead of 6 tied or 8 untied:
 #: _same_key_grads), and the op returns it once (chunked.shared_key_inputs). Off: never timed on a GPU (sm_90
-#: compile, chunk 64, d 128, bf16, 2 stages: TRITON.md, "Same-key key kernel").
+#: compile, chunk 64, d 128, bf16, 2 stages: TRITON.md, "Same-key key kernel"). OLSSM_TRITON_SAME_KEY (0 / 1) overrides
 SAME_KEY = False
 #: value rows per program of the row-c prep and value kernels (sm_90, tf32, 8 warps, BT = 32, d_k = d_v = 64:
 #: 64 rows 172-186 regs and no spills; 32 rows 176-255 regs, value 8 B, at twice the repeated [BT, BT] work)
@@ -115,10 +115,11 @@ def delta_backward(row_c: bool = False) -> str:
 
 
 def same_key(form) -> bool:
-    """SAME_KEY and the rule's key sides are one expression: a = b = w_0, one correction and one input term, and not a
+    """SAME_KEY (or OLSSM_TRITON_SAME_KEY) and the rule's key sides are one expression: a = b = w_0, one correction and one input term, and not a
     row decay (its own kernel, chunk_rowdecay_bwd_kernel, has no such path). Read by chunked.chunk_inputs, which
     then hands the op placeholders for w and a; the kernels take the placeholders, not this test, as the signal."""
-    if not (SAME_KEY and len(form.corrections) == 1 and len(form.inputs) == 1 and form.decay_kind != ROW):
+    on = switch("OLSSM_TRITON_SAME_KEY", "1" if SAME_KEY else "0", ("0", "1"), "same key (OLSSM_TRITON_SAME_KEY)") == "1"
+    if not (on and len(form.corrections) == 1 and len(form.inputs) == 1 and form.decay_kind != ROW):
         return False
     b = sp.sympify(form.corrections[0].b)
     return sp.sympify(form.corrections[0].a) == b and sp.sympify(form.inputs[0].w) == b
@@ -865,7 +866,7 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     BVS = _ch.WIDE_BLOCK_V if narrow else BV   # the state pass's value rows
     chunk_delta_bwd_state_kernel[(-(-d_v // BVS), N * H)](
         q, g, b, wt, do, dd, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK,
-        BK=BK, BV=BVS, USE_DHT=dht is not None, KEY_MAJOR=bool(_ch.STATE_KEY_MAJOR), **common)
+        BK=BK, BV=BVS, USE_DHT=dht is not None, KEY_MAJOR=_ch.state_key_major(), **common)
     NVW = -(-d_v // BVW)
     dl = torch.empty(B, T, H, d_v, **z)
     de = _ch.written(M, B, T, H, d_v, device=dev)
