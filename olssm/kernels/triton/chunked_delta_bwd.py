@@ -292,6 +292,15 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
 
 
 @triton.jit
+def _key_value_block(i_v, BV: tl.constexpr, DV, DVS, tm, base, km):
+    """Value block i_v of a key-kernel program: its rows, the token × value mask vm and offsets voff of its [BT, BV]
+    tiles, and the mask sm2 of its [BV, KB] ck / dh tiles (DVS = 0 for a padding program, which reads neither)."""
+    rows = i_v * BV + tl.arange(0, BV)
+    vm = tm[:, None] & (rows < DV)[None, :]
+    return rows, vm, base[:, None] * DV + rows[None, :], (rows < DVS)[:, None] & km[None, :]
+
+
+@triton.jit
 def _same_key_grads(q_ptr, e_ptr, g_ptr, k_ptr, dr_ptr, dl_ptr, do_ptr, ck_ptr, dh_ptr, dq_ptr, dg_ptr, dk_ptr, i_k, tm,
                     tt, base, km, km2, koff, cols, sbase, DK, DV, DVS, TOKH, BT: tl.constexpr, BV: tl.constexpr,
                     GATED: tl.constexpr, PREC: tl.constexpr, KB: tl.constexpr, SUB: tl.constexpr):
@@ -310,10 +319,7 @@ def _same_key_grads(q_ptr, e_ptr, g_ptr, k_ptr, dr_ptr, dl_ptr, do_ptr, ck_ptr, 
     Z = tl.zeros([BT, KB], dtype=tl.float32)                                   # (E − Δ) dS
     SS = tl.zeros([KB], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(DV, BV)):
-        rows = i_v * BV + tl.arange(0, BV)
-        vm = tm[:, None] & (rows < DV)[None, :]
-        voff = base[:, None] * DV + rows[None, :]
-        sm2 = (rows < DVS)[:, None] & km[None, :]
+        rows, vm, voff, sm2 = _key_value_block(i_v, BV, DV, DVS, tm, base, km)
         do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
         dr = tl.load(dr_ptr + voff, mask=vm, other=0.0).to(tl.float32)
         ed = (tl.load(e_ptr + voff, mask=vm, other=0.0).to(tl.float32)
@@ -384,10 +390,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
         dwS = tl.zeros([BT, KB], dtype=tl.float32)
         SS = tl.zeros([KB], dtype=tl.float32)
         for i_v in range(0, tl.cdiv(DV, BV)):
-            rows = i_v * BV + tl.arange(0, BV)
-            vm = tm[:, None] & (rows < DV)[None, :]
-            voff = base[:, None] * DV + rows[None, :]
-            sm2 = (rows < DVS)[:, None] & km[None, :]
+            rows, vm, voff, sm2 = _key_value_block(i_v, BV, DV, DVS, tm, base, km)
             do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
             dl = tl.load(dl_ptr + voff, mask=vm, other=0.0).to(tl.float32)
             dr = tl.load(dr_ptr + voff, mask=vm, other=0.0).to(tl.float32)
@@ -427,14 +430,11 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
                 RE = tl.zeros([BT, BT], dtype=tl.float32)
                 dwS = tl.zeros([BT, KB], dtype=tl.float32)
                 for i_v in range(0, tl.cdiv(DV, BV)):
-                    rows = i_v * BV + tl.arange(0, BV)
-                    vm = tm[:, None] & (rows < DV)[None, :]
-                    voff = base[:, None] * DV + rows[None, :]
+                    rows, vm, voff, sm2 = _key_value_block(i_v, BV, DV, DVS, tm, base, km)
                     do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
                     dr = tl.load(dr_ptr + voff, mask=vm, other=0.0).to(tl.float32)
                     e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
-                    dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :],
-                                 mask=(rows < DVS)[:, None] & km[None, :], other=0.0).to(tl.float32)
+                    dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
                     OE += _mm(do, tl.trans(e), PREC)
                     RE += _mm(dr, tl.trans(e), PREC)
                     dwS += _mm(e, dS, PREC)
