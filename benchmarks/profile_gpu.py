@@ -16,6 +16,7 @@ import argparse
 from collections import defaultdict
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from olssm.catalogue import ENTRIES, random_inputs
@@ -35,11 +36,19 @@ def _kernel_times(fn, calls: int, device: str) -> dict:
             fn()
         if device == "cuda":
             torch.cuda.synchronize()
+    return _per_call(prof.key_averages(), calls, device)
+
+
+def _per_call(events, calls: int, device: str) -> dict:
+    """{kernel name: µs per call} from the profiler's averaged rows. The device's own rows are the kernels: a CPU
+    op's self device time is its kernels' time again (summing both counted every kernel twice). On a CPU the top-level
+    olssm ops stand in for the kernels (a smoke test only)."""
     times = defaultdict(float)
-    for ev in prof.key_averages():
-        # device rows are the kernels; on a CPU the top-level ops stand in for them (a smoke test only)
-        t = ev.self_device_time_total if device == "cuda" else (ev.self_cpu_time_total
-                                                                 if ev.key.startswith("olssm::") else 0)
+    for ev in events:
+        if device == "cuda":
+            t = ev.self_device_time_total if ev.device_type != DeviceType.CPU else 0
+        else:
+            t = ev.self_cpu_time_total if ev.key.startswith("olssm::") else 0
         if t > 0:
             times[ev.key] += t / calls
     return dict(times)

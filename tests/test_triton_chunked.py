@@ -683,6 +683,25 @@ def test_profile_rows_skip_settings_of_the_other_kernel_family(monkeypatch, caps
                     "recurrent@again"], rows
 
 
+def test_profile_counts_each_kernel_once(monkeypatch):
+    """profile_gpu's per-call table on a GPU: the kernel rows only. A CPU op's self device time is the time of the
+    kernels it launched, which have rows of their own; summing both had counted every kernel twice."""
+    import sys
+    from types import SimpleNamespace
+    from torch.autograd import DeviceType
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "profile_gpu", raising=False)
+    import profile_gpu
+    rows = [SimpleNamespace(key="olssm::triton_scan_fwd", device_type=DeviceType.CPU, self_device_time_total=30.0,
+                            self_cpu_time_total=500.0),
+            SimpleNamespace(key="chunk_delta_prep_kernel", device_type=DeviceType.CUDA, self_device_time_total=18.0,
+                            self_cpu_time_total=0.0),
+            SimpleNamespace(key="chunk_delta_out_kernel", device_type=DeviceType.CUDA, self_device_time_total=12.0,
+                            self_cpu_time_total=0.0)]
+    assert profile_gpu._per_call(rows, 3, "cuda") == {"chunk_delta_prep_kernel": 6.0, "chunk_delta_out_kernel": 4.0}
+    assert profile_gpu._per_call(rows, 1, "cpu") == {"olssm::triton_scan_fwd": 500.0}
+
+
 def test_gpu_session_variant_specs_parse():
     """Every --variants spec benchmarks/gpu_session.sh passes (the variables its commands name, as bash expands them,
     and its literal ones) parses: a typo there would cost a call of a rare GPU lease before anything is timed."""
