@@ -100,6 +100,8 @@ def main(argv=None):
                     forward()
 
             def fwd_bwd():
+                for x in inp.values():   # no gradient accumulation kernels in the table (fresh grads each call)
+                    x.grad = None
                 forward().float().sum().backward()
             try:
                 with _settings(setting):
