@@ -1119,10 +1119,9 @@ STATE_KEY_MAJOR = False
 
 
 def state_key_major() -> bool:
-    """STATE_KEY_MAJOR, or OLSSM_TRITON_STATE_KEY_MAJOR if set ("0" / "1"); checked. The forward's and the backward's
-    state launches each read it."""
-    return switch("OLSSM_TRITON_STATE_KEY_MAJOR", "1" if STATE_KEY_MAJOR else "0", ("0", "1"),
-                  "state key-major (OLSSM_TRITON_STATE_KEY_MAJOR)") == "1"
+    """STATE_KEY_MAJOR, or OLSSM_TRITON_STATE_KEY_MAJOR if set; the forward's and the backward's state launches each
+    read it."""
+    return switch_on("OLSSM_TRITON_STATE_KEY_MAJOR", STATE_KEY_MAJOR, "state key-major")
 
 
 def narrow_blocks(wide_keys: bool) -> bool:
@@ -1178,6 +1177,11 @@ def switch(env: str, value: str, allowed: tuple, what: str) -> str:
     if mode not in allowed:
         raise ValueError(f"triton: {what} must be {' or '.join(map(repr, allowed))}, got {mode!r}")
     return mode
+
+
+def switch_on(env: str, value: bool, what: str) -> bool:
+    """An on / off kernel choice: the environment variable env ("0" / "1") if set, else the module's value; checked."""
+    return switch(env, "1" if value else "0", ("0", "1"), f"{what} ({env})") == "1"
 
 
 def ut_solve() -> str:

@@ -115,11 +115,12 @@ def delta_backward(row_c: bool = False) -> str:
 
 
 def same_key(form) -> bool:
-    """SAME_KEY (or OLSSM_TRITON_SAME_KEY) and the rule's key sides are one expression: a = b = w_0, one correction and one input term, and not a
-    row decay (its own kernel, chunk_rowdecay_bwd_kernel, has no such path). Read by chunked.chunk_inputs, which
-    then hands the op placeholders for w and a; the kernels take the placeholders, not this test, as the signal."""
-    on = switch("OLSSM_TRITON_SAME_KEY", "1" if SAME_KEY else "0", ("0", "1"), "same key (OLSSM_TRITON_SAME_KEY)") == "1"
-    if not (on and len(form.corrections) == 1 and len(form.inputs) == 1 and form.decay_kind != ROW):
+    """SAME_KEY (or OLSSM_TRITON_SAME_KEY) and the rule's key sides are one expression: a = b = w_0, one correction
+    and one input term, and not a row decay (its own kernel, chunk_rowdecay_bwd_kernel, has no such path). Read by
+    chunked.chunk_inputs, which then hands the op placeholders for w and a; the kernels take the placeholders, not
+    this test, as the signal."""
+    if not (_ch.switch_on("OLSSM_TRITON_SAME_KEY", SAME_KEY, "same key") and len(form.corrections) == 1
+            and len(form.inputs) == 1 and form.decay_kind != ROW):
         return False
     b = sp.sympify(form.corrections[0].b)
     return sp.sympify(form.corrections[0].a) == b and sp.sympify(form.inputs[0].w) == b
