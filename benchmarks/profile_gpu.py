@@ -88,7 +88,7 @@ def main(argv=None):
                 if not _changes(setting, kernel):   # e.g. a chunked setting on the recurrent row: the same kernels
                     continue
                 runs.append((f"{kernel}@{label}", setting,
-                             lambda k=kernel: rule.scan(backend="triton", **inp)[0], kernel))
+                             lambda: rule.scan(backend="triton", **inp)[0], kernel))
         peers, args = _fla_peers(name, rule, inp) if a.peers else ({}, ())
         if "fla-chunk" in peers:
             runs.append(("fla-chunk", {}, lambda f=peers["fla-chunk"]: f(args), None))
