@@ -277,9 +277,8 @@ def main(argv=None) -> int:
     from . import library as _lib
     _lib.PSCAN_TILE = a.pscan_tile or _lib.PSCAN_TILE
     _lib.PSCAN_BWD_TILE = a.pscan_bwd_tile or _lib.PSCAN_BWD_TILE
-    from .chunked import SPLIT_BLOCK_V, _blocks, _np2
-    BK, BV = _blocks(a.dk, a.dv)
-    BVW = max(16, min(_np2(a.dv), SPLIT_BLOCK_V))
+    from .chunked import _np2, split_blocks
+    BK, BV, _, BVW, _ = split_blocks(a.dk, a.dv, wide_keys=False)
     print(f"sm_{a.arch}, num_warps={a.num_warps}, BT={a.chunk}, BK={BK}, BV={BV} (split prep/out: {BVW}), "
           f"dot precision {a.precision}")
     from . import library

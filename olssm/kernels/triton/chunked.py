@@ -69,6 +69,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import sympy as sp
 import torch
@@ -1147,6 +1148,27 @@ def _blocks(d_k, d_v):
     return BK, BV
 
 
+class SplitBlocks(NamedTuple):
+    """The split delta path's block sizes. Its forward and its backward must agree on them (the backward's state
+    pass walks the forward's ck, and its prep and value kernels mirror the forward's prep), so both read this."""
+    BK: int   # key columns of the state tile: the whole (padded) d_k
+    BV: int   # value rows per program of the sequential state passes
+    BV_UNNARROWED: int   # _blocks' BV whether or not WIDE_BLOCKS narrows the state passes (the key kernel's rows)
+    BVW: int  # value rows per program of the parallel kernels (forward prep and out; backward prep and value)
+    KB: int   # key columns per tl.dot operand in the forward's prep and out and the backward's prep
+
+
+def split_blocks(d_k: int, d_v: int, wide_keys: bool) -> SplitBlocks:
+    """SplitBlocks for one call (module constants read at call time, as the launches do). The parallel kernels take
+    wider value blocks than the state passes: they have parallelism to spare, and each value block repeats the
+    [BT, BT] work (the inverse in prep, Q Bᵀ and Q Wᵀ in out)."""
+    BK, BV = _blocks(d_k, d_v)
+    narrow = narrow_blocks(wide_keys)
+    return SplitBlocks(BK=BK, BV=WIDE_BLOCK_V if narrow else BV, BV_UNNARROWED=BV,
+                       BVW=max(16, min(_np2(d_v), SPLIT_BLOCK_V)),
+                       KB=min(BK, WIDE_BLOCK_K if narrow else SPLIT_BLOCK_K))
+
+
 #: the delta family's forward with a scalar c and none / scalar decay: "split" (three kernels:
 #: the UT transform parallel over chunks, a sequential state pass of dots only, the output parallel
 #: over chunks; like flash-linear-attention's chunk_delta_rule) or "fused" (one program per
@@ -1251,12 +1273,7 @@ def saves_chunk_core(plan, chunked: bool, save: bool, chunk_bwd: bool) -> bool:
 def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied=False, core=None, sub=1,
                          wide_keys=False, bf16=False):
     B, T, H, d_k, d_v, N, max_len, C = sizes
-    BK, BV = _blocks(d_k, d_v)
-    KB = min(BK, WIDE_BLOCK_K if narrow_blocks(wide_keys) else SPLIT_BLOCK_K)
-    BV = WIDE_BLOCK_V if narrow_blocks(wide_keys) else BV
-    # the parallel kernels take wider value blocks: they have parallelism to spare, and each value
-    # block repeats the [BT, BT] work (the inverse in prep, Q Bᵀ and Q Wᵀ in out)
-    BVW = max(16, min(_np2(d_v), SPLIT_BLOCK_V))
+    BK, BV, _, BVW, KB = split_blocks(d_k, d_v, wide_keys)
     q, w, e, g, a, b, c = chunk_in[:7]
     M = w.shape[0]
     dev = q.device

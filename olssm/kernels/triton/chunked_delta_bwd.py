@@ -834,11 +834,9 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     if _c_row(plan.rule.form):
         return chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, sub, same)
     B, T, H, d_k, d_v, N, max_len, C = sizes
-    BK, BV = _ch._blocks(d_k, d_v)
-    BVW = max(16, min(_np2(d_v), _ch.SPLIT_BLOCK_V))   # the split forward's blocks (read at call time)
     wide_keys = _ch.wide(plan.rule.form, d_k)   # the forward's choice (chunk size, stages, precision)
     narrow = _ch.narrow_blocks(wide_keys)
-    KB = min(BK, _ch.WIDE_BLOCK_K if narrow else _ch.SPLIT_BLOCK_K)
+    BK, BVS, BV, BVW, KB = _ch.split_blocks(d_k, d_v, wide_keys)   # the split forward's blocks
     q, w, e, g, a, b, c = chunk_in[:7]
     M = w.shape[0]
     gated = plan.rule.form.decay_kind != "none"
@@ -864,7 +862,6 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     chunk_delta_bwd_prep_kernel[(NTG, G)](q, a, b, c, g, do, tc, wt, dd, cu, ix, T, H, d_k, d_v, BK=BK, BV=BVW,
                                           KB=KB, HAVE_TC=core is not None, UTB=int(_ch.UT_BLOCK),
                                           SOLVE=_ch.ut_solve(), **common)
-    BVS = _ch.WIDE_BLOCK_V if narrow else BV   # the state pass's value rows
     chunk_delta_bwd_state_kernel[(-(-d_v // BVS), N * H)](
         q, g, b, wt, do, dd, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK,
         BK=BK, BV=BVS, USE_DHT=dht is not None, KEY_MAJOR=_ch.state_key_major(), **common)
