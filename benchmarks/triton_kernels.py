@@ -193,7 +193,7 @@ def _main(argv=None):
           f"(BT={a.pscan_bt}, {a.pscan_warps} warps, tiles {a.pscan_tile}/{a.pscan_bwd_tile}) on {where}")
     print("| rule | kernel | fwd ms | fwd+bwd ms | Mtok/s fwd | HBM % fwd | rel err o |")
     print("|---|---|---|---|---|---|---|")
-    rows, failed = [], []
+    rows, failed, timed = [], [], []
     for name in a.rules.split(","):
         rule = catalogue.rule(name) if a.raw_decays else catalogue.rule(name).with_log_decays()
         inp = {n: x.to(dev) for n, x in random_inputs(rule, a.B, a.T, a.H, a.dk, a.dv, seed=0).items()}
@@ -247,6 +247,7 @@ def _main(argv=None):
                 hbm = nbytes / tf / (a.peak_gbs * 1e9) * 100
                 tbs = "—" if tb is None else f"{tb * 1e3:.2f}"
                 row = f"| {name} | {kernel} | {tf * 1e3:.2f} | {tbs} | {tok:.1f} | {hbm:.1f} | {err:.1e}{no_bwd} |"
+                timed.append((name, kernel, tf * 1e3, None if tb is None else tb * 1e3))
             except NotImplementedError as e:
                 row = f"| {name} | {kernel} | — | — | — | — | ({str(e)[:50]}) |"
             except Exception as e:   # noqa: BLE001 - a peer refusing these inputs (fla: fp32, tiny shapes, old Triton)
@@ -258,6 +259,9 @@ def _main(argv=None):
             print(row, flush=True)
             rows.append(row)
     library.FORCE = None
+    summary = verdicts(timed, variants)
+    if summary:
+        print("\n" + "\n".join(summary))
     if a.autotune:
         from olssm.kernels.triton import autotune
         print("\nautotune decisions (rule key|dtype|fwd/grad|N|H|length bucket|d_k|d_v|varlen -> config):")
@@ -268,6 +272,61 @@ def _main(argv=None):
     if failed:
         raise SystemExit(f"olssm kernels that failed: {', '.join(failed)}")
     return rows
+
+
+def verdicts(timed, variants) -> list[str]:
+    """The decision a GPU session takes from a --variants table, as a second table: per rule, every setting's row
+    against its kernel's default rows, and the best olssm row against fla's.
+
+    timed: (rule, kernel row, fwd ms, fwd+bwd ms or None). The default rows of a kernel K are K itself and K@L for
+    every label L with an empty setting ('again=', timed last): their spread (max − min) is this process's drift
+    (without such a label it is 0, and any faster row wins: pass 'again=').
+    A setting *wins* a column when it is faster than the fastest default by more than the spread, *loses* when it
+    is slower than the slowest by more than the spread, and is *within drift* otherwise; TRITON.md ("Status on a
+    GPU") makes a setting the default only where it wins fwd+bwd. Where fla's chunk row exists, each rule's fastest
+    olssm chunked row gets its ratio to it (the issue's target: ≤ 1.2)."""
+    if not variants:
+        return []
+    again = [label for label, setting in variants.items() if not setting]
+    by = {(rule, kernel): (tf, tb) for rule, kernel, tf, tb in timed}
+    lines = ["| rule | row | fwd ms | fwd+bwd ms | fwd: fastest default / this | fwd+bwd: fastest default / this | "
+             "defaults' spread fwd / fwd+bwd ms |", "|---|---|---|---|---|---|---|"]
+    against_fla = []
+
+    def judge(t, base):
+        if t is None or None in base:
+            return "—"
+        lo, hi = min(base), max(base)
+        spread = hi - lo
+        word = "wins" if t < lo - spread else "loses" if t > hi + spread else "within drift"
+        return f"{lo / t:.2f}× ({word})"
+
+    for rule in dict.fromkeys(r for r, *_ in timed):
+        for kernel in dict.fromkeys(k.partition("@")[0] for r, k, *_ in timed if r == rule):
+            defaults = [by[(rule, k)] for k in [kernel] + [f"{kernel}@{L}" for L in again] if (rule, k) in by]
+            if not defaults:
+                continue
+            fwd, bwd = [d[0] for d in defaults], [d[1] for d in defaults]
+            for label, setting in variants.items():
+                if not setting or (rule, f"{kernel}@{label}") not in by:
+                    continue
+                tf, tb = by[(rule, f"{kernel}@{label}")]
+                spread = (f"{max(fwd) - min(fwd):.2f} / "
+                          + ("—" if None in bwd else f"{max(bwd) - min(bwd):.2f}"))
+                lines.append(f"| {rule} | {kernel}@{label} | {tf:.2f} | {'—' if tb is None else f'{tb:.2f}'} | "
+                             f"{judge(tf, fwd)} | {judge(tb, bwd)} | {spread} |")
+        fla = by.get((rule, "fla-chunk"))
+        ours = [(k, tf, tb) for r, k, tf, tb in timed if r == rule and k.partition("@")[0] == "chunk"]
+        if fla and ours:
+            k_f, tf, _ = min(ours, key=lambda x: x[1])
+            with_bwd = [o for o in ours if o[2] is not None]
+            line = f"{rule}: fastest olssm chunked row against fla-chunk: forward {k_f} {tf / fla[0]:.2f}×"
+            if with_bwd and fla[1] is not None:
+                k_b, _, tb = min(with_bwd, key=lambda x: x[2])
+                line += f", fwd+bwd {k_b} {tb / fla[1]:.2f}× (target ≤ 1.2×)"
+            against_fla.append(line)
+    table = lines if len(lines) > 2 else []
+    return table + ([""] if table and against_fla else []) + against_fla
 
 
 def _pow2(v: str) -> int:

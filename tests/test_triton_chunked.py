@@ -662,6 +662,30 @@ def test_benchmark_variants_parse_the_session_specs():
     assert bench._variants("") == {}
 
 
+def test_benchmark_verdicts_judge_settings_against_the_drift_of_the_defaults():
+    """The decision table under a --variants run: a setting wins only when it beats the fastest default row by more
+    than the default rows' spread (their drift within the process), and the fastest chunked row is set against fla's
+    chunk kernel. Synthetic times (ms); nothing runs."""
+    bench = _bench_module()
+    variants = bench._variants("km=key_major:1;utb=ut_solve:blocks;slow=same_key:1;again=")
+    timed = [("deltanet", "recurrent", 9.0, 40.0), ("deltanet", "chunk", 2.06, 5.70),
+             ("deltanet", "chunk@km", 1.50, 5.00), ("deltanet", "chunk@utb", 2.00, 5.69),
+             ("deltanet", "chunk@slow", 2.50, 7.00), ("deltanet", "chunk@again", 2.10, 5.72),
+             ("deltanet", "fla-chunk", 0.55, 2.79), ("gla", "chunk", 1.0, None), ("gla", "chunk@km", 0.5, None)]
+    lines = bench.verdicts(timed, variants)
+    row = {line.split(" | ")[1]: line for line in lines if line.startswith("| deltanet")}
+    # spread 0.04 / 0.02 ms: km wins both, utb wins fwd (2.00 < 2.06 - 0.04) but not fwd+bwd, slow loses both
+    assert "1.37× (wins)" in row["chunk@km"] and "1.14× (wins)" in row["chunk@km"]
+    assert "1.03× (wins)" in row["chunk@utb"] and "1.00× (within drift)" in row["chunk@utb"]
+    assert row["chunk@slow"].count("(loses)") == 2
+    assert "recurrent" not in "".join(row) and "again" not in "".join(row)
+    gla = [line for line in lines if line.startswith("| gla")]
+    assert len(gla) == 1 and "| 2.00× (wins) | — |" in gla[0]   # no backward timed: no fwd+bwd verdict
+    assert lines[-1] == ("deltanet: fastest olssm chunked row against fla-chunk: forward chunk@km 2.73×, fwd+bwd "
+                         "chunk@km 1.79× (target ≤ 1.2×)")
+    assert bench.verdicts(timed, {}) == []
+
+
 def test_profile_rows_skip_settings_of_the_other_kernel_family(monkeypatch, capsys):
     """benchmarks/profile_gpu.py profiles a --variants setting only on the rows it changes, as triton_kernels.py times
     them: a chunked setting on the recurrent row (or block_v on the chunk row) had been profiled again under its label,
