@@ -1024,7 +1024,8 @@ def test_generated_backward_converts_checkpoints():
 def test_every_chunked_load_converts():
     # CHUNK_STORAGE = "input" relies on every kernel converting what it loads before any arithmetic (tl.dot refuses
     # bf16 × fp32, but elementwise ops would silently run in bf16): every tl.load( in the chunked kernels' modules
-    # is followed by .to(tl.float32), .to(tl.float64) (log decays) or .to(tl.int32) (cu_seqlens, the chunk map)
+    # is followed by .to(tl.float32), .to(tl.float64) (log decays) or .to(tl.int32) (cu_seqlens, the chunk map), or
+    # wrapped in _operand (a dot operand in the dot's dtype)
     import inspect
     import re
     from olssm.kernels.triton import chunked_delta_bwd
@@ -1038,5 +1039,7 @@ def test_every_chunked_load_converts():
                 i += 1
             n += 1
             line = src.count("\n", 0, m.start()) + 1
-            assert re.match(r"\.to\(tl\.(float32|float64|int32)\)", src[i:]), f"{mod.__name__}:{line}: {src[m.start():i]}"
+            # or the load is a dot operand: chunked._operand converts it (to fp32, or to bf16 for a bf16 dot)
+            assert (re.match(r"\.to\(tl\.(float32|float64|int32)\)", src[i:])
+                    or src[:m.start()].endswith("_operand(")), f"{mod.__name__}:{line}: {src[m.start():i]}"
     assert n > 90

@@ -258,6 +258,8 @@ def state_dots(monkeypatch):
 
     monkeypatch.setattr(tchunk, "_mm", mm)
     monkeypatch.setattr(tchunk, "chunk_delta_state_kernel", Launch("forward", tchunk.chunk_delta_state_kernel))
+    monkeypatch.setattr(tchunk, "chunk_delta_state_split_kernel",
+                        Launch("forward key split", tchunk.chunk_delta_state_split_kernel))
     monkeypatch.setattr(tdelta, "chunk_delta_bwd_state_kernel", Launch("backward", tdelta.chunk_delta_bwd_state_kernel))
     return launches
 
@@ -399,18 +401,94 @@ def test_same_key_kernel(name, case, calls, same_keys, monkeypatch):
         assert knob is True and BT == chunk and took == programs > 0
 
 
+# ---- the key-split state pass (chunked.STATE_KEY_SPLIT): the forward's state in two key halves, int32 offsets ------
+
+@pytest.mark.parametrize("case", ["deltanet wide", "gated wide", "narrow", "varlen", "untied", "two terms", "rank 4",
+                                  "chunk 32", "bf16 operands", "4 warps"])
+def test_state_key_split_paths(case, calls, state_dots, monkeypatch):
+    # the forward's state pass in key halves on every path it serves, against the reference (o, final state, every
+    # gradient: the backward reads the ck it wrote, so a half stored at the wrong key offset fails there): the
+    # wide-key path (d_k = 72 → BK = 128, halves of 64, the upper one 8 real columns; chunks of 64, the last
+    # partial) for DeltaNet and Gated DeltaNet, WIDE_BLOCKS' 16 value rows, packed sequences (lengths 5, 0, 1, 37)
+    # with initial states, the untied input term, two input terms, a rank-4 rule on sub-tokens, chunks of 32 (d_k =
+    # 40 → BK = 64, halves of 32), bf16 operands, and KEY_SPLIT_WARPS = 4. Interpreted, the spy sees which kernel
+    # ran and its dots: every left operand [BT, BK/2] (W̃'s halves) or [BK/2, BT] (Bᵀ's, W_mᵀ's); BT counts
+    # sub-tokens for the rank-4 rule (chunks of CHUNK / 4 tokens)
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")            # Gated DeltaNet: log α has no closed form
+    monkeypatch.setattr(tchunk, "STATE_KEY_SPLIT", True)
+    monkeypatch.delenv("OLSSM_TRITON_STATE_KEY_SPLIT", raising=False)
+    rule, cu, rtol, state_rtol = ENTRIES["gated_deltanet"].rule, None, RTOL, STATE_RTOL
+    T, H, K, V, BT = 140, 1, 72, 20, 64
+    if case == "deltanet wide":
+        rule = ENTRIES["deltanet"].rule
+    elif case == "narrow":
+        monkeypatch.setattr(tchunk, "WIDE_BLOCKS", True)
+    elif case == "varlen":
+        cu, T = [0, 5, 5, 6, 43], 43
+    elif case == "untied":
+        monkeypatch.setattr(tchunk, "TIE_INPUT_TERM", False)
+    elif case == "two terms":
+        rule, T, K, V, BT = _two_term_rule(), 21, 4, 5, 16
+    elif case == "rank 4":
+        rule, T, K, V, BT = _multi_key_rule("decay"), 21, 4, 5, 16
+    elif case == "chunk 32":
+        monkeypatch.setattr(tlib, "CHUNK", 32)
+        rule, T, K, V, BT = ENTRIES["deltanet"].rule, 70, 40, 20, 32
+    elif case == "bf16 operands":
+        monkeypatch.setattr(tchunk, "DOT_PRECISION", "bf16")
+        monkeypatch.delenv("OLSSM_TRITON_DOT_PRECISION", raising=False)
+        rule, rtol, state_rtol = ENTRIES["deltanet"].rule, BF16_DOT_RTOL, BF16_DOT_RTOL
+    else:
+        monkeypatch.setattr(tchunk, "KEY_SPLIT_WARPS", 4)
+    if case in ("two terms", "rank 4") and tscan.interpreted():
+        # d_k = 4 pads to BK = 16: halves of 8 rows, below a compiled dot's 16 (the interpreter takes them)
+        monkeypatch.setattr(tchunk, "_key_split_fits", lambda T, H, d_k, d_v, BK: True)
+    N = len(cu) - 1 if cu else 1
+    h0 = 0.3 * torch.randn(N, H, V, K, generator=torch.Generator().manual_seed(16))
+    g = _compare(rule, random_inputs(rule, 1, T, H, K, V, seed=16), h0, rtol=rtol, state_rtol=state_rtol,
+                 cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)) if cu else None)
+    assert len(calls) == 1
+    if case == "varlen":
+        assert g["h0"][1].abs().max() > 0
+    if state_dots is not None:   # interpreted (forced above where it would not fit): the key-split kernel, in halves
+        assert [x[0] for x in state_dots] == ["forward key split", "backward"]
+        BK = max(16, 1 << (K - 1).bit_length())
+        assert set(state_dots[0][2]) == {(BT, BK // 2), (BK // 2, BT)}, state_dots[0][2]
+
+
+def test_state_key_split_stands_down_where_it_cannot_run(calls, state_dots, monkeypatch):
+    # STATE_KEY_SPLIT on where its kernel cannot take the call: d_k = 4 (BK = 16: halves of 8 rows, below tl.dot's
+    # 16) and offsets past int32 (the check's arithmetic alone: no such tensor is allocated here); the default kernel
+    # runs, exact. OLSSM_TRITON_STATE_KEY_SPLIT turns it on with the constant off, and a bad value is refused by name
+    monkeypatch.setattr(tchunk, "STATE_KEY_SPLIT", False)
+    monkeypatch.setenv("OLSSM_TRITON_STATE_KEY_SPLIT", "1")
+    rule = ENTRIES["deltanet"].rule
+    h0 = 0.3 * torch.randn(1, 2, 5, 4, generator=torch.Generator().manual_seed(17))
+    _compare(rule, random_inputs(rule, 1, 37, 2, 4, 5, seed=17), h0)
+    if state_dots is not None:
+        assert [x[0] for x in state_dots] == ["forward", "backward"]
+    assert tchunk._key_split_fits(8192, 16, 128, 128, 128)
+    assert not tchunk._key_split_fits(2 ** 20, 16, 128, 128, 128)      # 2³¹ = 2²⁰ tokens · 16 heads · 128
+    assert not tchunk._key_split_fits(64, 1, 4, 4, 16)
+    monkeypatch.setenv("OLSSM_TRITON_STATE_KEY_SPLIT", "on")
+    with pytest.raises(ValueError, match="OLSSM_TRITON_STATE_KEY_SPLIT"):
+        tchunk.state_key_split()
+
+
 @pytest.mark.parametrize("storage", ["fp32", "bf16 chunk tensors"])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
 def test_wide_key_variants_together(name, storage, calls, same_keys, solves, state_dots, monkeypatch):
-    # the next lease's `all` row (benchmarks/gpu_session.sh): the key-major state tiles, the UT substitution on the
-    # diagonal blocks and the same-key key kernel at once, on the wide-key path (d_k = 72: chunks of 64, the last
-    # partial), packed sequences with initial states. fp32: o, the final state and every gradient against the
-    # reference (RTOL, STATE_RTOL). bf16 chunk tensors (CHUNK_STORAGE "input", the fourth setting of `all`): bf16
-    # inputs, "input" against "fp32" storage under the same three knobs (compare_storage's STORAGE_RTOL). Each
-    # knob reached its kernels (interpreted): every state launch key-major, every UT solve on blocks, every key
-    # program through _same_key_grads at chunks of 64 (a knob dropped on the way had still passed the comparisons)
+    # the next lease's `all` row (benchmarks/gpu_session.sh): the key-split forward state pass, the key-major
+    # backward one, the UT substitution on the diagonal blocks and the same-key key kernel at once, on the wide-key
+    # path (d_k = 72: chunks of 64, the last partial), packed sequences with initial states. fp32: o, the final state
+    # and every gradient against the reference (RTOL, STATE_RTOL). bf16 chunk tensors (CHUNK_STORAGE "input", the
+    # fifth setting of `all`): bf16 inputs, "input" against "fp32" storage under the same four knobs
+    # (compare_storage's STORAGE_RTOL). Each knob reached its kernels (interpreted): the forward's state launch in
+    # key halves and the backward's key-major, every UT solve on blocks, every key program through _same_key_grads
+    # at chunks of 64 (a knob dropped on the way had still passed the comparisons)
     monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
     monkeypatch.setattr(tchunk, "STATE_KEY_MAJOR", True)
+    monkeypatch.setattr(tchunk, "STATE_KEY_SPLIT", True)
     monkeypatch.setattr(tchunk, "UT_SOLVE", "blocks")
     monkeypatch.delenv("OLSSM_TRITON_UT_SOLVE", raising=False)
     monkeypatch.setattr(tdelta, "SAME_KEY", True)
@@ -430,8 +508,8 @@ def test_wide_key_variants_together(name, storage, calls, same_keys, solves, sta
         assert all(knob is True and BT == 64 and took == programs > 0 for knob, BT, programs, took in same_keys)
     if solves is not None:
         assert solves and set(solves) == {"blocks"}
-    if state_dots is not None:
-        assert [x[:2] for x in state_dots] == [["forward", True], ["backward", True]] * runs
+    if state_dots is not None:   # the forward's pass in key halves (key_split), the backward's key-major
+        assert [x[:2] for x in state_dots] == [["forward key split", False], ["backward", True]] * runs
 
 
 def test_variant_knobs_take_their_environment_overrides(state_dots, same_keys, monkeypatch):

@@ -139,12 +139,15 @@ def variants(BT, BK, BV, prec, BVW=None):
                 yield f"delta split state {tag}", ch.chunk_delta_state_kernel, dict(state, **kw)
                 yield f"delta split state {tag} KEY_MAJOR", ch.chunk_delta_state_kernel, dict(state, KEY_MAJOR=True,
                                                                                              **kw)
+                yield f"delta split state {tag} KEY_SPLIT", ch.chunk_delta_state_split_kernel, dict(state, **kw)
                 yield f"delta split out {tag}", ch.chunk_delta_out_kernel, dict(wide, **kw)
     two = dict(GATED=True, VARLEN=False, M=2)
     yield "delta split prep decay=scalar, 2 input terms", ch.chunk_delta_prep_kernel, dict(wide, TIED=False, **two)
     yield "delta split state decay=scalar, 2 input terms", ch.chunk_delta_state_kernel, dict(state, TIED=False, **two)
     yield ("delta split state decay=scalar, 2 input terms KEY_MAJOR", ch.chunk_delta_state_kernel,
            dict(state, TIED=False, KEY_MAJOR=True, **two))
+    yield ("delta split state decay=scalar, 2 input terms KEY_SPLIT", ch.chunk_delta_state_split_kernel,
+           dict(state, TIED=False, **two))
     yield "delta split out decay=scalar, 2 input terms", ch.chunk_delta_out_kernel, dict(wide, TIED=False, **two)
     # the delta family's chunked backward (chunked_delta_bwd.py): prep / value take the split's wide value blocks
     from . import chunked_delta_bwd as dbw

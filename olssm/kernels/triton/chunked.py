@@ -1001,6 +1001,119 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
 
 
 @triton.jit
+def _operand(x, PREC: tl.constexpr):
+    """A loaded dot operand in the dtype the dot takes: bf16 under PREC "bf16" (a bf16 chunk tensor stays as loaded,
+    an fp32 one is rounded once, as _mm would: half the registers of an fp32 copy), fp32 otherwise."""
+    if PREC == "bf16":
+        out = x.to(tl.bfloat16)
+    else:
+        out = x.to(tl.float32)
+    return out
+
+
+@triton.jit
+def _rows_tile(ptr, L, D, H, t0, d0, BT: tl.constexpr, BD: tl.constexpr):
+    """Pointers and mask of the [BT, BD] tile at (token t0, column d0) of one head's [L, D] token rows (rows H·D
+    apart, as every [B, T, H, D] chunk tensor holds them), ptr at the sequence's first row of the head. The offsets
+    are int32 from that scalar base (a sequence's L·H·D < 2³¹), not per-element int64 products."""
+    t = t0 + tl.arange(0, BT)
+    d = d0 + tl.arange(0, BD)
+    return ptr + (t[:, None] * (H * D) + d[None, :]), (t < L)[:, None] & (d < D)[None, :]
+
+
+@triton.jit
+def _state_tile_t(ptr, DK, DV, k0, v0, BK: tl.constexpr, BV: tl.constexpr):
+    """Pointers and mask of the [BK, BV] tile of Sᵀ at (key k0, value v0) of a state stored [DV, DK] (h0, ck, ht)."""
+    k = k0 + tl.arange(0, BK)
+    v = v0 + tl.arange(0, BV)
+    return ptr + (k[:, None] + v[None, :] * DK), (k < DK)[:, None] & (v < DV)[None, :]
+
+
+@triton.jit
+def _load_f32(tile):
+    """A (pointers, mask) tile's values in fp32, zeros where masked."""
+    ptrs, mask = tile
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_operand(tile, PREC: tl.constexpr):
+    """A (pointers, mask) tile as a dot operand (_operand), zeros where masked."""
+    ptrs, mask = tile
+    return _operand(tl.load(ptrs, mask=mask, other=0.0), PREC)
+
+
+@triton.jit
+def _store(tile, value):
+    ptrs, mask = tile
+    tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def chunk_delta_state_split_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, ht_ptr, ck_ptr, cu_ptr,
+                                   T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                                   BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr,
+                                   VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", TIED: tl.constexpr = False,
+                                   SUB: tl.constexpr = 1):
+    """chunk_delta_state_kernel with the state held key-major in two key halves, Sᵀ[:BK/2] and Sᵀ[BK/2:] ([BK/2,
+    BV] each, STATE_KEY_SPLIT), and every token tile addressed by int32 offsets from a scalar base: each key-side tile (W̃, B, W_m)
+    is loaded and used half by half, so no [BT, BK] tile and no tile of int64 offset products is live, and
+    every dot has BK/2 rows or a BK/2-deep reduction (fla's chunk_gated_delta_rule_fwd_h holds h as [64, BV] tiles
+    and addresses them from scalar bases likewise). Same arithmetic, summed in the same order per half."""
+    HALF: tl.constexpr = BK // 2
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_h = i_bh % H
+    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
+    L = eos - bos
+    row0 = (bos.to(tl.int64) * H + i_h)
+    v0 = i_v * BV
+    h0 = h0_ptr + i_bh.to(tl.int64) * DV * DK
+    S_lo = tl.zeros([HALF, BV], dtype=tl.float32)
+    S_hi = tl.zeros([HALF, BV], dtype=tl.float32)
+    if USE_H0:
+        S_lo += _load_f32(_state_tile_t(h0, DK, DV, 0, v0, HALF, BV))
+        S_hi += _load_f32(_state_tile_t(h0, DK, DV, HALF, v0, HALF, BV))
+    for c in range(0, tl.cdiv(L, BT)):
+        ck = ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK
+        _store(_state_tile_t(ck, DK, DV, 0, v0, HALF, BV), S_lo)
+        _store(_state_tile_t(ck, DK, DV, HALF, v0, HALF, BV), S_hi)
+        t0 = c * BT
+        wt = _load_operand(_rows_tile(wt_ptr + row0 * DK, L, DK, H, t0, 0, BT, HALF), PREC)
+        d = _mm(wt, S_lo, PREC)
+        wt = _load_operand(_rows_tile(wt_ptr + row0 * DK, L, DK, H, t0, HALF, BT, HALF), PREC)
+        d += _mm(wt, S_hi, PREC)
+        p_u = _rows_tile(u_ptr + row0 * DV, L, DV, H, t0, v0, BT, BV)
+        d += _load_f32(p_u)
+        _store(p_u, d)
+        if TIED:   # the first input term rides on B's dot
+            d = _load_f32(_rows_tile(e_ptr + row0 * DV, L, DV, H, t0, v0, BT, BV)) - d
+        else:
+            d = -d
+        if GATED:
+            tm, base = _tokens(bos + t0, tl.arange(0, BT), eos, H, i_h)
+            _, _, _, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)      # dec = Γ_L/Γ_i ≤ 1
+            S_lo = S_lo * gl
+            S_hi = S_hi * gl
+            d = d * dec[:, None]
+        bv = _load_operand(_rows_tile(b_ptr + row0 * DK, L, DK, H, t0, 0, BT, HALF), PREC)
+        S_lo += _mm(tl.trans(bv), d, PREC)
+        bv = _load_operand(_rows_tile(b_ptr + row0 * DK, L, DK, H, t0, HALF, BT, HALF), PREC)
+        S_hi += _mm(tl.trans(bv), d, PREC)
+        for m in tl.static_range(1 if TIED else 0, M):   # TIED: m = 0 rode on B's dot
+            e = _load_f32(_rows_tile(e_ptr + m * SE + row0 * DV, L, DV, H, t0, v0, BT, BV))
+            if GATED:
+                e = e * dec[:, None]
+            w = _load_operand(_rows_tile(w_ptr + m * SW + row0 * DK, L, DK, H, t0, 0, BT, HALF), PREC)
+            S_lo += _mm(tl.trans(w), e, PREC)
+            w = _load_operand(_rows_tile(w_ptr + m * SW + row0 * DK, L, DK, H, t0, HALF, BT, HALF), PREC)
+            S_hi += _mm(tl.trans(w), e, PREC)
+    ht = ht_ptr + i_bh.to(tl.int64) * DV * DK
+    _store(_state_tile_t(ht, DK, DV, 0, v0, HALF, BV), S_lo)
+    _store(_state_tile_t(ht, DK, DV, HALF, v0, HALF, BV), S_hi)
+
+
+@triton.jit
 def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_ptr, cu_ptr, ix_ptr,
                            T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
@@ -1117,6 +1230,33 @@ WIDE_BLOCK_V = 16
 #: backward (236 KB) and the untied forward (232 KB); such a launch fails (TRITON.md, "Key-major state tile").
 #: OLSSM_TRITON_STATE_KEY_MAJOR (0 / 1) overrides (state_key_major)
 STATE_KEY_MAJOR = False
+
+
+#: the split forward's state pass (chunk_delta_state_split_kernel instead of chunk_delta_state_kernel) holds the state
+#: key-major in two key halves and addresses its token tiles by int32 offsets from one scalar base per sequence·head
+#: (the other kernels form an int64 product per element). Off: untimed. Why: register pressure, not FLOPs, bounds the
+#: sequential pass (the default spills at d = 128). aot_check, sm_90, chunk 64, d_k = d_v = 128, bf16 operands, 2
+#: stages, fp32 ck (regs / spills B per thread / wgmma + mma.sync; DeltaNet tied, then Gated DeltaNet tied): 8 warps,
+#: default 255 / 32 / 16 + 16 and 255 / 56; key-major 255 / 48 / 20 + 0 and 255 / 96; key split 232 / 0 / 24 + 0 and
+#: 226 / 0. 4 warps (fla's fwd_h runs 2-4 on Hopper): default 808 and 752 B, key-major 648 and 808, halves with int64
+#: products 304 and 504, key split 72 and 64. Needs a sequence's (tokens · H · d) < 2³¹ (int32 offsets) and
+#: BK ≥ 32 (16-row halves: tl.dot's smallest operand); elsewhere the default kernel runs. Takes precedence over
+#: STATE_KEY_MAJOR in the forward (the backward's state pass still reads that). OLSSM_TRITON_STATE_KEY_SPLIT (0 / 1)
+#: overrides (state_key_split)
+STATE_KEY_SPLIT = False
+#: warps of the key-split state pass (None: NUM_WARPS); benchmarks/triton_kernels.py's key_split_warps
+KEY_SPLIT_WARPS = None
+
+
+def state_key_split() -> bool:
+    """STATE_KEY_SPLIT, or OLSSM_TRITON_STATE_KEY_SPLIT if set (the split forward's launch reads it)."""
+    return switch_on("OLSSM_TRITON_STATE_KEY_SPLIT", STATE_KEY_SPLIT, "state key split")
+
+
+def _key_split_fits(T: int, H: int, d_k: int, d_v: int, BK: int) -> bool:
+    """Whether chunk_delta_state_split_kernel takes a call: its int32 offsets t·H·d stay below 2³¹ for every token t of
+    the longest possible sequence (T, the padded total), and its key halves have ≥ 16 columns."""
+    return BK >= 32 and T * H * max(d_k, d_v) < 2 ** 31
 
 
 def state_key_major() -> bool:
@@ -1293,9 +1433,15 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
                                       e[0].numel(), M=M, BV=BVW, KB=KB,
                                       SAVE_TC=core is not None, UTB=int(UT_BLOCK), SOLVE=ut_solve(),
                                       **common)
-    chunk_delta_state_kernel[(-(-d_v // BV), N * H)](
-        w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
-        w[0].numel(), e[0].numel(), M=M, BV=BV, USE_H0=h0 is not None, KEY_MAJOR=state_key_major(), **common)
+    state_args = (w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
+                  w[0].numel(), e[0].numel())
+    if state_key_split() and _key_split_fits(T, H, d_k, d_v, BK):
+        opts = dict(common, **({"num_warps": int(KEY_SPLIT_WARPS)} if KEY_SPLIT_WARPS else {}))
+        chunk_delta_state_split_kernel[(-(-d_v // BV), N * H)](*state_args, M=M, BV=BV, USE_H0=h0 is not None,
+                                                                **opts)
+    else:
+        chunk_delta_state_kernel[(-(-d_v // BV), N * H)](*state_args, M=M, BV=BV, USE_H0=h0 is not None,
+                                                         KEY_MAJOR=state_key_major(), **common)
     chunk_delta_out_kernel[(NTG, -(-d_v // BVW), G)](q, w, e, g, b, u, ck, o, cu, ix, T, H, d_k, d_v, NCK,
                                                      w[0].numel(), e[0].numel(), M=M, BV=BVW, KB=KB,
                                                      **common)
