@@ -475,20 +475,87 @@ def test_state_key_split_stands_down_where_it_cannot_run(calls, state_dots, monk
         tchunk.state_key_split()
 
 
+# ---- int32 row offsets on the split delta path (chunked.OFFSETS32) -----------------------------------------------
+
+@pytest.fixture
+def offset_kinds(monkeypatch):
+    """The OFF32 flag of every _tokens call the kernels made (interpreted: the helper is looked up in the module's
+    globals at each call, in chunked and in chunked_delta_bwd, which imports it by name), as a set. None when
+    compiled."""
+    if not tscan.interpreted():
+        return None
+    seen = set()
+    real = tchunk._tokens
+
+    def tokens(start, tt, eos, H, i_h, OFF32=False):
+        seen.add(bool(OFF32))
+        return real(start, tt, eos, H, i_h, OFF32)
+    monkeypatch.setattr(tchunk, "_tokens", tokens)
+    monkeypatch.setattr(tdelta, "_tokens", tokens)
+    return seen
+
+
+@pytest.mark.parametrize("case", ["deltanet wide", "gated wide", "varlen", "untied", "two terms", "rank 4"])
+def test_offsets32_paths(case, calls, offset_kinds, monkeypatch):
+    # the split forward and the chunked delta backward with int32 row offsets, against the reference (o, final
+    # state, every gradient): the wide-key path (d_k = 72, chunks of 64, the last partial) for DeltaNet and Gated
+    # DeltaNet, packed sequences (lengths 5, 0, 1, 37) with initial states, the untied input term, two input terms,
+    # a rank-4 rule on sub-tokens. Interpreted: every row index the kernels formed was int32
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    monkeypatch.setattr(tchunk, "OFFSETS32", True)
+    monkeypatch.delenv("OLSSM_TRITON_OFFSETS32", raising=False)
+    rule, cu, T, H, K, V = ENTRIES["gated_deltanet"].rule, None, 140, 1, 72, 20
+    if case == "deltanet wide":
+        rule = ENTRIES["deltanet"].rule
+    elif case == "varlen":
+        cu, T, H, K, V = [0, 5, 5, 6, 43], 43, 2, 4, 5
+    elif case == "untied":
+        monkeypatch.setattr(tchunk, "TIE_INPUT_TERM", False)
+    elif case == "two terms":
+        rule, T, K, V = _two_term_rule(), 21, 4, 5
+    elif case == "rank 4":
+        rule, T, K, V = _multi_key_rule("decay"), 21, 4, 5
+    N = len(cu) - 1 if cu else 1
+    h0 = 0.3 * torch.randn(N, H, V, K, generator=torch.Generator().manual_seed(18))
+    g = _compare(rule, random_inputs(rule, 1, T, H, K, V, seed=18), h0,
+                 cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)) if cu else None)
+    assert len(calls) == 1
+    if case == "varlen":
+        assert g["h0"][1].abs().max() > 0
+    if offset_kinds is not None:
+        assert offset_kinds == {True}
+
+
+def test_offsets32_stand_down_past_int32(monkeypatch):
+    # offsets32_fit: on only where every [B, T, H, width] token tensor of the call (widths d_k, d_v, the chunk) has
+    # fewer than 2³¹ elements; OLSSM_TRITON_OFFSETS32 overrides the constant, and a bad value is refused by name
+    monkeypatch.setattr(tchunk, "OFFSETS32", True)
+    monkeypatch.delenv("OLSSM_TRITON_OFFSETS32", raising=False)
+    assert tchunk.offsets32_fit((2, 8192, 16, 128, 128, 2, 8192, 64))
+    assert not tchunk.offsets32_fit((64, 16384, 16, 128, 128, 64, 16384, 64))   # 2³¹ elements exactly
+    assert not tchunk.offsets32_fit((1, 2 ** 20, 1, 64, 64, 1, 2 ** 20, 2 ** 12))  # the chunk is the widest
+    monkeypatch.setenv("OLSSM_TRITON_OFFSETS32", "0")
+    assert not tchunk.offsets32_fit((2, 8192, 16, 128, 128, 2, 8192, 64))
+    monkeypatch.setenv("OLSSM_TRITON_OFFSETS32", "yes")
+    with pytest.raises(ValueError, match="OLSSM_TRITON_OFFSETS32"):
+        tchunk.offsets32()
+
+
 @pytest.mark.parametrize("storage", ["fp32", "bf16 chunk tensors"])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_wide_key_variants_together(name, storage, calls, same_keys, solves, state_dots, monkeypatch):
+def test_wide_key_variants_together(name, storage, calls, same_keys, solves, state_dots, offset_kinds, monkeypatch):
     # the next lease's `all` row (benchmarks/gpu_session.sh): the key-split forward state pass, the key-major
-    # backward one, the UT substitution on the diagonal blocks and the same-key key kernel at once, on the wide-key
-    # path (d_k = 72: chunks of 64, the last partial), packed sequences with initial states. fp32: o, the final state
-    # and every gradient against the reference (RTOL, STATE_RTOL). bf16 chunk tensors (CHUNK_STORAGE "input", the
-    # fifth setting of `all`): bf16 inputs, "input" against "fp32" storage under the same four knobs
-    # (compare_storage's STORAGE_RTOL). Each knob reached its kernels (interpreted): the forward's state launch in
-    # key halves and the backward's key-major, every UT solve on blocks, every key program through _same_key_grads
-    # at chunks of 64 (a knob dropped on the way had still passed the comparisons)
+    # backward one, int32 row offsets, the UT substitution on the diagonal blocks and the same-key key kernel at
+    # once, on the wide-key path (d_k = 72: chunks of 64, the last partial), packed sequences with initial states.
+    # fp32: o, the final state and every gradient against the reference (RTOL, STATE_RTOL). bf16 chunk tensors
+    # (CHUNK_STORAGE "input", the sixth setting of `all`): bf16 inputs, "input" against "fp32" storage under the same
+    # five knobs (compare_storage's STORAGE_RTOL). Each knob reached its kernels (interpreted): the forward's state
+    # launch in key halves and the backward's key-major, every row index int32, every UT solve on blocks, every key
+    # program through _same_key_grads at chunks of 64 (a knob dropped on the way had still passed the comparisons)
     monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
     monkeypatch.setattr(tchunk, "STATE_KEY_MAJOR", True)
     monkeypatch.setattr(tchunk, "STATE_KEY_SPLIT", True)
+    monkeypatch.setattr(tchunk, "OFFSETS32", True)
     monkeypatch.setattr(tchunk, "UT_SOLVE", "blocks")
     monkeypatch.delenv("OLSSM_TRITON_UT_SOLVE", raising=False)
     monkeypatch.setattr(tdelta, "SAME_KEY", True)
@@ -510,6 +577,8 @@ def test_wide_key_variants_together(name, storage, calls, same_keys, solves, sta
         assert solves and set(solves) == {"blocks"}
     if state_dots is not None:   # the forward's pass in key halves (key_split), the backward's key-major
         assert [x[:2] for x in state_dots] == [["forward key split", False], ["backward", True]] * runs
+    if offset_kinds is not None:   # every row index int32 (offsets32)
+        assert offset_kinds == {True}
 
 
 def test_variant_knobs_take_their_environment_overrides(state_dots, same_keys, monkeypatch):

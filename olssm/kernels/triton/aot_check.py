@@ -254,6 +254,8 @@ def main(argv=None) -> int:
     p.add_argument("--dk", type=int, default=64)
     p.add_argument("--dv", type=int, default=32)
     p.add_argument("--precision", default="tf32")
+    p.add_argument("--offsets32", action="store_true",
+                   help="compile the split delta path's kernels with int32 row offsets (chunked.OFFSETS32)")
     p.add_argument("--num-stages", type=int, default=None,
                    help="software-pipelining stages of the chunked kernels (chunked.NUM_STAGES; default Triton's 3)")
     p.add_argument("--bf16", default="some", choices=("some", "all", "none"),
@@ -313,6 +315,9 @@ def main(argv=None) -> int:
             todo.append((name, fn, dict(BK=bk, C=a.chunk, VARLEN=True, **{flag: True}), rls._warps(bk)))
     if a.match:
         todo = [t for t in todo if any(m in t[0] for m in a.match.split(","))]
+    if a.offsets32:   # the kernels that take chunked.OFFSETS32's int32 row offsets
+        todo = [(n, f, dict(c, OFF32=True) if "OFF32" in inspect.signature(f.fn).parameters else c, *rest)
+                for n, f, c, *rest in todo]
     bad = 0
     for name, fn, consts, warps, *ptr_types in todo:
         try:

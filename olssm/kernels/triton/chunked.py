@@ -426,10 +426,16 @@ def _sequence(cu_ptr, i_n, T, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _tokens(start, tt, eos, H, i_h):
-    """Mask and flat (token, head) row index of the tokens start + tt of a chunk (those < eos are real)."""
+def _tokens(start, tt, eos, H, i_h, OFF32: tl.constexpr = False):
+    """Mask and flat (token, head) row index of the tokens start + tt of a chunk (those < eos are real): int64, or
+    with OFF32 (OFFSETS32: the host checked that every row · width product fits) int32, so that the kernel's
+    row · width + column offsets stay int32 tiles."""
     tok = start + tt
-    return tok < eos, tok.to(tl.int64) * H + i_h
+    if OFF32:
+        base = tok * H + i_h
+    else:
+        base = tok.to(tl.int64) * H + i_h
+    return tok < eos, base
 
 
 @triton.jit
@@ -796,7 +802,8 @@ def _delta_chunk(ix_ptr, cu_ptr, i_t, i_g, T, H, BT: tl.constexpr, VARLEN: tl.co
 
 
 @triton.jit
-def _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr):
+def _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr,
+                      OFF32: tl.constexpr = False):
     """The (chunk, value block) of a program of a grid (chunk-map rows, value blocks, heads): its value block
     i_v, head i_h, token lanes tt and mask tm, token·head offsets base, value rows and mask vm, the offset of
     its [BT, BV] value tiles voff, and of its state in ck / dh, sbase. sm masks the state's rows: empty for a
@@ -806,7 +813,7 @@ def _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT: tl.constexpr, BV: t
                                             VARLEN)
     rows = i_v * BV + tl.arange(0, BV)
     tt = tl.arange(0, BT)
-    tm, base = _tokens(start, tt, eos, H, i_h)
+    tm, base = _tokens(start, tt, eos, H, i_h, OFF32)
     vm = tm[:, None] & (rows < DV)[None, :]
     sm = rows < tl.where(start < eos, DV, 0)
     sbase = (i_bh.to(tl.int64) * NCK + c) * DV * DK
@@ -915,7 +922,7 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
                             BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
                             PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, TIED: tl.constexpr = False,
                             SAVE_TC: tl.constexpr = False, SUB: tl.constexpr = 1, UTB: tl.constexpr = 16,
-                            SOLVE: tl.constexpr = "masked"):
+                            SOLVE: tl.constexpr = "masked", OFF32: tl.constexpr = False):
     """Per chunk, independent of the state:
         W̃ = T_c (c ⊙ Γ ⊙ A) → wt,   Ũ = T_c (c ⊙ Σ_m (A W_mᵀ ⊙ D_strict) E_m) → u,
     and (SAVE_TC, for the chunked backward, which then skips its own inverse) T_c → tc [.., BT].
@@ -923,7 +930,7 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
     TIED: W_0 is B (DeltaNet, Gated DeltaNet: w = b = k), so A W_0ᵀ ⊙ D_st is N, already formed for T_c."""
     i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
     tt = tl.arange(0, BT)
-    tm, base = _tokens(start, tt, eos, H, i_h)
+    tm, base = _tokens(start, tt, eos, H, i_h, OFF32)
     cc, _, Dst, gam, Tc, Nab = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC, SUB,
                                            UTB, SOLVE)
     _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
@@ -960,7 +967,7 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
                              T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                              BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr, VARLEN: tl.constexpr,
                              PREC: tl.constexpr = "ieee", TIED: tl.constexpr = False, SUB: tl.constexpr = 1,
-                             KEY_MAJOR: tl.constexpr = False):
+                             KEY_MAJOR: tl.constexpr = False, OFF32: tl.constexpr = False):
     """The sequential pass: per chunk, ck ← S₀, Δ = W̃ S₀ᵀ + Ũ (written over Ũ in u),
     S ← Γ_L S₀ − (Δ ⊙ Γ_L/Γ)ᵀ B + Σ_m (E_m ⊙ Γ_L/Γ)ᵀ W_m; ht ← the last S.
     TIED (W_0 is B): S ← Γ_L S₀ + ((E_0 − Δ) ⊙ Γ_L/Γ)ᵀ B + Σ_{m≥1} ... — 2 + M − 1 dots and [BT, BK] loads
@@ -972,7 +979,7 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
     S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0, KEY_MAJOR)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
-        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
+        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h, OFF32)
         km2 = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
         wt = tl.load(wt_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
@@ -1091,7 +1098,7 @@ def chunk_delta_state_split_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0
         else:
             d = -d
         if GATED:
-            tm, base = _tokens(bos + t0, tl.arange(0, BT), eos, H, i_h)
+            tm, base = _tokens(bos + t0, tl.arange(0, BT), eos, H, i_h, True)
             _, _, _, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)      # dec = Γ_L/Γ_i ≤ 1
             S_lo = S_lo * gl
             S_hi = S_hi * gl
@@ -1118,12 +1125,12 @@ def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_p
                            T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
                            PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, TIED: tl.constexpr = False,
-                           SUB: tl.constexpr = 1):
+                           SUB: tl.constexpr = 1, OFF32: tl.constexpr = False):
     """o = Γ ⊙ Q S₀ᵀ − (Q Bᵀ ⊙ D) Δ + Σ_m (Q W_mᵀ ⊙ D) E_m per (chunk, value block), S₀ from ck and Δ
     from u; KB key columns at a time, like prep. TIED (W_0 is B): (Q Bᵀ ⊙ D)(E_0 − Δ), one [BT, BT] product
     and its dot fewer."""
     i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
-                                                                          VARLEN)
+                                                                          VARLEN, OFF32)
     sbase = ck_ptr + sbase
     o = tl.zeros([BT, BV], dtype=tl.float32)
     QB = tl.zeros([BT, BT], dtype=tl.float32)
@@ -1246,6 +1253,28 @@ STATE_KEY_MAJOR = False
 STATE_KEY_SPLIT = False
 #: warps of the key-split state pass (None: NUM_WARPS); benchmarks/triton_kernels.py's key_split_warps
 KEY_SPLIT_WARPS = None
+#: the split delta path's seven kernels (forward prep, state, out; backward prep, state, value, key) form their
+#: (token · head) row offsets in int32 instead of int64 (_tokens' OFF32), where every row · width product of the call
+#: fits (offsets32_fit). Off: untimed. Why: the int64 row index times a width is a per-element int64 tile in every
+#: load and store, and register pressure bounds these kernels. aot_check, sm_90, chunk 64, d 128, bf16 operands, 2
+#: stages, 8 warps, spills B per thread (Triton 3.9): forward prep 440 -> 352 (untied 448 -> 232), out 280 -> 32
+#: untied, state (key-major) 48-104 -> 0, backward prep 456 -> 304, key 776 -> 448 (tied 272 -> 0, same-key 56 -> 0);
+#: worse: backward value 672 -> 776 and 800 -> 872 (untied), the tied forms of it and of out within 16 B. Over the
+#: 116 aot_check variants it changes, 35.7 -> 22.5 KB of spills summed, 95 fewer, 8 more (TRITON.md, "Int32 row
+#: offsets"). OLSSM_TRITON_OFFSETS32 (0 / 1) overrides (offsets32)
+OFFSETS32 = False
+
+
+def offsets32() -> bool:
+    """OFFSETS32, or OLSSM_TRITON_OFFSETS32 if set (the split forward's and the delta backward's launches read it)."""
+    return switch_on("OLSSM_TRITON_OFFSETS32", OFFSETS32, "int32 offsets")
+
+
+def offsets32_fit(sizes) -> bool:
+    """Whether a call of the split delta path may take int32 row offsets: every [B, T, H, width] token tensor it
+    indexes by row (widths d_k, d_v and the chunk, T_c's) has fewer than 2³¹ elements (sizes in (sub-)tokens)."""
+    B, T, H, d_k, d_v, N, max_len, C = sizes
+    return offsets32() and B * T * H * max(d_k, d_v, C) < 2 ** 31
 
 
 def state_key_split() -> bool:
@@ -1428,7 +1457,7 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
         ix, NTG, G = ht, -(-T // C), B * H
     cu = cu_seqlens if varlen else ht
     common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=_precision(o.dtype, bf16),
-                  TIED=tied, SUB=sub, **_launch_opts(wide_keys))
+                  TIED=tied, SUB=sub, OFF32=offsets32_fit(sizes), **_launch_opts(wide_keys))
     chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
                                       e[0].numel(), M=M, BV=BVW, KB=KB,
                                       SAVE_TC=core is not None, UTB=int(UT_BLOCK), SOLVE=ut_solve(),
@@ -1436,7 +1465,9 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
     state_args = (w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
                   w[0].numel(), e[0].numel())
     if state_key_split() and _key_split_fits(T, H, d_k, d_v, BK):
-        opts = dict(common, **({"num_warps": int(KEY_SPLIT_WARPS)} if KEY_SPLIT_WARPS else {}))
+        # its offsets are int32 whatever OFFSETS32 says (_key_split_fits checked them)
+        opts = {k: v for k, v in common.items() if k != "OFF32"}
+        opts.update({"num_warps": int(KEY_SPLIT_WARPS)} if KEY_SPLIT_WARPS else {})
         chunk_delta_state_split_kernel[(-(-d_v // BV), N * H)](*state_args, M=M, BV=BV, USE_H0=h0 is not None,
                                                                 **opts)
     else:

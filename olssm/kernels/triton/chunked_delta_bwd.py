@@ -144,13 +144,13 @@ def chunk_delta_bwd_prep_kernel(q_ptr, a_ptr, b_ptr, c_ptr, g_ptr, do_ptr, tc_pt
                                 T, H, DK, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                 GATED: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
                                 KB: tl.constexpr = 64, HAVE_TC: tl.constexpr = False, SUB: tl.constexpr = 1,
-                                UTB: tl.constexpr = 16, SOLVE: tl.constexpr = "masked"):
+                                UTB: tl.constexpr = 16, SOLVE: tl.constexpr = "masked", OFF32: tl.constexpr = False):
     """Per chunk: T_c = (I + diag(c)(A Bᵀ ⊙ D_st))⁻¹ → tc [.., BT], W̃ = T_c (c ⊙ Γ ⊙ A) → wt (unless
     HAVE_TC: the split forward saved both), dΔ's local part −(Q Bᵀ ⊙ D)ᵀ dO → dd (all value blocks, BV
     rows at a time)."""
     i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
     tt = tl.arange(0, BT)
-    tm, base = _tokens(start, tt, eos, H, i_h)
+    tm, base = _tokens(start, tt, eos, H, i_h, OFF32)
     # (no shared throwaway names across the two branches: Triton types every name both branches assign)
     if HAVE_TC:
         D = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)[0]
@@ -172,7 +172,7 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
                                  T, H, DK, DV, NCK, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                  GATED: tl.constexpr, USE_DHT: tl.constexpr, VARLEN: tl.constexpr,
                                  PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1,
-                                 KEY_MAJOR: tl.constexpr = False):
+                                 KEY_MAJOR: tl.constexpr = False, OFF32: tl.constexpr = False):
     """Reverse over chunks: dh ← dS, dΔ = dd − dec ⊙ (B dSᵀ) (in place),
     dS ← Γ_L dS + (Γ ⊙ dO)ᵀ Q + dΔᵀ W̃. KEY_MAJOR (chunked.STATE_KEY_MAJOR): dS is held as dSᵀ [BK, BV], so its
     updates are Qᵀ (Γ ⊙ dO) and W̃ᵀ dΔ (dots of BK rows); dh and dh0 keep their layout."""
@@ -183,7 +183,7 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
     for cr in range(0, nc):
         c = nc - 1 - cr
         tl.store(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, mask=m2)
-        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
+        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h, OFF32)
         km2 = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
         bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
@@ -246,7 +246,8 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
                                  dh_ptr, dl_ptr, de_ptr, dc_ptr, cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE, TOKH,
                                  M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                  GATED: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
-                                 KB: tl.constexpr = 64, TIED: tl.constexpr = False, SUB: tl.constexpr = 1):
+                                 KB: tl.constexpr = 64, TIED: tl.constexpr = False, SUB: tl.constexpr = 1,
+                                 OFF32: tl.constexpr = False):
     """Per (chunk, value block): Δ = T_c (c ⊙ R') → dl, the partial ∂c_i = Σ_v dR_iv (R' − N Δ)_iv → dc
     (R' − N Δ = γ_t S_{t−1} a_t), dR' = c ⊙ T_cᵀ dΔ (over dΔ in dd), then dE_m → de. A W_mᵀ is computed
     in both phases (fewer live tiles).
@@ -254,7 +255,7 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
     since dΔ = −(Q Bᵀ ⊙ D)ᵀ dO − dec ⊙ (B dSᵀ), dE_0 = Nᵀ dR' − dΔ: no Q W_0ᵀ, A W_0ᵀ (twice), W_0 dSᵀ over
     d_k, no q / w_0 / dS / dO loads for m = 0 (the m ≥ 1 terms as untied)."""
     i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
-                                                                          VARLEN)
+                                                                          VARLEN, OFF32)
     cc = tl.load(c_ptr + base, mask=tm, other=0.0).to(tl.float32)
     D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
     # phase 1: R' = Γ ⊙ A S₀ᵀ + Σ_m (A W_mᵀ ⊙ D_st) E_m, Δ, ∂c
@@ -357,7 +358,8 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
                                dq_ptr, dw_ptr, dg_ptr, da_ptr, db_ptr, cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE,
                                TOKH, M: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                                VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64,
-                               TIED: tl.constexpr = False, SUB: tl.constexpr = 1, SAME_KEY: tl.constexpr = False):
+                               TIED: tl.constexpr = False, SUB: tl.constexpr = 1, SAME_KEY: tl.constexpr = False,
+                               OFF32: tl.constexpr = False):
     """Per (chunk, block of KB key columns), summing over all value blocks: dQ, dA, dB, dW_m, and the
     partial (over key blocks) ∂ log γ from ∂b_i = q_i·dQ_i + a_i·dA_i − Σ_m w_i·dW_i − b_i·dB_i,
     ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j (Σ_m w_j·(dec ⊙ E_m dS)_j − b_j·(dec ⊙ Δ dS)_j).
@@ -371,7 +373,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
     cols = i_k * KB + tl.arange(0, KB)
     km = cols < DK
     tt = tl.arange(0, BT)
-    tm, base = _tokens(start, tt, eos, H, i_h)
+    tm, base = _tokens(start, tt, eos, H, i_h, OFF32)
     km2 = tm[:, None] & km[None, :]
     koff = base[:, None] * DK + cols[None, :]
     DVS = tl.where(start < eos, DV, 0)                # a padding program of the varlen map reads no ck / dh
@@ -854,7 +856,7 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
         ix, NTG, G = dh0, -(-T // C), B * H
     cu = cu_seqlens if varlen else dh0
     common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=_precision(do.dtype, _ch.bf16_operands(plan.rule.form, d_k)), SUB=sub,
-                  **_ch._launch_opts(wide_keys))
+                  OFF32=_ch.offsets32_fit(sizes), **_ch._launch_opts(wide_keys))
     z = dict(dtype=torch.float32, device=dev)
     tc, wt = core if core is not None else (torch.empty(B, T, H, C, **z), torch.empty(B, T, H, d_k, **z))
     dd = torch.empty(B, T, H, d_v, **z)     # dΔ (prep: its local part; state: all of it), then dR' (value kernel)
