@@ -216,16 +216,20 @@ def _main(argv=None):
         if not corrected and a.pscan != "auto":
             loops = ("recurrent", "pscan") if a.pscan == "both" else ("pscan",)
         tuned = ("autotuned",) if a.autotune else ()
-        for kernel in (*loops, "chunk", *extra, *tuned, "torch-chunk"):
+        kernels = (*loops, "chunk", *extra, *tuned, "torch-chunk")
+        for kernel in kernels:
             backend = "chunk" if kernel == "torch-chunk" else "triton"
             runs[kernel] = (lambda x, b=backend, k=kernel: _olssm(rule, b, k, x, a.pscan)), inp
-            for label, setting in (variants.items() if backend == "triton" else ()):
-                if not _changes(setting, kernel):
-                    continue   # a chunked setting on the recurrent row, or the reverse: the same kernel again
-                runs[f"{kernel}@{label}"] = (lambda x, b=backend, k=kernel: _olssm(rule, b, k, x, a.pscan)), inp
+        # fla's rows right after the defaults, before the settings' rows: a call that runs out of time part-way
+        # through the settings (each compiles its kernels on first use) still has the comparison with the peer
         peers, peer_args = ({}, ()) if a.no_peers else _fla_peers(name, rule, inp)
         for kernel, fn in peers.items():
             runs[kernel] = fn, peer_args
+        for kernel in kernels:
+            for label, setting in (variants.items() if kernel != "torch-chunk" else ()):
+                if not _changes(setting, kernel):
+                    continue   # a chunked setting on the recurrent row, or the reverse: the same kernel again
+                runs[f"{kernel}@{label}"] = (lambda x, k=kernel: _olssm(rule, "triton", k, x, a.pscan)), inp
         skipped = {pair.split(":", 1)[1] for pair in a.skip.split(",") if pair.split(":", 1)[0] in (name, "*")}
         skipped |= {k for k in runs if k.split("@")[0] in skipped}
         for kernel, (fn, args) in runs.items():
