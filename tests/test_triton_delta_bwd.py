@@ -442,7 +442,7 @@ def test_state_key_split_paths(case, calls, state_dots, monkeypatch):
         monkeypatch.setattr(tchunk, "KEY_SPLIT_WARPS", 4)
     if case in ("two terms", "rank 4") and tscan.interpreted():
         # d_k = 4 pads to BK = 16: halves of 8 rows, below a compiled dot's 16 (the interpreter takes them)
-        monkeypatch.setattr(tchunk, "_key_split_fits", lambda T, H, d_k, d_v, BK: True)
+        monkeypatch.setattr(tchunk, "_key_split_fits", lambda T, H, d_k, d_v, BK, B=1: True)
     N = len(cu) - 1 if cu else 1
     h0 = 0.3 * torch.randn(N, H, V, K, generator=torch.Generator().manual_seed(16))
     g = _compare(rule, random_inputs(rule, 1, T, H, K, V, seed=16), h0, rtol=rtol, state_rtol=state_rtol,
@@ -470,6 +470,14 @@ def test_state_key_split_stands_down_where_it_cannot_run(calls, state_dots, monk
     assert tchunk._key_split_fits(8192, 16, 128, 128, 128)
     assert not tchunk._key_split_fits(2 ** 20, 16, 128, 128, 128)      # 2³¹ = 2²⁰ tokens · 16 heads · 128
     assert not tchunk._key_split_fits(64, 1, 4, 4, 16)
+    # the decay tile's row index (bos + t)·H + h is absolute and int32: B·T·H rows must fit too (2¹¹ batch rows of
+    # 2¹⁶ tokens · 16 heads = 2³¹, while one row's T·H·d = 2²⁷ fits)
+    assert tchunk._key_split_fits(2 ** 16, 16, 128, 128, 128, B=2 ** 10)
+    assert not tchunk._key_split_fits(2 ** 16, 16, 128, 128, 128, B=2 ** 11)
+    seen, real = [], tchunk._key_split_fits      # and the launch hands it the call's batch rows
+    monkeypatch.setattr(tchunk, "_key_split_fits", lambda *a: seen.append(a) or real(*a))
+    _compare(rule, random_inputs(rule, 3, 20, 2, 4, 5, seed=17), None)
+    assert [a[-1] for a in seen] == [3]
     monkeypatch.setenv("OLSSM_TRITON_STATE_KEY_SPLIT", "on")
     with pytest.raises(ValueError, match="OLSSM_TRITON_STATE_KEY_SPLIT"):
         tchunk.state_key_split()

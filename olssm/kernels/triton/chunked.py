@@ -1246,8 +1246,8 @@ STATE_KEY_MAJOR = False
 #: stages, fp32 ck (regs / spills B per thread / wgmma + mma.sync; DeltaNet tied, then Gated DeltaNet tied): 8 warps,
 #: default 255 / 32 / 16 + 16 and 255 / 56; key-major 255 / 48 / 20 + 0 and 255 / 96; key split 232 / 0 / 24 + 0 and
 #: 226 / 0. 4 warps (fla's fwd_h runs 2-4 on Hopper): default 808 and 752 B, key-major 648 and 808, halves with int64
-#: products 304 and 504, key split 72 and 64. Needs a sequence's (tokens · H · d) < 2³¹ (int32 offsets) and
-#: BK ≥ 32 (16-row halves: tl.dot's smallest operand); elsewhere the default kernel runs. Takes precedence over
+#: products 304 and 504, key split 72 and 64. Needs a sequence's (tokens · H · d) < 2³¹ (int32 offsets), B·T·H < 2³¹
+#: (the decay's int32 row index) and BK ≥ 32 (16-row halves: tl.dot's smallest operand); elsewhere the default kernel runs. Takes precedence over
 #: STATE_KEY_MAJOR in the forward (the backward's state pass still reads that). OLSSM_TRITON_STATE_KEY_SPLIT (0 / 1)
 #: overrides (state_key_split)
 STATE_KEY_SPLIT = False
@@ -1282,10 +1282,11 @@ def state_key_split() -> bool:
     return switch_on("OLSSM_TRITON_STATE_KEY_SPLIT", STATE_KEY_SPLIT, "state key split")
 
 
-def _key_split_fits(T: int, H: int, d_k: int, d_v: int, BK: int) -> bool:
+def _key_split_fits(T: int, H: int, d_k: int, d_v: int, BK: int, B: int = 1) -> bool:
     """Whether chunk_delta_state_split_kernel takes a call: its int32 offsets t·H·d stay below 2³¹ for every token t of
-    the longest possible sequence (T, the padded total), and its key halves have ≥ 16 columns."""
-    return BK >= 32 and T * H * max(d_k, d_v) < 2 ** 31
+    the longest possible sequence (T, the padded total), its decay tile's int32 row index (bos + t)·H + h (absolute:
+    B·T·H rows without cu_seqlens) too, and its key halves have ≥ 16 columns."""
+    return BK >= 32 and T * H * max(d_k, d_v) < 2 ** 31 and B * T * H < 2 ** 31
 
 
 def state_key_major() -> bool:
@@ -1464,7 +1465,7 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
                                       **common)
     state_args = (w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
                   w[0].numel(), e[0].numel())
-    if state_key_split() and _key_split_fits(T, H, d_k, d_v, BK):
+    if state_key_split() and _key_split_fits(T, H, d_k, d_v, BK, B):
         # its offsets are int32 whatever OFFSETS32 says (_key_split_fits checked them)
         opts = {k: v for k, v in common.items() if k != "OFF32"}
         opts.update({"num_warps": int(KEY_SPLIT_WARPS)} if KEY_SPLIT_WARPS else {})
