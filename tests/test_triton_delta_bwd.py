@@ -438,8 +438,15 @@ def test_state_key_split_paths(case, calls, state_dots, monkeypatch):
         monkeypatch.setattr(tchunk, "DOT_PRECISION", "bf16")
         monkeypatch.delenv("OLSSM_TRITON_DOT_PRECISION", raising=False)
         rule, rtol, state_rtol = ENTRIES["deltanet"].rule, BF16_DOT_RTOL, BF16_DOT_RTOL
-    else:
+    elif case == "4 warps":   # (an `else` here had also given "gated wide" 4 warps)
         monkeypatch.setattr(tchunk, "KEY_SPLIT_WARPS", 4)
+    warps, inner = [], tchunk.chunk_delta_state_split_kernel   # the num_warps each key-split launch was given
+
+    class Warps:
+        def __getitem__(self, grid):
+            run = inner[grid]
+            return lambda *a, **k: warps.append(k.get("num_warps")) or run(*a, **k)
+    monkeypatch.setattr(tchunk, "chunk_delta_state_split_kernel", Warps())
     if case in ("two terms", "rank 4") and tscan.interpreted():
         # d_k = 4 pads to BK = 16: halves of 8 rows, below a compiled dot's 16 (the interpreter takes them)
         monkeypatch.setattr(tchunk, "_key_split_fits", lambda T, H, d_k, d_v, BK, B=1: True)
@@ -448,6 +455,9 @@ def test_state_key_split_paths(case, calls, state_dots, monkeypatch):
     g = _compare(rule, random_inputs(rule, 1, T, H, K, V, seed=16), h0, rtol=rtol, state_rtol=state_rtol,
                  cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)) if cu else None)
     assert len(calls) == 1
+    # KEY_SPLIT_WARPS reached the launch (the interpreter ignores num_warps: the comparison alone cannot tell)
+    if warps or tscan.interpreted():
+        assert warps == [4 if case == "4 warps" else tchunk.NUM_WARPS], warps
     if case == "varlen":
         assert g["h0"][1].abs().max() > 0
     if state_dots is not None:   # interpreted (forced above where it would not fit): the key-split kernel, in halves
