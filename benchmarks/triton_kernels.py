@@ -285,8 +285,9 @@ def verdicts(timed, variants) -> list[str]:
     against its kernel's default rows, and the best olssm row against fla's.
 
     timed: (rule, kernel row, fwd ms, fwd+bwd ms or None). The default rows of a kernel K are K itself and K@L for
-    every label L with an empty setting ('again=', timed last): their spread (max − min) is this process's drift
-    (without such a label it is 0, and any faster row wins: pass 'again=').
+    every label L with an empty setting ('again=', timed where it stands among the labels: gpu_session.sh puts it
+    after the likeliest settings, not last): their spread (max − min) is this process's drift (without such a label
+    it is 0, and any faster row wins: pass 'again=').
     A setting *wins* a column when it is faster than the fastest default by more than the spread, *loses* when it
     is slower than the slowest by more than the spread, and is *within drift* otherwise; TRITON.md ("Status on a
     GPU") makes a setting the default only where it wins fwd+bwd. Where fla's chunk row exists, each rule's fastest
