@@ -253,7 +253,7 @@ def _main(argv=None):
                 hbm = nbytes / tf / (a.peak_gbs * 1e9) * 100
                 tbs = "—" if tb is None else f"{tb * 1e3:.2f}"
                 row = f"| {name} | {kernel} | {tf * 1e3:.2f} | {tbs} | {tok:.1f} | {hbm:.1f} | {err:.1e}{no_bwd} |"
-                timed.append((name, kernel, tf * 1e3, None if tb is None else tb * 1e3))
+                timed.append((name, kernel, tf * 1e3, None if tb is None else tb * 1e3, err))
             except NotImplementedError as e:
                 row = f"| {name} | {kernel} | — | — | — | — | ({str(e)[:50]}) |"
             except Exception as e:   # noqa: BLE001 - a peer refusing these inputs (fla: fp32, tiny shapes, old Triton)
@@ -284,18 +284,22 @@ def verdicts(timed, variants) -> list[str]:
     """The decision a GPU session takes from a --variants table, as a second table: per rule, every setting's row
     against its kernel's default rows, and the best olssm row against fla's.
 
-    timed: (rule, kernel row, fwd ms, fwd+bwd ms or None). The default rows of a kernel K are K itself and K@L for
+    timed: (rule, kernel row, fwd ms, fwd+bwd ms or None[, relative error of o]). The default rows of a kernel K are K itself and K@L for
     every label L with an empty setting ('again=', timed where it stands among the labels: gpu_session.sh puts it
     after the likeliest settings, not last): their spread (max − min) is this process's drift (without such a label
     it is 0, and any faster row wins: pass 'again=').
     A setting *wins* a column when it is faster than the fastest default by more than the spread, *loses* when it
     is slower than the slowest by more than the spread, and is *within drift* otherwise; TRITON.md ("Status on a
-    GPU") makes a setting the default only where it wins fwd+bwd. Where fla's chunk row exists, each rule's fastest
-    olssm chunked row gets its ratio to it (the issue's target: ≤ 1.2)."""
+    GPU") makes a setting the default only where it wins fwd+bwd. A setting whose error of o exceeds twice the
+    default rows' (plus 1e-6) is *wrong* and not judged on speed, nor counted against fla. Where fla's chunk row
+    exists, each rule's fastest olssm chunked row gets its ratio to it (the issue's target: ≤ 1.2)."""
     if not variants:
         return []
     again = [label for label, setting in variants.items() if not setting]
-    by = {(rule, kernel): (tf, tb) for rule, kernel, tf, tb in timed}
+    timed = [(rule, kernel, tf, tb, err[0] if err else None) for rule, kernel, tf, tb, *err in timed]
+    by = {(rule, kernel): (tf, tb) for rule, kernel, tf, tb, _ in timed}
+    errors = {(rule, kernel): err for rule, kernel, _, _, err in timed}
+    wrong = set()
     lines = ["| rule | row | fwd ms | fwd+bwd ms | fwd: fastest default / this | fwd+bwd: fastest default / this | "
              "defaults' spread fwd / fwd+bwd ms |", "|---|---|---|---|---|---|---|"]
     against_fla = []
@@ -314,16 +318,25 @@ def verdicts(timed, variants) -> list[str]:
             if not defaults:
                 continue
             fwd, bwd = [d[0] for d in defaults], [d[1] for d in defaults]
+            base_err = [errors[(rule, k)] for k in [kernel] + [f"{kernel}@{L}" for L in again] if (rule, k) in by]
             for label, setting in variants.items():
                 if not setting or (rule, f"{kernel}@{label}") not in by:
                     continue
                 tf, tb = by[(rule, f"{kernel}@{label}")]
+                err = errors[(rule, f"{kernel}@{label}")]
                 spread = (f"{max(fwd) - min(fwd):.2f} / "
                           + ("—" if None in bwd else f"{max(bwd) - min(bwd):.2f}"))
+                if err is not None and None not in base_err and err > 2 * max(base_err) + 1e-6:
+                    wrong.add((rule, f"{kernel}@{label}"))
+                    said = f"wrong: error of o {err:.1e} against the defaults' {max(base_err):.1e}"
+                    verdict = f"{said} | {said}"
+                else:
+                    verdict = f"{judge(tf, fwd)} | {judge(tb, bwd)}"
                 lines.append(f"| {rule} | {kernel}@{label} | {tf:.2f} | {'—' if tb is None else f'{tb:.2f}'} | "
-                             f"{judge(tf, fwd)} | {judge(tb, bwd)} | {spread} |")
+                             f"{verdict} | {spread} |")
         fla = by.get((rule, "fla-chunk"))
-        ours = [(k, tf, tb) for r, k, tf, tb in timed if r == rule and k.partition("@")[0] == "chunk"]
+        ours = [(k, tf, tb) for r, k, tf, tb, _ in timed
+                if r == rule and k.partition("@")[0] == "chunk" and (r, k) not in wrong]
         if fla and ours:
             k_f, tf, _ = min(ours, key=lambda x: x[1])
             with_bwd = [o for o in ours if o[2] is not None]

@@ -684,6 +684,14 @@ def test_benchmark_verdicts_judge_settings_against_the_drift_of_the_defaults():
     assert lines[-1] == ("deltanet: fastest olssm chunked row against fla-chunk: forward chunk@km 2.73×, fwd+bwd "
                          "chunk@km 1.79× (target ≤ 1.2×)")
     assert bench.verdicts(timed, {}) == []
+    # with each row's error of o: a fast setting that changed the output is wrong, not a win, and no fla comparison
+    with_err = [(*row, 5e-3) for row in timed]
+    with_err[2] = (*timed[2], 4e-2)                                   # chunk@km: 8× the defaults' error
+    lines = bench.verdicts(with_err, variants)
+    row = {line.split(" | ")[1]: line for line in lines if line.startswith("| deltanet")}
+    assert "wrong: error of o 4.0e-02 against the defaults' 5.0e-03" in row["chunk@km"] and "wins" not in row["chunk@km"]
+    assert "1.03× (wins)" in row["chunk@utb"]
+    assert lines[-1].startswith("deltanet: fastest olssm chunked row against fla-chunk: forward chunk@utb 3.64×")
 
 
 def test_profile_rows_skip_settings_of_the_other_kernel_family(monkeypatch, capsys):
