@@ -150,7 +150,7 @@ def _main(argv=None):
                         "stages (chunked pipeline stages), wide (chunked.WIDE_KEYS, 'off': no wide-key settings), wide_blocks "
                         "(chunked.WIDE_BLOCKS: 1 or 0), key_major (chunked.STATE_KEY_MAJOR: 1 or 0), key_split "
                         "(chunked.STATE_KEY_SPLIT: 1 or 0), key_split_warps (chunked.KEY_SPLIT_WARPS), offsets32 "
-                        "(chunked.OFFSETS32: 1 or 0), "
+                        "(chunked.OFFSETS32: 1 or 0), prep_split (chunked.PREP_SPLIT: 1 or 0), "
                         "chunk_storage / checkpoint_storage (fp32 or input), ut_solve (chunked.UT_SOLVE: masked or "
                         "blocks), same_key (chunked_delta_bwd.SAME_KEY: 1 or 0), block_v, warps (recurrent "
                         "kernel); e.g. "
@@ -397,6 +397,7 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _one_of(*chunked.DOT
                  "key_split": (chunked, ("STATE_KEY_SPLIT",), _switch, "chunk"),
                  "key_split_warps": (chunked, ("KEY_SPLIT_WARPS",), _pow2, "chunk"),
                  "offsets32": (chunked, ("OFFSETS32",), _switch, "chunk"),
+                 "prep_split": (chunked, ("PREP_SPLIT",), _switch, "chunk"),
                  "chunk_storage": (chunked, ("CHUNK_STORAGE",), _one_of("fp32", "input"), "chunk"),
                  "checkpoint_storage": (chunked, ("CHECKPOINT_STORAGE",), _one_of("fp32", "input"), "chunk"),
                  "ut_solve": (chunked, ("UT_SOLVE",), _one_of("masked", "blocks"), "chunk"),

@@ -493,6 +493,79 @@ def test_state_key_split_stands_down_where_it_cannot_run(calls, state_dots, monk
         tchunk.state_key_split()
 
 
+# ---- the split forward's prep in two launches (chunked.PREP_SPLIT) ------------------------------------------------
+
+@pytest.fixture
+def prep_launches(monkeypatch):
+    """The split forward's prep launches, in order: "core" (chunk_delta_prep_kernel with CORE_ONLY), "wu"
+    (chunk_delta_wu_kernel) or "prep" (the one-kernel form). Launch wrappers work compiled too."""
+    seen = []
+
+    class Launch:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            run = self.kernel[grid]
+
+            def call(*a, **k):
+                seen.append("core" if k.get("CORE_ONLY") else self.name)
+                return run(*a, **k)
+            return call
+    monkeypatch.setattr(tchunk, "chunk_delta_prep_kernel", Launch(tchunk.chunk_delta_prep_kernel, "prep"))
+    monkeypatch.setattr(tchunk, "chunk_delta_wu_kernel", Launch(tchunk.chunk_delta_wu_kernel, "wu"))
+    return seen
+
+
+@pytest.mark.parametrize("case", ["deltanet wide", "gated wide", "varlen", "untied", "two terms", "rank 4",
+                                  "chunk 32", "bf16 operands", "forward only", "with offsets32"])
+def test_prep_split_paths(case, calls, prep_launches, monkeypatch):
+    # the split forward with its prep in two launches against the reference (o, final state, every gradient: the
+    # chunked backward reads the T_c and W̃ they kept): the wide-key path (d_k = 72, chunks of 64, the last partial)
+    # for DeltaNet and Gated DeltaNet, packed sequences (lengths 5, 0, 1, 37) with initial states, the untied input
+    # term (Y from A W_0ᵀ), chunks of 32, bf16 operands, a forward without a backward (T_c in a scratch buffer), and
+    # with int32 offsets; two input terms and the rank-4 rule (its sub-tokens carry two input terms) keep the
+    # one-kernel prep (M = 2)
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    monkeypatch.setattr(tchunk, "PREP_SPLIT", True)
+    monkeypatch.delenv("OLSSM_TRITON_PREP_SPLIT", raising=False)
+    rule, cu, rtol, state_rtol = ENTRIES["gated_deltanet"].rule, None, RTOL, STATE_RTOL
+    T, H, K, V = 140, 1, 72, 20
+    if case == "deltanet wide":
+        rule = ENTRIES["deltanet"].rule
+    elif case == "varlen":
+        cu, T, H, K, V = [0, 5, 5, 6, 43], 43, 2, 4, 5
+    elif case == "untied":
+        monkeypatch.setattr(tchunk, "TIE_INPUT_TERM", False)
+    elif case == "two terms":
+        rule, T, K, V = _two_term_rule(), 21, 4, 5
+    elif case == "rank 4":
+        rule, T, K, V = _multi_key_rule("decay"), 21, 4, 5
+    elif case == "chunk 32":
+        monkeypatch.setattr(tlib, "CHUNK", 32)
+        rule, T, K, V = ENTRIES["deltanet"].rule, 70, 40, 20
+    elif case == "bf16 operands":
+        monkeypatch.setattr(tchunk, "DOT_PRECISION", "bf16")
+        monkeypatch.delenv("OLSSM_TRITON_DOT_PRECISION", raising=False)
+        rule, rtol, state_rtol = ENTRIES["deltanet"].rule, BF16_DOT_RTOL, BF16_DOT_RTOL
+    elif case == "with offsets32":
+        monkeypatch.setattr(tchunk, "OFFSETS32", True)
+        monkeypatch.delenv("OLSSM_TRITON_OFFSETS32", raising=False)
+    N = len(cu) - 1 if cu else 1
+    h0 = 0.3 * torch.randn(N, H, V, K, generator=torch.Generator().manual_seed(19))
+    inp = random_inputs(rule, 1, T, H, K, V, seed=19)
+    cu_t = _dev(torch.tensor(cu, dtype=torch.int32)) if cu else None
+    if case == "forward only":   # no grad: the forward keeps no T_c, its own scratch holds it
+        rule = ENTRIES["deltanet"].rule
+        _compare(rule, random_inputs(rule, 1, T, H, K, V, seed=19), h0, grad=False)
+    else:
+        g = _compare(rule, inp, h0, rtol=rtol, state_rtol=state_rtol, cu_seqlens=cu_t)
+        assert len(calls) == 1
+        if case == "varlen":
+            assert g["h0"][1].abs().max() > 0
+    assert prep_launches == (["prep"] if case in ("two terms", "rank 4") else ["core", "wu"]), prep_launches
+
+
 # ---- int32 row offsets on the split delta path (chunked.OFFSETS32) -----------------------------------------------
 
 @pytest.fixture
@@ -561,19 +634,22 @@ def test_offsets32_stand_down_past_int32(monkeypatch):
 
 @pytest.mark.parametrize("storage", ["fp32", "bf16 chunk tensors"])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_wide_key_variants_together(name, storage, calls, same_keys, solves, state_dots, offset_kinds, monkeypatch):
-    # the next lease's `all` row (benchmarks/gpu_session.sh): the key-split forward state pass, the key-major
-    # backward one, int32 row offsets, the UT substitution on the diagonal blocks and the same-key key kernel at
-    # once, on the wide-key path (d_k = 72: chunks of 64, the last partial), packed sequences with initial states.
-    # fp32: o, the final state and every gradient against the reference (RTOL, STATE_RTOL). bf16 chunk tensors
-    # (CHUNK_STORAGE "input", the sixth setting of `all`): bf16 inputs, "input" against "fp32" storage under the same
-    # five knobs (compare_storage's STORAGE_RTOL). Each knob reached its kernels (interpreted): the forward's state
-    # launch in key halves and the backward's key-major, every row index int32, every UT solve on blocks, every key
-    # program through _same_key_grads at chunks of 64 (a knob dropped on the way had still passed the comparisons)
+def test_wide_key_variants_together(name, storage, calls, same_keys, solves, state_dots, offset_kinds, prep_launches,
+                                    monkeypatch):
+    # the next lease's `all` row (benchmarks/gpu_session.sh): the prep in two launches, the key-split forward state
+    # pass, the key-major backward one, int32 row offsets, the UT substitution on the diagonal blocks and the
+    # same-key key kernel at once, on the wide-key path (d_k = 72: chunks of 64, the last partial), packed sequences
+    # with initial states. fp32: o, the final state and every gradient against the reference (RTOL, STATE_RTOL).
+    # bf16 chunk tensors (CHUNK_STORAGE "input", the seventh setting of `all`): bf16 inputs, "input" against "fp32"
+    # storage under the same six knobs (compare_storage's STORAGE_RTOL). Each knob reached its kernels: the prep in
+    # two launches, and (interpreted) the forward's state launch in key halves and the backward's key-major, every row
+    # index int32, every UT solve on blocks, every key program through _same_key_grads at chunks of 64 (a knob
+    # dropped on the way had still passed the comparisons)
     monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
     monkeypatch.setattr(tchunk, "STATE_KEY_MAJOR", True)
     monkeypatch.setattr(tchunk, "STATE_KEY_SPLIT", True)
     monkeypatch.setattr(tchunk, "OFFSETS32", True)
+    monkeypatch.setattr(tchunk, "PREP_SPLIT", True)
     monkeypatch.setattr(tchunk, "UT_SOLVE", "blocks")
     monkeypatch.delenv("OLSSM_TRITON_UT_SOLVE", raising=False)
     monkeypatch.setattr(tdelta, "SAME_KEY", True)
@@ -597,6 +673,7 @@ def test_wide_key_variants_together(name, storage, calls, same_keys, solves, sta
         assert [x[:2] for x in state_dots] == [["forward key split", False], ["backward", True]] * runs
     if offset_kinds is not None:   # every row index int32 (offsets32)
         assert offset_kinds == {True}
+    assert prep_launches == ["core", "wu"] * runs   # the prep in two launches (prep_split)
 
 
 def test_variant_knobs_take_their_environment_overrides(state_dots, same_keys, monkeypatch):

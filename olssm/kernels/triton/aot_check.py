@@ -136,6 +136,11 @@ def variants(BT, BK, BV, prec, BVW=None):
                 if tied:   # training: T_c kept for the backward (chunked.saves_chunk_core)
                     yield (f"delta split prep {tag} SAVE_TC", ch.chunk_delta_prep_kernel,
                            dict(wide, SAVE_TC=True, **kw))
+                if tied:   # PREP_SPLIT: the core pass and the W̃ / Ũ pass
+                    yield (f"delta split prep {tag} CORE_ONLY", ch.chunk_delta_prep_kernel,
+                           dict(wide, SAVE_TC=True, CORE_ONLY=True, **kw))
+                    yield (f"delta split wu {tag}", ch.chunk_delta_wu_kernel,
+                           {k: v for k, v in dict(wide, **kw).items() if k not in ("M", "TIED")})
                 yield f"delta split state {tag}", ch.chunk_delta_state_kernel, dict(state, **kw)
                 yield f"delta split state {tag} KEY_MAJOR", ch.chunk_delta_state_kernel, dict(state, KEY_MAJOR=True,
                                                                                              **kw)

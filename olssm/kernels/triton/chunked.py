@@ -922,19 +922,23 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
                             BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
                             PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, TIED: tl.constexpr = False,
                             SAVE_TC: tl.constexpr = False, SUB: tl.constexpr = 1, UTB: tl.constexpr = 16,
-                            SOLVE: tl.constexpr = "masked", OFF32: tl.constexpr = False):
+                            SOLVE: tl.constexpr = "masked", OFF32: tl.constexpr = False,
+                            CORE_ONLY: tl.constexpr = False):
     """Per chunk, independent of the state:
         W̃ = T_c (c ⊙ Γ ⊙ A) → wt,   Ũ = T_c (c ⊙ Σ_m (A W_mᵀ ⊙ D_strict) E_m) → u,
     and (SAVE_TC, for the chunked backward, which then skips its own inverse) T_c → tc [.., BT].
     The [BT, BK] tiles are taken KB key columns at a time (whole [BT, 128] operands spilled ~0.5 KB/thread).
-    TIED: W_0 is B (DeltaNet, Gated DeltaNet: w = b = k), so A W_0ᵀ ⊙ D_st is N, already formed for T_c."""
+    TIED: W_0 is B (DeltaNet, Gated DeltaNet: w = b = k), so A W_0ᵀ ⊙ D_st is N, already formed for T_c.
+    CORE_ONLY (PREP_SPLIT, M = 1): only T_c → tc and Ũ's left factor Y = T_c diag(c) (A W_0ᵀ ⊙ D_st) → u_ptr,
+    which the launch points at a [.., BT] buffer y; chunk_delta_wu_kernel then forms W̃ and Ũ from them."""
     i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
     tt = tl.arange(0, BT)
     tm, base = _tokens(start, tt, eos, H, i_h, OFF32)
     cc, _, Dst, gam, Tc, Nab = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC, SUB,
                                            UTB, SOLVE)
-    _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
-    if SAVE_TC:
+    if not CORE_ONLY:
+        _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
+    if SAVE_TC or CORE_ONLY:
         tl.store(tc_ptr + base[:, None] * BT + tt[None, :], Tc, mask=tm[:, None])
     Tc = Tc * cc[None, :]                                                     # T_c diag(c)
     if M == 1:   # one [BT, BT] left factor for every value block
@@ -942,6 +946,9 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
             Y = _mm(Tc, Nab, PREC)
         else:
             Y = _mm(Tc, _dot_rows_k(a_ptr, w_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst, PREC)
+        if CORE_ONLY:   # the launch passes y, [.., BT] per token, in u's place (u is chunk_delta_wu_kernel's)
+            tl.store(u_ptr + base[:, None] * BT + tt[None, :], Y, mask=tm[:, None])
+            return
         for i_v in range(0, tl.cdiv(DV, BV)):
             rows = i_v * BV + tl.arange(0, BV)
             vm = tm[:, None] & (rows < DV)[None, :]
@@ -960,6 +967,30 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
                 e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
                 P += _mm(AW, e, PREC)
             tl.store(u_ptr + base[:, None] * DV + rows[None, :], _mm(Tc, P, PREC), mask=vm)
+
+
+@triton.jit
+def chunk_delta_wu_kernel(a_ptr, c_ptr, g_ptr, e_ptr, tc_ptr, y_ptr, wt_ptr, u_ptr, cu_ptr, ix_ptr, T, H, DK, DV,
+                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KB: tl.constexpr,
+                          GATED: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
+                          OFF32: tl.constexpr = False):
+    """The second half of the split prep (PREP_SPLIT): per chunk, from T_c (tc) and Y (y) that
+    chunk_delta_prep_kernel's CORE_ONLY pass stored, W̃ = T_c (c ⊙ Γ ⊙ A) → wt, KB key columns at a time, and
+    Ũ = Y E_0 → u, BV value rows at a time (fla's recompute_w_u, after its kkt and solve_tril kernels): the
+    inverse's registers are not live while the [BT, KB] and [BT, BV] products run."""
+    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
+    tt = tl.arange(0, BT)
+    tm, base = _tokens(start, tt, eos, H, i_h, OFF32)
+    cc = tl.load(c_ptr + base, mask=tm, other=0.0).to(tl.float32)
+    _, _, gam, _, _ = _chunk_decay(g_ptr, base, tm, BT, GATED)
+    Tc = tl.load(tc_ptr + base[:, None] * BT + tt[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
+    _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
+    Y = tl.load(y_ptr + base[:, None] * BT + tt[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
+    for i_v in range(0, tl.cdiv(DV, BV)):
+        rows = i_v * BV + tl.arange(0, BV)
+        vm = tm[:, None] & (rows < DV)[None, :]
+        e = tl.load(e_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+        tl.store(u_ptr + base[:, None] * DV + rows[None, :], _mm(Y, e, PREC), mask=vm)
 
 
 @triton.jit
@@ -1277,6 +1308,21 @@ def offsets32_fit(sizes) -> bool:
     return offsets32() and B * T * H * max(d_k, d_v, C) < 2 ** 31
 
 
+#: the split forward's prep in two launches (off: untimed; session 10): chunk_delta_prep_kernel with CORE_ONLY forms
+#: the UT inverse T_c and Ũ's left factor Y = T_c diag(c) (A W_0ᵀ ⊙ D_st) and stores both ([.., chunk] per token),
+#: then chunk_delta_wu_kernel forms W̃ = T_c (c ⊙ Γ ⊙ A) and Ũ = Y E_0 from them. fla runs this step as three
+#: spill-free kernels (kkt, solve_tril, recompute_w_u; benchmarks/fla_static.py) where our one prep spills 360 B at
+#: d 128, and session 7's profile had prep as the forward's largest kernel. Costs one [.., chunk] fp32 write and read
+#: (y; T_c is stored anyway when a backward follows). One input term only (M = 1); more keep the one kernel.
+#: OLSSM_TRITON_PREP_SPLIT (0 / 1) overrides (prep_split)
+PREP_SPLIT = False
+
+
+def prep_split() -> bool:
+    """PREP_SPLIT, or OLSSM_TRITON_PREP_SPLIT if set (the split forward's launch reads it)."""
+    return switch_on("OLSSM_TRITON_PREP_SPLIT", PREP_SPLIT, "prep split")
+
+
 def state_key_split() -> bool:
     """STATE_KEY_SPLIT, or OLSSM_TRITON_STATE_KEY_SPLIT if set (the split forward's launch reads it)."""
     return switch_on("OLSSM_TRITON_STATE_KEY_SPLIT", STATE_KEY_SPLIT, "state key split")
@@ -1459,10 +1505,20 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
     cu = cu_seqlens if varlen else ht
     common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=_precision(o.dtype, bf16),
                   TIED=tied, SUB=sub, OFF32=offsets32_fit(sizes), **_launch_opts(wide_keys))
-    chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
-                                      e[0].numel(), M=M, BV=BVW, KB=KB,
-                                      SAVE_TC=core is not None, UTB=int(UT_BLOCK), SOLVE=ut_solve(),
-                                      **common)
+    if prep_split() and M == 1:
+        # T_c and Y first (into tc, kept for the backward or scratch, and y), then W̃ and Ũ from them
+        tc_s = tc if core is not None else torch.empty(B, T, H, C, dtype=torch.float32, device=dev)
+        y = torch.empty(B, T, H, C, dtype=torch.float32, device=dev)
+        chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, y, tc_s, cu, ix, T, H, d_k, d_v, w[0].numel(),
+                                          e[0].numel(), M=M, BV=BVW, KB=KB, SAVE_TC=True, UTB=int(UT_BLOCK),
+                                          SOLVE=ut_solve(), CORE_ONLY=True, **common)
+        wu = {k: v for k, v in common.items() if k not in ("TIED", "SUB")}
+        chunk_delta_wu_kernel[(NTG, G)](a, c, g, e, tc_s, y, wt, u, cu, ix, T, H, d_k, d_v, BV=BVW, KB=KB, **wu)
+    else:
+        chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
+                                          e[0].numel(), M=M, BV=BVW, KB=KB,
+                                          SAVE_TC=core is not None, UTB=int(UT_BLOCK), SOLVE=ut_solve(),
+                                          **common)
     state_args = (w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
                   w[0].numel(), e[0].numel())
     if state_key_split() and _key_split_fits(T, H, d_k, d_v, BK, B):
