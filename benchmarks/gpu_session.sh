@@ -62,7 +62,7 @@ variants_all='key_major:1,key_split:1,ut_solve:blocks,chunk_storage:input,same_k
 # rule; fla's rows come right after the defaults); `wb` (wide-key path only) last. `cs` (bf16 chunk tensors gave no
 # gain at D = 64 in session 8, with bf16 checkpoints) is left to `variants`
 variants128="ps=prep_split:1;ks=key_split:1;o32=offsets32:1;utb=ut_solve:blocks;all=$variants_all;again=;km=key_major:1;sk=same_key:1;ks4=key_split:1,key_split_warps:4;wb=wide_blocks:1"
-variants128_profile="ps=prep_split:1;o32=offsets32:1;all=$variants_all"
+variants128_profile="ps=prep_split:1;all=$variants_all"
 variants64="ps=prep_split:1;ks=key_split:1;o32=offsets32:1;utb=ut_solve:blocks;all=$variants_all;again=;km=key_major:1;sk=same_key:1;cs=chunk_storage:input"
 triton_tests=(tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py tests/test_triton_pscan.py
               tests/test_triton_autotune.py)
