@@ -53,21 +53,26 @@ def row_calls(monkeypatch):
     return spy(monkeypatch, tdelta, "chunked_rowc_backward")
 
 
+class _Launch:
+    """Stands in for a kernel: kernel[grid](*args, **constexprs) appends record(constexprs) to seen, then launches
+    (works compiled and interpreted)."""
+
+    def __init__(self, kernel, record, seen):
+        self.kernel, self.record, self.seen = kernel, record, seen
+
+    def __getitem__(self, grid):
+        run = self.kernel[grid]
+        return lambda *a, **k: self.seen.append(self.record(k)) or run(*a, **k)
+
+
 @pytest.fixture
 def ties(monkeypatch):
     """The TIED constexpr of every launch of the value and key kernels: [(kernel, TIED), ...]."""
     seen = []
-
-    class Launch:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            run = self.kernel[grid]
-            return lambda *a, **k: seen.append((self.name, k.get("TIED", False))) or run(*a, **k)
-
     for name in ("chunk_delta_bwd_value_kernel", "chunk_delta_bwd_key_kernel"):
-        monkeypatch.setattr(tdelta, name, Launch(name.split("_")[3], getattr(tdelta, name)))
+        short = name.split("_")[3]
+        monkeypatch.setattr(tdelta, name, _Launch(getattr(tdelta, name),
+                                                  lambda k, short=short: (short, k.get("TIED", False)), seen))
     return seen
 
 
@@ -493,42 +498,11 @@ def test_state_key_split_stands_down_where_it_cannot_run(calls, state_dots, monk
         tchunk.state_key_split()
 
 
-# ---- the split forward's prep in two launches (chunked.PREP_SPLIT) ------------------------------------------------
-
-@pytest.fixture
-def prep_launches(monkeypatch):
-    """The split forward's prep launches, in order: "core" (chunk_delta_prep_kernel with CORE_ONLY), "wu"
-    (chunk_delta_wu_kernel) or "prep" (the one-kernel form). Launch wrappers work compiled too."""
-    seen = []
-
-    class Launch:
-        def __init__(self, kernel, name):
-            self.kernel, self.name = kernel, name
-
-        def __getitem__(self, grid):
-            run = self.kernel[grid]
-
-            def call(*a, **k):
-                seen.append("core" if k.get("CORE_ONLY") else self.name)
-                return run(*a, **k)
-            return call
-    monkeypatch.setattr(tchunk, "chunk_delta_prep_kernel", Launch(tchunk.chunk_delta_prep_kernel, "prep"))
-    monkeypatch.setattr(tchunk, "chunk_delta_wu_kernel", Launch(tchunk.chunk_delta_wu_kernel, "wu"))
-    return seen
-
-
-@pytest.mark.parametrize("case", ["deltanet wide", "gated wide", "varlen", "untied", "two terms", "rank 4",
-                                  "chunk 32", "bf16 operands", "forward only", "with offsets32"])
-def test_prep_split_paths(case, calls, prep_launches, monkeypatch):
-    # the split forward with its prep in two launches against the reference (o, final state, every gradient: the
-    # chunked backward reads the T_c and W̃ they kept): the wide-key path (d_k = 72, chunks of 64, the last partial)
-    # for DeltaNet and Gated DeltaNet, packed sequences (lengths 5, 0, 1, 37) with initial states, the untied input
-    # term (Y from A W_0ᵀ), chunks of 32, bf16 operands, a forward without a backward (T_c in a scratch buffer), and
-    # with int32 offsets; two input terms and the rank-4 rule (its sub-tokens carry two input terms) keep the
-    # one-kernel prep (M = 2)
-    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
-    monkeypatch.setattr(tchunk, "PREP_SPLIT", True)
-    monkeypatch.delenv("OLSSM_TRITON_PREP_SPLIT", raising=False)
+def _split_path_case(case, monkeypatch):
+    """(rule, packed lengths as cu_seqlens or None, T, H, d_k, d_v, rtol, state_rtol) of a case the opt-in split-path
+    tests share, with the module setting it needs: Gated DeltaNet on the wide-key path (d_k = 72 → chunks of 64, the
+    last partial) unless the case says otherwise; "deltanet wide", "varlen" (lengths 5, 0, 1, 37), "untied", "two
+    terms", "rank 4" (sub-tokens), "chunk 32" (d_k = 40), "bf16 operands"; any other case keeps the defaults."""
     rule, cu, rtol, state_rtol = ENTRIES["gated_deltanet"].rule, None, RTOL, STATE_RTOL
     T, H, K, V = 140, 1, 72, 20
     if case == "deltanet wide":
@@ -548,7 +522,36 @@ def test_prep_split_paths(case, calls, prep_launches, monkeypatch):
         monkeypatch.setattr(tchunk, "DOT_PRECISION", "bf16")
         monkeypatch.delenv("OLSSM_TRITON_DOT_PRECISION", raising=False)
         rule, rtol, state_rtol = ENTRIES["deltanet"].rule, BF16_DOT_RTOL, BF16_DOT_RTOL
-    elif case == "with offsets32":
+    return rule, cu, T, H, K, V, rtol, state_rtol
+
+
+# ---- the split forward's prep in two launches (chunked.PREP_SPLIT) ------------------------------------------------
+
+@pytest.fixture
+def prep_launches(monkeypatch):
+    """The split forward's prep launches, in order: "core" (chunk_delta_prep_kernel with CORE_ONLY), "wu"
+    (chunk_delta_wu_kernel) or "prep" (the one-kernel form). Launch wrappers work compiled too."""
+    seen = []
+    monkeypatch.setattr(tchunk, "chunk_delta_prep_kernel", _Launch(
+        tchunk.chunk_delta_prep_kernel, lambda k: "core" if k.get("CORE_ONLY") else "prep", seen))
+    monkeypatch.setattr(tchunk, "chunk_delta_wu_kernel", _Launch(tchunk.chunk_delta_wu_kernel, lambda k: "wu", seen))
+    return seen
+
+
+@pytest.mark.parametrize("case", ["deltanet wide", "gated wide", "varlen", "untied", "two terms", "rank 4",
+                                  "chunk 32", "bf16 operands", "forward only", "with offsets32"])
+def test_prep_split_paths(case, calls, prep_launches, monkeypatch):
+    # the split forward with its prep in two launches against the reference (o, final state, every gradient: the
+    # chunked backward reads the T_c and W̃ they kept): the wide-key path (d_k = 72, chunks of 64, the last partial)
+    # for DeltaNet and Gated DeltaNet, packed sequences (lengths 5, 0, 1, 37) with initial states, the untied input
+    # term (Y from A W_0ᵀ), chunks of 32, bf16 operands, a forward without a backward (T_c in a scratch buffer), and
+    # with int32 offsets; two input terms and the rank-4 rule (its sub-tokens carry two input terms) keep the
+    # one-kernel prep (M = 2)
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    monkeypatch.setattr(tchunk, "PREP_SPLIT", True)
+    monkeypatch.delenv("OLSSM_TRITON_PREP_SPLIT", raising=False)
+    rule, cu, T, H, K, V, rtol, state_rtol = _split_path_case(case, monkeypatch)
+    if case == "with offsets32":
         monkeypatch.setattr(tchunk, "OFFSETS32", True)
         monkeypatch.delenv("OLSSM_TRITON_OFFSETS32", raising=False)
     N = len(cu) - 1 if cu else 1
@@ -595,17 +598,7 @@ def test_offsets32_paths(case, calls, offset_kinds, monkeypatch):
     monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
     monkeypatch.setattr(tchunk, "OFFSETS32", True)
     monkeypatch.delenv("OLSSM_TRITON_OFFSETS32", raising=False)
-    rule, cu, T, H, K, V = ENTRIES["gated_deltanet"].rule, None, 140, 1, 72, 20
-    if case == "deltanet wide":
-        rule = ENTRIES["deltanet"].rule
-    elif case == "varlen":
-        cu, T, H, K, V = [0, 5, 5, 6, 43], 43, 2, 4, 5
-    elif case == "untied":
-        monkeypatch.setattr(tchunk, "TIE_INPUT_TERM", False)
-    elif case == "two terms":
-        rule, T, K, V = _two_term_rule(), 21, 4, 5
-    elif case == "rank 4":
-        rule, T, K, V = _multi_key_rule("decay"), 21, 4, 5
+    rule, cu, T, H, K, V, _, _ = _split_path_case(case, monkeypatch)
     N = len(cu) - 1 if cu else 1
     h0 = 0.3 * torch.randn(N, H, V, K, generator=torch.Generator().manual_seed(18))
     g = _compare(rule, random_inputs(rule, 1, T, H, K, V, seed=18), h0,
