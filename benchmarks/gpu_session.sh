@@ -51,12 +51,13 @@ bench=(python benchmarks/triton_kernels.py --dtype bf16 --autotune)
 # no autograd adds), the forward's state pass in key halves with int32 offsets (`ks`: session 10, no spills at 8 warps;
 # `ks4` at 4 warps, fla's fwd_h count), int32 row offsets in the split path's seven kernels (`o32`: spills 440 -> 352
 # in prep, 272 -> 0 in the backward's tied key kernel, aot_check), the forward's prep in two launches (`ps`: T_c and Y,
-# then W̃ and Ũ, as fla's kkt / solve_tril / recompute_w_u; 440 -> 96 and 0 B), and all but `wb` together (`all`:
-# key_split takes the forward's state pass, key_major the backward's; they touch different kernels and glue).
+# then W̃ and Ũ, as fla's kkt / solve_tril / recompute_w_u; 440 -> 96 and 0 B), and all but `wb` together with bf16
+# checkpoints (`all`: fla keeps h in bf16; ck is 268 MB of fp32 at (2, 8192, 16, 128), written once and read three
+# times; key_split takes the forward's state pass, key_major the backward's; they touch different kernels and glue).
 # Session 8's wide-key settings against the old chunk-32 defaults are not repeated (one process, 2.06 / 5.70 against
 # 2.83 / 6.97 ms).
 # Triton's on-disk cache carries the profile's compiles over to the table
-variants_all='key_major:1,key_split:1,ut_solve:blocks,chunk_storage:input,same_key:1,offsets32:1,prep_split:1'
+variants_all='key_major:1,key_split:1,ut_solve:blocks,chunk_storage:input,same_key:1,offsets32:1,prep_split:1,checkpoint_storage:input'
 # the rows the profile compiled first (Triton's disk cache) and the repeat of the defaults before the rest, so that a
 # timeout past them still leaves the drift and the likeliest settings (each new setting compiles its kernels for each
 # rule; fla's rows come right after the defaults); `wb` (wide-key path only) last. `cs` (bf16 chunk tensors gave no

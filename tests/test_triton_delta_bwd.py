@@ -625,7 +625,7 @@ def test_offsets32_stand_down_past_int32(monkeypatch):
         tchunk.offsets32()
 
 
-@pytest.mark.parametrize("storage", ["fp32", "bf16 chunk tensors"])
+@pytest.mark.parametrize("storage", ["fp32", "bf16 chunk tensors", "bf16 checkpoints"])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
 def test_wide_key_variants_together(name, storage, calls, same_keys, solves, state_dots, offset_kinds, prep_launches,
                                     monkeypatch):
@@ -633,8 +633,9 @@ def test_wide_key_variants_together(name, storage, calls, same_keys, solves, sta
     # pass, the key-major backward one, int32 row offsets, the UT substitution on the diagonal blocks and the
     # same-key key kernel at once, on the wide-key path (d_k = 72: chunks of 64, the last partial), packed sequences
     # with initial states. fp32: o, the final state and every gradient against the reference (RTOL, STATE_RTOL).
-    # bf16 chunk tensors (CHUNK_STORAGE "input", the seventh setting of `all`): bf16 inputs, "input" against "fp32"
-    # storage under the same six knobs (compare_storage's STORAGE_RTOL). Each knob reached its kernels: the prep in
+    # bf16 chunk tensors and bf16 checkpoints (CHUNK_STORAGE / CHECKPOINT_STORAGE "input", the last two settings of
+    # `all`): bf16 inputs, "input" against "fp32" storage under the same knobs (compare_storage's STORAGE_RTOL,
+    # compare_checkpoint_storage's CHECKPOINT_RTOL). Each knob reached its kernels: the prep in
     # two launches, and (interpreted) the forward's state launch in key halves and the backward's key-major, every row
     # index int32, every UT solve on blocks, every key program through _same_key_grads at chunks of 64 (a knob
     # dropped on the way had still passed the comparisons)
@@ -654,6 +655,8 @@ def test_wide_key_variants_together(name, storage, calls, same_keys, solves, sta
     if storage == "fp32":
         _compare(rule, inp, h0, cu_seqlens=cu_seqlens)
         assert len(calls) == 1
+    elif storage == "bf16 checkpoints":
+        _compare_ck(rule, inp, h0, monkeypatch, cu_seqlens=cu_seqlens)
     else:
         _compare_storage(rule, inp, h0, monkeypatch, cu_seqlens=cu_seqlens)
     runs = 1 if storage == "fp32" else 2
