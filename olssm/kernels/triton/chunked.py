@@ -1094,10 +1094,11 @@ def chunk_delta_state_split_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0
                                    VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", TIED: tl.constexpr = False,
                                    SUB: tl.constexpr = 1):
     """chunk_delta_state_kernel with the state held key-major in two key halves, Sᵀ[:BK/2] and Sᵀ[BK/2:] ([BK/2,
-    BV] each, STATE_KEY_SPLIT), and every token tile addressed by int32 offsets from a scalar base: each key-side tile (W̃, B, W_m)
-    is loaded and used half by half, so no [BT, BK] tile and no tile of int64 offset products is live, and
-    every dot has BK/2 rows or a BK/2-deep reduction (fla's chunk_gated_delta_rule_fwd_h holds h as [64, BV] tiles
-    and addresses them from scalar bases likewise). Same arithmetic, summed in the same order per half."""
+    BV] each, STATE_KEY_SPLIT), and every token tile addressed by int32 offsets from a scalar base: each key-side
+    tile (W̃, B, W_m) is loaded and used half by half, so no [BT, BK] tile and no tile of int64 offset products is
+    live, and every dot has BK/2 rows or a BK/2-deep reduction (fla's chunk_gated_delta_rule_fwd_h holds h as
+    [64, BV] tiles and addresses them from scalar bases likewise). Same arithmetic, summed in the same order per
+    half."""
     HALF: tl.constexpr = BK // 2
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -1278,9 +1279,9 @@ STATE_KEY_MAJOR = False
 #: default 255 / 32 / 16 + 16 and 255 / 56; key-major 255 / 48 / 20 + 0 and 255 / 96; key split 232 / 0 / 24 + 0 and
 #: 226 / 0. 4 warps (fla's fwd_h runs 2-4 on Hopper): default 808 and 752 B, key-major 648 and 808, halves with int64
 #: products 304 and 504, key split 72 and 64. Needs a sequence's (tokens · H · d) < 2³¹ (int32 offsets), B·T·H < 2³¹
-#: (the decay's int32 row index) and BK ≥ 32 (16-row halves: tl.dot's smallest operand); elsewhere the default kernel runs. Takes precedence over
-#: STATE_KEY_MAJOR in the forward (the backward's state pass still reads that). OLSSM_TRITON_STATE_KEY_SPLIT (0 / 1)
-#: overrides (state_key_split)
+#: (the decay's int32 row index) and BK ≥ 32 (16-row halves: tl.dot's smallest operand); elsewhere the default
+#: kernel runs. Takes precedence over STATE_KEY_MAJOR in the forward (the backward's state pass still reads that).
+#: OLSSM_TRITON_STATE_KEY_SPLIT (0 / 1) overrides (state_key_split)
 STATE_KEY_SPLIT = False
 #: warps of the key-split state pass (None: NUM_WARPS); benchmarks/triton_kernels.py's key_split_warps
 KEY_SPLIT_WARPS = None
