@@ -589,25 +589,28 @@ def offset_kinds(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("case", ["deltanet wide", "gated wide", "varlen", "untied", "two terms", "rank 4"])
-def test_offsets32_paths(case, calls, offset_kinds, monkeypatch):
+@pytest.mark.parametrize("case", ["deltanet wide", "gated wide", "varlen", "untied", "two terms", "rank 4", "longhorn"])
+def test_offsets32_paths(case, calls, row_calls, offset_kinds, monkeypatch):
     # the split forward and the chunked delta backward with int32 row offsets, against the reference (o, final
     # state, every gradient): the wide-key path (d_k = 72, chunks of 64, the last partial) for DeltaNet and Gated
     # DeltaNet, packed sequences (lengths 5, 0, 1, 37) with initial states, the untied input term, two input terms,
-    # a rank-4 rule on sub-tokens. Interpreted: every row index the kernels formed was int32
+    # a rank-4 rule on sub-tokens; and Longhorn (a row c: the fused forward takes OFF32 too, its row-c backward keeps
+    # int64). Interpreted: every row index the split path's kernels formed was int32
     monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
     monkeypatch.setattr(tchunk, "OFFSETS32", True)
     monkeypatch.delenv("OLSSM_TRITON_OFFSETS32", raising=False)
     rule, cu, T, H, K, V, _, _ = _split_path_case(case, monkeypatch)
+    if case == "longhorn":
+        rule = ENTRIES["longhorn"].rule
     N = len(cu) - 1 if cu else 1
     h0 = 0.3 * torch.randn(N, H, V, K, generator=torch.Generator().manual_seed(18))
     g = _compare(rule, random_inputs(rule, 1, T, H, K, V, seed=18), h0,
                  cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)) if cu else None)
-    assert len(calls) == 1
+    assert (len(row_calls), len(calls)) == ((1, 1) if case == "longhorn" else (0, 1))   # rowc: via the delta entry
     if case == "varlen":
         assert g["h0"][1].abs().max() > 0
-    if offset_kinds is not None:
-        assert offset_kinds == {True}
+    if offset_kinds is not None:   # Longhorn: the fused forward's rows int32, its row-c backward's int64
+        assert offset_kinds == ({True, False} if case == "longhorn" else {True})
 
 
 def test_offsets32_stand_down_past_int32(monkeypatch):

@@ -701,9 +701,10 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
                            cu_ptr, T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr,
                            C_ROW: tl.constexpr, G_ROW: tl.constexpr, USE_H0: tl.constexpr, SAVE_CK: tl.constexpr,
-                           VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1):
+                           VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1,
+                           OFF32: tl.constexpr = False):
     """S_t = γ_t S_{t-1} (I − c_t a_t b_tᵀ) + e_t w_tᵀ, chunk by chunk (UT transform, TRITON.md); SUB as in
-    _chunk_decay (strict between tokens)."""
+    _chunk_decay (strict between tokens); OFF32 as in _tokens (OFFSETS32)."""
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
                                                                                       BV, VARLEN)
     incl = tt[:, None] >= tt[None, :]
@@ -712,7 +713,7 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
     for c in range(0, tl.cdiv(eos - bos, BT)):
         if SAVE_CK:
             tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
-        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
+        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h, OFF32)
         km2 = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
         q, a, bv, cc = _delta_tiles(q_ptr, a_ptr, b_ptr, c_ptr, base, tm, rows, cols, km2, vm, DK, DV, C_ROW)
@@ -1285,9 +1286,10 @@ STATE_KEY_MAJOR = False
 STATE_KEY_SPLIT = False
 #: warps of the key-split state pass (None: NUM_WARPS); benchmarks/triton_kernels.py's key_split_warps
 KEY_SPLIT_WARPS = None
-#: the split delta path's seven kernels (forward prep, state, out; backward prep, state, value, key) form their
-#: (token · head) row offsets in int32 instead of int64 (_tokens' OFF32), where every row · width product of the call
-#: fits (offsets32_fit). Off: untimed. Why: the int64 row index times a width is a per-element int64 tile in every
+#: the split delta path's seven kernels (forward prep, state, out; backward prep, state, value, key) and the fused delta
+#: forward (row c: Longhorn; row decays) form their (token · head) row offsets in int32 instead of int64 (_tokens'
+#: OFF32), where every row · width product of the call fits (offsets32_fit). The fused forward's spills: 280 -> 272 B
+#: at d 64 (chunk 32, tf32), 1888 -> 1376 at d 128. Off: untimed. Why: the int64 row index times a width is a per-element int64 tile in every
 #: load and store, and register pressure bounds these kernels. aot_check, sm_90, chunk 64, d 128, bf16 operands, 2
 #: stages, 8 warps, spills B per thread (Triton 3.9): forward prep 440 -> 352 (untied 448 -> 232), out 280 -> 32
 #: untied, state (key-major) 48-104 -> 0, backward prep 456 -> 304, key 776 -> 448 (tied 272 -> 0, same-key 56 -> 0);
@@ -1576,7 +1578,7 @@ def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None
             cu, T, H, d_k, d_v, NCK, k[0].numel(), v[0].numel(), M=k.shape[0], BT=C, BK=BK, BV=BV,
             C_ROW=c_row, G_ROW=g_row, USE_H0=h0 is not None,
             SAVE_CK=save, VARLEN=cu_seqlens is not None,
-            PREC=_precision(o.dtype, bf16), SUB=sub,
+            PREC=_precision(o.dtype, bf16), SUB=sub, OFF32=offsets32_fit(sizes),
             **_launch_opts(wide_keys))
         return
     chunk_fwd_kernel[(NV, N * H)](
