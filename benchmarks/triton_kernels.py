@@ -284,8 +284,8 @@ def verdicts(timed, variants) -> list[str]:
     """The decision a GPU session takes from a --variants table, as a second table: per rule, every setting's row
     against its kernel's default rows, and the best olssm row against fla's.
 
-    timed: (rule, kernel row, fwd ms, fwd+bwd ms or None[, relative error of o]). The default rows of a kernel K are K itself and K@L for
-    every label L with an empty setting ('again=', timed where it stands among the labels: gpu_session.sh puts it
+    timed: (rule, kernel row, fwd ms, fwd+bwd ms or None[, relative error of o]). The default rows of a kernel K are
+    K itself and K@L for every label L with an empty setting ('again=', timed where it stands among the labels: gpu_session.sh puts it
     after the likeliest settings, not last): their spread (max − min) is this process's drift (without such a label
     it is 0, and any faster row wins: pass 'again=').
     A setting *wins* a column when it is faster than the fastest default by more than the spread, *loses* when it
@@ -314,11 +314,11 @@ def verdicts(timed, variants) -> list[str]:
 
     for rule in dict.fromkeys(r for r, *_ in timed):
         for kernel in dict.fromkeys(k.partition("@")[0] for r, k, *_ in timed if r == rule):
-            defaults = [by[(rule, k)] for k in [kernel] + [f"{kernel}@{L}" for L in again] if (rule, k) in by]
-            if not defaults:
+            default_rows = [k for k in [kernel] + [f"{kernel}@{L}" for L in again] if (rule, k) in by]
+            if not default_rows:
                 continue
-            fwd, bwd = [d[0] for d in defaults], [d[1] for d in defaults]
-            base_err = [errors[(rule, k)] for k in [kernel] + [f"{kernel}@{L}" for L in again] if (rule, k) in by]
+            fwd, bwd = [by[(rule, k)][0] for k in default_rows], [by[(rule, k)][1] for k in default_rows]
+            base_err = [errors[(rule, k)] for k in default_rows]
             for label, setting in variants.items():
                 if not setting or (rule, f"{kernel}@{label}") not in by:
                     continue
