@@ -1288,14 +1288,14 @@ STATE_KEY_SPLIT = False
 KEY_SPLIT_WARPS = None
 #: the split delta path's seven kernels (forward prep, state, out; backward prep, state, value, key) and the fused delta
 #: forward (row c: Longhorn; row decays) form their (token · head) row offsets in int32 instead of int64 (_tokens'
-#: OFF32), where every row · width product of the call fits (offsets32_fit). The fused forward's spills: 280 -> 272 B
-#: at d 64 (chunk 32, tf32), 1888 -> 1376 at d 128. Off: untimed. Why: the int64 row index times a width is a per-element int64 tile in every
-#: load and store, and register pressure bounds these kernels. aot_check, sm_90, chunk 64, d 128, bf16 operands, 2
-#: stages, 8 warps, spills B per thread (Triton 3.9): forward prep 440 -> 352 (untied 448 -> 232), out 280 -> 32
-#: untied, state (key-major) 48-104 -> 0, backward prep 456 -> 304, key 776 -> 448 (tied 272 -> 0, same-key 56 -> 0);
-#: worse: backward value 672 -> 776 and 800 -> 872 (untied), the tied forms of it and of out within 16 B. Over the
-#: 116 aot_check variants it changes, 35.7 -> 22.5 KB of spills summed, 95 fewer, 8 more (TRITON.md, "Int32 row
-#: offsets"). OLSSM_TRITON_OFFSETS32 (0 / 1) overrides (offsets32)
+#: OFF32), where every row · width product of the call fits (offsets32_fit). Off: untimed. Why: the int64 row index
+#: times a width is a per-element int64 tile in every load and store, and register pressure bounds these kernels.
+#: aot_check, sm_90, chunk 64, d 128, bf16 operands, 2 stages, 8 warps, spills B per thread (Triton 3.9): forward
+#: prep 440 -> 352 (untied 448 -> 232), out 280 -> 32 untied, state (key-major) 48-104 -> 0, backward prep 456 ->
+#: 304, key 776 -> 448 (tied 272 -> 0, same-key 56 -> 0); worse: backward value 672 -> 776 and 800 -> 872 (untied),
+#: the tied forms of it and of out within 16 B. Over the 116 aot_check variants it changes, 35.7 -> 22.5 KB of spills
+#: summed, 95 fewer, 8 more (TRITON.md, "Int32 row offsets"). The fused forward: 280 -> 272 B at d 64 (chunk 32,
+#: tf32), 1888 -> 1376 at d 128. OLSSM_TRITON_OFFSETS32 (0 / 1) overrides (offsets32)
 OFFSETS32 = False
 
 

@@ -449,9 +449,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
             OEm = OE * D
             REm = RE * Dst
             xs += tl.sum(tl.sum(w * dwS, axis=1), axis=0)
-            if TIED and m == 0:
-                pass
-            else:
+            if not (TIED and m == 0):
                 dq += _mm(OEm, w, PREC)
                 da += _mm(REm, w, PREC)
             dw = dwS + _mm(tl.trans(OEm), q, PREC) + _mm(tl.trans(REm), a, PREC)
