@@ -1,0 +1,314 @@
+"""Find the kernel launch where compiled Triton code departs from the interpreter.
+
+A test that fails only compiled (on a GPU) says *that* o or a gradient is wrong, not *which* of the
+dozen launches of a chunked forward and backward produced it. This script records every launch of
+the olssm Triton kernels of one case (the tensors each launch was handed, before and after it ran),
+once under TRITON_INTERPRET=1 on the CPU and once compiled on the GPU, and lists the launches whose
+written values differ. The first one whose inputs still agreed is the miscompiled (or racy) kernel.
+
+    # on the CPU: the interpreter's traces of every case into DIR
+    TRITON_INTERPRET=1 python benchmarks/kernel_trace.py record --dir DIR
+    # on the GPU (unset TRITON_INTERPRET): compiled traces, each case in its own process (an illegal
+    # memory access poisons a CUDA context), compared with DIR's; plus o / final state / gradient
+    # errors against the reference scan for each case and each bisection setting
+    python benchmarks/kernel_trace.py compare --dir DIR [--out OUTDIR] [--cases a,b] [--jobs 8]
+
+Written elements are the ones that differ from the buffer's content before the launch in either
+run (unwritten padding keeps each run's own garbage and is skipped). The interpreter computes dots in
+fp32 where compiled code uses tf32 or bf16 operands, so differences of ~1e-3 relative are rounding;
+the cases that motivated this differ by 10 % to 100 %: FLAG_REL = 2e-2 separates the two.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FLAG_REL = 2e-2
+
+
+def _case_settings():
+    """name -> (rule name, B, T, H, d_k, d_v, seed, input dtype, cu_seqlens, h0 sequences, {module.attr: value},
+    {env: value}). The first three are the compiled failures of session 11's lease (H100, Triton 3.6)."""
+    every = {"chunked.STATE_KEY_MAJOR": True, "chunked.STATE_KEY_SPLIT": True, "chunked.OFFSETS32": True,
+             "chunked.PREP_SPLIT": True, "chunked.UT_SOLVE": "blocks", "chunked_delta_bwd.SAME_KEY": True,
+             "chunked.CHUNK_STORAGE": "input"}
+    bwd = {"OLSSM_TRITON_CHUNK_BWD": "1"}
+    cases = {
+        # test_wide_keys_bf16_operands_only_without_a_decay[deltanet-True]: o 1.38 off at scale 1.24
+        "bf16_wide": ("deltanet", 1, 70, 1, 72, 8, 6, "bf16", None, 0, {"chunked.DOT_PRECISION": "auto"}, {}),
+        # test_offsets32_paths[untied]: o 10 % off
+        "o32_untied": ("gated_deltanet", 1, 140, 1, 72, 20, 18, "fp32", None, 1,
+                       {"chunked.OFFSETS32": True, "chunked.TIE_INPUT_TERM": False}, bwd),
+        # test_wide_key_variants_together[deltanet-bf16 chunk tensors]: illegal memory access
+        "all_bf16": ("deltanet", 1, 140, 1, 72, 20, 14, "bf16", [0, 70, 71, 140], 3, every, bwd),
+    }
+    # bisection: each failing case with one setting changed
+    out = dict(cases)
+    for name, (rule, B, T, H, K, V, seed, dt, cu, nh, knobs, env) in cases.items():
+        out[f"{name}/stages1"] = (rule, B, T, H, K, V, seed, dt, cu, nh, {**knobs, "chunked.WIDE_STAGES": 1,
+                                                                        "chunked.NUM_STAGES": 1}, env)
+        out[f"{name}/warps4"] = (rule, B, T, H, K, V, seed, dt, cu, nh, {**knobs, "chunked.NUM_WARPS": 4}, env)
+        out[f"{name}/k64"] = (rule, B, T, H, 64, V, seed, dt, cu, nh, knobs, env)
+        out[f"{name}/k128"] = (rule, B, T, H, 128, V, seed, dt, cu, nh, knobs, env)
+        out[f"{name}/tf32"] = (rule, B, T, H, K, V, seed, dt, cu, nh, {**knobs, "chunked.DOT_PRECISION": "tf32"}, env)
+    out["bf16_wide/fp32in_bf16dots"] = ("deltanet", 1, 70, 1, 72, 8, 6, "fp32", None, 0,
+                                        {"chunked.DOT_PRECISION": "bf16"}, {})
+    out["o32_untied/no_o32"] = ("gated_deltanet", 1, 140, 1, 72, 20, 18, "fp32", None, 1,
+                                {"chunked.TIE_INPUT_TERM": False}, bwd)
+    out["o32_untied/tied"] = ("gated_deltanet", 1, 140, 1, 72, 20, 18, "fp32", None, 1,
+                              {"chunked.OFFSETS32": True}, bwd)
+    # session 11's second call: the shape that triggers it (BV = 16 / 32 tiles at d_v = 8 / 20, the partial last
+    # chunk), and a newer ptxas than Triton's own (TRITON_PTXAS_PATH; its own cache: the cache key may not see it)
+    alt = {"TRITON_PTXAS_PATH": os.environ.get("ALT_PTXAS", "/usr/local/cuda/bin/ptxas"),
+           "TRITON_CACHE_DIR": "/tmp/olssm-alt-ptxas-cache"}
+    for name in ("bf16_wide", "all_bf16"):
+        rule, B, T, H, K, V, seed, dt, cu, nh, knobs, env = cases[name]
+        for dv in (32, 64):
+            out[f"{name}/dv{dv}"] = (rule, B, T, H, K, dv, seed, dt, cu, nh, knobs, env)
+        out[f"{name}/ptxas"] = (rule, B, T, H, K, V, seed, dt, cu, nh, knobs, {**env, **alt})
+    out["bf16_wide/t128"] = ("deltanet", 1, 128, 1, 72, 8, 6, "bf16", None, 0, {"chunked.DOT_PRECISION": "auto"}, {})
+    out["bf16_wide/h4"] = ("deltanet", 1, 70, 4, 72, 8, 6, "bf16", None, 0, {"chunked.DOT_PRECISION": "auto"}, {})
+    out["bf16_wide/k128dv64"] = ("deltanet", 1, 70, 1, 128, 64, 6, "bf16", None, 0, {"chunked.DOT_PRECISION": "auto"}, {})
+    out["bf16_wide/k128t128dv64"] = ("deltanet", 1, 128, 1, 128, 64, 6, "bf16", None, 0,
+                                     {"chunked.DOT_PRECISION": "auto"}, {})
+    for knob in every:
+        rest = {k: v for k, v in every.items() if k != knob}
+        out[f"all_bf16/without_{knob.split('.')[1].lower()}"] = ("deltanet", 1, 140, 1, 72, 20, 14, "bf16",
+                                                                [0, 70, 71, 140], 3, rest, bwd)
+    return out
+
+
+CASES = _case_settings()
+_LAST_LOG: list = []   # the launch log of this process's case (a child runs one)
+
+
+def _kernel_modules():
+    from olssm.kernels.triton import chunked, chunked_delta_bwd, library, pscan, scan
+    return {"chunked": chunked, "chunked_delta_bwd": chunked_delta_bwd, "library": library, "pscan": pscan,
+            "scan": scan}
+
+
+class _Traced:
+    """Stands in for a kernel: records the tensors of each launch before and after it ran."""
+
+    def __init__(self, name, kernel, log):
+        self.name, self.kernel, self.log = name, kernel, log
+
+    def __getitem__(self, grid):
+        import torch
+        run = self.kernel[grid]
+
+        def launch(*args, **kwargs):
+            named = list(zip(self.kernel.arg_names, args)) + list(kwargs.items())
+            tensors = [(n, x) for n, x in named if torch.is_tensor(x)]
+            before = {n: x.detach().cpu().clone() for n, x in tensors}
+            consts = {n: x for n, x in kwargs.items() if isinstance(x, (bool, int, float, str))}
+            entry = {"kernel": self.name, "before": before, "consts": consts}
+            self.log.append(entry)   # before the launch: an exception leaves the launch it stopped at last
+            result = run(*args, **kwargs)
+            if any(x.is_cuda for _, x in tensors):
+                torch.cuda.synchronize()
+            entry["after"] = {n: x.detach().cpu().clone() for n, x in tensors}
+            return result
+        return launch
+
+
+def run_case(name, device, trace=True):
+    """o, final state, gradients (dict of CPU tensors) and the launch log of case `name` on `device`."""
+    import torch
+    from olssm.catalogue import ENTRIES, random_inputs
+    rule_name, B, T, H, K, V, seed, dt, cu, nh, knobs, env = CASES[name]
+    os.environ.update(env)
+    mods = _kernel_modules()
+    for key, value in knobs.items():
+        mod, attr = key.split(".")
+        setattr(mods[mod], attr, value)
+    log = _LAST_LOG
+    log.clear()
+    if trace:
+        from triton.runtime.jit import JITFunction
+        kinds = (JITFunction,)
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+            kinds += (InterpretedFunction,)
+        except ImportError:
+            pass
+        for mod in mods.values():
+            for attr, value in list(vars(mod).items()):
+                if isinstance(value, kinds) and attr.endswith("_kernel"):   # not the jit helpers they call
+                    setattr(mod, attr, _Traced(attr, value, log))
+    rule = ENTRIES[rule_name].rule
+    inp = random_inputs(rule, B, T, H, K, V, seed=seed)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+    inp = {n: x if rule.inputs[n].is_parameter else x.to(dtype) for n, x in inp.items()}
+    h0 = None if not nh else 0.3 * torch.randn(nh, H, V, K, generator=torch.Generator().manual_seed(seed))
+    return _scan(rule, inp, h0, cu, "triton", device) + (log,)
+
+
+def _scan(rule, inp, h0, cu, backend, device):
+    import torch
+    x = {n: t.to(device).clone().requires_grad_(True) for n, t in inp.items()}
+    h = None if h0 is None else h0.to(device).clone().requires_grad_(True)
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
+    o, f = rule.scan(backend=backend, output_final_state=True, initial_state=h, cu_seqlens=cu_t, **x)
+    g = torch.Generator().manual_seed(7)
+    loss = (o.float() * torch.randn(o.shape, generator=g).to(device)).sum() \
+        + (f * torch.randn(f.shape, generator=g).to(device)).sum()
+    leaves = dict(x, **({"h0": h} if h is not None else {}))
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return o.detach().cpu(), f.detach().cpu(), {n: d.cpu() for n, d in zip(leaves, grads)}
+
+
+def reference_errors(name, o, f, g):
+    """max |triton − reference| / max |reference| of o, the final state and each gradient (fp32 reference on the
+    case's inputs upcast)."""
+    import torch
+    from olssm.catalogue import ENTRIES, random_inputs
+    rule_name, B, T, H, K, V, seed, dt, cu, nh, knobs, env = CASES[name]
+    rule = ENTRIES[rule_name].rule
+    inp = random_inputs(rule, B, T, H, K, V, seed=seed)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+    inp = {n: x if rule.inputs[n].is_parameter else x.to(dtype).float() for n, x in inp.items()}
+    h0 = None if not nh else 0.3 * torch.randn(nh, H, V, K, generator=torch.Generator().manual_seed(seed))
+    o1, f1, g1 = _scan(rule, inp, h0, cu, "reference", "cpu")
+    rel = lambda a, b: ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+    return {"o": rel(o, o1), "final": rel(f, f1), **{f"d{n}": rel(g[n], g1[n]) for n in g1}}
+
+
+def _written_diff(b1, a1, b2, a2):
+    """(max abs difference of written elements / max abs of them, number written) between two runs' tensors."""
+    import torch
+    if a1.shape != a2.shape:
+        return float("inf"), -1
+    if not a1.is_floating_point():
+        return (0.0 if torch.equal(a1, a2) else float("inf")), a1.numel()
+    a1, a2, b1, b2 = (t.double() for t in (a1, a2, b1, b2))
+    changed = lambda a, b: (a != b) & ~(torch.isnan(a) & torch.isnan(b))
+    mask = changed(a1, b1) | changed(a2, b2)
+    if not mask.any():
+        return 0.0, 0
+    x, y = a1[mask], a2[mask]
+    if not torch.isfinite(x).all():
+        return float("nan"), int(mask.sum())
+    return ((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item(), int(mask.sum())
+
+
+def compare_logs(compiled, interpreted):
+    """One line per launch: kernel, its written tensors' relative differences; flags those over FLAG_REL."""
+    lines = []
+    if [e["kernel"] for e in compiled] != [e["kernel"] for e in interpreted]:
+        lines.append("launch sequences differ: compiled " + " ".join(e["kernel"] for e in compiled)
+                     + " | interpreted " + " ".join(e["kernel"] for e in interpreted))
+    for i, (c, r) in enumerate(zip(compiled, interpreted)):
+        if "after" not in c or "after" not in r:
+            lines.append(f"!! {i:2d} {c['kernel']}: did not finish")
+            continue
+        diffs = []
+        for n in c["after"]:
+            if n not in r["after"]:
+                continue
+            d, count = _written_diff(c["before"][n], c["after"][n], r["before"][n], r["after"][n])
+            if count:
+                diffs.append((n, d, count))
+        bad = [x for x in diffs if not (x[1] <= FLAG_REL)]
+        text = ", ".join(f"{n} {d:.1e} ({count})" for n, d, count in diffs)
+        lines.append(f"{'!!' if bad else '  '} {i:2d} {c['kernel']} {c['consts']}: {text}")
+    return lines
+
+
+def _one(name, directory, out):
+    """Child process: a case compiled (twice: a second run that differs bitwise means a race), compared with the
+    interpreter's trace and the reference."""
+    import traceback
+    import torch
+    log = []
+    try:
+        o, f, g, log = run_case(name, "cuda")
+    except Exception as exc:   # an illegal memory access: the launches before it, and the one it stopped at
+        log = _LAST_LOG
+        print(f"== {name}: {type(exc).__name__}: {str(exc)[:300]}\n   launches: "
+              + " ".join(e["kernel"] + ("(raised)" if "after" not in e else "") for e in log)
+              + "\n" + "".join(traceback.format_exc().splitlines(True)[-6:]), flush=True)
+        return
+    rule_name, B, T, H, K, V, seed, dt, cu, nh, knobs, env = CASES[name]
+    from olssm.catalogue import ENTRIES, random_inputs
+    rule = ENTRIES[rule_name].rule
+    inp = random_inputs(rule, B, T, H, K, V, seed=seed)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+    inp = {n: x if rule.inputs[n].is_parameter else x.to(dtype) for n, x in inp.items()}
+    h0 = None if not nh else 0.3 * torch.randn(nh, H, V, K, generator=torch.Generator().manual_seed(seed))
+    o2, f2, g2 = _scan(rule, inp, h0, cu, "triton", "cuda")
+    same = torch.equal(o, o2) and torch.equal(f, f2) and all(torch.equal(g[n], g2[n]) for n in g)
+    lines = [f"== {name}: errors against the reference: "
+             + ", ".join(f"{k} {v:.1e}" for k, v in reference_errors(name, o, f, g).items())
+             + ("" if same else "; A SECOND RUN DIFFERED (race?)")]
+    ref = Path(directory) / (name.replace("/", "__") + ".pt")
+    if ref.exists():
+        lines += compare_logs(log, torch.load(ref, weights_only=False)["log"])
+    else:
+        lines.append(f"(no interpreter trace {ref})")
+    print("\n".join(lines), flush=True)
+
+
+def _record(name, directory):
+    """Child process: a case interpreted on the CPU, its launch log saved to directory."""
+    import torch
+    t0 = time.time()
+    o, f, g, log = run_case(name, "cpu")
+    torch.save({"log": log}, Path(directory) / (name.replace("/", "__") + ".pt"))
+    errors = reference_errors(name, o, f, g)
+    print(f"== {name}: {len(log)} launches, {time.time() - t0:.1f} s; errors against the reference: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["record", "compare", "one"])
+    ap.add_argument("--dir", default=".traces")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--cases", default=None, help="comma-separated names (default: all); a name ending in / "
+                                                  "takes every case under it")
+    ap.add_argument("--jobs", type=int, default=8)
+    ap.add_argument("--timeout", type=float, default=240)
+    args = ap.parse_args()
+    names = list(CASES)
+    if args.cases:
+        want = args.cases.split(",")
+        names = [n for n in names if n in want or any(w.endswith("/") and n.startswith(w) for w in want)]
+    if args.mode == "one":   # a child: each case in its own process (knobs are module constants; an illegal
+        # memory access poisons the CUDA context)
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            _record(names[0], args.dir)
+        else:
+            _one(names[0], args.dir, args.out)
+        return
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONUNBUFFERED="1")
+    env.update({"TRITON_INTERPRET": "1"} if args.mode == "record" else {"CUDA_LAUNCH_BLOCKING": "1"})
+
+    def child(name):
+        cmd = [sys.executable, __file__, "one", "--dir", args.dir, "--cases", name]
+        try:
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+            text = p.stdout + ("" if p.returncode == 0 else f"== {name}: exit {p.returncode}\n" + p.stderr[-1500:])
+        except subprocess.TimeoutExpired:
+            text = f"== {name}: timed out after {args.timeout} s\n"
+        return name, text
+    sink = open(Path(args.out) / "trace.txt", "w") if args.out else None
+    with cf.ThreadPoolExecutor(args.jobs) as pool:
+        for name, text in pool.map(child, names):
+            print(text, flush=True)
+            if sink:
+                sink.write(text + "\n")
+                sink.flush()
+
+
+if __name__ == "__main__":
+    main()
