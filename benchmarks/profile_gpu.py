@@ -78,6 +78,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     variants = {"default": {}, **_variants(a.variants)}
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":   # the assembler first (toolchain.check may switch it), so that every row gets the same
+        from olssm.kernels.triton import toolchain
+        toolchain.check(torch.device("cuda"))
+        print(f"{torch.cuda.get_device_name()}, {toolchain.ptxas_report()}")
     for name in a.rules.split(","):
         rule = ENTRIES[name].rule.with_log_decays()    # gates in log space, as the layers give them
         inp = {n: x.to(device) for n, x in random_inputs(rule, a.B, a.T, a.H, a.d, a.d, seed=0).items()}

@@ -186,7 +186,11 @@ def _main(argv=None):
     tscan.BLOCK_V, tscan.NUM_WARPS = a.rec_block_v, a.rec_warps
     dtype = DTYPES[a.dtype]
     variants = _variants(a.variants)
-    where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (TRITON_INTERPRET smoke run)"
+    where = "CPU (TRITON_INTERPRET smoke run)"
+    if dev == "cuda":   # the assembler first (toolchain.check may switch it): fla's kernels get the same one
+        from olssm.kernels.triton import toolchain
+        toolchain.check(torch.device("cuda"))
+        where = f"{torch.cuda.get_device_name()}, {toolchain.ptxas_report()}"
     print(f"B={a.B} T={a.T} H={a.H} d_k={a.dk} d_v={a.dv} {a.dtype} chunk={a.chunk or 'policy'} dot={a.precision} "
           f"delta-forward={a.delta_forward} delta-backward={a.delta_backward} ut-block={int(chunked.UT_BLOCK)} "
           f"ut-solve={chunked.ut_solve()} "

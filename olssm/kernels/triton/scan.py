@@ -169,6 +169,8 @@ def interpreted() -> bool:
 
 def _check_device(device):
     if device.type == "cuda":
+        from . import toolchain
+        toolchain.check(device)   # once per device: Triton's bundled ptxas miscompiles on Hopper (toolchain.py)
         return
     if interpreted():
         import triton.language as tl
