@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
+import contextlib
 import os
 import subprocess
 import sys
@@ -85,7 +85,6 @@ def _case_settings():
 
 
 CASES = _case_settings()
-_LAST_LOG: list = []   # the launch log of this process's case (a child runs one)
 
 
 def _kernel_modules():
@@ -119,36 +118,70 @@ class _Traced:
         return launch
 
 
-def run_case(name, device, trace=True):
-    """o, final state, gradients (dict of CPU tensors) and the launch log of case `name` on `device`."""
+@contextlib.contextmanager
+def case_settings(name):
+    """The case's module settings and environment, restored on exit."""
+    *_, knobs, env = CASES[name]
+    mods = _kernel_modules()
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved = {key: getattr(mods[key.split(".")[0]], key.split(".")[1]) for key in knobs}
+    try:
+        os.environ.update(env)
+        for key, value in knobs.items():
+            setattr(mods[key.split(".")[0]], key.split(".")[1], value)
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(mods[key.split(".")[0]], key.split(".")[1], value)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def tracing(log):
+    """Every olssm *_kernel in the kernel modules stands in as a _Traced appending to log; restored on exit."""
+    from triton.runtime.jit import JITFunction
+    kinds = (JITFunction,)
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        kinds += (InterpretedFunction,)
+    except ImportError:
+        pass
+    swapped = []
+    try:
+        for mod in _kernel_modules().values():
+            for attr, value in list(vars(mod).items()):
+                if isinstance(value, kinds) and attr.endswith("_kernel"):   # not the jit helpers they call
+                    swapped.append((mod, attr, value))
+                    setattr(mod, attr, _Traced(attr, value, log))
+        yield log
+    finally:
+        for mod, attr, value in swapped:
+            setattr(mod, attr, value)
+
+
+def case_inputs(name, upcast=False):
+    """(rule, inputs, h0, cu_seqlens) of a case on the CPU; upcast: the low-precision inputs back in fp32."""
     import torch
     from olssm.catalogue import ENTRIES, random_inputs
     rule_name, B, T, H, K, V, seed, dt, cu, nh, knobs, env = CASES[name]
-    os.environ.update(env)
-    mods = _kernel_modules()
-    for key, value in knobs.items():
-        mod, attr = key.split(".")
-        setattr(mods[mod], attr, value)
-    log = _LAST_LOG
-    log.clear()
-    if trace:
-        from triton.runtime.jit import JITFunction
-        kinds = (JITFunction,)
-        try:
-            from triton.runtime.interpreter import InterpretedFunction
-            kinds += (InterpretedFunction,)
-        except ImportError:
-            pass
-        for mod in mods.values():
-            for attr, value in list(vars(mod).items()):
-                if isinstance(value, kinds) and attr.endswith("_kernel"):   # not the jit helpers they call
-                    setattr(mod, attr, _Traced(attr, value, log))
     rule = ENTRIES[rule_name].rule
-    inp = random_inputs(rule, B, T, H, K, V, seed=seed)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
-    inp = {n: x if rule.inputs[n].is_parameter else x.to(dtype) for n, x in inp.items()}
+    inp = {n: x if rule.inputs[n].is_parameter else (x.to(dtype).float() if upcast else x.to(dtype))
+           for n, x in random_inputs(rule, B, T, H, K, V, seed=seed).items()}
     h0 = None if not nh else 0.3 * torch.randn(nh, H, V, K, generator=torch.Generator().manual_seed(seed))
-    return _scan(rule, inp, h0, cu, "triton", device) + (log,)
+    return rule, inp, h0, cu
+
+
+def run_case(name, device, log=None):
+    """o, final state and gradients (CPU tensors) of case `name` with backend="triton" on `device`, its launches
+    appended to log (if given)."""
+    rule, inp, h0, cu = case_inputs(name)
+    with case_settings(name), (tracing(log) if log is not None else contextlib.nullcontext()):
+        return _scan(rule, inp, h0, cu, "triton", device)
 
 
 def _scan(rule, inp, h0, cu, backend, device):
@@ -168,14 +201,7 @@ def _scan(rule, inp, h0, cu, backend, device):
 def reference_errors(name, o, f, g):
     """max |triton − reference| / max |reference| of o, the final state and each gradient (fp32 reference on the
     case's inputs upcast)."""
-    import torch
-    from olssm.catalogue import ENTRIES, random_inputs
-    rule_name, B, T, H, K, V, seed, dt, cu, nh, knobs, env = CASES[name]
-    rule = ENTRIES[rule_name].rule
-    inp = random_inputs(rule, B, T, H, K, V, seed=seed)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
-    inp = {n: x if rule.inputs[n].is_parameter else x.to(dtype).float() for n, x in inp.items()}
-    h0 = None if not nh else 0.3 * torch.randn(nh, H, V, K, generator=torch.Generator().manual_seed(seed))
+    rule, inp, h0, cu = case_inputs(name, upcast=True)
     o1, f1, g1 = _scan(rule, inp, h0, cu, "reference", "cpu")
     rel = lambda a, b: ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
     return {"o": rel(o, o1), "final": rel(f, f1), **{f"d{n}": rel(g[n], g1[n]) for n in g1}}
@@ -222,28 +248,20 @@ def compare_logs(compiled, interpreted):
     return lines
 
 
-def _one(name, directory, out):
-    """Child process: a case compiled (twice: a second run that differs bitwise means a race), compared with the
-    interpreter's trace and the reference."""
+def _one(name, directory):
+    """Child process: a case compiled (twice: a second run that differs bitwise means a race or a read of memory
+    nothing wrote), compared with the interpreter's trace and the reference."""
     import traceback
     import torch
     log = []
     try:
-        o, f, g, log = run_case(name, "cuda")
+        o, f, g = run_case(name, "cuda", log)
+        o2, f2, g2 = run_case(name, "cuda")
     except Exception as exc:   # an illegal memory access: the launches before it, and the one it stopped at
-        log = _LAST_LOG
         print(f"== {name}: {type(exc).__name__}: {str(exc)[:300]}\n   launches: "
               + " ".join(e["kernel"] + ("(raised)" if "after" not in e else "") for e in log)
               + "\n" + "".join(traceback.format_exc().splitlines(True)[-6:]), flush=True)
         return
-    rule_name, B, T, H, K, V, seed, dt, cu, nh, knobs, env = CASES[name]
-    from olssm.catalogue import ENTRIES, random_inputs
-    rule = ENTRIES[rule_name].rule
-    inp = random_inputs(rule, B, T, H, K, V, seed=seed)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
-    inp = {n: x if rule.inputs[n].is_parameter else x.to(dtype) for n, x in inp.items()}
-    h0 = None if not nh else 0.3 * torch.randn(nh, H, V, K, generator=torch.Generator().manual_seed(seed))
-    o2, f2, g2 = _scan(rule, inp, h0, cu, "triton", "cuda")
     same = torch.equal(o, o2) and torch.equal(f, f2) and all(torch.equal(g[n], g2[n]) for n in g)
     lines = [f"== {name}: errors against the reference: "
              + ", ".join(f"{k} {v:.1e}" for k, v in reference_errors(name, o, f, g).items())
@@ -260,7 +278,8 @@ def _record(name, directory):
     """Child process: a case interpreted on the CPU, its launch log saved to directory."""
     import torch
     t0 = time.time()
-    o, f, g, log = run_case(name, "cpu")
+    log = []
+    o, f, g = run_case(name, "cpu", log)
     torch.save({"log": log}, Path(directory) / (name.replace("/", "__") + ".pt"))
     errors = reference_errors(name, o, f, g)
     print(f"== {name}: {len(log)} launches, {time.time() - t0:.1f} s; errors against the reference: "
@@ -286,7 +305,7 @@ def main():
         if os.environ.get("TRITON_INTERPRET") == "1":
             _record(names[0], args.dir)
         else:
-            _one(names[0], args.dir, args.out)
+            _one(names[0], args.dir)
         return
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
