@@ -26,16 +26,25 @@
 #   delta-ab3    T_c and W̃ kept from the forward (the default) against the backward recomputing them
 #   fla-gla      fla's chunk_gla alone (its own autotuning takes minutes)
 #   profile      the top kernels by device time (torch.profiler)
+#   trace        each kernel_trace.py case compiled, in its own process, against the interpreter's launches and the
+#                reference (session 11 found ptxas 12.8's miscompiles this way); CASES=a,b limits it
 # fla-core (pure Python) is installed from .whl/ for the benchmark stages when the wheel was carried
 # (device tool: carry [".whl"]); the tests run without it.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh lease|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile}
+stage=${1:?usage: gpu_session.sh lease|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
 out=${OUT:-/tmp/olssm-gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
 unset TRITON_INTERPRET
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1 || true
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt"
+# which ptxas assembles the kernels (session 11: Triton 3.6's bundled 12.8.93 miscompiled them on an H100; the
+# library switches Hopper to a ptxas >= 13.0 when the machine has one, olssm/kernels/triton/toolchain.py)
+python -c "
+import torch
+from olssm.kernels.triton import toolchain
+print(toolchain.check(torch.device('cuda')) if torch.cuda.is_available() else 'no GPU', toolchain.ptxas_report())
+" >> "$out/gpu.txt" 2>&1
 
 with_fla() {
     if ls .whl/*.whl > /dev/null 2>&1; then
@@ -153,6 +162,13 @@ case $stage in
     profile)
         timeout 570 python benchmarks/profile_gpu.py --rules deltanet,longhorn,mamba,gla --kernels chunk,recurrent \
             2>&1 | tee "$out/profile.txt" ;;
+    trace)
+        # the interpreter's launches first (16 processes, seconds each; Triton 3.6's interpreter fails some bf16 cases,
+        # which then print their reference errors only), then each case compiled with blocking launches
+        python benchmarks/kernel_trace.py record --dir /tmp/olssm-traces --jobs 16 ${CASES:+--cases $CASES} \
+            > "$out/record.txt" 2>&1
+        timeout 450 python benchmarks/kernel_trace.py compare --dir /tmp/olssm-traces --out "$out" --jobs 12 \
+            --timeout 200 ${CASES:+--cases $CASES} 2>&1 | grep -E "^(==|!!)" ;;
     *)
         echo "unknown stage $stage" >&2; exit 2 ;;
 esac
