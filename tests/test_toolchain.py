@@ -22,7 +22,8 @@ def machine(monkeypatch):
     releases = {BUNDLED: (12, 8), TOOLKIT: (13, 0), OLD_TOOLKIT: (12, 4)}
     monkeypatch.setattr(tc, "_CHECKED", {})
     monkeypatch.setattr(tc, "_capability", lambda device: (9, 0))
-    monkeypatch.setattr(tc, "triton_ptxas", lambda: os.environ.get("TRITON_PTXAS_PATH") or BUNDLED)
+    monkeypatch.setattr(tc, "triton_ptxas", lambda arch=90: os.environ.get("TRITON_PTXAS_PATH") or BUNDLED)
+    monkeypatch.setattr(tc, "assembler_variable", lambda arch=90: "TRITON_PTXAS_PATH")
     monkeypatch.setattr(tc, "release_of", lambda path: releases.get(path))
     monkeypatch.setattr(tc, "candidates", lambda: [OLD_TOOLKIT, TOOLKIT])
     forgotten = []
@@ -104,13 +105,29 @@ def test_a_bad_policy_names_the_variable(machine, monkeypatch):
         tc.check(CUDA0)
 
 
-def test_release_of_reads_the_version_line(tmp_path):
-    fake = tmp_path / "ptxas"
+def _fake_ptxas(directory, release):
+    fake = directory / "ptxas"
     fake.write_text("#!/bin/sh\necho 'ptxas: NVIDIA (R) Ptx optimizing assembler'\n"
-                    "echo 'Cuda compilation tools, release 12.8, V12.8.93'\n")
+                    f"echo 'Cuda compilation tools, release {release}, V{release}.93'\n")
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    assert tc.release_of(str(fake)) == (12, 8)
+    return fake
+
+
+def test_release_of_reads_the_version_line(tmp_path):
+    assert tc.release_of(str(_fake_ptxas(tmp_path, "12.8"))) == (12, 8)
     assert tc.release_of(str(tmp_path / "missing")) is None
+
+
+def test_the_variable_set_redirects_the_installed_tritons_assembler_for_hopper(tmp_path, monkeypatch):
+    # the real Triton: the variable check() would set is the one that changes what sm_90 code is assembled with
+    # (Triton 3.6: TRITON_PTXAS_PATH; 3.9: TRITON_PTXAS_BLACKWELL_PATH, its ptxas-blackwell serving sm_90 and up)
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    before = tc.triton_ptxas(90)
+    assert before and tc.release_of(before) is not None
+    variable = tc.assembler_variable(90)
+    fake = _fake_ptxas(tmp_path, "13.0")
+    monkeypatch.setenv(variable, str(fake))
+    assert tc.triton_ptxas(90) == str(fake)
 
 
 def test_every_cuda_launch_goes_through_the_check(monkeypatch):

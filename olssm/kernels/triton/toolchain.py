@@ -1,8 +1,10 @@
 """Which ptxas assembles olssm's kernels on Hopper GPUs.
 
-Triton lowers a kernel to PTX and hands it to ptxas, by default the copy its wheel bundles (Triton 3.6.0: CUDA
-12.8.93; 3.9.0: 12.9). On an H100 (session 11, Triton 3.6.0, benchmarks/logs/2026-11-26-h100-s11) ptxas 12.8.93
-turned correct PTX of the chunked delta-rule kernels into wrong machine code at some shapes:
+Triton lowers a kernel to PTX and hands it to ptxas, by default a copy its wheel bundles. Which copy depends on the
+Triton release: 3.6.0 assembles sm_90 with its `ptxas`, CUDA 12.8.93 (TRITON_PTXAS_PATH overrides); 3.9.0 with its
+`ptxas-blackwell`, CUDA 13.4 (TRITON_PTXAS_BLACKWELL_PATH overrides; its 12.9 `ptxas` serves older GPUs). On an H100
+(session 11, Triton 3.6.0, benchmarks/logs/2026-11-26-h100-s11) ptxas 12.8.93 turned correct PTX of the chunked
+delta-rule kernels into wrong machine code at some shapes:
 
 - DeltaNet, bf16 inputs, d_k = 72, d_v = 8 (value tiles of 16): o wrong by 110 % of its scale, or an illegal
   memory access in chunk_delta_out_kernel, varying from run to run (the same at d_k = 128, T = 128, H = 4);
@@ -19,15 +21,15 @@ launch on each device.
 PTXAS_POLICY (env OLSSM_TRITON_PTXAS overrides; read at the first launch on each device):
 
 - "auto": on a Hopper device (compute capability 9.x) whose Triton assembler is a release below GOOD_RELEASE and
-  that the user did not choose (TRITON_PTXAS_PATH unset), point Triton at the newest ptxas of release
+  that the user did not choose (the variable that picks it unset), point Triton at the newest ptxas of release
   ≥ GOOD_RELEASE found on the machine (a CUDA toolkit, PATH, pip's nvidia compiler wheels) and warn once that it
-  did. This sets TRITON_PTXAS_PATH for the whole process, so the user's own Triton kernels compiled afterwards
-  get that assembler too: the bundled one is the defective part. With none found: warn, naming the fix.
+  did. This sets the variable for the whole process, so the user's own Triton kernels compiled afterwards get that
+  assembler too: the bundled one is the defective part. With none found: warn, naming the fix.
 - "strict": as "auto", but raise instead of warning when the kernels would be assembled by a release below
-  GOOD_RELEASE on Hopper (the user's own choice of TRITON_PTXAS_PATH included).
+  GOOD_RELEASE on Hopper (the user's own choice included).
 - "keep": leave Triton's choice alone, silently.
 
-Release 12.9 (Triton 3.9's) has not run on a GPU here; it is treated like 12.8 until a lease shows otherwise.
+Triton 3.9's 13.4 passes the check; it has not run on a GPU here.
 """
 from __future__ import annotations
 
@@ -64,18 +66,39 @@ def release_of(path: str) -> Optional[tuple]:
     return (int(found.group(1)), int(found.group(2))) if found else None
 
 
-def triton_ptxas() -> Optional[str]:
-    """The path of the ptxas Triton uses for sm_90 now (TRITON_PTXAS_PATH if it runs, else the bundled copy)."""
+def triton_ptxas(arch: int = 90) -> Optional[str]:
+    """The path of the ptxas Triton would assemble for sm_<arch> with now (its override variable if set and the
+    binary runs, else the bundled copy)."""
+    try:
+        from triton.backends.nvidia import compiler as nvc
+        return nvc.get_ptxas(arch).path
+    except Exception:   # a Triton without get_ptxas: its knob, or the bundled ptxas beside the backend
+        try:
+            from triton import knobs
+            return knobs.nvidia.ptxas.path
+        except Exception:
+            try:
+                import triton.backends.nvidia as nv
+                path = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
+                return path if os.path.exists(path) else None
+            except Exception:
+                return None
+
+
+def assembler_variable(arch: int = 90) -> str:
+    """The environment variable that picks Triton's ptxas for sm_<arch>: TRITON_PTXAS_PATH (Triton 3.6 at sm_90) or
+    TRITON_PTXAS_BLACKWELL_PATH (3.9 assembles sm_90 and newer with its ptxas-blackwell)."""
     try:
         from triton import knobs
-        return knobs.nvidia.ptxas.path
-    except Exception:   # a Triton without knobs (< 3.4): its bundled ptxas beside the backend
-        try:
-            import triton.backends.nvidia as nv
-            path = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
-            return path if os.path.exists(path) else None
-        except Exception:
-            return None
+        from triton.backends.nvidia import compiler as nvc
+        used = nvc.get_ptxas(arch).path
+        for name in ("ptxas", "ptxas_blackwell"):
+            knob = type(knobs.nvidia).__dict__.get(name)
+            if knob is not None and getattr(knobs.nvidia, name).path == used:
+                return knob.key
+    except Exception:
+        pass
+    return "TRITON_PTXAS_PATH"
 
 
 def candidates() -> list:
@@ -119,10 +142,10 @@ def _forget_assembler_version():
             fn.cache_clear()
 
 
-def _fix_text():
-    return ("install a CUDA toolkit of release >= {}.{} (or `pip install nvidia-cuda-nvcc`) and set "
-            "TRITON_PTXAS_PATH to its bin/ptxas, or upgrade Triton; OLSSM_TRITON_PTXAS=keep silences this".format(
-                *GOOD_RELEASE))
+def _fix_text(variable):
+    return ("install a CUDA toolkit of release >= {}.{} (or `pip install nvidia-cuda-nvcc`) and set {} to its "
+            "bin/ptxas, or upgrade Triton (3.9 assembles Hopper code with ptxas 13.4); OLSSM_TRITON_PTXAS=keep "
+            "silences this".format(*GOOD_RELEASE, variable))
 
 
 def check(device) -> dict:
@@ -140,35 +163,37 @@ def check(device) -> dict:
     report["capability"] = _capability(device)
     if report["capability"][0] != 9:
         return report
-    current = triton_ptxas()
+    arch = 10 * report["capability"][0] + report["capability"][1]
+    variable = assembler_variable(arch)
+    current = triton_ptxas(arch)
     report["ptxas"], report["release"] = current, (release_of(current) if current else None)
     if report["release"] is None or report["release"] >= GOOD_RELEASE:
         return report
     bad = "ptxas {}.{} ({})".format(*report["release"], current)
     why = (f"olssm: Triton assembles kernels for this Hopper GPU with {bad}; ptxas 12.8 produced wrong results and "
            "illegal memory accesses in olssm's chunked kernels on an H100 (olssm/kernels/triton/toolchain.py)")
-    if os.environ.get("TRITON_PTXAS_PATH"):   # the user's own choice: not overridden
+    if os.environ.get(variable):   # the user's own choice: not overridden
         if mode == "strict":
             _CHECKED.pop(index)
-            raise RuntimeError(f"{why}. TRITON_PTXAS_PATH chose it; {_fix_text()}")
-        warnings.warn(f"{why}. TRITON_PTXAS_PATH chose it; {_fix_text()}", RuntimeWarning, stacklevel=3)
+            raise RuntimeError(f"{why}. {variable} chose it; {_fix_text(variable)}")
+        warnings.warn(f"{why}. {variable} chose it; {_fix_text(variable)}", RuntimeWarning, stacklevel=3)
         return report
     good = [(r, p) for p in candidates() for r in [release_of(p)] if r is not None and r >= GOOD_RELEASE]
     if good:
         release, path = max(good, key=lambda rp: rp[0])
-        os.environ["TRITON_PTXAS_PATH"] = path
+        os.environ[variable] = path
         _forget_assembler_version()
         report.update(ptxas=path, release=release, switched_from=current)
         warnings.warn(f"{why}. Switched Triton to ptxas {release[0]}.{release[1]} ({path}) for this process "
-                      "(TRITON_PTXAS_PATH; OLSSM_TRITON_PTXAS=keep to leave Triton's choice alone)",
+                      f"({variable}; OLSSM_TRITON_PTXAS=keep to leave Triton's choice alone)",
                       RuntimeWarning, stacklevel=3)
         return report
     if mode == "strict":
         _CHECKED.pop(index)
         raise RuntimeError(f"{why}, and no ptxas of release >= {GOOD_RELEASE[0]}.{GOOD_RELEASE[1]} was found: "
-                           f"{_fix_text()}")
+                           f"{_fix_text(variable)}")
     warnings.warn(f"{why}, and no ptxas of release >= {GOOD_RELEASE[0]}.{GOOD_RELEASE[1]} was found; results may "
-                  f"be wrong: {_fix_text()}", RuntimeWarning, stacklevel=3)
+                  f"be wrong: {_fix_text(variable)}", RuntimeWarning, stacklevel=3)
     return report
 
 
