@@ -54,26 +54,29 @@ with_fla() {
 }
 
 bench=(python benchmarks/triton_kernels.py --dtype bf16 --autotune)
-# the chunked settings timed against the defaults (benchmarks/triton_kernels.py --variants), untimed since sessions 8-9:
-# WIDE_BLOCKS (`wb`), bf16 chunk tensors (`cs`: no fp32 copies of q, k, v), the key-major state tile (`km`), the UT
-# substitution on the diagonal blocks only (`utb`), the same-key backward key kernel (`sk`: dK = dA + dB + dW in one,
-# no autograd adds), the forward's state pass in key halves with int32 offsets (`ks`: session 10, no spills at 8 warps;
-# `ks4` at 4 warps, fla's fwd_h count), int32 row offsets in the split path's seven kernels (`o32`: spills 440 -> 352
-# in prep, 272 -> 0 in the backward's tied key kernel, aot_check), the forward's prep in two launches (`ps`: T_c and Y,
-# then W̃ and Ũ, as fla's kkt / solve_tril / recompute_w_u; 440 -> 96 and 0 B), and all but `wb` together with bf16
-# checkpoints (`all`: fla keeps h in bf16; ck is 268 MB of fp32 at (2, 8192, 16, 128), written once and read three
-# times; key_split takes the forward's state pass, key_major the backward's; they touch different kernels and glue).
+# the chunked settings timed against the defaults (benchmarks/triton_kernels.py --variants), built in sessions 8-10
+# (all but `cs` first timed in session 11, at D = 128): WIDE_BLOCKS (`wb`), bf16 chunk tensors (`cs`: no fp32 copies
+# of q, k, v), the key-major state tile (`km`), session 11's two new defaults the old way round (`utm`: the UT
+# substitution on the whole masked tile, where "blocks" won the forward by 1.12-1.13x; `nsk`: the general backward key
+# kernel and autograd's dA + dB + dW, where the same-key kernel won fwd+bwd by 1.04-1.07x), the forward's state pass
+# in key halves with int32 offsets (`ks`: session 10, no spills at 8 warps; `ks4` at 4 warps, fla's fwd_h count),
+# int32 row offsets in the split path's seven kernels (`o32`: spills 440 -> 352 in prep, 272 -> 0 in the backward's
+# tied key kernel, aot_check), the forward's prep in two launches (`ps`: T_c and Y, then W̃ and Ũ, as fla's kkt /
+# solve_tril / recompute_w_u; 440 -> 96 and 0 B), and the opt-in ones but `wb` and `ks4` together with bf16
+# checkpoints, on the new defaults (`all`: fla keeps h in bf16; ck is 268 MB of fp32 at (2, 8192, 16, 128), written
+# once and read three times; key_split takes the forward's state pass, key_major the backward's; they touch different
+# kernels and glue).
 # Session 8's wide-key settings against the old chunk-32 defaults are not repeated (one process, 2.06 / 5.70 against
 # 2.83 / 6.97 ms).
 # Triton's on-disk cache carries the profile's compiles over to the table
-variants_all='key_major:1,key_split:1,ut_solve:blocks,chunk_storage:input,same_key:1,offsets32:1,prep_split:1,checkpoint_storage:input'
+variants_all='key_major:1,key_split:1,chunk_storage:input,offsets32:1,prep_split:1,checkpoint_storage:input'
 # the rows the profile compiled first (Triton's disk cache) and the repeat of the defaults before the rest, so that a
 # timeout past them still leaves the drift and the likeliest settings (each new setting compiles its kernels for each
 # rule; fla's rows come right after the defaults); `wb` (wide-key path only) last. `cs` (bf16 chunk tensors gave no
 # gain at D = 64 in session 8, with bf16 checkpoints) is left to `variants`
-variants128="ps=prep_split:1;ks=key_split:1;o32=offsets32:1;utb=ut_solve:blocks;all=$variants_all;again=;km=key_major:1;sk=same_key:1;ks4=key_split:1,key_split_warps:4;wb=wide_blocks:1"
+variants128="ps=prep_split:1;ks=key_split:1;o32=offsets32:1;all=$variants_all;again=;km=key_major:1;utm=ut_solve:masked;nsk=same_key:0;ks4=key_split:1,key_split_warps:4;wb=wide_blocks:1"
 variants128_profile="ps=prep_split:1;all=$variants_all"
-variants64="ps=prep_split:1;ks=key_split:1;o32=offsets32:1;utb=ut_solve:blocks;all=$variants_all;again=;km=key_major:1;sk=same_key:1;cs=chunk_storage:input"
+variants64="ps=prep_split:1;ks=key_split:1;o32=offsets32:1;all=$variants_all;again=;km=key_major:1;utm=ut_solve:masked;nsk=same_key:0;cs=chunk_storage:input"
 triton_tests=(tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py tests/test_triton_pscan.py
               tests/test_triton_autotune.py)
 case $stage in

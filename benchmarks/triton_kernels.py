@@ -193,7 +193,7 @@ def _main(argv=None):
         where = f"{torch.cuda.get_device_name()}, {toolchain.ptxas_report()}"
     print(f"B={a.B} T={a.T} H={a.H} d_k={a.dk} d_v={a.dv} {a.dtype} chunk={a.chunk or 'policy'} dot={a.precision} "
           f"delta-forward={a.delta_forward} delta-backward={a.delta_backward} ut-block={int(chunked.UT_BLOCK)} "
-          f"ut-solve={chunked.ut_solve()} "
+          f"ut-solve={chunked.ut_solve()} same-key={int(chunked_delta_bwd.same_key_on())} "
           f"tie={chunked.TIE_INPUT_TERM} save-core={chunked.SAVE_CHUNK_CORE} decays={'raw' if a.raw_decays else 'log'} chunk-storage={a.chunk_storage} checkpoint-storage={a.checkpoint_storage} "
           f"pscan={a.pscan} "
           f"(BT={a.pscan_bt}, {a.pscan_warps} warps, tiles {a.pscan_tile}/{a.pscan_bwd_tile}) on {where}")

@@ -656,7 +656,11 @@ def test_benchmark_variants_parse_the_session_specs():
         "km": {"key_major": True}}
     assert bench._variants("utb=ut_solve:blocks;again=") == {"utb": {"ut_solve": "blocks"}, "again": {}}
     assert bench._variants("sk=same_key:1;again=") == {"sk": {"same_key": True}, "again": {}}
+    # session 11's defaults the old way round (gpu_session.sh's utm / nsk rows)
+    assert bench._variants("utm=ut_solve:masked;nsk=same_key:0;again=") == {
+        "utm": {"ut_solve": "masked"}, "nsk": {"same_key": False}, "again": {}}
     assert bench._changes({"same_key": True}, "chunk") and not bench._changes({"same_key": True}, "recurrent")
+    assert bench._changes({"same_key": False}, "chunk") and bench._changes({"ut_solve": "masked"}, "chunk")
     with pytest.raises(SystemExit, match="expected"):
         bench._variants("utb=ut_solve:rows")
     assert bench._variants("") == {}

@@ -372,18 +372,21 @@ def _same_key_rule(name):
     return ENTRIES[name].rule.with_log_decays() if name == "gated_deltanet" else ENTRIES[name].rule
 
 
+@pytest.mark.parametrize("same", [True, False])
 @pytest.mark.parametrize("case", ["wide keys", "wide keys, bf16 operands", "chunk 16 varlen"])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "longhorn"])
-def test_same_key_kernel(name, case, calls, same_keys, monkeypatch):
-    # SAME_KEY on: the key kernel writes dK = dA + dB + dW_0 for the one key tensor (a = b = w_0 = k) and the op
-    # returns it once; o, the final state and every gradient (dk above all) against the reference (RTOL,
-    # STATE_RTOL), with initial states. "wide keys": d_k = 72, d_v = 20, 140 tokens (DeltaNet, Gated DeltaNet: the
-    # wide-key path's chunks of 64, the last partial; Longhorn's row c keeps chunks of 16); with bf16 dot operands
-    # (BF16_DOT_RTOL: the same-key kernel rounds E − Δ once where the general one rounds E and Δ); "chunk 16
-    # varlen": packed sequences of 5, 0, 1 and 37 tokens. Every program of the one key launch took the same-key branch
-    monkeypatch.setattr(tdelta, "SAME_KEY", True)
+def test_same_key_kernel(name, case, same, calls, same_keys, monkeypatch):
+    # SAME_KEY on (the default): the key kernel writes dK = dA + dB + dW_0 for the one key tensor (a = b = w_0 = k)
+    # and the op returns it once; off: the general key kernel on three full tensors and autograd's sum. o, the final
+    # state and every gradient (dk above all) against the reference (RTOL, STATE_RTOL), with initial states. "wide
+    # keys": d_k = 72, d_v = 20, 140 tokens (DeltaNet, Gated DeltaNet: the wide-key path's chunks of 64, the last
+    # partial; Longhorn's row c keeps chunks of 16); with bf16 dot operands (BF16_DOT_RTOL: the same-key kernel
+    # rounds E − Δ once where the general one rounds E and Δ); "chunk 16 varlen": packed sequences of 5, 0, 1 and 37
+    # tokens. Every program of the one key launch took the same-key branch (on) or none did (off)
+    monkeypatch.setattr(tdelta, "SAME_KEY", same)
+    monkeypatch.delenv("OLSSM_TRITON_SAME_KEY", raising=False)
     rule = _same_key_rule(name)
-    assert tdelta.same_key(rule.form)
+    assert tdelta.same_key(rule.form) is same
     rtol, state_rtol = RTOL, STATE_RTOL
     if case.startswith("wide keys"):
         T, H, K, V, cu = 140, 1, 72, 20, None
@@ -403,7 +406,7 @@ def test_same_key_kernel(name, case, calls, same_keys, monkeypatch):
     if same_keys is not None:
         chunk = 64 if case.startswith("wide keys") and name != "longhorn" else 16
         [(knob, BT, programs, took)] = same_keys
-        assert knob is True and BT == chunk and took == programs > 0
+        assert knob is same and BT == chunk and programs > 0 and took == (programs if same else 0)
 
 
 # ---- the key-split state pass (chunked.STATE_KEY_SPLIT): the forward's state in two key halves, int32 offsets ------
@@ -633,15 +636,15 @@ def test_offsets32_stand_down_past_int32(monkeypatch):
 def test_wide_key_variants_together(name, storage, calls, same_keys, solves, state_dots, offset_kinds, prep_launches,
                                     monkeypatch):
     # the next lease's `all` row (benchmarks/gpu_session.sh): the prep in two launches, the key-split forward state
-    # pass, the key-major backward one, int32 row offsets, the UT substitution on the diagonal blocks and the
-    # same-key key kernel at once, on the wide-key path (d_k = 72: chunks of 64, the last partial), packed sequences
-    # with initial states. fp32: o, the final state and every gradient against the reference (RTOL, STATE_RTOL).
-    # bf16 chunk tensors and bf16 checkpoints (CHUNK_STORAGE / CHECKPOINT_STORAGE "input", the last two settings of
-    # `all`): bf16 inputs, "input" against "fp32" storage under the same knobs (compare_storage's STORAGE_RTOL,
-    # compare_checkpoint_storage's CHECKPOINT_RTOL). Each knob reached its kernels: the prep in
-    # two launches, and (interpreted) the forward's state launch in key halves and the backward's key-major, every row
-    # index int32, every UT solve on blocks, every key program through _same_key_grads at chunks of 64 (a knob
-    # dropped on the way had still passed the comparisons)
+    # pass, the key-major backward one, int32 row offsets, and (the defaults since session 11, set here all the same)
+    # the UT substitution on the diagonal blocks and the same-key key kernel at once, on the wide-key path (d_k = 72:
+    # chunks of 64, the last partial), packed sequences with initial states. fp32: o, the final state and every
+    # gradient against the reference (RTOL, STATE_RTOL). bf16 chunk tensors and bf16 checkpoints (CHUNK_STORAGE /
+    # CHECKPOINT_STORAGE "input", two settings of `all`): bf16 inputs, "input" against "fp32" storage under the same
+    # knobs (compare_storage's STORAGE_RTOL, compare_checkpoint_storage's CHECKPOINT_RTOL). Each knob reached its
+    # kernels: the prep in two launches, and (interpreted) the forward's state launch in key halves and the backward's
+    # key-major, every row index int32, every UT solve on blocks, every key program through _same_key_grads at chunks
+    # of 64 (a knob dropped on the way had still passed the comparisons)
     monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
     monkeypatch.setattr(tchunk, "STATE_KEY_MAJOR", True)
     monkeypatch.setattr(tchunk, "STATE_KEY_SPLIT", True)
@@ -650,6 +653,7 @@ def test_wide_key_variants_together(name, storage, calls, same_keys, solves, sta
     monkeypatch.setattr(tchunk, "UT_SOLVE", "blocks")
     monkeypatch.delenv("OLSSM_TRITON_UT_SOLVE", raising=False)
     monkeypatch.setattr(tdelta, "SAME_KEY", True)
+    monkeypatch.delenv("OLSSM_TRITON_SAME_KEY", raising=False)
     rule = _same_key_rule(name)
     cu = [0, 70, 71, 140]
     h0 = 0.3 * torch.randn(3, 1, 20, 72, generator=torch.Generator().manual_seed(14))
@@ -675,14 +679,19 @@ def test_wide_key_variants_together(name, storage, calls, same_keys, solves, sta
     assert prep_launches == ["core", "wu"] * runs   # the prep in two launches (prep_split)
 
 
-def test_variant_knobs_take_their_environment_overrides(state_dots, same_keys, monkeypatch):
-    # OLSSM_TRITON_STATE_KEY_MAJOR / OLSSM_TRITON_SAME_KEY switch the two opt-in variants on with the module constants
-    # off (as OLSSM_TRITON_UT_SOLVE does UT_SOLVE), exact against the reference; a value other than 0 / 1 is refused
-    # naming the variable
+@pytest.mark.parametrize("same", [True, False])
+def test_variant_knobs_take_their_environment_overrides(same, state_dots, same_keys, solves, monkeypatch):
+    # OLSSM_TRITON_STATE_KEY_MAJOR switches the opt-in key-major tile on with the module constant off;
+    # OLSSM_TRITON_SAME_KEY and OLSSM_TRITON_UT_SOLVE switch the same-key kernel and the blocks solve on with the
+    # constants off, or off ("0", "masked": the settings before session 11) with them on, as they are by default;
+    # exact against the reference. A value other than 0 / 1 (masked / blocks) is refused naming the variable
+    solve = "blocks" if same else "masked"
     monkeypatch.setenv("OLSSM_TRITON_STATE_KEY_MAJOR", "1")
-    monkeypatch.setenv("OLSSM_TRITON_SAME_KEY", "1")
+    monkeypatch.setenv("OLSSM_TRITON_SAME_KEY", "1" if same else "0")
+    monkeypatch.setenv("OLSSM_TRITON_UT_SOLVE", solve)
     monkeypatch.setattr(tchunk, "STATE_KEY_MAJOR", False)
-    monkeypatch.setattr(tdelta, "SAME_KEY", False)
+    monkeypatch.setattr(tdelta, "SAME_KEY", not same)
+    monkeypatch.setattr(tchunk, "UT_SOLVE", "masked" if same else "blocks")
     rule = ENTRIES["deltanet"].rule
     h0 = 0.3 * torch.randn(1, 2, 5, 4, generator=torch.Generator().manual_seed(15))
     _compare(rule, random_inputs(rule, 1, 37, 2, 4, 5, seed=15), h0)
@@ -690,13 +699,17 @@ def test_variant_knobs_take_their_environment_overrides(state_dots, same_keys, m
         assert [x[:2] for x in state_dots] == [["forward", True], ["backward", True]]
     if same_keys is not None:
         [(knob, BT, programs, took)] = same_keys
-        assert knob is True and took == programs > 0
-    for var in ("OLSSM_TRITON_STATE_KEY_MAJOR", "OLSSM_TRITON_SAME_KEY"):
+        assert knob is same and programs > 0 and took == (programs if same else 0)
+    if solves is not None:
+        assert solves and set(solves) == {solve}
+    for var in ("OLSSM_TRITON_STATE_KEY_MAJOR", "OLSSM_TRITON_SAME_KEY", "OLSSM_TRITON_UT_SOLVE"):
         monkeypatch.setenv(var, "yes")
         with pytest.raises(ValueError, match=var):
-            tchunk.state_key_major() if "STATE" in var else tdelta.same_key(rule.form)
-        monkeypatch.setenv(var, "0")
-    assert not tchunk.state_key_major() and not tdelta.same_key(rule.form)
+            tchunk.state_key_major() if "STATE" in var else tdelta.same_key(rule.form) if "KEY" in var \
+                else tchunk.ut_solve()
+        monkeypatch.delenv(var)
+    assert not tchunk.state_key_major() and tdelta.same_key(rule.form) is not same
+    assert tchunk.ut_solve() == ("masked" if same else "blocks")
 
 
 @pytest.mark.parametrize("case", ["two input terms", "two keys", "independent keys", "independent keys, row c"])
@@ -996,7 +1009,7 @@ def _kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, crow, tied, ut, low
             _close(got, want, RTOL, f"d{n}")
 
 
-# ---- the UT substitution on the diagonal blocks alone (chunked.UT_SOLVE = "blocks") -------------------------
+# ---- the UT substitution: on the diagonal blocks alone (chunked.UT_SOLVE = "blocks", the default) or masked ------
 
 @pytest.fixture
 def solves(monkeypatch):
@@ -1019,23 +1032,27 @@ def solves(monkeypatch):
                           (True, False, 32, 1, 20, 20, True, None),    # 2 blocks, 1 merge
                           (True, True, 64, 1, 72, 16, True, None),     # the wide-key shape: 4 blocks, 2 merges
                           (False, True, 64, 2, 72, 16, False, 64)])    # UT_BLOCK ≥ BT: one block of 64
-def test_ut_solve_blocks_on_chunk_tensors(gated, varlen, chunk, M, K, V, tied, ut, ties, solves, monkeypatch):
-    """UT_SOLVE = "blocks": the split forward and the chunked backward recomputing T_c (no saved chunk core), with an
-    initial state, against the fp64 autograd loop (o, final state, every gradient; test_triton_chunked.py's
-    tolerances), at chunks of 16 / 32 / 64 (d_k = 72 at 64), gated, varlen (padded rows in every last chunk); and
-    both prep kernels took the blocks branch."""
-    monkeypatch.setattr(tchunk, "UT_SOLVE", "blocks")
+@pytest.mark.parametrize("solve", ["blocks", "masked"])
+def test_ut_solve_on_chunk_tensors(solve, gated, varlen, chunk, M, K, V, tied, ut, ties, solves, monkeypatch):
+    """UT_SOLVE = "blocks" (the default) and "masked": the split forward and the chunked backward recomputing T_c (no
+    saved chunk core), with an initial state, against the fp64 autograd loop (o, final state, every gradient;
+    test_triton_chunked.py's tolerances), at chunks of 16 / 32 / 64 (d_k = 72 at 64), gated, varlen (padded rows in
+    every last chunk); and both prep kernels took that branch."""
+    monkeypatch.setattr(tchunk, "UT_SOLVE", solve)
+    monkeypatch.delenv("OLSSM_TRITON_UT_SOLVE", raising=False)
     _kernels_on_chunk_tensors(gated, varlen, chunk, M, K, V, False, tied, ut, False, ties, monkeypatch)
     if solves is not None:
-        assert solves and set(solves) == {"blocks"}
+        assert solves and set(solves) == {solve}
         assert len(solves) % 2 == 0   # one per chunk program, in the forward prep and again in the backward prep
 
 
-def test_ut_solve_blocks_rank_r(calls, solves, monkeypatch):
-    """Sub-tokens (SUB = 4: 4 corrections per token, the strict mask between tokens) with UT_SOLVE = "blocks" and
-    UT_BLOCK = 8 (two tokens per block, 2 blocks per 16-sub-token chunk, one merge), through rule.scan against the
-    reference: o, final state, every gradient."""
-    monkeypatch.setattr(tchunk, "UT_SOLVE", "blocks")
+@pytest.mark.parametrize("solve", ["blocks", "masked"])
+def test_ut_solve_rank_r(solve, calls, solves, monkeypatch):
+    """Sub-tokens (SUB = 4: 4 corrections per token, the strict mask between tokens) with UT_SOLVE = "blocks" (the
+    default) and "masked", UT_BLOCK = 8 (two tokens per block, 2 blocks per 16-sub-token chunk, one merge), through
+    rule.scan against the reference: o, final state, every gradient."""
+    monkeypatch.setattr(tchunk, "UT_SOLVE", solve)
+    monkeypatch.delenv("OLSSM_TRITON_UT_SOLVE", raising=False)
     monkeypatch.setattr(tchunk, "UT_BLOCK", 8)
     monkeypatch.setattr(tchunk, "SAVE_CHUNK_CORE", False)      # the backward recomputes T_c too
     monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
@@ -1046,7 +1063,7 @@ def test_ut_solve_blocks_rank_r(calls, solves, monkeypatch):
     _compare(rule, inp, h0)
     assert len(calls) == 1
     if solves is not None:
-        assert solves and set(solves) == {"blocks"}
+        assert solves and set(solves) == {solve}
 
 
 def _prep_tc(k, c, ld, chunk, cu, gated):
@@ -1095,6 +1112,7 @@ def test_ut_solve_blocks_inverse_of_nearly_parallel_keys(chunk, gated, solves, m
     valid = ~ref.isnan()
     scale = ref[valid].abs().max().item()
     errs = {}
+    monkeypatch.delenv("OLSSM_TRITON_UT_SOLVE", raising=False)
     for solve in ("masked", "blocks"):
         monkeypatch.setattr(tchunk, "UT_SOLVE", solve)
         got = _prep_tc(k, c, ld, chunk, cu, gated).double()

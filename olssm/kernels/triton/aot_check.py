@@ -172,7 +172,8 @@ def variants(BT, BK, BV, prec, BVW=None):
             kw = dict(GATED=gated, VARLEN=True, TIED=tied)
             yield f"delta bwd value {t}", dbw.chunk_delta_bwd_value_kernel, dict(value, **kw)
             yield f"delta bwd key {t}", dbw.chunk_delta_bwd_key_kernel, dict(key, **kw)
-        # a = b = w_0 (chunked_delta_bwd.SAME_KEY: DeltaNet, Gated DeltaNet, and Longhorn's row-c key launch)
+        # a = b = w_0 (chunked_delta_bwd.SAME_KEY, on by default: DeltaNet, Gated DeltaNet, and Longhorn's row-c key
+        # launch; with SAME_KEY = 0 they run the rows above, tied for the first two, untied for Longhorn)
         yield (f"delta bwd key {tag} SAME_KEY", dbw.chunk_delta_bwd_key_kernel,
                dict(key, GATED=gated, VARLEN=True, SAME_KEY=True))
     for tied in (False, True):
@@ -200,19 +201,20 @@ def variants(BT, BK, BV, prec, BVW=None):
                                                                                           SUB=4)
     # rank-R corrections on 4 sub-tokens per token (chunked.sub_tokens: the strict mask between tokens, SUB)
     sub = dict(GATED=True, VARLEN=True, M=2, SUB=4)
-    # the UT substitution on the diagonal blocks alone (chunked.UT_SOLVE = "blocks"): both callers of _ut_inverse
+    # the UT substitution on the whole masked tile (chunked.UT_SOLVE = "masked"; the rows without a solve take the
+    # kernels' default, "blocks"): both callers of _ut_inverse
     for gated in (False, True):
         tag = f"decay={'scalar' if gated else 'none'} varlen=True"
-        yield (f"delta split prep {tag} tied SAVE_TC blocks", ch.chunk_delta_prep_kernel,
-               dict(wide, GATED=gated, VARLEN=True, TIED=True, SAVE_TC=True, SOLVE="blocks"))
-        yield (f"delta bwd prep {tag} blocks", dbw.chunk_delta_bwd_prep_kernel,
-               dict(prep, GATED=gated, VARLEN=True, SOLVE="blocks"))
+        yield (f"delta split prep {tag} tied SAVE_TC masked", ch.chunk_delta_prep_kernel,
+               dict(wide, GATED=gated, VARLEN=True, TIED=True, SAVE_TC=True, SOLVE="masked"))
+        yield (f"delta bwd prep {tag} masked", dbw.chunk_delta_bwd_prep_kernel,
+               dict(prep, GATED=gated, VARLEN=True, SOLVE="masked"))
     yield "rank4 delta fwd c=row", ch.chunk_delta_fwd_kernel, dict(base, C_ROW=True, G_ROW=False, VARLEN=True, M=2,
                                                                    SUB=4)
     yield "rank4 delta split prep SAVE_TC", ch.chunk_delta_prep_kernel, dict(wide, TIED=False, SAVE_TC=True, **sub)
     yield "rank4 delta bwd prep", dbw.chunk_delta_bwd_prep_kernel, dict(prep, GATED=True, VARLEN=True, SUB=4)
-    yield ("rank4 delta bwd prep blocks", dbw.chunk_delta_bwd_prep_kernel,
-           dict(prep, GATED=True, VARLEN=True, SUB=4, SOLVE="blocks"))
+    yield ("rank4 delta bwd prep masked", dbw.chunk_delta_bwd_prep_kernel,
+           dict(prep, GATED=True, VARLEN=True, SUB=4, SOLVE="masked"))
     yield "rank4 delta bwd value", dbw.chunk_delta_bwd_value_kernel, dict(value, TIED=False, **sub)
     yield "rank4 delta bwd key", dbw.chunk_delta_bwd_key_kernel, dict(key, TIED=False, **sub)
     yield "rank4 rowc bwd prep", dbw.chunk_rowc_bwd_prep_kernel, dict(rowc, **sub)

@@ -102,9 +102,12 @@ UT_BLOCK = 16
 #: of the forward prep's loop goes from 335 PTX instructions, 14 bar.sync, 20 shared-memory accesses and 82 shuffles
 #: to 77, 0, 0 and 16 (chunk 32 at d_k = 64: 149, 10, 11, 35 before), and the kernel's spills from 424 to 408
 #: B/thread with tf32 operands, 480 to 208 with bf16 (the backward's prep, Gated DeltaNet: 552 → 592, 584 → 264).
-#: The default stays "masked" until "blocks" is timed on a GPU. OLSSM_TRITON_UT_SOLVE overrides; read at each
-#: launch (ut_solve()), passed as the constexpr SOLVE.
-UT_SOLVE = "masked"
+#: "blocks" is the default since session 11 (H100 80GB HBM3, Triton 3.6.0; (2, 8192, 16, 128) bf16, one process,
+#: the defaults' spread 0.02 ms fwd, 0.06 / 0.14 fwd+bwd): DeltaNet fwd 2.18 → 1.91 ms (1.13× the faster default
+#: row), fwd+bwd 6.19 → 5.96 (1.03×); Gated DeltaNet fwd 2.51 → 2.22 (1.12×), fwd+bwd 7.75 → 7.50 (within drift).
+#: OLSSM_TRITON_UT_SOLVE ("masked" / "blocks") overrides; read at each launch (ut_solve()), passed as the constexpr
+#: SOLVE, whose default in the kernels is this one (aot_check's rows without a solve compile it).
+UT_SOLVE = "blocks"
 
 
 @triton.jit
@@ -876,7 +879,7 @@ def _ut_substitute_blocks(L, BT: tl.constexpr, UB: tl.constexpr):
 @triton.jit
 def _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
                 GATED: tl.constexpr, PREC: tl.constexpr, SUB: tl.constexpr = 1, UTB: tl.constexpr = 16,
-                SOLVE: tl.constexpr = "masked"):
+                SOLVE: tl.constexpr = "blocks"):
     """The state-independent core of a delta-family chunk (split forward and its backward):
     c, D, D_st, Γ, T_c = (I + diag(c) N)⁻¹ and N = A Bᵀ ⊙ D_st.
 
@@ -923,7 +926,7 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
                             BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
                             PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, TIED: tl.constexpr = False,
                             SAVE_TC: tl.constexpr = False, SUB: tl.constexpr = 1, UTB: tl.constexpr = 16,
-                            SOLVE: tl.constexpr = "masked", OFF32: tl.constexpr = False,
+                            SOLVE: tl.constexpr = "blocks", OFF32: tl.constexpr = False,
                             CORE_ONLY: tl.constexpr = False):
     """Per chunk, independent of the state:
         W̃ = T_c (c ⊙ Γ ⊙ A) → wt,   Ũ = T_c (c ⊙ Σ_m (A W_mᵀ ⊙ D_strict) E_m) → u,
@@ -1427,7 +1430,7 @@ def switch_on(env: str, value: bool, what: str) -> bool:
 
 def ut_solve() -> str:
     """UT_SOLVE, or OLSSM_TRITON_UT_SOLVE if set; checked (the forward prep and the backward's prep read it)."""
-    return switch("OLSSM_TRITON_UT_SOLVE", UT_SOLVE, ("masked", "blocks"), "UT solve")
+    return switch("OLSSM_TRITON_UT_SOLVE", UT_SOLVE, ("masked", "blocks"), "UT solve (OLSSM_TRITON_UT_SOLVE)")
 
 
 def _delta_forward() -> str:

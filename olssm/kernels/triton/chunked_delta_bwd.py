@@ -43,7 +43,7 @@ Four launches (prep and value take the split forward's wide value blocks, ≤ SP
 - ``chunk_delta_bwd_key_kernel`` (chunks × KEY_BLOCK_K key columns × heads, a loop over the value blocks):
   dQ, dA, dB, dW_m and ∂ log γ by the identity ∂b_i = q_i·dQ_i + a_i·dA_i − Σ_m w_m,i·dW_m,i − b_i·dB_i
   (the row sums of T and c ⊙ U and the Γ terms are q·dQ and a·dA, their column sums and X are w·dW and
-  b·dB), ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j X_j (partial over key blocks). With a = b = w_0 one tensor (SAME_KEY, off:
+  b·dB), ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j X_j (partial over key blocks). With a = b = w_0 one tensor (SAME_KEY, on:
   DeltaNet, Gated DeltaNet, Longhorn) it writes dQ and dK = dA + dB + dW_0 alone, from E − Δ (_same_key_grads).
 The callers sum the partials. Extra memory (fp32): dh like ck, T_c (BT per token·head), W̃, dΔ / dR', Δ.
 TIED (w_0 = b: DeltaNet, Gated DeltaNet; chunked._tied, as the split forward): A W_0ᵀ ⊙ D_st = N, and since
@@ -98,9 +98,12 @@ ROW_C_BACKWARD = "chunk"
 #: Longhorn; chunked.chunk_inputs makes them one tensor): autograd summed that tensor's three gradients dA + dB + dW_0
 #: (two fp32 [B, T, H, d_k] adds, 34 MB at (2, 1024, 16, 128)); with SAME_KEY the kernel writes dK = dA + dB + dW_0
 #: itself, from E − Δ alone (5 value-loop products instead of 8, 4 after it instead of 6 tied or 8 untied:
-#: _same_key_grads), and the op returns it once (chunked.shared_key_inputs). Off: never timed on a GPU (sm_90
-#: compile, chunk 64, d 128, bf16, 2 stages: TRITON.md, "Same-key key kernel"). OLSSM_TRITON_SAME_KEY (0 / 1) overrides
-SAME_KEY = False
+#: _same_key_grads), and the op returns it once (chunked.shared_key_inputs); sm_90 spills of the key kernel 272 → 32
+#: B/thread (DeltaNet, bf16, chunk 64, d 128, 2 stages; TRITON.md, "Same-key key kernel"). On since session 11 (H100
+#: 80GB HBM3, Triton 3.6.0; (2, 8192, 16, 128) bf16, one process, the defaults' fwd+bwd spread 0.06 / 0.14 ms):
+#: fwd+bwd DeltaNet 6.19 → 5.72 ms (1.07× the faster default row), Gated DeltaNet 7.75 → 7.32 (1.04×), the forward
+#: within drift. OLSSM_TRITON_SAME_KEY (0 / 1) overrides; 0 runs the general key kernel and autograd's sum
+SAME_KEY = True
 #: value rows per program of the row-c prep and value kernels (sm_90, tf32, 8 warps, BT = 32, d_k = d_v = 64:
 #: 64 rows 172-186 regs and no spills; 32 rows 176-255 regs, value 8 B, at twice the repeated [BT, BT] work)
 ROWC_BLOCK_V = 64
@@ -114,13 +117,17 @@ def delta_backward(row_c: bool = False) -> str:
     return mode
 
 
+def same_key_on() -> bool:
+    """SAME_KEY, or OLSSM_TRITON_SAME_KEY (0 / 1) if set; checked."""
+    return _ch.switch_on("OLSSM_TRITON_SAME_KEY", SAME_KEY, "same key")
+
+
 def same_key(form) -> bool:
-    """SAME_KEY (or OLSSM_TRITON_SAME_KEY) and the rule's key sides are one expression: a = b = w_0, one correction
-    and one input term, and not a row decay (its own kernel, chunk_rowdecay_bwd_kernel, has no such path). Read by
-    chunked.chunk_inputs, which then hands the op placeholders for w and a; the kernels take the placeholders, not
-    this test, as the signal."""
-    if not (_ch.switch_on("OLSSM_TRITON_SAME_KEY", SAME_KEY, "same key") and len(form.corrections) == 1
-            and len(form.inputs) == 1 and form.decay_kind != ROW):
+    """SAME_KEY (or OLSSM_TRITON_SAME_KEY: same_key_on) and the rule's key sides are one expression: a = b = w_0, one
+    correction and one input term, and not a row decay (its own kernel, chunk_rowdecay_bwd_kernel, has no such path).
+    Read by chunked.chunk_inputs, which then hands the op placeholders for w and a; the kernels take the
+    placeholders, not this test, as the signal."""
+    if not (same_key_on() and len(form.corrections) == 1 and len(form.inputs) == 1 and form.decay_kind != ROW):
         return False
     b = sp.sympify(form.corrections[0].b)
     return sp.sympify(form.corrections[0].a) == b and sp.sympify(form.inputs[0].w) == b
@@ -144,7 +151,7 @@ def chunk_delta_bwd_prep_kernel(q_ptr, a_ptr, b_ptr, c_ptr, g_ptr, do_ptr, tc_pt
                                 T, H, DK, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                 GATED: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
                                 KB: tl.constexpr = 64, HAVE_TC: tl.constexpr = False, SUB: tl.constexpr = 1,
-                                UTB: tl.constexpr = 16, SOLVE: tl.constexpr = "masked", OFF32: tl.constexpr = False):
+                                UTB: tl.constexpr = 16, SOLVE: tl.constexpr = "blocks", OFF32: tl.constexpr = False):
     """Per chunk: T_c = (I + diag(c)(A Bᵀ ⊙ D_st))⁻¹ → tc [.., BT], W̃ = T_c (c ⊙ Γ ⊙ A) → wt (unless
     HAVE_TC: the split forward saved both), dΔ's local part −(Q Bᵀ ⊙ D)ᵀ dO → dd (all value blocks, BV
     rows at a time)."""
