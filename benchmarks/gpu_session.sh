@@ -6,10 +6,10 @@
 #
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
-#   lease        the first call of a lease (its timeouts add to 500 s): the compiled tests; DeltaNet at D = 128 profiled
-#                kernel by kernel (forward alone and fwd+bwd) beside fla's chunk kernels, with the untimed variants;
-#                DeltaNet / Gated DeltaNet at D = 128 against fla's chunk with every untimed chunked setting as a row
-#                of one process ($variants128)
+#   lease        the first call of a lease (its timeouts add to 520 s): the compiled tests; DeltaNet / Gated DeltaNet
+#                at D = 128 against fla's chunk with the remaining chunked settings as rows of one process
+#                ($variants128); the same two at D = 64 with the defaults and `nkm`
+#   profile128   DeltaNet at D = 128 kernel by kernel (forward alone and fwd+bwd) beside fla's, defaults and `nkm`
 #   variants     the second call (timeouts add to 520 s): the D = 64 table with fla's kernels (but chunk_gla), the
 #                recurrent kernel's old 32 rows / 4 warps and bf16 operands as rows; the session-9 variants at
 #                D = 64; fla's chunk_gla against ours at D = 64
@@ -31,7 +31,7 @@
 # fla-core (pure Python) is installed from .whl/ for the benchmark stages when the wheel was carried
 # (device tool: carry [".whl"]); the tests run without it.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh lease|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
+stage=${1:?usage: gpu_session.sh lease|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
 out=${OUT:-/tmp/olssm-gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
@@ -70,34 +70,39 @@ bench=(python benchmarks/triton_kernels.py --dtype bf16 --autotune)
 # 2.83 / 6.97 ms).
 # Triton's on-disk cache carries the profile's compiles over to the table
 variants_all='key_major:1,key_split:1,chunk_storage:input,offsets32:1,prep_split:1,checkpoint_storage:input'
-# the rows the profile compiled first (Triton's disk cache) and the repeat of the defaults before the rest, so that a
-# timeout past them still leaves the drift and the likeliest settings (each new setting compiles its kernels for each
-# rule; fla's rows come right after the defaults); `wb` (wide-key path only) last. `cs` (bf16 chunk tensors gave no
-# gain at D = 64 in session 8, with bf16 checkpoints) is left to `variants`
-variants128="ps=prep_split:1;ks=key_split:1;o32=offsets32:1;all=$variants_all;again=;km=key_major:1;utm=ut_solve:masked;nsk=same_key:0;ks4=key_split:1,key_split_warps:4;wb=wide_blocks:1"
-variants128_profile="ps=prep_split:1;all=$variants_all"
-variants64="ps=prep_split:1;ks=key_split:1;o32=offsets32:1;all=$variants_all;again=;km=key_major:1;utm=ut_solve:masked;nsk=same_key:0;cs=chunk_storage:input"
+# session 11: `all` was the fastest DeltaNet row, but the key-major tile inside it cost Gated DeltaNet's backward
+# (alone it lost 6-9 %); `nkm` is `all` without it. bf16 chunk tensors (`cs`) and bf16 checkpoints (`ck`) were only
+# ever timed inside `all`. ks4 and wb are not repeated (within drift; lost 12-20 %)
+variants_nkm='key_split:1,chunk_storage:input,offsets32:1,prep_split:1,checkpoint_storage:input'
+variants128="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;o32=offsets32:1;ks=key_split:1;utm=ut_solve:masked;nsk=same_key:0;km=key_major:1;ps=prep_split:1"
+variants128_profile="nkm=$variants_nkm"
+variants64="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;o32=offsets32:1;ks=key_split:1;utm=ut_solve:masked;nsk=same_key:0;all=$variants_all;km=key_major:1;ps=prep_split:1"
 triton_tests=(tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py tests/test_triton_pscan.py
               tests/test_triton_autotune.py)
 case $stage in
     lease)
-        # the compiled tests first (session 8's defaults and session 9's variants have not run compiled), then where
-        # DeltaNet's D = 128 time goes, kernel by kernel beside fla's (never profiled under the wide-key defaults),
-        # then D = 128 against fla's chunk kernels with every untimed variant as a row of one process. Timeouts add to
-        # 500 s (the tests 160: sessions 9-10 added ~40 compiled cases); `variants` has the D = 64 table
+        # session 12's first call (timeouts add to 520 s): the compiled tests, which session 11 found failing with
+        # Triton 3.6's ptxas 12.8 and passing with 13.0 (toolchain.check now switches; gpu.txt says to which), and
+        # which have not run compiled under the new defaults; then D = 128 DeltaNet / Gated DeltaNet against fla's
+        # chunk kernels with the remaining settings as rows of one process; then D = 64 (last timed in session 8)
         with_fla
         export PYTHONUNBUFFERED=1
         gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800   # vendor HBM bandwidth, for the HBM % column
         OLSSM_TRITON_DEVICE=cuda timeout 160 python -m pytest -vv -rfE -n 16 -p no:cacheprovider "${triton_tests[@]}" \
             > "$out/tests.txt" 2>&1
         grep -E "FAILED|ERROR|passed|failed" "$out/tests.txt" | tail -40
-        timeout 100 python benchmarks/profile_gpu.py --rules deltanet --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
-            --peers --variants "$variants128_profile" 2>&1 | grep -v "^USDT" | tee "$out/profile128.txt"
-        # fla's chunk_gla: its autotuning outran a call (session 2). Its gated delta kernels run since session 8 (the
-        # "illegal memory access" of sessions 7-8 was our call passing beta where fla 0.6 takes gk)
-        timeout 240 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
+        timeout 210 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
             --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules deltanet,gated_deltanet --variants "$variants128" 2>&1 | tee "$out/bench128.txt" ;;
+            --rules deltanet,gated_deltanet --variants "$variants128" 2>&1 | tee "$out/bench128.txt"
+        timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
+            --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules deltanet,gated_deltanet --variants "nkm=$variants_nkm;again=" 2>&1 | tee "$out/bench64.txt" ;;
+    profile128)
+        # where DeltaNet's D = 128 time goes, kernel by kernel beside fla's (session 11 profiled the old defaults:
+        # a third of it was torch glue), the defaults and `nkm`
+        with_fla
+        timeout 150 python benchmarks/profile_gpu.py --rules deltanet --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
+            --peers --variants "$variants128_profile" 2>&1 | grep -v "^USDT" | tee "$out/profile128.txt" ;;
     variants)
         # the D = 64 table with fla's kernels (but chunk_gla), the recurrent kernel's old 32 rows / 4 warps (its 8 rows /
         # 1 warp default was set from D = 128 rows) and bf16 operands as rows of one process (session 8: separate
