@@ -2,10 +2,7 @@
 under the interpreter, two runs of a case agree launch by launch, a wrong write is flagged at the launch that made
 it and at no earlier one, the case agrees with the reference scan, and every setting and kernel it swapped is
 restored afterwards."""
-import importlib.util
-import pathlib
-
-from triton_testing import DEVICE  # noqa: F401  (sets TRITON_INTERPRET first)
+from triton_testing import DEVICE, benchmark_module  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -14,11 +11,7 @@ from olssm.kernels.triton import chunked as tchunk  # noqa: E402
 
 
 def _trace_module():
-    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "kernel_trace.py"
-    spec = importlib.util.spec_from_file_location("kernel_trace", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("kernel_trace")
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="records the interpreter's launches")

@@ -15,7 +15,7 @@ import os
 
 from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
                             compare_checkpoint_storage as _compare_ck, compare_storage as _compare_storage,
-                            dev as _dev, pin_fp32_storage, run as _run, spy)  # (sets TRITON_INTERPRET first)
+                            benchmark_module, dev as _dev, pin_fp32_storage, run as _run, spy)  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -614,13 +614,7 @@ def test_gpu_benchmark_script_runs_and_agrees(monkeypatch, tmp_path):
 
 
 def _bench_module():
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "triton_kernels.py"
-    spec = importlib.util.spec_from_file_location("triton_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return benchmark_module("triton_kernels")
 
 
 @pytest.mark.parametrize("spec, says", [

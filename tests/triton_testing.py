@@ -219,3 +219,14 @@ def elementwise_row_csum_rule():
     rule = olssm.derive(O.Objective(O.sqnorm(S - lam * Sp) / 2 - O.inner(S @ k, v)))
     assert rule.decay_kind == "elementwise"
     return rule
+
+
+def benchmark_module(name):
+    """benchmarks/<name>.py imported as a module (the benchmark scripts are not a package)."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"olssm_benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
