@@ -790,6 +790,27 @@ def test_host_overhead_script_counts_the_policys_launches():
     assert rows["policy"][1::2] == ["3", "7"] and rows["autotuned"][1::2] == ["3", "7"], r.stdout
 
 
+def test_glue_ops_script_lists_the_torch_around_the_kernels():
+    """benchmarks/glue_ops.py (interpreter, bf16 DeltaNet) lists the forward's up-casts of [B, T, H, d] inputs under
+    CHUNK_STORAGE "fp32", each reading 2 and writing 4 bytes per element of the target shape (2, 8192, 16, 16): the
+    bytes are scaled by B·T·H."""
+    import pathlib
+    import re
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "glue_ops.py"), "--rules", "deltanet",
+                        "--shape", "1,40,3,16", "--scale", "2,8192,16,16"], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    tables = {head: body for head, body in (part.split("\n", 1) for part in r.stdout.split("\n## ")[1:])}
+    fwd_32 = tables[next(h for h in tables if "'fp32', fwd:" in h)]
+    rows = re.findall(r"\| fwd \| _to_copy \| \[1, 40, 3, 16\] bfloat16 \| \[1, 40, 3, 16\] float32 \| (\d+) \| (\d+) \|",
+                      fwd_32)
+    assert len(rows) == 1 and int(rows[0][1]) == round(2 * 8192 * 16 * 16 * 6 / 1e6 * int(rows[0][0])), r.stdout
+
+
 # ---- delta family: the split forward (prep / state / out kernels) against the fused one -----------------
 
 def _two_term_delta_rule():
