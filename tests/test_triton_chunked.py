@@ -793,7 +793,7 @@ def test_host_overhead_script_counts_the_policys_launches():
 def test_glue_ops_script_lists_the_torch_around_the_kernels():
     """benchmarks/glue_ops.py (interpreter, bf16 DeltaNet) lists the forward's up-casts of [B, T, H, d] inputs under
     CHUNK_STORAGE "fp32", each reading 2 and writing 4 bytes per element of the target shape (2, 8192, 16, 16): the
-    bytes are scaled by B·T·H."""
+    bytes are scaled by B·T·H. Under "input" it lists no such cast (q, k, v are taken as they are)."""
     import pathlib
     import re
     import subprocess
@@ -806,9 +806,11 @@ def test_glue_ops_script_lists_the_torch_around_the_kernels():
     assert r.returncode == 0, r.stdout + r.stderr
     tables = {head: body for head, body in (part.split("\n", 1) for part in r.stdout.split("\n## ")[1:])}
     fwd_32 = tables[next(h for h in tables if "'fp32', fwd:" in h)]
+    fwd_in = tables[next(h for h in tables if "'input', fwd:" in h)]
     rows = re.findall(r"\| fwd \| _to_copy \| \[1, 40, 3, 16\] bfloat16 \| \[1, 40, 3, 16\] float32 \| (\d+) \| (\d+) \|",
                       fwd_32)
     assert len(rows) == 1 and int(rows[0][1]) == round(2 * 8192 * 16 * 16 * 6 / 1e6 * int(rows[0][0])), r.stdout
+    assert "| fwd | mul |" in fwd_in and "_to_copy | [1, 40, 3, 16]" not in fwd_in, r.stdout
 
 
 # ---- delta family: the split forward (prep / state / out kernels) against the fused one -----------------
@@ -967,6 +969,100 @@ def test_chunk_storage_kernels_read_bf16_exactly(name, monkeypatch):
     for what, a, b in zip(["o", "ht", "ck", "dq", "dw", "de", "dg", "dh0"], out[1], out[0]):
         assert a.dtype == torch.float32
         _close(a, b, RTOL, f"bf16 vs fp32 chunk tensors of equal values: {what}")
+
+
+class _TokenWrites:
+    """The aten ops under it, outside olssm's own ops, that write a token-sized tensor ([.., B, T, H, d] with d one of
+    sizes): (op name, output dtype), in order. Views and bare allocations write nothing and are not listed."""
+
+    def __init__(self, B, T, H, sizes):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        rec = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                name = func.overloadpacket.__name__
+                if func.namespace != "olssm" and not func.is_view and not name.startswith(("empty", "new_empty")):
+                    for t in torch.utils._pytree.tree_leaves(out):
+                        if torch.is_tensor(t) and t.dim() >= 4 and tuple(t.shape[-4:-1]) == (B, T, H) \
+                                and t.shape[-1] in sizes:
+                            rec.ops.append((name, t.dtype))
+                return out
+
+        self.ops, self.mode = [], Mode()
+
+    def casts(self):
+        return [op for op in self.ops if op[0] in ("_to_copy", "clone", "copy_")]
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_chunk_inputs_take_bf16_inputs_as_they_are(name, monkeypatch):
+    # The torch around the chunked op, bf16 inputs (H100 profile, benchmarks/logs/2026-11-26-h100-s11: ~0.64 ms of
+    # DeltaNet's 1.81 ms forward at (2, 8192, 16, 128) in copies and casts). q, k, v are bf16 [B, T, H, d] tensors
+    # already, so under CHUNK_STORAGE "input" the one token-sized tensor the forward must write is e = β·v (no
+    # kernel forms it), once, in bf16, and nothing is cast: q and k go to the op as they are. Before, broadcast_inputs
+    # cast q, k, v up to fp32 and chunk_inputs cast q, k and e back (bf16 → fp32 → bf16 round trips). Under "fp32" the
+    # kernels take fp32 tensors: q and k (w = a = b one tensor) are each cast once, e written once in fp32 from bf16 v
+    # (not from an fp32 copy of v), nothing goes back to bf16. The backward under "input" (SAME_KEY: the op returns
+    # one key gradient, so autograd adds none) casts nothing token-sized either: ∂q, ∂k come back from the op in
+    # bf16, and _Scaled's chain rule reads ∂e and v as they are (its ∂v one bf16 write, its ∂β one fp32 product).
+    from olssm.kernels.triton import chunked_delta_bwd as tdelta
+    monkeypatch.setattr(tlib, "FORCE", "chunk")
+    monkeypatch.setattr(tdelta, "SAME_KEY", True)
+    for env in ("OLSSM_TRITON_CHUNK_STORAGE", "OLSSM_TRITON_SAME_KEY"):
+        monkeypatch.delenv(env, raising=False)
+    B, T, H, K, V = 1, 40, 2, 6, 5                                # d_k, d_v: no other axis has these sizes
+    rule = _rule(name).with_log_decays()   # as the layers run it: log α has a closed form, the chunked backward runs
+    inp = {n: _dev(x).to(torch.bfloat16) for n, x in random_inputs(rule, B, T, H, K, V, seed=45).items()}
+    seen, made = {}, []
+    real = tchunk.chunked_forward
+    monkeypatch.setattr(tchunk, "chunked_forward", lambda plan, chunk_in, *a, **k: made.append(chunk_in) or
+                        real(plan, chunk_in, *a, **k))
+    for storage in ("input", "fp32"):
+        monkeypatch.setattr(tchunk, "CHUNK_STORAGE", storage)
+        made.clear()
+        x = {n: t.clone().requires_grad_() for n, t in inp.items()}
+        with _TokenWrites(B, T, H, (K, V)) as fwd:
+            o, f = rule.scan(backend="triton", output_final_state=True, **x)
+        do = torch.randn(o.shape, generator=torch.Generator().manual_seed(46)).to(o)
+        with _TokenWrites(B, T, H, (K, V)) as bwd:
+            grads = torch.autograd.grad(o, list(x.values()), do)
+        (q, w, e, g, a, b, c), = made
+        taken = q.data_ptr() == x["q"].data_ptr() and b.data_ptr() == x["k"].data_ptr()
+        seen[storage] = fwd.ops, bwd.casts(), [g.detach() for g in grads], taken
+    # upper bounds, from what must be written: "input" e alone, in bf16; "fp32" q, k and e in fp32
+    fwd_in, fwd_32 = seen["input"][0], seen["fp32"][0]
+    assert len(fwd_in) <= 1 and all(dt == torch.bfloat16 for _, dt in fwd_in), fwd_in
+    assert not [op for op in fwd_in if op[0] in ("_to_copy", "clone", "copy_")], fwd_in
+    assert len(fwd_32) <= 3 and all(dt == torch.float32 for _, dt in fwd_32), fwd_32
+    assert seen["input"][1] == [], seen["input"][1]
+    assert seen["input"][3] and not seen["fp32"][3]           # "input": the op reads the caller's q and k
+    for gi, gf in zip(seen["input"][2], seen["fp32"][2]):   # the storages' results differ by β·v's rounding alone
+        _close(gi, gf, 2e-2, "input vs fp32 storage")
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_scaled_entries_round_as_the_fp32_evaluation(dt, x_dtype):
+    # _Scaled (chunk_inputs' s ⊙ x from the input x itself) against what it replaced, s ⊙ x evaluated on x cast up to
+    # fp32 and the product cast to the storage dtype dt: equal, and so are both gradients, for a ∂out in dt
+    gen = torch.Generator().manual_seed(47)
+    s = torch.rand(2, 9, 3, 1, generator=gen).requires_grad_()
+    x = torch.randn(2, 9, 3, 7, generator=gen).to(x_dtype).requires_grad_()
+    dout = torch.randn(2, 9, 3, 7, generator=gen).to(dt)
+    got = tchunk._Scaled.apply(s.expand(2, 9, 3, 1), x, dt)
+    ref = (s * x.to(torch.float32)).to(dt)
+    assert got.dtype == dt and got.is_contiguous() and torch.equal(got, ref)
+    for a, b in zip(torch.autograd.grad(got, (s, x), dout), torch.autograd.grad(ref, (s, x), dout)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 # ---- CHECKPOINT_STORAGE = "input": bf16 / fp16 checkpoints ck ---------------------------------------------

@@ -256,21 +256,98 @@ def _safe_log(d):
     return torch.where(ok, torch.log(torch.where(ok, d, torch.ones_like(d))), torch.full_like(d, _LOG_FLOOR))
 
 
+def _token_input(expr, kind) -> bool:
+    """expr is a per-token input (not a parameter) of this kind: its [B, T, H, d] tensor is the entry itself."""
+    spec = getattr(expr, "spec", None)
+    return isinstance(expr, sp.Symbol) and spec is not None and not spec.is_parameter and spec.kind == kind
+
+
+def _direct(expr, kind):
+    """(input symbol, scalar-kind factor or None) where a key- or value-sized entry is a per-token input of its kind as
+    it is (q, k, v) or one times a scalar-kind factor that does not read it (DeltaNet's β·v, Mamba-2's Δ·v), else None
+    (Longhorn's β/(1 + β‖k‖²)·v: its β is per value row, so the factor is as large as v)."""
+    if kind not in (ROW, COLUMN):
+        return None
+    if _token_input(expr, kind):
+        return expr, None
+    if isinstance(expr, sp.Mul):
+        big = [f for f in expr.args if _token_input(f, kind)]
+        if len(big) == 1:
+            rest = sp.Mul(*[f for f in expr.args if f is not big[0]])
+            if rest.free_symbols and big[0] not in rest.free_symbols and kind_of(rest) == SCALAR:
+                return big[0], rest
+    return None
+
+
+class _Entries(NamedTuple):
+    """How chunk_inputs makes the chunk tensors of a form (_entries)."""
+    direct: dict       # entry -> (input, its scalar factor's name among the evaluator's results or None, lifted)
+    evaluate: object   # evaluator of the other entries, the scalar factors and the log decay (None: nothing)
+    need: tuple        # the inputs the evaluator reads
+
+
 @functools.lru_cache(maxsize=64)
-@torch.compiler.disable   # sympy work (log-decay forms); the evaluator it returns is traced
-def _evaluator(form):
-    exprs = {"q": form.readout}
+@torch.compiler.disable   # sympy work (log-decay forms, the entries' structure); the evaluator it returns is traced
+def _entries(form) -> _Entries:
+    """The key- and value-sized entries that are an input (times a scalar factor) are made from that input's tensor
+    (chunk_inputs); the others, the factors, c and the log decay are evaluated in torch from the inputs up-cast to
+    fp32 (Rule.broadcast_inputs). A direct entry whose input the evaluator reads as well (Longhorn's k, in ‖k‖²) is
+    made from that up-cast copy ("lifted"), so that the input's gradients still meet, and are summed, in fp32."""
+    row_c = _c_row(form)
+    exprs = {"q": (form.readout, COLUMN)}
     for m, t in enumerate(form.inputs):
-        exprs[f"w{m}"], exprs[f"e{m}"] = t.w, t.coef
+        exprs[f"w{m}"], exprs[f"e{m}"] = (t.w, COLUMN), (t.coef, ROW)
     for r, cr in enumerate(form.corrections):
-        exprs.update({f"c{r}": cr.coef, f"a{r}": cr.a, f"b{r}": cr.b})
+        exprs.update({f"c{r}": (cr.coef, ROW if row_c else SCALAR), f"a{r}": (cr.a, COLUMN), f"b{r}": (cr.b, COLUMN)})
+    direct, rest = {}, {}
+    for name, (expr, kind) in exprs.items():
+        how = _direct(sp.sympify(expr), kind)
+        if how is None:
+            rest[name] = expr
+        else:
+            direct[name] = (how[0].name, None if how[1] is None else f"scale_{name}")
+            if how[1] is not None:
+                rest[f"scale_{name}"] = how[1]
     if form.decay_kind != "none":
         le = _log_expr(form.decay)
         if le is not None:
-            exprs["ld"] = le
+            rest["ld"] = le
         else:
-            exprs["decay"] = form.decay
-    return evaluator(exprs)
+            rest["decay"] = form.decay
+    need = sorted({s.name for e in rest.values() for s in sp.sympify(e).free_symbols})
+    direct = {n: (x, scale, x in need) for n, (x, scale) in direct.items()}
+    return _Entries(direct, evaluator(rest) if rest else None, tuple(need))
+
+
+class _Scaled(torch.autograd.Function):
+    """s ⊙ x for a per-token input x [B, T, H, d] and a scalar factor s [B, T, H, 1] (broadcast), written once into a
+    contiguous tensor of dtype dt: the fp32 (fp64) product rounded to dt, what evaluating it on x cast up to fp32 and
+    casting the result gave, without x's up-cast copy nor (dt = bf16) an fp32 product to cast back. The backward is
+    that path's chain rule too, rounding for rounding: ∂x = ∂out ⊙ s in the product's dtype, rounded once to x's;
+    ∂s = Σ ∂out ⊙ x with the products and the sum in the product's dtype."""
+
+    @staticmethod
+    def forward(ctx, s, x, dt):
+        out = torch.empty(x.shape, dtype=dt, device=x.device)
+        torch.mul(s, x, out=out)   # in promote(s, x); a GPU converts the mixed dtypes inside the elementwise kernel
+        ctx.save_for_backward(s, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        s, x = ctx.saved_tensors
+        wide = torch.promote_types(s.dtype, x.dtype)   # the forward's product
+        ds = dx = None
+        if ctx.needs_input_grad[0]:
+            if torch.promote_types(dout.dtype, x.dtype) == wide:
+                prod = torch.mul(dout, x)
+            else:   # bf16 ∂out and x: a one-element zero of the wide dtype promotes the products, copying neither
+                prod = torch.addcmul(dout.new_zeros((1,) * dout.dim(), dtype=wide), dout, x)
+            ds = prod.sum_to_size(s.shape)
+        if ctx.needs_input_grad[1]:
+            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            torch.mul(dout if torch.promote_types(dout.dtype, s.dtype) == wide else dout.to(wide), s, out=dx)
+        return ds, dx, None
 
 
 def backward_supported(plan, exact_decay_grad: bool = True) -> bool:
@@ -294,7 +371,9 @@ def backward_supported(plan, exact_decay_grad: bool = True) -> bool:
 #: kernels sum it cumulatively in fp64). The kernels load every chunk tensor and convert it to fp32 at once, so
 #: "input" changes the math only by rounding the evaluated entries (β·k, ...) to the input dtype (≤ 2⁻⁸ relative
 #: for bf16; none where the entry was already evaluated in bf16 from bf16 inputs) and halves their bytes; the
-#: chunked backward's gradients of those tensors are returned in their dtype (as autograd requires).
+#: chunked backward's gradients of those tensors are returned in their dtype (as autograd requires). An input that
+#: is an entry itself and already has the storage dtype (bf16 q, k, v under "input") is handed over without a copy,
+#: and β·v is written straight into the storage dtype, with the same rounding (_entries, _Scaled).
 #: OLSSM_TRITON_CHUNK_STORAGE overrides. Read at call time.
 CHUNK_STORAGE = "fp32"
 
@@ -346,9 +425,13 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
     rule, form = plan.rule, plan.rule.form
     B, T, H, K, V = args.B, args.T, args.H, args.d_k, args.d_v
     sdt = chunk_storage(args.out_dtype)
+    ent = _entries(form)
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):   # grad: the chunked backward's chain rule
-        lay = rule.broadcast_inputs(K, V, {**args.tokens, **args.params}, "scan", need=rule.inputs)
-        ev = _evaluator(form)(lay)
+        lay, ev = {}, {}
+        if ent.evaluate is not None:   # up-casts (compute_dtype) only the inputs read by an evaluated expression
+            lay = rule.broadcast_inputs(K, V, {**args.tokens, **args.params}, "scan",
+                                        need={n: rule.inputs[n] for n in ent.need})
+            ev = ent.evaluate(lay)
 
         def full(x, X, Y):
             x = torch.as_tensor(x, dtype=torch.float32, device=args.device).to(torch.float32)
@@ -356,14 +439,34 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
                 x = x.unsqueeze(0)
             return torch.broadcast_to(x, (B, T, H, X, Y))
 
+        def entry(name, kind):
+            """The entry [B, T, H(, d)] of this kind (scalar, row: d_v, column: d_k) in the storage dtype. A key- or
+            value-sized input (q, k, v) is taken as it is where it has that dtype and is contiguous (the caller's
+            tensor, which then receives the op's gradient directly), else cast once; one times a scalar factor is
+            written once (_Scaled); both from the up-cast copy where the evaluator reads the input too (_entries).
+            Anything else is evaluated and broadcast in fp32, then stored (autograd sums over a broadcast parameter
+            in fp32)."""
+            if name in ent.direct:
+                sym, scale, lifted = ent.direct[name]
+                x = args.tokens[sym] if not lifted else lay[sym].squeeze(-1 if kind == ROW else -2)
+                if scale is not None:
+                    s = torch.as_tensor(ev[scale], device=args.device)   # its evaluated dtype: fp32 (fp64 inputs: fp64)
+                    while s.dim() < 2:
+                        s = s.unsqueeze(0)
+                    x = _Scaled.apply(torch.broadcast_to(s, (B, T, H, 1, 1)).squeeze(-1), x, sdt)
+                return x.to(sdt).contiguous()
+            if kind == SCALAR:
+                return full(ev[name], 1, 1).squeeze(-1).squeeze(-1).to(sdt)
+            return (full(ev[name], V, 1).squeeze(-1) if kind == ROW else full(ev[name], 1, K).squeeze(-2)).to(sdt)
+
         shared = {}
 
         def key_side(name, expr):
             """[B, T, H, K] (storage dtype), one tensor per distinct expression: DeltaNet's w = a = b = k (and a
             query equal to the key) are one copy, read from L2 by the kernels instead of three from HBM."""
             e = sp.sympify(expr)
-            if e not in shared:   # evaluated and broadcast in fp32, then stored (autograd sums in fp32)
-                shared[e] = full(ev[name], 1, K).squeeze(-2).to(sdt).contiguous()
+            if e not in shared:
+                shared[e] = entry(name, COLUMN).contiguous()
             return shared[e]
 
         # size-1 axes dropped by squeeze and one term put in a stack by unsqueeze: both are views, whose backward
@@ -371,8 +474,8 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
         M = len(form.inputs)
         ws = [key_side(f"w{m}", t.w) for m, t in enumerate(form.inputs)]
         out = [key_side("q", form.readout),
-               _stack(ws),                                                                  # [M, B, T, H, K]
-               _stack([full(ev[f"e{m}"], V, 1).squeeze(-1) for m in range(M)]).to(sdt)]    # [M, B, T, H, V]
+               _stack(ws),                                                  # [M, B, T, H, K]
+               _stack([entry(f"e{m}", ROW) for m in range(M)])]             # [M, B, T, H, V]
         kind = form.decay_kind
         if kind != "none":
             if "ld" in ev:
@@ -392,8 +495,7 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
             out.append(torch.zeros(B, T, H, device=args.device))
         if form.corrections:
             row = _c_row(form)
-            cs = [(full(ev[f"c{r}"], V, 1).squeeze(-1) if row else full(ev[f"c{r}"], 1, 1).squeeze(-1).squeeze(-1))
-                  .to(sdt) for r in range(len(form.corrections))]
+            cs = [entry(f"c{r}", ROW if row else SCALAR) for r in range(len(form.corrections))]
             a_s = [key_side(f"a{r}", cr.a) for r, cr in enumerate(form.corrections)]
             b_s = [key_side(f"b{r}", cr.b) for r, cr in enumerate(form.corrections)]
             out += [a_s[0], b_s[0], cs[0]] if len(cs) == 1 else [torch.stack(a_s), torch.stack(b_s), torch.stack(cs)]
