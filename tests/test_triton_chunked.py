@@ -1166,3 +1166,21 @@ def test_every_chunked_load_converts():
             assert (re.match(r"\.to\(tl\.(float32|float64|int32)\)", src[i:])
                     or src[:m.start()].endswith("_operand(")), f"{mod.__name__}:{line}: {src[m.start():i]}"
     assert n > 90
+
+
+def test_benchmark_lifts_only_flas_hopper_guard(monkeypatch):
+    # fla 0.6 refuses its gated backward on Hopper with Triton 3.4-3.7.0 by a module flag; the benchmark lifts that
+    # flag once to time the backward (row marked "gradients unchecked"), and nothing else
+    import sys
+    import types
+    bench = _bench_module()
+    chunk_o = types.ModuleType("fla.ops.common.chunk_o")
+    chunk_o.TRITON_ABOVE_3_7_1 = False
+    for name, module in (("fla", types.ModuleType("fla")), ("fla.ops", types.ModuleType("fla.ops")),
+                         ("fla.ops.common", types.ModuleType("fla.ops.common")), ("fla.ops.common.chunk_o", chunk_o)):
+        monkeypatch.setitem(sys.modules, name, module)
+    refusal = RuntimeError("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results for gated ...")
+    assert not bench.lift_fla_hopper_guard(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert chunk_o.TRITON_ABOVE_3_7_1 is False
+    assert bench.lift_fla_hopper_guard(refusal) and chunk_o.TRITON_ABOVE_3_7_1 is True
+    assert not bench.lift_fla_hopper_guard(refusal)   # a second refusal is not retried
