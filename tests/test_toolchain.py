@@ -37,7 +37,7 @@ def machine(monkeypatch):
 
 def test_auto_switches_hopper_to_the_newest_good_assembler_once(machine):
     _, forgotten = machine
-    with pytest.warns(RuntimeWarning, match=r"ptxas 12\.8.*Switched Triton to ptxas 13\.0"):
+    with pytest.warns(tc.AssemblerWarning, match=r"ptxas 12\.8.*Switched Triton to ptxas 13\.0"):
         report = tc.check(CUDA0)
     assert os.environ["TRITON_PTXAS_PATH"] == TOOLKIT and forgotten == [1]
     assert report["switched_from"] == BUNDLED and report["release"] == (13, 0)
@@ -49,7 +49,7 @@ def test_auto_switches_hopper_to_the_newest_good_assembler_once(machine):
 
 def test_auto_warns_when_no_good_assembler_is_found(machine, monkeypatch):
     monkeypatch.setattr(tc, "candidates", lambda: [OLD_TOOLKIT])
-    with pytest.warns(RuntimeWarning, match=r"no ptxas of release >= 13\.0 was found; results may be wrong.*"
+    with pytest.warns(tc.AssemblerWarning, match=r"no ptxas of release >= 13\.0 was found; results may be wrong.*"
                                             r"TRITON_PTXAS_PATH"):
         tc.check(CUDA0)
     assert "TRITON_PTXAS_PATH" not in os.environ
@@ -65,7 +65,7 @@ def test_strict_raises_each_launch_without_a_good_assembler(machine, monkeypatch
 
 def test_the_users_own_assembler_is_kept_and_judged(machine, monkeypatch):
     monkeypatch.setenv("TRITON_PTXAS_PATH", OLD_TOOLKIT)
-    with pytest.warns(RuntimeWarning, match=r"ptxas 12\.4.*TRITON_PTXAS_PATH chose it"):
+    with pytest.warns(tc.AssemblerWarning, match=r"ptxas 12\.4.*TRITON_PTXAS_PATH chose it"):
         tc.check(CUDA0)
     assert os.environ["TRITON_PTXAS_PATH"] == OLD_TOOLKIT
     monkeypatch.setattr(tc, "_CHECKED", {})

@@ -41,6 +41,10 @@ import subprocess
 import warnings
 from typing import Optional
 
+class AssemblerWarning(RuntimeWarning):
+    """The kernels are (or would have been) assembled by a ptxas known to miscompile them on this GPU."""
+
+
 PTXAS_POLICY = "auto"
 POLICIES = ("auto", "strict", "keep")
 #: the oldest ptxas release whose code for these kernels was right on an H100 (13.0.88, session 11)
@@ -176,7 +180,7 @@ def check(device) -> dict:
         if mode == "strict":
             _CHECKED.pop(index)
             raise RuntimeError(f"{why}. {variable} chose it; {_fix_text(variable)}")
-        warnings.warn(f"{why}. {variable} chose it; {_fix_text(variable)}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{why}. {variable} chose it; {_fix_text(variable)}", AssemblerWarning, stacklevel=3)
         return report
     good = [(r, p) for p in candidates() for r in [release_of(p)] if r is not None and r >= GOOD_RELEASE]
     if good:
@@ -186,14 +190,14 @@ def check(device) -> dict:
         report.update(ptxas=path, release=release, switched_from=current)
         warnings.warn(f"{why}. Switched Triton to ptxas {release[0]}.{release[1]} ({path}) for this process "
                       f"({variable}; OLSSM_TRITON_PTXAS=keep to leave Triton's choice alone)",
-                      RuntimeWarning, stacklevel=3)
+                      AssemblerWarning, stacklevel=3)
         return report
     if mode == "strict":
         _CHECKED.pop(index)
         raise RuntimeError(f"{why}, and no ptxas of release >= {GOOD_RELEASE[0]}.{GOOD_RELEASE[1]} was found: "
                            f"{_fix_text(variable)}")
     warnings.warn(f"{why}, and no ptxas of release >= {GOOD_RELEASE[0]}.{GOOD_RELEASE[1]} was found; results may "
-                  f"be wrong: {_fix_text(variable)}", RuntimeWarning, stacklevel=3)
+                  f"be wrong: {_fix_text(variable)}", AssemblerWarning, stacklevel=3)
     return report
 
 
