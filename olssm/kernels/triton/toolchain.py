@@ -54,10 +54,8 @@ _CHECKED: dict = {}   # device index -> what the check found (ptxas_report)
 
 
 def policy() -> str:
-    mode = os.environ.get("OLSSM_TRITON_PTXAS") or PTXAS_POLICY
-    if mode not in POLICIES:
-        raise ValueError(f"triton: OLSSM_TRITON_PTXAS / toolchain.PTXAS_POLICY must be one of {POLICIES}, got {mode!r}")
-    return mode
+    from .chunked import switch
+    return switch("OLSSM_TRITON_PTXAS", PTXAS_POLICY, POLICIES, "ptxas policy (OLSSM_TRITON_PTXAS)")
 
 
 def release_of(path: str) -> Optional[tuple]:
@@ -76,17 +74,14 @@ def triton_ptxas(arch: int = 90) -> Optional[str]:
     try:
         from triton.backends.nvidia import compiler as nvc
         return nvc.get_ptxas(arch).path
-    except Exception:   # a Triton without get_ptxas: its knob, or the bundled ptxas beside the backend
-        try:
-            from triton import knobs
-            return knobs.nvidia.ptxas.path
-        except Exception:
-            try:
-                import triton.backends.nvidia as nv
-                path = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
-                return path if os.path.exists(path) else None
-            except Exception:
-                return None
+    except Exception:   # a Triton without get_ptxas (< 3.4): the bundled ptxas beside the backend
+        pass
+    try:
+        import triton.backends.nvidia as nv
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
+    return path if os.path.exists(path) else None
 
 
 def assembler_variable(arch: int = 90) -> str:
@@ -154,14 +149,17 @@ def _fix_text(variable):
 
 def check(device) -> dict:
     """At the first launch on a CUDA device: make sure a ptxas known to assemble these kernels correctly on Hopper
-    is in use, per policy() (module docstring). Returns (and remembers) what it found."""
+    is in use, per policy() (module docstring). Returns (and remembers) what it found; a refusal (strict) is not
+    remembered, so every launch refuses."""
     index = getattr(device, "index", None)
     index = 0 if index is None else index
-    if index in _CHECKED:
-        return _CHECKED[index]
-    mode = policy()
+    if index not in _CHECKED:
+        _CHECKED[index] = _judge(device, policy())
+    return _CHECKED[index]
+
+
+def _judge(device, mode) -> dict:
     report = {"policy": mode, "capability": None, "ptxas": None, "release": None, "switched_from": None}
-    _CHECKED[index] = report
     if mode == "keep":
         return report
     report["capability"] = _capability(device)
@@ -178,9 +176,8 @@ def check(device) -> dict:
            "illegal memory accesses in olssm's chunked kernels on an H100 (olssm/kernels/triton/toolchain.py)")
     if os.environ.get(variable):   # the user's own choice: not overridden
         if mode == "strict":
-            _CHECKED.pop(index)
             raise RuntimeError(f"{why}. {variable} chose it; {_fix_text(variable)}")
-        warnings.warn(f"{why}. {variable} chose it; {_fix_text(variable)}", AssemblerWarning, stacklevel=3)
+        warnings.warn(f"{why}. {variable} chose it; {_fix_text(variable)}", AssemblerWarning, stacklevel=4)
         return report
     good = [(r, p) for p in candidates() for r in [release_of(p)] if r is not None and r >= GOOD_RELEASE]
     if good:
@@ -190,14 +187,13 @@ def check(device) -> dict:
         report.update(ptxas=path, release=release, switched_from=current)
         warnings.warn(f"{why}. Switched Triton to ptxas {release[0]}.{release[1]} ({path}) for this process "
                       f"({variable}; OLSSM_TRITON_PTXAS=keep to leave Triton's choice alone)",
-                      AssemblerWarning, stacklevel=3)
+                      AssemblerWarning, stacklevel=4)
         return report
     if mode == "strict":
-        _CHECKED.pop(index)
         raise RuntimeError(f"{why}, and no ptxas of release >= {GOOD_RELEASE[0]}.{GOOD_RELEASE[1]} was found: "
                            f"{_fix_text(variable)}")
     warnings.warn(f"{why}, and no ptxas of release >= {GOOD_RELEASE[0]}.{GOOD_RELEASE[1]} was found; results may "
-                  f"be wrong: {_fix_text(variable)}", AssemblerWarning, stacklevel=3)
+                  f"be wrong: {_fix_text(variable)}", AssemblerWarning, stacklevel=4)
     return report
 
 
