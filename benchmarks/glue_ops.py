@@ -113,14 +113,17 @@ def main(argv=None):
     p.add_argument("--rules", default="deltanet,gated_deltanet")
     p.add_argument("--storage", default="fp32,input", help="chunked.CHUNK_STORAGE values")
     p.add_argument("--shape", default="2,192,5,128", help="B,T,H,D of the run (T and H distinct from D)")
-    p.add_argument("--same-key", action="store_true", help="chunked_delta_bwd.SAME_KEY on")
+    p.add_argument("--same-key", action=argparse.BooleanOptionalAction, default=None,
+                   help="chunked_delta_bwd.SAME_KEY on / off (default: the module's, on since session 11)")
     p.add_argument("--scale", default="2,8192,16,128", help="B,T,H,D the bytes are scaled to")
     a = p.parse_args(argv)
     from olssm.kernels.triton import chunked, chunked_delta_bwd, library
     saved = library.FORCE, chunked.CHUNK_STORAGE, chunked_delta_bwd.SAME_KEY
     try:
         library.FORCE = "chunk"
-        chunked_delta_bwd.SAME_KEY = a.same_key
+        if a.same_key is not None:
+            chunked_delta_bwd.SAME_KEY = a.same_key
+        a.same_key = chunked_delta_bwd.same_key_on()
         _tables(a)
     finally:
         library.FORCE, chunked.CHUNK_STORAGE, chunked_delta_bwd.SAME_KEY = saved
