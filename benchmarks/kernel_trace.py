@@ -28,63 +28,74 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 FLAG_REL = 2e-2
 
 
+class Case(NamedTuple):
+    rule: str
+    B: int
+    T: int
+    H: int
+    K: int            # d_k
+    V: int            # d_v
+    seed: int
+    dtype: str        # of the inputs: "fp32" or "bf16"
+    cu: Optional[list]   # cu_seqlens (packed sequences) or None
+    nh: int           # initial states (sequences; 0: none)
+    knobs: dict       # {"module.CONSTANT": value}
+    env: dict
+
+
 def _case_settings():
-    """name -> (rule name, B, T, H, d_k, d_v, seed, input dtype, cu_seqlens, h0 sequences, {module.attr: value},
-    {env: value}). The first three are the compiled failures of session 11's lease (H100, Triton 3.6)."""
+    """name -> Case. The first three are the compiled failures of session 11's lease (H100, Triton 3.6); the others
+    change one thing of one of them."""
     every = {"chunked.STATE_KEY_MAJOR": True, "chunked.STATE_KEY_SPLIT": True, "chunked.OFFSETS32": True,
              "chunked.PREP_SPLIT": True, "chunked.UT_SOLVE": "blocks", "chunked_delta_bwd.SAME_KEY": True,
              "chunked.CHUNK_STORAGE": "input"}
     bwd = {"OLSSM_TRITON_CHUNK_BWD": "1"}
     cases = {
         # test_wide_keys_bf16_operands_only_without_a_decay[deltanet-True]: o 1.38 off at scale 1.24
-        "bf16_wide": ("deltanet", 1, 70, 1, 72, 8, 6, "bf16", None, 0, {"chunked.DOT_PRECISION": "auto"}, {}),
+        "bf16_wide": Case("deltanet", 1, 70, 1, 72, 8, 6, "bf16", None, 0, {"chunked.DOT_PRECISION": "auto"}, {}),
         # test_offsets32_paths[untied]: o 10 % off
-        "o32_untied": ("gated_deltanet", 1, 140, 1, 72, 20, 18, "fp32", None, 1,
-                       {"chunked.OFFSETS32": True, "chunked.TIE_INPUT_TERM": False}, bwd),
+        "o32_untied": Case("gated_deltanet", 1, 140, 1, 72, 20, 18, "fp32", None, 1,
+                           {"chunked.OFFSETS32": True, "chunked.TIE_INPUT_TERM": False}, bwd),
         # test_wide_key_variants_together[deltanet-bf16 chunk tensors]: illegal memory access
-        "all_bf16": ("deltanet", 1, 140, 1, 72, 20, 14, "bf16", [0, 70, 71, 140], 3, every, bwd),
+        "all_bf16": Case("deltanet", 1, 140, 1, 72, 20, 14, "bf16", [0, 70, 71, 140], 3, every, bwd),
     }
     # bisection: each failing case with one setting changed
     out = dict(cases)
-    for name, (rule, B, T, H, K, V, seed, dt, cu, nh, knobs, env) in cases.items():
-        out[f"{name}/stages1"] = (rule, B, T, H, K, V, seed, dt, cu, nh, {**knobs, "chunked.WIDE_STAGES": 1,
-                                                                        "chunked.NUM_STAGES": 1}, env)
-        out[f"{name}/warps4"] = (rule, B, T, H, K, V, seed, dt, cu, nh, {**knobs, "chunked.NUM_WARPS": 4}, env)
-        out[f"{name}/k64"] = (rule, B, T, H, 64, V, seed, dt, cu, nh, knobs, env)
-        out[f"{name}/k128"] = (rule, B, T, H, 128, V, seed, dt, cu, nh, knobs, env)
-        out[f"{name}/tf32"] = (rule, B, T, H, K, V, seed, dt, cu, nh, {**knobs, "chunked.DOT_PRECISION": "tf32"}, env)
-    out["bf16_wide/fp32in_bf16dots"] = ("deltanet", 1, 70, 1, 72, 8, 6, "fp32", None, 0,
-                                        {"chunked.DOT_PRECISION": "bf16"}, {})
-    out["o32_untied/no_o32"] = ("gated_deltanet", 1, 140, 1, 72, 20, 18, "fp32", None, 1,
-                                {"chunked.TIE_INPUT_TERM": False}, bwd)
-    out["o32_untied/tied"] = ("gated_deltanet", 1, 140, 1, 72, 20, 18, "fp32", None, 1,
-                              {"chunked.OFFSETS32": True}, bwd)
+    for name, case in cases.items():
+        out[f"{name}/stages1"] = case._replace(knobs={**case.knobs, "chunked.WIDE_STAGES": 1, "chunked.NUM_STAGES": 1})
+        out[f"{name}/warps4"] = case._replace(knobs={**case.knobs, "chunked.NUM_WARPS": 4})
+        out[f"{name}/k64"] = case._replace(K=64)
+        out[f"{name}/k128"] = case._replace(K=128)
+        out[f"{name}/tf32"] = case._replace(knobs={**case.knobs, "chunked.DOT_PRECISION": "tf32"})
+    out["bf16_wide/fp32in_bf16dots"] = cases["bf16_wide"]._replace(dtype="fp32", knobs={"chunked.DOT_PRECISION": "bf16"})
+    out["o32_untied/no_o32"] = cases["o32_untied"]._replace(knobs={"chunked.TIE_INPUT_TERM": False})
+    out["o32_untied/tied"] = cases["o32_untied"]._replace(knobs={"chunked.OFFSETS32": True})
     # session 11's second call: the shape that triggers it (BV = 16 / 32 tiles at d_v = 8 / 20, the partial last
-    # chunk), and a newer ptxas than Triton's own (TRITON_PTXAS_PATH; its own cache: the cache key may not see it)
-    alt = {"TRITON_PTXAS_PATH": os.environ.get("ALT_PTXAS", "/usr/local/cuda/bin/ptxas"),
+    # chunk), and a newer ptxas than Triton's own (in the variable that picks sm_90's assembler; its own cache: the
+    # cache key may not see it)
+    from olssm.kernels.triton.toolchain import assembler_variable
+    alt = {assembler_variable(90): os.environ.get("ALT_PTXAS", "/usr/local/cuda/bin/ptxas"),
            "TRITON_CACHE_DIR": "/tmp/olssm-alt-ptxas-cache"}
     for name in ("bf16_wide", "all_bf16"):
-        rule, B, T, H, K, V, seed, dt, cu, nh, knobs, env = cases[name]
         for dv in (32, 64):
-            out[f"{name}/dv{dv}"] = (rule, B, T, H, K, dv, seed, dt, cu, nh, knobs, env)
-        out[f"{name}/ptxas"] = (rule, B, T, H, K, V, seed, dt, cu, nh, knobs, {**env, **alt})
-    out["bf16_wide/t128"] = ("deltanet", 1, 128, 1, 72, 8, 6, "bf16", None, 0, {"chunked.DOT_PRECISION": "auto"}, {})
-    out["bf16_wide/h4"] = ("deltanet", 1, 70, 4, 72, 8, 6, "bf16", None, 0, {"chunked.DOT_PRECISION": "auto"}, {})
-    out["bf16_wide/k128dv64"] = ("deltanet", 1, 70, 1, 128, 64, 6, "bf16", None, 0, {"chunked.DOT_PRECISION": "auto"}, {})
-    out["bf16_wide/k128t128dv64"] = ("deltanet", 1, 128, 1, 128, 64, 6, "bf16", None, 0,
-                                     {"chunked.DOT_PRECISION": "auto"}, {})
+            out[f"{name}/dv{dv}"] = cases[name]._replace(V=dv)
+        out[f"{name}/ptxas"] = cases[name]._replace(env={**cases[name].env, **alt})
+    out["bf16_wide/t128"] = cases["bf16_wide"]._replace(T=128)
+    out["bf16_wide/h4"] = cases["bf16_wide"]._replace(H=4)
+    out["bf16_wide/k128dv64"] = cases["bf16_wide"]._replace(K=128, V=64)
+    out["bf16_wide/k128t128dv64"] = cases["bf16_wide"]._replace(T=128, K=128, V=64)
     for knob in every:
-        rest = {k: v for k, v in every.items() if k != knob}
-        out[f"all_bf16/without_{knob.split('.')[1].lower()}"] = ("deltanet", 1, 140, 1, 72, 20, 14, "bf16",
-                                                                [0, 70, 71, 140], 3, rest, bwd)
+        out[f"all_bf16/without_{knob.split('.')[1].lower()}"] = cases["all_bf16"]._replace(
+            knobs={k: v for k, v in every.items() if k != knob})
     # every case under session 11's defaults, as its failures ran (the UT solve and the same-key kernel became the
     # defaults after it), unless the case sets them: all_bf16/without_ut_solve is the masked solve again
     s11 = {"chunked.UT_SOLVE": "masked", "chunked_delta_bwd.SAME_KEY": False}
-    return {name: (*case[:10], {**s11, **case[10]}, case[11]) for name, case in out.items()}
+    return {name: case._replace(knobs={**s11, **case.knobs}) for name, case in out.items()}
 
 
 CASES = _case_settings()
@@ -124,7 +135,7 @@ class _Traced:
 @contextlib.contextmanager
 def case_settings(name):
     """The case's module settings and environment, restored on exit."""
-    *_, knobs, env = CASES[name]
+    knobs, env = CASES[name].knobs, CASES[name].env
     mods = _kernel_modules()
     saved_env = {k: os.environ.get(k) for k in env}
     saved = {key: getattr(mods[key.split(".")[0]], key.split(".")[1]) for key in knobs}
@@ -170,13 +181,13 @@ def case_inputs(name, upcast=False):
     """(rule, inputs, h0, cu_seqlens) of a case on the CPU; upcast: the low-precision inputs back in fp32."""
     import torch
     from olssm.catalogue import ENTRIES, random_inputs
-    rule_name, B, T, H, K, V, seed, dt, cu, nh, knobs, env = CASES[name]
-    rule = ENTRIES[rule_name].rule
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+    c = CASES[name]
+    rule = ENTRIES[c.rule].rule
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[c.dtype]
     inp = {n: x if rule.inputs[n].is_parameter else (x.to(dtype).float() if upcast else x.to(dtype))
-           for n, x in random_inputs(rule, B, T, H, K, V, seed=seed).items()}
-    h0 = None if not nh else 0.3 * torch.randn(nh, H, V, K, generator=torch.Generator().manual_seed(seed))
-    return rule, inp, h0, cu
+           for n, x in random_inputs(rule, c.B, c.T, c.H, c.K, c.V, seed=c.seed).items()}
+    h0 = None if not c.nh else 0.3 * torch.randn(c.nh, c.H, c.V, c.K, generator=torch.Generator().manual_seed(c.seed))
+    return rule, inp, h0, c.cu
 
 
 def run_case(name, device, log=None):
