@@ -1184,3 +1184,49 @@ def test_benchmark_lifts_only_flas_hopper_guard(monkeypatch):
     assert chunk_o.TRITON_ABOVE_3_7_1 is False
     assert bench.lift_fla_hopper_guard(refusal) and chunk_o.TRITON_ABOVE_3_7_1 is True
     assert not bench.lift_fla_hopper_guard(refusal)   # a second refusal is not retried
+
+
+_RANK_PROBE = None
+
+
+def _rank_probe():
+    """A kernel that stores _rank_offset(m, stride) and the plain product m · stride for m < 3 (built once)."""
+    global _RANK_PROBE
+    if _RANK_PROBE is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def probe(out_ptr, stride, M: tl.constexpr):
+            for m in tl.static_range(M):
+                tl.store(out_ptr + 2 * m, tchunk._rank_offset(m, stride))
+                tl.store(out_ptr + 2 * m + 1, m * stride)
+
+        _RANK_PROBE = probe
+    return _RANK_PROBE
+
+
+@pytest.mark.skipif(_DEVICE != "cpu", reason="the wrap is the interpreter's int32 arithmetic, as compiled")
+def test_rank_offsets_are_int64_where_int32_would_wrap():
+    # A rank slice of 2³⁰ + 5 elements (B·T·H·d of a long rank-3 call) arrives as an int32 scalar: m · stride wraps at
+    # m = 2 (the oracle: Python's exact product), which the second column shows happens, and _rank_offset does not.
+    stride = 2 ** 30 + 5
+    out = torch.zeros(6, dtype=torch.int64)
+    _rank_probe()[(1,)](out, stride, M=3)
+    got, plain = out[0::2].tolist(), out[1::2].tolist()
+    assert got == [0, stride, 2 * stride]
+    assert plain[2] != 2 * stride   # the interpreter wraps like the compiled kernel: the probe can fail
+    # a stride of 1 is specialised to a constant: the helper takes that too
+    _rank_probe()[(1,)](out, 1, M=3)
+    assert out[0::2].tolist() == [0, 1, 2]
+
+
+def test_rank_terms_are_addressed_through_rank_offset():
+    # every stacked rank-term tensor (k / w through SW, v / e through SE) is offset by _rank_offset in the chunked
+    # kernels' source, never by an int32 product m · SW / m · SE (the test above shows the wrap)
+    import re
+    from olssm.kernels.triton import chunked_delta_bwd
+    for mod in (tchunk, chunked_delta_bwd):
+        src = Path(mod.__file__).read_text()
+        assert not re.findall(r"\b[a-z]\w* \* S[EW]\b", src), mod.__name__
+        assert "_rank_offset(m, SE)" in src

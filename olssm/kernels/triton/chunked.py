@@ -122,6 +122,15 @@ def _bf16_rounded(x):
 
 
 @triton.jit
+def _rank_offset(m, stride):
+    """m · stride in int64: the offset of rank term m's slice of a stacked [M, B, T, H, d] tensor (stride its
+    B·T·H·d). The stride arrives as an int32 scalar whenever it fits, and m · stride in int32 wraps from
+    m = 2 once a slice holds 2³⁰ elements (M ≥ 3, e.g. B·T·H·d = 2 · 65536 · 64 · 128): a silent read of
+    another address. tests/test_triton_chunked.py checks this helper against the wrap under the interpreter."""
+    return tl.full([], m, tl.int64) * stride
+
+
+@triton.jit
 def _mm(x, y, PREC: tl.constexpr):
     """x @ y with fp32 accumulation. PREC "bf16" rounds both operands to bf16 first (fla's choice: its dots take
     the inputs' dtype and a bf16 copy of the state), which halves the operands' registers / shared memory and
@@ -697,8 +706,8 @@ def _rowdecay_delta_chunk(q, a, cc, S0, AB, G, gam, xh, fast, tt, incl, strict, 
     Rp = _mm(a, tl.trans(S0), PREC) * gam
     o = _mm(q, tl.trans(S0), PREC) * gam
     for m in tl.static_range(M):
-        w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
-        e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + _rank_offset(m, SW) + koff, mask=km2, other=0.0).to(tl.float32)
+        e = tl.load(e_ptr + _rank_offset(m, SE) + voff, mask=vm, other=0.0).to(tl.float32)
         AW = tl.where(strict, _mm(a, tl.trans(w), PREC), 0.0)
         QW = tl.where(incl, _mm(q, tl.trans(w), PREC), 0.0)
         if fast:   # Σ_j X_ij e^{b_i − b_j} e_j = e^{x_i} ⊙ Σ_j X_ij (e^{−x_j} ⊙ e_j)
@@ -765,8 +774,8 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
             S = S * tl.exp(bl.to(tl.float32))[:, None]
         # the input terms e_m w_mᵀ of the chunk
         for m in tl.static_range(M):
-            k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+            k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
             if DECAY == 0:
                 A = tl.where(causal, _mm(q, tl.trans(k), PREC), 0.0)
                 o += _mm(A, v, PREC)
@@ -838,8 +847,8 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
             o = _mm(q, tl.trans(S), PREC) * gam[:, None]
             S = S * tl.exp(GL.to(tl.float32))
             for m in tl.static_range(M):
-                w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-                e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+                e = tl.load(e_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
                 R += _mm(_mm(a, tl.trans(w), PREC) * Dst, e, PREC)
                 o += _mm(_mm(q, tl.trans(w), PREC) * Dinc, e, PREC)
                 S += _mm(tl.trans(e * dec), w, PREC)
@@ -863,8 +872,8 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
                                              SW, SE, koff, voff, km2, vm, M, BT, BV, PREC)
             S = S * tl.exp(GL.to(tl.float32))[:, None]
             for m in tl.static_range(M):                              # the input terms' share of the new state
-                w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
-                e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + _rank_offset(m, SW) + koff, mask=km2, other=0.0).to(tl.float32)
+                e = tl.load(e_ptr + _rank_offset(m, SE) + voff, mask=vm, other=0.0).to(tl.float32)
                 S += _mm(tl.trans(e * dec), w, PREC)
             if fast:                                                  # corrections' share of o
                 o -= _mm(QB, Dl * tl.exp(-xh), PREC) * tl.exp(xh)
@@ -1023,6 +1032,17 @@ def _store_wt(a_ptr, wt_ptr, Tc, cg, base, tm, DK, BK: tl.constexpr, KB: tl.cons
 
 
 @triton.jit
+def _store_left_product(Y, e_ptr, u_ptr, base, tm, DV, BV: tl.constexpr, PREC: tl.constexpr):
+    """Ũ = Y E_0 → u for a chunk's [BT, BT] left factor Y, BV value rows at a time (the one-input-term prep, fused
+    or in two launches)."""
+    for i_v in range(0, tl.cdiv(DV, BV)):
+        rows = i_v * BV + tl.arange(0, BV)
+        vm = tm[:, None] & (rows < DV)[None, :]
+        e = tl.load(e_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+        tl.store(u_ptr + base[:, None] * DV + rows[None, :], _mm(Y, e, PREC), mask=vm)
+
+
+@triton.jit
 def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_ptr, tc_ptr, cu_ptr, ix_ptr,
                             T, H, DK, DV, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                             BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
@@ -1055,11 +1075,7 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
         if CORE_ONLY:   # the launch passes y, [.., BT] per token, in u's place (u is chunk_delta_wu_kernel's)
             tl.store(u_ptr + base[:, None] * BT + tt[None, :], Y, mask=tm[:, None])
             return
-        for i_v in range(0, tl.cdiv(DV, BV)):
-            rows = i_v * BV + tl.arange(0, BV)
-            vm = tm[:, None] & (rows < DV)[None, :]
-            e = tl.load(e_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-            tl.store(u_ptr + base[:, None] * DV + rows[None, :], _mm(Y, e, PREC), mask=vm)
+        _store_left_product(Y, e_ptr, u_ptr, base, tm, DV, BV, PREC)
     else:
         for i_v in range(0, tl.cdiv(DV, BV)):
             rows = i_v * BV + tl.arange(0, BV)
@@ -1069,8 +1085,8 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
                 if TIED and m == 0:
                     AW = Nab
                 else:
-                    AW = _dot_rows_k(a_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC) * Dst
-                e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+                    AW = _dot_rows_k(a_ptr, w_ptr + _rank_offset(m, SW), base, tm, DK, BT, BK, KB, PREC) * Dst
+                e = tl.load(e_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
                 P += _mm(AW, e, PREC)
             tl.store(u_ptr + base[:, None] * DV + rows[None, :], _mm(Tc, P, PREC), mask=vm)
 
@@ -1092,11 +1108,7 @@ def chunk_delta_wu_kernel(a_ptr, c_ptr, g_ptr, e_ptr, tc_ptr, y_ptr, wt_ptr, u_p
     Tc = tl.load(tc_ptr + base[:, None] * BT + tt[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
     _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
     Y = tl.load(y_ptr + base[:, None] * BT + tt[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
-    for i_v in range(0, tl.cdiv(DV, BV)):
-        rows = i_v * BV + tl.arange(0, BV)
-        vm = tm[:, None] & (rows < DV)[None, :]
-        e = tl.load(e_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-        tl.store(u_ptr + base[:, None] * DV + rows[None, :], _mm(Y, e, PREC), mask=vm)
+    _store_left_product(Y, e_ptr, u_ptr, base, tm, DV, BV, PREC)
 
 
 @triton.jit
@@ -1135,8 +1147,8 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         else:
             S += _state_outer(bv, d, PREC, KEY_MAJOR)
         for m in tl.static_range(1 if TIED else 0, M):   # TIED: m = 0 rode on B's dot
-            w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-            e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+            e = tl.load(e_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
             if GATED:
                 e = e * dec[:, None]
             S += _state_outer(w, e, PREC, KEY_MAJOR)
@@ -1246,12 +1258,12 @@ def chunk_delta_state_split_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0
         bv = _load_operand(_rows_tile(b_ptr + row0 * DK, L, DK, H, t0, HALF, BT, HALF), PREC)
         S_hi += _mm(tl.trans(bv), d, PREC)
         for m in tl.static_range(1 if TIED else 0, M):   # TIED: m = 0 rode on B's dot
-            e = _load_f32(_rows_tile(e_ptr + m * SE + row0 * DV, L, DV, H, t0, v0, BT, BV))
+            e = _load_f32(_rows_tile(e_ptr + _rank_offset(m, SE) + row0 * DV, L, DV, H, t0, v0, BT, BV))
             if GATED:
                 e = e * dec[:, None]
-            w = _load_operand(_rows_tile(w_ptr + m * SW + row0 * DK, L, DK, H, t0, 0, BT, HALF), PREC)
+            w = _load_operand(_rows_tile(w_ptr + _rank_offset(m, SW) + row0 * DK, L, DK, H, t0, 0, BT, HALF), PREC)
             S_lo += _mm(tl.trans(w), e, PREC)
-            w = _load_operand(_rows_tile(w_ptr + m * SW + row0 * DK, L, DK, H, t0, HALF, BT, HALF), PREC)
+            w = _load_operand(_rows_tile(w_ptr + _rank_offset(m, SW) + row0 * DK, L, DK, H, t0, HALF, BT, HALF), PREC)
             S_hi += _mm(tl.trans(w), e, PREC)
     ht = ht_ptr + i_bh.to(tl.int64) * DV * DK
     _store(_state_tile_t(ht, DK, DV, 0, v0, HALF, BV), S_lo)
@@ -1292,8 +1304,8 @@ def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_p
     else:
         o -= _mm(QB * D, d, PREC)
     for m in tl.static_range(1 if TIED else 0, M):
-        QW = _dot_rows_k(q_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC)
-        e = tl.load(e_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+        QW = _dot_rows_k(q_ptr, w_ptr + _rank_offset(m, SW), base, tm, DK, BT, BK, KB, PREC)
+        e = tl.load(e_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
         o += _mm(QW * D, e, PREC)
     tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
 
@@ -1732,8 +1744,8 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
             db = q * dq
             dbL = glk * tl.sum(dS * S0, axis=0)                       # [BK]
             for m in tl.static_range(M):
-                k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
-                v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+                k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
                 P = tl.where(causal, _mm(do, tl.trans(v), PREC), 0.0)   # dO E_mᵀ
                 if fast:   # the forward's factorisation; P is causal, so no masked-out product is formed
                     x = (b - 0.5 * bl[None, :]).to(tl.float32)
@@ -1759,7 +1771,7 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
                 dv = _mm(tl.trans(A), do, PREC) + kdS
                 tl.store(dk_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dk,
                          mask=qk_m)
-                tl.store(dv_ptr + m * SE + base[:, None] * DV + rows[None, :], dv, mask=vm)
+                tl.store(dv_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], dv, mask=vm)
                 db += q * dqi - k * dk
                 dbL += tl.sum(k * dks, axis=0)
             tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
@@ -1776,8 +1788,8 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
             db = tl.zeros([BT, BV], dtype=tl.float32)
             dbL = glv * tl.sum(dS * S0, axis=1)                       # [BV]
             for m in tl.static_range(M):
-                k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
-                v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+                k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
                 QK = tl.where(causal, _mm(q, tl.trans(k), PREC), 0.0)
                 if fast:   # D_i(t, s) = e^{x_ti}·e^{−x_si}, as in the forward
                     vx = v * tl.exp(-x)
@@ -1802,7 +1814,7 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
                 dq += _mm(P, k, PREC)
                 tl.store(dk_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dk,
                          mask=qk_m)
-                tl.store(dv_ptr + m * SE + base[:, None] * DV + rows[None, :], dv, mask=vm)
+                tl.store(dv_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], dv, mask=vm)
                 o += om
                 db -= v * dv
                 dbL += tl.sum(v * kdS * decv, axis=0)
@@ -1820,8 +1832,8 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
             db = tl.sum(dSq * q, axis=1) * gam                        # ∂b_i from Γ_i
             dbL = gl * tl.sum(tl.sum(dS * S0, axis=1), axis=0)        # ∂b_L from Γ_L
             for m in tl.static_range(M):
-                k = tl.load(k_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
-                v = tl.load(v_ptr + m * SE + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+                k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
                 P = _mm(do, tl.trans(v), PREC) * D  # [BT, BT]
                 A = _mm(q, tl.trans(k), PREC) * D
                 dq += _mm(P, k, PREC)
@@ -1831,7 +1843,7 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
                 dv = _mm(tl.trans(A), do, PREC) + kdS * dec[:, None]
                 tl.store(dk_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dk,
                          mask=qk_m)
-                tl.store(dv_ptr + m * SE + base[:, None] * DV + rows[None, :], dv, mask=vm)
+                tl.store(dv_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], dv, mask=vm)
                 if DECAY == 1:
                     Tm = P * _mm(q, tl.trans(k), PREC)  # ∂L/∂D ⊙ D
                     db += tl.sum(Tm, axis=1) - tl.sum(Tm, axis=0)

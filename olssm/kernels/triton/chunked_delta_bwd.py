@@ -77,7 +77,8 @@ import triton.language as tl
 from ...objectives.core import ROW
 from . import chunked as _ch
 from .chunked import (_c_row, _chunk_decay, _chunk_map, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
-                      _delta_tiles, _initial_tile, _mm, _precision, _row_decay_tiles, _rowdecay_delta_chunk,
+                      _delta_tiles, _initial_tile, _mm, _precision, _rank_offset, _row_decay_tiles,
+                      _rowdecay_delta_chunk,
                       _sequential_program, _state_outer, _state_read, _store_wt, _strict, _token_column, _tokens,
                       _ut_inverse, switch)
 
@@ -237,7 +238,7 @@ def _store_de(q_ptr, w_ptr, a_ptr, do_ptr, dh_ptr, de_ptr, dR, D, Dst, dec, base
             km2 = tm[:, None] & km[None, :]
             q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
             a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + m * SW + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
             dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
                          other=0.0).to(tl.float32)
             QW += _mm(q, tl.trans(w), PREC)
@@ -245,7 +246,7 @@ def _store_de(q_ptr, w_ptr, a_ptr, do_ptr, dh_ptr, de_ptr, dR, D, Dst, dec, base
             WdS += _mm(w, tl.trans(dS), PREC)
         de = (_mm(tl.trans(QW * D), do, PREC) + _mm(tl.trans(AW * Dst), dR, PREC)
               + WdS * dec[:, None])
-        tl.store(de_ptr + m * SE + voff, de, mask=vm)
+        tl.store(de_ptr + _rank_offset(m, SE) + voff, de, mask=vm)
 
 
 @triton.jit
@@ -280,8 +281,8 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
         N = _dot_rows(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
         R += _mm(N, tl.load(e_ptr + voff, mask=vm, other=0.0).to(tl.float32), PREC)
     for m in tl.static_range(1 if TIED else 0, M):
-        AW = _dot_rows(a_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC) * Dst
-        R += _mm(AW, tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32), PREC)
+        AW = _dot_rows(a_ptr, w_ptr + _rank_offset(m, SW), base, tm, DK, BT, BK, KB, PREC) * Dst
+        R += _mm(AW, tl.load(e_ptr + _rank_offset(m, SE) + voff, mask=vm, other=0.0).to(tl.float32), PREC)
     Tc = tl.load(tc_ptr + base[:, None] * BT + tt[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
     dl = _mm(Tc, R * cc[:, None], PREC)                     # Δ = T_c (c ⊙ R')
     tl.store(dl_ptr + voff, dl, mask=vm)
@@ -443,7 +444,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
                     rows, vm, voff, sm2 = _key_value_block(i_v, BV, DV, DVS, tm, base, km)
                     do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
                     dr = tl.load(dr_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-                    e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
+                    e = tl.load(e_ptr + _rank_offset(m, SE) + voff, mask=vm, other=0.0).to(tl.float32)
                     dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
                     OE += _mm(do, tl.trans(e), PREC)
                     RE += _mm(dr, tl.trans(e), PREC)
@@ -452,7 +453,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
             if TIED and m == 0:    # w_0 = b; OE_0 W_0 and RE_0 W_0 are in dq / da already
                 w = bv
             else:
-                w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + _rank_offset(m, SW) + koff, mask=km2, other=0.0).to(tl.float32)
             OEm = OE * D
             REm = RE * Dst
             xs += tl.sum(tl.sum(w * dwS, axis=1), axis=0)
@@ -460,7 +461,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
                 dq += _mm(OEm, w, PREC)
                 da += _mm(REm, w, PREC)
             dw = dwS + _mm(tl.trans(OEm), q, PREC) + _mm(tl.trans(REm), a, PREC)
-            tl.store(dw_ptr + m * SW + koff, dw, mask=km2)
+            tl.store(dw_ptr + _rank_offset(m, SW) + koff, dw, mask=km2)
             dbt -= tl.sum(w * dw, axis=1)
         tl.store(dq_ptr + koff, dq, mask=km2)
         tl.store(da_ptr + koff, da, mask=km2)
@@ -508,8 +509,8 @@ def chunk_rowc_bwd_prep_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, 
     D, Dst, gam, _, _ = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
     R = R * gam[:, None]
     for m in tl.static_range(M):
-        AW = _dot_rows(a_ptr, w_ptr + m * SW, base, tm, DK, BT, BK, KB, PREC) * Dst
-        R += _mm(AW, tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32), PREC)
+        AW = _dot_rows(a_ptr, w_ptr + _rank_offset(m, SW), base, tm, DK, BT, BK, KB, PREC) * Dst
+        R += _mm(AW, tl.load(e_ptr + _rank_offset(m, SE) + voff, mask=vm, other=0.0).to(tl.float32), PREC)
     do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
     tl.store(dd_ptr + voff, -_mm(tl.trans(QB * D), do, PREC), mask=vm)
     N = AB * Dst
@@ -689,8 +690,8 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
         dbt = do * o + dP * P - Dl * dD                                                  # ∂b, [BT, BV]
         XL = -tl.sum(Dl * BdS * dec, axis=0)                                             # Σ_t dec_t X_t, [BV]
         for m in tl.static_range(M):
-            w = tl.load(w_ptr + m * SW + koff, mask=km2, other=0.0).to(tl.float32)
-            e = tl.load(e_ptr + m * SE + voff, mask=vm, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + _rank_offset(m, SW) + koff, mask=km2, other=0.0).to(tl.float32)
+            e = tl.load(e_ptr + _rank_offset(m, SE) + voff, mask=vm, other=0.0).to(tl.float32)
             AW = tl.where(strict, _mm(a, tl.trans(w), PREC), 0.0)
             QW = tl.where(incl, _mm(q, tl.trans(w), PREC), 0.0)
             WdS = _mm(w, tl.trans(dS), PREC)                          # W dSᵀ [BT, BV]
@@ -712,7 +713,7 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
                     OE = tl.where(colj, tl.sum(do * ej[None, :] * ex, axis=1)[:, None], OE)
                     RE = tl.where(colj, tl.sum(dP * ej[None, :] * ex, axis=1)[:, None], RE)
                 RE = tl.where(strict, RE, 0.0)
-            tl.store(de_ptr + m * SE + voff, de, mask=vm)
+            tl.store(de_ptr + _rank_offset(m, SE) + voff, de, mask=vm)
             dq += _mm(OE, w, PREC)
             da += _mm(RE, w, PREC)
             dw = (_mm(tl.trans(OE), q, PREC) + _mm(tl.trans(RE), a, PREC)
