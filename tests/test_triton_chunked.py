@@ -744,8 +744,10 @@ def test_gpu_session_variant_specs_parse():
     expanded = subprocess.run(["bash", "-uc", assignments + "\n" + "".join(f'printf "%s\\n" "${n}"\n' for n in names)],
                               capture_output=True, text=True)
     assert expanded.returncode == 0, f"gpu_session.sh uses a variable it never sets: {expanded.stderr}"
-    specs = expanded.stdout.splitlines() + re.findall(r"--variants '([^']*)'", script)
-    assert len(names) >= 3 and len(specs) == len(names) + 1, (names, specs)
+    literal = re.findall(r"--variants '([^']*)'", script) + re.findall(r'--variants "([^"$]*)"', script)
+    specs = expanded.stdout.splitlines() + literal
+    assert len(names) >= 3 and len(literal) >= 4, (names, literal)   # `variants` and `diag`'s own
+    assert "ds=diag_path:split;again=" in literal
     for spec in specs:
         assert bench._variants(spec), spec
 
@@ -870,6 +872,48 @@ def test_delta_split_forward_matches_fused(name, varlen, monkeypatch):
     o1, ht1, _ = _chunked_direct(rule, inp, None, cu, "fused", False, monkeypatch)
     _close(o, o1, 1e-5, "split vs fused without h0, no save: o")
     _close(ht, ht1, 1e-5, "split vs fused without h0, no save: final state")
+
+
+def _two_term_column_rule():
+    # two input terms (M = 2) under a column decay: the diagonal kernels' rank loop
+    S, Sp = O.states()
+    k, v, kl, vl = O.key("k"), O.value("v"), O.key("kl"), O.value("vl")
+    prox = O.sqnorm(S - Sp @ O.diag(O.column("c", domain="decay"))) / 2
+    return olssm.derive(O.Objective(prox - O.inner(S @ k, v) - O.inner(S @ kl, O.row("s") * vl))).with_log_decays()
+
+
+@pytest.mark.parametrize("name, varlen, slow", [
+    ("linear_attention", False, False), ("linear_attention", True, False), ("retnet", False, False),
+    ("mamba2", False, False), ("mamba2", True, False), ("log_gla", False, False), ("log_gla", True, False),
+    ("log_gla", False, True), ("log_row_decay", False, False), ("log_row_decay", True, True),
+    ("two_term_column", False, False), ("two_term_column", True, True)])
+def test_diag_split_path_matches_reference(name, varlen, slow, monkeypatch):
+    # DIAG_PATH = "split": the state passes over (value block, key block) programs, o and the gradients over chunks.
+    # Forward, final state and every gradient against the reference loop (the tolerances of this file); d_k = 20 in key
+    # blocks of 16 (two, the second masked; in the state passes and, with one input term, the backward's), packed
+    # sequences of 35, 0, 5 and 32 tokens (a partial chunk, an empty sequence, a lone partial chunk, two whole ones);
+    # slow: FAST_SPAN 0, the per-token pairwise loops of the row and column decays in both kernels
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "split")
+    monkeypatch.setattr(tchunk, "DIAG_STATE_BLOCK_K", 16)
+    monkeypatch.setattr(tchunk, "DIAG_BWD_BLOCK_K", 16)   # the parallel backward walks two key blocks (M = 1)
+    if slow:
+        monkeypatch.setattr(tchunk, "FAST_SPAN", tchunk.tl.constexpr(0.0))
+    fwd, bwd = spy(monkeypatch, tchunk, "_diag_split_forward"), spy(monkeypatch, tchunk, "_diag_split_backward")
+    rule = _two_term_column_rule() if name == "two_term_column" else _rule(name)
+    if name == "retnet":   # a raw γ parameter: "auto" differentiates it in the recurrent backward (γ ≫ eps here)
+        monkeypatch.setattr(tlib, "CHUNK_BACKWARD", True)
+    cu = [0, 35, 35, 40, 72] if varlen else None
+    B, T, N = (1, 72, 4) if varlen else (2, 37, 2)
+    inp = random_inputs(rule, B, T, 2, 20, 6, seed=31)
+    h0 = 0.3 * torch.randn(N, 2, 6, 20, generator=torch.Generator().manual_seed(31))
+    _compare(rule, inp, h0, cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)) if varlen else None)
+    assert len(fwd) == 1 and len(bwd) == (0 if name == "two_term_column" else 1)   # two terms: the fused backward
+
+
+def test_diag_path_is_checked(monkeypatch):
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "parallel")
+    with pytest.raises(ValueError, match="OLSSM_TRITON_DIAG_PATH"):
+        tchunk.diag_path()
 
 
 def test_delta_forward_mode_is_checked(monkeypatch):

@@ -123,6 +123,20 @@ def variants(BT, BK, BV, prec, BVW=None):
         yield f"backward decay={name}", ch.chunk_bwd_kernel, dict(bwd, DECAY=code, USE_DHT=True, VARLEN=True)
     yield "delta decay=scalar, 2 input terms", ch.chunk_delta_fwd_kernel, dict(base, C_ROW=False, G_ROW=False,
                                                                                  VARLEN=False, M=2)
+    # the split diagonal path (DIAG_PATH = "split"): state passes over (value block, key block), o and gradients
+    # over chunks
+    BKS = min(BK, ch.DIAG_STATE_BLOCK_K)
+    for name, code in (("none", 0), ("scalar", 1), ("row", 2), ("column", 3)):
+        tag = f"decay={name} varlen=True"
+        yield (f"diag split state {tag}", ch.chunk_diag_state_kernel,
+               dict(BT=BT, BK=BKS, BV=BV, M=1, PREC=prec, DECAY=code, USE_H0=True, VARLEN=True))
+        yield (f"diag split out {tag}", ch.chunk_diag_out_kernel,
+               dict(BT=BT, BK=BK, BV=BV, M=1, PREC=prec, DECAY=code, VARLEN=True))
+        yield (f"diag split backward state {tag}", ch.chunk_diag_dh_kernel,
+               dict(BT=BT, BK=BKS, BV=BV, PREC=prec, DECAY=code, USE_DHT=True, VARLEN=True))
+        BKB = min(BK, ch.DIAG_BWD_BLOCK_K)
+        yield (f"diag split backward {tag}", ch.chunk_diag_bwd_kernel,
+               dict(BT=BT, BK=BKB, BV=BV, M=1, PREC=prec, DECAY=code, VARLEN=True, NKB=BK // BKB))
     # the split delta forward: prep and out take wide value blocks and KB-column key blocks
     # (tied: w_0 = b, DeltaNet / Gated DeltaNet, chunked._tied; untied: the general path)
     state = dict(BT=BT, BK=BK, BV=BV, M=1, PREC=prec, USE_H0=True)

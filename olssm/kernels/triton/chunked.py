@@ -568,24 +568,30 @@ def _initial_tile(ptr, i_bh, DK, DV, soff, m2, BK: tl.constexpr, BV: tl.constexp
 
 @triton.jit
 def _sequential_program(cu_ptr, T, H, DK, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        VARLEN: tl.constexpr, KEY_MAJOR: tl.constexpr = False):
+                        VARLEN: tl.constexpr, KEY_MAJOR: tl.constexpr = False, KEY_BLOCKS: tl.constexpr = False):
     """The opening of a kernel that walks one sequence's chunks in order, one program per (value block,
-    sequence × head): i_v, i_bh, i_h, the sequence's bounds, its state tile (_state_tile) and the chunk's token
+    sequence × head) — with KEY_BLOCKS per (value block, key block of BK, sequence × head), the grid's second axis
+    the key block: i_v, i_bh, i_h, the sequence's bounds, its state tile (_state_tile) and the chunk's token
     index tt."""
     i_v = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    if KEY_BLOCKS:
+        i_k = tl.program_id(1)
+        i_bh = tl.program_id(2)
+    else:
+        i_k = 0
+        i_bh = tl.program_id(1)
     bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
-    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV, KEY_MAJOR)
+    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV, KEY_MAJOR, i_k)
     return i_v, i_bh, i_bh % H, bos, eos, rows, cols, rm, km, m2, soff, tl.arange(0, BT)
 
 
 @triton.jit
-def _state_tile(i_v, DK, DV, BK: tl.constexpr, BV: tl.constexpr, KEY_MAJOR: tl.constexpr = False):
+def _state_tile(i_v, DK, DV, BK: tl.constexpr, BV: tl.constexpr, KEY_MAJOR: tl.constexpr = False, i_k=0):
     """The program's block of the state: row / column indices and masks, and the mask and offsets (into the
     [.., DV, DK] layout of h0 / ck / ht / dh) of the tile as held, [BV, BK] or with KEY_MAJOR its transpose
-    [BK, BV] (STATE_KEY_MAJOR)."""
+    [BK, BV] (STATE_KEY_MAJOR). i_k: the key block (the split diagonal path's state passes; else 0, all keys)."""
     rows = i_v * BV + tl.arange(0, BV)
-    cols = tl.arange(0, BK)
+    cols = i_k * BK + tl.arange(0, BK)
     rm = rows < DV
     km = cols < DK
     if KEY_MAJOR:
@@ -733,58 +739,69 @@ def _rowdecay_delta_chunk(q, a, cc, S0, AB, G, gam, xh, fast, tt, incl, strict, 
 
 
 @triton.jit
-def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, cu_ptr, T, H, DK, DV, NCK, SW, SE,
-                     M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                     USE_H0: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr,
-                     PREC: tl.constexpr = "ieee"):
-    i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
-                                                                                      BV, VARLEN)
+def _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK, DV, SW, SE, M: tl.constexpr,
+                BT: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, OUT: tl.constexpr,
+                STATE: tl.constexpr):
+    """One chunk of the diagonal family (no correction) from S, the [BV, BK'] state tile entering it (value rows ×
+    key columns): o [BT, BV] with OUT (q: the chunk's query tile, whose key columns must then be all of them, since o
+    sums over keys), and with STATE S at the chunk's end (then cols may be any key block: a diagonal decay keeps key
+    columns apart). The fused kernel runs both per chunk; the split path's state pass runs STATE, its output kernel
+    OUT. Returns (o, S); o is 0.0 without OUT, S unchanged without STATE."""
     causal = tt[:, None] >= tt[None, :]
-    S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0)
-    for c in range(0, tl.cdiv(eos - bos, BT)):
-        if SAVE_CK:
-            tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
-        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
-        qk_m = tm[:, None] & km[None, :]
-        vm = tm[:, None] & rm[None, :]
-        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
-        # the decay of the chunk, the carried state's share of o, and the carried state decayed
-        if DECAY == 0:
+    qk_m = tm[:, None] & km[None, :]
+    vm = tm[:, None] & rm[None, :]
+    o = 0.0
+    # the decay of the chunk, the carried state's share of o, and the carried state decayed
+    if DECAY == 0:
+        if OUT:
             o = _mm(q, tl.trans(S), PREC)
-        elif DECAY == 1:
-            g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
-            b = tl.cumsum(g, axis=0)                                  # fp64: see the module docstring
-            bl = tl.sum(g, axis=0)
+    elif DECAY == 1:
+        g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
+        b = tl.cumsum(g, axis=0)                                  # fp64: see the module docstring
+        bl = tl.sum(g, axis=0)
+        dec = tl.exp((bl - b).to(tl.float32))[:, None]            # [BT, 1]
+        if OUT:
             D = tl.exp(tl.where(causal, (b[:, None] - b[None, :]).to(tl.float32), float("-inf")))
-            dec = tl.exp((bl - b).to(tl.float32))[:, None]            # [BT, 1]
             o = _mm(q, tl.trans(S), PREC) * tl.exp(b.to(tl.float32))[:, None]
+        if STATE:
             S = S * tl.exp(bl.to(tl.float32))
-        elif DECAY == 3:   # column decay (d_k), GLA
-            g = tl.load(g_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float64)
-            b = tl.cumsum(g, axis=0)                                  # [BT, BK], fp64
-            bl = tl.sum(g, axis=0)                                    # [BK]
-            dec = tl.exp((bl[None, :] - b).to(tl.float32))            # [BT, BK]
-            fast = tl.min(bl, axis=0) > -FAST_SPAN                    # module docstring
-            x = (b - 0.5 * bl[None, :]).to(tl.float32)                # log decay from the chunk's half-way point
+    elif DECAY == 3:   # column decay (d_k), GLA
+        g = tl.load(g_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float64)
+        b = tl.cumsum(g, axis=0)                                  # [BT, BK], fp64
+        bl = tl.sum(g, axis=0)                                    # [BK]
+        dec = tl.exp((bl[None, :] - b).to(tl.float32))            # [BT, BK]
+        if OUT:
+            fast = tl.min(bl, axis=0) > -FAST_SPAN                # module docstring
+            x = (b - 0.5 * bl[None, :]).to(tl.float32)            # log decay from the chunk's half-way point
             o = _mm(q * tl.exp(b.to(tl.float32)), tl.trans(S), PREC)
+        if STATE:
             S = S * tl.exp(bl.to(tl.float32))[None, :]
-        else:              # row decay (d_v)
-            b, bl, gv, dec, x, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)
+    else:              # row decay (d_v)
+        b, bl, gv, dec, x, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)
+        if OUT:
             o = _mm(q, tl.trans(S), PREC) * gv
+        if STATE:
             S = S * tl.exp(bl.to(tl.float32))[:, None]
-        # the input terms e_m w_mᵀ of the chunk
-        for m in tl.static_range(M):
-            k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-            if DECAY == 0:
+    # the input terms e_m w_mᵀ of the chunk
+    for m in tl.static_range(M):
+        k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :], mask=qk_m,
+                    other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm,
+                    other=0.0).to(tl.float32)
+        if DECAY == 0:
+            if OUT:
                 A = tl.where(causal, _mm(q, tl.trans(k), PREC), 0.0)
                 o += _mm(A, v, PREC)
+            if STATE:
                 S += _mm(tl.trans(v), k, PREC)
-            elif DECAY == 1:
+        elif DECAY == 1:
+            if OUT:
                 A = _mm(q, tl.trans(k), PREC) * D
                 o += _mm(A, v, PREC)
+            if STATE:
                 S += _mm(tl.trans(v * dec), k, PREC)
-            elif DECAY == 3:
+        elif DECAY == 3:
+            if OUT:
                 if fast:   # e^{b_i − b_j} = e^{x_i}·e^{−x_j}, both factors in [e^{−SPAN/2}, e^{SPAN/2}]
                     A = tl.where(causal, _mm(q * tl.exp(x), tl.trans(k * tl.exp(-x)), PREC), 0.0)
                 else:      # pairwise exponents, exact for any decay
@@ -794,8 +811,10 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
                         aj = tl.sum(q * kj[None, :] * ex, axis=1)     # [BT]
                         A = tl.where(colj, aj[:, None], A)
                 o += _mm(A, v, PREC)
+            if STATE:
                 S += _mm(tl.trans(v), k * dec, PREC)
-            else:
+        else:
+            if OUT:
                 QK = tl.where(causal, _mm(q, tl.trans(k), PREC), 0.0)
                 if fast:   # Σ_j QK_ij e^{b_i − b_j} v_j = e^{x_i} ⊙ Σ_j QK_ij (e^{−x_j} ⊙ v_j)
                     o += _mm(QK, v * tl.exp(-x), PREC) * tl.exp(x)
@@ -804,10 +823,70 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
                         sel, colj, vj, ex = _token_column(tt, j, v, b)
                         qkj = tl.sum(tl.where(colj, QK, 0.0), axis=1)   # [BT]
                         o += qkj[:, None] * vj[None, :] * ex
+            if STATE:
                 S += _mm(tl.trans(v * dec), k, PREC)
+    return o, S
+
+
+@triton.jit
+def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, cu_ptr, T, H, DK, DV, NCK, SW, SE,
+                     M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                     USE_H0: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr,
+                     PREC: tl.constexpr = "ieee"):
+    """The fused diagonal path (DIAG_PATH = "fused"): one program per (value block, sequence·head) walks the
+    chunks, each one's o and the state carried in registers (_diag_chunk)."""
+    i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
+                                                                                      BV, VARLEN)
+    S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0)
+    for c in range(0, tl.cdiv(eos - bos, BT)):
+        if SAVE_CK:
+            tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
+        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :],
+                    other=0.0).to(tl.float32)
+        o, S = _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK, DV, SW, SE, M, BT,
+                           DECAY, PREC, True, True)
         S = tl.where(m2, S, 0.0)
-        tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
+        tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=tm[:, None] & rm[None, :])
     tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
+
+
+@triton.jit
+def chunk_diag_state_kernel(k_ptr, v_ptr, g_ptr, h0_ptr, ht_ptr, ck_ptr, cu_ptr, T, H, DK, DV, NCK, SW, SE,
+                            M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                            DECAY: tl.constexpr, USE_H0: tl.constexpr, VARLEN: tl.constexpr,
+                            PREC: tl.constexpr = "ieee"):
+    """The split diagonal path's sequential pass (DIAG_PATH = "split"): the state entering every chunk → ck and the
+    last → ht, one program per (value block, key block, sequence·head): S ← Γ_L ⊙ S + Σ_m (E_m ⊙ dec)ᵀ W_m, no
+    query, no [BT, BT] product."""
+    i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
+                                                                                      BV, VARLEN, KEY_BLOCKS=True)
+    S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0)
+    for c in range(0, tl.cdiv(eos - bos, BT)):
+        tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
+        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
+        _, S = _diag_chunk(None, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK, DV, SW, SE, M, BT,
+                           DECAY, PREC, False, True)
+        S = tl.where(m2, S, 0.0)
+    tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
+
+
+@triton.jit
+def chunk_diag_out_kernel(q_ptr, k_ptr, v_ptr, g_ptr, ck_ptr, o_ptr, cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE,
+                          M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          DECAY: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee"):
+    """The split diagonal path's output, parallel over chunks: o of one (chunk, value block) from S₀ = ck."""
+    i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
+                                                                          VARLEN)
+    cols = tl.arange(0, BK)
+    km = cols < DK
+    S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
+                 other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :], other=0.0).to(tl.float32)
+    o, _ = _diag_chunk(q, S0, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rows < DV, km, tt, DK, DV, SW, SE, M, BT,
+                       DECAY, PREC, True, False)
+    tl.store(o_ptr + voff, o.to(o_ptr.dtype.element_ty), mask=vm)
 
 
 @triton.jit
@@ -847,8 +926,10 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
             o = _mm(q, tl.trans(S), PREC) * gam[:, None]
             S = S * tl.exp(GL.to(tl.float32))
             for m in tl.static_range(M):
-                w = tl.load(w_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-                e = tl.load(e_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :],
+                            mask=km2, other=0.0).to(tl.float32)
+                e = tl.load(e_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :],
+                            mask=vm, other=0.0).to(tl.float32)
                 R += _mm(_mm(a, tl.trans(w), PREC) * Dst, e, PREC)
                 o += _mm(_mm(q, tl.trans(w), PREC) * Dinc, e, PREC)
                 S += _mm(tl.trans(e * dec), w, PREC)
@@ -1086,7 +1167,8 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
                     AW = Nab
                 else:
                     AW = _dot_rows_k(a_ptr, w_ptr + _rank_offset(m, SW), base, tm, DK, BT, BK, KB, PREC) * Dst
-                e = tl.load(e_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+                e = tl.load(e_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :],
+                            mask=vm, other=0.0).to(tl.float32)
                 P += _mm(AW, e, PREC)
             tl.store(u_ptr + base[:, None] * DV + rows[None, :], _mm(Tc, P, PREC), mask=vm)
 
@@ -1147,8 +1229,10 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         else:
             S += _state_outer(bv, d, PREC, KEY_MAJOR)
         for m in tl.static_range(1 if TIED else 0, M):   # TIED: m = 0 rode on B's dot
-            w = tl.load(w_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-            e = tl.load(e_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :],
+                        mask=km2, other=0.0).to(tl.float32)
+            e = tl.load(e_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :],
+                        mask=vm, other=0.0).to(tl.float32)
             if GATED:
                 e = e * dec[:, None]
             S += _state_outer(w, e, PREC, KEY_MAJOR)
@@ -1514,6 +1598,24 @@ def split_blocks(d_k: int, d_v: int, wide_keys: bool) -> SplitBlocks:
 DELTA_FORWARD = "split"
 #: value rows per program of the split's parallel kernels (prep, out); the state pass keeps _blocks' BV
 SPLIT_BLOCK_V = 64
+#: the diagonal family's chunked kernels (no correction: linear attention, RetNet, Mamba-2, GLA, row decays):
+#: "fused" (chunk_fwd_kernel / chunk_bwd_kernel: one program per sequence·head·value block walks the chunks, each
+#: chunk's o or gradients formed inside the walk) or "split" (a sequential pass of one dot per chunk for the states
+#: entering the chunks — the backward's for ∂L/∂S at their ends — parallel over value and key blocks, then o or the
+#: gradients in a kernel parallel over chunks; flash-linear-attention's chunk_simple_gla / chunk_gla layout). The
+#: fused walk has B·H·⌈d_v/32⌉ programs: 128 at (2, T, 16, 128), under one per SM of an H100, each a chain of
+#: ⌈T/C⌉ chunks of dependent dots (Mamba-2 at (2, 8192, 16, 128): 1.46 ms forward, 7.11 fwd+bwd, session 8).
+#: "fused" until a GPU times the two (benchmarks/triton_kernels.py row `ds`). Both read and write the same
+#: checkpoints ck, so either backward follows either forward. OLSSM_TRITON_DIAG_PATH overrides; read at each launch.
+DIAG_PATH = "fused"
+#: key columns per program of the split diagonal path's two state passes (a diagonal decay keeps key columns apart,
+#: so they split over keys as well as values: 2× the programs at d_k = 128)
+DIAG_STATE_BLOCK_K = 64
+#: key columns per block of the split diagonal path's parallel backward (chunk_diag_bwd_kernel walks them in turn; rules
+#: with one input term: more run the fused backward). sm_90, d_k = d_v = 128, chunk 32 (library.CHUNK), tf32, 8 warps,
+#: spills in B/thread for none / scalar / row / column decays: whole [BT, 128] tiles 2384 / 2968 / 552 / 6176, blocks of
+#: 64: 624 / 896 / 928 / 1488, blocks of 32: 24 / 296 / 712 / 656 (the fused walk: 1368 / 1624 / 1968 / 1296)
+DIAG_BWD_BLOCK_K = 32
 #: the split forward folds the first input term into the correction's products where its key side is the
 #: correction's b (w = b = k: DeltaNet, Gated DeltaNet; sympy-equal expressions): S ← ... + ((E_0 − Δ) ⊙ dec)ᵀ B,
 #: o ← ... + (Q Bᵀ ⊙ D)(E_0 − Δ), A W_0ᵀ ⊙ D_st = N — one dot and one [BT, d_k] load fewer per step of the
@@ -1545,6 +1647,11 @@ def switch_on(env: str, value: bool, what: str) -> bool:
 def ut_solve() -> str:
     """UT_SOLVE, or OLSSM_TRITON_UT_SOLVE if set; checked (the forward prep and the backward's prep read it)."""
     return switch("OLSSM_TRITON_UT_SOLVE", UT_SOLVE, ("masked", "blocks"), "UT solve (OLSSM_TRITON_UT_SOLVE)")
+
+
+def diag_path() -> str:
+    """DIAG_PATH, or OLSSM_TRITON_DIAG_PATH if set; checked (the forward and the backward launches each read it)."""
+    return switch("OLSSM_TRITON_DIAG_PATH", DIAG_PATH, ("fused", "split"), "diagonal path (OLSSM_TRITON_DIAG_PATH)")
 
 
 def _delta_forward() -> str:
@@ -1698,15 +1805,207 @@ def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None
             PREC=_precision(o.dtype, bf16), SUB=sub, OFF32=offsets32_fit(sizes),
             **_launch_opts(wide_keys))
         return
+    if diag_path() == "split":
+        _diag_split_forward(chunk_in, h0, o, ht, ck if save else None, sizes, decay, cu_seqlens)
+        return
     chunk_fwd_kernel[(NV, N * H)](
         q, k, v, g, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht, cu, T, H, d_k, d_v, NCK,
         k[0].numel(), v[0].numel(), M=k.shape[0], BT=C, BK=BK, BV=BV, DECAY=decay, USE_H0=h0 is not None,
         SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype), **_launch_opts())
 
 
+def _chunk_grid(cu_seqlens, C, T, N, B, H, dummy):
+    """(ix, NTG, G) of a grid parallel over chunks, (chunk-map rows, ..., G): with cu_seqlens the chunk map
+    (_chunk_map) and G = H heads, else ⌈T/C⌉ chunks of each of G = B·H sequence·heads (ix unused: dummy)."""
+    if cu_seqlens is not None:
+        return (*_chunk_map(cu_seqlens, C, T, N), H)
+    return dummy, -(-T // C), B * H
+
+
+def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens):
+    """DIAG_PATH = "split": the states entering the chunks (chunk_diag_state_kernel; into ck, or a scratch one of the
+    checkpoints' dtype when the forward keeps none), then o (chunk_diag_out_kernel)."""
+    B, T, H, d_k, d_v, N, max_len, C = sizes
+    BK, BV = _blocks(d_k, d_v)
+    BKS = min(BK, DIAG_STATE_BLOCK_K)
+    q, k, v = chunk_in[:3]
+    g = chunk_in[3] if decay else q
+    if ck is None:
+        ck = torch.empty(N, H, max(1, -(-max_len // C)), d_v, d_k, dtype=checkpoint_storage(o.dtype),
+                         device=q.device)
+    NCK = ck.shape[2]
+    varlen = cu_seqlens is not None
+    cu = cu_seqlens if varlen else ht
+    ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, ht)
+    common = dict(M=k.shape[0], BT=C, BV=BV, DECAY=decay, VARLEN=varlen, PREC=_precision(o.dtype), **_launch_opts())
+    chunk_diag_state_kernel[(-(-d_v // BV), -(-d_k // BKS), N * H)](
+        k, v, g, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK, k[0].numel(),
+        v[0].numel(), BK=BKS, USE_H0=h0 is not None, **common)
+    chunk_diag_out_kernel[(NTG, -(-d_v // BV), G)](q, k, v, g, ck, o, cu, ix, T, H, d_k, d_v, NCK, k[0].numel(),
+                                                   v[0].numel(), BK=BK, **common)
+
+
 # --------------------------------------------------------------------------------------------
 # chunked backward for the diagonal family: none / scalar / row / column decay (no correction)
 
+@triton.jit
+def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, base, tm, rows, cols, rm, km,
+                   tt, i_v, DK, DV, SW, SE, TOKH, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, STORE_DV: tl.constexpr = True):
+    """One chunk of the diagonal family's backward over one block of key columns `cols` (BK wide: all of them in the
+    fused walk), from the chunk's query and ∂o tiles q, do and that block of S₀ (the state entering the chunk) and of
+    dS = ∂L/∂S at its end (chunk_bwd_kernel's formulas). Stores the block's columns of dQ, dW_m (as the value block
+    i_v's partial sums) and of a column decay's ∂g; with STORE_DV dE_m too. What sums over key columns comes back
+    as this block's share, for _diag_bwd_finish: (qs, dos, glast, dE (the last term's), ∂b, ∂b_L), where
+    dS₀ = glast ⊙ dS + dosᵀ qs is the step back to the chunk's start (the fused walk's carry; whole only with all
+    the keys) and ∂b, ∂b_L are the cumulative log decay's gradient before its reverse sum (scalar, row decays)."""
+    causal = tt[:, None] >= tt[None, :]
+    qk_m = tm[:, None] & km[None, :]
+    vm = tm[:, None] & rm[None, :]
+    if DECAY == 3:     # column decay (GLA): b [BT, BK]; ∂b = q ⊙ dq − w ⊙ dw (+ the chunk end's terms)
+        g = tl.load(g_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float64)
+        b = tl.cumsum(g, axis=0)
+        bl = tl.sum(g, axis=0)
+        gq = tl.exp(b.to(tl.float32))                             # [BT, BK]
+        decw = tl.exp((bl[None, :] - b).to(tl.float32))           # [BT, BK]
+        glk = tl.exp(bl.to(tl.float32))                           # [BK]
+        fast = tl.min(bl, axis=0) > -FAST_SPAN
+        dq = _mm(do, S0, PREC) * gq
+        db = q * dq
+        dbL = glk * tl.sum(dS * S0, axis=0)                       # [BK]
+        for m in tl.static_range(M):
+            k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :],
+                        mask=qk_m, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :],
+                        mask=vm, other=0.0).to(tl.float32)
+            P = tl.where(causal, _mm(do, tl.trans(v), PREC), 0.0)   # dO E_mᵀ
+            if fast:   # the forward's factorisation; P is causal, so no masked-out product is formed
+                x = (b - 0.5 * bl[None, :]).to(tl.float32)
+                kx = k * tl.exp(-x)
+                dqi = _mm(P, kx, PREC) * tl.exp(x)
+                A = tl.where(causal, _mm(q * tl.exp(x), tl.trans(kx), PREC), 0.0)
+                dki = _mm(tl.trans(P), q * tl.exp(x), PREC) * tl.exp(-x)
+            else:
+                A = tl.zeros([BT, BT], dtype=tl.float32)
+                dqi = tl.zeros([BT, BK], dtype=tl.float32)
+                dki = tl.zeros([BT, BK], dtype=tl.float32)
+                for j in range(0, BT):
+                    sel, colj, kj, ex = _token_column(tt, j, k, b)
+                    A = tl.where(colj, tl.sum(q * kj[None, :] * ex, axis=1)[:, None], A)
+                    pj = tl.sum(tl.where(colj, P, 0.0), axis=1)   # [BT]: P[:, j]
+                    dqi += pj[:, None] * kj[None, :] * ex
+                    dkj = tl.sum(pj[:, None] * q * ex, axis=0)    # [BK]
+                    dki = tl.where(sel, dkj[None, :], dki)
+            kdS = _mm(k * decw, tl.trans(dS), PREC)   # [BT, BV]
+            dks = _mm(v, dS, PREC) * decw       # [BT, BK]: state's share of dW
+            dq += dqi
+            dk = dki + dks
+            dv = _mm(tl.trans(A), do, PREC) + kdS
+            tl.store(dk_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dk,
+                     mask=qk_m)
+            if STORE_DV:
+                tl.store(dv_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], dv, mask=vm)
+            db += q * dqi - k * dk
+            dbL += tl.sum(k * dks, axis=0)
+        tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
+        db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
+        dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db
+        tl.store(dg_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dg, mask=qk_m)
+        qs, dos, glast = q * gq, do, glk[None, :]
+    elif DECAY == 2:   # row decay (d_v): the column case's transpose, ∂b = dO ⊙ o − Σ_m e_m ⊙ de_m (+ chunk end)
+        b, bl, gv, decv, x, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)   # Γ, Γ_L/Γ
+        glv = tl.exp(bl.to(tl.float32))                           # [BV]
+        dog = do * gv
+        dq = _mm(dog, S0, PREC)                                   # (dO ⊙ Γ) S₀
+        o = _mm(q, tl.trans(S0), PREC) * gv                       # o, recomputed: its state share first
+        db = tl.zeros([BT, BV], dtype=tl.float32)
+        dbL = glv * tl.sum(dS * S0, axis=1)                       # [BV]
+        for m in tl.static_range(M):
+            k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :],
+                        mask=qk_m, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :],
+                        mask=vm, other=0.0).to(tl.float32)
+            QK = tl.where(causal, _mm(q, tl.trans(k), PREC), 0.0)
+            if fast:   # D_i(t, s) = e^{x_ti}·e^{−x_si}, as in the forward
+                vx = v * tl.exp(-x)
+                dox = do * tl.exp(x)
+                om = _mm(QK, vx, PREC) * tl.exp(x)
+                P = tl.where(causal, _mm(dox, tl.trans(vx), PREC), 0.0)   # Σ_i dO e D
+                dvl = _mm(tl.trans(QK), dox, PREC) * tl.exp(-x)
+            else:      # pairwise exponents, one token column j at a time
+                om = tl.zeros([BT, BV], dtype=tl.float32)
+                P = tl.zeros([BT, BT], dtype=tl.float32)
+                dvl = tl.zeros([BT, BV], dtype=tl.float32)
+                for j in range(0, BT):
+                    sel, colj, vj, ex = _token_column(tt, j, v, b)
+                    qkj = tl.sum(tl.where(colj, QK, 0.0), axis=1)  # [BT]: QK[:, j]
+                    om += qkj[:, None] * vj[None, :] * ex
+                    P = tl.where(colj, tl.sum(do * vj[None, :] * ex, axis=1)[:, None], P)
+                    dvj = tl.sum(qkj[:, None] * do * ex, axis=0)  # [BV]
+                    dvl = tl.where(sel, dvj[None, :], dvl)
+            kdS = _mm(k, tl.trans(dS), PREC)   # [BT, BV]: W dSᵀ
+            dk = _mm(tl.trans(P), q, PREC) + _mm(v * decv, dS, PREC)
+            dv = dvl + kdS * decv
+            dq += _mm(P, k, PREC)
+            tl.store(dk_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dk,
+                     mask=qk_m)
+            if STORE_DV:
+                tl.store(dv_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], dv, mask=vm)
+            o += om
+            db -= v * dv
+            dbL += tl.sum(v * kdS * decv, axis=0)
+        tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
+        db += do * o
+        qs, dos, glast = q, dog, glv[:, None]
+    else:
+        D, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, DECAY == 1)
+        # carried state's share
+        dSq = _mm(do, S0, PREC)                # [BT, BK]: dO S₀
+        dq = dSq * gam[:, None]
+        db = tl.sum(dSq * q, axis=1) * gam                        # ∂b_i from Γ_i
+        dbL = gl * tl.sum(tl.sum(dS * S0, axis=1), axis=0)        # ∂b_L from Γ_L
+        for m in tl.static_range(M):
+            k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :],
+                        mask=qk_m, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :],
+                        mask=vm, other=0.0).to(tl.float32)
+            P = _mm(do, tl.trans(v), PREC) * D  # [BT, BT]
+            A = _mm(q, tl.trans(k), PREC) * D
+            dq += _mm(P, k, PREC)
+            vd = v * dec[:, None]
+            dk = _mm(tl.trans(P), q, PREC) + _mm(vd, dS, PREC)
+            kdS = _mm(k, tl.trans(dS), PREC)  # [BT, BV]: W dSᵀ
+            dv = _mm(tl.trans(A), do, PREC) + kdS * dec[:, None]
+            tl.store(dk_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dk,
+                     mask=qk_m)
+            if STORE_DV:
+                tl.store(dv_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], dv, mask=vm)
+            if DECAY == 1:
+                Tm = P * _mm(q, tl.trans(k), PREC)  # ∂L/∂D ⊙ D
+                db += tl.sum(Tm, axis=1) - tl.sum(Tm, axis=0)
+                X = tl.sum(vd * kdS, axis=1)                       # ∂ from dec_j = e^{b_L − b_j}
+                db -= X
+                dbL += tl.sum(X, axis=0)
+        tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
+        qs, dos, glast = q, do * gam[:, None], gl
+    return qs, dos, glast, dv, db, dbL
+
+
+@triton.jit
+def _diag_bwd_finish(db, dbL, dg_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT: tl.constexpr,
+                     DECAY: tl.constexpr):
+    """∂g of a chunk from ∂b and ∂b_L summed over its key blocks (_diag_bwd_keys): ∂b_L joins the last token's ∂b,
+    then ∂g_t = Σ_{i ≥ t} ∂b_i within the chunk (a scalar decay's as the value block i_v's partial sum; a row
+    decay's whole: each program owns its value rows). A column decay's ∂g is per key column, stored by
+    _diag_bwd_keys."""
+    if DECAY == 1:
+        db = tl.where(tt == BT - 1, db + dbL, db)
+        dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db   # Σ_{i ≥ t} ∂b_i
+        tl.store(dg_ptr + i_v.to(tl.int64) * TOKH + base, dg, mask=tm)
+    elif DECAY == 2:
+        db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
+        dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db
+        tl.store(dg_ptr + base[:, None] * DV + rows[None, :], dg, mask=tm[:, None] & rm[None, :])
 
 
 @triton.jit
@@ -1721,143 +2020,110 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
     dQ, dW and ∂g are partial sums over the value-row blocks (summed by the caller)."""
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
                                                                                       BV, VARLEN)
-    causal = tt[:, None] >= tt[None, :]
     dS = _initial_tile(dht_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_DHT)
     nc = tl.cdiv(eos - bos, BT)
     for cr in range(0, nc):
         c = nc - 1 - cr
         tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
-        qk_m = tm[:, None] & km[None, :]
-        vm = tm[:, None] & rm[None, :]
         S0 = tl.load(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
-        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
-        do = tl.load(do_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-        if DECAY == 3:     # column decay (GLA): b [BT, BK]; ∂b = q ⊙ dq − w ⊙ dw (+ the chunk end's terms)
-            g = tl.load(g_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float64)
-            b = tl.cumsum(g, axis=0)
-            bl = tl.sum(g, axis=0)
-            gq = tl.exp(b.to(tl.float32))                             # [BT, BK]
-            decw = tl.exp((bl[None, :] - b).to(tl.float32))           # [BT, BK]
-            glk = tl.exp(bl.to(tl.float32))                           # [BK]
-            fast = tl.min(bl, axis=0) > -FAST_SPAN
-            dq = _mm(do, S0, PREC) * gq
-            db = q * dq
-            dbL = glk * tl.sum(dS * S0, axis=0)                       # [BK]
-            for m in tl.static_range(M):
-                k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
-                v = tl.load(v_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-                P = tl.where(causal, _mm(do, tl.trans(v), PREC), 0.0)   # dO E_mᵀ
-                if fast:   # the forward's factorisation; P is causal, so no masked-out product is formed
-                    x = (b - 0.5 * bl[None, :]).to(tl.float32)
-                    kx = k * tl.exp(-x)
-                    dqi = _mm(P, kx, PREC) * tl.exp(x)
-                    A = tl.where(causal, _mm(q * tl.exp(x), tl.trans(kx), PREC), 0.0)
-                    dki = _mm(tl.trans(P), q * tl.exp(x), PREC) * tl.exp(-x)
-                else:
-                    A = tl.zeros([BT, BT], dtype=tl.float32)
-                    dqi = tl.zeros([BT, BK], dtype=tl.float32)
-                    dki = tl.zeros([BT, BK], dtype=tl.float32)
-                    for j in range(0, BT):
-                        sel, colj, kj, ex = _token_column(tt, j, k, b)
-                        A = tl.where(colj, tl.sum(q * kj[None, :] * ex, axis=1)[:, None], A)
-                        pj = tl.sum(tl.where(colj, P, 0.0), axis=1)   # [BT]: P[:, j]
-                        dqi += pj[:, None] * kj[None, :] * ex
-                        dkj = tl.sum(pj[:, None] * q * ex, axis=0)    # [BK]
-                        dki = tl.where(sel, dkj[None, :], dki)
-                kdS = _mm(k * decw, tl.trans(dS), PREC)   # [BT, BV]
-                dks = _mm(v, dS, PREC) * decw       # [BT, BK]: state's share of dW
-                dq += dqi
-                dk = dki + dks
-                dv = _mm(tl.trans(A), do, PREC) + kdS
-                tl.store(dk_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dk,
-                         mask=qk_m)
-                tl.store(dv_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], dv, mask=vm)
-                db += q * dqi - k * dk
-                dbL += tl.sum(k * dks, axis=0)
-            tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
-            db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
-            dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db
-            tl.store(dg_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dg, mask=qk_m)
-            dS = dS * glk[None, :] + _mm(tl.trans(do), q * gq, PREC)
-        elif DECAY == 2:   # row decay (d_v): the column case's transpose, ∂b = dO ⊙ o − Σ_m e_m ⊙ de_m (+ chunk end)
-            b, bl, gv, decv, x, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)   # Γ, Γ_L/Γ
-            glv = tl.exp(bl.to(tl.float32))                           # [BV]
-            dog = do * gv
-            dq = _mm(dog, S0, PREC)                                   # (dO ⊙ Γ) S₀
-            o = _mm(q, tl.trans(S0), PREC) * gv                       # o, recomputed: its state share first
-            db = tl.zeros([BT, BV], dtype=tl.float32)
-            dbL = glv * tl.sum(dS * S0, axis=1)                       # [BV]
-            for m in tl.static_range(M):
-                k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
-                v = tl.load(v_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-                QK = tl.where(causal, _mm(q, tl.trans(k), PREC), 0.0)
-                if fast:   # D_i(t, s) = e^{x_ti}·e^{−x_si}, as in the forward
-                    vx = v * tl.exp(-x)
-                    dox = do * tl.exp(x)
-                    om = _mm(QK, vx, PREC) * tl.exp(x)
-                    P = tl.where(causal, _mm(dox, tl.trans(vx), PREC), 0.0)   # Σ_i dO e D
-                    dvl = _mm(tl.trans(QK), dox, PREC) * tl.exp(-x)
-                else:      # pairwise exponents, one token column j at a time
-                    om = tl.zeros([BT, BV], dtype=tl.float32)
-                    P = tl.zeros([BT, BT], dtype=tl.float32)
-                    dvl = tl.zeros([BT, BV], dtype=tl.float32)
-                    for j in range(0, BT):
-                        sel, colj, vj, ex = _token_column(tt, j, v, b)
-                        qkj = tl.sum(tl.where(colj, QK, 0.0), axis=1)  # [BT]: QK[:, j]
-                        om += qkj[:, None] * vj[None, :] * ex
-                        P = tl.where(colj, tl.sum(do * vj[None, :] * ex, axis=1)[:, None], P)
-                        dvj = tl.sum(qkj[:, None] * do * ex, axis=0)  # [BV]
-                        dvl = tl.where(sel, dvj[None, :], dvl)
-                kdS = _mm(k, tl.trans(dS), PREC)   # [BT, BV]: W dSᵀ
-                dk = _mm(tl.trans(P), q, PREC) + _mm(v * decv, dS, PREC)
-                dv = dvl + kdS * decv
-                dq += _mm(P, k, PREC)
-                tl.store(dk_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dk,
-                         mask=qk_m)
-                tl.store(dv_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], dv, mask=vm)
-                o += om
-                db -= v * dv
-                dbL += tl.sum(v * kdS * decv, axis=0)
-            tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
-            db += do * o
-            db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
-            dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db
-            tl.store(dg_ptr + base[:, None] * DV + rows[None, :], dg, mask=vm)
-            dS = dS * glv[:, None] + _mm(tl.trans(dog), q, PREC)
-        else:
-            D, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, DECAY == 1)
-            # carried state's share
-            dSq = _mm(do, S0, PREC)                # [BT, BK]: dO S₀
-            dq = dSq * gam[:, None]
-            db = tl.sum(dSq * q, axis=1) * gam                        # ∂b_i from Γ_i
-            dbL = gl * tl.sum(tl.sum(dS * S0, axis=1), axis=0)        # ∂b_L from Γ_L
-            for m in tl.static_range(M):
-                k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
-                v = tl.load(v_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-                P = _mm(do, tl.trans(v), PREC) * D  # [BT, BT]
-                A = _mm(q, tl.trans(k), PREC) * D
-                dq += _mm(P, k, PREC)
-                vd = v * dec[:, None]
-                dk = _mm(tl.trans(P), q, PREC) + _mm(vd, dS, PREC)
-                kdS = _mm(k, tl.trans(dS), PREC)  # [BT, BV]: W dSᵀ
-                dv = _mm(tl.trans(A), do, PREC) + kdS * dec[:, None]
-                tl.store(dk_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dk,
-                         mask=qk_m)
-                tl.store(dv_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], dv, mask=vm)
-                if DECAY == 1:
-                    Tm = P * _mm(q, tl.trans(k), PREC)  # ∂L/∂D ⊙ D
-                    db += tl.sum(Tm, axis=1) - tl.sum(Tm, axis=0)
-                    X = tl.sum(vd * kdS, axis=1)                       # ∂ from dec_j = e^{b_L − b_j}
-                    db -= X
-                    dbL += tl.sum(X, axis=0)
-            tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
-            if DECAY == 1:
-                db = tl.where(tt == BT - 1, db + dbL, db)
-                dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db   # Σ_{i ≥ t} ∂b_i
-                tl.store(dg_ptr + i_v.to(tl.int64) * TOKH + base, dg, mask=tm)
-            dS = dS * gl + _mm(tl.trans(do * gam[:, None]), q, PREC)
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :],
+                    other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + base[:, None] * DV + rows[None, :], mask=tm[:, None] & rm[None, :],
+                     other=0.0).to(tl.float32)
+        qs, dos, glast, _, db, dbL = _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr,
+                                                    dg_ptr, base, tm, rows, cols, rm, km, tt, i_v, DK, DV, SW, SE,
+                                                    TOKH, M, BT, BK, BV, DECAY, PREC)
+        _diag_bwd_finish(db, dbL, dg_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
+        dS = dS * glast + _mm(tl.trans(dos), qs, PREC)
         dS = tl.where(m2, dS, 0.0)
     tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
+
+
+@triton.jit
+def _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY: tl.constexpr):
+    """(qs, dos, glast) of a chunk's step back, dS₀ = glast ⊙ dS + dosᵀ qs (what _diag_bwd_keys returns), from the
+    chunk's query and ∂o tiles alone: the split path's reverse state pass, which forms nothing else."""
+    if DECAY == 3:
+        g = tl.load(g_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :],
+                    other=0.0).to(tl.float64)
+        qs, dos, glast = q * tl.exp(tl.cumsum(g, axis=0).to(tl.float32)), do, tl.exp(tl.sum(g, axis=0).to(
+            tl.float32))[None, :]
+    elif DECAY == 2:
+        _, bl, gv, _, _, _ = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], tm[:, None] & rm[None, :])
+        qs, dos, glast = q, do * gv, tl.exp(bl.to(tl.float32))[:, None]
+    elif DECAY == 1:
+        g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
+        qs, dos, glast = q, do * tl.exp(tl.cumsum(g, axis=0).to(tl.float32))[:, None], tl.exp(tl.sum(g, axis=0).to(
+            tl.float32))
+    else:
+        qs, dos, glast = q, do, 1.0
+    return qs, dos, glast
+
+
+@triton.jit
+def chunk_diag_dh_kernel(q_ptr, g_ptr, do_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr, T, H, DK, DV, NCK, BT: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, USE_DHT: tl.constexpr,
+                         VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee"):
+    """The split diagonal path's reverse pass: dS = ∂L/∂S at the end of every chunk → dh (ck's layout) and at the
+    start → dh0, one program per (value block, key block, sequence·head): dS ← Γ_L ⊙ dS + (Γ ⊙ dO)ᵀ Q, one dot
+    per chunk."""
+    i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
+                                                                                      BV, VARLEN, KEY_BLOCKS=True)
+    dS = _initial_tile(dht_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_DHT)
+    nc = tl.cdiv(eos - bos, BT)
+    for cr in range(0, nc):
+        c = nc - 1 - cr
+        tl.store(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, mask=m2)
+        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :],
+                    other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + base[:, None] * DV + rows[None, :], mask=tm[:, None] & rm[None, :],
+                     other=0.0).to(tl.float32)
+        qs, dos, glast = _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY)
+        dS = tl.where(m2, dS * glast + _mm(tl.trans(dos), qs, PREC), 0.0)
+    tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
+
+
+@triton.jit
+def chunk_diag_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu_ptr, ix_ptr, dq_ptr, dk_ptr, dv_ptr,
+                          dg_ptr, T, H, DK, DV, NCK, SW, SE, TOKH, M: tl.constexpr, BT: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, VARLEN: tl.constexpr,
+                          PREC: tl.constexpr = "ieee", NKB: tl.constexpr = 1):
+    """The split diagonal path's gradients, parallel over chunks: one (chunk, value block) from S₀ = ck and
+    dS = dh, into the same partial-sum slots as chunk_bwd_kernel, walking the key columns in NKB blocks of BK
+    (_diag_bwd_keys per block: no [BT, d_k] tile is live beyond its block). One input term when NKB > 1 (its dE
+    and ∂b, ∂b_L are summed over the blocks here); chunked_backward runs more in the fused walk: at NKB = 1 this
+    kernel held two terms' whole [BT, 128] tiles in 32 registers and 10 KB of stack per thread (sm_90, chunk 32)."""
+    i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
+                                                                          VARLEN)
+    rm = rows < DV
+    do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+    dv = tl.zeros([BT, BV], dtype=tl.float32)
+    if DECAY == 2:
+        db = tl.zeros([BT, BV], dtype=tl.float32)
+        dbL = tl.zeros([BV], dtype=tl.float32)
+    else:
+        db = tl.zeros([BT], dtype=tl.float32)
+        dbL = tl.sum(db, axis=0)
+    for kb in range(0, NKB):
+        cols = kb * BK + tl.arange(0, BK)
+        km = cols < DK
+        smask = sm[:, None] & km[None, :]
+        soff = sbase + rows[:, None] * DK + cols[None, :]
+        S0 = tl.load(ck_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+        dS = tl.load(dh_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :],
+                    other=0.0).to(tl.float32)
+        _, _, _, dv_k, db_k, dbL_k = _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr,
+                                                    dg_ptr, base, tm, rows, cols, rm, km, tt, i_v, DK, DV, SW, SE,
+                                                    TOKH, M, BT, BK, BV, DECAY, PREC, NKB == 1)
+        dv += dv_k
+        if DECAY == 1 or DECAY == 2:
+            db += db_k
+            dbL += dbL_k
+    if NKB > 1:
+        tl.store(dv_ptr + voff, dv, mask=vm)
+    _diag_bwd_finish(db, dbL, dg_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
 
 
 def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
@@ -1878,12 +2144,39 @@ def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     dg = written(1 if decay == 2 else NV, B, T, H, *((d_k,) if decay == 3 else (d_v,) if decay == 2 else ()),
                  device=dev)
     dh0 = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
-    chunk_bwd_kernel[(NV, N * H)](
-        q, k, v, g, do.contiguous(), dht.contiguous() if dht is not None else dh0, ck,
-        cu_seqlens if cu_seqlens is not None else dh0, dq, dk, dv, dg, dh0, T, H, d_k, d_v, ck.shape[2],
-        k[0].numel(), v[0].numel(), TOKH, M=M, BT=C, BK=BK, BV=BV, DECAY=decay, USE_DHT=dht is not None,
-        VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), **_launch_opts())
+    if diag_path() == "split" and M == 1:   # more input terms: the fused walk (the split kernel would hold every key)
+        _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk, dv, dg, dh0)
+    else:
+        chunk_bwd_kernel[(NV, N * H)](
+            q, k, v, g, do.contiguous(), dht.contiguous() if dht is not None else dh0, ck,
+            cu_seqlens if cu_seqlens is not None else dh0, dq, dk, dv, dg, dh0, T, H, d_k, d_v, ck.shape[2],
+            k[0].numel(), v[0].numel(), TOKH, M=M, BT=C, BK=BK, BV=BV, DECAY=decay, USE_DHT=dht is not None,
+            VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), **_launch_opts())
     out = [dq.sum(0), dk.sum(0), dv]
     if decay:
         out.append(dg.sum(0))
     return out, dh0
+
+
+def _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk, dv, dg, dh0):
+    """DIAG_PATH = "split": ∂L/∂S at the end of every chunk (chunk_diag_dh_kernel, into a dh of ck's layout, fp32)
+    and dh0, then every gradient (chunk_diag_bwd_kernel) into chunked_backward's buffers."""
+    B, T, H, d_k, d_v, N, max_len, C = sizes
+    BK, BV = _blocks(d_k, d_v)
+    BKS = min(BK, DIAG_STATE_BLOCK_K)
+    q, k, v = chunk_in[:3]
+    g = chunk_in[3] if decay else q
+    do = do.contiguous()
+    NCK = ck.shape[2]
+    dh = written(*ck.shape, device=q.device)
+    varlen = cu_seqlens is not None
+    cu = cu_seqlens if varlen else dh0
+    ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, dh0)
+    common = dict(BT=C, BV=BV, DECAY=decay, VARLEN=varlen, PREC=_precision(do.dtype), **_launch_opts())
+    chunk_diag_dh_kernel[(-(-d_v // BV), -(-d_k // BKS), N * H)](
+        q, g, do, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK, BK=BKS,
+        USE_DHT=dht is not None, **common)
+    BKB = min(BK, DIAG_BWD_BLOCK_K)
+    chunk_diag_bwd_kernel[(NTG, -(-d_v // BV), G)](q, k, v, g, do, ck, dh, cu, ix, dq, dk, dv, dg, T, H, d_k, d_v,
+                                                   NCK, k[0].numel(), v[0].numel(), B * T * H, M=k.shape[0], BK=BKB,
+                                                   NKB=BK // BKB, **common)

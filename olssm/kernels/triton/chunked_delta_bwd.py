@@ -238,7 +238,8 @@ def _store_de(q_ptr, w_ptr, a_ptr, do_ptr, dh_ptr, de_ptr, dR, D, Dst, dec, base
             km2 = tm[:, None] & km[None, :]
             q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
             a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :],
+                        mask=km2, other=0.0).to(tl.float32)
             dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
                          other=0.0).to(tl.float32)
             QW += _mm(q, tl.trans(w), PREC)
