@@ -9,6 +9,8 @@
 #   lease        the first call of a lease (its timeouts add to 520 s): the compiled tests; DeltaNet / Gated DeltaNet
 #                at D = 128 against fla's chunk with the remaining chunked settings as rows of one process
 #                ($variants128); the same two at D = 64 with the defaults and `nkm`
+#   diag         the second call (timeouts add to 420 s): Mamba-2, GLA, linear attention at D = 128 and D = 64, the split
+#                diagonal path (`ds`) against the fused one and fla's chunk_simple_gla; GLA against fla's chunk_gla
 #   profile128   DeltaNet at D = 128 kernel by kernel (forward alone and fwd+bwd) beside fla's, defaults and `nkm`
 #   variants     the second call (timeouts add to 520 s): the D = 64 table with fla's kernels (but chunk_gla), the
 #                recurrent kernel's old 32 rows / 4 warps and bf16 operands as rows; the session-9 variants at
@@ -31,7 +33,7 @@
 # fla-core (pure Python) is installed from .whl/ for the benchmark stages when the wheel was carried
 # (device tool: carry [".whl"]); the tests run without it.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh lease|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
+stage=${1:?usage: gpu_session.sh lease|diag|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
 out=${OUT:-/tmp/olssm-gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
@@ -97,6 +99,23 @@ case $stage in
         timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
             --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
             --rules deltanet,gated_deltanet --variants "nkm=$variants_nkm;again=" 2>&1 | tee "$out/bench64.txt" ;;
+    diag)
+        # the diagonal family's split path (DIAG_PATH = "split", session 12: correct under the interpreter, untimed)
+        # against the fused walk (the default) and fla's chunk_simple_gla (Mamba-2's recurrence) as rows of one
+        # process at D = 128, then D = 64, then GLA with fla's chunk_gla at D = 64 (whose autotuning takes minutes;
+        # the last call of the stage). Timeouts add to 420 s. If `ds` wins beyond the drift (`again`), flip DIAG_PATH.
+        with_fla
+        export PYTHONUNBUFFERED=1
+        gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800
+        timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
+            --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules mamba2,gla,linear_attention --variants "ds=diag_path:split;again=" 2>&1 | tee "$out/diag128.txt"
+        timeout 120 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
+            --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules mamba2,gla,linear_attention --variants "ds=diag_path:split;again=" 2>&1 | tee "$out/diag64.txt"
+        timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
+            --peak-gbs $gbs --reps 5 --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules gla \
+            --variants "ds=diag_path:split" 2>&1 | tee "$out/diag-fla-gla64.txt" ;;
     profile128)
         # where DeltaNet's D = 128 time goes, kernel by kernel beside fla's (session 11 profiled the old defaults:
         # a third of it was torch glue), the defaults and `nkm`

@@ -63,6 +63,14 @@ def _fla_peers(name, rule, inp):
             return {"fla-recurrent": lambda x: fused_recurrent_gated_delta_rule(x[0], x[1], x[2], g=x[3], beta=x[4],
                                                                                  scale=1.0)[0],
                     "fla-chunk": lambda x: chunk_gated_delta_rule(*x, scale=1.0)[0]}, args
+        if name == "mamba2":
+            from fla.ops.simple_gla import chunk_simple_gla
+            # fla's simple GLA is Mamba-2's scalar-decay recurrence with the input term's Δ·v as its value and the log
+            # decay Δ·A per token and head (its gradients reach those two, not Δ: the chain rule's last elementwise
+            # step is left out of its fwd+bwd; the "rel err o" column checks the mapping)
+            dt = inp["dt"].float()
+            args = (inp["q"], inp["k"], (inp["v"].float() * dt[..., None]).to(inp["v"].dtype), dt * inp["A"].float())
+            return {"fla-chunk": lambda x: chunk_simple_gla(x[0], x[1], x[2], g=x[3], scale=1.0)[0]}, args
         if name == "gla":
             from fla.ops.gla import chunk_gla, fused_recurrent_gla
             args = (inp["q"], inp["k"], inp["v"], log_gate("g"))
@@ -168,7 +176,8 @@ def _main(argv=None):
                         "(chunked.STATE_KEY_SPLIT: 1 or 0), key_split_warps (chunked.KEY_SPLIT_WARPS), offsets32 "
                         "(chunked.OFFSETS32: 1 or 0), prep_split (chunked.PREP_SPLIT: 1 or 0), "
                         "chunk_storage / checkpoint_storage (fp32 or input), ut_solve (chunked.UT_SOLVE: masked or "
-                        "blocks), same_key (chunked_delta_bwd.SAME_KEY: 1 or 0), block_v, warps (recurrent "
+                        "blocks), same_key (chunked_delta_bwd.SAME_KEY: 1 or 0), diag_path (chunked.DIAG_PATH: fused or "
+                        "split), block_v, warps (recurrent "
                         "kernel); e.g. "
                         "'narrow=wide:off;bf16=precision:bf16;again=' (an empty setting: the defaults again, for the drift)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
@@ -427,6 +436,7 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _one_of(*chunked.DOT
                  "chunk_storage": (chunked, ("CHUNK_STORAGE",), _one_of("fp32", "input"), "chunk"),
                  "checkpoint_storage": (chunked, ("CHECKPOINT_STORAGE",), _one_of("fp32", "input"), "chunk"),
                  "ut_solve": (chunked, ("UT_SOLVE",), _one_of("masked", "blocks"), "chunk"),
+                 "diag_path": (chunked, ("DIAG_PATH",), _one_of("fused", "split"), "chunk"),
                  "same_key": (chunked_delta_bwd, ("SAME_KEY",), _switch, "chunk"),
                  "block_v": (tscan, ("BLOCK_V",), _pow2, "recurrent"),
                  "warps": (tscan, ("NUM_WARPS",), _pow2, "recurrent")}
