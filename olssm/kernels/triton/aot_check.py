@@ -131,7 +131,7 @@ def variants(BT, BK, BV, prec, BVW=None):
         yield (f"diag split state {tag}", ch.chunk_diag_state_kernel,
                dict(BT=BT, BK=BKS, BV=BV, M=1, PREC=prec, DECAY=code, USE_H0=True, VARLEN=True))
         yield (f"diag split out {tag}", ch.chunk_diag_out_kernel,
-               dict(BT=BT, BK=BK, BV=BV, M=1, PREC=prec, DECAY=code, VARLEN=True))
+               dict(BT=BT, BK=BK, BV=BV if code == 2 else BVW, M=1, PREC=prec, DECAY=code, VARLEN=True))
         yield (f"diag split backward state {tag}", ch.chunk_diag_dh_kernel,
                dict(BT=BT, BK=BKS, BV=BV, PREC=prec, DECAY=code, USE_DHT=True, VARLEN=True))
         BKB = min(BK, ch.DIAG_BWD_BLOCK_K)

@@ -1841,8 +1841,11 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens):
     chunk_diag_state_kernel[(-(-d_v // BV), -(-d_k // BKS), N * H)](
         k, v, g, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK, k[0].numel(),
         v[0].numel(), BK=BKS, USE_H0=h0 is not None, **common)
-    chunk_diag_out_kernel[(NTG, -(-d_v // BV), G)](q, k, v, g, ck, o, cu, ix, T, H, d_k, d_v, NCK, k[0].numel(),
-                                                   v[0].numel(), BK=BK, **common)
+    # the output takes the split paths' wider value blocks (SPLIT_BLOCK_V): each block forms the [BT, BT] Q Wᵀ again.
+    # sm_90, d = 128, chunk 32: 64 rows spill nothing (scalar, column decay; 32 rows: 0, 104 B), a row decay's 952 B
+    BVO = BV if decay == 2 else split_blocks(d_k, d_v, False).BVW
+    chunk_diag_out_kernel[(NTG, -(-d_v // BVO), G)](q, k, v, g, ck, o, cu, ix, T, H, d_k, d_v, NCK, k[0].numel(),
+                                                    v[0].numel(), BK=BK, **dict(common, BV=BVO))
 
 
 # --------------------------------------------------------------------------------------------
