@@ -147,9 +147,11 @@ def test_chunked_without_initial_state_and_no_grad(name, launches):
     assert len(launches) == 1
 
 
-@pytest.mark.parametrize("name", ["mamba2", "gla", "row_decay", "gated_deltanet", "row_decay_delta", "log_row_decay",
-                                  "two_keys"])
-def test_strong_and_zero_decays_stay_finite(name):
+@pytest.mark.parametrize("name, path", [(n, "fused") for n in ("mamba2", "gla", "row_decay", "gated_deltanet",
+                                                                  "row_decay_delta", "log_row_decay", "two_keys")]
+                         + [(n, "split") for n in ("mamba2", "gla", "log_row_decay")])
+def test_strong_and_zero_decays_stay_finite(name, path, monkeypatch):
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", path)   # the diagonal rules' two paths (DIAG_PATH)
     rule = _rule(name)
     inp = random_inputs(rule, 1, 35, 2, 5, 6, seed=4)
     if name == "mamba2":
@@ -467,7 +469,28 @@ def test_custom_objectives_chunked_match_reference(obj, seed):
     if tchunk.unsupported(tscan.plan_for(rule), args):
         return
     tlib.FORCE = "chunk"
-    _compare(rule, inp, h0)
+    saved = tchunk.DIAG_PATH
+    try:
+        for tchunk.DIAG_PATH in ("fused", "split"):   # the split diagonal path too (the delta family ignores it)
+            _compare(rule, inp, h0)
+    finally:
+        tchunk.DIAG_PATH = saved
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_long_sequences_with_strong_decays(path, monkeypatch):
+    # T = 4096 (256 chunks of 16) of Mamba-2 with Δ·A from −0.01 to −50 per token, resets included (Δ·A = −1e4): no
+    # overflow or NaN anywhere, and o, the final state and every gradient match the reference, on both diagonal paths
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", path)
+    rule = ENTRIES["mamba2"].rule
+    inp = random_inputs(rule, 1, 4096, 1, 4, 4, seed=41)
+    g = torch.Generator().manual_seed(41)
+    inp["dt"] = torch.exp(torch.empty(1, 4096, 1).uniform_(-4.6, 3.9, generator=g))   # Δ·A ∈ [−0.01 |A|, −50 |A|]
+    inp["dt"][:, ::997] = 1e4                                                              # resets
+    tlib.FORCE = "chunk"
+    o, f, grads = _run(rule, inp, 0.3 * torch.randn(1, 1, 4, 4, generator=g), "triton")
+    assert all(torch.isfinite(x).all() for x in (o, f, *grads.values()))
+    _compare(rule, inp, 0.3 * torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(41)))
 
 
 # ---- torch.compile / torch.library --------------------------------------------------------------------
