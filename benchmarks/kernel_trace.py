@@ -89,6 +89,11 @@ def _case_settings():
     out["bf16_wide/h4"] = cases["bf16_wide"]._replace(H=4)
     out["bf16_wide/k128dv64"] = cases["bf16_wide"]._replace(K=128, V=64)
     out["bf16_wide/k128t128dv64"] = cases["bf16_wide"]._replace(T=128, K=128, V=64)
+    # session 12's split diagonal path (chunked.DIAG_PATH), never yet compiled on a GPU: d = 128 on packed sequences
+    # (Mamba-2: the scalar decay) and a partial key block (GLA: the column decay's loops), the chunked backward forced
+    split = {"chunked.DIAG_PATH": "split"}
+    out["diag_split_mamba2"] = Case("mamba2", 1, 140, 2, 128, 64, 21, "bf16", [0, 70, 71, 140], 3, split, bwd)
+    out["diag_split_gla"] = Case("gla", 2, 140, 2, 72, 20, 22, "bf16", None, 2, split, bwd)
     for knob in every:
         out[f"all_bf16/without_{knob.split('.')[1].lower()}"] = cases["all_bf16"]._replace(
             knobs={k: v for k, v in every.items() if k != knob})
