@@ -557,12 +557,13 @@ def test_exact_engine_chunked_h_equals_token_loop(decay):
 @pytest.mark.parametrize("m", [5, 16, 64])
 def test_unit_lower_inverse_adjoint(m):
     # the UT inverse's written-out adjoint ∂N = −tril₋₁(Tᵀ ∂T Tᵀ) against finite differences (gradcheck, fp64, first
-    # and second derivatives) and against autograd through the block recursion it replaced (to 1e-12); only N's
-    # strict lower triangle is read, so the rest gets no gradient. m = 5: the recursion's padding to 8.
+    # and second derivatives, m ≤ 16) and against autograd through the block recursion it replaced (to 1e-12, every
+    # m); only N's strict lower triangle is read, so the rest gets no gradient. m = 5: the recursion's padding to 8.
     from olssm.kernels.chunk import _block_unit_lower_inverse, _unit_lower_inverse
     N = 0.3 * torch.randn(3, m, m, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
-    assert torch.autograd.gradcheck(_unit_lower_inverse, (N.clone().requires_grad_(),))
-    assert torch.autograd.gradgradcheck(_unit_lower_inverse, (N.clone().requires_grad_(),))
+    if m <= 16:   # finite differences over every entry: 2 minutes at m = 64
+        assert torch.autograd.gradcheck(_unit_lower_inverse, (N[:1].clone().requires_grad_(),))
+        assert torch.autograd.gradgradcheck(_unit_lower_inverse, (N[:1].clone().requires_grad_(),))
     inv = _unit_lower_inverse(N)
     assert torch.allclose(inv @ (torch.eye(m, dtype=N.dtype) + N.tril(-1)), torch.eye(m, dtype=N.dtype), atol=1e-12)
     a, b = N.clone().requires_grad_(), N.clone().requires_grad_()

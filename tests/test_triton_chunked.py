@@ -817,25 +817,31 @@ def test_host_overhead_script_counts_the_policys_launches():
 
 def test_glue_ops_script_lists_the_torch_around_the_kernels():
     """benchmarks/glue_ops.py (interpreter, bf16 DeltaNet) lists the forward's up-casts of [B, T, H, d] inputs under
-    CHUNK_STORAGE "fp32", each reading 2 and writing 4 bytes per element of the target shape (2, 8192, 16, 16): the
-    bytes are scaled by B·T·H. Under "input" it lists no such cast (q, k, v are taken as they are)."""
+    CHUNK_STORAGE "fp32" without RAW_INPUTS, each reading 2 and writing 4 bytes per element of the target shape
+    (2, 8192, 16, 16): the bytes are scaled by B·T·H. With RAW_INPUTS (the default), and under "input", it lists no
+    such cast (q and k are taken as they are)."""
     import pathlib
     import re
     import subprocess
     import sys
     root = pathlib.Path(__file__).parent.parent
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, str(root / "benchmarks" / "glue_ops.py"), "--rules", "deltanet",
-                        "--shape", "1,40,3,16", "--scale", "2,8192,16,16"], capture_output=True, text=True, timeout=300,
-                       env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    tables = {head: body for head, body in (part.split("\n", 1) for part in r.stdout.split("\n## ")[1:])}
-    fwd_32 = tables[next(h for h in tables if "'fp32', fwd:" in h)]
-    fwd_in = tables[next(h for h in tables if "'input', fwd:" in h)]
-    rows = re.findall(r"\| fwd \| _to_copy \| \[1, 40, 3, 16\] bfloat16 \| \[1, 40, 3, 16\] float32 \| (\d+) \| (\d+) \|",
-                      fwd_32)
-    assert len(rows) == 1 and int(rows[0][1]) == round(2 * 8192 * 16 * 16 * 6 / 1e6 * int(rows[0][0])), r.stdout
-    assert "| fwd | mul |" in fwd_in and "_to_copy | [1, 40, 3, 16]" not in fwd_in, r.stdout
+    tables = {}
+    for raw in ("0", "1"):
+        env = dict(os.environ, TRITON_INTERPRET="1", OLSSM_TRITON_RAW_INPUTS=raw,
+                   PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        r = subprocess.run([sys.executable, str(root / "benchmarks" / "glue_ops.py"), "--rules", "deltanet",
+                            "--shape", "1,40,3,16", "--scale", "2,8192,16,16"], capture_output=True, text=True,
+                           timeout=300, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        tables[raw] = {head: body for head, body in (part.split("\n", 1) for part in r.stdout.split("\n## ")[1:])}
+    fwd = {(raw, storage): t[next(h for h in t if f"'{storage}', fwd:" in h)] for raw, t in tables.items()
+           for storage in ("fp32", "input")}
+    cast = r"\| fwd \| _to_copy \| \[1, 40, 3, 16\] bfloat16 \| \[1, 40, 3, 16\] float32 \| (\d+) \| (\d+) \|"
+    rows = re.findall(cast, fwd["0", "fp32"])
+    assert len(rows) == 1 and int(rows[0][1]) == round(2 * 8192 * 16 * 16 * 6 / 1e6 * int(rows[0][0])), fwd["0", "fp32"]
+    assert not re.findall(cast, fwd["1", "fp32"]), fwd["1", "fp32"]
+    for raw in ("0", "1"):
+        assert "| fwd | mul |" in fwd[raw, "input"] and "_to_copy | [1, 40, 3, 16]" not in fwd[raw, "input"]
 
 
 # ---- delta family: the split forward (prep / state / out kernels) against the fused one -----------------
@@ -974,6 +980,7 @@ def test_chunk_storage_dtypes(name, monkeypatch):
     rule = ENTRIES[name].rule
     plan = tscan.plan_for(rule)
     inp = random_inputs(rule, 1, 20, 2, 4, 5, seed=41)
+    monkeypatch.setattr(tchunk, "RAW_INPUTS", False)   # "fp32" copies every tensor (raw inputs: their own test)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         low = {n: x.to(dtype) for n, x in inp.items()}
         monkeypatch.setattr(tchunk, "CHUNK_STORAGE", "fp32")
@@ -1079,8 +1086,8 @@ def test_chunk_inputs_take_bf16_inputs_as_they_are(name, monkeypatch):
     # already, so under CHUNK_STORAGE "input" the one token-sized tensor the forward must write is e = β·v (no
     # kernel forms it), once, in bf16, and nothing is cast: q and k go to the op as they are. Before, broadcast_inputs
     # cast q, k, v up to fp32 and chunk_inputs cast q, k and e back (bf16 → fp32 → bf16 round trips). Under "fp32" the
-    # kernels take fp32 tensors: q and k (w = a = b one tensor) are each cast once, e written once in fp32 from bf16 v
-    # (not from an fp32 copy of v), nothing goes back to bf16. The backward under "input" (SAME_KEY: the op returns
+    # kernels take q and k as they are too (RAW_INPUTS; they were each cast once, w = a = b one tensor), e is written
+    # once in fp32 from bf16 v (not from an fp32 copy of v), nothing goes back to bf16. The backward under "input" (SAME_KEY: the op returns
     # one key gradient, so autograd adds none) casts nothing token-sized either: ∂q, ∂k come back from the op in
     # bf16, and _Scaled's chain rule reads ∂e and v as they are (its ∂v one bf16 write, its ∂β one fp32 product).
     from olssm.kernels.triton import chunked_delta_bwd as tdelta
@@ -1107,15 +1114,59 @@ def test_chunk_inputs_take_bf16_inputs_as_they_are(name, monkeypatch):
         (q, w, e, g, a, b, c), = made
         taken = q.data_ptr() == x["q"].data_ptr() and b.data_ptr() == x["k"].data_ptr()
         seen[storage] = fwd.ops, bwd.casts(), [g.detach() for g in grads], taken
-    # upper bounds, from what must be written: "input" e alone, in bf16; "fp32" q, k and e in fp32
+    # upper bounds, from what must be written: e alone, in bf16 ("input") or fp32 ("fp32": q and k are read as they
+    # are too, RAW_INPUTS, with the same-key kernel's one key slot)
     fwd_in, fwd_32 = seen["input"][0], seen["fp32"][0]
     assert len(fwd_in) <= 1 and all(dt == torch.bfloat16 for _, dt in fwd_in), fwd_in
     assert not [op for op in fwd_in if op[0] in ("_to_copy", "clone", "copy_")], fwd_in
-    assert len(fwd_32) <= 3 and all(dt == torch.float32 for _, dt in fwd_32), fwd_32
+    assert len(fwd_32) <= 1 and all(dt == torch.float32 for _, dt in fwd_32), fwd_32
     assert seen["input"][1] == [], seen["input"][1]
-    assert seen["input"][3] and not seen["fp32"][3]           # "input": the op reads the caller's q and k
+    assert seen["input"][3] and seen["fp32"][3]           # both: the op reads the caller's q and k
     for gi, gf in zip(seen["input"][2], seen["fp32"][2]):   # the storages' results differ by β·v's rounding alone
         _close(gi, gf, 2e-2, "input vs fp32 storage")
+
+
+@pytest.mark.parametrize("name, same_key", [("deltanet", True), ("deltanet", False), ("gated_deltanet", True),
+                                            ("gla", True), ("mamba2", True), ("longhorn", True)])
+def test_raw_inputs_are_bit_identical(name, same_key, monkeypatch):
+    # RAW_INPUTS under CHUNK_STORAGE "fp32": bf16 q, k, v that are chunk tensors themselves reach the kernels as they
+    # are. The oracle is the fp32 copies they replace: o, the final state and every gradient equal bit for bit (the
+    # kernels convert every load to fp32, exactly). Which tensors went raw: q always (one slot); k only where it fills
+    # one slot with gradients (the same-key kernel's placeholders), and in a forward without gradients
+    from olssm.kernels.triton import chunked_delta_bwd as tdelta
+    monkeypatch.setattr(tlib, "FORCE", "chunk")
+    monkeypatch.setattr(tlib, "CHUNK_BACKWARD", True)
+    monkeypatch.setattr(tdelta, "SAME_KEY", same_key)
+    monkeypatch.setattr(tchunk, "CHUNK_STORAGE", "fp32")
+    for env in ("OLSSM_TRITON_CHUNK_STORAGE", "OLSSM_TRITON_SAME_KEY", "OLSSM_TRITON_RAW_INPUTS"):
+        monkeypatch.delenv(env, raising=False)
+    rule = _rule(name).with_log_decays()
+    inp = {n: _dev(x).to(torch.bfloat16) for n, x in random_inputs(rule, 1, 37, 2, 5, 6, seed=47).items()}
+    h0 = _dev(0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(47)))
+    made = []
+    real = tchunk.chunked_forward
+    monkeypatch.setattr(tchunk, "chunked_forward", lambda plan, chunk_in, *a, **k: made.append(chunk_in) or
+                        real(plan, chunk_in, *a, **k))
+    out = {}
+    for raw in (False, True):
+        monkeypatch.setattr(tchunk, "RAW_INPUTS", raw)
+        made.clear()
+        x = {n: t.clone().requires_grad_() for n, t in inp.items()}
+        o, f = rule.scan(backend="triton", output_final_state=True, initial_state=h0, **x)
+        grads = torch.autograd.grad((o.float() * torch.cos(o.float())).sum() + f.square().sum(), list(x.values()))
+        with torch.no_grad():
+            rule.scan(backend="triton", output_final_state=True, initial_state=h0, **inp)
+        out[raw] = [o, f, *grads], [t.dtype for t in made[0][:3]], made[1][0].dtype, made[1][1].dtype
+    for a, b in zip(out[True][0], out[False][0]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert out[False][1] == [fp32, fp32, fp32]
+    q_dt, w_dt, e_dt = out[True][1]
+    lifted = name == "longhorn"   # its k is read by an evaluated expression too (‖k‖²): the up-cast copy
+    assert q_dt == bf16 and out[True][2] == bf16 and out[True][3] == (fp32 if lifted else bf16)   # no gradients
+    # k is w: raw with gradients only through the same-key placeholders (or a diagonal rule's single slot)
+    assert w_dt == (fp32 if lifted else bf16 if same_key or not ENTRIES[name].rule.form.corrections else fp32)
+    assert e_dt == (fp32 if name in ("deltanet", "gated_deltanet", "longhorn", "mamba2") else bf16)   # β·v, Δ·v
 
 
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float32])

@@ -95,6 +95,8 @@ def compare_checkpoint_storage(rule, inp, h0, monkeypatch, dtype=torch.bfloat16,
     watch(tdelta, "chunked_delta_backward", "bwd", 2)
     watch(tlib, "triton_scan_bwd", "bwd", 5)             # the recurrent backward on the chunked checkpoints
     low = {n: x.to(dtype) for n, x in inp.items()}
+    monkeypatch.setattr(tchunk, "RAW_INPUTS", False)   # "fp32": every chunk tensor an fp32 copy (the same values)
+    monkeypatch.delenv("OLSSM_TRITON_RAW_INPUTS", raising=False)
     res = {}
     for mode in ("fp32", "input"):
         monkeypatch.setattr(tchunk, "CHECKPOINT_STORAGE", mode)
@@ -162,6 +164,8 @@ def compare_storage(rule, inp, h0, monkeypatch, dtype=torch.bfloat16, cu_seqlens
                         lambda plan, chunk_in, *a, **k: seen.append([x.dtype for x in chunk_in]) or
                         real(plan, chunk_in, *a, **k))
     low = {n: x.to(dtype) for n, x in inp.items()}
+    monkeypatch.setattr(tchunk, "RAW_INPUTS", False)   # "fp32": every chunk tensor an fp32 copy (the same values)
+    monkeypatch.delenv("OLSSM_TRITON_RAW_INPUTS", raising=False)
     res = {}
     for mode in ("fp32", "input"):
         monkeypatch.setattr(tchunk, "CHUNK_STORAGE", mode)

@@ -66,6 +66,7 @@ those checkpoints (checkpoint interval = chunk size). All exact.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import os
@@ -435,6 +436,7 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
     B, T, H, K, V = args.B, args.T, args.H, args.d_k, args.d_v
     sdt = chunk_storage(args.out_dtype)
     ent = _entries(form)
+    as_they_are = _raw_inputs(form, ent, sdt, grad)
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):   # grad: the chunked backward's chain rule
         lay, ev = {}, {}
         if ent.evaluate is not None:   # up-casts (compute_dtype) only the inputs read by an evaluated expression
@@ -463,6 +465,8 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
                     while s.dim() < 2:
                         s = s.unsqueeze(0)
                     x = _Scaled.apply(torch.broadcast_to(s, (B, T, H, 1, 1)).squeeze(-1), x, sdt)
+                elif sym in as_they_are and x.dtype in (torch.bfloat16, torch.float16):
+                    return x.contiguous()   # RAW_INPUTS: read in its own dtype by kernels that load it into fp32
                 return x.to(sdt).contiguous()
             if kind == SCALAR:
                 return full(ev[name], 1, 1).squeeze(-1).squeeze(-1).to(sdt)
@@ -513,6 +517,30 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
                 if same_key(form):   # one key tensor takes the whole key gradient (shared_key_inputs)
                     out[1] = out[4] = out[5].new_empty(0)
     return [x.contiguous() for x in out]
+
+
+#: under CHUNK_STORAGE "fp32", a bf16 / fp16 input that is a chunk tensor itself (q, k, v: no factor, not read by an
+#: evaluated expression) goes to the kernels as it is instead of as an fp32 copy. Every chunked kernel converts what it
+#: loads to fp32 first (test_every_chunked_load_converts), and bf16 → fp32 is exact, so results are bit-identical
+#: (tested); the copies were DeltaNet's q and k, 403 MB written and read again per forward at (2, 8192, 16, 128) bf16,
+#: and the kernels read half the bytes. With gradients, an input that fills more than one slot (w = a = b = k without
+#: the same-key kernel, a query equal to the key) keeps the fp32 copy: autograd would sum its slots' gradients in
+#: the input's dtype, one rounding each. OLSSM_TRITON_RAW_INPUTS (0 / 1) overrides; read at call time.
+RAW_INPUTS = True
+
+
+def _raw_inputs(form, ent, sdt, grad: bool) -> set:
+    """The input symbols chunk_inputs hands over in their own dtype (RAW_INPUTS): those filling one slot of the
+    chunk tensors as they are (any number without gradients), the same-key placeholders not counting."""
+    if sdt != torch.float32 or not switch_on("OLSSM_TRITON_RAW_INPUTS", RAW_INPUTS, "raw inputs"):
+        return set()
+    placeholders = set()
+    if grad and form.corrections:
+        from .chunked_delta_bwd import same_key
+        placeholders = {"w0", "a0"} if same_key(form) else set()
+    uses = collections.Counter(sym for name, (sym, _, _) in ent.direct.items() if name not in placeholders)
+    return {sym for name, (sym, scale, lifted) in ent.direct.items()
+            if scale is None and not lifted and (not grad or uses[sym] == 1)}
 
 
 def shared_key_inputs(chunk_in) -> tuple:
