@@ -67,7 +67,8 @@ bench=(python benchmarks/triton_kernels.py --dtype bf16 --autotune)
 # solve_tril / recompute_w_u; 440 -> 96 and 0 B), and the opt-in ones but `wb` and `ks4` together with bf16
 # checkpoints, on the new defaults (`all`: fla keeps h in bf16; ck is 268 MB of fp32 at (2, 8192, 16, 128), written
 # once and read three times; key_split takes the forward's state pass, key_major the backward's; they touch different
-# kernels and glue).
+# kernels and glue). Session 12: `nraw`, the fp32 copies of bf16 q, k, v back (RAW_INPUTS off; on, the same bits in
+# fewer bytes: 608 -> 205 MB of forward glue).
 # Session 8's wide-key settings against the old chunk-32 defaults are not repeated (one process, 2.06 / 5.70 against
 # 2.83 / 6.97 ms).
 # Triton's on-disk cache carries the profile's compiles over to the table
@@ -76,7 +77,7 @@ variants_all='key_major:1,key_split:1,chunk_storage:input,offsets32:1,prep_split
 # (alone it lost 6-9 %); `nkm` is `all` without it. bf16 chunk tensors (`cs`) and bf16 checkpoints (`ck`) were only
 # ever timed inside `all`. ks4 and wb are not repeated (within drift; lost 12-20 %)
 variants_nkm='key_split:1,chunk_storage:input,offsets32:1,prep_split:1,checkpoint_storage:input'
-variants128="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;o32=offsets32:1;ks=key_split:1;utm=ut_solve:masked;nsk=same_key:0;km=key_major:1;ps=prep_split:1"
+variants128="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;nraw=raw_inputs:0;o32=offsets32:1;ks=key_split:1;utm=ut_solve:masked;nsk=same_key:0;km=key_major:1;ps=prep_split:1"
 variants128_profile="nkm=$variants_nkm"
 variants64="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;o32=offsets32:1;ks=key_split:1;utm=ut_solve:masked;nsk=same_key:0;all=$variants_all;km=key_major:1;ps=prep_split:1"
 triton_tests=(tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py tests/test_triton_pscan.py

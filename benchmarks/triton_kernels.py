@@ -177,7 +177,7 @@ def _main(argv=None):
                         "(chunked.OFFSETS32: 1 or 0), prep_split (chunked.PREP_SPLIT: 1 or 0), "
                         "chunk_storage / checkpoint_storage (fp32 or input), ut_solve (chunked.UT_SOLVE: masked or "
                         "blocks), same_key (chunked_delta_bwd.SAME_KEY: 1 or 0), diag_path (chunked.DIAG_PATH: fused or "
-                        "split), block_v, warps (recurrent "
+                        "split), raw_inputs (chunked.RAW_INPUTS: 1 or 0), block_v, warps (recurrent "
                         "kernel); e.g. "
                         "'narrow=wide:off;bf16=precision:bf16;again=' (an empty setting: the defaults again, for the drift)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
@@ -437,6 +437,7 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _one_of(*chunked.DOT
                  "checkpoint_storage": (chunked, ("CHECKPOINT_STORAGE",), _one_of("fp32", "input"), "chunk"),
                  "ut_solve": (chunked, ("UT_SOLVE",), _one_of("masked", "blocks"), "chunk"),
                  "diag_path": (chunked, ("DIAG_PATH",), _one_of("fused", "split"), "chunk"),
+                 "raw_inputs": (chunked, ("RAW_INPUTS",), _switch, "chunk"),
                  "same_key": (chunked_delta_bwd, ("SAME_KEY",), _switch, "chunk"),
                  "block_v": (tscan, ("BLOCK_V",), _pow2, "recurrent"),
                  "warps": (tscan, ("NUM_WARPS",), _pow2, "recurrent")}
