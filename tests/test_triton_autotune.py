@@ -119,7 +119,7 @@ def test_the_fastest_candidate_runs_and_is_remembered(tuner):
     compare(rule, inp)                                     # tuned results = reference, every gradient
     (decision,) = autotune.decisions().values()
     assert decision == {"kernel": "recurrent", "block_v": 0, "warps": 0, "delta_forward": "",
-                        "chunk_backward": None}
+                        "chunk_backward": None, "diag_path": ""}
     assert tuner.last == LaunchConfig("recurrent")        # and the real call ran it
     measured = len(tuner.calls)
     assert measured >= 2
@@ -216,3 +216,52 @@ def test_a_tuned_geometry_reaches_forward_and_backward(name, cfg, monkeypatch):
     monkeypatch.setattr(library, "policy_config", lambda plan, args, max_len: cfg)
     h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(2))
     compare(rule, inp, h0)
+
+
+def test_the_diagonal_paths_are_candidates(monkeypatch):
+    # rules without a correction: the fused walk and the split path (chunked.DIAG_PATH) each with either backward,
+    # the policy's spelled out first (not timed twice); with OLSSM_TRITON_DIAG_PATH set, only the path it names
+    class Meta:
+        N, max_len = 1, 64
+    from olssm.kernels.triton.scan import plan_for
+    monkeypatch.delenv("OLSSM_TRITON_DIAG_PATH", raising=False)
+    rule, inp = _inputs("mamba2")
+    got = autotune.candidates(plan_for(rule), rule_args(rule, inp), Meta, True)
+    chunk = [(c.diag_path, c.chunk_backward) for c in got if c.kernel == "chunk"]
+    assert sorted(chunk) == [(p, b) for p in ("fused", "split") for b in (False, True)] and len(got) == len(set(got))
+    delta = autotune.candidates(plan_for(ENTRIES["deltanet"].rule), rule_args(*_inputs("deltanet")), Meta, True)
+    assert {c.diag_path for c in delta} == {""}
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "split")
+    got = autotune.candidates(plan_for(rule), rule_args(rule, inp), Meta, True)
+    assert {c.diag_path for c in got} == {""}
+
+
+@pytest.mark.parametrize("path", ["split", "fused"])
+def test_a_tuned_diagonal_path_reaches_forward_and_backward(path, monkeypatch):
+    # the config's path is handed to the forward op and, through the sizes it saves, to its backward: both launch
+    # that path's kernels (spied), whatever chunked.DIAG_PATH says, and o, the final state and every gradient match
+    # the reference
+    from olssm.kernels.triton import chunked
+    monkeypatch.delenv("OLSSM_TRITON_DIAG_PATH", raising=False)
+    monkeypatch.setattr(chunked, "DIAG_PATH", "fused" if path == "split" else "split")
+    launched = []
+    for name in ("chunk_fwd_kernel", "chunk_bwd_kernel", "chunk_diag_state_kernel", "chunk_diag_bwd_kernel"):
+        kernel = getattr(chunked, name)
+
+        class Spy:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                launched.append(self.name)
+                return self.kernel[grid]
+        monkeypatch.setattr(chunked, name, Spy(kernel, name))
+    cfg = LaunchConfig("chunk", chunk_backward=True, diag_path=path)
+    monkeypatch.setattr(library, "policy_config", lambda plan, args, max_len: cfg)
+    rule = ENTRIES["mamba2"].rule
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=5)
+    compare(rule, inp, 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(5)))
+    want = {"split": {"chunk_diag_state_kernel", "chunk_diag_bwd_kernel"},
+            "fused": {"chunk_fwd_kernel", "chunk_bwd_kernel"}}[path]
+    assert set(launched) == want, launched
+    assert chunked.DIAG_PATH == ("fused" if path == "split" else "split")   # restored

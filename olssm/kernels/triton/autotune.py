@@ -2,7 +2,8 @@
 
 A rule can run through several kernels that compute the same scan: the token loop (with different
 value-block sizes and warps), the block-parallel scan (rules without corrections), the chunked
-kernels (the delta family with its split or fused forward, and the chunked or recurrent backward).
+kernels (the delta family with its split or fused forward, the diagonal family with its split or fused path,
+and the chunked or recurrent backward).
 Which is fastest depends on the GPU, the shapes and the dtype; the default policy
 (`library.policy_config`) encodes one H100's measurements, and several of these kernels were never
 timed. With autotuning on (``OLSSM_TRITON_AUTOTUNE=1`` or ``autotune.ENABLED = True``) the first call
@@ -94,11 +95,13 @@ def candidates(plan, args, meta, need: bool) -> list:
     split = bool(form.corrections) and not _c_row(form) and form.decay_kind in ("none", "scalar")
     chunk_bwd = backward_supported(plan, exact_decay_grad=True)
     policy = lib.policy_config(plan, args, meta.max_len)
+    diag = not form.corrections and not os.environ.get("OLSSM_TRITON_DIAG_PATH")   # its two paths are candidates
     if policy.kernel == "chunk":   # spelled out, so that its explicit twin below is not timed twice
-        from .chunked import _delta_forward
+        from .chunked import _delta_forward, diag_path
         policy = dataclasses.replace(
             policy, delta_forward=_delta_forward() if split else "",
-            chunk_backward=chunk_bwd if need and lib.chunk_backward_mode() == "auto" else None)
+            chunk_backward=chunk_bwd if need and lib.chunk_backward_mode() == "auto" else None,
+            diag_path=diag_path() if diag else "")
     out = [policy]
     # the default is fla's fused_recurrent, 8 value rows on 1 warp (scan.BLOCK_V); the wider blocks are other
     # geometries up to one block holding every row (bv = next_pow2(d_v): d_v = 16 in one program, 32 rows on 4
@@ -111,7 +114,9 @@ def candidates(plan, args, meta, need: bool) -> list:
     if unsupported(plan, args) is None:
         forwards = ("split", "fused") if split else ("",)
         backwards = ((True, False) if chunk_bwd else (False,)) if need else (None,)
-        out += [LaunchConfig("chunk", delta_forward=f, chunk_backward=b) for f in forwards for b in backwards]
+        paths = ("fused", "split") if diag else ("",)
+        out += [LaunchConfig("chunk", delta_forward=f, chunk_backward=b, diag_path=p)
+                for f in forwards for b in backwards for p in paths]
     seen, unique = set(), []
     for c in out:
         if c not in seen:

@@ -168,8 +168,9 @@ def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: lis
     aux = torch.empty(_aux_numel(plan, sizes, save, chunked, chunk_bwd), dtype=torch.float32, device=dev)
     if chunked:
         from .chunked import chunked_forward, saved_chunk_core
-        chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes[:8], save, cu_seqlens,
-                        saved_chunk_core(plan.rule.form, aux, sizes))
+        with _diag_path(sizes):
+            chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes[:8], save, cu_seqlens,
+                            saved_chunk_core(plan.rule.form, aux, sizes))
         return o, ht, ck, aux
     BT, BK, BV, warps = _geometry(d_k, d_v, sizes)
     if BT:   # the block-parallel scan (pscan.py): checkpoints every C = BT tokens
@@ -308,7 +309,8 @@ def triton_chunk_bwd(key: str, chunk_in: list[Tensor], ck: Tensor, aux: Tensor, 
                                                               core)
     else:
         from . import chunked
-        grads, dh0 = chunked.chunked_backward(plan, chunk_in, ck, do, dht, sizes[:8], cu_seqlens)
+        with _diag_path(sizes):
+            grads, dh0 = chunked.chunked_backward(plan, chunk_in, ck, do, dht, sizes[:8], cu_seqlens)
     return [*(x.new_empty(x.shape) if g is None else g.to(x.dtype) for g, x in zip(grads, chunk_in)), dh0]
 
 
@@ -472,6 +474,7 @@ class LaunchConfig:
     block_v: int = 0                        # value rows per program of the loop / block-scan kernels (0: default)
     warps: int = 0                          # warps per program of those kernels (0: default)
     delta_forward: str = ""                 # chunked delta family: "split" / "fused" ("": chunked.DELTA_FORWARD)
+    diag_path: str = ""                     # chunked diagonal family: "split" / "fused" ("": chunked.DIAG_PATH)
     chunk_backward: Optional[bool] = None   # chunked: the chunked backward where "auto" allows it (None: CHUNK_BACKWARD)
 
 
@@ -487,6 +490,24 @@ def forced() -> bool:
     """Whether a kernel family is forced (FORCE / OLSSM_TRITON_KERNEL, or PARALLEL_SCAN / OLSSM_TRITON_PSCAN
     switched on or off): the autotuner then leaves the choice to them."""
     return bool(FORCE or os.environ.get("OLSSM_TRITON_KERNEL")) or _pscan_mode() in (True, False)
+
+
+#: a chunked call's sizes[8], where a launch configuration picks the diagonal family's path: 1 + its index here
+_DIAG_PATHS = ("fused", "split")
+
+
+@contextlib.contextmanager
+def _diag_path(sizes):
+    """chunked.DIAG_PATH as the launch configuration picked it (sizes[8] of a chunked call: run_config), for the
+    forward op and, from the sizes it saved, the backward op, so that both run the path the autotuner timed."""
+    from . import chunked
+    old = chunked.DIAG_PATH
+    if len(sizes) > 8 and sizes[8]:
+        chunked.DIAG_PATH = _DIAG_PATHS[sizes[8] - 1]
+    try:
+        yield
+    finally:
+        chunked.DIAG_PATH = old
 
 
 @contextlib.contextmanager
@@ -537,6 +558,8 @@ def run_config(plan, args, meta, cfg: LaunchConfig, need: bool):
     sizes = [args.B, args.T, args.H, args.d_k, args.d_v, meta.N, meta.max_len, int(C)]
     if not chunked and (BT or cfg.block_v or cfg.warps):
         sizes += [BT, int(cfg.block_v), int(cfg.warps)]
+    if chunked and cfg.diag_path:   # the op's forward and its backward read it there (_diag_path)
+        sizes.append(_DIAG_PATHS.index(cfg.diag_path) + 1)
     chunk_bwd = False
     chunk_in = []
     ck_dtype = None   # fp32 checkpoints
