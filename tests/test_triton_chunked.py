@@ -941,6 +941,22 @@ def test_diag_split_path_matches_reference(name, varlen, slow, monkeypatch):
     assert len(fwd) == 1 and len(bwd) == (0 if name == "two_term_column" else 1)   # two terms: the fused backward
 
 
+@pytest.mark.parametrize("name", ["retnet", "log_gla", "log_row_decay"])
+def test_diag_split_path_without_initial_state_or_gradients(name, monkeypatch):
+    # a forward that keeps no checkpoints (no gradient) runs the split path on a scratch ck, and no initial state
+    # reads none: o and the final state as the fused walk's (both exact against the reference elsewhere)
+    rule = _rule(name)
+    inp = {n: _dev(x) for n, x in random_inputs(rule, 2, 45, 2, 20, 20, seed=33).items()}
+    tlib.FORCE = "chunk"
+    out = {}
+    for path in ("fused", "split"):
+        monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", path)
+        with torch.no_grad():
+            out[path] = rule.scan(backend="triton", output_final_state=True, **inp)
+    for a, b, what in zip(out["split"], out["fused"], ("o", "final state")):
+        _close(a, b, 1e-5, f"split vs fused, no h0, no gradient: {what}")
+
+
 def test_diag_path_is_checked(monkeypatch):
     monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "parallel")
     with pytest.raises(ValueError, match="OLSSM_TRITON_DIAG_PATH"):
