@@ -79,6 +79,10 @@ variants_all='key_major:1,key_split:1,chunk_storage:input,offsets32:1,prep_split
 variants_nkm='key_split:1,chunk_storage:input,offsets32:1,prep_split:1,checkpoint_storage:input'
 variants128="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;nraw=raw_inputs:0;o32=offsets32:1;ks=key_split:1;utm=ut_solve:masked;nsk=same_key:0;km=key_major:1;ps=prep_split:1"
 variants128_profile="nkm=$variants_nkm"
+# the diagonal family (session 12): the split path (`ds`), and chunks of 64 tokens with it and without (the split's
+# parallel kernels get wgmma at 64-row tiles: none at chunk 32, the diagonal rules' default; spills at d = 128 then
+# 0-24 B in the output, 296-1264 in the backward)
+variants_diag="ds=diag_path:split;ds64=diag_path:split,chunk:64;c64=chunk:64;again="
 variants64="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;o32=offsets32:1;ks=key_split:1;utm=ut_solve:masked;nsk=same_key:0;all=$variants_all;km=key_major:1;ps=prep_split:1"
 triton_tests=(tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py tests/test_triton_pscan.py
               tests/test_triton_autotune.py)
@@ -103,18 +107,19 @@ case $stage in
     diag)
         # the diagonal family's split path (DIAG_PATH = "split", session 12: correct under the interpreter, untimed)
         # against the fused walk (the default) and fla's chunk_simple_gla (Mamba-2's recurrence) as rows of one
-        # process at D = 128, then D = 64, then GLA with fla's chunk_gla at D = 64 (whose autotuning takes minutes;
-        # the last call of the stage). Timeouts add to 420 s. If `ds` wins beyond the drift (`again`), flip DIAG_PATH.
+        # process at D = 128, then D = 64 ($variants_diag), then GLA with fla's chunk_gla at D = 64 (whose autotuning
+        # takes minutes; the last call of the stage). Timeouts add to 420 s. If `ds` or `ds64` wins beyond the drift
+        # (`again`), flip DIAG_PATH (and library.CHUNK for rules without a correction).
         with_fla
         export PYTHONUNBUFFERED=1
         gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800
-        timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
+        timeout 180 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
             --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules mamba2,gla,linear_attention --variants "ds=diag_path:split;again=" 2>&1 | tee "$out/diag128.txt"
+            --rules mamba2,gla --variants "$variants_diag" 2>&1 | tee "$out/diag128.txt"
         timeout 120 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
             --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules mamba2,gla,linear_attention --variants "ds=diag_path:split;again=" 2>&1 | tee "$out/diag64.txt"
-        timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
+            --rules mamba2,gla --variants "$variants_diag" 2>&1 | tee "$out/diag64.txt"
+        timeout 120 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
             --peak-gbs $gbs --reps 5 --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules gla \
             --variants "ds=diag_path:split" 2>&1 | tee "$out/diag-fla-gla64.txt" ;;
     profile128)
