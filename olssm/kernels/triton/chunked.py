@@ -1045,16 +1045,27 @@ def _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT: tl.constexpr, BV: t
 
 
 @triton.jit
+def _dot_rows_block(x_ptr, y_ptr, base, tm, DK, kb, KB: tl.constexpr, PREC: tl.constexpr):
+    """Key block kb (KB columns) of X Yᵀ [BT, BT] for two [BT, DK] token tiles."""
+    cols = kb * KB + tl.arange(0, KB)
+    msk = tm[:, None] & (cols < DK)[None, :]
+    x = tl.load(x_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0).to(tl.float32)
+    return _mm(x, tl.trans(y), PREC)
+
+
+@triton.jit
 def _dot_rows_k(x_ptr, y_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
-                PREC: tl.constexpr):
-    """X Yᵀ [BT, BT] of two [BT, DK] token tiles, KB key columns at a time."""
+                PREC: tl.constexpr, UNROLL: tl.constexpr = True):
+    """X Yᵀ [BT, BT] of two [BT, DK] token tiles, KB key columns at a time: unrolled, or (UNROLL False: the
+    backward's prep and value kernels) a loop."""
     acc = tl.zeros([BT, BT], dtype=tl.float32)
-    for kb in tl.static_range(BK // KB):
-        cols = kb * KB + tl.arange(0, KB)
-        msk = tm[:, None] & (cols < DK)[None, :]
-        x = tl.load(x_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0).to(tl.float32)
-        acc += _mm(x, tl.trans(y), PREC)
+    if UNROLL:
+        for kb in tl.static_range(BK // KB):
+            acc += _dot_rows_block(x_ptr, y_ptr, base, tm, DK, kb, KB, PREC)
+    else:
+        for kb in range(0, BK // KB):
+            acc += _dot_rows_block(x_ptr, y_ptr, base, tm, DK, kb, KB, PREC)
     return acc
 
 
@@ -1752,11 +1763,7 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
     u = torch.empty(B, T, H, d_v, dtype=torch.float32, device=dev)   # Ũ, then Δ (state kernel, in place)
     NCK = ck.shape[2]
     varlen = cu_seqlens is not None
-    if varlen:
-        ix, NTG = _chunk_map(cu_seqlens, C, T, N)
-        G = H
-    else:
-        ix, NTG, G = ht, -(-T // C), B * H
+    ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, ht)
     cu = cu_seqlens if varlen else ht
     common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=_precision(o.dtype, bf16),
                   TIED=tied, SUB=sub, OFF32=offsets32_fit(sizes), **_launch_opts(wide_keys))

@@ -76,7 +76,7 @@ import triton.language as tl
 
 from ...objectives.core import ROW
 from . import chunked as _ch
-from .chunked import (_c_row, _chunk_decay, _chunk_map, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
+from .chunked import (_c_row, _chunk_decay, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
                       _delta_tiles, _initial_tile, _mm, _precision, _rank_offset, _row_decay_tiles,
                       _rowdecay_delta_chunk,
                       _sequential_program, _state_outer, _state_read, _store_wt, _strict, _token_column, _tokens,
@@ -132,19 +132,6 @@ def same_key(form) -> bool:
         return False
     b = sp.sympify(form.corrections[0].b)
     return sp.sympify(form.corrections[0].a) == b and sp.sympify(form.inputs[0].w) == b
-
-
-@triton.jit
-def _dot_rows(x_ptr, y_ptr, base, tm, DK, BT: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, PREC: tl.constexpr):
-    """X Yᵀ [BT, BT] of two [BT, DK] token tiles, KB key columns at a time (a loop, not unrolled)."""
-    acc = tl.zeros([BT, BT], dtype=tl.float32)
-    for kb in range(0, BK // KB):
-        cols = kb * KB + tl.arange(0, KB)
-        msk = tm[:, None] & (cols < DK)[None, :]
-        x = tl.load(x_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + base[:, None] * DK + cols[None, :], mask=msk, other=0.0).to(tl.float32)
-        acc += _mm(x, tl.trans(y), PREC)
-    return acc
 
 
 @triton.jit
@@ -279,16 +266,16 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
         R += _mm(a, tl.trans(S0), PREC)
     R = R * gam[:, None]
     if TIED:           # A W_0ᵀ ⊙ D_st = N: formed once, kept for R' − N Δ and dE_0
-        N = _dot_rows(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
+        N = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC, False) * Dst
         R += _mm(N, tl.load(e_ptr + voff, mask=vm, other=0.0).to(tl.float32), PREC)
     for m in tl.static_range(1 if TIED else 0, M):
-        AW = _dot_rows(a_ptr, w_ptr + _rank_offset(m, SW), base, tm, DK, BT, BK, KB, PREC) * Dst
+        AW = _dot_rows_k(a_ptr, w_ptr + _rank_offset(m, SW), base, tm, DK, BT, BK, KB, PREC, False) * Dst
         R += _mm(AW, tl.load(e_ptr + _rank_offset(m, SE) + voff, mask=vm, other=0.0).to(tl.float32), PREC)
     Tc = tl.load(tc_ptr + base[:, None] * BT + tt[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
     dl = _mm(Tc, R * cc[:, None], PREC)                     # Δ = T_c (c ⊙ R')
     tl.store(dl_ptr + voff, dl, mask=vm)
     if not TIED:
-        N = _dot_rows(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst
+        N = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC, False) * Dst
     R -= _mm(N, dl, PREC)                                                      # R' − N Δ
     dD = tl.load(dd_ptr + voff, mask=vm, other=0.0).to(tl.float32)             # dΔ
     dR = _mm(tl.trans(Tc), dD, PREC)                                           # T_cᵀ dΔ
@@ -510,7 +497,7 @@ def chunk_rowc_bwd_prep_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, 
     D, Dst, gam, _, _ = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
     R = R * gam[:, None]
     for m in tl.static_range(M):
-        AW = _dot_rows(a_ptr, w_ptr + _rank_offset(m, SW), base, tm, DK, BT, BK, KB, PREC) * Dst
+        AW = _dot_rows_k(a_ptr, w_ptr + _rank_offset(m, SW), base, tm, DK, BT, BK, KB, PREC, False) * Dst
         R += _mm(AW, tl.load(e_ptr + _rank_offset(m, SE) + voff, mask=vm, other=0.0).to(tl.float32), PREC)
     do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
     tl.store(dd_ptr + voff, -_mm(tl.trans(QB * D), do, PREC), mask=vm)
@@ -771,11 +758,7 @@ def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, s
     do = do.contiguous()
     varlen = cu_seqlens is not None
     dh0 = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
-    if varlen:
-        ix, NTG = _chunk_map(cu_seqlens, C, T, N)
-        G = H
-    else:
-        ix, NTG, G = dh0, -(-T // C), B * H
+    ix, NTG, G = _ch._chunk_grid(cu_seqlens, C, T, N, B, H, dh0)
     cu = cu_seqlens if varlen else dh0
     common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=_precision(do.dtype), SUB=sub, **_ch._launch_opts())
     z = dict(dtype=torch.float32, device=dev)
@@ -856,11 +839,7 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     do = do.contiguous()
     varlen = cu_seqlens is not None
     dh0 = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
-    if varlen:
-        ix, NTG = _chunk_map(cu_seqlens, C, T, N)
-        G = H
-    else:
-        ix, NTG, G = dh0, -(-T // C), B * H
+    ix, NTG, G = _ch._chunk_grid(cu_seqlens, C, T, N, B, H, dh0)
     cu = cu_seqlens if varlen else dh0
     common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=_precision(do.dtype, _ch.bf16_operands(plan.rule.form, d_k)), SUB=sub,
                   OFF32=_ch.offsets32_fit(sizes), **_ch._launch_opts(wide_keys))
