@@ -250,7 +250,7 @@ class _RecurrentScan(torch.autograd.Function):
 
 def _block(inputs, tokens, t0, L):
     """The inputs named in `tokens` at tokens t0..t0+L as [L, B, ...]; the others (parameters) whole."""
-    return {n: (x[:, t0:t0 + L].transpose(0, 1) if n in tokens else x) for n, x in inputs.items()}
+    return {n: (x[:, t0:t0 + L].transpose(0, 1).contiguous() if n in tokens else x) for n, x in inputs.items()}
 
 
 def recurrent_scan(plan, tokens, params, S0, block):
