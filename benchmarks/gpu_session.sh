@@ -6,11 +6,12 @@
 #
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
-#   lease        the first call of a lease (its timeouts add to 520 s): the compiled tests; DeltaNet / Gated DeltaNet
+#   lease        the first call of a lease (its timeouts add to 370 s): the compiled tests; DeltaNet / Gated DeltaNet
 #                at D = 128 against fla's chunk with the remaining chunked settings as rows of one process
-#                ($variants128); the same two at D = 64 with the defaults and `nkm`
-#   diag         the second call (timeouts add to 420 s): Mamba-2, GLA, linear attention at D = 128 and D = 64, the split
-#                diagonal path (`ds`) against the fused one and fla's chunk_simple_gla; GLA against fla's chunk_gla
+#                ($variants128). (D = 64: stage variants)
+#   diag         the second call (timeouts add to 400 s): Mamba-2 and GLA at D = 128 and D = 64, the split diagonal path
+#                (`ds`, `ds64`) against the fused one and fla's chunk_simple_gla, .maxnreg off (`mr0`); Longhorn at
+#                D = 128 with and without .maxnreg
 #   profile128   DeltaNet at D = 128 kernel by kernel (forward alone and fwd+bwd) beside fla's, defaults and `nkm`
 #   variants     the second call (timeouts add to 520 s): the D = 64 table with fla's kernels (but chunk_gla), the
 #                recurrent kernel's old 32 rows / 4 warps and bf16 operands as rows; the session-9 variants at
@@ -82,16 +83,19 @@ variants128_profile="nkm=$variants_nkm"
 # the diagonal family (session 12): the split path (`ds`), and chunks of 64 tokens with it and without (the split's
 # parallel kernels get wgmma at 64-row tiles: none at chunk 32, the diagonal rules' default; spills at d = 128 then
 # 0-24 B in the output, 296-1264 in the backward)
-variants_diag="ds=diag_path:split;ds64=diag_path:split,chunk:64;c64=chunk:64;again="
+# `mr0`: the fused walks without .maxnreg 255 (WALK_MAXNREG, session 12: ptxas had held them to 128 or 32 registers
+# at d = 128 and spilled 1.4-6 KB per thread)
+variants_diag="ds=diag_path:split;ds64=diag_path:split,chunk:64;c64=chunk:64;mr0=walk_maxnreg:0;again="
 variants64="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;o32=offsets32:1;ks=key_split:1;utm=ut_solve:masked;nsk=same_key:0;all=$variants_all;km=key_major:1;ps=prep_split:1"
 triton_tests=(tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py tests/test_triton_pscan.py
               tests/test_triton_autotune.py)
 case $stage in
     lease)
-        # session 12's first call (timeouts add to 520 s): the compiled tests, which session 11 found failing with
-        # Triton 3.6's ptxas 12.8 and passing with 13.0 (toolchain.check now switches; gpu.txt says to which), and
-        # which have not run compiled under the new defaults; then D = 128 DeltaNet / Gated DeltaNet against fla's
-        # chunk kernels with the remaining settings as rows of one process; then D = 64 (last timed in session 8)
+        # the next lease's first call (timeouts add to 370 s; `diag`, 400 s, is the second): the compiled tests, which
+        # session 11 found failing with Triton 3.6's ptxas 12.8 and passing with 13.0 (toolchain.check now switches;
+        # gpu.txt says to which), and which have not run compiled under sessions 11-12's defaults nor on the split
+        # diagonal path; then D = 128 DeltaNet / Gated DeltaNet against fla's chunk kernels with the remaining
+        # settings as rows of one process
         with_fla
         export PYTHONUNBUFFERED=1
         gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800   # vendor HBM bandwidth, for the HBM % column
@@ -100,16 +104,13 @@ case $stage in
         grep -E "FAILED|ERROR|passed|failed" "$out/tests.txt" | tail -40
         timeout 210 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
             --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules deltanet,gated_deltanet --variants "$variants128" 2>&1 | tee "$out/bench128.txt"
-        timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
-            --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules deltanet,gated_deltanet --variants "nkm=$variants_nkm;again=" 2>&1 | tee "$out/bench64.txt" ;;
+            --rules deltanet,gated_deltanet --variants "$variants128" 2>&1 | tee "$out/bench128.txt" ;;
     diag)
         # the diagonal family's split path (DIAG_PATH = "split", session 12: correct under the interpreter, untimed)
         # against the fused walk (the default) and fla's chunk_simple_gla (Mamba-2's recurrence) as rows of one
-        # process at D = 128, then D = 64 ($variants_diag), then GLA with fla's chunk_gla at D = 64 (whose autotuning
-        # takes minutes; the last call of the stage). Timeouts add to 420 s. If `ds` or `ds64` wins beyond the drift
-        # (`again`), flip DIAG_PATH (and library.CHUNK for rules without a correction).
+        # process at D = 128, then D = 64 ($variants_diag), then Longhorn at D = 128 (fla's chunk_gla's autotuning
+        # takes minutes: stage fla-gla). Timeouts add to 400 s. If `ds` or `ds64` wins beyond the drift (`again`), flip
+        # DIAG_PATH (and library.CHUNK for rules without a correction); if `mr0` wins, set WALK_MAXNREG = None.
         with_fla
         export PYTHONUNBUFFERED=1
         gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800
@@ -119,9 +120,11 @@ case $stage in
         timeout 120 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
             --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
             --rules mamba2,gla --variants "$variants_diag" 2>&1 | tee "$out/diag64.txt"
-        timeout 120 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
-            --peak-gbs $gbs --reps 5 --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules gla \
-            --variants "ds=diag_path:split" 2>&1 | tee "$out/diag-fla-gla64.txt" ;;
+        # Longhorn and a row-decay delta rule through the fused delta walk at D = 128 (32 registers, 6 KB of stack per
+        # thread without .maxnreg). GLA against fla's chunk_gla: stage fla-gla
+        timeout 100 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
+            --peak-gbs $gbs --reps 5 --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules longhorn,longhorn_forget \
+            --variants "mr0=walk_maxnreg:0;again=" 2>&1 | tee "$out/walk128.txt" ;;
     profile128)
         # where DeltaNet's D = 128 time goes, kernel by kernel beside fla's (session 11 profiled the old defaults:
         # a third of it was torch glue), the defaults and `nkm`

@@ -177,7 +177,7 @@ def _main(argv=None):
                         "(chunked.OFFSETS32: 1 or 0), prep_split (chunked.PREP_SPLIT: 1 or 0), "
                         "chunk_storage / checkpoint_storage (fp32 or input), ut_solve (chunked.UT_SOLVE: masked or "
                         "blocks), same_key (chunked_delta_bwd.SAME_KEY: 1 or 0), diag_path (chunked.DIAG_PATH: fused or "
-                        "split), raw_inputs (chunked.RAW_INPUTS: 1 or 0), block_v, warps (recurrent "
+                        "split), raw_inputs (chunked.RAW_INPUTS: 1 or 0), walk_maxnreg (chunked.WALK_MAXNREG: 0 or a count), block_v, warps (recurrent "
                         "kernel); e.g. "
                         "'narrow=wide:off;bf16=precision:bf16;again=' (an empty setting: the defaults again, for the drift)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
@@ -415,6 +415,13 @@ def _wide(v: str):
     return n
 
 
+def _maxnreg(v: str):
+    n = int(v)   # a ValueError names the value
+    if n and not 24 <= n <= 255:
+        raise ValueError("0 (ptxas's choice) or a register count within 24..255")
+    return n or None
+
+
 def _switch(v: str) -> bool:
     if v not in ("0", "1", "on", "off"):
         raise ValueError("1 / on or 0 / off")
@@ -438,6 +445,7 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _one_of(*chunked.DOT
                  "ut_solve": (chunked, ("UT_SOLVE",), _one_of("masked", "blocks"), "chunk"),
                  "diag_path": (chunked, ("DIAG_PATH",), _one_of("fused", "split"), "chunk"),
                  "raw_inputs": (chunked, ("RAW_INPUTS",), _switch, "chunk"),
+                 "walk_maxnreg": (chunked, ("WALK_MAXNREG",), _maxnreg, "chunk"),
                  "same_key": (chunked_delta_bwd, ("SAME_KEY",), _switch, "chunk"),
                  "block_v": (tscan, ("BLOCK_V",), _pow2, "recurrent"),
                  "warps": (tscan, ("NUM_WARPS",), _pow2, "recurrent")}

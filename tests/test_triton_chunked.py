@@ -770,7 +770,7 @@ def test_gpu_session_variant_specs_parse():
     literal = re.findall(r"--variants '([^']*)'", script) + re.findall(r'--variants "([^"$]*)"', script)
     specs = expanded.stdout.splitlines() + literal
     assert len(names) >= 4 and len(literal) >= 2, (names, literal)   # `variants`' and `diag`'s own
-    assert "variants_diag" in names and "ds=diag_path:split" in literal
+    assert "variants_diag" in names and "mr0=walk_maxnreg:0;again=" in literal
     for spec in specs:
         assert bench._variants(spec), spec
 
@@ -1366,3 +1366,43 @@ def test_rank_terms_are_addressed_through_rank_offset():
         src = Path(mod.__file__).read_text()
         assert not re.findall(r"\b[a-z]\w* \* S[EW]\b", src), mod.__name__
         assert "_rank_offset(m, SE)" in src
+
+
+def test_fused_walks_launch_with_maxnreg(monkeypatch):
+    # WALK_MAXNREG reaches the three fused walks' launches (and no other kernel's): the fused delta forward
+    # (a row-decay delta rule), its row-decay backward, the diagonal family's fused backward (Mamba-2); 0 in the
+    # environment turns it off, and a bad value is an error naming the variable. (The interpreter ignores .maxnreg:
+    # the register counts are aot_check's, TRITON.md.)
+    from olssm.kernels.triton import chunked_delta_bwd as tdelta
+    walks = {"chunk_delta_fwd_kernel": tchunk, "chunk_bwd_kernel": tchunk, "chunk_rowdecay_bwd_kernel": tdelta}
+    seen = {}
+
+    class Spy:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                seen[self.name] = kwargs.get("maxnreg")
+                return launch(*args, **kwargs)
+            return run
+    for name, mod in walks.items():
+        monkeypatch.setattr(mod, name, Spy(getattr(mod, name), name))
+    monkeypatch.setattr(tchunk, "DIAG_PATH", "fused")
+    monkeypatch.delenv("OLSSM_TRITON_DIAG_PATH", raising=False)
+    monkeypatch.setattr(tlib, "CHUNK_BACKWARD", True)   # the row decay is raw: "auto" would take the recurrent backward
+    for env, want in ((None, 255), ("0", None)):
+        if env is not None:
+            monkeypatch.setenv("OLSSM_TRITON_WALK_MAXNREG", env)
+        seen.clear()
+        for name in ("row_decay_delta", "mamba2"):
+            rule = _rule(name)
+            inp = random_inputs(rule, 1, 37, 1, 5, 6, seed=9)
+            _compare(rule, inp, 0.3 * torch.randn(1, 1, 6, 5, generator=torch.Generator().manual_seed(9)))
+        assert seen == {n: want for n in walks}, seen
+    assert "maxnreg" not in tchunk._launch_opts()
+    monkeypatch.setenv("OLSSM_TRITON_WALK_MAXNREG", "many")
+    with pytest.raises(ValueError, match="OLSSM_TRITON_WALK_MAXNREG"):
+        tchunk.walk_maxnreg()

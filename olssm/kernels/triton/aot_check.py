@@ -87,7 +87,8 @@ BF16_CK_VARIANTS = ("diag decay=", "delta decay=", "backward decay=", "delta spl
 BF16_CK_GENERATED = ("gla", "retnet")
 
 
-def compile_for(fn, consts: dict, arch: int, num_warps: int, ptr_types: dict | None = None, num_stages=None):
+def compile_for(fn, consts: dict, arch: int, num_warps: int, ptr_types: dict | None = None, num_stages=None,
+                maxnreg=None):
     """Compile fn for sm_<arch>: every pointer *fp32 (ix_ptr / cu_ptr *i32) unless ptr_types names it."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -102,7 +103,8 @@ def compile_for(fn, consts: dict, arch: int, num_warps: int, ptr_types: dict | N
     ptrs = {**(ptr_types or {}), "ix_ptr": "*i32", "cu_ptr": "*i32"}   # the varlen chunk map and cu_seqlens: int32
     sig = {p: ("constexpr" if p in consts else "i32" if p in ints else ptrs.get(p, "*fp32")) for p in params}
     src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()})
-    opts = {"num_warps": num_warps, **({"num_stages": int(num_stages)} if num_stages else {})}
+    opts = {"num_warps": num_warps, **({"num_stages": int(num_stages)} if num_stages else {}),
+            **({"maxnreg": int(maxnreg)} if maxnreg else {})}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
@@ -293,6 +295,9 @@ def main(argv=None) -> int:
     p.add_argument("--pscan-tile", type=int, default=None,
                    help="fp32 elements of a [BT, BV, BK] tile of pfwd (library.PSCAN_TILE)")
     p.add_argument("--pscan-bwd-tile", type=int, default=None, help="the same for pbwd (library.PSCAN_BWD_TILE)")
+    p.add_argument("--maxnreg", type=int, default=None,
+                   help="registers per thread ptxas may use (.maxnreg) in every variant (0: none); default: as the "
+                        "launches do (chunked.WALK_MAXNREG for the fused walks)")
     p.add_argument("--match", default=None,
                    help="compile only the variants whose names contain one of these comma-separated strings "
                         "(e.g. 'split state,split prep')")
@@ -339,10 +344,14 @@ def main(argv=None) -> int:
     if a.offsets32:   # the kernels that take chunked.OFFSETS32's int32 row offsets
         todo = [(n, f, dict(c, OFF32=True) if "OFF32" in inspect.signature(f.fn).parameters else c, *rest)
                 for n, f, c, *rest in todo]
+    from . import chunked as _ch, chunked_delta_bwd as _dbw
+    walks = (_ch.chunk_delta_fwd_kernel, _ch.chunk_bwd_kernel, _dbw.chunk_rowdecay_bwd_kernel)   # _launch_opts(walk)
     bad = 0
     for name, fn, consts, warps, *ptr_types in todo:
+        maxnreg = a.maxnreg if a.maxnreg is not None else _ch.walk_maxnreg() if fn in walks else None
         try:
-            k = compile_for(fn, consts, a.arch, warps, *(ptr_types or [None]), num_stages=a.num_stages)
+            k = compile_for(fn, consts, a.arch, warps, *(ptr_types or [None]), num_stages=a.num_stages,
+                            maxnreg=maxnreg or None)
             print(f"  ok    {name:45s} {_usage(k)}")
             for label, instr, bars, lds, sts, shfl in (ptx_loops(k.asm["ptx"]) if a.ptx_loops else ()):
                 print(f"          loop {label}: {instr} instructions, {bars} bar.sync, {lds} shared loads, "

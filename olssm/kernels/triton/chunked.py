@@ -1453,10 +1453,39 @@ NUM_WARPS = 8
 NUM_STAGES = None
 
 
-def _launch_opts(wide: bool = False) -> dict:
-    """num_warps / num_stages of every chunked launch (wide: the wide-key settings, WIDE_KEYS)."""
+#: registers per thread ptxas may use (.maxnreg) in the fused walks (chunk_delta_fwd_kernel, chunk_bwd_kernel,
+#: chunk_rowdecay_bwd_kernel: one program per sequence·head·value block, B·H·⌈d_v/32⌉ of them, about one per SM at the
+#: benchmark shapes, so a second resident program per SM buys nothing). Without it ptxas held these kernels to 128
+#: or even 32 registers at d = 128, chunk 32 (sm_90, Triton 3.9) and spilled the rest: the fused delta forward
+#: (Longhorn, row decays) 32 registers and 5976-6040 B of stack per thread → 255 and 1128-1192 B with it; the fused
+#: diagonal backward 1368 / 1624 / 1968 → 840 / 992 / 1288 B (none / scalar / row decay); the row-decay delta backward
+#: 4744 → 4136 B. At d = 64 they already take 255 registers and nothing changes. Not for the parallel kernels: .maxnreg
+#: made ptxas fill 255 registers there and spill (the backward key kernel 194 registers / 0 B → 255 / 72 B). Untimed
+#: (row `mr0` of the lease turns it off); None leaves ptxas its choice. OLSSM_TRITON_WALK_MAXNREG overrides (0: None).
+WALK_MAXNREG = 255
+
+
+def _launch_opts(wide: bool = False, walk: bool = False) -> dict:
+    """num_warps / num_stages of every chunked launch (wide: the wide-key settings, WIDE_KEYS), and for the fused
+    walks (walk) .maxnreg (WALK_MAXNREG)."""
     stages = NUM_STAGES or (WIDE_STAGES if wide else None)
-    return dict(num_warps=NUM_WARPS, **({"num_stages": int(stages)} if stages else {}))
+    opts = dict(num_warps=NUM_WARPS, **({"num_stages": int(stages)} if stages else {}))
+    maxnreg = walk_maxnreg() if walk else None
+    return {**opts, "maxnreg": maxnreg} if maxnreg else opts
+
+
+def walk_maxnreg():
+    """WALK_MAXNREG, or OLSSM_TRITON_WALK_MAXNREG if set (0: none)."""
+    env = os.environ.get("OLSSM_TRITON_WALK_MAXNREG")
+    if env is None or env == "":
+        return WALK_MAXNREG
+    try:
+        n = int(env)
+    except ValueError:
+        raise ValueError(f"triton: OLSSM_TRITON_WALK_MAXNREG must be a register count or 0, got {env!r}") from None
+    if n and not 24 <= n <= 255:
+        raise ValueError(f"triton: OLSSM_TRITON_WALK_MAXNREG must be 0 or within 24..255, got {n}")
+    return n or None
 
 
 def _precision(dtype=torch.float32, bf16_operands: bool = False) -> str:
@@ -1838,7 +1867,7 @@ def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None
             C_ROW=c_row, G_ROW=g_row, USE_H0=h0 is not None,
             SAVE_CK=save, VARLEN=cu_seqlens is not None,
             PREC=_precision(o.dtype, bf16), SUB=sub, OFF32=offsets32_fit(sizes),
-            **_launch_opts(wide_keys))
+            **_launch_opts(wide_keys, walk=True))
         return
     if diag_path() == "split":
         _diag_split_forward(chunk_in, h0, o, ht, ck if save else None, sizes, decay, cu_seqlens)
@@ -2189,7 +2218,7 @@ def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
             q, k, v, g, do.contiguous(), dht.contiguous() if dht is not None else dh0, ck,
             cu_seqlens if cu_seqlens is not None else dh0, dq, dk, dv, dg, dh0, T, H, d_k, d_v, ck.shape[2],
             k[0].numel(), v[0].numel(), TOKH, M=M, BT=C, BK=BK, BV=BV, DECAY=decay, USE_DHT=dht is not None,
-            VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), **_launch_opts())
+            VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), **_launch_opts(walk=True))
     out = [dq.sum(0), dk.sum(0), dv]
     if decay:
         out.append(dg.sum(0))

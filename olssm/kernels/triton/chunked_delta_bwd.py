@@ -741,7 +741,7 @@ def chunked_rowdecay_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=Non
         q, w, e, g, a, b, c, do.contiguous(), dht.contiguous() if dht is not None else dh0, ck,
         cu_seqlens if cu_seqlens is not None else dh0, dq, dw, de, dg, da, db, dc, dh0, T, H, d_k, d_v, ck.shape[2],
         w[0].numel(), e[0].numel(), TOKH, M=M, BT=C, BK=BK, BV=BV, C_ROW=c_row, USE_DHT=dht is not None,
-        VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), SUB=sub, **_ch._launch_opts())
+        VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), SUB=sub, **_ch._launch_opts(walk=True))
     return [dq.sum(0), dw.sum(0), de, dg, da.sum(0), db.sum(0), dc if c_row else dc.sum(0)], dh0
 
 
