@@ -1470,8 +1470,19 @@ def _launch_opts(wide: bool = False, walk: bool = False) -> dict:
     walks (walk) .maxnreg (WALK_MAXNREG)."""
     stages = NUM_STAGES or (WIDE_STAGES if wide else None)
     opts = dict(num_warps=NUM_WARPS, **({"num_stages": int(stages)} if stages else {}))
-    maxnreg = walk_maxnreg() if walk else None
+    maxnreg = walk_maxnreg() if walk and _has_maxnreg() else None
     return {**opts, "maxnreg": maxnreg} if maxnreg else opts
+
+
+@functools.lru_cache(maxsize=None)
+def _has_maxnreg() -> bool:
+    """Whether the installed Triton takes the maxnreg launch option (its CUDA backend's options have it since 3.x;
+    olssm accepts Triton >= 3.0)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "maxnreg" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 def walk_maxnreg():
