@@ -5,7 +5,7 @@ being run: the tests check that the fastest candidate is chosen, run and remembe
 disk), that failing candidates are skipped, and — against the reference backend, every gradient — that
 a tuned launch geometry (value rows, warps) reaches both the forward and the backward kernels.
 """
-from triton_testing import compare, dev  # noqa: F401,E402  (sets TRITON_INTERPRET first)
+from triton_testing import compare, dev, spy_launches  # noqa: F401,E402  (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -245,17 +245,8 @@ def test_a_tuned_diagonal_path_reaches_forward_and_backward(path, monkeypatch):
     monkeypatch.delenv("OLSSM_TRITON_DIAG_PATH", raising=False)
     monkeypatch.setattr(chunked, "DIAG_PATH", "fused" if path == "split" else "split")
     launched = []
-    for name in ("chunk_fwd_kernel", "chunk_bwd_kernel", "chunk_diag_state_kernel", "chunk_diag_bwd_kernel"):
-        kernel = getattr(chunked, name)
-
-        class Spy:
-            def __init__(self, kernel, name):
-                self.kernel, self.name = kernel, name
-
-            def __getitem__(self, grid):
-                launched.append(self.name)
-                return self.kernel[grid]
-        monkeypatch.setattr(chunked, name, Spy(kernel, name))
+    spy_launches(monkeypatch, chunked, ["chunk_fwd_kernel", "chunk_bwd_kernel", "chunk_diag_state_kernel",
+                                        "chunk_diag_bwd_kernel"], lambda name, kwargs: launched.append(name))
     cfg = LaunchConfig("chunk", chunk_backward=True, diag_path=path)
     monkeypatch.setattr(library, "policy_config", lambda plan, args, max_len: cfg)
     rule = ENTRIES["mamba2"].rule

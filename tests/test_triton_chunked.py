@@ -15,7 +15,8 @@ import os
 
 from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
                             compare_checkpoint_storage as _compare_ck, compare_storage as _compare_storage,
-                            benchmark_module, dev as _dev, pin_fp32_storage, run as _run, spy)  # (sets TRITON_INTERPRET first)
+                            benchmark_module, dev as _dev, pin_fp32_storage, run as _run, spy,
+                            spy_launches)  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -1374,22 +1375,11 @@ def test_fused_walks_launch_with_maxnreg(monkeypatch):
     # environment turns it off, and a bad value is an error naming the variable. (The interpreter ignores .maxnreg:
     # the register counts are aot_check's, TRITON.md.)
     from olssm.kernels.triton import chunked_delta_bwd as tdelta
-    walks = {"chunk_delta_fwd_kernel": tchunk, "chunk_bwd_kernel": tchunk, "chunk_rowdecay_bwd_kernel": tdelta}
+    walks = ["chunk_delta_fwd_kernel", "chunk_bwd_kernel", "chunk_rowdecay_bwd_kernel"]
     seen = {}
-
-    class Spy:
-        def __init__(self, kernel, name):
-            self.kernel, self.name = kernel, name
-
-        def __getitem__(self, grid):
-            launch = self.kernel[grid]
-
-            def run(*args, **kwargs):
-                seen[self.name] = kwargs.get("maxnreg")
-                return launch(*args, **kwargs)
-            return run
-    for name, mod in walks.items():
-        monkeypatch.setattr(mod, name, Spy(getattr(mod, name), name))
+    record = lambda name, kwargs: seen.update({name: kwargs.get("maxnreg")})   # noqa: E731
+    spy_launches(monkeypatch, tchunk, walks[:2], record)
+    spy_launches(monkeypatch, tdelta, walks[2:], record)
     monkeypatch.setattr(tchunk, "DIAG_PATH", "fused")
     monkeypatch.delenv("OLSSM_TRITON_DIAG_PATH", raising=False)
     monkeypatch.setattr(tlib, "CHUNK_BACKWARD", True)   # the row decay is raw: "auto" would take the recurrent backward

@@ -8,10 +8,12 @@ state 2e-5). The direct tests call the kernels on chunk tensors with independent
 rules have a = b = w = k, so torch sums their gradients; the untied kernels) or with b = w_0 (the TIED value and
 key kernels, chunked._tied) against an fp64 autograd loop; the `ties` fixture records which the launches took.
 """
-from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
+from triton_testing import (spy_launches, DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
                             CHECKPOINT_RTOL, compare_checkpoint_storage as _compare_ck,
                             compare_storage as _compare_storage,
                             dev as _dev, pin_fp32_storage, split_scan_matches, spy)  # (sets TRITON_INTERPRET first)
+
+import contextlib  # noqa: E402
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -245,27 +247,19 @@ def state_dots(monkeypatch):
             launches[-1][2].append(tuple(int(n) for n in x.shape))
         return real_mm(x, y, PREC)
 
-    class Launch:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            run = self.kernel[grid]
-
-            def call(*a, **k):
-                launches.append([self.name, k.get("KEY_MAJOR", False), []])
-                inside.append(1)
-                try:
-                    return run(*a, **k)
-                finally:
-                    inside.pop()
-            return call
+    @contextlib.contextmanager
+    def launch(label, kwargs):
+        launches.append([label, kwargs.get("KEY_MAJOR", False), []])
+        inside.append(1)
+        try:
+            yield
+        finally:
+            inside.pop()
 
     monkeypatch.setattr(tchunk, "_mm", mm)
-    monkeypatch.setattr(tchunk, "chunk_delta_state_kernel", Launch("forward", tchunk.chunk_delta_state_kernel))
-    monkeypatch.setattr(tchunk, "chunk_delta_state_split_kernel",
-                        Launch("forward key split", tchunk.chunk_delta_state_split_kernel))
-    monkeypatch.setattr(tdelta, "chunk_delta_bwd_state_kernel", Launch("backward", tdelta.chunk_delta_bwd_state_kernel))
+    spy_launches(monkeypatch, tchunk, {"chunk_delta_state_kernel": "forward",
+                                       "chunk_delta_state_split_kernel": "forward key split"}, launch)
+    spy_launches(monkeypatch, tdelta, {"chunk_delta_bwd_state_kernel": "backward"}, launch)
     return launches
 
 

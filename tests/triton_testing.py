@@ -125,6 +125,30 @@ def spy(monkeypatch, module, name):
     return calls
 
 
+def spy_launches(monkeypatch, module, kernels, record):
+    """Stand-ins for the Triton kernels module.<name> (kernels: {name: label}, or names as their own labels): each
+    launch kernel[grid](*args, **kwargs) calls record(label, kwargs) first and runs inside the context manager
+    that record returns (None: none)."""
+    labels = kernels if isinstance(kernels, dict) else {n: n for n in kernels}
+
+    class Launch:
+        def __init__(self, kernel, label):
+            self.kernel, self.label = kernel, label
+
+        def __getitem__(self, grid):
+            run = self.kernel[grid]
+
+            def call(*args, **kwargs):
+                ctx = record(self.label, kwargs)
+                if ctx is None:
+                    return run(*args, **kwargs)
+                with ctx:
+                    return run(*args, **kwargs)
+            return call
+    for name, label in labels.items():
+        monkeypatch.setattr(module, name, Launch(getattr(module, name), label))
+
+
 def separate_sequences_match(rule, inp, h0, cu):
     """A varlen triton scan (packed sequences cu, one initial state each) equals each sequence scanned
     on its own; an empty sequence keeps its initial state."""
