@@ -130,12 +130,14 @@ def variants(BT, BK, BV, prec, BVW=None):
     BKS = min(BK, ch.DIAG_STATE_BLOCK_K)
     for name, code in (("none", 0), ("scalar", 1), ("row", 2), ("column", 3)):
         tag = f"decay={name} varlen=True"
-        yield (f"diag split state {tag}", ch.chunk_diag_state_kernel,
-               dict(BT=BT, BK=BKS, BV=BV, M=1, PREC=prec, DECAY=code, USE_H0=True, VARLEN=True))
+        yield (f"diag split state {tag}", ch.chunk_fwd_kernel,
+               dict(BT=BT, BK=BKS, BV=BV, M=1, PREC=prec, DECAY=code, USE_H0=True, SAVE_CK=True, VARLEN=True,
+                    OUT=False, KEY_BLOCKS=True))
         yield (f"diag split out {tag}", ch.chunk_diag_out_kernel,
                dict(BT=BT, BK=BK, BV=BV if code == 2 else BVW, M=1, PREC=prec, DECAY=code, VARLEN=True))
-        yield (f"diag split backward state {tag}", ch.chunk_diag_dh_kernel,
-               dict(BT=BT, BK=BKS, BV=BV, PREC=prec, DECAY=code, USE_DHT=True, VARLEN=True))
+        yield (f"diag split backward state {tag}", ch.chunk_bwd_kernel,
+               dict(BT=BT, BK=BKS, BV=BV, M=1, PREC=prec, DECAY=code, USE_DHT=True, VARLEN=True, GRADS=False,
+                    KEY_BLOCKS=True))
         BKB = min(BK, ch.DIAG_BWD_BLOCK_K)
         yield (f"diag split backward {tag}", ch.chunk_diag_bwd_kernel,
                dict(BT=BT, BK=BKB, BV=BV, M=1, PREC=prec, DECAY=code, VARLEN=True, NKB=BK // BKB))
@@ -348,7 +350,8 @@ def main(argv=None) -> int:
     walks = (_ch.chunk_delta_fwd_kernel, _ch.chunk_bwd_kernel, _dbw.chunk_rowdecay_bwd_kernel)   # _launch_opts(walk)
     bad = 0
     for name, fn, consts, warps, *ptr_types in todo:
-        maxnreg = a.maxnreg if a.maxnreg is not None else _ch.walk_maxnreg() if fn in walks else None
+        walk = fn in walks and consts.get("OUT", True) and consts.get("GRADS", True)   # not the split passes
+        maxnreg = a.maxnreg if a.maxnreg is not None else _ch.walk_maxnreg() if walk else None
         try:
             k = compile_for(fn, consts, a.arch, warps, *(ptr_types or [None]), num_stages=a.num_stages,
                             maxnreg=maxnreg or None)

@@ -860,42 +860,30 @@ def _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK,
 def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, cu_ptr, T, H, DK, DV, NCK, SW, SE,
                      M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                      USE_H0: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr,
-                     PREC: tl.constexpr = "ieee"):
-    """The fused diagonal path (DIAG_PATH = "fused"): one program per (value block, sequence·head) walks the
-    chunks, each one's o and the state carried in registers (_diag_chunk)."""
+                     PREC: tl.constexpr = "ieee", OUT: tl.constexpr = True, KEY_BLOCKS: tl.constexpr = False):
+    """The diagonal family's walk over a sequence's chunks, the state carried in registers (_diag_chunk). The fused
+    path (DIAG_PATH = "fused"): one program per (value block, sequence·head), each chunk's o formed in the walk. With
+    OUT False (and SAVE_CK, KEY_BLOCKS), the split path's sequential pass: the state entering every chunk → ck and the
+    last → ht, one program per (value block, key block, sequence·head): S ← Γ_L ⊙ S + Σ_m (E_m ⊙ dec)ᵀ W_m, no
+    query, no [BT, BT] product (q_ptr, o_ptr unread)."""
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
-                                                                                      BV, VARLEN)
+                                                                                      BV, VARLEN,
+                                                                                      KEY_BLOCKS=KEY_BLOCKS)
     S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         if SAVE_CK:
             tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
         tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
-        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :],
-                    other=0.0).to(tl.float32)
-        o, S = _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK, DV, SW, SE, M, BT,
-                           DECAY, PREC, True, True)
-        S = tl.where(m2, S, 0.0)
-        tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty),
-                 mask=tm[:, None] & rm[None, :])
-    tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
-
-
-@triton.jit
-def chunk_diag_state_kernel(k_ptr, v_ptr, g_ptr, h0_ptr, ht_ptr, ck_ptr, cu_ptr, T, H, DK, DV, NCK, SW, SE,
-                            M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                            DECAY: tl.constexpr, USE_H0: tl.constexpr, VARLEN: tl.constexpr,
-                            PREC: tl.constexpr = "ieee"):
-    """The split diagonal path's sequential pass (DIAG_PATH = "split"): the state entering every chunk → ck and the
-    last → ht, one program per (value block, key block, sequence·head): S ← Γ_L ⊙ S + Σ_m (E_m ⊙ dec)ᵀ W_m, no
-    query, no [BT, BT] product."""
-    i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
-                                                                                      BV, VARLEN, KEY_BLOCKS=True)
-    S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0)
-    for c in range(0, tl.cdiv(eos - bos, BT)):
-        tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
-        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
-        _, S = _diag_chunk(None, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK, DV, SW, SE, M, BT,
-                           DECAY, PREC, False, True)
+        if OUT:
+            q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :],
+                        other=0.0).to(tl.float32)
+            o, S = _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK, DV, SW, SE, M, BT,
+                               DECAY, PREC, True, True)
+            tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty),
+                     mask=tm[:, None] & rm[None, :])
+        else:
+            _, S = _diag_chunk(None, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK, DV, SW, SE, M, BT,
+                               DECAY, PREC, False, True)
         S = tl.where(m2, S, 0.0)
     tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
 
@@ -1490,12 +1478,18 @@ def walk_maxnreg():
     env = os.environ.get("OLSSM_TRITON_WALK_MAXNREG")
     if env is None or env == "":
         return WALK_MAXNREG
+    return checked_maxnreg(env, "OLSSM_TRITON_WALK_MAXNREG")
+
+
+def checked_maxnreg(value, what: str = "WALK_MAXNREG"):
+    """A .maxnreg setting: None for 0 (ptxas's choice), else a register count within 24..255; a ValueError naming
+    `what` otherwise."""
     try:
-        n = int(env)
+        n = int(value)
     except ValueError:
-        raise ValueError(f"triton: OLSSM_TRITON_WALK_MAXNREG must be a register count or 0, got {env!r}") from None
+        raise ValueError(f"triton: {what} must be a register count or 0, got {value!r}") from None
     if n and not 24 <= n <= 255:
-        raise ValueError(f"triton: OLSSM_TRITON_WALK_MAXNREG must be 0 or within 24..255, got {n}")
+        raise ValueError(f"triton: {what} must be 0 or within 24..255, got {n}")
     return n or None
 
 
@@ -1898,7 +1892,7 @@ def _chunk_grid(cu_seqlens, C, T, N, B, H, dummy):
 
 
 def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens):
-    """DIAG_PATH = "split": the states entering the chunks (chunk_diag_state_kernel; into ck, or a scratch one of the
+    """DIAG_PATH = "split": the states entering the chunks (chunk_fwd_kernel without OUT; into ck, or a scratch one of the
     checkpoints' dtype when the forward keeps none), then o (chunk_diag_out_kernel)."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
@@ -1913,9 +1907,9 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens):
     cu = cu_seqlens if varlen else ht
     ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, ht)
     common = dict(M=k.shape[0], BT=C, BV=BV, DECAY=decay, VARLEN=varlen, PREC=_precision(o.dtype), **_launch_opts())
-    chunk_diag_state_kernel[(-(-d_v // BV), -(-d_k // BKS), N * H)](
-        k, v, g, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK, k[0].numel(),
-        v[0].numel(), BK=BKS, USE_H0=h0 is not None, **common)
+    chunk_fwd_kernel[(-(-d_v // BV), -(-d_k // BKS), N * H)](
+        k, k, v, g, h0.contiguous() if h0 is not None else ht, ht, ht, ck, cu, T, H, d_k, d_v, NCK, k[0].numel(),
+        v[0].numel(), BK=BKS, USE_H0=h0 is not None, SAVE_CK=True, OUT=False, KEY_BLOCKS=True, **common)
     # the output takes the split paths' wider value blocks (SPLIT_BLOCK_V): each block forms the [BT, BT] Q Wᵀ again.
     # sm_90, d = 128, chunk 32: 64 rows spill nothing (scalar, column decay; 32 rows: 0, 104 B), a row decay's 952 B
     BVO = BV if decay == 2 else split_blocks(d_k, d_v, False).BVW
@@ -2088,32 +2082,41 @@ def _diag_bwd_finish(db, dbL, dg_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT:
 
 @triton.jit
 def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr,
-                     dq_ptr, dk_ptr, dv_ptr, dg_ptr, dh0_ptr, T, H, DK, DV, NCK, SW, SE, TOKH,
+                     dq_ptr, dk_ptr, dv_ptr, dg_ptr, dh0_ptr, dh_ptr, T, H, DK, DV, NCK, SW, SE, TOKH,
                      M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                     USE_DHT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee"):
+                     USE_DHT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
+                     GRADS: tl.constexpr = True, KEY_BLOCKS: tl.constexpr = False):
     """Reverse over chunks with dS (∂L/∂S at the chunk end) in registers; per chunk, with P_m = (dO E_mᵀ) ⊙ D:
         dQ   = Σ_m P_m W_m + Γ ⊙ (dO S₀)            dW_m = P_mᵀ Q + dec ⊙ (E_m dS)
         dE_m = (Q W_mᵀ ⊙ D)ᵀ dO + dec ⊙ (W_m dSᵀ)     dS₀  = Γ_L dS + (Γ ⊙ dO)ᵀ Q
         ∂b_i (cumulative log decay) from D, Γ, dec, Γ_L; ∂g = reverse cumsum of ∂b.
-    dQ, dW and ∂g are partial sums over the value-row blocks (summed by the caller)."""
+    dQ, dW and ∂g are partial sums over the value-row blocks (summed by the caller). With GRADS False (and
+    KEY_BLOCKS) the split path's reverse pass: only dS, at the end of every chunk → dh (ck's layout) and at the start
+    → dh0, one program per (value block, key block, sequence·head), one dot per chunk (_diag_back_factors; the
+    gradient pointers and ck unread)."""
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
-                                                                                      BV, VARLEN)
+                                                                                      BV, VARLEN,
+                                                                                      KEY_BLOCKS=KEY_BLOCKS)
     dS = _initial_tile(dht_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_DHT)
     nc = tl.cdiv(eos - bos, BT)
     for cr in range(0, nc):
         c = nc - 1 - cr
         tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
-        S0 = tl.load(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
         q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :],
                     other=0.0).to(tl.float32)
         do = tl.load(do_ptr + base[:, None] * DV + rows[None, :], mask=tm[:, None] & rm[None, :],
                      other=0.0).to(tl.float32)
-        qs, dos, glast, _, db, dbL = _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr,
-                                                    dg_ptr, base, tm, rows, cols, rm, km, tt, i_v, DK, DV, SW, SE,
-                                                    TOKH, M, BT, BK, BV, DECAY, PREC)
-        _diag_bwd_finish(db, dbL, dg_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
-        dS = dS * glast + _mm(tl.trans(dos), qs, PREC)
-        dS = tl.where(m2, dS, 0.0)
+        if GRADS:
+            S0 = tl.load(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, mask=m2,
+                         other=0.0).to(tl.float32)
+            qs, dos, glast, _, db, dbL = _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr,
+                                                        dg_ptr, base, tm, rows, cols, rm, km, tt, i_v, DK, DV, SW, SE,
+                                                        TOKH, M, BT, BK, BV, DECAY, PREC)
+            _diag_bwd_finish(db, dbL, dg_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
+        else:
+            tl.store(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, mask=m2)
+            qs, dos, glast = _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY)
+        dS = tl.where(m2, dS * glast + _mm(tl.trans(dos), qs, PREC), 0.0)
     tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
 
 
@@ -2136,30 +2139,6 @@ def _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY
     else:
         qs, dos, glast = q, do, 1.0
     return qs, dos, glast
-
-
-@triton.jit
-def chunk_diag_dh_kernel(q_ptr, g_ptr, do_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr, T, H, DK, DV, NCK, BT: tl.constexpr,
-                         BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, USE_DHT: tl.constexpr,
-                         VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee"):
-    """The split diagonal path's reverse pass: dS = ∂L/∂S at the end of every chunk → dh (ck's layout) and at the
-    start → dh0, one program per (value block, key block, sequence·head): dS ← Γ_L ⊙ dS + (Γ ⊙ dO)ᵀ Q, one dot
-    per chunk."""
-    i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
-                                                                                      BV, VARLEN, KEY_BLOCKS=True)
-    dS = _initial_tile(dht_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_DHT)
-    nc = tl.cdiv(eos - bos, BT)
-    for cr in range(0, nc):
-        c = nc - 1 - cr
-        tl.store(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, mask=m2)
-        tm, base = _tokens(bos + c * BT, tt, eos, H, i_h)
-        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :],
-                    other=0.0).to(tl.float32)
-        do = tl.load(do_ptr + base[:, None] * DV + rows[None, :], mask=tm[:, None] & rm[None, :],
-                     other=0.0).to(tl.float32)
-        qs, dos, glast = _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY)
-        dS = tl.where(m2, dS * glast + _mm(tl.trans(dos), qs, PREC), 0.0)
-    tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
 
 
 @triton.jit
@@ -2227,7 +2206,7 @@ def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     else:
         chunk_bwd_kernel[(NV, N * H)](
             q, k, v, g, do.contiguous(), dht.contiguous() if dht is not None else dh0, ck,
-            cu_seqlens if cu_seqlens is not None else dh0, dq, dk, dv, dg, dh0, T, H, d_k, d_v, ck.shape[2],
+            cu_seqlens if cu_seqlens is not None else dh0, dq, dk, dv, dg, dh0, dh0, T, H, d_k, d_v, ck.shape[2],
             k[0].numel(), v[0].numel(), TOKH, M=M, BT=C, BK=BK, BV=BV, DECAY=decay, USE_DHT=dht is not None,
             VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), **_launch_opts(walk=True))
     out = [dq.sum(0), dk.sum(0), dv]
@@ -2237,8 +2216,8 @@ def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
 
 
 def _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk, dv, dg, dh0):
-    """DIAG_PATH = "split": ∂L/∂S at the end of every chunk (chunk_diag_dh_kernel, into a dh of ck's layout, fp32)
-    and dh0, then every gradient (chunk_diag_bwd_kernel) into chunked_backward's buffers."""
+    """DIAG_PATH = "split": ∂L/∂S at the end of every chunk (chunk_bwd_kernel without GRADS, into a dh of ck's
+    layout, fp32) and dh0, then every gradient (chunk_diag_bwd_kernel) into chunked_backward's buffers."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
     BKS = min(BK, DIAG_STATE_BLOCK_K)
@@ -2251,9 +2230,9 @@ def _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk
     cu = cu_seqlens if varlen else dh0
     ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, dh0)
     common = dict(BT=C, BV=BV, DECAY=decay, VARLEN=varlen, PREC=_precision(do.dtype), **_launch_opts())
-    chunk_diag_dh_kernel[(-(-d_v // BV), -(-d_k // BKS), N * H)](
-        q, g, do, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK, BK=BKS,
-        USE_DHT=dht is not None, **common)
+    chunk_bwd_kernel[(-(-d_v // BV), -(-d_k // BKS), N * H)](
+        q, q, q, g, do, dht.contiguous() if dht is not None else dh0, dh0, cu, dh0, dh0, dh0, dh0, dh0, dh, T, H, d_k,
+        d_v, NCK, 0, 0, 0, M=1, BK=BKS, USE_DHT=dht is not None, GRADS=False, KEY_BLOCKS=True, **common)
     BKB = min(BK, DIAG_BWD_BLOCK_K)
     chunk_diag_bwd_kernel[(NTG, -(-d_v // BV), G)](q, k, v, g, do, ck, dh, cu, ix, dq, dk, dv, dg, T, H, d_k, d_v,
                                                    NCK, k[0].numel(), v[0].numel(), B * T * H, M=k.shape[0], BK=BKB,
