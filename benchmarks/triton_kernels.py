@@ -415,13 +415,6 @@ def _wide(v: str):
     return n
 
 
-def _maxnreg(v: str):
-    n = int(v)   # a ValueError names the value
-    if n and not 24 <= n <= 255:
-        raise ValueError("0 (ptxas's choice) or a register count within 24..255")
-    return n or None
-
-
 def _switch(v: str) -> bool:
     if v not in ("0", "1", "on", "off"):
         raise ValueError("1 / on or 0 / off")
@@ -445,7 +438,7 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _one_of(*chunked.DOT
                  "ut_solve": (chunked, ("UT_SOLVE",), _one_of("masked", "blocks"), "chunk"),
                  "diag_path": (chunked, ("DIAG_PATH",), _one_of("fused", "split"), "chunk"),
                  "raw_inputs": (chunked, ("RAW_INPUTS",), _switch, "chunk"),
-                 "walk_maxnreg": (chunked, ("WALK_MAXNREG",), _maxnreg, "chunk"),
+                 "walk_maxnreg": (chunked, ("WALK_MAXNREG",), chunked.checked_maxnreg, "chunk"),
                  "same_key": (chunked_delta_bwd, ("SAME_KEY",), _switch, "chunk"),
                  "block_v": (tscan, ("BLOCK_V",), _pow2, "recurrent"),
                  "warps": (tscan, ("NUM_WARPS",), _pow2, "recurrent")}
