@@ -69,7 +69,8 @@ bench=(python benchmarks/triton_kernels.py --dtype bf16 --autotune)
 # checkpoints, on the new defaults (`all`: fla keeps h in bf16; ck is 268 MB of fp32 at (2, 8192, 16, 128), written
 # once and read three times; key_split takes the forward's state pass, key_major the backward's; they touch different
 # kernels and glue). Session 12: `nraw`, the fp32 copies of bf16 q, k, v back (RAW_INPUTS off; on, the same bits in
-# fewer bytes: 608 -> 205 MB of forward glue).
+# fewer bytes: 608 -> 205 MB of forward glue). Session 13: `nfs`, β·v's backward as three torch passes again (FUSED_SCALE_BWD
+# off; on, one Triton launch: 673 -> 268 MB per backward at D = 128, glue_ops.py).
 # Session 8's wide-key settings against the old chunk-32 defaults are not repeated (one process, 2.06 / 5.70 against
 # 2.83 / 6.97 ms).
 # Triton's on-disk cache carries the profile's compiles over to the table
@@ -78,7 +79,7 @@ variants_all='key_major:1,key_split:1,chunk_storage:input,offsets32:1,prep_split
 # (alone it lost 6-9 %); `nkm` is `all` without it. bf16 chunk tensors (`cs`) and bf16 checkpoints (`ck`) were only
 # ever timed inside `all`. ks4 and wb are not repeated (within drift; lost 12-20 %)
 variants_nkm='key_split:1,chunk_storage:input,offsets32:1,prep_split:1,checkpoint_storage:input'
-variants128="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;nraw=raw_inputs:0;o32=offsets32:1;ks=key_split:1;utm=ut_solve:masked;nsk=same_key:0;km=key_major:1;ps=prep_split:1"
+variants128="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;nraw=raw_inputs:0;nfs=fused_scale_bwd:0;o32=offsets32:1;ks=key_split:1;utm=ut_solve:masked;nsk=same_key:0;km=key_major:1;ps=prep_split:1"
 variants128_profile="nkm=$variants_nkm"
 # the diagonal family (session 12): the split path (`ds`), and chunks of 64 tokens with it and without (the split's
 # parallel kernels get wgmma at 64-row tiles: none at chunk 32, the diagonal rules' default; spills at d = 128 then

@@ -1186,20 +1186,36 @@ def test_raw_inputs_are_bit_identical(name, same_key, monkeypatch):
     assert e_dt == (fp32 if name in ("deltanet", "gated_deltanet", "longhorn", "mamba2") else bf16)   # β·v, Δ·v
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_scaled_entries_round_as_the_fp32_evaluation(dt, x_dtype):
+def test_scaled_entries_round_as_the_fp32_evaluation(dt, x_dtype, fused, monkeypatch):
     # _Scaled (chunk_inputs' s ⊙ x from the input x itself) against what it replaced, s ⊙ x evaluated on x cast up to
-    # fp32 and the product cast to the storage dtype dt: equal, and so are both gradients, for a ∂out in dt
+    # fp32 and the product cast to the storage dtype dt: equal, and so are both gradients, for a ∂out in dt. The
+    # fused backward (scaled_bwd_kernel, FUSED_SCALE_BWD) rounds ∂x as that path does (equal) and sums ∂s in fp32 in
+    # another order: within n fp32 roundings of Σ|∂out ⊙ x| (n terms per entry of ∂s). s is one factor per token and head, and one
+    # per head broadcast over the tokens (a learned per-head β): ∂s summed back to its shape; d = 130 spreads the
+    # 54 rows over seven programs of 8, the last one partly masked.
+    monkeypatch.setattr(tchunk, "FUSED_SCALE_BWD", fused)
+    monkeypatch.delenv("OLSSM_TRITON_FUSED_SCALE_BWD", raising=False)
+    launches = spy(monkeypatch, tchunk, "scaled_backward")
     gen = torch.Generator().manual_seed(47)
-    s = torch.rand(2, 9, 3, 1, generator=gen).requires_grad_()
-    x = torch.randn(2, 9, 3, 7, generator=gen).to(x_dtype).requires_grad_()
-    dout = torch.randn(2, 9, 3, 7, generator=gen).to(dt)
-    got = tchunk._Scaled.apply(s.expand(2, 9, 3, 1), x, dt)
-    ref = (s * x.to(torch.float32)).to(dt)
-    assert got.dtype == dt and got.is_contiguous() and torch.equal(got, ref)
-    for a, b in zip(torch.autograd.grad(got, (s, x), dout), torch.autograd.grad(ref, (s, x), dout)):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    for s_shape, d in (((2, 9, 3, 1), 7), ((1, 1, 3, 1), 7), ((2, 9, 3, 1), 130)):
+        s = torch.rand(*s_shape, generator=gen).requires_grad_()
+        x = torch.randn(2, 9, 3, d, generator=gen).to(x_dtype).requires_grad_()
+        dout = torch.randn(2, 9, 3, d, generator=gen).to(dt)
+        got = tchunk._Scaled.apply(s.expand(2, 9, 3, 1), x, dt)
+        ref = (s * x.to(torch.float32)).to(dt)
+        assert got.dtype == dt and got.is_contiguous() and torch.equal(got, ref)
+        (ds, dx), (ds_ref, dx_ref) = (torch.autograd.grad(y, (s, x), dout) for y in (got, ref))
+        assert dx.dtype == dx_ref.dtype and torch.equal(dx, dx_ref)
+        assert ds.dtype == ds_ref.dtype and ds.shape == ds_ref.shape
+        if fused or s_shape[1] == 1 or d > 7:   # (torch too sums a broadcast s's or a long row's terms in its own order)
+            bound = x.numel() // ds.numel() * 2.0 ** -24 * (dout.float() * x.float()).abs().sum_to_size(s.shape)
+            assert ((ds - ds_ref).abs() <= bound).all(), (ds - ds_ref).abs().max()
+        else:
+            assert torch.equal(ds, ds_ref)
+    assert len(launches) == (3 if fused else 0)
 
 
 # ---- CHECKPOINT_STORAGE = "input": bf16 / fp16 checkpoints ck ---------------------------------------------

@@ -99,7 +99,7 @@ def compile_for(fn, consts: dict, arch: int, num_warps: int, ptr_types: dict | N
     # arguments, i.e. runtime branches: HAVE_TC / SAVE_TC's register counts were wrong)
     consts = {**{p: v.default for p, v in sig_params.items() if v.default is not inspect.Parameter.empty},
               **consts}
-    ints = {"T", "H", "DK", "DV", "NCK", "SW", "SE", "TOKH", "TOK", "N"}
+    ints = {"T", "H", "DK", "DV", "NCK", "SW", "SE", "TOKH", "TOK", "N", "D"}
     ptrs = {**(ptr_types or {}), "ix_ptr": "*i32", "cu_ptr": "*i32"}   # the varlen chunk map and cu_seqlens: int32
     sig = {p: ("constexpr" if p in consts else "i32" if p in ints else ptrs.get(p, "*fp32")) for p in params}
     src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()})
@@ -326,6 +326,11 @@ def main(argv=None) -> int:
                  for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW)
                  if "ck_ptr" in inspect.signature(f.fn).parameters
                  and (a.bf16 == "all" or (a.bf16 == "some" and n.startswith(BF16_CK_VARIANTS)))]
+        # _Scaled's backward (β·v's chain rule) at d_v, the tile chunked.scaled_backward launches: ∂out fp32, v bf16
+        from .chunked import SCALED_BWD_WARPS, scaled_bwd_kernel, scaled_bwd_tile
+        BR, BD = scaled_bwd_tile(a.dv)
+        todo.append(("scaled backward [bf16 x]", scaled_bwd_kernel, dict(BR=BR, BD=BD, DX_BF16=True),
+                     SCALED_BWD_WARPS, {"x_ptr": "*bf16", "dx_ptr": "*bf16"}))
     if a.only in ("all", "generated"):
         BT = a.pscan_bt or library.PSCAN_BLOCK_T
         print(f"generated kernels at d_k={a.dk}, d_v={a.dv}: block scan {a.pscan_warps or library.PSCAN_NUM_WARPS} "

@@ -347,6 +347,9 @@ class _Scaled(torch.autograd.Function):
     def backward(ctx, dout):
         s, x = ctx.saved_tensors
         wide = torch.promote_types(s.dtype, x.dtype)   # the forward's product
+        if fused_scale_backward(s, x, dout):
+            ds, dx = scaled_backward(s, x, dout)
+            return (ds if ctx.needs_input_grad[0] else None), (dx if ctx.needs_input_grad[1] else None), None
         ds = dx = None
         if ctx.needs_input_grad[0]:
             if torch.promote_types(dout.dtype, x.dtype) == wide:
@@ -358,6 +361,73 @@ class _Scaled(torch.autograd.Function):
             dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             torch.mul(dout if torch.promote_types(dout.dtype, s.dtype) == wide else dout.to(wide), s, out=dx)
         return ds, dx, None
+
+
+#: _Scaled's backward in one Triton launch (scaled_bwd_kernel: reads ∂out and x once, writes ∂x and the per-token
+#: ∂s) instead of three torch passes (the fp32 product ∂out ⊙ x written and summed, then ∂out ⊙ s): DeltaNet's β·v at
+#: (2, 8192, 16, 128), bf16 v, fp32 chunk tensors, 673 → 268 MB per backward (glue_ops.py), the same rounding (∂x: the
+#: fp32 product rounded once to x's dtype; ∂s: an fp32 sum, in another order). Where the triton backend runs: a CUDA
+#: tensor or the interpreter; fp32 s, x and ∂out of dtype bf16 / fp16 / fp32. OLSSM_TRITON_FUSED_SCALE_BWD (0 / 1)
+#: overrides; read at each backward.
+FUSED_SCALE_BWD = True
+#: d (the scaled tensor's last axis) above which _Scaled keeps the torch backward (one program holds BR × d)
+_SCALED_BWD_MAX_D = 1024
+SCALED_BWD_WARPS = 4
+
+
+def fused_scale_backward(s, x, dout) -> bool:
+    """Whether _Scaled's backward runs scaled_bwd_kernel (FUSED_SCALE_BWD) for these tensors."""
+    floats = (torch.bfloat16, torch.float16, torch.float32)
+    return (switch_on("OLSSM_TRITON_FUSED_SCALE_BWD", FUSED_SCALE_BWD, "fused scale backward")
+            and (x.is_cuda or (_scan.interpreted() and x.device.type == "cpu"))
+            and s.dtype == torch.float32 and x.dtype in floats and dout.dtype in floats
+            and 0 < x.shape[-1] <= _SCALED_BWD_MAX_D and x.numel() > 0)
+
+
+@triton.jit
+def scaled_bwd_kernel(dout_ptr, x_ptr, s_ptr, dx_ptr, ds_ptr, N, D, BR: tl.constexpr, BD: tl.constexpr,
+                      DX_BF16: tl.constexpr):
+    """Rows r of out = s_r · x_r (N rows of D): ∂x_r = ∂out_r · s_r rounded once to ∂x's dtype, ∂s_r = Σ ∂out_r ⊙ x_r,
+    both in fp32. DX_BF16: ∂x is bf16, rounded to nearest here (_bf16_rounded) so that the interpreter's truncating
+    conversion stores the GPU's value."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BD)
+    in_rows = rows < N
+    m = in_rows[:, None] & (cols[None, :] < D)
+    off = rows[:, None] * D + cols[None, :]
+    g = tl.load(dout_ptr + off, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + rows, mask=in_rows, other=0.0).to(tl.float32)
+    tl.store(ds_ptr + rows, tl.sum(g * x, axis=1), mask=in_rows)
+    dx = g * s[:, None]
+    if DX_BF16:
+        dx = _bf16_rounded(dx)
+    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+def scaled_backward(s, x, dout):
+    """(∂s in s's shape, ∂x) of out = s ⊙ x, x [..., d] and s broadcast along d (and possibly along leading axes: ∂s is
+    summed back to s's shape): scaled_bwd_kernel over the rows of x."""
+    D = x.shape[-1]
+    rows_shape = x.shape[:-1]
+    N = math.prod(rows_shape)
+    s_rows = torch.broadcast_to(s, (*rows_shape, 1)).reshape(N).contiguous()
+    x, dout = x.contiguous(), dout.contiguous()
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    ds = torch.empty(N, dtype=torch.float32, device=x.device)
+    BR, BD = scaled_bwd_tile(D)
+    _scan._check_device(x.device)
+    scaled_bwd_kernel[(triton.cdiv(N, BR),)](dout, x, s_rows, dx, ds, N, D, BR=BR, BD=BD,
+                                            DX_BF16=x.dtype == torch.bfloat16, num_warps=SCALED_BWD_WARPS)
+    return ds.reshape(*rows_shape, 1).sum_to_size(s.shape), dx
+
+
+def scaled_bwd_tile(D: int) -> tuple[int, int]:
+    """(rows BR, columns BD) of one scaled_bwd_kernel program for rows of D: whole rows, 2048 elements (16 per thread
+    and loaded tile on its 4 warps: sm_90 at D = 128, 78 registers; 4096 took 128, a quarter of the SM's warps for a
+    kernel that only streams memory)."""
+    BD = max(16, triton.next_power_of_2(D))
+    return max(1, min(64, 2048 // BD)), BD
 
 
 def backward_supported(plan, exact_decay_grad: bool = True) -> bool:
