@@ -524,6 +524,38 @@ def test_cpu_recurrent_engine_across_blocks(name, monkeypatch):
     _compare(rule, packed, tol=1e-9, cu_seqlens=torch.tensor([0, 4, 5, 11]), what=f"{name} blocks varlen")
 
 
+def _row_decay_delta_rule():
+    """A delta rule with a row decay (per value row) and a scalar c: the other per-row structure."""
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    r = O.row("r", domain="decay")
+    return olssm.derive(O.Objective(O.sqnorm(S - O.diag(r) @ Sp) / 2
+                                    + O.sqnorm(S @ k - v, weight=O.scalar("beta", positive=True)) / 2))
+
+
+@pytest.mark.parametrize("name", ["longhorn", "row_decay_delta:log"])
+def test_per_row_linear_engine_on_cpu(name, monkeypatch):
+    """Corrections whose transition differs per value row (Longhorn's row c; a row decay) run the linear engine's
+    per-row mode (one UT inverse per value row and chunk, the s_0 product applied in the chunk pass) on every device
+    but a CPU, where CPU_ROW_ENGINE = "recurrent" sends them to the token loop. Forced here on the CPU: outputs,
+    final state and every gradient against the reference (fp64, 1e-9), T = 29 over chunks of 8 (the per-row cap)
+    with a partial last chunk, and packed sequences. The row decay in log space (a raw one with a gradient takes the
+    token loops on every device)."""
+    import olssm.kernels.chunk as chunk_mod
+    monkeypatch.setattr(chunk_mod, "CPU_ROW_ENGINE", "chunk")
+    used = []
+    real = chunk_mod._linear_engine
+    monkeypatch.setattr(chunk_mod, "_linear_engine", lambda *a, **k: used.append(1) or real(*a, **k))
+    base, log = name.split(":")[0], name.endswith(":log")
+    rule = _row_decay_delta_rule() if base == "row_decay_delta" else cat.ENTRIES[base].rule
+    rule = rule.with_log_decays() if log else rule
+    inp = {n: x.double() for n, x in cat.random_inputs(rule, 2, 29, 2, 4, 3, seed=7).items()}
+    _compare(rule, inp, tol=1e-9, init=_init(rule, 2, 2, 4, 3, torch.float64), chunk_size=64, what=f"{name} per-row")
+    packed = {n: (x if rule.inputs[n].is_parameter else x[:1]) for n, x in inp.items()}
+    _compare(rule, packed, tol=1e-9, chunk_size=64, cu_seqlens=torch.tensor([0, 4, 5, 29]), what=f"{name} varlen")
+    assert used
+
+
 @pytest.mark.parametrize("decay", [False, True])
 def test_exact_engine_chunked_h_equals_token_loop(decay):
     """Exact rules: on a CPU the chunk backend forms H_t and x_t = (H_t + diag λ)⁻¹ q_t token by token

@@ -42,6 +42,9 @@ EXACT_H_CHUNK = 16
 _FACTOR_RANGE = 30.0
 # corrections with per-row coefficients (Longhorn) or row decays: chunk size capped here (CHUNK.md §2)
 _ROW_CHUNK = 8
+#: on a CPU, corrections with per-row transitions (Longhorn's row c, a row decay) run "recurrent" (the token loop,
+#: §5) or "chunk" (the linear engine's per-row mode, what other devices run)
+CPU_ROW_ENGINE = "recurrent"
 
 
 # tokens per checkpoint / coefficient block of the CPU recurrent engine: 16 keeps a block of Mamba's
@@ -613,7 +616,8 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
     # a decay not known to be >= 0 has no real log: the loops, which multiply by Λ, on every path
     raw_grad = raw_grad or decay_may_be_negative(form.decay)
     recurrent = not exact and (raw_grad or args.device.type == "cpu" and (
-        engine in ("loop", None) or (engine == "linear" and _per_row_corrections(form, probe))))
+        engine in ("loop", None) or (engine == "linear" and _per_row_corrections(form, probe)
+                                     and CPU_ROW_ENGINE == "recurrent")))
     ev = None if recurrent else {nm: _full(x, B, T, H, dt, args.device) for nm, x in evaluate(lay).items()}
     if ev is not None and raw_param_grad and _tiny(ev["decay"]):
         raw_grad, recurrent, ev = True, not exact, (ev if exact else None)
