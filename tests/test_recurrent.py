@@ -253,3 +253,30 @@ def test_exact_x_loop_gradcheck(decay):
         fs, gg = (rest[:-1], rest[-1]) if decay else (rest, None)
         return exact_x_loop(gg, [fs[0:3], fs[3:6]], delta, ridge, q, H0, 3)
     assert torch.autograd.gradcheck(f, ins, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch, serial", [(2, True), (3, False)])
+def test_token_loops_run_serially_on_small_states(batch, serial, monkeypatch):
+    # recurrent.SERIAL_STATE_NUMEL: the per-token loops of a state of at most 2¹⁵ elements run on one intra-op thread
+    # (BLAS split each GEMV across threads for less than it cost; CHUNK.md §5), larger ones on all of them, and the
+    # caller's thread count is back afterwards, also after an error inside. Here d_k = d_v = 64, H = 4: B = 2 is
+    # 2¹⁵ elements, B = 3 is more. Results are checked against the reference by the other tests in this file.
+    import olssm.kernels.recurrent as rec
+    seen = []
+    real = rec._advance_
+    monkeypatch.setattr(rec, "_advance_", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    rule = cat.ENTRIES["longhorn"].rule
+    inp = {n: x.requires_grad_() for n, x in cat.random_inputs(rule, batch, 5, 4, 64, 64, seed=3).items()}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        o, _ = scan(rule, backend="chunk", **inp)
+        o.square().sum().backward()
+        assert torch.get_num_threads() == 2
+        assert len(seen) == 10 and set(seen) == ({1} if serial else {2})   # 5 tokens forward, 5 recomputed
+        monkeypatch.setattr(rec, "_advance_", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            scan(rule, backend="chunk", **inp)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -12,7 +12,31 @@ never materialised for all tokens). Memory: the inputs plus T/16 states.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+#: states of at most this many elements run their token loops on one intra-op thread (_serial): each per-token op
+#: on them is too small to split. Up to aten's grain (2¹⁵) elementwise ops run on one thread anyway, while BLAS still
+#: splits each GEMV S a, S q across threads, and its synchronisation costs more than the half-work saves. Two
+#: threads, fwd+bwd, CHUNK.md §5: Longhorn at B·H·d_v·d_k = 2·4·64·64 (T = 2048) 0.93 → 0.60 s, Mamba and
+#: Longhorn-diag equal or faster; at twice that state (B = 4, T = 1024) two threads win again (Mamba 0.55 s serial
+#: against 0.37–0.41 s), so the bound is 2¹⁵
+SERIAL_STATE_NUMEL = 1 << 15
+
+
+@contextlib.contextmanager
+def _serial(numel: int):
+    """One intra-op thread inside, for a token loop over a state of numel elements (SERIAL_STATE_NUMEL)."""
+    threads = torch.get_num_threads()
+    if threads == 1 or numel > SERIAL_STATE_NUMEL:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _contract(x, y, X, Y, out=None):
@@ -128,11 +152,13 @@ class _RecurrentScan(torch.autograd.Function):
         for j, t0 in enumerate(range(0, T, block)):
             ckpts[j].copy_(S)
             L = min(block, T - t0)
-            for i, e in enumerate(_per_token(plan.entries(_block(inputs, tokens, t0, L), L), L)):
-                if plan.decay:
-                    S.mul_(e["decay"])
-                _advance_(S, e, plan)
-                _rowdot(S, e["q"], out=o[t0 + i])
+            toks = _per_token(plan.entries(_block(inputs, tokens, t0, L), L), L)
+            with _serial(S.numel()):
+                for i, e in enumerate(toks):
+                    if plan.decay:
+                        S.mul_(e["decay"])
+                    _advance_(S, e, plan)
+                    _rowdot(S, e["q"], out=o[t0 + i])
         ctx.plan, ctx.block, ctx.names, ctx.tokens = plan, block, names, tokens
         ctx.save_for_backward(ckpts, *flat)
         return o[..., 0].transpose(0, 1), S
@@ -171,67 +197,68 @@ class _RecurrentScan(torch.autograd.Function):
             toks = _per_token({n: x.detach() for n, x in ent.items()}, L)
             do_j = do[:, t0:t0 + L].transpose(0, 1).unsqueeze(-1).contiguous().unbind(0)
             states[0].copy_(ckpts[j])
-            for i, e in enumerate(toks):
-                S = states[i + 1]
-                if decay:
-                    torch.mul(e["decay"], states[i], out=S)
-                else:
-                    S.copy_(states[i])
-                _advance_(S, e, plan, p_tok[i])
-            memo = {}
+            with _serial(G.numel()):   # the per-token loops; the block's autograd call keeps its threads
+                for i, e in enumerate(toks):
+                    S = states[i + 1]
+                    if decay:
+                        torch.mul(e["decay"], states[i], out=S)
+                    else:
+                        S.copy_(states[i])
+                    _advance_(S, e, plan, p_tok[i])
+                memo = {}
 
-            def contract(x, y, XY):
-                """_contract, once per token for a repeated (x, y) pair: DeltaNet-like rules read G b
-                and G w with b = w. The memo keeps x and y alive, so that ids stay unique."""
-                key = (id(x), id(y), XY)
-                hit = memo.get(key)
-                if hit is None:
-                    hit = memo[key] = (x, y, _contract(x, y, *XY))
-                return hit[2]
+                def contract(x, y, XY):
+                    """_contract, once per token for a repeated (x, y) pair: DeltaNet-like rules read G b
+                    and G w with b = w. The memo keeps x and y alive, so that ids stay unique."""
+                    key = (id(x), id(y), XY)
+                    hit = memo.get(key)
+                    if hit is None:
+                        hit = memo[key] = (x, y, _contract(x, y, *XY))
+                    return hit[2]
 
-            def put(n, i, x, y, negate=False):
-                """The gradient of entry n at token i: ± Σ x ⊙ y over n's broadcast axes."""
-                out = dent_tok[n][i]
-                if shape[n] == VK and VK[-1] > 1:
-                    _contract(x, y, *VK, out=out)
-                else:
-                    out.copy_(contract(x, y, shape[n]))
-                if negate:
-                    out.neg_()
+                def put(n, i, x, y, negate=False):
+                    """The gradient of entry n at token i: ± Σ x ⊙ y over n's broadcast axes."""
+                    out = dent_tok[n][i]
+                    if shape[n] == VK and VK[-1] > 1:
+                        _contract(x, y, *VK, out=out)
+                    else:
+                        out.copy_(contract(x, y, shape[n]))
+                    if negate:
+                        out.neg_()
 
-            for i in reversed(range(L)):
-                e, ps, prev, S = toks[i], p_tok[i], states[i], states[i + 1]
-                memo.clear()
-                do_i = do_j[i]
-                G.addcmul_(do_i, e["q"])                 # G is ours: a clone or a product of this loop
-                if "q" in full:
-                    put("q", i, do_i, S)
-                for en, wn in plan.ins:
-                    if en in full:
-                        put(en, i, G, e[wn])
-                    if wn in full:
-                        put(wn, i, G, e[en])
-                if plan.corr:
-                    St = e["decay"] * prev if decay else prev
-                dps = []
-                for (cn, an, bn), p in zip(plan.corr, ps):   # every correction reads the same S̃ and G
-                    c = e[cn]
-                    cp = c * p
-                    dcp = -contract(G, e[bn], tuple(cp.shape[-2:]))
-                    if bn in full:
-                        put(bn, i, G, cp, True)
-                    if cn in full:
-                        put(cn, i, dcp, p)
-                    dp = _contract(dcp, c, p.shape[-2], 1)
-                    if an in full:
-                        put(an, i, dp, St)
-                    dps.append(dp)
-                for (_, an, _), dp in zip(plan.corr, dps):
-                    G.addcmul_(dp, e[an])                # G is dS̃ now
-                if decay:
-                    if "decay" in full:
-                        put("decay", i, G, prev)
-                    G.mul_(e["decay"])
+                for i in reversed(range(L)):
+                    e, ps, prev, S = toks[i], p_tok[i], states[i], states[i + 1]
+                    memo.clear()
+                    do_i = do_j[i]
+                    G.addcmul_(do_i, e["q"])                 # G is ours: a clone or a product of this loop
+                    if "q" in full:
+                        put("q", i, do_i, S)
+                    for en, wn in plan.ins:
+                        if en in full:
+                            put(en, i, G, e[wn])
+                        if wn in full:
+                            put(wn, i, G, e[en])
+                    if plan.corr:
+                        St = e["decay"] * prev if decay else prev
+                    dps = []
+                    for (cn, an, bn), p in zip(plan.corr, ps):   # every correction reads the same S̃ and G
+                        c = e[cn]
+                        cp = c * p
+                        dcp = -contract(G, e[bn], tuple(cp.shape[-2:]))
+                        if bn in full:
+                            put(bn, i, G, cp, True)
+                        if cn in full:
+                            put(cn, i, dcp, p)
+                        dp = _contract(dcp, c, p.shape[-2], 1)
+                        if an in full:
+                            put(an, i, dp, St)
+                        dps.append(dp)
+                    for (_, an, _), dp in zip(plan.corr, dps):
+                        G.addcmul_(dp, e[an])                # G is dS̃ now
+                    if decay:
+                        if "decay" in full:
+                            put("decay", i, G, prev)
+                        G.mul_(e["decay"])
             if live:
                 wrt = [n for n in names if need[n]]
                 gouts = [full[n][:L] for n in live]
