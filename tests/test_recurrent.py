@@ -280,3 +280,21 @@ def test_token_loops_run_serially_on_small_states(batch, serial, monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_rls_gain_loop_runs_serially_on_small_states(monkeypatch):
+    # the RLS gain scan's token loops (rls._GainScan) likewise: P [B, H, d_k, d_k] of 2·4·64·64 = 2¹⁵ elements
+    import olssm.kernels.rls as rls
+    seen = []
+    real = rls._riccati_
+    monkeypatch.setattr(rls, "_riccati_", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    rule = cat.ENTRIES["rls"].rule
+    inp = {n: x.requires_grad_() for n, x in cat.random_inputs(rule, 2, 3, 4, 64, 8, seed=3).items()}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        o, _ = scan(rule, backend="chunk", **inp)
+        o.square().sum().backward()
+        assert torch.get_num_threads() == 2 and len(seen) == 6 and set(seen) == {1}
+    finally:
+        torch.set_num_threads(before)

@@ -22,7 +22,7 @@ import torch
 from ..derive.rule import Correction, InputTerm, NormalForm, Rule, evaluator
 from ..objectives import core as O
 from .api import scan, scan_pieces
-from .recurrent import _rowdot, first_derivative_only
+from .recurrent import _rowdot, _serial, first_derivative_only
 
 
 @functools.lru_cache(maxsize=1)
@@ -108,17 +108,18 @@ class _GainScan(torch.autograd.Function):
         B, T = u.shape[:2]
         g = torch.empty_like(u)
         PT, ckpts = [], []
-        for rows, start, end, seq in scan_pieces(B, T, cu_seqlens):
-            P = P0[seq].clone()
-            if end > start:                      # the reference's step symmetrises its input; after it, exact
-                _sym_(P)
-            us, gs, Rs = _time_major(u, gamma, R, rows, start, end)
-            for i in range(end - start):
-                if i % GAIN_BLOCK == 0:
-                    ckpts.append(P.clone())
-                a, den = _riccati_(P, us[i], gs[i], Rs[i])
-                g[rows, start + i] = a / den
-            PT.append(P)
+        with _serial(P0[:1].numel() * B):   # per-token ops on a small P (recurrent.SERIAL_STATE_NUMEL)
+            for rows, start, end, seq in scan_pieces(B, T, cu_seqlens):
+                P = P0[seq].clone()
+                if end > start:                      # the reference's step symmetrises its input; after it, exact
+                    _sym_(P)
+                us, gs, Rs = _time_major(u, gamma, R, rows, start, end)
+                for i in range(end - start):
+                    if i % GAIN_BLOCK == 0:
+                        ckpts.append(P.clone())
+                    a, den = _riccati_(P, us[i], gs[i], Rs[i])
+                    g[rows, start + i] = a / den
+                PT.append(P)
         ctx.cu = cu_seqlens
         ctx.save_for_backward(u, gamma, R, *ckpts)
         return g, torch.cat(PT)
@@ -133,33 +134,34 @@ class _GainScan(torch.autograd.Function):
         P = torch.empty_like(ckpts[0]) if ckpts else None
         Pts = P.new_empty(GAIN_BLOCK, *P.shape).unbind(0) if ckpts else None   # P̃ per token (P's device)
         k = 0
-        for rows, start, end, seq in scan_pieces(B, T, ctx.cu):
-            nblk = -(-(end - start) // GAIN_BLOCK)
-            dP = dPT[seq].clone()
-            us, gs, Rs = _time_major(u, gamma, R, rows, start, end)
-            for j in reversed(range(nblk)):
-                b0 = start + j * GAIN_BLOCK
-                b1 = min(b0 + GAIN_BLOCK, end)
-                P.copy_(ckpts[k + j])
-                saved = [_riccati_(P, us[t - start], gs[t - start], Rs[t - start], Pts[t - b0]) for t in range(b0, b1)]
-                for t in reversed(range(b0, b1)):
-                    x, gm, r = us[t - start], gs[t - start], Rs[t - start]
-                    Pt, (a, den) = Pts[t - b0], saved[t - b0]
-                    rr = r[:, :, None]
-                    dgt = dg[rows, t]
-                    dPa = _rowdot(dP, a.unsqueeze(-2))[..., 0]                 # dP a
-                    aPa = (a * dPa).sum(-1, keepdim=True)                      # aᵀ dP a
-                    dPta = (a.unsqueeze(-2) @ dP)[..., 0, :]                   # dPᵀ a (no transposed copy)
-                    dden = -(dgt * a).sum(-1, keepdim=True) / den ** 2 + rr * aPa / den ** 2
-                    ds = rr * dden
-                    da = dgt / den - (rr / den) * (dPa + dPta) + ds * x
-                    dR[rows, t] = (-aPa / den + (x * a).sum(-1, keepdim=True) * dden)[..., 0]
-                    du[rows, t] = ds * a + (da.unsqueeze(-2) @ Pt)[..., 0, :]
-                    dP.addcmul_(da.unsqueeze(-1), x.unsqueeze(-2))           # dP̃ (dP is ours: a clone)
-                    dgam[rows, t] = -(dP.flatten(-2).unsqueeze(-2) @ Pt.flatten(-2).unsqueeze(-1))[..., 0, 0] / gm
-                    _sym_(dP.div_(gm[:, :, None, None]))     # the adjoint of that symmetrisation: dP_{t-1} sym
-            dP0[seq] = dP
-            k += nblk
+        with _serial(dPT[:1].numel() * B):   # per-token ops on a small P (recurrent.SERIAL_STATE_NUMEL)
+            for rows, start, end, seq in scan_pieces(B, T, ctx.cu):
+                nblk = -(-(end - start) // GAIN_BLOCK)
+                dP = dPT[seq].clone()
+                us, gs, Rs = _time_major(u, gamma, R, rows, start, end)
+                for j in reversed(range(nblk)):
+                    b0 = start + j * GAIN_BLOCK
+                    b1 = min(b0 + GAIN_BLOCK, end)
+                    P.copy_(ckpts[k + j])
+                    saved = [_riccati_(P, us[t - start], gs[t - start], Rs[t - start], Pts[t - b0]) for t in range(b0, b1)]
+                    for t in reversed(range(b0, b1)):
+                        x, gm, r = us[t - start], gs[t - start], Rs[t - start]
+                        Pt, (a, den) = Pts[t - b0], saved[t - b0]
+                        rr = r[:, :, None]
+                        dgt = dg[rows, t]
+                        dPa = _rowdot(dP, a.unsqueeze(-2))[..., 0]                 # dP a
+                        aPa = (a * dPa).sum(-1, keepdim=True)                      # aᵀ dP a
+                        dPta = (a.unsqueeze(-2) @ dP)[..., 0, :]                   # dPᵀ a (no transposed copy)
+                        dden = -(dgt * a).sum(-1, keepdim=True) / den ** 2 + rr * aPa / den ** 2
+                        ds = rr * dden
+                        da = dgt / den - (rr / den) * (dPa + dPta) + ds * x
+                        dR[rows, t] = (-aPa / den + (x * a).sum(-1, keepdim=True) * dden)[..., 0]
+                        du[rows, t] = ds * a + (da.unsqueeze(-2) @ Pt)[..., 0, :]
+                        dP.addcmul_(da.unsqueeze(-1), x.unsqueeze(-2))           # dP̃ (dP is ours: a clone)
+                        dgam[rows, t] = -(dP.flatten(-2).unsqueeze(-2) @ Pt.flatten(-2).unsqueeze(-1))[..., 0, 0] / gm
+                        _sym_(dP.div_(gm[:, :, None, None]))     # the adjoint of that symmetrisation: dP_{t-1} sym
+                dP0[seq] = dP
+                k += nblk
         return du, dgam, dR, dP0, None
 
 
