@@ -177,7 +177,8 @@ def _main(argv=None):
                         "(chunked.OFFSETS32: 1 or 0), prep_split (chunked.PREP_SPLIT: 1 or 0), "
                         "chunk_storage / checkpoint_storage (fp32 or input), ut_solve (chunked.UT_SOLVE: masked or "
                         "blocks), same_key (chunked_delta_bwd.SAME_KEY: 1 or 0), diag_path (chunked.DIAG_PATH: fused or "
-                        "split), raw_inputs (chunked.RAW_INPUTS: 1 or 0), walk_maxnreg (chunked.WALK_MAXNREG: 0 or a count), block_v, warps (recurrent "
+                        "split), raw_inputs (chunked.RAW_INPUTS: 1 or 0), fused_scale_bwd (chunked.FUSED_SCALE_BWD: "
+                        "1 or 0), walk_maxnreg (chunked.WALK_MAXNREG: 0 or a count), block_v, warps (recurrent "
                         "kernel); e.g. "
                         "'narrow=wide:off;bf16=precision:bf16;again=' (an empty setting: the defaults again, for the drift)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
