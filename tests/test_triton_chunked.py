@@ -1201,9 +1201,9 @@ def test_scaled_entries_round_as_the_fp32_evaluation(dt, x_dtype, fused, monkeyp
     launches = spy(monkeypatch, tchunk, "scaled_backward")
     gen = torch.Generator().manual_seed(47)
     for s_shape, d in (((2, 9, 3, 1), 7), ((1, 1, 3, 1), 7), ((2, 9, 3, 1), 130)):
-        s = torch.rand(*s_shape, generator=gen).requires_grad_()
-        x = torch.randn(2, 9, 3, d, generator=gen).to(x_dtype).requires_grad_()
-        dout = torch.randn(2, 9, 3, d, generator=gen).to(dt)
+        s = _dev(torch.rand(*s_shape, generator=gen)).requires_grad_()
+        x = _dev(torch.randn(2, 9, 3, d, generator=gen)).to(x_dtype).requires_grad_()
+        dout = _dev(torch.randn(2, 9, 3, d, generator=gen)).to(dt)
         got = tchunk._Scaled.apply(s.expand(2, 9, 3, 1), x, dt)
         ref = (s * x.to(torch.float32)).to(dt)
         assert got.dtype == dt and got.is_contiguous() and torch.equal(got, ref)
