@@ -79,7 +79,8 @@ variants_all='key_major:1,key_split:1,chunk_storage:input,offsets32:1,prep_split
 # (alone it lost 6-9 %); `nkm` is `all` without it. bf16 chunk tensors (`cs`) and bf16 checkpoints (`ck`) were only
 # ever timed inside `all`. ks4 and wb are not repeated (within drift; lost 12-20 %)
 variants_nkm='key_split:1,chunk_storage:input,offsets32:1,prep_split:1,checkpoint_storage:input'
-variants128="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;nraw=raw_inputs:0;nfs=fused_scale_bwd:0;o32=offsets32:1;ks=key_split:1;utm=ut_solve:masked;nsk=same_key:0;km=key_major:1;ps=prep_split:1"
+# rows in order of need (a timeout cuts the last): those never timed first, then session 11's losers and draws
+variants128="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;nraw=raw_inputs:0;nfs=fused_scale_bwd:0;utm=ut_solve:masked;nsk=same_key:0;o32=offsets32:1;ks=key_split:1;km=key_major:1;ps=prep_split:1"
 variants128_profile="nkm=$variants_nkm"
 # the diagonal family (session 12): the split path (`ds`), and chunks of 64 tokens with it and without (the split's
 # parallel kernels get wgmma at 64-row tiles: none at chunk 32, the diagonal rules' default; spills at d = 128 then
