@@ -3,6 +3,7 @@
     python benchmarks/scan.py                       # B=2, H=4, d=64, T in {512, 2048, 8192}
     python benchmarks/scan.py --quick               # T in {128, 512}
     python benchmarks/scan.py --T 512 2048 --ref-max-T 2048 --rules deltanet gla
+    python benchmarks/scan.py --T 2048 --rounds 3     # reference and chunk in turn, 3 times: for a drifting machine
 
 Time: best of --repeat runs (after one warm-up), the reference too (--ref-repeat; sessions 1-3 timed it
 once, which overstated the ratios: see RESULTS.md, session 4). Memory: high-water mark of the resident set above the
@@ -152,6 +153,11 @@ def main(argv=None):
                     help="runs of the reference per cell (default: --repeat; the first run in a fresh process "
                          "pays the page faults of its large autograd graph, up to 2x its best time here)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure each row's cells this many times, the reference and the chunk backend in turn "
+                         "(each time in a fresh process, best of --repeat), and keep each cell's best time and largest "
+                         "memory: a machine whose speed drifts over minutes (±20–30 %% seen in session 13) then "
+                         "drifts under both sides of a ratio alike")
     ap.add_argument("--peers", action="store_true", help="also time other libraries' CPU paths (if installed)")
     ap.add_argument("--raw-decays", action="store_true",
                     help="decay gates as raw values in (0, 1] (their gradients then run the token loops) instead of "
@@ -165,20 +171,24 @@ def main(argv=None):
         args.ref_repeat = repeat
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}; fp32, B={args.B}, H={args.H}, "
-          f"d_k=d_v={args.d}, chunk_size={args.chunk}, decay gates {'raw' if RAW_DECAYS else 'in log space'}; time = best of {repeat} (reference: best of {args.ref_repeat}); mem = peak RSS above baseline\n")
+          f"d_k=d_v={args.d}, chunk_size={args.chunk}, decay gates {'raw' if RAW_DECAYS else 'in log space'}; time = best of {repeat} (reference: best of {args.ref_repeat})"
+          f"{f' in each of {args.rounds} alternating rounds' if args.rounds > 1 else ''}; mem = peak RSS above baseline\n")
     print("| rule | T | ref fwd s | chunk fwd s | fwd × | ref fwd+bwd s | chunk fwd+bwd s | fwd+bwd × "
           "| ref mem MB (f+b) | chunk mem MB (f+b) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.rules:
         for T in Ts:
             res = {}
-            for backend in ("reference", "chunk"):
-                for bwd in (False, True):
-                    if backend == "reference" and T > args.ref_max_T:
-                        res[backend, bwd] = None
-                        continue
-                    res[backend, bwd] = measure(name, args.B, T, args.H, args.d, backend, args.chunk, bwd,
-                                                args.ref_repeat if backend == "reference" else repeat, args.threads)
+            for _ in range(max(1, args.rounds)):
+                for backend in ("reference", "chunk"):
+                    for bwd in (False, True):
+                        if backend == "reference" and T > args.ref_max_T:
+                            res[backend, bwd] = None
+                            continue
+                        t, mem = measure(name, args.B, T, args.H, args.d, backend, args.chunk, bwd,
+                                         args.ref_repeat if backend == "reference" else repeat, args.threads)
+                        best = res.get((backend, bwd))
+                        res[backend, bwd] = (t, mem) if best is None else (min(best[0], t), max(best[1], mem))
             f = lambda r, i=0, fmt="{:.3f}": "skipped" if r is None else fmt.format(r[i])
             ratio = lambda a, b: "—" if a is None else f"{a[0] / b[0]:.1f}"
             print(f"| {SHAPES.get(name, name)} | {T} | {f(res['reference', False])} | {f(res['chunk', False])} "

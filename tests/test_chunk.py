@@ -603,3 +603,30 @@ def test_unit_lower_inverse_adjoint(m):
     (_unit_lower_inverse(a) * w).sum().backward()
     (_block_unit_lower_inverse(b) * w).sum().backward()
     assert torch.allclose(a.grad, b.grad, atol=1e-12) and not a.grad.triu().any()
+
+
+def test_scan_benchmark_rounds_keep_each_cells_best_time_and_largest_memory(monkeypatch, capsys):
+    # benchmarks/scan.py --rounds: the reference's and the chunk backend's cells measured in turn, several times, each
+    # cell's best time and largest memory kept (a drifting machine then drifts under both sides of a ratio). The
+    # measurements are stubbed: round 1 is slow for the reference, round 2 for the chunk backend
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "scan.py"
+    spec = importlib.util.spec_from_file_location("olssm_benchmark_scan", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    table = {("reference", False): [(0.9, 10.0), (0.3, 30.0)], ("reference", True): [(2.0, 50.0), (1.0, 40.0)],
+             ("chunk", False): [(0.1, 5.0), (0.2, 4.0)], ("chunk", True): [(0.25, 8.0), (0.5, 9.0)]}
+
+    def measure(name, B, T, H, d, backend, chunk, bwd, repeat, threads):
+        calls.append((backend, bwd))
+        return table[backend, bwd][sum(c == (backend, bwd) for c in calls) - 1]
+
+    monkeypatch.setattr(bench, "measure", measure)
+    bench.main(["--T", "64", "--rules", "deltanet", "--rounds", "2", "--repeat", "1"])
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| DeltaNet")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:] == ["0.300", "0.100", "3.0", "1.000", "0.250", "4.0", "50", "9"], cells
+    # in turn: both backends in round 1 before either in round 2
+    assert calls == [("reference", False), ("reference", True), ("chunk", False), ("chunk", True)] * 2
