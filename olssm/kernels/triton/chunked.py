@@ -346,10 +346,10 @@ class _Scaled(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         s, x = ctx.saved_tensors
-        wide = torch.promote_types(s.dtype, x.dtype)   # the forward's product
         if fused_scale_backward(s, x, dout):
             ds, dx = scaled_backward(s, x, dout)
             return (ds if ctx.needs_input_grad[0] else None), (dx if ctx.needs_input_grad[1] else None), None
+        wide = torch.promote_types(s.dtype, x.dtype)   # the forward's product
         ds = dx = None
         if ctx.needs_input_grad[0]:
             if torch.promote_types(dout.dtype, x.dtype) == wide:
@@ -381,7 +381,7 @@ def fused_scale_backward(s, x, dout) -> bool:
     return (switch_on("OLSSM_TRITON_FUSED_SCALE_BWD", FUSED_SCALE_BWD, "fused scale backward")
             and (x.is_cuda or (_scan.interpreted() and x.device.type == "cpu"))
             and s.dtype == torch.float32 and x.dtype in floats and dout.dtype in floats
-            and 0 < x.shape[-1] <= _SCALED_BWD_MAX_D and x.numel() > 0)
+            and x.shape[-1] <= _SCALED_BWD_MAX_D and x.numel() > 0)
 
 
 @triton.jit
