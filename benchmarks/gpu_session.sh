@@ -6,6 +6,10 @@
 #
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
+#   compile      first (~60 s): torch.compile's gradients against eager ones and the reference (compile_diag.py), the
+#                one wrong result session 14 left open
+#   one          a lease of a single call (timeouts add to 540 s): the compiled tests, the D = 128 delta rows never timed,
+#                the split diagonal path and .maxnreg at D = 128 (session 14: 15 minutes of device time in all)
 #   lease        the first call of a lease (its timeouts add to 370 s): the compiled tests; DeltaNet / Gated DeltaNet
 #                at D = 128 against fla's chunk with the remaining chunked settings as rows of one process
 #                ($variants128). (D = 64: stage variants)
@@ -28,13 +32,14 @@
 #   delta-ab2    bf16 checkpoints, both bf16 storages, chunk 64 (with 2 pipeline stages at D = 128)
 #   delta-ab3    T_c and W̃ kept from the forward (the default) against the backward recomputing them
 #   fla-gla      fla's chunk_gla alone (its own autotuning takes minutes)
+#   fla-gdn      fla's chunk_gated_delta_rule alone at D = 128 (likewise: it outlasted two of session 14's calls)
 #   profile      the top kernels by device time (torch.profiler)
 #   trace        each kernel_trace.py case compiled, in its own process, against the interpreter's launches and the
 #                reference (session 11 found ptxas 12.8's miscompiles this way); CASES=a,b limits it
 # fla-core (pure Python) is installed from .whl/ for the benchmark stages when the wheel was carried
 # (device tool: carry [".whl"]); the tests run without it.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh lease|diag|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
+stage=${1:?usage: gpu_session.sh compile|one|lease|fla-gdn|diag|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
 out=${OUT:-/tmp/olssm-gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
@@ -89,6 +94,9 @@ variants128_profile="nkm=$variants_nkm"
 # at d = 128 and spilled 1.4-6 KB per thread)
 variants_diag="ds=diag_path:split;ds64=diag_path:split,chunk:64;c64=chunk:64;mr0=walk_maxnreg:0;again="
 variants64="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;o32=offsets32:1;ks=key_split:1;utm=ut_solve:masked;nsk=same_key:0;all=$variants_all;km=key_major:1;ps=prep_split:1"
+# peers whose first call autotunes for minutes (fla 0.6's chunk_gla; its chunk_gated_delta_rule at D = 128 outlasted
+# session 14's calls): their own stages, fla-gla and fla-gdn
+skip_slow_peers="gla:fla-chunk,gated_deltanet:fla-chunk"
 triton_tests=(tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py tests/test_triton_pscan.py
               tests/test_triton_autotune.py)
 case $stage in
@@ -105,8 +113,40 @@ case $stage in
             > "$out/tests.txt" 2>&1
         grep -E "FAILED|ERROR|passed|failed" "$out/tests.txt" | tail -40
         timeout 210 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
-            --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --peak-gbs $gbs --reps 5 --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
             --rules deltanet,gated_deltanet --variants "$variants128" 2>&1 | tee "$out/bench128.txt" ;;
+    compile)
+        # torch.compile's gradients against eager ones and the fp64 reference, per input, with the launch
+        # configuration each run took (session 14: Mamba-2 at T = 33 and DeltaNet at T = 20, fp32, differed on the
+        # H100 through the policy's recurrent kernel while the CPU agreed; gated_deltanet and mamba passed there)
+        timeout 150 python benchmarks/compile_diag.py 2>&1 | grep -E "^\||device" | tee "$out/compile.txt" ;;
+    fla-gdn)
+        # fla's chunk_gated_delta_rule alone at D = 128 (its autotuning outlasted two of session 14's calls)
+        with_fla
+        timeout 570 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
+            --reps 5 --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules gated_deltanet 2>&1 \
+            | tee "$out/fla-gdn.txt" ;;
+    one)
+        # a lease of one call (15 minutes of device time, a minute or two of it the start): the compiled tests, then
+        # the never-timed D = 128 delta rows, then the diagonal family's split path and the walks' .maxnreg at D = 128,
+        # each with its own timeout (they add to 540 s; device timeout_s 590)
+        with_fla
+        export PYTHONUNBUFFERED=1
+        gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800
+        OLSSM_TRITON_DEVICE=cuda timeout 160 python -m pytest -q -rfE -n 16 -p no:cacheprovider "${triton_tests[@]}" \
+            > "$out/tests.txt" 2>&1
+        grep -E "FAILED|ERROR|passed|failed" "$out/tests.txt" | tail -30
+        timeout 170 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
+            --peak-gbs $gbs --reps 5 --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules deltanet,gated_deltanet --variants "nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;nraw=raw_inputs:0;nfs=fused_scale_bwd:0" \
+            2>&1 | tee "$out/bench128.txt"
+        timeout 140 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
+            --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules mamba2,gla --variants "ds=diag_path:split;ds64=diag_path:split,chunk:64;mr0=walk_maxnreg:0;again=" \
+            2>&1 | tee "$out/diag128.txt"
+        timeout 70 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
+            --peak-gbs $gbs --reps 5 --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules longhorn \
+            --variants "mr0=walk_maxnreg:0;again=" 2>&1 | tee "$out/walk128.txt" ;;
     diag)
         # the diagonal family's split path (DIAG_PATH = "split", session 12: correct under the interpreter, untimed)
         # against the fused walk (the default) and fla's chunk_simple_gla (Mamba-2's recurrence) as rows of one

@@ -86,9 +86,17 @@ _TINY = torch.finfo(torch.float32).tiny
 _LOG_FLOOR = math.log(_TINY)
 DECAY_CODE = {"none": 0, SCALAR: 1, ROW: 2, COLUMN: 3}
 #: row / column decays: a chunk whose total log decay (every row / key column) is > −FAST_SPAN
-#: takes the factorised intra-chunk dots, the others the per-token loop (module docstring). A jit
-#: global: set it before the kernels' first launch (compiled kernels refuse a changed global).
-FAST_SPAN = tl.constexpr(60.0)
+#: takes the factorised intra-chunk dots, the others the per-token loop (module docstring). Read at each launch and
+#: handed to the kernels as their SPAN constexpr (a jit global instead made compiled kernels refuse to run once it
+#: changed: session 14's H100 run, where tests that set it failed every later kernel in their process).
+FAST_SPAN = 60.0
+
+
+def fast_span() -> float:
+    """FAST_SPAN as the kernels' SPAN constexpr (±inf allowed: every chunk factorised, or none)."""
+    return float(FAST_SPAN)
+
+
 #: rows per diagonal block of the UT inverse T_c in the split delta kernels (_ut_inverse): the forward
 #: substitution takes UT_BLOCK − 1 dependent steps (on all blocks at once) instead of BT − 1, then
 #: log2(BT / UT_BLOCK) block merges of two [BT, BT] dots each (fla's solve_tril: 16). UT_BLOCK ≥ BT is the
@@ -407,19 +415,32 @@ def scaled_bwd_kernel(dout_ptr, x_ptr, s_ptr, dx_ptr, ds_ptr, N, D, BR: tl.const
 
 def scaled_backward(s, x, dout):
     """(∂s in s's shape, ∂x) of out = s ⊙ x, x [..., d] and s broadcast along d (and possibly along leading axes: ∂s is
-    summed back to s's shape): scaled_bwd_kernel over the rows of x."""
-    D = x.shape[-1]
+    summed back to s's shape): scaled_bwd_kernel over the rows of x, through the op olssm::scaled_bwd."""
     rows_shape = x.shape[:-1]
-    N = math.prod(rows_shape)
-    s_rows = torch.broadcast_to(s, (*rows_shape, 1)).reshape(N).contiguous()
-    x, dout = x.contiguous(), dout.contiguous()
+    s_rows = torch.broadcast_to(s, (*rows_shape, 1)).reshape(math.prod(rows_shape)).contiguous()
+    ds, dx = torch.ops.olssm.scaled_bwd(s_rows, x.contiguous(), dout.contiguous())
+    return ds.reshape(*rows_shape, 1).sum_to_size(s.shape), dx
+
+
+# A torch.library op, as every other launch of the scan (library.py), so that torch.compile calls it as it is instead
+# of tracing the launch inside _Scaled's backward (session 14 suspected that tracing of a wrong compiled gradient on
+# an H100; it was not the cause, TRITON.md "torch.compile", but one opaque node per launch is the design).
+@torch.library.custom_op("olssm::scaled_bwd", mutates_args=())
+def _scaled_bwd_op(s_rows: torch.Tensor, x: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂s [N] fp32, ∂x) of out = s_rows[r] · x_r over the N rows of a contiguous x [..., D] (dout likewise)."""
+    D, N = x.shape[-1], s_rows.numel()
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     ds = torch.empty(N, dtype=torch.float32, device=x.device)
     BR, BD = scaled_bwd_tile(D)
     _scan._check_device(x.device)
     scaled_bwd_kernel[(triton.cdiv(N, BR),)](dout, x, s_rows, dx, ds, N, D, BR=BR, BD=BD,
                                             DX_BF16=x.dtype == torch.bfloat16, num_warps=SCALED_BWD_WARPS)
-    return ds.reshape(*rows_shape, 1).sum_to_size(s.shape), dx
+    return ds, dx
+
+
+@_scaled_bwd_op.register_fake
+def _(s_rows, x, dout):
+    return s_rows.new_empty(s_rows.shape, dtype=torch.float32), x.new_empty(x.shape)
 
 
 def scaled_bwd_tile(D: int) -> tuple[int, int]:
@@ -786,16 +807,16 @@ def _delta_tiles(q_ptr, a_ptr, b_ptr, c_ptr, base, tm, rows, cols, km2, vm, DK, 
 
 
 @triton.jit
-def _row_decay_tiles(g_ptr, voff, vm):
+def _row_decay_tiles(g_ptr, voff, vm, SPAN: tl.constexpr):
     """A row decay's chunk: b (fp64 cumulative log decay from the chunk start, [BT, BV]), b_L [BV], Γ = e^b and
     dec = e^{b_L − b} ([BT, BV]), and the factorisation about the chunk's half-way point: x = b − b_L/2 (fp32) and
-    `fast`, whether every row's b_L > −FAST_SPAN, so that e^{b_i − b_j} = e^{x_i}·e^{−x_j} is safe (module
+    `fast`, whether every row's b_L > −SPAN (FAST_SPAN), so that e^{b_i − b_j} = e^{x_i}·e^{−x_j} is safe (module
     docstring)."""
     g = tl.load(g_ptr + voff, mask=vm, other=0.0).to(tl.float64)
     G = tl.cumsum(g, axis=0)
     GL = tl.sum(g, axis=0)
     return (G, GL, tl.exp(G.to(tl.float32)), tl.exp((GL[None, :] - G).to(tl.float32)),
-            (G - 0.5 * GL[None, :]).to(tl.float32), tl.min(GL, axis=0) > -FAST_SPAN)
+            (G - 0.5 * GL[None, :]).to(tl.float32), tl.min(GL, axis=0) > -SPAN)
 
 
 @triton.jit
@@ -839,7 +860,7 @@ def _rowdecay_delta_chunk(q, a, cc, S0, AB, G, gam, xh, fast, tt, incl, strict, 
 @triton.jit
 def _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK, DV, SW, SE, M: tl.constexpr,
                 BT: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, OUT: tl.constexpr,
-                STATE: tl.constexpr):
+                STATE: tl.constexpr, SPAN: tl.constexpr):
     """One chunk of the diagonal family (no correction) from S, the [BV, BK'] state tile entering it (value rows ×
     key columns): o [BT, BV] with OUT (q: the chunk's query tile, whose key columns must then be all of them, since o
     sums over keys), and with STATE S at the chunk's end (then cols may be any key block: a diagonal decay keeps key
@@ -869,13 +890,13 @@ def _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK,
         bl = tl.sum(g, axis=0)                                    # [BK]
         dec = tl.exp((bl[None, :] - b).to(tl.float32))            # [BT, BK]
         if OUT:
-            fast = tl.min(bl, axis=0) > -FAST_SPAN                # module docstring
+            fast = tl.min(bl, axis=0) > -SPAN                     # module docstring
             x = (b - 0.5 * bl[None, :]).to(tl.float32)            # log decay from the chunk's half-way point
             o = _mm(q * tl.exp(b.to(tl.float32)), tl.trans(S), PREC)
         if STATE:
             S = S * tl.exp(bl.to(tl.float32))[None, :]
     else:              # row decay (d_v)
-        b, bl, gv, dec, x, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)
+        b, bl, gv, dec, x, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm, SPAN)
         if OUT:
             o = _mm(q, tl.trans(S), PREC) * gv
         if STATE:
@@ -930,7 +951,8 @@ def _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK,
 def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, cu_ptr, T, H, DK, DV, NCK, SW, SE,
                      M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                      USE_H0: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr,
-                     PREC: tl.constexpr = "ieee", OUT: tl.constexpr = True, KEY_BLOCKS: tl.constexpr = False):
+                     PREC: tl.constexpr = "ieee", OUT: tl.constexpr = True, KEY_BLOCKS: tl.constexpr = False,
+                     SPAN: tl.constexpr = FAST_SPAN):
     """The diagonal family's walk over a sequence's chunks, the state carried in registers (_diag_chunk). The fused
     path (DIAG_PATH = "fused"): one program per (value block, sequence·head), each chunk's o formed in the walk. With
     OUT False (and SAVE_CK, KEY_BLOCKS), the split path's sequential pass: the state entering every chunk → ck and the
@@ -948,12 +970,12 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
             q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :],
                         other=0.0).to(tl.float32)
             o, S = _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK, DV, SW, SE, M, BT,
-                               DECAY, PREC, True, True)
+                               DECAY, PREC, True, True, SPAN)
             tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty),
                      mask=tm[:, None] & rm[None, :])
         else:
             _, S = _diag_chunk(None, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK, DV, SW, SE, M, BT,
-                               DECAY, PREC, False, True)
+                               DECAY, PREC, False, True, SPAN)
         S = tl.where(m2, S, 0.0)
     tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
 
@@ -961,7 +983,8 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
 @triton.jit
 def chunk_diag_out_kernel(q_ptr, k_ptr, v_ptr, g_ptr, ck_ptr, o_ptr, cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE,
                           M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          DECAY: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee"):
+                          DECAY: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
+                          SPAN: tl.constexpr = FAST_SPAN):
     """The split diagonal path's output, parallel over chunks: o of one (chunk, value block) from S₀ = ck."""
     i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
                                                                           VARLEN)
@@ -971,7 +994,7 @@ def chunk_diag_out_kernel(q_ptr, k_ptr, v_ptr, g_ptr, ck_ptr, o_ptr, cu_ptr, ix_
                  other=0.0).to(tl.float32)
     q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :], other=0.0).to(tl.float32)
     o, _ = _diag_chunk(q, S0, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rows < DV, km, tt, DK, DV, SW, SE, M, BT,
-                       DECAY, PREC, True, False)
+                       DECAY, PREC, True, False, SPAN)
     tl.store(o_ptr + voff, o.to(o_ptr.dtype.element_ty), mask=vm)
 
 
@@ -981,7 +1004,7 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
                            BV: tl.constexpr,
                            C_ROW: tl.constexpr, G_ROW: tl.constexpr, USE_H0: tl.constexpr, SAVE_CK: tl.constexpr,
                            VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1,
-                           OFF32: tl.constexpr = False):
+                           OFF32: tl.constexpr = False, SPAN: tl.constexpr = FAST_SPAN):
     """S_t = γ_t S_{t-1} (I − c_t a_t b_tᵀ) + e_t w_tᵀ, chunk by chunk (UT transform, TRITON.md); SUB as in
     _chunk_decay (strict between tokens); OFF32 as in _tokens (OFFSETS32)."""
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
@@ -1031,7 +1054,7 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
             o -= _mm(_mm(q, tl.trans(bv), PREC) * Dinc, Dl, PREC)
             S -= _mm(tl.trans(Dl * dec), bv, PREC)
         else:           # row decay (d_v): every value row is its own scalar-decay delta rule
-            G, GL, gam, dec, xh, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)
+            G, GL, gam, dec, xh, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm, SPAN)
             AB = tl.where(strict, _mm(a, tl.trans(bv), PREC), 0.0)
             QB = tl.where(incl, _mm(q, tl.trans(bv), PREC), 0.0)
             koff, voff = base[:, None] * DK + cols[None, :], base[:, None] * DV + rows[None, :]
@@ -1941,7 +1964,7 @@ def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None
             cu, T, H, d_k, d_v, NCK, k[0].numel(), v[0].numel(), M=k.shape[0], BT=C, BK=BK, BV=BV,
             C_ROW=c_row, G_ROW=g_row, USE_H0=h0 is not None,
             SAVE_CK=save, VARLEN=cu_seqlens is not None,
-            PREC=_precision(o.dtype, bf16), SUB=sub, OFF32=offsets32_fit(sizes),
+            PREC=_precision(o.dtype, bf16), SUB=sub, OFF32=offsets32_fit(sizes), SPAN=fast_span(),
             **_launch_opts(wide_keys, walk=True))
         return
     if diag_path() == "split":
@@ -1950,7 +1973,7 @@ def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None
     chunk_fwd_kernel[(NV, N * H)](
         q, k, v, g, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht, cu, T, H, d_k, d_v, NCK,
         k[0].numel(), v[0].numel(), M=k.shape[0], BT=C, BK=BK, BV=BV, DECAY=decay, USE_H0=h0 is not None,
-        SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype), **_launch_opts())
+        SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype), SPAN=fast_span(), **_launch_opts())
 
 
 def _chunk_grid(cu_seqlens, C, T, N, B, H, dummy):
@@ -1976,7 +1999,8 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens):
     varlen = cu_seqlens is not None
     cu = cu_seqlens if varlen else ht
     ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, ht)
-    common = dict(M=k.shape[0], BT=C, BV=BV, DECAY=decay, VARLEN=varlen, PREC=_precision(o.dtype), **_launch_opts())
+    common = dict(M=k.shape[0], BT=C, BV=BV, DECAY=decay, VARLEN=varlen, PREC=_precision(o.dtype), SPAN=fast_span(),
+                  **_launch_opts())
     chunk_fwd_kernel[(-(-d_v // BV), -(-d_k // BKS), N * H)](
         k, k, v, g, h0.contiguous() if h0 is not None else ht, ht, ht, ck, cu, T, H, d_k, d_v, NCK, k[0].numel(),
         v[0].numel(), BK=BKS, USE_H0=h0 is not None, SAVE_CK=True, OUT=False, KEY_BLOCKS=True, **common)
@@ -1993,7 +2017,8 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens):
 @triton.jit
 def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, base, tm, rows, cols, rm, km,
                    tt, i_v, DK, DV, SW, SE, TOKH, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, STORE_DV: tl.constexpr = True):
+                   BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, STORE_DV: tl.constexpr = True,
+                   SPAN: tl.constexpr = FAST_SPAN):
     """One chunk of the diagonal family's backward over one block of key columns `cols` (BK wide: all of them in the
     fused walk), from the chunk's query and ∂o tiles q, do and that block of S₀ (the state entering the chunk) and of
     dS = ∂L/∂S at its end (chunk_bwd_kernel's formulas). Stores the block's columns of dQ, dW_m (as the value block
@@ -2011,7 +2036,7 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
         gq = tl.exp(b.to(tl.float32))                             # [BT, BK]
         decw = tl.exp((bl[None, :] - b).to(tl.float32))           # [BT, BK]
         glk = tl.exp(bl.to(tl.float32))                           # [BK]
-        fast = tl.min(bl, axis=0) > -FAST_SPAN
+        fast = tl.min(bl, axis=0) > -SPAN
         dq = _mm(do, S0, PREC) * gq
         db = q * dq
         dbL = glk * tl.sum(dS * S0, axis=0)                       # [BK]
@@ -2055,7 +2080,7 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
         tl.store(dg_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dg, mask=qk_m)
         qs, dos, glast = q * gq, do, glk[None, :]
     elif DECAY == 2:   # row decay (d_v): the column case's transpose, ∂b = dO ⊙ o − Σ_m e_m ⊙ de_m (+ chunk end)
-        b, bl, gv, decv, x, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm)   # Γ, Γ_L/Γ
+        b, bl, gv, decv, x, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm, SPAN)   # Γ, Γ_L/Γ
         glv = tl.exp(bl.to(tl.float32))                           # [BV]
         dog = do * gv
         dq = _mm(dog, S0, PREC)                                   # (dO ⊙ Γ) S₀
@@ -2155,7 +2180,7 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
                      dq_ptr, dk_ptr, dv_ptr, dg_ptr, dh0_ptr, dh_ptr, T, H, DK, DV, NCK, SW, SE, TOKH,
                      M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                      USE_DHT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
-                     GRADS: tl.constexpr = True, KEY_BLOCKS: tl.constexpr = False):
+                     GRADS: tl.constexpr = True, KEY_BLOCKS: tl.constexpr = False, SPAN: tl.constexpr = FAST_SPAN):
     """Reverse over chunks with dS (∂L/∂S at the chunk end) in registers; per chunk, with P_m = (dO E_mᵀ) ⊙ D:
         dQ   = Σ_m P_m W_m + Γ ⊙ (dO S₀)            dW_m = P_mᵀ Q + dec ⊙ (E_m dS)
         dE_m = (Q W_mᵀ ⊙ D)ᵀ dO + dec ⊙ (W_m dSᵀ)     dS₀  = Γ_L dS + (Γ ⊙ dO)ᵀ Q
@@ -2181,7 +2206,7 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
                          other=0.0).to(tl.float32)
             qs, dos, glast, _, db, dbL = _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr,
                                                         dg_ptr, base, tm, rows, cols, rm, km, tt, i_v, DK, DV, SW, SE,
-                                                        TOKH, M, BT, BK, BV, DECAY, PREC)
+                                                        TOKH, M, BT, BK, BV, DECAY, PREC, SPAN=SPAN)
             _diag_bwd_finish(db, dbL, dg_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
         else:
             tl.store(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, mask=m2)
@@ -2200,7 +2225,8 @@ def _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY
         qs, dos, glast = q * tl.exp(tl.cumsum(g, axis=0).to(tl.float32)), do, tl.exp(tl.sum(g, axis=0).to(
             tl.float32))[None, :]
     elif DECAY == 2:
-        _, bl, gv, _, _, _ = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], tm[:, None] & rm[None, :])
+        _, bl, gv, _, _, _ = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], tm[:, None] & rm[None, :],
+                                              0.0)   # `fast` unused
         qs, dos, glast = q, do * gv, tl.exp(bl.to(tl.float32))[:, None]
     elif DECAY == 1:
         g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
@@ -2215,7 +2241,7 @@ def _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY
 def chunk_diag_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu_ptr, ix_ptr, dq_ptr, dk_ptr, dv_ptr,
                           dg_ptr, T, H, DK, DV, NCK, SW, SE, TOKH, M: tl.constexpr, BT: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, VARLEN: tl.constexpr,
-                          PREC: tl.constexpr = "ieee", NKB: tl.constexpr = 1):
+                          PREC: tl.constexpr = "ieee", NKB: tl.constexpr = 1, SPAN: tl.constexpr = FAST_SPAN):
     """The split diagonal path's gradients, parallel over chunks: one (chunk, value block) from S₀ = ck and
     dS = dh, into the same partial-sum slots as chunk_bwd_kernel, walking the key columns in NKB blocks of BK
     (_diag_bwd_keys per block: no [BT, d_k] tile is live beyond its block). One input term when NKB > 1 (its dE
@@ -2243,7 +2269,7 @@ def chunk_diag_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
                     other=0.0).to(tl.float32)
         _, _, _, dv_k, db_k, dbL_k = _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr,
                                                     dg_ptr, base, tm, rows, cols, rm, km, tt, i_v, DK, DV, SW, SE,
-                                                    TOKH, M, BT, BK, BV, DECAY, PREC, NKB == 1)
+                                                    TOKH, M, BT, BK, BV, DECAY, PREC, NKB == 1, SPAN)
         dv += dv_k
         if DECAY == 1 or DECAY == 2:
             db += db_k
@@ -2278,7 +2304,7 @@ def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
             q, k, v, g, do.contiguous(), dht.contiguous() if dht is not None else dh0, ck,
             cu_seqlens if cu_seqlens is not None else dh0, dq, dk, dv, dg, dh0, dh0, T, H, d_k, d_v, ck.shape[2],
             k[0].numel(), v[0].numel(), TOKH, M=M, BT=C, BK=BK, BV=BV, DECAY=decay, USE_DHT=dht is not None,
-            VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), **_launch_opts(walk=True))
+            VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), SPAN=fast_span(), **_launch_opts(walk=True))
     out = [dq.sum(0), dk.sum(0), dv]
     if decay:
         out.append(dg.sum(0))
@@ -2299,7 +2325,8 @@ def _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk
     varlen = cu_seqlens is not None
     cu = cu_seqlens if varlen else dh0
     ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, dh0)
-    common = dict(BT=C, BV=BV, DECAY=decay, VARLEN=varlen, PREC=_precision(do.dtype), **_launch_opts())
+    common = dict(BT=C, BV=BV, DECAY=decay, VARLEN=varlen, PREC=_precision(do.dtype), SPAN=fast_span(),
+                  **_launch_opts())
     chunk_bwd_kernel[(-(-d_v // BV), -(-d_k // BKS), N * H)](
         q, q, q, g, do, dht.contiguous() if dht is not None else dh0, dh0, cu, dh0, dh0, dh0, dh0, dh0, dh, T, H, d_k,
         d_v, NCK, 0, 0, 0, M=1, BK=BKS, USE_DHT=dht is not None, GRADS=False, KEY_BLOCKS=True, **common)

@@ -80,7 +80,8 @@ from .chunked import (_c_row, _chunk_decay, _chunk_value_tile, _delta_chunk, _do
                       _delta_tiles, _initial_tile, _mm, _precision, _rank_offset, _row_decay_tiles,
                       _rowdecay_delta_chunk,
                       _sequential_program, _state_outer, _state_read, _store_wt, _strict, _token_column, _tokens,
-                      _ut_inverse, switch)
+                      _ut_inverse, fast_span, switch)
+from .chunked import FAST_SPAN as _FAST_SPAN
 
 #: the delta family's backward (scalar or row c, none / scalar decay): "chunk" (the kernels of this module) or
 #: "recurrent" (the fused recurrent backward on the chunked forward's checkpoints, as before).
@@ -608,7 +609,7 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
                               dq_ptr, dw_ptr, de_ptr, dg_ptr, da_ptr, db_ptr, dc_ptr, dh0_ptr,
                               T, H, DK, DV, NCK, SW, SE, TOKH, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                               BV: tl.constexpr, C_ROW: tl.constexpr, USE_DHT: tl.constexpr, VARLEN: tl.constexpr,
-                              PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1):
+                              PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1, SPAN: tl.constexpr = _FAST_SPAN):
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
                                                                                       BV, VARLEN)
     incl = tt[:, None] >= tt[None, :]
@@ -625,7 +626,7 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
         S0 = tl.load(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
         q, a, bv, cc = _delta_tiles(q_ptr, a_ptr, b_ptr, c_ptr, base, tm, rows, cols, km2, vm, DK, DV, C_ROW)
         do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-        G, GL, gam, dec, xh, fast = _row_decay_tiles(g_ptr, voff, vm)
+        G, GL, gam, dec, xh, fast = _row_decay_tiles(g_ptr, voff, vm, SPAN)
         glv = tl.exp(GL.to(tl.float32))
         AB = tl.where(strict, _mm(a, tl.trans(bv), PREC), 0.0)
         QB = tl.where(incl, _mm(q, tl.trans(bv), PREC), 0.0)
@@ -741,7 +742,8 @@ def chunked_rowdecay_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=Non
         q, w, e, g, a, b, c, do.contiguous(), dht.contiguous() if dht is not None else dh0, ck,
         cu_seqlens if cu_seqlens is not None else dh0, dq, dw, de, dg, da, db, dc, dh0, T, H, d_k, d_v, ck.shape[2],
         w[0].numel(), e[0].numel(), TOKH, M=M, BT=C, BK=BK, BV=BV, C_ROW=c_row, USE_DHT=dht is not None,
-        VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), SUB=sub, **_ch._launch_opts(walk=True))
+        VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), SUB=sub, SPAN=fast_span(),
+        **_ch._launch_opts(walk=True))
     return [dq.sum(0), dw.sum(0), de, dg, da.sum(0), db.sum(0), dc if c_row else dc.sum(0)], dh0
 
 
