@@ -1,15 +1,26 @@
-"""Which side is wrong when torch.compile's gradients differ from eager ones (session 14's H100 run: Mamba-2 at T = 33
-and DeltaNet at T = 20, fp32, through the policy's recurrent kernel; ∂Δ of one head off by its own size).
+"""Which side is wrong when torch.compile's gradients differ from eager ones (session 14's H100 run:
+test_torch_compile_matches_eager[mamba2-33] and test_opcheck_and_torch_compile[deltanet-*], fp32, under those test
+files' settings: chunks of 16 and the chunked kernels at any precision; ∂Δ of one head off by its own size; the
+same cases with the chunked backward forced on passed, as did Gated DeltaNet and Mamba).
 
-For each case, every input's gradient of one loss, through backend="triton" eager (twice: is it deterministic?),
-torch.compile with backend "eager" (dynamo alone) and "aot_eager" (dynamo + AOT autograd), each against the reference
-loop in fp64 on the CPU (the oracle). Also which launch configuration each run took (library.run_config's cfg).
+For each case, every input's gradient of one loss through backend="triton": eager (twice: is it deterministic?),
+torch.compile with backend "eager" (dynamo alone) and "aot_eager" (dynamo + AOT autograd), then aot_eager with β·v's
+Function traced into the graph (chunked.TRACE_SCALED; since session 14 it runs outside the trace, because traced it
+was the one difference between the failing tests and passing ones), alone and with its backward as torch passes
+(OLSSM_TRITON_FUSED_SCALE_BWD=0): each against the reference loop in fp64 on the CPU (the oracle), with the launch
+configuration each run took (library.run_config's cfg).
 
-    python benchmarks/compile_diag.py [--cases mamba2:33,deltanet:20,gated_deltanet:33,mamba:6]
+    python benchmarks/compile_diag.py [--cases mamba2:33:chunked,deltanet:20:delta,...]
 
-Runs on a GPU or under TRITON_INTERPRET=1 (where it is the CPU's baseline: every row should be ~1e-7).
+A case is rule:T:settings, the settings those of a test file (module attributes set for the case, then restored):
+  chunked   test_triton_chunked.py's: CHUNK 16, CHECKPOINT 4, the chunked kernels wherever the structure allows
+  forced    the same with FORCE "chunk" and CHUNK_BACKWARD True (session 14: these passed)
+  delta     test_triton_delta_bwd.py's: CHUNK 16, FORCE "chunk", the chunked delta and row-c backwards
+  policy    the library's own defaults
+Runs on a GPU or under TRITON_INTERPRET=1 (the CPU's baseline: every row ~1e-7).
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -17,7 +28,40 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from olssm.catalogue import ENTRIES, random_inputs  # noqa: E402
+from olssm.kernels.triton import chunked as tchunk  # noqa: E402
+from olssm.kernels.triton import chunked_delta_bwd as tdelta  # noqa: E402
 from olssm.kernels.triton import library as tlib  # noqa: E402
+from olssm.kernels.triton import scan as tscan  # noqa: E402
+
+_CHUNKED = [(tlib, "CHUNK", 16), (tscan, "CHECKPOINT", 4), (tlib, "FORCE", None),
+            (tlib, "_chunk_pays", lambda plan, args: True)]
+SETTINGS = {
+    "chunked": _CHUNKED,
+    "forced": _CHUNKED + [(tlib, "FORCE", "chunk"), (tlib, "CHUNK_BACKWARD", True)],
+    "delta": [(tlib, "CHUNK", 16), (tlib, "FORCE", "chunk"), (tdelta, "DELTA_BACKWARD", "chunk"),
+              (tdelta, "ROW_C_BACKWARD", "chunk"), (tlib, "_chunk_pays", lambda plan, args: True)],
+    "policy": [],
+}
+
+
+@contextlib.contextmanager
+def settings(name, env=None, extra=()):
+    changes = SETTINGS[name] + list(extra)
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in changes]
+    old_env = {k: os.environ.get(k) for k in (env or {})}
+    try:
+        for mod, attr, value in changes:
+            setattr(mod, attr, value)
+        os.environ.update(env or {})
+        yield
+    finally:
+        for mod, attr, value in reversed(saved):
+            setattr(mod, attr, value)
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def loss_of(rule, backend):
@@ -36,7 +80,8 @@ def grads(fn, h0, inp, device, dtype):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--cases", default="mamba2:33,deltanet:20,gated_deltanet:33,mamba:6")
+    p.add_argument("--cases", default="mamba2:33:chunked,mamba2:33:forced,deltanet:20:delta,deltanet:20:policy,"
+                                      "gated_deltanet:33:chunked,mamba:6:chunked")
     a = p.parse_args()
     dev = "cuda" if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") else "cpu"
     if dev == "cuda":
@@ -46,25 +91,32 @@ def main():
     real = tlib.run_config
     tlib.run_config = lambda plan, args, meta, cfg, need: configs.append(cfg) or real(plan, args, meta, cfg, need)
     print(f"device {dev}, torch {torch.__version__}; max |g − g_ref| / max |g_ref| per input (reference: fp64, CPU)")
-    print("| case | run | kernel | " + "per-input relative error |")
+    print("| case | run | kernel | per-input relative error |")
     print("|---|---|---|---|")
     for case in a.cases.split(","):
-        name, T = case.split(":")
+        name, T, setting = case.split(":")
         rule = ENTRIES[name].rule
         inp = random_inputs(rule, 1, int(T), 2, 4, 4, seed=8)
         h0 = 0.3 * torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(8))
         ref = grads(loss_of(rule, "reference"), h0, inp, "cpu", torch.float64)
-        runs = [("eager", loss_of(rule, "triton")), ("eager again", loss_of(rule, "triton"))]
+        traced = [(tchunk, "TRACE_SCALED", True)]
+        runs = [("eager", loss_of(rule, "triton"), None, ()), ("eager again", loss_of(rule, "triton"), None, ())]
         for backend in ("eager", "aot_eager"):
-            torch._dynamo.reset()
-            runs.append((f"compile {backend}", torch.compile(loss_of(rule, "triton"), backend=backend)))
-        for label, fn in runs:
+            runs.append((f"compile {backend}", backend, None, ()))
+        runs += [("compile aot_eager, β·v traced", "aot_eager", None, traced),
+                 ("compile aot_eager, β·v traced, its backward in torch", "aot_eager",
+                  {"OLSSM_TRITON_FUSED_SCALE_BWD": "0"}, traced)]
+        for label, fn, env, extra in runs:
             configs.clear()
-            try:
-                g = grads(fn, h0, inp, dev, torch.float32)
-            except Exception as e:   # noqa: BLE001 - a diagnostic: print and go on
-                print(f"| {case} | {label} | — | {type(e).__name__}: {str(e)[:80]} |")
-                continue
+            with settings(setting, env, extra):
+                if isinstance(fn, str):
+                    torch._dynamo.reset()
+                    fn = torch.compile(loss_of(rule, "triton"), backend=fn)
+                try:
+                    g = grads(fn, h0, inp, dev, torch.float32)
+                except Exception as e:   # noqa: BLE001 - a diagnostic: print and go on
+                    print(f"| {case} | {label} | — | {type(e).__name__}: {str(e)[:80]} |")
+                    continue
             errs = ", ".join(f"{n} {(g[n] - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-30):.1e}"
                              for n in ref)
             cfg = (f"{configs[0].kernel} bv={configs[0].block_v} w={configs[0].warps}" if configs else "?")

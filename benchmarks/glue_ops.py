@@ -80,8 +80,9 @@ class _Mode(TorchDispatchMode):
         kwargs = kwargs or {}
         rec = self.rec
         if func.namespace == "olssm":   # run its Python body under a fresh mode, so that its torch is seen
-            from olssm.kernels.triton import library
-            impl = getattr(library, func.overloadpacket.__name__)._init_fn
+            from olssm.kernels.triton import chunked, library, rls   # the modules that define the ops
+            name = func.overloadpacket.__name__
+            impl = next(getattr(m, name) for m in (library, chunked, rls) if hasattr(m, name))._init_fn
             with _Mode(rec):
                 return impl(*args, **kwargs)
         out = func(*args, **kwargs)

@@ -6,7 +6,7 @@
 #
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
-#   compile      first (~60 s): torch.compile's gradients against eager ones and the reference (compile_diag.py), the
+#   compile      first (~2-3 min): torch.compile's gradients against eager ones and the reference (compile_diag.py), the
 #                one wrong result session 14 left open
 #   one          a lease of a single call (timeouts add to 540 s): the compiled tests, the D = 128 delta rows never timed,
 #                the split diagonal path and .maxnreg at D = 128 (session 14: 15 minutes of device time in all)
@@ -117,9 +117,13 @@ case $stage in
             --rules deltanet,gated_deltanet --variants "$variants128" 2>&1 | tee "$out/bench128.txt" ;;
     compile)
         # torch.compile's gradients against eager ones and the fp64 reference, per input, with the launch
-        # configuration each run took (session 14: Mamba-2 at T = 33 and DeltaNet at T = 20, fp32, differed on the
-        # H100 through the policy's recurrent kernel while the CPU agreed; gated_deltanet and mamba passed there)
-        timeout 150 python benchmarks/compile_diag.py 2>&1 | grep -E "^\||device" | tee "$out/compile.txt" ;;
+        # configuration each run took (session 14: Mamba-2 at T = 33 and DeltaNet at T = 20, fp32, under the test
+        # files' settings, differed on the H100 while the CPU agreed; the same with the chunked backward forced, Gated
+        # DeltaNet and Mamba passed there); then with blocking launches (a mismatch that goes away there is a race
+        # between launches or streams)
+        timeout 200 python benchmarks/compile_diag.py 2>&1 | grep -E "^\||device" | tee "$out/compile.txt"
+        CUDA_LAUNCH_BLOCKING=1 timeout 120 python benchmarks/compile_diag.py \
+            --cases mamba2:33:chunked,deltanet:20:delta 2>&1 | grep -E "^\||device" | tee "$out/compile-blocking.txt" ;;
     fla-gdn)
         # fla's chunk_gated_delta_rule alone at D = 128 (its autotuning outlasted two of session 14's calls)
         with_fla

@@ -502,9 +502,9 @@ def _loss_fn(rule):
     return fn
 
 
-# recurrent (in-kernel grads); chunked forward + recurrent backward; chunked forward + chunked backward; forced: the
-# chunked path at any size, with β·v's / Δ·x's backward kernel (olssm::scaled_bwd, which the policy's own choice
-# reaches on a GPU but not here: traced by torch.compile instead of called as an op, it gave wrong gradients on an H100)
+# recurrent (in-kernel grads); chunked forward + recurrent backward; chunked forward + chunked backward (with β·v's /
+# Δ·x's Function, chunked._Scaled: on the H100, session 14, this case failed while dynamo traced that Function);
+# forced: FORCE "chunk", the chunked backward on, and a spy on scaled_backward (its kernel ran in both runs)
 @pytest.mark.parametrize("name, T, forced", [("mamba", 6, False), ("gated_deltanet", 33, False), ("mamba2", 33, False),
                                              ("mamba2", 33, True), ("deltanet", 20, True)])
 def test_torch_compile_matches_eager(name, T, forced, monkeypatch):
@@ -529,6 +529,29 @@ def test_torch_compile_matches_eager(name, T, forced, monkeypatch):
         _close(a, b, 1e-6, "grad")
     if forced:
         assert len(scaled) >= 2   # eager and compiled
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_scaled_stays_out_of_the_compiled_graph(traced, monkeypatch):
+    # chunked.TRACE_SCALED (off): β·v's autograd.Function runs outside dynamo's trace. On the H100 (session 14) the
+    # traced Function (higher_order.autograd_function_apply in the graph) gave aot_eager gradients off by their own
+    # size; on the CPU both ways agree (test_torch_compile_matches_eager). The switch on puts it back in the graph
+    torch._dynamo.reset()
+    monkeypatch.setattr(tlib, "FORCE", "chunk")
+    monkeypatch.setattr(tchunk, "TRACE_SCALED", traced)
+    rule = ENTRIES["deltanet"].rule
+    inp = {n: _dev(t).requires_grad_() for n, t in random_inputs(rule, 1, 20, 2, 4, 4, seed=8).items()}
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(_loss_fn(rule), backend=keep)(None, inp).backward()
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes]
+    assert any(t.startswith("olssm.triton_scan_fwd") for t in targets), targets
+    assert any("autograd_function_apply" in t for t in targets) == traced
+    assert inp["beta"].grad is not None and torch.isfinite(inp["beta"].grad).all()
 
 
 def test_torch_compile_op_is_in_the_graph():
@@ -827,24 +850,29 @@ def test_host_overhead_script_counts_the_policys_launches():
 @pytest.mark.skipif(_DEVICE != "cpu", reason="the script picks the GPU itself there (gpu_session.sh compile)")
 def test_compile_diag_script_sets_every_gradient_against_the_reference():
     """benchmarks/compile_diag.py (the next lease's check of torch.compile's gradients) under the interpreter: a row per
-    run (eager twice, dynamo alone, aot_eager), each naming its kernel and every input's relative error against the
-    fp64 reference, all at fp32 rounding here (≤ 1e-5; a wrong gradient is off by O(1))."""
+    run (eager twice, dynamo alone, aot_eager; aot_eager with β·v's Function traced, its backward by the kernel and in
+    torch), each naming its kernel (the chunked one under the test files' settings, the recurrent one under the
+    policy's at T = 33) and every input's relative error against the fp64 reference, all at fp32 rounding here
+    (≤ 1e-5; session 14's wrong gradients were off by O(1))."""
     import pathlib
     import re
     import subprocess
     import sys
     root = pathlib.Path(__file__).parent.parent
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, str(root / "benchmarks" / "compile_diag.py"), "--cases", "mamba2:33"],
-                       capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "compile_diag.py"), "--cases",
+                        "mamba2:33:chunked,mamba2:33:policy"], capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    rows = [line for line in r.stdout.splitlines() if line.startswith("| mamba2:33 |")]
-    assert [row.split("|")[2].strip() for row in rows] == ["eager", "eager again", "compile eager",
-                                                          "compile aot_eager"], r.stdout
-    for row in rows:
-        assert "recurrent" in row.split("|")[3], row
-        errs = dict(re.findall(r"(\w+) ([0-9.]+e[-+][0-9]+)", row.split("|")[4]))
-        assert set(errs) == {"h0", "A", "dt", "k", "q", "v"} and max(map(float, errs.values())) <= 1e-5, row
+    for setting, kernel in (("chunked", "chunk"), ("policy", "recurrent")):
+        rows = [line for line in r.stdout.splitlines() if line.startswith(f"| mamba2:33:{setting} |")]
+        assert [row.split("|")[2].strip() for row in rows] == [
+            "eager", "eager again", "compile eager", "compile aot_eager", "compile aot_eager, β·v traced",
+            "compile aot_eager, β·v traced, its backward in torch"], r.stdout
+        for row in rows:
+            assert row.split("|")[3].split()[0] == kernel, row
+            errs = dict(re.findall(r"(\w+) ([0-9.]+e[-+][0-9]+)", row.split("|")[4]))
+            assert set(errs) == {"h0", "A", "dt", "k", "q", "v"} and max(map(float, errs.values())) <= 1e-5, row
+
 
 # the script runs the interpreter whatever the device: on the GPU machine (Triton 3.6, numpy 2.5, session 14) its
 # interpreter failed on a loop bound (TypeError: only 0-dimensional arrays can be converted to Python scalars) before

@@ -371,6 +371,24 @@ class _Scaled(torch.autograd.Function):
         return ds, dx, None
 
 
+#: under torch.compile, _Scaled runs outside dynamo's trace (a graph break: the Function runs as in eager mode) unless
+#: TRACE_SCALED. Session 14's H100 run: where dynamo traced it into the graph (autograd_function_apply), aot_eager's
+#: gradients were wrong (Mamba-2's ∂Δ, DeltaNet's, off by their own size) while eager ones were right; the same tests
+#: passed where a test's spy on scaled_backward had made dynamo leave it out; the CPU is right either way. Not yet
+#: run on a GPU this way: benchmarks/compile_diag.py checks both against the reference.
+TRACE_SCALED = False
+
+
+@torch.compiler.disable
+def _scaled_untraced(s, x, dt):
+    return _Scaled.apply(s, x, dt)
+
+
+def scaled(s, x, dt):
+    """s ⊙ x written once in dtype dt (_Scaled), outside torch.compile's trace unless TRACE_SCALED."""
+    return (_Scaled.apply if TRACE_SCALED else _scaled_untraced)(s, x, dt)
+
+
 #: _Scaled's backward in one Triton launch (scaled_bwd_kernel: reads ∂out and x once, writes ∂x and the per-token
 #: ∂s) instead of three torch passes (the fp32 product ∂out ⊙ x written and summed, then ∂out ⊙ s): DeltaNet's β·v at
 #: (2, 8192, 16, 128), bf16 v, fp32 chunk tensors, 673 → 268 MB per backward (glue_ops.py), the same rounding (∂x: the
@@ -424,9 +442,10 @@ def scaled_backward(s, x, dout):
 
 # A torch.library op, as every other launch of the scan (library.py), so that torch.compile calls it as it is instead
 # of tracing the launch inside _Scaled's backward (session 14 suspected that tracing of a wrong compiled gradient on
-# an H100; it was not the cause, TRITON.md "torch.compile", but one opaque node per launch is the design).
+# an H100; launching through the op did not mend it, TRITON.md "torch.compile", but one opaque node per launch is the
+# design).
 @torch.library.custom_op("olssm::scaled_bwd", mutates_args=())
-def _scaled_bwd_op(s_rows: torch.Tensor, x: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def scaled_bwd(s_rows: torch.Tensor, x: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(∂s [N] fp32, ∂x) of out = s_rows[r] · x_r over the N rows of a contiguous x [..., D] (dout likewise)."""
     D, N = x.shape[-1], s_rows.numel()
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -438,7 +457,7 @@ def _scaled_bwd_op(s_rows: torch.Tensor, x: torch.Tensor, dout: torch.Tensor) ->
     return ds, dx
 
 
-@_scaled_bwd_op.register_fake
+@scaled_bwd.register_fake
 def _(s_rows, x, dout):
     return s_rows.new_empty(s_rows.shape, dtype=torch.float32), x.new_empty(x.shape)
 
@@ -555,7 +574,7 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
                     s = torch.as_tensor(ev[scale], device=args.device)   # its evaluated dtype: fp32 (fp64 inputs: fp64)
                     while s.dim() < 2:
                         s = s.unsqueeze(0)
-                    x = _Scaled.apply(torch.broadcast_to(s, (B, T, H, 1, 1)).squeeze(-1), x, sdt)
+                    x = scaled(torch.broadcast_to(s, (B, T, H, 1, 1)).squeeze(-1), x, sdt)
                 elif sym in as_they_are and x.dtype in (torch.bfloat16, torch.float16):
                     return x.contiguous()   # RAW_INPUTS: read in its own dtype by kernels that load it into fp32
                 return x.to(sdt).contiguous()
