@@ -16,6 +16,7 @@
 #   diag         the second call (timeouts add to 400 s): Mamba-2 and GLA at D = 128 and D = 64, the split diagonal path
 #                (`ds`, `ds64`) against the fused one and fla's chunk_simple_gla, .maxnreg off (`mr0`); Longhorn at
 #                D = 128 with and without .maxnreg
+#   profile-diag Mamba-2 at D = 128 kernel by kernel (fused walk, split path, fla), the largest gap after session 14
 #   profile128   DeltaNet at D = 128 kernel by kernel (forward alone and fwd+bwd) beside fla's, defaults and `nkm`
 #   variants     the second call (timeouts add to 520 s): the D = 64 table with fla's kernels (but chunk_gla), the
 #                recurrent kernel's old 32 rows / 4 warps and bf16 operands as rows; the session-9 variants at
@@ -39,7 +40,7 @@
 # fla-core (pure Python) is installed from .whl/ for the benchmark stages when the wheel was carried
 # (device tool: carry [".whl"]); the tests run without it.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh compile|one|lease|fla-gdn|diag|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
+stage=${1:?usage: gpu_session.sh compile|one|lease|profile-diag|fla-gdn|diag|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
 out=${OUT:-/tmp/olssm-gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
@@ -177,6 +178,13 @@ case $stage in
         with_fla
         timeout 150 python benchmarks/profile_gpu.py --rules deltanet --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
             --peers --variants "$variants128_profile" 2>&1 | grep -v "^USDT" | tee "$out/profile128.txt" ;;
+    profile-diag)
+        # where Mamba-2's D = 128 backward goes (session 14: 4.3 of 5.1 ms fwd+bwd, 2.9x fla's chunk_simple_gla), the
+        # fused walk and the split path beside fla's kernels; glue_ops.py counts 1.34 GB of torch sums over the walk's
+        # per-value-block partials of dq and dk per fwd+bwd at this shape
+        with_fla
+        timeout 200 python benchmarks/profile_gpu.py --rules mamba2 --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
+            --peers --variants "ds=diag_path:split" 2>&1 | grep -v "^USDT" | tee "$out/profile-diag.txt" ;;
     variants)
         # the D = 64 table with fla's kernels (but chunk_gla), the recurrent kernel's old 32 rows / 4 warps (its 8 rows /
         # 1 warp default was set from D = 128 rows) and bf16 operands as rows of one process (session 8: separate
