@@ -138,7 +138,7 @@ case $stage in
         with_fla
         export PYTHONUNBUFFERED=1
         gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800
-        OLSSM_TRITON_DEVICE=cuda timeout 160 python -m pytest -q -rfE -n 16 -p no:cacheprovider "${triton_tests[@]}" \
+        OLSSM_TRITON_DEVICE=cuda timeout 160 python -m pytest -rfE -n 16 -p no:cacheprovider "${triton_tests[@]}" \
             > "$out/tests.txt" 2>&1
         grep -E "FAILED|ERROR|passed|failed" "$out/tests.txt" | tail -30
         timeout 170 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
@@ -203,7 +203,7 @@ case $stage in
             --peak-gbs 4800 --reps 5 --rules gla --skip '*:torch-chunk,*:recurrent,*:fla-recurrent' 2>&1 \
             | tee "$out/fla-gla64.txt" ;;
     tests)
-        OLSSM_TRITON_DEVICE=cuda timeout 570 python -m pytest -q -n 8 -p no:cacheprovider \
+        OLSSM_TRITON_DEVICE=cuda timeout 570 python -m pytest -rfE -n 8 -p no:cacheprovider \
             tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py \
             tests/test_triton_pscan.py tests/test_triton_autotune.py 2>&1 | tail -60 | tee "$out/tests.txt" ;;
     tests1|tests2)
@@ -211,7 +211,7 @@ case $stage in
         # variant compiles on first use; sessions 3-5 added many)
         if [ "$stage" = tests1 ]; then files="tests/test_triton.py tests/test_triton_chunked.py"
         else files="tests/test_triton_delta_bwd.py tests/test_triton_pscan.py tests/test_triton_autotune.py"; fi
-        OLSSM_TRITON_DEVICE=cuda timeout 570 python -m pytest -q -n 8 -p no:cacheprovider $files 2>&1 \
+        OLSSM_TRITON_DEVICE=cuda timeout 570 python -m pytest -rfE -n 8 -p no:cacheprovider $files 2>&1 \
             | tail -60 | tee "$out/$stage.txt" ;;
     delta64)
         with_fla

@@ -346,9 +346,15 @@ class _Scaled(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, x, dt):
+        ctx.save_for_backward(s, x)
+        if torch.compiler.is_compiling():
+            # torch 2.11's dynamo traced an out= forward (or a same-dtype .to, which returns its input) into wrong
+            # gradients under aot_eager, on any device (session 14; torch 2.13 is right): the product, then one
+            # rounding to dt, the same bits, which a compiler fuses anyway
+            prod = torch.mul(s, x)
+            return prod if prod.dtype == dt else prod.to(dt)
         out = torch.empty(x.shape, dtype=dt, device=x.device)
         torch.mul(s, x, out=out)   # in promote(s, x); a GPU converts the mixed dtypes inside the elementwise kernel
-        ctx.save_for_backward(s, x)
         return out
 
     @staticmethod
@@ -369,24 +375,6 @@ class _Scaled(torch.autograd.Function):
             dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             torch.mul(dout if torch.promote_types(dout.dtype, s.dtype) == wide else dout.to(wide), s, out=dx)
         return ds, dx, None
-
-
-#: under torch.compile, _Scaled runs outside dynamo's trace (a graph break: the Function runs as in eager mode) unless
-#: TRACE_SCALED. Session 14's H100 run: where dynamo traced it into the graph (autograd_function_apply), aot_eager's
-#: gradients were wrong (Mamba-2's ∂Δ, DeltaNet's, off by their own size) while eager ones were right; the same tests
-#: passed where a test's spy on scaled_backward had made dynamo leave it out; the CPU is right either way. Not yet
-#: run on a GPU this way: benchmarks/compile_diag.py checks both against the reference.
-TRACE_SCALED = False
-
-
-@torch.compiler.disable
-def _scaled_untraced(s, x, dt):
-    return _Scaled.apply(s, x, dt)
-
-
-def scaled(s, x, dt):
-    """s ⊙ x written once in dtype dt (_Scaled), outside torch.compile's trace unless TRACE_SCALED."""
-    return (_Scaled.apply if TRACE_SCALED else _scaled_untraced)(s, x, dt)
 
 
 #: _Scaled's backward in one Triton launch (scaled_bwd_kernel: reads ∂out and x once, writes ∂x and the per-token
@@ -441,9 +429,7 @@ def scaled_backward(s, x, dout):
 
 
 # A torch.library op, as every other launch of the scan (library.py), so that torch.compile calls it as it is instead
-# of tracing the launch inside _Scaled's backward (session 14 suspected that tracing of a wrong compiled gradient on
-# an H100; launching through the op did not mend it, TRITON.md "torch.compile", but one opaque node per launch is the
-# design).
+# of tracing the launch inside _Scaled's backward.
 @torch.library.custom_op("olssm::scaled_bwd", mutates_args=())
 def scaled_bwd(s_rows: torch.Tensor, x: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(∂s [N] fp32, ∂x) of out = s_rows[r] · x_r over the N rows of a contiguous x [..., D] (dout likewise)."""
@@ -574,7 +560,7 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
                     s = torch.as_tensor(ev[scale], device=args.device)   # its evaluated dtype: fp32 (fp64 inputs: fp64)
                     while s.dim() < 2:
                         s = s.unsqueeze(0)
-                    x = scaled(torch.broadcast_to(s, (B, T, H, 1, 1)).squeeze(-1), x, sdt)
+                    x = _Scaled.apply(torch.broadcast_to(s, (B, T, H, 1, 1)).squeeze(-1), x, sdt)
                 elif sym in as_they_are and x.dtype in (torch.bfloat16, torch.float16):
                     return x.contiguous()   # RAW_INPUTS: read in its own dtype by kernels that load it into fp32
                 return x.to(sdt).contiguous()
