@@ -630,3 +630,33 @@ def test_scan_benchmark_rounds_keep_each_cells_best_time_and_largest_memory(monk
     assert cells[2:] == ["0.300", "0.100", "3.0", "1.000", "0.250", "4.0", "50", "9"], cells
     # in turn: both backends in round 1 before either in round 2
     assert calls == [("reference", False), ("reference", True), ("chunk", False), ("chunk", True)] * 2
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile
+
+@pytest.mark.parametrize("name", ["deltanet", "mamba", "rls", "decayed_least_squares"])
+def test_torch_compile_matches_eager(name):
+    # the chunk backend under torch.compile (aot_eager): the same o, final state and gradients as eager, for the
+    # linear engine, the recurrent engine (Mamba's elementwise decay), RLS's gain scan and an exact rule. The sympy
+    # behind each call (evaluators, decay facts) stays outside the trace: torch 2.11's dynamo had failed inside it
+    # (InternalTorchDynamoError from sympy's Mul.flatten; session 14, reproduced on the CPU). Tolerance 1e-5 relative:
+    # the same aten ops run either way, fp32
+    torch._dynamo.reset()
+    rule = cat.ENTRIES[name].rule
+    inp = cat.random_inputs(rule, 1, 40, 2, 4, 4, seed=8)
+
+    def fn(x):
+        o, f = rule.scan(backend="chunk", output_final_state=True, **x)
+        f = f[0] if isinstance(f, tuple) else f
+        return o, f
+
+    outs = []
+    for f in (fn, torch.compile(fn, backend="aot_eager")):
+        x = {n: t.clone().requires_grad_() for n, t in inp.items()}
+        o, fin = f(x)
+        g = torch.Generator().manual_seed(9)   # the same random projection of o and the final state both times
+        loss = (o * torch.randn(o.shape, generator=g)).sum() + (fin * torch.randn(fin.shape, generator=g)).sum()
+        outs.append([o.detach(), fin.detach(), *torch.autograd.grad(loss, list(x.values()))])
+    for what, a, b in zip(["o", "final state", *inp], *outs):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max())), what

@@ -694,6 +694,16 @@ class Rule:
                      backend=backend, **inputs)
 
 
+def untraced(fn):
+    """fn kept out of torch.compile's trace (a graph break; it runs eagerly), for the sympy work behind a scan: torch
+    2.11's dynamo failed inside sympy (InternalTorchDynamoError in Mul.flatten). torch._disable_dynamo imports dynamo
+    at the first call, not at olssm's import (torch.compiler.disable would: ~1 s, and triton.language with it, before
+    a test module could switch on Triton's interpreter)."""
+    lazy = getattr(torch, "_disable_dynamo", None)
+    return lazy(fn) if lazy is not None else torch.compiler.disable(fn)
+
+
+@untraced   # sympy code generation; the function it returns is plain torch, and traced
 def evaluator(exprs: dict):
     """Compile named coefficient expressions into one torch function: inp -> {name: tensor}.
 

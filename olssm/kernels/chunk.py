@@ -28,7 +28,7 @@ import warnings
 import sympy as sp
 import torch
 
-from ..derive.rule import ExactForm, NormalForm, closed_form_log, decay_may_be_negative, evaluator
+from ..derive.rule import ExactForm, NormalForm, closed_form_log, decay_may_be_negative, evaluator, untraced
 from ..objectives.core import spec_of
 from .recurrent import Plan, exact_x_loop, recurrent_scan, view_key
 
@@ -68,6 +68,26 @@ def _evaluator_for(form):
 def _log_evaluator_for(form):
     ex = _log_decay_expr(form.decay)
     return evaluator(ex) if ex else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _FormFacts:
+    """What chunk_scan reads from a form's sympy expressions, as plain Python values and compiled evaluators."""
+    evaluate: object                 # inputs (broadcast layout) -> {entry: tensor}
+    log_evaluate: object             # -> {"logdecay": log Λ} where log Λ has a closed form, else None
+    none_decay: bool                 # Λ = 1
+    raw_decay_inputs: tuple          # the inputs of a decay without a closed-form log (read raw), else ()
+    may_be_negative: bool            # Λ not known to be ≥ 0 (decay_may_be_negative)
+    gram_diag: bool                  # an exact rule's Gram has a diagonal term
+
+
+@untraced   # sympy work (derive.rule.untraced); the evaluators it returns are traced
+def _form_facts(form) -> _FormFacts:
+    decay = sp.sympify(form.decay)
+    raw = decay != 1 and closed_form_log(decay) is None
+    return _FormFacts(_evaluator_for(form), _log_evaluator_for(form), bool(decay == 1),
+                      tuple(s.name for s in decay.free_symbols) if raw else (), bool(decay_may_be_negative(decay)),
+                      isinstance(form, ExactForm) and bool(sp.sympify(form.gram_diag) != 0))
 
 
 def _full(x, B, T, H, dtype, device):
@@ -518,15 +538,14 @@ def _per_row_corrections(form, ev):
     return R > 0 and (ev["decay"].shape[-2] > 1 or any(ev[f"c{r}"].shape[-2] > 1 for r in range(R)))
 
 
-def _raw_decay_grads(form, lay, tokens) -> tuple[bool, bool]:
+def _raw_decay_grads(facts, lay, tokens) -> tuple[bool, bool]:
     """Whether a gradient will flow to a decay read raw (Λ not constant, log Λ without a closed form) through
     (a per-token input, a learned parameter). A per-token gate is where resets and tiny values happen; a learned
     parameter (a layer's γ = exp(−exp(raw))) is a per-head constant, usually far from 0, so it counts only
     where its value is tiny (_tiny)."""
-    decay = sp.sympify(form.decay)
-    if decay == 1 or closed_form_log(decay) is not None or not torch.is_grad_enabled():
+    if not facts.raw_decay_inputs or not torch.is_grad_enabled():
         return False, False
-    want = [s.name for s in decay.free_symbols if lay[s.name].requires_grad]
+    want = [n for n in facts.raw_decay_inputs if lay[n].requires_grad]
     return any(n in tokens for n in want), any(n not in tokens for n in want)
 
 
@@ -595,8 +614,8 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
     exact = isinstance(form, ExactForm)
     dt = args.state_dtype if g_engine is None else torch.float32   # triton's G scan: fp32 state, so H too
     lay = rule.broadcast_inputs(args.d_k, args.d_v, {**args.tokens, **args.params}, "chunk")
-    exprs = _exprs(form)
-    evaluate = _evaluator_for(form)
+    facts = _form_facts(form)
+    evaluate = facts.evaluate
     B, T, H, K, V = args.B, args.T, args.H, args.d_k, args.d_v
     tokens = set(args.tokens)
 
@@ -612,9 +631,9 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
     # A raw decay (no closed-form log) whose gradient is wanted takes the token loops on any device: the
     # chunked forms differentiate log Λ, and ∂L/∂Λ = ∂L/∂log Λ / Λ turns its rounding error into ~ε/Λ
     # (and a Λ of exactly 0 into no gradient); the loops differentiate Λ itself (CHUNK.md §1)
-    raw_grad, raw_param_grad = _raw_decay_grads(form, lay, args.tokens)
+    raw_grad, raw_param_grad = _raw_decay_grads(facts, lay, args.tokens)
     # a decay not known to be >= 0 has no real log: the loops, which multiply by Λ, on every path
-    raw_grad = raw_grad or decay_may_be_negative(form.decay)
+    raw_grad = raw_grad or facts.may_be_negative
     recurrent = not exact and (raw_grad or args.device.type == "cpu" and (
         engine in ("loop", None) or (engine == "linear" and _per_row_corrections(form, probe)
                                      and CPU_ROW_ENGINE == "recurrent")))
@@ -630,13 +649,13 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
             from .reference import reference_scan
             return reference_scan(args)
 
-    none_decay = exprs["decay"] == 1
+    none_decay = facts.none_decay
     logd = None
     if recurrent:
         ins = corrs = None
     elif not none_decay and engine != "loop" and not (exact and raw_grad):
         # (the loop engine, and an exact rule's loops on a raw or signed decay, multiply by Λ: no logs needed)
-        lev = _log_evaluator_for(form)
+        lev = facts.log_evaluate
         if lev is None:
             check_decay_values(ev["decay"], form, args.tokens)
         logd = (_full(lev(lay)["logdecay"], B, T, H, dt, args.device).clamp_min(_LOG_FLOOR) if lev is not None
@@ -647,7 +666,7 @@ def chunk_scan(args, chunk_size=64, g_engine=None):
         full = lambda x, c: torch.broadcast_to(x, (B, T, H, *c))      # views: cut() slices B and T
         X = Gram([(full(ev[f"R{r}"], (1, 1)), full(ev[f"u{r}"], (1, K)), full(ev[f"uw{r}"], (1, K)))
                   for r in range(len(form.gram))],
-                 full(ev["gram_diag"], (1, K)) if form.gram_diag != 0 else None)
+                 full(ev["gram_diag"], (1, K)) if facts.gram_diag else None)
         if not X.terms and X.diag is None:   # no Gram update at all: H stays its initial value
             X = Gram([], torch.zeros(B, T, H, 1, K, dtype=dt, device=args.device))
         ins = [(ev[f"e{m}"], ev[f"w{m}"]) for m in range(len(form.moments))]
