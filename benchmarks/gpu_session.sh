@@ -6,10 +6,12 @@
 #
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
-#   compile      first (~2-3 min): torch.compile's gradients against eager ones and the reference (compile_diag.py), the
-#                one wrong result session 14 left open
-#   one          a lease of a single call (timeouts add to 540 s): the compiled tests, the D = 128 delta rows never timed,
-#                the split diagonal path and .maxnreg at D = 128 (session 14: 15 minutes of device time in all)
+#   next         the next lease's first call (timeouts add to 560 s): compile_diag, the compiled tests, Mamba-2's
+#                profile, Gated DeltaNet's storage rows; then `fla-gdn` if time is left
+#   compile      torch.compile's gradients against eager ones and the reference (compile_diag.py; in `next`), also
+#                with blocking launches
+#   one          session 14's single call (timeouts add to 540 s): the compiled tests, the D = 128 delta rows never
+#                timed, the split diagonal path and .maxnreg at D = 128
 #   lease        the first call of a lease (its timeouts add to 370 s): the compiled tests; DeltaNet / Gated DeltaNet
 #                at D = 128 against fla's chunk with the remaining chunked settings as rows of one process
 #                ($variants128). (D = 64: stage variants)
@@ -40,7 +42,7 @@
 # fla-core (pure Python) is installed from .whl/ for the benchmark stages when the wheel was carried
 # (device tool: carry [".whl"]); the tests run without it.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh compile|one|lease|profile-diag|fla-gdn|diag|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
+stage=${1:?usage: gpu_session.sh next|compile|one|lease|profile-diag|fla-gdn|diag|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
 out=${OUT:-/tmp/olssm-gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
@@ -132,9 +134,9 @@ case $stage in
             --reps 5 --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules gated_deltanet 2>&1 \
             | tee "$out/fla-gdn.txt" ;;
     one)
-        # a lease of one call (15 minutes of device time, a minute or two of it the start): the compiled tests, then
-        # the never-timed D = 128 delta rows, then the diagonal family's split path and the walks' .maxnreg at D = 128,
-        # each with its own timeout (they add to 540 s; device timeout_s 590)
+        # session 14's single call (15 minutes of device time, ~30 s of it the start; logs/2026-11-26-h100-s14): the
+        # compiled tests, the never-timed D = 128 delta rows, the diagonal family's split path and the walks'
+        # .maxnreg at D = 128
         with_fla
         export PYTHONUNBUFFERED=1
         gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800
@@ -152,6 +154,24 @@ case $stage in
         timeout 70 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
             --peak-gbs $gbs --reps 5 --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules longhorn \
             --variants "mr0=walk_maxnreg:0;again=" 2>&1 | tee "$out/walk128.txt" ;;
+    next)
+        # the next lease's first call (timeouts add to 560 s; device timeout_s 590, carry [".whl"]): torch.compile's
+        # gradients against the reference (the mends after session 14), the compiled tests, Mamba-2's D = 128
+        # backward kernel by kernel beside fla's, then Gated DeltaNet's storage rows that session 14's timeouts cut
+        # (its fla row autotunes for minutes: stage fla-gdn, a second call if the budget allows)
+        with_fla
+        export PYTHONUNBUFFERED=1
+        gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800
+        timeout 120 python benchmarks/compile_diag.py 2>&1 | grep -E "^\||device" | tee "$out/compile.txt"
+        OLSSM_TRITON_DEVICE=cuda timeout 170 python -m pytest -rfE -n 16 -p no:cacheprovider "${triton_tests[@]}" \
+            > "$out/tests.txt" 2>&1
+        grep -E "FAILED|ERROR|passed|failed" "$out/tests.txt" | tail -30
+        timeout 150 python benchmarks/profile_gpu.py --rules mamba2 --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
+            --peers --variants "ds=diag_path:split" 2>&1 | grep -v "^USDT" | tee "$out/profile-diag.txt"
+        timeout 120 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
+            --peak-gbs $gbs --reps 5 --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;again=" \
+            2>&1 | tee "$out/gated128.txt" ;;
     diag)
         # the diagonal family's split path (DIAG_PATH = "split", session 12: correct under the interpreter, untimed)
         # against the fused walk (the default) and fla's chunk_simple_gla (Mamba-2's recurrence) as rows of one
