@@ -44,12 +44,11 @@ SETTINGS = {
 
 
 @contextlib.contextmanager
-def settings(name, env=None, extra=()):
-    changes = SETTINGS[name] + list(extra)
-    saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in changes]
+def settings(name, env=None):
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in SETTINGS[name]]
     old_env = {k: os.environ.get(k) for k in (env or {})}
     try:
-        for mod, attr, value in changes:
+        for mod, attr, value in SETTINGS[name]:
             setattr(mod, attr, value)
         os.environ.update(env or {})
         yield
@@ -98,14 +97,14 @@ def main():
         inp = random_inputs(rule, 1, int(T), 2, 4, 4, seed=8)
         h0 = 0.3 * torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(8))
         ref = grads(loss_of(rule, "reference"), h0, inp, "cpu", torch.float64)
-        runs = [("eager", loss_of(rule, "triton"), None, ()), ("eager again", loss_of(rule, "triton"), None, ())]
+        runs = [("eager", loss_of(rule, "triton"), None), ("eager again", loss_of(rule, "triton"), None)]
         for backend in ("eager", "aot_eager"):
-            runs.append((f"compile {backend}", backend, None, ()))
+            runs.append((f"compile {backend}", backend, None))
         runs.append(("compile aot_eager, β·v backward in torch", "aot_eager",
-                     {"OLSSM_TRITON_FUSED_SCALE_BWD": "0"}, ()))
-        for label, fn, env, extra in runs:
+                     {"OLSSM_TRITON_FUSED_SCALE_BWD": "0"}))
+        for label, fn, env in runs:
             configs.clear()
-            with settings(setting, env, extra):
+            with settings(setting, env):
                 if isinstance(fn, str):
                     torch._dynamo.reset()
                     fn = torch.compile(loss_of(rule, "triton"), backend=fn)

@@ -102,6 +102,35 @@ variants64="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input
 skip_slow_peers="gla:fla-chunk,gated_deltanet:fla-chunk"
 triton_tests=(tests/test_triton.py tests/test_triton_chunked.py tests/test_triton_delta_bwd.py tests/test_triton_pscan.py
               tests/test_triton_autotune.py)
+gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800   # vendor HBM bandwidth (GB/s), for the HBM % column
+
+# the five Triton test files compiled on 16 workers, into $out/tests.txt: compiled_tests SECONDS [PYTEST_FLAGS...]
+compiled_tests() {
+    local secs=$1; shift
+    OLSSM_TRITON_DEVICE=cuda timeout "$secs" python -m pytest "$@" -rfE -n 16 -p no:cacheprovider "${triton_tests[@]}" \
+        > "$out/tests.txt" 2>&1
+    grep -E "FAILED|ERROR|passed|failed" "$out/tests.txt" | tail -40
+}
+
+# rows at (2, 8192, 16, 128) bf16, the issue's D = 128 shape: at128 SECONDS OUTFILE TRITON_KERNELS_FLAGS...
+at128() {
+    local secs=$1 file=$2; shift 2
+    timeout "$secs" python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
+        --peak-gbs $gbs --reps 5 "$@" 2>&1 | tee "$out/$file"
+}
+
+# torch.compile's gradients against eager ones and the fp64 reference (compile_diag.py): compile_check SECONDS
+# OUTFILE [FLAGS...]
+compile_check() {
+    local secs=$1 file=$2; shift 2
+    timeout "$secs" python benchmarks/compile_diag.py "$@" 2>&1 | grep -E "^\||device" | tee "$out/$file"
+}
+
+# Mamba-2's D = 128 time kernel by kernel, the fused walk and the split path beside fla's: mamba2_profile SECONDS
+mamba2_profile() {
+    timeout "$1" python benchmarks/profile_gpu.py --rules mamba2 --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
+        --peers --variants "ds=diag_path:split" 2>&1 | grep -v "^USDT" | tee "$out/profile-diag.txt"
+}
 case $stage in
     lease)
         # the next lease's first call (timeouts add to 370 s; `diag`, 400 s, is the second): the compiled tests, which
@@ -111,49 +140,34 @@ case $stage in
         # settings as rows of one process
         with_fla
         export PYTHONUNBUFFERED=1
-        gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800   # vendor HBM bandwidth, for the HBM % column
-        OLSSM_TRITON_DEVICE=cuda timeout 160 python -m pytest -vv -rfE -n 16 -p no:cacheprovider "${triton_tests[@]}" \
-            > "$out/tests.txt" 2>&1
-        grep -E "FAILED|ERROR|passed|failed" "$out/tests.txt" | tail -40
-        timeout 210 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
-            --peak-gbs $gbs --reps 5 --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules deltanet,gated_deltanet --variants "$variants128" 2>&1 | tee "$out/bench128.txt" ;;
+        compiled_tests 160 -vv
+        at128 210 bench128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules deltanet,gated_deltanet --variants "$variants128" ;;
     compile)
         # torch.compile's gradients against eager ones and the fp64 reference, per input, with the launch
         # configuration each run took (session 14: Mamba-2 at T = 33 and DeltaNet at T = 20, fp32, under the test
         # files' settings, differed on the H100 while the CPU agreed; the same with the chunked backward forced, Gated
         # DeltaNet and Mamba passed there); then with blocking launches (a mismatch that goes away there is a race
         # between launches or streams)
-        timeout 200 python benchmarks/compile_diag.py 2>&1 | grep -E "^\||device" | tee "$out/compile.txt"
-        CUDA_LAUNCH_BLOCKING=1 timeout 120 python benchmarks/compile_diag.py \
-            --cases mamba2:33:chunked,deltanet:20:delta 2>&1 | grep -E "^\||device" | tee "$out/compile-blocking.txt" ;;
+        compile_check 200 compile.txt
+        CUDA_LAUNCH_BLOCKING=1 compile_check 120 compile-blocking.txt --cases mamba2:33:chunked,deltanet:20:delta ;;
     fla-gdn)
         # fla's chunk_gated_delta_rule alone at D = 128 (its autotuning outlasted two of session 14's calls)
         with_fla
-        timeout 570 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
-            --reps 5 --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules gated_deltanet 2>&1 \
-            | tee "$out/fla-gdn.txt" ;;
+        at128 570 fla-gdn.txt --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules gated_deltanet ;;
     one)
         # session 14's single call (15 minutes of device time, ~30 s of it the start; logs/2026-11-26-h100-s14): the
         # compiled tests, the never-timed D = 128 delta rows, the diagonal family's split path and the walks'
         # .maxnreg at D = 128
         with_fla
         export PYTHONUNBUFFERED=1
-        gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800
-        OLSSM_TRITON_DEVICE=cuda timeout 160 python -m pytest -rfE -n 16 -p no:cacheprovider "${triton_tests[@]}" \
-            > "$out/tests.txt" 2>&1
-        grep -E "FAILED|ERROR|passed|failed" "$out/tests.txt" | tail -30
-        timeout 170 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
-            --peak-gbs $gbs --reps 5 --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules deltanet,gated_deltanet --variants "nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;nraw=raw_inputs:0;nfs=fused_scale_bwd:0" \
-            2>&1 | tee "$out/bench128.txt"
-        timeout 140 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
-            --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules mamba2,gla --variants "ds=diag_path:split;ds64=diag_path:split,chunk:64;mr0=walk_maxnreg:0;again=" \
-            2>&1 | tee "$out/diag128.txt"
-        timeout 70 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
-            --peak-gbs $gbs --reps 5 --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules longhorn \
-            --variants "mr0=walk_maxnreg:0;again=" 2>&1 | tee "$out/walk128.txt" ;;
+        compiled_tests 160
+        at128 170 bench128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules deltanet,gated_deltanet --variants "nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;nraw=raw_inputs:0;nfs=fused_scale_bwd:0"
+        at128 140 diag128.txt --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules mamba2,gla --variants "ds=diag_path:split;ds64=diag_path:split,chunk:64;mr0=walk_maxnreg:0;again="
+        at128 70 walk128.txt --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules longhorn \
+            --variants "mr0=walk_maxnreg:0;again=" ;;
     next)
         # the next lease's first call (timeouts add to 560 s; device timeout_s 590, carry [".whl"]): torch.compile's
         # gradients against the reference (the mends after session 14), the compiled tests, Mamba-2's D = 128
@@ -161,17 +175,11 @@ case $stage in
         # (its fla row autotunes for minutes: stage fla-gdn, a second call if the budget allows)
         with_fla
         export PYTHONUNBUFFERED=1
-        gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800
-        timeout 120 python benchmarks/compile_diag.py 2>&1 | grep -E "^\||device" | tee "$out/compile.txt"
-        OLSSM_TRITON_DEVICE=cuda timeout 170 python -m pytest -rfE -n 16 -p no:cacheprovider "${triton_tests[@]}" \
-            > "$out/tests.txt" 2>&1
-        grep -E "FAILED|ERROR|passed|failed" "$out/tests.txt" | tail -30
-        timeout 150 python benchmarks/profile_gpu.py --rules mamba2 --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
-            --peers --variants "ds=diag_path:split" 2>&1 | grep -v "^USDT" | tee "$out/profile-diag.txt"
-        timeout 120 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
-            --peak-gbs $gbs --reps 5 --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;again=" \
-            2>&1 | tee "$out/gated128.txt" ;;
+        compile_check 120 compile.txt
+        compiled_tests 170
+        mamba2_profile 150
+        at128 120 gated128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;again=" ;;
     diag)
         # the diagonal family's split path (DIAG_PATH = "split", session 12: correct under the interpreter, untimed)
         # against the fused walk (the default) and fla's chunk_simple_gla (Mamba-2's recurrence) as rows of one
@@ -180,18 +188,15 @@ case $stage in
         # DIAG_PATH (and library.CHUNK for rules without a correction); if `mr0` wins, set WALK_MAXNREG = None.
         with_fla
         export PYTHONUNBUFFERED=1
-        gbs=3350; grep -q H200 "$out/gpu.txt" && gbs=4800
-        timeout 180 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
-            --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules mamba2,gla --variants "$variants_diag" 2>&1 | tee "$out/diag128.txt"
+        at128 180 diag128.txt --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules mamba2,gla --variants "$variants_diag"
         timeout 120 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
             --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
             --rules mamba2,gla --variants "$variants_diag" 2>&1 | tee "$out/diag64.txt"
         # Longhorn and a row-decay delta rule through the fused delta walk at D = 128 (32 registers, 6 KB of stack per
         # thread without .maxnreg). GLA against fla's chunk_gla: stage fla-gla
-        timeout 100 python benchmarks/triton_kernels.py --dtype bf16 --B 2 --T 8192 --H 16 --dk 128 --dv 128 \
-            --peak-gbs $gbs --reps 5 --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules longhorn,longhorn_forget \
-            --variants "mr0=walk_maxnreg:0;again=" 2>&1 | tee "$out/walk128.txt" ;;
+        at128 100 walk128.txt --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules longhorn,longhorn_forget \
+            --variants "mr0=walk_maxnreg:0;again=" ;;
     profile128)
         # where DeltaNet's D = 128 time goes, kernel by kernel beside fla's (session 11 profiled the old defaults:
         # a third of it was torch glue), the defaults and `nkm`
@@ -203,8 +208,7 @@ case $stage in
         # fused walk and the split path beside fla's kernels; glue_ops.py counts 1.34 GB of torch sums over the walk's
         # per-value-block partials of dq and dk per fwd+bwd at this shape
         with_fla
-        timeout 200 python benchmarks/profile_gpu.py --rules mamba2 --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
-            --peers --variants "ds=diag_path:split" 2>&1 | grep -v "^USDT" | tee "$out/profile-diag.txt" ;;
+        mamba2_profile 200 ;;
     variants)
         # the D = 64 table with fla's kernels (but chunk_gla), the recurrent kernel's old 32 rows / 4 warps (its 8 rows /
         # 1 warp default was set from D = 128 rows) and bf16 operands as rows of one process (session 8: separate

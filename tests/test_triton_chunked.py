@@ -533,7 +533,7 @@ def test_torch_compile_matches_eager(name, T, forced, monkeypatch):
         assert len(scaled) >= 2   # eager and compiled
 
 
-def test_scaled_function_is_traced_with_its_product():
+def test_scaled_function_is_traced_with_its_product(monkeypatch):
     # under torch.compile β·v's autograd.Function is traced into the graph (higher_order.autograd_function_apply) with
     # the product then one rounding as its forward (not out=, which torch 2.11's dynamo turned into wrong gradients:
     # session 14, test_torch_compile_matches_eager[mamba2-33] failing on an H100 and on the CPU under torch 2.11)
@@ -546,9 +546,8 @@ def test_scaled_function_is_traced_with_its_product():
         graphs.append(gm)
         return gm.forward
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tlib, "FORCE", "chunk")
-        torch.compile(_loss_fn(rule), backend=keep)(None, inp).backward()
+    monkeypatch.setattr(tlib, "FORCE", "chunk")
+    torch.compile(_loss_fn(rule), backend=keep)(None, inp).backward()
     nodes = [n for gm in graphs for n in gm.graph.nodes]
     targets = [str(n.target) for n in nodes]
     assert any(t.startswith("olssm.triton_scan_fwd") for t in targets), targets

@@ -84,8 +84,9 @@ class _FormFacts:
 @untraced   # sympy work (derive.rule.untraced); the evaluators it returns are traced
 def _form_facts(form) -> _FormFacts:
     decay = sp.sympify(form.decay)
-    raw = decay != 1 and closed_form_log(decay) is None
-    return _FormFacts(_evaluator_for(form), _log_evaluator_for(form), bool(decay == 1),
+    none_decay, log_evaluate = bool(decay == 1), _log_evaluator_for(form)
+    raw = not none_decay and log_evaluate is None   # no closed-form log (a constant decay has no inputs either way)
+    return _FormFacts(_evaluator_for(form), log_evaluate, none_decay,
                       tuple(s.name for s in decay.free_symbols) if raw else (), bool(decay_may_be_negative(decay)),
                       isinstance(form, ExactForm) and bool(sp.sympify(form.gram_diag) != 0))
 

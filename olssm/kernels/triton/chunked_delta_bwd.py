@@ -81,7 +81,6 @@ from .chunked import (_c_row, _chunk_decay, _chunk_value_tile, _delta_chunk, _do
                       _rowdecay_delta_chunk,
                       _sequential_program, _state_outer, _state_read, _store_wt, _strict, _token_column, _tokens,
                       _ut_inverse, fast_span, switch)
-from .chunked import FAST_SPAN as _FAST_SPAN
 
 #: the delta family's backward (scalar or row c, none / scalar decay): "chunk" (the kernels of this module) or
 #: "recurrent" (the fused recurrent backward on the chunked forward's checkpoints, as before).
@@ -609,7 +608,7 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
                               dq_ptr, dw_ptr, de_ptr, dg_ptr, da_ptr, db_ptr, dc_ptr, dh0_ptr,
                               T, H, DK, DV, NCK, SW, SE, TOKH, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                               BV: tl.constexpr, C_ROW: tl.constexpr, USE_DHT: tl.constexpr, VARLEN: tl.constexpr,
-                              PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1, SPAN: tl.constexpr = _FAST_SPAN):
+                              PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1, SPAN: tl.constexpr = _ch.FAST_SPAN):
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
                                                                                       BV, VARLEN)
     incl = tt[:, None] >= tt[None, :]
