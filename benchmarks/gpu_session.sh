@@ -7,7 +7,8 @@
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
 #   next         the next lease's first call (timeouts add to 560 s): compile_diag, the compiled tests, Mamba-2's
-#                profile, Gated DeltaNet's storage rows; then `fla-gdn` if time is left
+#                profile with the split path at chunk 64, Gated DeltaNet's storage rows; then `fla-gdn` if time is left
+#   gated        Gated DeltaNet's bf16 storage rows alone, with more time
 #   compile      torch.compile's gradients against eager ones and the reference (compile_diag.py; in `next`), also
 #                with blocking launches
 #   one          session 14's single call (timeouts add to 540 s): the compiled tests, the D = 128 delta rows never
@@ -42,7 +43,7 @@
 # fla-core (pure Python) is installed from .whl/ for the benchmark stages when the wheel was carried
 # (device tool: carry [".whl"]); the tests run without it.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh next|compile|one|lease|profile-diag|fla-gdn|diag|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
+stage=${1:?usage: gpu_session.sh next|gated|compile|one|lease|profile-diag|fla-gdn|diag|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
 out=${OUT:-/tmp/olssm-gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
@@ -95,7 +96,7 @@ variants128_profile="nkm=$variants_nkm"
 # 0-24 B in the output, 296-1264 in the backward)
 # `mr0`: the fused walks without .maxnreg 255 (WALK_MAXNREG, session 12: ptxas had held them to 128 or 32 registers
 # at d = 128 and spilled 1.4-6 KB per thread)
-variants_diag="ds=diag_path:split;ds64=diag_path:split,chunk:64;c64=chunk:64;mr0=walk_maxnreg:0;again="
+variants_diag="ds=diag_path:split;ds64=diag_path:split,chunk:64;ds64ck=diag_path:split,chunk:64,checkpoint_storage:input;c64=chunk:64;mr0=walk_maxnreg:0;again="
 variants64="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;o32=offsets32:1;ks=key_split:1;utm=ut_solve:masked;nsk=same_key:0;all=$variants_all;km=key_major:1;ps=prep_split:1"
 # peers whose first call autotunes for minutes (fla 0.6's chunk_gla; its chunk_gated_delta_rule at D = 128 outlasted
 # session 14's calls): their own stages, fla-gla and fla-gdn
@@ -126,11 +127,15 @@ compile_check() {
     timeout "$secs" python benchmarks/compile_diag.py "$@" 2>&1 | grep -E "^\||device" | tee "$out/$file"
 }
 
-# Mamba-2's D = 128 time kernel by kernel, the fused walk and the split path beside fla's: mamba2_profile SECONDS
+# Mamba-2's D = 128 time kernel by kernel, the fused walk and the split path beside fla's: mamba2_profile SECONDS.
+# `ds64` is the split path at fla's chunk (64) with session 15's whole-gradient kernels (chunk_diag_dqk_kernel,
+# chunk_diag_dv_kernel: no per-value-block partial sums; no spills at chunk 64 statically), `ds64ck` with bf16
+# checkpoints (fla keeps its h in the inputs' dtype), `ds64bf` with bf16 dot operands as well (fla's precision)
 mamba2_profile() {
     timeout "$1" python benchmarks/profile_gpu.py --rules mamba2 --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
-        --peers --variants "ds=diag_path:split" 2>&1 | grep -v "^USDT" | tee "$out/profile-diag.txt"
+        --peers --variants "$variants_ds" 2>&1 | grep -v "^USDT" | tee "$out/profile-diag.txt"
 }
+variants_ds="ds64=diag_path:split,chunk:64;ds64ck=diag_path:split,chunk:64,checkpoint_storage:input;ds64bf=diag_path:split,chunk:64,checkpoint_storage:input,precision:bf16"
 case $stage in
     lease)
         # the next lease's first call (timeouts add to 370 s; `diag`, 400 s, is the second): the compiled tests, which
@@ -170,15 +175,20 @@ case $stage in
             --variants "mr0=walk_maxnreg:0;again=" ;;
     next)
         # the next lease's first call (timeouts add to 560 s; device timeout_s 590, carry [".whl"]): torch.compile's
-        # gradients against the reference (the mends after session 14), the compiled tests, Mamba-2's D = 128
-        # backward kernel by kernel beside fla's, then Gated DeltaNet's storage rows that session 14's timeouts cut
-        # (its fla row autotunes for minutes: stage fla-gdn, a second call if the budget allows)
+        # gradients against the reference (the mends after session 14), the compiled tests (session 15's split-path
+        # gradient kernels among them), Mamba-2's D = 128 fwd+bwd kernel by kernel beside fla's with the split path
+        # at chunk 64 ($variants_ds), then Gated DeltaNet's storage rows (stage `gated`; fla's row: stage fla-gdn)
         with_fla
         export PYTHONUNBUFFERED=1
-        compile_check 120 compile.txt
+        compile_check 110 compile.txt
         compiled_tests 170
-        mamba2_profile 150
-        at128 120 gated128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+        mamba2_profile 200
+        at128 80 gated128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;again=" ;;
+    gated)
+        # Gated DeltaNet's bf16 storage rows at D = 128 (session 14's timeouts cut them; the tail of `next`)
+        with_fla
+        at128 200 gated128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
             --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;again=" ;;
     diag)
         # the diagonal family's split path (DIAG_PATH = "split", session 12: correct under the interpreter, untimed)

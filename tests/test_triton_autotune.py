@@ -249,14 +249,15 @@ def test_a_tuned_diagonal_path_reaches_forward_and_backward(path, monkeypatch):
     passes = lambda name, kwargs: launched.append(   # noqa: E731
         name + ("" if kwargs.get("OUT", True) and kwargs.get("GRADS", True) else " state pass"))
     spy_launches(monkeypatch, chunked, ["chunk_fwd_kernel", "chunk_bwd_kernel", "chunk_diag_out_kernel",
-                                        "chunk_diag_bwd_kernel"], passes)
+                                        "chunk_diag_bwd_kernel", "chunk_diag_dqk_kernel", "chunk_diag_dv_kernel"],
+                 passes)
     cfg = LaunchConfig("chunk", chunk_backward=True, diag_path=path)
     monkeypatch.setattr(library, "policy_config", lambda plan, args, max_len: cfg)
     rule = ENTRIES["mamba2"].rule
     inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=5)
     compare(rule, inp, 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(5)))
     want = {"split": {"chunk_fwd_kernel state pass", "chunk_diag_out_kernel", "chunk_bwd_kernel state pass",
-                      "chunk_diag_bwd_kernel"},
+                      "chunk_diag_dqk_kernel", "chunk_diag_dv_kernel"},   # a scalar decay's whole gradients
             "fused": {"chunk_fwd_kernel", "chunk_bwd_kernel"}}[path]
     assert set(launched) == want, launched
     assert chunked.DIAG_PATH == ("fused" if path == "split" else "split")   # restored

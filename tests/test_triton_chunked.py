@@ -991,9 +991,13 @@ def test_diag_split_path_matches_reference(name, varlen, slow, monkeypatch):
     monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "split")
     monkeypatch.setattr(tchunk, "DIAG_STATE_BLOCK_K", 16)
     monkeypatch.setattr(tchunk, "DIAG_BWD_BLOCK_K", 16)   # the parallel backward walks two key blocks (M = 1)
+    for n in ("DIAG_DQK_BLOCK_K", "DIAG_DQK_BLOCK_V", "DIAG_DV_BLOCK_V", "DIAG_DV_BLOCK_K"):
+        monkeypatch.setattr(tchunk, n, 16)   # no / scalar decay: two blocks on each side of both gradient kernels
     if slow:
         monkeypatch.setattr(tchunk, "FAST_SPAN", 0.0)
-    fwd, bwd = spy(monkeypatch, tchunk, "_diag_split_forward"), spy(monkeypatch, tchunk, "_diag_split_backward")
+    fwd = spy(monkeypatch, tchunk, "_diag_split_forward")
+    whole = name in ("linear_attention", "retnet", "mamba2")   # chunk_diag_dqk_kernel and chunk_diag_dv_kernel
+    bwd = spy(monkeypatch, tchunk, "_diag_split_backward_whole" if whole else "_diag_split_backward")
     rule = _two_term_column_rule() if name == "two_term_column" else _rule(name)
     if name == "retnet":   # a raw γ parameter: "auto" differentiates it in the recurrent backward (γ ≫ eps here)
         monkeypatch.setattr(tlib, "CHUNK_BACKWARD", True)

@@ -2284,6 +2284,95 @@ def chunk_diag_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
     _diag_bwd_finish(db, dbL, dg_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
 
 
+@triton.jit
+def _diag_chunk_keys(ix_ptr, cu_ptr, T, H, DK, NCK, DV, BT: tl.constexpr, BK: tl.constexpr, VARLEN: tl.constexpr):
+    """The (chunk, key block) of a program of a grid (chunk-map rows, key blocks, heads), chunk_diag_dqk_kernel's:
+    its token lanes tt, mask tm and token·head offsets base, key columns cols and mask km, the offset of its state
+    in ck / dh, and the bound of the state rows it may read (0 for a padding program of the varlen map, which must
+    not read ck / dh past their end)."""
+    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(2), T, H, BT, VARLEN)
+    tt = tl.arange(0, BT)
+    tm, base = _tokens(start, tt, eos, H, i_h)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    return tt, tm, base, cols, cols < DK, (i_bh.to(tl.int64) * NCK + c) * DV * DK, tl.where(start < eos, DV, 0)
+
+
+@triton.jit
+def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu_ptr, ix_ptr, dq_ptr, dk_ptr, dg_ptr,
+                          T, H, DK, DV, NCK, TOKH, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          DECAY: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee"):
+    """The split diagonal path's dQ, dW and ∂g for no or a scalar decay and one input term, one program per (chunk,
+    key block), from S₀ = ck and dS = dh (TRITON.md, "Split diagonal path"). What sums over value rows is summed here, one
+    value block after another, so dQ and dW are stored whole:
+        dQ = Γ ⊙ (dO S₀) + (P ⊙ D) W      dW = dec ⊙ (E dS) + (P ⊙ D)ᵀ Q      P = dO Eᵀ
+        ∂b = rowsum(T) − colsum(T) + Γ ⊙ rowsum(dO S₀ ⊙ Q) − X  (+ ⟨dS, S_L⟩ at the chunk's last token)
+    with T = (P ⊙ D) ⊙ Q Wᵀ, X = rowsum(W ⊙ dec ⊙ (E dS)), ⟨dS, S_L⟩ = Γ_L ⟨dS, S₀⟩ + ΣX; ∂g is ∂b's reverse cumsum.
+    That is rowsum(Q ⊙ dQ − W ⊙ dW) rearranged: the same sum taken that way cancels D's diagonal (1 however strong
+    the decay) between two differently rounded products, which a Δ of 10³ multiplies into ∂A (off by 0.06 against
+    6.5e-7, tests). ∂g is this key block's share (slot i_k; the caller sums the ⌈d_k / BK⌉ slots, a scalar per
+    token)."""
+    tt, tm, base, cols, km, sbase, srows = _diag_chunk_keys(ix_ptr, cu_ptr, T, H, DK, NCK, DV, BT, BK, VARLEN)
+    qk_m = tm[:, None] & km[None, :]
+    dqs = tl.zeros([BT, BK], dtype=tl.float32)   # dO S₀
+    dks = tl.zeros([BT, BK], dtype=tl.float32)   # E dS
+    P = tl.zeros([BT, BT], dtype=tl.float32)     # dO Eᵀ
+    sds = tl.zeros([BK], dtype=tl.float32)       # ⟨dS, S₀⟩ by key column
+    for i_v in range(0, tl.cdiv(DV, BV)):
+        rows = i_v * BV + tl.arange(0, BV)
+        rm = rows < DV
+        vm = tm[:, None] & rm[None, :]
+        smask = (rows < srows)[:, None] & km[None, :]
+        soff = sbase + rows[:, None] * DK + cols[None, :]
+        do = tl.load(do_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+        S0 = tl.load(ck_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+        dS = tl.load(dh_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+        dqs += _mm(do, S0, PREC)
+        dks += _mm(v, dS, PREC)
+        P += _mm(do, tl.trans(v), PREC)
+        sds += tl.sum(dS * S0, axis=0)
+    q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
+    D, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, DECAY == 1)
+    P = P * D
+    dks = dks * dec[:, None]
+    dq = dqs * gam[:, None] + _mm(P, k, PREC)
+    dk = dks + _mm(tl.trans(P), q, PREC)
+    tl.store(dq_ptr + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
+    tl.store(dk_ptr + base[:, None] * DK + cols[None, :], dk, mask=qk_m)
+    if DECAY == 1:   # ∂b as the fused walk's: rowsum(T) − colsum(T) keeps D's diagonal out exactly (see above)
+        Tm = P * _mm(q, tl.trans(k), PREC)
+        X = tl.sum(k * dks, axis=1)
+        db = tl.sum(Tm, axis=1) - tl.sum(Tm, axis=0) + tl.sum(dqs * q, axis=1) * gam - X
+        dbL = gl * tl.sum(sds, axis=0) + tl.sum(X, axis=0)
+        _diag_bwd_finish(db, dbL, dg_ptr, base, tm, cols, km, tt, tl.program_id(1), DV, TOKH, BT, DECAY)
+
+
+@triton.jit
+def chunk_diag_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, dh_ptr, cu_ptr, ix_ptr, dv_ptr, T, H, DK, DV, NCK,
+                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                         VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee"):
+    """The split diagonal path's dE for no or a scalar decay and one input term, one program per (chunk, value
+    block), the key columns summed one block of BK after another: dE = (Q Wᵀ ⊙ D)ᵀ dO + dec ⊙ (W dSᵀ)."""
+    i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
+                                                                          VARLEN)
+    A = tl.zeros([BT, BT], dtype=tl.float32)     # Q Wᵀ
+    kdS = tl.zeros([BT, BV], dtype=tl.float32)   # W dSᵀ
+    for i_k in range(0, tl.cdiv(DK, BK)):
+        cols = i_k * BK + tl.arange(0, BK)
+        km = cols < DK
+        qk_m = tm[:, None] & km[None, :]
+        q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
+        dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
+                     other=0.0).to(tl.float32)
+        A += _mm(q, tl.trans(k), PREC)
+        kdS += _mm(k, tl.trans(dS), PREC)
+    D, _, _, dec, _ = _chunk_decay(g_ptr, base, tm, BT, DECAY == 1)
+    do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+    tl.store(dv_ptr + voff, _mm(tl.trans(A * D), do, PREC) + kdS * dec[:, None], mask=vm)
+
+
 def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     """∂ of (q, w [M,...], e [M,...], log decay) and ∂h0 for chunk_fwd_kernel (any decay kind it takes)."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
@@ -2295,14 +2384,17 @@ def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     g = chunk_in[3] if decay else q
     dev = q.device
     TOKH = B * T * H
+    dh0 = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
+    split = diag_path() == "split" and M == 1   # more input terms: the fused walk (the split kernels hold one)
+    if split and decay in (0, 1):
+        return _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0), dh0
     dq = written(NV, B, T, H, d_k, device=dev)
     dk = written(NV, M, B, T, H, d_k, device=dev)
     dv = written(M, B, T, H, d_v, device=dev)
     # row decay: each program owns its value rows, so its ∂g is whole (the first slot); other kinds: partial sums
     dg = written(1 if decay == 2 else NV, B, T, H, *((d_k,) if decay == 3 else (d_v,) if decay == 2 else ()),
                  device=dev)
-    dh0 = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
-    if diag_path() == "split" and M == 1:   # more input terms: the fused walk (the split kernel would hold every key)
+    if split:
         _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk, dv, dg, dh0)
     else:
         chunk_bwd_kernel[(NV, N * H)](
@@ -2316,25 +2408,74 @@ def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     return out, dh0
 
 
-def _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk, dv, dg, dh0):
-    """DIAG_PATH = "split": ∂L/∂S at the end of every chunk (chunk_bwd_kernel without GRADS, into a dh of ck's
-    layout, fp32) and dh0, then every gradient (chunk_diag_bwd_kernel) into chunked_backward's buffers."""
+def _diag_dh(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0):
+    """The split path's reverse pass: ∂L/∂S at the end of every chunk (chunk_bwd_kernel without GRADS) into a dh
+    of ck's layout, fp32, and dh0; then the (ix, NTG, G) grid of the parallel gradient kernels and their common
+    launch arguments."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
     BKS = min(BK, DIAG_STATE_BLOCK_K)
-    q, k, v = chunk_in[:3]
+    q = chunk_in[0]
     g = chunk_in[3] if decay else q
-    do = do.contiguous()
-    NCK = ck.shape[2]
     dh = written(*ck.shape, device=q.device)
     varlen = cu_seqlens is not None
     cu = cu_seqlens if varlen else dh0
-    ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, dh0)
-    common = dict(BT=C, BV=BV, DECAY=decay, VARLEN=varlen, PREC=_precision(do.dtype), SPAN=fast_span(),
-                  **_launch_opts())
+    common = dict(BT=C, DECAY=decay, VARLEN=varlen, PREC=_precision(do.dtype), **_launch_opts())
     chunk_bwd_kernel[(-(-d_v // BV), -(-d_k // BKS), N * H)](
         q, q, q, g, do, dht.contiguous() if dht is not None else dh0, dh0, cu, dh0, dh0, dh0, dh0, dh0, dh, T, H, d_k,
-        d_v, NCK, 0, 0, 0, M=1, BK=BKS, USE_DHT=dht is not None, GRADS=False, KEY_BLOCKS=True, **common)
+        d_v, ck.shape[2], 0, 0, 0, M=1, BK=BKS, BV=BV, USE_DHT=dht is not None, GRADS=False, KEY_BLOCKS=True,
+        SPAN=fast_span(), **common)
+    return dh, cu, _chunk_grid(cu_seqlens, C, T, N, B, H, dh0), common
+
+
+#: the split diagonal path's gradient kernels for no or a scalar decay (chunk_diag_dqk_kernel: key columns per
+#: program, value rows per step of its loop; chunk_diag_dv_kernel: value rows per program, key columns per step).
+#: sm_90, Triton 3.9, tf32, bf16 inputs, 8 warps, scalar decay, chunk 64 (regs / spills B per thread): dqk 64 / 32
+#: 248 / 0 (64 / 64: 255 / 184, 32 / 64: 230 / 0, 128 / 64: 1392 B), dv 64 / 64 255 / 8 (64 / 32: 230 / 0, but each
+#: value block forms Q Wᵀ again); at chunk 32 dqk 64 / 32 spills 256 B, dv 0; 4 warps spill 0.7-1.5 KB. The fused
+#: walk's backward spills 3.2 KB at chunk 64, 1 KB at 32 (RESULTS.md, session 15)
+DIAG_DQK_BLOCK_K = 64
+DIAG_DQK_BLOCK_V = 32
+DIAG_DV_BLOCK_V = 64
+DIAG_DV_BLOCK_K = 64
+
+
+def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0):
+    """DIAG_PATH = "split", no or a scalar decay, one input term: the reverse pass (_diag_dh), then dQ, dW, ∂g
+    parallel over (chunk, key block) and dE over (chunk, value block), each summing over the other side in a loop,
+    so that no gradient is a partial sum over value blocks (the fused walk stores ⌈d_v / 32⌉ of dQ and dW for the
+    caller to add: 1.3 GB of torch traffic per Mamba-2 fwd+bwd at (2, 8192, 16, 128)). [dq, dk, dv(, dg)]."""
+    B, T, H, d_k, d_v, N, max_len, C = sizes
+    q, k, v = chunk_in[:3]
+    g = chunk_in[3] if decay else q
+    do = do.contiguous()
+    dh, cu, (ix, NTG, G), common = _diag_dh(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0)
+    BKQ = min(max(16, _np2(d_k)), DIAG_DQK_BLOCK_K)
+    NK = -(-d_k // BKQ)
+    dev = q.device
+    dq = written(B, T, H, d_k, device=dev)
+    dk = written(1, B, T, H, d_k, device=dev)
+    dv = written(1, B, T, H, d_v, device=dev)
+    dg = written(NK, B, T, H, device=dev) if decay else dh0
+    chunk_diag_dqk_kernel[(NTG, NK, G)](q, k, v, g, do, ck, dh, cu, ix, dq, dk, dg, T, H, d_k, d_v, ck.shape[2],
+                                        B * T * H, BK=BKQ, BV=min(max(16, _np2(d_v)), DIAG_DQK_BLOCK_V), **common)
+    BVD = min(max(16, _np2(d_v)), DIAG_DV_BLOCK_V)
+    chunk_diag_dv_kernel[(NTG, -(-d_v // BVD), G)](q, k, g, do, dh, cu, ix, dv, T, H, d_k, d_v, ck.shape[2],
+                                                   BK=min(max(16, _np2(d_k)), DIAG_DV_BLOCK_K), BV=BVD, **common)
+    return [dq, dk, dv] + ([dg[0] if NK == 1 else dg.sum(0)] if decay else [])
+
+
+def _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk, dv, dg, dh0):
+    """DIAG_PATH = "split", row and column decays: the reverse pass (_diag_dh), then every gradient
+    (chunk_diag_bwd_kernel) into chunked_backward's buffers (partial sums over value blocks)."""
+    B, T, H, d_k, d_v, N, max_len, C = sizes
+    BK, BV = _blocks(d_k, d_v)
+    q, k, v = chunk_in[:3]
+    g = chunk_in[3] if decay else q
+    do = do.contiguous()
+    dh, cu, (ix, NTG, G), common = _diag_dh(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0)
+    NCK = ck.shape[2]
+    common = dict(common, BV=BV, SPAN=fast_span())
     BKB = min(BK, DIAG_BWD_BLOCK_K)
     chunk_diag_bwd_kernel[(NTG, -(-d_v // BV), G)](q, k, v, g, do, ck, dh, cu, ix, dq, dk, dv, dg, T, H, d_k, d_v,
                                                    NCK, k[0].numel(), v[0].numel(), B * T * H, M=k.shape[0], BK=BKB,
