@@ -52,7 +52,7 @@ def _case_settings():
     """name -> Case. The first three are the compiled failures of session 11's lease (H100, Triton 3.6); the others
     change one thing of one of them."""
     every = {"chunked.STATE_KEY_MAJOR": True, "chunked.STATE_KEY_SPLIT": True, "chunked.OFFSETS32": True,
-             "chunked.PREP_SPLIT": True, "chunked.UT_SOLVE": "blocks", "chunked_delta_bwd.SAME_KEY": True,
+             "chunked.UT_SOLVE": "blocks", "chunked_delta_bwd.SAME_KEY": True,
              "chunked.CHUNK_STORAGE": "input"}
     bwd = {"OLSSM_TRITON_CHUNK_BWD": "1"}
     cases = {

@@ -330,14 +330,11 @@ def test_wide_keys_bf16_operands_only_without_a_decay(name, bf16_operands, monke
         _close(g[n], g1[n], BF16_DOT_RTOL, f"d{n}")
 
 
-@pytest.mark.parametrize("narrow", [False, True])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_wide_keys_run_chunks_of_64(name, narrow, monkeypatch):
+def test_wide_keys_run_chunks_of_64(name, monkeypatch):
     # d_k = 72 > 64: the policy's chunk of 64 tokens (3 chunks, the last partial), every gradient against the
     # reference at the fp32 tolerances (RTOL, STATE_RTOL); the chunk size the forward ran is checked, so that
-    # a policy that stopped applying could not pass. narrow: chunked.WIDE_BLOCKS' 32-column / 16-row blocks
-    # (4 key blocks of BK = 128, d_v = 20 over two state programs)
-    monkeypatch.setattr(tchunk, "WIDE_BLOCKS", narrow)
+    # a policy that stopped applying could not pass
     seen = []
     real = tchunk.chunked_forward
     monkeypatch.setattr(tchunk, "chunked_forward",

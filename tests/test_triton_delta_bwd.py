@@ -264,23 +264,20 @@ def state_dots(monkeypatch):
 
 
 @pytest.mark.parametrize("key_major", [False, True])
-@pytest.mark.parametrize("narrow", [False, True])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_state_key_major_wide_keys(name, narrow, key_major, calls, state_dots, monkeypatch):
-    # d_k = 72 > 64: the wide-key path's chunks of 64 tokens (3, the last partial), d_v = 20 (WIDE_BLOCKS' narrow
-    # blocks: two programs of 16 value rows), an initial state; o, the final state and every gradient against the
+def test_state_key_major_wide_keys(name, key_major, calls, state_dots, monkeypatch):
+    # d_k = 72 > 64: the wide-key path's chunks of 64 tokens (3, the last partial), d_v = 20, an initial state;
+    # o, the final state and every gradient against the
     # reference (RTOL, STATE_RTOL). The dots the state kernels ran tell the orientations apart, so a knob that
     # stopped reaching the kernels fails here: both read the state with a [BT, BK] = [64, 128] tile (W̃ forward,
     # B backward); the updates' left operands are [BK, BT] = [128, 64] key-major (Bᵀ, W̃ᵀ, Qᵀ), [BV, BT] otherwise
     monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")            # Gated DeltaNet: log α has no closed form
-    monkeypatch.setattr(tchunk, "WIDE_BLOCKS", narrow)
     monkeypatch.setattr(tchunk, "STATE_KEY_MAJOR", key_major)
     rule = ENTRIES[name].rule
     inp = random_inputs(rule, 1, 140, 1, 72, 20, seed=8)
     _compare(rule, inp, 0.3 * torch.randn(1, 1, 20, 72, generator=torch.Generator().manual_seed(9)))
     assert len(calls) == 1
-    BV = 16 if narrow else 32
-    update = (128, 64) if key_major else (BV, 64)
+    update = (128, 64) if key_major else (32, 64)
     if state_dots is not None:   # interpreted: the orientation each state kernel ran
         assert [x[:2] for x in state_dots] == [["forward", key_major], ["backward", key_major]]
         for kernel, _, shapes in state_dots:
@@ -405,13 +402,13 @@ def test_same_key_kernel(name, case, same, calls, same_keys, monkeypatch):
 
 # ---- the key-split state pass (chunked.STATE_KEY_SPLIT): the forward's state in two key halves, int32 offsets ------
 
-@pytest.mark.parametrize("case", ["deltanet wide", "gated wide", "narrow", "varlen", "untied", "two terms", "rank 4",
+@pytest.mark.parametrize("case", ["deltanet wide", "gated wide", "varlen", "untied", "two terms", "rank 4",
                                   "chunk 32", "bf16 operands", "4 warps"])
 def test_state_key_split_paths(case, calls, state_dots, monkeypatch):
     # the forward's state pass in key halves on every path it serves, against the reference (o, final state, every
     # gradient: the backward reads the ck it wrote, so a half stored at the wrong key offset fails there): the
     # wide-key path (d_k = 72 → BK = 128, halves of 64, the upper one 8 real columns; chunks of 64, the last
-    # partial) for DeltaNet and Gated DeltaNet, WIDE_BLOCKS' 16 value rows, packed sequences (lengths 5, 0, 1, 37)
+    # partial) for DeltaNet and Gated DeltaNet, packed sequences (lengths 5, 0, 1, 37)
     # with initial states, the untied input term, two input terms, a rank-4 rule on sub-tokens, chunks of 32 (d_k =
     # 40 → BK = 64, halves of 32), bf16 operands, and KEY_SPLIT_WARPS = 4. Interpreted, the spy sees which kernel
     # ran and its dots: every left operand [BT, BK/2] (W̃'s halves) or [BK/2, BT] (Bᵀ's, W_mᵀ's); BT counts
@@ -423,8 +420,6 @@ def test_state_key_split_paths(case, calls, state_dots, monkeypatch):
     T, H, K, V, BT = 140, 1, 72, 20, 64
     if case == "deltanet wide":
         rule = ENTRIES["deltanet"].rule
-    elif case == "narrow":
-        monkeypatch.setattr(tchunk, "WIDE_BLOCKS", True)
     elif case == "varlen":
         cu, T = [0, 5, 5, 6, 43], 43
     elif case == "untied":
@@ -522,50 +517,6 @@ def _split_path_case(case, monkeypatch):
     return rule, cu, T, H, K, V, rtol, state_rtol
 
 
-# ---- the split forward's prep in two launches (chunked.PREP_SPLIT) ------------------------------------------------
-
-@pytest.fixture
-def prep_launches(monkeypatch):
-    """The split forward's prep launches, in order: "core" (chunk_delta_prep_kernel with CORE_ONLY), "wu"
-    (chunk_delta_wu_kernel) or "prep" (the one-kernel form). Launch wrappers work compiled too."""
-    seen = []
-    monkeypatch.setattr(tchunk, "chunk_delta_prep_kernel", _Launch(
-        tchunk.chunk_delta_prep_kernel, lambda k: "core" if k.get("CORE_ONLY") else "prep", seen))
-    monkeypatch.setattr(tchunk, "chunk_delta_wu_kernel", _Launch(tchunk.chunk_delta_wu_kernel, lambda k: "wu", seen))
-    return seen
-
-
-@pytest.mark.parametrize("case", ["deltanet wide", "gated wide", "varlen", "untied", "two terms", "rank 4",
-                                  "chunk 32", "bf16 operands", "forward only", "with offsets32"])
-def test_prep_split_paths(case, calls, prep_launches, monkeypatch):
-    # the split forward with its prep in two launches against the reference (o, final state, every gradient: the
-    # chunked backward reads the T_c and W̃ they kept): the wide-key path (d_k = 72, chunks of 64, the last partial)
-    # for DeltaNet and Gated DeltaNet, packed sequences (lengths 5, 0, 1, 37) with initial states, the untied input
-    # term (Y from A W_0ᵀ), chunks of 32, bf16 operands, a forward without a backward (T_c in a scratch buffer), and
-    # with int32 offsets; two input terms and the rank-4 rule (its sub-tokens carry two input terms) keep the
-    # one-kernel prep (M = 2)
-    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
-    monkeypatch.setattr(tchunk, "PREP_SPLIT", True)
-    monkeypatch.delenv("OLSSM_TRITON_PREP_SPLIT", raising=False)
-    rule, cu, T, H, K, V, rtol, state_rtol = _split_path_case(case, monkeypatch)
-    if case == "with offsets32":
-        monkeypatch.setattr(tchunk, "OFFSETS32", True)
-        monkeypatch.delenv("OLSSM_TRITON_OFFSETS32", raising=False)
-    N = len(cu) - 1 if cu else 1
-    h0 = 0.3 * torch.randn(N, H, V, K, generator=torch.Generator().manual_seed(19))
-    inp = random_inputs(rule, 1, T, H, K, V, seed=19)
-    cu_t = _dev(torch.tensor(cu, dtype=torch.int32)) if cu else None
-    if case == "forward only":   # no grad: the forward keeps no T_c, its own scratch holds it
-        rule = ENTRIES["deltanet"].rule
-        _compare(rule, random_inputs(rule, 1, T, H, K, V, seed=19), h0, grad=False)
-    else:
-        g = _compare(rule, inp, h0, rtol=rtol, state_rtol=state_rtol, cu_seqlens=cu_t)
-        assert len(calls) == 1
-        if case == "varlen":
-            assert g["h0"][1].abs().max() > 0
-    assert prep_launches == (["prep"] if case in ("two terms", "rank 4") else ["core", "wu"]), prep_launches
-
-
 # ---- int32 row offsets on the split delta path (chunked.OFFSETS32) -----------------------------------------------
 
 @pytest.fixture
@@ -627,23 +578,20 @@ def test_offsets32_stand_down_past_int32(monkeypatch):
 
 @pytest.mark.parametrize("storage", ["fp32", "bf16 chunk tensors", "bf16 checkpoints"])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_wide_key_variants_together(name, storage, calls, same_keys, solves, state_dots, offset_kinds, prep_launches,
-                                    monkeypatch):
-    # the next lease's `all` row (benchmarks/gpu_session.sh): the prep in two launches, the key-split forward state
-    # pass, the key-major backward one, int32 row offsets, and (the defaults since session 11, set here all the same)
+def test_wide_key_variants_together(name, storage, calls, same_keys, solves, state_dots, offset_kinds, monkeypatch):
+    # the next lease's `all` row (benchmarks/gpu_session.sh): the key-split forward state pass, the key-major backward one, int32 row offsets, and (the defaults since session 11, set here all the same)
     # the UT substitution on the diagonal blocks and the same-key key kernel at once, on the wide-key path (d_k = 72:
     # chunks of 64, the last partial), packed sequences with initial states. fp32: o, the final state and every
     # gradient against the reference (RTOL, STATE_RTOL). bf16 chunk tensors and bf16 checkpoints (CHUNK_STORAGE /
     # CHECKPOINT_STORAGE "input", two settings of `all`): bf16 inputs, "input" against "fp32" storage under the same
     # knobs (compare_storage's STORAGE_RTOL, compare_checkpoint_storage's CHECKPOINT_RTOL). Each knob reached its
-    # kernels: the prep in two launches, and (interpreted) the forward's state launch in key halves and the backward's
+    # kernels: (interpreted) the forward's state launch in key halves and the backward's
     # key-major, every row index int32, every UT solve on blocks, every key program through _same_key_grads at chunks
     # of 64 (a knob dropped on the way had still passed the comparisons)
     monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
     monkeypatch.setattr(tchunk, "STATE_KEY_MAJOR", True)
     monkeypatch.setattr(tchunk, "STATE_KEY_SPLIT", True)
     monkeypatch.setattr(tchunk, "OFFSETS32", True)
-    monkeypatch.setattr(tchunk, "PREP_SPLIT", True)
     monkeypatch.setattr(tchunk, "UT_SOLVE", "blocks")
     monkeypatch.delenv("OLSSM_TRITON_UT_SOLVE", raising=False)
     monkeypatch.setattr(tdelta, "SAME_KEY", True)
@@ -670,7 +618,6 @@ def test_wide_key_variants_together(name, storage, calls, same_keys, solves, sta
         assert [x[:2] for x in state_dots] == [["forward key split", False], ["backward", True]] * runs
     if offset_kinds is not None:   # every row index int32 (offsets32)
         assert offset_kinds == {True}
-    assert prep_launches == ["core", "wu"] * runs   # the prep in two launches (prep_split)
 
 
 @pytest.mark.parametrize("same", [True, False])

@@ -162,11 +162,6 @@ def variants(BT, BK, BV, prec, BVW=None):
                 if tied:   # training: T_c kept for the backward (chunked.saves_chunk_core)
                     yield (f"delta split prep {tag} SAVE_TC", ch.chunk_delta_prep_kernel,
                            dict(wide, SAVE_TC=True, **kw))
-                if tied:   # PREP_SPLIT: the core pass and the W̃ / Ũ pass
-                    yield (f"delta split prep {tag} CORE_ONLY", ch.chunk_delta_prep_kernel,
-                           dict(wide, SAVE_TC=True, CORE_ONLY=True, **kw))
-                    yield (f"delta split wu {tag}", ch.chunk_delta_wu_kernel,
-                           {k: v for k, v in dict(wide, **kw).items() if k not in ("M", "TIED")})
                 yield f"delta split state {tag}", ch.chunk_delta_state_kernel, dict(state, **kw)
                 yield f"delta split state {tag} KEY_MAJOR", ch.chunk_delta_state_kernel, dict(state, KEY_MAJOR=True,
                                                                                              **kw)
@@ -319,7 +314,7 @@ def main(argv=None) -> int:
     _lib.PSCAN_TILE = a.pscan_tile or _lib.PSCAN_TILE
     _lib.PSCAN_BWD_TILE = a.pscan_bwd_tile or _lib.PSCAN_BWD_TILE
     from .chunked import _np2, split_blocks
-    BK, BV, _, BVW, _ = split_blocks(a.dk, a.dv, wide_keys=False)
+    BK, BV, BVW, _ = split_blocks(a.dk, a.dv, wide_keys=False)
     print(f"sm_{a.arch}, num_warps={a.num_warps}, BT={a.chunk}, BK={BK}, BV={BV} (split prep/out: {BVW}), "
           f"dot precision {a.precision}")
     from . import library

@@ -1239,8 +1239,7 @@ def _store_wt(a_ptr, wt_ptr, Tc, cg, base, tm, DK, BK: tl.constexpr, KB: tl.cons
 
 @triton.jit
 def _store_left_product(Y, e_ptr, u_ptr, base, tm, DV, BV: tl.constexpr, PREC: tl.constexpr):
-    """Ũ = Y E_0 → u for a chunk's [BT, BT] left factor Y, BV value rows at a time (the one-input-term prep, fused
-    or in two launches)."""
+    """Ũ = Y E_0 → u for a chunk's [BT, BT] left factor Y, BV value rows at a time (the one-input-term prep)."""
     for i_v in range(0, tl.cdiv(DV, BV)):
         rows = i_v * BV + tl.arange(0, BV)
         vm = tm[:, None] & (rows < DV)[None, :]
@@ -1254,23 +1253,19 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
                             BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
                             PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, TIED: tl.constexpr = False,
                             SAVE_TC: tl.constexpr = False, SUB: tl.constexpr = 1, UTB: tl.constexpr = 16,
-                            SOLVE: tl.constexpr = "blocks", OFF32: tl.constexpr = False,
-                            CORE_ONLY: tl.constexpr = False):
+                            SOLVE: tl.constexpr = "blocks", OFF32: tl.constexpr = False):
     """Per chunk, independent of the state:
         W̃ = T_c (c ⊙ Γ ⊙ A) → wt,   Ũ = T_c (c ⊙ Σ_m (A W_mᵀ ⊙ D_strict) E_m) → u,
     and (SAVE_TC, for the chunked backward, which then skips its own inverse) T_c → tc [.., BT].
     The [BT, BK] tiles are taken KB key columns at a time (whole [BT, 128] operands spilled ~0.5 KB/thread).
-    TIED: W_0 is B (DeltaNet, Gated DeltaNet: w = b = k), so A W_0ᵀ ⊙ D_st is N, already formed for T_c.
-    CORE_ONLY (PREP_SPLIT, M = 1): only T_c → tc and Ũ's left factor Y = T_c diag(c) (A W_0ᵀ ⊙ D_st) → u_ptr,
-    which the launch points at a [.., BT] buffer y; chunk_delta_wu_kernel then forms W̃ and Ũ from them."""
+    TIED: W_0 is B (DeltaNet, Gated DeltaNet: w = b = k), so A W_0ᵀ ⊙ D_st is N, already formed for T_c."""
     i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
     tt = tl.arange(0, BT)
     tm, base = _tokens(start, tt, eos, H, i_h, OFF32)
     cc, _, Dst, gam, Tc, Nab = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC, SUB,
                                            UTB, SOLVE)
-    if not CORE_ONLY:
-        _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
-    if SAVE_TC or CORE_ONLY:
+    _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
+    if SAVE_TC:
         tl.store(tc_ptr + base[:, None] * BT + tt[None, :], Tc, mask=tm[:, None])
     Tc = Tc * cc[None, :]                                                     # T_c diag(c)
     if M == 1:   # one [BT, BT] left factor for every value block
@@ -1278,9 +1273,6 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
             Y = _mm(Tc, Nab, PREC)
         else:
             Y = _mm(Tc, _dot_rows_k(a_ptr, w_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst, PREC)
-        if CORE_ONLY:   # the launch passes y, [.., BT] per token, in u's place (u is chunk_delta_wu_kernel's)
-            tl.store(u_ptr + base[:, None] * BT + tt[None, :], Y, mask=tm[:, None])
-            return
         _store_left_product(Y, e_ptr, u_ptr, base, tm, DV, BV, PREC)
     else:
         for i_v in range(0, tl.cdiv(DV, BV)):
@@ -1296,26 +1288,6 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
                             mask=vm, other=0.0).to(tl.float32)
                 P += _mm(AW, e, PREC)
             tl.store(u_ptr + base[:, None] * DV + rows[None, :], _mm(Tc, P, PREC), mask=vm)
-
-
-@triton.jit
-def chunk_delta_wu_kernel(a_ptr, c_ptr, g_ptr, e_ptr, tc_ptr, y_ptr, wt_ptr, u_ptr, cu_ptr, ix_ptr, T, H, DK, DV,
-                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KB: tl.constexpr,
-                          GATED: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
-                          OFF32: tl.constexpr = False):
-    """The second half of the split prep (PREP_SPLIT): per chunk, from T_c (tc) and Y (y) that
-    chunk_delta_prep_kernel's CORE_ONLY pass stored, W̃ = T_c (c ⊙ Γ ⊙ A) → wt, KB key columns at a time, and
-    Ũ = Y E_0 → u, BV value rows at a time (fla's recompute_w_u, after its kkt and solve_tril kernels): the
-    inverse's registers are not live while the [BT, KB] and [BT, BV] products run."""
-    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
-    tt = tl.arange(0, BT)
-    tm, base = _tokens(start, tt, eos, H, i_h, OFF32)
-    cc = tl.load(c_ptr + base, mask=tm, other=0.0).to(tl.float32)
-    _, _, gam, _, _ = _chunk_decay(g_ptr, base, tm, BT, GATED)
-    Tc = tl.load(tc_ptr + base[:, None] * BT + tt[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
-    _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
-    Y = tl.load(y_ptr + base[:, None] * BT + tt[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
-    _store_left_product(Y, e_ptr, u_ptr, base, tm, DV, BV, PREC)
 
 
 @triton.jit
@@ -1621,16 +1593,6 @@ def _precision(dtype=torch.float32, bf16_operands: bool = False) -> str:
 #: size)
 WIDE_KEYS = 64
 WIDE_STAGES = 2
-#: narrower blocks on the wide-key path (off: untimed). sm_90 spills per thread at chunk 64, bf16 operands, d_k = d_v =
-#: 128, 8 warps, the decay = scalar variants (aot_check's compile_for, session 8; TRITON.md has DeltaNet's): prep and
-#: out take 32 key columns per operand instead of SPLIT_BLOCK_K's 64 (360 -> 32 B, 56 -> 0), the state passes 16 value
-#: rows instead of 32 (forward 56 -> 0 B, backward 480 -> 224, twice the programs), the backward's key kernel 32 key
-#: columns instead of KEY_BLOCK_K's 64 (560 -> 176 B, twice the programs). gpu_session.sh variants times it
-#: (wide_blocks:1)
-WIDE_BLOCKS = False
-#: WIDE_BLOCKS' key columns per operand (prep, out, the backward's prep and key kernel) and value rows (state passes)
-WIDE_BLOCK_K = 32
-WIDE_BLOCK_V = 16
 #: the split delta path's sequential state passes (chunk_delta_state_kernel, chunk_delta_bwd_state_kernel) hold the
 #: state tile key-major, Sᵀ [BK, BV], instead of S [BV, BK] (ck / ht / dh keep their layout). Off: untimed. Why: sm_90
 #: issues wgmma only for dots of M a multiple of 64 rows; the updates (Δ ⊙ dec)ᵀ B, E_mᵀ W_m, (Γ ⊙ dO)ᵀ Q, dΔᵀ W̃ have
@@ -1683,21 +1645,6 @@ def offsets32_fit(sizes) -> bool:
     return offsets32() and B * T * H * max(d_k, d_v, C) < 2 ** 31
 
 
-#: the split forward's prep in two launches (off: untimed; session 10): chunk_delta_prep_kernel with CORE_ONLY forms
-#: the UT inverse T_c and Ũ's left factor Y = T_c diag(c) (A W_0ᵀ ⊙ D_st) and stores both ([.., chunk] per token),
-#: then chunk_delta_wu_kernel forms W̃ = T_c (c ⊙ Γ ⊙ A) and Ũ = Y E_0 from them. fla runs this step as three
-#: spill-free kernels (kkt, solve_tril, recompute_w_u; benchmarks/fla_static.py) where our one prep spills 360 B at
-#: d 128, and session 7's profile had prep as the forward's largest kernel. Costs one [.., chunk] fp32 write and read
-#: (y; T_c is stored anyway when a backward follows). One input term only (M = 1); more keep the one kernel.
-#: OLSSM_TRITON_PREP_SPLIT (0 / 1) overrides (prep_split)
-PREP_SPLIT = False
-
-
-def prep_split() -> bool:
-    """PREP_SPLIT, or OLSSM_TRITON_PREP_SPLIT if set (the split forward's launch reads it)."""
-    return switch_on("OLSSM_TRITON_PREP_SPLIT", PREP_SPLIT, "prep split")
-
-
 def state_key_split() -> bool:
     """STATE_KEY_SPLIT, or OLSSM_TRITON_STATE_KEY_SPLIT if set (the split forward's launch reads it)."""
     return switch_on("OLSSM_TRITON_STATE_KEY_SPLIT", STATE_KEY_SPLIT, "state key split")
@@ -1714,11 +1661,6 @@ def state_key_major() -> bool:
     """STATE_KEY_MAJOR, or OLSSM_TRITON_STATE_KEY_MAJOR if set; the forward's and the backward's state launches each
     read it."""
     return switch_on("OLSSM_TRITON_STATE_KEY_MAJOR", STATE_KEY_MAJOR, "state key-major")
-
-
-def narrow_blocks(wide_keys: bool) -> bool:
-    """Whether this wide-key call takes WIDE_BLOCKS' narrower blocks."""
-    return bool(wide_keys and WIDE_BLOCKS)
 
 
 def bf16_operands(form, d_k: int) -> bool:
@@ -1743,8 +1685,7 @@ class SplitBlocks(NamedTuple):
     """The split delta path's block sizes. Its forward and its backward must agree on them (the backward's state
     pass walks the forward's ck, and its prep and value kernels mirror the forward's prep), so both read this."""
     BK: int   # key columns of the state tile: the whole (padded) d_k
-    BV: int   # value rows per program of the sequential state passes
-    BV_UNNARROWED: int   # _blocks' BV whether or not WIDE_BLOCKS narrows the state passes (the key kernel's rows)
+    BV: int   # value rows per program of the sequential state passes (and of the backward's key kernel)
     BVW: int  # value rows per program of the parallel kernels (forward prep and out; backward prep and value)
     KB: int   # key columns per tl.dot operand in the forward's prep and out and the backward's prep
 
@@ -1754,10 +1695,7 @@ def split_blocks(d_k: int, d_v: int, wide_keys: bool) -> SplitBlocks:
     wider value blocks than the state passes: they have parallelism to spare, and each value block repeats the
     [BT, BT] work (the inverse in prep, Q Bᵀ and Q Wᵀ in out)."""
     BK, BV = _blocks(d_k, d_v)
-    narrow = narrow_blocks(wide_keys)
-    return SplitBlocks(BK=BK, BV=WIDE_BLOCK_V if narrow else BV, BV_UNNARROWED=BV,
-                       BVW=max(16, min(_np2(d_v), SPLIT_BLOCK_V)),
-                       KB=min(BK, WIDE_BLOCK_K if narrow else SPLIT_BLOCK_K))
+    return SplitBlocks(BK=BK, BV=BV, BVW=max(16, min(_np2(d_v), SPLIT_BLOCK_V)), KB=min(BK, SPLIT_BLOCK_K))
 
 
 #: the delta family's forward with a scalar c and none / scalar decay: "split" (three kernels:
@@ -1887,7 +1825,7 @@ def saves_chunk_core(plan, chunked: bool, save: bool, chunk_bwd: bool) -> bool:
 def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied=False, core=None, sub=1,
                          wide_keys=False, bf16=False):
     B, T, H, d_k, d_v, N, max_len, C = sizes
-    BK, BV, _, BVW, KB = split_blocks(d_k, d_v, wide_keys)
+    BK, BV, BVW, KB = split_blocks(d_k, d_v, wide_keys)
     q, w, e, g, a, b, c = chunk_in[:7]
     M = w.shape[0]
     dev = q.device
@@ -1899,20 +1837,9 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
     cu = cu_seqlens if varlen else ht
     common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=_precision(o.dtype, bf16),
                   TIED=tied, SUB=sub, OFF32=offsets32_fit(sizes), **_launch_opts(wide_keys))
-    if prep_split() and M == 1:
-        # T_c and Y first (into tc, kept for the backward or scratch, and y), then W̃ and Ũ from them
-        tc_s = tc if core is not None else torch.empty(B, T, H, C, dtype=torch.float32, device=dev)
-        y = torch.empty(B, T, H, C, dtype=torch.float32, device=dev)
-        chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, y, tc_s, cu, ix, T, H, d_k, d_v, w[0].numel(),
-                                          e[0].numel(), M=M, BV=BVW, KB=KB, SAVE_TC=True, UTB=int(UT_BLOCK),
-                                          SOLVE=ut_solve(), CORE_ONLY=True, **common)
-        wu = {k: v for k, v in common.items() if k not in ("TIED", "SUB")}
-        chunk_delta_wu_kernel[(NTG, G)](a, c, g, e, tc_s, y, wt, u, cu, ix, T, H, d_k, d_v, BV=BVW, KB=KB, **wu)
-    else:
-        chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
-                                          e[0].numel(), M=M, BV=BVW, KB=KB,
-                                          SAVE_TC=core is not None, UTB=int(UT_BLOCK), SOLVE=ut_solve(),
-                                          **common)
+    chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
+                                      e[0].numel(), M=M, BV=BVW, KB=KB, SAVE_TC=core is not None, UTB=int(UT_BLOCK),
+                                      SOLVE=ut_solve(), **common)
     state_args = (w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
                   w[0].numel(), e[0].numel())
     if state_key_split() and _key_split_fits(T, H, d_k, d_v, BK, B):

@@ -783,11 +783,11 @@ def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, s
 
 
 def _key_grads(q, w, e, g, a, b, dr, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common, tied=False,
-               key_block_k=None, same=False):
+               same=False):
     """The key kernel (dr = dR', dl = Δ): dQ, dW, ∂ log γ (summed over key blocks), dA, dB (tied: w_0 = b); same
     (a = b = w_0 one tensor: chunked.shared_key_inputs): dW and dA None, and dK = dA + dB + dW_0 in dB's place."""
     B, T, H, d_k, d_v = sizes[:5]
-    KB = min(BK, key_block_k or KEY_BLOCK_K)
+    KB = min(BK, KEY_BLOCK_K)
     NKB = BK // KB
     z = dict(dtype=torch.float32, device=q.device)
     dq = _ch.written(B, T, H, d_k, device=q.device)
@@ -828,8 +828,7 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
         return chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, sub, same)
     B, T, H, d_k, d_v, N, max_len, C = sizes
     wide_keys = _ch.wide(plan.rule.form, d_k)   # the forward's choice (chunk size, stages, precision)
-    narrow = _ch.narrow_blocks(wide_keys)
-    BK, BVS, BV, BVW, KB = _ch.split_blocks(d_k, d_v, wide_keys)   # the split forward's blocks
+    BK, BV, BVW, KB = _ch.split_blocks(d_k, d_v, wide_keys)   # the split forward's blocks
     q, w, e, g, a, b, c = chunk_in[:7]
     M = w.shape[0]
     gated = plan.rule.form.decay_kind != "none"
@@ -851,9 +850,9 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     chunk_delta_bwd_prep_kernel[(NTG, G)](q, a, b, c, g, do, tc, wt, dd, cu, ix, T, H, d_k, d_v, BK=BK, BV=BVW,
                                           KB=KB, HAVE_TC=core is not None, UTB=int(_ch.UT_BLOCK),
                                           SOLVE=_ch.ut_solve(), **common)
-    chunk_delta_bwd_state_kernel[(-(-d_v // BVS), N * H)](
+    chunk_delta_bwd_state_kernel[(-(-d_v // BV), N * H)](
         q, g, b, wt, do, dd, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK,
-        BK=BK, BV=BVS, USE_DHT=dht is not None, KEY_MAJOR=_ch.state_key_major(), **common)
+        BK=BK, BV=BV, USE_DHT=dht is not None, KEY_MAJOR=_ch.state_key_major(), **common)
     NVW = -(-d_v // BVW)
     dl = torch.empty(B, T, H, d_v, **z)
     de = _ch.written(M, B, T, H, d_v, device=dev)
@@ -862,5 +861,5 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
         q, w, e, g, a, b, c, tc, dd, do, ck, dh, dl, de, dc, cu, ix, T, H, d_k, d_v, NCK, w[0].numel(),
         e[0].numel(), TOKH, M=M, BK=BK, BV=BVW, KB=min(BK, VALUE_BLOCK_K), TIED=tied, **common)
     dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dd, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common,
-                                    tied, _ch.WIDE_BLOCK_K if narrow else None, same)
+                                    tied, same)
     return [dq, dw, de, dg, da, db, dc[0] if dc.shape[0] == 1 else dc.sum(0)], dh0
