@@ -66,30 +66,22 @@ with_fla() {
 }
 
 bench=(python benchmarks/triton_kernels.py --dtype bf16 --autotune)
-# the chunked settings timed against the defaults (benchmarks/triton_kernels.py --variants), built in sessions 8-10
-# (all but `cs` first timed in session 11, at D = 128; WIDE_BLOCKS, `wb`, lost there and is gone): bf16 chunk tensors (`cs`: no fp32 copies
-# of q, k, v), the key-major state tile (`km`), session 11's two new defaults the old way round (`utm`: the UT
-# substitution on the whole masked tile, where "blocks" won the forward by 1.12-1.13x; `nsk`: the general backward key
-# kernel and autograd's dA + dB + dW, where the same-key kernel won fwd+bwd by 1.04-1.07x), the forward's state pass
-# in key halves with int32 offsets (`ks`: session 10, no spills at 8 warps; `ks4` at 4 warps, fla's fwd_h count),
-# int32 row offsets in the split path's seven kernels (`o32`: spills 440 -> 352 in prep, 272 -> 0 in the backward's
-# tied key kernel, aot_check), the forward's prep in two launches (`ps`, as fla's kkt / solve_tril / recompute_w_u:
-# lost 5 % of the forward in session 11, gone since session 15), and the opt-in ones but `wb` and `ks4` together with bf16
-# checkpoints, on the new defaults (`all`: fla keeps h in bf16; ck is 268 MB of fp32 at (2, 8192, 16, 128), written
-# once and read three times; key_split takes the forward's state pass, key_major the backward's; they touch different
-# kernels and glue). Session 12: `nraw`, the fp32 copies of bf16 q, k, v back (RAW_INPUTS off; on, the same bits in
-# fewer bytes: 608 -> 205 MB of forward glue). Session 13: `nfs`, β·v's backward as three torch passes again (FUSED_SCALE_BWD
-# off; on, one Triton launch: 673 -> 268 MB per backward at D = 128, glue_ops.py).
-# Session 8's wide-key settings against the old chunk-32 defaults are not repeated (one process, 2.06 / 5.70 against
-# 2.83 / 6.97 ms).
+# the chunked settings timed against the defaults (benchmarks/triton_kernels.py --variants): bf16 chunk tensors (`cs`:
+# no fp32 copies of q, k, v), bf16 checkpoints (`ck`: fla keeps h in bf16; ck is 268 MB of fp32 at (2, 8192, 16, 128),
+# written once and read three times), session 11's two new defaults the old way round (`utm`: the UT substitution on
+# the whole masked tile, where "blocks" won the forward by 1.12-1.13x; `nsk`: the general backward key kernel and
+# autograd's dA + dB + dW, where the same-key kernel won fwd+bwd by 1.04-1.07x), int32 row offsets in the split path's
+# seven kernels (`o32`: spills 440 -> 352 in prep, 272 -> 0 in the backward's tied key kernel, aot_check; within the
+# drift in session 11). Session 12: `nraw`, the fp32 copies of bf16 q, k, v back (RAW_INPUTS off; on, the same bits in
+# fewer bytes: 608 -> 205 MB of forward glue). Session 13: `nfs`, β·v's backward as three torch passes again
+# (FUSED_SCALE_BWD off; on, one Triton launch: 673 -> 268 MB per backward at D = 128, glue_ops.py). `nkm` holds the
+# storage settings and int32 offsets together. Gone since session 15, after the H100 timed them (session 11): wide
+# blocks (`wb`, lost 12-20 %), the key-major state tile (`km`, lost 6-9 %), the prep in two launches (`ps`, lost 5 % of
+# the forward), the forward's state pass in key halves (`ks`, `ks4`: within the drift twice)
 # Triton's on-disk cache carries the profile's compiles over to the table
-variants_all='key_major:1,key_split:1,chunk_storage:input,offsets32:1,checkpoint_storage:input'
-# session 11: `all` was the fastest DeltaNet row, but the key-major tile inside it cost Gated DeltaNet's backward
-# (alone it lost 6-9 %); `nkm` is `all` without it. bf16 chunk tensors (`cs`) and bf16 checkpoints (`ck`) were only
-# ever timed inside `all`. ks4 and wb are not repeated (within drift; lost 12-20 %)
-variants_nkm='key_split:1,chunk_storage:input,offsets32:1,checkpoint_storage:input'
+variants_nkm='chunk_storage:input,offsets32:1,checkpoint_storage:input'
 # rows in order of need (a timeout cuts the last): those never timed first, then session 11's losers and draws
-variants128="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;nraw=raw_inputs:0;nfs=fused_scale_bwd:0;utm=ut_solve:masked;nsk=same_key:0;o32=offsets32:1;ks=key_split:1;km=key_major:1"
+variants128="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;nraw=raw_inputs:0;nfs=fused_scale_bwd:0;utm=ut_solve:masked;nsk=same_key:0;o32=offsets32:1"
 variants128_profile="nkm=$variants_nkm"
 # the diagonal family (session 12): the split path (`ds`), and chunks of 64 tokens with it and without (the split's
 # parallel kernels get wgmma at 64-row tiles: none at chunk 32, the diagonal rules' default; spills at d = 128 then
@@ -97,7 +89,7 @@ variants128_profile="nkm=$variants_nkm"
 # `mr0`: the fused walks without .maxnreg 255 (WALK_MAXNREG, session 12: ptxas had held them to 128 or 32 registers
 # at d = 128 and spilled 1.4-6 KB per thread)
 variants_diag="ds=diag_path:split;ds64=diag_path:split,chunk:64;ds64ck=diag_path:split,chunk:64,checkpoint_storage:input;c64=chunk:64;mr0=walk_maxnreg:0;again="
-variants64="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;o32=offsets32:1;ks=key_split:1;utm=ut_solve:masked;nsk=same_key:0;all=$variants_all;km=key_major:1"
+variants64="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;o32=offsets32:1;utm=ut_solve:masked;nsk=same_key:0"
 # peers whose first call autotunes for minutes (fla 0.6's chunk_gla; its chunk_gated_delta_rule at D = 128 outlasted
 # session 14's calls): their own stages, fla-gla and fla-gdn
 skip_slow_peers="gla:fla-chunk,gated_deltanet:fla-chunk"

@@ -51,7 +51,7 @@ class Case(NamedTuple):
 def _case_settings():
     """name -> Case. The first three are the compiled failures of session 11's lease (H100, Triton 3.6); the others
     change one thing of one of them."""
-    every = {"chunked.STATE_KEY_MAJOR": True, "chunked.STATE_KEY_SPLIT": True, "chunked.OFFSETS32": True,
+    every = {"chunked.OFFSETS32": True,
              "chunked.UT_SOLVE": "blocks", "chunked_delta_bwd.SAME_KEY": True,
              "chunked.CHUNK_STORAGE": "input"}
     bwd = {"OLSSM_TRITON_CHUNK_BWD": "1"}

@@ -172,8 +172,7 @@ def _main(argv=None):
                    help="time each olssm kernel row again under other settings in this same process, rows "
                         "'KERNEL@LABEL': ';'-separated LABEL=KEY:VALUE,... with keys precision (chunked dots), chunk, "
                         "stages (chunked pipeline stages), wide (chunked.WIDE_KEYS, 'off': no wide-key settings), "
-                        "key_major (chunked.STATE_KEY_MAJOR: 1 or 0), key_split "
-                        "(chunked.STATE_KEY_SPLIT: 1 or 0), key_split_warps (chunked.KEY_SPLIT_WARPS), offsets32 "
+                        "offsets32 "
                         "(chunked.OFFSETS32: 1 or 0), "
                         "chunk_storage / checkpoint_storage (fp32 or input), ut_solve (chunked.UT_SOLVE: masked or "
                         "blocks), same_key (chunked_delta_bwd.SAME_KEY: 1 or 0), diag_path (chunked.DIAG_PATH: fused or "
@@ -428,9 +427,6 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _one_of(*chunked.DOT
                  "chunk": (library, ("CHUNK", "WIDE_CHUNK"), _pow2, "chunk"),
                  "stages": (chunked, ("NUM_STAGES",), _positive, "chunk"),
                  "wide": (chunked, ("WIDE_KEYS",), _wide, "chunk"),
-                 "key_major": (chunked, ("STATE_KEY_MAJOR",), _switch, "chunk"),
-                 "key_split": (chunked, ("STATE_KEY_SPLIT",), _switch, "chunk"),
-                 "key_split_warps": (chunked, ("KEY_SPLIT_WARPS",), _pow2, "chunk"),
                  "offsets32": (chunked, ("OFFSETS32",), _switch, "chunk"),
                  "chunk_storage": (chunked, ("CHUNK_STORAGE",), _one_of("fp32", "input"), "chunk"),
                  "checkpoint_storage": (chunked, ("CHECKPOINT_STORAGE",), _one_of("fp32", "input"), "chunk"),

@@ -700,9 +700,9 @@ def test_benchmark_variants_parse_the_session_specs():
     bench = _bench_module()
     assert bench._variants("narrow=wide:off;rec32=block_v:32,warps:4;again=") == {
         "narrow": {"wide": None}, "rec32": {"block_v": 32, "warps": 4}, "again": {}}
-    assert bench._variants("bf16=precision:bf16;c64=chunk:64,stages:2;w=wide:128;km=key_major:1") == {
+    assert bench._variants("bf16=precision:bf16;c64=chunk:64,stages:2;w=wide:128;o32=offsets32:1") == {
         "bf16": {"precision": "bf16"}, "c64": {"chunk": 64, "stages": 2}, "w": {"wide": 128},
-        "km": {"key_major": True}}
+        "o32": {"offsets32": True}}
     assert bench._variants("utb=ut_solve:blocks;again=") == {"utb": {"ut_solve": "blocks"}, "again": {}}
     assert bench._variants("sk=same_key:1;again=") == {"sk": {"same_key": True}, "again": {}}
     # session 11's defaults the old way round (gpu_session.sh's utm / nsk rows)
@@ -720,7 +720,7 @@ def test_benchmark_verdicts_judge_settings_against_the_drift_of_the_defaults():
     than the default rows' spread (their drift within the process), and the fastest chunked row is set against fla's
     chunk kernel. Synthetic times (ms); nothing runs."""
     bench = _bench_module()
-    variants = bench._variants("km=key_major:1;utb=ut_solve:blocks;slow=same_key:1;again=")
+    variants = bench._variants("km=offsets32:1;utb=ut_solve:blocks;slow=same_key:1;again=")
     timed = [("deltanet", "recurrent", 9.0, 40.0), ("deltanet", "chunk", 2.06, 5.70),
              ("deltanet", "chunk@km", 1.50, 5.00), ("deltanet", "chunk@utb", 2.00, 5.69),
              ("deltanet", "chunk@slow", 2.50, 7.00), ("deltanet", "chunk@again", 2.10, 5.72),
@@ -757,11 +757,11 @@ def test_profile_rows_skip_settings_of_the_other_kernel_family(monkeypatch, caps
         monkeypatch.delitem(sys.modules, name, raising=False)
     import profile_gpu
     bench = sys.modules["triton_kernels"]
-    assert bench._changes({}, "recurrent") and bench._changes({"key_major": True}, "chunk-fused")
-    assert not bench._changes({"key_major": True}, "recurrent") and not bench._changes({"block_v": 32}, "chunk")
+    assert bench._changes({}, "recurrent") and bench._changes({"offsets32": True}, "chunk-fused")
+    assert not bench._changes({"offsets32": True}, "recurrent") and not bench._changes({"block_v": 32}, "chunk")
     monkeypatch.setattr(profile_gpu, "_kernel_times", lambda fn, calls, device: {})
     profile_gpu.main(["--rules", "deltanet", "--B", "1", "--T", "8", "--H", "1", "--d", "4",
-                      "--variants", "km=key_major:1;rec=block_v:32;again="])
+                      "--variants", "km=offsets32:1;rec=block_v:32;again="])
     rows = [line.split(" / ")[1].split(" (")[0] for line in capsys.readouterr().out.splitlines()
             if line.startswith("== ")]
     assert rows == ["chunk@default", "chunk@km", "chunk@again", "recurrent@default", "recurrent@rec",

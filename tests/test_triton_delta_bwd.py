@@ -8,12 +8,10 @@ state 2e-5). The direct tests call the kernels on chunk tensors with independent
 rules have a = b = w = k, so torch sums their gradients; the untied kernels) or with b = w_0 (the TIED value and
 key kernels, chunked._tied) against an fp64 autograd loop; the `ties` fixture records which the launches took.
 """
-from triton_testing import (spy_launches, DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
+from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
                             CHECKPOINT_RTOL, compare_checkpoint_storage as _compare_ck,
                             compare_storage as _compare_storage,
                             dev as _dev, pin_fp32_storage, split_scan_matches, spy)  # (sets TRITON_INTERPRET first)
-
-import contextlib  # noqa: E402
 
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
@@ -229,102 +227,9 @@ def test_value_and_key_blocks(calls, ties, monkeypatch):
     assert ties == [("value", True), ("key", True)]
 
 
-# ---- the key-major state tile (chunked.STATE_KEY_MAJOR): through rule.scan, against the reference -------------
-
-@pytest.fixture
-def state_dots(monkeypatch):
-    """What the two sequential state kernels ran, per launch: [kernel, its KEY_MAJOR constexpr, the shapes (rows,
-    inner) of the left operands of its dots]. The interpreter runs a kernel as Python and looks chunked._mm up at
-    call time, so a spy there sees every dot the state kernels issue (their dots all go through it). None when
-    compiled (a plain function cannot stand in for a jit helper there: the kernels would not compile)."""
-    if not tscan.interpreted():
-        return None
-    launches, inside = [], []
-    real_mm = tchunk._mm
-
-    def mm(x, y, PREC):
-        if inside:
-            launches[-1][2].append(tuple(int(n) for n in x.shape))
-        return real_mm(x, y, PREC)
-
-    @contextlib.contextmanager
-    def launch(label, kwargs):
-        launches.append([label, kwargs.get("KEY_MAJOR", False), []])
-        inside.append(1)
-        try:
-            yield
-        finally:
-            inside.pop()
-
-    monkeypatch.setattr(tchunk, "_mm", mm)
-    spy_launches(monkeypatch, tchunk, {"chunk_delta_state_kernel": "forward",
-                                       "chunk_delta_state_split_kernel": "forward key split"}, launch)
-    spy_launches(monkeypatch, tdelta, {"chunk_delta_bwd_state_kernel": "backward"}, launch)
-    return launches
-
-
-@pytest.mark.parametrize("key_major", [False, True])
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_state_key_major_wide_keys(name, key_major, calls, state_dots, monkeypatch):
-    # d_k = 72 > 64: the wide-key path's chunks of 64 tokens (3, the last partial), d_v = 20, an initial state;
-    # o, the final state and every gradient against the
-    # reference (RTOL, STATE_RTOL). The dots the state kernels ran tell the orientations apart, so a knob that
-    # stopped reaching the kernels fails here: both read the state with a [BT, BK] = [64, 128] tile (W̃ forward,
-    # B backward); the updates' left operands are [BK, BT] = [128, 64] key-major (Bᵀ, W̃ᵀ, Qᵀ), [BV, BT] otherwise
-    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")            # Gated DeltaNet: log α has no closed form
-    monkeypatch.setattr(tchunk, "STATE_KEY_MAJOR", key_major)
-    rule = ENTRIES[name].rule
-    inp = random_inputs(rule, 1, 140, 1, 72, 20, seed=8)
-    _compare(rule, inp, 0.3 * torch.randn(1, 1, 20, 72, generator=torch.Generator().manual_seed(9)))
-    assert len(calls) == 1
-    update = (128, 64) if key_major else (32, 64)
-    if state_dots is not None:   # interpreted: the orientation each state kernel ran
-        assert [x[:2] for x in state_dots] == [["forward", key_major], ["backward", key_major]]
-        for kernel, _, shapes in state_dots:
-            assert set(shapes) == {(64, 128), update}, (kernel, shapes)
-
-
 #: DOT_PRECISION "bf16" (operands rounded to bf16, fp32 state and accumulators) against the fp32 reference: as
 #: test_triton_chunked.BF16_DOT_RTOL (≤ 2⁻⁸ per product, a few terms of either sign: 2e-2); fp32 inputs and outputs here
 BF16_DOT_RTOL = 2e-2
-
-
-@pytest.mark.parametrize("case", ["varlen", "untied", "two terms", "rank 4", "chunk 32", "bf16 operands"])
-def test_state_key_major_paths(case, state_dots, monkeypatch):
-    # every path the two state kernels serve, with the state tile key-major, against the reference: a gated rule on
-    # packed sequences (lengths 5, 0, 1, 37) with an initial state each (the empty one passes dht to dh0); the untied
-    # input term (TIE_INPUT_TERM off); two input terms (the second untied); a rank-4 rule on sub-tokens; chunks of 32
-    # (d_k = 40, d_v = 20: the updates' left operands [BK, BT] = [64, 32], not [BV, BT] = [32, 32]); bf16 operands
-    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
-    monkeypatch.setattr(tchunk, "STATE_KEY_MAJOR", True)
-    rule, h0, cu, rtol, state_rtol = ENTRIES["gated_deltanet"].rule, None, None, RTOL, STATE_RTOL
-    T, H, K, V = 37, 2, 4, 5
-    if case == "varlen":
-        cu, T = [0, 5, 5, 6, 43], 43
-    elif case == "untied":
-        monkeypatch.setattr(tchunk, "TIE_INPUT_TERM", False)
-    elif case == "two terms":
-        rule, T, H = _two_term_rule(), 21, 1
-    elif case == "rank 4":
-        rule, T = _multi_key_rule("decay"), 21
-    elif case == "chunk 32":
-        monkeypatch.setattr(tlib, "CHUNK", 32)
-        rule, T, H, K, V = ENTRIES["deltanet"].rule, 70, 1, 40, 20
-    else:
-        monkeypatch.setattr(tchunk, "DOT_PRECISION", "bf16")
-        monkeypatch.delenv("OLSSM_TRITON_DOT_PRECISION", raising=False)
-        rule, rtol, state_rtol = ENTRIES["deltanet"].rule, BF16_DOT_RTOL, BF16_DOT_RTOL
-    N = len(cu) - 1 if cu else 1
-    h0 = 0.3 * torch.randn(N, H, V, K, generator=torch.Generator().manual_seed(6))
-    g = _compare(rule, random_inputs(rule, 1, T, H, K, V, seed=6), h0, rtol=rtol, state_rtol=state_rtol,
-                 cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)) if cu else None)
-    if state_dots is not None:
-        assert [x[:2] for x in state_dots] == [["forward", True], ["backward", True]]
-    if case == "varlen":
-        assert g["h0"][1].abs().max() > 0
-    if case == "chunk 32" and state_dots is not None:
-        for kernel, _, shapes in state_dots:
-            assert set(shapes) == {(32, 64), (64, 32)}, (kernel, shapes)
 
 
 # ---- the same-key key kernel (chunked_delta_bwd.SAME_KEY): through rule.scan, against the reference ------------
@@ -398,96 +303,6 @@ def test_same_key_kernel(name, case, same, calls, same_keys, monkeypatch):
         chunk = 64 if case.startswith("wide keys") and name != "longhorn" else 16
         [(knob, BT, programs, took)] = same_keys
         assert knob is same and BT == chunk and programs > 0 and took == (programs if same else 0)
-
-
-# ---- the key-split state pass (chunked.STATE_KEY_SPLIT): the forward's state in two key halves, int32 offsets ------
-
-@pytest.mark.parametrize("case", ["deltanet wide", "gated wide", "varlen", "untied", "two terms", "rank 4",
-                                  "chunk 32", "bf16 operands", "4 warps"])
-def test_state_key_split_paths(case, calls, state_dots, monkeypatch):
-    # the forward's state pass in key halves on every path it serves, against the reference (o, final state, every
-    # gradient: the backward reads the ck it wrote, so a half stored at the wrong key offset fails there): the
-    # wide-key path (d_k = 72 → BK = 128, halves of 64, the upper one 8 real columns; chunks of 64, the last
-    # partial) for DeltaNet and Gated DeltaNet, packed sequences (lengths 5, 0, 1, 37)
-    # with initial states, the untied input term, two input terms, a rank-4 rule on sub-tokens, chunks of 32 (d_k =
-    # 40 → BK = 64, halves of 32), bf16 operands, and KEY_SPLIT_WARPS = 4. Interpreted, the spy sees which kernel
-    # ran and its dots: every left operand [BT, BK/2] (W̃'s halves) or [BK/2, BT] (Bᵀ's, W_mᵀ's); BT counts
-    # sub-tokens for the rank-4 rule (chunks of CHUNK / 4 tokens)
-    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")            # Gated DeltaNet: log α has no closed form
-    monkeypatch.setattr(tchunk, "STATE_KEY_SPLIT", True)
-    monkeypatch.delenv("OLSSM_TRITON_STATE_KEY_SPLIT", raising=False)
-    rule, cu, rtol, state_rtol = ENTRIES["gated_deltanet"].rule, None, RTOL, STATE_RTOL
-    T, H, K, V, BT = 140, 1, 72, 20, 64
-    if case == "deltanet wide":
-        rule = ENTRIES["deltanet"].rule
-    elif case == "varlen":
-        cu, T = [0, 5, 5, 6, 43], 43
-    elif case == "untied":
-        monkeypatch.setattr(tchunk, "TIE_INPUT_TERM", False)
-    elif case == "two terms":
-        rule, T, K, V, BT = _two_term_rule(), 21, 4, 5, 16
-    elif case == "rank 4":
-        rule, T, K, V, BT = _multi_key_rule("decay"), 21, 4, 5, 16
-    elif case == "chunk 32":
-        monkeypatch.setattr(tlib, "CHUNK", 32)
-        rule, T, K, V, BT = ENTRIES["deltanet"].rule, 70, 40, 20, 32
-    elif case == "bf16 operands":
-        monkeypatch.setattr(tchunk, "DOT_PRECISION", "bf16")
-        monkeypatch.delenv("OLSSM_TRITON_DOT_PRECISION", raising=False)
-        rule, rtol, state_rtol = ENTRIES["deltanet"].rule, BF16_DOT_RTOL, BF16_DOT_RTOL
-    elif case == "4 warps":   # (an `else` here had also given "gated wide" 4 warps)
-        monkeypatch.setattr(tchunk, "KEY_SPLIT_WARPS", 4)
-    warps, inner = [], tchunk.chunk_delta_state_split_kernel   # the num_warps each key-split launch was given
-
-    class Warps:
-        def __getitem__(self, grid):
-            run = inner[grid]
-            return lambda *a, **k: warps.append(k.get("num_warps")) or run(*a, **k)
-    monkeypatch.setattr(tchunk, "chunk_delta_state_split_kernel", Warps())
-    if case in ("two terms", "rank 4") and tscan.interpreted():
-        # d_k = 4 pads to BK = 16: halves of 8 rows, below a compiled dot's 16 (the interpreter takes them)
-        monkeypatch.setattr(tchunk, "_key_split_fits", lambda T, H, d_k, d_v, BK, B=1: True)
-    N = len(cu) - 1 if cu else 1
-    h0 = 0.3 * torch.randn(N, H, V, K, generator=torch.Generator().manual_seed(16))
-    g = _compare(rule, random_inputs(rule, 1, T, H, K, V, seed=16), h0, rtol=rtol, state_rtol=state_rtol,
-                 cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)) if cu else None)
-    assert len(calls) == 1
-    # KEY_SPLIT_WARPS reached the launch (the interpreter ignores num_warps: the comparison alone cannot tell)
-    if warps or tscan.interpreted():
-        assert warps == [4 if case == "4 warps" else tchunk.NUM_WARPS], warps
-    if case == "varlen":
-        assert g["h0"][1].abs().max() > 0
-    if state_dots is not None:   # interpreted (forced above where it would not fit): the key-split kernel, in halves
-        assert [x[0] for x in state_dots] == ["forward key split", "backward"]
-        BK = max(16, 1 << (K - 1).bit_length())
-        assert set(state_dots[0][2]) == {(BT, BK // 2), (BK // 2, BT)}, state_dots[0][2]
-
-
-def test_state_key_split_stands_down_where_it_cannot_run(calls, state_dots, monkeypatch):
-    # STATE_KEY_SPLIT on where its kernel cannot take the call: d_k = 4 (BK = 16: halves of 8 rows, below tl.dot's
-    # 16) and offsets past int32 (the check's arithmetic alone: no such tensor is allocated here); the default kernel
-    # runs, exact. OLSSM_TRITON_STATE_KEY_SPLIT turns it on with the constant off, and a bad value is refused by name
-    monkeypatch.setattr(tchunk, "STATE_KEY_SPLIT", False)
-    monkeypatch.setenv("OLSSM_TRITON_STATE_KEY_SPLIT", "1")
-    rule = ENTRIES["deltanet"].rule
-    h0 = 0.3 * torch.randn(1, 2, 5, 4, generator=torch.Generator().manual_seed(17))
-    _compare(rule, random_inputs(rule, 1, 37, 2, 4, 5, seed=17), h0)
-    if state_dots is not None:
-        assert [x[0] for x in state_dots] == ["forward", "backward"]
-    assert tchunk._key_split_fits(8192, 16, 128, 128, 128)
-    assert not tchunk._key_split_fits(2 ** 20, 16, 128, 128, 128)      # 2³¹ = 2²⁰ tokens · 16 heads · 128
-    assert not tchunk._key_split_fits(64, 1, 4, 4, 16)
-    # the decay tile's row index (bos + t)·H + h is absolute and int32: B·T·H rows must fit too (2¹¹ batch rows of
-    # 2¹⁶ tokens · 16 heads = 2³¹, while one row's T·H·d = 2²⁷ fits)
-    assert tchunk._key_split_fits(2 ** 16, 16, 128, 128, 128, B=2 ** 10)
-    assert not tchunk._key_split_fits(2 ** 16, 16, 128, 128, 128, B=2 ** 11)
-    seen, real = [], tchunk._key_split_fits      # and the launch hands it the call's batch rows
-    monkeypatch.setattr(tchunk, "_key_split_fits", lambda *a: seen.append(a) or real(*a))
-    _compare(rule, random_inputs(rule, 3, 20, 2, 4, 5, seed=17), None)
-    assert [a[-1] for a in seen] == [3]
-    monkeypatch.setenv("OLSSM_TRITON_STATE_KEY_SPLIT", "on")
-    with pytest.raises(ValueError, match="OLSSM_TRITON_STATE_KEY_SPLIT"):
-        tchunk.state_key_split()
 
 
 def _split_path_case(case, monkeypatch):
@@ -578,19 +393,16 @@ def test_offsets32_stand_down_past_int32(monkeypatch):
 
 @pytest.mark.parametrize("storage", ["fp32", "bf16 chunk tensors", "bf16 checkpoints"])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_wide_key_variants_together(name, storage, calls, same_keys, solves, state_dots, offset_kinds, monkeypatch):
-    # the next lease's `all` row (benchmarks/gpu_session.sh): the key-split forward state pass, the key-major backward one, int32 row offsets, and (the defaults since session 11, set here all the same)
-    # the UT substitution on the diagonal blocks and the same-key key kernel at once, on the wide-key path (d_k = 72:
-    # chunks of 64, the last partial), packed sequences with initial states. fp32: o, the final state and every
-    # gradient against the reference (RTOL, STATE_RTOL). bf16 chunk tensors and bf16 checkpoints (CHUNK_STORAGE /
-    # CHECKPOINT_STORAGE "input", two settings of `all`): bf16 inputs, "input" against "fp32" storage under the same
-    # knobs (compare_storage's STORAGE_RTOL, compare_checkpoint_storage's CHECKPOINT_RTOL). Each knob reached its
-    # kernels: (interpreted) the forward's state launch in key halves and the backward's
-    # key-major, every row index int32, every UT solve on blocks, every key program through _same_key_grads at chunks
-    # of 64 (a knob dropped on the way had still passed the comparisons)
+def test_wide_key_variants_together(name, storage, calls, same_keys, solves, offset_kinds, monkeypatch):
+    # the next lease's `nkm` row (benchmarks/gpu_session.sh): int32 row offsets and (the defaults since session 11, set
+    # here all the same) the UT substitution on the diagonal blocks and the same-key key kernel at once, on the
+    # wide-key path (d_k = 72: chunks of 64, the last partial), packed sequences with initial states. fp32: o, the
+    # final state and every gradient against the reference (RTOL, STATE_RTOL). bf16 chunk tensors and bf16 checkpoints
+    # (CHUNK_STORAGE / CHECKPOINT_STORAGE "input", the row's two other settings): bf16 inputs, "input" against "fp32"
+    # storage under the same knobs (compare_storage's STORAGE_RTOL, compare_checkpoint_storage's CHECKPOINT_RTOL).
+    # Each knob reached its kernels (interpreted): every row index int32, every UT solve on blocks, every key program
+    # through _same_key_grads at chunks of 64 (a knob dropped on the way had still passed the comparisons)
     monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
-    monkeypatch.setattr(tchunk, "STATE_KEY_MAJOR", True)
-    monkeypatch.setattr(tchunk, "STATE_KEY_SPLIT", True)
     monkeypatch.setattr(tchunk, "OFFSETS32", True)
     monkeypatch.setattr(tchunk, "UT_SOLVE", "blocks")
     monkeypatch.delenv("OLSSM_TRITON_UT_SOLVE", raising=False)
@@ -614,42 +426,34 @@ def test_wide_key_variants_together(name, storage, calls, same_keys, solves, sta
         assert all(knob is True and BT == 64 and took == programs > 0 for knob, BT, programs, took in same_keys)
     if solves is not None:
         assert solves and set(solves) == {"blocks"}
-    if state_dots is not None:   # the forward's pass in key halves (key_split), the backward's key-major
-        assert [x[:2] for x in state_dots] == [["forward key split", False], ["backward", True]] * runs
     if offset_kinds is not None:   # every row index int32 (offsets32)
         assert offset_kinds == {True}
 
 
 @pytest.mark.parametrize("same", [True, False])
-def test_variant_knobs_take_their_environment_overrides(same, state_dots, same_keys, solves, monkeypatch):
-    # OLSSM_TRITON_STATE_KEY_MAJOR switches the opt-in key-major tile on with the module constant off;
+def test_variant_knobs_take_their_environment_overrides(same, same_keys, solves, monkeypatch):
     # OLSSM_TRITON_SAME_KEY and OLSSM_TRITON_UT_SOLVE switch the same-key kernel and the blocks solve on with the
     # constants off, or off ("0", "masked": the settings before session 11) with them on, as they are by default;
     # exact against the reference. A value other than 0 / 1 (masked / blocks) is refused naming the variable
     solve = "blocks" if same else "masked"
-    monkeypatch.setenv("OLSSM_TRITON_STATE_KEY_MAJOR", "1")
     monkeypatch.setenv("OLSSM_TRITON_SAME_KEY", "1" if same else "0")
     monkeypatch.setenv("OLSSM_TRITON_UT_SOLVE", solve)
-    monkeypatch.setattr(tchunk, "STATE_KEY_MAJOR", False)
     monkeypatch.setattr(tdelta, "SAME_KEY", not same)
     monkeypatch.setattr(tchunk, "UT_SOLVE", "masked" if same else "blocks")
     rule = ENTRIES["deltanet"].rule
     h0 = 0.3 * torch.randn(1, 2, 5, 4, generator=torch.Generator().manual_seed(15))
     _compare(rule, random_inputs(rule, 1, 37, 2, 4, 5, seed=15), h0)
-    if state_dots is not None:
-        assert [x[:2] for x in state_dots] == [["forward", True], ["backward", True]]
     if same_keys is not None:
         [(knob, BT, programs, took)] = same_keys
         assert knob is same and programs > 0 and took == (programs if same else 0)
     if solves is not None:
         assert solves and set(solves) == {solve}
-    for var in ("OLSSM_TRITON_STATE_KEY_MAJOR", "OLSSM_TRITON_SAME_KEY", "OLSSM_TRITON_UT_SOLVE"):
+    for var in ("OLSSM_TRITON_SAME_KEY", "OLSSM_TRITON_UT_SOLVE"):
         monkeypatch.setenv(var, "yes")
         with pytest.raises(ValueError, match=var):
-            tchunk.state_key_major() if "STATE" in var else tdelta.same_key(rule.form) if "KEY" in var \
-                else tchunk.ut_solve()
+            tdelta.same_key(rule.form) if "KEY" in var else tchunk.ut_solve()
         monkeypatch.delenv(var)
-    assert not tchunk.state_key_major() and tdelta.same_key(rule.form) is not same
+    assert tdelta.same_key(rule.form) is not same
     assert tchunk.ut_solve() == ("masked" if same else "blocks")
 
 

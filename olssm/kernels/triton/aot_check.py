@@ -163,17 +163,10 @@ def variants(BT, BK, BV, prec, BVW=None):
                     yield (f"delta split prep {tag} SAVE_TC", ch.chunk_delta_prep_kernel,
                            dict(wide, SAVE_TC=True, **kw))
                 yield f"delta split state {tag}", ch.chunk_delta_state_kernel, dict(state, **kw)
-                yield f"delta split state {tag} KEY_MAJOR", ch.chunk_delta_state_kernel, dict(state, KEY_MAJOR=True,
-                                                                                             **kw)
-                yield f"delta split state {tag} KEY_SPLIT", ch.chunk_delta_state_split_kernel, dict(state, **kw)
                 yield f"delta split out {tag}", ch.chunk_delta_out_kernel, dict(wide, **kw)
     two = dict(GATED=True, VARLEN=False, M=2)
     yield "delta split prep decay=scalar, 2 input terms", ch.chunk_delta_prep_kernel, dict(wide, TIED=False, **two)
     yield "delta split state decay=scalar, 2 input terms", ch.chunk_delta_state_kernel, dict(state, TIED=False, **two)
-    yield ("delta split state decay=scalar, 2 input terms KEY_MAJOR", ch.chunk_delta_state_kernel,
-           dict(state, TIED=False, KEY_MAJOR=True, **two))
-    yield ("delta split state decay=scalar, 2 input terms KEY_SPLIT", ch.chunk_delta_state_split_kernel,
-           dict(state, TIED=False, **two))
     yield "delta split out decay=scalar, 2 input terms", ch.chunk_delta_out_kernel, dict(wide, TIED=False, **two)
     # the delta family's chunked backward (chunked_delta_bwd.py): prep / value take the split's wide value blocks
     from . import chunked_delta_bwd as dbw
@@ -185,9 +178,8 @@ def variants(BT, BK, BV, prec, BVW=None):
         yield f"delta bwd prep {tag}", dbw.chunk_delta_bwd_prep_kernel, dict(prep, GATED=gated, VARLEN=True)
         yield (f"delta bwd prep {tag} HAVE_TC", dbw.chunk_delta_bwd_prep_kernel,
                dict(prep, GATED=gated, VARLEN=True, HAVE_TC=True))
-        for key_major in (False, True):   # chunked.STATE_KEY_MAJOR
-            yield (f"delta bwd state {tag}{' KEY_MAJOR' if key_major else ''}", dbw.chunk_delta_bwd_state_kernel,
-                   dict(BT=BT, BK=BK, BV=BV, PREC=prec, GATED=gated, USE_DHT=True, VARLEN=True, KEY_MAJOR=key_major))
+        yield (f"delta bwd state {tag}", dbw.chunk_delta_bwd_state_kernel,
+               dict(BT=BT, BK=BK, BV=BV, PREC=prec, GATED=gated, USE_DHT=True, VARLEN=True))
         for tied in (False, True):     # tied: w_0 = b (DeltaNet / Gated DeltaNet, chunked._tied)
             t = f"{tag}{' tied' if tied else ''}"
             kw = dict(GATED=gated, VARLEN=True, TIED=tied)

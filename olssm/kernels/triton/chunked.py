@@ -677,14 +677,10 @@ def _tokens(start, tt, eos, H, i_h, OFF32: tl.constexpr = False):
 
 
 @triton.jit
-def _initial_tile(ptr, i_bh, DK, DV, soff, m2, BK: tl.constexpr, BV: tl.constexpr, USE: tl.constexpr,
-                  KEY_MAJOR: tl.constexpr = False):
-    """The program's [BV, BK] fp32 tile of a state given per sequence·head at ptr (h0, or dS at the end), or its
-    transpose [BK, BV] with KEY_MAJOR (soff, m2 from _state_tile alike); zeros unless USE."""
-    if KEY_MAJOR:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
-    else:
-        S = tl.zeros([BV, BK], dtype=tl.float32)
+def _initial_tile(ptr, i_bh, DK, DV, soff, m2, BK: tl.constexpr, BV: tl.constexpr, USE: tl.constexpr):
+    """The program's [BV, BK] fp32 tile of a state given per sequence·head at ptr (h0, or dS at the end; soff, m2
+    from _state_tile); zeros unless USE."""
+    S = tl.zeros([BV, BK], dtype=tl.float32)
     if USE:
         S += tl.load(ptr + i_bh.to(tl.int64) * DV * DK + soff, mask=m2, other=0.0).to(tl.float32)
     return S
@@ -692,7 +688,7 @@ def _initial_tile(ptr, i_bh, DK, DV, soff, m2, BK: tl.constexpr, BV: tl.constexp
 
 @triton.jit
 def _sequential_program(cu_ptr, T, H, DK, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        VARLEN: tl.constexpr, KEY_MAJOR: tl.constexpr = False, KEY_BLOCKS: tl.constexpr = False):
+                        VARLEN: tl.constexpr, KEY_BLOCKS: tl.constexpr = False):
     """The opening of a kernel that walks one sequence's chunks in order, one program per (value block,
     sequence × head) — with KEY_BLOCKS per (value block, key block of BK, sequence × head), the grid's second axis
     the key block: i_v, i_bh, i_h, the sequence's bounds, its state tile (_state_tile) and the chunk's token
@@ -705,49 +701,20 @@ def _sequential_program(cu_ptr, T, H, DK, DV, BT: tl.constexpr, BK: tl.constexpr
         i_k = 0
         i_bh = tl.program_id(1)
     bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
-    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV, KEY_MAJOR, i_k)
+    rows, cols, rm, km, m2, soff = _state_tile(i_v, DK, DV, BK, BV, i_k)
     return i_v, i_bh, i_bh % H, bos, eos, rows, cols, rm, km, m2, soff, tl.arange(0, BT)
 
 
 @triton.jit
-def _state_tile(i_v, DK, DV, BK: tl.constexpr, BV: tl.constexpr, KEY_MAJOR: tl.constexpr = False, i_k=0):
-    """The program's block of the state: row / column indices and masks, and the mask and offsets (into the
-    [.., DV, DK] layout of h0 / ck / ht / dh) of the tile as held, [BV, BK] or with KEY_MAJOR its transpose
-    [BK, BV] (STATE_KEY_MAJOR). i_k: the key block (the split diagonal path's state passes; else 0, all keys)."""
+def _state_tile(i_v, DK, DV, BK: tl.constexpr, BV: tl.constexpr, i_k=0):
+    """The program's [BV, BK] block of the state: row / column indices and masks, and the mask and offsets of the
+    tile in the [.., DV, DK] layout of h0 / ck / ht / dh. i_k: the key block (the split diagonal path's state passes;
+    else 0, all keys)."""
     rows = i_v * BV + tl.arange(0, BV)
     cols = i_k * BK + tl.arange(0, BK)
     rm = rows < DV
     km = cols < DK
-    if KEY_MAJOR:
-        m2 = km[:, None] & rm[None, :]
-        soff = cols[:, None] + rows[None, :] * DK
-    else:
-        m2 = rm[:, None] & km[None, :]
-        soff = rows[:, None] * DK + cols[None, :]
-    return rows, cols, rm, km, m2, soff
-
-
-@triton.jit
-def _state_read(x, S, PREC: tl.constexpr, KEY_MAJOR: tl.constexpr):
-    """x Sᵀ [BT, BV] of a key-side token tile x [BT, BK] and the state tile S, held [BV, BK] or (KEY_MAJOR) as
-    Sᵀ [BK, BV]."""
-    if KEY_MAJOR:
-        out = _mm(x, S, PREC)
-    else:
-        out = _mm(x, tl.trans(S), PREC)
-    return out
-
-
-@triton.jit
-def _state_outer(x, y, PREC: tl.constexpr, KEY_MAJOR: tl.constexpr):
-    """The state tile's share yᵀ x [BV, BK] of a key-side token tile x [BT, BK] and a value-side one y [BT, BV],
-    or (KEY_MAJOR) its transpose xᵀ y [BK, BV]: a dot of BK rows, which sm_90 can issue as wgmma (it takes
-    M a multiple of 64), where yᵀ x has BV ≤ 32 rows and is lowered to mma.sync (STATE_KEY_MAJOR)."""
-    if KEY_MAJOR:
-        out = _mm(tl.trans(x), y, PREC)
-    else:
-        out = _mm(tl.trans(y), x, PREC)
-    return out
+    return rows, cols, rm, km, rm[:, None] & km[None, :], rows[:, None] * DK + cols[None, :]
 
 
 @triton.jit
@@ -1295,16 +1262,14 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
                              T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                              BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr, VARLEN: tl.constexpr,
                              PREC: tl.constexpr = "ieee", TIED: tl.constexpr = False, SUB: tl.constexpr = 1,
-                             KEY_MAJOR: tl.constexpr = False, OFF32: tl.constexpr = False):
+                             OFF32: tl.constexpr = False):
     """The sequential pass: per chunk, ck ← S₀, Δ = W̃ S₀ᵀ + Ũ (written over Ũ in u),
     S ← Γ_L S₀ − (Δ ⊙ Γ_L/Γ)ᵀ B + Σ_m (E_m ⊙ Γ_L/Γ)ᵀ W_m; ht ← the last S.
     TIED (W_0 is B): S ← Γ_L S₀ + ((E_0 − Δ) ⊙ Γ_L/Γ)ᵀ B + Σ_{m≥1} ... — 2 + M − 1 dots and [BT, BK] loads
-    per chunk instead of 2 + M (fla's h += Kᵀ (U − W h)).
-    KEY_MAJOR (STATE_KEY_MAJOR): S is held as Sᵀ [BK, BV], so the updates are Bᵀ (Δ ⊙ ..) and W_mᵀ E_m (dots of
-    BK rows); ck and ht keep their layout."""
+    per chunk instead of 2 + M (fla's h += Kᵀ (U − W h))."""
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
-                                                                                      BV, VARLEN, KEY_MAJOR)
-    S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0, KEY_MAJOR)
+                                                                                      BV, VARLEN)
+    S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         tl.store(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, S.to(ck_ptr.dtype.element_ty), mask=m2)
         tm, base = _tokens(bos + c * BT, tt, eos, H, i_h, OFF32)
@@ -1312,7 +1277,7 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         vm = tm[:, None] & rm[None, :]
         wt = tl.load(wt_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         uoff = base[:, None] * DV + rows[None, :]
-        d = _state_read(wt, S, PREC, KEY_MAJOR) + tl.load(u_ptr + uoff, mask=vm, other=0.0).to(tl.float32)
+        d = _mm(wt, tl.trans(S), PREC) + tl.load(u_ptr + uoff, mask=vm, other=0.0).to(tl.float32)
         tl.store(u_ptr + uoff, d, mask=vm)
         bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         if TIED:   # the first input term rides on B's dot
@@ -1322,9 +1287,9 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         if GATED:
             _, _, _, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)      # dec = Γ_L/Γ_i ≤ 1
             S = S * gl
-            S += _state_outer(bv, d * dec[:, None], PREC, KEY_MAJOR)
+            S += _mm(tl.trans(d * dec[:, None]), bv, PREC)
         else:
-            S += _state_outer(bv, d, PREC, KEY_MAJOR)
+            S += _mm(tl.trans(d), bv, PREC)
         for m in tl.static_range(1 if TIED else 0, M):   # TIED: m = 0 rode on B's dot
             w = tl.load(w_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :],
                         mask=km2, other=0.0).to(tl.float32)
@@ -1332,123 +1297,9 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
                         mask=vm, other=0.0).to(tl.float32)
             if GATED:
                 e = e * dec[:, None]
-            S += _state_outer(w, e, PREC, KEY_MAJOR)
+            S += _mm(tl.trans(e), w, PREC)
         S = tl.where(m2, S, 0.0)
     tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
-
-
-@triton.jit
-def _operand(x, PREC: tl.constexpr):
-    """A loaded dot operand in the dtype the dot takes: bf16 under PREC "bf16" (a bf16 chunk tensor stays as loaded,
-    an fp32 one is rounded once, as _mm would: half the registers of an fp32 copy), fp32 otherwise."""
-    if PREC == "bf16":
-        out = x.to(tl.bfloat16)
-    else:
-        out = x.to(tl.float32)
-    return out
-
-
-@triton.jit
-def _rows_tile(ptr, L, D, H, t0, d0, BT: tl.constexpr, BD: tl.constexpr):
-    """Pointers and mask of the [BT, BD] tile at (token t0, column d0) of one head's [L, D] token rows (rows H·D
-    apart, as every [B, T, H, D] chunk tensor holds them), ptr at the sequence's first row of the head. The offsets
-    are int32 from that scalar base (a sequence's L·H·D < 2³¹), not per-element int64 products."""
-    t = t0 + tl.arange(0, BT)
-    d = d0 + tl.arange(0, BD)
-    return ptr + (t[:, None] * (H * D) + d[None, :]), (t < L)[:, None] & (d < D)[None, :]
-
-
-@triton.jit
-def _state_tile_t(ptr, DK, DV, k0, v0, BK: tl.constexpr, BV: tl.constexpr):
-    """Pointers and mask of the [BK, BV] tile of Sᵀ at (key k0, value v0) of a state stored [DV, DK] (h0, ck, ht)."""
-    k = k0 + tl.arange(0, BK)
-    v = v0 + tl.arange(0, BV)
-    return ptr + (k[:, None] + v[None, :] * DK), (k < DK)[:, None] & (v < DV)[None, :]
-
-
-@triton.jit
-def _load_f32(tile):
-    """A (pointers, mask) tile's values in fp32, zeros where masked."""
-    ptrs, mask = tile
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_operand(tile, PREC: tl.constexpr):
-    """A (pointers, mask) tile as a dot operand (_operand), zeros where masked."""
-    ptrs, mask = tile
-    return _operand(tl.load(ptrs, mask=mask, other=0.0), PREC)
-
-
-@triton.jit
-def _store(tile, value):
-    ptrs, mask = tile
-    tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def chunk_delta_state_split_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, ht_ptr, ck_ptr, cu_ptr,
-                                   T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                                   BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr,
-                                   VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", TIED: tl.constexpr = False,
-                                   SUB: tl.constexpr = 1):
-    """chunk_delta_state_kernel with the state held key-major in two key halves, Sᵀ[:BK/2] and Sᵀ[BK/2:] ([BK/2,
-    BV] each, STATE_KEY_SPLIT), and every token tile addressed by int32 offsets from a scalar base: each key-side
-    tile (W̃, B, W_m) is loaded and used half by half, so no [BT, BK] tile and no tile of int64 offset products is
-    live, and every dot has BK/2 rows or a BK/2-deep reduction (fla's chunk_gated_delta_rule_fwd_h holds h as
-    [64, BV] tiles and addresses them from scalar bases likewise). Same arithmetic, summed in the same order per
-    half."""
-    HALF: tl.constexpr = BK // 2
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_h = i_bh % H
-    bos, eos = _sequence(cu_ptr, i_bh // H, T, VARLEN)
-    L = eos - bos
-    row0 = (bos.to(tl.int64) * H + i_h)
-    v0 = i_v * BV
-    h0 = h0_ptr + i_bh.to(tl.int64) * DV * DK
-    S_lo = tl.zeros([HALF, BV], dtype=tl.float32)
-    S_hi = tl.zeros([HALF, BV], dtype=tl.float32)
-    if USE_H0:
-        S_lo += _load_f32(_state_tile_t(h0, DK, DV, 0, v0, HALF, BV))
-        S_hi += _load_f32(_state_tile_t(h0, DK, DV, HALF, v0, HALF, BV))
-    for c in range(0, tl.cdiv(L, BT)):
-        ck = ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK
-        _store(_state_tile_t(ck, DK, DV, 0, v0, HALF, BV), S_lo)
-        _store(_state_tile_t(ck, DK, DV, HALF, v0, HALF, BV), S_hi)
-        t0 = c * BT
-        wt = _load_operand(_rows_tile(wt_ptr + row0 * DK, L, DK, H, t0, 0, BT, HALF), PREC)
-        d = _mm(wt, S_lo, PREC)
-        wt = _load_operand(_rows_tile(wt_ptr + row0 * DK, L, DK, H, t0, HALF, BT, HALF), PREC)
-        d += _mm(wt, S_hi, PREC)
-        p_u = _rows_tile(u_ptr + row0 * DV, L, DV, H, t0, v0, BT, BV)
-        d += _load_f32(p_u)
-        _store(p_u, d)
-        if TIED:   # the first input term rides on B's dot
-            d = _load_f32(_rows_tile(e_ptr + row0 * DV, L, DV, H, t0, v0, BT, BV)) - d
-        else:
-            d = -d
-        if GATED:
-            tm, base = _tokens(bos + t0, tl.arange(0, BT), eos, H, i_h, True)
-            _, _, _, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)      # dec = Γ_L/Γ_i ≤ 1
-            S_lo = S_lo * gl
-            S_hi = S_hi * gl
-            d = d * dec[:, None]
-        bv = _load_operand(_rows_tile(b_ptr + row0 * DK, L, DK, H, t0, 0, BT, HALF), PREC)
-        S_lo += _mm(tl.trans(bv), d, PREC)
-        bv = _load_operand(_rows_tile(b_ptr + row0 * DK, L, DK, H, t0, HALF, BT, HALF), PREC)
-        S_hi += _mm(tl.trans(bv), d, PREC)
-        for m in tl.static_range(1 if TIED else 0, M):   # TIED: m = 0 rode on B's dot
-            e = _load_f32(_rows_tile(e_ptr + _rank_offset(m, SE) + row0 * DV, L, DV, H, t0, v0, BT, BV))
-            if GATED:
-                e = e * dec[:, None]
-            w = _load_operand(_rows_tile(w_ptr + _rank_offset(m, SW) + row0 * DK, L, DK, H, t0, 0, BT, HALF), PREC)
-            S_lo += _mm(tl.trans(w), e, PREC)
-            w = _load_operand(_rows_tile(w_ptr + _rank_offset(m, SW) + row0 * DK, L, DK, H, t0, HALF, BT, HALF), PREC)
-            S_hi += _mm(tl.trans(w), e, PREC)
-    ht = ht_ptr + i_bh.to(tl.int64) * DV * DK
-    _store(_state_tile_t(ht, DK, DV, 0, v0, HALF, BV), S_lo)
-    _store(_state_tile_t(ht, DK, DV, HALF, v0, HALF, BV), S_hi)
 
 
 @triton.jit
@@ -1593,33 +1444,8 @@ def _precision(dtype=torch.float32, bf16_operands: bool = False) -> str:
 #: size)
 WIDE_KEYS = 64
 WIDE_STAGES = 2
-#: the split delta path's sequential state passes (chunk_delta_state_kernel, chunk_delta_bwd_state_kernel) hold the
-#: state tile key-major, Sᵀ [BK, BV], instead of S [BV, BK] (ck / ht / dh keep their layout). Off: untimed. Why: sm_90
-#: issues wgmma only for dots of M a multiple of 64 rows; the updates (Δ ⊙ dec)ᵀ B, E_mᵀ W_m, (Γ ⊙ dO)ᵀ Q, dΔᵀ W̃ have
-#: M = BV ≤ 32 and lower to mma.sync, their transposes Bᵀ (Δ ⊙ dec), ... have M = BK (fla's chunk_gated_delta_rule_fwd_h
-#: holds h as [K, BV] for this). aot_check, sm_90, chunk 64, d 128, 2 stages, 8 warps, tied (regs / spills B per thread /
-#: shared KB; every dot wgmma key-major, the updates mma.sync before): DeltaNet (bf16 operands) forward 255 / 32 / 88
-#: -> 255 / 48 / 88, backward 255 / 352 / 128 -> 255 / 104 / 120; Gated DeltaNet (tf32) forward 255 / 256 / 128 ->
-#: 255 / 96 / 160, backward 255 / 392 / 160 -> 255 / 64 / 204. Over an H100's 227 KB with tf32 and no decay: the
-#: backward (236 KB) and the untied forward (232 KB); such a launch fails (TRITON.md, "Key-major state tile").
-#: OLSSM_TRITON_STATE_KEY_MAJOR (0 / 1) overrides (state_key_major)
-STATE_KEY_MAJOR = False
 
 
-#: the split forward's state pass (chunk_delta_state_split_kernel instead of chunk_delta_state_kernel) holds the state
-#: key-major in two key halves and addresses its token tiles by int32 offsets from one scalar base per sequence·head
-#: (the other kernels form an int64 product per element). Off: untimed. Why: register pressure, not FLOPs, bounds the
-#: sequential pass (the default spills at d = 128). aot_check, sm_90, chunk 64, d_k = d_v = 128, bf16 operands, 2
-#: stages, fp32 ck (regs / spills B per thread / wgmma + mma.sync; DeltaNet tied, then Gated DeltaNet tied): 8 warps,
-#: default 255 / 32 / 16 + 16 and 255 / 56; key-major 255 / 48 / 20 + 0 and 255 / 96; key split 232 / 0 / 24 + 0 and
-#: 226 / 0. 4 warps (fla's fwd_h runs 2-4 on Hopper): default 808 and 752 B, key-major 648 and 808, halves with int64
-#: products 304 and 504, key split 72 and 64. Needs a sequence's (tokens · H · d) < 2³¹ (int32 offsets), B·T·H < 2³¹
-#: (the decay's int32 row index) and BK ≥ 32 (16-row halves: tl.dot's smallest operand); elsewhere the default
-#: kernel runs. Takes precedence over STATE_KEY_MAJOR in the forward (the backward's state pass still reads that).
-#: OLSSM_TRITON_STATE_KEY_SPLIT (0 / 1) overrides (state_key_split)
-STATE_KEY_SPLIT = False
-#: warps of the key-split state pass (None: NUM_WARPS); benchmarks/triton_kernels.py's key_split_warps
-KEY_SPLIT_WARPS = None
 #: the split delta path's seven kernels (forward prep, state, out; backward prep, state, value, key) and the fused delta
 #: forward (row c: Longhorn; row decays) form their (token · head) row offsets in int32 instead of int64 (_tokens'
 #: OFF32), where every row · width product of the call fits (offsets32_fit). Off: untimed. Why: the int64 row index
@@ -1643,24 +1469,6 @@ def offsets32_fit(sizes) -> bool:
     indexes by row (widths d_k, d_v and the chunk, T_c's) has fewer than 2³¹ elements (sizes in (sub-)tokens)."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
     return offsets32() and B * T * H * max(d_k, d_v, C) < 2 ** 31
-
-
-def state_key_split() -> bool:
-    """STATE_KEY_SPLIT, or OLSSM_TRITON_STATE_KEY_SPLIT if set (the split forward's launch reads it)."""
-    return switch_on("OLSSM_TRITON_STATE_KEY_SPLIT", STATE_KEY_SPLIT, "state key split")
-
-
-def _key_split_fits(T: int, H: int, d_k: int, d_v: int, BK: int, B: int = 1) -> bool:
-    """Whether chunk_delta_state_split_kernel takes a call: its int32 offsets t·H·d stay below 2³¹ for every token t of
-    the longest possible sequence (T, the padded total), its decay tile's int32 row index (bos + t)·H + h (absolute:
-    B·T·H rows without cu_seqlens) too, and its key halves have ≥ 16 columns."""
-    return BK >= 32 and T * H * max(d_k, d_v) < 2 ** 31 and B * T * H < 2 ** 31
-
-
-def state_key_major() -> bool:
-    """STATE_KEY_MAJOR, or OLSSM_TRITON_STATE_KEY_MAJOR if set; the forward's and the backward's state launches each
-    read it."""
-    return switch_on("OLSSM_TRITON_STATE_KEY_MAJOR", STATE_KEY_MAJOR, "state key-major")
 
 
 def bf16_operands(form, d_k: int) -> bool:
@@ -1842,15 +1650,7 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
                                       SOLVE=ut_solve(), **common)
     state_args = (w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
                   w[0].numel(), e[0].numel())
-    if state_key_split() and _key_split_fits(T, H, d_k, d_v, BK, B):
-        # its offsets are int32 whatever OFFSETS32 says (_key_split_fits checked them)
-        opts = {k: v for k, v in common.items() if k != "OFF32"}
-        opts.update({"num_warps": int(KEY_SPLIT_WARPS)} if KEY_SPLIT_WARPS else {})
-        chunk_delta_state_split_kernel[(-(-d_v // BV), N * H)](*state_args, M=M, BV=BV, USE_H0=h0 is not None,
-                                                                **opts)
-    else:
-        chunk_delta_state_kernel[(-(-d_v // BV), N * H)](*state_args, M=M, BV=BV, USE_H0=h0 is not None,
-                                                         KEY_MAJOR=state_key_major(), **common)
+    chunk_delta_state_kernel[(-(-d_v // BV), N * H)](*state_args, M=M, BV=BV, USE_H0=h0 is not None, **common)
     chunk_delta_out_kernel[(NTG, -(-d_v // BVW), G)](q, w, e, g, b, u, ck, o, cu, ix, T, H, d_k, d_v, NCK,
                                                      w[0].numel(), e[0].numel(), M=M, BV=BVW, KB=KB,
                                                      **common)

@@ -79,7 +79,7 @@ from . import chunked as _ch
 from .chunked import (_c_row, _chunk_decay, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
                       _delta_tiles, _initial_tile, _mm, _precision, _rank_offset, _row_decay_tiles,
                       _rowdecay_delta_chunk,
-                      _sequential_program, _state_outer, _state_read, _store_wt, _strict, _token_column, _tokens,
+                      _sequential_program, _store_wt, _strict, _token_column, _tokens,
                       _ut_inverse, fast_span, switch)
 
 #: the delta family's backward (scalar or row c, none / scalar decay): "chunk" (the kernels of this module) or
@@ -167,13 +167,12 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
                                  T, H, DK, DV, NCK, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                  GATED: tl.constexpr, USE_DHT: tl.constexpr, VARLEN: tl.constexpr,
                                  PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1,
-                                 KEY_MAJOR: tl.constexpr = False, OFF32: tl.constexpr = False):
+                                 OFF32: tl.constexpr = False):
     """Reverse over chunks: dh ← dS, dΔ = dd − dec ⊙ (B dSᵀ) (in place),
-    dS ← Γ_L dS + (Γ ⊙ dO)ᵀ Q + dΔᵀ W̃. KEY_MAJOR (chunked.STATE_KEY_MAJOR): dS is held as dSᵀ [BK, BV], so its
-    updates are Qᵀ (Γ ⊙ dO) and W̃ᵀ dΔ (dots of BK rows); dh and dh0 keep their layout."""
+    dS ← Γ_L dS + (Γ ⊙ dO)ᵀ Q + dΔᵀ W̃."""
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
-                                                                                      BV, VARLEN, KEY_MAJOR)
-    dS = _initial_tile(dht_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_DHT, KEY_MAJOR)
+                                                                                      BV, VARLEN)
+    dS = _initial_tile(dht_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_DHT)
     nc = tl.cdiv(eos - bos, BT)
     for cr in range(0, nc):
         c = nc - 1 - cr
@@ -185,24 +184,18 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
         doff = base[:, None] * DV + rows[None, :]
         d = tl.load(dd_ptr + doff, mask=vm, other=0.0).to(tl.float32)
         do = tl.load(do_ptr + doff, mask=vm, other=0.0).to(tl.float32)
-        BdS = _state_read(bv, dS, PREC, KEY_MAJOR)          # B dSᵀ [BT, BV]
+        BdS = _mm(bv, tl.trans(dS), PREC)          # B dSᵀ [BT, BV]
         if GATED:
             _, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
             d -= BdS * dec[:, None]
-            if not KEY_MAJOR:
-                do = do * gam[:, None]
+            do = do * gam[:, None]
             dS = dS * gl
         else:
             d -= BdS
         tl.store(dd_ptr + doff, d, mask=vm)
         q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-        if KEY_MAJOR and GATED:
-            # Γ on Q's side, Qᵀ (Γ ⊙ dO) = (Γ ⊙ Q)ᵀ dO: a Q that feeds wgmma straight from its async copy is held
-            # in one shared buffer per pipeline stage (64 KB at [64, 128] fp32); scaled in registers, it is not:
-            # sm_90, tf32, chunk 64, d 128, 2 stages: 232 -> 204 KB, under an H100's 227 KB
-            q = q * gam[:, None]
         wt = tl.load(wt_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-        dS += _state_outer(q, do, PREC, KEY_MAJOR) + _state_outer(wt, d, PREC, KEY_MAJOR)
+        dS += _mm(tl.trans(do), q, PREC) + _mm(tl.trans(d), wt, PREC)
         dS = tl.where(m2, dS, 0.0)
     tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
 
@@ -852,7 +845,7 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
                                           SOLVE=_ch.ut_solve(), **common)
     chunk_delta_bwd_state_kernel[(-(-d_v // BV), N * H)](
         q, g, b, wt, do, dd, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK,
-        BK=BK, BV=BV, USE_DHT=dht is not None, KEY_MAJOR=_ch.state_key_major(), **common)
+        BK=BK, BV=BV, USE_DHT=dht is not None, **common)
     NVW = -(-d_v // BVW)
     dl = torch.empty(B, T, H, d_v, **z)
     de = _ch.written(M, B, T, H, d_v, device=dev)
