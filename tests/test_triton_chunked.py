@@ -188,11 +188,14 @@ def _log_decay_input(name, inp, log_decay):
         inp[dn] = torch.exp(log_decay).expand_as(inp[dn]).clone()
 
 
-@pytest.mark.parametrize("name", ["gla", "log_gla", "row_decay", "log_row_decay"])
-def test_row_and_column_decays_fast_path_and_loop_per_chunk(name, monkeypatch):
+@pytest.mark.parametrize("name, path", [("gla", "fused"), ("log_gla", "fused"), ("row_decay", "fused"),
+                                        ("log_row_decay", "fused"), ("log_gla", "split")])
+def test_row_and_column_decays_fast_path_and_loop_per_chunk(name, path, monkeypatch):
     # chunks of 16: 0 mild; 1 one token at log decay −50 in every column (total > −FAST_SPAN: the
     # factorised dots, factors up to e^{±25}); 2 three tokens at −80 in one column (total −240 <
-    # −FAST_SPAN: the per-token loop; factors e^{±120} would overflow); 3 a partial chunk of 5
+    # −FAST_SPAN: the per-token loop; factors e^{±120} would overflow); 3 a partial chunk of 5. "split": the split
+    # diagonal path, whose gradient kernels (chunk_diag_dqk_kernel, chunk_diag_dv_kernel) take either per chunk too
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", path)
     calls = spy(monkeypatch, tchunk, "chunked_backward")
     rule = _rule(name)
     T, K, V = 53, 5, 6
@@ -993,7 +996,7 @@ def test_diag_split_path_matches_reference(name, varlen, slow, monkeypatch):
     if slow:
         monkeypatch.setattr(tchunk, "FAST_SPAN", 0.0)
     fwd = spy(monkeypatch, tchunk, "_diag_split_forward")
-    whole = name in ("linear_attention", "retnet", "mamba2")   # chunk_diag_dqk_kernel and chunk_diag_dv_kernel
+    whole = name in ("linear_attention", "retnet", "mamba2", "log_gla")   # chunk_diag_dqk_kernel and _dv_kernel
     bwd = spy(monkeypatch, tchunk, "_diag_split_backward_whole" if whole else "_diag_split_backward")
     rule = _two_term_column_rule() if name == "two_term_column" else _rule(name)
     if name == "retnet":   # a raw γ parameter: "auto" differentiates it in the recurrent backward (γ ≫ eps here)

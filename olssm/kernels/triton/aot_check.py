@@ -138,7 +138,7 @@ def variants(BT, BK, BV, prec, BVW=None):
         yield (f"diag split backward state {tag}", ch.chunk_bwd_kernel,
                dict(BT=BT, BK=BKS, BV=BV, M=1, PREC=prec, DECAY=code, USE_DHT=True, VARLEN=True, GRADS=False,
                     KEY_BLOCKS=True))
-        if code in (0, 1):   # no / scalar decay: dQ, dW, ∂g over key blocks and dE over value blocks, whole
+        if code != 2:   # no / scalar / column decay: dQ, dW, ∂g over key blocks and dE over value blocks, whole
             yield (f"diag split backward dqk {tag}", ch.chunk_diag_dqk_kernel,
                    dict(BT=BT, BK=min(BK, ch.DIAG_DQK_BLOCK_K), BV=min(max(16, ch._np2(BVW)), ch.DIAG_DQK_BLOCK_V),
                         PREC=prec, DECAY=code, VARLEN=True))

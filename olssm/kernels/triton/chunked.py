@@ -2025,19 +2025,43 @@ def _diag_chunk_keys(ix_ptr, cu_ptr, T, H, DK, NCK, DV, BT: tl.constexpr, BK: tl
 
 
 @triton.jit
+def _column_pair_products(P, q, k, b, bl, tt, BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                          SPAN: tl.constexpr):
+    """A column decay's intra-chunk shares of dQ and dW from the causal P = dO Eᵀ: dq_i = Σ_{j ≤ i} P_ij w_j ⊙
+    e^{b_i − b_j}, dw_j = Σ_{i ≥ j} P_ij q_i ⊙ e^{b_i − b_j} (b [BT, BK] the cumulative log decay, bl its chunk total):
+    two dots over factors e^{±x}, x = b − bl/2, where every column's total exceeds −SPAN; else one token column at a
+    time, exact for any decay (_diag_bwd_keys' column branch)."""
+    if tl.min(bl, axis=0) > -SPAN:
+        x = (b - 0.5 * bl[None, :]).to(tl.float32)
+        dqi = _mm(P, k * tl.exp(-x), PREC) * tl.exp(x)
+        dki = _mm(tl.trans(P), q * tl.exp(x), PREC) * tl.exp(-x)
+    else:
+        dqi = tl.zeros([BT, BK], dtype=tl.float32)
+        dki = tl.zeros([BT, BK], dtype=tl.float32)
+        for j in range(0, BT):
+            sel, colj, kj, ex = _token_column(tt, j, k, b)
+            pj = tl.sum(tl.where(colj, P, 0.0), axis=1)   # P[:, j]
+            dqi += pj[:, None] * kj[None, :] * ex
+            dki = tl.where(sel, tl.sum(pj[:, None] * q * ex, axis=0)[None, :], dki)
+    return dqi, dki
+
+
+@triton.jit
 def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu_ptr, ix_ptr, dq_ptr, dk_ptr, dg_ptr,
                           T, H, DK, DV, NCK, TOKH, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          DECAY: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee"):
-    """The split diagonal path's dQ, dW and ∂g for no or a scalar decay and one input term, one program per (chunk,
-    key block), from S₀ = ck and dS = dh (TRITON.md, "Split diagonal path"). What sums over value rows is summed here, one
-    value block after another, so dQ and dW are stored whole:
+                          DECAY: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
+                          SPAN: tl.constexpr = FAST_SPAN):
+    """The split diagonal path's dQ, dW and ∂g for no, a scalar or a column decay and one input term, one program per
+    (chunk, key block), from S₀ = ck and dS = dh (TRITON.md, "Split diagonal path"). What sums over value rows is
+    summed here, one value block after another, so dQ and dW are stored whole:
         dQ = Γ ⊙ (dO S₀) + (P ⊙ D) W      dW = dec ⊙ (E dS) + (P ⊙ D)ᵀ Q      P = dO Eᵀ
         ∂b = rowsum(T) − colsum(T) + Γ ⊙ rowsum(dO S₀ ⊙ Q) − X  (+ ⟨dS, S_L⟩ at the chunk's last token)
     with T = (P ⊙ D) ⊙ Q Wᵀ, X = rowsum(W ⊙ dec ⊙ (E dS)), ⟨dS, S_L⟩ = Γ_L ⟨dS, S₀⟩ + ΣX; ∂g is ∂b's reverse cumsum.
     That is rowsum(Q ⊙ dQ − W ⊙ dW) rearranged: the same sum taken that way cancels D's diagonal (1 however strong
     the decay) between two differently rounded products, which a Δ of 10³ multiplies into ∂A (off by 0.06 against
     6.5e-7, tests). ∂g is this key block's share (slot i_k; the caller sums the ⌈d_k / BK⌉ slots, a scalar per
-    token)."""
+    token). A column decay (GLA) keeps key columns apart, so its ∂g is whole per block, formed as _diag_bwd_keys forms
+    it (D per column: the factorised dots where the chunk's decay spans less than SPAN, else one token at a time)."""
     tt, tm, base, cols, km, sbase, srows = _diag_chunk_keys(ix_ptr, cu_ptr, T, H, DK, NCK, DV, BT, BK, VARLEN)
     qk_m = tm[:, None] & km[None, :]
     dqs = tl.zeros([BT, BK], dtype=tl.float32)   # dO S₀
@@ -2060,11 +2084,27 @@ def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
         sds += tl.sum(dS * S0, axis=0)
     q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
-    D, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, DECAY == 1)
-    P = P * D
-    dks = dks * dec[:, None]
-    dq = dqs * gam[:, None] + _mm(P, k, PREC)
-    dk = dks + _mm(tl.trans(P), q, PREC)
+    if DECAY == 3:
+        g = tl.load(g_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float64)
+        b = tl.cumsum(g, axis=0)
+        bl = tl.sum(g, axis=0)
+        P = tl.where(tt[:, None] >= tt[None, :], P, 0.0)
+        dqi, dki = _column_pair_products(P, q, k, b, bl, tt, BT, BK, PREC, SPAN)
+        dq = dqs * tl.exp(b.to(tl.float32))
+        dks = dks * tl.exp((bl[None, :] - b).to(tl.float32))
+        dk = dki + dks
+        db = q * dq + q * dqi - k * dk
+        dq += dqi
+        dbL = tl.exp(bl.to(tl.float32)) * sds + tl.sum(k * dks, axis=0)
+        db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
+        dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db
+        tl.store(dg_ptr + base[:, None] * DK + cols[None, :], dg, mask=qk_m)
+    else:
+        D, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, DECAY == 1)
+        P = P * D
+        dks = dks * dec[:, None]
+        dq = dqs * gam[:, None] + _mm(P, k, PREC)
+        dk = dks + _mm(tl.trans(P), q, PREC)
     tl.store(dq_ptr + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
     tl.store(dk_ptr + base[:, None] * DK + cols[None, :], dk, mask=qk_m)
     if DECAY == 1:   # ∂b as the fused walk's: rowsum(T) − colsum(T) keeps D's diagonal out exactly (see above)
@@ -2078,9 +2118,10 @@ def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
 @triton.jit
 def chunk_diag_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, dh_ptr, cu_ptr, ix_ptr, dv_ptr, T, H, DK, DV, NCK,
                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                         VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee"):
-    """The split diagonal path's dE for no or a scalar decay and one input term, one program per (chunk, value
-    block), the key columns summed one block of BK after another: dE = (Q Wᵀ ⊙ D)ᵀ dO + dec ⊙ (W dSᵀ)."""
+                         VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", SPAN: tl.constexpr = FAST_SPAN):
+    """The split diagonal path's dE for no, a scalar or a column decay and one input term, one program per (chunk,
+    value block), the key columns summed one block of BK after another: dE = (Q Wᵀ ⊙ D)ᵀ dO + dec ⊙ (W dSᵀ); a
+    column decay's D and dec are per key column, so they enter each block's A = Q Wᵀ ⊙ D and (W ⊙ dec) dSᵀ."""
     i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
                                                                           VARLEN)
     A = tl.zeros([BT, BT], dtype=tl.float32)     # Q Wᵀ
@@ -2093,11 +2134,28 @@ def chunk_diag_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, dh_ptr, cu_ptr, ix_ptr, dv
         k = tl.load(k_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
         dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
                      other=0.0).to(tl.float32)
-        A += _mm(q, tl.trans(k), PREC)
-        kdS += _mm(k, tl.trans(dS), PREC)
-    D, _, _, dec, _ = _chunk_decay(g_ptr, base, tm, BT, DECAY == 1)
+        if DECAY == 3:   # D and dec per key column: each block's share of A = Q Wᵀ ⊙ D and of (W ⊙ dec) dSᵀ
+            g = tl.load(g_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float64)
+            b = tl.cumsum(g, axis=0)
+            bl = tl.sum(g, axis=0)
+            if tl.min(bl, axis=0) > -SPAN:
+                x = (b - 0.5 * bl[None, :]).to(tl.float32)
+                A += tl.where(tt[:, None] >= tt[None, :], _mm(q * tl.exp(x), tl.trans(k * tl.exp(-x)), PREC), 0.0)
+            else:
+                for j in range(0, BT):
+                    _, colj, kj, ex = _token_column(tt, j, k, b)
+                    A = tl.where(colj, A + tl.sum(q * kj[None, :] * ex, axis=1)[:, None], A)
+            kdS += _mm(k * tl.exp((bl[None, :] - b).to(tl.float32)), tl.trans(dS), PREC)
+        else:
+            A += _mm(q, tl.trans(k), PREC)
+            kdS += _mm(k, tl.trans(dS), PREC)
     do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-    tl.store(dv_ptr + voff, _mm(tl.trans(A * D), do, PREC) + kdS * dec[:, None], mask=vm)
+    if DECAY == 3:
+        dv = _mm(tl.trans(A), do, PREC) + kdS
+    else:
+        D, _, _, dec, _ = _chunk_decay(g_ptr, base, tm, BT, DECAY == 1)
+        dv = _mm(tl.trans(A * D), do, PREC) + kdS * dec[:, None]
+    tl.store(dv_ptr + voff, dv, mask=vm)
 
 
 def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
@@ -2113,7 +2171,7 @@ def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     TOKH = B * T * H
     dh0 = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
     split = diag_path() == "split" and M == 1   # more input terms: the fused walk (the split kernels hold one)
-    if split and decay in (0, 1):
+    if split and decay != 2:   # a row decay's D is per value row: the older kernel, over value blocks
         return _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0), dh0
     dq = written(NV, B, T, H, d_k, device=dev)
     dk = written(NV, M, B, T, H, d_k, device=dev)
@@ -2155,7 +2213,7 @@ def _diag_dh(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0):
     return dh, cu, _chunk_grid(cu_seqlens, C, T, N, B, H, dh0), common
 
 
-#: the split diagonal path's gradient kernels for no or a scalar decay (chunk_diag_dqk_kernel: key columns per
+#: the split diagonal path's gradient kernels for no, a scalar or a column decay (chunk_diag_dqk_kernel: key columns per
 #: program, value rows per step of its loop; chunk_diag_dv_kernel: value rows per program, key columns per step).
 #: sm_90, Triton 3.9, tf32, bf16 inputs, 8 warps, scalar decay, chunk 64 (regs / spills B per thread): dqk 64 / 32
 #: 248 / 0 (64 / 64: 255 / 184, 32 / 64: 230 / 0, 128 / 64: 1392 B), dv 64 / 64 255 / 8 (64 / 32: 230 / 0, but each
@@ -2168,10 +2226,11 @@ DIAG_DV_BLOCK_K = 64
 
 
 def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0):
-    """DIAG_PATH = "split", no or a scalar decay, one input term: the reverse pass (_diag_dh), then dQ, dW, ∂g
-    parallel over (chunk, key block) and dE over (chunk, value block), each summing over the other side in a loop,
+    """DIAG_PATH = "split", no, a scalar or a column decay, one input term: the reverse pass (_diag_dh), then dQ, dW,
+    ∂g parallel over (chunk, key block) and dE over (chunk, value block), each summing over the other side in a loop,
     so that no gradient is a partial sum over value blocks (the fused walk stores ⌈d_v / 32⌉ of dQ and dW for the
-    caller to add: 1.3 GB of torch traffic per Mamba-2 fwd+bwd at (2, 8192, 16, 128)). [dq, dk, dv(, dg)]."""
+    caller to add: 1.3 GB of torch traffic per Mamba-2 fwd+bwd at (2, 8192, 16, 128)). [dq, dk, dv(, dg)]: a
+    scalar decay's ∂g summed over the key blocks' slots, a column decay's whole per key column."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
     q, k, v = chunk_in[:3]
     g = chunk_in[3] if decay else q
@@ -2183,18 +2242,21 @@ def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, 
     dq = written(B, T, H, d_k, device=dev)
     dk = written(1, B, T, H, d_k, device=dev)
     dv = written(1, B, T, H, d_v, device=dev)
-    dg = written(NK, B, T, H, device=dev) if decay else dh0
+    dg = written(B, T, H, d_k, device=dev) if decay == 3 else written(NK, B, T, H, device=dev) if decay else dh0
+    common = dict(common, SPAN=fast_span())
     chunk_diag_dqk_kernel[(NTG, NK, G)](q, k, v, g, do, ck, dh, cu, ix, dq, dk, dg, T, H, d_k, d_v, ck.shape[2],
                                         B * T * H, BK=BKQ, BV=min(max(16, _np2(d_v)), DIAG_DQK_BLOCK_V), **common)
     BVD = min(max(16, _np2(d_v)), DIAG_DV_BLOCK_V)
     chunk_diag_dv_kernel[(NTG, -(-d_v // BVD), G)](q, k, g, do, dh, cu, ix, dv, T, H, d_k, d_v, ck.shape[2],
                                                    BK=min(max(16, _np2(d_k)), DIAG_DV_BLOCK_K), BV=BVD, **common)
-    return [dq, dk, dv] + ([dg[0] if NK == 1 else dg.sum(0)] if decay else [])
+    if decay == 3 or not decay:
+        return [dq, dk, dv] + ([dg] if decay else [])
+    return [dq, dk, dv, dg[0] if NK == 1 else dg.sum(0)]
 
 
 def _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk, dv, dg, dh0):
-    """DIAG_PATH = "split", row and column decays: the reverse pass (_diag_dh), then every gradient
-    (chunk_diag_bwd_kernel) into chunked_backward's buffers (partial sums over value blocks)."""
+    """DIAG_PATH = "split", row decays: the reverse pass (_diag_dh), then every gradient (chunk_diag_bwd_kernel)
+    into chunked_backward's buffers (partial sums over value blocks: a row decay's D is per value row)."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
     q, k, v = chunk_in[:3]
