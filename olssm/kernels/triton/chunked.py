@@ -2213,16 +2213,17 @@ def _diag_dh(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0):
     return dh, cu, _chunk_grid(cu_seqlens, C, T, N, B, H, dh0), common
 
 
-#: the split diagonal path's gradient kernels for no, a scalar or a column decay (chunk_diag_dqk_kernel: key columns per
-#: program, value rows per step of its loop; chunk_diag_dv_kernel: value rows per program, key columns per step).
-#: sm_90, Triton 3.9, tf32, bf16 inputs, 8 warps, scalar decay, chunk 64 (regs / spills B per thread): dqk 64 / 32
-#: 248 / 0 (64 / 64: 255 / 184, 32 / 64: 230 / 0, 128 / 64: 1392 B), dv 64 / 64 255 / 8 (64 / 32: 230 / 0, but each
-#: value block forms Q Wᵀ again); at chunk 32 dqk 64 / 32 spills 256 B, dv 0; 4 warps spill 0.7-1.5 KB. The fused
-#: walk's backward spills 3.2 KB at chunk 64, 1 KB at 32 (RESULTS.md, session 15)
+#: the split diagonal path's gradient kernels for no, a scalar or a column decay (chunk_diag_dqk_kernel: key columns
+#: per program, value rows per step of its loop; chunk_diag_dv_kernel: value rows per program, key columns per step).
+#: sm_90, Triton 3.9, tf32, bf16 inputs, 8 warps, chunk 64, blocks as key columns / value rows (regs / spills B per
+#: thread; scalar decay): dqk 64 / 32 248 / 0 (64 / 64: 255 / 184, 32 / 64: 230 / 0, 128 / 64: 1392 B); dv 32 / 64
+#: 164 / 0, a column decay 255 / 8 (64 / 64: 8 and 472 B; 64 / 32: 0 and 248 B, and each value block forms Q Wᵀ
+#: again); at chunk 32 dqk spills 256 B and issues mma.sync only; 4 warps spill 0.7-1.5 KB. The fused walk's backward
+#: spills 3.2 KB at chunk 64, 1 KB at 32 (RESULTS.md, session 15)
 DIAG_DQK_BLOCK_K = 64
 DIAG_DQK_BLOCK_V = 32
 DIAG_DV_BLOCK_V = 64
-DIAG_DV_BLOCK_K = 64
+DIAG_DV_BLOCK_K = 32
 
 
 def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0):
