@@ -84,8 +84,9 @@ variants_nkm='chunk_storage:input,offsets32:1,checkpoint_storage:input'
 variants128="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;nraw=raw_inputs:0;nfs=fused_scale_bwd:0;utm=ut_solve:masked;nsk=same_key:0;o32=offsets32:1"
 variants128_profile="nkm=$variants_nkm"
 # the diagonal family (session 12): the split path (`ds`), and chunks of 64 tokens with it and without (the split's
-# parallel kernels get wgmma at 64-row tiles: none at chunk 32, the diagonal rules' default; spills at d = 128 then
-# 0-24 B in the output, 296-1264 in the backward)
+# parallel kernels get wgmma at 64-row tiles: none at chunk 32, the diagonal rules' default). Since session 15 the
+# split path takes chunks of 64 by itself at d_k > 64 (chunked.wide_diag), so `ds` and `ds64` are the same
+# configuration at D = 128 (two rows of it: a second measure of the drift); at D = 64 `ds` runs chunk 32
 # `mr0`: the fused walks without .maxnreg 255 (WALK_MAXNREG, session 12: ptxas had held them to 128 or 32 registers
 # at d = 128 and spilled 1.4-6 KB per thread)
 variants_diag="ds=diag_path:split;ds64=diag_path:split,chunk:64;ds64ck=diag_path:split,chunk:64,checkpoint_storage:input;c64=chunk:64;mr0=walk_maxnreg:0;again="
@@ -120,9 +121,10 @@ compile_check() {
 }
 
 # Mamba-2's D = 128 time kernel by kernel, the fused walk and the split path beside fla's: mamba2_profile SECONDS.
-# `ds64` is the split path at fla's chunk (64) with session 15's whole-gradient kernels (chunk_diag_dqk_kernel,
-# chunk_diag_dv_kernel: no per-value-block partial sums; no spills at chunk 64 statically), `ds64ck` with bf16
-# checkpoints (fla keeps its h in the inputs' dtype), `ds64bf` with bf16 dot operands as well (fla's precision)
+# `ds64` is the split path at fla's chunk (64; its own policy at d_k > 64 since session 15) with session 15's
+# whole-gradient kernels (chunk_diag_dqk_kernel, chunk_diag_dv_kernel: no per-value-block partial sums; no spills at
+# chunk 64 statically), `ds64ck` with bf16 checkpoints (fla keeps its h in the inputs' dtype), `ds64bf` with bf16 dot
+# operands as well (fla's precision)
 mamba2_profile() {
     timeout "$1" python benchmarks/profile_gpu.py --rules mamba2 --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
         --peers --variants "$variants_ds" 2>&1 | grep -v "^USDT" | tee "$out/profile-diag.txt"

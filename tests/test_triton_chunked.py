@@ -298,6 +298,18 @@ def test_wide_key_settings(monkeypatch):
         assert tlib.chunk_size(plan, 128) == (64 if wide else 16), name   # 16: the _small fixture's CHUNK
         assert tlib.chunk_size(plan, 64) == 16, name
         assert tlib.chunk_size(plan, 128, "fused") == 16, name   # the fused forward keeps CHUNK (untimed at 64)
+    # the split diagonal path at d_k > 64 (chunked.wide_diag, session 15): chunks of 64 for no, a scalar or a column
+    # decay with one input term (its whole-gradient kernels); a row decay, a rule with corrections that is not on the
+    # wide-key delta path (two_keys: rank 2), the fused walk and d_k = 64 keep CHUNK
+    for name, wide in [("mamba2", True), ("gla", True), ("linear_attention", True), ("retnet", True),
+                       ("row_decay", False), ("two_keys", False)]:
+        plan = tscan.plan_for(_rule(name))
+        assert tlib.chunk_size(plan, 128, "", "split") == (64 if wide else 16), name
+        assert tlib.chunk_size(plan, 64, "", "split") == 16, name
+        assert tlib.chunk_size(plan, 128, "", "fused") == 16, name
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "split")   # the path the launch would take when the config names none
+    assert tlib.chunk_size(tscan.plan_for(_rule("mamba2")), 128) == 64
+    monkeypatch.delenv("OLSSM_TRITON_DIAG_PATH")
     assert tchunk._launch_opts(True)["num_stages"] == 2 and "num_stages" not in tchunk._launch_opts(False)
     assert tchunk._precision(torch.bfloat16, True) in ("bf16", "bf16_interpreted")
     assert tchunk._precision(torch.bfloat16, False) == tchunk._precision(torch.float16, True) == "tf32"
@@ -347,6 +359,24 @@ def test_wide_keys_run_chunks_of_64(name, monkeypatch):
     inp = random_inputs(rule, 1, 140, 1, 72, 20, seed=8)
     _compare(rule, inp, 0.3 * torch.randn(1, 1, 20, 72, generator=torch.Generator().manual_seed(9)))
     assert seen == [64]
+
+
+@pytest.mark.parametrize("name", ["mamba2", "log_gla"])
+def test_split_diagonal_path_runs_chunks_of_64_at_wide_keys(name, monkeypatch):
+    # d_k = 72 > 64 on the split diagonal path (chunked.wide_diag): chunks of 64 tokens (3, the last partial) through
+    # the state passes, the output and the whole-gradient kernels, o, the final state and every gradient against the
+    # reference (RTOL, STATE_RTOL); the chunk the forward ran is checked, so a policy that stopped applying fails here
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "split")
+    seen = []
+    real = tchunk.chunked_forward
+    monkeypatch.setattr(tchunk, "chunked_forward",
+                        lambda plan, chunk_in, h0, o, ht, ck, sizes, *a, **k: seen.append(sizes[7]) or
+                        real(plan, chunk_in, h0, o, ht, ck, sizes, *a, **k))
+    whole = spy(monkeypatch, tchunk, "_diag_split_backward_whole")
+    rule = _rule(name)
+    inp = random_inputs(rule, 1, 140, 1, 72, 20, seed=10)
+    _compare(rule, inp, 0.3 * torch.randn(1, 1, 20, 72, generator=torch.Generator().manual_seed(11)))
+    assert seen == [64] and len(whole) == 1
 
 
 def test_auto_speed_policy_when_compiled(monkeypatch):

@@ -1483,6 +1483,16 @@ def wide(form, d_k: int) -> bool:
             and not _c_row(form) and form.decay_kind != ROW)
 
 
+def wide_diag(form, d_k: int, path: str = "") -> bool:
+    """Whether a call of the split diagonal path (path, "" for diag_path()) takes library.WIDE_CHUNK: no correction,
+    one input term, no, a scalar or a column decay (the whole-gradient kernels), d_k > WIDE_KEYS. Its gradient kernels
+    issue wgmma only at 64-row chunks and spill at 32 (sm_90, d = 128, scalar decay: dqk 544 B on mma.sync at chunk
+    32, 16 B at 64; RESULTS.md session 15), and fla runs chunk_simple_gla / chunk_gla at 64. The fused walk keeps
+    CHUNK (its backward spills 1 KB at 32, 3.2 KB at 64)."""
+    return (WIDE_KEYS is not None and d_k > WIDE_KEYS and not form.corrections and len(form.inputs) == 1
+            and form.decay_kind != ROW and (path or diag_path()) == "split")
+
+
 def _blocks(d_k, d_v):
     BK = max(16, _np2(d_k))
     BV = max(16, min(_np2(d_v), 32))

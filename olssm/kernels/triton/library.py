@@ -399,18 +399,21 @@ FORCE = None
 #: tokens per chunk of the chunked kernels (also the backward's checkpoint interval on that path)
 CHUNK = 32
 #: tokens per chunk where the wide-key settings apply (chunked.wide: the delta path with scalar c and none / scalar
-#: decay at d_k > 64; with 2 pipeline stages, and bf16 dot operands for bf16 inputs without a decay). None: CHUNK
-#: everywhere (the stages and operands stay: chunked.WIDE_KEYS = None turns those off)
+#: decay at d_k > 64; with 2 pipeline stages, and bf16 dot operands for bf16 inputs without a decay), and on the split
+#: diagonal path at d_k > 64 (chunked.wide_diag). None: CHUNK everywhere (the stages and operands stay:
+#: chunked.WIDE_KEYS = None turns those off)
 WIDE_CHUNK = 64
 
 
-def chunk_size(plan, d_k: int, delta_forward: str = "") -> int:
+def chunk_size(plan, d_k: int, delta_forward: str = "", diag_path: str = "") -> int:
     """Tokens per chunk for this rule and head size (before the sub-token split of rank-R rules). WIDE_CHUNK on the
     wide-key path where the delta forward is the split one (delta_forward, "" for chunked.DELTA_FORWARD): the fused
-    forward was never timed at chunk 64 and spills ~1.7 KB/thread there at d_k = 128 (sm_90 compile)."""
-    from .chunked import _delta_forward, wide
+    forward was never timed at chunk 64 and spills ~1.7 KB/thread there at d_k = 128 (sm_90 compile); and on the
+    split diagonal path at d_k > 64 (diag_path, "" for chunked.DIAG_PATH; chunked.wide_diag)."""
+    from .chunked import _delta_forward, wide, wide_diag
     split = (delta_forward or _delta_forward()) == "split"
-    C = WIDE_CHUNK if WIDE_CHUNK and split and wide(plan.rule.form, d_k) else CHUNK
+    form = plan.rule.form
+    C = WIDE_CHUNK if WIDE_CHUNK and (split and wide(form, d_k) or wide_diag(form, d_k, diag_path)) else CHUNK
     # tl.dot needs every dimension >= 16 when compiled (the interpreter has no such limit)
     return C if _scan.interpreted() else max(16, C)
 
@@ -551,7 +554,7 @@ def run_config(plan, args, meta, cfg: LaunchConfig, need: bool):
     h0 = args.initial_state
     chunked = cfg.kernel == "chunk"
     BT = int(PSCAN_BLOCK_T) if cfg.kernel == "pscan" else 0
-    C = chunk_size(plan, args.d_k, cfg.delta_forward) if chunked else BT or meta.checkpoint
+    C = chunk_size(plan, args.d_k, cfg.delta_forward, cfg.diag_path) if chunked else BT or meta.checkpoint
     if chunked:   # a rank-R rule: chunks of C / R' tokens = C sub-tokens (chunked.sub_tokens)
         from .chunked import sub_tokens
         C = max(1, C // sub_tokens(plan.rule.form))
