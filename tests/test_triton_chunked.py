@@ -379,6 +379,41 @@ def test_split_diagonal_path_runs_chunks_of_64_at_wide_keys(name, monkeypatch):
     assert seen == [64] and len(whole) == 1
 
 
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_raw_log_gate_matches_the_floored_copy(path, monkeypatch):
+    # GLA's log gate (a column input as it is: _Entries.raw_log) reaches the kernels as the caller gave it (RAW_INPUTS),
+    # floored at log(float32 tiny) on load and its gradient masked there, on both diagonal paths; against
+    # OLSSM_TRITON_RAW_INPUTS=0 (an fp32 copy floored by torch): o, the final state and every gradient agree to fp32
+    # rounding, with gates below the floor (−200, −inf: a reset, zero gradient). The spy sees which tensor the kernels
+    # got: the caller's (a leaf) or torch's floored copy; bf16 gates go as bf16
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", path)
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    tlib.FORCE = "chunk"
+    rule = ENTRIES["gla"].rule.with_log_decays()
+    assert tchunk._entries(rule.form).raw_log == "g"
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=41)
+    inp["g"][:, 3] = -200.0
+    inp["g"][:, 20, :, 1] = float("-inf")
+    h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(41))
+    gates = []
+    real = tchunk.chunk_inputs
+    monkeypatch.setattr(tchunk, "chunk_inputs", lambda *a, **k: (lambda out: gates.append(out[3]) or out)(real(*a, **k)))
+    got = _run(rule, inp, h0, "triton")
+    assert gates[-1].is_leaf and gates[-1].dtype == torch.float32
+    assert (got[2]["g"][:, 3] == 0).all() and got[2]["g"][:, 20, :, 1].eq(0).all()
+    monkeypatch.setenv("OLSSM_TRITON_RAW_INPUTS", "0")
+    ref = _run(rule, inp, h0, "triton")
+    assert not gates[-1].is_leaf
+    _close(got[0], ref[0], 1e-6, "o")
+    _close(got[1], ref[1], 1e-6, "final state")
+    for n in ref[2]:
+        _close(got[2][n], ref[2][n], 1e-6, f"d{n}")
+    monkeypatch.delenv("OLSSM_TRITON_RAW_INPUTS")
+    low = {n: x.to(torch.bfloat16) for n, x in inp.items()}
+    o, f, g = _run(rule, low, h0, "triton")
+    assert gates[-1].dtype == torch.bfloat16 and all(torch.isfinite(x).all() for x in (o, f, *g.values()))
+
+
 def test_auto_speed_policy_when_compiled(monkeypatch):
     # measured (benchmarks/RESULTS.md): compiled fp32 ("ieee") chunked dots are slower than the recurrent kernel
     # (H100), GLA's column decay chunked is 4.8x faster fwd+bwd (H200, session 7); row decays stay recurrent

@@ -84,6 +84,8 @@ from . import scan as _scan
 
 _TINY = torch.finfo(torch.float32).tiny
 _LOG_FLOOR = math.log(_TINY)
+#: the floor of every log decay, for the kernels (a raw log gate reaches them unfloored: RAW_INPUTS)
+LOG_FLOOR: tl.constexpr = tl.constexpr(_LOG_FLOOR)
 DECAY_CODE = {"none": 0, SCALAR: 1, ROW: 2, COLUMN: 3}
 #: row / column decays: a chunk whose total log decay (every row / key column) is > −FAST_SPAN
 #: takes the factorised intra-chunk dots, the others the per-token loop (module docstring). Read at each launch and
@@ -302,6 +304,7 @@ class _Entries(NamedTuple):
     direct: dict       # entry -> (input, its scalar factor's name among the evaluator's results or None, lifted)
     evaluate: object   # evaluator of the other entries, the scalar factors and the log decay (None: nothing)
     need: tuple        # the inputs the evaluator reads
+    raw_log: object    # a row or column log decay that is an input as it is (GLA's log gate): its name, else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -326,15 +329,20 @@ def _entries(form) -> _Entries:
             direct[name] = (how[0].name, None if how[1] is None else f"scale_{name}")
             if how[1] is not None:
                 rest[f"scale_{name}"] = how[1]
+    raw_log = None
     if form.decay_kind != "none":
         le = _log_expr(form.decay)
-        if le is not None:
+        others = {s.name for e in rest.values() for s in sp.sympify(e).free_symbols} | {x for x, _ in direct.values()}
+        if (le is not None and not form.corrections and form.decay_kind in (ROW, COLUMN)
+                and _token_input(le, form.decay_kind) and le.name not in others):
+            raw_log = le.name   # chunk_inputs takes it as it is (no up-cast copy for the evaluator)
+        elif le is not None:
             rest["ld"] = le
         else:
             rest["decay"] = form.decay
     need = sorted({s.name for e in rest.values() for s in sp.sympify(e).free_symbols})
     direct = {n: (x, scale, x in need) for n, (x, scale) in direct.items()}
-    return _Entries(direct, evaluator(rest) if rest else None, tuple(need))
+    return _Entries(direct, evaluator(rest) if rest else None, tuple(need), raw_log)
 
 
 class _Scaled(torch.autograd.Function):
@@ -586,8 +594,15 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
                _stack(ws),                                                  # [M, B, T, H, K]
                _stack([entry(f"e{m}", ROW) for m in range(M)])]             # [M, B, T, H, V]
         kind = form.decay_kind
-        if kind != "none":
-            if "ld" in ev:
+        gate = args.tokens[ent.raw_log] if ent.raw_log is not None else None
+        if gate is not None and _raw_log_decay(gate, (B, T, H, V if kind == ROW else K)):
+            out.append(gate.contiguous())   # floored on load, its gradient masked in the kernels (_log_decay)
+        elif kind != "none":
+            if gate is not None:   # the log gate not taken as it is: up-cast and laid out as the evaluator's ld
+                ld = rule.broadcast_inputs(K, V, {ent.raw_log: gate}, "scan",
+                                           need={ent.raw_log: rule.inputs[ent.raw_log]})[ent.raw_log]
+                ld = torch.as_tensor(ld, dtype=torch.float32, device=args.device)
+            elif "ld" in ev:
                 ld = torch.as_tensor(ev["ld"], dtype=torch.float32, device=args.device)
             else:
                 raw = torch.as_tensor(ev["decay"], dtype=torch.float32, device=args.device)
@@ -623,6 +638,15 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
 #: the same-key kernel, a query equal to the key) keeps the fp32 copy: autograd would sum its slots' gradients in
 #: the input's dtype, one rounding each. OLSSM_TRITON_RAW_INPUTS (0 / 1) overrides; read at call time.
 RAW_INPUTS = True
+
+
+def _raw_log_decay(gate, shape) -> bool:
+    """Whether a row or column log gate that is an input as it is (_Entries.raw_log: GLA's) reaches the kernels as the
+    caller gave it (RAW_INPUTS; fp32 / bf16 / fp16, the chunk tensor's shape), floored on load and its gradient
+    masked there (_log_decay, _log_decay_grad), instead of as an fp32 copy floored by torch (at (2, 8192, 16, 128):
+    the cast, the floor and the floor's backward, ~0.9 GB of GLA's glue per fwd+bwd)."""
+    return (switch_on("OLSSM_TRITON_RAW_INPUTS", RAW_INPUTS, "raw inputs")
+            and gate.dtype in (torch.float32, torch.bfloat16, torch.float16) and tuple(gate.shape) == tuple(shape))
 
 
 def _raw_inputs(form, ent, sdt, grad: bool) -> set:
@@ -779,12 +803,28 @@ def _delta_tiles(q_ptr, a_ptr, b_ptr, c_ptr, base, tm, rows, cols, km2, vm, DK, 
 
 
 @triton.jit
+def _log_decay(g_ptr, offs, mask):
+    """A row or column log decay tile in fp64, floored at log(float32 tiny) as chunk_inputs floors the log decays it
+    forms (a raw log gate comes as the caller gave it: RAW_INPUTS); NaN stays NaN."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+    return tl.where(g < LOG_FLOOR, LOG_FLOOR, g)
+
+
+@triton.jit
+def _log_decay_grad(dg, g_ptr, offs, mask):
+    """∂ of a raw log gate from ∂ of its floored value (_log_decay): zero where the gate is below the floor, as torch's
+    clamp_min passes none there."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+    return tl.where(g < LOG_FLOOR, 0.0, dg)
+
+
+@triton.jit
 def _row_decay_tiles(g_ptr, voff, vm, SPAN: tl.constexpr):
     """A row decay's chunk: b (fp64 cumulative log decay from the chunk start, [BT, BV]), b_L [BV], Γ = e^b and
     dec = e^{b_L − b} ([BT, BV]), and the factorisation about the chunk's half-way point: x = b − b_L/2 (fp32) and
     `fast`, whether every row's b_L > −SPAN (FAST_SPAN), so that e^{b_i − b_j} = e^{x_i}·e^{−x_j} is safe (module
     docstring)."""
-    g = tl.load(g_ptr + voff, mask=vm, other=0.0).to(tl.float64)
+    g = _log_decay(g_ptr, voff, vm)
     G = tl.cumsum(g, axis=0)
     GL = tl.sum(g, axis=0)
     return (G, GL, tl.exp(G.to(tl.float32)), tl.exp((GL[None, :] - G).to(tl.float32)),
@@ -857,7 +897,7 @@ def _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK,
         if STATE:
             S = S * tl.exp(bl.to(tl.float32))
     elif DECAY == 3:   # column decay (d_k), GLA
-        g = tl.load(g_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float64)
+        g = _log_decay(g_ptr, base[:, None] * DK + cols[None, :], qk_m)
         b = tl.cumsum(g, axis=0)                                  # [BT, BK], fp64
         bl = tl.sum(g, axis=0)                                    # [BK]
         dec = tl.exp((bl[None, :] - b).to(tl.float32))            # [BT, BK]
@@ -1772,7 +1812,7 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
     qk_m = tm[:, None] & km[None, :]
     vm = tm[:, None] & rm[None, :]
     if DECAY == 3:     # column decay (GLA): b [BT, BK]; ∂b = q ⊙ dq − w ⊙ dw (+ the chunk end's terms)
-        g = tl.load(g_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float64)
+        g = _log_decay(g_ptr, base[:, None] * DK + cols[None, :], qk_m)
         b = tl.cumsum(g, axis=0)
         bl = tl.sum(g, axis=0)
         gq = tl.exp(b.to(tl.float32))                             # [BT, BK]
@@ -1819,7 +1859,8 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
         tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
         db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
         dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db
-        tl.store(dg_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dg, mask=qk_m)
+        tl.store(dg_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :],
+                 _log_decay_grad(dg, g_ptr, base[:, None] * DK + cols[None, :], qk_m), mask=qk_m)
         qs, dos, glast = q * gq, do, glk[None, :]
     elif DECAY == 2:   # row decay (d_v): the column case's transpose, ∂b = dO ⊙ o − Σ_m e_m ⊙ de_m (+ chunk end)
         b, bl, gv, decv, x, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm, SPAN)   # Γ, Γ_L/Γ
@@ -1901,7 +1942,7 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
 
 
 @triton.jit
-def _diag_bwd_finish(db, dbL, dg_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT: tl.constexpr,
+def _diag_bwd_finish(db, dbL, dg_ptr, g_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT: tl.constexpr,
                      DECAY: tl.constexpr):
     """∂g of a chunk from ∂b and ∂b_L summed over its key blocks (_diag_bwd_keys): ∂b_L joins the last token's ∂b,
     then ∂g_t = Σ_{i ≥ t} ∂b_i within the chunk (a scalar decay's as the value block i_v's partial sum; a row
@@ -1914,7 +1955,9 @@ def _diag_bwd_finish(db, dbL, dg_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT:
     elif DECAY == 2:
         db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
         dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db
-        tl.store(dg_ptr + base[:, None] * DV + rows[None, :], dg, mask=tm[:, None] & rm[None, :])
+        voff = base[:, None] * DV + rows[None, :]
+        vm = tm[:, None] & rm[None, :]
+        tl.store(dg_ptr + voff, _log_decay_grad(dg, g_ptr, voff, vm), mask=vm)
 
 
 @triton.jit
@@ -1949,7 +1992,7 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
             qs, dos, glast, _, db, dbL = _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr,
                                                         dg_ptr, base, tm, rows, cols, rm, km, tt, i_v, DK, DV, SW, SE,
                                                         TOKH, M, BT, BK, BV, DECAY, PREC, SPAN=SPAN)
-            _diag_bwd_finish(db, dbL, dg_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
+            _diag_bwd_finish(db, dbL, dg_ptr, g_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
         else:
             tl.store(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, mask=m2)
             qs, dos, glast = _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY)
@@ -1962,8 +2005,7 @@ def _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY
     """(qs, dos, glast) of a chunk's step back, dS₀ = glast ⊙ dS + dosᵀ qs (what _diag_bwd_keys returns), from the
     chunk's query and ∂o tiles alone: the split path's reverse state pass, which forms nothing else."""
     if DECAY == 3:
-        g = tl.load(g_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :],
-                    other=0.0).to(tl.float64)
+        g = _log_decay(g_ptr, base[:, None] * DK + cols[None, :], tm[:, None] & km[None, :])
         qs, dos, glast = q * tl.exp(tl.cumsum(g, axis=0).to(tl.float32)), do, tl.exp(tl.sum(g, axis=0).to(
             tl.float32))[None, :]
     elif DECAY == 2:
@@ -2018,7 +2060,7 @@ def chunk_diag_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
             dbL += dbL_k
     if NKB > 1:
         tl.store(dv_ptr + voff, dv, mask=vm)
-    _diag_bwd_finish(db, dbL, dg_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
+    _diag_bwd_finish(db, dbL, dg_ptr, g_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
 
 
 @triton.jit
@@ -2095,7 +2137,7 @@ def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
     q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
     if DECAY == 3:
-        g = tl.load(g_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float64)
+        g = _log_decay(g_ptr, base[:, None] * DK + cols[None, :], qk_m)
         b = tl.cumsum(g, axis=0)
         bl = tl.sum(g, axis=0)
         P = tl.where(tt[:, None] >= tt[None, :], P, 0.0)
@@ -2108,7 +2150,8 @@ def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
         dbL = tl.exp(bl.to(tl.float32)) * sds + tl.sum(k * dks, axis=0)
         db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
         dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db
-        tl.store(dg_ptr + base[:, None] * DK + cols[None, :], dg, mask=qk_m)
+        tl.store(dg_ptr + base[:, None] * DK + cols[None, :], _log_decay_grad(dg, g_ptr, base[:, None] * DK + cols[None, :],
+                                                                               qk_m), mask=qk_m)
     else:
         D, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, DECAY == 1)
         P = P * D
@@ -2122,7 +2165,7 @@ def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
         X = tl.sum(k * dks, axis=1)
         db = tl.sum(Tm, axis=1) - tl.sum(Tm, axis=0) + tl.sum(dqs * q, axis=1) * gam - X
         dbL = gl * tl.sum(sds, axis=0) + tl.sum(X, axis=0)
-        _diag_bwd_finish(db, dbL, dg_ptr, base, tm, cols, km, tt, tl.program_id(1), DV, TOKH, BT, DECAY)
+        _diag_bwd_finish(db, dbL, dg_ptr, g_ptr, base, tm, cols, km, tt, tl.program_id(1), DV, TOKH, BT, DECAY)
 
 
 @triton.jit
@@ -2145,7 +2188,7 @@ def chunk_diag_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, dh_ptr, cu_ptr, ix_ptr, dv
         dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
                      other=0.0).to(tl.float32)
         if DECAY == 3:   # D and dec per key column: each block's share of A = Q Wᵀ ⊙ D and of (W ⊙ dec) dSᵀ
-            g = tl.load(g_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float64)
+            g = _log_decay(g_ptr, base[:, None] * DK + cols[None, :], qk_m)
             b = tl.cumsum(g, axis=0)
             bl = tl.sum(g, axis=0)
             if tl.min(bl, axis=0) > -SPAN:
