@@ -306,7 +306,7 @@ def main(argv=None) -> int:
     _lib.PSCAN_TILE = a.pscan_tile or _lib.PSCAN_TILE
     _lib.PSCAN_BWD_TILE = a.pscan_bwd_tile or _lib.PSCAN_BWD_TILE
     from .chunked import _np2, split_blocks
-    BK, BV, BVW, _ = split_blocks(a.dk, a.dv, wide_keys=False)
+    BK, BV, BVW, _ = split_blocks(a.dk, a.dv)
     print(f"sm_{a.arch}, num_warps={a.num_warps}, BT={a.chunk}, BK={BK}, BV={BV} (split prep/out: {BVW}), "
           f"dot precision {a.precision}")
     from . import library

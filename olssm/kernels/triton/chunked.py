@@ -870,6 +870,21 @@ def _rowdecay_delta_chunk(q, a, cc, S0, AB, G, gam, xh, fast, tt, incl, strict, 
 
 
 @triton.jit
+def _column_scores(q, k, b, x, fast, tt, BT: tl.constexpr, PREC: tl.constexpr):
+    """A column decay's causal scores Q Wᵀ ⊙ D over the key columns of q and k [BT, BK] (b their cumulative log decay,
+    x = b − b_L/2): a dot of the factors e^{±x} when `fast` (every column's chunk total > −SPAN: both factors in
+    [e^{−SPAN/2}, e^{SPAN/2}]), else one token column at a time with pairwise exponents, exact for any decay."""
+    if fast:
+        A = tl.where(tt[:, None] >= tt[None, :], _mm(q * tl.exp(x), tl.trans(k * tl.exp(-x)), PREC), 0.0)
+    else:
+        A = tl.zeros([BT, BT], dtype=tl.float32)
+        for j in range(0, BT):
+            _, colj, kj, ex = _token_column(tt, j, k, b)
+            A = tl.where(colj, tl.sum(q * kj[None, :] * ex, axis=1)[:, None], A)
+    return A
+
+
+@triton.jit
 def _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK, DV, SW, SE, M: tl.constexpr,
                 BT: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, OUT: tl.constexpr,
                 STATE: tl.constexpr, SPAN: tl.constexpr):
@@ -933,15 +948,7 @@ def _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK,
                 S += _mm(tl.trans(v * dec), k, PREC)
         elif DECAY == 3:
             if OUT:
-                if fast:   # e^{b_i − b_j} = e^{x_i}·e^{−x_j}, both factors in [e^{−SPAN/2}, e^{SPAN/2}]
-                    A = tl.where(causal, _mm(q * tl.exp(x), tl.trans(k * tl.exp(-x)), PREC), 0.0)
-                else:      # pairwise exponents, exact for any decay
-                    A = tl.zeros([BT, BT], dtype=tl.float32)
-                    for j in range(0, BT):
-                        sel, colj, kj, ex = _token_column(tt, j, k, b)
-                        aj = tl.sum(q * kj[None, :] * ex, axis=1)     # [BT]
-                        A = tl.where(colj, aj[:, None], A)
-                o += _mm(A, v, PREC)
+                o += _mm(_column_scores(q, k, b, x, fast, tt, BT, PREC), v, PREC)
             if STATE:
                 S += _mm(tl.trans(v), k * dec, PREC)
         else:
@@ -1548,7 +1555,7 @@ class SplitBlocks(NamedTuple):
     KB: int   # key columns per tl.dot operand in the forward's prep and out and the backward's prep
 
 
-def split_blocks(d_k: int, d_v: int, wide_keys: bool) -> SplitBlocks:
+def split_blocks(d_k: int, d_v: int) -> SplitBlocks:
     """SplitBlocks for one call (module constants read at call time, as the launches do). The parallel kernels take
     wider value blocks than the state passes: they have parallelism to spare, and each value block repeats the
     [BT, BT] work (the inverse in prep, Q Bᵀ and Q Wᵀ in out)."""
@@ -1683,7 +1690,7 @@ def saves_chunk_core(plan, chunked: bool, save: bool, chunk_bwd: bool) -> bool:
 def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied=False, core=None, sub=1,
                          wide_keys=False, bf16=False):
     B, T, H, d_k, d_v, N, max_len, C = sizes
-    BK, BV, BVW, KB = split_blocks(d_k, d_v, wide_keys)
+    BK, BV, BVW, KB = split_blocks(d_k, d_v)
     q, w, e, g, a, b, c = chunk_in[:7]
     M = w.shape[0]
     dev = q.device
@@ -1788,7 +1795,7 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens):
         v[0].numel(), BK=BKS, USE_H0=h0 is not None, SAVE_CK=True, OUT=False, KEY_BLOCKS=True, **common)
     # the output takes the split paths' wider value blocks (SPLIT_BLOCK_V): each block forms the [BT, BT] Q Wᵀ again.
     # sm_90, d = 128, chunk 32: 64 rows spill nothing (scalar, column decay; 32 rows: 0, 104 B), a row decay's 952 B
-    BVO = BV if decay == 2 else split_blocks(d_k, d_v, False).BVW
+    BVO = BV if decay == 2 else split_blocks(d_k, d_v).BVW
     chunk_diag_out_kernel[(NTG, -(-d_v // BVO), G)](q, k, v, g, ck, o, cu, ix, T, H, d_k, d_v, NCK, k[0].numel(),
                                                     v[0].numel(), BK=BK, **dict(common, BV=BVO))
 
@@ -2191,13 +2198,8 @@ def chunk_diag_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, dh_ptr, cu_ptr, ix_ptr, dv
             g = _log_decay(g_ptr, base[:, None] * DK + cols[None, :], qk_m)
             b = tl.cumsum(g, axis=0)
             bl = tl.sum(g, axis=0)
-            if tl.min(bl, axis=0) > -SPAN:
-                x = (b - 0.5 * bl[None, :]).to(tl.float32)
-                A += tl.where(tt[:, None] >= tt[None, :], _mm(q * tl.exp(x), tl.trans(k * tl.exp(-x)), PREC), 0.0)
-            else:
-                for j in range(0, BT):
-                    _, colj, kj, ex = _token_column(tt, j, k, b)
-                    A = tl.where(colj, A + tl.sum(q * kj[None, :] * ex, axis=1)[:, None], A)
+            A += _column_scores(q, k, b, (b - 0.5 * bl[None, :]).to(tl.float32), tl.min(bl, axis=0) > -SPAN, tt,
+                                BT, PREC)
             kdS += _mm(k * tl.exp((bl[None, :] - b).to(tl.float32)), tl.trans(dS), PREC)
         else:
             A += _mm(q, tl.trans(k), PREC)
@@ -2303,9 +2305,9 @@ def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, 
     BVD = min(max(16, _np2(d_v)), DIAG_DV_BLOCK_V)
     chunk_diag_dv_kernel[(NTG, -(-d_v // BVD), G)](q, k, g, do, dh, cu, ix, dv, T, H, d_k, d_v, ck.shape[2],
                                                    BK=min(max(16, _np2(d_k)), DIAG_DV_BLOCK_K), BV=BVD, **common)
-    if decay == 3 or not decay:
-        return [dq, dk, dv] + ([dg] if decay else [])
-    return [dq, dk, dv, dg[0] if NK == 1 else dg.sum(0)]
+    if decay == 1:   # the key blocks' slots
+        dg = dg[0] if NK == 1 else dg.sum(0)
+    return [dq, dk, dv] + ([dg] if decay else [])
 
 
 def _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk, dv, dg, dh0):

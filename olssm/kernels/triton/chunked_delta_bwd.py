@@ -821,7 +821,7 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
         return chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, sub, same)
     B, T, H, d_k, d_v, N, max_len, C = sizes
     wide_keys = _ch.wide(plan.rule.form, d_k)   # the forward's choice (chunk size, stages, precision)
-    BK, BV, BVW, KB = _ch.split_blocks(d_k, d_v, wide_keys)   # the split forward's blocks
+    BK, BV, BVW, KB = _ch.split_blocks(d_k, d_v)   # the split forward's blocks
     q, w, e, g, a, b, c = chunk_in[:7]
     M = w.shape[0]
     gated = plan.rule.form.decay_kind != "none"
