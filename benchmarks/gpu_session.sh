@@ -75,13 +75,14 @@ bench=(python benchmarks/triton_kernels.py --dtype bf16 --autotune)
 # drift in session 11). Session 12: `nraw`, the fp32 copies of bf16 q, k, v back (RAW_INPUTS off; on, the same bits in
 # fewer bytes: 608 -> 205 MB of forward glue). Session 13: `nfs`, β·v's backward as three torch passes again
 # (FUSED_SCALE_BWD off; on, one Triton launch: 673 -> 268 MB per backward at D = 128, glue_ops.py). `nkm` holds the
-# storage settings and int32 offsets together. Gone since session 15, after the H100 timed them (session 11): wide
+# storage settings and int32 offsets together. Session 16: `nsl`, β·v (Δ·x) written by torch again (SCALE_ON_LOAD
+# off; on, the kernels multiply v's tiles by β on load: 205 -> 3 MB of forward glue, the same bits). Gone since session 15, after the H100 timed them (session 11): wide
 # blocks (`wb`, lost 12-20 %), the key-major state tile (`km`, lost 6-9 %), the prep in two launches (`ps`, lost 5 % of
 # the forward), the forward's state pass in key halves (`ks`, `ks4`: within the drift twice)
 # Triton's on-disk cache carries the profile's compiles over to the table
 variants_nkm='chunk_storage:input,offsets32:1,checkpoint_storage:input'
 # rows in order of need (a timeout cuts the last): those never timed first, then session 11's losers and draws
-variants128="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;nraw=raw_inputs:0;nfs=fused_scale_bwd:0;utm=ut_solve:masked;nsk=same_key:0;o32=offsets32:1"
+variants128="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;nraw=raw_inputs:0;nfs=fused_scale_bwd:0;nsl=scale_on_load:0;utm=ut_solve:masked;nsk=same_key:0;o32=offsets32:1"
 variants128_profile="nkm=$variants_nkm"
 # the diagonal family (session 12): the split path (`ds`), and chunks of 64 tokens with it and without (the split's
 # parallel kernels get wgmma at 64-row tiles: none at chunk 32, the diagonal rules' default). Since session 15 the
@@ -124,12 +125,13 @@ compile_check() {
 # `ds64` is the split path at fla's chunk (64; its own policy at d_k > 64 since session 15) with session 15's
 # whole-gradient kernels (chunk_diag_dqk_kernel, chunk_diag_dv_kernel: no per-value-block partial sums; no spills at
 # chunk 64 statically), `ds64ck` with bf16 checkpoints (fla keeps its h in the inputs' dtype), `ds64bf` with bf16 dot
-# operands as well (fla's precision)
+# operands as well (fla's precision); `nsl` the product Δ·x written by torch again (chunked.SCALE_ON_LOAD off,
+# session 16: the kernels multiply on load by default)
 mamba2_profile() {
     timeout "$1" python benchmarks/profile_gpu.py --rules mamba2 --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
         --peers --variants "$variants_ds" 2>&1 | grep -v "^USDT" | tee "$out/profile-diag.txt"
 }
-variants_ds="ds64=diag_path:split,chunk:64;ds64ck=diag_path:split,chunk:64,checkpoint_storage:input;ds64bf=diag_path:split,chunk:64,checkpoint_storage:input,precision:bf16"
+variants_ds="ds64=diag_path:split,chunk:64;ds64ck=diag_path:split,chunk:64,checkpoint_storage:input;ds64bf=diag_path:split,chunk:64,checkpoint_storage:input,precision:bf16;nsl=scale_on_load:0"
 case $stage in
     lease)
         # the next lease's first call (timeouts add to 370 s; `diag`, 400 s, is the second): the compiled tests, which
@@ -174,11 +176,11 @@ case $stage in
         # at chunk 64 ($variants_ds), then Gated DeltaNet's storage rows (stage `gated`; fla's row: stage fla-gdn)
         with_fla
         export PYTHONUNBUFFERED=1
-        compile_check 110 compile.txt
+        compile_check 100 compile.txt
         compiled_tests 170
-        mamba2_profile 200
+        mamba2_profile 210
         at128 80 gated128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;again=" ;;
+            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;nsl=scale_on_load:0;again=" ;;
     gated)
         # Gated DeltaNet's bf16 storage rows at D = 128 (session 14's timeouts cut them; the tail of `next`)
         with_fla

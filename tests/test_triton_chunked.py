@@ -601,25 +601,30 @@ def test_torch_compile_matches_eager(name, T, forced, monkeypatch):
 def test_scaled_function_is_traced_with_its_product(monkeypatch):
     # under torch.compile β·v's autograd.Function is traced into the graph (higher_order.autograd_function_apply) with
     # the product then one rounding as its forward (not out=, which torch 2.11's dynamo turned into wrong gradients:
-    # session 14, test_torch_compile_matches_eager[mamba2-33] failing on an H100 and on the CPU under torch 2.11)
-    torch._dynamo.reset()
-    rule = ENTRIES["deltanet"].rule
-    inp = {n: _dev(t).requires_grad_() for n, t in random_inputs(rule, 1, 20, 2, 4, 4, seed=8).items()}
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    # session 14, test_torch_compile_matches_eager[mamba2-33] failing on an H100 and on the CPU under torch 2.11).
+    # With SCALE_ON_LOAD (the default under fp32 chunk storage) there is no product to trace: v and β go to the op
     monkeypatch.setattr(tlib, "FORCE", "chunk")
-    torch.compile(_loss_fn(rule), backend=keep)(None, inp).backward()
-    nodes = [n for gm in graphs for n in gm.graph.nodes]
-    targets = [str(n.target) for n in nodes]
-    assert any(t.startswith("olssm.triton_scan_fwd") for t in targets), targets
-    assert any("autograd_function_apply" in t for t in targets), targets
-    bodies = [m for gm in graphs for name, m in gm.named_children() if name.startswith("fwd_body")]
-    assert bodies and not any("out" in n.kwargs for m in bodies for n in m.graph.nodes), [m.code for m in bodies]
-    assert inp["beta"].grad is not None and torch.isfinite(inp["beta"].grad).all()
+    monkeypatch.delenv("OLSSM_TRITON_SCALE_ON_LOAD", raising=False)
+    rule = ENTRIES["deltanet"].rule
+    for on in (False, True):
+        monkeypatch.setattr(tchunk, "SCALE_ON_LOAD", on)
+        torch._dynamo.reset()
+        inp = {n: _dev(t).requires_grad_() for n, t in random_inputs(rule, 1, 20, 2, 4, 4, seed=8).items()}
+        graphs = []
+
+        def keep(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch.compile(_loss_fn(rule), backend=keep)(None, inp).backward()
+        nodes = [n for gm in graphs for n in gm.graph.nodes]
+        targets = [str(n.target) for n in nodes]
+        assert any(t.startswith("olssm.triton_scan_fwd") for t in targets), targets
+        assert any("autograd_function_apply" in t for t in targets) != on, targets
+        bodies = [m for gm in graphs for name, m in gm.named_children() if name.startswith("fwd_body")]
+        assert bool(bodies) != on and not any("out" in n.kwargs for m in bodies for n in m.graph.nodes), \
+            [m.code for m in bodies]
+        assert inp["beta"].grad is not None and torch.isfinite(inp["beta"].grad).all()
 
 
 def test_torch_compile_op_is_in_the_graph():
@@ -950,7 +955,8 @@ def test_glue_ops_script_lists_the_torch_around_the_kernels():
     """benchmarks/glue_ops.py (interpreter, bf16 DeltaNet) lists the forward's up-casts of [B, T, H, d] inputs under
     CHUNK_STORAGE "fp32" without RAW_INPUTS, each reading 2 and writing 4 bytes per element of the target shape
     (2, 8192, 16, 16): the bytes are scaled by B·T·H. With RAW_INPUTS (the default), and under "input", it lists no
-    such cast (q and k are taken as they are)."""
+    such cast (q and k are taken as they are). The product β·v is listed where SCALE_ON_LOAD is off (the first run
+    turns both off) and not with the defaults (the kernels form it)."""
     import pathlib
     import re
     import subprocess
@@ -958,7 +964,7 @@ def test_glue_ops_script_lists_the_torch_around_the_kernels():
     root = pathlib.Path(__file__).parent.parent
     tables = {}
     for raw in ("0", "1"):
-        env = dict(os.environ, TRITON_INTERPRET="1", OLSSM_TRITON_RAW_INPUTS=raw,
+        env = dict(os.environ, TRITON_INTERPRET="1", OLSSM_TRITON_RAW_INPUTS=raw, OLSSM_TRITON_SCALE_ON_LOAD=raw,
                    PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         r = subprocess.run([sys.executable, str(root / "benchmarks" / "glue_ops.py"), "--rules", "deltanet",
                             "--shape", "1,40,3,16", "--scale", "2,8192,16,16"], capture_output=True, text=True,
@@ -971,8 +977,11 @@ def test_glue_ops_script_lists_the_torch_around_the_kernels():
     rows = re.findall(cast, fwd["0", "fp32"])
     assert len(rows) == 1 and int(rows[0][1]) == round(2 * 8192 * 16 * 16 * 6 / 1e6 * int(rows[0][0])), fwd["0", "fp32"]
     assert not re.findall(cast, fwd["1", "fp32"]), fwd["1", "fp32"]
+    product = r"\| fwd \| mul \| [^|]*\[1, 40, 3, 16\] bfloat16 \| \[1, 40, 3, 16\] (bfloat16|float32) \|"
     for raw in ("0", "1"):
-        assert "| fwd | mul |" in fwd[raw, "input"] and "_to_copy | [1, 40, 3, 16]" not in fwd[raw, "input"]
+        assert "_to_copy | [1, 40, 3, 16]" not in fwd[raw, "input"], fwd[raw, "input"]
+        for storage in ("fp32", "input"):
+            assert len(re.findall(product, fwd[raw, storage])) == (raw == "0"), (raw, storage, fwd[raw, storage])
 
 
 # ---- delta family: the split forward (prep / state / out kernels) against the fused one -----------------
@@ -1132,6 +1141,8 @@ def test_chunk_storage_dtypes(name, monkeypatch):
     plan = tscan.plan_for(rule)
     inp = random_inputs(rule, 1, 20, 2, 4, 5, seed=41)
     monkeypatch.setattr(tchunk, "RAW_INPUTS", False)   # "fp32" copies every tensor (raw inputs: their own test)
+    monkeypatch.setattr(tchunk, "SCALE_ON_LOAD", False)   # β·v, Δ·v written as products (their own test)
+    monkeypatch.delenv("OLSSM_TRITON_SCALE_ON_LOAD", raising=False)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         low = {n: x.to(dtype) for n, x in inp.items()}
         monkeypatch.setattr(tchunk, "CHUNK_STORAGE", "fp32")
@@ -1234,13 +1245,13 @@ class _TokenWrites:
 def test_chunk_inputs_take_bf16_inputs_as_they_are(name, monkeypatch):
     # The torch around the chunked op, bf16 inputs (H100 profile, benchmarks/logs/2026-11-26-h100-s11: ~0.64 ms of
     # DeltaNet's 1.81 ms forward at (2, 8192, 16, 128) in copies and casts). q, k, v are bf16 [B, T, H, d] tensors
-    # already, so under CHUNK_STORAGE "input" the one token-sized tensor the forward must write is e = β·v (no
-    # kernel forms it), once, in bf16, and nothing is cast: q and k go to the op as they are. Before, broadcast_inputs
-    # cast q, k, v up to fp32 and chunk_inputs cast q, k and e back (bf16 → fp32 → bf16 round trips). Under "fp32" the
-    # kernels take q and k as they are too (RAW_INPUTS; they were each cast once, w = a = b one tensor), e is written
-    # once in fp32 from bf16 v (not from an fp32 copy of v), nothing goes back to bf16. The backward under "input" (SAME_KEY: the op returns
-    # one key gradient, so autograd adds none) casts nothing token-sized either: ∂q, ∂k come back from the op in
-    # bf16, and _Scaled's chain rule reads ∂e and v as they are (its ∂v one bf16 write, its ∂β one fp32 product).
+    # already. Under CHUNK_STORAGE "input" q and k go to the op as they are; under "fp32" too (RAW_INPUTS; they were
+    # each cast once, w = a = b one tensor). Before that, broadcast_inputs cast q, k, v up to fp32 and chunk_inputs
+    # cast q, k and e back (bf16 → fp32 → bf16 round trips). The one token-sized tensor the forward still wrote was e =
+    # β·v (bf16 or fp32 by the storage); since session 16 the kernels form it on load from v and β (SCALE_ON_LOAD), so
+    # the forward writes nothing token-sized under either storage. The backward under "input" (SAME_KEY: the op
+    # returns one key gradient, so autograd adds none) casts nothing token-sized either: ∂q, ∂k come back from the op
+    # in bf16, and ∂v, ∂β from ∂e as _Scaled's chain rule forms them (∂v one bf16 write, ∂β an fp32 row sum).
     from olssm.kernels.triton import chunked_delta_bwd as tdelta
     monkeypatch.setattr(tlib, "FORCE", "chunk")
     monkeypatch.setattr(tdelta, "SAME_KEY", True)
@@ -1262,15 +1273,13 @@ def test_chunk_inputs_take_bf16_inputs_as_they_are(name, monkeypatch):
         do = torch.randn(o.shape, generator=torch.Generator().manual_seed(46)).to(o)
         with _TokenWrites(B, T, H, (K, V)) as bwd:
             grads = torch.autograd.grad(o, list(x.values()), do)
-        (q, w, e, g, a, b, c), = made
+        (q, w, e, g, a, b, c, *scale), = made
         taken = q.data_ptr() == x["q"].data_ptr() and b.data_ptr() == x["k"].data_ptr()
+        assert e.data_ptr() == x["v"].data_ptr() and scale   # SCALE_ON_LOAD: v itself, β appended
         seen[storage] = fwd.ops, bwd.casts(), [g.detach() for g in grads], taken
-    # upper bounds, from what must be written: e alone, in bf16 ("input") or fp32 ("fp32": q and k are read as they
-    # are too, RAW_INPUTS, with the same-key kernel's one key slot)
-    fwd_in, fwd_32 = seen["input"][0], seen["fp32"][0]
-    assert len(fwd_in) <= 1 and all(dt == torch.bfloat16 for _, dt in fwd_in), fwd_in
-    assert not [op for op in fwd_in if op[0] in ("_to_copy", "clone", "copy_")], fwd_in
-    assert len(fwd_32) <= 1 and all(dt == torch.float32 for _, dt in fwd_32), fwd_32
+    # nothing token-sized is written by either: q, k, v are read as they are (under "fp32": RAW_INPUTS with the
+    # same-key kernel's one key slot) and β·v is formed on load (SCALE_ON_LOAD)
+    assert seen["input"][0] == [] and seen["fp32"][0] == [], (seen["input"][0], seen["fp32"][0])
     assert seen["input"][1] == [], seen["input"][1]
     assert seen["input"][3] and seen["fp32"][3]           # both: the op reads the caller's q and k
     for gi, gf in zip(seen["input"][2], seen["fp32"][2]):   # the storages' results differ by β·v's rounding alone
@@ -1286,13 +1295,15 @@ def test_raw_inputs_are_bit_identical(name, same_key, monkeypatch):
     # Compiled, each pointer dtype is its own specialisation, whose register layouts (so the order of a tile's fp32
     # sums) may differ: there equal to fp32 rounding (on the H100, session 14, the final state was not bit for bit).
     # Which tensors went raw: q always (one slot); k only where it fills one slot with gradients (the same-key
-    # kernel's placeholders), and in a forward without gradients
+    # kernel's placeholders), and in a forward without gradients. SCALE_ON_LOAD off: its own test below
     from olssm.kernels.triton import chunked_delta_bwd as tdelta
     monkeypatch.setattr(tlib, "FORCE", "chunk")
     monkeypatch.setattr(tlib, "CHUNK_BACKWARD", True)
     monkeypatch.setattr(tdelta, "SAME_KEY", same_key)
     monkeypatch.setattr(tchunk, "CHUNK_STORAGE", "fp32")
-    for env in ("OLSSM_TRITON_CHUNK_STORAGE", "OLSSM_TRITON_SAME_KEY", "OLSSM_TRITON_RAW_INPUTS"):
+    monkeypatch.setattr(tchunk, "SCALE_ON_LOAD", False)
+    for env in ("OLSSM_TRITON_CHUNK_STORAGE", "OLSSM_TRITON_SAME_KEY", "OLSSM_TRITON_RAW_INPUTS",
+                "OLSSM_TRITON_SCALE_ON_LOAD"):
         monkeypatch.delenv(env, raising=False)
     rule = _rule(name).with_log_decays()
     inp = {n: _dev(x).to(torch.bfloat16) for n, x in random_inputs(rule, 1, 37, 2, 5, 6, seed=47).items()}
@@ -1326,6 +1337,95 @@ def test_raw_inputs_are_bit_identical(name, same_key, monkeypatch):
     # k is w: raw with gradients only through the same-key placeholders (or a diagonal rule's single slot)
     assert w_dt == (fp32 if lifted else bf16 if same_key or not ENTRIES[name].rule.form.corrections else fp32)
     assert e_dt == (fp32 if name in ("deltanet", "gated_deltanet", "longhorn", "mamba2") else bf16)   # β·v, Δ·v
+
+
+def _scaled_value_rule(name):
+    """Rules whose value side is an input times a per-token scalar (SCALE_ON_LOAD) on the delta kernels the catalogue
+    leaves out: a row decay with a scalar step (the fused walk and chunk_rowdecay_bwd_kernel), a row c (the row-c
+    backward), an input term on another key than the correction's (the untied split forward and backward)."""
+    S, Sp = O.states()
+    k, v, u = O.key("k"), O.value("v"), O.key("u")
+    step = O.scalar("b", positive=True)
+    beta = O.scalar("beta", positive=True)
+    if name == "row_decay_scalar_step":
+        expr = O.sqnorm(S - O.diag(O.row("r", domain="decay")) @ Sp) / 2 + O.sqnorm(S @ k - v, weight=step) / 2
+    elif name == "row_c_scalar_input":
+        expr = O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k, weight=O.row("b", positive=True)) / 2 - O.inner(S @ k, v, weight=beta)
+    else:
+        expr = (O.sqnorm(S - O.scalar("a", domain="decay") * Sp) / 2 + O.sqnorm(S @ k, weight=step) / 2
+                - O.inner(S @ u, v, weight=beta))
+    return olssm.derive(O.Objective(expr, update="explicit", name=name))
+
+
+@pytest.mark.parametrize("name, path", [("mamba2", "fused"), ("mamba2", "split"), ("deltanet", "split"),
+                                        ("deltanet", "fused"), ("gated_deltanet", "split"),
+                                        ("row_decay_scalar_step", "fused"), ("row_c_scalar_input", "fused"),
+                                        ("untied_input", "split"), ("untied_input", "fused")])
+def test_scale_on_load_is_bit_identical(name, path, monkeypatch):
+    # SCALE_ON_LOAD: a value side s·x with s one scalar per token (Mamba-2's Δ·x, DeltaNet's β·v) reaches the kernels
+    # as the input x itself and s [B, T, H], multiplied where every kernel that reads e loads it (_value_side). The
+    # oracle is the product chunk_inputs writes otherwise (SCALE_ON_LOAD off): o, the final state and every gradient
+    # equal bit for bit under the interpreter, bf16 and fp32 inputs, varlen with an empty sequence and an initial
+    # state (the kernels form the same fp32 product; ∂e becomes ∂x and ∂s through the same scaled_bwd_kernel);
+    # compiled, to fp32 rounding (another specialisation's register layouts). path: the diagonal path (Mamba-2) or
+    # the delta forward; the backward is the chunked one (the delta family's, the row-c or the row-decay kernels)
+    from olssm.kernels.triton import chunked_delta_bwd as tdelta
+    monkeypatch.setattr(tlib, "FORCE", "chunk")
+    monkeypatch.setattr(tlib, "CHUNK_BACKWARD", True)
+    monkeypatch.setattr(tdelta, "DELTA_BACKWARD", "chunk")
+    monkeypatch.setattr(tdelta, "ROW_C_BACKWARD", "chunk")
+    for env in ("OLSSM_TRITON_SCALE_ON_LOAD", "OLSSM_TRITON_DELTA_BACKWARD", "OLSSM_TRITON_ROW_C_BACKWARD"):
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", path)
+    monkeypatch.setenv("OLSSM_TRITON_DELTA_FORWARD", path)
+    rule = ENTRIES[name].rule.with_log_decays() if name in ENTRIES else _scaled_value_rule(name)
+    made = []
+    real = tchunk.chunked_forward
+    monkeypatch.setattr(tchunk, "chunked_forward", lambda plan, chunk_in, *a, **k: made.append(chunk_in) or
+                        real(plan, chunk_in, *a, **k))
+    backward = spy(monkeypatch, tdelta if rule.form.corrections else tchunk,
+                   "chunked_delta_backward" if rule.form.corrections else "chunked_backward")
+    cu = _dev(torch.tensor([0, 16, 16, 37], dtype=torch.int32))
+    for dtype in (torch.bfloat16, torch.float32):
+        inp = {n: _dev(x).to(dtype) for n, x in random_inputs(rule, 1, 37, 2, 5, 6, seed=49).items()}
+        h0 = 0.3 * torch.randn(3, 2, 6, 5, generator=torch.Generator().manual_seed(49))
+        out = {}
+        for on in (True, False):
+            monkeypatch.setattr(tchunk, "SCALE_ON_LOAD", on)
+            made.clear()
+            o, f, g = _run(rule, inp, h0, "triton", cu_seqlens=cu)
+            with torch.no_grad():
+                _run(rule, inp, h0, "triton", cu_seqlens=cu, grad=False)
+            n = tchunk._chunk_slots(rule.form)
+            assert [len(c) for c in made] == [n + on] * 2          # the scale appended, with and without gradients
+            assert made[0][2].dtype == (dtype if on else torch.float32)   # e's slot: x itself (raw), or the product
+            if on:
+                assert made[0][n].shape == (1, 37, 2) and made[0][n].dtype == torch.float32
+            out[on] = [o, f, *g.values()]
+        for what, a, b in zip(["o", "final state", *g], out[True], out[False]):
+            assert a.dtype == b.dtype
+            if _DEVICE == "cpu":
+                assert torch.equal(a, b), what
+            else:
+                rtol = 2.0 ** -8 if a.dtype == torch.bfloat16 else STATE_RTOL if what == "final state" else RTOL
+                _close(a, b, rtol, f"{what}: scaled on load vs the product")
+    assert len(backward) == 4
+
+
+def test_scale_on_load_stays_off_where_the_product_is_needed(monkeypatch):
+    # SCALE_ON_LOAD hands over x and s only where e_0 is x times a per-token scalar, alone in its slot: not for
+    # Longhorn (its factor β/(1 + β‖k‖²) is per value row), GLA (e = v, nothing to scale), a rank-2 rule (sub-tokens),
+    # nor with the switch off
+    monkeypatch.delenv("OLSSM_TRITON_SCALE_ON_LOAD", raising=False)
+
+    def scales(rule, grad=True):
+        return tchunk._scales_on_load(rule.form, tchunk._entries(rule.form), grad)
+    assert scales(ENTRIES["mamba2"].rule) and scales(ENTRIES["deltanet"].rule)
+    assert scales(_scaled_value_rule("untied_input"))
+    assert not scales(ENTRIES["longhorn"].rule) and not scales(ENTRIES["gla"].rule)
+    assert not scales(cat.rule(next(iter(cat.DERIVED))))
+    monkeypatch.setenv("OLSSM_TRITON_SCALE_ON_LOAD", "0")
+    assert not scales(ENTRIES["mamba2"].rule)
 
 
 @pytest.mark.parametrize("fused", [False, True])

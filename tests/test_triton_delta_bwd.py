@@ -895,8 +895,10 @@ def test_opcheck_and_torch_compile(name, dtype, ck, same, calls, monkeypatch):
     args = olssm.kernels.api.check_scan_args(rule, None, None, None, initial_state=None, output_final_state=True,
                                              cu_seqlens=None, inputs=inp)
     chunk_in = [x.detach().requires_grad_() for x in tchunk.chunk_inputs(plan, args, grad=True)]
+    # DeltaNet's β·v: v in e's slot and β appended in fp32 (chunked.SCALE_ON_LOAD); Longhorn's row factor is a product
+    assert len(chunk_in) == 7 + (name == "deltanet")
     assert [x.numel() == 0 for x in chunk_in] == [same if i in (1, 4) else False for i in range(len(chunk_in))]
-    assert [x.dtype for x in chunk_in] == [torch.float32 if i == 3 else dtype for i in range(len(chunk_in))]
+    assert [x.dtype for x in chunk_in] == [torch.float32 if i in (3, 7) else dtype for i in range(len(chunk_in))]
     h0 = _dev(torch.randn(B, H, V, K)).requires_grad_()
     sizes = [B, T, H, K, V, B, T, 16]
     ck_dtype = tchunk.checkpoint_storage(dtype)

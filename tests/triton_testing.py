@@ -189,7 +189,9 @@ def compare_storage(rule, inp, h0, monkeypatch, dtype=torch.bfloat16, cu_seqlens
                         real(plan, chunk_in, *a, **k))
     low = {n: x.to(dtype) for n, x in inp.items()}
     monkeypatch.setattr(tchunk, "RAW_INPUTS", False)   # "fp32": every chunk tensor an fp32 copy (the same values)
-    monkeypatch.delenv("OLSSM_TRITON_RAW_INPUTS", raising=False)
+    monkeypatch.setattr(tchunk, "SCALE_ON_LOAD", False)   # and β·v, Δ·v products, stored as the mode says
+    for env in ("OLSSM_TRITON_RAW_INPUTS", "OLSSM_TRITON_SCALE_ON_LOAD"):
+        monkeypatch.delenv(env, raising=False)
     res = {}
     for mode in ("fp32", "input"):
         monkeypatch.setattr(tchunk, "CHUNK_STORAGE", mode)

@@ -99,6 +99,8 @@ def compile_for(fn, consts: dict, arch: int, num_warps: int, ptr_types: dict | N
     # arguments, i.e. runtime branches: HAVE_TC / SAVE_TC's register counts were wrong)
     consts = {**{p: v.default for p, v in sig_params.items() if v.default is not inspect.Parameter.empty},
               **consts}
+    if consts.get("SCALED_E"):   # the input scale's pointer, None (a constexpr) by default
+        consts.pop("es_ptr")
     ints = {"T", "H", "DK", "DV", "NCK", "SW", "SE", "TOKH", "TOK", "N", "D"}
     ptrs = {**(ptr_types or {}), "ix_ptr": "*i32", "cu_ptr": "*i32"}   # the varlen chunk map and cu_seqlens: int32
     sig = {p: ("constexpr" if p in consts else "i32" if p in ints else ptrs.get(p, "*fp32")) for p in params}
@@ -108,7 +110,31 @@ def compile_for(fn, consts: dict, arch: int, num_warps: int, ptr_types: dict | N
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
+#: variants compiled again with the value side scaled on load (chunked.SCALE_ON_LOAD, SCALED_E: x and its factor s
+#: read instead of e = s·x): Mamba-2's, DeltaNet's and Gated DeltaNet's kernels on every path, and one variant of
+#: each other kernel that reads e
+SCALED_VARIANTS = (
+    "diag decay=scalar varlen=True", "backward decay=scalar", "diag split state decay=scalar varlen=True",
+    "diag split out decay=scalar varlen=True", "diag split backward dqk decay=scalar varlen=True",
+    "diag split backward decay=row varlen=True", "delta decay=none/scalar c=scalar", "delta decay=row c=scalar",
+    "delta split prep decay=scalar varlen=True tied", "delta split prep decay=scalar varlen=True tied SAVE_TC",
+    "delta split state decay=scalar varlen=True tied", "delta split out decay=scalar varlen=True tied",
+    "delta split prep decay=scalar varlen=True", "delta split state decay=scalar varlen=True",
+    "delta split out decay=scalar varlen=True", "delta bwd value decay=scalar varlen=True tied",
+    "delta bwd key decay=scalar varlen=True tied", "delta bwd key decay=scalar varlen=True SAME_KEY",
+    "delta bwd value decay=scalar varlen=True", "delta bwd key decay=scalar varlen=True",
+    "rowc bwd prep decay=scalar varlen=True", "rowdecay bwd c=scalar")
+
+
 def variants(BT, BK, BV, prec, BVW=None):
+    """Every chunked kernel variant (_variants), and those of SCALED_VARIANTS again with SCALED_E."""
+    for name, fn, consts in _variants(BT, BK, BV, prec, BVW):
+        yield name, fn, consts
+        if name in SCALED_VARIANTS:
+            yield f"{name} SCALED_E", fn, dict(consts, SCALED_E=True)
+
+
+def _variants(BT, BK, BV, prec, BVW=None):
     from . import chunked as ch
     BVW = BVW or BV
     base = dict(BT=BT, BK=BK, BV=BV, M=1, USE_H0=True, SAVE_CK=True, PREC=prec)

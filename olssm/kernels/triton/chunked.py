@@ -535,12 +535,15 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
     zeros when a correction has no decay)] + (with a correction) [a, b [B,T,H,K], c [B,T,H] (a row c: [B,T,H,V])],
     with R ≥ 2 corrections stacked [R, ...]: the log decay fp32, the others in chunk_storage(args.out_dtype) (fp32
     unless CHUNK_STORAGE = "input" and bf16 / fp16 inputs). grad and chunked_delta_bwd.same_key: w and a are empty
-    placeholders for b (shared_key_inputs)."""
+    placeholders for b (shared_key_inputs). SCALE_ON_LOAD: e holds the input x of e_0 = s·x and s [B, T, H] (fp32)
+    is appended (input_scale)."""
     rule, form = plan.rule, plan.rule.form
     B, T, H, K, V = args.B, args.T, args.H, args.d_k, args.d_v
     sdt = chunk_storage(args.out_dtype)
     ent = _entries(form)
     as_they_are = _raw_inputs(form, ent, sdt, grad)
+    scale_on_load = _scales_on_load(form, ent, grad)
+    on_load = []   # the input scale, where the kernels apply it (input_scale)
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):   # grad: the chunked backward's chain rule
         lay, ev = {}, {}
         if ent.evaluate is not None:   # up-casts (compute_dtype) only the inputs read by an evaluated expression
@@ -568,7 +571,12 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
                     s = torch.as_tensor(ev[scale], device=args.device)   # its evaluated dtype: fp32 (fp64 inputs: fp64)
                     while s.dim() < 2:
                         s = s.unsqueeze(0)
-                    x = _Scaled.apply(torch.broadcast_to(s, (B, T, H, 1, 1)).squeeze(-1), x, sdt)
+                    s = torch.broadcast_to(s, (B, T, H, 1, 1)).squeeze(-1)
+                    if (name == "e0" and scale_on_load and s.dtype == torch.float32
+                            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+                        on_load.append(s.squeeze(-1).contiguous())   # [B, T, H]: read by the kernels (SCALE_ON_LOAD)
+                        return x.contiguous()
+                    x = _Scaled.apply(s, x, sdt)
                 elif sym in as_they_are and x.dtype in (torch.bfloat16, torch.float16):
                     return x.contiguous()   # RAW_INPUTS: read in its own dtype by kernels that load it into fp32
                 return x.to(sdt).contiguous()
@@ -627,6 +635,7 @@ def chunk_inputs(plan, args, grad: bool = False) -> list:
                 from .chunked_delta_bwd import same_key
                 if same_key(form):   # one key tensor takes the whole key gradient (shared_key_inputs)
                     out[1] = out[4] = out[5].new_empty(0)
+        out += on_load
     return [x.contiguous() for x in out]
 
 
@@ -661,6 +670,70 @@ def _raw_inputs(form, ent, sdt, grad: bool) -> set:
     uses = collections.Counter(sym for name, (sym, _, _) in ent.direct.items() if name not in placeholders)
     return {sym for name, (sym, scale, lifted) in ent.direct.items()
             if scale is None and not lifted and (not grad or uses[sym] == 1)}
+
+
+#: a value side that is one input times a per-token scalar factor (Mamba-2's Δ·x, DeltaNet's β·v), in a rule with one
+#: input term, goes to the kernels as the input x and the factor s [B, T, H] (fp32), multiplied on load (_value_side)
+#: instead of as the product chunk_inputs would write: at (2, 8192, 16, 128) with bf16 x the product was 202 MB of
+#: torch traffic per forward under fp32 storage (glue_ops.py), and the kernels read 134 MB of fp32 e where they now
+#: read 67 MB of x. The kernels form the same fp32 product (x up-cast exactly, times s), so under fp32 storage o and
+#: the states are bit-identical; under CHUNK_STORAGE "input" they skip the product's rounding to bf16 (2⁻⁸). Their ∂e
+#: becomes ∂x and ∂s as _Scaled's backward forms them (scaled_input_grads). With gradients, an x that fills another
+#: slot too keeps the product (as RAW_INPUTS). OLSSM_TRITON_SCALE_ON_LOAD (0 / 1) overrides; read at call time.
+SCALE_ON_LOAD = True
+
+
+def _scales_on_load(form, ent, grad: bool) -> bool:
+    """Whether chunk_inputs hands e_0 over as its input and factor (SCALE_ON_LOAD): one input term, not on sub-tokens,
+    e_0 an input times a scalar factor, its input in no other slot with gradients (nor read by the evaluator:
+    "lifted"). chunk_inputs checks the dtypes (fp32 factor; bf16 / fp16 / fp32 input) as it makes them; sdt (the
+    storage dtype) does not matter: the kernels convert every load."""
+    if (len(form.inputs) != 1 or sub_tokens(form) != 1 or "e0" not in ent.direct
+            or not switch_on("OLSSM_TRITON_SCALE_ON_LOAD", SCALE_ON_LOAD, "scale on load")):
+        return False
+    sym, scale, lifted = ent.direct["e0"]
+    placeholders = set()
+    if grad and form.corrections:
+        from .chunked_delta_bwd import same_key
+        placeholders = {"w0", "a0"} if same_key(form) else set()
+    uses = sum(1 for name, (x, _, _) in ent.direct.items() if x == sym and name not in placeholders)
+    return scale is not None and not lifted and (not grad or uses == 1)
+
+
+def _chunk_slots(form) -> int:
+    """How many tensors chunk_inputs makes for this form before an input scale: q, w, e, the log decay (with a decay
+    or a correction), a, b, c (with corrections)."""
+    return 3 + (form.decay_kind != "none" or bool(form.corrections)) + 3 * bool(form.corrections)
+
+
+def input_scale(form, chunk_in) -> tuple:
+    """(chunk_in without its input scale, the scale [B, T, H] or None): chunk_inputs appends the factor of an e_0 it
+    hands over as its input (SCALE_ON_LOAD); the kernels take it as es_ptr (_scale_args)."""
+    n = _chunk_slots(form)
+    if len(chunk_in) == n + 1:
+        return list(chunk_in[:n]), chunk_in[n]
+    return list(chunk_in), None
+
+
+def _scale_args(es) -> dict:
+    """The launch arguments of an input scale (input_scale) for the kernels that read e."""
+    return {} if es is None else dict(es_ptr=es, SCALED_E=True)
+
+
+def scaled_input_grads(chunk_in, es, grads) -> list:
+    """The backward's gradients of chunk_in without its input scale (∂e in e's slot) → those of chunk_in with it: ∂x
+    in e's slot and ∂s appended, as _Scaled's backward forms them from ∂e (scaled_bwd_kernel where it runs: ∂x the
+    fp32 product rounded once to x's dtype, ∂s an fp32 sum)."""
+    if es is None:
+        return grads
+    x, de = chunk_in[2], grads[2]
+    s = es.unsqueeze(0).unsqueeze(-1)   # [1, B, T, H, 1]: a factor per row of x [1, B, T, H, d_v]
+    if fused_scale_backward(s, x, de):
+        ds, dx = scaled_backward(s, x, de)
+    else:
+        dx = torch.mul(de.float(), s).to(x.dtype)
+        ds = torch.mul(de.float(), x.float()).sum(-1, keepdim=True)
+    return [*grads[:2], dx, *grads[3:], ds.reshape(es.shape)]
 
 
 def shared_key_inputs(chunk_in) -> tuple:
@@ -803,6 +876,17 @@ def _delta_tiles(q_ptr, a_ptr, b_ptr, c_ptr, base, tm, rows, cols, km2, vm, DK, 
 
 
 @triton.jit
+def _value_side(e_ptr, m, SE, voff, vm, es_ptr, base, tm, SCALED_E: tl.constexpr):
+    """Input term m's value side E_m at the tile offsets voff, in fp32: as chunk_inputs stored it, or with SCALED_E
+    (one input term, SCALE_ON_LOAD) its input x times the per-token factor s at es_ptr (base: the tile's token rows),
+    the product (Δ·x, β·v) that chunk_inputs then does not write. Both are the same fp32 product of x and s."""
+    e = tl.load(e_ptr + _rank_offset(m, SE) + voff, mask=vm, other=0.0).to(tl.float32)
+    if SCALED_E:
+        e = e * tl.load(es_ptr + base, mask=tm, other=0.0).to(tl.float32)[:, None]
+    return e
+
+
+@triton.jit
 def _log_decay(g_ptr, offs, mask):
     """A row or column log decay tile in fp64, floored at log(float32 tiny) as chunk_inputs floors the log decays it
     forms (a raw log gate comes as the caller gave it: RAW_INPUTS); NaN stays NaN."""
@@ -833,7 +917,8 @@ def _row_decay_tiles(g_ptr, voff, vm, SPAN: tl.constexpr):
 
 @triton.jit
 def _rowdecay_delta_chunk(q, a, cc, S0, AB, G, gam, xh, fast, tt, incl, strict, w_ptr, e_ptr, SW, SE, koff, voff,
-                          km2, vm, M: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                          km2, vm, M: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                          es_ptr, base, tm, SCALED_E: tl.constexpr):
     """One chunk of a delta rule with a row decay (every value row its own scalar-decay rule), from the state S₀
     entering it: o without the corrections' share, P = γ S_{t−1} a (the corrections' predictions) and Δ = c ⊙ P.
     R′ = Γ ⊙ A S₀ᵀ + Σ_m (A W_mᵀ ⊙ D_st) E_m and the input terms' share of o take factorised dots when `fast`
@@ -844,7 +929,7 @@ def _rowdecay_delta_chunk(q, a, cc, S0, AB, G, gam, xh, fast, tt, incl, strict, 
     o = _mm(q, tl.trans(S0), PREC) * gam
     for m in tl.static_range(M):
         w = tl.load(w_ptr + _rank_offset(m, SW) + koff, mask=km2, other=0.0).to(tl.float32)
-        e = tl.load(e_ptr + _rank_offset(m, SE) + voff, mask=vm, other=0.0).to(tl.float32)
+        e = _value_side(e_ptr, m, SE, voff, vm, es_ptr, base, tm, SCALED_E)
         AW = tl.where(strict, _mm(a, tl.trans(w), PREC), 0.0)
         QW = tl.where(incl, _mm(q, tl.trans(w), PREC), 0.0)
         if fast:   # Σ_j X_ij e^{b_i − b_j} e_j = e^{x_i} ⊙ Σ_j X_ij (e^{−x_j} ⊙ e_j)
@@ -887,7 +972,7 @@ def _column_scores(q, k, b, x, fast, tt, BT: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK, DV, SW, SE, M: tl.constexpr,
                 BT: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, OUT: tl.constexpr,
-                STATE: tl.constexpr, SPAN: tl.constexpr):
+                STATE: tl.constexpr, SPAN: tl.constexpr, es_ptr, SCALED_E: tl.constexpr):
     """One chunk of the diagonal family (no correction) from S, the [BV, BK'] state tile entering it (value rows ×
     key columns): o [BT, BV] with OUT (q: the chunk's query tile, whose key columns must then be all of them, since o
     sums over keys), and with STATE S at the chunk's end (then cols may be any key block: a diagonal decay keeps key
@@ -932,8 +1017,7 @@ def _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK,
     for m in tl.static_range(M):
         k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :], mask=qk_m,
                     other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm,
-                    other=0.0).to(tl.float32)
+        v = _value_side(v_ptr, m, SE, base[:, None] * DV + rows[None, :], vm, es_ptr, base, tm, SCALED_E)
         if DECAY == 0:
             if OUT:
                 A = tl.where(causal, _mm(q, tl.trans(k), PREC), 0.0)
@@ -971,7 +1055,7 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
                      M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                      USE_H0: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr,
                      PREC: tl.constexpr = "ieee", OUT: tl.constexpr = True, KEY_BLOCKS: tl.constexpr = False,
-                     SPAN: tl.constexpr = FAST_SPAN):
+                     SPAN: tl.constexpr = FAST_SPAN, es_ptr=None, SCALED_E: tl.constexpr = False):
     """The diagonal family's walk over a sequence's chunks, the state carried in registers (_diag_chunk). The fused
     path (DIAG_PATH = "fused"): one program per (value block, sequence·head), each chunk's o formed in the walk. With
     OUT False (and SAVE_CK, KEY_BLOCKS), the split path's sequential pass: the state entering every chunk → ck and the
@@ -989,12 +1073,12 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
             q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :],
                         other=0.0).to(tl.float32)
             o, S = _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK, DV, SW, SE, M, BT,
-                               DECAY, PREC, True, True, SPAN)
+                               DECAY, PREC, True, True, SPAN, es_ptr, SCALED_E)
             tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty),
                      mask=tm[:, None] & rm[None, :])
         else:
             _, S = _diag_chunk(None, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK, DV, SW, SE, M, BT,
-                               DECAY, PREC, False, True, SPAN)
+                               DECAY, PREC, False, True, SPAN, es_ptr, SCALED_E)
         S = tl.where(m2, S, 0.0)
     tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
 
@@ -1003,7 +1087,7 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
 def chunk_diag_out_kernel(q_ptr, k_ptr, v_ptr, g_ptr, ck_ptr, o_ptr, cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE,
                           M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           DECAY: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
-                          SPAN: tl.constexpr = FAST_SPAN):
+                          SPAN: tl.constexpr = FAST_SPAN, es_ptr=None, SCALED_E: tl.constexpr = False):
     """The split diagonal path's output, parallel over chunks: o of one (chunk, value block) from S₀ = ck."""
     i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
                                                                           VARLEN)
@@ -1013,7 +1097,7 @@ def chunk_diag_out_kernel(q_ptr, k_ptr, v_ptr, g_ptr, ck_ptr, o_ptr, cu_ptr, ix_
                  other=0.0).to(tl.float32)
     q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :], other=0.0).to(tl.float32)
     o, _ = _diag_chunk(q, S0, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rows < DV, km, tt, DK, DV, SW, SE, M, BT,
-                       DECAY, PREC, True, False, SPAN)
+                       DECAY, PREC, True, False, SPAN, es_ptr, SCALED_E)
     tl.store(o_ptr + voff, o.to(o_ptr.dtype.element_ty), mask=vm)
 
 
@@ -1023,7 +1107,8 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
                            BV: tl.constexpr,
                            C_ROW: tl.constexpr, G_ROW: tl.constexpr, USE_H0: tl.constexpr, SAVE_CK: tl.constexpr,
                            VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1,
-                           OFF32: tl.constexpr = False, SPAN: tl.constexpr = FAST_SPAN):
+                           OFF32: tl.constexpr = False, SPAN: tl.constexpr = FAST_SPAN, es_ptr=None,
+                           SCALED_E: tl.constexpr = False):
     """S_t = γ_t S_{t-1} (I − c_t a_t b_tᵀ) + e_t w_tᵀ, chunk by chunk (UT transform, TRITON.md); SUB as in
     _chunk_decay (strict between tokens); OFF32 as in _tokens (OFFSETS32)."""
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
@@ -1056,8 +1141,7 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
             for m in tl.static_range(M):
                 w = tl.load(w_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :],
                             mask=km2, other=0.0).to(tl.float32)
-                e = tl.load(e_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :],
-                            mask=vm, other=0.0).to(tl.float32)
+                e = _value_side(e_ptr, m, SE, base[:, None] * DV + rows[None, :], vm, es_ptr, base, tm, SCALED_E)
                 R += _mm(_mm(a, tl.trans(w), PREC) * Dst, e, PREC)
                 o += _mm(_mm(q, tl.trans(w), PREC) * Dinc, e, PREC)
                 S += _mm(tl.trans(e * dec), w, PREC)
@@ -1078,11 +1162,12 @@ def chunk_delta_fwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, h0_p
             QB = tl.where(incl, _mm(q, tl.trans(bv), PREC), 0.0)
             koff, voff = base[:, None] * DK + cols[None, :], base[:, None] * DV + rows[None, :]
             o, _, Dl = _rowdecay_delta_chunk(q, a, cc, S, AB, G, gam, xh, fast, tt, incl, strict, w_ptr, e_ptr,
-                                             SW, SE, koff, voff, km2, vm, M, BT, BV, PREC)
+                                             SW, SE, koff, voff, km2, vm, M, BT, BV, PREC, es_ptr, base, tm,
+                                             SCALED_E)
             S = S * tl.exp(GL.to(tl.float32))[:, None]
             for m in tl.static_range(M):                              # the input terms' share of the new state
                 w = tl.load(w_ptr + _rank_offset(m, SW) + koff, mask=km2, other=0.0).to(tl.float32)
-                e = tl.load(e_ptr + _rank_offset(m, SE) + voff, mask=vm, other=0.0).to(tl.float32)
+                e = _value_side(e_ptr, m, SE, voff, vm, es_ptr, base, tm, SCALED_E)
                 S += _mm(tl.trans(e * dec), w, PREC)
             if fast:                                                  # corrections' share of o
                 o -= _mm(QB, Dl * tl.exp(-xh), PREC) * tl.exp(xh)
@@ -1252,12 +1337,13 @@ def _store_wt(a_ptr, wt_ptr, Tc, cg, base, tm, DK, BK: tl.constexpr, KB: tl.cons
 
 
 @triton.jit
-def _store_left_product(Y, e_ptr, u_ptr, base, tm, DV, BV: tl.constexpr, PREC: tl.constexpr):
+def _store_left_product(Y, e_ptr, u_ptr, base, tm, DV, BV: tl.constexpr, PREC: tl.constexpr, es_ptr,
+                        SCALED_E: tl.constexpr):
     """Ũ = Y E_0 → u for a chunk's [BT, BT] left factor Y, BV value rows at a time (the one-input-term prep)."""
     for i_v in range(0, tl.cdiv(DV, BV)):
         rows = i_v * BV + tl.arange(0, BV)
         vm = tm[:, None] & (rows < DV)[None, :]
-        e = tl.load(e_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+        e = _value_side(e_ptr, 0, 0, base[:, None] * DV + rows[None, :], vm, es_ptr, base, tm, SCALED_E)
         tl.store(u_ptr + base[:, None] * DV + rows[None, :], _mm(Y, e, PREC), mask=vm)
 
 
@@ -1267,7 +1353,8 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
                             BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
                             PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, TIED: tl.constexpr = False,
                             SAVE_TC: tl.constexpr = False, SUB: tl.constexpr = 1, UTB: tl.constexpr = 16,
-                            SOLVE: tl.constexpr = "blocks", OFF32: tl.constexpr = False):
+                            SOLVE: tl.constexpr = "blocks", OFF32: tl.constexpr = False, es_ptr=None,
+                            SCALED_E: tl.constexpr = False):
     """Per chunk, independent of the state:
         W̃ = T_c (c ⊙ Γ ⊙ A) → wt,   Ũ = T_c (c ⊙ Σ_m (A W_mᵀ ⊙ D_strict) E_m) → u,
     and (SAVE_TC, for the chunked backward, which then skips its own inverse) T_c → tc [.., BT].
@@ -1287,7 +1374,7 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
             Y = _mm(Tc, Nab, PREC)
         else:
             Y = _mm(Tc, _dot_rows_k(a_ptr, w_ptr, base, tm, DK, BT, BK, KB, PREC) * Dst, PREC)
-        _store_left_product(Y, e_ptr, u_ptr, base, tm, DV, BV, PREC)
+        _store_left_product(Y, e_ptr, u_ptr, base, tm, DV, BV, PREC, es_ptr, SCALED_E)
     else:
         for i_v in range(0, tl.cdiv(DV, BV)):
             rows = i_v * BV + tl.arange(0, BV)
@@ -1298,8 +1385,7 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
                     AW = Nab
                 else:
                     AW = _dot_rows_k(a_ptr, w_ptr + _rank_offset(m, SW), base, tm, DK, BT, BK, KB, PREC) * Dst
-                e = tl.load(e_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :],
-                            mask=vm, other=0.0).to(tl.float32)
+                e = _value_side(e_ptr, m, SE, base[:, None] * DV + rows[None, :], vm, es_ptr, base, tm, SCALED_E)
                 P += _mm(AW, e, PREC)
             tl.store(u_ptr + base[:, None] * DV + rows[None, :], _mm(Tc, P, PREC), mask=vm)
 
@@ -1309,7 +1395,7 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
                              T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                              BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr, VARLEN: tl.constexpr,
                              PREC: tl.constexpr = "ieee", TIED: tl.constexpr = False, SUB: tl.constexpr = 1,
-                             OFF32: tl.constexpr = False):
+                             OFF32: tl.constexpr = False, es_ptr=None, SCALED_E: tl.constexpr = False):
     """The sequential pass: per chunk, ck ← S₀, Δ = W̃ S₀ᵀ + Ũ (written over Ũ in u),
     S ← Γ_L S₀ − (Δ ⊙ Γ_L/Γ)ᵀ B + Σ_m (E_m ⊙ Γ_L/Γ)ᵀ W_m; ht ← the last S.
     TIED (W_0 is B): S ← Γ_L S₀ + ((E_0 − Δ) ⊙ Γ_L/Γ)ᵀ B + Σ_{m≥1} ... — 2 + M − 1 dots and [BT, BK] loads
@@ -1328,7 +1414,7 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         tl.store(u_ptr + uoff, d, mask=vm)
         bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         if TIED:   # the first input term rides on B's dot
-            d = tl.load(e_ptr + uoff, mask=vm, other=0.0).to(tl.float32) - d
+            d = _value_side(e_ptr, 0, 0, uoff, vm, es_ptr, base, tm, SCALED_E) - d
         else:
             d = -d
         if GATED:
@@ -1340,8 +1426,7 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         for m in tl.static_range(1 if TIED else 0, M):   # TIED: m = 0 rode on B's dot
             w = tl.load(w_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :],
                         mask=km2, other=0.0).to(tl.float32)
-            e = tl.load(e_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :],
-                        mask=vm, other=0.0).to(tl.float32)
+            e = _value_side(e_ptr, m, SE, base[:, None] * DV + rows[None, :], vm, es_ptr, base, tm, SCALED_E)
             if GATED:
                 e = e * dec[:, None]
             S += _mm(tl.trans(e), w, PREC)
@@ -1354,7 +1439,8 @@ def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_p
                            T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
                            PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, TIED: tl.constexpr = False,
-                           SUB: tl.constexpr = 1, OFF32: tl.constexpr = False):
+                           SUB: tl.constexpr = 1, OFF32: tl.constexpr = False, es_ptr=None,
+                           SCALED_E: tl.constexpr = False):
     """o = Γ ⊙ Q S₀ᵀ − (Q Bᵀ ⊙ D) Δ + Σ_m (Q W_mᵀ ⊙ D) E_m per (chunk, value block), S₀ from ck and Δ
     from u; KB key columns at a time, like prep. TIED (W_0 is B): (Q Bᵀ ⊙ D)(E_0 − Δ), one [BT, BT] product
     and its dot fewer."""
@@ -1378,13 +1464,13 @@ def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_p
         o = o * gam[:, None]
     d = tl.load(u_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
     if TIED:   # the first input term rides on Q Bᵀ
-        d = tl.load(e_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32) - d
+        d = _value_side(e_ptr, 0, 0, voff, vm, es_ptr, base, tm, SCALED_E) - d
         o += _mm(QB * D, d, PREC)
     else:
         o -= _mm(QB * D, d, PREC)
     for m in tl.static_range(1 if TIED else 0, M):
         QW = _dot_rows_k(q_ptr, w_ptr + _rank_offset(m, SW), base, tm, DK, BT, BK, KB, PREC)
-        e = tl.load(e_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+        e = _value_side(e_ptr, m, SE, voff, vm, es_ptr, base, tm, SCALED_E)
         o += _mm(QW * D, e, PREC)
     tl.store(o_ptr + base[:, None] * DV + rows[None, :], o.to(o_ptr.dtype.element_ty), mask=vm)
 
@@ -1688,7 +1774,7 @@ def saves_chunk_core(plan, chunked: bool, save: bool, chunk_bwd: bool) -> bool:
 
 
 def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied=False, core=None, sub=1,
-                         wide_keys=False, bf16=False):
+                         wide_keys=False, bf16=False, es=None):
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV, BVW, KB = split_blocks(d_k, d_v)
     q, w, e, g, a, b, c = chunk_in[:7]
@@ -1701,7 +1787,7 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
     ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, ht)
     cu = cu_seqlens if varlen else ht
     common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=_precision(o.dtype, bf16),
-                  TIED=tied, SUB=sub, OFF32=offsets32_fit(sizes), **_launch_opts(wide_keys))
+                  TIED=tied, SUB=sub, OFF32=offsets32_fit(sizes), **_launch_opts(wide_keys), **_scale_args(es))
     chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
                                       e[0].numel(), M=M, BV=BVW, KB=KB, SAVE_TC=core is not None, UTB=int(UT_BLOCK),
                                       SOLVE=ut_solve(), **common)
@@ -1716,20 +1802,22 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
 def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None, core=None):
     """Launch the chunked forward: fills o, ht (and ck, the state entering every chunk; and core = (T_c, W̃)
     buffers when given: saved_chunk_core). sizes in tokens; a rank-R rule runs on sub-tokens (sub_tokens).
-    chunk_in may hold chunk_inputs' same-key placeholders (shared_key_inputs)."""
+    chunk_in may hold chunk_inputs' same-key placeholders (shared_key_inputs) and its input scale (input_scale)."""
+    chunk_in, es = input_scale(plan.rule.form, chunk_in)
     chunk_in = shared_key_inputs(chunk_in)[0]
     R = sub_tokens(plan.rule.form)
     if R > 1:
+        assert es is None, "chunk_inputs scales no input term on load for a rule on sub-tokens"
         B, T, H, d_v = o.shape
         o_sub = torch.empty(B, T * R, H, d_v, dtype=o.dtype, device=o.device)
         _chunked_forward(plan, to_sub_tokens(chunk_in, R), h0, o_sub, ht, ck, sub_sizes(sizes, R), save,
                          cu_seqlens * R if cu_seqlens is not None else None, core, R)
         o.copy_(_pick(o_sub, R, R - 1, 1))
     else:
-        _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens, core)
+        _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens, core, es=es)
 
 
-def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None, core=None, sub=1):
+def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None, core=None, sub=1, es=None):
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
     cu = cu_seqlens if cu_seqlens is not None else ht
@@ -1746,7 +1834,7 @@ def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None
             if not save:   # the output kernel reads S₀ of every chunk: a scratch ck (ck's dtype), not returned
                 ck = torch.empty(N, H, max(1, -(-max_len // C)), d_v, d_k, dtype=ck.dtype, device=q.device)
             _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, plan.rule.form.decay_kind != "none", cu_seqlens,
-                                 _tied(plan.rule.form), core, sub, wide_keys, bf16)
+                                 _tied(plan.rule.form), core, sub, wide_keys, bf16, es)
             return
         chunk_delta_fwd_kernel[(NV, N * H)](
             q, k, v, g, a, b, c, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht,
@@ -1754,15 +1842,16 @@ def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None
             C_ROW=c_row, G_ROW=g_row, USE_H0=h0 is not None,
             SAVE_CK=save, VARLEN=cu_seqlens is not None,
             PREC=_precision(o.dtype, bf16), SUB=sub, OFF32=offsets32_fit(sizes), SPAN=fast_span(),
-            **_launch_opts(wide_keys, walk=True))
+            **_launch_opts(wide_keys, walk=True), **_scale_args(es))
         return
     if diag_path() == "split":
-        _diag_split_forward(chunk_in, h0, o, ht, ck if save else None, sizes, decay, cu_seqlens)
+        _diag_split_forward(chunk_in, h0, o, ht, ck if save else None, sizes, decay, cu_seqlens, es)
         return
     chunk_fwd_kernel[(NV, N * H)](
         q, k, v, g, h0.contiguous() if h0 is not None else ht, o, ht, ck if save else ht, cu, T, H, d_k, d_v, NCK,
         k[0].numel(), v[0].numel(), M=k.shape[0], BT=C, BK=BK, BV=BV, DECAY=decay, USE_H0=h0 is not None,
-        SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype), SPAN=fast_span(), **_launch_opts())
+        SAVE_CK=save, VARLEN=cu_seqlens is not None, PREC=_precision(o.dtype), SPAN=fast_span(), **_launch_opts(),
+        **_scale_args(es))
 
 
 def _chunk_grid(cu_seqlens, C, T, N, B, H, dummy):
@@ -1773,7 +1862,7 @@ def _chunk_grid(cu_seqlens, C, T, N, B, H, dummy):
     return dummy, -(-T // C), B * H
 
 
-def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens):
+def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens, es=None):
     """DIAG_PATH = "split": the states entering the chunks (chunk_fwd_kernel without OUT; into ck, or a scratch one of the
     checkpoints' dtype when the forward keeps none), then o (chunk_diag_out_kernel)."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
@@ -1789,7 +1878,7 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens):
     cu = cu_seqlens if varlen else ht
     ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, ht)
     common = dict(M=k.shape[0], BT=C, BV=BV, DECAY=decay, VARLEN=varlen, PREC=_precision(o.dtype), SPAN=fast_span(),
-                  **_launch_opts())
+                  **_launch_opts(), **_scale_args(es))
     chunk_fwd_kernel[(-(-d_v // BV), -(-d_k // BKS), N * H)](
         k, k, v, g, h0.contiguous() if h0 is not None else ht, ht, ht, ck, cu, T, H, d_k, d_v, NCK, k[0].numel(),
         v[0].numel(), BK=BKS, USE_H0=h0 is not None, SAVE_CK=True, OUT=False, KEY_BLOCKS=True, **common)
@@ -1807,7 +1896,7 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens):
 def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, base, tm, rows, cols, rm, km,
                    tt, i_v, DK, DV, SW, SE, TOKH, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, STORE_DV: tl.constexpr = True,
-                   SPAN: tl.constexpr = FAST_SPAN):
+                   SPAN: tl.constexpr = FAST_SPAN, es_ptr=None, SCALED_E: tl.constexpr = False):
     """One chunk of the diagonal family's backward over one block of key columns `cols` (BK wide: all of them in the
     fused walk), from the chunk's query and ∂o tiles q, do and that block of S₀ (the state entering the chunk) and of
     dS = ∂L/∂S at its end (chunk_bwd_kernel's formulas). Stores the block's columns of dQ, dW_m (as the value block
@@ -1832,8 +1921,7 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
         for m in tl.static_range(M):
             k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :],
                         mask=qk_m, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :],
-                        mask=vm, other=0.0).to(tl.float32)
+            v = _value_side(v_ptr, m, SE, base[:, None] * DV + rows[None, :], vm, es_ptr, base, tm, SCALED_E)
             P = tl.where(causal, _mm(do, tl.trans(v), PREC), 0.0)   # dO E_mᵀ
             if fast:   # the forward's factorisation; P is causal, so no masked-out product is formed
                 x = (b - 0.5 * bl[None, :]).to(tl.float32)
@@ -1880,8 +1968,7 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
         for m in tl.static_range(M):
             k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :],
                         mask=qk_m, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :],
-                        mask=vm, other=0.0).to(tl.float32)
+            v = _value_side(v_ptr, m, SE, base[:, None] * DV + rows[None, :], vm, es_ptr, base, tm, SCALED_E)
             QK = tl.where(causal, _mm(q, tl.trans(k), PREC), 0.0)
             if fast:   # D_i(t, s) = e^{x_ti}·e^{−x_si}, as in the forward
                 vx = v * tl.exp(-x)
@@ -1924,8 +2011,7 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
         for m in tl.static_range(M):
             k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :],
                         mask=qk_m, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :],
-                        mask=vm, other=0.0).to(tl.float32)
+            v = _value_side(v_ptr, m, SE, base[:, None] * DV + rows[None, :], vm, es_ptr, base, tm, SCALED_E)
             P = _mm(do, tl.trans(v), PREC) * D  # [BT, BT]
             A = _mm(q, tl.trans(k), PREC) * D
             dq += _mm(P, k, PREC)
@@ -1972,7 +2058,8 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
                      dq_ptr, dk_ptr, dv_ptr, dg_ptr, dh0_ptr, dh_ptr, T, H, DK, DV, NCK, SW, SE, TOKH,
                      M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                      USE_DHT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
-                     GRADS: tl.constexpr = True, KEY_BLOCKS: tl.constexpr = False, SPAN: tl.constexpr = FAST_SPAN):
+                     GRADS: tl.constexpr = True, KEY_BLOCKS: tl.constexpr = False, SPAN: tl.constexpr = FAST_SPAN,
+                     es_ptr=None, SCALED_E: tl.constexpr = False):
     """Reverse over chunks with dS (∂L/∂S at the chunk end) in registers; per chunk, with P_m = (dO E_mᵀ) ⊙ D:
         dQ   = Σ_m P_m W_m + Γ ⊙ (dO S₀)            dW_m = P_mᵀ Q + dec ⊙ (E_m dS)
         dE_m = (Q W_mᵀ ⊙ D)ᵀ dO + dec ⊙ (W_m dSᵀ)     dS₀  = Γ_L dS + (Γ ⊙ dO)ᵀ Q
@@ -1998,7 +2085,8 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
                          other=0.0).to(tl.float32)
             qs, dos, glast, _, db, dbL = _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr,
                                                         dg_ptr, base, tm, rows, cols, rm, km, tt, i_v, DK, DV, SW, SE,
-                                                        TOKH, M, BT, BK, BV, DECAY, PREC, SPAN=SPAN)
+                                                        TOKH, M, BT, BK, BV, DECAY, PREC, SPAN=SPAN,
+                                                        es_ptr=es_ptr, SCALED_E=SCALED_E)
             _diag_bwd_finish(db, dbL, dg_ptr, g_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
         else:
             tl.store(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, mask=m2)
@@ -2032,7 +2120,8 @@ def _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY
 def chunk_diag_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu_ptr, ix_ptr, dq_ptr, dk_ptr, dv_ptr,
                           dg_ptr, T, H, DK, DV, NCK, SW, SE, TOKH, M: tl.constexpr, BT: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, VARLEN: tl.constexpr,
-                          PREC: tl.constexpr = "ieee", NKB: tl.constexpr = 1, SPAN: tl.constexpr = FAST_SPAN):
+                          PREC: tl.constexpr = "ieee", NKB: tl.constexpr = 1, SPAN: tl.constexpr = FAST_SPAN,
+                          es_ptr=None, SCALED_E: tl.constexpr = False):
     """The split diagonal path's gradients, parallel over chunks: one (chunk, value block) from S₀ = ck and
     dS = dh, into the same partial-sum slots as chunk_bwd_kernel, walking the key columns in NKB blocks of BK
     (_diag_bwd_keys per block: no [BT, d_k] tile is live beyond its block). One input term when NKB > 1 (its dE
@@ -2060,7 +2149,8 @@ def chunk_diag_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
                     other=0.0).to(tl.float32)
         _, _, _, dv_k, db_k, dbL_k = _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr,
                                                     dg_ptr, base, tm, rows, cols, rm, km, tt, i_v, DK, DV, SW, SE,
-                                                    TOKH, M, BT, BK, BV, DECAY, PREC, NKB == 1, SPAN)
+                                                    TOKH, M, BT, BK, BV, DECAY, PREC, NKB == 1, SPAN, es_ptr,
+                                                    SCALED_E)
         dv += dv_k
         if DECAY == 1 or DECAY == 2:
             db += db_k
@@ -2109,7 +2199,7 @@ def _column_pair_products(P, q, k, b, bl, tt, BT: tl.constexpr, BK: tl.constexpr
 def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu_ptr, ix_ptr, dq_ptr, dk_ptr, dg_ptr,
                           T, H, DK, DV, NCK, TOKH, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           DECAY: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
-                          SPAN: tl.constexpr = FAST_SPAN):
+                          SPAN: tl.constexpr = FAST_SPAN, es_ptr=None, SCALED_E: tl.constexpr = False):
     """The split diagonal path's dQ, dW and ∂g for no, a scalar or a column decay and one input term, one program per
     (chunk, key block), from S₀ = ck and dS = dh (TRITON.md, "Split diagonal path"). What sums over value rows is
     summed here, one value block after another, so dQ and dW are stored whole:
@@ -2134,7 +2224,7 @@ def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
         smask = (rows < srows)[:, None] & km[None, :]
         soff = sbase + rows[:, None] * DK + cols[None, :]
         do = tl.load(do_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
+        v = _value_side(v_ptr, 0, 0, base[:, None] * DV + rows[None, :], vm, es_ptr, base, tm, SCALED_E)
         S0 = tl.load(ck_ptr + soff, mask=smask, other=0.0).to(tl.float32)
         dS = tl.load(dh_ptr + soff, mask=smask, other=0.0).to(tl.float32)
         dqs += _mm(do, S0, PREC)
@@ -2214,7 +2304,14 @@ def chunk_diag_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, dh_ptr, cu_ptr, ix_ptr, dv
 
 
 def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
-    """∂ of (q, w [M,...], e [M,...], log decay) and ∂h0 for chunk_fwd_kernel (any decay kind it takes)."""
+    """∂ of (q, w [M,...], e [M,...], log decay) and ∂h0 for chunk_fwd_kernel (any decay kind it takes); with an
+    input scale (input_scale), ∂ of the input in e's slot and of the scale (scaled_input_grads)."""
+    chunk_in, es = input_scale(plan.rule.form, chunk_in)
+    grads, dh0 = _chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, es)
+    return scaled_input_grads(chunk_in, es, grads), dh0
+
+
+def _chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, es):
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
     NV = -(-d_v // BV)
@@ -2227,7 +2324,7 @@ def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     dh0 = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
     split = diag_path() == "split" and M == 1   # more input terms: the fused walk (the split kernels hold one)
     if split and decay != 2:   # a row decay's D is per value row: the older kernel, over value blocks
-        return _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0), dh0
+        return _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0, es), dh0
     dq = written(NV, B, T, H, d_k, device=dev)
     dk = written(NV, M, B, T, H, d_k, device=dev)
     dv = written(M, B, T, H, d_v, device=dev)
@@ -2235,13 +2332,14 @@ def chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None):
     dg = written(1 if decay == 2 else NV, B, T, H, *((d_k,) if decay == 3 else (d_v,) if decay == 2 else ()),
                  device=dev)
     if split:
-        _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk, dv, dg, dh0)
+        _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk, dv, dg, dh0, es)
     else:
         chunk_bwd_kernel[(NV, N * H)](
             q, k, v, g, do.contiguous(), dht.contiguous() if dht is not None else dh0, ck,
             cu_seqlens if cu_seqlens is not None else dh0, dq, dk, dv, dg, dh0, dh0, T, H, d_k, d_v, ck.shape[2],
             k[0].numel(), v[0].numel(), TOKH, M=M, BT=C, BK=BK, BV=BV, DECAY=decay, USE_DHT=dht is not None,
-            VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), SPAN=fast_span(), **_launch_opts(walk=True))
+            VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), SPAN=fast_span(), **_launch_opts(walk=True),
+            **_scale_args(es))
     out = [dq.sum(0), dk.sum(0), dv]
     if decay:
         out.append(dg.sum(0))
@@ -2281,7 +2379,7 @@ DIAG_DV_BLOCK_V = 64
 DIAG_DV_BLOCK_K = 32
 
 
-def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0):
+def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0, es=None):
     """DIAG_PATH = "split", no, a scalar or a column decay, one input term: the reverse pass (_diag_dh), then dQ, dW,
     ∂g parallel over (chunk, key block) and dE over (chunk, value block), each summing over the other side in a loop,
     so that no gradient is a partial sum over value blocks (the fused walk stores ⌈d_v / 32⌉ of dQ and dW for the
@@ -2301,7 +2399,8 @@ def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, 
     dg = written(B, T, H, d_k, device=dev) if decay == 3 else written(NK, B, T, H, device=dev) if decay else dh0
     common = dict(common, SPAN=fast_span())
     chunk_diag_dqk_kernel[(NTG, NK, G)](q, k, v, g, do, ck, dh, cu, ix, dq, dk, dg, T, H, d_k, d_v, ck.shape[2],
-                                        B * T * H, BK=BKQ, BV=min(max(16, _np2(d_v)), DIAG_DQK_BLOCK_V), **common)
+                                        B * T * H, BK=BKQ, BV=min(max(16, _np2(d_v)), DIAG_DQK_BLOCK_V), **common,
+                                        **_scale_args(es))
     BVD = min(max(16, _np2(d_v)), DIAG_DV_BLOCK_V)
     chunk_diag_dv_kernel[(NTG, -(-d_v // BVD), G)](q, k, g, do, dh, cu, ix, dv, T, H, d_k, d_v, ck.shape[2],
                                                    BK=min(max(16, _np2(d_k)), DIAG_DV_BLOCK_K), BV=BVD, **common)
@@ -2310,7 +2409,7 @@ def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, 
     return [dq, dk, dv] + ([dg] if decay else [])
 
 
-def _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk, dv, dg, dh0):
+def _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk, dv, dg, dh0, es=None):
     """DIAG_PATH = "split", row decays: the reverse pass (_diag_dh), then every gradient (chunk_diag_bwd_kernel)
     into chunked_backward's buffers (partial sums over value blocks: a row decay's D is per value row)."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
@@ -2324,4 +2423,4 @@ def _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk
     BKB = min(BK, DIAG_BWD_BLOCK_K)
     chunk_diag_bwd_kernel[(NTG, -(-d_v // BV), G)](q, k, v, g, do, ck, dh, cu, ix, dq, dk, dv, dg, T, H, d_k, d_v,
                                                    NCK, k[0].numel(), v[0].numel(), B * T * H, M=k.shape[0], BK=BKB,
-                                                   NKB=BK // BKB, **common)
+                                                   NKB=BK // BKB, **common, **_scale_args(es))

@@ -78,7 +78,7 @@ from ...objectives.core import ROW
 from . import chunked as _ch
 from .chunked import (_c_row, _chunk_decay, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
                       _delta_tiles, _initial_tile, _mm, _precision, _rank_offset, _row_decay_tiles,
-                      _rowdecay_delta_chunk,
+                      _rowdecay_delta_chunk, _value_side,
                       _sequential_program, _store_wt, _strict, _token_column, _tokens,
                       _ut_inverse, fast_span, switch)
 
@@ -236,7 +236,7 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
                                  M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                  GATED: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
                                  KB: tl.constexpr = 64, TIED: tl.constexpr = False, SUB: tl.constexpr = 1,
-                                 OFF32: tl.constexpr = False):
+                                 OFF32: tl.constexpr = False, es_ptr=None, SCALED_E: tl.constexpr = False):
     """Per (chunk, value block): Δ = T_c (c ⊙ R') → dl, the partial ∂c_i = Σ_v dR_iv (R' − N Δ)_iv → dc
     (R' − N Δ = γ_t S_{t−1} a_t), dR' = c ⊙ T_cᵀ dΔ (over dΔ in dd), then dE_m → de. A W_mᵀ is computed
     in both phases (fewer live tiles).
@@ -260,10 +260,10 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
     R = R * gam[:, None]
     if TIED:           # A W_0ᵀ ⊙ D_st = N: formed once, kept for R' − N Δ and dE_0
         N = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC, False) * Dst
-        R += _mm(N, tl.load(e_ptr + voff, mask=vm, other=0.0).to(tl.float32), PREC)
+        R += _mm(N, _value_side(e_ptr, 0, 0, voff, vm, es_ptr, base, tm, SCALED_E), PREC)
     for m in tl.static_range(1 if TIED else 0, M):
         AW = _dot_rows_k(a_ptr, w_ptr + _rank_offset(m, SW), base, tm, DK, BT, BK, KB, PREC, False) * Dst
-        R += _mm(AW, tl.load(e_ptr + _rank_offset(m, SE) + voff, mask=vm, other=0.0).to(tl.float32), PREC)
+        R += _mm(AW, _value_side(e_ptr, m, SE, voff, vm, es_ptr, base, tm, SCALED_E), PREC)
     Tc = tl.load(tc_ptr + base[:, None] * BT + tt[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
     dl = _mm(Tc, R * cc[:, None], PREC)                     # Δ = T_c (c ⊙ R')
     tl.store(dl_ptr + voff, dl, mask=vm)
@@ -294,7 +294,8 @@ def _key_value_block(i_v, BV: tl.constexpr, DV, DVS, tm, base, km):
 @triton.jit
 def _same_key_grads(q_ptr, e_ptr, g_ptr, k_ptr, dr_ptr, dl_ptr, do_ptr, ck_ptr, dh_ptr, dq_ptr, dg_ptr, dk_ptr, i_k, tm,
                     tt, base, km, km2, koff, cols, sbase, DK, DV, DVS, TOKH, BT: tl.constexpr, BV: tl.constexpr,
-                    GATED: tl.constexpr, PREC: tl.constexpr, KB: tl.constexpr, SUB: tl.constexpr):
+                    GATED: tl.constexpr, PREC: tl.constexpr, KB: tl.constexpr, SUB: tl.constexpr, es_ptr,
+                    SCALED_E: tl.constexpr):
     """The key kernel where a = b = w_0 = K and M = 1 (DeltaNet, Gated DeltaNet, Longhorn): with
     X = (dO (E − Δ)ᵀ) ⊙ D, Y = (dR' (E − Δ)ᵀ) ⊙ D_st, Z = dec ⊙ ((E − Δ) dS),
 
@@ -313,7 +314,7 @@ def _same_key_grads(q_ptr, e_ptr, g_ptr, k_ptr, dr_ptr, dl_ptr, do_ptr, ck_ptr, 
         rows, vm, voff, sm2 = _key_value_block(i_v, BV, DV, DVS, tm, base, km)
         do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
         dr = tl.load(dr_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-        ed = (tl.load(e_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+        ed = (_value_side(e_ptr, 0, 0, voff, vm, es_ptr, base, tm, SCALED_E)
               - tl.load(dl_ptr + voff, mask=vm, other=0.0).to(tl.float32))
         S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
         dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
@@ -348,7 +349,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
                                TOKH, M: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                                VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64,
                                TIED: tl.constexpr = False, SUB: tl.constexpr = 1, SAME_KEY: tl.constexpr = False,
-                               OFF32: tl.constexpr = False):
+                               OFF32: tl.constexpr = False, es_ptr=None, SCALED_E: tl.constexpr = False):
     """Per (chunk, block of KB key columns), summing over all value blocks: dQ, dA, dB, dW_m, and the
     partial (over key blocks) ∂ log γ from ∂b_i = q_i·dQ_i + a_i·dA_i − Σ_m w_i·dW_i − b_i·dB_i,
     ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j (Σ_m w_j·(dec ⊙ E_m dS)_j − b_j·(dec ⊙ Δ dS)_j).
@@ -370,7 +371,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
     if SAME_KEY:
         _same_key_grads(q_ptr, e_ptr, g_ptr, b_ptr, dr_ptr, dl_ptr, do_ptr, ck_ptr, dh_ptr, dq_ptr, dg_ptr, db_ptr,
                         i_k, tm, tt, base, km, km2, koff, cols, sbase, DK, DV, DVS, TOKH, BT, BV, GATED, PREC, KB,
-                        SUB)
+                        SUB, es_ptr, SCALED_E)
     else:
         OD = tl.zeros([BT, BT], dtype=tl.float32)                                  # dO Δᵀ
         RD = tl.zeros([BT, BT], dtype=tl.float32)                                  # dR' Δᵀ
@@ -386,7 +387,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
             do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
             dl = tl.load(dl_ptr + voff, mask=vm, other=0.0).to(tl.float32)
             dr = tl.load(dr_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-            e = tl.load(e_ptr + voff, mask=vm, other=0.0).to(tl.float32)
+            e = _value_side(e_ptr, 0, 0, voff, vm, es_ptr, base, tm, SCALED_E)
             S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
             dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
             OD += _mm(do, tl.trans(dl), PREC)
@@ -425,7 +426,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
                     rows, vm, voff, sm2 = _key_value_block(i_v, BV, DV, DVS, tm, base, km)
                     do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
                     dr = tl.load(dr_ptr + voff, mask=vm, other=0.0).to(tl.float32)
-                    e = tl.load(e_ptr + _rank_offset(m, SE) + voff, mask=vm, other=0.0).to(tl.float32)
+                    e = _value_side(e_ptr, m, SE, voff, vm, es_ptr, base, tm, SCALED_E)
                     dS = tl.load(dh_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm2, other=0.0).to(tl.float32)
                     OE += _mm(do, tl.trans(e), PREC)
                     RE += _mm(dr, tl.trans(e), PREC)
@@ -466,7 +467,8 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
 def chunk_rowc_bwd_prep_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, ck_ptr, p_ptr, dd_ptr,
                                cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr,
                                BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, VARLEN: tl.constexpr,
-                               PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, SUB: tl.constexpr = 1):
+                               PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64, SUB: tl.constexpr = 1,
+                               es_ptr=None, SCALED_E: tl.constexpr = False):
     """Per (chunk, value block), from the checkpoint S₀: R' = Γ ⊙ A S₀ᵀ + Σ_m (A W_mᵀ ⊙ D_st) E_m, then per value
     row the forward substitution P_s = R'_s − Σ_{r<s} N_sr c_r P_r (so Δ = c ⊙ P and P = R' − N Δ, the
     correction's prediction γ_t S_{t−1} a_t) → p; dΔ's local part −(Q Bᵀ ⊙ D)ᵀ dO → dd."""
@@ -491,7 +493,7 @@ def chunk_rowc_bwd_prep_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, 
     R = R * gam[:, None]
     for m in tl.static_range(M):
         AW = _dot_rows_k(a_ptr, w_ptr + _rank_offset(m, SW), base, tm, DK, BT, BK, KB, PREC, False) * Dst
-        R += _mm(AW, tl.load(e_ptr + _rank_offset(m, SE) + voff, mask=vm, other=0.0).to(tl.float32), PREC)
+        R += _mm(AW, _value_side(e_ptr, m, SE, voff, vm, es_ptr, base, tm, SCALED_E), PREC)
     do = tl.load(do_ptr + voff, mask=vm, other=0.0).to(tl.float32)
     tl.store(dd_ptr + voff, -_mm(tl.trans(QB * D), do, PREC), mask=vm)
     N = AB * Dst
@@ -601,7 +603,8 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
                               dq_ptr, dw_ptr, de_ptr, dg_ptr, da_ptr, db_ptr, dc_ptr, dh0_ptr,
                               T, H, DK, DV, NCK, SW, SE, TOKH, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                               BV: tl.constexpr, C_ROW: tl.constexpr, USE_DHT: tl.constexpr, VARLEN: tl.constexpr,
-                              PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1, SPAN: tl.constexpr = _ch.FAST_SPAN):
+                              PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1, SPAN: tl.constexpr = _ch.FAST_SPAN,
+                              es_ptr=None, SCALED_E: tl.constexpr = False):
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
                                                                                       BV, VARLEN)
     incl = tt[:, None] >= tt[None, :]
@@ -626,7 +629,7 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
         # fast: every row's chunk total log decay > −FAST_SPAN, so e^{b_t − b_r} = e^{x_t}·e^{−x_r} with
         # x = b − b_L/2 and each pair product below is one dot; else one token column at a time)
         o, P, Dl = _rowdecay_delta_chunk(q, a, cc, S0, AB, G, gam, xh, fast, tt, incl, strict, w_ptr, e_ptr, SW, SE,
-                                         koff, voff, km2, vm, M, BT, BV, PREC)
+                                         koff, voff, km2, vm, M, BT, BV, PREC, es_ptr, base, tm, SCALED_E)
         # O's correction share; dΔ's local part −Σ_t D QB dO; then the backward substitution over the totals
         BdS = _mm(bv, tl.trans(dS), PREC)                             # B dSᵀ [BT, BV]
         dd = -BdS * dec
@@ -672,7 +675,7 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
         XL = -tl.sum(Dl * BdS * dec, axis=0)                                             # Σ_t dec_t X_t, [BV]
         for m in tl.static_range(M):
             w = tl.load(w_ptr + _rank_offset(m, SW) + koff, mask=km2, other=0.0).to(tl.float32)
-            e = tl.load(e_ptr + _rank_offset(m, SE) + voff, mask=vm, other=0.0).to(tl.float32)
+            e = _value_side(e_ptr, m, SE, voff, vm, es_ptr, base, tm, SCALED_E)
             AW = tl.where(strict, _mm(a, tl.trans(w), PREC), 0.0)
             QW = tl.where(incl, _mm(q, tl.trans(w), PREC), 0.0)
             WdS = _mm(w, tl.trans(dS), PREC)                          # W dSᵀ [BT, BV]
@@ -713,7 +716,7 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
     tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
 
 
-def chunked_rowdecay_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, sub=1):
+def chunked_rowdecay_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, sub=1, es=None):
     """chunked_delta_backward for a row decay ([B, T, H, d_v] log decay; c scalar or row): one sequential kernel."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _ch._blocks(d_k, d_v)
@@ -735,11 +738,11 @@ def chunked_rowdecay_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=Non
         cu_seqlens if cu_seqlens is not None else dh0, dq, dw, de, dg, da, db, dc, dh0, T, H, d_k, d_v, ck.shape[2],
         w[0].numel(), e[0].numel(), TOKH, M=M, BT=C, BK=BK, BV=BV, C_ROW=c_row, USE_DHT=dht is not None,
         VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), SUB=sub, SPAN=fast_span(),
-        **_ch._launch_opts(walk=True))
+        **_ch._launch_opts(walk=True), **_ch._scale_args(es))
     return [dq.sum(0), dw.sum(0), de, dg, da.sum(0), db.sum(0), dc if c_row else dc.sum(0)], dh0
 
 
-def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, sub=1, same=False):
+def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, sub=1, same=False, es=None):
     """chunked_delta_backward for a row c ([B, T, H, d_v]); ∂c has c's shape."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _ch._blocks(d_k, d_v)
@@ -762,7 +765,8 @@ def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, s
     NVW = -(-d_v // BVW)
     KBV = min(BK, VALUE_BLOCK_K)
     chunk_rowc_bwd_prep_kernel[(NTG, NVW, G)](q, w, e, g, a, b, c, do, ck, p, dd, cu, ix, T, H, d_k, d_v, NCK,
-                                              w[0].numel(), e[0].numel(), M=M, BK=BK, BV=BVW, KB=KBV, **common)
+                                              w[0].numel(), e[0].numel(), M=M, BK=BK, BV=BVW, KB=KBV, **common,
+                                              **_ch._scale_args(es))
     chunk_rowc_bwd_state_kernel[(-(-d_v // BV), N * H)](
         q, g, a, b, c, do, dd, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK,
         BK=BK, BV=BV, KB=min(BK, _ch.SPLIT_BLOCK_K), USE_DHT=dht is not None, **common)
@@ -771,12 +775,12 @@ def chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, s
     chunk_rowc_bwd_value_kernel[(NTG, NVW, G)](q, w, g, a, c, do, dh, p, dd, dc, de, cu, ix, T, H, d_k, d_v, NCK,
                                                w[0].numel(), e[0].numel(), M=M, BK=BK, BV=BVW, KB=KBV, **common)
     dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dd, p, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common,
-                                    same=same)
+                                    same=same, es=es)
     return [dq, dw, de, dg, da, db, dc], dh0
 
 
 def _key_grads(q, w, e, g, a, b, dr, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common, tied=False,
-               same=False):
+               same=False, es=None):
     """The key kernel (dr = dR', dl = Δ): dQ, dW, ∂ log γ (summed over key blocks), dA, dB (tied: w_0 = b); same
     (a = b = w_0 one tensor: chunked.shared_key_inputs): dW and dA None, and dK = dA + dB + dW_0 in dB's place."""
     B, T, H, d_k, d_v = sizes[:5]
@@ -792,7 +796,7 @@ def _key_grads(q, w, e, g, a, b, dr, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, B
     dg = _ch.written(NKB, B, T, H, device=q.device) if common["GATED"] else torch.zeros(1, B, T, H, **z)
     chunk_delta_bwd_key_kernel[(NTG, NKB, G)](
         q, w, e, g, a, b, dr, dl, do, ck, dh, dq, dw, dg, da, db, cu, ix, T, H, d_k, d_v, ck.shape[2], w[0].numel(),
-        e[0].numel(), B * T * H, M=M, BV=BV, KB=KB, TIED=tied, SAME_KEY=same, **common)
+        e[0].numel(), B * T * H, M=M, BV=BV, KB=KB, TIED=tied, SAME_KEY=same, **common, **_ch._scale_args(es))
     return dq, None if same else dw, dg[0] if dg.shape[0] == 1 else dg.sum(0), None if same else da, db
 
 
@@ -801,24 +805,28 @@ def chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, 
     scalar or row c and none / scalar decay (∂ log decay is zeros without a decay), from the forward's ck
     (and core = (T_c, W̃) when the split forward saved them: _ch.saved_chunk_core). sizes in tokens; a rank-R
     rule runs on sub-tokens (_ch.sub_tokens) and its a, b, c and their gradients are [R, ...]. With chunk_inputs'
-    same-key placeholders for w and a (_ch.shared_key_inputs) their gradients are None and ∂b is dA + dB + dW_0."""
+    same-key placeholders for w and a (_ch.shared_key_inputs) their gradients are None and ∂b is dA + dB + dW_0; with
+    its input scale (_ch.input_scale), ∂ of the input in e's slot and of the scale (_ch.scaled_input_grads)."""
+    chunk_in, es = _ch.input_scale(plan.rule.form, chunk_in)
     chunk_in, same = _ch.shared_key_inputs(chunk_in)
     R = _ch.sub_tokens(plan.rule.form)
     if R > 1:
+        assert es is None, "chunk_inputs scales no input term on load for a rule on sub-tokens"
         assert not same, "the same-key placeholders are for one correction (chunked_delta_bwd.same_key)"
         grads, dh0 = _delta_backward(plan, _ch.to_sub_tokens(chunk_in, R), ck, _ch._spread(do, R, R - 1, 1), dht,
                                      _ch.sub_sizes(sizes, R), cu_seqlens * R if cu_seqlens is not None else None,
                                      core, R)
         return _ch.from_sub_tokens(grads, R, len(plan.rule.form.corrections)), dh0
-    return _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, core, same=same)
+    grads, dh0 = _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, core, same=same, es=es)
+    return _ch.scaled_input_grads(chunk_in, es, grads), dh0
 
 
-def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=None, sub=1, same=False):
+def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=None, sub=1, same=False, es=None):
     if plan.rule.form.decay_kind == ROW:
         assert not same, "the same-key placeholders are not for row decays (chunked_delta_bwd.same_key)"
-        return chunked_rowdecay_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, sub)
+        return chunked_rowdecay_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, sub, es)
     if _c_row(plan.rule.form):
-        return chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, sub, same)
+        return chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, sub, same, es)
     B, T, H, d_k, d_v, N, max_len, C = sizes
     wide_keys = _ch.wide(plan.rule.form, d_k)   # the forward's choice (chunk size, stages, precision)
     BK, BV, BVW, KB = _ch.split_blocks(d_k, d_v)   # the split forward's blocks
@@ -852,7 +860,8 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     dc = _ch.written(NVW, B, T, H, device=dev)
     chunk_delta_bwd_value_kernel[(NTG, NVW, G)](
         q, w, e, g, a, b, c, tc, dd, do, ck, dh, dl, de, dc, cu, ix, T, H, d_k, d_v, NCK, w[0].numel(),
-        e[0].numel(), TOKH, M=M, BK=BK, BV=BVW, KB=min(BK, VALUE_BLOCK_K), TIED=tied, **common)
+        e[0].numel(), TOKH, M=M, BK=BK, BV=BVW, KB=min(BK, VALUE_BLOCK_K), TIED=tied, **common,
+        **_ch._scale_args(es))
     dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dd, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common,
-                                    tied, same)
+                                    tied, same, es)
     return [dq, dw, de, dg, da, db, dc[0] if dc.shape[0] == 1 else dc.sum(0)], dh0
