@@ -686,8 +686,8 @@ SCALE_ON_LOAD = True
 def _scales_on_load(form, ent, grad: bool) -> bool:
     """Whether chunk_inputs hands e_0 over as its input and factor (SCALE_ON_LOAD): one input term, not on sub-tokens,
     e_0 an input times a scalar factor, its input in no other slot with gradients (nor read by the evaluator:
-    "lifted"). chunk_inputs checks the dtypes (fp32 factor; bf16 / fp16 / fp32 input) as it makes them; sdt (the
-    storage dtype) does not matter: the kernels convert every load."""
+    "lifted"). chunk_inputs checks the dtypes (fp32 factor; bf16 / fp16 / fp32 input) as it makes them; the chunk
+    storage does not matter (the kernels convert every load)."""
     if (len(form.inputs) != 1 or sub_tokens(form) != 1 or "e0" not in ent.direct
             or not switch_on("OLSSM_TRITON_SCALE_ON_LOAD", SCALE_ON_LOAD, "scale on load")):
         return False
@@ -879,7 +879,8 @@ def _delta_tiles(q_ptr, a_ptr, b_ptr, c_ptr, base, tm, rows, cols, km2, vm, DK, 
 def _value_side(e_ptr, m, SE, voff, vm, es_ptr, base, tm, SCALED_E: tl.constexpr):
     """Input term m's value side E_m at the tile offsets voff, in fp32: as chunk_inputs stored it, or with SCALED_E
     (one input term, SCALE_ON_LOAD) its input x times the per-token factor s at es_ptr (base: the tile's token rows),
-    the product (Δ·x, β·v) that chunk_inputs then does not write. Both are the same fp32 product of x and s."""
+    the product (Δ·x, β·v) that chunk_inputs then does not write: the fp32 product of x and s, which torch wrote as
+    it is under fp32 chunk storage (and rounded to bf16 / fp16 under "input")."""
     e = tl.load(e_ptr + _rank_offset(m, SE) + voff, mask=vm, other=0.0).to(tl.float32)
     if SCALED_E:
         e = e * tl.load(es_ptr + base, mask=tm, other=0.0).to(tl.float32)[:, None]
