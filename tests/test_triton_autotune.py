@@ -119,7 +119,7 @@ def test_the_fastest_candidate_runs_and_is_remembered(tuner):
     compare(rule, inp)                                     # tuned results = reference, every gradient
     (decision,) = autotune.decisions().values()
     assert decision == {"kernel": "recurrent", "block_v": 0, "warps": 0, "delta_forward": "",
-                        "chunk_backward": None, "diag_path": ""}
+                        "chunk_backward": None, "diag_path": "", "chunk": 0}
     assert tuner.last == LaunchConfig("recurrent")        # and the real call ran it
     measured = len(tuner.calls)
     assert measured >= 2
@@ -227,7 +227,7 @@ def test_the_diagonal_paths_are_candidates(monkeypatch):
     monkeypatch.delenv("OLSSM_TRITON_DIAG_PATH", raising=False)
     rule, inp = _inputs("mamba2")
     got = autotune.candidates(plan_for(rule), rule_args(rule, inp), Meta, True)
-    chunk = [(c.diag_path, c.chunk_backward) for c in got if c.kernel == "chunk"]
+    chunk = [(c.diag_path, c.chunk_backward) for c in got if c.kernel == "chunk" and not c.chunk]
     assert sorted(chunk) == [(p, b) for p in ("fused", "split") for b in (False, True)] and len(got) == len(set(got))
     delta = autotune.candidates(plan_for(ENTRIES["deltanet"].rule), rule_args(*_inputs("deltanet")), Meta, True)
     assert {c.diag_path for c in delta} == {""}
@@ -261,3 +261,49 @@ def test_a_tuned_diagonal_path_reaches_forward_and_backward(path, monkeypatch):
             "fused": {"chunk_fwd_kernel", "chunk_bwd_kernel"}}[path]
     assert set(launched) == want, launched
     assert chunked.DIAG_PATH == ("fused" if path == "split" else "split")   # restored
+
+
+def test_chunk_sizes_are_candidates(monkeypatch):
+    # every chunked candidate at the policy's chunk size (chunk 0) and at the other of autotune.CHUNKS: d_k = 5 takes
+    # 32 on every path, so the others are 64; d_k = 72 takes 64 on the split paths (library.WIDE_CHUNK), so there
+    # the other is 32; CHUNKS empty: the policy's only
+    class Meta:
+        N, max_len = 1, 64
+    from olssm.kernels.triton.scan import plan_for
+    monkeypatch.delenv("OLSSM_TRITON_DIAG_PATH", raising=False)
+    monkeypatch.delenv("OLSSM_TRITON_DELTA_FORWARD", raising=False)
+    for name, d_k, want in [("mamba2", 5, {"fused": {0, 64}, "split": {0, 64}}),
+                            ("mamba2", 72, {"fused": {0, 64}, "split": {0, 32}}),
+                            ("deltanet", 72, {"split": {0, 32}, "fused": {0, 64}})]:
+        rule = ENTRIES[name].rule
+        args = rule_args(rule, random_inputs(rule, 1, 6, 2, d_k, 6, seed=3))
+        got = [c for c in autotune.candidates(plan_for(rule), args, Meta, True) if c.kernel == "chunk"]
+        by = {}
+        for c in got[1:]:   # the policy's own first, then its explicit twin among the rest
+            by.setdefault(c.diag_path or c.delta_forward, set()).add(c.chunk)
+        assert by == want, (name, d_k, by)
+        assert len(got) == len(set(got))
+    monkeypatch.setattr(autotune, "CHUNKS", ())
+    rule = ENTRIES["mamba2"].rule
+    got = autotune.candidates(plan_for(rule), rule_args(rule, random_inputs(rule, 1, 6, 2, 5, 6, seed=3)), Meta, True)
+    assert {c.chunk for c in got} == {0}
+
+
+@pytest.mark.parametrize("name, chunk", [("mamba2", 16), ("deltanet", 64)])
+def test_a_tuned_chunk_size_reaches_forward_and_backward(name, chunk, monkeypatch):
+    # the config's chunk size goes to the forward op in its sizes (sizes[7]) and from there to the backward: both
+    # launch chunks of that many tokens (spied), and o, the final state and every gradient match the reference
+    from olssm.kernels.triton import chunked, chunked_delta_bwd
+    seen = []
+    for module, fn, i in [(chunked, "chunked_forward", 6), (chunked, "chunked_backward", 5),
+                          (chunked_delta_bwd, "chunked_delta_backward", 5)]:
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _real=real, _i=i, _fn=fn, **k: seen.append((_fn, a[_i][7])) or
+                            _real(*a, **k))
+    cfg = LaunchConfig("chunk", chunk_backward=True, chunk=chunk)
+    monkeypatch.setattr(library, "policy_config", lambda plan, args, max_len: cfg)
+    rule = ENTRIES[name].rule.with_log_decays()
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=6)
+    compare(rule, inp, 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(6)))
+    backward = "chunked_delta_backward" if name == "deltanet" else "chunked_backward"
+    assert seen == [("chunked_forward", chunk), (backward, chunk)], seen

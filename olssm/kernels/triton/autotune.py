@@ -3,7 +3,7 @@
 A rule can run through several kernels that compute the same scan: the token loop (with different
 value-block sizes and warps), the block-parallel scan (rules without corrections), the chunked
 kernels (the delta family with its split or fused forward, the diagonal family with its split or fused path,
-and the chunked or recurrent backward).
+the chunked or recurrent backward, chunks of 32 or 64 tokens).
 Which is fastest depends on the GPU, the shapes and the dtype; the default policy
 (`library.policy_config`) encodes one H100's measurements, and several of these kernels were never
 timed. With autotuning on (``OLSSM_TRITON_AUTOTUNE=1`` or ``autotune.ENABLED = True``) the first call
@@ -38,6 +38,10 @@ from .library import LaunchConfig
 ENABLED = None
 #: milliseconds of timed repetitions per candidate (triton.testing.do_bench's rep)
 REP_MS = 40
+#: chunk sizes the chunked candidates are also timed at, besides the policy's (library.chunk_size): the two the
+#: kernels' blocks were sized for (sm_90: the fused walks spill least at 32, the split paths' dots reach wgmma at 64;
+#: which wins was timed per path, not per GPU). Empty: the policy's size only
+CHUNKS = (32, 64)
 
 _LOCK = threading.Lock()
 _DECISIONS: dict | None = None
@@ -115,8 +119,12 @@ def candidates(plan, args, meta, need: bool) -> list:
         forwards = ("split", "fused") if split else ("",)
         backwards = ((True, False) if chunk_bwd else (False,)) if need else (None,)
         paths = ("fused", "split") if diag else ("",)
-        out += [LaunchConfig("chunk", delta_forward=f, chunk_backward=b, diag_path=p)
-                for f in forwards for b in backwards for p in paths]
+        chunked = [LaunchConfig("chunk", delta_forward=f, chunk_backward=b, diag_path=p)
+                   for f in forwards for b in backwards for p in paths]
+        out += chunked
+        # the same at the other chunk sizes (an explicit size: a stored decision keeps it if the policy changes)
+        out += [dataclasses.replace(c, chunk=C) for c in chunked for C in CHUNKS
+                if C != lib.chunk_size(plan, args.d_k, c.delta_forward, c.diag_path)]
     seen, unique = set(), []
     for c in out:
         if c not in seen:

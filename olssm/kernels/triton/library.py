@@ -479,6 +479,7 @@ class LaunchConfig:
     delta_forward: str = ""                 # chunked delta family: "split" / "fused" ("": chunked.DELTA_FORWARD)
     diag_path: str = ""                     # chunked diagonal family: "split" / "fused" ("": chunked.DIAG_PATH)
     chunk_backward: Optional[bool] = None   # chunked: the chunked backward where "auto" allows it (None: CHUNK_BACKWARD)
+    chunk: int = 0                          # chunked: tokens per chunk (0: chunk_size's policy)
 
 
 def policy_config(plan, args, max_len: int) -> LaunchConfig:
@@ -554,7 +555,7 @@ def run_config(plan, args, meta, cfg: LaunchConfig, need: bool):
     h0 = args.initial_state
     chunked = cfg.kernel == "chunk"
     BT = int(PSCAN_BLOCK_T) if cfg.kernel == "pscan" else 0
-    C = chunk_size(plan, args.d_k, cfg.delta_forward, cfg.diag_path) if chunked else BT or meta.checkpoint
+    C = (cfg.chunk or chunk_size(plan, args.d_k, cfg.delta_forward, cfg.diag_path)) if chunked else BT or meta.checkpoint
     if chunked:   # a rank-R rule: chunks of C / R' tokens = C sub-tokens (chunked.sub_tokens)
         from .chunked import sub_tokens
         C = max(1, C // sub_tokens(plan.rule.form))
