@@ -76,13 +76,15 @@ bench=(python benchmarks/triton_kernels.py --dtype bf16 --autotune)
 # fewer bytes: 608 -> 205 MB of forward glue). Session 13: `nfs`, β·v's backward as three torch passes again
 # (FUSED_SCALE_BWD off; on, one Triton launch: 673 -> 268 MB per backward at D = 128, glue_ops.py). `nkm` holds the
 # storage settings and int32 offsets together. Session 16: `nsl`, β·v (Δ·x) written by torch again (SCALE_ON_LOAD
-# off; on, the kernels multiply v's tiles by β on load: 205 -> 3 MB of forward glue, the same bits). Gone since session 15, after the H100 timed them (session 11): wide
+# off; on, the kernels multiply v's tiles by β on load: 205 -> 3 MB of forward glue, the same bits); `us`, the split
+# delta forward's Ũ / Δ in bf16 (DELTA_U_STORAGE: ~0.5 GB of fp32 traffic per forward at D = 128, as fla keeps u);
+# `fl`, fla's storage (bf16 chunk tensors, checkpoints and Ũ) together. Gone since session 15, after the H100 timed them (session 11): wide
 # blocks (`wb`, lost 12-20 %), the key-major state tile (`km`, lost 6-9 %), the prep in two launches (`ps`, lost 5 % of
 # the forward), the forward's state pass in key halves (`ks`, `ks4`: within the drift twice)
 # Triton's on-disk cache carries the profile's compiles over to the table
 variants_nkm='chunk_storage:input,offsets32:1,checkpoint_storage:input'
 # rows in order of need (a timeout cuts the last): those never timed first, then session 11's losers and draws
-variants128="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;nraw=raw_inputs:0;nfs=fused_scale_bwd:0;nsl=scale_on_load:0;utm=ut_solve:masked;nsk=same_key:0;o32=offsets32:1"
+variants128="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;us=u_storage:input;fl=chunk_storage:input,checkpoint_storage:input,u_storage:input;again=;nraw=raw_inputs:0;nfs=fused_scale_bwd:0;nsl=scale_on_load:0;utm=ut_solve:masked;nsk=same_key:0;o32=offsets32:1"
 variants128_profile="nkm=$variants_nkm"
 # the diagonal family (session 12): the split path (`ds`), and chunks of 64 tokens with it and without (the split's
 # parallel kernels get wgmma at 64-row tiles: none at chunk 32, the diagonal rules' default). Since session 15 the
@@ -176,16 +178,16 @@ case $stage in
         # at chunk 64 ($variants_ds), then Gated DeltaNet's storage rows (stage `gated`; fla's row: stage fla-gdn)
         with_fla
         export PYTHONUNBUFFERED=1
-        compile_check 100 compile.txt
+        compile_check 90 compile.txt
         compiled_tests 170
         mamba2_profile 210
-        at128 80 gated128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;nsl=scale_on_load:0;again=" ;;
+        at128 90 gated128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;us=u_storage:input;fl=chunk_storage:input,checkpoint_storage:input,u_storage:input;nsl=scale_on_load:0;again=" ;;
     gated)
         # Gated DeltaNet's bf16 storage rows at D = 128 (session 14's timeouts cut them; the tail of `next`)
         with_fla
         at128 200 gated128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;again=" ;;
+            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;us=u_storage:input;fl=chunk_storage:input,checkpoint_storage:input,u_storage:input;nsl=scale_on_load:0;again=" ;;
     diag)
         # the diagonal family's split path (DIAG_PATH = "split", session 12: correct under the interpreter, untimed)
         # against the fused walk (the default) and fla's chunk_simple_gla (Mamba-2's recurrence) as rows of one

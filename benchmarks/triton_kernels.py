@@ -430,6 +430,7 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _one_of(*chunked.DOT
                  "offsets32": (chunked, ("OFFSETS32",), _switch, "chunk"),
                  "chunk_storage": (chunked, ("CHUNK_STORAGE",), _one_of("fp32", "input"), "chunk"),
                  "checkpoint_storage": (chunked, ("CHECKPOINT_STORAGE",), _one_of("fp32", "input"), "chunk"),
+                 "u_storage": (chunked, ("DELTA_U_STORAGE",), _one_of("fp32", "input"), "chunk"),
                  "ut_solve": (chunked, ("UT_SOLVE",), _one_of("masked", "blocks"), "chunk"),
                  "diag_path": (chunked, ("DIAG_PATH",), _one_of("fused", "split"), "chunk"),
                  "raw_inputs": (chunked, ("RAW_INPUTS",), _switch, "chunk"),

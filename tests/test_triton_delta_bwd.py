@@ -9,8 +9,8 @@ rules have a = b = w = k, so torch sums their gradients; the untied kernels) or 
 key kernels, chunked._tied) against an fp64 autograd loop; the `ties` fixture records which the launches took.
 """
 from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
-                            CHECKPOINT_RTOL, compare_checkpoint_storage as _compare_ck,
-                            compare_storage as _compare_storage,
+                            CHECKPOINT_RTOL, STORAGE_RTOL, STORAGE_STATE_RTOL, compare_checkpoint_storage as _compare_ck,
+                            compare_storage as _compare_storage, run as _run,
                             dev as _dev, pin_fp32_storage, split_scan_matches, spy)  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
@@ -1250,3 +1250,38 @@ def test_derived_rules_odd_shapes_and_value_blocks(name, monkeypatch):
     rule = olssm.catalogue.rule(name)
     inp = random_inputs(rule, 2, 40, 2, 20, 33, seed=40)
     _compare(rule, inp, 0.3 * torch.randn(2, 2, 33, 20, generator=torch.Generator().manual_seed(40)))
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "two_term"])
+def test_delta_u_storage_input_matches_fp32(name, monkeypatch):
+    # chunked.DELTA_U_STORAGE "input": the split forward's Ũ / Δ buffer in the inputs' dtype (bf16 here; fp32 inputs
+    # keep fp32), against "fp32" on the same bf16 inputs: o, the final state and every gradient within the storage
+    # tolerances (Ũ's rounding enters the state update; the backward recomputes Δ in fp32). The dtype is the one the
+    # state kernel got (spied); the two-term rule stores Ũ through the prep's M > 1 branch
+    monkeypatch.setenv("OLSSM_TRITON_DELTA_FORWARD", "split")
+    monkeypatch.delenv("OLSSM_TRITON_DELTA_U_STORAGE", raising=False)
+    rule = _two_term_rule() if name == "two_term" else ENTRIES[name].rule.with_log_decays()
+    seen = []
+    real = tchunk.chunk_delta_state_kernel
+
+    class Spy:   # the state kernel's sixth argument is u
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.append(a[5].dtype) or real[grid](*a, **k)
+
+    monkeypatch.setattr(tchunk, "chunk_delta_state_kernel", Spy())
+    inp = {n: _dev(x) for n, x in random_inputs(rule, 1, 37, 2, 5, 6, seed=51).items()}
+    h0 = 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(51))
+    res = {}
+    for mode, dtype in (("fp32", torch.bfloat16), ("input", torch.bfloat16), ("input", torch.float32)):
+        monkeypatch.setattr(tchunk, "DELTA_U_STORAGE", mode)
+        seen.clear()
+        res[mode, dtype] = _run(rule, {n: x.to(dtype) for n, x in inp.items()}, h0, "triton")
+        assert seen == [torch.bfloat16 if (mode, dtype) == ("input", torch.bfloat16) else torch.float32], seen
+    (o1, f1, g1), (o2, f2, g2) = res["fp32", torch.bfloat16], res["input", torch.bfloat16]
+    _close(o2.float(), o1.float(), STORAGE_RTOL, "o")
+    _close(f2, f1, STORAGE_STATE_RTOL, "final state")
+    for n in g1:
+        _close(g2[n].float(), g1[n].float(), STORAGE_RTOL, f"d{n}")
+    monkeypatch.setenv("OLSSM_TRITON_DELTA_U_STORAGE", "bf16")
+    with pytest.raises(ValueError, match="delta u storage"):
+        tchunk.delta_u_storage(torch.bfloat16)

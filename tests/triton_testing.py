@@ -213,10 +213,10 @@ def compare_storage(rule, inp, h0, monkeypatch, dtype=torch.bfloat16, cu_seqlens
 
 
 def pin_fp32_storage(monkeypatch):
-    """The chunked path's chunk tensors and checkpoints in fp32 (the knobs' defaults), whatever the
-    environment says: tests that count or compare kernels rely on it."""
+    """The chunked path's chunk tensors, checkpoints and the split delta forward's Ũ in fp32 (the knobs' defaults),
+    whatever the environment says: tests that count or compare kernels rely on it."""
     from olssm.kernels.triton import chunked
-    for knob in ("CHUNK_STORAGE", "CHECKPOINT_STORAGE"):
+    for knob in ("CHUNK_STORAGE", "CHECKPOINT_STORAGE", "DELTA_U_STORAGE"):
         monkeypatch.setattr(chunked, knob, "fp32")
         monkeypatch.delenv(f"OLSSM_TRITON_{knob}", raising=False)
 

@@ -63,10 +63,11 @@ def ptx_loops(ptx: str) -> list:
 
 
 #: the pointers of the chunk tensors (chunked.chunk_inputs' q, w, e, a, b, c: k / v in the diagonal kernels, x / y in
-#: the helpers) and of the scan's o / dO, which are bf16 in a bf16 scan under chunked.CHUNK_STORAGE = "input"
-#: (the log decay g, the checkpoints ck / dh and the backward's scratch tensors stay fp32)
+#: the helpers) and of the scan's o / dO, which are bf16 in a bf16 scan under chunked.CHUNK_STORAGE = "input", and
+#: the split delta forward's Ũ / Δ (u; chunked.DELTA_U_STORAGE = "input"). The log decay g, W̃, the checkpoints ck /
+#: dh and the backward's scratch tensors stay fp32
 BF16_PTRS = {p: "*bf16" for p in ("q_ptr", "k_ptr", "v_ptr", "w_ptr", "e_ptr", "a_ptr", "b_ptr", "c_ptr", "o_ptr",
-                                  "do_ptr")}
+                                  "do_ptr", "u_ptr")}
 #: the kernels also compiled with BF16_PTRS (--bf16 some): name prefixes of variants()
 BF16_VARIANTS = ("diag decay=none varlen=False", "diag decay=scalar varlen=False", "diag decay=column varlen=False",
                  "backward decay=", "delta split prep decay=scalar varlen=True",

@@ -66,7 +66,7 @@ def _bucket(n: int) -> int:
 def key_of(plan, args, meta, need: bool) -> str:
     """What a decision is keyed by: the rule, dtype, gradient or not, sequences, heads, the longest
     sequence's power-of-two bucket, d_k, d_v, varlen, the chunk tensors' and the checkpoints' storage dtypes,
-    whether the chunked delta backward reads the forward's T_c and W̃."""
+    the split delta forward's Ũ storage dtype, whether the chunked delta backward reads the forward's T_c and W̃."""
     from . import chunked
     from .chunked import checkpoint_storage, chunk_storage
     parts = (lib.register(plan), str(args.out_dtype).replace("torch.", ""), "grad" if need else "fwd", meta.N,
@@ -74,6 +74,7 @@ def key_of(plan, args, meta, need: bool) -> str:
              # the chunk tensors' storage changes the chunked kernels' speed (not a candidate: it rounds them)
              "chunks " + str(chunk_storage(args.out_dtype)).replace("torch.", ""),
              "ck " + str(checkpoint_storage(args.out_dtype)).replace("torch.", ""),
+             "u " + str(chunked.delta_u_storage(args.out_dtype)).replace("torch.", ""),
              "core saved" if chunked.SAVE_CHUNK_CORE else "core recomputed")
     return "|".join(map(str, parts))
 

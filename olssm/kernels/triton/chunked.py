@@ -516,6 +516,23 @@ def checkpoint_storage(out_dtype=torch.float32) -> torch.dtype:
     return out_dtype if mode == "input" and out_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+#: storage dtype of the split delta forward's Ũ, then Δ (written by prep, read and rewritten in place by the state
+#: pass, read by out; [B, T, H, d_v], 268 MB of fp32 at (2, 8192, 16, 128), so ~0.5 GB of each forward's traffic):
+#: "fp32", or "input": the scan's input dtype where that is bf16 / fp16, as fla keeps its u and v_new. Not free: Ũ
+#: rounded to bf16 enters the state update (the state pass adds W̃ S₀ᵀ to it in fp32 and updates S from that), so
+#: DeltaNet's final state moves from 2e-7 to 2e-3 of the fp64 reference on bf16 inputs (interpreter, T = 256, d = 32;
+#: o, rounded to bf16 anyway, 5e-3 either way), where every other storage knob costs nothing on bf16 inputs since
+#: RAW_INPUTS and SCALE_ON_LOAD. The backward recomputes Δ in fp32 and does not read it. W̃ stays fp32 (the op's
+#: aux saves it for the backward). OLSSM_TRITON_DELTA_U_STORAGE overrides; read at call time. Untimed.
+DELTA_U_STORAGE = "fp32"
+
+
+def delta_u_storage(out_dtype=torch.float32) -> torch.dtype:
+    """The dtype of the split delta forward's Ũ / Δ buffer for a scan whose inputs (output) have dtype out_dtype."""
+    mode = switch("OLSSM_TRITON_DELTA_U_STORAGE", DELTA_U_STORAGE, ("fp32", "input"), "delta u storage")
+    return out_dtype if mode == "input" and out_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def written(*shape, device) -> torch.Tensor:
     """A float32 output buffer of which the launching kernel writes every element: left uninitialised (the zero
     fills were full passes over memory, ~0.7 GB per DeltaNet fwd+bwd at (2, 8192, 16, 128)). With
@@ -1345,7 +1362,7 @@ def _store_left_product(Y, e_ptr, u_ptr, base, tm, DV, BV: tl.constexpr, PREC: t
         rows = i_v * BV + tl.arange(0, BV)
         vm = tm[:, None] & (rows < DV)[None, :]
         e = _value_side(e_ptr, 0, 0, base[:, None] * DV + rows[None, :], vm, es_ptr, base, tm, SCALED_E)
-        tl.store(u_ptr + base[:, None] * DV + rows[None, :], _mm(Y, e, PREC), mask=vm)
+        tl.store(u_ptr + base[:, None] * DV + rows[None, :], _mm(Y, e, PREC).to(u_ptr.dtype.element_ty), mask=vm)
 
 
 @triton.jit
@@ -1388,7 +1405,8 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
                     AW = _dot_rows_k(a_ptr, w_ptr + _rank_offset(m, SW), base, tm, DK, BT, BK, KB, PREC) * Dst
                 e = _value_side(e_ptr, m, SE, base[:, None] * DV + rows[None, :], vm, es_ptr, base, tm, SCALED_E)
                 P += _mm(AW, e, PREC)
-            tl.store(u_ptr + base[:, None] * DV + rows[None, :], _mm(Tc, P, PREC), mask=vm)
+            tl.store(u_ptr + base[:, None] * DV + rows[None, :], _mm(Tc, P, PREC).to(u_ptr.dtype.element_ty),
+                     mask=vm)
 
 
 @triton.jit
@@ -1412,7 +1430,7 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         wt = tl.load(wt_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         uoff = base[:, None] * DV + rows[None, :]
         d = _mm(wt, tl.trans(S), PREC) + tl.load(u_ptr + uoff, mask=vm, other=0.0).to(tl.float32)
-        tl.store(u_ptr + uoff, d, mask=vm)
+        tl.store(u_ptr + uoff, d.to(u_ptr.dtype.element_ty), mask=vm)
         bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         if TIED:   # the first input term rides on B's dot
             d = _value_side(e_ptr, 0, 0, uoff, vm, es_ptr, base, tm, SCALED_E) - d
@@ -1782,7 +1800,7 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
     M = w.shape[0]
     dev = q.device
     tc, wt = core if core is not None else (ht, torch.empty(B, T, H, d_k, dtype=torch.float32, device=dev))
-    u = torch.empty(B, T, H, d_v, dtype=torch.float32, device=dev)   # Ũ, then Δ (state kernel, in place)
+    u = torch.empty(B, T, H, d_v, dtype=delta_u_storage(o.dtype), device=dev)   # Ũ, then Δ (state kernel, in place)
     NCK = ck.shape[2]
     varlen = cu_seqlens is not None
     ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, ht)
