@@ -1360,7 +1360,7 @@ def _scaled_value_rule(name):
 @pytest.mark.parametrize("name, path", [("mamba2", "fused"), ("mamba2", "split"), ("deltanet", "split"),
                                         ("deltanet", "fused"), ("gated_deltanet", "split"),
                                         ("row_decay_scalar_step", "fused"), ("row_c_scalar_input", "fused"),
-                                        ("untied_input", "split"), ("untied_input", "fused")])
+                                        ("untied_input", "split")])
 def test_scale_on_load_is_bit_identical(name, path, monkeypatch):
     # SCALE_ON_LOAD: a value side s·x with s one scalar per token (Mamba-2's Δ·x, DeltaNet's β·v) reaches the kernels
     # as the input x itself and s [B, T, H], multiplied where every kernel that reads e loads it (_value_side). The
