@@ -128,12 +128,13 @@ compile_check() {
 # whole-gradient kernels (chunk_diag_dqk_kernel, chunk_diag_dv_kernel: no per-value-block partial sums; no spills at
 # chunk 64 statically), `ds64ck` with bf16 checkpoints (fla keeps its h in the inputs' dtype), `ds64bf` with bf16 dot
 # operands as well (fla's precision); `nsl` the product Δ·x written by torch again (chunked.SCALE_ON_LOAD off,
-# session 16: the kernels multiply on load by default)
+# session 16: the kernels multiply on load by default); `ds64df` the split path reading its scalar decay's factors
+# from a pre-pass (DECAY_FACTORS: 8 -> 3 barriers per chunk in its sequential passes)
 mamba2_profile() {
     timeout "$1" python benchmarks/profile_gpu.py --rules mamba2 --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
         --peers --variants "$variants_ds" 2>&1 | grep -v "^USDT" | tee "$out/profile-diag.txt"
 }
-variants_ds="ds64=diag_path:split,chunk:64;ds64ck=diag_path:split,chunk:64,checkpoint_storage:input;ds64bf=diag_path:split,chunk:64,checkpoint_storage:input,precision:bf16;nsl=scale_on_load:0"
+variants_ds="ds64=diag_path:split,chunk:64;ds64df=diag_path:split,chunk:64,decay_factors:1;ds64ck=diag_path:split,chunk:64,checkpoint_storage:input;ds64bf=diag_path:split,chunk:64,checkpoint_storage:input,precision:bf16;nsl=scale_on_load:0"
 case $stage in
     lease)
         # the next lease's first call (timeouts add to 370 s; `diag`, 400 s, is the second): the compiled tests, which
@@ -182,12 +183,12 @@ case $stage in
         compiled_tests 170
         mamba2_profile 210
         at128 90 gated128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;us=u_storage:input;fl=chunk_storage:input,checkpoint_storage:input,u_storage:input;nsl=scale_on_load:0;again=" ;;
+            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;us=u_storage:input;fl=chunk_storage:input,checkpoint_storage:input,u_storage:input;df=decay_factors:1;nsl=scale_on_load:0;again=" ;;
     gated)
         # Gated DeltaNet's bf16 storage rows at D = 128 (session 14's timeouts cut them; the tail of `next`)
         with_fla
         at128 200 gated128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;us=u_storage:input;fl=chunk_storage:input,checkpoint_storage:input,u_storage:input;nsl=scale_on_load:0;again=" ;;
+            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;us=u_storage:input;fl=chunk_storage:input,checkpoint_storage:input,u_storage:input;df=decay_factors:1;nsl=scale_on_load:0;again=" ;;
     diag)
         # the diagonal family's split path (DIAG_PATH = "split", session 12: correct under the interpreter, untimed)
         # against the fused walk (the default) and fla's chunk_simple_gla (Mamba-2's recurrence) as rows of one

@@ -436,6 +436,7 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _one_of(*chunked.DOT
                  "raw_inputs": (chunked, ("RAW_INPUTS",), _switch, "chunk"),
                  "fused_scale_bwd": (chunked, ("FUSED_SCALE_BWD",), _switch, "chunk"),
                  "scale_on_load": (chunked, ("SCALE_ON_LOAD",), _switch, "chunk"),
+                 "decay_factors": (chunked, ("DECAY_FACTORS",), _switch, "chunk"),
                  "walk_maxnreg": (chunked, ("WALK_MAXNREG",), chunked.checked_maxnreg, "chunk"),
                  "same_key": (chunked_delta_bwd, ("SAME_KEY",), _switch, "chunk"),
                  "block_v": (tscan, ("BLOCK_V",), _pow2, "recurrent"),

@@ -1654,3 +1654,47 @@ def test_fused_walks_launch_with_maxnreg(monkeypatch):
     monkeypatch.setenv("OLSSM_TRITON_WALK_MAXNREG", "many")
     with pytest.raises(ValueError, match="OLSSM_TRITON_WALK_MAXNREG"):
         tchunk.walk_maxnreg()
+
+
+@pytest.mark.parametrize("name", ["mamba2", "retnet", "gated_deltanet"])
+def test_decay_factors_are_bit_identical(name, monkeypatch):
+    # DECAY_FACTORS: a scalar decay's Γ, Γ_L/Γ and Γ_L from a pre-pass parallel over chunks (chunk_decay_factors_kernel)
+    # instead of an fp64 scan and sum inside the sequential state passes: the split diagonal path's forward and
+    # reverse passes (Mamba-2's Δ·A, RetNet's per-head constant), the split delta forward's and the delta backward's
+    # state kernels (Gated DeltaNet). Oracle: the passes forming them themselves (DECAY_FACTORS off); o, the final
+    # state and every gradient equal bit for bit under the interpreter (the same helper on the same values), varlen
+    # with an empty sequence and an initial state. The spy checks which launches took the factors
+    from olssm.kernels.triton import chunked_delta_bwd as tdelta
+    monkeypatch.setattr(tlib, "FORCE", "chunk")
+    monkeypatch.setattr(tlib, "CHUNK_BACKWARD", True)
+    monkeypatch.setattr(tdelta, "DELTA_BACKWARD", "chunk")
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "split")
+    monkeypatch.setenv("OLSSM_TRITON_DELTA_FORWARD", "split")
+    monkeypatch.delenv("OLSSM_TRITON_DECAY_FACTORS", raising=False)
+    took = []
+    kernels = {"chunk_fwd_kernel": "state", "chunk_bwd_kernel": "reverse", "chunk_delta_state_kernel": "state",
+               "chunk_decay_factors_kernel": "pre-pass"}
+    spy_launches(monkeypatch, tchunk, {k: v for k, v in kernels.items() if k != "chunk_delta_state_kernel"},
+                 lambda label, kw: took.append((label, kw.get("FACTORS", False))))
+    spy_launches(monkeypatch, tchunk, {"chunk_delta_state_kernel": "state"},
+                 lambda label, kw: took.append((label, kw.get("FACTORS", False))))
+    spy_launches(monkeypatch, tdelta, {"chunk_delta_bwd_state_kernel": "reverse"},
+                 lambda label, kw: took.append((label, kw.get("FACTORS", False))))
+    rule = ENTRIES[name].rule.with_log_decays()
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=53)
+    h0 = 0.3 * torch.randn(3, 2, 6, 5, generator=torch.Generator().manual_seed(53))
+    cu = _dev(torch.tensor([0, 16, 16, 37], dtype=torch.int32))
+    out = {}
+    for on in (True, False):
+        monkeypatch.setattr(tchunk, "DECAY_FACTORS", on)
+        took.clear()
+        out[on] = _run(rule, inp, h0, "triton", cu_seqlens=cu)
+        want = [("pre-pass", False), ("state", True), ("pre-pass", False), ("reverse", True)] if on else \
+            [("state", False), ("reverse", False)]
+        assert [t for t in took if t[0] != "pre-pass" or on] == want, took
+    (o1, f1, g1), (o2, f2, g2) = out[True], out[False]
+    for what, a, b in zip(["o", "final state", *g1], [o1, f1, *g1.values()], [o2, f2, *g2.values()]):
+        if _DEVICE == "cpu":
+            assert torch.equal(a, b), what
+        else:   # compiled, the fp64 scan's association may follow the launch's layout
+            _close(a, b, STATE_RTOL if what == "final state" else RTOL, what)

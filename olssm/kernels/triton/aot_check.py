@@ -100,8 +100,10 @@ def compile_for(fn, consts: dict, arch: int, num_warps: int, ptr_types: dict | N
     # arguments, i.e. runtime branches: HAVE_TC / SAVE_TC's register counts were wrong)
     consts = {**{p: v.default for p, v in sig_params.items() if v.default is not inspect.Parameter.empty},
               **consts}
-    if consts.get("SCALED_E"):   # the input scale's pointer, None (a constexpr) by default
-        consts.pop("es_ptr")
+    # pointers that are None (a constexpr) by default, compiled as pointers where their switch is on
+    for switch, ptr in (("SCALED_E", "es_ptr"), ("FACTORS", "f_ptr")):
+        if consts.get(switch):
+            consts.pop(ptr)
     ints = {"T", "H", "DK", "DV", "NCK", "SW", "SE", "TOKH", "TOK", "N", "D"}
     ptrs = {**(ptr_types or {}), "ix_ptr": "*i32", "cu_ptr": "*i32"}   # the varlen chunk map and cu_seqlens: int32
     sig = {p: ("constexpr" if p in consts else "i32" if p in ints else ptrs.get(p, "*fp32")) for p in params}
@@ -127,12 +129,24 @@ SCALED_VARIANTS = (
     "rowc bwd prep decay=scalar varlen=True", "rowdecay bwd c=scalar")
 
 
+#: the sequential state passes compiled again reading a scalar decay's factors from the pre-pass (chunked.DECAY_FACTORS,
+#: FACTORS)
+FACTOR_VARIANTS = ("diag split state decay=scalar varlen=True", "diag split backward state decay=scalar varlen=True",
+                   "delta split state decay=scalar varlen=True tied", "delta split state decay=scalar varlen=True",
+                   "delta bwd state decay=scalar varlen=True")
+
+
 def variants(BT, BK, BV, prec, BVW=None):
-    """Every chunked kernel variant (_variants), and those of SCALED_VARIANTS again with SCALED_E."""
+    """Every chunked kernel variant (_variants), those of SCALED_VARIANTS again with SCALED_E and those of
+    FACTOR_VARIANTS with FACTORS, and the decay-factor pre-pass."""
+    from . import chunked as ch
     for name, fn, consts in _variants(BT, BK, BV, prec, BVW):
         yield name, fn, consts
         if name in SCALED_VARIANTS:
             yield f"{name} SCALED_E", fn, dict(consts, SCALED_E=True)
+        if name in FACTOR_VARIANTS:
+            yield f"{name} FACTORS", fn, dict(consts, FACTORS=True)
+    yield "decay factors varlen=True", ch.chunk_decay_factors_kernel, dict(BT=BT, VARLEN=True)
 
 
 def _variants(BT, BK, BV, prec, BVW=None):

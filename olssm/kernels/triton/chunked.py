@@ -855,6 +855,32 @@ def _chunk_decay(g_ptr, base, tm, BT: tl.constexpr, GATED: tl.constexpr, SUB: tl
 
 
 @triton.jit
+def chunk_decay_factors_kernel(g_ptr, f_ptr, cu_ptr, ix_ptr, T, H, BT: tl.constexpr, VARLEN: tl.constexpr):
+    """Per chunk, parallel over chunks: Γ, dec = Γ_L/Γ and Γ_L of a scalar decay (_chunk_decay's values, from its fp64
+    scan and sum) → f [B·T·H, 3] (Γ_L at every token of its chunk), for the sequential state passes
+    (_sequential_decay), so that no scan or cross-warp sum is left in their loops (DECAY_FACTORS)."""
+    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
+    tm, base = _tokens(start, tl.arange(0, BT), eos, H, i_h)
+    _, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, True)
+    tl.store(f_ptr + 3 * base, gam, mask=tm)
+    tl.store(f_ptr + 3 * base + 1, dec, mask=tm)
+    tl.store(f_ptr + 3 * base + 2, gam * 0.0 + gl, mask=tm)
+
+
+@triton.jit
+def _sequential_decay(g_ptr, f_ptr, base, tm, first, BT: tl.constexpr, FACTORS: tl.constexpr):
+    """(Γ, dec = Γ_L/Γ, Γ_L) of a scalar decay's chunk for a sequential kernel: loaded from the pre-pass's f (FACTORS;
+    first: the chunk's first (token, head) row) or formed here by _chunk_decay (an fp64 scan and sum in the loop)."""
+    if FACTORS:
+        gam = tl.load(f_ptr + 3 * base, mask=tm, other=1.0).to(tl.float32)
+        dec = tl.load(f_ptr + 3 * base + 1, mask=tm, other=1.0).to(tl.float32)
+        gl = tl.load(f_ptr + 3 * first + 2).to(tl.float32)
+    else:
+        _, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, True)
+    return gam, dec, gl
+
+
+@triton.jit
 def _strict(tt, SUB: tl.constexpr):
     """[BT, BT]: token i after token j; with SUB sub-tokens per token, i's token after j's (sub_tokens). SUB = 1
     keeps the plain comparison, so the rank-1 kernels compile exactly as before (sm_90 report unchanged)."""
@@ -990,7 +1016,8 @@ def _column_scores(q, k, b, x, fast, tt, BT: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK, DV, SW, SE, M: tl.constexpr,
                 BT: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, OUT: tl.constexpr,
-                STATE: tl.constexpr, SPAN: tl.constexpr, es_ptr, SCALED_E: tl.constexpr):
+                STATE: tl.constexpr, SPAN: tl.constexpr, es_ptr, SCALED_E: tl.constexpr, f_ptr=None, first=0,
+                FACTORS: tl.constexpr = False):
     """One chunk of the diagonal family (no correction) from S, the [BV, BK'] state tile entering it (value rows ×
     key columns): o [BT, BV] with OUT (q: the chunk's query tile, whose key columns must then be all of them, since o
     sums over keys), and with STATE S at the chunk's end (then cols may be any key block: a diagonal decay keeps key
@@ -1004,6 +1031,11 @@ def _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK,
     if DECAY == 0:
         if OUT:
             o = _mm(q, tl.trans(S), PREC)
+    elif DECAY == 1 and FACTORS and not OUT:   # the split state pass: the pre-pass's factors (DECAY_FACTORS)
+        _, decv, glv = _sequential_decay(g_ptr, f_ptr, base, tm, first, BT, True)
+        dec = decv[:, None]
+        if STATE:
+            S = S * glv
     elif DECAY == 1:
         g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
         b = tl.cumsum(g, axis=0)                                  # fp64: see the module docstring
@@ -1073,7 +1105,8 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
                      M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                      USE_H0: tl.constexpr, SAVE_CK: tl.constexpr, VARLEN: tl.constexpr,
                      PREC: tl.constexpr = "ieee", OUT: tl.constexpr = True, KEY_BLOCKS: tl.constexpr = False,
-                     SPAN: tl.constexpr = FAST_SPAN, es_ptr=None, SCALED_E: tl.constexpr = False):
+                     SPAN: tl.constexpr = FAST_SPAN, es_ptr=None, SCALED_E: tl.constexpr = False, f_ptr=None,
+                     FACTORS: tl.constexpr = False):
     """The diagonal family's walk over a sequence's chunks, the state carried in registers (_diag_chunk). The fused
     path (DIAG_PATH = "fused"): one program per (value block, sequence·head), each chunk's o formed in the walk. With
     OUT False (and SAVE_CK, KEY_BLOCKS), the split path's sequential pass: the state entering every chunk → ck and the
@@ -1096,7 +1129,8 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
                      mask=tm[:, None] & rm[None, :])
         else:
             _, S = _diag_chunk(None, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK, DV, SW, SE, M, BT,
-                               DECAY, PREC, False, True, SPAN, es_ptr, SCALED_E)
+                               DECAY, PREC, False, True, SPAN, es_ptr, SCALED_E, f_ptr,
+                               (bos + c * BT).to(tl.int64) * H + i_h, FACTORS)
         S = tl.where(m2, S, 0.0)
     tl.store(ht_ptr + i_bh.to(tl.int64) * DV * DK + soff, S, mask=m2)
 
@@ -1414,7 +1448,8 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
                              T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                              BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr, VARLEN: tl.constexpr,
                              PREC: tl.constexpr = "ieee", TIED: tl.constexpr = False, SUB: tl.constexpr = 1,
-                             OFF32: tl.constexpr = False, es_ptr=None, SCALED_E: tl.constexpr = False):
+                             OFF32: tl.constexpr = False, es_ptr=None, SCALED_E: tl.constexpr = False, f_ptr=None,
+                             FACTORS: tl.constexpr = False):
     """The sequential pass: per chunk, ck ← S₀, Δ = W̃ S₀ᵀ + Ũ (written over Ũ in u),
     S ← Γ_L S₀ − (Δ ⊙ Γ_L/Γ)ᵀ B + Σ_m (E_m ⊙ Γ_L/Γ)ᵀ W_m; ht ← the last S.
     TIED (W_0 is B): S ← Γ_L S₀ + ((E_0 − Δ) ⊙ Γ_L/Γ)ᵀ B + Σ_{m≥1} ... — 2 + M − 1 dots and [BT, BK] loads
@@ -1436,8 +1471,8 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
             d = _value_side(e_ptr, 0, 0, uoff, vm, es_ptr, base, tm, SCALED_E) - d
         else:
             d = -d
-        if GATED:
-            _, _, _, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED)      # dec = Γ_L/Γ_i ≤ 1
+        if GATED:   # dec = Γ_L/Γ_i ≤ 1
+            _, dec, gl = _sequential_decay(g_ptr, f_ptr, base, tm, (bos + c * BT).to(tl.int64) * H + i_h, BT, FACTORS)
             S = S * gl
             S += _mm(tl.trans(d * dec[:, None]), bv, PREC)
         else:
@@ -1812,7 +1847,9 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
                                       SOLVE=ut_solve(), **common)
     state_args = (w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
                   w[0].numel(), e[0].numel())
-    chunk_delta_state_kernel[(-(-d_v // BV), N * H)](*state_args, M=M, BV=BV, USE_H0=h0 is not None, **common)
+    factors = decay_factors(g, (ix, NTG, G), cu, varlen, T, H, C) if gated else None
+    chunk_delta_state_kernel[(-(-d_v // BV), N * H)](*state_args, M=M, BV=BV, USE_H0=h0 is not None, **common,
+                                                     **_factor_args(factors))
     chunk_delta_out_kernel[(NTG, -(-d_v // BVW), G)](q, w, e, g, b, u, ck, o, cu, ix, T, H, d_k, d_v, NCK,
                                                      w[0].numel(), e[0].numel(), M=M, BV=BVW, KB=KB,
                                                      **common)
@@ -1873,6 +1910,36 @@ def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None
         **_scale_args(es))
 
 
+#: opt-in: a scalar decay's per-chunk factors Γ, Γ_L/Γ and Γ_L for the sequential state passes (the split diagonal
+#: path's forward and reverse passes, the split delta forward's and the delta backward's state kernels) from a
+#: pre-pass parallel over chunks (chunk_decay_factors_kernel) instead of an fp64 scan and a cross-warp sum inside
+#: their loops, as fla's state kernels read a chunk-local cumsum computed before them. The same values (the same
+#: helper, _chunk_decay; compiled, its fp64 scan's association may follow the launch's layout: equal to fp32
+#: rounding). sm_90, d = 128, chunk 64, per chunk of the sequential loop (aot_check --ptx-loops): barriers 8 → 3
+#: (diagonal state and reverse passes), 14 → 8 (tied delta state), 16 → 8 (untied delta state, delta backward
+#: state), warp shuffles 24 → 0, instructions about the same (629 → 634, 1270 → 1149, 1483 → 1515: three strided
+#: loads per token replace the scan); spills +48 / +80 B in the untied delta state / delta backward state. One extra
+#: launch and B·T·H·12 bytes (3 MB at (2, 8192, 16, 128)). Untimed: off until a GPU says the barriers were worth it
+#: (`gpu_session.sh` rows `df`). OLSSM_TRITON_DECAY_FACTORS (0 / 1) overrides; read at call time.
+DECAY_FACTORS = False
+
+
+def decay_factors(g, grid, cu, varlen, T, H, C):
+    """f [B·T·H, 3] (Γ, Γ_L/Γ, Γ_L per token) of the scalar log decay g over the chunk grid (ix, NTG, G) of
+    _chunk_grid (cu: cu_seqlens with varlen, else any tensor), or None where DECAY_FACTORS is off."""
+    if not switch_on("OLSSM_TRITON_DECAY_FACTORS", DECAY_FACTORS, "decay factors"):
+        return None
+    ix, NTG, G = grid
+    f = torch.empty(g.numel(), 3, dtype=torch.float32, device=g.device)
+    chunk_decay_factors_kernel[(NTG, G)](g, f, cu, ix, T, H, BT=C, VARLEN=varlen, num_warps=2)
+    return f
+
+
+def _factor_args(f) -> dict:
+    """The launch arguments of decay_factors' result for the sequential kernels."""
+    return {} if f is None else dict(f_ptr=f, FACTORS=True)
+
+
 def _chunk_grid(cu_seqlens, C, T, N, B, H, dummy):
     """(ix, NTG, G) of a grid parallel over chunks, (chunk-map rows, ..., G): with cu_seqlens the chunk map
     (_chunk_map) and G = H heads, else ⌈T/C⌉ chunks of each of G = B·H sequence·heads (ix unused: dummy)."""
@@ -1898,9 +1965,11 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens, es=No
     ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, ht)
     common = dict(M=k.shape[0], BT=C, BV=BV, DECAY=decay, VARLEN=varlen, PREC=_precision(o.dtype), SPAN=fast_span(),
                   **_launch_opts(), **_scale_args(es))
+    factors = decay_factors(g, (ix, NTG, G), cu, varlen, T, H, C) if decay == 1 else None
     chunk_fwd_kernel[(-(-d_v // BV), -(-d_k // BKS), N * H)](
         k, k, v, g, h0.contiguous() if h0 is not None else ht, ht, ht, ck, cu, T, H, d_k, d_v, NCK, k[0].numel(),
-        v[0].numel(), BK=BKS, USE_H0=h0 is not None, SAVE_CK=True, OUT=False, KEY_BLOCKS=True, **common)
+        v[0].numel(), BK=BKS, USE_H0=h0 is not None, SAVE_CK=True, OUT=False, KEY_BLOCKS=True, **common,
+        **_factor_args(factors))
     # the output takes the split paths' wider value blocks (SPLIT_BLOCK_V): each block forms the [BT, BT] Q Wᵀ again.
     # sm_90, d = 128, chunk 32: 64 rows spill nothing (scalar, column decay; 32 rows: 0, 104 B), a row decay's 952 B
     BVO = BV if decay == 2 else split_blocks(d_k, d_v).BVW
@@ -2078,7 +2147,7 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
                      M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                      USE_DHT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
                      GRADS: tl.constexpr = True, KEY_BLOCKS: tl.constexpr = False, SPAN: tl.constexpr = FAST_SPAN,
-                     es_ptr=None, SCALED_E: tl.constexpr = False):
+                     es_ptr=None, SCALED_E: tl.constexpr = False, f_ptr=None, FACTORS: tl.constexpr = False):
     """Reverse over chunks with dS (∂L/∂S at the chunk end) in registers; per chunk, with P_m = (dO E_mᵀ) ⊙ D:
         dQ   = Σ_m P_m W_m + Γ ⊙ (dO S₀)            dW_m = P_mᵀ Q + dec ⊙ (E_m dS)
         dE_m = (Q W_mᵀ ⊙ D)ᵀ dO + dec ⊙ (W_m dSᵀ)     dS₀  = Γ_L dS + (Γ ⊙ dO)ᵀ Q
@@ -2109,13 +2178,15 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
             _diag_bwd_finish(db, dbL, dg_ptr, g_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
         else:
             tl.store(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, mask=m2)
-            qs, dos, glast = _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY)
+            qs, dos, glast = _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY, f_ptr,
+                                                (bos + c * BT).to(tl.int64) * H + i_h, BT, FACTORS)
         dS = tl.where(m2, dS * glast + _mm(tl.trans(dos), qs, PREC), 0.0)
     tl.store(dh0_ptr + i_bh.to(tl.int64) * DV * DK + soff, dS, mask=m2)
 
 
 @triton.jit
-def _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY: tl.constexpr):
+def _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY: tl.constexpr, f_ptr, first,
+                       BT: tl.constexpr, FACTORS: tl.constexpr):
     """(qs, dos, glast) of a chunk's step back, dS₀ = glast ⊙ dS + dosᵀ qs (what _diag_bwd_keys returns), from the
     chunk's query and ∂o tiles alone: the split path's reverse state pass, which forms nothing else."""
     if DECAY == 3:
@@ -2126,6 +2197,9 @@ def _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY
         _, bl, gv, _, _, _ = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], tm[:, None] & rm[None, :],
                                               0.0)   # `fast` unused
         qs, dos, glast = q, do * gv, tl.exp(bl.to(tl.float32))[:, None]
+    elif DECAY == 1 and FACTORS:   # the pre-pass's Γ and Γ_L (DECAY_FACTORS)
+        gam, _, glast = _sequential_decay(g_ptr, f_ptr, base, tm, first, BT, True)
+        qs, dos = q, do * gam[:, None]
     elif DECAY == 1:
         g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
         qs, dos, glast = q, do * tl.exp(tl.cumsum(g, axis=0).to(tl.float32))[:, None], tl.exp(tl.sum(g, axis=0).to(
@@ -2378,11 +2452,13 @@ def _diag_dh(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0):
     varlen = cu_seqlens is not None
     cu = cu_seqlens if varlen else dh0
     common = dict(BT=C, DECAY=decay, VARLEN=varlen, PREC=_precision(do.dtype), **_launch_opts())
+    grid = _chunk_grid(cu_seqlens, C, T, N, B, H, dh0)
+    factors = decay_factors(g, grid, cu, varlen, T, H, C) if decay == 1 else None
     chunk_bwd_kernel[(-(-d_v // BV), -(-d_k // BKS), N * H)](
         q, q, q, g, do, dht.contiguous() if dht is not None else dh0, dh0, cu, dh0, dh0, dh0, dh0, dh0, dh, T, H, d_k,
         d_v, ck.shape[2], 0, 0, 0, M=1, BK=BKS, BV=BV, USE_DHT=dht is not None, GRADS=False, KEY_BLOCKS=True,
-        SPAN=fast_span(), **common)
-    return dh, cu, _chunk_grid(cu_seqlens, C, T, N, B, H, dh0), common
+        SPAN=fast_span(), **common, **_factor_args(factors))
+    return dh, cu, grid, common
 
 
 #: the split diagonal path's gradient kernels for no, a scalar or a column decay (chunk_diag_dqk_kernel: key columns

@@ -78,7 +78,7 @@ from ...objectives.core import ROW
 from . import chunked as _ch
 from .chunked import (_c_row, _chunk_decay, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
                       _delta_tiles, _initial_tile, _mm, _precision, _rank_offset, _row_decay_tiles,
-                      _rowdecay_delta_chunk, _value_side,
+                      _rowdecay_delta_chunk, _sequential_decay, _value_side,
                       _sequential_program, _store_wt, _strict, _token_column, _tokens,
                       _ut_inverse, fast_span, switch)
 
@@ -167,7 +167,7 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
                                  T, H, DK, DV, NCK, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                  GATED: tl.constexpr, USE_DHT: tl.constexpr, VARLEN: tl.constexpr,
                                  PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1,
-                                 OFF32: tl.constexpr = False):
+                                 OFF32: tl.constexpr = False, f_ptr=None, FACTORS: tl.constexpr = False):
     """Reverse over chunks: dh ← dS, dΔ = dd − dec ⊙ (B dSᵀ) (in place),
     dS ← Γ_L dS + (Γ ⊙ dO)ᵀ Q + dΔᵀ W̃."""
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
@@ -186,7 +186,8 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
         do = tl.load(do_ptr + doff, mask=vm, other=0.0).to(tl.float32)
         BdS = _mm(bv, tl.trans(dS), PREC)          # B dSᵀ [BT, BV]
         if GATED:
-            _, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
+            gam, dec, gl = _sequential_decay(g_ptr, f_ptr, base, tm, (bos + c * BT).to(tl.int64) * H + i_h, BT,
+                                             FACTORS)
             d -= BdS * dec[:, None]
             do = do * gam[:, None]
             dS = dS * gl
@@ -851,9 +852,10 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     chunk_delta_bwd_prep_kernel[(NTG, G)](q, a, b, c, g, do, tc, wt, dd, cu, ix, T, H, d_k, d_v, BK=BK, BV=BVW,
                                           KB=KB, HAVE_TC=core is not None, UTB=int(_ch.UT_BLOCK),
                                           SOLVE=_ch.ut_solve(), **common)
+    factors = _ch.decay_factors(g, (ix, NTG, G), cu, varlen, T, H, C) if gated else None
     chunk_delta_bwd_state_kernel[(-(-d_v // BV), N * H)](
         q, g, b, wt, do, dd, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK,
-        BK=BK, BV=BV, USE_DHT=dht is not None, **common)
+        BK=BK, BV=BV, USE_DHT=dht is not None, **common, **_ch._factor_args(factors))
     NVW = -(-d_v // BVW)
     dl = torch.empty(B, T, H, d_v, **z)
     de = _ch.written(M, B, T, H, d_v, device=dev)
