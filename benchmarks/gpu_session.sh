@@ -78,9 +78,10 @@ bench=(python benchmarks/triton_kernels.py --dtype bf16 --autotune)
 # storage settings and int32 offsets together. Session 16: `nsl`, β·v (Δ·x) written by torch again (SCALE_ON_LOAD
 # off; on, the kernels multiply v's tiles by β on load: 205 -> 3 MB of forward glue, the same bits); `us`, the split
 # delta forward's Ũ / Δ in bf16 (DELTA_U_STORAGE: ~0.5 GB of fp32 traffic per forward at D = 128, as fla keeps u);
-# `fl`, fla's storage (bf16 chunk tensors, checkpoints and Ũ) together. Gone since session 15, after the H100 timed them (session 11): wide
-# blocks (`wb`, lost 12-20 %), the key-major state tile (`km`, lost 6-9 %), the prep in two launches (`ps`, lost 5 % of
-# the forward), the forward's state pass in key halves (`ks`, `ks4`: within the drift twice)
+# `fl`, fla's storage (bf16 chunk tensors, checkpoints and Ũ) together. Gone since session 15, after the H100 timed
+# them (session 11): wide blocks (`wb`, lost 12-20 %), the key-major state tile (`km`, lost 6-9 %), the prep in two
+# launches (`ps`, lost 5 % of the forward), the forward's state pass in key halves (`ks`, `ks4`: within the drift
+# twice)
 # Triton's on-disk cache carries the profile's compiles over to the table
 variants_nkm='chunk_storage:input,offsets32:1,checkpoint_storage:input'
 # rows in order of need (a timeout cuts the last): those never timed first, then session 11's losers and draws

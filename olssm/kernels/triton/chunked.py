@@ -368,21 +368,29 @@ class _Scaled(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         s, x = ctx.saved_tensors
-        if fused_scale_backward(s, x, dout):
-            ds, dx = scaled_backward(s, x, dout)
-            return (ds if ctx.needs_input_grad[0] else None), (dx if ctx.needs_input_grad[1] else None), None
-        wide = torch.promote_types(s.dtype, x.dtype)   # the forward's product
-        ds = dx = None
-        if ctx.needs_input_grad[0]:
-            if torch.promote_types(dout.dtype, x.dtype) == wide:
-                prod = torch.mul(dout, x)
-            else:   # bf16 ∂out and x: a one-element zero of the wide dtype promotes the products, copying neither
-                prod = torch.addcmul(dout.new_zeros((1,) * dout.dim(), dtype=wide), dout, x)
-            ds = prod.sum_to_size(s.shape)
-        if ctx.needs_input_grad[1]:
-            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            torch.mul(dout if torch.promote_types(dout.dtype, s.dtype) == wide else dout.to(wide), s, out=dx)
-        return ds, dx, None
+        return (*scale_chain_rule(s, x, dout, *ctx.needs_input_grad[:2]), None)
+
+
+def scale_chain_rule(s, x, dout, need_s: bool = True, need_x: bool = True) -> tuple:
+    """(∂s in s's shape, ∂x), None where not needed, of out = s ⊙ x (s broadcast along x's last axis) from ∂out:
+    _Scaled's backward, and that of the product the kernels form on load (scaled_input_grads). scaled_bwd_kernel
+    where it runs (FUSED_SCALE_BWD), else torch passes with the forward's rounding: ∂x = ∂out ⊙ s in the product's
+    dtype, rounded once to x's; ∂s = Σ ∂out ⊙ x with the products and the sum in the product's dtype."""
+    if fused_scale_backward(s, x, dout):
+        ds, dx = scaled_backward(s, x, dout)
+        return (ds if need_s else None), (dx if need_x else None)
+    wide = torch.promote_types(s.dtype, x.dtype)   # the forward's product
+    ds = dx = None
+    if need_s:
+        if torch.promote_types(dout.dtype, x.dtype) == wide:
+            prod = torch.mul(dout, x)
+        else:   # bf16 ∂out and x: a one-element zero of the wide dtype promotes the products, copying neither
+            prod = torch.addcmul(dout.new_zeros((1,) * dout.dim(), dtype=wide), dout, x)
+        ds = prod.sum_to_size(s.shape)
+    if need_x:
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        torch.mul(dout if torch.promote_types(dout.dtype, s.dtype) == wide else dout.to(wide), s, out=dx)
+    return ds, dx
 
 
 #: _Scaled's backward in one Triton launch (scaled_bwd_kernel: reads ∂out and x once, writes ∂x and the per-token
@@ -492,10 +500,16 @@ def backward_supported(plan, exact_decay_grad: bool = True) -> bool:
 CHUNK_STORAGE = "fp32"
 
 
+def _storage(env: str, value: str, what: str, out_dtype) -> torch.dtype:
+    """A storage switch's dtype ("fp32", or "input": out_dtype where that is bf16 / fp16) for a scan whose inputs
+    (output) have dtype out_dtype; the environment variable env overrides the module's value."""
+    mode = switch(env, value, ("fp32", "input"), what)
+    return out_dtype if mode == "input" and out_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def chunk_storage(out_dtype=torch.float32) -> torch.dtype:
     """The dtype chunk_inputs stores q, w, e, a, b, c in for a scan whose inputs (output) have dtype out_dtype."""
-    mode = switch("OLSSM_TRITON_CHUNK_STORAGE", CHUNK_STORAGE, ("fp32", "input"), "chunk storage")
-    return out_dtype if mode == "input" and out_dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return _storage("OLSSM_TRITON_CHUNK_STORAGE", CHUNK_STORAGE, "chunk storage", out_dtype)
 
 
 #: storage dtype of the chunked forward's checkpoints ck (the state entering every chunk, [N, H, NCK, d_v, d_k]):
@@ -512,8 +526,7 @@ CHECKPOINT_STORAGE = "fp32"
 
 def checkpoint_storage(out_dtype=torch.float32) -> torch.dtype:
     """The dtype of the chunked forward's checkpoints ck for a scan whose inputs (output) have dtype out_dtype."""
-    mode = switch("OLSSM_TRITON_CHECKPOINT_STORAGE", CHECKPOINT_STORAGE, ("fp32", "input"), "checkpoint storage")
-    return out_dtype if mode == "input" and out_dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return _storage("OLSSM_TRITON_CHECKPOINT_STORAGE", CHECKPOINT_STORAGE, "checkpoint storage", out_dtype)
 
 
 #: storage dtype of the split delta forward's Ũ, then Δ (written by prep, read and rewritten in place by the state
@@ -529,8 +542,7 @@ DELTA_U_STORAGE = "fp32"
 
 def delta_u_storage(out_dtype=torch.float32) -> torch.dtype:
     """The dtype of the split delta forward's Ũ / Δ buffer for a scan whose inputs (output) have dtype out_dtype."""
-    mode = switch("OLSSM_TRITON_DELTA_U_STORAGE", DELTA_U_STORAGE, ("fp32", "input"), "delta u storage")
-    return out_dtype if mode == "input" and out_dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return _storage("OLSSM_TRITON_DELTA_U_STORAGE", DELTA_U_STORAGE, "delta u storage", out_dtype)
 
 
 def written(*shape, device) -> torch.Tensor:
@@ -675,16 +687,23 @@ def _raw_log_decay(gate, shape) -> bool:
             and gate.dtype in (torch.float32, torch.bfloat16, torch.float16) and tuple(gate.shape) == tuple(shape))
 
 
+def _slot_uses(form, ent, grad: bool) -> collections.Counter:
+    """How many chunk-tensor slots each input fills as a direct entry (_entries), the same-key placeholders for w and
+    a not counting (with gradients they hand their share to b: shared_key_inputs). An input in one slot can go to the
+    kernels as it is: autograd then sums no slot gradients in its dtype (RAW_INPUTS, SCALE_ON_LOAD)."""
+    placeholders = set()
+    if grad and form.corrections:
+        from .chunked_delta_bwd import same_key
+        placeholders = {"w0", "a0"} if same_key(form) else set()
+    return collections.Counter(sym for name, (sym, _, _) in ent.direct.items() if name not in placeholders)
+
+
 def _raw_inputs(form, ent, sdt, grad: bool) -> set:
     """The input symbols chunk_inputs hands over in their own dtype (RAW_INPUTS): those filling one slot of the
     chunk tensors as they are (any number without gradients), the same-key placeholders not counting."""
     if sdt != torch.float32 or not switch_on("OLSSM_TRITON_RAW_INPUTS", RAW_INPUTS, "raw inputs"):
         return set()
-    placeholders = set()
-    if grad and form.corrections:
-        from .chunked_delta_bwd import same_key
-        placeholders = {"w0", "a0"} if same_key(form) else set()
-    uses = collections.Counter(sym for name, (sym, _, _) in ent.direct.items() if name not in placeholders)
+    uses = _slot_uses(form, ent, grad)
     return {sym for name, (sym, scale, lifted) in ent.direct.items()
             if scale is None and not lifted and (not grad or uses[sym] == 1)}
 
@@ -709,12 +728,7 @@ def _scales_on_load(form, ent, grad: bool) -> bool:
             or not switch_on("OLSSM_TRITON_SCALE_ON_LOAD", SCALE_ON_LOAD, "scale on load")):
         return False
     sym, scale, lifted = ent.direct["e0"]
-    placeholders = set()
-    if grad and form.corrections:
-        from .chunked_delta_bwd import same_key
-        placeholders = {"w0", "a0"} if same_key(form) else set()
-    uses = sum(1 for name, (x, _, _) in ent.direct.items() if x == sym and name not in placeholders)
-    return scale is not None and not lifted and (not grad or uses == 1)
+    return scale is not None and not lifted and (not grad or _slot_uses(form, ent, grad)[sym] == 1)
 
 
 def _chunk_slots(form) -> int:
@@ -739,17 +753,10 @@ def _scale_args(es) -> dict:
 
 def scaled_input_grads(chunk_in, es, grads) -> list:
     """The backward's gradients of chunk_in without its input scale (∂e in e's slot) → those of chunk_in with it: ∂x
-    in e's slot and ∂s appended, as _Scaled's backward forms them from ∂e (scaled_bwd_kernel where it runs: ∂x the
-    fp32 product rounded once to x's dtype, ∂s an fp32 sum)."""
+    in e's slot and ∂s appended, as _Scaled's backward forms them from ∂e (scale_chain_rule)."""
     if es is None:
         return grads
-    x, de = chunk_in[2], grads[2]
-    s = es.unsqueeze(0).unsqueeze(-1)   # [1, B, T, H, 1]: a factor per row of x [1, B, T, H, d_v]
-    if fused_scale_backward(s, x, de):
-        ds, dx = scaled_backward(s, x, de)
-    else:
-        dx = torch.mul(de.float(), s).to(x.dtype)
-        ds = torch.mul(de.float(), x.float()).sum(-1, keepdim=True)
+    ds, dx = scale_chain_rule(es.unsqueeze(0).unsqueeze(-1), chunk_in[2], grads[2])   # s per row of x [1, B, T, H, d_v]
     return [*grads[:2], dx, *grads[3:], ds.reshape(es.shape)]
 
 
@@ -1031,8 +1038,8 @@ def _diag_chunk(q, S, k_ptr, v_ptr, g_ptr, base, tm, rows, cols, rm, km, tt, DK,
     if DECAY == 0:
         if OUT:
             o = _mm(q, tl.trans(S), PREC)
-    elif DECAY == 1 and FACTORS and not OUT:   # the split state pass: the pre-pass's factors (DECAY_FACTORS)
-        _, decv, glv = _sequential_decay(g_ptr, f_ptr, base, tm, first, BT, True)
+    elif DECAY == 1 and not OUT:   # the split state pass: dec and Γ_L alone (from the pre-pass with FACTORS)
+        _, decv, glv = _sequential_decay(g_ptr, f_ptr, base, tm, first, BT, FACTORS)
         dec = decv[:, None]
         if STATE:
             S = S * glv
@@ -2197,13 +2204,9 @@ def _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY
         _, bl, gv, _, _, _ = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], tm[:, None] & rm[None, :],
                                               0.0)   # `fast` unused
         qs, dos, glast = q, do * gv, tl.exp(bl.to(tl.float32))[:, None]
-    elif DECAY == 1 and FACTORS:   # the pre-pass's Γ and Γ_L (DECAY_FACTORS)
-        gam, _, glast = _sequential_decay(g_ptr, f_ptr, base, tm, first, BT, True)
+    elif DECAY == 1:   # Γ and Γ_L (from the pre-pass with FACTORS)
+        gam, _, glast = _sequential_decay(g_ptr, f_ptr, base, tm, first, BT, FACTORS)
         qs, dos = q, do * gam[:, None]
-    elif DECAY == 1:
-        g = tl.load(g_ptr + base, mask=tm, other=0.0).to(tl.float64)
-        qs, dos, glast = q, do * tl.exp(tl.cumsum(g, axis=0).to(tl.float32))[:, None], tl.exp(tl.sum(g, axis=0).to(
-            tl.float32))
     else:
         qs, dos, glast = q, do, 1.0
     return qs, dos, glast
