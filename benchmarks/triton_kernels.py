@@ -172,12 +172,13 @@ def _main(argv=None):
                    help="time each olssm kernel row again under other settings in this same process, rows "
                         "'KERNEL@LABEL': ';'-separated LABEL=KEY:VALUE,... with keys precision (chunked dots), chunk, "
                         "stages (chunked pipeline stages), wide (chunked.WIDE_KEYS, 'off': no wide-key settings), "
-                        "offsets32 "
-                        "(chunked.OFFSETS32: 1 or 0), "
-                        "chunk_storage / checkpoint_storage (fp32 or input), ut_solve (chunked.UT_SOLVE: masked or "
+                        "offsets32 (chunked.OFFSETS32: 1 or 0), "
+                        "chunk_storage / checkpoint_storage / u_storage (chunked.DELTA_U_STORAGE) (fp32 or input), "
+                        "ut_solve (chunked.UT_SOLVE: masked or "
                         "blocks), same_key (chunked_delta_bwd.SAME_KEY: 1 or 0), diag_path (chunked.DIAG_PATH: fused or "
                         "split), raw_inputs (chunked.RAW_INPUTS: 1 or 0), fused_scale_bwd (chunked.FUSED_SCALE_BWD: "
-                        "1 or 0), walk_maxnreg (chunked.WALK_MAXNREG: 0 or a count), block_v, warps (recurrent "
+                        "1 or 0), scale_on_load (chunked.SCALE_ON_LOAD: 1 or 0), decay_factors "
+                        "(chunked.DECAY_FACTORS: 1 or 0), walk_maxnreg (chunked.WALK_MAXNREG: 0 or a count), block_v, warps (recurrent "
                         "kernel); e.g. "
                         "'narrow=wide:off;bf16=precision:bf16;again=' (an empty setting: the defaults again, for the drift)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
