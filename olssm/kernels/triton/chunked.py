@@ -1988,6 +1988,38 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens, es=No
 # chunked backward for the diagonal family: none / scalar / row / column decay (no correction)
 
 @triton.jit
+def _column_pair_products(P, q, k, b, bl, tt, fast, BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                          WITH_A: tl.constexpr = False):
+    """A column decay's intra-chunk shares of dQ and dW from the causal P = dO Eᵀ: dq_i = Σ_{j ≤ i} P_ij w_j ⊙
+    e^{b_i − b_j}, dw_j = Σ_{i ≥ j} P_ij q_i ⊙ e^{b_i − b_j} (b [BT, BK] the cumulative log decay, bl its chunk total),
+    and WITH_A the causal A_ij = Σ_k q_ik w_jk e^{b_ik − b_jk} for dE = Aᵀ dO (else A is 0). Where `fast` (every
+    column's total exceeds −SPAN: the forward's factorisation) as dots over factors e^{±x}, x = b − bl/2, P and A
+    causal so no masked-out product is formed; else one token column at a time, exact for any decay."""
+    if WITH_A:
+        A = tl.zeros([BT, BT], dtype=tl.float32)
+    else:
+        A = 0.0
+    if fast:
+        x = (b - 0.5 * bl[None, :]).to(tl.float32)
+        kx = k * tl.exp(-x)
+        dqi = _mm(P, kx, PREC) * tl.exp(x)
+        if WITH_A:
+            A = tl.where((tt[:, None] >= tt[None, :]), _mm(q * tl.exp(x), tl.trans(kx), PREC), 0.0)
+        dki = _mm(tl.trans(P), q * tl.exp(x), PREC) * tl.exp(-x)
+    else:
+        dqi = tl.zeros([BT, BK], dtype=tl.float32)
+        dki = tl.zeros([BT, BK], dtype=tl.float32)
+        for j in range(0, BT):
+            sel, colj, kj, ex = _token_column(tt, j, k, b)
+            if WITH_A:
+                A = tl.where(colj, tl.sum(q * kj[None, :] * ex, axis=1)[:, None], A)
+            pj = tl.sum(tl.where(colj, P, 0.0), axis=1)   # P[:, j]
+            dqi += pj[:, None] * kj[None, :] * ex
+            dki = tl.where(sel, tl.sum(pj[:, None] * q * ex, axis=0)[None, :], dki)
+    return dqi, dki, A
+
+
+@triton.jit
 def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, base, tm, rows, cols, rm, km,
                    tt, i_v, DK, DV, SW, SE, TOKH, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, STORE_DV: tl.constexpr = True,
@@ -2018,23 +2050,7 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
                         mask=qk_m, other=0.0).to(tl.float32)
             v = _value_side(v_ptr, m, SE, base[:, None] * DV + rows[None, :], vm, es_ptr, base, tm, SCALED_E)
             P = tl.where(causal, _mm(do, tl.trans(v), PREC), 0.0)   # dO E_mᵀ
-            if fast:   # the forward's factorisation; P is causal, so no masked-out product is formed
-                x = (b - 0.5 * bl[None, :]).to(tl.float32)
-                kx = k * tl.exp(-x)
-                dqi = _mm(P, kx, PREC) * tl.exp(x)
-                A = tl.where(causal, _mm(q * tl.exp(x), tl.trans(kx), PREC), 0.0)
-                dki = _mm(tl.trans(P), q * tl.exp(x), PREC) * tl.exp(-x)
-            else:
-                A = tl.zeros([BT, BT], dtype=tl.float32)
-                dqi = tl.zeros([BT, BK], dtype=tl.float32)
-                dki = tl.zeros([BT, BK], dtype=tl.float32)
-                for j in range(0, BT):
-                    sel, colj, kj, ex = _token_column(tt, j, k, b)
-                    A = tl.where(colj, tl.sum(q * kj[None, :] * ex, axis=1)[:, None], A)
-                    pj = tl.sum(tl.where(colj, P, 0.0), axis=1)   # [BT]: P[:, j]
-                    dqi += pj[:, None] * kj[None, :] * ex
-                    dkj = tl.sum(pj[:, None] * q * ex, axis=0)    # [BK]
-                    dki = tl.where(sel, dkj[None, :], dki)
+            dqi, dki, A = _column_pair_products(P, q, k, b, bl, tt, fast, BT, BK, PREC, WITH_A=True)
             kdS = _mm(k * decw, tl.trans(dS), PREC)   # [BT, BV]
             dks = _mm(v, dS, PREC) * decw       # [BT, BK]: state's share of dW
             dq += dqi
@@ -2270,28 +2286,6 @@ def _diag_chunk_keys(ix_ptr, cu_ptr, T, H, DK, NCK, DV, BT: tl.constexpr, BK: tl
 
 
 @triton.jit
-def _column_pair_products(P, q, k, b, bl, tt, BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                          SPAN: tl.constexpr):
-    """A column decay's intra-chunk shares of dQ and dW from the causal P = dO Eᵀ: dq_i = Σ_{j ≤ i} P_ij w_j ⊙
-    e^{b_i − b_j}, dw_j = Σ_{i ≥ j} P_ij q_i ⊙ e^{b_i − b_j} (b [BT, BK] the cumulative log decay, bl its chunk total):
-    two dots over factors e^{±x}, x = b − bl/2, where every column's total exceeds −SPAN; else one token column at a
-    time, exact for any decay (_diag_bwd_keys' column branch)."""
-    if tl.min(bl, axis=0) > -SPAN:
-        x = (b - 0.5 * bl[None, :]).to(tl.float32)
-        dqi = _mm(P, k * tl.exp(-x), PREC) * tl.exp(x)
-        dki = _mm(tl.trans(P), q * tl.exp(x), PREC) * tl.exp(-x)
-    else:
-        dqi = tl.zeros([BT, BK], dtype=tl.float32)
-        dki = tl.zeros([BT, BK], dtype=tl.float32)
-        for j in range(0, BT):
-            sel, colj, kj, ex = _token_column(tt, j, k, b)
-            pj = tl.sum(tl.where(colj, P, 0.0), axis=1)   # P[:, j]
-            dqi += pj[:, None] * kj[None, :] * ex
-            dki = tl.where(sel, tl.sum(pj[:, None] * q * ex, axis=0)[None, :], dki)
-    return dqi, dki
-
-
-@triton.jit
 def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu_ptr, ix_ptr, dq_ptr, dk_ptr, dg_ptr,
                           T, H, DK, DV, NCK, TOKH, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           DECAY: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
@@ -2334,7 +2328,7 @@ def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
         b = tl.cumsum(g, axis=0)
         bl = tl.sum(g, axis=0)
         P = tl.where(tt[:, None] >= tt[None, :], P, 0.0)
-        dqi, dki = _column_pair_products(P, q, k, b, bl, tt, BT, BK, PREC, SPAN)
+        dqi, dki, _ = _column_pair_products(P, q, k, b, bl, tt, tl.min(bl, axis=0) > -SPAN, BT, BK, PREC)
         dq = dqs * tl.exp(b.to(tl.float32))
         dks = dks * tl.exp((bl[None, :] - b).to(tl.float32))
         dk = dki + dks
