@@ -5,8 +5,9 @@
 `triton.compile` runs the whole pipeline (TTIR → TTGIR → LLVM → PTX → cubin, with the ptxas that
 ships in the triton wheel) for a `GPUTarget`, so GPU-only compile errors (types, layouts,
 unsupported ops) show up on a CPU-only machine; `cuobjdump --dump-resource-usage` then gives
-registers and stack (spills) per thread. Must run with TRITON_INTERPRET unset (the kernels must
-be JITFunctions). Exit status 1 when a variant fails to compile.
+registers and stack (spills) per thread, and a variant that asks for more shared memory than the
+architecture gives a block (SHARED_LIMIT) is marked OVER: it compiles but cannot launch. Must run with
+TRITON_INTERPRET unset (the kernels must be JITFunctions). Exit status 1 when a variant fails to compile.
 """
 from __future__ import annotations
 
@@ -278,6 +279,11 @@ def _variants(BT, BK, BV, prec, BVW=None):
     yield "rank4 rowc bwd value", dbw.chunk_rowc_bwd_value_kernel, dict(rowc, **sub)
 
 
+#: the most shared memory a block may ask for (opt-in, bytes) per compute capability: a kernel that needs more
+#: compiles but raises OutOfResources at launch (Triton compares metadata.shared with the device's limit). sm_90 and
+#: sm_100: 227 KB; sm_80 / 87: 163 KB; sm_86 / 89 / 120: 99 KB
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
 #: catalogue rules whose generated modules (pscan.py's block-scan kernels and, for comparison, the
 #: loop kernels of codegen.py) are compiled: elementwise, column, scalar (parameter) decays
 GENERATED_RULES = ("mamba", "longhorn_diag", "gla", "retnet")
@@ -389,14 +395,17 @@ def main(argv=None) -> int:
                 for n, f, c, *rest in todo]
     from . import chunked as _ch, chunked_delta_bwd as _dbw
     walks = (_ch.chunk_delta_fwd_kernel, _ch.chunk_bwd_kernel, _dbw.chunk_rowdecay_bwd_kernel)   # _launch_opts(walk)
-    bad = 0
+    bad, over = 0, []
+    limit = SHARED_LIMIT.get(a.arch)
     for name, fn, consts, warps, *ptr_types in todo:
         walk = fn in walks and consts.get("OUT", True) and consts.get("GRADS", True)   # not the split passes
         maxnreg = a.maxnreg if a.maxnreg is not None else _ch.walk_maxnreg() if walk else None
         try:
             k = compile_for(fn, consts, a.arch, warps, *(ptr_types or [None]), num_stages=a.num_stages,
                             maxnreg=maxnreg or None)
-            print(f"  ok    {name:45s} {_usage(k)}")
+            big = limit is not None and k.metadata.shared > limit
+            over += [name] * big
+            print(f"  {'OVER' if big else 'ok':5s} {name:45s} {_usage(k)}")
             for label, instr, bars, lds, sts, shfl in (ptx_loops(k.asm["ptx"]) if a.ptx_loops else ()):
                 print(f"          loop {label}: {instr} instructions, {bars} bar.sync, {lds} shared loads, "
                       f"{sts} shared stores, {shfl} shfl")
@@ -405,6 +414,10 @@ def main(argv=None) -> int:
             why = " ".join(f"{str(x).splitlines()[0][:200]}" if str(x) else type(x).__name__
                            for x in (e, e.__cause__) if x is not None)   # CompilationError: "at l:c:" + the cause
             print(f"  FAIL  {name:45s} {why}")
+    if over:   # compiled, but no launch of them can run on this architecture: the launches must not pick them
+        print(f"{len(over)} variant(s) OVER sm_{a.arch}'s {limit} B of shared memory per block at "
+              f"{a.num_stages or 3} pipeline stages (OutOfResources at launch; the wide-key launches use "
+              f"chunked.WIDE_STAGES, --num-stages; the autotuner skips such candidates): " + "; ".join(over))
     return 1 if bad else 0
 
 
