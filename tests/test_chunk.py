@@ -473,10 +473,18 @@ def test_fallback_warns_and_matches_reference():
 
 
 def test_bad_chunk_size():
+    # refused by every backend (scan checks it before dispatch), a bool too (True would be chunks of 1); None is
+    # the backend's default (chunk.CHUNK_SIZE here: o equal to an explicit 64)
     rule = cat.ENTRIES["deltanet"].rule
     inp = cat.random_inputs(rule, 1, 4, 1, 3, 3)
-    with pytest.raises(ValueError, match="chunk_size"):
-        scan(rule, backend="chunk", chunk_size=0, **inp)
+    for backend in ("chunk", "reference"):
+        for bad in (0, -8, True, 2.5, "64"):
+            with pytest.raises(ValueError, match="chunk_size"):
+                scan(rule, backend=backend, chunk_size=bad, **inp)
+    inp = cat.random_inputs(rule, 1, 150, 1, 3, 3)
+    o, _ = scan(rule, backend="chunk", **inp)
+    assert torch.equal(o, scan(rule, backend="chunk", chunk_size=64, **inp)[0])
+    assert not torch.equal(o, scan(rule, backend="chunk", chunk_size=16, **inp)[0])   # the size is used
 
 
 def test_bf16_inputs_fp32_state():

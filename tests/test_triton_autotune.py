@@ -5,7 +5,7 @@ being run: the tests check that the fastest candidate is chosen, run and remembe
 disk), that failing candidates are skipped, and — against the reference backend, every gradient — that
 a tuned launch geometry (value rows, warps) reaches both the forward and the backward kernels.
 """
-from triton_testing import compare, dev, spy_launches  # noqa: F401,E402  (sets TRITON_INTERPRET first)
+from triton_testing import compare, dev, run, spy_launches  # noqa: F401,E402  (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -106,10 +106,10 @@ def test_a_block_of_every_value_row_matches_the_reference(monkeypatch):
     compare(rule, inp, 0.3 * torch.randn(1, 2, 12, 5, generator=torch.Generator().manual_seed(2)))
 
 
-def rule_args(rule, inp):
+def rule_args(rule, inp, chunk_size=None):
     from olssm.kernels.api import check_scan_args
     return check_scan_args(rule, inp.get("q"), inp.get("k"), inp.get("v"), initial_state=None,
-                           output_final_state=True, cu_seqlens=None,
+                           output_final_state=True, cu_seqlens=None, chunk_size=chunk_size,
                            inputs={n: x for n, x in inp.items() if n not in ("q", "k", "v")})
 
 
@@ -293,13 +293,7 @@ def test_chunk_sizes_are_candidates(monkeypatch):
 def test_a_tuned_chunk_size_reaches_forward_and_backward(name, chunk, monkeypatch):
     # the config's chunk size goes to the forward op in its sizes (sizes[7]) and from there to the backward: both
     # launch chunks of that many tokens (spied), and o, the final state and every gradient match the reference
-    from olssm.kernels.triton import chunked, chunked_delta_bwd
-    seen = []
-    for module, fn, i in [(chunked, "chunked_forward", 6), (chunked, "chunked_backward", 5),
-                          (chunked_delta_bwd, "chunked_delta_backward", 5)]:
-        real = getattr(module, fn)
-        monkeypatch.setattr(module, fn, lambda *a, _real=real, _i=i, _fn=fn, **k: seen.append((_fn, a[_i][7])) or
-                            _real(*a, **k))
+    seen = _spy_chunks(monkeypatch)
     cfg = LaunchConfig("chunk", chunk_backward=True, chunk=chunk)
     monkeypatch.setattr(library, "policy_config", lambda plan, args, max_len: cfg)
     rule = ENTRIES[name].rule.with_log_decays()
@@ -307,3 +301,71 @@ def test_a_tuned_chunk_size_reaches_forward_and_backward(name, chunk, monkeypatc
     compare(rule, inp, 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(6)))
     backward = "chunked_delta_backward" if name == "deltanet" else "chunked_backward"
     assert seen == [("chunked_forward", chunk), (backward, chunk)], seen
+
+
+def _spy_chunks(monkeypatch):
+    """[(function, sizes[7])] of every chunked forward / backward launch from now on."""
+    from olssm.kernels.triton import chunked, chunked_delta_bwd
+    seen = []
+    for module, fn, i in [(chunked, "chunked_forward", 6), (chunked, "chunked_backward", 5),
+                          (chunked_delta_bwd, "chunked_delta_backward", 5)]:
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _real=real, _i=i, _fn=fn, **k: seen.append((_fn, a[_i][7])) or
+                            _real(*a, **k))
+    return seen
+
+
+@pytest.mark.parametrize("name, chunk, sizes7", [("mamba2", 8, 8), ("deltanet", 64, 64), ("two_keys", 16, 8)])
+def test_a_callers_chunk_size_reaches_forward_and_backward(name, chunk, sizes7, monkeypatch):
+    # scan's chunk_size, not the policy's (32 here), is the chunk of the forward and the backward launches (a rank-2
+    # rule's op counts tokens: 16 sub-tokens are 8 tokens), and o, the final state and every gradient match the
+    # reference; 37 tokens reach the chunked kernels only with a chunk of at most 18 (two chunks), so deltanet's
+    # 64 is forced
+    from olssm import catalogue
+    seen = _spy_chunks(monkeypatch)
+    rule = (catalogue.rule(name) if name in catalogue.DERIVED else ENTRIES[name].rule).with_log_decays()
+    if chunk > 18:
+        monkeypatch.setattr(library, "FORCE", "prefer-chunk")
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=6)
+    compare(rule, inp, 0.3 * torch.randn(1, 2, 6, 5, generator=torch.Generator().manual_seed(6)), chunk_size=chunk)
+    backward = "chunked_backward" if name == "mamba2" else "chunked_delta_backward"
+    assert seen == [("chunked_forward", sizes7), (backward, sizes7)], seen
+    seen.clear()   # without chunk_size: the policy's chunk; the threshold for the chunked kernels is 2 of them
+    monkeypatch.setattr(library, "FORCE", None)
+    run(rule, inp, None, "triton")
+    assert seen == [], seen   # 37 tokens < 2 · 32
+
+
+def test_a_callers_chunk_size_is_the_only_candidate(tuner):
+    # with scan's chunk_size the autotuner times the chunked candidates at that size only, under a key of its own
+    # (so a decision for the policy's sizes is not reused for it, nor the other way round)
+    from olssm.kernels.triton.scan import plan_for
+
+    class Meta:
+        N, max_len = 1, 64
+    rule = ENTRIES["mamba2"].rule
+    inp = random_inputs(rule, 1, 6, 2, 5, 6, seed=3)
+    fixed, free = rule_args(rule, inp, chunk_size=16), rule_args(rule, inp)
+    got = [c for c in autotune.candidates(plan_for(rule), fixed, Meta, True) if c.kernel == "chunk"]
+    assert got and {c.chunk for c in got} == {16}
+    assert {c.chunk for c in autotune.candidates(plan_for(rule), free, Meta, True) if c.kernel == "chunk"} == {0, 64}
+    k_fixed, k_free = (autotune.key_of(plan_for(rule), a, Meta, True) for a in (fixed, free))
+    assert k_fixed == k_free + "|chunk 16"
+    compare(rule, random_inputs(rule, 1, 40, 2, 5, 6, seed=4), chunk_size=16)   # tuned among them, then run
+    assert {c.chunk for c in tuner.calls if c.kernel == "chunk"} == {16}
+
+
+def test_a_chunk_size_the_kernels_cannot_run_is_refused(monkeypatch):
+    # a power of two up to library.MAX_CHUNK, at least 16 when compiled; refused on every triton call (the rule below
+    # would run the token loop at this length), with the size named; the torch backends take any positive int
+    rule = ENTRIES["deltanet"].rule
+    inp = {n: dev(x) for n, x in random_inputs(rule, 1, 6, 2, 5, 6, seed=3).items()}
+    for bad in (48, 2 * library.MAX_CHUNK):
+        with pytest.raises(ValueError, match=f"chunk_size={bad}"):
+            rule.scan(backend="triton", chunk_size=bad, **inp)
+    rule.scan(backend="triton", chunk_size=4, **inp)   # the interpreter has no tl.dot minimum
+    monkeypatch.setattr(library._scan, "interpreted", lambda: False)
+    with pytest.raises(ValueError, match="chunk_size=8"):
+        library.check_chunk_size(8)
+    library.check_chunk_size(16)
+    library.check_chunk_size(None)

@@ -30,12 +30,12 @@ def close(a, b, rtol, what):
     assert err <= rtol * scale + ABS, f"{what}: max abs error {err:.3g} vs scale {scale:.3g} (rtol {rtol})"
 
 
-def run(rule, inp, h0, backend, cu_seqlens=None, grad=True):
+def run(rule, inp, h0, backend, cu_seqlens=None, grad=True, **scan_kw):
     """o, the final state and (grad) the gradients of a fixed random projection of both w.r.t. every
-    input and the initial state."""
+    input and the initial state (scan_kw: more of scan's arguments, e.g. chunk_size)."""
     x = {n: dev(t).clone().requires_grad_(grad) for n, t in inp.items()}
     h = None if h0 is None else dev(h0).clone().requires_grad_(grad)
-    o, f = rule.scan(backend=backend, output_final_state=True, initial_state=h, cu_seqlens=cu_seqlens, **x)
+    o, f = rule.scan(backend=backend, output_final_state=True, initial_state=h, cu_seqlens=cu_seqlens, **scan_kw, **x)
     if not grad:
         return o, f, {}
     g = torch.Generator().manual_seed(7)
@@ -45,10 +45,10 @@ def run(rule, inp, h0, backend, cu_seqlens=None, grad=True):
     return o, f, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
 
 
-def compare(rule, inp, h0=None, cu_seqlens=None, grad=True, rtol=RTOL, state_rtol=STATE_RTOL):
+def compare(rule, inp, h0=None, cu_seqlens=None, grad=True, rtol=RTOL, state_rtol=STATE_RTOL, **scan_kw):
     """backend="triton" against the reference loop: o, final state, every gradient; returns triton's gradients."""
     o1, f1, g1 = run(rule, inp, h0, "reference", cu_seqlens, grad)
-    o2, f2, g2 = run(rule, inp, h0, "triton", cu_seqlens, grad)
+    o2, f2, g2 = run(rule, inp, h0, "triton", cu_seqlens, grad, **scan_kw)
     assert o2.dtype == o1.dtype and f2.dtype == torch.float32
     close_all((o1, f1, g1), (o2, f2, g2), rtol, state_rtol)
     return g2

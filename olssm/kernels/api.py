@@ -29,6 +29,7 @@ class ScanArgs:
     initial_state: object  # None, tensor [N, H, d_v, d_k] or (G, H) pair
     cu_seqlens: torch.Tensor | None
     output_final_state: bool
+    chunk_size: int | None = None   # tokens per chunk of the chunk-parallel algorithms (None: the backend's)
 
     @property
     def state_dtype(self) -> torch.dtype:
@@ -87,7 +88,10 @@ def expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
     return x.repeat_interleave(H // G, dim=2)
 
 
-def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seqlens, inputs) -> ScanArgs:
+def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seqlens, inputs,
+                    chunk_size=None) -> ScanArgs:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"scan: chunk_size must be a positive int (or None: the backend's default), got {chunk_size!r}")
     if isinstance(rule, Objective):
         rule = derive(rule)
     if not isinstance(rule, Rule):
@@ -189,11 +193,11 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
                 raise ValueError(f"scan: initial_state must be a floating-point tensor, got {st.dtype}")
     out_dtype = next((tokens[n] for n in ordered if need[n].role == "value"), first).dtype
     return ScanArgs(rule, tokens, params, B, T, H, d_k, d_v, out_dtype, device, initial_state,
-                    cu_seqlens, output_final_state)
+                    cu_seqlens, output_final_state, chunk_size)
 
 
 def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state=False, backend="auto",
-         cu_seqlens=None, chunk_size=64, **inputs):
+         cu_seqlens=None, chunk_size=None, **inputs):
     """Run a rule over a sequence: o [B, T, H, d_v] and (if asked) the final state(s) in fp32 (fp64 on the torch
     backends when an input is fp64: ScanArgs.state_dtype).
 
@@ -204,11 +208,17 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
     backend: "reference" (step loop, the oracle), "chunk" (chunk-parallel torch), "triton"
     (generated kernels; CUDA or TRITON_INTERPRET=1), "auto" (triton on CUDA, chunk on CPU and for exact
     sufficient-statistics rules: auto_backend).
+
+    chunk_size: tokens per chunk of the chunk-parallel algorithms, None for each backend's own: the chunk backend's
+    (chunk.CHUNK_SIZE, 64; any positive int) and the triton backend's chunked kernels (library.chunk_size's policy,
+    or the autotuner's pick; a power of two up to library.MAX_CHUNK, at least 16 tokens per (sub-)token chunk when
+    compiled). Rank-R rules split each token into R sub-tokens, so their chunks hold chunk_size / R tokens. Paths
+    without chunks (the reference, token-loop kernels and engines) do not read it.
     """
     if backend not in BACKENDS:
         raise ValueError(f"scan: backend must be one of {BACKENDS}, got {backend!r}")
     args = check_scan_args(rule, q, k, v, initial_state=initial_state, output_final_state=output_final_state,
-                           cu_seqlens=cu_seqlens, inputs=inputs)
+                           cu_seqlens=cu_seqlens, inputs=inputs, chunk_size=chunk_size)
     if backend == "auto":
         backend = auto_backend(args.rule, args.device)
     if args.T == 0 or args.B == 0 or args.H == 0 or args.d_k == 0 or (args.d_v == 0 and not args.rule.is_exact):
@@ -216,7 +226,7 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
     # under torch.autocast the backends' matmuls (chunk products, UT inverses, exact solves) would run in bf16 and
     # the fp32 state would be only bf16-accurate (DeltaNet's o off by 6e-3 relative): the scan keeps its own dtypes
     with _autocast_off(args.device):
-        return _dispatch(args, backend, chunk_size)
+        return _dispatch(args, backend)
 
 
 def _autocast_off(device):
@@ -228,23 +238,23 @@ def _autocast_off(device):
     return torch.autocast(kind, enabled=False) if on else contextlib.nullcontext()
 
 
-def _dispatch(args: ScanArgs, backend: str, chunk_size: int):
+def _dispatch(args: ScanArgs, backend: str):
     if backend == "reference":
         from .reference import reference_scan
         return reference_scan(args)
     if backend == "chunk" and args.rule.is_rls:
         # the gain (Riccati) recursion as a torch loop, S's scan by the chunk engines (rls.py)
         from .rls import rls_scan, torch_gain_scan
-        return rls_scan(args, torch_gain_scan, "chunk", chunk_size)
+        return rls_scan(args, torch_gain_scan, "chunk")
     if backend == "chunk":
         from .chunk import chunk_scan
-        return chunk_scan(args, chunk_size=chunk_size)
+        return chunk_scan(args)
     if args.rule.is_rls:
         from .triton.rls import triton_rls_scan
-        return triton_rls_scan(args, chunk_size=chunk_size)
+        return triton_rls_scan(args)
     if args.rule.is_exact:
         from .triton.exact import triton_exact_scan
-        return triton_exact_scan(args, chunk_size=chunk_size)
+        return triton_exact_scan(args)
     from .triton import triton_scan
     return triton_scan(args)
 

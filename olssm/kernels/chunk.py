@@ -35,6 +35,8 @@ from .recurrent import Plan, exact_x_loop, recurrent_scan, view_key
 # log of a decay is clamped here so that an exact 0 decay (a reset) stays finite; exp of the
 # clamped cumulative sums underflows to 0 as it should (see CHUNK.md, "zero decays").
 _LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+#: tokens per chunk where the caller gives no chunk_size (scan's chunk_size=None)
+CHUNK_SIZE = 64
 # exact rules: tokens per chunk of H's decayed prefix sums (CHUNK.md §4)
 EXACT_H_CHUNK = 16
 # column decays: factorised intra-chunk form (exp(L_t) q, exp(-L_s) k) when a chunk's total log
@@ -601,11 +603,11 @@ def _exprs(form):
     return ex
 
 
-def chunk_scan(args, chunk_size=64, g_engine=None):
-    """backend="chunk": same contract as reference_scan (o in out_dtype, the final state in args.state_dtype).
+def chunk_scan(args, g_engine=None):
+    """backend="chunk": same contract as reference_scan (o in out_dtype, the final state in args.state_dtype), in
+    chunks of args.chunk_size tokens (CHUNK_SIZE when None; checked by api.check_scan_args).
     g_engine: for exact rules, what runs the G statistics' scan (default: the linear engine)."""
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"scan: chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = CHUNK_SIZE if args.chunk_size is None else args.chunk_size
     rule, form = args.rule, args.rule.form
     if not isinstance(form, (NormalForm, ExactForm)):
         warnings.warn(f"chunk backend: no chunked form for {type(form).__name__} ({rule.structure}); running the "

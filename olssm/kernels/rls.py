@@ -172,7 +172,7 @@ def torch_gain_scan(u, gamma, R, P0, cu_seqlens=None):
     return _GainScan.apply(u, gamma, R, P0, cu_seqlens)
 
 
-def rls_scan(args, gain_scan, backend: str, chunk_size: int = 64):
+def rls_scan(args, gain_scan, backend: str):
     """o [B, T, H, d_v] (args.out_dtype) and (if asked) the final (S, P) fp32 (fp64 for fp64 inputs on
     the chunk backend, as verification wants): the gain by gain_scan(u, γ, R, P_0, cu_seqlens) ->
     (g, P_T), then S's scan on `backend` ("chunk" / "triton")."""
@@ -187,6 +187,6 @@ def rls_scan(args, gain_scan, backend: str, chunk_size: int = 64):
     cu = None if args.cu_seqlens is None else args.cu_seqlens.to(args.device).contiguous()
     g, Pt = gain_scan(u, gamma, R, P0, cu)
     o, St = scan(s_rule(), backend=backend, initial_state=S0, output_final_state=args.output_final_state,
-                 cu_seqlens=args.cu_seqlens, chunk_size=chunk_size, olssm_R=R, olssm_u=u, olssm_g=g, olssm_e=e,
+                 cu_seqlens=args.cu_seqlens, chunk_size=args.chunk_size, olssm_R=R, olssm_u=u, olssm_g=g, olssm_e=e,
                  olssm_q=q)
     return o.to(args.out_dtype), ((St, Pt) if args.output_final_state else None)

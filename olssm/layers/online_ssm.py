@@ -166,7 +166,8 @@ class OnlineSSM(nn.Module):
             NotImplementedError for the rule),
             "reference", "chunk", "triton" (olssm.kernels.scan), or "recurrent" (the layer's token
             loop over rule.decode, batched; what step() runs).
-        chunk_size: chunk length for the chunk backend.
+        chunk_size: tokens per chunk of the chunk-parallel scans (the chunk backend, the triton backend's chunked
+            kernels: a power of two from 16 to 64 there); None: each backend's default (olssm.kernels.scan).
     """
 
     def __init__(self, rule_or_objective, d_model: int, n_heads: int = 4, d_k: int | None = None,
@@ -178,7 +179,7 @@ class OnlineSSM(nn.Module):
                  project_from: str = "input", coef_rank=None, dt_min: float = 1e-3, dt_max: float = 1e-1,
                  dt_init_floor: float = 1e-4, decay_style: str = "softplus", decay_normalizer: float = 1.0,
                  decay_init=(0.9, 0.999), param_init: dict | None = None, freeze=(), bias: bool = False,
-                 norm_eps: float = 1e-5, backend: str = "auto", chunk_size: int = 64, layer_idx=None):
+                 norm_eps: float = 1e-5, backend: str = "auto", chunk_size: int | None = None, layer_idx=None):
         super().__init__()
         if isinstance(rule_or_objective, Objective):
             rule = derive(rule_or_objective)
@@ -189,7 +190,8 @@ class OnlineSSM(nn.Module):
         _check_pos_int("d_model", d_model)
         _check_pos_int("n_heads", n_heads)
         _check_pos_int("conv_size", conv_size, allow_zero=True)
-        _check_pos_int("chunk_size", chunk_size)
+        if chunk_size is not None:
+            _check_pos_int("chunk_size", chunk_size)
         H = n_heads
         qk_heads = H if qk_heads is None else qk_heads
         _check_pos_int("qk_heads", qk_heads)

@@ -66,7 +66,8 @@ def _bucket(n: int) -> int:
 def key_of(plan, args, meta, need: bool) -> str:
     """What a decision is keyed by: the rule, dtype, gradient or not, sequences, heads, the longest
     sequence's power-of-two bucket, d_k, d_v, varlen, the chunk tensors' and the checkpoints' storage dtypes,
-    the split delta forward's Ũ storage dtype, whether the chunked delta backward reads the forward's T_c and W̃."""
+    the split delta forward's Ũ storage dtype, whether the chunked delta backward reads the forward's T_c and W̃,
+    and the caller's chunk size where it fixed one (scan's chunk_size: then only that size is a candidate)."""
     from . import chunked
     from .chunked import checkpoint_storage, chunk_storage
     parts = (lib.register(plan), str(args.out_dtype).replace("torch.", ""), "grad" if need else "fwd", meta.N,
@@ -76,6 +77,8 @@ def key_of(plan, args, meta, need: bool) -> str:
              "ck " + str(checkpoint_storage(args.out_dtype)).replace("torch.", ""),
              "u " + str(chunked.delta_u_storage(args.out_dtype)).replace("torch.", ""),
              "core saved" if chunked.SAVE_CHUNK_CORE else "core recomputed")
+    if args.chunk_size:   # only then, so that the decisions stored for the policy's sizes keep their keys
+        parts += (f"chunk {args.chunk_size}",)
     return "|".join(map(str, parts))
 
 
@@ -120,12 +123,13 @@ def candidates(plan, args, meta, need: bool) -> list:
         forwards = ("split", "fused") if split else ("",)
         backwards = ((True, False) if chunk_bwd else (False,)) if need else (None,)
         paths = ("fused", "split") if diag else ("",)
-        chunked = [LaunchConfig("chunk", delta_forward=f, chunk_backward=b, diag_path=p)
+        chunked = [LaunchConfig("chunk", delta_forward=f, chunk_backward=b, diag_path=p, chunk=args.chunk_size or 0)
                    for f in forwards for b in backwards for p in paths]
         out += chunked
-        # the same at the other chunk sizes (an explicit size: a stored decision keeps it if the policy changes)
+        # the same at the other chunk sizes (an explicit size: a stored decision keeps it if the policy changes),
+        # unless the caller fixed the size (scan's chunk_size)
         out += [dataclasses.replace(c, chunk=C) for c in chunked for C in CHUNKS
-                if C != lib.chunk_size(plan, args.d_k, c.delta_forward, c.diag_path)]
+                if not args.chunk_size and C != lib.chunk_size(plan, args.d_k, c.delta_forward, c.diag_path)]
     seen, unique = set(), []
     for c in out:
         if c not in seen:

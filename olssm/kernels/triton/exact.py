@@ -48,6 +48,6 @@ def g_engine(logd, ins, x, G0, decay=None):
     return scan(rule, backend="triton", initial_state=G0, output_final_state=True, **inputs)
 
 
-def triton_exact_scan(args, chunk_size=64):
+def triton_exact_scan(args):
     from ..chunk import chunk_scan
-    return chunk_scan(args, chunk_size=chunk_size, g_engine=g_engine)
+    return chunk_scan(args, g_engine=g_engine)

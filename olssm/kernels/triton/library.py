@@ -394,15 +394,31 @@ def evaluate_entries(plan, ins: dict, sizes) -> list:
 
 #: force the kernel family: "chunk" (raises where unsupported), "prefer-chunk" (chunked wherever
 #: supported, any T) or "recurrent"; None: chunked when supported and the longest sequence has
-#: >= 2·CHUNK tokens. The environment variable OLSSM_TRITON_KERNEL does the same.
+#: >= 2·CHUNK tokens (2·chunk_size where the caller gave one). The environment variable OLSSM_TRITON_KERNEL does the same.
 FORCE = None
 #: tokens per chunk of the chunked kernels (also the backward's checkpoint interval on that path)
 CHUNK = 32
+#: the longest chunk a caller may ask for (scan's chunk_size): at 128 tokens the sm_90 compile of the fused walks
+#: at d = 64 spills 0.8-3.9 KB per thread and asks for up to 288 KB of shared memory, more than an H100 gives a
+#: block (227 KB: aot_check marks them OVER)
+MAX_CHUNK = 64
 #: tokens per chunk where the wide-key settings apply (chunked.wide: the delta path with scalar c and none / scalar
 #: decay at d_k > 64; with 2 pipeline stages, and bf16 dot operands for bf16 inputs without a decay), and on the split
 #: diagonal path at d_k > 64 (chunked.wide_diag). None: CHUNK everywhere (the stages and operands stay:
 #: chunked.WIDE_KEYS = None turns those off)
 WIDE_CHUNK = 64
+
+
+def check_chunk_size(C) -> None:
+    """A caller's chunk_size (scan's; None: the policy's) as the chunked kernels can run it: a power of two (the
+    chunk's token lanes are one tl.arange), at most MAX_CHUNK, and at least 16 when compiled (tl.dot's smallest
+    dimension; the interpreter has no such limit). Checked for every triton call, chunked or not, so that a size
+    does not become an error only on the inputs where the chunked kernels take over."""
+    if C is None:
+        return
+    if C & (C - 1) or C > MAX_CHUNK or (C < 16 and not _scan.interpreted()):
+        raise ValueError(f"scan: backend='triton' runs chunks of a power of two from 16 to {MAX_CHUNK} tokens "
+                         f"(sub-tokens for rank-R rules), got chunk_size={C}")
 
 
 def chunk_size(plan, d_k: int, delta_forward: str = "", diag_path: str = "") -> int:
@@ -450,7 +466,8 @@ def _choice(plan, args, max_len):
         return True, None
     if force == "prefer-chunk":   # chunked whenever the structure allows, at any length (testing)
         return why is None, None
-    return (why is None and max_len >= 2 * CHUNK and _chunk_pays(plan, args)), None
+    # two chunks at least: the caller's (scan's chunk_size) where it gave one
+    return (why is None and max_len >= 2 * (args.chunk_size or CHUNK) and _chunk_pays(plan, args)), None
 
 
 def _chunk_pays(plan, args) -> bool:
@@ -486,7 +503,7 @@ def policy_config(plan, args, max_len: int) -> LaunchConfig:
     """The measured-speed policy (FORCE, _chunk_pays, PARALLEL_SCAN) as a LaunchConfig."""
     chunked, _ = _choice(plan, args, max_len)
     if chunked:
-        return LaunchConfig("chunk")
+        return LaunchConfig("chunk", chunk=args.chunk_size or 0)
     return LaunchConfig("pscan" if _pscan_choice(plan, max_len) else "recurrent")
 
 
@@ -532,6 +549,7 @@ def run_scan(args):
     rule = args.rule
     _check_rule(rule)
     _check_device(args.device)
+    check_chunk_size(args.chunk_size)
     h0 = args.initial_state
     if h0 is not None:
         _check_device(h0.device)

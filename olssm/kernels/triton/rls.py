@@ -230,7 +230,7 @@ def _triton_gain_scan(u, gamma, R, P0, cu):
     return g, Pt
 
 
-def triton_rls_scan(args, chunk_size=64):
+def triton_rls_scan(args):
     """o [B, T, H, d_v] (args.out_dtype) and (if asked) the final (S, P), fp32: the gain kernel, then
     S's scan through the generated kernels."""
     from ..rls import rls_scan
@@ -238,7 +238,7 @@ def triton_rls_scan(args, chunk_size=64):
     _check_device(args.device)
     if args.initial_state is not None:
         _check_device(args.initial_state[1].device)
-    return rls_scan(args, _triton_gain_scan, "triton", chunk_size)
+    return rls_scan(args, _triton_gain_scan, "triton")
 
 
 def kernel_source(rule) -> str:
