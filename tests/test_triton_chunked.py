@@ -1101,6 +1101,25 @@ def test_diag_split_path_without_initial_state_or_gradients(name, monkeypatch):
         _close(a, b, 1e-5, f"split vs fused, no h0, no gradient: {what}")
 
 
+@pytest.mark.parametrize("path, seed", [("fused", 114), ("split", 113)])
+def test_decay_gradient_takes_suffix_sums_directly(path, seed, monkeypatch):
+    # ∂g_t = Σ_{i ≥ t} ∂b_i within a chunk is a reverse cumulative sum (tl.cumsum(reverse=True)), not total − prefix
+    # + ∂b_t: that difference of two larger sums lost Mamba-2's ∂A (a per-head scalar summed over every token) to
+    # 5.8e-5 relative on the fused walk and 1.7e-5 on the split path at chunk 64 on these two of 16 draws (d_k = 72,
+    # T = 64-199; 2.4e-6 and 4.7e-6 now, worst of the 16 draws 6.4e-6 / 1.1e-5; the median is 2e-6 either way).
+    # Against the reference at RTOL: the fused draw fails with the old formula, the split one (its ∂A is smaller than
+    # the absolute floor ABS lets through there) only covers that path
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", path)
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    monkeypatch.setattr(tlib, "CHUNK", 32)
+    tlib.FORCE = "chunk"
+    rule = ENTRIES["mamba2"].rule
+    inp = random_inputs(rule, 1, 64 + 9 * (seed - 100), 1, 72, 8, seed=seed)
+    o1, f1, g1 = _run(rule, inp, None, "reference")
+    o2, f2, g2 = _run(rule, inp, None, "triton")
+    _close(g2["A"], g1["A"], RTOL, f"dA ({path})")
+
+
 def test_diag_path_is_checked(monkeypatch):
     monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "parallel")
     with pytest.raises(ValueError, match="OLSSM_TRITON_DIAG_PATH"):

@@ -2064,7 +2064,7 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
             dbL += tl.sum(k * dks, axis=0)
         tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
         db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
-        dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db
+        dg = tl.cumsum(db, axis=0, reverse=True)
         tl.store(dg_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :],
                  _log_decay_grad(dg, g_ptr, base[:, None] * DK + cols[None, :], qk_m), mask=qk_m)
         qs, dos, glast = q * gq, do, glk[None, :]
@@ -2154,11 +2154,11 @@ def _diag_bwd_finish(db, dbL, dg_ptr, g_ptr, base, tm, rows, rm, tt, i_v, DV, TO
     _diag_bwd_keys."""
     if DECAY == 1:
         db = tl.where(tt == BT - 1, db + dbL, db)
-        dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db   # Σ_{i ≥ t} ∂b_i
+        dg = tl.cumsum(db, axis=0, reverse=True)   # Σ_{i ≥ t} ∂b_i
         tl.store(dg_ptr + i_v.to(tl.int64) * TOKH + base, dg, mask=tm)
     elif DECAY == 2:
         db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
-        dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db
+        dg = tl.cumsum(db, axis=0, reverse=True)
         voff = base[:, None] * DV + rows[None, :]
         vm = tm[:, None] & rm[None, :]
         tl.store(dg_ptr + voff, _log_decay_grad(dg, g_ptr, voff, vm), mask=vm)
@@ -2336,7 +2336,7 @@ def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
         dq += dqi
         dbL = tl.exp(bl.to(tl.float32)) * sds + tl.sum(k * dks, axis=0)
         db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
-        dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db
+        dg = tl.cumsum(db, axis=0, reverse=True)
         tl.store(dg_ptr + base[:, None] * DK + cols[None, :], _log_decay_grad(dg, g_ptr, base[:, None] * DK + cols[None, :],
                                                                                qk_m), mask=qk_m)
     else:

@@ -340,7 +340,7 @@ def _same_key_grads(q_ptr, e_ptr, g_ptr, k_ptr, dr_ptr, dl_ptr, do_ptr, ck_ptr, 
         dbt = tl.sum(q * dq, axis=1) + tl.sum(k * (da - dbw), axis=1)
         xs = tl.sum(tl.sum(k * Z, axis=1), axis=0)
         dbt = tl.where(tt == BT - 1, dbt + gl * tl.sum(SS, axis=0) + xs, dbt)
-        dg = tl.sum(dbt, axis=0) - tl.cumsum(dbt, axis=0) + dbt               # Σ_{i ≥ t} ∂b_i
+        dg = tl.cumsum(dbt, axis=0, reverse=True)               # Σ_{i ≥ t} ∂b_i
         tl.store(dg_ptr + i_k.to(tl.int64) * TOKH + base, dg, mask=tm)
 
 
@@ -452,7 +452,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
         if GATED:
             dbt += tl.sum(q * dq, axis=1) + tl.sum(a * da, axis=1) - tl.sum(bv * db, axis=1)
             dbt = tl.where(tt == BT - 1, dbt + gl * tl.sum(SS, axis=0) + xs, dbt)
-            dg = tl.sum(dbt, axis=0) - tl.cumsum(dbt, axis=0) + dbt               # Σ_{i ≥ t} ∂b_i
+            dg = tl.cumsum(dbt, axis=0, reverse=True)               # Σ_{i ≥ t} ∂b_i
             tl.store(dg_ptr + i_k.to(tl.int64) * TOKH + base, dg, mask=tm)
 
 
@@ -710,7 +710,7 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
         tl.store(da_ptr + i_v.to(tl.int64) * TOKH * DK + koff, da, mask=km2)
         tl.store(db_ptr + i_v.to(tl.int64) * TOKH * DK + koff, db, mask=km2)
         dbt = tl.where((tt == BT - 1)[:, None], dbt + (glv * tl.sum(dS * S0, axis=1) + XL)[None, :], dbt)
-        tl.store(dg_ptr + voff, tl.sum(dbt, axis=0)[None, :] - tl.cumsum(dbt, axis=0) + dbt, mask=vm)
+        tl.store(dg_ptr + voff, tl.cumsum(dbt, axis=0, reverse=True), mask=vm)
         dS = (dS * glv[:, None] + _mm(tl.trans(do * gam), q, PREC)
               + _mm(tl.trans(dP * gam), a, PREC))
         dS = tl.where(m2, dS, 0.0)
