@@ -195,7 +195,8 @@ case $stage in
         # against the fused walk (the default) and fla's chunk_simple_gla (Mamba-2's recurrence) as rows of one
         # process at D = 128, then D = 64 ($variants_diag), then Longhorn at D = 128 (fla's chunk_gla's autotuning
         # takes minutes: stage fla-gla). Timeouts add to 400 s. If `ds` or `ds64` wins beyond the drift (`again`), flip
-        # DIAG_PATH (and library.CHUNK for rules without a correction); if `mr0` wins, set WALK_MAXNREG = None.
+        # DIAG_PATH (and library.CHUNK for rules without a correction): "wide" if it wins at D = 128 only, "split"
+        # if at D = 64 too; if `mr0` wins, set WALK_MAXNREG = None.
         with_fla
         export PYTHONUNBUFFERED=1
         at128 180 diag128.txt --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \

@@ -175,8 +175,8 @@ def _main(argv=None):
                         "offsets32 (chunked.OFFSETS32: 1 or 0), "
                         "chunk_storage / checkpoint_storage / u_storage (chunked.DELTA_U_STORAGE) (fp32 or input), "
                         "ut_solve (chunked.UT_SOLVE: masked or "
-                        "blocks), same_key (chunked_delta_bwd.SAME_KEY: 1 or 0), diag_path (chunked.DIAG_PATH: fused or "
-                        "split), raw_inputs (chunked.RAW_INPUTS: 1 or 0), fused_scale_bwd (chunked.FUSED_SCALE_BWD: "
+                        "blocks), same_key (chunked_delta_bwd.SAME_KEY: 1 or 0), diag_path (chunked.DIAG_PATH: fused, "
+                        "split or wide), raw_inputs (chunked.RAW_INPUTS: 1 or 0), fused_scale_bwd (chunked.FUSED_SCALE_BWD: "
                         "1 or 0), scale_on_load (chunked.SCALE_ON_LOAD: 1 or 0), decay_factors "
                         "(chunked.DECAY_FACTORS: 1 or 0), walk_maxnreg (chunked.WALK_MAXNREG: 0 or a count), block_v, warps (recurrent "
                         "kernel); e.g. "
@@ -433,7 +433,7 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _one_of(*chunked.DOT
                  "checkpoint_storage": (chunked, ("CHECKPOINT_STORAGE",), _one_of("fp32", "input"), "chunk"),
                  "u_storage": (chunked, ("DELTA_U_STORAGE",), _one_of("fp32", "input"), "chunk"),
                  "ut_solve": (chunked, ("UT_SOLVE",), _one_of("masked", "blocks"), "chunk"),
-                 "diag_path": (chunked, ("DIAG_PATH",), _one_of("fused", "split"), "chunk"),
+                 "diag_path": (chunked, ("DIAG_PATH",), _one_of("fused", "split", "wide"), "chunk"),
                  "raw_inputs": (chunked, ("RAW_INPUTS",), _switch, "chunk"),
                  "fused_scale_bwd": (chunked, ("FUSED_SCALE_BWD",), _switch, "chunk"),
                  "scale_on_load": (chunked, ("SCALE_ON_LOAD",), _switch, "chunk"),

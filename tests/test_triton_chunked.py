@@ -1101,6 +1101,30 @@ def test_diag_split_path_without_initial_state_or_gradients(name, monkeypatch):
         _close(a, b, 1e-5, f"split vs fused, no h0, no gradient: {what}")
 
 
+@pytest.mark.parametrize("name, d_k, path", [("mamba2", 72, "split"), ("mamba2", 8, "fused"), ("log_gla", 72, "split"),
+                                             ("log_row_decay", 72, "fused"), ("two_term_column", 72, "fused")])
+def test_wide_diag_path_splits_the_wide_single_term_rules(name, d_k, path, monkeypatch):
+    # DIAG_PATH = "wide": the split path (at library.WIDE_CHUNK) where d_k > WIDE_KEYS with one input term and no row
+    # decay, the fused walk elsewhere; the forward and the backward both run the path it resolves to (spied), and o,
+    # the final state and every gradient match the reference
+    from triton_testing import compare, spy_launches
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "wide")
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    tlib.FORCE = "chunk"
+    rule = _two_term_column_rule() if name == "two_term_column" else _rule(name)
+    assert tchunk.diag_path(rule.form, d_k) == path and tchunk.diag_path() == "fused"
+    launched = set()
+    spy_launches(monkeypatch, tchunk, ["chunk_fwd_kernel", "chunk_bwd_kernel", "chunk_diag_out_kernel"],
+                 lambda label, kwargs: launched.add((label, kwargs.get("OUT", True) and kwargs.get("GRADS", True),
+                                                     kwargs["BT"])))
+    inp = random_inputs(rule, 1, 70, 1, d_k, 6, seed=9)
+    compare(rule, inp, 0.3 * torch.randn(1, 1, 6, d_k, generator=torch.Generator().manual_seed(9)))
+    C = tlib.WIDE_CHUNK if path == "split" else tlib.CHUNK
+    walks = {("chunk_fwd_kernel", True, C), ("chunk_bwd_kernel", True, C)}
+    split = {("chunk_fwd_kernel", False, C), ("chunk_diag_out_kernel", True, C), ("chunk_bwd_kernel", False, C)}
+    assert launched == (split if path == "split" else walks), launched
+
+
 @pytest.mark.parametrize("path, seed", [("fused", 114), ("split", 113)])
 def test_decay_gradient_takes_suffix_sums_directly(path, seed, monkeypatch):
     # ∂g_t = Σ_{i ≥ t} ∂b_i within a chunk is a reverse cumulative sum (tl.cumsum(reverse=True)), not total − prefix

@@ -109,7 +109,7 @@ def candidates(plan, args, meta, need: bool) -> list:
         policy = dataclasses.replace(
             policy, delta_forward=_delta_forward() if split else "",
             chunk_backward=chunk_bwd if need and lib.chunk_backward_mode() == "auto" else None,
-            diag_path=diag_path() if diag else "")
+            diag_path=diag_path(form, args.d_k) if diag else "")
     out = [policy]
     # the default is fla's fused_recurrent, 8 value rows on 1 warp (scan.BLOCK_V); the wider blocks are other
     # geometries up to one block holding every row (bv = next_pow2(d_v): d_v = 16 in one program, 32 rows on 4

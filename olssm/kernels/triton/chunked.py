@@ -1683,8 +1683,13 @@ def wide_diag(form, d_k: int, path: str = "") -> bool:
     issue wgmma only at 64-row chunks and spill at 32 (sm_90, d = 128, scalar decay: dqk 544 B on mma.sync at chunk
     32, 16 B at 64; RESULTS.md session 15), and fla runs chunk_simple_gla / chunk_gla at 64. The fused walk keeps
     CHUNK (its backward spills 1 KB at 32, 3.2 KB at 64)."""
+    return _wide_diag_call(form, d_k) and (path or diag_path(form, d_k)) == "split"
+
+
+def _wide_diag_call(form, d_k: int) -> bool:
+    """What wide_diag asks of the rule and head size, whichever path runs (DIAG_PATH = "wide" splits exactly these)."""
     return (WIDE_KEYS is not None and d_k > WIDE_KEYS and not form.corrections and len(form.inputs) == 1
-            and form.decay_kind != ROW and (path or diag_path()) == "split")
+            and form.decay_kind != ROW)
 
 
 def _blocks(d_k, d_v):
@@ -1727,7 +1732,9 @@ SPLIT_BLOCK_V = 64
 #: fused walk has B·H·⌈d_v/32⌉ programs: 128 at (2, T, 16, 128), under one per SM of an H100, each a chain of
 #: ⌈T/C⌉ chunks of dependent dots (Mamba-2 at (2, 8192, 16, 128): 1.46 ms forward, 7.11 fwd+bwd, session 8).
 #: "fused" until a GPU times the two (benchmarks/triton_kernels.py row `ds`). Both read and write the same
-#: checkpoints ck, so either backward follows either forward. OLSSM_TRITON_DIAG_PATH overrides; read at each launch.
+#: checkpoints ck, so either backward follows either forward. "wide": "split" where the split path takes its
+#: wide-key chunk (wide_diag: d_k > WIDE_KEYS, one input term, no row decay), "fused" elsewhere — the setting for a
+#: lease that finds the split path faster at d = 128 only. OLSSM_TRITON_DIAG_PATH overrides; read at each launch.
 DIAG_PATH = "fused"
 #: key columns per program of the split diagonal path's two state passes (a diagonal decay keeps key columns apart,
 #: so they split over keys as well as values: 2× the programs at d_k = 128)
@@ -1770,9 +1777,14 @@ def ut_solve() -> str:
     return switch("OLSSM_TRITON_UT_SOLVE", UT_SOLVE, ("masked", "blocks"), "UT solve (OLSSM_TRITON_UT_SOLVE)")
 
 
-def diag_path() -> str:
-    """DIAG_PATH, or OLSSM_TRITON_DIAG_PATH if set; checked (the forward and the backward launches each read it)."""
-    return switch("OLSSM_TRITON_DIAG_PATH", DIAG_PATH, ("fused", "split"), "diagonal path (OLSSM_TRITON_DIAG_PATH)")
+def diag_path(form=None, d_k: int = 0) -> str:
+    """DIAG_PATH, or OLSSM_TRITON_DIAG_PATH if set, as a call of this rule (form) at this head size runs it: "fused" or
+    "split" ("wide" resolved; without a form, "fused"); checked (the forward and the backward launches each read it)."""
+    mode = switch("OLSSM_TRITON_DIAG_PATH", DIAG_PATH, ("fused", "split", "wide"),
+                  "diagonal path (OLSSM_TRITON_DIAG_PATH)")
+    if mode == "wide":
+        return "split" if form is not None and _wide_diag_call(form, d_k) else "fused"
+    return mode
 
 
 def _delta_forward() -> str:
@@ -1907,7 +1919,7 @@ def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None
             PREC=_precision(o.dtype, bf16), SUB=sub, OFF32=offsets32_fit(sizes), SPAN=fast_span(),
             **_launch_opts(wide_keys, walk=True), **_scale_args(es))
         return
-    if diag_path() == "split":
+    if diag_path(plan.rule.form, d_k) == "split":
         _diag_split_forward(chunk_in, h0, o, ht, ck if save else None, sizes, decay, cu_seqlens, es)
         return
     chunk_fwd_kernel[(NV, N * H)](
@@ -2412,7 +2424,7 @@ def _chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, es):
     dev = q.device
     TOKH = B * T * H
     dh0 = torch.empty(N, H, d_v, d_k, dtype=torch.float32, device=dev)
-    split = diag_path() == "split" and M == 1   # more input terms: the fused walk (the split kernels hold one)
+    split = diag_path(plan.rule.form, d_k) == "split" and M == 1   # more input terms: the fused walk (the split kernels hold one)
     if split and decay != 2:   # a row decay's D is per value row: the older kernel, over value blocks
         return _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0, es), dh0
     dq = written(NV, B, T, H, d_k, device=dev)
