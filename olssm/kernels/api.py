@@ -211,9 +211,9 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
 
     chunk_size: tokens per chunk of the chunk-parallel algorithms, None for each backend's own: the chunk backend's
     (chunk.CHUNK_SIZE, 64; any positive int) and the triton backend's chunked kernels (library.chunk_size's policy,
-    or the autotuner's pick; a power of two up to library.MAX_CHUNK, at least 16 tokens per (sub-)token chunk when
-    compiled). Rank-R rules split each token into R sub-tokens, so their chunks hold chunk_size / R tokens. Paths
-    without chunks (the reference, token-loop kernels and engines) do not read it.
+    or the autotuner's pick; a power of two up to library.MAX_CHUNK, at least 16 when compiled). Rank-R rules count
+    it in sub-tokens (about chunk_size / R tokens per chunk; kernels/CHUNK.md §2). Paths without chunks (the
+    reference, the token-loop kernels and engines) do not read it.
     """
     if backend not in BACKENDS:
         raise ValueError(f"scan: backend must be one of {BACKENDS}, got {backend!r}")

@@ -394,7 +394,8 @@ def evaluate_entries(plan, ins: dict, sizes) -> list:
 
 #: force the kernel family: "chunk" (raises where unsupported), "prefer-chunk" (chunked wherever
 #: supported, any T) or "recurrent"; None: chunked when supported and the longest sequence has
-#: >= 2·CHUNK tokens (2·chunk_size where the caller gave one). The environment variable OLSSM_TRITON_KERNEL does the same.
+#: >= 2·CHUNK tokens (2·chunk_size where the caller gave one). The environment variable OLSSM_TRITON_KERNEL does
+#: the same.
 FORCE = None
 #: tokens per chunk of the chunked kernels (also the backward's checkpoint interval on that path)
 CHUNK = 32
