@@ -1108,7 +1108,6 @@ def test_wide_diag_path_splits_the_wide_single_term_rules(name, d_k, path, monke
     # DIAG_PATH = "wide": the split path (at library.WIDE_CHUNK) where d_k > WIDE_KEYS with one input term and no row
     # decay, the fused walk elsewhere; the forward and the backward both run the path it resolves to (spied), and o,
     # the final state and every gradient match the reference
-    from triton_testing import compare, spy_launches
     monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "wide")
     monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
     tlib.FORCE = "chunk"
@@ -1119,7 +1118,7 @@ def test_wide_diag_path_splits_the_wide_single_term_rules(name, d_k, path, monke
                  lambda label, kwargs: launched.add((label, kwargs.get("OUT", True) and kwargs.get("GRADS", True),
                                                      kwargs["BT"])))
     inp = random_inputs(rule, 1, 70, 1, d_k, 6, seed=9)
-    compare(rule, inp, 0.3 * torch.randn(1, 1, 6, d_k, generator=torch.Generator().manual_seed(9)))
+    _compare(rule, inp, 0.3 * torch.randn(1, 1, 6, d_k, generator=torch.Generator().manual_seed(9)))
     C = tlib.WIDE_CHUNK if path == "split" else tlib.CHUNK
     walks = {("chunk_fwd_kernel", True, C), ("chunk_bwd_kernel", True, C)}
     split = {("chunk_fwd_kernel", False, C), ("chunk_diag_out_kernel", True, C), ("chunk_bwd_kernel", False, C)}
