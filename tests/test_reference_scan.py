@@ -167,6 +167,35 @@ def test_empty_last_sequence_keeps_its_initial_state():
     torch.testing.assert_close((S, P), (S_c, P_c), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["reference", "chunk", "decode"])
+def test_rls_gain_stays_accurate_at_a_small_ridge(backend):
+    """RLS in fp32 with λ = 1e-6 and d_k > T (directions no key excites keep P ~ 1/λ), against the
+    information form solved in fp64: o_t = G_t (H_t + λ Π γ I)⁻¹ q_t. The gain P_t u read off the updated P
+    carried P_t's cancellation error ε·‖P̃‖ ≈ 1e-7 · 1e6 into it: 12 % wrong (and 4e15 at λ = 1e-9). As
+    P̃u / (1 + uᵀP̃u) it is ~2e-7; 1e-5 leaves room for fp32 rounding of the d_k = 16 dot products."""
+    rule = catalogue.ENTRIES["rls"].rule
+    T, d_k, d_v = 12, 16, 2
+    inp = catalogue.random_inputs(rule, 1, T, 1, d_k, d_v, 5, dtype=torch.float64)
+    inp["lam"] = torch.full_like(inp["lam"], 1e-6)
+    g, k, v, q = (inp[n][0, :, 0] for n in ("gamma", "k", "v", "q"))
+    A, G, expect = 1e-6 * torch.eye(d_k, dtype=torch.float64), torch.zeros(d_v, d_k, dtype=torch.float64), []
+    for t in range(T):
+        A, G = g[t] * A + torch.outer(k[t], k[t]), g[t] * G + torch.outer(v[t], k[t])
+        expect.append(G @ torch.linalg.solve(A, q[t]))
+    expect = torch.stack(expect)
+    x32 = {n: x.float() for n, x in inp.items()}
+    if backend == "decode":
+        state, got = rule.zero_state((1, 1), d_k, d_v, lam=x32["lam"]), []
+        for t in range(T):
+            o_t, state = rule.decode(state, **{n: (x if n == "lam" else x[:, t]) for n, x in x32.items()})
+            got.append(o_t[0, 0])
+        got = torch.stack(got)
+    else:
+        got = rule.scan(backend=backend, **x32)[0][0, :, 0]
+    err = float((got.double() - expect).abs().max() / expect.abs().max())
+    assert err < 1e-5, err
+
+
 @pytest.mark.parametrize("name", ["deltanet", "decayed_least_squares"])
 def test_mixed_precision_inputs_agree_across_backends(name):
     """One fp64 input among fp32 ones: every torch backend runs the state in fp64 (and the exact readout

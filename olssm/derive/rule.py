@@ -218,8 +218,11 @@ def torch_step_source(form) -> str:
                  "    P = 0.5 * (P + P.transpose(-1, -2)) / g",
                  "    Pu = (P * u).sum(-1, keepdim=True)                       # P u, [..., d_k, 1]",
                  "    uPu = (Pu * u.transpose(-1, -2)).sum(-2, keepdim=True)     # uᵀ P u",
-                 "    P = P - (R / (1 + R * uPu)) * (Pu * Pu.transpose(-1, -2))",
-                 "    gain = (P * u).sum(-1, keepdim=True).transpose(-1, -2)   # (P_t u)ᵀ, [..., 1, d_k]",
+                 "    den = 1 + R * uPu",
+                 "    P = P - (R / den) * (Pu * Pu.transpose(-1, -2))",
+                 # P_t u = P̃u / den, exactly; read off the updated P it would carry P_t's cancellation error
+                 # (ε·|P̃|, huge once the ridge is small or γ^t is) into a gain that is small in the keys' span
+                 "    gain = (Pu / den).transpose(-1, -2)                      # (P_t u)ᵀ, [..., 1, d_k]",
                  "    S = S + (e - R * (S * u).sum(-1, keepdim=True)) * gain",
                  "    return (S, P)"]
         return "def step(S, inp):\n" + "\n".join(body) + "\n"
