@@ -319,6 +319,57 @@ def test_bad_configs():
             PRESETS["mamba"](16, 2, **{name: bad})
     with pytest.raises(ValueError, match="dt_min must be <= dt_max"):
         PRESETS["mamba"](16, 2, dt_min=0.5, dt_max=0.1)
+    # (each of these had been a raw torch / Python error far from its cause, or accepted: a negative norm_eps
+    # made the output NaN, an invalid decay_init with the mamba style was ignored)
+    with pytest.raises(ValueError, match=r"x is torch.float64 and the layer's weights torch.float32"):
+        layer(torch.randn(2, 3, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x must be a floating-point tensor, got torch.int64"):
+        layer(torch.ones(2, 3, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="norm_eps must be a finite number >= 0"):
+        OnlineSSM(obj, 16, 2, norm_eps=-1.0)
+    for bad in (0.9, (2.0, 3.0), (0.5, 0.1)):
+        for style in ("softplus", "mamba"):
+            with pytest.raises(ValueError, match="decay_init must be None or a pair"):
+                OnlineSSM(obj, 16, 2, decay_style=style, decay_init=bad)
+    with pytest.raises(ValueError, match="decay_normalizer=16.0 divides the 'softplus' style"):
+        PRESETS["gated_deltanet"](16, 2, decay_normalizer=16.0)
+
+
+def test_a_decay_starts_in_decay_init_in_either_style():
+    """decay_init = (lo, hi) is where the decay starts at x = 0: through the projection's bias (softplus style)
+    or dt_bias given A (mamba style, where it had been ignored). None keeps each style's own start: Gated
+    DeltaNet's Δ in [dt_min, dt_max], so α = exp(−A Δ) with A < 16."""
+    x = torch.zeros(1, 1, 16)
+    for name in ("gla", "gated_deltanet"):
+        layer = PRESETS[name](16, 2, decay_init=(0.01, 0.02))
+        inputs, _ = layer.scan_inputs(x)
+        decay = torch.exp(inputs["g" if name == "gla" else "alpha"])
+        assert ((decay >= 0.01 * (1 - 1e-5)) & (decay <= 0.02 * (1 + 1e-5))).all(), (name, decay)
+    torch.manual_seed(0)
+    alpha = torch.exp(PRESETS["gated_deltanet"](16, 2).scan_inputs(x)[0]["alpha"])
+    assert (alpha >= math.exp(-16 * 0.1) * (1 - 1e-5)).all() and (alpha < 1).all()
+
+
+def test_project_from_value_reads_the_value_stream_at_any_width():
+    """Mamba's block projects keys, queries and Δ from the convolved value stream. The layer had told the two
+    sources apart by width, so with H·d_v = d_model it read the raw input instead (|Δk| = 1.8)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 16)
+    for d_v in (16, 8):                         # H·d_v = 32, and = d_model
+        layer = PRESETS["mamba"](16, 2, d_v=d_v)
+        inputs, _ = layer.scan_inputs(x)
+        stream = layer._conv("v", layer.proj["v"](x), None)[0]
+        torch.testing.assert_close(inputs["k"], layer.proj["k"](stream).unflatten(-1, (1, -1)), rtol=0, atol=0)
+        dt = torch.nn.functional.softplus(layer.coef_proj["dt"](stream) + layer.coef_bias["dt"])
+        torch.testing.assert_close(inputs["dt"], dt.unflatten(-1, (2, -1)), rtol=0, atol=0)
+
+
+def test_presets_take_a_value_size_that_makes_the_sizes_valid():
+    """Any preset default can be overridden: with d_v given, d_inner = expand · d_model need not divide by
+    n_heads (it had been checked before the overrides were applied)."""
+    for name in ("mamba", "longhorn", "mamba2"):
+        assert PRESETS[name](10, 3, d_v=4, d_k=8).d_v == 4
+    assert PRESETS["retnet"](16, 2, freeze="gamma").params_raw["gamma"].requires_grad is False  # one name
 
 
 @pytest.mark.parametrize("name", ["deltanet", "mamba", "decayed_least_squares"])

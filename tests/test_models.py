@@ -327,6 +327,14 @@ def test_config_errors():
         CausalLM(LMConfig(vocab_size=16, d_model=16, n_heads=3, mixer="deltanet"))
     with pytest.raises(TypeError, match="LMConfig"):
         CausalLM({"vocab_size": 16})
+    for bad in ("a", -1.0, float("nan")):
+        with pytest.raises(ValueError, match="norm_eps must be a finite number >= 0"):
+            LMConfig(vocab_size=16, norm_eps=bad)
+    model = CausalLM(LMConfig(vocab_size=10, d_model=16, n_heads=2, n_layers=1, mixer="deltanet"))
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size = 10\), got ids from 0 to 10"):
+        model(torch.tensor([[0, 10]]))
+    with pytest.raises(ValueError, match="input_ids must be an integer tensor \\[B, T\\], got torch.bool"):
+        model(torch.ones(1, 3, dtype=torch.bool))
 
 
 def test_mixer_kwargs_override_preset_defaults():

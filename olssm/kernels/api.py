@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
+import sympy
 import torch
 
 from ..derive import Rule, derive
@@ -179,6 +180,15 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
         if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:])):
             raise ValueError(f"scan: cu_seqlens must start at 0, end at T={T} and not decrease; got {c}")
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    if rule.is_rls and initial_state is None and output_final_state:
+        # P_0 = I/λ is read at a sequence's first token: an empty one has none, and no final state to return
+        per_token = sorted(s.name for s in sympy.sympify(rule.form.ridge).free_symbols if s.name in tokens)
+        empty = ([i for i, (a, b) in enumerate(zip(c, c[1:])) if a == b] if cu_seqlens is not None
+                 else list(range(N)) if T == 0 else [])
+        if per_token and empty:
+            raise ValueError(f"scan: sequence(s) {empty} have no tokens, and this RLS rule's ridge reads per-token "
+                             f"input(s) {per_token}: P_0 = I/λ has no token to read λ from, so their final state is "
+                             "undefined; pass initial_state, or output_final_state=False")
     if initial_state is not None:
         shapes = rule.state_shape(d_k, d_v)
         sts = initial_state if rule.is_exact else (initial_state,)

@@ -154,8 +154,9 @@ class OnlineSSM(nn.Module):
         decay_style: "softplus" (log decay = −softplus(x) / decay_normalizer) or "mamba"
             (log decay = −exp(A_log) softplus(x + dt_bias), Gated DeltaNet's α).
         decay_normalizer: divides the softplus log decay (GLA: 16).
-        decay_init: (lo, hi) initial decays of per-token decay coefficients (the projection bias is set
-            so the decay starts in [lo, hi] at x = 0); None leaves the bias at zero.
+        decay_init: (lo, hi) initial decays of per-token decay coefficients: the decay starts in [lo, hi] at
+            x = 0 (through the projection's bias, or dt_bias given A in the mamba style). None: each style's
+            own start: a zero bias ("softplus"), Δ log-uniform in [dt_min, dt_max] ("mamba", Gated DeltaNet's).
         param_init: {parameter name: value in its domain (float or tensor broadcastable to the
             parameter's shape)} overriding the domain's default initialisation.
         freeze: parameter names kept fixed (e.g. RetNet's γ).
@@ -216,6 +217,16 @@ class OnlineSSM(nn.Module):
             raise ValueError(f"OnlineSSM: d_skip must be False, True, 'channel' or 'head', got {d_skip!r}")
         if not (isinstance(decay_normalizer, (int, float)) and math.isfinite(decay_normalizer) and decay_normalizer > 0):
             raise ValueError(f"OnlineSSM: decay_normalizer must be a finite number > 0, got {decay_normalizer!r}")
+        if isinstance(norm_eps, bool) or not (_finite_number(norm_eps) and norm_eps >= 0):
+            raise ValueError(f"OnlineSSM: norm_eps must be a finite number >= 0, got {norm_eps!r}")
+        if decay_style == "mamba" and decay_normalizer != 1:
+            raise ValueError(f"OnlineSSM: decay_normalizer={decay_normalizer!r} divides the 'softplus' style's log decay; "
+                             "decay_style='mamba' reads −exp(A_log)·softplus(x + dt_bias) and has none")
+        if decay_init is not None and not (isinstance(decay_init, (tuple, list)) and len(decay_init) == 2
+                                           and all(_finite_number(d) for d in decay_init)
+                                           and 0 < decay_init[0] <= decay_init[1] < 1):
+            raise ValueError(f"OnlineSSM: decay_init must be None or a pair (lo, hi) with 0 < lo <= hi < 1, "
+                             f"got {decay_init!r}")
         if isinstance(q_scale, str):
             if q_scale != "rsqrt_dk":
                 raise ValueError(f"OnlineSSM: q_scale must be a number or 'rsqrt_dk', got {q_scale!r}")
@@ -271,9 +282,11 @@ class OnlineSSM(nn.Module):
         def heads_of(n, s):
             return self.qk_heads if s.role in ("key", "query") else H
 
-        value_width = H * d_v
-        src_dim = {n: (value_width if (project_from == "value" and s.role != "value") else d_model)
-                   for n, s in {**self.vector_specs, **self.coef_specs}.items()}
+        # named, not told apart by width later: the value stream H·d_v can be d_model wide (Mamba, d_v = d_model / H)
+        self.reads_value_stream = frozenset(n for n, s in {**self.vector_specs, **self.coef_specs}.items()
+                                            if project_from == "value" and s.role != "value")
+        src_dim = {n: (H * d_v if n in self.reads_value_stream else d_model)
+                   for n in {**self.vector_specs, **self.coef_specs}}
         self.src_dim = src_dim
         self.proj = nn.ModuleDict({n: nn.Linear(src_dim[n], heads_of(n, s) * vec_size(s), bias=bias)
                                    for n, s in self.vector_specs.items()})
@@ -316,22 +329,28 @@ class OnlineSSM(nn.Module):
                 last = second
             else:
                 mod = last = nn.Linear(src_dim[n], out, bias=has_bias)
+            # a decay starts in decay_init = [lo, hi] at x = 0: d = exp(−softplus(bias) / normalizer), or
+            # exp(−A_h softplus(dt_bias)) in the mamba style
+            start = None if not decay or decay_init is None else decay_init[0] + (
+                decay_init[1] - decay_init[0]) * torch.rand(out, dtype=torch.float64)
             if last.bias is not None:
                 nn.init.zeros_(last.bias)
-                if decay and decay_init is not None:
-                    lo, hi = decay_init
-                    if not (0 < lo <= hi < 1):
-                        raise ValueError(f"OnlineSSM: decay_init must satisfy 0 < lo <= hi < 1, got {decay_init}")
+                if start is not None:
                     with torch.no_grad():
-                        d = lo + (hi - lo) * torch.rand(out)
-                        last.bias.copy_(inv_softplus(-torch.log(d) * self.decay_normalizer))
+                        last.bias.copy_(inv_softplus(-torch.log(start) * self.decay_normalizer))
             self.coef_proj[n] = mod
-            if s.domain == "timestep" or (decay and decay_style == "mamba"):
+            if decay and decay_style == "mamba":  # Gated DeltaNet: A ~ U(0, 16) per head
+                dt_bias = dt_bias_init(out, dt_min, dt_max, dt_init_floor) if start is None else None
+                A = torch.empty(H).uniform_(0, 16)
+                self.decay_A_log[n] = nn.Parameter(torch.log(A))
+                self.decay_A_log[n]._no_weight_decay = True
+                if dt_bias is None:
+                    dt_bias = inv_softplus(-torch.log(start) / A.double().repeat_interleave(out // H)).float()
+                self.coef_bias[n] = nn.Parameter(dt_bias)
+                self.coef_bias[n]._no_weight_decay = True
+            elif s.domain == "timestep":
                 self.coef_bias[n] = nn.Parameter(dt_bias_init(out, dt_min, dt_max, dt_init_floor))
                 self.coef_bias[n]._no_weight_decay = True
-            if decay and decay_style == "mamba":  # Gated DeltaNet: A ~ U(0, 16) per head
-                self.decay_A_log[n] = nn.Parameter(torch.log(torch.empty(H).uniform_(0, 16)))
-                self.decay_A_log[n]._no_weight_decay = True
 
         # -- learned parameters
         param_init = dict(param_init or {})
@@ -339,7 +358,7 @@ class OnlineSSM(nn.Module):
         if unknown:
             raise ValueError(f"OnlineSSM: param_init names {unknown} are not parameters of this rule; "
                              f"it has {sorted(self.param_specs)}")
-        freeze = tuple(freeze or ())
+        freeze = (freeze,) if isinstance(freeze, str) else tuple(freeze or ())   # "gamma" is one name, not five
         unknown = sorted(set(freeze) - set(self.param_specs))
         if unknown:
             raise ValueError(f"OnlineSSM: freeze names {unknown} are not parameters of this rule; "
@@ -496,7 +515,7 @@ class OnlineSSM(nn.Module):
         # the value stream first (Mamba: everything else reads it)
         vec_items.sort(key=lambda it: it[1].role != "value")
         for n, s in vec_items:
-            src = x if self.src_dim[n] == self.d_model else streams[self.value_name]
+            src = streams[self.value_name] if n in self.reads_value_stream else x
             u = self.proj[n](src)
             if n in self.conv:
                 u, new_conv[n] = self._conv(n, u, None if conv_cache is None else conv_cache.get(n), cu_seqlens)
@@ -514,7 +533,7 @@ class OnlineSSM(nn.Module):
                     u = u * self.q_scale
             inputs[n] = u
         for n, s in self.coef_specs.items():
-            src = x if self.src_dim[n] == self.d_model else streams[self.value_name]
+            src = streams[self.value_name] if n in self.reads_value_stream else x
             inputs[n] = self._coef(n, s, src)
         params = self.parameter_values(_compute_dtype(x))
         return inputs, params, new_conv
@@ -564,6 +583,12 @@ class OnlineSSM(nn.Module):
             want = "[B, T, d_model]" if ndim == 3 else "[B, d_model]"
             raise ValueError(f"OnlineSSM.{what}: x must be {want} with d_model={self.d_model}, got "
                              f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+        weight = next(iter(self.proj.values())).weight
+        if not x.is_floating_point():
+            raise ValueError(f"OnlineSSM.{what}: x must be a floating-point tensor, got {x.dtype}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"OnlineSSM.{what}: x is {x.dtype} and the layer's weights {weight.dtype}; cast one to "
+                             "the other (layer.to(dtype) / x.to(dtype)) or run under torch.autocast")
 
     # ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cache: dict | None = None, return_cache: bool = False,

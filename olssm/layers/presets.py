@@ -20,21 +20,30 @@ class _Preset(OnlineSSM):
     catalogue_name: str = ""
 
     @classmethod
-    def preset_defaults(cls, d_model: int, n_heads: int) -> dict:
+    def preset_defaults(cls, d_model: int, n_heads: int, overrides=frozenset()) -> dict:
+        """The published defaults; `overrides` names the arguments the caller gives (their defaults are
+        not computed, so a size the override makes valid is not refused)."""
         return {}
 
     def __init__(self, d_model: int, n_heads: int = 4, **overrides):
-        kw = self.preset_defaults(d_model, n_heads)
+        kw = self.preset_defaults(d_model, n_heads, frozenset(overrides))
         kw.update(overrides)
         super().__init__(_rule(self.catalogue_name), d_model, n_heads, **kw)
 
 
-def _mamba_block(d_model, n_heads, expand=2, d_state=16):
+def _value_head_dim(what, d_model, n_heads, expand, overrides):
+    """d_inner / n_heads, d_inner = expand · d_model (None where the caller gives d_v)."""
+    if "d_v" in overrides:
+        return None
     d_inner = int(expand * d_model)
     if d_inner % n_heads:
-        raise ValueError(f"Mamba-style preset: d_inner = expand * d_model = {d_inner} is not divisible by "
-                         f"n_heads = {n_heads}")
-    return dict(d_k=d_state, d_v=d_inner // n_heads, conv_size=4, conv_bias=True, key_norm=False,
+        raise ValueError(f"{what}: d_inner = {expand} * d_model = {d_inner} is not divisible by n_heads = {n_heads} "
+                         "(or give d_v)")
+    return d_inner // n_heads
+
+
+def _mamba_block(d_model, n_heads, overrides, expand=2, d_state=16):
+    return dict(d_k=d_state, d_v=_value_head_dim("Mamba-style preset", d_model, n_heads, expand, overrides), conv_size=4, conv_bias=True, key_norm=False,
                 query_norm=False, out_norm=False, gate=True, d_skip="channel", qk_heads=1,
                 project_from="value", bias=False)
 
@@ -45,8 +54,8 @@ class Mamba(_Preset):
     catalogue_name = "mamba"
 
     @classmethod
-    def preset_defaults(cls, d_model, n_heads):
-        return dict(_mamba_block(d_model, n_heads), coef_rank={"dt": math.ceil(d_model / 16)},
+    def preset_defaults(cls, d_model, n_heads, overrides=frozenset()):
+        return dict(_mamba_block(d_model, n_heads, overrides), coef_rank={"dt": math.ceil(d_model / 16)},
                     dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4)
 
 
@@ -56,8 +65,8 @@ class Longhorn(_Preset):
     catalogue_name = "longhorn"
 
     @classmethod
-    def preset_defaults(cls, d_model, n_heads):
-        return dict(_mamba_block(d_model, n_heads), coef_rank={"beta": math.ceil(d_model / 16)})
+    def preset_defaults(cls, d_model, n_heads, overrides=frozenset()):
+        return dict(_mamba_block(d_model, n_heads, overrides), coef_rank={"beta": math.ceil(d_model / 16)})
 
 
 class Mamba2(_Preset):
@@ -67,11 +76,8 @@ class Mamba2(_Preset):
     catalogue_name = "mamba2"
 
     @classmethod
-    def preset_defaults(cls, d_model, n_heads):
-        d_inner = 2 * d_model
-        if d_inner % n_heads:
-            raise ValueError(f"Mamba2: d_inner = 2 * d_model = {d_inner} is not divisible by n_heads = {n_heads}")
-        return dict(d_k=128, d_v=d_inner // n_heads, conv_size=4, conv_bias=True, key_norm=False,
+    def preset_defaults(cls, d_model, n_heads, overrides=frozenset()):
+        return dict(d_k=128, d_v=_value_head_dim("Mamba2", d_model, n_heads, 2, overrides), conv_size=4, conv_bias=True, key_norm=False,
                     query_norm=False, out_norm=True, gate=True, norm_before_gate=False, d_skip="head",
                     qk_heads=1,
                     dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4, bias=False)
@@ -83,7 +89,7 @@ class DeltaNet(_Preset):
     catalogue_name = "deltanet"
 
     @classmethod
-    def preset_defaults(cls, d_model, n_heads):
+    def preset_defaults(cls, d_model, n_heads, overrides=frozenset()):
         return dict(conv_size=4, key_norm=True, query_norm=True, out_norm=True, gate=False, bias=False)
 
 
@@ -93,9 +99,9 @@ class GatedDeltaNet(_Preset):
     catalogue_name = "gated_deltanet"
 
     @classmethod
-    def preset_defaults(cls, d_model, n_heads):
+    def preset_defaults(cls, d_model, n_heads, overrides=frozenset()):
         return dict(expand_v=2.0, conv_size=4, key_norm=True, query_norm=True, out_norm=True, gate=True,
-                    decay_style="mamba", dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4, bias=False)
+                    decay_style="mamba", dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4, decay_init=None, bias=False)
 
 
 class GLA(_Preset):
@@ -104,7 +110,7 @@ class GLA(_Preset):
     catalogue_name = "gla"
 
     @classmethod
-    def preset_defaults(cls, d_model, n_heads):
+    def preset_defaults(cls, d_model, n_heads, overrides=frozenset()):
         return dict(expand_k=0.5, expand_v=1.0, conv_size=0, key_norm=False, query_norm=False,
                     q_scale="rsqrt_dk", out_norm=True, gate=True, coef_rank={"g": 16},
                     decay_normalizer=16.0, decay_init=None, bias=False)
@@ -117,7 +123,7 @@ class LinearAttention(_Preset):
     catalogue_name = "linear_attention"
 
     @classmethod
-    def preset_defaults(cls, d_model, n_heads):
+    def preset_defaults(cls, d_model, n_heads, overrides=frozenset()):
         return dict(conv_size=0, key_norm=False, query_norm=False, feature_map="elu1", q_scale="rsqrt_dk",
                     out_norm=True, gate=False, bias=False)
 
@@ -129,7 +135,7 @@ class RetNet(_Preset):
     catalogue_name = "retnet"
 
     @classmethod
-    def preset_defaults(cls, d_model, n_heads):
+    def preset_defaults(cls, d_model, n_heads, overrides=frozenset()):
         return dict(expand_v=2.0, conv_size=0, key_norm=False, query_norm=False, q_scale="rsqrt_dk",
                     out_norm=True, gate=True, freeze=("gamma",), bias=False)
 
@@ -141,7 +147,7 @@ class DecayedLeastSquares(_Preset):
     catalogue_name = "decayed_least_squares"
 
     @classmethod
-    def preset_defaults(cls, d_model, n_heads):
+    def preset_defaults(cls, d_model, n_heads, overrides=frozenset()):
         return dict(conv_size=4, key_norm=True, query_norm=True, out_norm=True, gate=True, bias=False)
 
 

@@ -78,6 +78,10 @@ class LMConfig:
                 or not (math.isfinite(self.mlp_ratio) and self.mlp_ratio >= 0)):
             raise ValueError(f"LMConfig: mlp_ratio must be a finite number >= 0 (0 disables the MLP), got "
                              f"{self.mlp_ratio!r}")
+        for name in ("norm_eps", "initializer_range"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"LMConfig: {name} must be a finite number >= 0, got {v!r}")
         if not isinstance(self.mixer_kwargs, dict):
             raise ValueError(f"LMConfig: mixer_kwargs must be a dict, got {type(self.mixer_kwargs).__name__}")
 
@@ -192,10 +196,19 @@ class CausalLM(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def _check_ids(self, input_ids, what, ndim=2):
-        if not torch.is_tensor(input_ids) or input_ids.dim() != ndim or input_ids.is_floating_point():
+        if (not torch.is_tensor(input_ids) or input_ids.dim() != ndim or input_ids.is_floating_point()
+                or input_ids.is_complex() or input_ids.dtype == torch.bool):
             want = "[B, T]" if ndim == 2 else "[B]"
-            raise ValueError(f"CausalLM.{what}: input_ids must be an integer tensor {want}, got "
-                             f"{tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__}")
+            got = (f"{input_ids.dtype} {tuple(input_ids.shape)}" if torch.is_tensor(input_ids)
+                   else type(input_ids).__name__)
+            raise ValueError(f"CausalLM.{what}: input_ids must be an integer tensor {want}, got {got}")
+        # the range on CPU tensors only: on a GPU it is a host sync per call (the embedding asserts there), and
+        # under compilation a graph break
+        if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"CausalLM.{what}: input_ids must lie in [0, vocab_size = {self.config.vocab_size}), "
+                                 f"got ids from {lo} to {hi}")
 
     def _check_caches(self, caches, what):
         if not isinstance(caches, (list, tuple)) or len(caches) != len(self.blocks):
