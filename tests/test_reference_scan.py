@@ -4,7 +4,8 @@ same arithmetic in the same order, so they agree to rounding (1e-6)."""
 import pytest
 import torch
 
-from olssm import catalogue
+import olssm.objectives as O
+from olssm import catalogue, derive
 
 NAMES = list(catalogue.ENTRIES)
 
@@ -165,6 +166,28 @@ def test_empty_last_sequence_keeps_its_initial_state():
     assert not S[1].any()
     torch.testing.assert_close(P[1], torch.eye(5) / inp["lam"][:, None, None])
     torch.testing.assert_close((S, P), (S_c, P_c), rtol=1e-5, atol=1e-6)
+
+
+def test_an_empty_sequence_has_no_rls_state_when_the_ridge_is_per_token():
+    """P_0 = I/λ is read at a sequence's first token. With λ a per-token input an empty sequence has none: its final
+    state was taken from a neighbour's token (chunk, reference) or failed with 'missing input' (T = 0). Refused,
+    naming the sequence; without output_final_state, or with an initial_state, it runs."""
+    S, _ = O.states()
+    obj = O.Objective(O.sqnorm(S @ O.key("k") - O.value("v")) / 2, update="exact",
+                      decay=O.scalar("gamma", domain="decay"), ridge=O.scalar("lam", domain="positive"),
+                      ridge_decays=True)
+    rule = derive(obj)
+    inp = _inputs(rule, B=1, T=7)
+    cu = torch.tensor([0, 3, 3, 7])
+    for backend in ("reference", "chunk"):
+        with pytest.raises(ValueError, match=r"sequence\(s\) \[1\] have no tokens.*per-token input\(s\) \['lam'\]"):
+            rule.scan(backend=backend, cu_seqlens=cu, output_final_state=True, **inp)
+        with pytest.raises(ValueError, match=r"sequence\(s\) \[0, 1\] have no tokens"):
+            rule.scan(backend=backend, output_final_state=True, **_inputs(rule, B=2, T=0))
+        o, _ = rule.scan(backend=backend, cu_seqlens=cu, **inp)
+        o_alone, _ = rule.scan(backend=backend, **{n: (x if rule.inputs[n].is_parameter else x[:, 3:]) for n, x in
+                                                   inp.items()})
+        torch.testing.assert_close(o[:, 3:], o_alone)
 
 
 @pytest.mark.parametrize("backend", ["reference", "chunk", "decode"])

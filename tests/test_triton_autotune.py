@@ -336,6 +336,27 @@ def test_a_callers_chunk_size_reaches_forward_and_backward(name, chunk, sizes7, 
     assert seen == [], seen   # 37 tokens < 2 · 32
 
 
+def test_a_callers_chunk_size_reaches_an_exact_rules_g_scan(monkeypatch):
+    # decayed least squares on triton: the chunk backend's exact engine solves for x_t in torch and runs G's scan
+    # through the generated kernels; scan's chunk_size is their chunk too (it had stopped at the torch part), and o,
+    # the final state and every gradient match the reference
+    from triton_testing import close
+    seen = _spy_chunks(monkeypatch)
+    monkeypatch.setattr(library, "FORCE", "prefer-chunk")
+    rule = ENTRIES["decayed_least_squares"].rule.with_log_decays()
+    inp = random_inputs(rule, 1, 37, 2, 5, 6, seed=6)
+    res = {}
+    for backend in ("reference", "triton"):
+        x = {n: dev(t).clone().requires_grad_() for n, t in inp.items()}
+        o, (G, _) = rule.scan(backend=backend, output_final_state=True, chunk_size=8, **x)
+        gw = torch.Generator().manual_seed(5)
+        loss = sum((t * dev(torch.randn(t.shape, generator=gw))).sum() for t in (o, G))
+        res[backend] = [o, G, *torch.autograd.grad(loss, list(x.values()))]
+    for what, got, want in zip(["o", "G", *inp], res["triton"], res["reference"]):
+        close(got, want, 1e-5, what)   # fp32 solves: ≤ 1.4e-6 relative (test_exact_rules_hybrid_matches_reference)
+    assert seen == [("chunked_forward", 8), ("chunked_backward", 8)], seen
+
+
 def test_a_callers_chunk_size_is_the_only_candidate(tuner):
     # with scan's chunk_size the autotuner times the chunked candidates at that size only, under a key of its own
     # (so a decision for the policy's sizes is not reused for it, nor the other way round)
@@ -360,9 +381,13 @@ def test_a_chunk_size_the_kernels_cannot_run_is_refused(monkeypatch):
     # would run the token loop at this length), with the size named; the torch backends take any positive int
     rule = ENTRIES["deltanet"].rule
     inp = {n: dev(x) for n, x in random_inputs(rule, 1, 6, 2, 5, 6, seed=3).items()}
+    dls = ENTRIES["decayed_least_squares"].rule   # an exact rule's hybrid (torch solves, G scan on the kernels) too
+    dls_inp = {n: dev(x) for n, x in random_inputs(dls, 1, 6, 2, 5, 6, seed=3).items()}
     for bad in (48, 2 * library.MAX_CHUNK):
         with pytest.raises(ValueError, match=f"chunk_size={bad}"):
             rule.scan(backend="triton", chunk_size=bad, **inp)
+        with pytest.raises(ValueError, match=f"chunk_size={bad}"):
+            dls.scan(backend="triton", chunk_size=bad, **dls_inp)
     rule.scan(backend="triton", chunk_size=4, **inp)   # the interpreter has no tl.dot minimum
     monkeypatch.setattr(library._scan, "interpreted", lambda: False)
     with pytest.raises(ValueError, match="chunk_size=8"):

@@ -2040,9 +2040,12 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
     fused walk), from the chunk's query and ∂o tiles q, do and that block of S₀ (the state entering the chunk) and of
     dS = ∂L/∂S at its end (chunk_bwd_kernel's formulas). Stores the block's columns of dQ, dW_m (as the value block
     i_v's partial sums) and of a column decay's ∂g; with STORE_DV dE_m too. What sums over key columns comes back
-    as this block's share, for _diag_bwd_finish: (qs, dos, glast, dE (the last term's), ∂b, ∂b_L), where
+    as this block's share, for _diag_bwd_finish: (qs, dos, glast, dE (the last term's), ∂b, ∂b_L, pairs), where
     dS₀ = glast ⊙ dS + dosᵀ qs is the step back to the chunk's start (the fused walk's carry; whole only with all
-    the keys) and ∂b, ∂b_L are the cumulative log decay's gradient before its reverse sum (scalar, row decays)."""
+    the keys) and ∂b, ∂b_L are the cumulative log decay's gradient before its reverse sum (scalar, row decays). A
+    scalar decay's ∂b holds only its one-signed terms (Γ's, and Γ_L's in ∂b_L); its pair terms come back as the
+    [BT, BT] matrix `pairs` (with the chunk end's X in the last row), summed where they straddle the token
+    (_scalar_decay_grad)."""
     causal = tt[:, None] >= tt[None, :]
     qk_m = tm[:, None] & km[None, :]
     vm = tm[:, None] & rm[None, :]
@@ -2079,7 +2082,7 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
         dg = tl.cumsum(db, axis=0, reverse=True)
         tl.store(dg_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :],
                  _log_decay_grad(dg, g_ptr, base[:, None] * DK + cols[None, :], qk_m), mask=qk_m)
-        qs, dos, glast = q * gq, do, glk[None, :]
+        qs, dos, glast, pairs = q * gq, do, glk[None, :], 0.0
     elif DECAY == 2:   # row decay (d_v): the column case's transpose, ∂b = dO ⊙ o − Σ_m e_m ⊙ de_m (+ chunk end)
         b, bl, gv, decv, x, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm, SPAN)   # Γ, Γ_L/Γ
         glv = tl.exp(bl.to(tl.float32))                           # [BV]
@@ -2123,7 +2126,7 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
             dbL += tl.sum(v * kdS * decv, axis=0)
         tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
         db += do * o
-        qs, dos, glast = q, dog, glv[:, None]
+        qs, dos, glast, pairs = q, dog, glv[:, None], 0.0
     else:
         D, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, DECAY == 1)
         # carried state's share
@@ -2131,6 +2134,7 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
         dq = dSq * gam[:, None]
         db = tl.sum(dSq * q, axis=1) * gam                        # ∂b_i from Γ_i
         dbL = gl * tl.sum(tl.sum(dS * S0, axis=1), axis=0)        # ∂b_L from Γ_L
+        pairs = tl.zeros([BT, BT], dtype=tl.float32)
         for m in tl.static_range(M):
             k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :],
                         mask=qk_m, other=0.0).to(tl.float32)
@@ -2147,27 +2151,36 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
             if STORE_DV:
                 tl.store(dv_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], dv, mask=vm)
             if DECAY == 1:
-                Tm = P * _mm(q, tl.trans(k), PREC)  # ∂L/∂D ⊙ D
-                db += tl.sum(Tm, axis=1) - tl.sum(Tm, axis=0)
+                pairs += P * _mm(q, tl.trans(k), PREC)             # ∂L/∂D ⊙ D
                 X = tl.sum(vd * kdS, axis=1)                       # ∂ from dec_j = e^{b_L − b_j}
-                db -= X
-                dbL += tl.sum(X, axis=0)
+                pairs += tl.where((tt == BT - 1)[:, None], X[None, :], 0.0)
         tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
         qs, dos, glast = q, do * gam[:, None], gl
-    return qs, dos, glast, dv, db, dbL
+    return qs, dos, glast, dv, db, dbL, pairs
 
 
 @triton.jit
-def _diag_bwd_finish(db, dbL, dg_ptr, g_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT: tl.constexpr,
+def _scalar_decay_grad(db, dbL, pairs, tt, BT: tl.constexpr):
+    """∂g_u = Σ_{i ≥ u} ∂b_i of a scalar decay, with no cancellation. ∂b_i = (one-signed Γ / Γ_L terms) +
+    rowsum_i(T) − colsum_i(T) − X_i (+ ΣX at the chunk end), T = (dO Eᵀ ⊙ D) ⊙ Q Wᵀ: summed over i ≥ u, the pairs
+    (t, s) with u ≤ s ≤ t cancel in exact arithmetic, but in fp32 each leaves ε·|T_ts|, O(1) even where a strong
+    decay at u makes the true ∂g_u tiny, and a Δ of 10³ multiplies that into ∂A (Mamba-2: 23× the true ∂A at
+    Δ·|A| ~ 1.7e3). Every term of the true ∂g_u straddles u, so it is summed as that:
+        ∂g_u = Σ_{i ≥ u} (∂b_i + [i = L] ∂b_L) + Σ_{s < u} Σ_{t ≥ u} pairs_ts
+    (pairs = T, with X in its last row: Σ_{s < u} X_s is X's part), each term carrying the decay e^{g_u}."""
+    straddle = tl.sum(tl.where(tt[None, :] < tt[:, None], tl.cumsum(pairs, axis=0, reverse=True), 0.0), axis=1)
+    return tl.cumsum(tl.where(tt == BT - 1, db + dbL, db), axis=0, reverse=True) + straddle
+
+
+@triton.jit
+def _diag_bwd_finish(db, dbL, pairs, dg_ptr, g_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT: tl.constexpr,
                      DECAY: tl.constexpr):
-    """∂g of a chunk from ∂b and ∂b_L summed over its key blocks (_diag_bwd_keys): ∂b_L joins the last token's ∂b,
-    then ∂g_t = Σ_{i ≥ t} ∂b_i within the chunk (a scalar decay's as the value block i_v's partial sum; a row
-    decay's whole: each program owns its value rows). A column decay's ∂g is per key column, stored by
-    _diag_bwd_keys."""
+    """∂g of a chunk from ∂b, ∂b_L (and a scalar decay's pairs) summed over its key blocks (_diag_bwd_keys): ∂b_L
+    joins the last token's ∂b, then ∂g_t = Σ_{i ≥ t} ∂b_i within the chunk (a scalar decay's as the value block
+    i_v's partial sum, _scalar_decay_grad; a row decay's whole: each program owns its value rows). A column decay's
+    ∂g is per key column, stored by _diag_bwd_keys."""
     if DECAY == 1:
-        db = tl.where(tt == BT - 1, db + dbL, db)
-        dg = tl.cumsum(db, axis=0, reverse=True)   # Σ_{i ≥ t} ∂b_i
-        tl.store(dg_ptr + i_v.to(tl.int64) * TOKH + base, dg, mask=tm)
+        tl.store(dg_ptr + i_v.to(tl.int64) * TOKH + base, _scalar_decay_grad(db, dbL, pairs, tt, BT), mask=tm)
     elif DECAY == 2:
         db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
         dg = tl.cumsum(db, axis=0, reverse=True)
@@ -2186,7 +2199,8 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
     """Reverse over chunks with dS (∂L/∂S at the chunk end) in registers; per chunk, with P_m = (dO E_mᵀ) ⊙ D:
         dQ   = Σ_m P_m W_m + Γ ⊙ (dO S₀)            dW_m = P_mᵀ Q + dec ⊙ (E_m dS)
         dE_m = (Q W_mᵀ ⊙ D)ᵀ dO + dec ⊙ (W_m dSᵀ)     dS₀  = Γ_L dS + (Γ ⊙ dO)ᵀ Q
-        ∂b_i (cumulative log decay) from D, Γ, dec, Γ_L; ∂g = reverse cumsum of ∂b.
+        ∂b_i (cumulative log decay) from D, Γ, dec, Γ_L; ∂g = reverse cumsum of ∂b (a scalar decay's pair terms
+        summed where they straddle the token: _scalar_decay_grad).
     dQ, dW and ∂g are partial sums over the value-row blocks (summed by the caller). With GRADS False (and
     KEY_BLOCKS) the split path's reverse pass: only dS, at the end of every chunk → dh (ck's layout) and at the start
     → dh0, one program per (value block, key block, sequence·head), one dot per chunk (_diag_back_factors; the
@@ -2206,11 +2220,11 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
         if GRADS:
             S0 = tl.load(ck_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, mask=m2,
                          other=0.0).to(tl.float32)
-            qs, dos, glast, _, db, dbL = _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr,
-                                                        dg_ptr, base, tm, rows, cols, rm, km, tt, i_v, DK, DV, SW, SE,
-                                                        TOKH, M, BT, BK, BV, DECAY, PREC, SPAN=SPAN,
-                                                        es_ptr=es_ptr, SCALED_E=SCALED_E)
-            _diag_bwd_finish(db, dbL, dg_ptr, g_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
+            qs, dos, glast, _, db, dbL, pairs = _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr,
+                                                               dv_ptr, dg_ptr, base, tm, rows, cols, rm, km, tt, i_v,
+                                                               DK, DV, SW, SE, TOKH, M, BT, BK, BV, DECAY, PREC,
+                                                               SPAN=SPAN, es_ptr=es_ptr, SCALED_E=SCALED_E)
+            _diag_bwd_finish(db, dbL, pairs, dg_ptr, g_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
         else:
             tl.store(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, mask=m2)
             qs, dos, glast = _diag_back_factors(q, do, g_ptr, base, tm, rows, cols, rm, km, DK, DV, DECAY, f_ptr,
@@ -2262,6 +2276,7 @@ def chunk_diag_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
     else:
         db = tl.zeros([BT], dtype=tl.float32)
         dbL = tl.sum(db, axis=0)
+    pairs = tl.zeros([BT, BT], dtype=tl.float32)
     for kb in range(0, NKB):
         cols = kb * BK + tl.arange(0, BK)
         km = cols < DK
@@ -2271,17 +2286,19 @@ def chunk_diag_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
         dS = tl.load(dh_ptr + soff, mask=smask, other=0.0).to(tl.float32)
         q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=tm[:, None] & km[None, :],
                     other=0.0).to(tl.float32)
-        _, _, _, dv_k, db_k, dbL_k = _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr,
-                                                    dg_ptr, base, tm, rows, cols, rm, km, tt, i_v, DK, DV, SW, SE,
-                                                    TOKH, M, BT, BK, BV, DECAY, PREC, NKB == 1, SPAN, es_ptr,
-                                                    SCALED_E)
+        _, _, _, dv_k, db_k, dbL_k, pairs_k = _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr,
+                                                             dv_ptr, dg_ptr, base, tm, rows, cols, rm, km, tt, i_v, DK,
+                                                             DV, SW, SE, TOKH, M, BT, BK, BV, DECAY, PREC, NKB == 1,
+                                                             SPAN, es_ptr, SCALED_E)
         dv += dv_k
         if DECAY == 1 or DECAY == 2:
             db += db_k
             dbL += dbL_k
+        if DECAY == 1:
+            pairs += pairs_k
     if NKB > 1:
         tl.store(dv_ptr + voff, dv, mask=vm)
-    _diag_bwd_finish(db, dbL, dg_ptr, g_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
+    _diag_bwd_finish(db, dbL, pairs, dg_ptr, g_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
 
 
 @triton.jit
@@ -2307,10 +2324,11 @@ def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
     summed here, one value block after another, so dQ and dW are stored whole:
         dQ = Γ ⊙ (dO S₀) + (P ⊙ D) W      dW = dec ⊙ (E dS) + (P ⊙ D)ᵀ Q      P = dO Eᵀ
         ∂b = rowsum(T) − colsum(T) + Γ ⊙ rowsum(dO S₀ ⊙ Q) − X  (+ ⟨dS, S_L⟩ at the chunk's last token)
-    with T = (P ⊙ D) ⊙ Q Wᵀ, X = rowsum(W ⊙ dec ⊙ (E dS)), ⟨dS, S_L⟩ = Γ_L ⟨dS, S₀⟩ + ΣX; ∂g is ∂b's reverse cumsum.
-    That is rowsum(Q ⊙ dQ − W ⊙ dW) rearranged: the same sum taken that way cancels D's diagonal (1 however strong
-    the decay) between two differently rounded products, which a Δ of 10³ multiplies into ∂A (off by 0.06 against
-    6.5e-7, tests). ∂g is this key block's share (slot i_k; the caller sums the ⌈d_k / BK⌉ slots, a scalar per
+    with T = (P ⊙ D) ⊙ Q Wᵀ, X = rowsum(W ⊙ dec ⊙ (E dS)), ⟨dS, S_L⟩ = Γ_L ⟨dS, S₀⟩ + ΣX; ∂g is ∂b's reverse cumsum,
+    taken with T and X where they straddle each token (_scalar_decay_grad). That is rowsum(Q ⊙ dQ − W ⊙ dW)
+    rearranged: the same sum taken that way cancels D's diagonal (1 however strong the decay) between two
+    differently rounded products, which a Δ of 10³ multiplies into ∂A (off by 0.06 against 6.5e-7, tests). ∂g is
+    this key block's share (slot i_k; the caller sums the ⌈d_k / BK⌉ slots, a scalar per
     token). A column decay (GLA) keeps key columns apart, so its ∂g is whole per block, formed as _diag_bwd_keys forms
     it (D per column: the factorised dots where the chunk's decay spans less than SPAN, else one token at a time)."""
     tt, tm, base, cols, km, sbase, srows = _diag_chunk_keys(ix_ptr, cu_ptr, T, H, DK, NCK, DV, BT, BK, VARLEN)
@@ -2359,12 +2377,11 @@ def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
         dk = dks + _mm(tl.trans(P), q, PREC)
     tl.store(dq_ptr + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
     tl.store(dk_ptr + base[:, None] * DK + cols[None, :], dk, mask=qk_m)
-    if DECAY == 1:   # ∂b as the fused walk's: rowsum(T) − colsum(T) keeps D's diagonal out exactly (see above)
-        Tm = P * _mm(q, tl.trans(k), PREC)
+    if DECAY == 1:   # ∂g as the fused walk's: the pair terms summed where they straddle (_scalar_decay_grad)
         X = tl.sum(k * dks, axis=1)
-        db = tl.sum(Tm, axis=1) - tl.sum(Tm, axis=0) + tl.sum(dqs * q, axis=1) * gam - X
-        dbL = gl * tl.sum(sds, axis=0) + tl.sum(X, axis=0)
-        _diag_bwd_finish(db, dbL, dg_ptr, g_ptr, base, tm, cols, km, tt, tl.program_id(1), DV, TOKH, BT, DECAY)
+        pairs = P * _mm(q, tl.trans(k), PREC) + tl.where((tt == BT - 1)[:, None], X[None, :], 0.0)
+        _diag_bwd_finish(tl.sum(dqs * q, axis=1) * gam, gl * tl.sum(sds, axis=0), pairs, dg_ptr, g_ptr, base, tm,
+                         cols, km, tt, tl.program_id(1), DV, TOKH, BT, DECAY)
 
 
 @triton.jit

@@ -30,9 +30,10 @@ def g_rule(n_moments: int, decayed: bool, raw: bool = False) -> Rule:
     return Rule(None, form)
 
 
-def g_engine(logd, ins, x, G0, decay=None):
+def g_engine(logd, ins, x, G0, decay=None, chunk_size=None):
     """chunk._exact_engine's G scan through backend="triton": logd [B, T, H, 1, 1] or None (or decay, γ itself
-    [B, T, H, 1, 1]), ins [(e [B, T, H, V|1, 1], w [B, T, H, 1, K])], x [B, T, H, 1, K], G0 [B, H, V, K]."""
+    [B, T, H, 1, 1]), ins [(e [B, T, H, V|1, 1], w [B, T, H, 1, K])], x [B, T, H, 1, K], G0 [B, H, V, K];
+    chunk_size: the caller's, for the G scan's chunked kernels (None: their policy's)."""
     from ..api import scan
     B, T, H = x.shape[:3]
     V = G0.shape[-2]
@@ -45,9 +46,13 @@ def g_engine(logd, ins, x, G0, decay=None):
     elif logd is not None:
         inputs["olssm_loggamma"] = logd[..., 0, 0]
     rule = g_rule(len(ins), logd is not None or decay is not None, decay is not None)
-    return scan(rule, backend="triton", initial_state=G0, output_final_state=True, **inputs)
+    return scan(rule, backend="triton", initial_state=G0, output_final_state=True, chunk_size=chunk_size, **inputs)
 
 
 def triton_exact_scan(args):
+    """The chunk backend's exact engine (its prefix sums of H in chunks of args.chunk_size) with G's scan on the
+    generated kernels, which take the same chunk_size: checked here first, as for every triton call."""
     from ..chunk import chunk_scan
-    return chunk_scan(args, g_engine=g_engine)
+    from .library import check_chunk_size
+    check_chunk_size(args.chunk_size)
+    return chunk_scan(args, g_engine=functools.partial(g_engine, chunk_size=args.chunk_size))
