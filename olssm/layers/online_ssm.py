@@ -217,7 +217,7 @@ class OnlineSSM(nn.Module):
             raise ValueError(f"OnlineSSM: d_skip must be False, True, 'channel' or 'head', got {d_skip!r}")
         if not (isinstance(decay_normalizer, (int, float)) and math.isfinite(decay_normalizer) and decay_normalizer > 0):
             raise ValueError(f"OnlineSSM: decay_normalizer must be a finite number > 0, got {decay_normalizer!r}")
-        if isinstance(norm_eps, bool) or not (_finite_number(norm_eps) and norm_eps >= 0):
+        if not (_finite_number(norm_eps) and norm_eps >= 0):
             raise ValueError(f"OnlineSSM: norm_eps must be a finite number >= 0, got {norm_eps!r}")
         if decay_style == "mamba" and decay_normalizer != 1:
             raise ValueError(f"OnlineSSM: decay_normalizer={decay_normalizer!r} divides the 'softplus' style's log decay; "
