@@ -109,15 +109,24 @@ def load_objective(spec: str):
         raise
     except ImportError as e:
         _usage_error(f"cannot import {where!r}: {e}")
+    except Exception as e:   # the file's own error (SyntaxError, NameError, ...): a loading error, not a mismatch
+        _usage_error(f"running {where!r} failed: {type(e).__name__}: {e}")
     if not hasattr(module, name):
         found = sorted(n for n, v in vars(module).items() if isinstance(v, Objective))
         _usage_error(f"{where!r} has no {name!r}; Objectives there: {found or 'none'}")
     obj = getattr(module, name)
     if callable(obj) and not isinstance(obj, Objective):
+        import inspect
+        try:
+            inspect.signature(obj).bind()
+        except TypeError as e:
+            _usage_error(f"{spec!r} is a function; it is called with no arguments, which it does not take: {e}")
+        except ValueError:      # no signature to read (a builtin): let the call tell
+            pass
         try:
             obj = obj()
-        except TypeError as e:
-            _usage_error(f"{spec!r} is a function; it is called with no arguments, which failed: {e}")
+        except Exception as e:
+            _usage_error(f"{spec!r} raised {type(e).__name__}: {e}")
     if not isinstance(obj, Objective):
         _usage_error(f"{spec!r} is a {type(obj).__name__}, not an olssm.objectives.Objective")
     return obj
@@ -152,7 +161,8 @@ def derive_command(spec: str, latex: bool = False, steps: int = 6, source: bool 
             rule = derive(obj)
     except DerivationError as e:
         show(caught)
-        print(f"no closed form: {e}", file=out)
+        msg = str(e)
+        print(msg if msg.startswith("no closed form") else f"no closed form: {msg}", file=out)
         return 3
     show(caught)
     print(f"objective: {obj.summary()}  (update: {rule.mode})", file=out)

@@ -377,6 +377,33 @@ def test_cli_derives_a_users_objective(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["derive", f"{f}:nope"])
     assert exit_.value.code == 2 and "has no 'nope'; Objectives there: ['gated']" in capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "no closed form: no closed form" not in out
+    # the file's own errors are loading errors (2), not a disagreement with the solver (1, which they had been)
+    (tmp_path / "broken.py").write_text("x = undefined_name\n")
+    (tmp_path / "raises.py").write_text("def boom():\n    raise RuntimeError('user bug')\n")
+    for spec, said in ((f"{tmp_path / 'broken.py'}:x", "failed: NameError"), (f"{tmp_path / 'raises.py'}:boom",
+                                                                               "raised RuntimeError: user bug")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["derive", spec])
+        assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_coefficients_that_no_rule_can_run_are_refused_at_derive_time():
+    """A complex, NaN or infinite weight derived a rule (ε = 1/(‖k‖² − i)) that verify then failed on with a numpy
+    error; a function without a torch counterpart (Γ, LambertW) derived, then failed in the first step; the RLS form
+    with decay 0 derived P̃ = P/0. All are DerivationErrors now; Heaviside prints as a torch.where and steps."""
+    import sympy as sp
+    S, Sp = O.states()
+    k, v, x = O.key("k"), O.value("v"), O.scalar("x", domain="positive")
+    for w, said in ((sp.I, "not a finite real number"), (sp.nan, "not a finite real number"),
+                    (sp.oo, "not a finite real number"), (sp.gamma(x) + 1, "Γ"), (sp.LambertW(x) + 1, "LambertW")):
+        with pytest.raises(O.DerivationError, match=said):
+            olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=w) / 2))
+    with pytest.raises(O.DerivationError, match="decay 0"):
+        olssm.derive(O.Objective(O.sqnorm(S @ k - v) / 2, update="exact", decay=0, ridge=1, ridge_decays=True))
+    rule = olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=sp.Heaviside(x)) / 2))
+    assert olssm.verify(rule).ok
 
 
 def test_verify_catches_a_wrong_readout_and_a_nan_output():

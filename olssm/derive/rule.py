@@ -184,6 +184,26 @@ class _TorchPrinter(TorchPrinter):
     def _print_Symbol(self, e):
         return e.name
 
+    def _print_Heaviside(self, e):
+        # sympy's torch.heaviside(x, 1/2) passes a Python float where torch wants a tensor
+        x = self._print(e.args[0])
+        h0 = float(e.args[1]) if len(e.args) > 1 else 0.5
+        return f"torch.where(({x}) > 0, 1.0, torch.where(({x}) < 0, 0.0, {h0!r}))"
+
+    def _print_gamma(self, e):
+        # sympy prints torch.special.gamma, which torch does not have
+        raise NotImplementedError("Γ(x) has no torch function (its log, loggamma, prints as torch.lgamma)")
+
+
+def check_printable(form) -> None:
+    """Print the step once, so that a coefficient no generated code can evaluate is refused at derive time
+    (a sympy function without a torch counterpart had derived, then failed in the first step or verify)."""
+    from ..objectives.core import DerivationError
+    try:
+        torch_step_source(form)
+    except Exception as e:   # sympy's PrintMethodNotImplementedError, or a printer's refusal above
+        raise DerivationError(f"the derived update cannot be printed as torch code: {e}") from None
+
 
 def _var(sym: sp.Symbol) -> sp.Symbol:
     return sp.Symbol(f"in_{sym.name}")

@@ -1,6 +1,7 @@
 """Closed-form solutions of the first-order conditions: implicit, explicit, exact (see NOTES.md)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import sys
@@ -13,7 +14,7 @@ import sympy as sp
 from ..objectives.core import (COLUMN, ELEMENTWISE, ROW, SCALAR, DerivationError, IndefiniteHessianWarning,
                                InputSymbol, Objective, UnknownSignWarning, csum, kind_of, spec_of)
 from .gradient import check_quadratic, gradient, is_proximal, split_vector
-from .rule import Correction, ExactForm, InputTerm, NormalForm, RLSForm, text
+from .rule import Correction, ExactForm, InputTerm, NormalForm, RLSForm, check_printable, text
 
 MAX_RANK = 4
 
@@ -509,6 +510,9 @@ def _rls_form(obj, where, gamma, gram, gram_diag, moments, ridge) -> RLSForm:
                               "ridge_decays=False for the sufficient-statistics form")
     if kind_of(ridge) != SCALAR:
         raise DerivationError(f"{where}: the RLS form needs a scalar ridge (P_0 = I/λ), got {ridge}")
+    if gamma.is_zero:
+        raise DerivationError(f"{where}: the RLS form with decay 0 forgets the ridge with the data: A_t = R u uᵀ is "
+                              "singular from the first token on (P̃ = P/γ divides by 0); use ridge_decays=False")
     u = gram[0].a
     if any(t.w != u for t in moments) or not moments:
         raise DerivationError(f"{where}: the RLS form needs the targets on the same key as the Gram term")
@@ -517,7 +521,36 @@ def _rls_form(obj, where, gamma, gram, gram_diag, moments, ridge) -> RLSForm:
                    readout=obj.readout)
 
 
+def _expressions(x):
+    """Every sympy expression a derived form holds (dataclass fields, tuples of them)."""
+    if isinstance(x, sp.Basic):
+        yield x
+    elif dataclasses.is_dataclass(x):
+        for f in dataclasses.fields(x):
+            yield from _expressions(getattr(x, f.name))
+    elif isinstance(x, (tuple, list)):
+        for y in x:
+            yield from _expressions(y)
+
+
+def _check_real_finite(form):
+    """A coefficient i, nan or ∞ derived a rule that no scan or solver can run (ε = 1/(‖k‖² − i), NaN states)."""
+    for e in _expressions(form):
+        bad = [a for a in (sp.I, sp.nan, sp.oo, -sp.oo, sp.zoo) if e.has(a)]
+        if bad:
+            raise DerivationError(f"the derived update has a coefficient that is not a finite real number ({bad[0]} "
+                                  f"in {e}): the objective's weights, decays, ridges and step sizes must be real and "
+                                  "finite")
+
+
 def derive_form(obj: Objective):
+    form = _derive_form(obj)
+    _check_real_finite(form)
+    check_printable(form)
+    return form
+
+
+def _derive_form(obj: Objective):
     check_quadratic(obj.expr)
     if obj.update == "implicit":
         for f in ("step_size",):
