@@ -406,6 +406,15 @@ def test_coefficients_that_no_rule_can_run_are_refused_at_derive_time():
     assert olssm.verify(rule).ok
 
 
+def test_a_sum_of_keys_keeps_its_parentheses_in_print():
+    # S @ (k + k2) had printed as ‖S k + k₂ - v‖², which reads as (S k) + k₂ (the math was right)
+    S, _ = O.states()
+    obj = O.Objective(O.sqnorm(S @ (O.key("k") + O.key("k2")) - O.value("v")) / 2, update="exact",
+                      ridge=O.parameter("lam", "scalar", domain="positive"))
+    assert "S (k + k₂)" in obj.summary() or "S (k + k2)" in obj.summary(), obj.summary()
+    assert r"S\,\left(k + k_{2}\right)" in obj.latex(), obj.latex()
+
+
 def test_verify_catches_a_wrong_readout_and_a_nan_output():
     # the oracle had read out with the rule's own query symbol (a rule reading S k instead of S q passed), and a NaN
     # output error beside a finite state error read as OK (max(0.1, nan) is 0.1)

@@ -389,9 +389,11 @@ class MatrixAffine(Affine):
             return [(coef, u)]
 
         const = csum(self.const * u) if self.const != 0 else sp.Integer(0)
+        # a sum on the right keeps its parentheses: S (k + k₂), not S k + k₂
+        ut, ux = (f"({u})", rf"\left({_tex(u)}\right)") if isinstance(u, sp.Add) else (f"{u}", _tex(u))
         return VectorAffine(project(self.s_coef, "S"), project(self.prev_coef, "S_prev"), const,
-                            f"({self}) {u}" if _needs_paren(self) else f"{self} {u}",
-                            rf"\left({self.tex}\right) {_tex(u)}" if _needs_paren(self) else rf"{self.tex}\,{_tex(u)}")
+                            f"({self}) {ut}" if _needs_paren(self) else f"{self} {ut}",
+                            rf"\left({self.tex}\right) {ux}" if _needs_paren(self) else rf"{self.tex}\,{ux}")
 
     def __rmatmul__(self, other):
         if isinstance(other, Diag):
@@ -737,8 +739,9 @@ class Objective:
         out = {}
         for s in sorted(syms, key=lambda s: s.name):
             if s.name in out and out[s.name] != spec_of(s):
-                raise DerivationError(f"two different inputs are named {s.name!r} ({out[s.name].role} "
-                                      f"{out[s.name].kind} and {spec_of(s).role} {spec_of(s).kind}); rename one")
+                a, b = out[s.name], spec_of(s)
+                raise DerivationError(f"two different inputs are named {s.name!r} ({a.role} {a.kind}, domain "
+                                      f"{a.domain!r} and {b.role} {b.kind}, domain {b.domain!r}); rename one")
             out[s.name] = spec_of(s)
         return out
 
