@@ -556,7 +556,7 @@ def test_a_combined_key_is_read_over_its_parts():
     # either mode, and ⟨S (k + k₁), S (k − k₁)⟩ = ‖S k‖² − ‖S k₁‖², no squared loss at all and R' = diag(2, −2)
     # (a diagonal entry of R' that is no squared loss's weight is read on its own)
     indefinite = {
-        r"terms 1/2·‖S k \+ k₁ - v‖² and -3·⟨S k, S k₁⟩ couple S k and S k₁.*R = \[1, -2; -2, 1\].*minor -3":
+        r"terms 1/2·‖S \(k \+ k₁\) - v‖² and -3·⟨S k, S k₁⟩ couple S k and S k₁.*R = \[1, -2; -2, 1\].*minor -3":
             O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ (k + k1) - v) / 2 - 3 * O.inner(S @ k, S @ k1)),
         "exact.*minor -3": O.Objective(O.sqnorm(S @ (k + k1) - v) / 2 - 3 * O.inner(S @ k, S @ k1), update="exact",
                                        ridge=lam),
