@@ -223,8 +223,10 @@ def _is_one(e) -> bool:
     return sp.sympify(e) == 1
 
 
+@functools.lru_cache(maxsize=256)
 def torch_step_source(form) -> str:
-    """Python source of `step(S, inp)` for the normal form (inputs already in broadcast layout)."""
+    """Python source of `step(S, inp)` for the normal form (inputs already in broadcast layout); cached per form, so
+    derive's check_printable and the rule's first step print it once."""
     p = _TorchPrinter()
     exprs = {}
     if isinstance(form, RLSForm):

@@ -220,8 +220,8 @@ class OnlineSSM(nn.Module):
         if not (_finite_number(norm_eps) and norm_eps >= 0):
             raise ValueError(f"OnlineSSM: norm_eps must be a finite number >= 0, got {norm_eps!r}")
         if decay_style == "mamba" and decay_normalizer != 1:
-            raise ValueError(f"OnlineSSM: decay_normalizer={decay_normalizer!r} divides the 'softplus' style's log decay; "
-                             "decay_style='mamba' reads −exp(A_log)·softplus(x + dt_bias) and has none")
+            raise ValueError(f"OnlineSSM: decay_normalizer={decay_normalizer!r} divides the 'softplus' style's log "
+                             "decay; decay_style='mamba' reads −exp(A_log)·softplus(x + dt_bias) and has none")
         if decay_init is not None and not (isinstance(decay_init, (tuple, list)) and len(decay_init) == 2
                                            and all(_finite_number(d) for d in decay_init)
                                            and 0 < decay_init[0] <= decay_init[1] < 1):
@@ -287,7 +287,6 @@ class OnlineSSM(nn.Module):
                                             if project_from == "value" and s.role != "value")
         src_dim = {n: (H * d_v if n in self.reads_value_stream else d_model)
                    for n in {**self.vector_specs, **self.coef_specs}}
-        self.src_dim = src_dim
         self.proj = nn.ModuleDict({n: nn.Linear(src_dim[n], heads_of(n, s) * vec_size(s), bias=bias)
                                    for n, s in self.vector_specs.items()})
         # convolved vectors: all q/k/v ("input"), or only the value stream ("value", Mamba)

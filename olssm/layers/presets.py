@@ -43,9 +43,9 @@ def _value_head_dim(what, d_model, n_heads, expand, overrides):
 
 
 def _mamba_block(d_model, n_heads, overrides, expand=2, d_state=16):
-    return dict(d_k=d_state, d_v=_value_head_dim("Mamba-style preset", d_model, n_heads, expand, overrides), conv_size=4, conv_bias=True, key_norm=False,
-                query_norm=False, out_norm=False, gate=True, d_skip="channel", qk_heads=1,
-                project_from="value", bias=False)
+    return dict(d_k=d_state, d_v=_value_head_dim("Mamba-style preset", d_model, n_heads, expand, overrides),
+                conv_size=4, conv_bias=True, key_norm=False, query_norm=False, out_norm=False, gate=True,
+                d_skip="channel", qk_heads=1, project_from="value", bias=False)
 
 
 class Mamba(_Preset):
@@ -77,9 +77,9 @@ class Mamba2(_Preset):
 
     @classmethod
     def preset_defaults(cls, d_model, n_heads, overrides=frozenset()):
-        return dict(d_k=128, d_v=_value_head_dim("Mamba2", d_model, n_heads, 2, overrides), conv_size=4, conv_bias=True, key_norm=False,
-                    query_norm=False, out_norm=True, gate=True, norm_before_gate=False, d_skip="head",
-                    qk_heads=1,
+        return dict(d_k=128, d_v=_value_head_dim("Mamba2", d_model, n_heads, 2, overrides), conv_size=4,
+                    conv_bias=True, key_norm=False, query_norm=False, out_norm=True, gate=True,
+                    norm_before_gate=False, d_skip="head", qk_heads=1,
                     dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4, bias=False)
 
 
