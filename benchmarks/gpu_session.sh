@@ -82,6 +82,9 @@ bench=(python benchmarks/triton_kernels.py --dtype bf16 --autotune)
 # them (session 11): wide blocks (`wb`, lost 12-20 %), the key-major state tile (`km`, lost 6-9 %), the prep in two
 # launches (`ps`, lost 5 % of the forward), the forward's state pass in key halves (`ks`, `ks4`: within the drift
 # twice)
+# Session 19: `nst`, Gated DeltaNet's ∂ log α as a reverse sum of per-token ∂b again (DECAY_STRADDLE off; on, the
+# key kernel sums the pair terms where they straddle each token: two more [BT, KB] x [KB, BT] dots per key block, 6.5e-4
+# -> 1e-7 relative at strong decays, interpreter). Keep it on unless `nst` wins fwd+bwd beyond the drift (`again`)
 # Triton's on-disk cache carries the profile's compiles over to the table
 variants_nkm='chunk_storage:input,offsets32:1,checkpoint_storage:input'
 # rows in order of need (a timeout cuts the last): those never timed first, then session 11's losers and draws
@@ -184,12 +187,12 @@ case $stage in
         compiled_tests 170
         mamba2_profile 210
         at128 90 gated128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;us=u_storage:input;fl=chunk_storage:input,checkpoint_storage:input,u_storage:input;df=decay_factors:1;nsl=scale_on_load:0;again=" ;;
+            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;us=u_storage:input;fl=chunk_storage:input,checkpoint_storage:input,u_storage:input;df=decay_factors:1;nsl=scale_on_load:0;nst=straddle:0;again=" ;;
     gated)
         # Gated DeltaNet's bf16 storage rows at D = 128 (session 14's timeouts cut them; the tail of `next`)
         with_fla
         at128 200 gated128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;us=u_storage:input;fl=chunk_storage:input,checkpoint_storage:input,u_storage:input;df=decay_factors:1;nsl=scale_on_load:0;again=" ;;
+            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;us=u_storage:input;fl=chunk_storage:input,checkpoint_storage:input,u_storage:input;df=decay_factors:1;nsl=scale_on_load:0;nst=straddle:0;again=" ;;
     diag)
         # the diagonal family's split path (DIAG_PATH = "split", session 12: correct under the interpreter, untimed)
         # against the fused walk (the default) and fla's chunk_simple_gla (Mamba-2's recurrence) as rows of one

@@ -1289,3 +1289,39 @@ def test_delta_u_storage_input_matches_fp32(name, monkeypatch):
     monkeypatch.setenv("OLSSM_TRITON_DELTA_U_STORAGE", "bf16")
     with pytest.raises(ValueError, match="delta u storage"):
         tchunk.delta_u_storage(torch.bfloat16)
+
+
+@pytest.mark.parametrize("case", ["gated_deltanet", "general kernel", "untied", "two terms", "gated longhorn",
+                                  "rank 4"])
+def test_key_kernel_decay_gradient_at_strong_decays(case, monkeypatch):
+    # ∂ of a scalar decay at strong decays, through the key kernel. Its ∂g_t had been a reverse sum of per-token ∂b,
+    # whose pair terms cancel between the tokens on either side of t but each left ε·O(1) in fp32 where the true
+    # ∂g_t carries e^{g_t}: ∂ through a scale s of log α was 6.5e-4 relative at s = 100 for Gated DeltaNet (1.7e-4
+    # on the general kernel). Summed where they straddle t (DECAY_STRADDLE): 1e-8 to 1e-6, as the chunk backend's
+    # fp64 cumsums (1e-7). Against the fp64 reference at 1e-5 relative, s = 100 and 1000 (log α down to −1000 per
+    # token: tokens that reset the state); every key launch spied to have STRADDLE on
+    monkeypatch.delenv("OLSSM_TRITON_DELTA_STRADDLE", raising=False)
+    monkeypatch.setattr(tdelta, "SAME_KEY", case == "gated_deltanet")
+    monkeypatch.delenv("OLSSM_TRITON_SAME_KEY", raising=False)
+    if case == "untied":
+        monkeypatch.setattr(tchunk, "TIE_INPUT_TERM", False)
+    rule = {"two terms": lambda: _two_term_rule().with_log_decays(), "gated longhorn": _gated_longhorn,
+            "rank 4": lambda: _multi_key_rule("decay")}.get(case, lambda: _same_key_rule("gated_deltanet"))()
+    seen = []
+    monkeypatch.setattr(tdelta, "chunk_delta_bwd_key_kernel",
+                        _Launch(tdelta.chunk_delta_bwd_key_kernel, lambda k: k.get("STRADDLE"), seen))
+    inp = random_inputs(rule, 1, 64, 1, 8, 4, seed=1, dtype=torch.float64)
+    [decay] = [n for n, s in rule.inputs.items() if s.domain in ("log_decay", "negative")]
+    u = torch.rand(1, 64, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    g = torch.randn(1, 64, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for scale in (100, 1000):
+        grads = {}
+        for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
+            s = torch.tensor(-float(scale), dtype=dtype, device=_DEVICE, requires_grad=True)
+            x = {n: _dev(t).to(dtype) for n, t in inp.items()}
+            x[decay] = s * _dev(u).to(dtype)
+            (rule.scan(backend=backend, **x)[0] * _dev(g).to(dtype)).sum().backward()
+            grads[backend] = float(s.grad)
+        err = abs(grads["triton"] - grads["reference"]) / abs(grads["reference"])
+        assert err < 1e-5, (scale, err, grads)
+    assert seen and all(seen), seen

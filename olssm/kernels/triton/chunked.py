@@ -2168,8 +2168,13 @@ def _scalar_decay_grad(db, dbL, pairs, tt, BT: tl.constexpr):
     Δ·|A| ~ 1.7e3). Every term of the true ∂g_u straddles u, so it is summed as that:
         ∂g_u = Σ_{i ≥ u} (∂b_i + [i = L] ∂b_L) + Σ_{s < u} Σ_{t ≥ u} pairs_ts
     (pairs = T, with X in its last row: Σ_{s < u} X_s is X's part), each term carrying the decay e^{g_u}."""
-    straddle = tl.sum(tl.where(tt[None, :] < tt[:, None], tl.cumsum(pairs, axis=0, reverse=True), 0.0), axis=1)
-    return tl.cumsum(tl.where(tt == BT - 1, db + dbL, db), axis=0, reverse=True) + straddle
+    return tl.cumsum(tl.where(tt == BT - 1, db + dbL, db), axis=0, reverse=True) + _straddle_sum(pairs, tt)
+
+
+@triton.jit
+def _straddle_sum(pairs, tt):
+    """Σ_{s < u} Σ_{t ≥ u} pairs_ts for every token u of the chunk: the pair terms that straddle u."""
+    return tl.sum(tl.where(tt[None, :] < tt[:, None], tl.cumsum(pairs, axis=0, reverse=True), 0.0), axis=1)
 
 
 @triton.jit

@@ -80,7 +80,7 @@ from .chunked import (_c_row, _chunk_decay, _chunk_value_tile, _delta_chunk, _do
                       _delta_tiles, _initial_tile, _mm, _precision, _rank_offset, _row_decay_tiles,
                       _rowdecay_delta_chunk, _sequential_decay, _value_side,
                       _sequential_program, _store_wt, _strict, _token_column, _tokens,
-                      _ut_inverse, fast_span, switch)
+                      _straddle_sum, _ut_inverse, fast_span, switch)
 
 #: the delta family's backward (scalar or row c, none / scalar decay): "chunk" (the kernels of this module) or
 #: "recurrent" (the fused recurrent backward on the chunked forward's checkpoints, as before).
@@ -105,6 +105,12 @@ ROW_C_BACKWARD = "chunk"
 #: fwd+bwd DeltaNet 6.19 → 5.72 ms (1.07× the faster default row), Gated DeltaNet 7.75 → 7.32 (1.04×), the forward
 #: within drift. OLSSM_TRITON_SAME_KEY (0 / 1) overrides; 0 runs the general key kernel and autograd's sum
 SAME_KEY = True
+#: a scalar decay's ∂g in the key kernel (Gated DeltaNet's α) summed where its pair terms straddle each token
+#: (_straddled_decay_grad), not as a reverse sum of per-token ∂b whose pair terms cancel: that left ε·O(1) where a
+#: strong decay makes the true ∂g tiny (∂ through a scale of log α: 6.5e-4 relative at scale 100, fp32,
+#: interpreter; 8.3e-8 on, as the chunk backend's 1.0e-7). Costs the pair matrix: two [BT, KB] × [KB, BT] dots per
+#: key block (tied, one input term), 2 + 2M untied; untimed on a GPU. OLSSM_TRITON_DELTA_STRADDLE (0 / 1) overrides.
+DECAY_STRADDLE = True
 #: value rows per program of the row-c prep and value kernels (sm_90, tf32, 8 warps, BT = 32, d_k = d_v = 64:
 #: 64 rows 172-186 regs and no spills; 32 rows 176-255 regs, value 8 B, at twice the repeated [BT, BT] work)
 ROWC_BLOCK_V = 64
@@ -121,6 +127,11 @@ def delta_backward(row_c: bool = False) -> str:
 def same_key_on() -> bool:
     """SAME_KEY, or OLSSM_TRITON_SAME_KEY (0 / 1) if set; checked."""
     return _ch.switch_on("OLSSM_TRITON_SAME_KEY", SAME_KEY, "same key")
+
+
+def straddle_on() -> bool:
+    """DECAY_STRADDLE, or OLSSM_TRITON_DELTA_STRADDLE (0 / 1) if set; checked."""
+    return _ch.switch_on("OLSSM_TRITON_DELTA_STRADDLE", DECAY_STRADDLE, "delta straddle")
 
 
 def same_key(form) -> bool:
@@ -293,10 +304,21 @@ def _key_value_block(i_v, BV: tl.constexpr, DV, DVS, tm, base, km):
 
 
 @triton.jit
+def _straddled_decay_grad(one, dbL, strad, x, tt, BT: tl.constexpr):
+    """A scalar decay's ∂g_u = Σ_{i ≥ u} ∂b_i in the key kernel (its key block's share), as chunked._scalar_decay_grad
+    sums it: of ∂b_i = one_i + rowsum_i(T) − colsum_i(T) − x_i (+ dbL + Σ x at the chunk end), with `one` the
+    one-signed Γ terms, T the pair matrix and x the state's share through dec, the pair terms with u ≤ s ≤ t cancel
+    in exact arithmetic but each leaves ε·|T_ts| in fp32, O(1) where a strong decay makes the true ∂g_u ~ e^{g_u}
+    tiny. So T enters only where it straddles u, strad = Σ_{s < u} Σ_{t ≥ u} T_ts (_straddle_sum, taken term by
+    term so that no [BT, BT] sum stays live), and x as Σ_{s < u} x_s."""
+    return tl.cumsum(tl.where(tt == BT - 1, one + dbL, one), axis=0, reverse=True) + strad + tl.cumsum(x, axis=0) - x
+
+
+@triton.jit
 def _same_key_grads(q_ptr, e_ptr, g_ptr, k_ptr, dr_ptr, dl_ptr, do_ptr, ck_ptr, dh_ptr, dq_ptr, dg_ptr, dk_ptr, i_k, tm,
                     tt, base, km, km2, koff, cols, sbase, DK, DV, DVS, TOKH, BT: tl.constexpr, BV: tl.constexpr,
                     GATED: tl.constexpr, PREC: tl.constexpr, KB: tl.constexpr, SUB: tl.constexpr, es_ptr,
-                    SCALED_E: tl.constexpr):
+                    SCALED_E: tl.constexpr, STRADDLE: tl.constexpr):
     """The key kernel where a = b = w_0 = K and M = 1 (DeltaNet, Gated DeltaNet, Longhorn): with
     X = (dO (E − Δ)ᵀ) ⊙ D, Y = (dR' (E − Δ)ᵀ) ⊙ D_st, Z = dec ⊙ ((E − Δ) dS),
 
@@ -331,12 +353,19 @@ def _same_key_grads(q_ptr, e_ptr, g_ptr, k_ptr, dr_ptr, dl_ptr, do_ptr, ck_ptr, 
     Z = Z * dec[:, None]
     X = X * D
     Y = Y * Dst
-    dq = dq * gam[:, None] + _mm(X, k, PREC)
-    da = da * gam[:, None] + _mm(Y, k, PREC)
+    dq = dq * gam[:, None]
+    da = da * gam[:, None]
+    if GATED and STRADDLE:    # ∂g first, from Γ's terms, T = X ⊙ Q Kᵀ + Y ⊙ K Kᵀ and x = k·Z (_straddled_decay_grad)
+        strad = _straddle_sum(X * _mm(q, tl.trans(k), PREC) + Y * _mm(k, tl.trans(k), PREC), tt)
+        dg = _straddled_decay_grad(tl.sum(q * dq, axis=1) + tl.sum(k * da, axis=1), gl * tl.sum(SS, axis=0), strad,
+                                   tl.sum(k * Z, axis=1), tt, BT)
+        tl.store(dg_ptr + i_k.to(tl.int64) * TOKH + base, dg, mask=tm)
+    dq += _mm(X, k, PREC)
+    da += _mm(Y, k, PREC)
     dbw = Z + _mm(tl.trans(X), q, PREC) + _mm(tl.trans(Y), k, PREC)          # dB + dW_0
     tl.store(dq_ptr + koff, dq, mask=km2)
     tl.store(dk_ptr + koff, da + dbw, mask=km2)
-    if GATED:
+    if GATED and not STRADDLE:
         dbt = tl.sum(q * dq, axis=1) + tl.sum(k * (da - dbw), axis=1)
         xs = tl.sum(tl.sum(k * Z, axis=1), axis=0)
         dbt = tl.where(tt == BT - 1, dbt + gl * tl.sum(SS, axis=0) + xs, dbt)
@@ -350,7 +379,8 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
                                TOKH, M: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                                VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee", KB: tl.constexpr = 64,
                                TIED: tl.constexpr = False, SUB: tl.constexpr = 1, SAME_KEY: tl.constexpr = False,
-                               OFF32: tl.constexpr = False, es_ptr=None, SCALED_E: tl.constexpr = False):
+                               OFF32: tl.constexpr = False, es_ptr=None, SCALED_E: tl.constexpr = False,
+                               STRADDLE: tl.constexpr = True):
     """Per (chunk, block of KB key columns), summing over all value blocks: dQ, dA, dB, dW_m, and the
     partial (over key blocks) ∂ log γ from ∂b_i = q_i·dQ_i + a_i·dA_i − Σ_m w_i·dW_i − b_i·dB_i,
     ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j (Σ_m w_j·(dec ⊙ E_m dS)_j − b_j·(dec ⊙ Δ dS)_j).
@@ -372,7 +402,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
     if SAME_KEY:
         _same_key_grads(q_ptr, e_ptr, g_ptr, b_ptr, dr_ptr, dl_ptr, do_ptr, ck_ptr, dh_ptr, dq_ptr, dg_ptr, db_ptr,
                         i_k, tm, tt, base, km, km2, koff, cols, sbase, DK, DV, DVS, TOKH, BT, BV, GATED, PREC, KB,
-                        SUB, es_ptr, SCALED_E)
+                        SUB, es_ptr, SCALED_E, STRADDLE)
     else:
         OD = tl.zeros([BT, BT], dtype=tl.float32)                                  # dO Δᵀ
         RD = tl.zeros([BT, BT], dtype=tl.float32)                                  # dR' Δᵀ
@@ -410,12 +440,22 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
         xs = tl.sum(tl.sum(bv * db, axis=1), axis=0)                               # Σ_j b_j·(state part of dB)_j
         OD = OD * D
         RD = RD * Dst
+        dq = dq * gam[:, None]
+        da = da * gam[:, None]
+        if GATED and STRADDLE:   # ∂b's one-signed terms, the state's share x and the straddling pairs apart
+            one = tl.sum(q * dq, axis=1) + tl.sum(a * da, axis=1)
+            x = tl.sum(bv * db, axis=1)
+            if TIED:       # T = (OE_0 ⊙ D − OD) ⊙ Q Bᵀ + (RE_0 ⊙ D_st − RD) ⊙ A Bᵀ + Σ_{m > 0} ...
+                strad = _straddle_sum((OE * D - OD) * _mm(q, tl.trans(bv), PREC)
+                                      + (RE * Dst - RD) * _mm(a, tl.trans(bv), PREC), tt)
+            else:          # T = −OD ⊙ Q Bᵀ − RD ⊙ A Bᵀ + Σ_m (OE_m ⊙ D) ⊙ Q W_mᵀ + (RE_m ⊙ D_st) ⊙ A W_mᵀ
+                strad = _straddle_sum(-(OD * _mm(q, tl.trans(bv), PREC)) - RD * _mm(a, tl.trans(bv), PREC), tt)
         if TIED:           # the first input term rides on B's products
-            dq = dq * gam[:, None] + _mm(OE * D - OD, bv, PREC)
-            da = da * gam[:, None] + _mm(RE * Dst - RD, bv, PREC)
+            dq += _mm(OE * D - OD, bv, PREC)
+            da += _mm(RE * Dst - RD, bv, PREC)
         else:
-            dq = dq * gam[:, None] - _mm(OD, bv, PREC)
-            da = da * gam[:, None] - _mm(RD, bv, PREC)
+            dq -= _mm(OD, bv, PREC)
+            da -= _mm(RD, bv, PREC)
         db -= _mm(tl.trans(OD), q, PREC) + _mm(tl.trans(RD), a, PREC)
         dbt = tl.zeros([BT], dtype=tl.float32)                                     # ∂b_i
         for m in tl.static_range(M):
@@ -440,6 +480,10 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
             OEm = OE * D
             REm = RE * Dst
             xs += tl.sum(tl.sum(w * dwS, axis=1), axis=0)
+            if GATED and STRADDLE:
+                x += tl.sum(w * dwS, axis=1)
+                if not (TIED and m == 0):
+                    strad += _straddle_sum(OEm * _mm(q, tl.trans(w), PREC) + REm * _mm(a, tl.trans(w), PREC), tt)
             if not (TIED and m == 0):
                 dq += _mm(OEm, w, PREC)
                 da += _mm(REm, w, PREC)
@@ -450,9 +494,12 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
         tl.store(da_ptr + koff, da, mask=km2)
         tl.store(db_ptr + koff, db, mask=km2)
         if GATED:
-            dbt += tl.sum(q * dq, axis=1) + tl.sum(a * da, axis=1) - tl.sum(bv * db, axis=1)
-            dbt = tl.where(tt == BT - 1, dbt + gl * tl.sum(SS, axis=0) + xs, dbt)
-            dg = tl.cumsum(dbt, axis=0, reverse=True)               # Σ_{i ≥ t} ∂b_i
+            if STRADDLE:
+                dg = _straddled_decay_grad(one, gl * tl.sum(SS, axis=0), strad, x, tt, BT)
+            else:
+                dbt += tl.sum(q * dq, axis=1) + tl.sum(a * da, axis=1) - tl.sum(bv * db, axis=1)
+                dbt = tl.where(tt == BT - 1, dbt + gl * tl.sum(SS, axis=0) + xs, dbt)
+                dg = tl.cumsum(dbt, axis=0, reverse=True)               # Σ_{i ≥ t} ∂b_i
             tl.store(dg_ptr + i_k.to(tl.int64) * TOKH + base, dg, mask=tm)
 
 
@@ -797,7 +844,8 @@ def _key_grads(q, w, e, g, a, b, dr, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, B
     dg = _ch.written(NKB, B, T, H, device=q.device) if common["GATED"] else torch.zeros(1, B, T, H, **z)
     chunk_delta_bwd_key_kernel[(NTG, NKB, G)](
         q, w, e, g, a, b, dr, dl, do, ck, dh, dq, dw, dg, da, db, cu, ix, T, H, d_k, d_v, ck.shape[2], w[0].numel(),
-        e[0].numel(), B * T * H, M=M, BV=BV, KB=KB, TIED=tied, SAME_KEY=same, **common, **_ch._scale_args(es))
+        e[0].numel(), B * T * H, M=M, BV=BV, KB=KB, TIED=tied, SAME_KEY=same, STRADDLE=straddle_on(), **common,
+        **_ch._scale_args(es))
     return dq, None if same else dw, dg[0] if dg.shape[0] == 1 else dg.sum(0), None if same else da, db
 
 
