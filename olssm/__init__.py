@@ -4,7 +4,8 @@
 """
 from . import objectives
 from .derive import Rule, derive
-from .objectives import DerivationError, Objective
+from .objectives import (DerivationError, IndefiniteHessianWarning, MemorylessWarning, Objective,
+                         UnknownSignWarning)
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
@@ -26,5 +27,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'olssm' has no attribute {name!r}")
 
 
-__all__ = ["objectives", "derive", "Rule", "Objective", "DerivationError", "verify", "VerifyReport",
-           "catalogue", "OnlineSSM", "scan"]
+__all__ = ["objectives", "derive", "Rule", "Objective", "DerivationError", "UnknownSignWarning",
+           "IndefiniteHessianWarning", "MemorylessWarning", "verify", "VerifyReport", "catalogue", "OnlineSSM", "scan"]

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
 import sys
 import time
 
@@ -113,10 +115,13 @@ def load_objective(spec: str):
         _usage_error(f"running {where!r} failed: {type(e).__name__}: {e}")
     if not hasattr(module, name):
         found = sorted(n for n, v in vars(module).items() if isinstance(v, Objective))
-        _usage_error(f"{where!r} has no {name!r}; Objectives there: {found or 'none'}")
+        # NAME may also be a function returning an Objective (not called here: it may be costly or need arguments)
+        funcs = sorted(n for n, v in vars(module).items()
+                       if inspect.isfunction(v) and v.__module__ == module.__name__ and not n.startswith("_"))
+        _usage_error(f"{where!r} has no {name!r}; Objectives there: {found or 'none'}"
+                     + (f"; functions there (NAME may be one returning an Objective): {funcs}" if funcs else ""))
     obj = getattr(module, name)
     if callable(obj) and not isinstance(obj, Objective):
-        import inspect
         try:
             inspect.signature(obj).bind()
         except TypeError as e:
@@ -134,7 +139,8 @@ def load_objective(spec: str):
 
 def derive_command(spec: str, latex: bool = False, steps: int = 6, source: bool = False, out=None) -> int:
     """Print the derived rule of one objective and its check against the numerical solver; 0 if it agrees,
-    1 if not, 3 if the objective has no closed form (2: a usage or loading error, as argparse's)."""
+    1 if not, 3 if the objective has no closed form, 4 if the objective is too ill-conditioned for the float64 solver
+    to check the rule (verify's INCONCLUSIVE; 2: a usage or loading error, as argparse's)."""
     from . import derive, verify
     from .objectives import DerivationError
     out = sys.stdout if out is None else out   # read at call time (a test's capture replaces sys.stdout)
@@ -176,14 +182,14 @@ def derive_command(spec: str, latex: bool = False, steps: int = 6, source: bool 
         report = verify(obj, steps=steps)
     show(caught)
     print(report, file=out)
-    return 0 if report.ok else 1
+    return 0 if report.ok else 4 if report.inconclusive and not report.no_minimum else 1
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="olssm", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("table", help="derive every catalogue objective, check it, print the table")
-    t.add_argument("--latex", action="store_true", help="LaTeX instead of markdown")
+    t.add_argument("--latex", action="store_true", help="LaTeX instead of markdown (the catalogue's rows only)")
     t.add_argument("--steps", type=_steps, default=6, help="steps of the numerical-solver check")
     d = sub.add_parser("derive", help="derive your own objective (FILE.py:NAME or module:NAME), print the rule, "
                                       "check it against the numerical solver")
@@ -201,4 +207,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:   # `python -m olssm derive F:X --source | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (Python's flush at exit would raise again)
+        sys.exit(1)

@@ -12,3 +12,19 @@ def test_readme_quickstart_runs_and_prints_the_derived_rule(capsys):
     for line in claimed:
         assert line in out, line
     assert "OK (tolerance" in out
+
+
+def test_every_olssm_name_the_readme_gives_exists():
+    # the README named olssm.UnknownSignWarning's class as if it were top-level, where only olssm.objectives had it
+    import importlib
+    import olssm
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    names = set(re.findall(r"\b(olssm(?:\.[A-Za-z_][A-Za-z0-9_]*)+)", text))
+    assert {"olssm.UnknownSignWarning", "olssm.models.CausalLM"} <= names, names
+    for name in sorted(names):
+        obj = olssm
+        for part in name.split(".")[1:]:
+            obj = getattr(obj, part, None)
+            if obj is None:   # a submodule not imported by the package (olssm.kernels.triton...)
+                break
+        assert obj is not None or importlib.util.find_spec(name) is not None, name

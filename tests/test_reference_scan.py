@@ -274,6 +274,9 @@ def test_bad_arguments_name_what_is_wrong():
     inp = _inputs(rule)
     with pytest.raises(ValueError, match="missing input.*'beta'"):
         rule.scan(**{n: x for n, x in inp.items() if n != "beta"}, backend="reference")
+    # a misspelt name: both sides of the mistake (it had said only that beta was missing)
+    with pytest.raises(ValueError, match=r"missing input\(s\) 'beta' \(and unexpected \['betta'\]\)"):
+        rule.scan(**{n: x for n, x in inp.items() if n != "beta"}, betta=inp["beta"], backend="reference")
     with pytest.raises(ValueError, match="'beta'.*\\[B, T, H, d\\]"):
         rule.scan(**{**inp, "beta": inp["beta"][:, :3]}, backend="reference")
     with pytest.raises(ValueError, match="value size"):

@@ -388,9 +388,12 @@ def test_a_chunk_size_the_kernels_cannot_run_is_refused(monkeypatch):
             rule.scan(backend="triton", chunk_size=bad, **inp)
         with pytest.raises(ValueError, match=f"chunk_size={bad}"):
             dls.scan(backend="triton", chunk_size=bad, **dls_inp)
-    rule.scan(backend="triton", chunk_size=4, **inp)   # the interpreter has no tl.dot minimum
+    rule.scan(backend="triton", chunk_size=4, **inp)   # the interpreter has no tl.dot minimum, and says so
+    if library._scan.interpreted():
+        with pytest.raises(ValueError, match="from 1 to .*from 16 when compiled"):
+            library.check_chunk_size(48)
     monkeypatch.setattr(library._scan, "interpreted", lambda: False)
-    with pytest.raises(ValueError, match="chunk_size=8"):
+    with pytest.raises(ValueError, match="from 16 to .*chunk_size=8"):
         library.check_chunk_size(8)
     library.check_chunk_size(16)
     library.check_chunk_size(None)

@@ -470,6 +470,10 @@ class Rule:
         s = text(e)
         return f"({s})" if any(ch in s for ch in "+-/ ") else s
 
+    def _is_name(self, e) -> bool:
+        e = sp.sympify(e)
+        return e in self._names or (-e) in self._names
+
     def _named(self, e, tex=False) -> str:
         """Print e with the named coefficients substituted (exp(−ε k²) rather than the full form)."""
         e = sp.sympify(e)
@@ -480,7 +484,7 @@ class Rule:
         return sp.latex(e) if tex else text(e)
 
     def _vec(self, v, tex=False) -> str:
-        s = sp.latex(v) if tex else str(v)
+        s = sp.latex(v) if tex else text(v)   # (str gave k/g**2 where the coefficients print g²)
         return s if sp.sympify(v).is_Symbol else (rf"\left({s}\right)" if tex else f"({s})")
 
     # -- printing -------------------------------------------------------------------------------
@@ -517,7 +521,10 @@ class Rule:
         else:
             base = Sp
             if not _is_one(f.decay):
-                out.append(f"{St} = {self._named(f.decay, tex)}{odot}{Sp}")
+                d = self._named(f.decay, tex)
+                if isinstance(sp.sympify(f.decay), sp.Add) and not self._is_name(f.decay):
+                    d = T(f"({d})", rf"\left({d}\right)")   # S̃ = 1 - β ⊙ S_prev had read as 1 − (β ⊙ S_prev)
+                out.append(f"{St} = {d}{odot}{Sp}")
                 base = St
             rhs = base
             if f.corrections:

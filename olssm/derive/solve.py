@@ -12,7 +12,7 @@ import numpy as np
 import sympy as sp
 
 from ..objectives.core import (COLUMN, ELEMENTWISE, ROW, SCALAR, DerivationError, IndefiniteHessianWarning,
-                               InputSymbol, Objective, UnknownSignWarning, csum, kind_of, spec_of)
+                               InputSymbol, MemorylessWarning, Objective, UnknownSignWarning, csum, kind_of, spec_of)
 from .gradient import check_quadratic, gradient, is_proximal, split_vector
 from .rule import Correction, ExactForm, InputTerm, NormalForm, RLSForm, check_printable, text
 
@@ -379,6 +379,7 @@ def _first(d):
 def derive_explicit(obj: Objective) -> NormalForm:
     prox_terms = [t for t in obj.expr.terms if is_proximal(t)]
     loss_terms = [t for t in obj.expr.terms if not is_proximal(t)]
+    weight = sp.Integer(1)   # the proximal part's weight ω: its gradient is ω ⊙ (S − C)
     if obj.decay is not None or not prox_terms:
         centre = sp.Integer(1) if obj.decay is None else obj.decay
         loss_terms = obj.expr.terms
@@ -395,6 +396,7 @@ def derive_explicit(obj: Objective) -> NormalForm:
                 f"explicit update of {obj.expr}: the proximal part {[str(t.a) for t in prox_terms]} must "
                 "be of the form ‖S − Λ⊙S_prev‖² (its minimiser is the centre of the gradient step)")
         centre = -gp.prev_diag / gp.diag
+        weight = gp.diag
     eta = sp.Integer(1) if obj.step_size is None else obj.step_size
     if kind_of(eta) not in (SCALAR, ROW):
         raise DerivationError(f"explicit update: step_size {eta} must be a scalar or per-row rate, "
@@ -402,6 +404,15 @@ def derive_explicit(obj: Objective) -> NormalForm:
     g = gradient(loss_terms)
     if not (g.has_state or g.const or g.prev_diag != 0 or g.prev_lowrank):
         raise DerivationError(f"explicit update of {obj.expr}: the loss does not depend on S")
+    # the step minimises the proximal part plus the loss linearised at C: ω ⊙ (S − C) + η ∇ℓ(C) = 0, so
+    # S = C − η ∇ℓ(C) ⊘ ω (ω had been dropped: c‖S − S_prev‖²/2 stepped as if c = 1). A scalar or per-row ω divides
+    # the coefficients, a per-column one the key side of each term; an elementwise one cannot factor a low-rank term
+    by_row, by_col = (weight, 1) if kind_of(weight) in (SCALAR, ROW) else (1, weight)
+    if kind_of(weight) == ELEMENTWISE and (g.lowrank or g.prev_lowrank or g.const):
+        raise DerivationError(
+            f"explicit update of {obj.expr}: the proximal part's weight {weight} is elementwise, so the step "
+            "C − η ∇ℓ(C) ⊘ ω divides each low-rank term (S̃ a) bᵀ entry by entry, which the normal form cannot "
+            "express; use a scalar, per-row or per-column weight, or update='implicit'")
     row = _Row()
     decay = centre
     if g.diag != 0 or g.prev_diag != 0:
@@ -411,18 +422,18 @@ def derive_explicit(obj: Objective) -> NormalForm:
                 "a low-rank part; one gradient step then rescales S̃ after projecting it, which the "
                 "normal form S̃ − Σ c (S̃a)bᵀ cannot express. Use update='implicit' or move the "
                 "elementwise term into decay=")
-        decay = centre - eta * (centre * g.diag + g.prev_diag)
+        decay = centre - eta * (centre * g.diag + g.prev_diag) / weight
     for (u, w), c in g.lowrank.items():
-        row.proj[(u, w)] += -eta * c
+        row.proj[(u, w / by_col)] += -eta * c / by_row
     if g.prev_lowrank:
         if simplify(centre - 1) != 0:
             raise DerivationError(
                 f"explicit update of {obj.expr}: the loss projects S_prev onto a key while the centre is "
                 f"{centre}⊙S_prev; project the state S instead")
         for (u, w), c in g.prev_lowrank.items():
-            row.proj[(u, w)] += -eta * c
+            row.proj[(u, w / by_col)] += -eta * c / by_row
     for w, c in g.const.items():
-        _vec(row.const, -eta * c, w)
+        _vec(row.const, -eta * c / by_row, w / by_col)
     return _finish(decay, row, "explicit", obj)
 
 
@@ -547,6 +558,15 @@ def derive_form(obj: Objective):
     form = _derive_form(obj)
     _check_real_finite(form)
     check_printable(form)
+    if isinstance(form, NormalForm) and sp.sympify(form.decay) == 0:
+        # an explicit step centred on a ridge's minimiser 0 had derived S̃ = 0 silently: weight decay meant, a
+        # memoryless rule got
+        how = ("its centre, the minimiser of the proximal part, is S = 0; for weight decay give decay=γ (or "
+               "½‖S − γ S_prev‖²) instead of λ‖S‖²/2" if obj.update == "explicit" else
+               "the objective has no ‖S − S_prev‖² term; add one to keep a memory")
+        warnings.warn(f"{obj.update} update of {obj.expr}: the derived rule does not read S_prev (S̃ = 0): each "
+                      f"token's state is built from that token alone; {how}", MemorylessWarning,
+                      stacklevel=_caller_level())
     return form
 
 
@@ -563,8 +583,10 @@ def _derive_form(obj: Objective):
         return derive_implicit(obj)
     if obj.update == "explicit":
         if obj.ridge is not None:
-            raise DerivationError("explicit update: ridge= is for update='exact'; put lam*sqnorm(S)/2 in "
-                                  "the loss with decay= given")
+            # (its advice had been lam*sqnorm(S)/2 in the loss with decay=, which the low-rank check then refused)
+            raise DerivationError("explicit update: ridge= is for update='exact'; for weight decay give decay=γ, "
+                                  "or write the proximal part as sqnorm(S - S_prev)/2 + lam*sqnorm(S)/2 (centre "
+                                  "S_prev/(1 + λ), gradient step divided by 1 + λ)")
         return derive_explicit(obj)
     if obj.step_size is not None:
         raise DerivationError("exact update: step_size= has no meaning for least squares over the prefix")

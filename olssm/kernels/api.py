@@ -105,10 +105,11 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
             given[name] = x
     need = rule.inputs
     missing = [n for n in need if given.get(n) is None]
-    if missing:
-        raise ValueError("scan: missing input(s) " + ", ".join(repr(m) for m in missing) + "; this rule reads "
-                         + ", ".join(f"{n} ({s.role}, {s.kind})" for n, s in need.items()))
     unknown = sorted(n for n, x in given.items() if n not in need and x is not None)
+    if missing:   # (with the unexpected ones: a misspelt betta= had been reported as a missing beta only)
+        raise ValueError("scan: missing input(s) " + ", ".join(repr(m) for m in missing)
+                         + (f" (and unexpected {unknown})" if unknown else "") + "; this rule reads "
+                         + ", ".join(f"{n} ({s.role}, {s.kind})" for n, s in need.items()))
     if unknown:
         raise ValueError(f"scan: unexpected input(s) {unknown}; this rule reads {sorted(need)}")
     tokens = {n: given[n] for n, s in need.items() if not s.is_parameter}

@@ -158,7 +158,12 @@ class OnlineSSM(nn.Module):
             x = 0 (through the projection's bias, or dt_bias given A in the mamba style). None: each style's
             own start: a zero bias ("softplus"), Δ log-uniform in [dt_min, dt_max] ("mamba", Gated DeltaNet's).
         param_init: {parameter name: value in its domain (float or tensor broadcastable to the
-            parameter's shape)} overriding the domain's default initialisation.
+            parameter's shape)} overriding the domain's default initialisation: 'positive' 1, 'unit' 0.5,
+            'real' 1, 'negative' Mamba's A (S4D-real per column, U(−16, −1) per head), 'decay' RetNet's
+            γ_h = 1 − 2^(−5−h), 'timestep' Mamba's Δ. The default knows nothing of a parameter's role: a ridge
+            λ‖S‖²/2 beside ½‖S − S_prev‖² decays the state by 1/(1 + λ) per token, so λ = 1 halves it at every
+            token and the layer can hardly learn to recall (MQAR accuracy 0.08 where λ = 1e-3 reached 1.0, a
+            probe's 200 steps): start such weights small, param_init={"lam": 1e-3}.
         freeze: parameter names kept fixed (e.g. RetNet's γ).
         bias: bias in the q/k/v/gate/output projections.
         norm_eps: RMSNorm epsilon.

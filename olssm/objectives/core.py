@@ -37,6 +37,12 @@ class IndefiniteHessianWarning(UserWarning):
     large."""
 
 
+class MemorylessWarning(UserWarning):
+    """A derived implicit / explicit update that does not read S_prev (its decay is 0): each token's state is built
+    from that token alone. E.g. an explicit step whose proximal part is a ridge λ‖S‖²/2 (its minimiser, the step's
+    centre, is S = 0), or an implicit objective with a ridge and no ‖S − S_prev‖² term."""
+
+
 # --------------------------------------------------------------------------------------------
 # index kinds
 
@@ -668,8 +674,10 @@ class Objective:
     """A per-token objective L_t(S) and how the state is updated from it.
 
     implicit: S_t = argmin_S L_t(S)
-    explicit: S_t = C − η ∇ℓ_t(C), C the proximal centre (decay ⊙ S_prev, or the minimiser of the
-              objective's proximal part), η = step_size (1 when not given), ℓ_t the non-proximal part
+    explicit: S_t = argmin_S P_t(S) + η ⟨∇ℓ_t(C), S⟩, one proximal gradient step: P_t the objective's
+              proximal part (its matrix terms, ‖S − Λ⊙S_prev‖²-like), C its minimiser, ℓ_t the rest,
+              η = step_size (1 when not given). With P_t = ½ ω ⊙ ‖S − C‖²: S_t = C − η ∇ℓ_t(C) ⊘ ω.
+              decay= gives C = decay ⊙ S_prev and P_t = ½‖S − C‖² (then every term is loss)
     exact:    S_t = argmin_S Σ_{i≤t} (Π_{m=i+1..t} decay_m) ℓ_i(S) + ½ ridge ‖S‖²
               (ridge_decays=True: the ridge is forgotten with the data, ½ (Π_{m≤t} decay_m) ridge ‖S‖²,
               which is what recursive least squares computes — derive() then returns the RLS form)

@@ -418,8 +418,10 @@ def check_chunk_size(C) -> None:
     if C is None:
         return
     if C & (C - 1) or C > MAX_CHUNK or (C < 16 and not _scan.interpreted()):
-        raise ValueError(f"scan: backend='triton' runs chunks of a power of two from 16 to {MAX_CHUNK} tokens "
-                         f"(sub-tokens for rank-R rules), got chunk_size={C}")
+        low = 16 if not _scan.interpreted() else 1
+        raise ValueError(f"scan: backend='triton' runs chunks of a power of two from {low} to {MAX_CHUNK} tokens "
+                         f"(sub-tokens for rank-R rules{'' if low > 1 else '; from 16 when compiled'}), got "
+                         f"chunk_size={C}")
 
 
 def chunk_size(plan, d_k: int, delta_forward: str = "", diag_path: str = "") -> int:
