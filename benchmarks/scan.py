@@ -120,8 +120,10 @@ def _cell(q, name, B, T, H, d, backend, chunk, bwd, repeat, threads):
     torch.set_num_threads(threads)
     rule = _rule(name)
     inp = cat.random_inputs(rule, B, T, H, d, d, seed=0)
-    small = cat.random_inputs(rule, B, min(T, 2 * chunk), H, d, d, seed=0)
-    _once(name, small, backend, chunk, bwd)                      # warm-up: codegen, allocator
+    # warm-up (codegen, allocator) on an eighth of the tokens: ru_maxrss is the process's high-water mark, so a
+    # warm-up as long as the cell (T <= 2·chunk had been) set the peak itself and the cell read ~0 MB
+    small = cat.random_inputs(rule, B, max(1, min(T // 8, 2 * chunk)), H, d, d, seed=0)
+    _once(name, small, backend, chunk, bwd)
     base = _rss_kb()
     times = [_once(name, inp, backend, chunk, bwd) for _ in range(repeat)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
