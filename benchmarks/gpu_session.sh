@@ -7,7 +7,8 @@
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
 #   next         the next lease's first call (timeouts add to 560 s): compile_diag, the compiled tests, Mamba-2's
-#                profile with the split path at chunk 64, Gated DeltaNet's storage rows; then `fla-gdn` if time is left
+#                profile with the split path at chunk 64, Gated DeltaNet's storage rows; then `gated` if time is left
+#                (`fla-gdn` needs a call of its own: its autotuning outlasted two of session 14's)
 #   gated        Gated DeltaNet's bf16 storage rows alone, with more time
 #   compile      torch.compile's gradients against eager ones and the reference (compile_diag.py; in `next`), also
 #                with blocking launches
@@ -43,6 +44,7 @@
 # fla-core (pure Python) is installed from .whl/ for the benchmark stages when the wheel was carried
 # (device tool: carry [".whl"]); the tests run without it.
 set -uo pipefail
+export PYTHONUNBUFFERED=1   # every stage: a timeout's kill keeps the lines printed before it
 stage=${1:?usage: gpu_session.sh next|gated|compile|one|lease|profile-diag|fla-gdn|diag|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
 out=${OUT:-/tmp/olssm-gpu}
 mkdir -p "$out"
@@ -124,7 +126,9 @@ at128() {
 # OUTFILE [FLAGS...]
 compile_check() {
     local secs=$1 file=$2; shift 2
-    timeout "$secs" python benchmarks/compile_diag.py "$@" 2>&1 | grep -E "^\||device" | tee "$out/$file"
+    # (the whole output kept beside the table: a traceback had left only an empty table)
+    timeout "$secs" python benchmarks/compile_diag.py "$@" 2>&1 | tee "$out/${file%.txt}-full.txt" \
+        | grep -E "^\||device" | tee "$out/$file"
 }
 
 # Mamba-2's D = 128 time kernel by kernel, the fused walk and the split path beside fla's: mamba2_profile SECONDS.
@@ -138,6 +142,9 @@ mamba2_profile() {
     timeout "$1" python benchmarks/profile_gpu.py --rules mamba2 --kernels chunk --B 2 --T 8192 --H 16 --d 128 \
         --peers --variants "$variants_ds" 2>&1 | grep -v "^USDT" | tee "$out/profile-diag.txt"
 }
+# Gated DeltaNet's rows (stages next, gated): `nst` and the drift's `again` first (session 19's dry run: at ~15 s a
+# row, next's 90 s would have cut the last three), then the storage settings
+variants_gated="nst=straddle:0;again=;cs=chunk_storage:input;ck=checkpoint_storage:input;us=u_storage:input;fl=chunk_storage:input,checkpoint_storage:input,u_storage:input;df=decay_factors:1;nsl=scale_on_load:0"
 variants_ds="ds64=diag_path:split,chunk:64;ds64df=diag_path:split,chunk:64,decay_factors:1;ds64ck=diag_path:split,chunk:64,checkpoint_storage:input;ds64bf=diag_path:split,chunk:64,checkpoint_storage:input,precision:bf16;nsl=scale_on_load:0"
 case $stage in
     lease)
@@ -147,7 +154,6 @@ case $stage in
         # diagonal path; then D = 128 DeltaNet / Gated DeltaNet against fla's chunk kernels with the remaining
         # settings as rows of one process
         with_fla
-        export PYTHONUNBUFFERED=1
         compiled_tests 160 -vv
         at128 210 bench128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
             --rules deltanet,gated_deltanet --variants "$variants128" ;;
@@ -168,7 +174,6 @@ case $stage in
         # compiled tests, the never-timed D = 128 delta rows, the diagonal family's split path and the walks'
         # .maxnreg at D = 128
         with_fla
-        export PYTHONUNBUFFERED=1
         compiled_tests 160
         at128 170 bench128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
             --rules deltanet,gated_deltanet --variants "nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;nraw=raw_inputs:0;nfs=fused_scale_bwd:0"
@@ -182,17 +187,16 @@ case $stage in
         # gradient kernels among them), Mamba-2's D = 128 fwd+bwd kernel by kernel beside fla's with the split path
         # at chunk 64 ($variants_ds), then Gated DeltaNet's storage rows (stage `gated`; fla's row: stage fla-gdn)
         with_fla
-        export PYTHONUNBUFFERED=1
         compile_check 90 compile.txt
         compiled_tests 170
         mamba2_profile 210
         at128 90 gated128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;us=u_storage:input;fl=chunk_storage:input,checkpoint_storage:input,u_storage:input;df=decay_factors:1;nsl=scale_on_load:0;nst=straddle:0;again=" ;;
+            --rules gated_deltanet --variants "$variants_gated" ;;
     gated)
         # Gated DeltaNet's bf16 storage rows at D = 128 (session 14's timeouts cut them; the tail of `next`)
         with_fla
         at128 200 gated128.txt --skip "$skip_slow_peers,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules gated_deltanet --variants "cs=chunk_storage:input;ck=checkpoint_storage:input;us=u_storage:input;fl=chunk_storage:input,checkpoint_storage:input,u_storage:input;df=decay_factors:1;nsl=scale_on_load:0;nst=straddle:0;again=" ;;
+            --rules gated_deltanet --variants "$variants_gated" ;;
     diag)
         # the diagonal family's split path (DIAG_PATH = "split", session 12: correct under the interpreter, untimed)
         # against the fused walk (the default) and fla's chunk_simple_gla (Mamba-2's recurrence) as rows of one
@@ -201,7 +205,6 @@ case $stage in
         # DIAG_PATH (and library.CHUNK for rules without a correction): "wide" if it wins at D = 128 only, "split"
         # if at D = 64 too; if `mr0` wins, set WALK_MAXNREG = None.
         with_fla
-        export PYTHONUNBUFFERED=1
         at128 180 diag128.txt --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
             --rules mamba2,gla --variants "$variants_diag"
         timeout 120 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
@@ -229,7 +232,6 @@ case $stage in
         # processes drifted, DeltaNet's D = 64 chunk row 2.46 -> 3.65 ms between calls), then the session-9 variants at
         # D = 64, then fla's chunk_gla alone at D = 64 (timeouts add to 520 s)
         with_fla
-        export PYTHONUNBUFFERED=1
         timeout 170 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
             --peak-gbs 4800 --reps 5 --rules deltanet,gated_deltanet,mamba2,gla,longhorn \
             --skip '*:torch-chunk,gla:fla-chunk' \

@@ -842,6 +842,49 @@ def test_profile_rows_skip_settings_of_the_other_kernel_family(monkeypatch, caps
                     "recurrent@again"], rows
 
 
+def test_profile_runs_fla_row_twice_after_the_defaults_and_lifts_its_hopper_guard(monkeypatch, capsys):
+    """profile_gpu's fla row (Mamba-2 through fla's chunk_simple_gla, a stand-in here) had two faults that a GPU
+    session would have met (session 19's dry run of gpu_session.sh): fla's v·Δ and Δ·A were products of our inputs,
+    so the profiler's second fwd+bwd call backpropagated through a freed graph ("backward through the graph a second
+    time"); and fla 0.6's Hopper guard on its gated backward, which triton_kernels.py lifts, ended the row. Both are
+    gone, and the row runs right after our defaults, before the variants a timeout would cut."""
+    import sys
+    import types
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    for name in ("triton_kernels", "profile_gpu"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    chunk_o = types.ModuleType("fla.ops.common.chunk_o")
+    chunk_o.TRITON_ABOVE_3_7_1 = False   # fla 0.6's flag: its guard refuses the backward while False
+
+    class Guarded(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            if not chunk_o.TRITON_ABOVE_3_7_1:
+                raise RuntimeError("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results")
+            return g
+
+    def chunk_simple_gla(q, k, v, g=None, scale=1.0):   # any function of all four that autograd can run twice
+        return (Guarded.apply(v.float() * torch.sigmoid(g)[..., None]) * (q * k).float().sum(-1, keepdim=True),)
+
+    simple_gla = types.ModuleType("fla.ops.simple_gla")
+    simple_gla.chunk_simple_gla = chunk_simple_gla
+    for mod in ("fla", "fla.ops", "fla.ops.common"):
+        monkeypatch.setitem(sys.modules, mod, types.ModuleType(mod))
+    monkeypatch.setitem(sys.modules, "fla.ops.simple_gla", simple_gla)
+    monkeypatch.setitem(sys.modules, "fla.ops.common.chunk_o", chunk_o)
+    import profile_gpu
+    profile_gpu.main(["--rules", "mamba2", "--kernels", "chunk", "--B", "1", "--T", "16", "--H", "1", "--d", "4",
+                      "--calls", "1", "--peers", "--variants", "c16=chunk:16"])
+    out = capsys.readouterr().out
+    rows = [line[3:].split(" (")[0].split(":")[0] for line in out.splitlines() if line.startswith("== ")]
+    assert rows == ["mamba2 / chunk@default", "mamba2 / fla-chunk", "mamba2 / chunk@c16"], out
+    assert chunk_o.TRITON_ABOVE_3_7_1 is True
+
+
 def test_profile_counts_each_kernel_once(monkeypatch):
     """profile_gpu's per-call table on a GPU: the kernel rows only. A CPU op's self device time is the time of the
     kernels it launched, which have rows of their own; summing both had counted every kernel twice."""
