@@ -285,6 +285,8 @@ def test_bad_arguments_name_what_is_wrong():
         rule.scan(**{**inp, "k": inp["k"].long()}, backend="reference")
     with pytest.raises(ValueError, match="unexpected input"):
         rule.scan(**inp, gamma=torch.rand(2, 7, 3), backend="reference")
+    with pytest.raises(ValueError, match="'recurrent' is OnlineSSM's token loop"):   # a layer's backend, not scan's
+        rule.scan(**inp, backend="recurrent")
     with pytest.raises(ValueError, match="initial_state must have shape"):
         rule.scan(**inp, initial_state=torch.zeros(2, 3, 5, 5), backend="reference")
     with pytest.raises(ValueError, match="initial_state must be a floating-point tensor, got torch.int32"):

@@ -227,7 +227,10 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
     reference, the token-loop kernels and engines) do not read it.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"scan: backend must be one of {BACKENDS}, got {backend!r}")
+        # "recurrent" is a layer's backend (OnlineSSM's token loop over rule.decode); a probe reached for it here
+        hint = ("; 'recurrent' is OnlineSSM's token loop over rule.decode (loop yourself with rule.decode, or take "
+                "'reference', the step loop)" if backend == "recurrent" else "")
+        raise ValueError(f"scan: backend must be one of {BACKENDS}, got {backend!r}{hint}")
     args = check_scan_args(rule, q, k, v, initial_state=initial_state, output_final_state=output_final_state,
                            cu_seqlens=cu_seqlens, inputs=inputs, chunk_size=chunk_size)
     if backend == "auto":
