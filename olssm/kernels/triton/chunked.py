@@ -2168,13 +2168,28 @@ def _scalar_decay_grad(db, dbL, pairs, tt, BT: tl.constexpr):
     Δ·|A| ~ 1.7e3). Every term of the true ∂g_u straddles u, so it is summed as that:
         ∂g_u = Σ_{i ≥ u} (∂b_i + [i = L] ∂b_L) + Σ_{s < u} Σ_{t ≥ u} pairs_ts
     (pairs = T, with X in its last row: Σ_{s < u} X_s is X's part), each term carrying the decay e^{g_u}."""
-    return tl.cumsum(tl.where(tt == BT - 1, db + dbL, db), axis=0, reverse=True) + _straddle_sum(pairs, tt)
+    return _straddled_decay_grad(db, dbL, _straddle_sum(pairs, tt), tt, BT)
+
+
+@triton.jit
+def _straddled_decay_grad(one, dbL, strad, tt, BT: tl.constexpr):
+    """∂g_u = Σ_{i ≥ u} (one_i + [i = L] ∂b_L) + strad_u: a scalar decay's gradient from its one-signed terms and
+    the straddle sums of its pair terms (_scalar_decay_grad; the delta key kernel's _same_key_grads and general
+    path form strad term by term)."""
+    return tl.cumsum(tl.where(tt == BT - 1, one + dbL, one), axis=0, reverse=True) + strad
 
 
 @triton.jit
 def _straddle_sum(pairs, tt):
     """Σ_{s < u} Σ_{t ≥ u} pairs_ts for every token u of the chunk: the pair terms that straddle u."""
     return tl.sum(tl.where(tt[None, :] < tt[:, None], tl.cumsum(pairs, axis=0, reverse=True), 0.0), axis=1)
+
+
+@triton.jit
+def _sum_before(x, tt):
+    """Σ_{s < u} x_s for every token u, summed as that: cumsum(x) − x would cancel x_u against itself, ε·|x_u| where
+    the true sum is tiny (a strong decay at u)."""
+    return tl.sum(tl.where(tt[None, :] < tt[:, None], x[None, :], 0.0), axis=1)
 
 
 @triton.jit
