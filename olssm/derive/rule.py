@@ -477,7 +477,7 @@ class Rule:
     def _named(self, e, tex=False) -> str:
         """Print e with the named coefficients substituted (exp(−ε k²) rather than the full form)."""
         e = sp.sympify(e)
-        if e in self._names or (-e) in self._names:
+        if self._is_name(e):
             return self._c(e, tex)
         for expr, (name, name_tex) in self._names.items():
             e = e.subs(expr, sp.Symbol(name_tex if tex else name))

@@ -75,6 +75,7 @@ NO_MINIMUM_RTOL = 1e-9
 #: max(tolerance, ORACLE_SLACK·ε·cond), cond the largest condition number among the Hessians the oracle solved
 #: with; measured, the solver's error is 0.06-1.0 ε·cond (proximal weights 1e-9..1e-15, seeds 0-4; NOTES.md).
 ORACLE_SLACK = 10.0
+EPS = float(np.finfo(np.float64).eps)
 #: past this widened tolerance the oracle's argmin has (almost) no correct digits: the report is INCONCLUSIVE,
 #: never OK (a rule wrong by 1% could not be told from a right one)
 ORACLE_LIMIT = 1e-2
@@ -103,7 +104,7 @@ def _minimise(f, x0_shape, x0=None):
     top = float(np.abs(eig).max())
     lowest = float(eig.min() / max(1.0, top))
     # floored at ε·top: a singular Hessian (a minimiser that is not unique) reads as cond 1/ε, never as "exact"
-    cond = top / max(float(eig.min()), float(np.finfo(np.float64).eps) * top) if top > 0 else 1.0
+    cond = top / max(float(eig.min()), EPS * top) if top > 0 else 1.0
     # scipy caps the trust radius at 1000 by default, so a minimiser farther than ~200 x 1000 from the start (a
     # state grown by 1/(1 + λ) per step with a 'real' λ drawn near −1) was never reached and a right rule read
     # MISMATCH. Where a minimum exists, let the radius grow to the length of the Newton step (the radius still
@@ -224,7 +225,7 @@ class VerifyReport:
     def applied_tolerance(self) -> float:
         """The tolerance the verdict applies: `tolerance`, or the oracle's own accuracy ORACLE_SLACK·ε·cond where
         that is worse (an ill-conditioned objective)."""
-        return max(self.tolerance, ORACLE_SLACK * float(np.finfo(np.float64).eps) * self.condition[0])
+        return max(self.tolerance, ORACLE_SLACK * EPS * self.condition[0])
 
     @property
     def inconclusive(self) -> bool:
@@ -247,7 +248,7 @@ class VerifyReport:
             if self.inconclusive:
                 tol += (f", past {ORACLE_LIMIT:.0e}, so this check cannot tell a right rule from a wrong one"
                         + ("; the Hessian is singular to float64 precision: the minimiser is not unique, or not "
-                           "resolvable" if cond * float(np.finfo(np.float64).eps) > 0.5 else "")
+                           "resolvable" if cond * EPS > 0.5 else "")
                         + "; make the objective better conditioned (e.g. a larger proximal weight or ridge) or pass "
                         "inputs=")
         lines = [f"verify {self.name} ({self.mode}): {self.steps} steps, d_k={self.d_k}, d_v={self.d_v}",
@@ -362,14 +363,15 @@ def verify(objective_or_rule, steps: int = 6, d_k: int | None = None, d_v: int |
     g = torch.Generator().manual_seed(seed + 1)
     S0 = torch.randn(d_v, d_k, generator=g, dtype=torch_dtype) * 0.5
     qn = obj.readout.name   # the oracle reads out with the objective's readout; the rule with its own (form.readout)
-    per_step, s_err, o_err, no_min, worst_cond = [], 0.0, 0.0, [], [(1.0, None)]
+    per_step, s_err, o_err, no_min, worst_cond = [], 0.0, 0.0, [], (1.0, None)
 
     def solve(f, t, x0=None):
+        nonlocal worst_cond
         S, lowest, cond = _minimise(f, (d_v, d_k), x0)
         if lowest < -NO_MINIMUM_RTOL:
             no_min.append((t, lowest))
-        elif cond > worst_cond[0][0]:
-            worst_cond[0] = (cond, t)
+        elif cond > worst_cond[0]:
+            worst_cond = (cond, t)
         return S
 
     if rule.is_exact:
@@ -422,7 +424,7 @@ def verify(objective_or_rule, steps: int = 6, d_k: int | None = None, d_v: int |
     specs = _input_specs(rule)
     return VerifyReport(obj.name or str(obj.expr), rule.mode, steps, d_k, d_v, s_err, o_err, per_step,
                         tolerance, note=_no_minimum_note(no_min, seq, specs, _hessian_inputs(obj) if no_min else ()),
-                        no_minimum=tuple(no_min), condition=worst_cond[0])
+                        no_minimum=tuple(no_min), condition=worst_cond)
 
 
 def _hessian_inputs(obj: Objective) -> set:
