@@ -1,7 +1,6 @@
 """Closed-form solutions of the first-order conditions: implicit, explicit, exact (see NOTES.md)."""
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import sys
@@ -532,21 +531,9 @@ def _rls_form(obj, where, gamma, gram, gram_diag, moments, ridge) -> RLSForm:
                    readout=obj.readout)
 
 
-def _expressions(x):
-    """Every sympy expression a derived form holds (dataclass fields, tuples of them)."""
-    if isinstance(x, sp.Basic):
-        yield x
-    elif dataclasses.is_dataclass(x):
-        for f in dataclasses.fields(x):
-            yield from _expressions(getattr(x, f.name))
-    elif isinstance(x, (tuple, list)):
-        for y in x:
-            yield from _expressions(y)
-
-
 def _check_real_finite(form):
     """A coefficient i, nan or ∞ derived a rule that no scan or solver can run (ε = 1/(‖k‖² − i), NaN states)."""
-    for e in _expressions(form):
+    for e in map(sp.sympify, form.expressions()):
         bad = [a for a in (sp.I, sp.nan, sp.oo, -sp.oo, sp.zoo) if e.has(a)]
         if bad:
             raise DerivationError(f"the derived update has a coefficient that is not a finite real number ({bad[0]} "
