@@ -427,14 +427,13 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
         bv = tl.load(b_ptr + koff, mask=km2, other=0.0).to(tl.float32)
         db = db * dec[:, None]
         dwS = dwS * dec[:, None]
-        xs = tl.sum(tl.sum(bv * db, axis=1), axis=0)                               # Σ_j b_j·(state part of dB)_j
+        x = tl.sum(bv * db, axis=1)            # b_j·(state part of dB)_j: ∂b's share of the state through dec
         OD = OD * D
         RD = RD * Dst
         dq = dq * gam[:, None]
         da = da * gam[:, None]
         if GATED and STRADDLE:   # ∂b's one-signed terms, the state's share x and the straddling pairs apart
             one = tl.sum(q * dq, axis=1) + tl.sum(a * da, axis=1)
-            x = tl.sum(bv * db, axis=1)
             if TIED:       # T = (OE_0 ⊙ D − OD) ⊙ Q Bᵀ + (RE_0 ⊙ D_st − RD) ⊙ A Bᵀ + Σ_{m > 0} ...
                 strad = _straddle_sum((OE * D - OD) * _mm(q, tl.trans(bv), PREC)
                                       + (RE * Dst - RD) * _mm(a, tl.trans(bv), PREC), tt)
@@ -469,11 +468,9 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
                 w = tl.load(w_ptr + _rank_offset(m, SW) + koff, mask=km2, other=0.0).to(tl.float32)
             OEm = OE * D
             REm = RE * Dst
-            xs += tl.sum(tl.sum(w * dwS, axis=1), axis=0)
-            if GATED and STRADDLE:
-                x += tl.sum(w * dwS, axis=1)
-                if not (TIED and m == 0):
-                    strad += _straddle_sum(OEm * _mm(q, tl.trans(w), PREC) + REm * _mm(a, tl.trans(w), PREC), tt)
+            x += tl.sum(w * dwS, axis=1)
+            if GATED and STRADDLE and not (TIED and m == 0):
+                strad += _straddle_sum(OEm * _mm(q, tl.trans(w), PREC) + REm * _mm(a, tl.trans(w), PREC), tt)
             if not (TIED and m == 0):
                 dq += _mm(OEm, w, PREC)
                 da += _mm(REm, w, PREC)
@@ -488,7 +485,7 @@ def chunk_delta_bwd_key_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, dr_ptr,
                 dg = _straddled_decay_grad(one, gl * tl.sum(SS, axis=0), strad + _sum_before(x, tt), tt, BT)
             else:
                 dbt += tl.sum(q * dq, axis=1) + tl.sum(a * da, axis=1) - tl.sum(bv * db, axis=1)
-                dbt = tl.where(tt == BT - 1, dbt + gl * tl.sum(SS, axis=0) + xs, dbt)
+                dbt = tl.where(tt == BT - 1, dbt + gl * tl.sum(SS, axis=0) + tl.sum(x, axis=0), dbt)
                 dg = tl.cumsum(dbt, axis=0, reverse=True)               # Σ_{i ≥ t} ∂b_i
             tl.store(dg_ptr + i_k.to(tl.int64) * TOKH + base, dg, mask=tm)
 
