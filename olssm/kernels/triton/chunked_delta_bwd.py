@@ -109,7 +109,7 @@ SAME_KEY = True
 #: a scalar decay's ∂g in the key kernel (Gated DeltaNet's α) summed where its pair terms straddle each token
 #: (_straddled_decay_grad), not as a reverse sum of per-token ∂b whose pair terms cancel: that left ε·O(1) where a
 #: strong decay makes the true ∂g tiny (∂ through a scale of log α: 6.5e-4 relative at scale 100, fp32,
-#: interpreter; 8.3e-8 on, as the chunk backend's 1.0e-7). Costs the pair matrix: two [BT, KB] × [KB, BT] dots per
+#: interpreter; 1.0e-8 on, the chunk backend 1.0e-7). Costs the pair matrix: two [BT, KB] × [KB, BT] dots per
 #: key block (tied, one input term), 2 + 2M untied; untimed on a GPU. OLSSM_TRITON_DELTA_STRADDLE (0 / 1) overrides.
 DECAY_STRADDLE = True
 #: value rows per program of the row-c prep and value kernels (sm_90, tf32, 8 warps, BT = 32, d_k = d_v = 64:
