@@ -789,6 +789,7 @@ def test_benchmark_variants_parse_the_session_specs():
     assert bench._variants("") == {}
 
 
+
 def test_benchmark_verdicts_judge_settings_against_the_drift_of_the_defaults():
     """The decision table under a --variants run: a setting wins only when it beats the fastest default row by more
     than the default rows' spread (their drift within the process), and the fastest chunked row is set against fla's
@@ -1213,6 +1214,40 @@ def test_scalar_decay_gradient_at_strong_decays(path, backward, monkeypatch):
     err = float((grads["triton"] - grads["reference"]).abs().max() / grads["reference"].abs().max())
     assert err < 1e-4, (err, grads)
     assert backward in launched, launched
+
+
+@pytest.mark.parametrize("name, path, mode", [("gla", "fused", "slow"), ("gla", "split", "slow"),
+                                              ("gla", "fused", "all"), ("gla", "split", "all"),
+                                              ("two_term_column", "fused", "slow"), ("two_term_column", "fused", "all")])
+def test_column_decay_gradient_at_strong_decays(name, path, mode, monkeypatch):
+    # GLA's ∂g per key column. As a reverse sum of per-token ∂b its pair terms cancel between the tokens on either
+    # side of t, each leaving ε·O(1) in fp32 where the true ∂g_t carries e^{g_t}: ∂ through a scale s of the log gate
+    # was 1.3e-5 / 1.0e-4 / 2.0e-4 / 8.6e-5 relative at s = 3 / 10 / 100 / 1000 (T = 128, chunk 32; "off" reproduces
+    # them). Summed where they straddle t (COLUMN_STRADDLE): 5e-7 / 7e-8 / 2e-7 / 1e-7, as the chunk backend's fp64
+    # cumsums (6e-8 to 2e-7). "slow" straddles the per-token path (chunks spanning more than FAST_SPAN: s = 100, 1000
+    # here), "all" the factorised one too (s = 3: every chunk of 16 spans ~24). Against the fp64 reference at 1e-5
+    # relative, T = 70 (a partial last chunk); each backward launch spied to carry the mode
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", path)
+    monkeypatch.setenv("OLSSM_TRITON_COLUMN_STRADDLE", mode)
+    seen = []
+    spy_launches(monkeypatch, tchunk, ["chunk_bwd_kernel", "chunk_diag_dqk_kernel"],
+                 lambda label, kwargs: seen.append(kwargs.get("COL_STRADDLE")) if kwargs.get("GRADS", True) else None)
+    rule = _two_term_column_rule() if name == "two_term_column" else ENTRIES["gla"].rule.with_log_decays()
+    [decay] = [n for n, s in rule.inputs.items() if "decay" in s.domain and not s.is_parameter]
+    inp = random_inputs(rule, 1, 70, 1, 8, 4, seed=1, dtype=torch.float64)
+    u = torch.rand(inp[decay].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    g = torch.randn(1, 70, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for scale in ((3, 100) if mode == "all" else (100, 1000)):
+        grads = {}
+        for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
+            s = torch.tensor(-float(scale), dtype=dtype, device=_DEVICE, requires_grad=True)
+            x = {n: _dev(t).to(dtype) for n, t in inp.items()}
+            x[decay] = s * _dev(u).to(dtype)
+            (rule.scan(backend=backend, **x)[0] * _dev(g).to(dtype)).sum().backward()
+            grads[backend] = float(s.grad)
+        err = abs(grads["triton"] - grads["reference"]) / abs(grads["reference"])
+        assert err < 1e-5, (scale, err, grads)
+    assert seen and set(seen) == {tchunk._COLUMN_STRADDLE_CODE[mode]}, seen
 
 
 def test_diag_path_is_checked(monkeypatch):

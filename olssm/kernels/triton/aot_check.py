@@ -165,6 +165,9 @@ def _variants(BT, BK, BV, prec, BVW=None):
     bwd = {k: v for k, v in base.items() if k not in ("USE_H0", "SAVE_CK")}
     for name, code in (("none", 0), ("scalar", 1), ("row", 2), ("column", 3)):
         yield f"backward decay={name}", ch.chunk_bwd_kernel, dict(bwd, DECAY=code, USE_DHT=True, VARLEN=True)
+    for mode in ("off", "all"):   # COLUMN_STRADDLE's other settings ("slow", the default, above)
+        yield (f"backward decay=column straddle={mode}", ch.chunk_bwd_kernel,
+               dict(bwd, DECAY=3, USE_DHT=True, VARLEN=True, COL_STRADDLE=ch._COLUMN_STRADDLE_CODE[mode]))
     yield "delta decay=scalar, 2 input terms", ch.chunk_delta_fwd_kernel, dict(base, C_ROW=False, G_ROW=False,
                                                                                  VARLEN=False, M=2)
     # the split diagonal path (DIAG_PATH = "split"): state passes over (value block, key block), o and gradients
@@ -181,9 +184,12 @@ def _variants(BT, BK, BV, prec, BVW=None):
                dict(BT=BT, BK=BKS, BV=BV, M=1, PREC=prec, DECAY=code, USE_DHT=True, VARLEN=True, GRADS=False,
                     KEY_BLOCKS=True))
         if code != 2:   # no / scalar / column decay: dQ, dW, ∂g over key blocks and dE over value blocks, whole
-            yield (f"diag split backward dqk {tag}", ch.chunk_diag_dqk_kernel,
-                   dict(BT=BT, BK=min(BK, ch.DIAG_DQK_BLOCK_K), BV=min(max(16, ch._np2(BVW)), ch.DIAG_DQK_BLOCK_V),
-                        PREC=prec, DECAY=code, VARLEN=True))
+            dqk = dict(BT=BT, BK=min(BK, ch.DIAG_DQK_BLOCK_K), BV=min(max(16, ch._np2(BVW)), ch.DIAG_DQK_BLOCK_V),
+                       PREC=prec, DECAY=code, VARLEN=True)
+            yield f"diag split backward dqk {tag}", ch.chunk_diag_dqk_kernel, dqk
+            for mode in (("off", "all") if code == 3 else ()):
+                yield (f"diag split backward dqk {tag} straddle={mode}", ch.chunk_diag_dqk_kernel,
+                       dict(dqk, COL_STRADDLE=ch._COLUMN_STRADDLE_CODE[mode]))
             yield (f"diag split backward dv {tag}", ch.chunk_diag_dv_kernel,
                    dict(BT=BT, BK=min(BK, ch.DIAG_DV_BLOCK_K), BV=min(max(16, ch._np2(BVW)), ch.DIAG_DV_BLOCK_V),
                         PREC=prec, DECAY=code, VARLEN=True))

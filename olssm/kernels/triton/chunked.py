@@ -1759,6 +1759,27 @@ SAVE_CHUNK_CORE = True
 SPLIT_BLOCK_K = 64
 
 
+#: a column decay's ∂g (GLA) in the backward kernels: "slow" sums its pair terms where they straddle each token on the
+#: per-token path (chunks whose decay spans more than FAST_SPAN), "all" on the factorised path too (a loop of BT
+#: steps beside its dots), "off" takes the reverse sum of ∂b everywhere. The reverse sum cancels pair terms on either
+#: side of a token, ε·O(1) where the true ∂g_u is ~e^{g_u}: ∂ through a scale s of GLA's log gate (fp32, interpreter,
+#: T = 128, chunk 32) was 1.3e-5 / 1.0e-4 / 2.0e-4 / 8.6e-5 relative at s = 3 / 10 / 100 / 1000 (TRITON.md). The
+#: per-token path already takes BT steps, so "slow" adds steps of the same size there; "all" is untimed on a GPU
+#: (stage `diag`'s rows csa / cso decide). OLSSM_TRITON_COLUMN_STRADDLE overrides.
+COLUMN_STRADDLE = "slow"
+_COLUMN_STRADDLE_CODE = {"off": 0, "slow": 1, "all": 2}
+
+
+def column_straddle() -> int:
+    """COLUMN_STRADDLE, or OLSSM_TRITON_COLUMN_STRADDLE if set, as the kernels' COL_STRADDLE constexpr; checked."""
+    return _COLUMN_STRADDLE_CODE[switch("OLSSM_TRITON_COLUMN_STRADDLE", COLUMN_STRADDLE, tuple(_COLUMN_STRADDLE_CODE),
+                                        "column straddle (OLSSM_TRITON_COLUMN_STRADDLE)")]
+
+
+def _column_straddle_arg(decay: int) -> dict:
+    return {"COL_STRADDLE": column_straddle()} if decay == DECAY_CODE[COLUMN] else {}
+
+
 def switch(env: str, value: str, allowed: tuple, what: str) -> str:
     """A kernel choice: the environment variable env if set, else the module's value; checked."""
     mode = os.environ.get(env) or value
@@ -2001,26 +2022,39 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens, es=No
 
 @triton.jit
 def _column_pair_products(P, q, k, b, bl, tt, fast, BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                          WITH_A: tl.constexpr = False):
+                          WITH_A: tl.constexpr = False, X=None, STRADDLE: tl.constexpr = 0):
     """A column decay's intra-chunk shares of dQ and dW from the causal P = dO Eᵀ: dq_i = Σ_{j ≤ i} P_ij w_j ⊙
     e^{b_i − b_j}, dw_j = Σ_{i ≥ j} P_ij q_i ⊙ e^{b_i − b_j} (b [BT, BK] the cumulative log decay, bl its chunk total),
     and WITH_A the causal A_ij = Σ_k q_ik w_jk e^{b_ik − b_jk} for dE = Aᵀ dO (else A is 0). Where `fast` (every
     column's total exceeds −SPAN: the forward's factorisation) as dots over factors e^{±x}, x = b − bl/2, P and A
-    causal so no masked-out product is formed; else one token column at a time, exact for any decay."""
+    causal so no masked-out product is formed; else one token column at a time, exact for any decay.
+    With STRADDLE (COLUMN_STRADDLE: 1 on the per-token path, 2 on both) also the straddle sums of ∂g per key
+    column, strad_u = Σ_{s < u ≤ t} P_ts q_t w_s e^{b_t − b_s} + Σ_{s < u} X_s (X: the state's share w ⊙ dw_state),
+    else strad is 0 (_column_decay_grad)."""
     if WITH_A:
         A = tl.zeros([BT, BT], dtype=tl.float32)
     else:
         A = 0.0
+    if STRADDLE > 0:
+        strad = tl.zeros([BT, BK], dtype=tl.float32)
+    else:
+        strad = 0.0
     if fast:
         x = (b - 0.5 * bl[None, :]).to(tl.float32)
         kx = k * tl.exp(-x)
+        qx = q * tl.exp(x)
         dqi = _mm(P, kx, PREC) * tl.exp(x)
         if WITH_A:
-            A = tl.where((tt[:, None] >= tt[None, :]), _mm(q * tl.exp(x), tl.trans(kx), PREC), 0.0)
-        dki = _mm(tl.trans(P), q * tl.exp(x), PREC) * tl.exp(-x)
+            A = tl.where((tt[:, None] >= tt[None, :]), _mm(qx, tl.trans(kx), PREC), 0.0)
+        dki = _mm(tl.trans(P), qx, PREC) * tl.exp(-x)
+        if STRADDLE == 2:
+            strad = _factored_straddle(P, qx, kx, X, tt, BT, BK)
     else:
         dqi = tl.zeros([BT, BK], dtype=tl.float32)
         dki = tl.zeros([BT, BK], dtype=tl.float32)
+        if STRADDLE > 0:
+            H = tl.zeros([BT, BK], dtype=tl.float32)   # Σ_{s < j} P_ts w_s e^{b_j − b_s}: rebased at each j
+            xacc = tl.zeros([BK], dtype=tl.float32)    # Σ_{s < j} X_s
         for j in range(0, BT):
             sel, colj, kj, ex = _token_column(tt, j, k, b)
             if WITH_A:
@@ -2028,14 +2062,55 @@ def _column_pair_products(P, q, k, b, bl, tt, fast, BT: tl.constexpr, BK: tl.con
             pj = tl.sum(tl.where(colj, P, 0.0), axis=1)   # P[:, j]
             dqi += pj[:, None] * kj[None, :] * ex
             dki = tl.where(sel, tl.sum(pj[:, None] * q * ex, axis=0)[None, :], dki)
-    return dqi, dki, A
+            if STRADDLE > 0:
+                strad = tl.where(sel, (tl.sum(q * ex * H, axis=0) + xacc)[None, :], strad)
+                step = tl.sum(tl.where((tt == j + 1)[:, None], ex, 0.0), axis=0)   # e^{b_{j+1} − b_j} ≤ 1
+                H = (H + pj[:, None] * kj[None, :]) * step[None, :]
+                xacc += tl.sum(tl.where(sel, X, 0.0), axis=0)
+    return dqi, dki, A, strad
+
+
+@triton.jit
+def _factored_straddle(P, qx, kx, X, tt, BT: tl.constexpr, BK: tl.constexpr):
+    """strad_u = Σ_{s < u ≤ t} P_ts qx_t kx_s + Σ_{s < u} X_s per key column on the factorised path (qx = q e^{x},
+    kx = w e^{−x}: each product is e^{b_t − b_s} ≤ 1, no term cancels another): a running prefix H over s, one token
+    at a time (BT²·BK work, no exponent)."""
+    strad = tl.zeros([BT, BK], dtype=tl.float32)
+    H = tl.zeros([BT, BK], dtype=tl.float32)
+    xacc = tl.zeros([BK], dtype=tl.float32)
+    for j in range(0, BT):
+        sel = (tt == j)[:, None]
+        strad = tl.where(sel, (tl.sum(tl.where((tt >= j)[:, None], qx * H, 0.0), axis=0) + xacc)[None, :], strad)
+        pj = tl.sum(tl.where((tt == j)[None, :], P, 0.0), axis=1)
+        H += pj[:, None] * tl.sum(tl.where(sel, kx, 0.0), axis=0)[None, :]
+        xacc += tl.sum(tl.where(sel, X, 0.0), axis=0)
+    return strad
+
+
+@triton.jit
+def _column_decay_grad(one, pair, dbLg, dbLx, strad, fast, tt, BT: tl.constexpr, STRADDLE: tl.constexpr):
+    """∂g_u per key column of a column decay (GLA) from ∂b's one-signed terms `one` (Γ's: q ⊙ Γ ⊙ dO S₀) and Γ_L's
+    dbLg, its pair terms and the state's share X as the old reverse sum took them (`pair` = q ⊙ dq_intra − w ⊙ dw,
+    dbLx = Σ X), and their straddle sums `strad` (_column_pair_products). The reverse sum Σ_{i ≥ u} ∂b_i cancels the
+    pairs on either side of u: ε·O(1) left where a strong decay makes the true ∂g_u ~e^{g_u} (2.0e-4 relative on a
+    gate's scale at s = 100, TRITON.md); straddled, each term carries e^{g_u}. COLUMN_STRADDLE: 0 the reverse sum,
+    1 straddled on the per-token path (chunks spanning > SPAN, where such decays live), 2 everywhere."""
+    last = (tt == BT - 1)[:, None]
+    if STRADDLE == 2:
+        dg = tl.cumsum(tl.where(last, one + dbLg[None, :], one), axis=0, reverse=True) + strad
+    else:
+        dg = tl.cumsum(tl.where(last, one + pair + (dbLg + dbLx)[None, :], one + pair), axis=0, reverse=True)
+        if STRADDLE == 1:
+            dg = tl.where(fast, dg, tl.cumsum(tl.where(last, one + dbLg[None, :], one), axis=0, reverse=True) + strad)
+    return dg
 
 
 @triton.jit
 def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, base, tm, rows, cols, rm, km,
                    tt, i_v, DK, DV, SW, SE, TOKH, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, STORE_DV: tl.constexpr = True,
-                   SPAN: tl.constexpr = FAST_SPAN, es_ptr=None, SCALED_E: tl.constexpr = False):
+                   SPAN: tl.constexpr = FAST_SPAN, es_ptr=None, SCALED_E: tl.constexpr = False,
+                   COL_STRADDLE: tl.constexpr = 1):
     """One chunk of the diagonal family's backward over one block of key columns `cols` (BK wide: all of them in the
     fused walk), from the chunk's query and ∂o tiles q, do and that block of S₀ (the state entering the chunk) and of
     dS = ∂L/∂S at its end (chunk_bwd_kernel's formulas). Stores the block's columns of dQ, dW_m (as the value block
@@ -2058,16 +2133,21 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
         glk = tl.exp(bl.to(tl.float32))                           # [BK]
         fast = tl.min(bl, axis=0) > -SPAN
         dq = _mm(do, S0, PREC) * gq
-        db = q * dq
-        dbL = glk * tl.sum(dS * S0, axis=0)                       # [BK]
+        one = q * dq                                              # Γ's one-signed terms
+        pair = tl.zeros([BT, BK], dtype=tl.float32)
+        dbLg = glk * tl.sum(dS * S0, axis=0)                      # [BK]: Γ_L's
+        dbLx = tl.zeros([BK], dtype=tl.float32)
+        strad = tl.zeros([BT, BK], dtype=tl.float32)
         for m in tl.static_range(M):
             k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :],
                         mask=qk_m, other=0.0).to(tl.float32)
             v = _value_side(v_ptr, m, SE, base[:, None] * DV + rows[None, :], vm, es_ptr, base, tm, SCALED_E)
             P = tl.where(causal, _mm(do, tl.trans(v), PREC), 0.0)   # dO E_mᵀ
-            dqi, dki, A = _column_pair_products(P, q, k, b, bl, tt, fast, BT, BK, PREC, WITH_A=True)
-            kdS = _mm(k * decw, tl.trans(dS), PREC)   # [BT, BV]
             dks = _mm(v, dS, PREC) * decw       # [BT, BK]: state's share of dW
+            X = k * dks
+            dqi, dki, A, strad_m = _column_pair_products(P, q, k, b, bl, tt, fast, BT, BK, PREC, WITH_A=True, X=X,
+                                                         STRADDLE=COL_STRADDLE)
+            kdS = _mm(k * decw, tl.trans(dS), PREC)   # [BT, BV]
             dq += dqi
             dk = dki + dks
             dv = _mm(tl.trans(A), do, PREC) + kdS
@@ -2075,13 +2155,14 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
                      mask=qk_m)
             if STORE_DV:
                 tl.store(dv_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], dv, mask=vm)
-            db += q * dqi - k * dk
-            dbL += tl.sum(k * dks, axis=0)
+            pair += q * dqi - k * dk
+            dbLx += tl.sum(X, axis=0)
+            strad += strad_m
         tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
-        db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
-        dg = tl.cumsum(db, axis=0, reverse=True)
+        dg = _column_decay_grad(one, pair, dbLg, dbLx, strad, fast, tt, BT, COL_STRADDLE)
         tl.store(dg_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :],
                  _log_decay_grad(dg, g_ptr, base[:, None] * DK + cols[None, :], qk_m), mask=qk_m)
+        db, dbL = 0.0, 0.0
         qs, dos, glast, pairs = q * gq, do, glk[None, :], 0.0
     elif DECAY == 2:   # row decay (d_v): the column case's transpose, ∂b = dO ⊙ o − Σ_m e_m ⊙ de_m (+ chunk end)
         b, bl, gv, decv, x, fast = _row_decay_tiles(g_ptr, base[:, None] * DV + rows[None, :], vm, SPAN)   # Γ, Γ_L/Γ
@@ -2215,7 +2296,8 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
                      M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                      USE_DHT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
                      GRADS: tl.constexpr = True, KEY_BLOCKS: tl.constexpr = False, SPAN: tl.constexpr = FAST_SPAN,
-                     es_ptr=None, SCALED_E: tl.constexpr = False, f_ptr=None, FACTORS: tl.constexpr = False):
+                     es_ptr=None, SCALED_E: tl.constexpr = False, f_ptr=None, FACTORS: tl.constexpr = False,
+                     COL_STRADDLE: tl.constexpr = 1):
     """Reverse over chunks with dS (∂L/∂S at the chunk end) in registers; per chunk, with P_m = (dO E_mᵀ) ⊙ D:
         dQ   = Σ_m P_m W_m + Γ ⊙ (dO S₀)            dW_m = P_mᵀ Q + dec ⊙ (E_m dS)
         dE_m = (Q W_mᵀ ⊙ D)ᵀ dO + dec ⊙ (W_m dSᵀ)     dS₀  = Γ_L dS + (Γ ⊙ dO)ᵀ Q
@@ -2243,7 +2325,8 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
             qs, dos, glast, _, db, dbL, pairs = _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr,
                                                                dv_ptr, dg_ptr, base, tm, rows, cols, rm, km, tt, i_v,
                                                                DK, DV, SW, SE, TOKH, M, BT, BK, BV, DECAY, PREC,
-                                                               SPAN=SPAN, es_ptr=es_ptr, SCALED_E=SCALED_E)
+                                                               SPAN=SPAN, es_ptr=es_ptr, SCALED_E=SCALED_E,
+                                                               COL_STRADDLE=COL_STRADDLE)
             _diag_bwd_finish(db, dbL, pairs, dg_ptr, g_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
         else:
             tl.store(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, mask=m2)
@@ -2338,7 +2421,8 @@ def _diag_chunk_keys(ix_ptr, cu_ptr, T, H, DK, NCK, DV, BT: tl.constexpr, BK: tl
 def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu_ptr, ix_ptr, dq_ptr, dk_ptr, dg_ptr,
                           T, H, DK, DV, NCK, TOKH, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           DECAY: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
-                          SPAN: tl.constexpr = FAST_SPAN, es_ptr=None, SCALED_E: tl.constexpr = False):
+                          SPAN: tl.constexpr = FAST_SPAN, es_ptr=None, SCALED_E: tl.constexpr = False,
+                          COL_STRADDLE: tl.constexpr = 1):
     """The split diagonal path's dQ, dW and ∂g for no, a scalar or a column decay and one input term, one program per
     (chunk, key block), from S₀ = ck and dS = dh (TRITON.md, "Split diagonal path"). What sums over value rows is
     summed here, one value block after another, so dQ and dW are stored whole:
@@ -2378,15 +2462,15 @@ def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
         b = tl.cumsum(g, axis=0)
         bl = tl.sum(g, axis=0)
         P = tl.where(tt[:, None] >= tt[None, :], P, 0.0)
-        dqi, dki, _ = _column_pair_products(P, q, k, b, bl, tt, tl.min(bl, axis=0) > -SPAN, BT, BK, PREC)
-        dq = dqs * tl.exp(b.to(tl.float32))
+        fast = tl.min(bl, axis=0) > -SPAN
         dks = dks * tl.exp((bl[None, :] - b).to(tl.float32))
+        X = k * dks
+        dqi, dki, _, strad = _column_pair_products(P, q, k, b, bl, tt, fast, BT, BK, PREC, X=X, STRADDLE=COL_STRADDLE)
+        dq = dqs * tl.exp(b.to(tl.float32))
         dk = dki + dks
-        db = q * dq + q * dqi - k * dk
+        dg = _column_decay_grad(q * dq, q * dqi - k * dk, tl.exp(bl.to(tl.float32)) * sds, tl.sum(X, axis=0), strad,
+                                fast, tt, BT, COL_STRADDLE)
         dq += dqi
-        dbL = tl.exp(bl.to(tl.float32)) * sds + tl.sum(k * dks, axis=0)
-        db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
-        dg = tl.cumsum(db, axis=0, reverse=True)
         tl.store(dg_ptr + base[:, None] * DK + cols[None, :], _log_decay_grad(dg, g_ptr, base[:, None] * DK + cols[None, :],
                                                                                qk_m), mask=qk_m)
     else:
@@ -2478,7 +2562,7 @@ def _chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, es):
             cu_seqlens if cu_seqlens is not None else dh0, dq, dk, dv, dg, dh0, dh0, T, H, d_k, d_v, ck.shape[2],
             k[0].numel(), v[0].numel(), TOKH, M=M, BT=C, BK=BK, BV=BV, DECAY=decay, USE_DHT=dht is not None,
             VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), SPAN=fast_span(), **_launch_opts(walk=True),
-            **_scale_args(es))
+            **_scale_args(es), **_column_straddle_arg(decay))
     out = [dq.sum(0), dk.sum(0), dv]
     if decay:
         out.append(dg.sum(0))
@@ -2541,7 +2625,7 @@ def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, 
     common = dict(common, SPAN=fast_span())
     chunk_diag_dqk_kernel[(NTG, NK, G)](q, k, v, g, do, ck, dh, cu, ix, dq, dk, dg, T, H, d_k, d_v, ck.shape[2],
                                         B * T * H, BK=BKQ, BV=min(max(16, _np2(d_v)), DIAG_DQK_BLOCK_V), **common,
-                                        **_scale_args(es))
+                                        **_scale_args(es), **_column_straddle_arg(decay))
     BVD = min(max(16, _np2(d_v)), DIAG_DV_BLOCK_V)
     chunk_diag_dv_kernel[(NTG, -(-d_v // BVD), G)](q, k, g, do, dh, cu, ix, dv, T, H, d_k, d_v, ck.shape[2],
                                                    BK=min(max(16, _np2(d_k)), DIAG_DV_BLOCK_K), BV=BVD, **common)
