@@ -1,5 +1,6 @@
 """OnlineSSM and the presets: step == forward, gradients, domains, mixed precision, errors."""
 import math
+import re
 import warnings
 
 import pytest
@@ -387,6 +388,18 @@ def test_a_cache_for_another_batch_or_layer_is_named(name):
         conv = {n: t[:, :, :0] for n, t in layer.init_cache(2)["conv"].items()}
         with pytest.raises(ValueError, match=r"forward: cache\['conv'\]\['.*'\] must be \(2, "):
             layer(torch.randn(2, 3, 16), cache={"state": state, "conv": conv})
+        # a cache without its conv tails (one built by hand from a scan's final state) had restarted the conv at
+        # the boundary: the continuation off by O(1) (1.43 for DeltaNet), no error
+        tails = layer.init_cache(2)["conv"]
+        some = dict(list(tails.items())[:1])
+        cases = [(None, r"cache\['conv'\] must be a dict"), ({}, r"lacks the short-conv tail")]
+        if len(tails) > 1:   # some tails, not all
+            cases.append((some, r"lacks the short-conv tail\(s\) " + re.escape(str(sorted(set(tails) - set(some))))))
+        for conv, says in cases:
+            with pytest.raises(ValueError, match=says):
+                layer(torch.randn(2, 3, 16), cache={"state": state, **({} if conv is None else {"conv": conv})})
+            with pytest.raises(ValueError, match=says):
+                layer.step(x, {"state": state, "conv": conv})
     with pytest.raises(ValueError, match="cache must be a dict"):
         layer.step(x, [state])
 

@@ -644,13 +644,22 @@ class OnlineSSM(nn.Module):
             raise ValueError(f"{name}: cache['state'] must be {' and '.join(map(str, want))} (batch, heads, d_v, "
                              f"d_k{'; then P or H: d_k, d_k' if self.rule.is_exact else ''}) for this layer and a "
                              f"batch of {batch}, got {shapes if len(shapes) > 1 else shapes[0]}")
-        conv = cache.get("conv") or {}
-        if not isinstance(conv, dict):
-            raise ValueError(f"{name}: cache['conv'] must be a dict of short-conv tails, got {type(conv).__name__}")
+        conv = cache.get("conv")
+        if self.conv and not isinstance(conv, dict):
+            raise ValueError(f"{name}: cache['conv'] must be a dict of this layer's short-conv tails "
+                             f"{sorted(self.conv)} (init_cache or a previous call's), got {type(conv).__name__}")
+        # a missing tail would restart the conv at the cache's boundary: outputs off by O(1), no error
+        missing = sorted(set(self.conv) - set(conv or {}))
+        if missing:
+            raise ValueError(f"{name}: cache['conv'] lacks the short-conv tail(s) {missing} of this layer "
+                             f"(conv_size={self.conv_size}): the last conv_size - 1 inputs of each conv before the "
+                             "cache's boundary, which init_cache and every call with return_cache carry; a cache "
+                             "built by hand from a scan's final state needs them too (zeros only at a sequence's "
+                             "start)")
         for n, c in self.conv.items():
-            t = conv.get(n)
+            t = conv[n]
             want_c = (batch, c.in_channels, self.conv_size - 1)
-            if t is not None and (not torch.is_tensor(t) or tuple(t.shape) != want_c):
+            if not torch.is_tensor(t) or tuple(t.shape) != want_c:
                 raise ValueError(f"{name}: cache['conv'][{n!r}] must be {want_c} (batch, channels, conv_size - 1), "
                                  f"got {tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
 
