@@ -160,6 +160,17 @@ def test_derivation_errors_name_the_problem(build, match):
         olssm.derive(build(S, Sp, O.key("k"), O.value("v")))
 
 
+
+@pytest.mark.parametrize("name", ["initial_state", "output_final_state", "backend", "cu_seqlens", "chunk_size", "self",
+                                  "rule", "S_prev"])
+def test_input_names_that_rule_scan_takes_are_refused(name):
+    # rule.scan(q, k, v, initial_state=x) binds scan's own argument: an input named so could never be given (scan then
+    # reported it missing, or chunk_size's check saw a tensor, or Python "multiple values for argument 'self'")
+    with pytest.raises(O.DerivationError, match=rf"input name {name!r} is (taken by rule.scan|reserved for the state)"):
+        O.scalar(name, domain="unit")
+    O.scalar("inputs", domain="unit")   # scan's **inputs: any name but its own arguments'
+
+
 @pytest.mark.parametrize("name", ["gla", "gated_deltanet", "decayed_least_squares", "rls"])
 def test_verify_reads_log_decays_as_the_rule_does(name):
     """rule.with_log_decays() reads α' where the objective has α = exp(α'): verify samples α' in the log

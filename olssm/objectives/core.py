@@ -165,6 +165,10 @@ DOMAINS = {
 _POSITIVE_DOMAINS = ("positive", "unit", "decay", "timestep")
 
 
+#: the names rule.scan (olssm.kernels.scan) takes as its own arguments besides the inputs
+_SCAN_ARGUMENTS = ("self", "rule", "initial_state", "output_final_state", "backend", "cu_seqlens", "chunk_size")
+
+
 def _declare(name: str, role: str, kind: str, positive: bool, domain: str = "real") -> sp.Symbol:
     if domain not in DOMAINS:
         raise DerivationError(f"input {name!r}: domain must be one of {sorted(DOMAINS)}, got {domain!r}")
@@ -173,8 +177,11 @@ def _declare(name: str, role: str, kind: str, positive: bool, domain: str = "rea
     positive = positive or domain in _POSITIVE_DOMAINS
     if not isinstance(name, str) or not name.isidentifier():
         raise DerivationError(f"input name {name!r} must be a Python identifier")
-    if name in ("S", "S_prev", "state", "backend"):
+    if name in ("S", "S_prev", "state"):
         raise DerivationError(f"input name {name!r} is reserved for the state")
+    if name in _SCAN_ARGUMENTS:   # rule.scan(..., name=x) would bind the argument, never the input
+        raise DerivationError(f"input name {name!r} is taken by rule.scan's own argument of that name; rename the "
+                              f"input (scan's arguments: {', '.join(_SCAN_ARGUMENTS)})")
     spec = InputSpec(name, role, kind, positive, domain)
     if domain == "negative":
         return InputSymbol(spec, real=True, negative=True)
