@@ -94,6 +94,25 @@ def test_only_some_inputs_need_grad():
     assert set(g) == {"v", "beta"}
 
 
+
+@pytest.mark.parametrize("name, dtype, chunk", [("deltanet", torch.float32, 4), ("mamba2", torch.float64, 4),
+                                                 ("gla", torch.float32, None), ("rls", torch.float32, None)])
+def test_second_derivative_raises(name, dtype, chunk):
+    """The kernels' backwards are first-order only. With create_graph the first derivative had come back with a
+    grad_fn that failed only at the second backward ("no autograd formula"), and with fp64 inputs torch's
+    "functions with out=... arguments don't support automatic differentiation" from the scale's backward; now the
+    first backward names backend='triton' (chunked and recurrent kernels, the RLS gain scan). First order unchanged."""
+    rule = ENTRIES[name].rule
+    inp = {n: _dev(x).to(dtype).requires_grad_() for n, x in random_inputs(rule, 1, 9, 1, 4, 4, seed=0).items()}
+    for create_graph in (True, False):
+        o, _ = rule.scan(backend="triton", chunk_size=chunk, **inp)
+        if create_graph:
+            with pytest.raises(RuntimeError, match="second derivatives .* backend='triton'; use backend='reference'"):
+                torch.autograd.grad(o.square().sum(), [inp["k"]], create_graph=True)
+        else:
+            (g,) = torch.autograd.grad(o.square().sum(), [inp["k"]])
+            assert g is not None and torch.isfinite(g).all()
+
 def test_no_grad_forward_and_final_state_flag():
     rule = ENTRIES["longhorn"].rule
     inp = {n: _dev(x) for n, x in random_inputs(rule, 2, 5, 2, 5, 6, seed=4).items()}

@@ -130,13 +130,14 @@ def _advance_(S, e, plan, ps=None):
     return ps
 
 
-def first_derivative_only(where: str) -> None:
+def first_derivative_only(where: str, by: str = "the chunk backend's token loops") -> None:
     """Called first in a hand-written backward: with create_graph (a second derivative on the way) grad mode
     is on there, and the hand-written adjoint is not itself differentiable. once_differentiable guarded only
-    .backward(); torch.autograd.grad(..., inputs=...) went around it and gave None or wrong values."""
+    .backward(); torch.autograd.grad(..., inputs=...) went around it and gave None or wrong values (the Triton
+    op's: a first derivative with a grad_fn that failed only at the second backward, or a torch error about out=)."""
     if torch.is_grad_enabled():
-        raise RuntimeError(f"{where}: second derivatives (create_graph=True) are not implemented by the chunk "
-                           "backend's token loops; use backend='reference' (autograd through the step loop)")
+        raise RuntimeError(f"{where}: second derivatives (create_graph=True) are not implemented by {by}; use "
+                           "backend='reference' (autograd through the step loop)")
 
 
 class _RecurrentScan(torch.autograd.Function):

@@ -80,6 +80,7 @@ import triton.language as tl
 from ...derive.rule import NormalForm, closed_form_log, decay_may_be_negative, evaluator
 from ...objectives.core import COLUMN, ROW, SCALAR, kind_of
 from ..chunk import check_decay_values
+from ..recurrent import first_derivative_only
 from . import scan as _scan
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -367,6 +368,7 @@ class _Scaled(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        first_derivative_only("triton scan (an input's scale)", by="backend='triton'")
         s, x = ctx.saved_tensors
         return (*scale_chain_rule(s, x, dout, *ctx.needs_input_grad[:2]), None)
 

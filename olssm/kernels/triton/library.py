@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ...objectives.core import ELEMENTWISE, ROW, spec_of
+from ..recurrent import first_derivative_only
 from . import codegen as cg
 from . import scan as _scan   # read at call time: BLOCK_V / NUM_WARPS are knobs
 
@@ -336,6 +337,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, do, dht, dck, daux):
+    first_derivative_only("triton scan", by="backend='triton'")
     if not ctx.save:
         raise RuntimeError("olssm triton scan: no checkpoints were saved (the forward ran with save=False, "
                            "i.e. without any input requiring grad)")

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..recurrent import first_derivative_only
 from ..rls import s_rule
 from .chunked import _np2, _sequence
 from .scan import checkpoint_interval, longest
@@ -208,6 +209,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, dg, dPt, dck):
+    first_derivative_only("the RLS gain scan", by="backend='triton'")
     if not ctx.save:
         raise RuntimeError("olssm rls gain scan: no checkpoints were saved (no input required grad)")
     u, gamma, R, ck, *cu = ctx.saved_tensors
