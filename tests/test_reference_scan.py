@@ -313,3 +313,52 @@ def test_bad_arguments_name_what_is_wrong():
         mamba.scan(**{**minp, "A": minp["A"][0]}, backend="reference")
     with pytest.raises(ValueError, match="last dimension d_k"):
         rule.step(torch.zeros(4, 5), k=torch.zeros(3), v=torch.zeros(4), beta=torch.zeros(4))
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunk"])
+def test_input_values_outside_their_domain_are_named(backend, monkeypatch):
+    """Values no input of its domain takes are a ValueError naming the input, its domain and the first bad index, on
+    every backend (check_scan_args; CHUNK.md, "Input values"). Unchecked they had split the backends: a NaN reached
+    the earlier tokens of its chunk on the chunked forms only, a negative GLA gate was refused by the chunk backend
+    without a gradient and multiplied through with one, a gate of 2 or a Mamba A > 0 grew the state silently."""
+    monkeypatch.delenv("OLSSM_CHECK_INPUTS", raising=False)
+    gla, mamba = catalogue.rule("gla"), catalogue.rule("mamba")
+    bad = []
+    for rule, name, index, value, says in [
+            (gla, "g", (0, 2, 1, 3), -0.1, r"'g' \(column, domain 'decay'\) has values below 0 \(min -0.1\), first at "
+                                           r"index \(0, 2, 1, 3\).*in \[0, 1\]"),
+            (gla, "g", (1, 0, 0, 0), 2.0, r"'g' .* has values above 1 \(max 2\)"),
+            (gla, "k", (0, 5, 2, 1), float("nan"), r"'k' \(key, domain 'real'\) has NaN or infinite values, first at "
+                                                   r"index \(0, 5, 2, 1\)"),
+            (gla, "v", (1, 6, 0, 0), float("-inf"), r"'v' .* NaN or infinite"),
+            (mamba, "A", (1, 2, 0), 0.5, r"'A' \(parameter, domain 'negative'\) has values above 0"),
+            (mamba, "dt", (0, 3, 1, 2), -1e-3, r"'dt' \(\w+, domain 'timestep'\) has values below 0")]:
+        inp = _inputs(rule)
+        x = inp[name].clone()
+        x[index] = value
+        bad.append((rule, {**inp, name: x}))
+        for grad in (False, True):   # with a gradient too: the chunk backend had taken the token loops unchecked
+            with pytest.raises(ValueError, match=says):
+                rule.scan(**{n: t.requires_grad_(grad and n == name) for n, t in bad[-1][1].items()}, backend=backend)
+    inp = _inputs(gla)
+    S0 = torch.zeros(2, 3, 4, 5)
+    S0[1, 2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"'initial_state' \(initial state\) has NaN"):
+        gla.scan(**inp, initial_state=S0, backend=backend)
+    # the domains' edges are values: decays of exactly 0 and 1, a log decay of −inf (a decay of 0), Δ = 0
+    inp["g"][:, 3] = 0.0
+    inp["g"][:, 4] = 1.0
+    o0 = gla.scan(**inp, backend=backend)[0]
+    log = gla.with_log_decays()
+    o1 = log.scan(**{**inp, "g": inp["g"].log()}, backend=backend)[0]
+    assert torch.isinf(inp["g"].log()).any() and torch.allclose(o1, o0, atol=1e-5)
+    m = _inputs(mamba)
+    m["dt"][:, 2] = 0.0
+    assert torch.isfinite(mamba.scan(**m, backend=backend)[0]).all()
+    # "0" turns the check off: the gate of 2 runs (and grows the state)
+    monkeypatch.setenv("OLSSM_CHECK_INPUTS", "0")
+    rule, inp = bad[1]
+    assert torch.isfinite(rule.scan(**inp, backend=backend)[0]).all()
+    monkeypatch.setenv("OLSSM_CHECK_INPUTS", "yes")
+    with pytest.raises(ValueError, match="OLSSM_CHECK_INPUTS must be 'auto', '0' or '1'"):
+        rule.scan(**inp, backend=backend)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import os
 
 import sympy
 import torch
@@ -87,6 +89,63 @@ def expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
     if G == 1:
         return x.expand(*x.shape[:2], H, *x.shape[3:])
     return x.repeat_interleave(H // G, dim=2)
+
+
+#: the values each input domain admits (closed bounds: a decay of exactly 0 or 1, a gate at 0, are meant), and
+#: whether −inf is one of them (a log decay of −inf is a decay of exactly 0)
+_DOMAIN_BOUNDS = {"real": (None, None, False), "positive": (0.0, None, False), "unit": (0.0, 1.0, False),
+                  "decay": (0.0, 1.0, False), "timestep": (0.0, None, False), "negative": (None, 0.0, False),
+                  "log_decay": (None, 0.0, True)}
+
+
+def check_inputs_mode() -> bool:
+    """Whether scan checks its inputs' values here: OLSSM_CHECK_INPUTS "auto" (default: on CPU tensors, where the
+    check is a few passes beside the scan's; on a GPU it is a host sync per call, so off), "1" (everywhere), "0"."""
+    mode = os.environ.get("OLSSM_CHECK_INPUTS", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"OLSSM_CHECK_INPUTS must be 'auto', '0' or '1', got {mode!r}")
+    return mode
+
+
+def check_input_values(inputs: dict, need: dict, initial_state=None) -> None:
+    """A value no input of its domain can take is an error naming the input (CHUNK.md, "Input values"): NaN or ±inf
+    anywhere (−inf allowed in a log decay), or outside the declared domain (a decay above 1 or below 0, a negative
+    gate or timestep, a positive Mamba A). Unchecked, the backends disagreed: the chunked forms' matmuls spread a NaN
+    to every token of its chunk (the token loops keep it causal), a negative decay was an error on the log paths
+    and multiplied through by the loops, a β making Longhorn's ε infinite gave inf silently."""
+    mode = check_inputs_mode()
+    if mode == "0" or torch.compiler.is_compiling():
+        return
+    states = [] if initial_state is None else list(initial_state) if isinstance(initial_state, (tuple, list)) \
+        else [initial_state]
+    for n, x in [*inputs.items(), *(("initial_state", st) for st in states if torch.is_tensor(st))]:
+        if x.numel() == 0 or x.device.type == "meta" or (mode == "auto" and x.device.type != "cpu"):
+            continue
+        spec = need.get(n)
+        domain = spec.domain if spec is not None else "real"
+        lo, hi, minus_inf = _DOMAIN_BOUNDS.get(domain, (None, None, False))
+        x = x.detach()
+        # one reduction, no token-sized temporary (min and max carry a NaN); the index only once something is wrong
+        mn, mx = (float(t) for t in torch.aminmax(x))
+        what = None
+        if math.isnan(mn) or mx == math.inf or (mn == -math.inf and not minus_inf):
+            what, where = "NaN or infinite values", torch.isnan(x) | torch.isinf(x) & ((x > 0) | (not minus_inf))
+        elif lo is not None and mn < lo:
+            what, where = f"values below {lo:g} (min {mn:.3g})", x < lo
+        elif hi is not None and mx > hi:
+            what, where = f"values above {hi:g} (max {mx:.3g})", x > hi
+        if what:
+            first = tuple(int(i) for i in where.nonzero()[0].tolist())
+            label = ("initial state" if spec is None else
+                     f"{'parameter' if spec.is_parameter else spec.role}, domain {domain!r}")
+            fix = ("a diverged run?" if what.startswith("NaN") else
+                   "a gate outside its range; declare the input domain='real' where such values are meant")
+            raise ValueError(f"scan: {n!r} ({label}) has {what}, first at index {first}, which its domain rules out "
+                             f"({_DOMAIN_TEXT.get(domain, 'finite')}): {fix} (OLSSM_CHECK_INPUTS=0 skips this check)")
+
+
+_DOMAIN_TEXT = {"real": "finite", "positive": "finite, ≥ 0", "unit": "in [0, 1]", "decay": "in [0, 1]",
+                "timestep": "finite, ≥ 0", "negative": "finite, ≤ 0", "log_decay": "≤ 0, −inf allowed"}
 
 
 def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seqlens, inputs,
@@ -202,6 +261,7 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
                                  f"got {_shape(st) if torch.is_tensor(st) else type(st).__name__}")
             if not st.is_floating_point():   # an int state was taken and rounded silently
                 raise ValueError(f"scan: initial_state must be a floating-point tensor, got {st.dtype}")
+    check_input_values({**tokens, **params}, need, initial_state)
     out_dtype = next((tokens[n] for n in ordered if need[n].role == "value"), first).dtype
     return ScanArgs(rule, tokens, params, B, T, H, d_k, d_v, out_dtype, device, initial_state,
                     cu_seqlens, output_final_state, chunk_size)
