@@ -15,7 +15,7 @@ import os
 
 from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
                             compare_checkpoint_storage as _compare_ck, compare_storage as _compare_storage,
-                            benchmark_module, dev as _dev, pin_fp32_storage, run as _run, spy,
+                            benchmark_module, decay_scale_errors, dev as _dev, pin_fp32_storage, run as _run, spy,
                             spy_launches)  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
@@ -1237,15 +1237,7 @@ def test_column_decay_gradient_at_strong_decays(name, path, mode, monkeypatch):
     inp = random_inputs(rule, 1, 70, 1, 8, 4, seed=1, dtype=torch.float64)
     u = torch.rand(inp[decay].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     g = torch.randn(1, 70, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    for scale in ((3, 100) if mode == "all" else (100, 1000)):
-        grads = {}
-        for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
-            s = torch.tensor(-float(scale), dtype=dtype, device=_DEVICE, requires_grad=True)
-            x = {n: _dev(t).to(dtype) for n, t in inp.items()}
-            x[decay] = s * _dev(u).to(dtype)
-            (rule.scan(backend=backend, **x)[0] * _dev(g).to(dtype)).sum().backward()
-            grads[backend] = float(s.grad)
-        err = abs(grads["triton"] - grads["reference"]) / abs(grads["reference"])
+    for scale, err, grads in decay_scale_errors(rule, inp, decay, u, g, (3, 100) if mode == "all" else (100, 1000)):
         assert err < 1e-5, (scale, err, grads)
     assert seen and set(seen) == {tchunk._COLUMN_STRADDLE_CODE[mode]}, seen
 

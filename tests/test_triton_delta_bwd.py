@@ -10,7 +10,7 @@ key kernels, chunked._tied) against an fp64 autograd loop; the `ties` fixture re
 """
 from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
                             CHECKPOINT_RTOL, STORAGE_RTOL, STORAGE_STATE_RTOL, compare_checkpoint_storage as _compare_ck,
-                            compare_storage as _compare_storage, run as _run,
+                            compare_storage as _compare_storage, decay_scale_errors, run as _run,
                             dev as _dev, pin_fp32_storage, split_scan_matches, spy)  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
@@ -1314,14 +1314,6 @@ def test_key_kernel_decay_gradient_at_strong_decays(case, monkeypatch):
     [decay] = [n for n, s in rule.inputs.items() if s.domain in ("log_decay", "negative")]
     u = torch.rand(1, 64, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     g = torch.randn(1, 64, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    for scale in (100, 1000):
-        grads = {}
-        for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
-            s = torch.tensor(-float(scale), dtype=dtype, device=_DEVICE, requires_grad=True)
-            x = {n: _dev(t).to(dtype) for n, t in inp.items()}
-            x[decay] = s * _dev(u).to(dtype)
-            (rule.scan(backend=backend, **x)[0] * _dev(g).to(dtype)).sum().backward()
-            grads[backend] = float(s.grad)
-        err = abs(grads["triton"] - grads["reference"]) / abs(grads["reference"])
+    for scale, err, grads in decay_scale_errors(rule, inp, decay, u, g, (100, 1000)):
         assert err < 1e-5, (scale, err, grads)
     assert seen and all(seen), seen

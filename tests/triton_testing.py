@@ -45,6 +45,23 @@ def run(rule, inp, h0, backend, cu_seqlens=None, grad=True, **scan_kw):
     return o, f, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
 
 
+
+def decay_scale_errors(rule, inp, decay, u, g, scales):
+    """∂ through a scale s of a decay input (decay = −s·u), triton in fp32 against the fp64 reference, for each s:
+    [(s, relative error, the two gradients)]; loss Σ o ⊙ g. Strong decays (s ≫ 1) make the true ∂g_t ~ e^{g_t} tiny,
+    where a reverse sum of per-token terms that cancel left ε·O(1) (the straddle tests)."""
+    out = []
+    for scale in scales:
+        grads = {}
+        for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
+            s = torch.tensor(-float(scale), dtype=dtype, device=DEVICE, requires_grad=True)
+            x = {n: dev(t).to(dtype) for n, t in inp.items()}
+            x[decay] = s * dev(u).to(dtype)
+            (rule.scan(backend=backend, **x)[0] * dev(g).to(dtype)).sum().backward()
+            grads[backend] = float(s.grad)
+        out.append((scale, abs(grads["triton"] - grads["reference"]) / abs(grads["reference"]), grads))
+    return out
+
 def compare(rule, inp, h0=None, cu_seqlens=None, grad=True, rtol=RTOL, state_rtol=STATE_RTOL, **scan_kw):
     """backend="triton" against the reference loop: o, final state, every gradient; returns triton's gradients."""
     o1, f1, g1 = run(rule, inp, h0, "reference", cu_seqlens, grad)
