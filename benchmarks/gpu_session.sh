@@ -98,12 +98,12 @@ variants128_profile="nkm=$variants_nkm"
 # configuration at D = 128 (two rows of it: a second measure of the drift); at D = 64 `ds` runs chunk 32
 # `mr0`: the fused walks without .maxnreg 255 (WALK_MAXNREG, session 12: ptxas had held them to 128 or 32 registers
 # at d = 128 and spilled 1.4-6 KB per thread)
-# Session 20: GLA's ∂g per key column summed where its pair terms straddle each token (COLUMN_STRADDLE, default "slow":
-# on the per-token path only, which these inputs never take): `cso` ("off") times what compiling that loop in costs
-# the factorised path, `csa` ("all": a BT-step loop beside its dots; 1.3e-5 -> 5e-7 relative at moderate decays,
-# interpreter) what it would cost there. Keep "slow" unless `cso` wins beyond the drift (`again`); take "all" if
-# `csa` is within it (no-ops for Mamba-2's rows)
-variants_diag="ds=diag_path:split;ds64=diag_path:split,chunk:64;ds64ck=diag_path:split,chunk:64,checkpoint_storage:input;csa=column_straddle:all;cso=column_straddle:off;c64=chunk:64;mr0=walk_maxnreg:0;again="
+# Session 20: GLA's ∂g per key column (and a row decay's per value row) summed where its pair terms straddle each
+# token (DIAG_STRADDLE, default "slow": on the per-token path only, which these inputs never take): `sto` ("off")
+# times what compiling that walk in costs the factorised path, `sta` ("all": a BT-step loop beside its dots; 1.3e-5
+# -> 5e-7 relative at moderate decays, interpreter) what it would cost there. Keep "slow" unless `sto` wins beyond
+# the drift (`again`); take "all" if `sta` is within it (no-ops for Mamba-2's rows)
+variants_diag="ds=diag_path:split;ds64=diag_path:split,chunk:64;ds64ck=diag_path:split,chunk:64,checkpoint_storage:input;sta=diag_straddle:all;sto=diag_straddle:off;c64=chunk:64;mr0=walk_maxnreg:0;again="
 variants64="nkm=$variants_nkm;cs=chunk_storage:input;ck=checkpoint_storage:input;again=;o32=offsets32:1;utm=ut_solve:masked;nsk=same_key:0"
 # peers whose first call autotunes for minutes (fla 0.6's chunk_gla; its chunk_gated_delta_rule at D = 128 outlasted
 # session 14's calls): their own stages, fla-gla and fla-gdn

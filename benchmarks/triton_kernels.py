@@ -441,7 +441,7 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _one_of(*chunked.DOT
                  "walk_maxnreg": (chunked, ("WALK_MAXNREG",), chunked.checked_maxnreg, "chunk"),
                  "same_key": (chunked_delta_bwd, ("SAME_KEY",), _switch, "chunk"),
                  "straddle": (chunked_delta_bwd, ("DECAY_STRADDLE",), _switch, "chunk"),
-                 "column_straddle": (chunked, ("COLUMN_STRADDLE",), _one_of("off", "slow", "all"), "chunk"),
+                 "diag_straddle": (chunked, ("DIAG_STRADDLE",), _one_of("off", "slow", "all"), "chunk"),
                  "block_v": (tscan, ("BLOCK_V",), _pow2, "recurrent"),
                  "warps": (tscan, ("NUM_WARPS",), _pow2, "recurrent")}
 

@@ -1218,28 +1218,38 @@ def test_scalar_decay_gradient_at_strong_decays(path, backward, monkeypatch):
 
 @pytest.mark.parametrize("name, path, mode", [("gla", "fused", "slow"), ("gla", "split", "slow"),
                                               ("gla", "fused", "all"), ("gla", "split", "all"),
-                                              ("two_term_column", "fused", "slow"), ("two_term_column", "fused", "all")])
-def test_column_decay_gradient_at_strong_decays(name, path, mode, monkeypatch):
-    # GLA's ∂g per key column. As a reverse sum of per-token ∂b its pair terms cancel between the tokens on either
-    # side of t, each leaving ε·O(1) in fp32 where the true ∂g_t carries e^{g_t}: ∂ through a scale s of the log gate
-    # was 1.3e-5 / 1.0e-4 / 2.0e-4 / 8.6e-5 relative at s = 3 / 10 / 100 / 1000 (T = 128, chunk 32; "off" reproduces
-    # them). Summed where they straddle t (COLUMN_STRADDLE): 5e-7 / 7e-8 / 2e-7 / 1e-7, as the chunk backend's fp64
-    # cumsums (6e-8 to 2e-7). "slow" straddles the per-token path (chunks spanning more than FAST_SPAN: s = 100, 1000
-    # here), "all" the factorised one too (s = 3: every chunk of 16 spans ~24). Against the fp64 reference at 1e-5
-    # relative, T = 70 (a partial last chunk); each backward launch spied to carry the mode
+                                              ("two_term_column", "fused", "slow"), ("two_term_column", "fused", "all"),
+                                              ("log_row_decay", "fused", "slow"), ("log_row_decay", "split", "slow"),
+                                              ("log_row_decay", "fused", "all"), ("longhorn_forget", "fused", "slow"),
+                                              ("longhorn_forget", "fused", "all")])
+def test_diag_decay_gradient_at_strong_decays(name, path, mode, monkeypatch):
+    # A row or column decay's ∂g (GLA's per key column; a forget gate per value row). As a reverse sum of per-token
+    # ∂b its pair terms cancel between the tokens on either side of t, each leaving ε·O(1) in fp32 where the true
+    # ∂g_t carries e^{g_t}: ∂ through a scale s of the log gate was, at s = 3 / 10 / 100 / 1000 (T = 128, chunk 32;
+    # "off" reproduces them), 1.3e-5 / 1.0e-4 / 2.0e-4 / 8.6e-5 relative for GLA and 1.8e-5 / 5.8e-5 / 2.9e-3 /
+    # 4.9e-5 for the row decay, 1.4e-5 / 7.1e-5 / 1.5e-3 / 6.4e-4 for Longhorn with a forget gate (the delta family's
+    # row-decay kernel). Summed where they straddle t (DIAG_STRADDLE): 5e-7 / 7e-8 / 2e-7 / 1e-7, 8e-7 / 6e-7 / 4e-7 /
+    # 1e-7 and 2e-7 / 2e-7 / 2e-7 / 2e-7, as the chunk backend's fp64 cumsums (5e-9 to 4e-7). "slow" straddles the per-token
+    # path (chunks spanning more than FAST_SPAN: s = 100, 1000 here), "all" the factorised one too (s = 3: every
+    # chunk of 16 spans ~24). Against the fp64 reference at 1e-5 relative, T = 70 (a partial last chunk); each
+    # backward launch spied to carry the mode (the split row path: chunk_diag_bwd_kernel, over two key blocks)
     monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", path)
-    monkeypatch.setenv("OLSSM_TRITON_COLUMN_STRADDLE", mode)
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_STRADDLE", mode)
+    monkeypatch.setattr(tchunk, "DIAG_BWD_BLOCK_K", 4)
     seen = []
-    spy_launches(monkeypatch, tchunk, ["chunk_bwd_kernel", "chunk_diag_dqk_kernel"],
-                 lambda label, kwargs: seen.append(kwargs.get("COL_STRADDLE")) if kwargs.get("GRADS", True) else None)
-    rule = _two_term_column_rule() if name == "two_term_column" else ENTRIES["gla"].rule.with_log_decays()
+    from olssm.kernels.triton import chunked_delta_bwd as tdelta
+    record = lambda label, kwargs: seen.append(kwargs.get("DIAG_STRADDLE")) if kwargs.get("GRADS", True) else None  # noqa: E731
+    spy_launches(monkeypatch, tchunk, ["chunk_bwd_kernel", "chunk_diag_dqk_kernel", "chunk_diag_bwd_kernel"], record)
+    spy_launches(monkeypatch, tdelta, ["chunk_rowdecay_bwd_kernel"], record)
+    rule = {"two_term_column": _two_term_column_rule, "gla": lambda: ENTRIES["gla"].rule.with_log_decays(),
+            "longhorn_forget": lambda: cat.rule("longhorn_forget").with_log_decays()}.get(name, lambda: _rule(name))()
     [decay] = [n for n, s in rule.inputs.items() if "decay" in s.domain and not s.is_parameter]
     inp = random_inputs(rule, 1, 70, 1, 8, 4, seed=1, dtype=torch.float64)
     u = torch.rand(inp[decay].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     g = torch.randn(1, 70, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for scale, err, grads in decay_scale_errors(rule, inp, decay, u, g, (3, 100) if mode == "all" else (100, 1000)):
         assert err < 1e-5, (scale, err, grads)
-    assert seen and set(seen) == {tchunk._COLUMN_STRADDLE_CODE[mode]}, seen
+    assert seen and set(seen) == {tchunk._DIAG_STRADDLE_CODE[mode]}, seen
 
 
 def test_diag_path_is_checked(monkeypatch):

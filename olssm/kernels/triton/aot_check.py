@@ -165,9 +165,10 @@ def _variants(BT, BK, BV, prec, BVW=None):
     bwd = {k: v for k, v in base.items() if k not in ("USE_H0", "SAVE_CK")}
     for name, code in (("none", 0), ("scalar", 1), ("row", 2), ("column", 3)):
         yield f"backward decay={name}", ch.chunk_bwd_kernel, dict(bwd, DECAY=code, USE_DHT=True, VARLEN=True)
-    for mode in ("off", "all"):   # COLUMN_STRADDLE's other settings ("slow", the default, above)
-        yield (f"backward decay=column straddle={mode}", ch.chunk_bwd_kernel,
-               dict(bwd, DECAY=3, USE_DHT=True, VARLEN=True, COL_STRADDLE=ch._COLUMN_STRADDLE_CODE[mode]))
+    for name, code in (("row", 2), ("column", 3)):
+        for mode in ("off", "all"):   # DIAG_STRADDLE's other settings ("slow", the default, above)
+            yield (f"backward decay={name} straddle={mode}", ch.chunk_bwd_kernel,
+                   dict(bwd, DECAY=code, USE_DHT=True, VARLEN=True, DIAG_STRADDLE=ch._DIAG_STRADDLE_CODE[mode]))
     yield "delta decay=scalar, 2 input terms", ch.chunk_delta_fwd_kernel, dict(base, C_ROW=False, G_ROW=False,
                                                                                  VARLEN=False, M=2)
     # the split diagonal path (DIAG_PATH = "split"): state passes over (value block, key block), o and gradients
@@ -189,7 +190,7 @@ def _variants(BT, BK, BV, prec, BVW=None):
             yield f"diag split backward dqk {tag}", ch.chunk_diag_dqk_kernel, dqk
             for mode in (("off", "all") if code == 3 else ()):
                 yield (f"diag split backward dqk {tag} straddle={mode}", ch.chunk_diag_dqk_kernel,
-                       dict(dqk, COL_STRADDLE=ch._COLUMN_STRADDLE_CODE[mode]))
+                       dict(dqk, DIAG_STRADDLE=ch._DIAG_STRADDLE_CODE[mode]))
             yield (f"diag split backward dv {tag}", ch.chunk_diag_dv_kernel,
                    dict(BT=BT, BK=min(BK, ch.DIAG_DV_BLOCK_K), BV=min(max(16, ch._np2(BVW)), ch.DIAG_DV_BLOCK_V),
                         PREC=prec, DECAY=code, VARLEN=True))
@@ -260,6 +261,9 @@ def _variants(BT, BK, BV, prec, BVW=None):
                dict(rowd, C_ROW=crow))
     yield "rank4 rowdecay bwd c=scalar, 2 input terms", dbw.chunk_rowdecay_bwd_kernel, dict(rowd, C_ROW=False, M=2,
                                                                                           SUB=4)
+    for mode in ("off", "all"):   # DIAG_STRADDLE's other settings ("slow", the default, above)
+        yield (f"rowdecay bwd c=scalar straddle={mode}", dbw.chunk_rowdecay_bwd_kernel,
+               dict(rowd, C_ROW=False, DIAG_STRADDLE=ch._DIAG_STRADDLE_CODE[mode]))
     # rank-R corrections on 4 sub-tokens per token (chunked.sub_tokens: the strict mask between tokens, SUB)
     sub = dict(GATED=True, VARLEN=True, M=2, SUB=4)
     # the UT substitution on the whole masked tile (chunked.UT_SOLVE = "masked"; the rows without a solve take the

@@ -1761,25 +1761,26 @@ SAVE_CHUNK_CORE = True
 SPLIT_BLOCK_K = 64
 
 
-#: a column decay's ∂g (GLA) in the backward kernels: "slow" sums its pair terms where they straddle each token on the
-#: per-token path (chunks whose decay spans more than FAST_SPAN), "all" on the factorised path too (a loop of BT
-#: steps beside its dots), "off" takes the reverse sum of ∂b everywhere. The reverse sum cancels pair terms on either
-#: side of a token, ε·O(1) where the true ∂g_u is ~e^{g_u}: ∂ through a scale s of GLA's log gate (fp32, interpreter,
-#: T = 128, chunk 32) was 1.3e-5 / 1.0e-4 / 2.0e-4 / 8.6e-5 relative at s = 3 / 10 / 100 / 1000 (TRITON.md). The
-#: per-token path already takes BT steps, so "slow" adds steps of the same size there; "all" is untimed on a GPU
-#: (stage `diag`'s rows csa / cso decide). OLSSM_TRITON_COLUMN_STRADDLE overrides.
-COLUMN_STRADDLE = "slow"
-_COLUMN_STRADDLE_CODE = {"off": 0, "slow": 1, "all": 2}
+#: a row or column decay's ∂g (per value row / key column: GLA's gate, a per-row forget gate) in the diagonal
+#: backward kernels: "slow" sums its pair terms where they straddle each token on the per-token path (chunks whose
+#: decay spans more than FAST_SPAN), "all" on the factorised path too (a loop of BT steps beside its dots), "off"
+#: takes the reverse sum of ∂b everywhere. The reverse sum cancels pair terms on either side of a token, ε·O(1)
+#: where the true ∂g_u is ~e^{g_u}: ∂ through a scale s of the log gate (fp32, interpreter, T = 128, chunk 32) was
+#: 1.3e-5 / 1.0e-4 / 2.0e-4 / 8.6e-5 relative at s = 3 / 10 / 100 / 1000 for GLA, 1.8e-5 / 5.8e-5 / 2.9e-3 / 4.9e-5
+#: for a row decay (TRITON.md). The per-token path already takes BT steps, so "slow" adds steps of the same size
+#: there; "all" is untimed on a GPU (stage `diag`'s rows sta / sto decide). OLSSM_TRITON_DIAG_STRADDLE overrides.
+DIAG_STRADDLE = "slow"
+_DIAG_STRADDLE_CODE = {"off": 0, "slow": 1, "all": 2}
 
 
-def column_straddle() -> int:
-    """COLUMN_STRADDLE, or OLSSM_TRITON_COLUMN_STRADDLE if set, as the kernels' COL_STRADDLE constexpr; checked."""
-    return _COLUMN_STRADDLE_CODE[switch("OLSSM_TRITON_COLUMN_STRADDLE", COLUMN_STRADDLE, tuple(_COLUMN_STRADDLE_CODE),
-                                        "column straddle (OLSSM_TRITON_COLUMN_STRADDLE)")]
+def diag_straddle() -> int:
+    """DIAG_STRADDLE, or OLSSM_TRITON_DIAG_STRADDLE if set, as the kernels' DIAG_STRADDLE constexpr; checked."""
+    return _DIAG_STRADDLE_CODE[switch("OLSSM_TRITON_DIAG_STRADDLE", DIAG_STRADDLE, tuple(_DIAG_STRADDLE_CODE),
+                                        "diagonal straddle (OLSSM_TRITON_DIAG_STRADDLE)")]
 
 
-def _column_straddle_arg(decay: int) -> dict:
-    return {"COL_STRADDLE": column_straddle()} if decay == DECAY_CODE[COLUMN] else {}
+def _diag_straddle_arg(decay: int) -> dict:
+    return {"DIAG_STRADDLE": diag_straddle()} if decay in (DECAY_CODE[ROW], DECAY_CODE[COLUMN]) else {}
 
 
 def switch(env: str, value: str, allowed: tuple, what: str) -> str:
@@ -2030,7 +2031,7 @@ def _column_pair_products(P, q, k, b, bl, tt, fast, BT: tl.constexpr, BK: tl.con
     and WITH_A the causal A_ij = Σ_k q_ik w_jk e^{b_ik − b_jk} for dE = Aᵀ dO (else A is 0). Where `fast` (every
     column's total exceeds −SPAN: the forward's factorisation) as dots over factors e^{±x}, x = b − bl/2, P and A
     causal so no masked-out product is formed; else one token column at a time, exact for any decay.
-    With STRADDLE (COLUMN_STRADDLE: 1 on the per-token path, 2 on both) also the straddle sums of ∂g per key
+    With STRADDLE (DIAG_STRADDLE: 1 on the per-token path, 2 on both) also the straddle sums of ∂g per key
     column, strad_u = Σ_{s < u ≤ t} P_ts q_t w_s e^{b_t − b_s} + Σ_{s < u} X_s (X: the state's share w ⊙ dw_state),
     else strad is 0 (_column_decay_grad)."""
     if WITH_A:
@@ -2095,7 +2096,7 @@ def _column_decay_grad(one, pair, dbLg, dbLx, strad, fast, tt, BT: tl.constexpr,
     dbLg, its pair terms and the state's share X as the old reverse sum took them (`pair` = q ⊙ dq_intra − w ⊙ dw,
     dbLx = Σ X), and their straddle sums `strad` (_column_pair_products). The reverse sum Σ_{i ≥ u} ∂b_i cancels the
     pairs on either side of u: ε·O(1) left where a strong decay makes the true ∂g_u ~e^{g_u} (2.0e-4 relative on a
-    gate's scale at s = 100, TRITON.md); straddled, each term carries e^{g_u}. COLUMN_STRADDLE: 0 the reverse sum,
+    gate's scale at s = 100, TRITON.md); straddled, each term carries e^{g_u}. DIAG_STRADDLE: 0 the reverse sum,
     1 straddled on the per-token path (chunks spanning > SPAN, where such decays live), 2 everywhere."""
     last = (tt == BT - 1)[:, None]
     if STRADDLE == 2:
@@ -2112,7 +2113,7 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
                    tt, i_v, DK, DV, SW, SE, TOKH, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, STORE_DV: tl.constexpr = True,
                    SPAN: tl.constexpr = FAST_SPAN, es_ptr=None, SCALED_E: tl.constexpr = False,
-                   COL_STRADDLE: tl.constexpr = 1):
+                   DIAG_STRADDLE: tl.constexpr = 1):
     """One chunk of the diagonal family's backward over one block of key columns `cols` (BK wide: all of them in the
     fused walk), from the chunk's query and ∂o tiles q, do and that block of S₀ (the state entering the chunk) and of
     dS = ∂L/∂S at its end (chunk_bwd_kernel's formulas). Stores the block's columns of dQ, dW_m (as the value block
@@ -2148,7 +2149,7 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
             dks = _mm(v, dS, PREC) * decw       # [BT, BK]: state's share of dW
             X = k * dks
             dqi, dki, A, strad_m = _column_pair_products(P, q, k, b, bl, tt, fast, BT, BK, PREC, WITH_A=True, X=X,
-                                                         STRADDLE=COL_STRADDLE)
+                                                         STRADDLE=DIAG_STRADDLE)
             kdS = _mm(k * decw, tl.trans(dS), PREC)   # [BT, BV]
             dq += dqi
             dk = dki + dks
@@ -2161,7 +2162,7 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
             dbLx += tl.sum(X, axis=0)
             strad += strad_m
         tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
-        dg = _column_decay_grad(one, pair, dbLg, dbLx, strad, fast, tt, BT, COL_STRADDLE)
+        dg = _column_decay_grad(one, pair, dbLg, dbLx, strad, fast, tt, BT, DIAG_STRADDLE)
         tl.store(dg_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :],
                  _log_decay_grad(dg, g_ptr, base[:, None] * DK + cols[None, :], qk_m), mask=qk_m)
         db, dbL = 0.0, 0.0
@@ -2171,24 +2172,36 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
         glv = tl.exp(bl.to(tl.float32))                           # [BV]
         dog = do * gv
         dq = _mm(dog, S0, PREC)                                   # (dO ⊙ Γ) S₀
-        o = _mm(q, tl.trans(S0), PREC) * gv                       # o, recomputed: its state share first
-        db = tl.zeros([BT, BV], dtype=tl.float32)
-        dbL = glv * tl.sum(dS * S0, axis=1)                       # [BV]
+        one = do * _mm(q, tl.trans(S0), PREC) * gv                # Γ's one-signed terms: dO ⊙ o's state share
+        pair = tl.zeros([BT, BV], dtype=tl.float32)
+        dbLg = glv * tl.sum(dS * S0, axis=1)                      # [BV]: Γ_L's
+        dbLx = tl.zeros([BV], dtype=tl.float32)
+        if DIAG_STRADDLE > 0:
+            strad = tl.zeros([BT, BV], dtype=tl.float32)
+        else:
+            strad = 0.0
         for m in tl.static_range(M):
             k = tl.load(k_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :],
                         mask=qk_m, other=0.0).to(tl.float32)
             v = _value_side(v_ptr, m, SE, base[:, None] * DV + rows[None, :], vm, es_ptr, base, tm, SCALED_E)
             QK = tl.where(causal, _mm(q, tl.trans(k), PREC), 0.0)
+            kdS = _mm(k, tl.trans(dS), PREC)   # [BT, BV]: W dSᵀ
+            X = v * kdS * decv                 # the state's share of −∂b_t (and of ∂b_L, summed)
             if fast:   # D_i(t, s) = e^{x_ti}·e^{−x_si}, as in the forward
                 vx = v * tl.exp(-x)
                 dox = do * tl.exp(x)
                 om = _mm(QK, vx, PREC) * tl.exp(x)
                 P = tl.where(causal, _mm(dox, tl.trans(vx), PREC), 0.0)   # Σ_i dO e D
                 dvl = _mm(tl.trans(QK), dox, PREC) * tl.exp(-x)
+                if DIAG_STRADDLE == 2:   # the pairs T_ts = dO_t QK_ts e_s e^{b_t − b_s} per row, as GLA's per column
+                    strad += _factored_straddle(QK, dox, vx, X, tt, BT, BV)
             else:      # pairwise exponents, one token column j at a time
                 om = tl.zeros([BT, BV], dtype=tl.float32)
                 P = tl.zeros([BT, BT], dtype=tl.float32)
                 dvl = tl.zeros([BT, BV], dtype=tl.float32)
+                if DIAG_STRADDLE > 0:
+                    Hs = tl.zeros([BT, BV], dtype=tl.float32)   # Σ_{s < j} QK_ts e_s e^{b_j − b_s}, rebased at each j
+                    xacc = tl.zeros([BV], dtype=tl.float32)     # Σ_{s < j} X_s
                 for j in range(0, BT):
                     sel, colj, vj, ex = _token_column(tt, j, v, b)
                     qkj = tl.sum(tl.where(colj, QK, 0.0), axis=1)  # [BT]: QK[:, j]
@@ -2196,7 +2209,11 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
                     P = tl.where(colj, tl.sum(do * vj[None, :] * ex, axis=1)[:, None], P)
                     dvj = tl.sum(qkj[:, None] * do * ex, axis=0)  # [BV]
                     dvl = tl.where(sel, dvj[None, :], dvl)
-            kdS = _mm(k, tl.trans(dS), PREC)   # [BT, BV]: W dSᵀ
+                    if DIAG_STRADDLE > 0:   # _column_pair_products' walk with (P, q, w) → (QK, dO, e)
+                        strad = tl.where(sel, strad + (tl.sum(do * ex * Hs, axis=0) + xacc)[None, :], strad)
+                        step = tl.sum(tl.where((tt == j + 1)[:, None], ex, 0.0), axis=0)   # e^{b_{j+1} − b_j}
+                        Hs = (Hs + qkj[:, None] * vj[None, :]) * step[None, :]
+                        xacc += tl.sum(tl.where(sel, X, 0.0), axis=0)
             dk = _mm(tl.trans(P), q, PREC) + _mm(v * decv, dS, PREC)
             dv = dvl + kdS * decv
             dq += _mm(P, k, PREC)
@@ -2204,12 +2221,20 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
                      mask=qk_m)
             if STORE_DV:
                 tl.store(dv_ptr + _rank_offset(m, SE) + base[:, None] * DV + rows[None, :], dv, mask=vm)
-            o += om
-            db -= v * dv
-            dbL += tl.sum(v * kdS * decv, axis=0)
+            pair += do * om - v * dvl - X
+            dbLx += tl.sum(X, axis=0)
         tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + base[:, None] * DK + cols[None, :], dq, mask=qk_m)
-        db += do * o
-        qs, dos, glast, pairs = q, dog, glv[:, None], 0.0
+        # ∂b for _diag_bwd_finish's reverse sum: straddled (DIAG_STRADDLE), the one-signed terms only, the pairs and
+        # X in `pairs` as their straddle sums; else the whole ∂b as before
+        if DIAG_STRADDLE == 2:
+            db, dbL, pairs = one, dbLg, strad
+        elif DIAG_STRADDLE == 1:
+            db = tl.where(fast, one + pair, one)
+            dbL = tl.where(fast, dbLg + dbLx, dbLg)
+            pairs = tl.where(fast, 0.0, strad)
+        else:
+            db, dbL, pairs = one + pair, dbLg + dbLx, 0.0
+        qs, dos, glast = q, dog, glv[:, None]
     else:
         D, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, DECAY == 1)
         # carried state's share
@@ -2276,6 +2301,19 @@ def _sum_before(x, tt):
 
 
 @triton.jit
+def _sum_before_rows(x, tt):
+    """Σ_{s < u} x_s for every token u and column of x [BT, C], as that (no cumsum(x) − x: _sum_before): one masked
+    row extraction per token, BT²·C work."""
+    acc = tl.zeros([x.shape[1]], dtype=tl.float32)
+    out = tl.zeros(x.shape, dtype=tl.float32)
+    for j in range(0, x.shape[0]):
+        sel = (tt == j)[:, None]
+        out = tl.where(sel, acc[None, :], out)
+        acc += tl.sum(tl.where(sel, x, 0.0), axis=0)
+    return out
+
+
+@triton.jit
 def _diag_bwd_finish(db, dbL, pairs, dg_ptr, g_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT: tl.constexpr,
                      DECAY: tl.constexpr):
     """∂g of a chunk from ∂b, ∂b_L (and a scalar decay's pairs) summed over its key blocks (_diag_bwd_keys): ∂b_L
@@ -2284,9 +2322,9 @@ def _diag_bwd_finish(db, dbL, pairs, dg_ptr, g_ptr, base, tm, rows, rm, tt, i_v,
     ∂g is per key column, stored by _diag_bwd_keys."""
     if DECAY == 1:
         tl.store(dg_ptr + i_v.to(tl.int64) * TOKH + base, _scalar_decay_grad(db, dbL, pairs, tt, BT), mask=tm)
-    elif DECAY == 2:
+    elif DECAY == 2:   # pairs: the straddle sums where DIAG_STRADDLE took them (_diag_bwd_keys), else 0
         db = tl.where((tt == BT - 1)[:, None], db + dbL[None, :], db)
-        dg = tl.cumsum(db, axis=0, reverse=True)
+        dg = tl.cumsum(db, axis=0, reverse=True) + pairs
         voff = base[:, None] * DV + rows[None, :]
         vm = tm[:, None] & rm[None, :]
         tl.store(dg_ptr + voff, _log_decay_grad(dg, g_ptr, voff, vm), mask=vm)
@@ -2299,7 +2337,7 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
                      USE_DHT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
                      GRADS: tl.constexpr = True, KEY_BLOCKS: tl.constexpr = False, SPAN: tl.constexpr = FAST_SPAN,
                      es_ptr=None, SCALED_E: tl.constexpr = False, f_ptr=None, FACTORS: tl.constexpr = False,
-                     COL_STRADDLE: tl.constexpr = 1):
+                     DIAG_STRADDLE: tl.constexpr = 1):
     """Reverse over chunks with dS (∂L/∂S at the chunk end) in registers; per chunk, with P_m = (dO E_mᵀ) ⊙ D:
         dQ   = Σ_m P_m W_m + Γ ⊙ (dO S₀)            dW_m = P_mᵀ Q + dec ⊙ (E_m dS)
         dE_m = (Q W_mᵀ ⊙ D)ᵀ dO + dec ⊙ (W_m dSᵀ)     dS₀  = Γ_L dS + (Γ ⊙ dO)ᵀ Q
@@ -2328,7 +2366,7 @@ def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr
                                                                dv_ptr, dg_ptr, base, tm, rows, cols, rm, km, tt, i_v,
                                                                DK, DV, SW, SE, TOKH, M, BT, BK, BV, DECAY, PREC,
                                                                SPAN=SPAN, es_ptr=es_ptr, SCALED_E=SCALED_E,
-                                                               COL_STRADDLE=COL_STRADDLE)
+                                                               DIAG_STRADDLE=DIAG_STRADDLE)
             _diag_bwd_finish(db, dbL, pairs, dg_ptr, g_ptr, base, tm, rows, rm, tt, i_v, DV, TOKH, BT, DECAY)
         else:
             tl.store(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, mask=m2)
@@ -2364,7 +2402,7 @@ def chunk_diag_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
                           dg_ptr, T, H, DK, DV, NCK, SW, SE, TOKH, M: tl.constexpr, BT: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, VARLEN: tl.constexpr,
                           PREC: tl.constexpr = "ieee", NKB: tl.constexpr = 1, SPAN: tl.constexpr = FAST_SPAN,
-                          es_ptr=None, SCALED_E: tl.constexpr = False):
+                          es_ptr=None, SCALED_E: tl.constexpr = False, DIAG_STRADDLE: tl.constexpr = 1):
     """The split diagonal path's gradients, parallel over chunks: one (chunk, value block) from S₀ = ck and
     dS = dh, into the same partial-sum slots as chunk_bwd_kernel, walking the key columns in NKB blocks of BK
     (_diag_bwd_keys per block: no [BT, d_k] tile is live beyond its block). One input term when NKB > 1 (its dE
@@ -2381,7 +2419,10 @@ def chunk_diag_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
     else:
         db = tl.zeros([BT], dtype=tl.float32)
         dbL = tl.sum(db, axis=0)
-    pairs = tl.zeros([BT, BT], dtype=tl.float32)
+    if DECAY == 2:   # a row decay's straddle sums (DIAG_STRADDLE), per value row
+        pairs = tl.zeros([BT, BV], dtype=tl.float32)
+    else:
+        pairs = tl.zeros([BT, BT], dtype=tl.float32)
     for kb in range(0, NKB):
         cols = kb * BK + tl.arange(0, BK)
         km = cols < DK
@@ -2394,12 +2435,12 @@ def chunk_diag_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
         _, _, _, dv_k, db_k, dbL_k, pairs_k = _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr,
                                                              dv_ptr, dg_ptr, base, tm, rows, cols, rm, km, tt, i_v, DK,
                                                              DV, SW, SE, TOKH, M, BT, BK, BV, DECAY, PREC, NKB == 1,
-                                                             SPAN, es_ptr, SCALED_E)
+                                                             SPAN, es_ptr, SCALED_E, DIAG_STRADDLE)
         dv += dv_k
         if DECAY == 1 or DECAY == 2:
             db += db_k
             dbL += dbL_k
-        if DECAY == 1:
+        if DECAY == 1 or DECAY == 2:
             pairs += pairs_k
     if NKB > 1:
         tl.store(dv_ptr + voff, dv, mask=vm)
@@ -2424,7 +2465,7 @@ def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
                           T, H, DK, DV, NCK, TOKH, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           DECAY: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
                           SPAN: tl.constexpr = FAST_SPAN, es_ptr=None, SCALED_E: tl.constexpr = False,
-                          COL_STRADDLE: tl.constexpr = 1):
+                          DIAG_STRADDLE: tl.constexpr = 1):
     """The split diagonal path's dQ, dW and ∂g for no, a scalar or a column decay and one input term, one program per
     (chunk, key block), from S₀ = ck and dS = dh (TRITON.md, "Split diagonal path"). What sums over value rows is
     summed here, one value block after another, so dQ and dW are stored whole:
@@ -2467,11 +2508,11 @@ def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
         fast = tl.min(bl, axis=0) > -SPAN
         dks = dks * tl.exp((bl[None, :] - b).to(tl.float32))
         X = k * dks
-        dqi, dki, _, strad = _column_pair_products(P, q, k, b, bl, tt, fast, BT, BK, PREC, X=X, STRADDLE=COL_STRADDLE)
+        dqi, dki, _, strad = _column_pair_products(P, q, k, b, bl, tt, fast, BT, BK, PREC, X=X, STRADDLE=DIAG_STRADDLE)
         dq = dqs * tl.exp(b.to(tl.float32))
         dk = dki + dks
         dg = _column_decay_grad(q * dq, q * dqi - k * dk, tl.exp(bl.to(tl.float32)) * sds, tl.sum(X, axis=0), strad,
-                                fast, tt, BT, COL_STRADDLE)
+                                fast, tt, BT, DIAG_STRADDLE)
         dq += dqi
         tl.store(dg_ptr + base[:, None] * DK + cols[None, :], _log_decay_grad(dg, g_ptr, base[:, None] * DK + cols[None, :],
                                                                                qk_m), mask=qk_m)
@@ -2564,7 +2605,7 @@ def _chunked_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, es):
             cu_seqlens if cu_seqlens is not None else dh0, dq, dk, dv, dg, dh0, dh0, T, H, d_k, d_v, ck.shape[2],
             k[0].numel(), v[0].numel(), TOKH, M=M, BT=C, BK=BK, BV=BV, DECAY=decay, USE_DHT=dht is not None,
             VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), SPAN=fast_span(), **_launch_opts(walk=True),
-            **_scale_args(es), **_column_straddle_arg(decay))
+            **_scale_args(es), **_diag_straddle_arg(decay))
     out = [dq.sum(0), dk.sum(0), dv]
     if decay:
         out.append(dg.sum(0))
@@ -2627,7 +2668,7 @@ def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, 
     common = dict(common, SPAN=fast_span())
     chunk_diag_dqk_kernel[(NTG, NK, G)](q, k, v, g, do, ck, dh, cu, ix, dq, dk, dg, T, H, d_k, d_v, ck.shape[2],
                                         B * T * H, BK=BKQ, BV=min(max(16, _np2(d_v)), DIAG_DQK_BLOCK_V), **common,
-                                        **_scale_args(es), **_column_straddle_arg(decay))
+                                        **_scale_args(es), **_diag_straddle_arg(decay))
     BVD = min(max(16, _np2(d_v)), DIAG_DV_BLOCK_V)
     chunk_diag_dv_kernel[(NTG, -(-d_v // BVD), G)](q, k, g, do, dh, cu, ix, dv, T, H, d_k, d_v, ck.shape[2],
                                                    BK=min(max(16, _np2(d_k)), DIAG_DV_BLOCK_K), BV=BVD, **common)
@@ -2650,4 +2691,4 @@ def _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk
     BKB = min(BK, DIAG_BWD_BLOCK_K)
     chunk_diag_bwd_kernel[(NTG, -(-d_v // BV), G)](q, k, v, g, do, ck, dh, cu, ix, dq, dk, dv, dg, T, H, d_k, d_v,
                                                    NCK, k[0].numel(), v[0].numel(), B * T * H, M=k.shape[0], BK=BKB,
-                                                   NKB=BK // BKB, **common, **_scale_args(es))
+                                                   NKB=BK // BKB, **common, **_scale_args(es), **_diag_straddle_arg(decay))

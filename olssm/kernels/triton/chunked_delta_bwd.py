@@ -634,12 +634,45 @@ def chunk_rowc_bwd_value_kernel(q_ptr, w_ptr, g_ptr, a_ptr, c_ptr, do_ptr, dh_pt
 # at a time with the pairwise exponent (≤ 0), exact for any decay. The two substitutions stay token loops.
 
 @triton.jit
+def _straddle_walk(Ko, Kp, Lo, Lp, R, b, tt, BT: tl.constexpr, BV: tl.constexpr):
+    """Σ_{s < u ≤ t} (Lo_t Ko_ts + Lp_t Kp_ts) R_s e^{b_t − b_s} per value row, for every token u, on the per-token
+    path (any decay): running sums H_u(t) = Σ_{s < u} K_ts R_s e^{b_u − b_s}, rebased at each u by e^{g_{u+1}} ≤ 1,
+    read by Σ_{t ≥ u} L_t e^{b_t − b_u} H_u(t) (chunked._column_pair_products' walk, two pair types at once)."""
+    strad = tl.zeros([BT, BV], dtype=tl.float32)
+    Ho = tl.zeros([BT, BV], dtype=tl.float32)
+    Hp = tl.zeros([BT, BV], dtype=tl.float32)
+    for j in range(0, BT):
+        sel, colj, rj, ex = _token_column(tt, j, R, b)
+        strad = tl.where(sel, tl.sum((Lo * Ho + Lp * Hp) * ex, axis=0)[None, :], strad)
+        step = tl.sum(tl.where((tt == j + 1)[:, None], ex, 0.0), axis=0)   # e^{b_{j+1} − b_j}
+        Ho = (Ho + tl.sum(tl.where(colj, Ko, 0.0), axis=1)[:, None] * rj[None, :]) * step[None, :]
+        Hp = (Hp + tl.sum(tl.where(colj, Kp, 0.0), axis=1)[:, None] * rj[None, :]) * step[None, :]
+    return strad
+
+
+@triton.jit
+def _pair_straddle(Ko, Kp, Lo, Lp, R, b, x, fast, tt, BT: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr):
+    """_straddle_walk's sums on the per-token path; with MODE 2 (DIAG_STRADDLE "all") on the factorised path as
+    chunked._factored_straddle's (factors e^{±x}, x = b − b_L/2: no exponent per pair)."""
+    if MODE == 2:
+        if fast:
+            zero = tl.zeros([BT, BV], dtype=tl.float32)
+            out = (_ch._factored_straddle(Ko, Lo * tl.exp(x), R * tl.exp(-x), zero, tt, BT, BV)
+                   + _ch._factored_straddle(Kp, Lp * tl.exp(x), R * tl.exp(-x), zero, tt, BT, BV))
+        else:
+            out = _straddle_walk(Ko, Kp, Lo, Lp, R, b, tt, BT, BV)
+    else:
+        out = _straddle_walk(Ko, Kp, Lo, Lp, R, b, tt, BT, BV)
+    return out
+
+
+@triton.jit
 def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, do_ptr, dht_ptr, ck_ptr, cu_ptr,
                               dq_ptr, dw_ptr, de_ptr, dg_ptr, da_ptr, db_ptr, dc_ptr, dh0_ptr,
                               T, H, DK, DV, NCK, SW, SE, TOKH, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                               BV: tl.constexpr, C_ROW: tl.constexpr, USE_DHT: tl.constexpr, VARLEN: tl.constexpr,
                               PREC: tl.constexpr = "ieee", SUB: tl.constexpr = 1, SPAN: tl.constexpr = _ch.FAST_SPAN,
-                              es_ptr=None, SCALED_E: tl.constexpr = False):
+                              es_ptr=None, SCALED_E: tl.constexpr = False, DIAG_STRADDLE: tl.constexpr = 1):
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
                                                                                       BV, VARLEN)
     incl = tt[:, None] >= tt[None, :]
@@ -708,6 +741,18 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
               - _mm(Dl * dec, dS, PREC))
         dbt = do * o + dP * P - Dl * dD                                                  # ∂b, [BT, BV]
         XL = -tl.sum(Dl * BdS * dec, axis=0)                                             # Σ_t dec_t X_t, [BV]
+        # DIAG_STRADDLE (chunked.py): ∂g from its one-signed terms, the state's share X and the straddle sums of the
+        # pair terms T_ts = L_t K_ts R_s e^{b_t − b_s}, (L, K, R) = (dO, −QB, Δ), (dP, −AB, Δ), (dO, QW_m, e_m),
+        # (dP, AW_m, e_m): where the reverse sum of ∂b cancels them across each token (TRITON.md)
+        straddled = fast == 0
+        if DIAG_STRADDLE == 2:
+            straddled = True
+        if DIAG_STRADDLE == 0:
+            straddled = False
+        Xs = -Dl * BdS * dec
+        strad = tl.zeros([BT, BV], dtype=tl.float32)
+        if straddled:
+            strad = _pair_straddle(-QB, -AB, do, dP, Dl, G, xh, fast, tt, BT, BV, DIAG_STRADDLE)
         for m in tl.static_range(M):
             w = tl.load(w_ptr + _rank_offset(m, SW) + koff, mask=km2, other=0.0).to(tl.float32)
             e = _value_side(e_ptr, m, SE, voff, vm, es_ptr, base, tm, SCALED_E)
@@ -740,11 +785,20 @@ def chunk_rowdecay_bwd_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, d
             tl.store(dw_ptr + (i_v * M + m).to(tl.int64) * TOKH * DK + koff, dw, mask=km2)
             dbt -= e * de
             XL += tl.sum(e * WdS * dec, axis=0)
+            Xs += e * WdS * dec
+            if straddled:
+                strad += _pair_straddle(QW, AW, do, dP, e, G, xh, fast, tt, BT, BV, DIAG_STRADDLE)
         tl.store(dq_ptr + i_v.to(tl.int64) * TOKH * DK + koff, dq, mask=km2)
         tl.store(da_ptr + i_v.to(tl.int64) * TOKH * DK + koff, da, mask=km2)
         tl.store(db_ptr + i_v.to(tl.int64) * TOKH * DK + koff, db, mask=km2)
-        dbt = tl.where((tt == BT - 1)[:, None], dbt + (glv * tl.sum(dS * S0, axis=1) + XL)[None, :], dbt)
-        tl.store(dg_ptr + voff, tl.cumsum(dbt, axis=0, reverse=True), mask=vm)
+        dbLg = glv * tl.sum(dS * S0, axis=1)
+        last = (tt == BT - 1)[:, None]
+        dg = tl.cumsum(tl.where(last, dbt + (dbLg + XL)[None, :], dbt), axis=0, reverse=True)
+        if straddled:   # the one-signed terms: dO ⊙ o's and dP ⊙ P's state shares (Γ ⊙ Q S₀ᵀ, Γ ⊙ A S₀ᵀ)
+            one = (do * _mm(q, tl.trans(S0), PREC) + dP * _mm(a, tl.trans(S0), PREC)) * gam
+            dg = (tl.cumsum(tl.where(last, one + dbLg[None, :], one), axis=0, reverse=True) + strad
+                  + _ch._sum_before_rows(Xs, tt))
+        tl.store(dg_ptr + voff, dg, mask=vm)
         dS = (dS * glv[:, None] + _mm(tl.trans(do * gam), q, PREC)
               + _mm(tl.trans(dP * gam), a, PREC))
         dS = tl.where(m2, dS, 0.0)
@@ -773,7 +827,7 @@ def chunked_rowdecay_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=Non
         cu_seqlens if cu_seqlens is not None else dh0, dq, dw, de, dg, da, db, dc, dh0, T, H, d_k, d_v, ck.shape[2],
         w[0].numel(), e[0].numel(), TOKH, M=M, BT=C, BK=BK, BV=BV, C_ROW=c_row, USE_DHT=dht is not None,
         VARLEN=cu_seqlens is not None, PREC=_precision(do.dtype), SUB=sub, SPAN=fast_span(),
-        **_ch._launch_opts(walk=True), **_ch._scale_args(es))
+        **_ch._launch_opts(walk=True), **_ch._scale_args(es), DIAG_STRADDLE=_ch.diag_straddle())
     return [dq.sum(0), dw.sum(0), de, dg, da.sum(0), db.sum(0), dc if c_row else dc.sum(0)], dh0
 
 
