@@ -355,6 +355,38 @@ def test_input_values_outside_their_domain_are_named(backend, monkeypatch):
     m = _inputs(mamba)
     m["dt"][:, 2] = 0.0
     assert torch.isfinite(mamba.scan(**m, backend=backend)[0]).all()
+    # what the check leaves alone (a probe's false positives): a "unit" input above 1 (DeltaNet's β ∈ (0, 2), computed
+    # alike by every backend), vmap over the scan (no .item() on a batched tensor); a grouped key's bad value is named
+    # at its own head index, not at the expanded one
+    dn = catalogue.rule("deltanet")
+    x = _inputs(dn)
+    x["beta"] = 2 * x["beta"]
+    assert torch.isfinite(dn.scan(**x, backend=backend)[0]).all()
+    gi = _inputs(gla)
+    out = torch.func.vmap(lambda q: gla.scan(**{**gi, "q": q}, backend=backend)[0])(torch.stack([gi["q"]] * 2))
+    assert torch.allclose(out[1], gla.scan(**gi, backend=backend)[0], atol=1e-6)
+    gd = catalogue.rule("gated_deltanet")
+    x = _inputs(gd, H=4)
+    x["k"], x["q"] = x["k"][:, :, :2].clone(), x["q"][:, :, :2]    # two key groups for four heads
+    x["k"][0, 3, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"'k' .* first at index \(0, 3, 1, 2\)"):
+        gd.scan(**x, backend=backend)
+    # RLS divides by γ and starts from I/λ: 0 is in their closed domains but has no step (had been non-finite
+    # outputs on the reference, an error naming the inner scan's olssm_g on the chunk backend)
+    rls = catalogue.rule("rls")
+    for name, index, says in (("gamma", (0, 3, 1), r"forgetting factor γ, which is ≤ 0 .* index \(0, 3, 1\)"),
+                              ("lam", (1,), r"P_0 = I/\(λ\) is not finite")):
+        x = _inputs(rls)
+        x[name][index] = 0.0
+        with pytest.raises(ValueError, match=says):
+            rls.scan(**x, backend=backend)
+    # an exact rule's initial state is a pair: the bad one is named
+    dls = catalogue.rule("decayed_least_squares")
+    G0, H0 = dls.zero_state((2, 3), 5, 4)
+    H0 = H0.clone()
+    H0[0, 1, 2, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"'initial_state\[1\]' \(initial state\) has NaN"):
+        dls.scan(**_inputs(dls), initial_state=(G0, H0), backend=backend)
     # "0" turns the check off: the gate of 2 runs (and grows the state)
     monkeypatch.setenv("OLSSM_CHECK_INPUTS", "0")
     rule, inp = bad[1]

@@ -91,14 +91,17 @@ def expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
     return x.repeat_interleave(H // G, dim=2)
 
 
-#: the values each input domain admits (closed bounds: a decay of exactly 0 or 1, a gate at 0, are meant), and
-#: whether −inf is one of them (a log decay of −inf is a decay of exactly 0)
-_DOMAIN_BOUNDS = {"real": (None, None, False), "positive": (0.0, None, False), "unit": (0.0, 1.0, False),
+#: the values each input domain admits, as far as the backends need them (closed bounds: a decay of exactly 0 or 1, a
+#: gate at 0, are meant), and whether −inf is one of them (a log decay of −inf is a decay of exactly 0). A decay's
+#: upper bound (log Λ ≤ 0) is what the chunked forms' factorised products assume; a "unit" input above 1 is computed
+#: alike by every backend (DeltaNet's β ∈ (0, 2), negative eigenvalues: fla's allow_neg_eigval), so only its sign is
+#: checked
+_DOMAIN_BOUNDS = {"real": (None, None, False), "positive": (0.0, None, False), "unit": (0.0, None, False),
                   "decay": (0.0, 1.0, False), "timestep": (0.0, None, False), "negative": (None, 0.0, False),
                   "log_decay": (None, 0.0, True)}
 
 
-def check_inputs_mode() -> bool:
+def check_inputs_mode() -> str:
     """Whether scan checks its inputs' values here: OLSSM_CHECK_INPUTS "auto" (default: on CPU tensors, where the
     check is a few passes beside the scan's; on a GPU it is a host sync per call, so off), "1" (everywhere), "0"."""
     mode = os.environ.get("OLSSM_CHECK_INPUTS", "auto")
@@ -116,10 +119,14 @@ def check_input_values(inputs: dict, need: dict, initial_state=None) -> None:
     mode = check_inputs_mode()
     if mode == "0" or torch.compiler.is_compiling():
         return
-    states = [] if initial_state is None else list(initial_state) if isinstance(initial_state, (tuple, list)) \
-        else [initial_state]
-    for n, x in [*inputs.items(), *(("initial_state", st) for st in states if torch.is_tensor(st))]:
-        if x.numel() == 0 or x.device.type == "meta" or (mode == "auto" and x.device.type != "cpu"):
+    pair = isinstance(initial_state, (tuple, list))
+    states = [] if initial_state is None else list(initial_state) if pair else [initial_state]
+    named = [*((n, x) for n, x in inputs.items() if not n.startswith(_INTERNAL)),
+             *((f"initial_state[{i}]" if pair else "initial_state", st) for i, st in enumerate(states)
+               if torch.is_tensor(st))]
+    for n, x in named:
+        if (x.numel() == 0 or x.device.type == "meta" or (mode == "auto" and x.device.type != "cpu")
+                or torch._C._functorch.is_functorch_wrapped_tensor(x)):   # vmap / grad transforms: no .item()
             continue
         spec = need.get(n)
         domain = spec.domain if spec is not None else "real"
@@ -139,12 +146,16 @@ def check_input_values(inputs: dict, need: dict, initial_state=None) -> None:
             label = ("initial state" if spec is None else
                      f"{'parameter' if spec.is_parameter else spec.role}, domain {domain!r}")
             fix = ("a diverged run?" if what.startswith("NaN") else
-                   "a gate outside its range; declare the input domain='real' where such values are meant")
+                   f"declare the input with a domain that admits them ({', '.join(_ADMITTING)}) where such values "
+                   "are meant")
             raise ValueError(f"scan: {n!r} ({label}) has {what}, first at index {first}, which its domain rules out "
                              f"({_DOMAIN_TEXT.get(domain, 'finite')}): {fix} (OLSSM_CHECK_INPUTS=0 skips this check)")
 
 
-_DOMAIN_TEXT = {"real": "finite", "positive": "finite, ≥ 0", "unit": "in [0, 1]", "decay": "in [0, 1]",
+#: internal inputs (RLS's inner scan of S: olssm_g, olssm_u, ...), formed from inputs already checked
+_INTERNAL = "olssm_"
+_ADMITTING = ("domain='real'", "'positive' for a growth factor")
+_DOMAIN_TEXT = {"real": "finite", "positive": "finite, ≥ 0", "unit": "finite, ≥ 0", "decay": "in [0, 1]",
                 "timestep": "finite, ≥ 0", "negative": "finite, ≤ 0", "log_decay": "≤ 0, −inf allowed"}
 
 
@@ -261,7 +272,8 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
                                  f"got {_shape(st) if torch.is_tensor(st) else type(st).__name__}")
             if not st.is_floating_point():   # an int state was taken and rounded silently
                 raise ValueError(f"scan: initial_state must be a floating-point tensor, got {st.dtype}")
-    check_input_values({**tokens, **params}, need, initial_state)
+    # the caller's tensors (a grouped key before expand_heads): the index named is one of theirs
+    check_input_values({n: given[n] for n in need}, need, initial_state)
     out_dtype = next((tokens[n] for n in ordered if need[n].role == "value"), first).dtype
     return ScanArgs(rule, tokens, params, B, T, H, d_k, d_v, out_dtype, device, initial_state,
                     cu_seqlens, output_final_state, chunk_size)
@@ -297,6 +309,9 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
         backend = auto_backend(args.rule, args.device)
     if args.T == 0 or args.B == 0 or args.H == 0 or args.d_k == 0 or (args.d_v == 0 and not args.rule.is_exact):
         return _nothing_to_scan(args)
+    if args.rule.is_rls:
+        from .rls import check_rls_values
+        check_rls_values(args)
     # under torch.autocast the backends' matmuls (chunk products, UT inverses, exact solves) would run in bf16 and
     # the fp32 state would be only bf16-accurate (DeltaNet's o off by 6e-3 relative): the scan keeps its own dtypes
     with _autocast_off(args.device):

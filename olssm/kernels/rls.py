@@ -172,6 +172,29 @@ def torch_gain_scan(u, gamma, R, P0, cu_seqlens=None):
     return _GainScan.apply(u, gamma, R, P0, cu_seqlens)
 
 
+def check_rls_values(args) -> None:
+    """RLS divides by its forgetting factor γ and starts from P_0 = I/λ: γ = 0 or λ = 0 lie in their inputs' closed
+    domains (a decay of 0, a ridge of 0) but have no RLS step, and had come out as non-finite outputs (reference) or
+    as an error naming the inner scan's olssm_g (chunk). An error naming the rule's γ and λ instead, where
+    api.check_input_values runs (CPU tensors by default)."""
+    from .api import check_inputs_mode
+    mode = check_inputs_mode()
+    if mode == "0" or torch.compiler.is_compiling() or args.device.type == "meta" or (
+            mode == "auto" and args.device.type != "cpu"):
+        return
+    form = args.rule.form
+    gamma = coefficients(args, args.state_dtype)[0]
+    if gamma.numel() and not bool((gamma > 0).all()):
+        first = tuple(int(i) for i in (~(gamma > 0)).nonzero()[0].tolist())
+        raise ValueError(f"scan: this RLS rule divides by its forgetting factor {form.decay}, which is ≤ 0 (or NaN) "
+                         f"at [B, T, H] index {first}; RLS needs it > 0")
+    if args.initial_state is None and args.T > 0:
+        P0 = initial_p(args, args.state_dtype)
+        if not bool(torch.isfinite(P0).all()):
+            raise ValueError(f"scan: this RLS rule's P_0 = I/({form.ridge}) is not finite: its ridge {form.ridge} must be "
+                             "> 0 at each sequence's first token (or pass initial_state)")
+
+
 def rls_scan(args, gain_scan, backend: str):
     """o [B, T, H, d_v] (args.out_dtype) and (if asked) the final (S, P) fp32 (fp64 for fp64 inputs on
     the chunk backend, as verification wants): the gain by gain_scan(u, γ, R, P_0, cu_seqlens) ->
