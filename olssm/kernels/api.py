@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import math
 import os
@@ -117,11 +118,11 @@ def check_input_values(inputs: dict, need: dict, initial_state=None) -> None:
     to every token of its chunk (the token loops keep it causal), a negative decay was an error on the log paths
     and multiplied through by the loops, a β making Longhorn's ε infinite gave inf silently."""
     mode = check_inputs_mode()
-    if mode == "0" or torch.compiler.is_compiling():
+    if mode == "0" or torch.compiler.is_compiling() or _INNER_SCAN.get():
         return
     pair = isinstance(initial_state, (tuple, list))
     states = [] if initial_state is None else list(initial_state) if pair else [initial_state]
-    named = [*((n, x) for n, x in inputs.items() if not n.startswith(_INTERNAL)),
+    named = [*inputs.items(),
              *((f"initial_state[{i}]" if pair else "initial_state", st) for i, st in enumerate(states)
                if torch.is_tensor(st))]
     for n, x in named:
@@ -152,8 +153,18 @@ def check_input_values(inputs: dict, need: dict, initial_state=None) -> None:
                              f"({_DOMAIN_TEXT.get(domain, 'finite')}): {fix} (OLSSM_CHECK_INPUTS=0 skips this check)")
 
 
-#: internal inputs (RLS's inner scan of S: olssm_g, olssm_u, ...), formed from inputs already checked
-_INTERNAL = "olssm_"
+#: set while a backend scans inputs it formed from checked ones (RLS's inner scan of S: olssm_g, olssm_u, ...)
+_INNER_SCAN = contextvars.ContextVar("olssm_inner_scan", default=False)
+
+
+@contextlib.contextmanager
+def inner_scan():
+    """Scans inside this block skip check_input_values: their inputs were formed from inputs already checked."""
+    token = _INNER_SCAN.set(True)
+    try:
+        yield
+    finally:
+        _INNER_SCAN.reset(token)
 _ADMITTING = ("domain='real'", "'positive' for a growth factor")
 _DOMAIN_TEXT = {"real": "finite", "positive": "finite, ≥ 0", "unit": "finite, ≥ 0", "decay": "in [0, 1]",
                 "timestep": "finite, ≥ 0", "negative": "finite, ≤ 0", "log_decay": "≤ 0, −inf allowed"}

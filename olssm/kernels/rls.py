@@ -21,7 +21,7 @@ import torch
 
 from ..derive.rule import Correction, InputTerm, NormalForm, Rule, evaluator
 from ..objectives import core as O
-from .api import scan, scan_pieces
+from .api import inner_scan, scan, scan_pieces
 from .recurrent import _rowdot, _serial, first_derivative_only
 
 
@@ -209,7 +209,8 @@ def rls_scan(args, gain_scan, backend: str):
             raise ValueError(f"scan: initial_state is on {P0.device}, inputs on {args.device}")
     cu = None if args.cu_seqlens is None else args.cu_seqlens.to(args.device).contiguous()
     g, Pt = gain_scan(u, gamma, R, P0, cu)
-    o, St = scan(s_rule(), backend=backend, initial_state=S0, output_final_state=args.output_final_state,
-                 cu_seqlens=args.cu_seqlens, chunk_size=args.chunk_size, olssm_R=R, olssm_u=u, olssm_g=g, olssm_e=e,
-                 olssm_q=q)
+    with inner_scan():   # S's inputs come from checked ones (and the check named the gain scan's olssm_g)
+        o, St = scan(s_rule(), backend=backend, initial_state=S0, output_final_state=args.output_final_state,
+                     cu_seqlens=args.cu_seqlens, chunk_size=args.chunk_size, olssm_R=R, olssm_u=u, olssm_g=g,
+                     olssm_e=e, olssm_q=q)
     return o.to(args.out_dtype), ((St, Pt) if args.output_final_state else None)
