@@ -2067,17 +2067,30 @@ def _column_pair_products(P, q, k, b, bl, tt, fast, BT: tl.constexpr, BK: tl.con
             dki = tl.where(sel, tl.sum(pj[:, None] * q * ex, axis=0)[None, :], dki)
             if STRADDLE > 0:
                 strad = tl.where(sel, (tl.sum(q * ex * H, axis=0) + xacc)[None, :], strad)
-                step = tl.sum(tl.where((tt == j + 1)[:, None], ex, 0.0), axis=0)   # e^{b_{j+1} − b_j} ≤ 1
-                H = (H + pj[:, None] * kj[None, :]) * step[None, :]
+                H = _walk_on(H, pj, kj, _walk_step(ex, tt, j))
                 xacc += tl.sum(tl.where(sel, X, 0.0), axis=0)
     return dqi, dki, A, strad
+
+
+@triton.jit
+def _walk_step(ex, tt, j):
+    """e^{g_{j+1}} ≤ 1: row j + 1 of the per-token loop's pairwise factors ex = e^{b_t − b_j} (_token_column)."""
+    return tl.sum(tl.where((tt == j + 1)[:, None], ex, 0.0), axis=0)
+
+
+@triton.jit
+def _walk_on(H, kcol, rj, step):
+    """One step of the per-token straddle walk: H_{j+1} = e^{g_{j+1}} (H_j + K[:, j] ⊗ R_j), from H_j(t) =
+    Σ_{s < j} K_ts R_s e^{b_j − b_s} rebased at j (so that every factor is ≤ 1); kcol = K[:, j], rj = R_j, step =
+    _walk_step's e^{g_{j+1}}."""
+    return (H + kcol[:, None] * rj[None, :]) * step[None, :]
 
 
 @triton.jit
 def _factored_straddle(P, qx, kx, X, tt, BT: tl.constexpr, BK: tl.constexpr):
     """strad_u = Σ_{s < u ≤ t} P_ts qx_t kx_s + Σ_{s < u} X_s per key column on the factorised path (qx = q e^{x},
     kx = w e^{−x}: each product is e^{b_t − b_s} ≤ 1, no term cancels another): a running prefix H over s, one token
-    at a time (BT²·BK work, no exponent)."""
+    at a time (BT²·BK work, no exponent). X None: the pairs alone."""
     strad = tl.zeros([BT, BK], dtype=tl.float32)
     H = tl.zeros([BT, BK], dtype=tl.float32)
     xacc = tl.zeros([BK], dtype=tl.float32)
@@ -2086,7 +2099,8 @@ def _factored_straddle(P, qx, kx, X, tt, BT: tl.constexpr, BK: tl.constexpr):
         strad = tl.where(sel, (tl.sum(tl.where((tt >= j)[:, None], qx * H, 0.0), axis=0) + xacc)[None, :], strad)
         pj = tl.sum(tl.where((tt == j)[None, :], P, 0.0), axis=1)
         H += pj[:, None] * tl.sum(tl.where(sel, kx, 0.0), axis=0)[None, :]
-        xacc += tl.sum(tl.where(sel, X, 0.0), axis=0)
+        if X is not None:
+            xacc += tl.sum(tl.where(sel, X, 0.0), axis=0)
     return strad
 
 
@@ -2211,8 +2225,7 @@ def _diag_bwd_keys(q, do, S0, dS, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, d
                     dvl = tl.where(sel, dvj[None, :], dvl)
                     if DIAG_STRADDLE > 0:   # _column_pair_products' walk with (P, q, w) → (QK, dO, e)
                         strad = tl.where(sel, strad + (tl.sum(do * ex * Hs, axis=0) + xacc)[None, :], strad)
-                        step = tl.sum(tl.where((tt == j + 1)[:, None], ex, 0.0), axis=0)   # e^{b_{j+1} − b_j}
-                        Hs = (Hs + qkj[:, None] * vj[None, :]) * step[None, :]
+                        Hs = _walk_on(Hs, qkj, vj, _walk_step(ex, tt, j))
                         xacc += tl.sum(tl.where(sel, X, 0.0), axis=0)
             dk = _mm(tl.trans(P), q, PREC) + _mm(v * decv, dS, PREC)
             dv = dvl + kdS * decv

@@ -644,9 +644,9 @@ def _straddle_walk(Ko, Kp, Lo, Lp, R, b, tt, BT: tl.constexpr, BV: tl.constexpr)
     for j in range(0, BT):
         sel, colj, rj, ex = _token_column(tt, j, R, b)
         strad = tl.where(sel, tl.sum((Lo * Ho + Lp * Hp) * ex, axis=0)[None, :], strad)
-        step = tl.sum(tl.where((tt == j + 1)[:, None], ex, 0.0), axis=0)   # e^{b_{j+1} − b_j}
-        Ho = (Ho + tl.sum(tl.where(colj, Ko, 0.0), axis=1)[:, None] * rj[None, :]) * step[None, :]
-        Hp = (Hp + tl.sum(tl.where(colj, Kp, 0.0), axis=1)[:, None] * rj[None, :]) * step[None, :]
+        step = _ch._walk_step(ex, tt, j)
+        Ho = _ch._walk_on(Ho, tl.sum(tl.where(colj, Ko, 0.0), axis=1), rj, step)
+        Hp = _ch._walk_on(Hp, tl.sum(tl.where(colj, Kp, 0.0), axis=1), rj, step)
     return strad
 
 
@@ -655,10 +655,9 @@ def _pair_straddle(Ko, Kp, Lo, Lp, R, b, x, fast, tt, BT: tl.constexpr, BV: tl.c
     """_straddle_walk's sums on the per-token path; with MODE 2 (DIAG_STRADDLE "all") on the factorised path as
     chunked._factored_straddle's (factors e^{±x}, x = b − b_L/2: no exponent per pair)."""
     if MODE == 2:
-        if fast:
-            zero = tl.zeros([BT, BV], dtype=tl.float32)
-            out = (_ch._factored_straddle(Ko, Lo * tl.exp(x), R * tl.exp(-x), zero, tt, BT, BV)
-                   + _ch._factored_straddle(Kp, Lp * tl.exp(x), R * tl.exp(-x), zero, tt, BT, BV))
+        if fast:   # (the state's share X is summed apart: _sum_before_rows)
+            out = (_ch._factored_straddle(Ko, Lo * tl.exp(x), R * tl.exp(-x), None, tt, BT, BV)
+                   + _ch._factored_straddle(Kp, Lp * tl.exp(x), R * tl.exp(-x), None, tt, BT, BV))
         else:
             out = _straddle_walk(Ko, Kp, Lo, Lp, R, b, tt, BT, BV)
     else:
