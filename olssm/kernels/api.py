@@ -111,6 +111,14 @@ def check_inputs_mode() -> str:
     return mode
 
 
+def checks_on(mode: str, device) -> bool:
+    """Whether the value checks (check_input_values, rls.check_rls_values) look at tensors on this device now, under
+    check_inputs_mode() `mode`: not while torch.compile traces or inside an inner scan, not on the meta device, and
+    under "auto" on the CPU only."""
+    return (mode != "0" and not torch.compiler.is_compiling() and not _INNER_SCAN.get()
+            and device.type != "meta" and (mode == "1" or device.type == "cpu"))
+
+
 def check_input_values(inputs: dict, need: dict, initial_state=None) -> None:
     """A value no input of its domain can take is an error naming the input (CHUNK.md, "Input values"): NaN or ±inf
     anywhere (−inf allowed in a log decay), or outside the declared domain (a decay above 1 or below 0, a negative
@@ -118,15 +126,13 @@ def check_input_values(inputs: dict, need: dict, initial_state=None) -> None:
     to every token of its chunk (the token loops keep it causal), a negative decay was an error on the log paths
     and multiplied through by the loops, a β making Longhorn's ε infinite gave inf silently."""
     mode = check_inputs_mode()
-    if mode == "0" or torch.compiler.is_compiling() or _INNER_SCAN.get():
-        return
     pair = isinstance(initial_state, (tuple, list))
     states = [] if initial_state is None else list(initial_state) if pair else [initial_state]
     named = [*inputs.items(),
              *((f"initial_state[{i}]" if pair else "initial_state", st) for i, st in enumerate(states)
                if torch.is_tensor(st))]
     for n, x in named:
-        if (x.numel() == 0 or x.device.type == "meta" or (mode == "auto" and x.device.type != "cpu")
+        if (x.numel() == 0 or not checks_on(mode, x.device)
                 or torch._C._functorch.is_functorch_wrapped_tensor(x)):   # vmap / grad transforms: no .item()
             continue
         spec = need.get(n)

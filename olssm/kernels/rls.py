@@ -38,12 +38,17 @@ def _full(x, shape, device, dtype):
     return torch.broadcast_to(torch.as_tensor(x, dtype=dtype, device=device).to(dtype), shape)
 
 
+def _evaluated(args, **exprs) -> dict:
+    """The rule's expressions exprs evaluated on the scan's inputs, in broadcast layout."""
+    lay = args.rule.broadcast_inputs(args.d_k, args.d_v, {**args.tokens, **args.params}, "scan", need=args.rule.inputs)
+    return evaluator(exprs)(lay)
+
+
 def coefficients(args, dtype=torch.float32):
     """γ, R [B, T, H], u, q [B, T, H, d_k], e [B, T, H, d_v]: contiguous, differentiable."""
-    rule, form = args.rule, args.rule.form
+    form = args.rule.form
     B, T, H, K, V = args.B, args.T, args.H, args.d_k, args.d_v
-    lay = rule.broadcast_inputs(K, V, {**args.tokens, **args.params}, "scan", need=rule.inputs)
-    ev = evaluator({"gamma": form.decay, "R": form.weight, "u": form.key, "e": form.target, "q": form.readout})(lay)
+    ev = _evaluated(args, gamma=form.decay, R=form.weight, u=form.key, e=form.target, q=form.readout)
     full = lambda x, *shape: _full(x, shape, args.device, dtype)
     return (full(ev["gamma"], B, T, H, 1, 1)[..., 0, 0].contiguous(),
             full(ev["R"], B, T, H, 1, 1)[..., 0, 0].contiguous(),
@@ -177,13 +182,13 @@ def check_rls_values(args) -> None:
     domains (a decay of 0, a ridge of 0) but have no RLS step, and had come out as non-finite outputs (reference) or
     as an error naming the inner scan's olssm_g (chunk). An error naming the rule's γ and λ instead, where
     api.check_input_values runs (CPU tensors by default)."""
-    from .api import check_inputs_mode
-    mode = check_inputs_mode()
-    if mode == "0" or torch.compiler.is_compiling() or args.device.type == "meta" or (
-            mode == "auto" and args.device.type != "cpu"):
+    from .api import check_inputs_mode, checks_on
+    if not checks_on(check_inputs_mode(), args.device):
         return
     form = args.rule.form
-    gamma = coefficients(args, args.state_dtype)[0]
+    # γ alone (coefficients would also copy u, e, q out to [B, T, H, d]), broadcast as coefficients does
+    gamma = _full(_evaluated(args, gamma=form.decay)["gamma"], (args.B, args.T, args.H, 1, 1), args.device,
+                  args.state_dtype)[..., 0, 0]
     if gamma.numel() and not bool((gamma > 0).all()):
         first = tuple(int(i) for i in (~(gamma > 0)).nonzero()[0].tolist())
         raise ValueError(f"scan: this RLS rule divides by its forgetting factor {form.decay}, which is ≤ 0 (or NaN) "
