@@ -324,6 +324,37 @@ def test_exact_rule_step_through_the_kernel():
         _close(a, b, FP32_RTOL, "state")
 
 
+def test_step_through_the_kernel_requires_what_the_update_reads():
+    """rule.step(backend="triton") fills a query (and an exact rule's λ) for the kernel's readout, whose output it
+    drops. Where the update itself reads them (a query that weights a loss term, a λ that also weights the loss),
+    a missing one had been filled with zeros / ones: a wrong state (off by 0.67 / 1.89) where the torch step raised."""
+    S, Sp = O.states()
+    k, v, q = O.key("k"), O.value("v"), O.query("q")
+    bq = O.scalar("bq", domain="unit")
+    rule = olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ q - v, weight=bq) / 2 - O.inner(S @ k, v)))
+    g = torch.Generator().manual_seed(21)
+    inp = dict(k=torch.randn(1, 2, 4, generator=g), v=torch.randn(1, 2, 3, generator=g),
+               bq=torch.rand(1, 2, generator=g), q=torch.randn(1, 2, 4, generator=g))
+    inp = {n: _dev(x) for n, x in inp.items()}
+    S0 = _dev(torch.randn(1, 2, 3, 4, generator=g))
+    _close(rule.step(S0, backend="triton", **inp), rule.step(S0, backend="torch", **inp), FP32_RTOL, "step")
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match=r"step: missing input\(s\) \['q'\]"):
+            rule.step(S0, backend=backend, **{n: x for n, x in inp.items() if n != "q"})
+        with pytest.raises(ValueError, match=r"step: unexpected input\(s\) \['foo'\]"):
+            rule.step(S0, backend=backend, foo=inp["bq"], **inp)
+    lam, gam = O.scalar("lam", domain="positive"), O.scalar("g", domain="decay")
+    exact = olssm.derive(O.Objective(O.sqnorm(S @ k - v, weight=lam) / 2, update="exact", decay=gam, ridge=lam))
+    xi = dict(k=inp["k"], v=inp["v"], g=_dev(torch.rand(1, 2, generator=g)))
+    pair = (S0, _dev(torch.eye(4).expand(1, 2, 4, 4).clone()))
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match=r"step: missing input\(s\) \['lam'\]"):
+            exact.step(pair, backend=backend, **xi)
+    want = exact.step(pair, backend="torch", lam=_dev(torch.full((1, 2), 0.1)), **xi)
+    for a, b in zip(exact.step(pair, backend="triton", lam=_dev(torch.full((1, 2), 0.1)), **xi), want):
+        _close(a, b, FP32_RTOL, "exact state")
+
+
 @pytest.mark.parametrize("name", EXACT + ["decayed_least_squares/varlen", "rls/varlen", "decayed_least_squares:log",
                                   "decayed_least_squares:log/varlen"])
 def test_exact_rules_hybrid_matches_reference(name):

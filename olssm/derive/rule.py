@@ -445,9 +445,10 @@ class Rule:
         letters = iter([(g, t) for g, t in zip(_GREEK, _GREEK_TEX) if g not in taken]
                        + [(f"c{j}", f"c_{{{j}}}") for j in range(len(cands)) if f"c{j}" not in taken])
         for e in cands:
-            if e in names or e.is_Symbol or e.is_Number or (-e).is_Symbol:
-                continue
-            names[e] = next(letters)
+            if e in names or (-e) in names or e.is_Symbol or e.is_Number or (-e).is_Symbol:
+                continue   # (a negation prints as −name: −ε k₂ kᵀ beside ε k kᵀ, not a second letter)
+            # the name stands for the sign-free form, so that the term carries the minus (I + ε k₂ kᵀ)
+            names[-e if e.could_extract_minus_sign() else e] = next(letters)
         return names
 
     @staticmethod
@@ -469,6 +470,14 @@ class Rule:
             return sp.latex(e)
         s = text(e)
         return f"({s})" if any(ch in s for ch in "+-/ ") else s
+
+    def _signed(self, coef, body: str, sign: str, tex=False) -> str:
+        """" ± coef body" as a term after "sign": no factor 1, and a coefficient's own minus folded into the sign
+        (I − (−b) k₂ kᵀ had printed so, and H_t's terms as "+ 1 k kᵀ")."""
+        c = sp.sympify(coef)
+        if c not in self._names and c.could_extract_minus_sign():
+            c, sign = -c, "+" if sign == "-" else "-"
+        return f" {sign} {body}" if c == 1 else f" {sign} {self._c(c, tex)} {body}"
 
     def _is_name(self, e) -> bool:
         e = sp.sympify(e)
@@ -505,7 +514,7 @@ class Rule:
             out.append(T(f"o_t = S_t {self._vec(f.readout)}", rf"o_t = S_t {self._vec(f.readout, True)}"))
         elif isinstance(f, ExactForm):
             g = self._c(f.decay, tex)
-            hterms = "".join(f" + {self._c(c.coef, tex)} {self._vec(c.a, tex)} {self._vec(c.b, tex)}{top}"
+            hterms = "".join(self._signed(c.coef, f"{self._vec(c.a, tex)} {self._vec(c.b, tex)}{top}", "+", tex)
                              for c in f.gram)
             if f.gram_diag != 0:
                 hterms += T(f" + diag({f.gram_diag})", rf" + \operatorname{{diag}}({sp.latex(f.gram_diag)})")
@@ -528,10 +537,9 @@ class Rule:
                 base = St
             rhs = base
             if f.corrections:
-                minus = " - "
-                proj = minus.join(f"{self._c(c.coef, tex)} {self._vec(c.a, tex)} {self._vec(c.b, tex)}{top}"
-                                  for c in f.corrections)
-                rhs = T(f"{base} (I - {proj})", rf"{base} \left(I - {proj}\right)")
+                proj = "".join(self._signed(c.coef, f"{self._vec(c.a, tex)} {self._vec(c.b, tex)}{top}", "-", tex)
+                               for c in f.corrections)
+                rhs = T(f"{base} (I{proj})", rf"{base} \left(I{proj}\right)")
             for t in f.inputs:
                 rhs += f" + {self._input(t, tex)}"
             out.append(f"S_t = {rhs}")
@@ -609,10 +617,7 @@ class Rule:
     def broadcast_inputs(self, d_k: int, d_v: int, inputs: dict, where: str = "step", need=None) -> dict:
         """Check per-token inputs/parameters and lay them out for broadcasting against [..., d_v, d_k]."""
         need = self.inputs if need is None else need
-        missing = [n for n in need if n not in inputs or inputs[n] is None]
-        if missing:
-            raise ValueError(f"{where}: missing input(s) {missing}; this rule reads "
-                             + ", ".join(f"{n} ({s.role}, {s.kind})" for n, s in need.items()))
+        _require(inputs, need, where)
         out = {}
         for n, s in need.items():
             x = inputs[n]
@@ -643,6 +648,12 @@ class Rule:
         kernel with T = 1, as decode; state [B, H, d_v, d_k]), or "auto": triton for such CUDA
         states of normal-form rules, torch otherwise."""
         d_v, d_k = self._state_dims(state)
+        unknown = set(inputs) - set(self.inputs) - {self.query_name}
+        if unknown:
+            raise ValueError(f"step: unexpected input(s) {sorted(unknown)}; this rule reads {sorted(self.inputs)}")
+        # before the triton branch fills in a query / ridge for its readout: those fills are only harmless where the
+        # update itself does not read them (a query or λ that also weights the loss must come from the caller)
+        _require(inputs, self.update_inputs, "step")
         if self._backend(state, backend, "step") == "triton":
             qn = self.query_name
             S = state[0] if self.is_exact else state
@@ -656,9 +667,6 @@ class Rule:
                         size = {SCALAR: (), ROW: (d_v,), COLUMN: (d_k,)}[spec.kind]
                         inputs = {**inputs, sym.name: S.new_ones(*lead, *size)}
             return self.decode(state, backend="triton", **inputs)[1]
-        unknown = set(inputs) - set(self.inputs) - {self.query_name}
-        if unknown:
-            raise ValueError(f"step: unexpected input(s) {sorted(unknown)}; this rule reads {sorted(self.inputs)}")
         inp = self.broadcast_inputs(d_k, d_v, inputs, "step", need=self.update_inputs)
         if self.is_exact:
             return self._step_fn(tuple(s.to(compute_dtype(s)) for s in state), inp)
@@ -806,6 +814,13 @@ def exact_readout(form, state, inp: dict):
 def compute_dtype(x) -> torch.dtype:
     """State math runs in fp32 (fp64 stays fp64, for verification)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _require(inputs: dict, need: dict, where: str) -> None:
+    missing = [n for n in need if n not in inputs or inputs[n] is None]
+    if missing:
+        raise ValueError(f"{where}: missing input(s) {missing}; this rule reads "
+                         + ", ".join(f"{n} ({s.role}, {s.kind})" for n, s in need.items()))
 
 
 def _check_last(x, size, name, what, where):
