@@ -133,7 +133,7 @@ def load_objective(spec: str):
         except Exception as e:
             _usage_error(f"{spec!r} raised {type(e).__name__}: {e}")
     if not isinstance(obj, Objective):
-        _usage_error(f"{spec!r} is a {type(obj).__name__}, not an olssm.objectives.Objective")
+        _usage_error(f"{spec!r} is of type {type(obj).__name__}, not an olssm.objectives.Objective")
     return obj
 
 

@@ -434,6 +434,24 @@ def test_a_sum_of_keys_keeps_its_parentheses_in_print():
     assert r"S\,\left(k + k_{2}\right)" in obj.latex(), obj.latex()
 
 
+def test_printed_terms_carry_their_sign_and_no_factor_one():
+    """A coefficient's minus goes to the term's sign under one name (it had printed I − ε k₂ kᵀ − η k kᵀ with
+    ε = −β/…, η = β/…), and unit coefficients print no factor (H_t = g H + 1 k kᵀ, I − 1 k kᵀ)."""
+    S, Sp = O.states()
+    k, k2, v, v2 = O.key("k"), O.key("k2"), O.value("v"), O.value("v2")
+    beta, g = O.scalar("beta", domain="unit"), O.scalar("g", domain="decay")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proj = olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - Sp @ k2, weight=beta) / 2))
+    assert "S_{t-1} (I + ε k₂ kᵀ - ε k kᵀ)" in str(proj) and "where ε = β/(β*‖k‖² + 1)" in str(proj), str(proj)
+    assert r"\left(I + \varepsilon k_{2} k^\top - \varepsilon k k^\top\right)" in proj.latex(), proj.latex()
+    exact = olssm.derive(O.Objective(O.sqnorm(S @ k - v) / 2 + O.sqnorm(S @ k2 - v2) / 2, update="exact", decay=g,
+                                     ridge=O.scalar("lam", domain="positive")))
+    assert "H_t = g H_{t-1} + k kᵀ + k₂ k₂ᵀ" in str(exact), str(exact)
+    step = olssm.derive(O.Objective(O.sqnorm(S @ k - v) / 2, update="explicit", decay=O.row("r", domain="decay")))
+    assert "(I - k kᵀ)" in str(step), str(step)
+
+
 def test_verify_catches_a_wrong_readout_and_a_nan_output():
     # the oracle had read out with the rule's own query symbol (a rule reading S k instead of S q passed), and a NaN
     # output error beside a finite state error read as OK (max(0.1, nan) is 0.1)

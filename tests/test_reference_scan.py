@@ -269,6 +269,27 @@ def test_auto_backend():
     assert layer._resolve_backend(torch.device("cuda"))[0] == "chunk"
 
 
+def test_a_rule_without_value_inputs_takes_d_v_from_the_initial_state():
+    """A rule whose per-token inputs are all key-sized (S_prev k₂ as the target) leaves d_v to the initial state;
+    without one the error names d_v alone (it had said the rule read no key- or value-sized input)."""
+    S, Sp = O.states()
+    k, k2, beta = O.key("k"), O.key("k2"), O.scalar("beta", domain="unit")
+    rule = derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - Sp @ k2, weight=beta) / 2))
+    g = torch.Generator().manual_seed(3)
+    inp = dict(q=torch.randn(1, 9, 2, 4, generator=g), k=torch.randn(1, 9, 2, 4, generator=g),
+               k2=torch.randn(1, 9, 2, 4, generator=g), beta=torch.rand(1, 9, 2, generator=g))
+    with pytest.raises(ValueError, match=r"cannot infer d_v \(it reads no value-sized per-token input\); pass "
+                                         r"initial_state"):
+        rule.scan(backend="chunk", **inp)
+    S0 = torch.randn(1, 2, 3, 4, generator=g, dtype=torch.float64)
+    inp = {n: x.double() for n, x in inp.items()}
+    o, f = rule.scan(backend="chunk", initial_state=S0, output_final_state=True, chunk_size=4, **inp)
+    o_ref, f_ref = rule.scan(backend="reference", initial_state=S0, output_final_state=True, **inp)
+    assert o.shape == (1, 9, 2, 3)
+    torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f, f_ref, rtol=1e-12, atol=1e-12)
+
+
 def test_bad_arguments_name_what_is_wrong():
     rule = catalogue.ENTRIES["longhorn"].rule
     inp = _inputs(rule)

@@ -244,8 +244,10 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
     if d_k is None or d_v is None:
         st = initial_state[0] if isinstance(initial_state, (tuple, list)) else initial_state
         if st is None:
-            raise ValueError("scan: cannot infer d_k/d_v: the rule reads no key- or value-sized input; "
-                             "pass initial_state")
+            unknown = [f"{d} (it reads no {kind}-sized per-token input)"
+                       for d, kind, size in (("d_k", "key", d_k), ("d_v", "value", d_v)) if size is None]
+            raise ValueError(f"scan: cannot infer {' or '.join(unknown)}; pass initial_state, whose shape "
+                             "[B, H, d_v, d_k] gives it")
         d_v, d_k = (d_v or st.shape[-2]), (d_k or st.shape[-1])
     for n, x in params.items():
         s = need[n]
