@@ -401,8 +401,14 @@ def test_input_values_outside_their_domain_are_named(backend, monkeypatch):
         x[name][index] = 0.0
         with pytest.raises(ValueError, match=says):
             rls.scan(**x, backend=backend)
-    # an exact rule's initial state is a pair: the bad one is named
+    # an exact rule's readout solves (H_t + λ) x = q: λ = 0 is singular on the first tokens, where the backends had
+    # each returned their own numbers (O(1) apart), torch's LinAlgError or NaN
     dls = catalogue.rule("decayed_least_squares")
+    x = _inputs(dls)
+    x["lam"][1] = 0.0
+    with pytest.raises(ValueError, match=r"ridge λ is ≤ 0 .* index \(1,\) of input 'lam'.* must be > 0"):
+        dls.scan(**x, backend=backend)
+    # an exact rule's initial state is a pair: the bad one is named
     G0, H0 = dls.zero_state((2, 3), 5, 4)
     H0 = H0.clone()
     H0[0, 1, 2, 2] = float("inf")

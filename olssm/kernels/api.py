@@ -331,6 +331,9 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
     if args.rule.is_rls:
         from .rls import check_rls_values
         check_rls_values(args)
+    elif args.rule.is_exact:
+        from .rls import check_ridge_values
+        check_ridge_values(args)
     # under torch.autocast the backends' matmuls (chunk products, UT inverses, exact solves) would run in bf16 and
     # the fp32 state would be only bf16-accurate (DeltaNet's o off by 6e-3 relative): the scan keeps its own dtypes
     with _autocast_off(args.device):

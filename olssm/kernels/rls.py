@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 
+import sympy as sp
 import torch
 
 from ..derive.rule import Correction, InputTerm, NormalForm, Rule, evaluator
@@ -198,6 +199,29 @@ def check_rls_values(args) -> None:
         if not bool(torch.isfinite(P0).all()):
             raise ValueError(f"scan: this RLS rule's P_0 = I/({form.ridge}) is not finite: its ridge {form.ridge} must be "
                              "> 0 at each sequence's first token (or pass initial_state)")
+
+
+def check_ridge_values(args) -> None:
+    """An exact rule's readout solves (H_t + λ) x = q. derive refuses an objective without a ridge because H_t is
+    singular until d_k independent keys have arrived; a ridge that is 0 at run time (inside the "positive" domain's
+    closed bound) is the same singular solve, and each backend had returned its own numbers for it (the reference
+    and triton differing from the chunk backend by O(1), or torch's LinAlgError, or NaN). Refused, naming λ, where
+    api.check_input_values runs. A diagonal term in H (gram_diag) may keep it regular: then λ is left alone."""
+    from .api import check_inputs_mode, checks_on
+    form = args.rule.form
+    if form.gram_diag != 0 or not checks_on(check_inputs_mode(), args.device):
+        return
+    given = {**args.tokens, **args.params}
+    if isinstance(form.ridge, sp.Symbol) and form.ridge.name in given:   # name the caller's tensor and its index
+        lam, where = given[form.ridge.name].detach(), f"input {form.ridge.name!r}"
+    else:
+        lam, where = _evaluated(args, lam=form.ridge)["lam"], "its broadcast layout [..., d_v, d_k]"
+        lam = lam if torch.is_tensor(lam) else torch.tensor(float(lam))
+    if lam.numel() and not bool((lam > 0).all()):
+        first = tuple(int(i) for i in (~(lam > 0)).nonzero()[0].tolist())
+        raise ValueError(f"scan: this exact rule's ridge {form.ridge} is ≤ 0 (or NaN) at index {first} of {where}; "
+                         f"the readout solves (H_t + {form.ridge}) x = q, singular while H_t has rank < d_k (the "
+                         "first tokens), so the ridge must be > 0 (OLSSM_CHECK_INPUTS=0 skips this check)")
 
 
 def rls_scan(args, gain_scan, backend: str):
