@@ -153,6 +153,15 @@ def _S():
     (lambda S, Sp, k, v: O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=-1) / 2), "not convex"),
     (lambda S, Sp, k, v: O.Objective(O.sqnorm(S @ k - v, weight=O.scalar("n", domain="negative")) / 2, update="exact",
                                      ridge=O.parameter("lam", "scalar", domain="positive")), "not convex"),
+    # an explicit step minimises ω‖S − C‖²/2 plus the linearised loss: ω < 0 had derived a gradient ascent silently
+    (lambda S, Sp, k, v: O.Objective(-O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v) / 2, update="explicit"),
+     r"proximal part's weight -1 is ≤ 0"),
+    # malformed pieces had escaped as sympy's / Python's own errors (or, for "E", read as Euler's number)
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(sp.exp(S @ k) - v)), "cannot enter a sympy function"),
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(S - Sp) + sp.sqrt(O.sqnorm(S @ k - v))), "a sympy function of it"),
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(S @ k - v, weight="E")), "'E' is a string; declare the input"),
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(S @ k - v, weight=[1, 2])), r"cannot use \[1, 2\] \(a list\)"),
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(O.sqnorm(S @ k - v))), "already quadratic in S"),
 ])
 def test_derivation_errors_name_the_problem(build, match):
     S, Sp = _S()
@@ -450,6 +459,30 @@ def test_printed_terms_carry_their_sign_and_no_factor_one():
     assert "H_t = g H_{t-1} + k kᵀ + k₂ k₂ᵀ" in str(exact), str(exact)
     step = olssm.derive(O.Objective(O.sqnorm(S @ k - v) / 2, update="explicit", decay=O.row("r", domain="decay")))
     assert "(I - k kᵀ)" in str(step), str(step)
+
+
+def test_explicit_proximal_weight_of_open_sign_warns_and_big_integers_run():
+    """An explicit step's proximal weight ω of open sign warns (as an implicit rule's loss weights do); one declared
+    positive does not. A Rational weight of 1e-20 derived ε = 1/(‖k‖² + 10²⁰), whose Python int overflowed torch at
+    the first step: it prints as a float now. dot(k, k) as a weight is known ≥ 0 (it had warned of an open sign)."""
+    S, Sp = _S()
+    k, v = O.key("k"), O.value("v")
+    loss = O.sqnorm(S @ k - v, weight=O.row("beta", domain="unit")) / 2
+    with pytest.warns(O.UnknownSignWarning, match="proximal part's weight is c"):
+        olssm.derive(O.Objective(O.scalar("c") * O.sqnorm(S - Sp) / 2 + loss, update="explicit"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        olssm.derive(O.Objective(O.sqnorm(S - Sp, weight=O.column("g", domain="positive")) / 2 + loss,
+                                 update="explicit"))
+        olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=O.dot(k, k)) / 2))
+    obj = O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=sp.Rational(1, 10 ** 20)) / 2)
+    rule = olssm.derive(obj)
+    g = torch.Generator().manual_seed(0)
+    S0, kk, vv = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((3, 4), (4,), (3,)))
+    eps = 1 / (float(kk @ kk) + 1e20)                 # Sherman–Morrison with β = 1e-20, written out
+    want = S0 - eps * torch.outer(S0 @ kk, kk) + eps * torch.outer(vv, kk)
+    torch.testing.assert_close(rule.step(S0, backend="torch", k=kk, v=vv), want, rtol=1e-15, atol=0)
+    assert olssm.verify(obj, steps=2).ok
 
 
 def test_verify_catches_a_wrong_readout_and_a_nan_output():

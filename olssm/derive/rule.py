@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import sympy as sp
 import torch
@@ -183,6 +184,15 @@ class _TorchPrinter(TorchPrinter):
 
     def _print_Symbol(self, e):
         return e.name
+
+    def _print_Integer(self, e):
+        # a Python int beyond int64 reaching a tensor op is an OverflowError at the first step (a weight of 1e-20 as
+        # a Rational derived ε = 1/(‖k‖² + 100000000000000000000)); past 2**53 a float is as exact as the fp64 math
+        if abs(int(e)) < 2 ** 53:
+            return str(int(e))
+        if not math.isfinite(float(e)):
+            raise NotImplementedError(f"the integer {e} overflows float64")
+        return repr(float(e))
 
     def _print_Heaviside(self, e):
         # sympy's torch.heaviside(x, 1/2) passes a Python float where torch wants a tensor

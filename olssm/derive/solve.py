@@ -396,6 +396,15 @@ def derive_explicit(obj: Objective) -> NormalForm:
                 "be of the form ‖S − Λ⊙S_prev‖² (its minimiser is the centre of the gradient step)")
         centre = -gp.prev_diag / gp.diag
         weight = gp.diag
+        # the step minimises ω ⊙ ‖S − C‖²/2 plus the linearised loss: a minimum only where ω > 0 (ω < 0 steps up the
+        # loss's gradient, ω = 0 divides by 0). Unchecked, −‖S − S_prev‖²/2 had derived a gradient ascent silently
+        if _holds(weight, "is_nonpositive"):
+            raise DerivationError(
+                f"explicit update of {obj.expr}: the proximal part's weight {weight} is ≤ 0, so the step "
+                "C − η ∇ℓ(C) ⊘ ω has no minimum behind it (a weight < 0 steps up the gradient); use a positive "
+                "weight (e.g. sqnorm(S - S_prev)/2, or a weight of domain 'positive')")
+        if not _holds(weight, "is_positive"):
+            _open_sign(f"explicit update: the proximal part's weight is {weight}", weight, "> 0")
     eta = sp.Integer(1) if obj.step_size is None else obj.step_size
     if kind_of(eta) not in (SCALAR, ROW):
         raise DerivationError(f"explicit update: step_size {eta} must be a scalar or per-row rate, "

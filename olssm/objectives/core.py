@@ -25,6 +25,19 @@ class DerivationError(ValueError):
     """An objective that has no closed form in the asked mode, or is malformed."""
 
 
+class _StateInSympy(DerivationError, sp.SympifyError):
+    """Raised by sympify of a state-dependent term. Also a SympifyError, so that sympy's binary operators still
+    return NotImplemented and hand `b * (S k)` to our __rmul__; a sympy function of S (exp(S k)) reaches the user
+    as this DerivationError."""
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, message)
+        self.expr, self.base_exc = message, None
+
+    def __str__(self):
+        return self.expr
+
+
 class UnknownSignWarning(UserWarning):
     """A derived update that is the objective's minimiser only for one sign of an input whose declared domain
     ('real') leaves the sign open, e.g. a squared loss weighted by it."""
@@ -75,6 +88,14 @@ class csum(sp.Function):
         if arg.is_Add:
             return sp.Add(*[cls(a) for a in arg.args])
         return None
+
+    # a sum of nonnegative entries is nonnegative (‖k‖² = csum(k²)): a weight β/‖k‖² or dot(k, k) had warned of an
+    # open sign
+    def _eval_is_nonnegative(self):
+        return True if self.args[0].is_nonnegative else None
+
+    def _eval_is_positive(self):
+        return True if self.args[0].is_positive else None
 
     def _latex(self, printer, exp=None):
         tex = self._latex_base(printer)
@@ -281,10 +302,16 @@ def dot(a, b) -> sp.Expr:
 def _as_coef(x, what: str) -> sp.Expr:
     if isinstance(x, (Affine, Quadratic)):
         raise DerivationError(f"{what}: expected a coefficient without the state, got {x}")
+    if isinstance(x, str):   # sympify parses it: "E" became Euler's number, "beta" / "S" internal errors
+        raise DerivationError(f"{what}: {x!r} is a string; declare the input (O.scalar({x!r}), O.row, O.column, "
+                              "O.parameter) and pass that")
     try:
-        e = sp.sympify(x)
-    except (sp.SympifyError, TypeError):
-        raise DerivationError(f"{what}: cannot use {x!r} as a coefficient") from None
+        e = sp.sympify(x, strict=True)
+    except Exception:
+        raise DerivationError(f"{what}: cannot use {x!r} (a {type(x).__name__}) as a coefficient: give a number, "
+                              "a declared input or a sympy expression of them") from None
+    if not isinstance(e, sp.Expr):
+        raise DerivationError(f"{what}: cannot use {x!r} (a {type(x).__name__}) as a coefficient")
     for s in e.free_symbols:
         spec_of(s)
     return e
@@ -337,6 +364,12 @@ class Affine:
     def _bad_op(self, op, other):
         raise DerivationError(f"{self} {op} {other}: the product of two state-dependent terms is not "
                               "an affine expression; build quadratics with sqnorm() or inner()")
+
+    def _sympy_(self):
+        # sympy functions of the state (exp(S k), sin(...)) had escaped as a SympifyError from inside sympy
+        raise _StateInSympy(f"{self} depends on the state S, so it cannot enter a sympy function or coefficient "
+                              "(exp, sin, sqrt, ...): an objective is quadratic in S, built from sqnorm() and "
+                              "inner() of affine expressions in S")
 
 
 @dataclasses.dataclass(repr=False)
@@ -545,6 +578,12 @@ class Quadratic:
     def __repr__(self):
         return self.text
 
+    def _sympy_(self):
+        # exp / sqrt of an objective term had escaped as a SympifyError from inside sympy
+        raise _StateInSympy(f"{self} is quadratic in the state S; a sympy function of it (exp, sqrt, ...) is not, "
+                              "and no closed-form step exists for it: an objective is a sum of sqnorm() and "
+                              "inner() terms with coefficients free of S")
+
     def __add__(self, other):
         if isinstance(other, Quadratic):
             if other.text.startswith("-"):  # a + -b reads a - b
@@ -651,6 +690,9 @@ def _check_weight(w, shape, what):
 
 def sqnorm(x, weight=None) -> Quadratic:
     """Squared Euclidean / Frobenius norm, optionally row-weighted: Σ_i w_i ‖x_i‖²."""
+    if isinstance(x, Quadratic):
+        raise DerivationError(f"sqnorm({x}): the argument is already quadratic in S, so its square is quartic: "
+                              "sqnorm() takes an affine expression in S (S k − v, S − S_prev, ...)")
     if not isinstance(x, Affine):
         raise DerivationError(f"sqnorm({x}): the argument does not contain the state S (a constant term "
                               "does not change the minimiser; drop it)")
