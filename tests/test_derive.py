@@ -615,6 +615,10 @@ def test_a_combined_key_is_read_over_its_parts():
         "numeric scale": O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ (2 * (k + k1)) - v) / 2
                                      - 4 * O.inner(S @ k, S @ k1)),
         "exact": O.Objective(O.sqnorm(S @ (k + k1) - v) / 2 - O.inner(S @ k, S @ k1), update="exact", ridge=lam),
+        # no cross term, but S k is a part of S (k ± k₁): I + k kᵀ + 2 k₁ k₁ᵀ is positive definite, and the −½‖S k‖²
+        # read alone had been refused as "not convex" (a probe, session 21)
+        "negative square of a part": O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ (k + k1) - v) / 2
+                                                 + O.sqnorm(S @ (k - k1)) / 2 - O.sqnorm(S @ k) / 2),
     }
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
@@ -632,6 +636,9 @@ def test_a_combined_key_is_read_over_its_parts():
                                        ridge=lam),
         r"acts on S k₁.*R = \[-2\], have the principal minor -2":
             O.Objective(O.sqnorm(S - Sp) / 2 + O.inner(S @ (k + k1), S @ (k - k1)) - O.inner(S @ k, v)),
+        # the same reading without a cross term: −2‖S k‖² outweighs the combined square's share, R' = [−3 1; 1 1]
+        r"written over their parts.*minor -3":
+            O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ (k + k1) - v) / 2 - 2 * O.sqnorm(S @ k)),
     }
     for match, obj in indefinite.items():
         with pytest.warns(O.IndefiniteHessianWarning, match=match):

@@ -124,9 +124,12 @@ def _holds(e, prop: str) -> bool:
 def _no_negative_squares(g, where):
     """A squared loss ‖S u − y‖² with a weight that is negative for every input adds −c u uᵀ to the Hessian:
     the objective then has no minimum once ‖u‖ is large (the "minimiser" a derivation would return is a
-    saddle point)."""
+    saddle point). A vector that shares an independent part with another (S k beside S (k + k₁)) is read over the
+    parts by _coupled_squares instead: ½‖S (k + k₁)‖² + ½‖S (k − k₁)‖² − ½‖S k‖² is positive definite, and had been
+    refused for its −½‖S k‖²."""
+    shared = _shared_vectors(g)
     for (u, w), c in g.lowrank.items():
-        if u == w:
+        if u == w and u not in shared:
             # of open sign: the closed form is the minimiser only while the weight is >= 0 (a layer feeds a
             # real-domain input from a plain linear projection: negative values came out as NaN where 1 + c‖u‖²
             # crossed 0)
@@ -154,7 +157,7 @@ def _coupled_squares(g, obj, where):
     input nothing."""
     pairs = {k: v for k, v in g.lowrank.items() if v != 0}
     coupled = {(u, w) for (u, w) in pairs if u != w}
-    if not coupled:
+    if not coupled and not _shared_vectors(g):
         return
     vecs = sorted({x for pair in pairs for x in pair}, key=sp.default_sort_key)
     R = sp.Matrix(len(vecs), len(vecs), lambda m, n: (sp.sympify(pairs.get((vecs[m], vecs[n]), 0))
@@ -212,6 +215,14 @@ def _coupled_squares(g, obj, where):
         _open_sign(f"{where}: {_coupling_terms(obj, names)}; {weights}, R = {_matrix_text(sub)}, are positive "
                    f"semidefinite (and the Hessian in S with them, for every key) only while the principal minor "
                    f"{text(minor)} is >= 0", minor, ">= 0")
+
+
+def _shared_vectors(g) -> set:
+    """The squared losses' and cross terms' vectors that share an independent part (_independent_vectors) with
+    another of them: their weights mean something only over the parts."""
+    vecs = {x for pair, c in g.lowrank.items() if c != 0 for x in pair}
+    parts = {u: set(_independent_vectors(u)) for u in vecs}
+    return {u for u in vecs if any(parts[u] & parts[w] for w in vecs if w != u)}
 
 
 def _independent_vectors(u) -> dict:
