@@ -190,6 +190,8 @@ def check_rls_values(args) -> None:
     # γ alone (coefficients would also copy u, e, q out to [B, T, H, d]), broadcast as coefficients does
     gamma = _full(_evaluated(args, gamma=form.decay)["gamma"], (args.B, args.T, args.H, 1, 1), args.device,
                   args.state_dtype)[..., 0, 0]
+    if torch._C._functorch.is_functorch_wrapped_tensor(gamma):   # vmap / grad transforms: no bool() of values
+        return
     if gamma.numel() and not bool((gamma > 0).all()):
         first = tuple(int(i) for i in (~(gamma > 0)).nonzero()[0].tolist())
         raise ValueError(f"scan: this RLS rule divides by its forgetting factor {form.decay}, which is ≤ 0 (or NaN) "
@@ -217,6 +219,8 @@ def check_ridge_values(args) -> None:
     else:
         lam, where = _evaluated(args, lam=form.ridge)["lam"], "its broadcast layout [..., d_v, d_k]"
         lam = lam if torch.is_tensor(lam) else torch.tensor(float(lam))
+    if torch._C._functorch.is_functorch_wrapped_tensor(lam):   # vmap / grad transforms: no bool() of values
+        return
     if lam.numel() and not bool((lam > 0).all()):
         first = tuple(int(i) for i in (~(lam > 0)).nonzero()[0].tolist())
         raise ValueError(f"scan: this exact rule's ridge {form.ridge} is ≤ 0 (or NaN) at index {first} of {where}; "
