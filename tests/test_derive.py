@@ -485,6 +485,27 @@ def test_explicit_proximal_weight_of_open_sign_warns_and_big_integers_run():
     assert olssm.verify(obj, steps=2).ok
 
 
+def test_a_row_times_column_hessian_diagonal_splits():
+    """A row weight β on ‖(S − S_prev) diag(g)‖² gives δ = β_i g_j², which factors as row × column (B⁻¹ = diag(1/g²)/β
+    per row), so a regression term beside it has a closed form; it had been refused as an elementwise diagonal.
+    Checked by the numerical solver, and its scans against the reference in fp64 (outputs, final state, gradients)."""
+    from olssm.catalogue import random_inputs
+    S, Sp = _S()
+    k, v = O.key("k"), O.value("v")
+    beta, g = O.row("beta", domain="unit"), O.column("g", domain="positive")
+    obj = O.Objective(O.sqnorm((S - Sp) @ O.diag(g), weight=beta) / 2 + O.sqnorm(S @ k - v) / 2)
+    rule = olssm.derive(obj)
+    assert "ε = 1/(β + Σⱼ(k²/g²))" in str(rule), str(rule)
+    assert olssm.verify(obj, steps=4).ok
+    inp = {n: x.double().requires_grad_() for n, x in random_inputs(rule, 2, 21, 2, 5, 3, seed=1).items()}
+    outs = {}
+    for backend in ("chunk", "reference"):
+        o, f = rule.scan(**inp, backend=backend, chunk_size=8, output_final_state=True)
+        outs[backend] = (o, f, torch.autograd.grad(o.square().sum() + f.square().sum(), list(inp.values())))
+    for a, b in zip(outs["chunk"][:2] + outs["chunk"][2], outs["reference"][:2] + outs["reference"][2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_verify_catches_a_wrong_readout_and_a_nan_output():
     # the oracle had read out with the rule's own query symbol (a rule reading S k instead of S q passed), and a NaN
     # output error beside a finite state error read as OK (max(0.1, nan) is 0.1)

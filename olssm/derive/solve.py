@@ -83,6 +83,13 @@ def _hessian_split(delta, has_lowrank, what):
         return delta, sp.Integer(1)
     if k == COLUMN:
         return sp.Integer(1), delta
+    # a product of per-row and per-column factors (a row weight β on ‖(S − S_prev) diag(g)‖²: δ = β g²) splits as it
+    # stands; it had been refused as elementwise
+    factors = sp.Mul.make_args(sp.factor(delta))
+    row_part = sp.Mul(*[f for f in factors if kind_of(f) in (SCALAR, ROW)])
+    col_part = sp.Mul(*[f for f in factors if kind_of(f) == COLUMN])
+    if sp.cancel(row_part * col_part - delta) == 0 and kind_of(col_part) == COLUMN:
+        return row_part, col_part
     if has_lowrank:
         raise DerivationError(
             f"{what}: the diagonal part of the Hessian, {delta}, depends on both the value row and the "
