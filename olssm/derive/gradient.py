@@ -15,7 +15,6 @@ expression that later stages simplify and print.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections import defaultdict
 
 import sympy as sp
@@ -80,9 +79,12 @@ class GradForm:
             self.const[w] += c
         self.matrix_const = sp.Integer(0)
         # products are distributed, powers of sums are not: a weight (b + λ + 1)²⁰ expanded into its 231 monomials had
-        # cost simplify's cancel 34 s (3 s kept whole); a coefficient that cancels only once expanded is a harmless
-        # zero term until _finish's simplify drops it
-        expand = functools.partial(sp.expand, multinomial=False)
+        # cost simplify's cancel 34 s (3 s kept whole). Zero is still read off the full expansion (a weight
+        # (b + 1)² − b² − 2b − 1 on the proximal part is no Hessian diagonal), which is cheap beside that cancel
+        def expand(x):
+            e = sp.expand(x, multinomial=False)
+            return sp.Integer(0) if e != 0 and e.has(sp.Pow) and sp.expand(e) == 0 else e
+
         for table in (self.lowrank, self.prev_lowrank, self.const):
             for key_ in list(table):
                 table[key_] = expand(table[key_])
