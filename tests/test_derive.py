@@ -162,6 +162,9 @@ def _S():
     (lambda S, Sp, k, v: O.Objective(O.sqnorm(S @ k - v, weight="E")), "'E' is a string; declare the input"),
     (lambda S, Sp, k, v: O.Objective(O.sqnorm(S @ k - v, weight=[1, 2])), r"cannot use \[1, 2\] \(a list\)"),
     (lambda S, Sp, k, v: O.Objective(O.sqnorm(O.sqnorm(S @ k - v))), "already quadratic in S"),
+    # a zero proximal weight written as an unexpanded power (finish keeps powers of sums whole since session 21)
+    (lambda S, Sp, k, v: O.Objective(O.sqnorm(S - Sp, weight=(O.scalar("b") + 1) ** 2 - O.scalar("b") ** 2
+                                              - 2 * O.scalar("b") - 1) / 2 + O.sqnorm(S @ k - v) / 2), "pure low rank"),
 ])
 def test_derivation_errors_name_the_problem(build, match):
     S, Sp = _S()
