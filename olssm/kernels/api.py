@@ -171,6 +171,8 @@ def inner_scan():
         yield
     finally:
         _INNER_SCAN.reset(token)
+
+
 _ADMITTING = ("domain='real'", "'positive' for a growth factor")
 _DOMAIN_TEXT = {"real": "finite", "positive": "finite, ≥ 0", "unit": "finite, ≥ 0", "decay": "in [0, 1]",
                 "timestep": "finite, ≥ 0", "negative": "finite, ≤ 0", "log_decay": "≤ 0, −inf allowed"}

@@ -178,6 +178,15 @@ def torch_gain_scan(u, gamma, R, P0, cu_seqlens=None):
     return _GainScan.apply(u, gamma, R, P0, cu_seqlens)
 
 
+def _first_not_positive(x: torch.Tensor):
+    """The index of x's first value that is not > 0 (NaN included), or None: all are, or x is wrapped by a functorch
+    transform (vmap, grad), whose values cannot be read (check_input_values skips those too)."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(x) or not x.numel():
+        return None
+    bad = ~(x > 0)
+    return tuple(int(i) for i in bad.nonzero()[0].tolist()) if bool(bad.any()) else None
+
+
 def check_rls_values(args) -> None:
     """RLS divides by its forgetting factor γ and starts from P_0 = I/λ: γ = 0 or λ = 0 lie in their inputs' closed
     domains (a decay of 0, a ridge of 0) but have no RLS step, and had come out as non-finite outputs (reference) or
@@ -190,10 +199,8 @@ def check_rls_values(args) -> None:
     # γ alone (coefficients would also copy u, e, q out to [B, T, H, d]), broadcast as coefficients does
     gamma = _full(_evaluated(args, gamma=form.decay)["gamma"], (args.B, args.T, args.H, 1, 1), args.device,
                   args.state_dtype)[..., 0, 0]
-    if torch._C._functorch.is_functorch_wrapped_tensor(gamma):   # vmap / grad transforms: no bool() of values
-        return
-    if gamma.numel() and not bool((gamma > 0).all()):
-        first = tuple(int(i) for i in (~(gamma > 0)).nonzero()[0].tolist())
+    first = _first_not_positive(gamma)
+    if first is not None:
         raise ValueError(f"scan: this RLS rule divides by its forgetting factor {form.decay}, which is ≤ 0 (or NaN) "
                          f"at [B, T, H] index {first}; RLS needs it > 0")
     if args.initial_state is None and args.T > 0:
@@ -219,10 +226,8 @@ def check_ridge_values(args) -> None:
     else:
         lam, where = _evaluated(args, lam=form.ridge)["lam"], "its broadcast layout [..., d_v, d_k]"
         lam = lam if torch.is_tensor(lam) else torch.tensor(float(lam))
-    if torch._C._functorch.is_functorch_wrapped_tensor(lam):   # vmap / grad transforms: no bool() of values
-        return
-    if lam.numel() and not bool((lam > 0).all()):
-        first = tuple(int(i) for i in (~(lam > 0)).nonzero()[0].tolist())
+    first = _first_not_positive(lam)
+    if first is not None:
         raise ValueError(f"scan: this exact rule's ridge {form.ridge} is ≤ 0 (or NaN) at index {first} of {where}; "
                          f"the readout solves (H_t + {form.ridge}) x = q, singular while H_t has rank < d_k (the "
                          "first tokens), so the ridge must be > 0 (OLSSM_CHECK_INPUTS=0 skips this check)")

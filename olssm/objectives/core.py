@@ -368,8 +368,8 @@ class Affine:
     def _sympy_(self):
         # sympy functions of the state (exp(S k), sin(...)) had escaped as a SympifyError from inside sympy
         raise _StateInSympy(f"{self} depends on the state S, so it cannot enter a sympy function or coefficient "
-                              "(exp, sin, sqrt, ...): an objective is quadratic in S, built from sqnorm() and "
-                              "inner() of affine expressions in S")
+                            "(exp, sin, sqrt, ...): an objective is quadratic in S, built from sqnorm() and "
+                            "inner() of affine expressions in S")
 
 
 @dataclasses.dataclass(repr=False)
@@ -581,8 +581,8 @@ class Quadratic:
     def _sympy_(self):
         # exp / sqrt of an objective term had escaped as a SympifyError from inside sympy
         raise _StateInSympy(f"{self} is quadratic in the state S; a sympy function of it (exp, sqrt, ...) is not, "
-                              "and no closed-form step exists for it: an objective is a sum of sqnorm() and "
-                              "inner() terms with coefficients free of S")
+                            "and no closed-form step exists for it: an objective is a sum of sqnorm() and "
+                            "inner() terms with coefficients free of S")
 
     def __add__(self, other):
         if isinstance(other, Quadratic):
