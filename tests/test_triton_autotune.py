@@ -358,6 +358,30 @@ def test_a_callers_chunk_size_reaches_an_exact_rules_g_scan(monkeypatch):
     assert seen == [("chunked_forward", 16), ("chunked_backward", 16)], seen
 
 
+@pytest.mark.parametrize("where", ["chunked_forward", "chunked_backward", "chunked_delta_backward"])
+def test_a_chunk_the_gpu_cannot_hold_is_named(where, monkeypatch):
+    # Triton's OutOfResources (raised at launch, before the kernel runs, where a block asks for more shared memory
+    # than the GPU has: GLA's fused backward at chunk 64, d = 128 on the H200, session 22) reaches the caller as a
+    # ValueError naming the chunk, the head sizes and what to pass instead; the interpreter has no such limit, so the
+    # launch is made to raise it as the compiled one did
+    from triton.runtime.errors import OutOfResources
+    from olssm.kernels.triton import chunked, chunked_delta_bwd
+    module = chunked_delta_bwd if where == "chunked_delta_backward" else chunked
+
+    def over(*a, **k):
+        raise OutOfResources(278528, 232448, "shared memory")
+    monkeypatch.setattr(module, where, over)
+    monkeypatch.setattr(library, "FORCE", "prefer-chunk")
+    rule = ENTRIES["deltanet" if where == "chunked_delta_backward" else "mamba2"].rule
+    x = {n: dev(t).requires_grad_() for n, t in random_inputs(rule, 1, 37, 2, 5, 6, seed=6).items()}
+    with pytest.raises(ValueError, match=r"chunked (forward|backward) at chunks of 16 .*d_k=5, d_v=6: a kernel needs "
+                                         r"278528 of shared memory per block, this GPU gives 232448; pass a smaller "
+                                         r"chunk_size") as e:
+        rule.scan(backend="triton", chunk_size=16, **x)[0].sum().backward()
+    assert ("forward" in str(e.value)) == (where == "chunked_forward")
+    assert isinstance(e.value.__cause__, OutOfResources)
+
+
 def test_a_callers_chunk_size_is_the_only_candidate(tuner):
     # with scan's chunk_size the autotuner times the chunked candidates at that size only, under a key of its own
     # (so a decision for the policy's sizes is not reused for it, nor the other way round)

@@ -169,7 +169,7 @@ def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: lis
     aux = torch.empty(_aux_numel(plan, sizes, save, chunked, chunk_bwd), dtype=torch.float32, device=dev)
     if chunked:
         from .chunked import chunked_forward, saved_chunk_core
-        with _diag_path(sizes):
+        with _diag_path(sizes), _fits_on_chip(sizes, "forward"):
             chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes[:8], save, cu_seqlens,
                             saved_chunk_core(plan.rule.form, aux, sizes))
         return o, ht, ck, aux
@@ -306,11 +306,12 @@ def triton_chunk_bwd(key: str, chunk_in: list[Tensor], ck: Tensor, aux: Tensor, 
     core = saved_chunk_core(plan.rule.form, aux, sizes)
     if plan.rule.form.corrections:
         from . import chunked_delta_bwd
-        grads, dh0 = chunked_delta_bwd.chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes[:8], cu_seqlens,
-                                                              core)
+        with _fits_on_chip(sizes, "backward"):
+            grads, dh0 = chunked_delta_bwd.chunked_delta_backward(plan, chunk_in, ck, do, dht, sizes[:8], cu_seqlens,
+                                                                  core)
     else:
         from . import chunked
-        with _diag_path(sizes):
+        with _diag_path(sizes), _fits_on_chip(sizes, "backward"):
             grads, dh0 = chunked.chunked_backward(plan, chunk_in, ck, do, dht, sizes[:8], cu_seqlens)
     return [*(x.new_empty(x.shape) if g is None else g.to(x.dtype) for g, x in zip(grads, chunk_in)), dh0]
 
@@ -520,6 +521,25 @@ def forced() -> bool:
 
 #: a chunked call's sizes[8], where a launch configuration picks the diagonal family's path: 1 + its index here
 _DIAG_PATHS = ("fused", "split")
+
+
+@contextlib.contextmanager
+def _fits_on_chip(sizes, what: str):
+    """Triton's OutOfResources from a chunked launch as a ValueError naming the chunk and the head sizes. The policy's
+    chunks fit (aot_check, the compiled tests); a caller's chunk_size of 64 at d_k > 64 may not outside the wide-key
+    paths (H200, session 22: GLA's fused backward asked for 278528 B of shared memory, the block has 232448), and no
+    launch had run, so nothing is half written."""
+    try:
+        yield
+    except Exception as e:   # noqa: BLE001 - Triton's error class moved between releases; matched by name
+        if type(e).__name__ != "OutOfResources":
+            raise
+        B, T, H, d_k, d_v, N, max_len, C = sizes[:8]
+        need, limit = getattr(e, "required", "?"), getattr(e, "limit", "?")
+        raise ValueError(
+            f"scan: backend='triton' cannot launch this rule's chunked {what} at chunks of {C} (sub-)tokens with "
+            f"d_k={d_k}, d_v={d_v}: a kernel needs {need} of {getattr(e, 'name', 'a resource')} per block, this GPU "
+            f"gives {limit}; pass a smaller chunk_size (32), or none for the policy's") from e
 
 
 @contextlib.contextmanager
