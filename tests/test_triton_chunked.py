@@ -295,9 +295,12 @@ def test_wide_key_settings(monkeypatch):
         plan = tscan.plan_for(_rule(name) if name != "longhorn_forget" else cat.rule(name))
         assert tchunk.wide(plan.rule.form, 128) is wide, name
         assert not tchunk.wide(plan.rule.form, 64), name
-        assert tlib.chunk_size(plan, 128) == (64 if wide else 16), name   # 16: the _small fixture's CHUNK
+        # 16: the _small fixture's CHUNK; 64 on the split diagonal path too, where DIAG_PATH's default ("wide",
+        # session 22) takes it at d_k > 64
+        wide_diag = name in ("gla", "mamba2", "linear_attention")
+        assert tlib.chunk_size(plan, 128) == (64 if wide or wide_diag else 16), name
         assert tlib.chunk_size(plan, 64) == 16, name
-        assert tlib.chunk_size(plan, 128, "fused") == 16, name   # the fused forward keeps CHUNK (untimed at 64)
+        assert tlib.chunk_size(plan, 128, "fused", "fused") == 16, name   # the fused forwards keep CHUNK
     # the split diagonal path at d_k > 64 (chunked.wide_diag, session 15): chunks of 64 for no, a scalar or a column
     # decay with one input term (its whole-gradient kernels); a row decay, a rule with corrections that is not on the
     # wide-key delta path (two_keys: rank 2), the fused walk and d_k = 64 keep CHUNK
@@ -307,7 +310,9 @@ def test_wide_key_settings(monkeypatch):
         assert tlib.chunk_size(plan, 128, "", "split") == (64 if wide else 16), name
         assert tlib.chunk_size(plan, 64, "", "split") == 16, name
         assert tlib.chunk_size(plan, 128, "", "fused") == 16, name
-    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "split")   # the path the launch would take when the config names none
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "fused")   # the path the launch would take when the config names none
+    assert tlib.chunk_size(tscan.plan_for(_rule("mamba2")), 128) == 16
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "split")
     assert tlib.chunk_size(tscan.plan_for(_rule("mamba2")), 128) == 64
     monkeypatch.delenv("OLSSM_TRITON_DIAG_PATH")
     assert tchunk._launch_opts(True)["num_stages"] == 2 and "num_stages" not in tchunk._launch_opts(False)

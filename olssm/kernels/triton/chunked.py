@@ -864,12 +864,13 @@ def _chunk_decay(g_ptr, base, tm, BT: tl.constexpr, GATED: tl.constexpr, SUB: tl
 
 
 @triton.jit
-def chunk_decay_factors_kernel(g_ptr, f_ptr, cu_ptr, ix_ptr, T, H, BT: tl.constexpr, VARLEN: tl.constexpr):
+def chunk_decay_factors_kernel(g_ptr, f_ptr, cu_ptr, ix_ptr, T, H, BT: tl.constexpr, VARLEN: tl.constexpr,
+                               OFF32: tl.constexpr = False):
     """Per chunk, parallel over chunks: Γ, dec = Γ_L/Γ and Γ_L of a scalar decay (_chunk_decay's values, from its fp64
     scan and sum) → f [B·T·H, 3] (Γ_L at every token of its chunk), for the sequential state passes
     (_sequential_decay), so that no scan or cross-warp sum is left in their loops (DECAY_FACTORS)."""
     i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(1), T, H, BT, VARLEN)
-    tm, base = _tokens(start, tl.arange(0, BT), eos, H, i_h)
+    tm, base = _tokens(start, tl.arange(0, BT), eos, H, i_h, OFF32)
     _, _, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, True)
     tl.store(f_ptr + 3 * base, gam, mask=tm)
     tl.store(f_ptr + 3 * base + 1, dec, mask=tm)
@@ -1733,11 +1734,13 @@ SPLIT_BLOCK_V = 64
 #: gradients in a kernel parallel over chunks; flash-linear-attention's chunk_simple_gla / chunk_gla layout). The
 #: fused walk has B·H·⌈d_v/32⌉ programs: 128 at (2, T, 16, 128), under one per SM of an H100, each a chain of
 #: ⌈T/C⌉ chunks of dependent dots (Mamba-2 at (2, 8192, 16, 128): 1.46 ms forward, 7.11 fwd+bwd, session 8).
-#: "fused" until a GPU times the two (benchmarks/triton_kernels.py row `ds`). Both read and write the same
-#: checkpoints ck, so either backward follows either forward. "wide": "split" where the split path takes its
-#: wide-key chunk (wide_diag: d_k > WIDE_KEYS, one input term, no row decay), "fused" elsewhere — the setting for a
-#: lease that finds the split path faster at d = 128 only. OLSSM_TRITON_DIAG_PATH overrides; read at each launch.
-DIAG_PATH = "fused"
+#: Both read and write the same checkpoints ck, so either backward follows either forward. "wide" (the default):
+#: "split" where the split path takes its wide-key chunk (wide_diag: d_k > WIDE_KEYS, one input term, no row decay),
+#: "fused" elsewhere. H200, (2, 8192, 16, 128) bf16, one process (session 22, benchmarks/RESULTS.md): the split path
+#: at chunk 64 against the fused walk, Mamba-2 0.75 / 3.44 against 0.77 / 4.89 ms fwd / fwd+bwd (1.41x fwd+bwd),
+#: GLA 2.17 / 7.12 against 2.27 / 11.46 (1.61x), the drift 0.04 ms; d = 64 untimed (that stage's time ran out), so
+#: the fused walk stays below WIDE_KEYS. OLSSM_TRITON_DIAG_PATH overrides; read at each launch.
+DIAG_PATH = "wide"
 #: key columns per program of the split diagonal path's two state passes (a diagonal decay keeps key columns apart,
 #: so they split over keys as well as values: 2× the programs at d_k = 128)
 DIAG_STATE_BLOCK_K = 64
@@ -1890,7 +1893,7 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
                                       SOLVE=ut_solve(), **common)
     state_args = (w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
                   w[0].numel(), e[0].numel())
-    factors = decay_factors(g, (ix, NTG, G), cu, varlen, T, H, C) if gated else None
+    factors = decay_factors(g, (ix, NTG, G), cu, varlen, T, H, C, offsets32_fit(sizes)) if gated else None
     chunk_delta_state_kernel[(-(-d_v // BV), N * H)](*state_args, M=M, BV=BV, USE_H0=h0 is not None, **common,
                                                      **_factor_args(factors))
     chunk_delta_out_kernel[(NTG, -(-d_v // BVW), G)](q, w, e, g, b, u, ck, o, cu, ix, T, H, d_k, d_v, NCK,
@@ -1953,7 +1956,7 @@ def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None
         **_scale_args(es))
 
 
-#: opt-in: a scalar decay's per-chunk factors Γ, Γ_L/Γ and Γ_L for the sequential state passes (the split diagonal
+#: a scalar decay's per-chunk factors Γ, Γ_L/Γ and Γ_L for the sequential state passes (the split diagonal
 #: path's forward and reverse passes, the split delta forward's and the delta backward's state kernels) from a
 #: pre-pass parallel over chunks (chunk_decay_factors_kernel) instead of an fp64 scan and a cross-warp sum inside
 #: their loops, as fla's state kernels read a chunk-local cumsum computed before them. The same values (the same
@@ -1962,19 +1965,22 @@ def _chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None
 #: (diagonal state and reverse passes), 14 → 8 (tied delta state), 16 → 8 (untied delta state, delta backward
 #: state), warp shuffles 24 → 0, instructions about the same (629 → 634, 1270 → 1149, 1483 → 1515: three strided
 #: loads per token replace the scan); spills +48 / +80 B in the untied delta state / delta backward state. One extra
-#: launch and B·T·H·12 bytes (3 MB at (2, 8192, 16, 128)). Untimed: off until a GPU says the barriers were worth it
-#: (`gpu_session.sh` rows `df`). OLSSM_TRITON_DECAY_FACTORS (0 / 1) overrides; read at call time.
-DECAY_FACTORS = False
+#: launch and B·T·H·12 bytes (3 MB at (2, 8192, 16, 128)). H200, (2, 8192, 16, 128) bf16 (session 22, one process
+#: each): Gated DeltaNet 1.71 / 6.43-6.45 → 1.64 / 6.21 ms fwd / fwd+bwd (row `df`, drift 0.02); Mamba-2's split path
+#: 746 / 3260 → 718 / 3206 µs (profile, `ds64df`). On since. OLSSM_TRITON_DECAY_FACTORS (0 / 1) overrides; read at
+#: call time.
+DECAY_FACTORS = True
 
 
-def decay_factors(g, grid, cu, varlen, T, H, C):
+def decay_factors(g, grid, cu, varlen, T, H, C, off32: bool = False):
     """f [B·T·H, 3] (Γ, Γ_L/Γ, Γ_L per token) of the scalar log decay g over the chunk grid (ix, NTG, G) of
-    _chunk_grid (cu: cu_seqlens with varlen, else any tensor), or None where DECAY_FACTORS is off."""
+    _chunk_grid (cu: cu_seqlens with varlen, else any tensor), or None where DECAY_FACTORS is off. off32: int32 row
+    offsets, as the launches it feeds take them (offsets32_fit: 3·B·T·H fits where B·T·H·16 does)."""
     if not switch_on("OLSSM_TRITON_DECAY_FACTORS", DECAY_FACTORS, "decay factors"):
         return None
     ix, NTG, G = grid
     f = torch.empty(g.numel(), 3, dtype=torch.float32, device=g.device)
-    chunk_decay_factors_kernel[(NTG, G)](g, f, cu, ix, T, H, BT=C, VARLEN=varlen, num_warps=2)
+    chunk_decay_factors_kernel[(NTG, G)](g, f, cu, ix, T, H, BT=C, VARLEN=varlen, OFF32=off32, num_warps=2)
     return f
 
 
