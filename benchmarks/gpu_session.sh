@@ -6,9 +6,11 @@
 #
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
-#   next         the next lease's first call (timeouts add to 560 s): compile_diag, the compiled tests, Mamba-2's
-#                profile with the split path at chunk 64, Gated DeltaNet's storage rows; then `gated` if time is left
-#                (`fla-gdn` needs a call of its own: its autotuning outlasted two of session 14's)
+#   next         the next lease's first call (timeouts add to 540 s): the compiled tests (session 22's test mends and
+#                defaults: DIAG_PATH "wide", DECAY_FACTORS on), DeltaNet / Mamba-2 / GLA at D = 128 under the defaults
+#                with fla's rows and the split path's open rows (`sto`, `bf`), then Mamba-2 and GLA at D = 64 with the
+#                split path (`ds`: decides DIAG_PATH "split" against "wide"); then `fla-gdn` in a call of its own
+#   next22       session 22's first call (compile_diag, the compiled tests, Mamba-2's profile, Gated DeltaNet's rows)
 #   gated        Gated DeltaNet's bf16 storage rows alone, with more time
 #   compile      torch.compile's gradients against eager ones and the reference (compile_diag.py; in `next`), also
 #                with blocking launches
@@ -45,7 +47,7 @@
 # (device tool: carry [".whl"]); the tests run without it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1   # every stage: a timeout's kill keeps the lines printed before it
-stage=${1:?usage: gpu_session.sh next|gated|compile|one|lease|profile-diag|fla-gdn|diag|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
+stage=${1:?usage: gpu_session.sh next|next22|gated|compile|one|lease|profile-diag|fla-gdn|diag|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
 out=${OUT:-/tmp/olssm-gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
@@ -187,7 +189,21 @@ case $stage in
         at128 70 walk128.txt --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules longhorn \
             --variants "mr0=walk_maxnreg:0;again=" ;;
     next)
-        # the next lease's first call (timeouts add to 560 s; device timeout_s 590, carry [".whl"]): torch.compile's
+        # the next lease's first call (timeouts add to 540 s; device timeout_s 590, carry [".whl"]). Session 22's
+        # H200 call left: the compiled tests after its mends (7 test-side failures), every D = 128 ratio under the new
+        # defaults in one process, DIAG_STRADDLE's cost on the split path (`sto`: "off"), bf16 dot operands on the
+        # split diagonal path (`bf`: fla's precision; 1.44x in its profile, rel err o beside it), and D = 64, where
+        # session 22's stage ran out after one row: if `ds` beats the defaults there beyond the drift, DIAG_PATH
+        # becomes "split"
+        with_fla
+        compiled_tests 170
+        at128 200 next128.txt --skip "gla:fla-chunk,gated_deltanet:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules deltanet,mamba2,gla --variants "sto=diag_straddle:off;bf=precision:bf16;again="
+        timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
+            --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules mamba2,gla --variants "ds=diag_path:split;again=" 2>&1 | tee "$out/diag64.txt" ;;
+    next22)
+        # session 22's first call (timeouts add to 560 s; device timeout_s 590, carry [".whl"]): torch.compile's
         # gradients against the reference (the mends after session 14), the compiled tests (session 15's split-path
         # gradient kernels among them), Mamba-2's D = 128 fwd+bwd kernel by kernel beside fla's with the split path
         # at chunk 64 ($variants_ds), then Gated DeltaNet's storage rows (stage `gated`; fla's row: stage fla-gdn)

@@ -1118,7 +1118,7 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
                      SPAN: tl.constexpr = FAST_SPAN, es_ptr=None, SCALED_E: tl.constexpr = False, f_ptr=None,
                      FACTORS: tl.constexpr = False):
     """The diagonal family's walk over a sequence's chunks, the state carried in registers (_diag_chunk). The fused
-    path (DIAG_PATH = "fused"): one program per (value block, sequence·head), each chunk's o formed in the walk. With
+    path (diag_path() "fused"): one program per (value block, sequence·head), each chunk's o formed in the walk. With
     OUT False (and SAVE_CK, KEY_BLOCKS), the split path's sequential pass: the state entering every chunk → ck and the
     last → ht, one program per (value block, key block, sequence·head): S ← Γ_L ⊙ S + Σ_m (E_m ⊙ dec)ᵀ W_m, no
     query, no [BT, BT] product (q_ptr, o_ptr unread)."""
