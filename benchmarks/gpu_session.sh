@@ -6,7 +6,7 @@
 #
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
-#   next         the next lease's first call (timeouts add to 540 s): the compiled tests (session 22's test mends and
+#   next         the next lease's first call (timeouts add to 560 s): the compiled tests (session 22's test mends and
 #                defaults: DIAG_PATH "wide", DECAY_FACTORS on), DeltaNet / Mamba-2 / GLA at D = 128 under the defaults
 #                with fla's rows and the split path's open rows (`sto`, `bf`), then Mamba-2 and GLA at D = 64 with the
 #                split path (`ds`: decides DIAG_PATH "split" against "wide"); then `fla-gdn` in a call of its own
@@ -189,7 +189,7 @@ case $stage in
         at128 70 walk128.txt --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules longhorn \
             --variants "mr0=walk_maxnreg:0;again=" ;;
     next)
-        # the next lease's first call (timeouts add to 540 s; device timeout_s 590, carry [".whl"]). Session 22's
+        # the next lease's first call (timeouts add to 560 s; device timeout_s 600, carry [".whl"]). Session 22's
         # H200 call left: the compiled tests after its mends (7 test-side failures), every D = 128 ratio under the new
         # defaults in one process, DIAG_STRADDLE's cost on the split path (`sto`: "off"), bf16 dot operands on the
         # split diagonal path (`bf`: fla's precision; 1.44x in its profile, rel err o beside it), and D = 64, where
@@ -197,11 +197,13 @@ case $stage in
         # becomes "split"
         with_fla
         compiled_tests 170
-        at128 200 next128.txt --skip "gla:fla-chunk,gated_deltanet:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+        at128 180 next128.txt --skip "gla:fla-chunk,gated_deltanet:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
             --rules deltanet,mamba2,gla --variants "sto=diag_straddle:off;bf=precision:bf16;again="
         timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
             --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules mamba2,gla --variants "ds=diag_path:split;again=" 2>&1 | tee "$out/diag64.txt" ;;
+            --rules mamba2,gla --variants "ds=diag_path:split;again=" 2>&1 | tee "$out/diag64.txt"
+        # bf16 dot operands' gradient errors compiled (the interpreter's, session 22: up to 2x the bf16 floor)
+        OLSSM_TRITON_DEVICE=cuda timeout 60 python benchmarks/bf16_accuracy.py mamba2 gla 2>&1 | tee "$out/bf16acc.txt" ;;
     next22)
         # session 22's first call (timeouts add to 560 s; device timeout_s 590, carry [".whl"]): torch.compile's
         # gradients against the reference (the mends after session 14), the compiled tests (session 15's split-path
