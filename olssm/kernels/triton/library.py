@@ -527,8 +527,8 @@ _DIAG_PATHS = ("fused", "split")
 def _fits_on_chip(sizes, what: str):
     """Triton's OutOfResources from a chunked launch as a ValueError naming the chunk and the head sizes. The policy's
     chunks fit (aot_check, the compiled tests); a caller's chunk_size of 64 at d_k > 64 may not outside the wide-key
-    paths (H200, session 22: GLA's fused backward asked for 278528 B of shared memory, the block has 232448), and no
-    launch had run, so nothing is half written."""
+    paths (H200, session 22: GLA's fused backward asked for 278528 B of shared memory, the block has 232448). Earlier
+    launches of the same call may have run; the error drops their outputs with the call."""
     try:
         yield
     except Exception as e:   # noqa: BLE001 - Triton's error class moved between releases; matched by name
@@ -539,7 +539,8 @@ def _fits_on_chip(sizes, what: str):
         raise ValueError(
             f"scan: backend='triton' cannot launch this rule's chunked {what} at chunks of {C} (sub-)tokens with "
             f"d_k={d_k}, d_v={d_v}: a kernel needs {need} of {getattr(e, 'name', 'a resource')} per block, this GPU "
-            f"gives {limit}; pass a smaller chunk_size (32), or none for the policy's") from e
+            f"gives {limit}; pass a smaller chunk_size (32) (with none given, this chunk is the policy's: a bug to "
+            f"report)") from e
 
 
 @contextlib.contextmanager
