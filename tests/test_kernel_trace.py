@@ -27,10 +27,12 @@ def test_trace_flags_the_launch_that_wrote_a_wrong_value():
     # the case itself is right (the interpreter in fp32 against the reference scan: RTOL-sized)
     assert max(kt.reference_errors("o32_untied", o, f, g).values()) < 1e-5
     kernels = [e["kernel"] for e in first]
-    assert kernels[:3] == ["chunk_delta_prep_kernel", "chunk_delta_state_kernel", "chunk_delta_out_kernel"]
+    # the decay's factors from their pre-pass (chunked.DECAY_FACTORS, on since session 22) before the state pass
+    assert kernels[:4] == ["chunk_delta_prep_kernel", "chunk_decay_factors_kernel", "chunk_delta_state_kernel",
+                           "chunk_delta_out_kernel"]
     assert not any(line.startswith("!!") for line in kt.compare_logs(second, first))
     # 5 % off in what the state pass wrote: flagged there, and nowhere else (later launches' records are unchanged)
-    entry = second[1]
+    entry = second[2]
     name = next(n for n in entry["after"] if not torch.equal(entry["after"][n], entry["before"][n]))
     entry["after"][name] = entry["after"][name] * 1.05
     flagged = [line for line in kt.compare_logs(second, first) if line.startswith("!!")]
