@@ -284,6 +284,11 @@ def test_malformed_objectives_fail_at_construction():
     with pytest.raises(O.DerivationError, match="named 'beta'"):
         olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=O.row("beta")) / 2
                                  + O.sqnorm(S @ O.key("k2") - v, weight=O.scalar("beta")) / 2))
+    # two names that print alike ("beta" shows as β): ε = (β + β)/(β‖k‖² + β‖k‖² + 1) had read as 2β
+    for a, b in [("beta", "β"), ("lam", "λ"), ("Delta", "dt")]:
+        with pytest.raises(O.DerivationError, match=f"inputs '{a}' and '{b}' both print as"):
+            olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=O.row(a)) / 2
+                                     + O.sqnorm(S @ k - v, weight=O.row(b)) / 2))
 
 
 def test_derivation_is_cached_and_fast():

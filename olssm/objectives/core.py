@@ -800,6 +800,12 @@ class Objective:
                 raise DerivationError(f"two different inputs are named {s.name!r} ({a.role} {a.kind}, domain "
                                       f"{a.domain!r} and {b.role} {b.kind}, domain {b.domain!r}); rename one")
             out[s.name] = spec_of(s)
+        shown = {}
+        for name in out:   # a rule's text shows display names: "beta" and "β" would read as one input twice
+            other = shown.setdefault(display_name(name), name)
+            if other != name:
+                raise DerivationError(f"inputs {other!r} and {name!r} both print as {display_name(name)}, so the "
+                                      f"derived rule would read as one input; rename one")
         return out
 
 
