@@ -128,13 +128,12 @@ def _holds(e, prop: str) -> bool:
     return getattr(b, prop) is True or getattr(sp.factor(sp.cancel(b)), prop) is True
 
 
-def _no_negative_squares(g, where):
+def _no_negative_squares(g, where, shared: set):
     """A squared loss ‖S u − y‖² with a weight that is negative for every input adds −c u uᵀ to the Hessian:
     the objective then has no minimum once ‖u‖ is large (the "minimiser" a derivation would return is a
     saddle point). A vector that shares an independent part with another (S k beside S (k + k₁)) is read over the
     parts by _coupled_squares instead: ½‖S (k + k₁)‖² + ½‖S (k − k₁)‖² − ½‖S k‖² is positive definite, and had been
-    refused for its −½‖S k‖²."""
-    shared = _shared_vectors(g)
+    refused for its −½‖S k‖² (shared: _shared_vectors(g))."""
     for (u, w), c in g.lowrank.items():
         if u == w and u not in shared:
             # of open sign: the closed form is the minimiser only while the weight is >= 0 (a layer feeds a
@@ -145,7 +144,7 @@ def _no_negative_squares(g, where):
                          f"{where}: the squared loss on S {u} has weight {c}")
 
 
-def _coupled_squares(g, obj, where):
+def _coupled_squares(g, obj, where, shared: set):
     """The low-rank part of the Hessian per row is U R Uᵀ (U = [u_1 … u_p], R the weights of the squared losses on
     S u_m and of the cross terms ⟨S u_m, S u_n⟩ between them). A vector may be a combination of others (S (k + a k₁)
     beside ⟨S k, S k₁⟩), so U = A C with A the independent vectors the u_m are made of (_independent_vectors: the
@@ -164,7 +163,7 @@ def _coupled_squares(g, obj, where):
     input nothing."""
     pairs = {k: v for k, v in g.lowrank.items() if v != 0}
     coupled = {(u, w) for (u, w) in pairs if u != w}
-    if not coupled and not _shared_vectors(g):
+    if not coupled and not shared:
         return
     vecs = sorted({x for pair in pairs for x in pair}, key=sp.default_sort_key)
     R = sp.Matrix(len(vecs), len(vecs), lambda m, n: (sp.sympify(pairs.get((vecs[m], vecs[n]), 0))
@@ -337,9 +336,10 @@ def derive_implicit(obj: Objective) -> NormalForm:
                               "never positive: the objective has no minimum")
     if not _holds(g.diag, 'is_positive'):   # e.g. ½‖S − S_prev‖² + ½ b‖S‖² with b of open sign: 1 + b
         _open_sign(f"implicit update of {obj.expr}: the diagonal of the Hessian is {g.diag}", g.diag, "> 0")
-    _no_negative_squares(g, f"implicit update of {obj.expr}")
+    shared = _shared_vectors(g)
+    _no_negative_squares(g, f"implicit update of {obj.expr}", shared)
     if len({x for pair in g.lowrank for x in pair}) <= MAX_RANK:   # more is refused below
-        _coupled_squares(g, obj, f"implicit update of {obj.expr}")
+        _coupled_squares(g, obj, f"implicit update of {obj.expr}", shared)
     row_part, col_part = _hessian_split(g.diag, bool(g.lowrank), f"implicit update of {obj.expr}")
     decay = -g.prev_diag / g.diag
     row = _Row()
@@ -471,8 +471,9 @@ def derive_exact(obj: Objective) -> ExactForm:
                               "replaces the proximal term); drop S_prev or use update='implicit'")
     if not g.has_state:
         raise DerivationError(f"{where}: the per-token loss is linear in S; least squares needs squares")
-    _no_negative_squares(g, where)
-    _coupled_squares(g, obj, where)
+    shared = _shared_vectors(g)
+    _no_negative_squares(g, where, shared)
+    _coupled_squares(g, obj, where, shared)
     for (u, w), c in g.lowrank.items():
         if kind_of(c) != SCALAR:
             raise DerivationError(

@@ -1893,7 +1893,7 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
                                       SOLVE=ut_solve(), **common)
     state_args = (w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
                   w[0].numel(), e[0].numel())
-    factors = decay_factors(g, (ix, NTG, G), cu, varlen, T, H, C, offsets32_fit(sizes)) if gated else None
+    factors = decay_factors(g, (ix, NTG, G), cu, varlen, T, H, C, common["OFF32"]) if gated else None
     chunk_delta_state_kernel[(-(-d_v // BV), N * H)](*state_args, M=M, BV=BV, USE_H0=h0 is not None, **common,
                                                      **_factor_args(factors))
     chunk_delta_out_kernel[(NTG, -(-d_v // BVW), G)](q, w, e, g, b, u, ck, o, cu, ix, T, H, d_k, d_v, NCK,

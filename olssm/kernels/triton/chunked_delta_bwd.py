@@ -940,7 +940,7 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     chunk_delta_bwd_prep_kernel[(NTG, G)](q, a, b, c, g, do, tc, wt, dd, cu, ix, T, H, d_k, d_v, BK=BK, BV=BVW,
                                           KB=KB, HAVE_TC=core is not None, UTB=int(_ch.UT_BLOCK),
                                           SOLVE=_ch.ut_solve(), **common)
-    factors = _ch.decay_factors(g, (ix, NTG, G), cu, varlen, T, H, C, _ch.offsets32_fit(sizes)) if gated else None
+    factors = _ch.decay_factors(g, (ix, NTG, G), cu, varlen, T, H, C, common["OFF32"]) if gated else None
     chunk_delta_bwd_state_kernel[(-(-d_v // BV), N * H)](
         q, g, b, wt, do, dd, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK,
         BK=BK, BV=BV, USE_DHT=dht is not None, **common, **_ch._factor_args(factors))
