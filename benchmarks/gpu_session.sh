@@ -6,10 +6,12 @@
 #
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
+#   sweep        session 23's first call: the split diagonal path's launch settings one kernel at a time
+#                (diag_sweep.py) at D = 128 (Mamba-2 beside fla, GLA) and D = 64 (against the fused walk)
 #   next         the next lease's first call (timeouts add to 560 s): the compiled tests (session 22's test mends and
-#                defaults: DIAG_PATH "wide", DECAY_FACTORS on), DeltaNet / Mamba-2 / GLA at D = 128 under the defaults
-#                with fla's rows and the split path's open rows (`sto`, `bf`), then Mamba-2 and GLA at D = 64 with the
-#                split path (`ds`: decides DIAG_PATH "split" against "wide"); then `fla-gdn` in a call of its own
+#                defaults, session 23's launch settings), DeltaNet / Mamba-2 / GLA at D = 128 under the defaults
+#                with fla's rows and the split path's open rows (`sto`, `bf`), then GLA at D = 64 with the split path
+#                at chunk 64 (`ds64`: decides DIAG_PATH "split" against "wide"); then `fla-gdn` in a call of its own
 #   next22       session 22's first call (compile_diag, the compiled tests, Mamba-2's profile, Gated DeltaNet's rows)
 #   gated        Gated DeltaNet's bf16 storage rows alone, with more time
 #   compile      torch.compile's gradients against eager ones and the reference (compile_diag.py; in `next`), also
@@ -47,7 +49,7 @@
 # (device tool: carry [".whl"]); the tests run without it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1   # every stage: a timeout's kill keeps the lines printed before it
-stage=${1:?usage: gpu_session.sh next|next22|gated|compile|one|lease|profile-diag|fla-gdn|diag|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
+stage=${1:?usage: gpu_session.sh sweep|next|next22|gated|compile|one|lease|profile-diag|fla-gdn|diag|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
 out=${OUT:-/tmp/olssm-gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
@@ -188,20 +190,32 @@ case $stage in
             --rules mamba2,gla --variants "ds=diag_path:split;ds64=diag_path:split,chunk:64;mr0=walk_maxnreg:0;again="
         at128 70 walk128.txt --skip "*:torch-chunk,*:fla-recurrent,*:recurrent" --rules longhorn \
             --variants "mr0=walk_maxnreg:0;again=" ;;
+    sweep)
+        # session 23's first call (timeouts add to 500 s; device timeout_s 560, carry [".whl"]): the split diagonal
+        # path's five kernels' blocks, warps and stages, one kernel at a time against the defaults timed twice
+        # (benchmarks/diag_sweep.py; it prints the winners together, their gradients against the defaults' and the
+        # constants to set), at D = 128 for Mamba-2 (with fla's chunk_simple_gla) and GLA, then at D = 64 on the split
+        # path at chunk 64 against the fused walk (which DIAG_PATH "split" would replace there)
+        with_fla
+        timeout 190 python benchmarks/diag_sweep.py --rules mamba2 --peers 2>&1 | tee "$out/sweep128-mamba2.txt"
+        timeout 200 python benchmarks/diag_sweep.py --rules gla 2>&1 | tee "$out/sweep128-gla.txt"
+        timeout 110 python benchmarks/diag_sweep.py --rules mamba2,gla --B 4 --T 2048 --d 64 --path split --chunk 64 \
+            --fused-row --peers --kernels state,out,dqk 2>&1 | tee "$out/sweep64.txt" ;;
     next)
-        # the next lease's first call (timeouts add to 560 s; device timeout_s 600, carry [".whl"]). Session 22's
-        # H200 call left: the compiled tests after its mends (7 test-side failures), every D = 128 ratio under the new
-        # defaults in one process, DIAG_STRADDLE's cost on the split path (`sto`: "off"), bf16 dot operands on the
-        # split diagonal path (`bf`: fla's precision; 1.44x in its profile, rel err o beside it), and D = 64, where
-        # session 22's stage ran out after one row: if `ds` beats the defaults there beyond the drift, DIAG_PATH
-        # becomes "split"
+        # the next lease's first call (timeouts add to 560 s; device timeout_s 600, carry [".whl"]). Sessions 22-23
+        # left: the compiled tests after session 22's mends (7 test-side failures) and session 23's launch settings,
+        # every D = 128 ratio under the new defaults in one process, DIAG_STRADDLE's cost on the split path (`sto`:
+        # "off"), bf16 dot operands on the split diagonal path (`bf`: fla's precision; 1.44x in session 22's profile,
+        # but 1.3x slower in session 23's one timing, in a process that then hung: rel err o beside it), and GLA at
+        # D = 64: if `ds64` beats the defaults there beyond the drift, DIAG_PATH becomes "split" for column decays
         with_fla
         compiled_tests 170
         at128 180 next128.txt --skip "gla:fla-chunk,gated_deltanet:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
             --rules deltanet,mamba2,gla --variants "sto=diag_straddle:off;bf=precision:bf16;again="
+        # (session 23: Mamba-2's split path at chunk 64 lost to the walk at D = 64 by 1.11x; GLA's is untimed)
         timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
             --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules mamba2,gla --variants "ds=diag_path:split;again=" 2>&1 | tee "$out/diag64.txt"
+            --rules gla --variants "ds64=diag_path:split,chunk:64;again=" 2>&1 | tee "$out/diag64.txt"
         # bf16 dot operands' gradient errors compiled (the interpreter's, session 22: up to 2x the bf16 floor)
         OLSSM_TRITON_DEVICE=cuda timeout 60 python benchmarks/bf16_accuracy.py mamba2 gla 2>&1 | tee "$out/bf16acc.txt" ;;
     next22)

@@ -178,8 +178,10 @@ def _main(argv=None):
                         "blocks), same_key (chunked_delta_bwd.SAME_KEY: 1 or 0), diag_path (chunked.DIAG_PATH: fused, "
                         "split or wide), raw_inputs (chunked.RAW_INPUTS: 1 or 0), fused_scale_bwd (chunked.FUSED_SCALE_BWD: "
                         "1 or 0), scale_on_load (chunked.SCALE_ON_LOAD: 1 or 0), decay_factors "
-                        "(chunked.DECAY_FACTORS: 1 or 0), walk_maxnreg (chunked.WALK_MAXNREG: 0 or a count), block_v, warps (recurrent "
-                        "kernel); e.g. "
+                        "(chunked.DECAY_FACTORS: 1 or 0), walk_maxnreg (chunked.WALK_MAXNREG: 0 or a count), "
+                        "the split diagonal path's per-kernel settings KERNEL_bk / _bv / _warps / _stages (KERNEL: "
+                        "state, dh (warps, stages), out (bv, warps, stages), dqk, dv; chunked.DIAG_*), block_v, warps "
+                        "(recurrent kernel); e.g. "
                         "'narrow=wide:off;bf16=precision:bf16;again=' (an empty setting: the defaults again, for the drift)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
     p.add_argument("--raw-decays", action="store_true",
@@ -442,6 +444,14 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _one_of(*chunked.DOT
                  "same_key": (chunked_delta_bwd, ("SAME_KEY",), _switch, "chunk"),
                  "straddle": (chunked_delta_bwd, ("DECAY_STRADDLE",), _switch, "chunk"),
                  "diag_straddle": (chunked, ("DIAG_STRADDLE",), _one_of("off", "slow", "all"), "chunk"),
+                 # the split diagonal path's blocks and launches, one kernel at a time (chunked.DIAG_*)
+                 **{f"{kernel}_{what}": (chunked, (f"DIAG_{kernel.upper()}_{attr}",), parse, "chunk")
+                    for kernel, whats in (("state", "bk bv warps stages"), ("dh", "warps stages"),
+                                          ("out", "bv warps stages"), ("dqk", "bk bv warps stages"),
+                                          ("dv", "bk bv warps stages"))
+                    for what in whats.split()
+                    for attr, parse in [{"bk": ("BLOCK_K", _pow2), "bv": ("BLOCK_V", _pow2),
+                                         "warps": ("WARPS", _pow2), "stages": ("STAGES", _positive)}[what]]},
                  "block_v": (tscan, ("BLOCK_V",), _pow2, "recurrent"),
                  "warps": (tscan, ("NUM_WARPS",), _pow2, "recurrent")}
 

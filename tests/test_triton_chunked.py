@@ -1127,12 +1127,38 @@ def test_diag_split_path_matches_reference(name, varlen, slow, monkeypatch):
         monkeypatch.setattr(tlib, "CHUNK_BACKWARD", True)
     cu = [0, 35, 35, 40, 72] if varlen else None
     B, T, N = (1, 72, 4) if varlen else (2, 37, 2)
-    if varlen:   # the output in two value blocks of 16 rows (SPLIT_BLOCK_V; row decays: the state's 32)
-        monkeypatch.setattr(tchunk, "SPLIT_BLOCK_V", 16)
+    if varlen:   # the output and the state passes in two value blocks of 16 rows (row decays' output: the state's)
+        monkeypatch.setattr(tchunk, "DIAG_OUT_BLOCK_V", 16)
+        monkeypatch.setattr(tchunk, "DIAG_STATE_BLOCK_V", 16)
     inp = random_inputs(rule, B, T, 2, 20, 20, seed=31)
     h0 = 0.3 * torch.randn(N, 2, 20, 20, generator=torch.Generator().manual_seed(31))
     _compare(rule, inp, h0, cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)) if varlen else None)
     assert len(fwd) == 1 and len(bwd) == (0 if name == "two_term_column" else 1)   # two terms: the fused backward
+
+
+def test_diag_sweep_runs_and_tells_a_changed_number_from_a_reordered_sum(monkeypatch, capsys):
+    # benchmarks/diag_sweep.py (session 23's first GPU call) end to end under the interpreter, and the check it makes of
+    # the settings it would choose: every block setting gives the defaults' o and gradients (d = 32 cut into blocks of
+    # 16 on every side of every kernel, against one block of 32), while bf16 dot operands, which change the numbers,
+    # are told apart (> 1e-4 against < 1e-5: the fp32 reordering floor is ~1e-7)
+    sweep = benchmark_module("diag_sweep")
+    saved = (tlib.FORCE, tlib.CHUNK, tlib.WIDE_CHUNK, tchunk.DIAG_PATH)
+    sweep.main(["--B", "1", "--T", "16", "--H", "1", "--d", "16", "--reps", "1", "--path", "split", "--chunk", "16",
+                "--rules", "mamba2", "--kernels", "dv", "--no-info"])
+    assert (tlib.FORCE, tlib.CHUNK, tlib.WIDE_CHUNK, tchunk.DIAG_PATH) == saved   # its settings do not outlive it
+    out = capsys.readouterr().out
+    assert all(f"| dv | {label} |" in out for label in sweep.CANDIDATES["dv"]), out
+    assert "| — | defaults again |" in out
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "split")
+    monkeypatch.setattr(tlib, "FORCE", "chunk")
+    rule = _rule("log_gla")
+    inp = {n: _dev(x) for n, x in random_inputs(rule, 1, 40, 1, 32, 32, seed=41).items()}
+    blocks = {n: 16 for n in ("DIAG_STATE_BLOCK_K", "DIAG_STATE_BLOCK_V", "DIAG_OUT_BLOCK_V", "DIAG_DQK_BLOCK_K",
+                              "DIAG_DQK_BLOCK_V", "DIAG_DV_BLOCK_K", "DIAG_DV_BLOCK_V")}
+    same = sweep.differences(rule, inp, blocks)
+    assert set(same) == {"o", "dq", "dk", "dv", "da"} and max(same.values()) < 1e-5, same
+    changed = sweep.differences(rule, inp, {"DOT_PRECISION": "bf16"})
+    assert max(changed.values()) > 1e-4, changed
 
 
 @pytest.mark.parametrize("name", ["retnet", "log_gla", "log_row_decay"])

@@ -137,6 +137,18 @@ FACTOR_VARIANTS = ("diag split state decay=scalar varlen=True", "diag split back
                    "delta bwd state decay=scalar varlen=True")
 
 
+def split_diag_warps(name: str):
+    """The num_warps the split diagonal path launches the kernel of variant `name` with (chunked.DIAG_*_WARPS; None:
+    the common num_warps)."""
+    from . import chunked as ch
+    for prefix, warps in (("diag split state", ch.DIAG_STATE_WARPS), ("diag split out", ch.DIAG_OUT_WARPS),
+                          ("diag split backward state", ch.DIAG_DH_WARPS),
+                          ("diag split backward dqk", ch.DIAG_DQK_WARPS), ("diag split backward dv", ch.DIAG_DV_WARPS)):
+        if name.startswith(prefix):
+            return warps
+    return None
+
+
 def variants(BT, BK, BV, prec, BVW=None):
     """Every chunked kernel variant (_variants), those of SCALED_VARIANTS again with SCALED_E and those of
     FACTOR_VARIANTS with FACTORS, and the decay-factor pre-pass."""
@@ -179,8 +191,9 @@ def _variants(BT, BK, BV, prec, BVW=None):
         yield (f"diag split state {tag}", ch.chunk_fwd_kernel,
                dict(BT=BT, BK=BKS, BV=BV, M=1, PREC=prec, DECAY=code, USE_H0=True, SAVE_CK=True, VARLEN=True,
                     OUT=False, KEY_BLOCKS=True))
+        out_rows = BV if code == 2 else max(16, min(ch._np2(BVW), ch.DIAG_OUT_BLOCK_V, ch.DIAG_OUT_TILE // BK))
         yield (f"diag split out {tag}", ch.chunk_diag_out_kernel,
-               dict(BT=BT, BK=BK, BV=BV if code == 2 else BVW, M=1, PREC=prec, DECAY=code, VARLEN=True))
+               dict(BT=BT, BK=BK, BV=out_rows, M=1, PREC=prec, DECAY=code, VARLEN=True))
         yield (f"diag split backward state {tag}", ch.chunk_bwd_kernel,
                dict(BT=BT, BK=BKS, BV=BV, M=1, PREC=prec, DECAY=code, USE_DHT=True, VARLEN=True, GRADS=False,
                     KEY_BLOCKS=True))
@@ -364,7 +377,8 @@ def main(argv=None) -> int:
     _lib.PSCAN_BWD_TILE = a.pscan_bwd_tile or _lib.PSCAN_BWD_TILE
     from .chunked import _np2, split_blocks
     BK, BV, BVW, _ = split_blocks(a.dk, a.dv)
-    print(f"sm_{a.arch}, num_warps={a.num_warps}, BT={a.chunk}, BK={BK}, BV={BV} (split prep/out: {BVW}), "
+    print(f"sm_{a.arch}, num_warps={a.num_warps} (the split diagonal path's kernels: chunked.DIAG_*_WARPS where set), "
+          f"BT={a.chunk}, BK={BK}, BV={BV} (split prep/out: {BVW}), "
           f"dot precision {a.precision}")
     from . import library
     from . import scan as _scan
@@ -408,6 +422,7 @@ def main(argv=None) -> int:
     bad, over = 0, []
     limit = SHARED_LIMIT.get(a.arch)
     for name, fn, consts, warps, *ptr_types in todo:
+        warps = split_diag_warps(name) or warps
         walk = fn in walks and consts.get("OUT", True) and consts.get("GRADS", True)   # not the split passes
         maxnreg = a.maxnreg if a.maxnreg is not None else _ch.walk_maxnreg() if walk else None
         try:

@@ -1580,6 +1580,12 @@ def _launch_opts(wide: bool = False, walk: bool = False) -> dict:
     return {**opts, "maxnreg": maxnreg} if maxnreg else opts
 
 
+def _diag_launch(opts: dict, warps, stages) -> dict:
+    """opts (launch options and arguments) with one split diagonal kernel's own num_warps / num_stages where set
+    (DIAG_*_WARPS / DIAG_*_STAGES)."""
+    return dict(opts, **({"num_warps": int(warps)} if warps else {}), **({"num_stages": int(stages)} if stages else {}))
+
+
 @functools.lru_cache(maxsize=None)
 def _has_maxnreg() -> bool:
     """Whether the installed Triton takes the maxnreg launch option (its CUDA backend's options have it since 3.x;
@@ -1744,6 +1750,29 @@ DIAG_PATH = "wide"
 #: key columns per program of the split diagonal path's two state passes (a diagonal decay keeps key columns apart,
 #: so they split over keys as well as values: 2× the programs at d_k = 128)
 DIAG_STATE_BLOCK_K = 64
+#: value rows per program of the same two passes (the layout of ck and dh does not depend on it)
+DIAG_STATE_BLOCK_V = 32
+#: value rows per program of the split diagonal path's output kernel: each block forms the chunk's [BT, BT] Q Wᵀ again,
+#: so d_v = 128 in one block forms it once (it spills ~1 KB/thread at 8 warps, sm_90, and is still the fastest: H200,
+#: (2, 8192, 16, 128) bf16, session 23, forward 1.12× for GLA against 64 rows; 32 rows lost 0.80×)
+DIAG_OUT_BLOCK_V = 128
+#: elements of the output kernel's [BV, d_k] state tile at most (fewer value rows per program at wider keys): 128 rows
+#: at d_k = 256 took 160 / 192 KB of shared memory (scalar / column decay, sm_90, chunk 64), over an A100's 164 KB;
+#: 64 rows, what d_k = 256 ran before session 23, 96 / 144 KB
+DIAG_OUT_TILE = 128 * 128
+#: num_warps / num_stages of the split diagonal path's kernels, one pair per kernel (None: _launch_opts' NUM_WARPS /
+#: NUM_STAGES): the forward's state pass (STATE), the reverse pass (DH), the output (OUT), dQ / dW / ∂g (DQK) and dE
+#: (DV). They hold different things: the state passes a [BV, BK] tile walked over chunks (8 warps for a 32 × 64 tile
+#: left most of them idle), the parallel kernels [BT, BK] and [BT, BT] tiles. Session 23 timed each kernel's settings
+#: alone (benchmarks/diag_sweep.py, H200, (2, 8192, 16, 128) bf16; RESULTS.md): 4 warps won for the state pass
+#: (GLA forward 1.28×), the reverse pass (1.05× fwd+bwd) and dE (1.06×); dqk lost with every other block, warps and
+#: stages tried. All four together (with DIAG_OUT_BLOCK_V = 128), one process: GLA 2.18 / 7.18 → 1.47 / 5.70 ms fwd /
+#: fwd+bwd (1.26×), Mamba-2 3.39 → 3.28 fwd+bwd (1.03×), the defaults timed twice identical
+DIAG_STATE_WARPS, DIAG_STATE_STAGES = 4, None
+DIAG_DH_WARPS, DIAG_DH_STAGES = 4, None
+DIAG_OUT_WARPS = DIAG_OUT_STAGES = None
+DIAG_DQK_WARPS = DIAG_DQK_STAGES = None
+DIAG_DV_WARPS, DIAG_DV_STAGES = 4, None
 #: key columns per block of the split diagonal path's parallel backward (chunk_diag_bwd_kernel walks them in turn; rules
 #: with one input term: more run the fused backward). sm_90, d_k = d_v = 128, chunk 32 (library.CHUNK), tf32, 8 warps,
 #: spills in B/thread for none / scalar / row / column decays: whole [BT, 128] tiles 2384 / 2968 / 552 / 6176, blocks of
@@ -2012,18 +2041,20 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens, es=No
     varlen = cu_seqlens is not None
     cu = cu_seqlens if varlen else ht
     ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, ht)
-    common = dict(M=k.shape[0], BT=C, BV=BV, DECAY=decay, VARLEN=varlen, PREC=_precision(o.dtype), SPAN=fast_span(),
+    BVS = max(16, min(_np2(d_v), DIAG_STATE_BLOCK_V))
+    common = dict(M=k.shape[0], BT=C, DECAY=decay, VARLEN=varlen, PREC=_precision(o.dtype), SPAN=fast_span(),
                   **_launch_opts(), **_scale_args(es))
     factors = decay_factors(g, (ix, NTG, G), cu, varlen, T, H, C) if decay == 1 else None
-    chunk_fwd_kernel[(-(-d_v // BV), -(-d_k // BKS), N * H)](
+    chunk_fwd_kernel[(-(-d_v // BVS), -(-d_k // BKS), N * H)](
         k, k, v, g, h0.contiguous() if h0 is not None else ht, ht, ht, ck, cu, T, H, d_k, d_v, NCK, k[0].numel(),
-        v[0].numel(), BK=BKS, USE_H0=h0 is not None, SAVE_CK=True, OUT=False, KEY_BLOCKS=True, **common,
-        **_factor_args(factors))
-    # the output takes the split paths' wider value blocks (SPLIT_BLOCK_V): each block forms the [BT, BT] Q Wᵀ again.
-    # sm_90, d = 128, chunk 32: 64 rows spill nothing (scalar, column decay; 32 rows: 0, 104 B), a row decay's 952 B
-    BVO = BV if decay == 2 else split_blocks(d_k, d_v).BVW
+        v[0].numel(), BK=BKS, BV=BVS, USE_H0=h0 is not None, SAVE_CK=True, OUT=False, KEY_BLOCKS=True,
+        **_diag_launch(common, DIAG_STATE_WARPS, DIAG_STATE_STAGES), **_factor_args(factors))
+    # the output takes wider value blocks (DIAG_OUT_BLOCK_V) than a row decay's (its D per value row: sm_90, d = 128,
+    # chunk 32, 64 rows spill 952 B), as many as keep its [BV, d_k] state tile within DIAG_OUT_TILE
+    BVO = BV if decay == 2 else max(16, min(_np2(d_v), DIAG_OUT_BLOCK_V, DIAG_OUT_TILE // _np2(d_k)))
     chunk_diag_out_kernel[(NTG, -(-d_v // BVO), G)](q, k, v, g, ck, o, cu, ix, T, H, d_k, d_v, NCK, k[0].numel(),
-                                                    v[0].numel(), BK=BK, **dict(common, BV=BVO))
+                                                    v[0].numel(), BK=BK, BV=BVO,
+                                                    **_diag_launch(common, DIAG_OUT_WARPS, DIAG_OUT_STAGES))
 
 
 # --------------------------------------------------------------------------------------------
@@ -2636,8 +2667,9 @@ def _diag_dh(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0):
     of ck's layout, fp32, and dh0; then the (ix, NTG, G) grid of the parallel gradient kernels and their common
     launch arguments."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
-    BK, BV = _blocks(d_k, d_v)
+    BK, _ = _blocks(d_k, d_v)
     BKS = min(BK, DIAG_STATE_BLOCK_K)
+    BVS = max(16, min(_np2(d_v), DIAG_STATE_BLOCK_V))
     q = chunk_in[0]
     g = chunk_in[3] if decay else q
     dh = written(*ck.shape, device=q.device)
@@ -2646,10 +2678,10 @@ def _diag_dh(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0):
     common = dict(BT=C, DECAY=decay, VARLEN=varlen, PREC=_precision(do.dtype), **_launch_opts())
     grid = _chunk_grid(cu_seqlens, C, T, N, B, H, dh0)
     factors = decay_factors(g, grid, cu, varlen, T, H, C) if decay == 1 else None
-    chunk_bwd_kernel[(-(-d_v // BV), -(-d_k // BKS), N * H)](
+    chunk_bwd_kernel[(-(-d_v // BVS), -(-d_k // BKS), N * H)](
         q, q, q, g, do, dht.contiguous() if dht is not None else dh0, dh0, cu, dh0, dh0, dh0, dh0, dh0, dh, T, H, d_k,
-        d_v, ck.shape[2], 0, 0, 0, M=1, BK=BKS, BV=BV, USE_DHT=dht is not None, GRADS=False, KEY_BLOCKS=True,
-        SPAN=fast_span(), **common, **_factor_args(factors))
+        d_v, ck.shape[2], 0, 0, 0, M=1, BK=BKS, BV=BVS, USE_DHT=dht is not None, GRADS=False, KEY_BLOCKS=True,
+        SPAN=fast_span(), **_diag_launch(common, DIAG_DH_WARPS, DIAG_DH_STAGES), **_factor_args(factors))
     return dh, cu, grid, common
 
 
@@ -2686,11 +2718,13 @@ def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, 
     dg = written(B, T, H, d_k, device=dev) if decay == 3 else written(NK, B, T, H, device=dev) if decay else dh0
     common = dict(common, SPAN=fast_span())
     chunk_diag_dqk_kernel[(NTG, NK, G)](q, k, v, g, do, ck, dh, cu, ix, dq, dk, dg, T, H, d_k, d_v, ck.shape[2],
-                                        B * T * H, BK=BKQ, BV=min(max(16, _np2(d_v)), DIAG_DQK_BLOCK_V), **common,
+                                        B * T * H, BK=BKQ, BV=min(max(16, _np2(d_v)), DIAG_DQK_BLOCK_V),
+                                        **_diag_launch(common, DIAG_DQK_WARPS, DIAG_DQK_STAGES),
                                         **_scale_args(es), **_diag_straddle_arg(decay))
     BVD = min(max(16, _np2(d_v)), DIAG_DV_BLOCK_V)
     chunk_diag_dv_kernel[(NTG, -(-d_v // BVD), G)](q, k, g, do, dh, cu, ix, dv, T, H, d_k, d_v, ck.shape[2],
-                                                   BK=min(max(16, _np2(d_k)), DIAG_DV_BLOCK_K), BV=BVD, **common)
+                                                   BK=min(max(16, _np2(d_k)), DIAG_DV_BLOCK_K), BV=BVD,
+                                                   **_diag_launch(common, DIAG_DV_WARPS, DIAG_DV_STAGES))
     if decay == 1:   # the key blocks' slots
         dg = dg[0] if NK == 1 else dg.sum(0)
     return [dq, dk, dv] + ([dg] if decay else [])

@@ -1,0 +1,296 @@
+"""The split diagonal path's launch settings, one kernel at a time, on a GPU (TRITON.md, "Split diagonal path").
+
+    python benchmarks/diag_sweep.py --rules mamba2,gla --B 2 --T 8192 --H 16 --d 128
+
+The path runs five kernels: the forward's state pass (state) and output (out), the reverse pass (dh), dQ / dW / ∂g
+(dqk) and dE (dv). Each has its own blocks and num_warps / num_stages (chunked.DIAG_*), and session 22's profile put
+each at 2-3.5x the time of flash-linear-attention's counterpart at (2, 8192, 16, 128). Per rule this times the
+defaults twice (their spread is the drift), then each candidate setting of one kernel with the others at their
+defaults, in one process. The forward's kernels (state, out) are judged on the forward's time, the backward's and
+the settings both state passes read on forward+backward. A candidate *wins* when it beats the faster default timing by more than the spread and by
+WIN_MARGIN. Then every kernel's best winner together, timed again, with its output and gradients against the
+defaults' (the same sums in another order and blocking: the largest relative difference, which a wrong block
+boundary would make O(1)); last, the constants that would make it the default.
+
+On a CPU it runs under TRITON_INTERPRET=1 at a tiny shape (--smoke): the gradient comparison is then the check, the
+times mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from olssm import catalogue
+from olssm.catalogue import random_inputs
+from olssm.kernels.triton import chunked, library
+from olssm.kernels.triton.scan import plan_for
+
+#: a winner must beat the faster default timing by this fraction as well as by the drift
+WIN_MARGIN = 0.02
+
+#: candidate settings per kernel: {label: {chunked attribute: value}}, each against today's defaults (in brackets).
+#: Chosen from the registers and spills aot_check reports for sm_90 at chunk 64, d = 128, bf16 inputs (session 23):
+#: state / dh at [32] value rows issue mma.sync (M = 32), at 64 wgmma (192 / 182 registers at 8 warps, no spills);
+#: out [128 rows, 8 warps] spills ~1 KB/thread and still beat 64 rows (248 B) and 32 (none); dqk [64 keys / 32 rows,
+#: 8 warps, 255 registers, 16 B of spills, a column decay's 400 B] lost against every setting of session 23's sweep
+#: (32 keys, 16 / 64 rows, 1-2 stages); dv [32 / 64, 4 warps]. Session 23's H200 rows: RESULTS.md
+CANDIDATES = {
+    "state": {"s64": {"DIAG_STATE_BLOCK_V": 64}, "sw8": {"DIAG_STATE_WARPS": 8}, "sw2": {"DIAG_STATE_WARPS": 2},
+              "ss2": {"DIAG_STATE_STAGES": 2}, "sk128": {"DIAG_STATE_BLOCK_K": 128}},
+    "dh": {"hw8": {"DIAG_DH_WARPS": 8}, "hw2": {"DIAG_DH_WARPS": 2}, "hs2": {"DIAG_DH_STAGES": 2}},
+    "out": {"o64": {"DIAG_OUT_BLOCK_V": 64}, "o32w4": {"DIAG_OUT_BLOCK_V": 32, "DIAG_OUT_WARPS": 4},
+            "ow4": {"DIAG_OUT_WARPS": 4}},
+    "dqk": {"q32": {"DIAG_DQK_BLOCK_K": 32}, "qv64": {"DIAG_DQK_BLOCK_V": 64}, "qs1": {"DIAG_DQK_STAGES": 1},
+            "qs2": {"DIAG_DQK_STAGES": 2}},
+    "dv": {"v64": {"DIAG_DV_BLOCK_K": 64}, "v128": {"DIAG_DV_BLOCK_V": 128}, "vw8": {"DIAG_DV_WARPS": 8},
+           "vs2": {"DIAG_DV_STAGES": 2}},
+}
+#: the fused walk's chunk (library.CHUNK before --chunk changes it)
+POLICY_CHUNK = library.CHUNK
+#: settings timed beside the candidates but never chosen: they change the numbers, not only their order
+INFO = {"bf16 operands": {"DOT_PRECISION": "bf16"}}
+#: the kernels judged on the forward's time, unless a setting also changes the reverse pass (SHARED)
+FORWARD_KERNELS = ("state", "out")
+#: settings both state passes read (the forward's and the reverse one): judged on forward+backward
+SHARED = ("DIAG_STATE_BLOCK_V", "DIAG_STATE_BLOCK_K")
+
+
+def _column(kernel: str, settings: dict) -> int:
+    """0: judged on the forward's time, 1: on forward+backward."""
+    return 0 if kernel in FORWARD_KERNELS and not any(n in SHARED for n in settings) else 1
+
+
+def _time(fn, reps):
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=max(1, reps), rep=max(20, 10 * reps), return_mode="median")
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def _module(name: str):
+    return chunked if hasattr(chunked, name) else library
+
+
+class _Settings:
+    """chunked (or library) attributes set for a block, restored after."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+
+    def __enter__(self):
+        self.saved = {n: getattr(_module(n), n) for n in self.settings}
+        for n, v in self.settings.items():
+            setattr(_module(n), n, v)
+
+    def __exit__(self, *exc):
+        for n, v in self.saved.items():
+            setattr(_module(n), n, v)
+
+
+def _run(rule, inp, grad: bool):
+    """o (and the gradients of every floating input under a fixed random cotangent) from the triton chunked path."""
+    args = {n: (x.detach().clone().requires_grad_() if grad and x.is_floating_point() else x) for n, x in inp.items()}
+    with torch.set_grad_enabled(grad):
+        o, _ = rule.scan(backend="triton", **args)
+    if not grad:
+        return o, {}
+    cot = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(o.device, o.dtype)
+    (o.float() * cot.float()).sum().backward()
+    return o, {n: x.grad for n, x in args.items() if getattr(x, "grad", None) is not None}
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def differences(rule, inp, settings: dict) -> dict:
+    """The largest relative difference of o and of each input's gradient under `settings` from the defaults': the same
+    sums in another order and blocking (~1e-7 in fp32, a bf16 rounding at most in bf16), where a wrong block boundary
+    would make it O(1)."""
+    ref_o, ref_g = _run(rule, inp, True)
+    with _Settings(settings):
+        o, g = _run(rule, inp, True)
+    return {"o": _rel(o, ref_o), **{f"d{n}": _rel(g[n], ref_g[n]) for n in ref_g}}
+
+
+def _peer_rows(name, rule, inp, reps, base):
+    """flash-linear-attention's chunk kernel for the rule where benchmarks/triton_kernels.py maps one (fla installed)."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from triton_kernels import _fla_peers, lift_fla_hopper_guard
+    peers, args = _fla_peers(name, rule, inp)
+    fn = peers.get("fla-chunk")
+    if fn is None:
+        return
+    grad_args = tuple(x.detach().clone().requires_grad_() if x.is_floating_point() else x for x in args)
+
+    def fwd_bwd():
+        fn(grad_args).float().sum().backward()
+
+    try:
+        with torch.no_grad():
+            tf = _time(lambda: fn(args), reps)
+        try:
+            tb = _time(fwd_bwd, reps)
+        except RuntimeError as e:
+            if not lift_fla_hopper_guard(e):
+                raise
+            tb = _time(fwd_bwd, reps)
+        print(f"| — | fla chunk | {tf:.3f} | {tb:.3f} | the defaults at {base[1] / tb:.2f}x its fwd+bwd time |",
+              flush=True)
+    except Exception as e:   # noqa: BLE001 - a peer refusing these inputs
+        print(f"| — | fla chunk | — | — | {type(e).__name__}: {str(e).splitlines()[0][:60]} |", flush=True)
+
+
+def sweep(name, a) -> dict:
+    rule = catalogue.rule(name).with_log_decays()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    inp = {n: x.to(dev) for n, x in random_inputs(rule, a.B, a.T, a.H, a.d, a.d, seed=0).items()}
+    inp = {n: (x if rule.inputs[n].is_parameter else x.to(dtype)) for n, x in inp.items()}
+
+    def fwd():
+        with torch.no_grad():
+            rule.scan(backend="triton", **inp)
+
+    grad_inp = {n: (x.detach().clone().requires_grad_() if x.is_floating_point() else x) for n, x in inp.items()}
+
+    def fwd_bwd():
+        rule.scan(backend="triton", **grad_inp)[0].float().sum().backward()
+
+    def timed(settings):
+        with _Settings(settings):
+            return _time(fwd, a.reps), _time(fwd_bwd, a.reps)
+
+    print(f"\n== {name}: (B, T, H, d) = ({a.B}, {a.T}, {a.H}, {a.d}), {str(dtype)[6:]}, "
+          f"diag path {chunked.diag_path(rule.form, a.d)}, chunk {library.chunk_size(plan_for(rule), a.d)}")
+    print("| kernel | setting | fwd ms | fwd+bwd ms | verdict |")
+    print("|---|---|---|---|---|")
+    base = [timed({}), None]
+    print(f"| — | defaults | {base[0][0]:.3f} | {base[0][1]:.3f} | |", flush=True)
+    if a.fused_row:   # the fused walk (DIAG_PATH "fused", its own chunk size): the path the split one must beat
+        try:
+            t = timed({"DIAG_PATH": "fused", "CHUNK": POLICY_CHUNK})
+            print(f"| — | fused walk | {t[0]:.3f} | {t[1]:.3f} | the defaults at {base[0][1] / t[1]:.2f}x its "
+                  "fwd+bwd time |", flush=True)
+        except Exception as e:   # noqa: BLE001
+            print(f"| — | fused walk | — | — | {type(e).__name__}: {str(e).splitlines()[0][:60]} |", flush=True)
+    if a.peers and dev == "cuda":
+        _peer_rows(name, rule, inp, a.reps, base[0])
+    for label, settings in (INFO.items() if a.info else ()):   # timed and reported, never a winner: they change the numbers
+        try:
+            t = timed(settings)
+            with _Settings(settings), torch.no_grad():
+                o = rule.scan(backend="triton", **inp)[0]
+            with torch.no_grad():
+                ref = rule.scan(backend="triton", **inp)[0]
+            print(f"| all | {label} | {t[0]:.3f} | {t[1]:.3f} | o {_rel(o, ref):.1e} from the defaults' |",
+                  flush=True)
+        except Exception as e:   # noqa: BLE001
+            print(f"| all | {label} | — | — | {type(e).__name__}: {str(e).splitlines()[0][:60]} |", flush=True)
+    results = {}
+    for kernel in a.kernels:   # in the order asked for
+        cands = CANDIDATES[kernel]
+        for label, settings in cands.items():
+            try:
+                t = timed(settings)
+            except Exception as e:   # noqa: BLE001 - a setting the GPU cannot launch: the others still count
+                print(f"| {kernel} | {label} | — | — | {type(e).__name__}: {str(e).splitlines()[0][:60]} |",
+                      flush=True)
+                continue
+            results[(kernel, label)] = t
+            print(f"| {kernel} | {label} | {t[0]:.3f} | {t[1]:.3f} | |", flush=True)
+    base[1] = timed({})
+    print(f"| — | defaults again | {base[1][0]:.3f} | {base[1][1]:.3f} | |", flush=True)
+    winners, lines = {}, []
+    for col, what in ((0, "fwd"), (1, "fwd+bwd")):
+        lo, hi = min(b[col] for b in base), max(b[col] for b in base)
+        for (kernel, label), t in results.items():
+            if _column(kernel, CANDIDATES[kernel][label]) != col:
+                continue
+            gain = lo / t[col]
+            verdict = "wins" if t[col] < lo - (hi - lo) and t[col] < lo * (1 - WIN_MARGIN) else \
+                "loses" if t[col] > hi + (hi - lo) else "within drift"
+            lines.append(f"  {kernel} {label}: {what} {t[col]:.3f} ms against {lo:.3f}-{hi:.3f}: {verdict} "
+                         f"({gain:.2f}x)")
+            # a kernel's candidates are judged on different columns (a shared state block on fwd+bwd, a forward
+            # setting on fwd): its best winner is the one with the largest gain in its own column
+            if verdict == "wins" and (kernel not in winners or gain > winners[kernel][1]):
+                winners[kernel] = (label, gain)
+    print("\n".join(lines))
+    best = {}
+    for kernel, (label, _) in winners.items():
+        best.update(CANDIDATES[kernel][label])
+    if not best:
+        print(f"{name}: no setting beats the defaults beyond the drift")
+        return {}
+    t = timed(best)
+    diffs = differences(rule, inp, best)
+    print(f"{name}: every winner together ({', '.join(f'{k} {v[0]}' for k, v in winners.items())}): "
+          f"fwd {t[0]:.3f} ms, fwd+bwd {t[1]:.3f} ms against {min(b[0] for b in base):.3f} / "
+          f"{min(b[1] for b in base):.3f} ({min(b[1] for b in base) / t[1]:.2f}x fwd+bwd)")
+    print(f"{name}: largest relative difference from the defaults' o and gradients: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    print(f"{name}: constants: " + ", ".join(f"chunked.{k} = {v}" for k, v in best.items()))
+    return best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rules", default="mamba2,gla")
+    p.add_argument("--B", type=int, default=2)
+    p.add_argument("--T", type=int, default=8192)
+    p.add_argument("--H", type=int, default=16)
+    p.add_argument("--d", type=int, default=128, help="d_k = d_v")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--kernels", default=",".join(CANDIDATES), help="which kernels' candidates to time")
+    p.add_argument("--watchdog", type=float, default=None, help="seconds after which to print every thread's stack "
+                   "and exit")
+    p.add_argument("--no-info", dest="info", action="store_false", help="skip the INFO rows (bf16 operands)")
+    p.add_argument("--fused-row", action="store_true", help="time the fused walk (DIAG_PATH 'fused') as a row")
+    p.add_argument("--peers", action="store_true", help="time fla's chunk kernel where it has one for the rule")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="tokens per chunk of the split path (library.CHUNK and WIDE_CHUNK; the fused row keeps the "
+                        "policy's CHUNK): d = 64 takes chunk 32 under the policy, where the split path's dots issue "
+                        "mma.sync only")
+    p.add_argument("--path", default=None, choices=("split", "wide", "fused"),
+                   help="chunked.DIAG_PATH for the run (d = 64 takes the split path only under 'split')")
+    a = p.parse_args(argv)
+    a.kernels = a.kernels.split(",")
+    unknown = [k for k in a.kernels if k not in CANDIDATES]
+    if unknown:
+        raise SystemExit(f"--kernels: unknown {', '.join(unknown)}; kernels: {', '.join(CANDIDATES)}")
+    saved = (library.FORCE, library.CHUNK, library.WIDE_CHUNK, chunked.DIAG_PATH)
+    try:
+        _main(a)
+    finally:   # a caller in the same process (the tests) keeps its own settings
+        library.FORCE, library.CHUNK, library.WIDE_CHUNK, chunked.DIAG_PATH = saved
+
+
+def _main(a):
+    if a.watchdog:   # a call about to run out of time says where it stood (a stuck compile, a hang)
+        import faulthandler
+        faulthandler.dump_traceback_later(a.watchdog, exit=True)
+    if a.chunk:
+        library.CHUNK = library.WIDE_CHUNK = a.chunk
+    library.FORCE = "chunk"
+    if a.path:
+        chunked.DIAG_PATH = a.path
+    if torch.cuda.is_available():
+        from olssm.kernels.triton import toolchain
+        toolchain.check(torch.device("cuda"))
+        print(f"{torch.cuda.get_device_name()}, {toolchain.ptxas_report()}")
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("diag_sweep: no GPU; on a CPU run it under TRITON_INTERPRET=1 at a tiny shape")
+    for name in a.rules.split(","):
+        sweep(name, a)
+
+
+if __name__ == "__main__":
+    main()
