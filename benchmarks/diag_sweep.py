@@ -7,19 +7,19 @@ The path runs five kernels: the forward's state pass (state) and output (out), t
 each at 2-3.5x the time of flash-linear-attention's counterpart at (2, 8192, 16, 128). Per rule this times the
 defaults twice (their spread is the drift), then each candidate setting of one kernel with the others at their
 defaults, in one process. The forward's kernels (state, out) are judged on the forward's time, the backward's and
-the settings both state passes read on forward+backward. A candidate *wins* when it beats the faster default timing by more than the spread and by
-WIN_MARGIN. Then every kernel's best winner together, timed again, with its output and gradients against the
-defaults' (the same sums in another order and blocking: the largest relative difference, which a wrong block
-boundary would make O(1)); last, the constants that would make it the default.
+the settings both state passes read on forward+backward. A candidate *wins* when it beats the faster default timing
+by more than the spread and by WIN_MARGIN. Then every kernel's best winner together, timed again, with its output
+and gradients against the defaults' (the same sums in another order and blocking: the largest relative difference,
+which a wrong block boundary would make O(1)); last, the constants that would make it the default.
 
-On a CPU it runs under TRITON_INTERPRET=1 at a tiny shape (--smoke): the gradient comparison is then the check, the
-times mean nothing.
+On a CPU it runs under TRITON_INTERPRET=1 at tiny shapes (tests/test_triton_chunked.py runs it so): the gradient
+comparison is then the check, the times mean nothing.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import time
+import sys
 
 import torch
 
@@ -28,23 +28,28 @@ from olssm.catalogue import random_inputs
 from olssm.kernels.triton import chunked, library
 from olssm.kernels.triton.scan import plan_for
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from triton_kernels import _fla_peers, _time as _seconds, lift_fla_hopper_guard  # noqa: E402  (a script beside it)
+
 #: a winner must beat the faster default timing by this fraction as well as by the drift
 WIN_MARGIN = 0.02
 
 #: candidate settings per kernel: {label: {chunked attribute: value}}, each against today's defaults (in brackets).
-#: Chosen from the registers and spills aot_check reports for sm_90 at chunk 64, d = 128, bf16 inputs (session 23):
-#: state / dh at [32] value rows issue mma.sync (M = 32), at 64 wgmma (192 / 182 registers at 8 warps, no spills);
-#: out [128 rows, 8 warps] spills ~1 KB/thread and still beat 64 rows (248 B) and 32 (none); dqk [64 keys / 32 rows,
-#: 8 warps, 255 registers, 16 B of spills, a column decay's 400 B] lost against every setting of session 23's sweep
-#: (32 keys, 16 / 64 rows, 1-2 stages); dv [32 / 64, 4 warps]. Session 23's H200 rows: RESULTS.md
+#: Chosen from the registers and spills aot_check reports for sm_90 at chunk 64, d = 128, bf16 inputs (session 23,
+#: compiled then without the launch's alignment hints, which overstated spills): state / dh at [32] value rows issue
+#: mma.sync (M = 32), at 64 wgmma; out [128 rows] beat 64 and 32 rows; dqk [64 keys / 32 rows, 8 warps] lost against
+#: every setting of session 23's sweep (32 keys, 16 / 64 rows, 1-2 stages); with every key in one block (128: 255
+#: registers, 384 B of spills as launched)
+#: it would form dO Eᵀ and run its ∂g tail once per chunk instead of twice (32 % fewer instructions per chunk, static
+#: count); dv [32 / 64, 4 warps]. Session 23's H200 rows: RESULTS.md
 CANDIDATES = {
     "state": {"s64": {"DIAG_STATE_BLOCK_V": 64}, "sw8": {"DIAG_STATE_WARPS": 8}, "sw2": {"DIAG_STATE_WARPS": 2},
               "ss2": {"DIAG_STATE_STAGES": 2}, "sk128": {"DIAG_STATE_BLOCK_K": 128}},
     "dh": {"hw8": {"DIAG_DH_WARPS": 8}, "hw2": {"DIAG_DH_WARPS": 2}, "hs2": {"DIAG_DH_STAGES": 2}},
     "out": {"o64": {"DIAG_OUT_BLOCK_V": 64}, "o32w4": {"DIAG_OUT_BLOCK_V": 32, "DIAG_OUT_WARPS": 4},
             "ow4": {"DIAG_OUT_WARPS": 4}},
-    "dqk": {"q32": {"DIAG_DQK_BLOCK_K": 32}, "qv64": {"DIAG_DQK_BLOCK_V": 64}, "qs1": {"DIAG_DQK_STAGES": 1},
-            "qs2": {"DIAG_DQK_STAGES": 2}},
+    "dqk": {"q128": {"DIAG_DQK_BLOCK_K": 128}, "q128v64": {"DIAG_DQK_BLOCK_K": 128, "DIAG_DQK_BLOCK_V": 64},
+            "q32": {"DIAG_DQK_BLOCK_K": 32}, "qv64": {"DIAG_DQK_BLOCK_V": 64}, "qs2": {"DIAG_DQK_STAGES": 2}},
     "dv": {"v64": {"DIAG_DV_BLOCK_K": 64}, "v128": {"DIAG_DV_BLOCK_V": 128}, "vw8": {"DIAG_DV_WARPS": 8},
            "vs2": {"DIAG_DV_STAGES": 2}},
 }
@@ -63,13 +68,9 @@ def _column(kernel: str, settings: dict) -> int:
     return 0 if kernel in FORWARD_KERNELS and not any(n in SHARED for n in settings) else 1
 
 
-def _time(fn, reps):
-    if torch.cuda.is_available():
-        from triton.testing import do_bench
-        return do_bench(fn, warmup=max(1, reps), rep=max(20, 10 * reps), return_mode="median")
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1e3
+def _time(fn, reps) -> float:
+    """Median milliseconds per call (triton_kernels._time: CUDA events on a GPU, the host clock elsewhere)."""
+    return _seconds(fn, "cuda" if torch.cuda.is_available() else "cpu", reps) * 1e3
 
 
 def _module(name: str):
@@ -121,9 +122,6 @@ def differences(rule, inp, settings: dict) -> dict:
 
 def _peer_rows(name, rule, inp, reps, base):
     """flash-linear-attention's chunk kernel for the rule where benchmarks/triton_kernels.py maps one (fla installed)."""
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from triton_kernels import _fla_peers, lift_fla_hopper_guard
     peers, args = _fla_peers(name, rule, inp)
     fn = peers.get("fla-chunk")
     if fn is None:

@@ -1753,8 +1753,9 @@ DIAG_STATE_BLOCK_K = 64
 #: value rows per program of the same two passes (the layout of ck and dh does not depend on it)
 DIAG_STATE_BLOCK_V = 32
 #: value rows per program of the split diagonal path's output kernel: each block forms the chunk's [BT, BT] Q Wᵀ again,
-#: so d_v = 128 in one block forms it once (it spills ~1 KB/thread at 8 warps, sm_90, and is still the fastest: H200,
-#: (2, 8192, 16, 128) bf16, session 23, forward 1.12× for GLA against 64 rows; 32 rows lost 0.80×)
+#: so d_v = 128 in one block forms it once (sm_90, chunk 64, 8 warps, as launched: 193 registers and no spills for a
+#: scalar decay, 280 B/thread for a column decay; H200, (2, 8192, 16, 128) bf16, session 23: forward 1.12× for GLA
+#: against 64 rows; 32 rows lost 0.80×)
 DIAG_OUT_BLOCK_V = 128
 #: elements of the output kernel's [BV, d_k] state tile at most (fewer value rows per program at wider keys): 128 rows
 #: at d_k = 256 took 160 / 192 KB of shared memory (scalar / column decay, sm_90, chunk 64), over an A100's 164 KB;
@@ -2499,15 +2500,21 @@ def chunk_diag_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
 
 @triton.jit
 def _diag_chunk_keys(ix_ptr, cu_ptr, T, H, DK, NCK, DV, BT: tl.constexpr, BK: tl.constexpr, VARLEN: tl.constexpr):
-    """The (chunk, key block) of a program of a grid (chunk-map rows, key blocks, heads), chunk_diag_dqk_kernel's:
+    """The (chunk, key block) of a program of a grid (chunk-map rows × key blocks, 1, heads), chunk_diag_dqk_kernel's:
     its token lanes tt, mask tm and token·head offsets base, key columns cols and mask km, the offset of its state
-    in ck / dh, and the bound of the state rows it may read (0 for a padding program of the varlen map, which must
-    not read ck / dh past their end)."""
-    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0), tl.program_id(2), T, H, BT, VARLEN)
+    in ck / dh, the bound of the state rows it may read (0 for a padding program of the varlen map, which must not
+    read ck / dh past their end), and its key block. A chunk's key blocks are adjacent program ids, so they run side
+    by side and the second reads the chunk's dO and E (which every key block reads whole) from L2; with key blocks on
+    an axis of their own they were ⌈T / C⌉·B programs apart (session 23's static count: 134 MB of such rereads per
+    Mamba-2 fwd+bwd at (2, 8192, 16, 128)). Both on axis 0, whose 2³¹ − 1 programs bound no chunk map."""
+    NK = tl.cdiv(DK, BK)
+    kb = tl.program_id(0) % NK
+    i_bh, i_h, c, start, eos = _delta_chunk(ix_ptr, cu_ptr, tl.program_id(0) // NK, tl.program_id(2), T, H, BT,
+                                            VARLEN)
     tt = tl.arange(0, BT)
     tm, base = _tokens(start, tt, eos, H, i_h)
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    return tt, tm, base, cols, cols < DK, (i_bh.to(tl.int64) * NCK + c) * DV * DK, tl.where(start < eos, DV, 0)
+    cols = kb * BK + tl.arange(0, BK)
+    return tt, tm, base, cols, cols < DK, (i_bh.to(tl.int64) * NCK + c) * DV * DK, tl.where(start < eos, DV, 0), kb
 
 
 @triton.jit
@@ -2528,12 +2535,14 @@ def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
     this key block's share (slot i_k; the caller sums the ⌈d_k / BK⌉ slots, a scalar per
     token). A column decay (GLA) keeps key columns apart, so its ∂g is whole per block, formed as _diag_bwd_keys forms
     it (D per column: the factorised dots where the chunk's decay spans less than SPAN, else one token at a time)."""
-    tt, tm, base, cols, km, sbase, srows = _diag_chunk_keys(ix_ptr, cu_ptr, T, H, DK, NCK, DV, BT, BK, VARLEN)
+    tt, tm, base, cols, km, sbase, srows, kb = _diag_chunk_keys(ix_ptr, cu_ptr, T, H, DK, NCK, DV, BT, BK, VARLEN)
     qk_m = tm[:, None] & km[None, :]
     dqs = tl.zeros([BT, BK], dtype=tl.float32)   # dO S₀
     dks = tl.zeros([BT, BK], dtype=tl.float32)   # E dS
     P = tl.zeros([BT, BT], dtype=tl.float32)     # dO Eᵀ
-    sds = tl.zeros([BK], dtype=tl.float32)       # ⟨dS, S₀⟩ by key column
+    # ⟨dS, S₀⟩ by key column, summed over value rows once after the loop: a sum across warps in it had cost 3 of the
+    # loop's 6 barriers per value block (session 23's static count, sm_90)
+    sds_rows = tl.zeros([BV, BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(DV, BV)):
         rows = i_v * BV + tl.arange(0, BV)
         rm = rows < DV
@@ -2547,7 +2556,8 @@ def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
         dqs += _mm(do, S0, PREC)
         dks += _mm(v, dS, PREC)
         P += _mm(do, tl.trans(v), PREC)
-        sds += tl.sum(dS * S0, axis=0)
+        sds_rows += dS * S0
+    sds = tl.sum(sds_rows, axis=0)
     q = tl.load(q_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + base[:, None] * DK + cols[None, :], mask=qk_m, other=0.0).to(tl.float32)
     if DECAY == 3:
@@ -2578,7 +2588,7 @@ def chunk_diag_dqk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, ck_ptr, dh_ptr, cu
         X = tl.sum(k * dks, axis=1)
         pairs = P * _mm(q, tl.trans(k), PREC) + tl.where((tt == BT - 1)[:, None], X[None, :], 0.0)
         _diag_bwd_finish(tl.sum(dqs * q, axis=1) * gam, gl * tl.sum(sds, axis=0), pairs, dg_ptr, g_ptr, base, tm,
-                         cols, km, tt, tl.program_id(1), DV, TOKH, BT, DECAY)
+                         cols, km, tt, kb, DV, TOKH, BT, DECAY)
 
 
 @triton.jit
@@ -2717,10 +2727,10 @@ def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, 
     dv = written(1, B, T, H, d_v, device=dev)
     dg = written(B, T, H, d_k, device=dev) if decay == 3 else written(NK, B, T, H, device=dev) if decay else dh0
     common = dict(common, SPAN=fast_span())
-    chunk_diag_dqk_kernel[(NTG, NK, G)](q, k, v, g, do, ck, dh, cu, ix, dq, dk, dg, T, H, d_k, d_v, ck.shape[2],
-                                        B * T * H, BK=BKQ, BV=min(max(16, _np2(d_v)), DIAG_DQK_BLOCK_V),
-                                        **_diag_launch(common, DIAG_DQK_WARPS, DIAG_DQK_STAGES),
-                                        **_scale_args(es), **_diag_straddle_arg(decay))
+    chunk_diag_dqk_kernel[(NTG * NK, 1, G)](
+        q, k, v, g, do, ck, dh, cu, ix, dq, dk, dg, T, H, d_k, d_v, ck.shape[2], B * T * H, BK=BKQ,
+        BV=min(max(16, _np2(d_v)), DIAG_DQK_BLOCK_V), **_diag_launch(common, DIAG_DQK_WARPS, DIAG_DQK_STAGES),
+        **_scale_args(es), **_diag_straddle_arg(decay))
     BVD = min(max(16, _np2(d_v)), DIAG_DV_BLOCK_V)
     chunk_diag_dv_kernel[(NTG, -(-d_v // BVD), G)](q, k, g, do, dh, cu, ix, dv, T, H, d_k, d_v, ck.shape[2],
                                                    BK=min(max(16, _np2(d_k)), DIAG_DV_BLOCK_K), BV=BVD,
