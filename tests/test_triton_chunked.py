@@ -1285,6 +1285,18 @@ def test_diag_decay_gradient_at_strong_decays(name, path, mode, monkeypatch):
     assert seen and set(seen) == {tchunk._DIAG_STRADDLE_CODE[mode]}, seen
 
 
+@pytest.mark.parametrize("name", ["DIAG_OUT_BLOCK_V", "DIAG_STATE_BLOCK_V", "DIAG_DQK_BLOCK_K"])
+def test_a_split_diagonal_block_that_is_no_power_of_two_is_named(name, monkeypatch):
+    # 48 had failed inside the launch ("arange's range must be a power of 2"), naming neither the constant nor 48
+    monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "split")
+    monkeypatch.setattr(tchunk, name, 48)
+    tlib.FORCE = "chunk"
+    rule = ENTRIES["mamba2"].rule
+    x = {n: _dev(t).requires_grad_() for n, t in random_inputs(rule, 1, 20, 1, 20, 20, seed=2).items()}
+    with pytest.raises(ValueError, match=f"chunked.{name} must be a power of two, got 48"):
+        rule.scan(backend="triton", **x)[0].sum().backward()
+
+
 def test_diag_path_is_checked(monkeypatch):
     monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "parallel")
     with pytest.raises(ValueError, match="OLSSM_TRITON_DIAG_PATH"):

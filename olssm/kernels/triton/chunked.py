@@ -1580,6 +1580,16 @@ def _launch_opts(wide: bool = False, walk: bool = False) -> dict:
     return {**opts, "maxnreg": maxnreg} if maxnreg else opts
 
 
+def _diag_block(name: str) -> int:
+    """The split diagonal path's block constant `name` (DIAG_*_BLOCK_*, DIAG_OUT_TILE), checked: tl.arange takes powers
+    of two only, and a value such as 48 had failed inside the launch with the interpreter's or the compiler's message,
+    which named neither the constant nor its value."""
+    value = globals()[name]
+    if not isinstance(value, int) or value < 1 or value & (value - 1):
+        raise ValueError(f"triton: chunked.{name} must be a power of two, got {value!r}")
+    return value
+
+
 def _diag_launch(opts: dict, warps, stages) -> dict:
     """opts (launch options and arguments) with one split diagonal kernel's own num_warps / num_stages where set
     (DIAG_*_WARPS / DIAG_*_STAGES)."""
@@ -2032,7 +2042,7 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens, es=No
     checkpoints' dtype when the forward keeps none), then o (chunk_diag_out_kernel)."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
-    BKS = min(BK, DIAG_STATE_BLOCK_K)
+    BKS = min(BK, _diag_block("DIAG_STATE_BLOCK_K"))
     q, k, v = chunk_in[:3]
     g = chunk_in[3] if decay else q
     if ck is None:
@@ -2042,7 +2052,7 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens, es=No
     varlen = cu_seqlens is not None
     cu = cu_seqlens if varlen else ht
     ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, ht)
-    BVS = max(16, min(_np2(d_v), DIAG_STATE_BLOCK_V))
+    BVS = max(16, min(_np2(d_v), _diag_block("DIAG_STATE_BLOCK_V")))
     common = dict(M=k.shape[0], BT=C, DECAY=decay, VARLEN=varlen, PREC=_precision(o.dtype), SPAN=fast_span(),
                   **_launch_opts(), **_scale_args(es))
     factors = decay_factors(g, (ix, NTG, G), cu, varlen, T, H, C) if decay == 1 else None
@@ -2052,7 +2062,8 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens, es=No
         **_diag_launch(common, DIAG_STATE_WARPS, DIAG_STATE_STAGES), **_factor_args(factors))
     # the output takes wider value blocks (DIAG_OUT_BLOCK_V) than a row decay's (its D per value row: sm_90, d = 128,
     # chunk 32, 64 rows spill 952 B), as many as keep its [BV, d_k] state tile within DIAG_OUT_TILE
-    BVO = BV if decay == 2 else max(16, min(_np2(d_v), DIAG_OUT_BLOCK_V, DIAG_OUT_TILE // _np2(d_k)))
+    BVO = BV if decay == 2 else max(16, min(_np2(d_v), _diag_block("DIAG_OUT_BLOCK_V"),
+                                            _diag_block("DIAG_OUT_TILE") // _np2(d_k)))
     chunk_diag_out_kernel[(NTG, -(-d_v // BVO), G)](q, k, v, g, ck, o, cu, ix, T, H, d_k, d_v, NCK, k[0].numel(),
                                                     v[0].numel(), BK=BK, BV=BVO,
                                                     **_diag_launch(common, DIAG_OUT_WARPS, DIAG_OUT_STAGES))
@@ -2678,8 +2689,8 @@ def _diag_dh(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0):
     launch arguments."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, _ = _blocks(d_k, d_v)
-    BKS = min(BK, DIAG_STATE_BLOCK_K)
-    BVS = max(16, min(_np2(d_v), DIAG_STATE_BLOCK_V))
+    BKS = min(BK, _diag_block("DIAG_STATE_BLOCK_K"))
+    BVS = max(16, min(_np2(d_v), _diag_block("DIAG_STATE_BLOCK_V")))
     q = chunk_in[0]
     g = chunk_in[3] if decay else q
     dh = written(*ck.shape, device=q.device)
@@ -2719,7 +2730,7 @@ def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, 
     g = chunk_in[3] if decay else q
     do = do.contiguous()
     dh, cu, (ix, NTG, G), common = _diag_dh(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0)
-    BKQ = min(max(16, _np2(d_k)), DIAG_DQK_BLOCK_K)
+    BKQ = min(max(16, _np2(d_k)), _diag_block("DIAG_DQK_BLOCK_K"))
     NK = -(-d_k // BKQ)
     dev = q.device
     dq = written(B, T, H, d_k, device=dev)
@@ -2729,11 +2740,13 @@ def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, 
     common = dict(common, SPAN=fast_span())
     chunk_diag_dqk_kernel[(NTG * NK, 1, G)](
         q, k, v, g, do, ck, dh, cu, ix, dq, dk, dg, T, H, d_k, d_v, ck.shape[2], B * T * H, BK=BKQ,
-        BV=min(max(16, _np2(d_v)), DIAG_DQK_BLOCK_V), **_diag_launch(common, DIAG_DQK_WARPS, DIAG_DQK_STAGES),
+        BV=min(max(16, _np2(d_v)), _diag_block("DIAG_DQK_BLOCK_V")),
+        **_diag_launch(common, DIAG_DQK_WARPS, DIAG_DQK_STAGES),
         **_scale_args(es), **_diag_straddle_arg(decay))
-    BVD = min(max(16, _np2(d_v)), DIAG_DV_BLOCK_V)
+    BVD = min(max(16, _np2(d_v)), _diag_block("DIAG_DV_BLOCK_V"))
     chunk_diag_dv_kernel[(NTG, -(-d_v // BVD), G)](q, k, g, do, dh, cu, ix, dv, T, H, d_k, d_v, ck.shape[2],
-                                                   BK=min(max(16, _np2(d_k)), DIAG_DV_BLOCK_K), BV=BVD,
+                                                   BK=min(max(16, _np2(d_k)), _diag_block("DIAG_DV_BLOCK_K")),
+                                                   BV=BVD,
                                                    **_diag_launch(common, DIAG_DV_WARPS, DIAG_DV_STAGES))
     if decay == 1:   # the key blocks' slots
         dg = dg[0] if NK == 1 else dg.sum(0)
@@ -2751,7 +2764,7 @@ def _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk
     dh, cu, (ix, NTG, G), common = _diag_dh(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0)
     NCK = ck.shape[2]
     common = dict(common, BV=BV, SPAN=fast_span())
-    BKB = min(BK, DIAG_BWD_BLOCK_K)
+    BKB = min(BK, _diag_block("DIAG_BWD_BLOCK_K"))
     chunk_diag_bwd_kernel[(NTG, -(-d_v // BV), G)](q, k, v, g, do, ck, dh, cu, ix, dq, dk, dv, dg, T, H, d_k, d_v,
                                                    NCK, k[0].numel(), v[0].numel(), B * T * H, M=k.shape[0], BK=BKB,
                                                    NKB=BK // BKB, **common, **_scale_args(es), **_diag_straddle_arg(decay))
