@@ -46,11 +46,12 @@ CANDIDATES = {
     "state": {"s64": {"DIAG_STATE_BLOCK_V": 64}, "sw8": {"DIAG_STATE_WARPS": 8}, "sw2": {"DIAG_STATE_WARPS": 2},
               "ss2": {"DIAG_STATE_STAGES": 2}, "sk128": {"DIAG_STATE_BLOCK_K": 128}},
     "dh": {"hw8": {"DIAG_DH_WARPS": 8}, "hw2": {"DIAG_DH_WARPS": 2}, "hs2": {"DIAG_DH_STAGES": 2}},
-    "out": {"o64": {"DIAG_OUT_BLOCK_V": 64}, "o32w4": {"DIAG_OUT_BLOCK_V": 32, "DIAG_OUT_WARPS": 4},
+    "out": {"ok32": {"DIAG_OUT_KEY_BLOCK": 32}, "ok64": {"DIAG_OUT_KEY_BLOCK": 64}, "o64": {"DIAG_OUT_BLOCK_V": 64},
             "ow4": {"DIAG_OUT_WARPS": 4}},
     "dqk": {"q128": {"DIAG_DQK_BLOCK_K": 128}, "q128v64": {"DIAG_DQK_BLOCK_K": 128, "DIAG_DQK_BLOCK_V": 64},
             "q32": {"DIAG_DQK_BLOCK_K": 32}, "qv64": {"DIAG_DQK_BLOCK_V": 64}, "qs2": {"DIAG_DQK_STAGES": 2}},
     "dv": {"v64": {"DIAG_DV_BLOCK_K": 64}, "v128": {"DIAG_DV_BLOCK_V": 128}, "vw8": {"DIAG_DV_WARPS": 8},
+           "v128w8": {"DIAG_DV_BLOCK_V": 128, "DIAG_DV_WARPS": 8},
            "vs2": {"DIAG_DV_STAGES": 2}},
 }
 #: the fused walk's chunk (library.CHUNK before --chunk changes it)

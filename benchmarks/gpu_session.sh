@@ -207,13 +207,14 @@ case $stage in
         # every D = 128 ratio under the new defaults in one process, DIAG_STRADDLE's cost on the split path (`sto`:
         # "off"), bf16 dot operands on the split diagonal path (`bf`: fla's precision; 1.44x in session 22's profile,
         # but 1.3x slower in session 23's one timing, in a process that then hung: rel err o beside it), the dqk
-        # kernel over every key in one program (`q128`: 32 % fewer instructions by session 23's static count), and
+        # kernel over every key in one program (`q128`: 32 % fewer instructions by session 23's static count), the
+        # output kernel's loop over 32 keys at a time (`ok32`: 124 registers against 255 and 104 B of spills), and
         # GLA at D = 64: if `ds64` beats the defaults there beyond the drift, DIAG_PATH becomes "split" for column
         # decays
         with_fla
         compiled_tests 170
         at128 180 next128.txt --skip "gla:fla-chunk,gated_deltanet:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules deltanet,mamba2,gla --variants "sto=diag_straddle:off;bf=precision:bf16;q128=dqk_bk:128;again="
+            --rules deltanet,mamba2,gla --variants "sto=diag_straddle:off;bf=precision:bf16;q128=dqk_bk:128;ok32=out_kb:32;again="
         # (session 23: Mamba-2's split path at chunk 64 lost to the walk at D = 64 by 1.11x; GLA's is untimed)
         timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
             --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \

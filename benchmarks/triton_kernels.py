@@ -180,7 +180,7 @@ def _main(argv=None):
                         "1 or 0), scale_on_load (chunked.SCALE_ON_LOAD: 1 or 0), decay_factors "
                         "(chunked.DECAY_FACTORS: 1 or 0), walk_maxnreg (chunked.WALK_MAXNREG: 0 or a count), "
                         "the split diagonal path's per-kernel settings KERNEL_bk / _bv / _warps / _stages (KERNEL: "
-                        "state, dh (warps, stages), out (bv, warps, stages), dqk, dv; chunked.DIAG_*), block_v, warps "
+                        "state, dh (warps, stages), out (bv, kb: its key loop, warps, stages), dqk, dv; chunked.DIAG_*), block_v, warps "
                         "(recurrent kernel); e.g. "
                         "'narrow=wide:off;bf16=precision:bf16;again=' (an empty setting: the defaults again, for the drift)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when installed")
@@ -447,10 +447,10 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _one_of(*chunked.DOT
                  # the split diagonal path's blocks and launches, one kernel at a time (chunked.DIAG_*)
                  **{f"{kernel}_{what}": (chunked, (f"DIAG_{kernel.upper()}_{attr}",), parse, "chunk")
                     for kernel, whats in (("state", "bk bv warps stages"), ("dh", "warps stages"),
-                                          ("out", "bv warps stages"), ("dqk", "bk bv warps stages"),
+                                          ("out", "bv kb warps stages"), ("dqk", "bk bv warps stages"),
                                           ("dv", "bk bv warps stages"))
                     for what in whats.split()
-                    for attr, parse in [{"bk": ("BLOCK_K", _pow2), "bv": ("BLOCK_V", _pow2),
+                    for attr, parse in [{"bk": ("BLOCK_K", _pow2), "bv": ("BLOCK_V", _pow2), "kb": ("KEY_BLOCK", _pow2),
                                          "warps": ("WARPS", _pow2), "stages": ("STAGES", _positive)}[what]]},
                  "block_v": (tscan, ("BLOCK_V",), _pow2, "recurrent"),
                  "warps": (tscan, ("NUM_WARPS",), _pow2, "recurrent")}

@@ -1127,9 +1127,11 @@ def test_diag_split_path_matches_reference(name, varlen, slow, monkeypatch):
         monkeypatch.setattr(tlib, "CHUNK_BACKWARD", True)
     cu = [0, 35, 35, 40, 72] if varlen else None
     B, T, N = (1, 72, 4) if varlen else (2, 37, 2)
-    if varlen:   # the output and the state passes in two value blocks of 16 rows (row decays' output: the state's)
+    if varlen:   # the output and the state passes in two value blocks of 16 rows (row decays' output: the state's),
+        # and the output's loop over two key blocks of 16 (DIAG_OUT_KEY_BLOCK: no or a scalar decay; the others ignore it)
         monkeypatch.setattr(tchunk, "DIAG_OUT_BLOCK_V", 16)
         monkeypatch.setattr(tchunk, "DIAG_STATE_BLOCK_V", 16)
+        monkeypatch.setattr(tchunk, "DIAG_OUT_KEY_BLOCK", 16)
     inp = random_inputs(rule, B, T, 2, 20, 20, seed=31)
     h0 = 0.3 * torch.randn(N, 2, 20, 20, generator=torch.Generator().manual_seed(31))
     _compare(rule, inp, h0, cu_seqlens=_dev(torch.tensor(cu, dtype=torch.int32)) if varlen else None)

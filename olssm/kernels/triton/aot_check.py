@@ -159,11 +159,12 @@ def split_diag_warps(name: str):
     return None
 
 
-def variants(BT, BK, BV, prec, BVW=None):
+def variants(BT, BK, BV, prec, BVW=None, out_rows=None):
     """Every chunked kernel variant (_variants), those of SCALED_VARIANTS again with SCALED_E and those of
-    FACTOR_VARIANTS with FACTORS, and the decay-factor pre-pass."""
+    FACTOR_VARIANTS with FACTORS, and the decay-factor pre-pass. out_rows: the split diagonal output kernel's value
+    rows (_diag_split_forward's; default: BVW)."""
     from . import chunked as ch
-    for name, fn, consts in _variants(BT, BK, BV, prec, BVW):
+    for name, fn, consts in _variants(BT, BK, BV, prec, BVW, out_rows):
         yield name, fn, consts
         if name in SCALED_VARIANTS:
             yield f"{name} SCALED_E", fn, dict(consts, SCALED_E=True)
@@ -172,7 +173,7 @@ def variants(BT, BK, BV, prec, BVW=None):
     yield "decay factors varlen=True", ch.chunk_decay_factors_kernel, dict(BT=BT, VARLEN=True)
 
 
-def _variants(BT, BK, BV, prec, BVW=None):
+def _variants(BT, BK, BV, prec, BVW=None, out_rows=None):
     from . import chunked as ch
     BVW = BVW or BV
     base = dict(BT=BT, BK=BK, BV=BV, M=1, USE_H0=True, SAVE_CK=True, PREC=prec)
@@ -201,9 +202,13 @@ def _variants(BT, BK, BV, prec, BVW=None):
         yield (f"diag split state {tag}", ch.chunk_fwd_kernel,
                dict(BT=BT, BK=BKS, BV=BV, M=1, PREC=prec, DECAY=code, USE_H0=True, SAVE_CK=True, VARLEN=True,
                     OUT=False, KEY_BLOCKS=True))
-        out_rows = BV if code == 2 else max(16, min(ch._np2(BVW), ch.DIAG_OUT_BLOCK_V, ch.DIAG_OUT_TILE // BK))
+        rows = BV if code == 2 else out_rows or BVW
         yield (f"diag split out {tag}", ch.chunk_diag_out_kernel,
-               dict(BT=BT, BK=BK, BV=out_rows, M=1, PREC=prec, DECAY=code, VARLEN=True))
+               dict(BT=BT, BK=BK, BV=rows, M=1, PREC=prec, DECAY=code, VARLEN=True))
+        if code < 2:   # the opt-in loop over keys (DIAG_OUT_KEY_BLOCK; 32 keys a step while it is off)
+            yield (f"diag split out {tag} key loop", ch.chunk_diag_out_kernel,
+                   dict(BT=BT, BK=BK, BV=rows, M=1, PREC=prec, DECAY=code, VARLEN=True,
+                        KB=min(BK, ch.DIAG_OUT_KEY_BLOCK or 32)))
         yield (f"diag split backward state {tag}", ch.chunk_bwd_kernel,
                dict(BT=BT, BK=BKS, BV=BV, M=1, PREC=prec, DECAY=code, USE_DHT=True, VARLEN=True, GRADS=False,
                     KEY_BLOCKS=True))
@@ -389,6 +394,8 @@ def main(argv=None) -> int:
     _lib.PSCAN_BWD_TILE = a.pscan_bwd_tile or _lib.PSCAN_BWD_TILE
     from .chunked import _np2, split_blocks
     BK, BV, BVW, _ = split_blocks(a.dk, a.dv)
+    from . import chunked as _chk
+    out_rows = max(16, min(_np2(a.dv), _chk.DIAG_OUT_BLOCK_V, _chk.DIAG_OUT_TILE // BK))   # _diag_split_forward's
     print(f"sm_{a.arch}, num_warps={a.num_warps} (the split diagonal path's kernels: chunked.DIAG_*_WARPS where set), "
           f"BT={a.chunk}, BK={BK}, BV={BV} (split prep/out: {BVW}), "
           f"dot precision {a.precision}")
@@ -396,12 +403,12 @@ def main(argv=None) -> int:
     from . import scan as _scan
     todo = []
     if a.only in ("all", "chunked"):
-        todo += [(n, f, c, a.num_warps) for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW)]
+        todo += [(n, f, c, a.num_warps) for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW, out_rows)]
         todo += [(f"{n} [bf16]", f, c, a.num_warps, BF16_PTRS)
-                 for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW)
+                 for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW, out_rows)
                  if a.bf16 == "all" or (a.bf16 == "some" and n.startswith(BF16_VARIANTS))]
         todo += [(f"{n} [bf16 ck]", f, c, a.num_warps, BF16_CK_PTRS)
-                 for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW)
+                 for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW, out_rows)
                  if "ck_ptr" in inspect.signature(f.fn).parameters
                  and (a.bf16 == "all" or (a.bf16 == "some" and n.startswith(BF16_CK_VARIANTS)))]
         # _Scaled's backward (β·v's chain rule) at d_v, the tile chunked.scaled_backward launches: ∂out fp32, v bf16

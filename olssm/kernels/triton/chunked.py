@@ -1149,10 +1149,34 @@ def chunk_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, ck_ptr, 
 def chunk_diag_out_kernel(q_ptr, k_ptr, v_ptr, g_ptr, ck_ptr, o_ptr, cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE,
                           M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           DECAY: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
-                          SPAN: tl.constexpr = FAST_SPAN, es_ptr=None, SCALED_E: tl.constexpr = False):
-    """The split diagonal path's output, parallel over chunks: o of one (chunk, value block) from S₀ = ck."""
+                          SPAN: tl.constexpr = FAST_SPAN, es_ptr=None, SCALED_E: tl.constexpr = False,
+                          KB: tl.constexpr = 0):
+    """The split diagonal path's output, parallel over chunks: o of one (chunk, value block) from S₀ = ck. KB > 0 (no
+    or a scalar decay, one input term; DIAG_OUT_KEY_BLOCK): the key columns in a loop of KB at a time, as fla's
+    chunk_fwd_kernel_o, accumulating Q S₀ᵀ and Q Wᵀ, then o = Γ ⊙ Q S₀ᵀ + (Q Wᵀ ⊙ D) E — the same products as
+    _diag_chunk's, summed over keys in blocks."""
     i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
                                                                           VARLEN)
+    if KB > 0 and DECAY < 2 and M == 1:
+        qs = tl.zeros([BT, BV], dtype=tl.float32)   # Q S₀ᵀ
+        A = tl.zeros([BT, BT], dtype=tl.float32)    # Q Wᵀ
+        for i_k in range(0, tl.cdiv(DK, KB)):
+            kc = i_k * KB + tl.arange(0, KB)
+            qk_m = tm[:, None] & (kc < DK)[None, :]
+            S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + kc[None, :], mask=sm[:, None] & (kc < DK)[None, :],
+                         other=0.0).to(tl.float32)
+            q = tl.load(q_ptr + base[:, None] * DK + kc[None, :], mask=qk_m, other=0.0).to(tl.float32)
+            k = tl.load(k_ptr + base[:, None] * DK + kc[None, :], mask=qk_m, other=0.0).to(tl.float32)
+            qs += _mm(q, tl.trans(S0), PREC)
+            A += _mm(q, tl.trans(k), PREC)
+        v = _value_side(v_ptr, 0, 0, voff, vm, es_ptr, base, tm, SCALED_E)
+        if DECAY == 1:
+            D, _, gam, _, _ = _chunk_decay(g_ptr, base, tm, BT, True)
+            o = qs * gam[:, None] + _mm(A * D, v, PREC)
+        else:
+            o = qs + _mm(tl.where(tt[:, None] >= tt[None, :], A, 0.0), v, PREC)
+        tl.store(o_ptr + voff, o.to(o_ptr.dtype.element_ty), mask=vm)
+        return
     cols = tl.arange(0, BK)
     km = cols < DK
     S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
@@ -1581,9 +1605,9 @@ def _launch_opts(wide: bool = False, walk: bool = False) -> dict:
 
 
 def _diag_block(name: str) -> int:
-    """The split diagonal path's block constant `name` (DIAG_*_BLOCK_*, DIAG_OUT_TILE), checked: tl.arange takes powers
-    of two only, and a value such as 48 had failed inside the launch with the interpreter's or the compiler's message,
-    which named neither the constant nor its value."""
+    """The split diagonal path's block constant `name` (DIAG_*_BLOCK_*, DIAG_OUT_TILE, DIAG_OUT_KEY_BLOCK), checked:
+    tl.arange takes powers of two only, and a value such as 48 had failed inside the launch with the interpreter's or
+    the compiler's message, which named neither the constant nor its value."""
     value = globals()[name]
     if not isinstance(value, int) or value < 1 or value & (value - 1):
         raise ValueError(f"triton: chunked.{name} must be a power of two, got {value!r}")
@@ -1763,10 +1787,16 @@ DIAG_STATE_BLOCK_K = 64
 #: value rows per program of the same two passes (the layout of ck and dh does not depend on it)
 DIAG_STATE_BLOCK_V = 32
 #: value rows per program of the split diagonal path's output kernel: each block forms the chunk's [BT, BT] Q Wᵀ again,
-#: so d_v = 128 in one block forms it once (sm_90, chunk 64, 8 warps, as launched: 193 registers and no spills for a
-#: scalar decay, 280 B/thread for a column decay; H200, (2, 8192, 16, 128) bf16, session 23: forward 1.12× for GLA
-#: against 64 rows; 32 rows lost 0.80×)
+#: so d_v = 128 in one block forms it once (sm_90, chunk 64, 8 warps, bf16 inputs, as launched: 104 / 544 B/thread of
+#: spills for a scalar / column decay, against 0 / 320 at 64 rows, and still faster: H200, (2, 8192, 16, 128) bf16,
+#: session 23, forward 1.12× for GLA against 64 rows; 32 rows lost 0.80×)
 DIAG_OUT_BLOCK_V = 128
+#: key columns per step of a loop over keys in the output kernel (no or a scalar decay, one input term), as fla's
+#: chunk_fwd_kernel_o; 0: every key at once (_diag_chunk's body, shared with the fused walk). A static count after
+#: session 23's lease (sm_90, chunk 64, d = 128, 128 value rows, 8 warps): 32 keys per step take 124 registers and no
+#: spills against 255 and 104 B, two programs per SM instead of one, and ck through cp.async; the same instructions
+#: otherwise. Untimed: the next lease's `ok32` row decides
+DIAG_OUT_KEY_BLOCK = 0
 #: elements of the output kernel's [BV, d_k] state tile at most (fewer value rows per program at wider keys): 128 rows
 #: at d_k = 256 took 160 / 192 KB of shared memory (scalar / column decay, sm_90, chunk 64), over an A100's 164 KB;
 #: 64 rows, what d_k = 256 ran before session 23, 96 / 144 KB
@@ -2064,8 +2094,9 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens, es=No
     # chunk 32, 64 rows spill 952 B), as many as keep its [BV, d_k] state tile within DIAG_OUT_TILE
     BVO = BV if decay == 2 else max(16, min(_np2(d_v), _diag_block("DIAG_OUT_BLOCK_V"),
                                             _diag_block("DIAG_OUT_TILE") // _np2(d_k)))
+    KB = min(BK, _diag_block("DIAG_OUT_KEY_BLOCK")) if DIAG_OUT_KEY_BLOCK else 0
     chunk_diag_out_kernel[(NTG, -(-d_v // BVO), G)](q, k, v, g, ck, o, cu, ix, T, H, d_k, d_v, NCK, k[0].numel(),
-                                                    v[0].numel(), BK=BK, BV=BVO,
+                                                    v[0].numel(), BK=BK, BV=BVO, KB=KB,
                                                     **_diag_launch(common, DIAG_OUT_WARPS, DIAG_OUT_STAGES))
 
 
