@@ -29,12 +29,14 @@ from olssm.kernels.triton import chunked, library
 from olssm.kernels.triton.scan import plan_for
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from triton_kernels import _fla_peers, _time as _seconds, lift_fla_hopper_guard  # noqa: E402  (a script beside it)
+from triton_kernels import (_VARIANT_KEYS, _fla_peers, _settings, _time as _seconds,  # noqa: E402  (beside it)
+                            lift_fla_hopper_guard)
 
 #: a winner must beat the faster default timing by this fraction as well as by the drift
 WIN_MARGIN = 0.02
 
-#: candidate settings per kernel: {label: {chunked attribute: value}}, each against today's defaults (in brackets).
+#: candidate settings per kernel: {label: {triton_kernels.py --variants key: value}} (state_bv: chunked.
+#: DIAG_STATE_BLOCK_V, ...), each against today's defaults (in brackets).
 #: Chosen from the registers and spills aot_check reports for sm_90 at chunk 64, d = 128, bf16 inputs (session 23,
 #: compiled then without the launch's alignment hints, which overstated spills): state / dh at [32] value rows issue
 #: mma.sync (M = 32), at 64 wgmma; out [128 rows] beat 64 and 32 rows; dqk [64 keys / 32 rows, 8 warps] lost against
@@ -43,25 +45,25 @@ WIN_MARGIN = 0.02
 #: it would form dO Eᵀ and run its ∂g tail once per chunk instead of twice (32 % fewer instructions per chunk, static
 #: count); dv [32 / 64, 4 warps]. Session 23's H200 rows: RESULTS.md
 CANDIDATES = {
-    "state": {"s64": {"DIAG_STATE_BLOCK_V": 64}, "sw8": {"DIAG_STATE_WARPS": 8}, "sw2": {"DIAG_STATE_WARPS": 2},
-              "ss2": {"DIAG_STATE_STAGES": 2}, "sk128": {"DIAG_STATE_BLOCK_K": 128}},
-    "dh": {"hw8": {"DIAG_DH_WARPS": 8}, "hw2": {"DIAG_DH_WARPS": 2}, "hs2": {"DIAG_DH_STAGES": 2}},
-    "out": {"ok32": {"DIAG_OUT_KEY_BLOCK": 32}, "ok64": {"DIAG_OUT_KEY_BLOCK": 64}, "o64": {"DIAG_OUT_BLOCK_V": 64},
-            "ow4": {"DIAG_OUT_WARPS": 4}},
-    "dqk": {"q128": {"DIAG_DQK_BLOCK_K": 128}, "q128v64": {"DIAG_DQK_BLOCK_K": 128, "DIAG_DQK_BLOCK_V": 64},
-            "q32": {"DIAG_DQK_BLOCK_K": 32}, "qv64": {"DIAG_DQK_BLOCK_V": 64}, "qs2": {"DIAG_DQK_STAGES": 2}},
-    "dv": {"v64": {"DIAG_DV_BLOCK_K": 64}, "v128": {"DIAG_DV_BLOCK_V": 128}, "vw8": {"DIAG_DV_WARPS": 8},
-           "v128w8": {"DIAG_DV_BLOCK_V": 128, "DIAG_DV_WARPS": 8},
-           "vs2": {"DIAG_DV_STAGES": 2}},
+    "state": {"s64": {"state_bv": 64}, "sw8": {"state_warps": 8}, "sw2": {"state_warps": 2},
+              "ss2": {"state_stages": 2}, "sk128": {"state_bk": 128}},
+    "dh": {"hw8": {"dh_warps": 8}, "hw2": {"dh_warps": 2}, "hs2": {"dh_stages": 2}},
+    "out": {"ok32": {"out_kb": 32}, "ok64": {"out_kb": 64}, "o64": {"out_bv": 64},
+            "ow4": {"out_warps": 4}},
+    "dqk": {"q128": {"dqk_bk": 128}, "q128v64": {"dqk_bk": 128, "dqk_bv": 64},
+            "q32": {"dqk_bk": 32}, "qv64": {"dqk_bv": 64}, "qs2": {"dqk_stages": 2}},
+    "dv": {"v64": {"dv_bk": 64}, "v128": {"dv_bv": 128}, "vw8": {"dv_warps": 8},
+           "v128w8": {"dv_bv": 128, "dv_warps": 8},
+           "vs2": {"dv_stages": 2}},
 }
 #: the fused walk's chunk (library.CHUNK before --chunk changes it)
 POLICY_CHUNK = library.CHUNK
 #: settings timed beside the candidates but never chosen: they change the numbers, not only their order
-INFO = {"bf16 operands": {"DOT_PRECISION": "bf16"}}
+INFO = {"bf16 operands": {"precision": "bf16"}}
 #: the kernels judged on the forward's time, unless a setting also changes the reverse pass (SHARED)
 FORWARD_KERNELS = ("state", "out")
 #: settings both state passes read (the forward's and the reverse one): judged on forward+backward
-SHARED = ("DIAG_STATE_BLOCK_V", "DIAG_STATE_BLOCK_K")
+SHARED = ("state_bv", "state_bk")
 
 
 def _column(kernel: str, settings: dict) -> int:
@@ -72,26 +74,6 @@ def _column(kernel: str, settings: dict) -> int:
 def _time(fn, reps) -> float:
     """Median milliseconds per call (triton_kernels._time: CUDA events on a GPU, the host clock elsewhere)."""
     return _seconds(fn, "cuda" if torch.cuda.is_available() else "cpu", reps) * 1e3
-
-
-def _module(name: str):
-    return chunked if hasattr(chunked, name) else library
-
-
-class _Settings:
-    """chunked (or library) attributes set for a block, restored after."""
-
-    def __init__(self, settings: dict):
-        self.settings = settings
-
-    def __enter__(self):
-        self.saved = {n: getattr(_module(n), n) for n in self.settings}
-        for n, v in self.settings.items():
-            setattr(_module(n), n, v)
-
-    def __exit__(self, *exc):
-        for n, v in self.saved.items():
-            setattr(_module(n), n, v)
 
 
 def _run(rule, inp, grad: bool):
@@ -112,11 +94,11 @@ def _rel(a, b) -> float:
 
 
 def differences(rule, inp, settings: dict) -> dict:
-    """The largest relative difference of o and of each input's gradient under `settings` from the defaults': the same
-    sums in another order and blocking (~1e-7 in fp32, a bf16 rounding at most in bf16), where a wrong block boundary
-    would make it O(1)."""
+    """The largest relative difference of o and of each input's gradient under `settings` (--variants keys) from the
+    defaults': the same sums in another order and blocking (~1e-7 in fp32, a bf16 rounding at most in bf16), where a
+    wrong block boundary would make it O(1)."""
     ref_o, ref_g = _run(rule, inp, True)
-    with _Settings(settings):
+    with _settings(settings):
         o, g = _run(rule, inp, True)
     return {"o": _rel(o, ref_o), **{f"d{n}": _rel(g[n], ref_g[n]) for n in ref_g}}
 
@@ -164,7 +146,7 @@ def sweep(name, a) -> dict:
         rule.scan(backend="triton", **grad_inp)[0].float().sum().backward()
 
     def timed(settings):
-        with _Settings(settings):
+        with _settings(settings):
             return _time(fwd, a.reps), _time(fwd_bwd, a.reps)
 
     print(f"\n== {name}: (B, T, H, d) = ({a.B}, {a.T}, {a.H}, {a.d}), {str(dtype)[6:]}, "
@@ -175,7 +157,7 @@ def sweep(name, a) -> dict:
     print(f"| — | defaults | {base[0][0]:.3f} | {base[0][1]:.3f} | |", flush=True)
     if a.fused_row:   # the fused walk (DIAG_PATH "fused", its own chunk size): the path the split one must beat
         try:
-            t = timed({"DIAG_PATH": "fused", "CHUNK": POLICY_CHUNK})
+            t = timed({"diag_path": "fused", "chunk": POLICY_CHUNK})
             print(f"| — | fused walk | {t[0]:.3f} | {t[1]:.3f} | the defaults at {base[0][1] / t[1]:.2f}x its "
                   "fwd+bwd time |", flush=True)
         except Exception as e:   # noqa: BLE001
@@ -185,7 +167,7 @@ def sweep(name, a) -> dict:
     for label, settings in (INFO.items() if a.info else ()):   # timed and reported, never a winner: they change the numbers
         try:
             t = timed(settings)
-            with _Settings(settings), torch.no_grad():
+            with _settings(settings), torch.no_grad():
                 o = rule.scan(backend="triton", **inp)[0]
             with torch.no_grad():
                 ref = rule.scan(backend="triton", **inp)[0]
@@ -236,7 +218,8 @@ def sweep(name, a) -> dict:
           f"{min(b[1] for b in base):.3f} ({min(b[1] for b in base) / t[1]:.2f}x fwd+bwd)")
     print(f"{name}: largest relative difference from the defaults' o and gradients: "
           + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
-    print(f"{name}: constants: " + ", ".join(f"chunked.{k} = {v}" for k, v in best.items()))
+    print(f"{name}: constants: " + ", ".join(f"{_VARIANT_KEYS[k][0].__name__.rsplit('.', 1)[1]}.{attr} = {v}"
+                                             for k, v in best.items() for attr in _VARIANT_KEYS[k][1]))
     return best
 
 

@@ -1155,11 +1155,10 @@ def test_diag_sweep_runs_and_tells_a_changed_number_from_a_reordered_sum(monkeyp
     monkeypatch.setattr(tlib, "FORCE", "chunk")
     rule = _rule("log_gla")
     inp = {n: _dev(x) for n, x in random_inputs(rule, 1, 40, 1, 32, 32, seed=41).items()}
-    blocks = {n: 16 for n in ("DIAG_STATE_BLOCK_K", "DIAG_STATE_BLOCK_V", "DIAG_OUT_BLOCK_V", "DIAG_DQK_BLOCK_K",
-                              "DIAG_DQK_BLOCK_V", "DIAG_DV_BLOCK_K", "DIAG_DV_BLOCK_V")}
+    blocks = {n: 16 for n in ("state_bk", "state_bv", "out_bv", "dqk_bk", "dqk_bv", "dv_bk", "dv_bv")}
     same = sweep.differences(rule, inp, blocks)
     assert set(same) == {"o", "dq", "dk", "dv", "da"} and max(same.values()) < 1e-5, same
-    changed = sweep.differences(rule, inp, {"DOT_PRECISION": "bf16"})
+    changed = sweep.differences(rule, inp, {"precision": "bf16"})
     assert max(changed.values()) > 1e-4, changed
 
 

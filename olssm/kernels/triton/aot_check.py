@@ -394,8 +394,8 @@ def main(argv=None) -> int:
     _lib.PSCAN_BWD_TILE = a.pscan_bwd_tile or _lib.PSCAN_BWD_TILE
     from .chunked import _np2, split_blocks
     BK, BV, BVW, _ = split_blocks(a.dk, a.dv)
-    from . import chunked as _chk
-    out_rows = max(16, min(_np2(a.dv), _chk.DIAG_OUT_BLOCK_V, _chk.DIAG_OUT_TILE // BK))   # _diag_split_forward's
+    from .chunked import diag_out_rows
+    out_rows = diag_out_rows(a.dk, a.dv)
     print(f"sm_{a.arch}, num_warps={a.num_warps} (the split diagonal path's kernels: chunked.DIAG_*_WARPS where set), "
           f"BT={a.chunk}, BK={BK}, BV={BV} (split prep/out: {BVW}), "
           f"dot precision {a.precision}")

@@ -1614,6 +1614,19 @@ def _diag_block(name: str) -> int:
     return value
 
 
+def diag_state_blocks(d_k: int, d_v: int) -> tuple:
+    """(key columns, value rows) per program of the split diagonal path's two state passes (DIAG_STATE_BLOCK_K / _V),
+    which both launches read."""
+    return (min(_blocks(d_k, d_v)[0], _diag_block("DIAG_STATE_BLOCK_K")),
+            max(16, min(_np2(d_v), _diag_block("DIAG_STATE_BLOCK_V"))))
+
+
+def diag_out_rows(d_k: int, d_v: int) -> int:
+    """Value rows per program of the split diagonal output kernel for no, a scalar or a column decay (a row decay's
+    take the state's): DIAG_OUT_BLOCK_V, as many as keep its [BV, d_k] state tile within DIAG_OUT_TILE."""
+    return max(16, min(_np2(d_v), _diag_block("DIAG_OUT_BLOCK_V"), _diag_block("DIAG_OUT_TILE") // _np2(d_k)))
+
+
 def _diag_launch(opts: dict, warps, stages) -> dict:
     """opts (launch options and arguments) with one split diagonal kernel's own num_warps / num_stages where set
     (DIAG_*_WARPS / DIAG_*_STAGES)."""
@@ -2072,7 +2085,7 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens, es=No
     checkpoints' dtype when the forward keeps none), then o (chunk_diag_out_kernel)."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
     BK, BV = _blocks(d_k, d_v)
-    BKS = min(BK, _diag_block("DIAG_STATE_BLOCK_K"))
+    BKS, BVS = diag_state_blocks(d_k, d_v)
     q, k, v = chunk_in[:3]
     g = chunk_in[3] if decay else q
     if ck is None:
@@ -2082,7 +2095,6 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens, es=No
     varlen = cu_seqlens is not None
     cu = cu_seqlens if varlen else ht
     ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, ht)
-    BVS = max(16, min(_np2(d_v), _diag_block("DIAG_STATE_BLOCK_V")))
     common = dict(M=k.shape[0], BT=C, DECAY=decay, VARLEN=varlen, PREC=_precision(o.dtype), SPAN=fast_span(),
                   **_launch_opts(), **_scale_args(es))
     factors = decay_factors(g, (ix, NTG, G), cu, varlen, T, H, C) if decay == 1 else None
@@ -2092,8 +2104,7 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens, es=No
         **_diag_launch(common, DIAG_STATE_WARPS, DIAG_STATE_STAGES), **_factor_args(factors))
     # the output takes wider value blocks (DIAG_OUT_BLOCK_V) than a row decay's (its D per value row: sm_90, d = 128,
     # chunk 32, 64 rows spill 952 B), as many as keep its [BV, d_k] state tile within DIAG_OUT_TILE
-    BVO = BV if decay == 2 else max(16, min(_np2(d_v), _diag_block("DIAG_OUT_BLOCK_V"),
-                                            _diag_block("DIAG_OUT_TILE") // _np2(d_k)))
+    BVO = BV if decay == 2 else diag_out_rows(d_k, d_v)
     KB = min(BK, _diag_block("DIAG_OUT_KEY_BLOCK")) if DIAG_OUT_KEY_BLOCK else 0
     chunk_diag_out_kernel[(NTG, -(-d_v // BVO), G)](q, k, v, g, ck, o, cu, ix, T, H, d_k, d_v, NCK, k[0].numel(),
                                                     v[0].numel(), BK=BK, BV=BVO, KB=KB,
@@ -2719,9 +2730,7 @@ def _diag_dh(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0):
     of ck's layout, fp32, and dh0; then the (ix, NTG, G) grid of the parallel gradient kernels and their common
     launch arguments."""
     B, T, H, d_k, d_v, N, max_len, C = sizes
-    BK, _ = _blocks(d_k, d_v)
-    BKS = min(BK, _diag_block("DIAG_STATE_BLOCK_K"))
-    BVS = max(16, min(_np2(d_v), _diag_block("DIAG_STATE_BLOCK_V")))
+    BKS, BVS = diag_state_blocks(d_k, d_v)
     q = chunk_in[0]
     g = chunk_in[3] if decay else q
     dh = written(*ck.shape, device=q.device)
