@@ -6,12 +6,16 @@
 #
 # Output goes to $OUT/<stage>.txt (the device tool's output folder; /tmp/olssm-gpu otherwise).
 # Stages, in the order a session should spend its time:
+#   next         the next lease's first call (timeouts add to 570 s): the compiled tests (session 22's test mends and
+#                defaults, session 23's launch settings, session 24's delta launch settings), Mamba-2 / GLA at D = 128
+#                under the defaults with fla's Mamba-2 row and the split path's open rows (`sto`, `bf`, `q128`,
+#                `ok32`), then the split delta path's launch settings one kernel at a time for DeltaNet at D = 128
+#                beside fla's chunk_delta_rule (kernel_sweep.py)
+#   next2        the second call: Gated DeltaNet's delta sweep, GLA at D = 64 with the split path at chunk 64 (`ds64`:
+#                decides DIAG_PATH "split" against "wide"), bf16 operands' gradient errors; then `fla-gdn`
+#   dsweep       the delta sweep alone: DeltaNet (with fla) and Gated DeltaNet at D = 128
 #   sweep        session 23's first call: the split diagonal path's launch settings one kernel at a time
-#                (diag_sweep.py) at D = 128 (Mamba-2 beside fla, GLA) and D = 64 (against the fused walk)
-#   next         the next lease's first call (timeouts add to 560 s): the compiled tests (session 22's test mends and
-#                defaults, session 23's launch settings), DeltaNet / Mamba-2 / GLA at D = 128 under the defaults
-#                with fla's rows and the split path's open rows (`sto`, `bf`), then GLA at D = 64 with the split path
-#                at chunk 64 (`ds64`: decides DIAG_PATH "split" against "wide"); then `fla-gdn` in a call of its own
+#                (kernel_sweep.py) at D = 128 (Mamba-2 beside fla, GLA) and D = 64 (against the fused walk)
 #   next22       session 22's first call (compile_diag, the compiled tests, Mamba-2's profile, Gated DeltaNet's rows)
 #   gated        Gated DeltaNet's bf16 storage rows alone, with more time
 #   compile      torch.compile's gradients against eager ones and the reference (compile_diag.py; in `next`), also
@@ -49,7 +53,7 @@
 # (device tool: carry [".whl"]); the tests run without it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1   # every stage: a timeout's kill keeps the lines printed before it
-stage=${1:?usage: gpu_session.sh sweep|next|next22|gated|compile|one|lease|profile-diag|fla-gdn|diag|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
+stage=${1:?usage: gpu_session.sh next|next2|dsweep|sweep|next22|gated|compile|one|lease|profile-diag|fla-gdn|diag|profile128|variants|tests|tests1|tests2|delta64|diag64|d128|delta-ab|delta-ab2|delta-ab3|fla-gla|profile|trace}
 out=${OUT:-/tmp/olssm-gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
@@ -131,6 +135,14 @@ at128() {
         --peak-gbs $gbs --reps 5 "$@" 2>&1 | tee "$out/$file"
 }
 
+# the split delta path's launch settings one kernel at a time at (2, 8192, 16, 128) bf16 (kernel_sweep.py, with a
+# watchdog 10 s inside the timeout): delta_sweep SECONDS RULE [FLAGS...]
+delta_sweep() {
+    local secs=$1 rule=$2; shift 2
+    timeout "$secs" python benchmarks/kernel_sweep.py --rules "$rule" --watchdog $((secs - 10)) "$@" 2>&1 \
+        | tee "$out/dsweep128-$rule.txt"
+}
+
 # torch.compile's gradients against eager ones and the fp64 reference (compile_diag.py): compile_check SECONDS
 # OUTFILE [FLAGS...]
 compile_check() {
@@ -193,38 +205,49 @@ case $stage in
     sweep)
         # session 23's first call (timeouts add to 500 s; device timeout_s 560, carry [".whl"]): the split diagonal
         # path's five kernels' blocks, warps and stages, one kernel at a time against the defaults timed twice
-        # (benchmarks/diag_sweep.py; it prints the winners together, their gradients against the defaults' and the
+        # (benchmarks/kernel_sweep.py; it prints the winners together, their gradients against the defaults' and the
         # constants to set), at D = 128 for Mamba-2 (with fla's chunk_simple_gla) and GLA, then at D = 64 on the split
         # path at chunk 64 against the fused walk (which DIAG_PATH "split" would replace there)
         with_fla
         # (session 23: this Mamba-2 process stalled after its fla and bf16 rows until the timeout, and the D = 64
         # one behind fla's autotuning at a new shape: the watchdog prints where a process stands before its timeout,
         # and D = 64 runs without fla)
-        timeout 190 python benchmarks/diag_sweep.py --rules mamba2 --peers --watchdog 180 2>&1 \
+        timeout 190 python benchmarks/kernel_sweep.py --rules mamba2 --peers --watchdog 180 2>&1 \
             | tee "$out/sweep128-mamba2.txt"
-        timeout 200 python benchmarks/diag_sweep.py --rules gla --watchdog 190 2>&1 | tee "$out/sweep128-gla.txt"
-        timeout 110 python benchmarks/diag_sweep.py --rules gla,mamba2 --B 4 --T 2048 --d 64 --path split --chunk 64 \
+        timeout 200 python benchmarks/kernel_sweep.py --rules gla --watchdog 190 2>&1 | tee "$out/sweep128-gla.txt"
+        timeout 110 python benchmarks/kernel_sweep.py --rules gla,mamba2 --B 4 --T 2048 --d 64 --path split --chunk 64 \
             --fused-row --no-info --kernels state,out,dqk --watchdog 100 2>&1 | tee "$out/sweep64.txt" ;;
     next)
-        # the next lease's first call (timeouts add to 560 s; device timeout_s 600, carry [".whl"]). Sessions 22-23
-        # left: the compiled tests after session 22's mends (7 test-side failures) and session 23's launch settings,
-        # every D = 128 ratio under the new defaults in one process, DIAG_STRADDLE's cost on the split path (`sto`:
-        # "off"), bf16 dot operands on the split diagonal path (`bf`: fla's precision; 1.44x in session 22's profile,
-        # but 1.3x slower in session 23's one timing, in a process that then hung: rel err o beside it), the dqk
-        # kernel over every key in one program (`q128`: 32 % fewer instructions by session 23's static count), the
-        # output kernel's loop over 32 keys at a time (`ok32`: 124 registers against 255 and 104 B of spills), and
-        # GLA at D = 64: if `ds64` beats the defaults there beyond the drift, DIAG_PATH becomes "split" for column
-        # decays
+        # the next lease's first call (timeouts add to 570 s; device timeout_s 600, carry [".whl"]). Sessions 22-24
+        # left: the compiled tests after session 22's mends (7 test-side failures), session 23's launch settings and
+        # session 24's delta ones (None by default: the same launches), every D = 128 ratio under the new defaults in
+        # one process, DIAG_STRADDLE's cost on the split path (`sto`: "off"), bf16 dot operands on the split diagonal
+        # path (`bf`: fla's precision; 1.44x in session 22's profile, but 1.3x slower in session 23's one timing, in a
+        # process that then hung: rel err o beside it), the dqk kernel over every key in one program (`q128`: 32 %
+        # fewer instructions by session 23's static count), the output kernel's loop over 32 keys at a time (`ok32`:
+        # 124 registers against 255 and 104 B of spills); then DeltaNet's split delta kernels one at a time (the
+        # largest gap to fla, 2.0x at D = 128; their warps, stages and state rows were never varied per kernel, and
+        # 4 warps won the diagonal path's state passes 1.05-1.28x)
         with_fla
         compiled_tests 170
-        at128 180 next128.txt --skip "gla:fla-chunk,gated_deltanet:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
-            --rules deltanet,mamba2,gla --variants "sto=diag_straddle:off;bf=precision:bf16;q128=dqk_bk:128;ok32=out_kb:32;again="
-        # (session 23: Mamba-2's split path at chunk 64 lost to the walk at D = 64 by 1.11x; GLA's is untimed)
+        at128 160 next128.txt --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
+            --rules mamba2,gla --variants "sto=diag_straddle:off;bf=precision:bf16;q128=dqk_bk:128;ok32=out_kb:32;again="
+        delta_sweep 230 deltanet --peers ;;
+    next2)
+        # the second call (timeouts add to 500 s): Gated DeltaNet's delta sweep without fla (its chunk kernel autotunes
+        # for minutes: fla-gdn), then GLA at D = 64 (session 23: Mamba-2's split path at chunk 64 lost to the walk at
+        # D = 64 by 1.11x; GLA's is untimed), then bf16 dot operands' gradient errors compiled (the interpreter's,
+        # session 22: up to 2x the bf16 floor)
+        delta_sweep 250 gated_deltanet
+        with_fla
         timeout 150 python benchmarks/triton_kernels.py --dtype bf16 --B 4 --T 2048 --H 16 --dk 64 --dv 64 \
             --peak-gbs $gbs --reps 5 --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
             --rules gla --variants "ds64=diag_path:split,chunk:64;again=" 2>&1 | tee "$out/diag64.txt"
-        # bf16 dot operands' gradient errors compiled (the interpreter's, session 22: up to 2x the bf16 floor)
         OLSSM_TRITON_DEVICE=cuda timeout 60 python benchmarks/bf16_accuracy.py mamba2 gla 2>&1 | tee "$out/bf16acc.txt" ;;
+    dsweep)
+        with_fla
+        delta_sweep 250 deltanet --peers
+        delta_sweep 250 gated_deltanet ;;
     next22)
         # session 22's first call (timeouts add to 560 s; device timeout_s 590, carry [".whl"]): torch.compile's
         # gradients against the reference (the mends after session 14), the compiled tests (session 15's split-path

@@ -452,6 +452,20 @@ _VARIANT_KEYS = {"precision": (chunked, ("DOT_PRECISION",), _one_of(*chunked.DOT
                     for what in whats.split()
                     for attr, parse in [{"bk": ("BLOCK_K", _pow2), "bv": ("BLOCK_V", _pow2), "kb": ("KEY_BLOCK", _pow2),
                                          "warps": ("WARPS", _pow2), "stages": ("STAGES", _positive)}[what]]},
+                 # the split delta path's, likewise: the forward's chunked.DELTA_* (prep, state, out) and the
+                 # backward's chunked_delta_bwd.*_WARPS / _STAGES (bprep, bstate, value, key)
+                 **{f"delta_{kernel}_{what}": (module, (f"{prefix}_{attr}",), parse, "chunk")
+                    for kernel, module, prefix, whats in (
+                        ("prep", chunked, "DELTA_PREP", "warps stages"),
+                        ("state", chunked, "DELTA_STATE", "bv warps stages"),
+                        ("out", chunked, "DELTA_OUT", "warps stages"),
+                        ("bprep", chunked_delta_bwd, "PREP", "warps stages"),
+                        ("bstate", chunked_delta_bwd, "STATE", "warps stages"),
+                        ("value", chunked_delta_bwd, "VALUE", "warps stages"),
+                        ("key", chunked_delta_bwd, "KEY", "warps stages"))
+                    for what in whats.split()
+                    for attr, parse in [{"bv": ("BLOCK_V", _pow2), "warps": ("WARPS", _pow2),
+                                         "stages": ("STAGES", _positive)}[what]]},
                  "block_v": (tscan, ("BLOCK_V",), _pow2, "recurrent"),
                  "warps": (tscan, ("NUM_WARPS",), _pow2, "recurrent")}
 

@@ -1138,19 +1138,23 @@ def test_diag_split_path_matches_reference(name, varlen, slow, monkeypatch):
     assert len(fwd) == 1 and len(bwd) == (0 if name == "two_term_column" else 1)   # two terms: the fused backward
 
 
-def test_diag_sweep_runs_and_tells_a_changed_number_from_a_reordered_sum(monkeypatch, capsys):
-    # benchmarks/diag_sweep.py (session 23's first GPU call) end to end under the interpreter, and the check it makes of
-    # the settings it would choose: every block setting gives the defaults' o and gradients (d = 32 cut into blocks of
-    # 16 on every side of every kernel, against one block of 32), while bf16 dot operands, which change the numbers,
-    # are told apart (> 1e-4 against < 1e-5: the fp32 reordering floor is ~1e-7)
-    sweep = benchmark_module("diag_sweep")
+def test_kernel_sweep_runs_and_tells_a_changed_number_from_a_reordered_sum(monkeypatch, capsys):
+    # benchmarks/kernel_sweep.py (session 23's first GPU call) end to end under the interpreter, and the check it makes
+    # of the settings it would choose: every block setting gives the defaults' o and gradients (d = 32 cut into blocks
+    # of 16 on every side of every kernel, against one block of 32), while bf16 dot operands, which change the numbers,
+    # are told apart (> 1e-4 against < 1e-5: the fp32 reordering floor is ~1e-7). Each rule times its own path's
+    # kernels only (DeltaNet the delta path's, Mamba-2 the diagonal path's)
+    sweep = benchmark_module("kernel_sweep")
     saved = (tlib.FORCE, tlib.CHUNK, tlib.WIDE_CHUNK, tchunk.DIAG_PATH)
     sweep.main(["--B", "1", "--T", "16", "--H", "1", "--d", "16", "--reps", "1", "--path", "split", "--chunk", "16",
-                "--rules", "mamba2", "--kernels", "dv", "--no-info"])
+                "--rules", "mamba2,deltanet", "--kernels", "dv,delta_out", "--no-info"])
     assert (tlib.FORCE, tlib.CHUNK, tlib.WIDE_CHUNK, tchunk.DIAG_PATH) == saved   # its settings do not outlive it
     out = capsys.readouterr().out
-    assert all(f"| dv | {label} |" in out for label in sweep.CANDIDATES["dv"]), out
-    assert "| — | defaults again |" in out
+    mamba2, deltanet = out.split("== deltanet")
+    assert all(f"| dv | {label} |" in mamba2 for label in sweep.CANDIDATES["dv"]), out
+    assert all(f"| delta_out | {label} |" in deltanet for label in sweep.CANDIDATES["delta_out"]), out
+    assert "| delta_out |" not in mamba2 and "| dv |" not in deltanet, out
+    assert mamba2.count("| — | defaults again |") == deltanet.count("| — | defaults again |") == 1
     monkeypatch.setenv("OLSSM_TRITON_DIAG_PATH", "split")
     monkeypatch.setattr(tlib, "FORCE", "chunk")
     rule = _rule("log_gla")
@@ -1160,6 +1164,37 @@ def test_diag_sweep_runs_and_tells_a_changed_number_from_a_reordered_sum(monkeyp
     assert set(same) == {"o", "dq", "dk", "dv", "da"} and max(same.values()) < 1e-5, same
     changed = sweep.differences(rule, inp, {"precision": "bf16"})
     assert max(changed.values()) > 1e-4, changed
+
+
+def test_split_delta_kernels_take_their_own_launch_settings(monkeypatch):
+    # chunked.DELTA_* and chunked_delta_bwd.*_WARPS / _STAGES (kernel_sweep's delta candidates) reach the launches
+    # they name, and only those, and 16 value rows per state pass (two programs where one walked 32 rows) give the
+    # defaults' o and gradients for a scalar decay (Gated DeltaNet: the decay factors' pass and ∂ log γ)
+    from olssm.kernels.triton import chunked_delta_bwd as tdbw
+    sweep = benchmark_module("kernel_sweep")
+    monkeypatch.setattr(tlib, "FORCE", "chunk")
+    monkeypatch.setenv("OLSSM_TRITON_CHUNK_BWD", "1")
+    launched = []
+    record = lambda label, kw: launched.append((label, kw.get("BV"), kw.get("num_warps"), kw.get("num_stages")))
+    spy_launches(monkeypatch, tchunk, ["chunk_delta_prep_kernel", "chunk_delta_state_kernel", "chunk_delta_out_kernel"],
+                 record)
+    spy_launches(monkeypatch, tdbw, ["chunk_delta_bwd_prep_kernel", "chunk_delta_bwd_state_kernel",
+                                     "chunk_delta_bwd_value_kernel", "chunk_delta_bwd_key_kernel"], record)
+    rule = _rule("gated_deltanet")
+    inp = {n: _dev(x) for n, x in random_inputs(rule, 1, 40, 1, 32, 32, seed=43).items()}
+    own = {"delta_state_bv": 16, "delta_prep_warps": 2, "delta_state_warps": 4, "delta_out_stages": 1,
+           "delta_bprep_stages": 2, "delta_bstate_warps": 2, "delta_value_warps": 4, "delta_key_stages": 1}
+    same = sweep.differences(rule, inp, own)
+    assert max(same.values()) < 1e-5, same
+    default_warps, default_stages = tchunk.NUM_WARPS, tchunk.NUM_STAGES
+    want = {("chunk_delta_prep_kernel", None, 2, None), ("chunk_delta_state_kernel", 16, 4, None),
+            ("chunk_delta_out_kernel", None, default_warps, 1), ("chunk_delta_bwd_prep_kernel", None, default_warps, 2),
+            ("chunk_delta_bwd_state_kernel", 16, 2, None), ("chunk_delta_bwd_value_kernel", None, 4, None),
+            ("chunk_delta_bwd_key_kernel", None, default_warps, 1)}
+    seen = {(label, bv if "state" in label else None, warps, stages) for label, bv, warps, stages in launched}
+    assert want <= seen, sorted(want - seen)
+    defaults = {(label, 32 if "state" in label else None, default_warps, default_stages) for label, *_ in want}
+    assert defaults <= seen, sorted(defaults - seen)
 
 
 @pytest.mark.parametrize("name", ["retnet", "log_gla", "log_row_decay"])

@@ -1291,6 +1291,48 @@ def test_delta_u_storage_input_matches_fp32(name, monkeypatch):
         tchunk.delta_u_storage(torch.bfloat16)
 
 
+@pytest.mark.parametrize("inputs", ["bf16, auto", "fp32, bf16 operands"])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_dot_operands_kept_in_bf16_where_the_dots_take_bf16_operands(name, inputs, monkeypatch):
+    # W̃ (chunked.wt_storage) and, without a decay, dh (chunked_delta_bwd.dh_storage) are only ever dot operands, so
+    # under bf16 operands (DeltaNet's bf16 inputs at wide keys under "auto"; any rule under DOT_PRECISION "bf16") they
+    # are kept in bf16 (W̃ in half its fp32 span of the op's aux). o, the final state and every gradient are bit for
+    # bit those of fp32 buffers (the dots round them to bf16 the same way), and the backward reads the W̃ dtype the
+    # forward wrote, from aux's size. Gated DeltaNet keeps dh in fp32 (its ∂ log γ sums ⟨dS, S₀⟩), and under "auto"
+    # tf32 operands and an fp32 W̃
+    monkeypatch.setattr(tlib, "FORCE", "chunk")
+    monkeypatch.delenv("OLSSM_TRITON_DOT_PRECISION", raising=False)
+    dtype = torch.bfloat16 if inputs.startswith("bf16") else torch.float32
+    monkeypatch.setattr(tchunk, "DOT_PRECISION", "auto" if inputs.endswith("auto") else "bf16")
+    rule = _same_key_rule(name)
+    inp = {n: x if rule.inputs[n].is_parameter else x.to(dtype)
+           for n, x in random_inputs(rule, 1, 70, 2, 72, 12, seed=52).items()}
+    h0 = 0.3 * torch.randn(1, 2, 12, 72, generator=torch.Generator().manual_seed(52))
+    wts, dhs = [], []
+    real_core, real_state = tchunk.saved_chunk_core, tdelta.chunk_delta_bwd_state_kernel
+    monkeypatch.setattr(tchunk, "saved_chunk_core",
+                        lambda *a: (lambda core: wts.append(core[1].dtype) or core)(real_core(*a)))
+
+    class Spy:   # the reverse pass's eighth argument is dh
+        def __getitem__(self, grid):
+            return lambda *a, **k: dhs.append(a[7].dtype) or real_state[grid](*a, **k)
+
+    monkeypatch.setattr(tdelta, "chunk_delta_bwd_state_kernel", Spy())
+    kept = _run(rule, inp, h0, "triton")
+    bf16 = name == "deltanet" or inputs.endswith("operands")
+    assert wts == [torch.bfloat16 if bf16 else torch.float32] * 2, wts   # the forward's and the backward's view
+    assert dhs == [torch.bfloat16 if bf16 and name == "deltanet" else torch.float32], dhs
+    monkeypatch.setattr(tchunk, "_wt_dtype", lambda *a: torch.float32)
+    monkeypatch.setattr(tdelta, "dh_storage", lambda *a: torch.float32)
+    wts.clear(), dhs.clear()
+    fp32 = _run(rule, inp, h0, "triton")
+    assert wts == [torch.float32] * 2 and dhs == [torch.float32], (wts, dhs)
+    (o1, f1, g1), (o2, f2, g2) = kept, fp32
+    assert torch.equal(o1, o2) and torch.equal(f1, f2)
+    assert g1.keys() == g2.keys() and all(torch.equal(g1[n], g2[n]) for n in g1), \
+        {n: float((g1[n] - g2[n]).abs().max()) for n in g1}
+
+
 @pytest.mark.parametrize("case", ["gated_deltanet", "general kernel", "untied", "two terms", "gated longhorn",
                                   "rank 4"])
 def test_key_kernel_decay_gradient_at_strong_decays(case, monkeypatch):

@@ -147,24 +147,31 @@ FACTOR_VARIANTS = ("diag split state decay=scalar varlen=True", "diag split back
                    "delta bwd state decay=scalar varlen=True")
 
 
-def split_diag_warps(name: str):
-    """The num_warps the split diagonal path launches the kernel of variant `name` with (chunked.DIAG_*_WARPS; None:
-    the common num_warps)."""
-    from . import chunked as ch
-    for prefix, warps in (("diag split state", ch.DIAG_STATE_WARPS), ("diag split out", ch.DIAG_OUT_WARPS),
-                          ("diag split backward state", ch.DIAG_DH_WARPS),
-                          ("diag split backward dqk", ch.DIAG_DQK_WARPS), ("diag split backward dv", ch.DIAG_DV_WARPS)):
+def _own_launch(name: str) -> tuple:
+    """(num_warps, num_stages) a kernel of variant `name` is launched with where it has its own (the split diagonal
+    path's chunked.DIAG_*, the split delta forward's chunked.DELTA_*, the delta backward's chunked_delta_bwd.*_WARPS /
+    _STAGES); None for either: the common settings."""
+    from . import chunked as ch, chunked_delta_bwd as dbw
+    own = (("diag split state", "DIAG_STATE", ch), ("diag split out", "DIAG_OUT", ch),
+           ("diag split backward state", "DIAG_DH", ch), ("diag split backward dqk", "DIAG_DQK", ch),
+           ("diag split backward dv", "DIAG_DV", ch), ("delta split prep", "DELTA_PREP", ch),
+           ("delta split state", "DELTA_STATE", ch), ("delta split out", "DELTA_OUT", ch),
+           ("delta bwd prep", "PREP", dbw), ("delta bwd state", "STATE", dbw), ("delta bwd value", "VALUE", dbw),
+           ("delta bwd key", "KEY", dbw))
+    name = name.removeprefix("rank4 ")
+    for prefix, constant, module in own:
         if name.startswith(prefix):
-            return warps
-    return None
+            return getattr(module, f"{constant}_WARPS"), getattr(module, f"{constant}_STAGES")
+    return None, None
 
 
-def variants(BT, BK, BV, prec, BVW=None, out_rows=None):
+def variants(BT, BK, BV, prec, BVW=None, out_rows=None, state_rows=None):
     """Every chunked kernel variant (_variants), those of SCALED_VARIANTS again with SCALED_E and those of
     FACTOR_VARIANTS with FACTORS, and the decay-factor pre-pass. out_rows: the split diagonal output kernel's value
-    rows (_diag_split_forward's; default: BVW)."""
+    rows (_diag_split_forward's; default: BVW); state_rows: the split delta path's state passes' (SplitBlocks.BVS;
+    default: BV)."""
     from . import chunked as ch
-    for name, fn, consts in _variants(BT, BK, BV, prec, BVW, out_rows):
+    for name, fn, consts in _variants(BT, BK, BV, prec, BVW, out_rows, state_rows):
         yield name, fn, consts
         if name in SCALED_VARIANTS:
             yield f"{name} SCALED_E", fn, dict(consts, SCALED_E=True)
@@ -173,9 +180,10 @@ def variants(BT, BK, BV, prec, BVW=None, out_rows=None):
     yield "decay factors varlen=True", ch.chunk_decay_factors_kernel, dict(BT=BT, VARLEN=True)
 
 
-def _variants(BT, BK, BV, prec, BVW=None, out_rows=None):
+def _variants(BT, BK, BV, prec, BVW=None, out_rows=None, state_rows=None):
     from . import chunked as ch
     BVW = BVW or BV
+    BVS = state_rows or BV
     base = dict(BT=BT, BK=BK, BV=BV, M=1, USE_H0=True, SAVE_CK=True, PREC=prec)
     for name, code in (("none", 0), ("scalar", 1), ("row", 2), ("column", 3)):
         for varlen in (False, True):
@@ -228,7 +236,7 @@ def _variants(BT, BK, BV, prec, BVW=None, out_rows=None):
                dict(BT=BT, BK=BKB, BV=BV, M=1, PREC=prec, DECAY=code, VARLEN=True, NKB=BK // BKB))
     # the split delta forward: prep and out take wide value blocks and KB-column key blocks
     # (tied: w_0 = b, DeltaNet / Gated DeltaNet, chunked._tied; untied: the general path)
-    state = dict(BT=BT, BK=BK, BV=BV, M=1, PREC=prec, USE_H0=True)
+    state = dict(BT=BT, BK=BK, BV=BVS, M=1, PREC=prec, USE_H0=True)
     wide = dict(BT=BT, BK=BK, BV=BVW, M=1, PREC=prec, KB=min(BK, ch.SPLIT_BLOCK_K))
     for gated in (False, True):
         for varlen in (False, True):
@@ -256,7 +264,7 @@ def _variants(BT, BK, BV, prec, BVW=None, out_rows=None):
         yield (f"delta bwd prep {tag} HAVE_TC", dbw.chunk_delta_bwd_prep_kernel,
                dict(prep, GATED=gated, VARLEN=True, HAVE_TC=True))
         yield (f"delta bwd state {tag}", dbw.chunk_delta_bwd_state_kernel,
-               dict(BT=BT, BK=BK, BV=BV, PREC=prec, GATED=gated, USE_DHT=True, VARLEN=True))
+               dict(BT=BT, BK=BK, BV=BVS, PREC=prec, GATED=gated, USE_DHT=True, VARLEN=True))
         for tied in (False, True):     # tied: w_0 = b (DeltaNet / Gated DeltaNet, chunked._tied)
             t = f"{tag}{' tied' if tied else ''}"
             kw = dict(GATED=gated, VARLEN=True, TIED=tied)
@@ -393,22 +401,33 @@ def main(argv=None) -> int:
     _lib.PSCAN_TILE = a.pscan_tile or _lib.PSCAN_TILE
     _lib.PSCAN_BWD_TILE = a.pscan_bwd_tile or _lib.PSCAN_BWD_TILE
     from .chunked import _np2, split_blocks
-    BK, BV, BVW, _ = split_blocks(a.dk, a.dv)
+    BK, BV, BVW, _, BVS = split_blocks(a.dk, a.dv)
     from .chunked import diag_out_rows
     out_rows = diag_out_rows(a.dk, a.dv)
-    print(f"sm_{a.arch}, num_warps={a.num_warps} (the split diagonal path's kernels: chunked.DIAG_*_WARPS where set), "
-          f"BT={a.chunk}, BK={BK}, BV={BV} (split prep/out: {BVW}), "
+    print(f"sm_{a.arch}, num_warps={a.num_warps} (the split paths' kernels: their own chunked.DIAG_* / DELTA_* and "
+          f"chunked_delta_bwd.*_WARPS where set), BT={a.chunk}, BK={BK}, BV={BV} (split prep/out: {BVW}, delta state "
+          f"passes: {BVS}), "
           f"dot precision {a.precision}")
     from . import library
     from . import scan as _scan
     todo = []
+    def bf16_ptrs(name, ck=False):
+        """BF16_PTRS (ck: BF16_CK_PTRS), and with bf16 dot operands W̃ in bf16 (chunked.wt_storage) and, without a
+        decay, the split delta backward's dh (chunked_delta_bwd.dh_storage)."""
+        ptrs = dict(BF16_CK_PTRS if ck else BF16_PTRS)
+        if a.precision == "bf16":
+            ptrs["wt_ptr"] = "*bf16"
+            if name.startswith("delta bwd") and "decay=none" in name:
+                ptrs["dh_ptr"] = "*bf16"
+        return ptrs
+
     if a.only in ("all", "chunked"):
-        todo += [(n, f, c, a.num_warps) for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW, out_rows)]
-        todo += [(f"{n} [bf16]", f, c, a.num_warps, BF16_PTRS)
-                 for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW, out_rows)
+        todo += [(n, f, c, a.num_warps) for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW, out_rows, BVS)]
+        todo += [(f"{n} [bf16]", f, c, a.num_warps, bf16_ptrs(n))
+                 for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW, out_rows, BVS)
                  if a.bf16 == "all" or (a.bf16 == "some" and n.startswith(BF16_VARIANTS))]
-        todo += [(f"{n} [bf16 ck]", f, c, a.num_warps, BF16_CK_PTRS)
-                 for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW, out_rows)
+        todo += [(f"{n} [bf16 ck]", f, c, a.num_warps, bf16_ptrs(n, ck=True))
+                 for n, f, c in variants(a.chunk, BK, BV, a.precision, BVW, out_rows, BVS)
                  if "ck_ptr" in inspect.signature(f.fn).parameters
                  and (a.bf16 == "all" or (a.bf16 == "some" and n.startswith(BF16_CK_VARIANTS)))]
         # _Scaled's backward (β·v's chain rule) at d_v, the tile chunked.scaled_backward launches: ∂out fp32, v bf16
@@ -441,11 +460,12 @@ def main(argv=None) -> int:
     bad, over = 0, []
     limit = SHARED_LIMIT.get(a.arch)
     for name, fn, consts, warps, *ptr_types in todo:
-        warps = split_diag_warps(name) or warps
+        own_warps, own_stages = _own_launch(name)
+        warps = own_warps or warps
         walk = fn in walks and consts.get("OUT", True) and consts.get("GRADS", True)   # not the split passes
         maxnreg = a.maxnreg if a.maxnreg is not None else _ch.walk_maxnreg() if walk else None
         try:
-            k = compile_for(fn, consts, a.arch, warps, *(ptr_types or [None]), num_stages=a.num_stages,
+            k = compile_for(fn, consts, a.arch, warps, *(ptr_types or [None]), num_stages=own_stages or a.num_stages,
                             maxnreg=maxnreg or None, aligned=not a.unaligned)
             big = limit is not None and k.metadata.shared > limit
             over += [name] * big

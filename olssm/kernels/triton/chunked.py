@@ -531,8 +531,8 @@ def checkpoint_storage(out_dtype=torch.float32) -> torch.dtype:
     return _storage("OLSSM_TRITON_CHECKPOINT_STORAGE", CHECKPOINT_STORAGE, "checkpoint storage", out_dtype)
 
 
-#: storage dtype of the split delta forward's Ũ, then Δ (written by prep, read and rewritten in place by the state
-#: pass, read by out; [B, T, H, d_v], 268 MB of fp32 at (2, 8192, 16, 128), so ~0.5 GB of each forward's traffic):
+#: storage dtype of the split delta forward's Ũ, then Δ (E_0 − Δ for a tied input term) (written by prep, read and
+#: rewritten in place by the state pass, read by out; [B, T, H, d_v], 268 MB of fp32 at (2, 8192, 16, 128), so ~0.5 GB of each forward's traffic):
 #: "fp32", or "input": the scan's input dtype where that is bf16 / fp16, as fla keeps its u and v_new. Not free: Ũ
 #: rounded to bf16 enters the state update (the state pass adds W̃ S₀ᵀ to it in fp32 and updates S from that), so
 #: DeltaNet's final state moves from 2e-7 to 2e-3 of the fp64 reference on bf16 inputs (interpreter, T = 256, d = 32;
@@ -1412,14 +1412,25 @@ def _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT: tl.constexpr, BK: 
 
 
 @triton.jit
+def _store_operand(ptr, x, mask, PREC: tl.constexpr):
+    """Store the fp32 tile x, which is only ever read back as a dot operand, in ptr's dtype (bf16 where the dots take
+    bf16 operands: wt_storage, chunked_delta_bwd.dh_storage). A bf16 ptr under the interpreter gets the GPU's round
+    to nearest (_bf16_rounded; the interpreter's cast truncates), so that the dots read the operands they would have
+    rounded themselves."""
+    if PREC == "bf16_interpreted":
+        if ptr.dtype.element_ty == tl.bfloat16:
+            x = _bf16_rounded(x)
+    tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store_wt(a_ptr, wt_ptr, Tc, cg, base, tm, DK, BK: tl.constexpr, KB: tl.constexpr, PREC: tl.constexpr):
     """W̃ = T_c (c ⊙ Γ ⊙ A) → wt, KB key columns at a time (cg = c ⊙ Γ)."""
     for kb in tl.static_range(BK // KB):
         cols = kb * KB + tl.arange(0, KB)
         km2 = tm[:, None] & (cols < DK)[None, :]
         a = tl.load(a_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-        tl.store(wt_ptr + base[:, None] * DK + cols[None, :], _mm(Tc, a * cg[:, None], PREC),
-                 mask=km2)
+        _store_operand(wt_ptr + base[:, None] * DK + cols[None, :], _mm(Tc, a * cg[:, None], PREC), km2, PREC)
 
 
 @triton.jit
@@ -1487,7 +1498,8 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
     """The sequential pass: per chunk, ck ← S₀, Δ = W̃ S₀ᵀ + Ũ (written over Ũ in u),
     S ← Γ_L S₀ − (Δ ⊙ Γ_L/Γ)ᵀ B + Σ_m (E_m ⊙ Γ_L/Γ)ᵀ W_m; ht ← the last S.
     TIED (W_0 is B): S ← Γ_L S₀ + ((E_0 − Δ) ⊙ Γ_L/Γ)ᵀ B + Σ_{m≥1} ... — 2 + M − 1 dots and [BT, BK] loads
-    per chunk instead of 2 + M (fla's h += Kᵀ (U − W h))."""
+    per chunk instead of 2 + M (fla's h += Kᵀ (U − W h)); u then holds E_0 − Δ (fla's v_new), which the output
+    kernel reads in place of E_0 and Δ."""
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
                                                                                       BV, VARLEN)
     S = _initial_tile(h0_ptr, i_bh, DK, DV, soff, m2, BK, BV, USE_H0)
@@ -1498,19 +1510,24 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         vm = tm[:, None] & rm[None, :]
         wt = tl.load(wt_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         uoff = base[:, None] * DV + rows[None, :]
-        d = _mm(wt, tl.trans(S), PREC) + tl.load(u_ptr + uoff, mask=vm, other=0.0).to(tl.float32)
-        tl.store(u_ptr + uoff, d.to(u_ptr.dtype.element_ty), mask=vm)
-        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
-        if TIED:   # the first input term rides on B's dot
-            d = _value_side(e_ptr, 0, 0, uoff, vm, es_ptr, base, tm, SCALED_E) - d
+        u = tl.load(u_ptr + uoff, mask=vm, other=0.0).to(tl.float32)
+        # r = E_0 − Δ (TIED: the first input term rides on B's dot) or −Δ, the dot subtracted from the loaded tiles.
+        # Written as Ũ + W̃ S₀ᵀ, Triton made the load the dot's accumulator, which it does not software-pipeline: a
+        # synchronous global load (LDG → STS → BAR → LDSM) on every step of this sequential loop (sm_90 SASS, session
+        # 24); a dot subtracted from it is not folded, and the load is prefetched (cp.async) like the others
+        if TIED:
+            r = (_value_side(e_ptr, 0, 0, uoff, vm, es_ptr, base, tm, SCALED_E) - u) - _mm(wt, tl.trans(S), PREC)
+            tl.store(u_ptr + uoff, r.to(u_ptr.dtype.element_ty), mask=vm)
         else:
-            d = -d
+            r = -u - _mm(wt, tl.trans(S), PREC)
+            tl.store(u_ptr + uoff, (-r).to(u_ptr.dtype.element_ty), mask=vm)
+        bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         if GATED:   # dec = Γ_L/Γ_i ≤ 1
             _, dec, gl = _sequential_decay(g_ptr, f_ptr, base, tm, (bos + c * BT).to(tl.int64) * H + i_h, BT, FACTORS)
             S = S * gl
-            S += _mm(tl.trans(d * dec[:, None]), bv, PREC)
+            S += _mm(tl.trans(r * dec[:, None]), bv, PREC)
         else:
-            S += _mm(tl.trans(d), bv, PREC)
+            S += _mm(tl.trans(r), bv, PREC)
         for m in tl.static_range(1 if TIED else 0, M):   # TIED: m = 0 rode on B's dot
             w = tl.load(w_ptr + _rank_offset(m, SW) + base[:, None] * DK + cols[None, :],
                         mask=km2, other=0.0).to(tl.float32)
@@ -1531,7 +1548,7 @@ def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_p
                            SCALED_E: tl.constexpr = False):
     """o = Γ ⊙ Q S₀ᵀ − (Q Bᵀ ⊙ D) Δ + Σ_m (Q W_mᵀ ⊙ D) E_m per (chunk, value block), S₀ from ck and Δ
     from u; KB key columns at a time, like prep. TIED (W_0 is B): (Q Bᵀ ⊙ D)(E_0 − Δ), one [BT, BT] product
-    and its dot fewer."""
+    and its dot fewer, E_0 − Δ as the state kernel left it in u."""
     i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
                                                                           VARLEN, OFF32)
     sbase = ck_ptr + sbase
@@ -1551,8 +1568,7 @@ def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_p
     if GATED:
         o = o * gam[:, None]
     d = tl.load(u_ptr + base[:, None] * DV + rows[None, :], mask=vm, other=0.0).to(tl.float32)
-    if TIED:   # the first input term rides on Q Bᵀ
-        d = _value_side(e_ptr, 0, 0, voff, vm, es_ptr, base, tm, SCALED_E) - d
+    if TIED:   # the first input term rides on Q Bᵀ: u holds E_0 − Δ (the state kernel's)
         o += _mm(QB * D, d, PREC)
     else:
         o -= _mm(QB * D, d, PREC)
@@ -1604,10 +1620,10 @@ def _launch_opts(wide: bool = False, walk: bool = False) -> dict:
     return {**opts, "maxnreg": maxnreg} if maxnreg else opts
 
 
-def _diag_block(name: str) -> int:
-    """The split diagonal path's block constant `name` (DIAG_*_BLOCK_*, DIAG_OUT_TILE, DIAG_OUT_KEY_BLOCK), checked:
-    tl.arange takes powers of two only, and a value such as 48 had failed inside the launch with the interpreter's or
-    the compiler's message, which named neither the constant nor its value."""
+def _block(name: str) -> int:
+    """The block constant `name` of this module (DIAG_*_BLOCK_*, DIAG_OUT_TILE, DIAG_OUT_KEY_BLOCK,
+    DELTA_STATE_BLOCK_V), checked: tl.arange takes powers of two only, and a value such as 48 had failed inside the
+    launch with the interpreter's or the compiler's message, which named neither the constant nor its value."""
     value = globals()[name]
     if not isinstance(value, int) or value < 1 or value & (value - 1):
         raise ValueError(f"triton: chunked.{name} must be a power of two, got {value!r}")
@@ -1617,19 +1633,20 @@ def _diag_block(name: str) -> int:
 def diag_state_blocks(d_k: int, d_v: int) -> tuple:
     """(key columns, value rows) per program of the split diagonal path's two state passes (DIAG_STATE_BLOCK_K / _V),
     which both launches read."""
-    return (min(_blocks(d_k, d_v)[0], _diag_block("DIAG_STATE_BLOCK_K")),
-            max(16, min(_np2(d_v), _diag_block("DIAG_STATE_BLOCK_V"))))
+    return (min(_blocks(d_k, d_v)[0], _block("DIAG_STATE_BLOCK_K")),
+            max(16, min(_np2(d_v), _block("DIAG_STATE_BLOCK_V"))))
 
 
 def diag_out_rows(d_k: int, d_v: int) -> int:
     """Value rows per program of the split diagonal output kernel for no, a scalar or a column decay (a row decay's
     take the state's): DIAG_OUT_BLOCK_V, as many as keep its [BV, d_k] state tile within DIAG_OUT_TILE."""
-    return max(16, min(_np2(d_v), _diag_block("DIAG_OUT_BLOCK_V"), _diag_block("DIAG_OUT_TILE") // _np2(d_k)))
+    return max(16, min(_np2(d_v), _block("DIAG_OUT_BLOCK_V"), _block("DIAG_OUT_TILE") // _np2(d_k)))
 
 
-def _diag_launch(opts: dict, warps, stages) -> dict:
-    """opts (launch options and arguments) with one split diagonal kernel's own num_warps / num_stages where set
-    (DIAG_*_WARPS / DIAG_*_STAGES)."""
+def _kernel_launch(opts: dict, warps, stages) -> dict:
+    """opts (launch options and arguments) with one kernel's own num_warps / num_stages where set (the split
+    diagonal path's DIAG_*_WARPS / _STAGES, the split delta path's DELTA_*_WARPS / _STAGES and chunked_delta_bwd's
+    *_WARPS / *_STAGES; None keeps opts')."""
     return dict(opts, **({"num_warps": int(warps)} if warps else {}), **({"num_stages": int(stages)} if stages else {}))
 
 
@@ -1758,9 +1775,10 @@ class SplitBlocks(NamedTuple):
     """The split delta path's block sizes. Its forward and its backward must agree on them (the backward's state
     pass walks the forward's ck, and its prep and value kernels mirror the forward's prep), so both read this."""
     BK: int   # key columns of the state tile: the whole (padded) d_k
-    BV: int   # value rows per program of the sequential state passes (and of the backward's key kernel)
+    BV: int   # value rows per step of the backward key kernel's loop over values
     BVW: int  # value rows per program of the parallel kernels (forward prep and out; backward prep and value)
     KB: int   # key columns per tl.dot operand in the forward's prep and out and the backward's prep
+    BVS: int  # value rows per program of the two sequential state passes (DELTA_STATE_BLOCK_V)
 
 
 def split_blocks(d_k: int, d_v: int) -> SplitBlocks:
@@ -1768,7 +1786,8 @@ def split_blocks(d_k: int, d_v: int) -> SplitBlocks:
     wider value blocks than the state passes: they have parallelism to spare, and each value block repeats the
     [BT, BT] work (the inverse in prep, Q Bᵀ and Q Wᵀ in out)."""
     BK, BV = _blocks(d_k, d_v)
-    return SplitBlocks(BK=BK, BV=BV, BVW=max(16, min(_np2(d_v), SPLIT_BLOCK_V)), KB=min(BK, SPLIT_BLOCK_K))
+    return SplitBlocks(BK=BK, BV=BV, BVW=max(16, min(_np2(d_v), SPLIT_BLOCK_V)), KB=min(BK, SPLIT_BLOCK_K),
+                       BVS=max(16, min(_np2(d_v), _block("DELTA_STATE_BLOCK_V"))))
 
 
 #: the delta family's forward with a scalar c and none / scalar decay: "split" (three kernels:
@@ -1778,8 +1797,24 @@ def split_blocks(d_k: int, d_v: int) -> SplitBlocks:
 #: walk; measured 1.8-24x slower than fla on an H100, benchmarks/RESULTS.md). Row c (Longhorn) and
 #: row decays always run fused. OLSSM_TRITON_DELTA_FORWARD overrides.
 DELTA_FORWARD = "split"
-#: value rows per program of the split's parallel kernels (prep, out); the state pass keeps _blocks' BV
+#: value rows per program of the split's parallel kernels (prep, out); the state passes take DELTA_STATE_BLOCK_V
 SPLIT_BLOCK_V = 64
+#: value rows per program of the split delta path's two state passes, the forward's (chunk_delta_state_kernel) and the
+#: backward's (chunked_delta_bwd.chunk_delta_bwd_state_kernel); ck, dh and Δ do not depend on it. Each program walks
+#: every chunk of one sequence·head with a [rows, d_k] tile, so at (2, T, 16, 128) 32 rows make 128 programs, one per
+#: SM or fewer, and 16 rows 256. flash-linear-attention's forward state pass (chunk_gated_delta_rule_fwd_h) takes 32 or
+#: 64 value columns by autotuning, with 2-4 warps. Untimed at any other value (benchmarks/kernel_sweep.py, rows
+#: "sv16" / "sv64")
+DELTA_STATE_BLOCK_V = 32
+#: num_warps / num_stages of the split delta forward's three kernels (the UT transform PREP, the state pass STATE, the
+#: output OUT), one pair per kernel; None: _launch_opts' (NUM_WARPS, and NUM_STAGES or WIDE_STAGES on the wide-key
+#: path). The same choice for the split diagonal path's kernels won 1.03-1.26x (session 23, DIAG_*_WARPS): the state
+#: pass holds a [DELTA_STATE_BLOCK_V, d_k] tile, which 8 warps split into 16 fp32 registers a thread (d_k = 128), the
+#: parallel kernels [BT, d_k] and [BT, BT] tiles. Untimed (benchmarks/kernel_sweep.py; chunked_delta_bwd has the
+#: backward's four)
+DELTA_PREP_WARPS = DELTA_PREP_STAGES = None
+DELTA_STATE_WARPS = DELTA_STATE_STAGES = None
+DELTA_OUT_WARPS = DELTA_OUT_STAGES = None
 #: the diagonal family's chunked kernels (no correction: linear attention, RetNet, Mamba-2, GLA, row decays):
 #: "fused" (chunk_fwd_kernel / chunk_bwd_kernel: one program per sequence·head·value block walks the chunks, each
 #: chunk's o or gradients formed inside the walk) or "split" (a sequential pass of one dot per chunk for the states
@@ -1818,7 +1853,7 @@ DIAG_OUT_TILE = 128 * 128
 #: NUM_STAGES): the forward's state pass (STATE), the reverse pass (DH), the output (OUT), dQ / dW / ∂g (DQK) and dE
 #: (DV). They hold different things: the state passes a [BV, BK] tile walked over chunks (8 warps for a 32 × 64 tile
 #: left most of them idle), the parallel kernels [BT, BK] and [BT, BT] tiles. Session 23 timed each kernel's settings
-#: alone (benchmarks/diag_sweep.py, H200, (2, 8192, 16, 128) bf16; RESULTS.md): 4 warps won for the state pass
+#: alone (benchmarks/kernel_sweep.py, H200, (2, 8192, 16, 128) bf16; RESULTS.md): 4 warps won for the state pass
 #: (GLA forward 1.28×), the reverse pass (1.05× fwd+bwd) and dE (1.06×); dqk lost with every other block, warps and
 #: stages tried. All four together (with DIAG_OUT_BLOCK_V = 128), one process: GLA 2.18 / 7.18 → 1.47 / 5.70 ms fwd /
 #: fwd+bwd (1.26×), Mamba-2 3.39 → 3.28 fwd+bwd (1.03×), the defaults timed twice identical
@@ -1925,20 +1960,43 @@ def _tied(form) -> bool:
             and sp.sympify(form.inputs[0].w) == sp.sympify(form.corrections[0].b))
 
 
-def chunk_core_numel(form, sizes) -> int:
-    """Elements of the T_c and W̃ the split forward keeps (saves_chunk_core), in the kernels' sub-token layout."""
+def chunk_core_numel(form, sizes, out_dtype=torch.float32) -> int:
+    """fp32 elements of the forward op's aux holding the T_c and W̃ the split forward keeps (saves_chunk_core), in the
+    kernels' sub-token layout: W̃ in wt_storage's dtype, two bf16 values to an fp32 slot, so that aux's size says
+    which dtype the forward wrote (saved_chunk_core)."""
     B, T, H, d_k, d_v, N, max_len, C = sub_sizes(sizes, sub_tokens(form))
-    return B * T * H * (C + d_k)
+    n = B * T * H
+    return n * C + (-(-n * d_k // 2) if wt_storage(form, sizes[3], out_dtype) == torch.bfloat16 else n * d_k)
+
+
+def wt_storage(form, d_k: int, out_dtype) -> torch.dtype:
+    """W̃'s dtype in the split delta path: bf16 where the dots take bf16 operands (bf16_operands: DeltaNet at wide
+    keys), fp32 otherwise. W̃ is only ever a dot operand (the two state passes' W̃ S₀ᵀ and dΔᵀ W̃), which rounds it to
+    bf16 there anyway, so the same numbers from half the bytes, and no fp32 → bf16 conversion in the sequential loops
+    (sm_90, 64 state rows at 4 warps: 255 registers and 16 B of spills → 0, 7172 → 6610 instructions per chunk and
+    head; 32 rows at 8 warps 151 → 122 registers; a helper's static count, session 24)."""
+    return _wt_dtype(out_dtype, bf16_operands(form, d_k))
+
+
+def _wt_dtype(out_dtype, bf16: bool) -> torch.dtype:
+    """wt_storage from the forward's own arguments (inputs' dtype, bf16_operands)."""
+    return torch.bfloat16 if _precision(out_dtype, bf16).startswith("bf16") else torch.float32
 
 
 def saved_chunk_core(form, aux, sizes):
     """(T_c [B, T, H, C], W̃ [B, T, H, d_k]) (T, C in sub-tokens) as views into the forward op's `aux` output (one
-    flat fp32 tensor: the op returns a fixed number of tensors), or None when the forward did not save them."""
+    flat fp32 tensor: the op returns a fixed number of tensors), or None when the forward did not save them. W̃ is
+    bf16 (in the first half of its fp32 span) where aux has chunk_core_numel's size for a bf16 W̃: the backward reads
+    what the forward wrote, whatever precision it runs at itself."""
     if aux is None or aux.numel() == 0:
         return None
     B, T, H, d_k, d_v, N, max_len, C = sub_sizes(sizes, sub_tokens(form))
     n = B * T * H
-    return aux[:n * C].view(B, T, H, C), aux[n * C:].view(B, T, H, d_k)
+    wt = aux[n * C:]
+    if wt.numel() != n * d_k:
+        assert wt.numel() == -(-n * d_k // 2), f"aux: {aux.numel()} elements fit no T_c and W̃ of sizes {sizes}"
+        wt = wt.view(torch.bfloat16)[:n * d_k]
+    return aux[:n * C].view(B, T, H, C), wt.view(B, T, H, d_k)
 
 
 def _runs_split(form) -> bool:
@@ -1959,12 +2017,14 @@ def saves_chunk_core(plan, chunked: bool, save: bool, chunk_bwd: bool) -> bool:
 def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied=False, core=None, sub=1,
                          wide_keys=False, bf16=False, es=None):
     B, T, H, d_k, d_v, N, max_len, C = sizes
-    BK, BV, BVW, KB = split_blocks(d_k, d_v)
+    BK, _, BVW, KB, BVS = split_blocks(d_k, d_v)
     q, w, e, g, a, b, c = chunk_in[:7]
     M = w.shape[0]
     dev = q.device
-    tc, wt = core if core is not None else (ht, torch.empty(B, T, H, d_k, dtype=torch.float32, device=dev))
-    u = torch.empty(B, T, H, d_v, dtype=delta_u_storage(o.dtype), device=dev)   # Ũ, then Δ (state kernel, in place)
+    # W̃ in bf16 where the dots take bf16 operands (wt_storage; the op's aux was sized for the same choice)
+    tc, wt = core if core is not None else (ht, torch.empty(B, T, H, d_k, dtype=_wt_dtype(o.dtype, bf16), device=dev))
+    # Ũ, then Δ (E_0 − Δ when tied) (state kernel, in place)
+    u = torch.empty(B, T, H, d_v, dtype=delta_u_storage(o.dtype), device=dev)
     NCK = ck.shape[2]
     varlen = cu_seqlens is not None
     ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, ht)
@@ -1973,15 +2033,16 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
                   TIED=tied, SUB=sub, OFF32=offsets32_fit(sizes), **_launch_opts(wide_keys), **_scale_args(es))
     chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
                                       e[0].numel(), M=M, BV=BVW, KB=KB, SAVE_TC=core is not None, UTB=int(UT_BLOCK),
-                                      SOLVE=ut_solve(), **common)
+                                      SOLVE=ut_solve(), **_kernel_launch(common, DELTA_PREP_WARPS, DELTA_PREP_STAGES))
     state_args = (w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
                   w[0].numel(), e[0].numel())
     factors = decay_factors(g, (ix, NTG, G), cu, varlen, T, H, C, common["OFF32"]) if gated else None
-    chunk_delta_state_kernel[(-(-d_v // BV), N * H)](*state_args, M=M, BV=BV, USE_H0=h0 is not None, **common,
-                                                     **_factor_args(factors))
+    chunk_delta_state_kernel[(-(-d_v // BVS), N * H)](
+        *state_args, M=M, BV=BVS, USE_H0=h0 is not None, **_kernel_launch(common, DELTA_STATE_WARPS, DELTA_STATE_STAGES),
+        **_factor_args(factors))
     chunk_delta_out_kernel[(NTG, -(-d_v // BVW), G)](q, w, e, g, b, u, ck, o, cu, ix, T, H, d_k, d_v, NCK,
                                                      w[0].numel(), e[0].numel(), M=M, BV=BVW, KB=KB,
-                                                     **common)
+                                                     **_kernel_launch(common, DELTA_OUT_WARPS, DELTA_OUT_STAGES))
 
 
 def chunked_forward(plan, chunk_in, h0, o, ht, ck, sizes, save, cu_seqlens=None, core=None):
@@ -2101,14 +2162,14 @@ def _diag_split_forward(chunk_in, h0, o, ht, ck, sizes, decay, cu_seqlens, es=No
     chunk_fwd_kernel[(-(-d_v // BVS), -(-d_k // BKS), N * H)](
         k, k, v, g, h0.contiguous() if h0 is not None else ht, ht, ht, ck, cu, T, H, d_k, d_v, NCK, k[0].numel(),
         v[0].numel(), BK=BKS, BV=BVS, USE_H0=h0 is not None, SAVE_CK=True, OUT=False, KEY_BLOCKS=True,
-        **_diag_launch(common, DIAG_STATE_WARPS, DIAG_STATE_STAGES), **_factor_args(factors))
+        **_kernel_launch(common, DIAG_STATE_WARPS, DIAG_STATE_STAGES), **_factor_args(factors))
     # the output takes wider value blocks (DIAG_OUT_BLOCK_V) than a row decay's (its D per value row: sm_90, d = 128,
     # chunk 32, 64 rows spill 952 B), as many as keep its [BV, d_k] state tile within DIAG_OUT_TILE
     BVO = BV if decay == 2 else diag_out_rows(d_k, d_v)
-    KB = min(BK, _diag_block("DIAG_OUT_KEY_BLOCK")) if DIAG_OUT_KEY_BLOCK else 0
+    KB = min(BK, _block("DIAG_OUT_KEY_BLOCK")) if DIAG_OUT_KEY_BLOCK else 0
     chunk_diag_out_kernel[(NTG, -(-d_v // BVO), G)](q, k, v, g, ck, o, cu, ix, T, H, d_k, d_v, NCK, k[0].numel(),
                                                     v[0].numel(), BK=BK, BV=BVO, KB=KB,
-                                                    **_diag_launch(common, DIAG_OUT_WARPS, DIAG_OUT_STAGES))
+                                                    **_kernel_launch(common, DIAG_OUT_WARPS, DIAG_OUT_STAGES))
 
 
 # --------------------------------------------------------------------------------------------
@@ -2742,7 +2803,7 @@ def _diag_dh(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0):
     chunk_bwd_kernel[(-(-d_v // BVS), -(-d_k // BKS), N * H)](
         q, q, q, g, do, dht.contiguous() if dht is not None else dh0, dh0, cu, dh0, dh0, dh0, dh0, dh0, dh, T, H, d_k,
         d_v, ck.shape[2], 0, 0, 0, M=1, BK=BKS, BV=BVS, USE_DHT=dht is not None, GRADS=False, KEY_BLOCKS=True,
-        SPAN=fast_span(), **_diag_launch(common, DIAG_DH_WARPS, DIAG_DH_STAGES), **_factor_args(factors))
+        SPAN=fast_span(), **_kernel_launch(common, DIAG_DH_WARPS, DIAG_DH_STAGES), **_factor_args(factors))
     return dh, cu, grid, common
 
 
@@ -2770,7 +2831,7 @@ def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, 
     g = chunk_in[3] if decay else q
     do = do.contiguous()
     dh, cu, (ix, NTG, G), common = _diag_dh(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0)
-    BKQ = min(max(16, _np2(d_k)), _diag_block("DIAG_DQK_BLOCK_K"))
+    BKQ = min(max(16, _np2(d_k)), _block("DIAG_DQK_BLOCK_K"))
     NK = -(-d_k // BKQ)
     dev = q.device
     dq = written(B, T, H, d_k, device=dev)
@@ -2780,14 +2841,14 @@ def _diag_split_backward_whole(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, 
     common = dict(common, SPAN=fast_span())
     chunk_diag_dqk_kernel[(NTG * NK, 1, G)](
         q, k, v, g, do, ck, dh, cu, ix, dq, dk, dg, T, H, d_k, d_v, ck.shape[2], B * T * H, BK=BKQ,
-        BV=min(max(16, _np2(d_v)), _diag_block("DIAG_DQK_BLOCK_V")),
-        **_diag_launch(common, DIAG_DQK_WARPS, DIAG_DQK_STAGES),
+        BV=min(max(16, _np2(d_v)), _block("DIAG_DQK_BLOCK_V")),
+        **_kernel_launch(common, DIAG_DQK_WARPS, DIAG_DQK_STAGES),
         **_scale_args(es), **_diag_straddle_arg(decay))
-    BVD = min(max(16, _np2(d_v)), _diag_block("DIAG_DV_BLOCK_V"))
+    BVD = min(max(16, _np2(d_v)), _block("DIAG_DV_BLOCK_V"))
     chunk_diag_dv_kernel[(NTG, -(-d_v // BVD), G)](q, k, g, do, dh, cu, ix, dv, T, H, d_k, d_v, ck.shape[2],
-                                                   BK=min(max(16, _np2(d_k)), _diag_block("DIAG_DV_BLOCK_K")),
+                                                   BK=min(max(16, _np2(d_k)), _block("DIAG_DV_BLOCK_K")),
                                                    BV=BVD,
-                                                   **_diag_launch(common, DIAG_DV_WARPS, DIAG_DV_STAGES))
+                                                   **_kernel_launch(common, DIAG_DV_WARPS, DIAG_DV_STAGES))
     if decay == 1:   # the key blocks' slots
         dg = dg[0] if NK == 1 else dg.sum(0)
     return [dq, dk, dv] + ([dg] if decay else [])
@@ -2804,7 +2865,7 @@ def _diag_split_backward(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dq, dk
     dh, cu, (ix, NTG, G), common = _diag_dh(chunk_in, ck, do, dht, sizes, decay, cu_seqlens, dh0)
     NCK = ck.shape[2]
     common = dict(common, BV=BV, SPAN=fast_span())
-    BKB = min(BK, _diag_block("DIAG_BWD_BLOCK_K"))
+    BKB = min(BK, _block("DIAG_BWD_BLOCK_K"))
     chunk_diag_bwd_kernel[(NTG, -(-d_v // BV), G)](q, k, v, g, do, ck, dh, cu, ix, dq, dk, dv, dg, T, H, d_k, d_v,
                                                    NCK, k[0].numel(), v[0].numel(), B * T * H, M=k.shape[0], BK=BKB,
                                                    NKB=BK // BKB, **common, **_scale_args(es), **_diag_straddle_arg(decay))

@@ -79,7 +79,7 @@ from . import chunked as _ch
 from .chunked import (_c_row, _chunk_decay, _chunk_value_tile, _delta_chunk, _dot_rows_k, _np2,
                       _delta_tiles, _initial_tile, _mm, _precision, _rank_offset, _row_decay_tiles,
                       _rowdecay_delta_chunk, _sequential_decay, _value_side,
-                      _sequential_program, _store_wt, _strict, _token_column, _tokens,
+                      _sequential_program, _store_operand, _store_wt, _strict, _token_column, _tokens,
                       _straddle_sum, _straddled_decay_grad, _sum_before, _ut_inverse,
                       fast_span, switch)
 
@@ -112,6 +112,25 @@ SAME_KEY = True
 #: interpreter; 1.0e-8 on, the chunk backend 1.0e-7). Costs the pair matrix: two [BT, KB] × [KB, BT] dots per
 #: key block (tied, one input term), 2 + 2M untied; untimed on a GPU. OLSSM_TRITON_DELTA_STRADDLE (0 / 1) overrides.
 DECAY_STRADDLE = True
+#: num_warps / num_stages of the split delta backward's four kernels (the UT transform's adjoint PREP, the reverse state
+#: pass STATE, dE / dc VALUE, dQ / dK / ∂ log γ KEY, the last also for the row-c backward), one pair per kernel; None:
+#: chunked._launch_opts' (NUM_WARPS, and NUM_STAGES or WIDE_STAGES on the wide-key path). The forward's three are
+#: chunked.DELTA_*_WARPS / _STAGES, the reverse pass's value rows chunked.DELTA_STATE_BLOCK_V. Untimed
+#: (benchmarks/kernel_sweep.py)
+PREP_WARPS = PREP_STAGES = None
+STATE_WARPS = STATE_STAGES = None
+VALUE_WARPS = VALUE_STAGES = None
+KEY_WARPS = KEY_STAGES = None
+def dh_storage(prec: str, gated: bool) -> torch.dtype:
+    """The dtype of dh (∂L/∂S at every chunk's end: the split delta backward's reverse pass writes it, its value and
+    key kernels read it): bf16 where the dots take bf16 operands (prec "bf16": DeltaNet's bf16 inputs at wide keys)
+    and there is no decay, fp32 otherwise. Without a decay every read of dh is a dot operand, which rounds it to bf16
+    there anyway, so the same numbers from half the bytes (268 → 134 MB written once and read twice per backward at
+    (2, 8192, 16, 128), and no fp32 → bf16 conversions in the value and key kernels' loops); a decay's ∂ log γ sums
+    ⟨dS, S₀⟩ in fp32 (the key kernel's SS), where the cancelling terms need dS whole."""
+    return torch.bfloat16 if prec.startswith("bf16") and not gated else torch.float32
+
+
 #: value rows per program of the row-c prep and value kernels (sm_90, tf32, 8 warps, BT = 32, d_k = d_v = 64:
 #: 64 rows 172-186 regs and no spills; 32 rows 176-255 regs, value 8 B, at twice the repeated [BT, BT] work)
 ROWC_BLOCK_V = 64
@@ -188,7 +207,7 @@ def chunk_delta_bwd_state_kernel(q_ptr, g_ptr, b_ptr, wt_ptr, do_ptr, dd_ptr, dh
     nc = tl.cdiv(eos - bos, BT)
     for cr in range(0, nc):
         c = nc - 1 - cr
-        tl.store(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, mask=m2)
+        _store_operand(dh_ptr + (i_bh.to(tl.int64) * NCK + c) * DV * DK + soff, dS, m2, PREC)   # (dh_storage)
         tm, base = _tokens(bos + c * BT, tt, eos, H, i_h, OFF32)
         km2 = tm[:, None] & km[None, :]
         vm = tm[:, None] & rm[None, :]
@@ -884,8 +903,8 @@ def _key_grads(q, w, e, g, a, b, dr, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, B
     dg = _ch.written(NKB, B, T, H, device=q.device) if common["GATED"] else torch.zeros(1, B, T, H, **z)
     chunk_delta_bwd_key_kernel[(NTG, NKB, G)](
         q, w, e, g, a, b, dr, dl, do, ck, dh, dq, dw, dg, da, db, cu, ix, T, H, d_k, d_v, ck.shape[2], w[0].numel(),
-        e[0].numel(), B * T * H, M=M, BV=BV, KB=KB, TIED=tied, SAME_KEY=same, STRADDLE=straddle_on(), **common,
-        **_ch._scale_args(es))
+        e[0].numel(), B * T * H, M=M, BV=BV, KB=KB, TIED=tied, SAME_KEY=same, STRADDLE=straddle_on(),
+        **_ch._kernel_launch(common, KEY_WARPS, KEY_STAGES), **_ch._scale_args(es))
     return dq, None if same else dw, dg[0] if dg.shape[0] == 1 else dg.sum(0), None if same else da, db
 
 
@@ -918,7 +937,7 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
         return chunked_rowc_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens, sub, same, es)
     B, T, H, d_k, d_v, N, max_len, C = sizes
     wide_keys = _ch.wide(plan.rule.form, d_k)   # the forward's choice (chunk size, stages, precision)
-    BK, BV, BVW, KB = _ch.split_blocks(d_k, d_v)   # the split forward's blocks
+    BK, BV, BVW, KB, BVS = _ch.split_blocks(d_k, d_v)   # the split forward's blocks
     q, w, e, g, a, b, c = chunk_in[:7]
     M = w.shape[0]
     gated = plan.rule.form.decay_kind != "none"
@@ -934,24 +953,27 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=_precision(do.dtype, _ch.bf16_operands(plan.rule.form, d_k)), SUB=sub,
                   OFF32=_ch.offsets32_fit(sizes), **_ch._launch_opts(wide_keys))
     z = dict(dtype=torch.float32, device=dev)
-    tc, wt = core if core is not None else (torch.empty(B, T, H, C, **z), torch.empty(B, T, H, d_k, **z))
+    tc, wt = core if core is not None else (torch.empty(B, T, H, C, **z),
+                                            torch.empty(B, T, H, d_k, dtype=_ch.wt_storage(plan.rule.form, d_k,
+                                                                                           do.dtype), device=dev))
     dd = torch.empty(B, T, H, d_v, **z)     # dΔ (prep: its local part; state: all of it), then dR' (value kernel)
-    dh = torch.empty(ck.shape, **z)        # fp32 whatever ck's dtype (the key kernel sums cancelling terms)
+    dh = torch.empty(ck.shape, dtype=dh_storage(common["PREC"], gated), device=dev)
     chunk_delta_bwd_prep_kernel[(NTG, G)](q, a, b, c, g, do, tc, wt, dd, cu, ix, T, H, d_k, d_v, BK=BK, BV=BVW,
                                           KB=KB, HAVE_TC=core is not None, UTB=int(_ch.UT_BLOCK),
-                                          SOLVE=_ch.ut_solve(), **common)
+                                          SOLVE=_ch.ut_solve(), **_ch._kernel_launch(common, PREP_WARPS, PREP_STAGES))
     factors = _ch.decay_factors(g, (ix, NTG, G), cu, varlen, T, H, C, common["OFF32"]) if gated else None
-    chunk_delta_bwd_state_kernel[(-(-d_v // BV), N * H)](
+    chunk_delta_bwd_state_kernel[(-(-d_v // BVS), N * H)](
         q, g, b, wt, do, dd, dht.contiguous() if dht is not None else dh0, dh, dh0, cu, T, H, d_k, d_v, NCK,
-        BK=BK, BV=BV, USE_DHT=dht is not None, **common, **_ch._factor_args(factors))
+        BK=BK, BV=BVS, USE_DHT=dht is not None, **_ch._kernel_launch(common, STATE_WARPS, STATE_STAGES),
+        **_ch._factor_args(factors))
     NVW = -(-d_v // BVW)
     dl = torch.empty(B, T, H, d_v, **z)
     de = _ch.written(M, B, T, H, d_v, device=dev)
     dc = _ch.written(NVW, B, T, H, device=dev)
     chunk_delta_bwd_value_kernel[(NTG, NVW, G)](
         q, w, e, g, a, b, c, tc, dd, do, ck, dh, dl, de, dc, cu, ix, T, H, d_k, d_v, NCK, w[0].numel(),
-        e[0].numel(), TOKH, M=M, BK=BK, BV=BVW, KB=min(BK, VALUE_BLOCK_K), TIED=tied, **common,
-        **_ch._scale_args(es))
+        e[0].numel(), TOKH, M=M, BK=BK, BV=BVW, KB=min(BK, VALUE_BLOCK_K), TIED=tied,
+        **_ch._kernel_launch(common, VALUE_WARPS, VALUE_STAGES), **_ch._scale_args(es))
     dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dd, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common,
                                     tied, same, es)
     return [dq, dw, de, dg, da, db, dc[0] if dc.shape[0] == 1 else dc.sum(0)], dh0

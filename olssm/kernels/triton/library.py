@@ -166,7 +166,7 @@ def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: lis
     # op's outputs are a function of its inputs (opcheck, torch.compile's AOT dispatch compare them)
     alloc = torch.zeros if cu_seqlens is not None else torch.empty
     ck = alloc(N, H, NCK, d_v, d_k, dtype=ckdt, device=dev) if save else torch.empty(0, dtype=ckdt, device=dev)
-    aux = torch.empty(_aux_numel(plan, sizes, save, chunked, chunk_bwd), dtype=torch.float32, device=dev)
+    aux = torch.empty(_aux_numel(plan, sizes, save, chunked, chunk_bwd, out_dtype), dtype=torch.float32, device=dev)
     if chunked:
         from .chunked import chunked_forward, saved_chunk_core
         with _diag_path(sizes), _fits_on_chip(sizes, "forward"):
@@ -188,9 +188,9 @@ def triton_scan_fwd(key: str, syms: list[Tensor], E: list[Tensor], chunk_in: lis
     return o, ht, ck, aux
 
 
-def _aux_numel(plan, sizes, save, chunked, chunk_bwd) -> int:
+def _aux_numel(plan, sizes, save, chunked, chunk_bwd, out_dtype) -> int:
     from .chunked import chunk_core_numel, saves_chunk_core
-    return chunk_core_numel(plan.rule.form, sizes) if saves_chunk_core(plan, chunked, save, chunk_bwd) else 0
+    return chunk_core_numel(plan.rule.form, sizes, out_dtype) if saves_chunk_core(plan, chunked, save, chunk_bwd) else 0
 
 
 @triton_scan_fwd.register_fake
@@ -201,7 +201,7 @@ def _(key, syms, E, chunk_in, h0, cu_seqlens, sizes, out_dtype, save, chunked, c
     ht = x.new_empty(N, H, d_v, d_k, dtype=torch.float32)
     ckdt = _ck_dtype(ck_dtype, chunked)
     ck = x.new_empty(N, H, _nck(sizes), d_v, d_k, dtype=ckdt) if save else x.new_empty(0, dtype=ckdt)
-    aux = x.new_empty(_aux_numel(_plan(key), sizes, save, chunked, chunk_bwd), dtype=torch.float32)
+    aux = x.new_empty(_aux_numel(_plan(key), sizes, save, chunked, chunk_bwd, out_dtype), dtype=torch.float32)
     return o, ht, ck, aux
 
 

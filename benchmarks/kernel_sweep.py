@@ -1,12 +1,19 @@
-"""The split diagonal path's launch settings, one kernel at a time, on a GPU (TRITON.md, "Split diagonal path").
+"""The split paths' launch settings, one kernel at a time, on a GPU (TRITON.md, "Split diagonal path" and "Per-kernel
+launch settings").
 
-    python benchmarks/diag_sweep.py --rules mamba2,gla --B 2 --T 8192 --H 16 --d 128
+    python benchmarks/kernel_sweep.py --rules mamba2,gla --B 2 --T 8192 --H 16 --d 128
+    python benchmarks/kernel_sweep.py --rules deltanet,gated_deltanet --peers
 
-The path runs five kernels: the forward's state pass (state) and output (out), the reverse pass (dh), dQ / dW / ∂g
-(dqk) and dE (dv). Each has its own blocks and num_warps / num_stages (chunked.DIAG_*), and session 22's profile put
-each at 2-3.5x the time of flash-linear-attention's counterpart at (2, 8192, 16, 128). Per rule this times the
+Each rule runs the kernels of its family. The split diagonal path (no correction: Mamba-2, GLA) runs five: the
+forward's state pass (state) and output (out), the reverse pass (dh), dQ / dW / ∂g (dqk) and dE (dv); their blocks and
+num_warps / num_stages are chunked.DIAG_*. The split delta path (DeltaNet, Gated DeltaNet) runs seven: the forward's
+UT transform (delta_prep), state pass (delta_state) and output (delta_out), the backward's prep (delta_bprep), reverse
+pass (delta_bstate), dE / dc (delta_value) and dQ / dK / ∂ log γ (delta_key); chunked.DELTA_* and
+chunked_delta_bwd.*_WARPS / *_STAGES. Session 22's profile put each diagonal kernel at 2-3.5x the time of
+flash-linear-attention's counterpart at (2, 8192, 16, 128), session 11's the delta forward's prep and state kernels at
+~2x. Per rule this times the
 defaults twice (their spread is the drift), then each candidate setting of one kernel with the others at their
-defaults, in one process. The forward's kernels (state, out) are judged on the forward's time, the backward's and
+defaults, in one process. The forward's kernels are judged on the forward's time, the backward's and
 the settings both state passes read on forward+backward. A candidate *wins* when it beats the faster default timing
 by more than the spread and by WIN_MARGIN. Then every kernel's best winner together, timed again, with its output
 and gradients against the defaults' (the same sums in another order and blocking: the largest relative difference,
@@ -44,7 +51,7 @@ WIN_MARGIN = 0.02
 #: registers, 384 B of spills as launched)
 #: it would form dO Eᵀ and run its ∂g tail once per chunk instead of twice (32 % fewer instructions per chunk, static
 #: count); dv [32 / 64, 4 warps]. Session 23's H200 rows: RESULTS.md
-CANDIDATES = {
+DIAG_CANDIDATES = {
     "state": {"s64": {"state_bv": 64}, "sw8": {"state_warps": 8}, "sw2": {"state_warps": 2},
               "ss2": {"state_stages": 2}, "sk128": {"state_bk": 128}},
     "dh": {"hw8": {"dh_warps": 8}, "hw2": {"dh_warps": 2}, "hs2": {"dh_stages": 2}},
@@ -56,14 +63,42 @@ CANDIDATES = {
            "v128w8": {"dv_bv": 128, "dv_warps": 8},
            "vs2": {"dv_stages": 2}},
 }
+#: the split delta path's, against its defaults (8 warps, 2 stages on the wide-key path at d_k > 64, 32 value rows per
+#: state pass). From aot_check at sm_90, chunk 64, d = 128, bf16 inputs and dot operands (DeltaNet's), 2 stages, as
+#: launched (session 24; registers / spilled B per thread, 8 → 4 warps): forward state 148 / 0 → 194 / 0 (fp32 inputs
+#: 194 / 0 → 255 / 80), out 121 / 0 → 137 / 0, prep 214 / 0 → 255 / 0; backward state 212 / 0 → 255 / 152, value
+#: 190 / 0 → 230 / 0, key 194 / 0 → 255 / 32 (Gated DeltaNet's 238 / 0 → 255 / 704), prep 79 / 0 → 102 / 0. So 4 warps
+#: for the forward's three, the value and the prep kernels, not for the reverse pass or the key kernel, except as a
+#: row to confirm it; 16 value rows per state pass make 256 programs at (2, T, 16, 128) where 32 make 128, on 132 SMs.
+#: fla's forward state pass autotunes over 2 / 4 warps, 32 / 64 value columns and 2-4 stages on Hopper (sw2, sv64w4,
+#: ss3). Other stage settings are left out: none won on the diagonal path (session 23), and each candidate compiles
+#: its kernels anew, which bounds how many one device call can time
+DELTA_CANDIDATES = {   # the likeliest first: a call that runs out of time cuts the last
+    "delta_state": {"sw4": {"delta_state_warps": 4}, "sv16": {"delta_state_bv": 16},
+                    "sv16w4": {"delta_state_bv": 16, "delta_state_warps": 4}, "sv64": {"delta_state_bv": 64},
+                    "sw2": {"delta_state_warps": 2}, "sv64w4": {"delta_state_bv": 64, "delta_state_warps": 4},
+                    "ss3": {"delta_state_stages": 3}},
+    "delta_out": {"ow4": {"delta_out_warps": 4}},
+    "delta_value": {"vw4": {"delta_value_warps": 4}},
+    "delta_prep": {"pw4": {"delta_prep_warps": 4}},
+    "delta_bprep": {"bpw4": {"delta_bprep_warps": 4}},
+    "delta_bstate": {"bsw4": {"delta_bstate_warps": 4}},
+    "delta_key": {"kw4": {"delta_key_warps": 4}},
+}
+CANDIDATES = {**DIAG_CANDIDATES, **DELTA_CANDIDATES}
 #: the fused walk's chunk (library.CHUNK before --chunk changes it)
 POLICY_CHUNK = library.CHUNK
 #: settings timed beside the candidates but never chosen: they change the numbers, not only their order
 INFO = {"bf16 operands": {"precision": "bf16"}}
 #: the kernels judged on the forward's time, unless a setting also changes the reverse pass (SHARED)
-FORWARD_KERNELS = ("state", "out")
+FORWARD_KERNELS = ("state", "out", "delta_prep", "delta_state", "delta_out")
 #: settings both state passes read (the forward's and the reverse one): judged on forward+backward
-SHARED = ("state_bv", "state_bk")
+SHARED = ("state_bv", "state_bk", "delta_state_bv")
+
+
+def family_kernels(rule) -> tuple:
+    """The kernels a rule's split path runs: the delta path's with a correction, the diagonal path's without."""
+    return tuple(DELTA_CANDIDATES if rule.form.corrections else DIAG_CANDIDATES)
 
 
 def _column(kernel: str, settings: dict) -> int:
@@ -149,13 +184,15 @@ def sweep(name, a) -> dict:
         with _settings(settings):
             return _time(fwd, a.reps), _time(fwd_bwd, a.reps)
 
-    print(f"\n== {name}: (B, T, H, d) = ({a.B}, {a.T}, {a.H}, {a.d}), {str(dtype)[6:]}, "
-          f"diag path {chunked.diag_path(rule.form, a.d)}, chunk {library.chunk_size(plan_for(rule), a.d)}")
+    delta = bool(rule.form.corrections)
+    path = f"delta forward {chunked._delta_forward()}" if delta else f"diag path {chunked.diag_path(rule.form, a.d)}"
+    print(f"\n== {name}: (B, T, H, d) = ({a.B}, {a.T}, {a.H}, {a.d}), {str(dtype)[6:]}, {path}, "
+          f"chunk {library.chunk_size(plan_for(rule), a.d)}")
     print("| kernel | setting | fwd ms | fwd+bwd ms | verdict |")
     print("|---|---|---|---|---|")
     base = [timed({}), None]
     print(f"| — | defaults | {base[0][0]:.3f} | {base[0][1]:.3f} | |", flush=True)
-    if a.fused_row:   # the fused walk (DIAG_PATH "fused", its own chunk size): the path the split one must beat
+    if a.fused_row and not delta:   # the fused walk (DIAG_PATH "fused", its own chunk size): the path the split one must beat
         try:
             t = timed({"diag_path": "fused", "chunk": POLICY_CHUNK})
             print(f"| — | fused walk | {t[0]:.3f} | {t[1]:.3f} | the defaults at {base[0][1] / t[1]:.2f}x its "
@@ -176,7 +213,7 @@ def sweep(name, a) -> dict:
         except Exception as e:   # noqa: BLE001
             print(f"| all | {label} | — | — | {type(e).__name__}: {str(e).splitlines()[0][:60]} |", flush=True)
     results = {}
-    for kernel in a.kernels:   # in the order asked for
+    for kernel in [k for k in a.kernels if k in family_kernels(rule)]:   # in the order asked for
         cands = CANDIDATES[kernel]
         for label, settings in cands.items():
             try:
@@ -231,7 +268,8 @@ def main(argv=None):
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--d", type=int, default=128, help="d_k = d_v")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--kernels", default=",".join(CANDIDATES), help="which kernels' candidates to time")
+    p.add_argument("--kernels", default=",".join(CANDIDATES),
+                   help="which kernels' candidates to time (each rule times those of its own path among them)")
     p.add_argument("--watchdog", type=float, default=None, help="seconds after which to print every thread's stack "
                    "and exit")
     p.add_argument("--no-info", dest="info", action="store_false", help="skip the INFO rows (bf16 operands)")
@@ -269,7 +307,7 @@ def _main(a):
         toolchain.check(torch.device("cuda"))
         print(f"{torch.cuda.get_device_name()}, {toolchain.ptxas_report()}")
     elif os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("diag_sweep: no GPU; on a CPU run it under TRITON_INTERPRET=1 at a tiny shape")
+        raise SystemExit("kernel_sweep: no GPU; on a CPU run it under TRITON_INTERPRET=1 at a tiny shape")
     for name in a.rules.split(","):
         sweep(name, a)
 
