@@ -1291,6 +1291,38 @@ def test_delta_u_storage_input_matches_fp32(name, monkeypatch):
         tchunk.delta_u_storage(torch.bfloat16)
 
 
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_value_kernel_forms_n_from_the_key_tiles_it_loads(name, monkeypatch):
+    # the value kernel with SAME_KEY (a = b one tensor, chunked.shared_key_inputs): N = A Aᵀ from the key tiles its
+    # first loop loads, in _dot_rows_k's key blocks and order, against N formed from two more loads of the key tensor
+    # (SAME_KEY forced off at the launch): o and the final state bit for bit, every gradient within 2e-6 of its largest
+    # value (the interpreter's numpy computes A Aᵀ of one array as a symmetric product, whose sums round differently
+    # from A Bᵀ's, ~1 ulp; a wrong block or mask would be O(1)); d_k = 72 is four blocks of VALUE_BLOCK_K columns,
+    # the last partly masked. The launch got SAME_KEY (spied)
+    rule = _same_key_rule(name)
+    inp = random_inputs(rule, 1, 70, 2, 72, 12, seed=53)
+    h0 = 0.3 * torch.randn(1, 2, 12, 72, generator=torch.Generator().manual_seed(53))
+    flags, force = [], []
+    real = tdelta.chunk_delta_bwd_value_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def call(*a, **k):
+                flags.append(k.get("SAME_KEY"))
+                return real[grid](*a, **(dict(k, SAME_KEY=False) if force else k))
+            return call
+
+    monkeypatch.setattr(tdelta, "chunk_delta_bwd_value_kernel", Spy())
+    own = _run(rule, inp, h0, "triton")
+    force.append(True)
+    loaded = _run(rule, inp, h0, "triton")
+    assert flags == [True, True], flags
+    (o1, f1, g1), (o2, f2, g2) = own, loaded
+    assert torch.equal(o1, o2) and torch.equal(f1, f2)
+    for n in g1:
+        _close(g1[n], g2[n], 2e-6, f"d{n}, N from the loaded tiles against two more loads")
+
+
 @pytest.mark.parametrize("inputs", ["bf16, auto", "fp32, bf16 operands"])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
 def test_dot_operands_kept_in_bf16_where_the_dots_take_bf16_operands(name, inputs, monkeypatch):

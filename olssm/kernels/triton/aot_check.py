@@ -274,6 +274,8 @@ def _variants(BT, BK, BV, prec, BVW=None, out_rows=None, state_rows=None):
         # launch; with SAME_KEY = 0 they run the rows above, tied for the first two, untied for Longhorn)
         yield (f"delta bwd key {tag} SAME_KEY", dbw.chunk_delta_bwd_key_kernel,
                dict(key, GATED=gated, VARLEN=True, SAME_KEY=True))
+        yield (f"delta bwd value {tag} tied SAME_KEY", dbw.chunk_delta_bwd_value_kernel,
+               dict(value, GATED=gated, VARLEN=True, TIED=True, SAME_KEY=True))
     for tied in (False, True):
         t = " tied" if tied else ""
         yield (f"delta bwd value decay=scalar, 2 input terms{t}", dbw.chunk_delta_bwd_value_kernel,

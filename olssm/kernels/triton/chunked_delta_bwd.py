@@ -125,9 +125,10 @@ def dh_storage(prec: str, gated: bool) -> torch.dtype:
     """The dtype of dh (∂L/∂S at every chunk's end: the split delta backward's reverse pass writes it, its value and
     key kernels read it): bf16 where the dots take bf16 operands (prec "bf16": DeltaNet's bf16 inputs at wide keys)
     and there is no decay, fp32 otherwise. Without a decay every read of dh is a dot operand, which rounds it to bf16
-    there anyway, so the same numbers from half the bytes (268 → 134 MB written once and read twice per backward at
-    (2, 8192, 16, 128), and no fp32 → bf16 conversions in the value and key kernels' loops); a decay's ∂ log γ sums
-    ⟨dS, S₀⟩ in fp32 (the key kernel's SS), where the cancelling terms need dS whole."""
+    there anyway, so the same numbers from half the bytes (268 → 134 MB per backward at (2, 8192, 16, 128), written
+    once and read by the key kernel, and by the value kernel with more input terms, without an fp32 → bf16 conversion
+    in their loops); a decay's ∂ log γ sums ⟨dS, S₀⟩ in fp32 (the key kernel's SS), where the cancelling terms need
+    dS whole."""
     return torch.bfloat16 if prec.startswith("bf16") and not gated else torch.float32
 
 
@@ -268,19 +269,24 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
                                  M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                  GATED: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
                                  KB: tl.constexpr = 64, TIED: tl.constexpr = False, SUB: tl.constexpr = 1,
-                                 OFF32: tl.constexpr = False, es_ptr=None, SCALED_E: tl.constexpr = False):
+                                 OFF32: tl.constexpr = False, es_ptr=None, SCALED_E: tl.constexpr = False,
+                                 SAME_KEY: tl.constexpr = False):
     """Per (chunk, value block): Δ = T_c (c ⊙ R') → dl, the partial ∂c_i = Σ_v dR_iv (R' − N Δ)_iv → dc
     (R' − N Δ = γ_t S_{t−1} a_t), dR' = c ⊙ T_cᵀ dΔ (over dΔ in dd), then dE_m → de. A W_mᵀ is computed
     in both phases (fewer live tiles).
     TIED (W_0 is B: DeltaNet, Gated DeltaNet, chunked._tied): A W_0ᵀ ⊙ D_st is N, formed once and kept, and
     since dΔ = −(Q Bᵀ ⊙ D)ᵀ dO − dec ⊙ (B dSᵀ), dE_0 = Nᵀ dR' − dΔ: no Q W_0ᵀ, A W_0ᵀ (twice), W_0 dSᵀ over
-    d_k, no q / w_0 / dS / dO loads for m = 0 (the m ≥ 1 terms as untied)."""
+    d_k, no q / w_0 / dS / dO loads for m = 0 (the m ≥ 1 terms as untied). SAME_KEY (TIED with a = b one tensor,
+    chunked.shared_key_inputs): N = A Aᵀ from the A tiles the first loop loads anyway, in the same key blocks and
+    order as _dot_rows_k (the same products and sums; the interpreter's numpy rounds A Aᵀ of one array as a symmetric
+    product, ~1 ulp apart), instead of loading the key tensor twice more."""
     i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
                                                                           VARLEN, OFF32)
     cc = tl.load(c_ptr + base, mask=tm, other=0.0).to(tl.float32)
     D, Dst, gam, dec, gl = _chunk_decay(g_ptr, base, tm, BT, GATED, SUB)
     # phase 1: R' = Γ ⊙ A S₀ᵀ + Σ_m (A W_mᵀ ⊙ D_st) E_m, Δ, ∂c
     R = tl.zeros([BT, BV], dtype=tl.float32)
+    N = tl.zeros([BT, BT], dtype=tl.float32)
     for kb in range(0, BK // KB):
         cols = kb * KB + tl.arange(0, KB)
         km = cols < DK
@@ -289,9 +295,13 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
         S0 = tl.load(ck_ptr + sbase + rows[:, None] * DK + cols[None, :], mask=sm[:, None] & km[None, :],
                      other=0.0).to(tl.float32)
         R += _mm(a, tl.trans(S0), PREC)
+        if SAME_KEY:
+            N += _mm(a, tl.trans(a), PREC)
     R = R * gam[:, None]
     if TIED:           # A W_0ᵀ ⊙ D_st = N: formed once, kept for R' − N Δ and dE_0
-        N = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC, False) * Dst
+        if not SAME_KEY:
+            N = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC, False)
+        N = N * Dst
         R += _mm(N, _value_side(e_ptr, 0, 0, voff, vm, es_ptr, base, tm, SCALED_E), PREC)
     for m in tl.static_range(1 if TIED else 0, M):
         AW = _dot_rows_k(a_ptr, w_ptr + _rank_offset(m, SW), base, tm, DK, BT, BK, KB, PREC, False) * Dst
@@ -972,7 +982,7 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     dc = _ch.written(NVW, B, T, H, device=dev)
     chunk_delta_bwd_value_kernel[(NTG, NVW, G)](
         q, w, e, g, a, b, c, tc, dd, do, ck, dh, dl, de, dc, cu, ix, T, H, d_k, d_v, NCK, w[0].numel(),
-        e[0].numel(), TOKH, M=M, BK=BK, BV=BVW, KB=min(BK, VALUE_BLOCK_K), TIED=tied,
+        e[0].numel(), TOKH, M=M, BK=BK, BV=BVW, KB=min(BK, VALUE_BLOCK_K), TIED=tied, SAME_KEY=same and tied,
         **_ch._kernel_launch(common, VALUE_WARPS, VALUE_STAGES), **_ch._scale_args(es))
     dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dd, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common,
                                     tied, same, es)
