@@ -232,7 +232,7 @@ case $stage in
         compiled_tests 170
         at128 160 next128.txt --skip "gla:fla-chunk,*:torch-chunk,*:fla-recurrent,*:recurrent" \
             --rules mamba2,gla --variants "sto=diag_straddle:off;bf=precision:bf16;q128=dqk_bk:128;ok32=out_kb:32;again="
-        delta_sweep 230 deltanet --peers ;;
+        delta_sweep 230 deltanet --peers --no-info ;;   # (--no-info: DeltaNet already takes bf16 operands)
     next2)
         # the second call (timeouts add to 500 s): Gated DeltaNet's delta sweep without fla (its chunk kernel autotunes
         # for minutes: fla-gdn), then GLA at D = 64 (session 23: Mamba-2's split path at chunk 64 lost to the walk at
@@ -246,7 +246,7 @@ case $stage in
         OLSSM_TRITON_DEVICE=cuda timeout 60 python benchmarks/bf16_accuracy.py mamba2 gla 2>&1 | tee "$out/bf16acc.txt" ;;
     dsweep)
         with_fla
-        delta_sweep 250 deltanet --peers
+        delta_sweep 250 deltanet --peers --no-info
         delta_sweep 250 gated_deltanet ;;
     next22)
         # session 22's first call (timeouts add to 560 s; device timeout_s 590, carry [".whl"]): torch.compile's
