@@ -1354,8 +1354,7 @@ def test_dot_operands_kept_in_bf16_where_the_dots_take_bf16_operands(name, input
     bf16 = name == "deltanet" or inputs.endswith("operands")
     assert wts == [torch.bfloat16 if bf16 else torch.float32] * 2, wts   # the forward's and the backward's view
     assert dhs == [torch.bfloat16 if bf16 and name == "deltanet" else torch.float32], dhs
-    monkeypatch.setattr(tchunk, "_wt_dtype", lambda *a: torch.float32)
-    monkeypatch.setattr(tdelta, "dh_storage", lambda *a: torch.float32)
+    monkeypatch.setattr(tchunk, "operand_storage", lambda *a: torch.float32)   # W̃ and dh both
     wts.clear(), dhs.clear()
     fp32 = _run(rule, inp, h0, "triton")
     assert wts == [torch.float32] * 2 and dhs == [torch.float32], (wts, dhs)

@@ -413,14 +413,18 @@ def main(argv=None) -> int:
     from . import library
     from . import scan as _scan
     todo = []
+
     def bf16_ptrs(name, ck=False):
-        """BF16_PTRS (ck: BF16_CK_PTRS), and with bf16 dot operands W̃ in bf16 (chunked.wt_storage) and, without a
-        decay, the split delta backward's dh (chunked_delta_bwd.dh_storage)."""
+        """BF16_PTRS (ck: BF16_CK_PTRS), with W̃ and the split delta backward's dh in the dtypes the launches give them
+        at this precision (chunked.operand_storage, chunked_delta_bwd.dh_storage)."""
+        import torch
+        from .chunked import operand_storage
+        from .chunked_delta_bwd import dh_storage
         ptrs = dict(BF16_CK_PTRS if ck else BF16_PTRS)
-        if a.precision == "bf16":
+        if operand_storage(a.precision) == torch.bfloat16:
             ptrs["wt_ptr"] = "*bf16"
-            if name.startswith("delta bwd") and "decay=none" in name:
-                ptrs["dh_ptr"] = "*bf16"
+        if name.startswith("delta bwd") and dh_storage(a.precision, "decay=none" not in name) == torch.bfloat16:
+            ptrs["dh_ptr"] = "*bf16"
         return ptrs
 
     if a.only in ("all", "chunked"):

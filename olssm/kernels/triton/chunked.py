@@ -1966,21 +1966,23 @@ def chunk_core_numel(form, sizes, out_dtype=torch.float32) -> int:
     which dtype the forward wrote (saved_chunk_core)."""
     B, T, H, d_k, d_v, N, max_len, C = sub_sizes(sizes, sub_tokens(form))
     n = B * T * H
-    return n * C + (-(-n * d_k // 2) if wt_storage(form, sizes[3], out_dtype) == torch.bfloat16 else n * d_k)
+    return n * C + (-(-n * d_k // 2) if wt_storage(form, d_k, out_dtype) == torch.bfloat16 else n * d_k)
+
+
+def operand_storage(prec: str) -> torch.dtype:
+    """The dtype of a split delta buffer that is only ever read back as a dot operand, for dots of precision prec
+    (_precision): bf16 where they take bf16 operands, which round it to bf16 there anyway (the same numbers from
+    half the bytes), fp32 otherwise. W̃ (wt_storage) and, without a decay, dh (chunked_delta_bwd.dh_storage)."""
+    return torch.bfloat16 if prec.startswith("bf16") else torch.float32
 
 
 def wt_storage(form, d_k: int, out_dtype) -> torch.dtype:
-    """W̃'s dtype in the split delta path: bf16 where the dots take bf16 operands (bf16_operands: DeltaNet at wide
-    keys), fp32 otherwise. W̃ is only ever a dot operand (the two state passes' W̃ S₀ᵀ and dΔᵀ W̃), which rounds it to
-    bf16 there anyway, so the same numbers from half the bytes, and no fp32 → bf16 conversion in the sequential loops
-    (sm_90, 64 state rows at 4 warps: 255 registers and 16 B of spills → 0, 7172 → 6610 instructions per chunk and
-    head; 32 rows at 8 warps 151 → 122 registers; a helper's static count, session 24)."""
-    return _wt_dtype(out_dtype, bf16_operands(form, d_k))
-
-
-def _wt_dtype(out_dtype, bf16: bool) -> torch.dtype:
-    """wt_storage from the forward's own arguments (inputs' dtype, bf16_operands)."""
-    return torch.bfloat16 if _precision(out_dtype, bf16).startswith("bf16") else torch.float32
+    """W̃'s dtype in the split delta path for inputs of out_dtype: operand_storage of the precision the launches take
+    (bf16 operands: DeltaNet at wide keys). W̃ is only ever a dot operand (the two state passes' W̃ S₀ᵀ and dΔᵀ W̃), so
+    no fp32 → bf16 conversion in the sequential loops (sm_90, 64 state rows at 4 warps: 255 registers and 16 B of
+    spills → 0, 7172 → 6610 instructions per chunk and head; 32 rows at 8 warps 151 → 122 registers; a helper's static
+    count, session 24)."""
+    return operand_storage(_precision(out_dtype, bf16_operands(form, d_k)))
 
 
 def saved_chunk_core(form, aux, sizes):
@@ -2021,16 +2023,17 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
     q, w, e, g, a, b, c = chunk_in[:7]
     M = w.shape[0]
     dev = q.device
-    # W̃ in bf16 where the dots take bf16 operands (wt_storage; the op's aux was sized for the same choice)
-    tc, wt = core if core is not None else (ht, torch.empty(B, T, H, d_k, dtype=_wt_dtype(o.dtype, bf16), device=dev))
-    # Ũ, then Δ (E_0 − Δ when tied) (state kernel, in place)
-    u = torch.empty(B, T, H, d_v, dtype=delta_u_storage(o.dtype), device=dev)
     NCK = ck.shape[2]
     varlen = cu_seqlens is not None
     ix, NTG, G = _chunk_grid(cu_seqlens, C, T, N, B, H, ht)
     cu = cu_seqlens if varlen else ht
     common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=_precision(o.dtype, bf16),
                   TIED=tied, SUB=sub, OFF32=offsets32_fit(sizes), **_launch_opts(wide_keys), **_scale_args(es))
+    # W̃ in the operands' dtype (wt_storage; the op's aux was sized for the same choice)
+    tc, wt = core if core is not None else (ht, torch.empty(B, T, H, d_k, dtype=operand_storage(common["PREC"]),
+                                                            device=dev))
+    # Ũ, then Δ (E_0 − Δ when tied) (state kernel, in place)
+    u = torch.empty(B, T, H, d_v, dtype=delta_u_storage(o.dtype), device=dev)
     chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
                                       e[0].numel(), M=M, BV=BVW, KB=KB, SAVE_TC=core is not None, UTB=int(UT_BLOCK),
                                       SOLVE=ut_solve(), **_kernel_launch(common, DELTA_PREP_WARPS, DELTA_PREP_STAGES))

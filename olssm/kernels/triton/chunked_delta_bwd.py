@@ -121,15 +121,16 @@ PREP_WARPS = PREP_STAGES = None
 STATE_WARPS = STATE_STAGES = None
 VALUE_WARPS = VALUE_STAGES = None
 KEY_WARPS = KEY_STAGES = None
+
+
 def dh_storage(prec: str, gated: bool) -> torch.dtype:
     """The dtype of dh (∂L/∂S at every chunk's end: the split delta backward's reverse pass writes it, its value and
-    key kernels read it): bf16 where the dots take bf16 operands (prec "bf16": DeltaNet's bf16 inputs at wide keys)
-    and there is no decay, fp32 otherwise. Without a decay every read of dh is a dot operand, which rounds it to bf16
-    there anyway, so the same numbers from half the bytes (268 → 134 MB per backward at (2, 8192, 16, 128), written
+    key kernels read it) for dots of precision prec: without a decay every read of dh is a dot operand, so
+    chunked.operand_storage's (bf16 under bf16 operands: 268 → 134 MB per backward at (2, 8192, 16, 128), written
     once and read by the key kernel, and by the value kernel with more input terms, without an fp32 → bf16 conversion
-    in their loops); a decay's ∂ log γ sums ⟨dS, S₀⟩ in fp32 (the key kernel's SS), where the cancelling terms need
-    dS whole."""
-    return torch.bfloat16 if prec.startswith("bf16") and not gated else torch.float32
+    in their loops); fp32 with a decay, whose ∂ log γ sums ⟨dS, S₀⟩ in fp32 (the key kernel's SS), where the
+    cancelling terms need dS whole."""
+    return torch.float32 if gated else _ch.operand_storage(prec)
 
 
 #: value rows per program of the row-c prep and value kernels (sm_90, tf32, 8 warps, BT = 32, d_k = d_v = 64:
@@ -964,8 +965,8 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
                   OFF32=_ch.offsets32_fit(sizes), **_ch._launch_opts(wide_keys))
     z = dict(dtype=torch.float32, device=dev)
     tc, wt = core if core is not None else (torch.empty(B, T, H, C, **z),
-                                            torch.empty(B, T, H, d_k, dtype=_ch.wt_storage(plan.rule.form, d_k,
-                                                                                           do.dtype), device=dev))
+                                            torch.empty(B, T, H, d_k, dtype=_ch.operand_storage(common["PREC"]),
+                                                        device=dev))
     dd = torch.empty(B, T, H, d_v, **z)     # dΔ (prep: its local part; state: all of it), then dR' (value kernel)
     dh = torch.empty(ck.shape, dtype=dh_storage(common["PREC"], gated), device=dev)
     chunk_delta_bwd_prep_kernel[(NTG, G)](q, a, b, c, g, do, tc, wt, dd, cu, ix, T, H, d_k, d_v, BK=BK, BV=BVW,
