@@ -9,6 +9,9 @@ import os
 DEVICE = os.environ.get("OLSSM_TRITON_DEVICE", "cpu")
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
+    from interpreter_patch import install as _install_interpreter_patch
+    if not os.environ.get("OLSSM_NO_INTERPRETER_PATCH"):
+        _install_interpreter_patch()
 
 import torch  # noqa: E402
 
