@@ -16,7 +16,7 @@ import os
 from triton_testing import (DEVICE as _DEVICE, RTOL, STATE_RTOL, close as _close, compare as _compare,  # noqa: E402
                             compare_checkpoint_storage as _compare_ck, compare_storage as _compare_storage,
                             benchmark_module, decay_scale_errors, dev as _dev, pin_fp32_storage, run as _run, spy,
-                            spy_launches)  # (sets TRITON_INTERPRET first)
+                            run_interpreted_script, spy_launches)  # (sets TRITON_INTERPRET first)
 
 import pytest  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -977,14 +977,8 @@ def test_compile_diag_script_sets_every_gradient_against_the_reference():
     chunked one under the test files' settings, the recurrent one under the policy's at T = 33) and every input's
     relative error against the fp64 reference, all at fp32 rounding here (≤ 1e-5; session 14's wrong gradients were
     off by O(1))."""
-    import pathlib
     import re
-    import subprocess
-    import sys
-    root = pathlib.Path(__file__).parent.parent
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, str(root / "benchmarks" / "compile_diag.py"), "--cases",
-                        "mamba2:33:chunked,mamba2:33:policy"], capture_output=True, text=True, timeout=900, env=env)
+    r = run_interpreted_script("compile_diag", ["--cases", "mamba2:33:chunked,mamba2:33:policy"], timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     for setting, kernel in (("chunked", "chunk"), ("policy", "recurrent")):
         rows = [line for line in r.stdout.splitlines() if line.startswith(f"| mamba2:33:{setting} |")]
@@ -1007,18 +1001,11 @@ def test_glue_ops_script_lists_the_torch_around_the_kernels():
     (2, 8192, 16, 16): the bytes are scaled by B·T·H. With RAW_INPUTS (the default), and under "input", it lists no
     such cast (q and k are taken as they are). The product β·v is listed where SCALE_ON_LOAD is off (the first run
     turns both off) and not with the defaults (the kernels form it)."""
-    import pathlib
     import re
-    import subprocess
-    import sys
-    root = pathlib.Path(__file__).parent.parent
     tables = {}
     for raw in ("0", "1"):
-        env = dict(os.environ, TRITON_INTERPRET="1", OLSSM_TRITON_RAW_INPUTS=raw, OLSSM_TRITON_SCALE_ON_LOAD=raw,
-                   PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        r = subprocess.run([sys.executable, str(root / "benchmarks" / "glue_ops.py"), "--rules", "deltanet",
-                            "--shape", "1,40,3,16", "--scale", "2,8192,16,16"], capture_output=True, text=True,
-                           timeout=300, env=env)
+        r = run_interpreted_script("glue_ops", ["--rules", "deltanet", "--shape", "1,40,3,16", "--scale", "2,8192,16,16"],
+                                   timeout=300, OLSSM_TRITON_RAW_INPUTS=raw, OLSSM_TRITON_SCALE_ON_LOAD=raw)
         assert r.returncode == 0, r.stdout + r.stderr
         tables[raw] = {head: body for head, body in (part.split("\n", 1) for part in r.stdout.split("\n## ")[1:])}
     fwd = {(raw, storage): t[next(h for h in t if f"'{storage}', fwd:" in h)] for raw, t in tables.items()

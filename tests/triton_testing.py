@@ -280,3 +280,18 @@ def benchmark_module(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_interpreted_script(name, args, timeout, **env):
+    """benchmarks/<name>.py in a fresh process under the interpreter, with interpreter_patch installed there as here
+    (env: extra variables). Returns the CompletedProcess (text output)."""
+    import pathlib
+    import subprocess
+    import sys
+    tests = pathlib.Path(__file__).parent
+    path = os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])
+    boot = ("import runpy, sys, interpreter_patch; interpreter_patch.install(); sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", boot, str(tests.parent / "benchmarks" / f"{name}.py"), *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path, **env))
