@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's measurements, in stages that each fit a 10-minute device call (TRITON.md,
+# One GPU session's measurements, in stages that each fit a 10-minute device call (TUNING.md,
 # "Status on a GPU"). Run from the repository root on the GPU machine:
 #
 #     bash benchmarks/gpu_session.sh STAGE

@@ -327,7 +327,7 @@ def verdicts(timed, variants) -> list[str]:
     after the likeliest settings, not last): their spread (max − min) is this process's drift (without such a label
     it is 0, and any faster row wins: pass 'again=').
     A setting *wins* a column when it is faster than the fastest default by more than the spread, *loses* when it
-    is slower than the slowest by more than the spread, and is *within drift* otherwise; TRITON.md ("Status on a
+    is slower than the slowest by more than the spread, and is *within drift* otherwise; TUNING.md ("Status on a
     GPU") makes a setting the default only where it wins fwd+bwd. A setting whose error of o exceeds twice the
     default rows' (plus 1e-6) is *wrong* and not judged on speed, nor counted against fla. Where fla's chunk row
     exists, each rule's fastest olssm chunked row gets its ratio to it (the issue's target: ≤ 1.2)."""

@@ -101,7 +101,7 @@ ROW_C_BACKWARD = "chunk"
 #: (two fp32 [B, T, H, d_k] adds, 34 MB at (2, 1024, 16, 128)); with SAME_KEY the kernel writes dK = dA + dB + dW_0
 #: itself, from E − Δ alone (5 value-loop products instead of 8, 4 after it instead of 6 tied or 8 untied:
 #: _same_key_grads), and the op returns it once (chunked.shared_key_inputs); sm_90 spills of the key kernel 272 → 32
-#: B/thread (DeltaNet, bf16, chunk 64, d 128, 2 stages; TRITON.md, "Same-key key kernel"). On since session 11 (H100
+#: B/thread (DeltaNet, bf16, chunk 64, d 128, 2 stages; TUNING.md, "Same-key key kernel"). On since session 11 (H100
 #: 80GB HBM3, Triton 3.6.0; (2, 8192, 16, 128) bf16, one process, the defaults' fwd+bwd spread 0.06 / 0.14 ms):
 #: fwd+bwd DeltaNet 6.19 → 5.72 ms (1.07× the faster default row), Gated DeltaNet 7.75 → 7.32 (1.04×), the forward
 #: within drift. OLSSM_TRITON_SAME_KEY (0 / 1) overrides; 0 runs the general key kernel and autograd's sum
