@@ -38,14 +38,13 @@ def install():
     real_patch, real_np_dtype = getattr(itp, "_patch_lang", None), getattr(itp, "_get_np_dtype", None)
     if real_patch is None or real_np_dtype is None or not hasattr(itp, "_LangPatchScope"):
         return False
-    visible = {}
+    visible = {}   # keyed by the function itself (the jit'd functions live as long as their modules)
 
     def langs_of(fn):
-        key = id(fn)
-        if key not in visible:
-            visible[key] = frozenset(id(v) for v in fn.__globals__.values()
-                                     if inspect.ismodule(v) and (v is tl or v is tl.core))
-        return visible[key]
+        if fn not in visible:
+            visible[fn] = frozenset(id(v) for v in fn.__globals__.values()
+                                    if inspect.ismodule(v) and (v is tl or v is tl.core))
+        return visible[fn]
 
     def patch_lang(fn):
         langs = langs_of(fn)

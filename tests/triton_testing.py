@@ -290,8 +290,8 @@ def run_interpreted_script(name, args, timeout, **env):
     import sys
     tests = pathlib.Path(__file__).parent
     path = os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])
-    boot = ("import runpy, sys, interpreter_patch; interpreter_patch.install(); sys.argv = sys.argv[1:]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    boot = ("import os, runpy, sys, interpreter_patch; os.environ.get('OLSSM_NO_INTERPRETER_PATCH') or "
+            "interpreter_patch.install(); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
     return subprocess.run([sys.executable, "-c", boot, str(tests.parent / "benchmarks" / f"{name}.py"), *args],
                           capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path, **env))
