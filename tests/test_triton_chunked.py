@@ -558,8 +558,7 @@ def test_long_sequences_with_strong_decays(path, monkeypatch):
     inp["dt"] = torch.exp(torch.empty(1, 4096, 1).uniform_(-4.6, 3.9, generator=g))   # Δ·A ∈ [−0.01 |A|, −50 |A|]
     inp["dt"][:, ::997] = 1e4                                                              # resets
     tlib.FORCE = "chunk"
-    o, f, grads = _run(rule, inp, 0.3 * torch.randn(1, 1, 4, 4, generator=g), "triton")
-    assert all(torch.isfinite(x).all() for x in (o, f, *grads.values()))
+    # (compare's check asserts every triton output finite before it compares)
     _compare(rule, inp, 0.3 * torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(41)))
 
 
