@@ -643,6 +643,26 @@ def test_scan_benchmark_rounds_keep_each_cells_best_time_and_largest_memory(monk
 # --------------------------------------------------------------------------------------------
 # torch.compile
 
+def test_torch_compile_leaves_the_exact_token_loop_untraced():
+    # an exact rule's CPU token loop (recurrent.exact_x_loop) runs as it is under torch.compile (a graph break):
+    # traced, dynamo unrolled it, and compiling took ~0.9 s more per token (47 s at T = 40, minutes at T = 512). What
+    # dynamo captures is then the same at T = 8 and T = 24 (one chunk either way)
+    rule = cat.ENTRIES["decayed_least_squares"].rule
+    sizes = []
+    for T in (8, 24):
+        torch._dynamo.reset()
+        nodes = []
+
+        def count(gm, example_inputs):
+            nodes.append(len(gm.graph.nodes))
+            return gm.forward
+        inp = cat.random_inputs(rule, 1, T, 2, 4, 4, seed=8)
+        torch.compile(lambda x: rule.scan(backend="chunk", **x), backend=count)(inp)
+        sizes.append(sum(nodes))
+    torch._dynamo.reset()
+    assert sizes[0] == sizes[1] > 0, sizes
+
+
 @pytest.mark.parametrize("name", ["deltanet", "mamba", "rls", "decayed_least_squares"])
 def test_torch_compile_matches_eager(name):
     # the chunk backend under torch.compile (aot_eager): the same o, final state and gradients as eager, for the
