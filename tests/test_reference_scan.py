@@ -336,6 +336,50 @@ def test_bad_arguments_name_what_is_wrong():
         rule.step(torch.zeros(4, 5), k=torch.zeros(3), v=torch.zeros(4), beta=torch.zeros(4))
 
 
+def test_token_by_token_inputs_are_checked_as_scans_are(monkeypatch):
+    """rule.step / rule.decode (and so a layer's step and its "recurrent" backend, OnlineSSM's loop over decode) check
+    values and shapes as scan does (a probe, session 25): a NaN, a gate above 1 or a NaN state had gone through
+    silently into every later state, and an input that does not broadcast to the state's batch shape failed deep
+    in the generated step with torch's size message, or enlarged the state's batch."""
+    from olssm.layers.presets import DeltaNet
+    monkeypatch.delenv("OLSSM_CHECK_INPUTS", raising=False)
+    gla, dn = catalogue.rule("gla"), catalogue.rule("deltanet")
+    tok = lambda rule: {n: (x if rule.inputs[n].is_parameter else x[:, 0]) for n, x in _inputs(rule).items()}
+    S = torch.randn(2, 3, 4, 5)
+    g = tok(gla)
+    for name, index, value, says in [("g", (1, 2, 0), 2.0, r"step: 'g' \(column, domain 'decay'\) has values above 1"),
+                                     ("k", (0, 1, 3), float("nan"),
+                                      r"'k' \(key, domain 'real'\) has NaN.*\(0, 1, 3\)")]:
+        x = g[name].clone()
+        x[index] = value
+        for call in (gla.decode, gla.step):                  # (decode's torch path is step's, and says so)
+            with pytest.raises(ValueError, match=says):
+                call(S, **{**g, name: x})
+    bad = S.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"step: 'state' \(state\) has NaN"):
+        gla.decode(bad, **g)
+    d = tok(dn)
+    for inputs, state, says in [({**d, "beta": torch.rand(3, 2)}, torch.randn(2, 3, 4, 5), r"'beta' of shape \(3, 2\)"),
+                                (d, torch.randn(2, 2, 4, 5), r"'beta' of shape \(2, 3\) does not broadcast to the "
+                                                             r"state's batch shape \(2, 2\)"),
+                                (d, torch.randn(3, 4, 5), r"batch shape \(3,\)")]:
+        with pytest.raises(ValueError, match=says):
+            dn.decode(state, **inputs)
+    o, new = dn.decode(torch.randn(2, 3, 4, 5), **d)                       # the shapes the check lets through
+    assert o.shape == (2, 3, 4) and new.shape == (2, 3, 4, 5)
+    o1, new1 = dn.decode(torch.randn(2, 3, 4, 5), **{**d, "beta": d["beta"][:1]})   # a batch of one broadcasts
+    assert new1.shape == (2, 3, 4, 5)
+    # a layer's token loop: the same error as its chunked forward, where before it returned NaN
+    x = torch.randn(2, 7, 16)
+    x[0, 3] = float("nan")
+    for backend in ("chunk", "recurrent"):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            DeltaNet(16, 2, backend=backend)(x)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        DeltaNet(16, 2).step(x[:, 3], None)
+
+
 @pytest.mark.parametrize("backend", ["reference", "chunk"])
 def test_input_values_outside_their_domain_are_named(backend, monkeypatch):
     """Values no input of its domain takes are a ValueError naming the input, its domain and the first bad index, on

@@ -677,10 +677,29 @@ class Rule:
                         size = {SCALAR: (), ROW: (d_v,), COLUMN: (d_k,)}[spec.kind]
                         inputs = {**inputs, sym.name: S.new_ones(*lead, *size)}
             return self.decode(state, backend="triton", **inputs)[1]
+        self._check_values(state, inputs, "step")
         inp = self.broadcast_inputs(d_k, d_v, inputs, "step", need=self.update_inputs)
+        lead = (state[0] if self.is_exact else state).shape[:-2]
+        for n, x in inp.items():    # broadcasting may not enlarge the state's batch (nor fail deep in the step)
+            try:
+                ok = torch.broadcast_shapes(x.shape[:-2], lead) == lead
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"step: input {n!r} of shape {tuple(inputs[n].shape)} does not broadcast to the "
+                                 f"state's batch shape {tuple(lead)} (state [..., d_v, d_k] = "
+                                 f"{tuple(lead) + (d_v, d_k)})")
         if self.is_exact:
             return self._step_fn(tuple(s.to(compute_dtype(s)) for s in state), inp)
         return self._step_fn(state.to(compute_dtype(state)), inp)
+
+    def _check_values(self, state, inputs, where):
+        """NaN / inf or values outside an input's domain are errors naming the input, as scan's are
+        (kernels.api.check_input_values; OLSSM_CHECK_INPUTS): unchecked, a token loop carried a NaN or a gate
+        above 1 into every later state silently."""
+        from ..kernels.api import check_input_values   # the check lives with scan's; derive only forwards
+        check_input_values({n: x for n, x in inputs.items() if torch.is_tensor(x) and n in self.inputs},
+                           self.inputs, state, caller=where, state_name="state")
 
     def read(self, state, **inputs):
         """The readout o = S q (exact rules: G (H + diag λ)⁻¹ q) for the query in inputs."""
@@ -708,6 +727,7 @@ class Rule:
         if qn is None or qn not in inputs:
             raise ValueError(f"decode: needs the query input {qn!r}")
         if self._backend(state, backend, "decode") == "triton":
+            self._check_values(state, inputs, "decode")
             from ..kernels.triton import triton_decode  # lowering lives in kernels; derive only forwards
             return triton_decode(self, state, **inputs)
         new = self.step(state, backend="torch", **inputs)

@@ -119,7 +119,8 @@ def checks_on(mode: str, device) -> bool:
             and device.type != "meta" and (mode == "1" or device.type == "cpu"))
 
 
-def check_input_values(inputs: dict, need: dict, initial_state=None) -> None:
+def check_input_values(inputs: dict, need: dict, initial_state=None, caller: str = "scan",
+                       state_name: str = "initial_state") -> None:
     """A value no input of its domain can take is an error naming the input (CHUNK.md, "Input values"): NaN or ±inf
     anywhere (−inf allowed in a log decay), or outside the declared domain (a decay above 1 or below 0, a negative
     gate or timestep, a positive Mamba A). Unchecked, the backends disagreed: the chunked forms' matmuls spread a NaN
@@ -129,7 +130,7 @@ def check_input_values(inputs: dict, need: dict, initial_state=None) -> None:
     pair = isinstance(initial_state, (tuple, list))
     states = [] if initial_state is None else list(initial_state) if pair else [initial_state]
     named = [*inputs.items(),
-             *((f"initial_state[{i}]" if pair else "initial_state", st) for i, st in enumerate(states)
+             *((f"{state_name}[{i}]" if pair else state_name, st) for i, st in enumerate(states)
                if torch.is_tensor(st))]
     for n, x in named:
         if (x.numel() == 0 or not checks_on(mode, x.device)
@@ -150,13 +151,13 @@ def check_input_values(inputs: dict, need: dict, initial_state=None) -> None:
             what, where = f"values above {hi:g} (max {mx:.3g})", x > hi
         if what:
             first = tuple(int(i) for i in where.nonzero()[0].tolist())
-            label = ("initial state" if spec is None else
+            label = (state_name.replace("_", " ") if spec is None else
                      f"{'parameter' if spec.is_parameter else spec.role}, domain {domain!r}")
             fix = ("a diverged run?" if what.startswith("NaN") else
                    f"declare the input with a domain that admits them ({', '.join(_ADMITTING)}) where such values "
                    "are meant")
-            raise ValueError(f"scan: {n!r} ({label}) has {what}, first at index {first}, which its domain rules out "
-                             f"({_DOMAIN_TEXT.get(domain, 'finite')}): {fix} (OLSSM_CHECK_INPUTS=0 skips this check)")
+            raise ValueError(f"{caller}: {n!r} ({label}) has {what}, first at index {first}, which its domain rules "
+                             f"out ({_DOMAIN_TEXT.get(domain, 'finite')}): {fix} (OLSSM_CHECK_INPUTS=0 skips this check)")
 
 
 #: set while a backend scans inputs it formed from checked ones (RLS's inner scan of S: olssm_g, olssm_u, ...)
