@@ -395,12 +395,16 @@ class _ExactXLoop(torch.autograd.Function):
                 out(ddiag, sd) if ddiag is not None else None, *df)
 
 
-# torch.compile runs the token loop as it is (a graph break) instead of tracing it: dynamo unrolled it, so the compile
-# time grew with T (an exact rule at T = 10 / 20 / 40: 21 / 31 / 47 s, ~0.9 s a token); a sequential loop of small
-# solves gains nothing from compiling
-@torch.compiler.disable
 def exact_x_loop(gam, terms, diag, ridge, q, H0, block: int):
     """x [B, T, H, K, 1] and H_T for x_t = (H_t + diag λ_t)⁻¹ q_t, H_t = γ_t H_{t−1} + Σ_r R_r u_rᵀ w_r + diag δ (γ, δ
     None: absent); terms [(R [.., 1, 1], u [.., 1, K], w [.., 1, K])], δ, λ (ridge), q per token [B, T, H, 1, ·]
     (broadcastable), H0 [B, H, K, K]. _ExactXLoop: a token loop with a written-out backward."""
-    return _ExactXLoop.apply(block, gam, ridge, q, H0, diag, *[f for term in terms for f in term])
+    flat = [f for term in terms for f in term]
+    if torch.compiler.is_compiling():
+        # torch.compile runs the loop as it is (a graph break) instead of tracing it: dynamo unrolled it, so the
+        # compile time grew with T (an exact rule at T = 10 / 20 / 40: 21 / 31 / 47 s, ~0.9 s a token). Decorated
+        # here, not where it is defined: importing torch._dynamo imports triton.language, which must come after a
+        # caller's TRITON_INTERPRET=1
+        from torch import _dynamo
+        return _dynamo.disable(_ExactXLoop.apply)(block, gam, ridge, q, H0, diag, *flat)
+    return _ExactXLoop.apply(block, gam, ridge, q, H0, diag, *flat)
