@@ -28,3 +28,16 @@ def test_every_olssm_name_the_readme_gives_exists():
             if obj is None:   # a submodule not imported by the package (olssm.kernels.triton...)
                 break
         assert obj is not None or importlib.util.find_spec(name) is not None, name
+
+
+def test_importing_olssm_leaves_triton_language_unimported():
+    """TRITON_INTERPRET=1 must be set before triton.language is imported; a user (and the Triton test modules) may set
+    it after `import olssm`. Session 25's first cut of a dynamo-disabled token loop imported torch._dynamo, and with it
+    triton.language, at import: 436 of the suite's tests failed. The layers and the chunk backend import none."""
+    import subprocess
+    import sys
+    code = ("import sys, olssm, olssm.layers, olssm.models, olssm.kernels.chunk, olssm.verify; "
+            "print('triton.language' in sys.modules, 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"], out.stdout
