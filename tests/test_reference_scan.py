@@ -6,6 +6,8 @@ import torch
 
 import olssm.objectives as O
 from olssm import catalogue, derive
+from olssm.kernels.api import check_scan_args
+from olssm.kernels.rls import RLSConditioningWarning
 
 NAMES = list(catalogue.ENTRIES)
 
@@ -217,6 +219,52 @@ def test_rls_gain_stays_accurate_at_a_small_ridge(backend):
         got = rule.scan(backend=backend, **x32)[0][0, :, 0]
     err = float((got.double() - expect).abs().max() / expect.abs().max())
     assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunk"])
+def test_rls_overflow_is_an_error_not_nan(backend, monkeypatch):
+    """RLS with strong forgetting (γ = 0.05, d_k = 16 > the ~1 token it remembers): P grows like γ^−t in the
+    directions the last keys leave unexcited, past fp32's range by t ~ 30 (fp64's only past t ~ 240). Unchecked, the
+    fp32 scan returns NaN from finite inputs on both backends (asserted first, so this test fails if the case stops
+    overflowing); checked, a FloatingPointError naming the dtype and a token, after the conditioning warning. The same
+    inputs in fp64 stay finite and are not refused."""
+    monkeypatch.delenv("OLSSM_CHECK_INPUTS", raising=False)
+    rule = catalogue.ENTRIES["rls"].rule
+    inp = catalogue.random_inputs(rule, 1, 130, 2, 16, 16, seed=0)
+    inp["gamma"] = torch.full_like(inp["gamma"], 0.05)
+    monkeypatch.setenv("OLSSM_CHECK_INPUTS", "0")
+    o, _ = rule.scan(backend=backend, **inp)
+    assert not bool(torch.isfinite(o).all())
+    monkeypatch.delenv("OLSSM_CHECK_INPUTS")
+    with pytest.warns(RLSConditioningWarning, match="d_k = 16"):    # the warning comes first, from γ alone
+        with pytest.raises(FloatingPointError, match=r"overflowed float32: .* from token t = \d+ .*in float64"):
+            rule.scan(backend=backend, **inp)
+    # finite in fp64, and not refused, but 0.05^−16 · 2.2e-16 ~ 1e5: warned as no more accurate than their size
+    with pytest.warns(RLSConditioningWarning, match="float64 outputs may be off by ~their own size"):
+        o64, (S, P) = rule.scan(backend=backend, output_final_state=True, **{n: x.double() for n, x in inp.items()})
+    assert bool(torch.isfinite(o64).all()) and bool(torch.isfinite(P).all())
+
+
+@pytest.mark.parametrize("d_k,gamma", [(8, 0.5), (16, 0.6), (16, 0.5), (32, 0.8), (32, 0.7), (16, 0.9)])
+def test_rls_conditioning_warning_predicts_the_fp32_error(d_k, gamma, recwarn):
+    """The warning's prediction, ε · max over d_k-token windows of Π 1/γ, against the fp32 chunk backend's error
+    measured on the fp64 reference (relative to max |o|, T = 200): within a factor 8 either way (measured 0.2-6×
+    over d_k 4-64, rls.predicted_rls_error). It warns exactly when the prediction passes RLS_WARN_ERROR (1e-3:
+    (16, 0.5) at a measured 4e-2 and (32, 0.7) at 1e-2 warn; (16, 0.9) at 1e-6 does not)."""
+    from olssm.kernels import rls
+    rule = catalogue.ENTRIES["rls"].rule
+    inp = catalogue.random_inputs(rule, 1, 200, 2, d_k, d_k, seed=1)
+    inp["gamma"] = torch.full_like(inp["gamma"], gamma)
+    ref, _ = rule.scan(backend="reference", **{n: x.double() for n, x in inp.items()})
+    recwarn.clear()
+    o, _ = rule.scan(backend="chunk", **inp)
+    measured = float((o.double() - ref).abs().max() / ref.abs().max())
+    args = check_scan_args(rule, None, None, None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                           inputs=inp)
+    predicted, _ = rls.predicted_rls_error(args, inp["gamma"], torch.float32)
+    assert predicted / 8 < measured < predicted * 8, (measured, predicted)
+    warned = [w for w in recwarn.list if w.category is RLSConditioningWarning]
+    assert len(warned) == (predicted > rls.RLS_WARN_ERROR), (predicted, [str(w.message) for w in warned])
 
 
 @pytest.mark.parametrize("name", ["deltanet", "decayed_least_squares"])

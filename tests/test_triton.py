@@ -25,6 +25,7 @@ from strategies import objectives  # noqa: E402
 from olssm.catalogue import ENTRIES, random_inputs  # noqa: E402
 from olssm.kernels.triton import TritonPrinter  # noqa: E402
 from olssm.kernels.triton import scan as tscan  # noqa: E402
+from olssm.kernels.rls import RLSConditioningWarning  # noqa: E402
 
 NORMAL = [n for n, e in ENTRIES.items() if not e.rule.is_exact]
 EXACT = [n for n, e in ENTRIES.items() if e.rule.is_exact]
@@ -413,6 +414,22 @@ def test_rls_gain_kernel_long_sequence():
     _close(P2, P1, 1e-4, "P_T")
     for n, a, b in zip(inp, g2, g1):
         _close(a, b, 1e-4, f"d{n}")
+
+
+def test_rls_overflow_is_an_error_not_nan(monkeypatch):
+    # γ = 0.05 at d_k = 16 grows P past fp32's range (test_reference_scan's case): the gain kernel's NaN from finite
+    # inputs is a FloatingPointError naming a token, as on the torch backends (OLSSM_CHECK_INPUTS=1: on a GPU "auto"
+    # skips the check). Unchecked, the outputs are NaN (so the case still overflows and the test can fail)
+    rule = ENTRIES["rls"].rule
+    inp = random_inputs(rule, 1, 130, 2, 16, 16, seed=0)
+    inp["gamma"] = torch.full_like(inp["gamma"], 0.05)
+    x = {n: _dev(t) for n, t in inp.items()}
+    monkeypatch.setenv("OLSSM_CHECK_INPUTS", "0")
+    o, _ = rule.scan(backend="triton", **x)
+    assert not bool(torch.isfinite(o).all())
+    monkeypatch.setenv("OLSSM_CHECK_INPUTS", "1")
+    with pytest.warns(RLSConditioningWarning), pytest.raises(FloatingPointError, match=r"overflowed float32: .* t = \d+"):
+        rule.scan(backend="triton", **x)
 
 
 def test_exact_rule_raw_gamma_gradient_at_zero_and_tiny_gamma():

@@ -333,7 +333,7 @@ def scan(rule, q=None, k=None, v=None, *, initial_state=None, output_final_state
         return _nothing_to_scan(args)
     if args.rule.is_rls:
         from .rls import check_rls_values
-        check_rls_values(args)
+        check_rls_values(args, torch.float32 if backend == "triton" else args.state_dtype)   # rls_scan's P dtype
     elif args.rule.is_exact:
         from .rls import check_ridge_values
         check_ridge_values(args)

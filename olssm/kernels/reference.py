@@ -43,6 +43,9 @@ def reference_scan(args):
         o = _assemble(outs, args)
     else:
         o = torch.zeros(args.B, args.T, args.H, args.d_v, dtype=dtype, device=args.device)
+    if rule.is_rls:   # P's overflow, as the other backends report it (rls.check_rls_result)
+        from .rls import check_rls_result
+        check_rls_result(args, o, torch.cat([f[1] for f in finals]))
     o = o.to(args.out_dtype)
     if not args.output_final_state:
         return o, None

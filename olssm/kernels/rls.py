@@ -16,6 +16,10 @@ autograd chains both scans' gradients to the raw inputs through the coefficient 
 from __future__ import annotations
 
 import functools
+import math
+import os
+import sys
+import warnings
 
 import sympy as sp
 import torch
@@ -187,11 +191,12 @@ def _first_not_positive(x: torch.Tensor):
     return tuple(int(i) for i in bad.nonzero()[0].tolist()) if bool(bad.any()) else None
 
 
-def check_rls_values(args) -> None:
+def check_rls_values(args, state_dtype=None) -> None:
     """RLS divides by its forgetting factor γ and starts from P_0 = I/λ: γ = 0 or λ = 0 lie in their inputs' closed
     domains (a decay of 0, a ridge of 0) but have no RLS step, and had come out as non-finite outputs (reference) or
     as an error naming the inner scan's olssm_g (chunk). An error naming the rule's γ and λ instead, where
-    api.check_input_values runs (CPU tensors by default)."""
+    api.check_input_values runs (CPU tensors by default). Then warns when γ makes P too ill-conditioned for the
+    state dtype (warn_if_ill_conditioned)."""
     from .api import check_inputs_mode, checks_on
     if not checks_on(check_inputs_mode(), args.device):
         return
@@ -208,6 +213,70 @@ def check_rls_values(args) -> None:
         if not bool(torch.isfinite(P0).all()):
             raise ValueError(f"scan: this RLS rule's P_0 = I/({form.ridge}) is not finite: its ridge {form.ridge} must be "
                              "> 0 at each sequence's first token (or pass initial_state)")
+    warn_if_ill_conditioned(args, gamma, state_dtype or args.state_dtype)
+
+
+def _stacklevel_outside_olssm() -> int:
+    """The stacklevel of warnings.warn (called from our caller) that names the first frame outside this package:
+    scan is reached through Rule.scan, api.scan, the layers and models at different depths."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+class RLSConditioningWarning(RuntimeWarning):
+    """An RLS scan whose forgetting makes P so ill-conditioned that its state dtype keeps few correct digits
+    (TRITON.md, "Recursive least squares", Conditioning)."""
+
+
+#: warn when the relative error an RLS scan is predicted to lose to its conditioning exceeds this (0: always)
+RLS_WARN_ERROR = 1e-3
+
+
+def predicted_rls_error(args, gamma, dtype) -> tuple[float, tuple]:
+    """ε(dtype) · max over windows of d_k consecutive tokens of Π 1/γ, and where that window ends ([B, T, H]): a key
+    direction excited d_k tokens ago is weighted by that product in H_t against the newest key's 1, so P's
+    condition number grows to about it, and the covariance-form step P̃ − (R/den) a aᵀ cancels that many digits.
+    Measured (fp32 chunk backend against fp64, T = 200, random unit keys, γ fixed or uniform in [γ_min, 1], d_k
+    4-64): the scan's relative error is 0.3-6× this wherever this is below 1e-2; at d_k = 128 it overestimates (up to
+    370× at γ = 0.9: a long window of random keys excites every direction better than its oldest key does). It
+    does not see a small ridge's loss while the first d_k keys arrive (λ = 1e-6: up to O(1) around t ≈ d_k, washed
+    out later). Windows stay inside each packed sequence."""
+    log_decay = -gamma.detach().double().log()
+    worst, where = -math.inf, None
+    for rows, start, end, _ in scan_pieces(args.B, args.T, args.cu_seqlens):
+        if end == start:
+            continue
+        piece = log_decay[rows, start:end]
+        width = min(args.d_k, end - start)
+        totals = torch.nn.functional.pad(piece.cumsum(1), (0, 0, 1, 0))
+        windows = totals[:, width:] - totals[:, :-width]              # [b, end - start - width + 1, H]
+        top = float(windows.max())
+        if top > worst:
+            b, t, h = (int(i) for i in (windows == windows.max()).nonzero()[0].tolist())
+            worst, where = top, ((b if args.cu_seqlens is None else 0), start + t + width - 1, h)
+    return math.exp(min(worst, 700.0)) * torch.finfo(dtype).eps, where
+
+
+def warn_if_ill_conditioned(args, gamma, dtype) -> None:
+    """RLSConditioningWarning when predicted_rls_error exceeds RLS_WARN_ERROR (the message's numbers rounded to a
+    decade, so that Python's once-per-message filter does not repeat it every training step)."""
+    error, where = predicted_rls_error(args, gamma, dtype)
+    if error <= RLS_WARN_ERROR:
+        return
+    name = str(dtype).removeprefix("torch.")
+    condition = error / torch.finfo(dtype).eps
+    decade = lambda x: f"1e{round(math.log10(x)):+d}"
+    warnings.warn(
+        f"scan: this recursive least squares forgets fast for its key size (d_k = {args.d_k}): its forgetting factors "
+        f"multiply to ~{decade(1 / condition)} over d_k consecutive tokens (the worst window ends at [B, T, H] {where}), "
+        f"so P = (H_t + λ_t I)⁻¹ reaches a condition number of ~{decade(condition)} and the {name} outputs may be off "
+        f"by ~{decade(error) if error < 1 else 'their own size'} relative. Run it "
+        + ("in float64, " if dtype != torch.float64 else "") + "with forgetting factors closer to 1, or use decayed "
+        "least squares (catalogue 'decayed_least_squares'), whose ridge does not decay",
+        RLSConditioningWarning, stacklevel=_stacklevel_outside_olssm())
 
 
 def check_ridge_values(args) -> None:
@@ -233,6 +302,35 @@ def check_ridge_values(args) -> None:
                          "first tokens), so the ridge must be > 0 (OLSSM_CHECK_INPUTS=0 skips this check)")
 
 
+def check_rls_result(args, o, P_T, g=None) -> None:
+    """RLS with forgetting has no bounded P: in key directions the last ~1/(1 − γ) keys leave unexcited, H_t's
+    eigenvalues decay like γ^t and so does the ridge λ_t = λ Π γ (ridge_decays), so P grows like γ^−t there (the
+    covariance "wind-up" of adaptive filtering), and past the dtype's range the scan's outputs and P are NaN or inf
+    on every backend, the reference included. From inputs check_input_values passed, that is a FloatingPointError
+    naming the first token the gain (else the output) broke at, where api.check_input_values runs (CPU tensors by
+    default). Short of overflow, the same growth costs accuracy, predicted from γ before the scan
+    (warn_if_ill_conditioned; TRITON.md, "Recursive least squares", Conditioning)."""
+    from .api import check_inputs_mode, checks_on
+    if not checks_on(check_inputs_mode(), args.device) or torch._C._functorch.is_functorch_wrapped_tensor(o):
+        return
+    # the gain's token first (exact on every backend), then o's (a chunked S scan spreads a NaN to its chunk's
+    # earlier tokens)
+    bad = next((b for b in (~torch.isfinite(x.detach()) for x in (g, o) if x is not None) if bool(b.any())), None)
+    if bad is None and bool(torch.isfinite(P_T.detach()).all()):
+        return
+    where = ""
+    if bad is not None:
+        b, t, h = (int(i) for i in bad.flatten(3).any(-1).nonzero()[0].tolist())
+        where = f" from token t = {t} (batch row {b}, head {h})"
+    name = str(P_T.dtype).removeprefix("torch.")
+    raise FloatingPointError(
+        f"scan: recursive least squares overflowed {name}: its outputs or P are not finite{where}, from finite inputs. "
+        "P = (H_t + λ_t I)⁻¹ grows like γ^−t in key directions the recent keys leave unexcited (its ridge λ_t decays "
+        f"with γ), here past {name}'s range; run it " + ("in float64, " if P_T.dtype != torch.float64 else "")
+        + "with a forgetting factor closer to 1 or a larger ridge λ, or use decayed least squares (catalogue "
+        "'decayed_least_squares'), whose ridge does not decay")
+
+
 def rls_scan(args, gain_scan, backend: str):
     """o [B, T, H, d_v] (args.out_dtype) and (if asked) the final (S, P) fp32 (fp64 for fp64 inputs on
     the chunk backend, as verification wants): the gain by gain_scan(u, γ, R, P_0, cu_seqlens) ->
@@ -251,4 +349,5 @@ def rls_scan(args, gain_scan, backend: str):
         o, St = scan(s_rule(), backend=backend, initial_state=S0, output_final_state=args.output_final_state,
                      cu_seqlens=args.cu_seqlens, chunk_size=args.chunk_size, olssm_R=R, olssm_u=u, olssm_g=g,
                      olssm_e=e, olssm_q=q)
+    check_rls_result(args, o, Pt, g)
     return o.to(args.out_dtype), ((St, Pt) if args.output_final_state else None)
