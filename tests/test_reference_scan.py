@@ -418,6 +418,14 @@ def test_token_by_token_inputs_are_checked_as_scans_are(monkeypatch):
     assert o.shape == (2, 3, 4) and new.shape == (2, 3, 4, 5)
     o1, new1 = dn.decode(torch.randn(2, 3, 4, 5), **{**d, "beta": d["beta"][:1]})   # a batch of one broadcasts
     assert new1.shape == (2, 3, 4, 5)
+    # an integer state was rounded to fp32 silently (scan refuses such an initial_state)
+    dls = catalogue.ENTRIES["decayed_least_squares"].rule
+    ints = torch.zeros(2, 3, 5, 5, dtype=torch.int32)
+    for call in (lambda: dn.decode(torch.ones(2, 3, 4, 5, dtype=torch.int64), **d),
+                 lambda: dn.step(torch.ones(2, 3, 4, 5, dtype=torch.int64), **d),
+                 lambda: dls.step((torch.zeros(2, 3, 4, 5), ints), **tok(dls))):
+        with pytest.raises(ValueError, match=r"state: must be floating point .* got torch.int"):
+            call()
     # a layer's token loop: the same error as its chunked forward, where before it returned NaN
     x = torch.randn(2, 7, 16)
     x[0, 3] = float("nan")

@@ -726,6 +726,7 @@ class Rule:
         qn = self.query_name
         if qn is None or qn not in inputs:
             raise ValueError(f"decode: needs the query input {qn!r}")
+        self._state_dims(state)
         if self._backend(state, backend, "decode") == "triton":
             self._check_values(state, inputs, "decode")
             from ..kernels.triton import triton_decode  # lowering lives in kernels; derive only forwards
@@ -743,6 +744,9 @@ class Rule:
         return backend
 
     def _state_dims(self, state):
+        for part in (state if isinstance(state, (tuple, list)) else (state,)):
+            if torch.is_tensor(part) and not part.is_floating_point():   # as scan's initial_state: no silent rounding
+                raise ValueError(f"state: must be floating point (the carried state), got {part.dtype}")
         if self.is_exact:
             if not (isinstance(state, (tuple, list)) and len(state) == 2):
                 raise ValueError("state: an exact rule's state is a pair (G [..., d_v, d_k], H [..., d_k, d_k])")
