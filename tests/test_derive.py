@@ -1,6 +1,7 @@
 """Derivation: derived rules against the numerical solver (olssm.verify), the published
 recurrences, and the error contract. Tolerances: verify runs in float64; a closed form that is
 right agrees with the trust-region solver to ~1e-12, so 1e-6 can only fail on a wrong rule."""
+import re
 import warnings
 
 import pytest
@@ -442,6 +443,44 @@ def test_coefficients_that_no_rule_can_run_are_refused_at_derive_time():
     assert olssm.verify(rule).ok
 
 
+def test_coefficients_real_for_no_input_are_refused_and_for_some_inputs_warn():
+    """√x with x declared 'negative' is imaginary for every input the domain allows (sympy proves it): it derived, and
+    every scan returned NaN silently (verify failed with numpy's "array must not contain infs or NaNs"; a probe,
+    session 26). Refused at derive time now, naming the part and the domain. log y / √y of a 'real' y are real for some
+    inputs only: they warn, naming the domain; a 'positive' y, exp, a division and a sigmoid do not."""
+    import sympy as sp
+    S, Sp = O.states()
+    k, v = O.key("k"), O.value("v")
+    x, y, p = O.scalar("x", domain="negative"), O.scalar("y"), O.scalar("p", domain="positive")
+    objective = lambda decay: O.Objective(O.sqnorm(S - decay * Sp) / 2 + O.sqnorm(S @ k - v) / 2)
+    for decay, part in ((sp.sqrt(x), "sqrt(x)"), (1 / (1 + sp.sqrt(x)), "sqrt(x)")):
+        with pytest.raises(O.DerivationError, match=rf"{re.escape(part)}.* not real for any value .*'x': domain "
+                                                     "'negative'"):
+            olssm.derive(objective(decay))
+    for decay in (sp.log(y), sp.sqrt(y) / 2):
+        with pytest.warns(O.UnknownSignWarning, match=r"real only for some values of its inputs \('y': domain 'real'"):
+            olssm.derive(objective(decay))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for decay in (sp.log(p), sp.exp(y), 1 / (1 + y ** 2), 1 / (1 + sp.exp(-y)), sp.Abs(y) ** p):
+            olssm.derive(objective(decay))
+        # a normalised key k/‖k‖ (1/√‖k‖², real wherever defined) under a 'unit' weight: the weight b/‖k‖² had
+        # also warned of an open sign, though it is ≥ 0 wherever it is defined
+        olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ (k / sp.sqrt(O.dot(k, k))) - v,
+                                                              weight=O.scalar("b", domain="unit")) / 2))
+
+
+def test_csum_of_an_expression_without_a_key_index_is_refused():
+    """csum(v*v) printed as ‖v‖², and the evaluators summed over a broadcast axis of size 1: the rule weighted the loss
+    by v_i² where the sum over the key index is d_k·v_i² (verify agreed, from the same evaluator; a probe, session
+    26). Refused, as dot() refuses two non-key arguments; kᵀk still works and csum(0) is 0."""
+    k, v = O.key("k"), O.value("v")
+    for arg, kind in ((v * v, "value-sized"), (O.scalar("b"), "scalar"), (sp.Integer(2), "scalar")):
+        with pytest.raises(O.DerivationError, match=rf"no key index to sum over \(a {kind} expression\)"):
+            O.csum(arg)
+    assert O.csum(k * k) == O.dot(k, k) and O.csum(sp.Integer(0)) == 0
+
+
 def test_a_sum_of_keys_keeps_its_parentheses_in_print():
     # S @ (k + k2) had printed as ‖S k + k₂ - v‖², which reads as (S k) + k₂ (the math was right)
     S, _ = O.states()
@@ -467,6 +506,19 @@ def test_printed_terms_carry_their_sign_and_no_factor_one():
     assert "H_t = g H_{t-1} + k kᵀ + k₂ k₂ᵀ" in str(exact), str(exact)
     step = olssm.derive(O.Objective(O.sqnorm(S @ k - v) / 2, update="explicit", decay=O.row("r", domain="decay")))
     assert "(I - k kᵀ)" in str(step), str(step)
+    # input terms too, and the two shapes of input term that printed as something else (a probe, session 26):
+    # "+ ((−b₂) ⊙ v₂) k₂ᵀ", ⟨S, M⟩'s "M (1)ᵀ", and an elementwise factor as "(ε ⊙ v) kᵀ" (ε read value-sized)
+    b1, b2 = O.scalar("b1", domain="unit"), O.scalar("b2", domain="unit")
+    signs = olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 - O.inner(S @ k, v, weight=b1) + O.inner(S @ k2, v2, weight=b2)))
+    assert "S_t = S_{t-1} + (b₁ ⊙ v) kᵀ - (b₂ ⊙ v₂) k₂ᵀ" in str(signs), str(signs)
+    assert r"- (b_{2} \odot v_{2}) k_{2}^\top" in signs.latex(), signs.latex()
+    matrix = olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 - O.inner(S, O.parameter("M", "matrix"))))
+    assert str(matrix).startswith("S_t = S_{t-1} + M\n"), str(matrix)
+    A, dt = O.parameter("A", "matrix", domain="negative"), O.scalar("dt", domain="timestep")
+    gated = olssm.derive(O.Objective(O.sqnorm(S - Sp) / 2 - O.inner(S, sp.exp(A * dt) * v * k)))
+    assert "S_t = S_{t-1} + ε ⊙ (v kᵀ)" in str(gated), str(gated)
+    for rule in (signs, matrix, gated):
+        assert olssm.verify(rule).ok
 
 
 def test_explicit_proximal_weight_of_open_sign_warns_and_big_integers_run():

@@ -112,11 +112,12 @@ def _holds(e, prop: str) -> bool:
     declared domains: sympy's assumptions state only the lower bounds, so the query is also asked of e with every
     'unit' input c written as 1/(1 + t), t > 0 ((0, 1)) and every 'decay' input as 1/(1 + t), t ≥ 0 ((0, 1]), an
     onto reparameterisation. Without it 1 − c² (a 'unit' cross-term weight beside two squared losses) or a
-    Hessian diagonal 1 − c read as of open sign and warned."""
+    Hessian diagonal 1 − c read as of open sign and warned. A sum of nonnegative terms (‖k‖²) is asked about as
+    positive (_nonzero_norms): b/‖k‖² is ≥ 0 wherever it is defined, and had warned of an open sign."""
     e = sp.sympify(e)
     if getattr(e, prop) is True:
         return True
-    subs = {}
+    subs = _nonzero_norms(e)
     for x in e.free_symbols:
         if isinstance(x, InputSymbol) and x.spec.domain in ("unit", "decay"):
             t = (sp.Dummy(f"t_{x.name}", positive=True) if x.spec.domain == "unit"
@@ -126,6 +127,14 @@ def _holds(e, prop: str) -> bool:
         return False
     b = sp.together(e.xreplace(subs))
     return getattr(b, prop) is True or getattr(sp.factor(sp.cancel(b)), prop) is True
+
+
+def _nonzero_norms(e) -> dict:
+    """{csum(x): a positive dummy} for each sum over the key index of nonnegative terms in e (‖k‖², kᵀk): where one is
+    0 an expression dividing by it is infinite, whatever its sign or realness, so the sign and realness queries read
+    it as positive."""
+    return {c: sp.Dummy(f"norm{i}", positive=True)
+            for i, c in enumerate(sorted(sp.sympify(e).atoms(csum), key=sp.default_sort_key)) if c.is_nonnegative}
 
 
 def _no_negative_squares(g, where, shared: set):
@@ -313,9 +322,7 @@ def _coupling_terms(obj, names) -> str:
 
 def _open_sign(what, expr, need):
     """An UnknownSignWarning at the user's line, naming the expression's inputs and their declared domains."""
-    declared = ", ".join(f"{s.name!r}: domain {spec_of(s).domain!r}"
-                         for s in sorted(sp.sympify(expr).free_symbols, key=lambda s: s.name))
-    warnings.warn(f"{what}, whose sign the declared domains do not fix ({declared}); the derived update is the "
+    warnings.warn(f"{what}, whose sign the declared domains do not fix ({_domains(expr)}); the derived update is the "
                   f"minimiser only while it is {need}. Declare the inputs' domains so that it is (e.g. "
                   "domain='positive' or 'unit'; a layer then keeps them so)", UnknownSignWarning,
                   stacklevel=_caller_level())
@@ -560,13 +567,49 @@ def _rls_form(obj, where, gamma, gram, gram_diag, moments, ridge) -> RLSForm:
 
 
 def _check_real_finite(form):
-    """A coefficient i, nan or ∞ derived a rule that no scan or solver can run (ε = 1/(‖k‖² − i), NaN states)."""
+    """A coefficient i, nan or ∞ derived a rule that no scan or solver can run (ε = 1/(‖k‖² − i), NaN states). So does
+    a part of one that is not real for any input its domain allows (√x with x 'negative': sympy proves it, and the
+    torch and triton evaluators, in real arithmetic, returned NaN outputs silently); a function of real inputs whose
+    result is real for some of their values only (log y, √y, asin y with y 'real') warns (UnknownSignWarning)."""
+    warned = set()
     for e in map(sp.sympify, form.expressions()):
         bad = [a for a in (sp.I, sp.nan, sp.oo, -sp.oo, sp.zoo) if e.has(a)]
         if bad:
             raise DerivationError(f"the derived update has a coefficient that is not a finite real number ({bad[0]} "
                                   f"in {e}): the objective's weights, decays, ridges and step sizes must be real and "
                                   "finite")
+        for part in sp.preorder_traversal(e):
+            if not isinstance(part, sp.Expr) or not part.args:
+                continue
+            where = f"the derived update's coefficient {e}" + ("" if part == e else f" contains {part}, which")
+            if part.is_extended_real is False:
+                raise DerivationError(f"{where} is not real for any "
+                                      f"value its inputs' declared domains allow ({_domains(part)}): every scan would "
+                                      "return NaN; check the expression or the inputs' domains")
+            if part not in warned and _real_for_some_inputs_only(part):
+                warned.add(part)
+                warnings.warn(f"{where} is real only for some "
+                              f"values of its inputs ({_domains(part)}); where it is not, scans return NaN. Declare "
+                              "the inputs' domains so that it is real for all of them (e.g. domain='positive')",
+                              UnknownSignWarning, stacklevel=_caller_level())
+
+
+def _domains(expr) -> str:
+    return ", ".join(f"{s.name!r}: domain {spec_of(s).domain!r}"
+                     for s in sorted(sp.sympify(expr).free_symbols, key=lambda s: s.name))
+
+
+def _real_for_some_inputs_only(part) -> bool:
+    """A function or power of real arguments whose realness sympy cannot decide from their domains: log, a fractional
+    power, asin of a 'real' input. (A negative integer power is a division, and 1/√‖k‖² too once the norm is read as
+    nonzero: real wherever they are defined.)"""
+    if part.is_extended_real is not None or not isinstance(part, (sp.Function, sp.Pow)):
+        return False
+    if isinstance(part, sp.Pow) and part.exp.is_integer:
+        return False
+    if part.xreplace(_nonzero_norms(part)).is_extended_real:
+        return False
+    return all(a.is_extended_real for a in part.args)
 
 
 def derive_form(obj: Objective):

@@ -77,8 +77,14 @@ class csum(sp.Function):
 
     @classmethod
     def eval(cls, arg):
-        if arg.is_Number:
-            return None  # d_k * arg: left symbolic, the dimension is not known here
+        if arg == 0:
+            return sp.Integer(0)
+        if not _has_column(arg):
+            # the evaluators sum over a broadcast axis of size 1: csum(v²) came out as v² (printed ‖v‖²), where the
+            # sum over the key index is d_k·v²
+            raise DerivationError(f"csum({arg}): its argument has no key index to sum over (a {_kind_name(arg)} "
+                                  "expression), so the sum would just multiply by d_k; write that factor "
+                                  "explicitly (csum sums key-sized expressions: csum(k*q) = kᵀq)")
         if arg.is_Mul:
             outer, inner = [], []
             for f in arg.args:
@@ -263,6 +269,13 @@ def kind_of(expr) -> str:
     if has_row and has_col:
         return ELEMENTWISE
     return ROW if has_row else COLUMN if has_col else SCALAR
+
+
+def _kind_name(expr) -> str:
+    try:
+        return {SCALAR: "scalar", ROW: "value-sized"}.get(kind_of(expr), kind_of(expr))
+    except DerivationError:
+        return "non-key"
 
 
 def _has_column(expr) -> bool:
