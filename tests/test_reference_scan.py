@@ -521,3 +521,19 @@ def test_input_values_outside_their_domain_are_named(backend, monkeypatch):
     monkeypatch.setenv("OLSSM_CHECK_INPUTS", "yes")
     with pytest.raises(ValueError, match="OLSSM_CHECK_INPUTS must be 'auto', '0' or '1'"):
         rule.scan(**inp, backend=backend)
+
+
+def test_auto_takes_chunk_on_cuda_for_coefficients_triton_cannot_print():
+    """An atan or Piecewise weight derives and runs on the torch backends, but the Triton printer has no lowering for
+    it: backend="auto" picked triton on CUDA and raised NotImplementedError there (a probe, session 26). It picks the
+    chunk backend for such a rule now (decided from the device alone: no CUDA needed here), triton for the catalogue."""
+    import sympy as sp
+    from olssm.kernels.api import auto_backend
+    S, Sp = O.states()
+    k, v, y = O.key("k"), O.value("v"), O.scalar("y")
+    for weight in (sp.atan(y) ** 2, sp.Piecewise((y ** 2, y > 0), (0, True))):
+        rule = derive(O.Objective(O.sqnorm(S - Sp) / 2 + O.sqnorm(S @ k - v, weight=weight) / 2))
+        assert auto_backend(rule, "cuda") == "chunk" and auto_backend(rule, "cpu") == "chunk"
+    for name in ("deltanet", "gla", "mamba", "rls"):
+        assert auto_backend(catalogue.rule(name), "cuda") == "triton"
+    assert auto_backend(catalogue.rule("decayed_least_squares"), "cuda") == "chunk"

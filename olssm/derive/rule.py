@@ -26,7 +26,7 @@ from sympy.printing.precedence import precedence
 from sympy.printing.pytorch import TorchPrinter
 from sympy.printing.str import StrPrinter
 
-from ..objectives.core import COLUMN, ROW, SCALAR, InputSpec, display_name, kind_of, spec_of
+from ..objectives.core import COLUMN, ELEMENTWISE, ROW, SCALAR, InputSpec, display_name, kind_of, spec_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -528,7 +528,7 @@ class Rule:
                              for c in f.gram)
             if f.gram_diag != 0:
                 hterms += T(f" + diag({f.gram_diag})", rf" + \operatorname{{diag}}({sp.latex(f.gram_diag)})")
-            gterms = "".join(f" + {self._input(t, tex)}" for t in f.moments)
+            gterms = "".join(self._signed_input(t, tex) for t in f.moments)
             out.append(T(f"H_t = {g} H_{{t-1}}{hterms}", rf"H_t = {g} H_{{t-1}}{hterms}"))
             out.append(T(f"G_t = {g} G_{{t-1}}{gterms}", rf"G_t = {g} G_{{t-1}}{gterms}"))
             col = kind_of(f.ridge) == COLUMN    # a per-column ridge is diag(λ), not λ I (in LaTeX too)
@@ -551,7 +551,7 @@ class Rule:
                                for c in f.corrections)
                 rhs = T(f"{base} (I{proj})", rf"{base} \left(I{proj}\right)")
             for t in f.inputs:
-                rhs += f" + {self._input(t, tex)}"
+                rhs += self._signed_input(t, tex)
             out.append(f"S_t = {rhs}")
             out.append(T(f"o_t = S_t {self._vec(f.readout)}", rf"o_t = S_t {self._vec(f.readout, True)}"))
         named = [(n, e) for e, n in self._names.items()]
@@ -566,16 +566,29 @@ class Rule:
                          rf"{self._c(row[0], True)}_i\text{{)}}"))
         return out
 
+    def _signed_input(self, t: InputTerm, tex=False) -> str:
+        """" ± term": a coefficient's own minus folded into the sign, as _signed does (+ ((−b₂) ⊙ v₂) k₂ᵀ had printed)."""
+        c = sp.sympify(t.coef)
+        if c not in self._names and c.could_extract_minus_sign():
+            return f" - {self._input(dataclasses.replace(t, coef=-c), tex)}"
+        return f" + {self._input(t, tex)}"
+
     def _input(self, t: InputTerm, tex=False) -> str:
         coef, vals = self._strip_values(t.coef)
         top = r"^\top" if tex else "ᵀ"
         odot = r" \odot " if tex else " ⊙ "
+        vs = sp.latex(vals) if tex else str(vals)
+        if sp.sympify(t.w) == 1:   # an elementwise term (⟨S, M⟩'s M): the matrix itself, no outer product with 1
+            if vals == 1:
+                return self._c(coef, tex) if coef != 1 else "1"
+            return vs if coef == 1 else f"{self._c(coef, tex)}{odot}{vs}"
         w = self._vec(t.w, tex)
         if vals == 1:
             return f"{self._c(coef, tex)} {w}{top}" if coef != 1 else f"1 {w}{top}"
-        vs = sp.latex(vals) if tex else str(vals)
         if coef == 1:
             return f"{vs} {w}{top}"
+        if kind_of(coef) == ELEMENTWISE:   # a d_v × d_k factor multiplies the whole outer product
+            return f"{self._c(coef, tex)}{odot}({vs} {w}{top})"
         return f"({self._c(coef, tex)}{odot}{vs}) {w}{top}"
 
     def __str__(self):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 import os
 
@@ -376,9 +377,26 @@ def _dispatch(args: ScanArgs, backend: str):
 def auto_backend(rule: Rule, device) -> str:
     """What backend="auto" runs: triton on CUDA, chunk elsewhere — and chunk for exact (sufficient-statistics)
     rules on CUDA too: their per-token solve is torch either way (triton would run only G's scan), and the
-    chunk backend saves the extra launches. RLS rules take triton (their gain scan is a kernel)."""
+    chunk backend saves the extra launches. RLS rules take triton (their gain scan is a kernel). Chunk also for a
+    rule with a coefficient the Triton printer has no lowering for (Piecewise, floor, atan: torch evaluates them;
+    "auto" had picked triton on CUDA and raised its NotImplementedError)."""
     sufficient_stats = rule.is_exact and not rule.is_rls
-    return "triton" if torch.device(device).type == "cuda" and not sufficient_stats else "chunk"
+    if torch.device(device).type != "cuda" or sufficient_stats:
+        return "chunk"
+    return "triton" if triton_prints(rule.form) else "chunk"
+
+
+@functools.lru_cache(maxsize=256)
+def triton_prints(form) -> bool:
+    """Whether the Triton printer lowers every coefficient of the form (the generated kernels print them)."""
+    from .triton.printer import TritonPrinter
+    printer = TritonPrinter()
+    try:
+        for e in form.expressions():
+            printer.doprint(sympy.sympify(e))
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _nothing_to_scan(args: ScanArgs):
