@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import sys
 import warnings
 
 import sympy as sp
 import torch
 
 from ..derive.rule import Correction, InputTerm, NormalForm, Rule, evaluator
+from ..derive.solve import _caller_level
 from ..objectives import core as O
 from .api import inner_scan, scan, scan_pieces
 from .recurrent import _rowdot, _serial, first_derivative_only
@@ -216,16 +215,6 @@ def check_rls_values(args, state_dtype=None) -> None:
     warn_if_ill_conditioned(args, gamma, state_dtype or args.state_dtype)
 
 
-def _stacklevel_outside_olssm() -> int:
-    """The stacklevel of warnings.warn (called from our caller) that names the first frame outside this package:
-    scan is reached through Rule.scan, api.scan, the layers and models at different depths."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(2), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 class RLSConditioningWarning(RuntimeWarning):
     """An RLS scan whose forgetting makes P so ill-conditioned that its state dtype keeps few correct digits
     (TRITON.md, "Recursive least squares", Conditioning)."""
@@ -276,7 +265,7 @@ def warn_if_ill_conditioned(args, gamma, dtype) -> None:
         f"by ~{decade(error) if error < 1 else 'their own size'} relative. Run it "
         + ("in float64, " if dtype != torch.float64 else "") + "with forgetting factors closer to 1, or use decayed "
         "least squares (catalogue 'decayed_least_squares'), whose ridge does not decay",
-        RLSConditioningWarning, stacklevel=_stacklevel_outside_olssm())
+        RLSConditioningWarning, stacklevel=_caller_level())
 
 
 def check_ridge_values(args) -> None:
