@@ -326,7 +326,7 @@ def test_a_rule_without_value_inputs_takes_d_v_from_the_initial_state():
     g = torch.Generator().manual_seed(3)
     inp = dict(q=torch.randn(1, 9, 2, 4, generator=g), k=torch.randn(1, 9, 2, 4, generator=g),
                k2=torch.randn(1, 9, 2, 4, generator=g), beta=torch.rand(1, 9, 2, generator=g))
-    with pytest.raises(ValueError, match=r"cannot infer d_v \(it reads no value-sized per-token input\); pass "
+    with pytest.raises(ValueError, match=r"cannot infer d_v \(it reads no value-sized input\); pass "
                                          r"initial_state"):
         rule.scan(backend="chunk", **inp)
     S0 = torch.randn(1, 2, 3, 4, generator=g, dtype=torch.float64)
@@ -537,3 +537,23 @@ def test_auto_takes_chunk_on_cuda_for_coefficients_triton_cannot_print():
     for name in ("deltanet", "gla", "mamba", "rls"):
         assert auto_backend(catalogue.rule(name), "cuda") == "triton"
     assert auto_backend(catalogue.rule("decayed_least_squares"), "cuda") == "chunk"
+
+
+def test_a_size_only_a_parameter_carries_is_read_from_it():
+    """−⟨S, M⟩ with M a [H, d_v, d_k] parameter reads no value-sized per-token input: scan refused it without an
+    initial_state ("cannot infer d_v"; a probe, session 26). d_v comes from M now: o and the final state against the
+    rule's own step loop, with and without cu_seqlens."""
+    S, Sp = O.states()
+    rule = derive(O.Objective(O.sqnorm(S - Sp) / 2 - O.inner(S, O.parameter("M", "matrix"))))
+    inp = _inputs(rule, B=1, T=8, H=2, d_k=4, d_v=3)
+    o, final = rule.scan(backend="reference", output_final_state=True, **inp)
+    state, outs = rule.zero_state((1, 2), 4, 3), []
+    for t in range(8):
+        o_t, state = rule.decode(state, M=inp["M"], q=inp["q"][:, t])
+        outs.append(o_t)
+    torch.testing.assert_close(o, torch.stack(outs, 1))
+    torch.testing.assert_close(final, state)
+    for backend in ("reference", "chunk"):
+        packed, _ = rule.scan(backend=backend, cu_seqlens=torch.tensor([0, 3, 8]), **inp)
+        alone, _ = rule.scan(backend=backend, M=inp["M"], q=inp["q"][:, 3:])
+        torch.testing.assert_close(packed[:, 3:], alone)

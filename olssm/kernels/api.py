@@ -245,10 +245,18 @@ def check_scan_args(rule, q, k, v, *, initial_state, output_final_state, cu_seql
             raise ValueError(f"scan: input {n!r} has key size {x.shape[-1]}, other key-sized inputs have {d_k}")
         if s.kind == ROW and x.shape[-1] != d_v:
             raise ValueError(f"scan: input {n!r} has value size {x.shape[-1]}, other value-sized inputs have {d_v}")
+    # a size no per-token input carries may be a parameter's ([H, d_v] row, [H, d_k] column, [H, d_v, d_k] matrix:
+    # −⟨S, M⟩ reads no value input), checked against the rest below like any parameter
+    for n, x in params.items():
+        kind = need[n].kind
+        if d_v is None and kind in (ROW, ELEMENTWISE) and x.dim() == (2 if kind == ROW else 3):
+            d_v = x.shape[1]
+        if d_k is None and kind in (COLUMN, ELEMENTWISE) and x.dim() == (2 if kind == COLUMN else 3):
+            d_k = x.shape[-1]
     if d_k is None or d_v is None:
         st = initial_state[0] if isinstance(initial_state, (tuple, list)) else initial_state
         if st is None:
-            unknown = [f"{d} (it reads no {kind}-sized per-token input)"
+            unknown = [f"{d} (it reads no {kind}-sized input)"
                        for d, kind, size in (("d_k", "key", d_k), ("d_v", "value", d_v)) if size is None]
             raise ValueError(f"scan: cannot infer {' or '.join(unknown)}; pass initial_state, whose shape "
                              "[B, H, d_v, d_k] gives it")
