@@ -481,6 +481,26 @@ def test_csum_of_an_expression_without_a_key_index_is_refused():
     assert O.csum(k * k) == O.dot(k, k) and O.csum(sp.Integer(0)) == 0
 
 
+def test_an_exact_rule_with_a_constant_weight_on_the_state_runs():
+    """½‖S k − v‖² + (1/100)·½‖S‖² (update="exact") derived, and then every step failed: the generated step passed the
+    weight, a Python float, to torch.broadcast_to (a probe, session 26). It runs now, against verify and across the
+    torch backends with gradients (fp64: 1e-10), and prints as H_t = H_{t-1} + k kᵀ + (1/100) I."""
+    S, _ = O.states()
+    k, v = O.key("k"), O.value("v")
+    rule = olssm.derive(O.Objective(O.sqnorm(S @ k - v) / 2 + sp.Rational(1, 100) * O.sqnorm(S) / 2, update="exact",
+                                    decay=O.scalar("g", domain="decay")))
+    assert str(rule).startswith("H_t = g H_{t-1} + k kᵀ + (1/100) I\n"), str(rule)
+    assert olssm.verify(rule).ok
+    inp = catalogue.random_inputs(rule, 2, 11, 2, 4, 3, dtype=torch.float64)
+    got = {}
+    for backend in ("reference", "chunk"):
+        x = {n: t.clone().requires_grad_() for n, t in inp.items()}
+        o, (G, H) = rule.scan(backend=backend, output_final_state=True, **x)
+        got[backend] = (o, G, H, *torch.autograd.grad((o ** 2).sum() + G.sum() + H.sum(), list(x.values())))
+    for a, b in zip(got["chunk"], got["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_a_sum_of_keys_keeps_its_parentheses_in_print():
     # S @ (k + k2) had printed as ‖S k + k₂ - v‖², which reads as (S k) + k₂ (the math was right)
     S, _ = O.states()

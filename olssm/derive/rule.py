@@ -273,7 +273,9 @@ def torch_step_source(form) -> str:
         for r in range(len(form.gram)):
             body.append(f"    H = H + ({out[f'R{r}']}) * ({out[f'u{r}']}).transpose(-1, -2) * ({out[f'uw{r}']})")
         if form.gram_diag != 0:
-            body.append(f"    H = H + torch.diag_embed(torch.broadcast_to({out['gram_diag']}, H.shape[:-2] + (1, H.shape[-1]))[..., 0, :])")
+            # as_tensor: a constant weight (1/100·‖S‖²) prints as a Python float, which broadcast_to refuses
+            body.append(f"    H = H + torch.diag_embed(torch.broadcast_to(torch.as_tensor({out['gram_diag']}, dtype=H.dtype, "
+                        "device=H.device), H.shape[:-2] + (1, H.shape[-1]))[..., 0, :])")
         for m in range(len(form.moments)):
             body.append(f"    G = G + ({out[f'e{m}']}) * ({out[f'w{m}']})")
         body.append("    return (G, H)")
@@ -523,14 +525,17 @@ class Rule:
                          rf"S_t = S_{{t-1}} + \left({e} - {R}S_{{t-1}} {u}\right) (P_t {u})^\top"))
             out.append(T(f"o_t = S_t {self._vec(f.readout)}", rf"o_t = S_t {self._vec(f.readout, True)}"))
         elif isinstance(f, ExactForm):
-            g = self._c(f.decay, tex)
+            g = "" if _is_one(f.decay) else self._c(f.decay, tex) + " "
             hterms = "".join(self._signed(c.coef, f"{self._vec(c.a, tex)} {self._vec(c.b, tex)}{top}", "+", tex)
                              for c in f.gram)
-            if f.gram_diag != 0:
-                hterms += T(f" + diag({f.gram_diag})", rf" + \operatorname{{diag}}({sp.latex(f.gram_diag)})")
+            if f.gram_diag != 0:   # a scalar weight δ I, as the ridge below; any other diag(δ)
+                if kind_of(f.gram_diag) != SCALAR:
+                    hterms += T(f" + diag({f.gram_diag})", rf" + \operatorname{{diag}}({sp.latex(f.gram_diag)})")
+                else:
+                    hterms += self._signed(f.gram_diag, T("I", "I"), "+", tex)
             gterms = "".join(self._signed_input(t, tex) for t in f.moments)
-            out.append(T(f"H_t = {g} H_{{t-1}}{hterms}", rf"H_t = {g} H_{{t-1}}{hterms}"))
-            out.append(T(f"G_t = {g} G_{{t-1}}{gterms}", rf"G_t = {g} G_{{t-1}}{gterms}"))
+            out.append(T(f"H_t = {g}H_{{t-1}}{hterms}", rf"H_t = {g}H_{{t-1}}{hterms}"))
+            out.append(T(f"G_t = {g}G_{{t-1}}{gterms}", rf"G_t = {g}G_{{t-1}}{gterms}"))
             col = kind_of(f.ridge) == COLUMN    # a per-column ridge is diag(λ), not λ I (in LaTeX too)
             lam = "" if f.ridge == 0 else T(f" + diag({f.ridge})" if col else f" + {self._c(f.ridge)} I",
                                               rf" + \operatorname{{diag}}({sp.latex(f.ridge)})" if col
