@@ -44,7 +44,7 @@ def table(latex: bool = False, steps: int = 6, out=sys.stdout, derived: bool = T
                   f"{r['rule'].structure} | {r['published_error']:.1e} | {r['solver_error']:.1e} |", file=out)
         n_ok = sum(r["ok"] for r in rows)
         print(f"\n{n_ok}/{len(rows)} derived rules match their published recurrence (float64, rel. err < 1e-10) "
-              f"and the numerical solver (rel. err < 1e-6).", file=out)
+              f"and the numerical solver (rel. err < 1e-8).", file=out)
     if derived and not latex:
         extra = _derived_rows(steps)
         print("\nObjectives no paper names (catalogue.DERIVED), derived the same way, checked against the solver:\n",

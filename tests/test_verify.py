@@ -187,3 +187,30 @@ def test_verify_is_inconclusive_where_float64_cannot_resolve_the_minimiser():
     report = olssm.verify(_proximal_weight_objective(1e-15))
     assert not report.ok and report.inconclusive and "INCONCLUSIVE" in str(report), report
     assert "singular to float64 precision" in str(report), report
+
+
+def test_verify_refuses_a_rule_that_reads_its_inputs_otherwise_and_catches_small_errors():
+    """A mutation probe (session 26): a hand-built rule declaring GLA's column gate a row gate, or a decay |a| with a
+    re-declared 'positive' a, verified OK against objectives declaring otherwise (the oracle drew and laid out the
+    inputs by the rule's specs); and a 1e-6 change inside Longhorn's ε or a 1e-7 change of RetNet's decay passed the
+    old 1e-6 tolerance. The first two are errors now; the others fail the 1e-8 tolerance (correct rules: ≤ 3.5e-13)."""
+    from olssm import catalogue
+    from olssm.derive.rule import _substitute
+    from olssm.objectives.core import csum
+    verify = olssm.verify
+    gla = catalogue.rule("gla")
+    with pytest.raises(ValueError, match=r"reads input 'g' as a per-token row input .* declares it as a per-token "
+                                         r"column input"):
+        verify(Rule(gla.objective, _substitute(gla.form, {gla.form.decay: O.row("g", domain="decay")})))
+    S, Sp = O.states()
+    a = O.scalar("a")
+    obj = O.Objective(O.sqnorm(S - a * Sp) / 2 - O.inner(S @ O.key("k"), O.value("v")))
+    form = olssm.derive(obj).form
+    with pytest.raises(ValueError, match=r"'a' as .*domain 'positive'.*domain 'real'"):
+        verify(Rule(obj, dataclasses.replace(form, decay=sp.Abs(O.scalar("a", domain="positive")))))
+    assert verify(catalogue.rule("gla").with_log_decays()).ok      # the one allowed difference
+    lh = catalogue.rule("longhorn")
+    norm = next(x for x in sp.preorder_traversal(lh.form.corrections[0].coef) if isinstance(x, csum))
+    assert not verify(Rule(lh.objective, _substitute(lh.form, {norm: norm + sp.Float(1e-6)}))).ok
+    rn = catalogue.rule("retnet")
+    assert not verify(Rule(rn.objective, dataclasses.replace(rn.form, decay=rn.form.decay * sp.Float(1 + 1e-7)))).ok

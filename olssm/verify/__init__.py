@@ -158,8 +158,29 @@ def _open_sign(spec) -> bool:
 
 
 def _input_specs(rule: Rule) -> dict:
-    """Every input the rule and its objective read; the rule's spec where both have one (its log decays)."""
+    """Every input the rule and its objective read; the rule's spec where both have one (its log decays, the one
+    difference _check_rule_inputs lets through)."""
     return {**rule.objective.inputs(), **rule.inputs}
+
+
+def _check_rule_inputs(rule: Rule) -> None:
+    """The rule must read each input its objective declares as the objective declares it (kind, role, parameter or
+    per-token, domain), but for a decay read as its log (rule.with_log_decays()). The oracle draws and lays out
+    inputs by these specs, and had taken the rule's: a hand-built rule declaring GLA's column gate as a row gate, or
+    a decay |a| with a re-declared 'positive' a, verified OK against objectives that say otherwise (a probe,
+    session 26)."""
+    declared = rule.objective.inputs()
+    for n, s in rule.inputs.items():
+        o = declared.get(n)
+        if o is None:
+            continue
+        logged = s.domain == "log_decay" and o.domain == "decay"
+        if (s.kind, s.role, s.is_parameter) != (o.kind, o.role, o.is_parameter) or (s.domain != o.domain and not logged):
+            what = lambda x: (f"a {'parameter' if x.is_parameter else 'per-token'} {x.kind} input (role {x.role!r}, "
+                              f"domain {x.domain!r})")
+            raise ValueError(f"verify: the rule reads input {n!r} as {what(s)}, its objective declares it as {what(o)}; "
+                             "a rule must read its objective's inputs as declared (only a decay may be read as its "
+                             "log, rule.with_log_decays())")
 
 
 def random_inputs(rule: Rule, steps: int, d_k: int, d_v: int, seed: int = 0) -> list[dict]:
@@ -205,7 +226,7 @@ class VerifyReport:
     state_error: float
     output_error: float
     per_step: list
-    tolerance: float = 1e-6
+    tolerance: float = 1e-8
     note: str = ""
     #: (step, smallest eigenvalue of the step's Hessian in vec(S) relative to its largest) for every step whose
     #: drawn inputs leave the objective the oracle minimises without a minimum: never OK (there is no argmin to
@@ -317,7 +338,7 @@ def _rel(a, b):
 
 
 def verify(objective_or_rule, steps: int = 6, d_k: int | None = None, d_v: int | None = None, seed: int = 0,
-           tolerance: float = 1e-6, inputs: list[dict] | None = None) -> VerifyReport:
+           tolerance: float = 1e-8, inputs: list[dict] | None = None) -> VerifyReport:
     """Run the derived rule and an independent numerical solver side by side; report the errors. d_k, d_v: the
     sizes of drawn inputs (4, 3); with `inputs` given, the sizes they have.
 
@@ -332,6 +353,7 @@ def verify(objective_or_rule, steps: int = 6, d_k: int | None = None, d_v: int |
     (olssm/verify/NOTES.md)."""
     rule = derive(objective_or_rule)
     obj: Objective = rule.objective
+    _check_rule_inputs(rule)
     if inputs is not None:
         seq, k_given, v_given = _given(rule, inputs)
         for name, asked, given in (("d_k", d_k, k_given), ("d_v", d_v, v_given)):
@@ -355,8 +377,8 @@ def verify(objective_or_rule, steps: int = 6, d_k: int | None = None, d_v: int |
     logged = {n for n, s in rule.inputs.items()
               if s.domain == "log_decay" and n in obj.inputs() and obj.inputs()[n].domain != "log_decay"}
 
-    def lay(inp):
-        inp = {n: (torch.exp(x) if n in logged else x) for n, x in inp.items()}
+    def lay(inp, as_the_objective=True):
+        inp = {n: (torch.exp(x) if n in logged and as_the_objective else x) for n, x in inp.items()}
         return {n: (x[:, None] if sym_kind.get(n) == ROW else x[None, :] if sym_kind.get(n) == COLUMN else x)
                 for n, x in inp.items()}
 
@@ -401,7 +423,11 @@ def verify(objective_or_rule, steps: int = 6, d_k: int | None = None, d_v: int |
                 S_rule = state[0]
             else:
                 G, H = state
-                lam = _eval(obj.ridge, L) if obj.ridge is not None else torch.tensor(0.0, dtype=torch_dtype)
+                # the rule's state with the rule's own ridge (G, H and λ all scaled by 2 read out the same o: with the
+                # objective's λ that had read as a wrong state, 0.36)
+                ridge_form = rule.form.ridge
+                lam = (_eval(ridge_form, lay(inp, as_the_objective=False)) if ridge_form is not None
+                       else torch.tensor(0.0, dtype=torch_dtype))
                 S_rule = torch.linalg.solve((H + torch.diag_embed(torch.broadcast_to(lam, (1, d_k))[0])).T, G.T).T
             o_or = S_or @ inp[qn]
             e1, e2 = _rel(S_rule, S_or), _rel(o_rule, o_or)
