@@ -1323,45 +1323,75 @@ def test_value_kernel_forms_n_from_the_key_tiles_it_loads(name, monkeypatch):
         _close(g1[n], g2[n], 2e-6, f"d{n}, N from the loaded tiles against two more loads")
 
 
+@pytest.mark.parametrize("same", [True, False])
 @pytest.mark.parametrize("inputs", ["bf16, auto", "fp32, bf16 operands"])
 @pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_dot_operands_kept_in_bf16_where_the_dots_take_bf16_operands(name, inputs, monkeypatch):
-    # W̃ (chunked.wt_storage) and, without a decay, dh (chunked_delta_bwd.dh_storage) are only ever dot operands, so
-    # under bf16 operands (DeltaNet's bf16 inputs at wide keys under "auto"; any rule under DOT_PRECISION "bf16") they
-    # are kept in bf16 (W̃ in half its fp32 span of the op's aux). o, the final state and every gradient are bit for
-    # bit those of fp32 buffers (the dots round them to bf16 the same way), and the backward reads the W̃ dtype the
-    # forward wrote, from aux's size. Gated DeltaNet keeps dh in fp32 (its ∂ log γ sums ⟨dS, S₀⟩), and under "auto"
-    # tf32 operands and an fp32 W̃
+def test_dot_operands_kept_in_bf16_where_the_dots_take_bf16_operands(name, inputs, same, monkeypatch):
+    # The split delta buffers that are only ever dot operands (chunked.OPERAND_BUFFERS): W̃ (chunked.wt_storage), T_c
+    # (tc_storage), the forward's Δ / E₀ − Δ, dh without a decay (chunked_delta_bwd.dh_storage), dR′ (dr_storage) and,
+    # for the general key kernel (same off), the backward's Δ (dl_storage). Under bf16 operands (DeltaNet's bf16 inputs
+    # at wide keys under "auto"; any rule under DOT_PRECISION "bf16") they are kept in bf16 (T_c and W̃ each in half
+    # its fp32 span of the op's aux). o, the final state and every gradient are bit for bit those of fp32 buffers
+    # (the dots round them to bf16 the same way; under the interpreter _store_operand rounds to nearest as the GPU
+    # does), and the backward reads the dtypes the forward wrote, from aux's size — also for session 24's pair alone
+    # (W̃ and dh: a bf16 W̃ beside an fp32 T_c). Gated DeltaNet keeps dh in fp32 (its ∂ log γ sums ⟨dS, S₀⟩), the
+    # same-key kernel Δ (it forms E − Δ in fp32), and under "auto" Gated DeltaNet has tf32 operands and fp32 buffers
     monkeypatch.setattr(tlib, "FORCE", "chunk")
     monkeypatch.delenv("OLSSM_TRITON_DOT_PRECISION", raising=False)
+    monkeypatch.setattr(tdelta, "SAME_KEY", same)
+    monkeypatch.delenv("OLSSM_TRITON_SAME_KEY", raising=False)
     dtype = torch.bfloat16 if inputs.startswith("bf16") else torch.float32
     monkeypatch.setattr(tchunk, "DOT_PRECISION", "auto" if inputs.endswith("auto") else "bf16")
     rule = _same_key_rule(name)
     inp = {n: x if rule.inputs[n].is_parameter else x.to(dtype)
            for n, x in random_inputs(rule, 1, 70, 2, 72, 12, seed=52).items()}
     h0 = 0.3 * torch.randn(1, 2, 12, 72, generator=torch.Generator().manual_seed(52))
-    wts, dhs = [], []
-    real_core, real_state = tchunk.saved_chunk_core, tdelta.chunk_delta_bwd_state_kernel
+    seen = []
+    real_core = tchunk.saved_chunk_core
     monkeypatch.setattr(tchunk, "saved_chunk_core",
-                        lambda *a: (lambda core: wts.append(core[1].dtype) or core)(real_core(*a)))
+                        lambda *a: (lambda core: seen.append(("core", core[0].dtype, core[1].dtype)) or core)(
+                            real_core(*a)))
 
-    class Spy:   # the reverse pass's eighth argument is dh
-        def __getitem__(self, grid):
-            return lambda *a, **k: dhs.append(a[7].dtype) or real_state[grid](*a, **k)
+    def spy(module, kernel, args):   # the dtypes of these positional arguments of every launch of kernel
+        real = getattr(module, kernel)
 
-    monkeypatch.setattr(tdelta, "chunk_delta_bwd_state_kernel", Spy())
-    kept = _run(rule, inp, h0, "triton")
-    bf16 = name == "deltanet" or inputs.endswith("operands")
-    assert wts == [torch.bfloat16 if bf16 else torch.float32] * 2, wts   # the forward's and the backward's view
-    assert dhs == [torch.bfloat16 if bf16 and name == "deltanet" else torch.float32], dhs
-    monkeypatch.setattr(tchunk, "operand_storage", lambda *a: torch.float32)   # W̃ and dh both
-    wts.clear(), dhs.clear()
-    fp32 = _run(rule, inp, h0, "triton")
-    assert wts == [torch.float32] * 2 and dhs == [torch.float32], (wts, dhs)
-    (o1, f1, g1), (o2, f2, g2) = kept, fp32
-    assert torch.equal(o1, o2) and torch.equal(f1, f2)
-    assert g1.keys() == g2.keys() and all(torch.equal(g1[n], g2[n]) for n in g1), \
-        {n: float((g1[n] - g2[n]).abs().max()) for n in g1}
+        class Spy:
+            def __getitem__(self, grid):
+                return lambda *a, **k: seen.append((kernel, *(a[i].dtype for i in args))) or real[grid](*a, **k)
+
+        monkeypatch.setattr(module, kernel, Spy())
+
+    spy(tchunk, "chunk_delta_state_kernel", (5, 6))            # Ũ (u), Δ (dl)
+    spy(tchunk, "chunk_delta_out_kernel", (5,))                # Δ
+    spy(tdelta, "chunk_delta_bwd_state_kernel", (7,))          # dh
+    spy(tdelta, "chunk_delta_bwd_value_kernel", (7, 8, 9, 13))  # T_c, dΔ, dR′, Δ
+
+    def run(buffers):
+        monkeypatch.setattr(tchunk, "OPERAND_BUFFERS", buffers)
+        seen.clear()
+        return _run(rule, inp, h0, "triton"), sorted(seen, key=str)
+
+    kept, got = run(("wt", "tc", "delta", "dh", "dr", "dl"))
+    f32, bf16 = torch.float32, torch.bfloat16
+    b = bf16 if name == "deltanet" or inputs.endswith("operands") else f32
+    want = [("chunk_delta_bwd_state_kernel", bf16 if b == bf16 and name == "deltanet" else f32),
+            ("chunk_delta_bwd_value_kernel", b, f32, b, f32 if same else b),
+            ("chunk_delta_out_kernel", b), ("chunk_delta_state_kernel", f32, b), ("core", b, b), ("core", b, b)]
+    assert got == sorted(want, key=str), got
+    fp32, got = run(())
+    assert got == sorted([("chunk_delta_bwd_state_kernel", f32), ("chunk_delta_bwd_value_kernel", f32, f32, f32, f32),
+                          ("chunk_delta_out_kernel", f32), ("chunk_delta_state_kernel", f32, f32), ("core", f32, f32),
+                          ("core", f32, f32)], key=str), got
+    runs = [fp32]
+    if b == bf16 and not same:   # session 24's pair alone: aux holds an fp32 T_c beside a bf16 W̃
+        pair, got = run(("wt", "dh"))
+        assert [x for x in got if x[0] == "core"] == [("core", f32, bf16)] * 2, got
+        runs.append(pair)
+    o1, f1, g1 = kept
+    for o2, f2, g2 in runs:
+        assert torch.equal(o1, o2) and torch.equal(f1, f2)
+        assert g1.keys() == g2.keys() and all(torch.equal(g1[n], g2[n]) for n in g1), \
+            {n: float((g1[n] - g2[n]).abs().max()) for n in g1}
 
 
 @pytest.mark.parametrize("case", ["gated_deltanet", "general kernel", "untied", "two terms", "gated longhorn",

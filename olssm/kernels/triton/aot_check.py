@@ -65,8 +65,9 @@ def ptx_loops(ptx: str) -> list:
 
 #: the pointers of the chunk tensors (chunked.chunk_inputs' q, w, e, a, b, c: k / v in the diagonal kernels, x / y in
 #: the helpers) and of the scan's o / dO, which are bf16 in a bf16 scan under chunked.CHUNK_STORAGE = "input", and
-#: the split delta forward's Ũ / Δ (u; chunked.DELTA_U_STORAGE = "input"). The log decay g, W̃, the checkpoints ck /
-#: dh and the backward's scratch tensors stay fp32
+#: the split delta forward's Ũ / Δ (u; chunked.DELTA_U_STORAGE = "input"). The log decay g, the checkpoints ck and
+#: the backward's other scratch tensors stay fp32; the split delta path's dot-operand buffers (W̃, T_c, Δ, dh, dR′)
+#: take the dtypes their launches give them (main's bf16_ptrs)
 BF16_PTRS = {p: "*bf16" for p in ("q_ptr", "k_ptr", "v_ptr", "w_ptr", "e_ptr", "a_ptr", "b_ptr", "c_ptr", "o_ptr",
                                   "do_ptr", "u_ptr")}
 #: the kernels also compiled with BF16_PTRS (--bf16 some): name prefixes of variants()
@@ -415,16 +416,29 @@ def main(argv=None) -> int:
     todo = []
 
     def bf16_ptrs(name, ck=False):
-        """BF16_PTRS (ck: BF16_CK_PTRS), with W̃ and the split delta backward's dh in the dtypes the launches give them
-        at this precision (chunked.operand_storage, chunked_delta_bwd.dh_storage)."""
+        """BF16_PTRS (ck: BF16_CK_PTRS), with the split delta path's dot-operand buffers in the dtypes the launches
+        give them at this precision (chunked.operand_storage): W̃, T_c (chunked.tc_storage), the forward's Δ (the
+        state kernel's dl; the output kernel's u is bf16 in BF16_PTRS already), and the backward's dh, dR′ and Δ
+        (chunked_delta_bwd.dh_storage, dr_storage, dl_storage)."""
         import torch
-        from .chunked import operand_storage
-        from .chunked_delta_bwd import dh_storage
+        from .chunked import operand_storage, tc_storage
+        from .chunked_delta_bwd import dh_storage, dl_storage, dr_storage
         ptrs = dict(BF16_CK_PTRS if ck else BF16_PTRS)
-        if operand_storage(a.precision) == torch.bfloat16:
+        bf16 = torch.bfloat16
+        name = name.removeprefix("rank4 ")
+        if operand_storage(a.precision, "wt") == bf16:
             ptrs["wt_ptr"] = "*bf16"
-        if name.startswith("delta bwd") and dh_storage(a.precision, "decay=none" not in name) == torch.bfloat16:
+        if tc_storage(a.precision) == bf16:
+            ptrs["tc_ptr"] = "*bf16"
+        if name.startswith("delta split state") and operand_storage(a.precision, "delta") == bf16:
+            ptrs["dl_ptr"] = "*bf16"
+        if name.startswith("delta bwd") and dh_storage(a.precision, "decay=none" not in name) == bf16:
             ptrs["dh_ptr"] = "*bf16"
+        if name.startswith(("delta bwd value", "delta bwd key")):
+            if dr_storage(a.precision) == bf16:
+                ptrs["dr_ptr"] = "*bf16"
+            if dl_storage(a.precision, "SAME_KEY" in name) == bf16:
+                ptrs["dl_ptr"] = "*bf16"
         return ptrs
 
     if a.only in ("all", "chunked"):

@@ -537,8 +537,9 @@ def checkpoint_storage(out_dtype=torch.float32) -> torch.dtype:
 #: rounded to bf16 enters the state update (the state pass adds W̃ S₀ᵀ to it in fp32 and updates S from that), so
 #: DeltaNet's final state moves from 2e-7 to 2e-3 of the fp64 reference on bf16 inputs (interpreter, T = 256, d = 32;
 #: o, rounded to bf16 anyway, 5e-3 either way), where every other storage knob costs nothing on bf16 inputs since
-#: RAW_INPUTS and SCALE_ON_LOAD. The backward recomputes Δ in fp32 and does not read it. W̃ stays fp32 (the op's
-#: aux saves it for the backward). OLSSM_TRITON_DELTA_U_STORAGE overrides; read at call time. Untimed.
+#: RAW_INPUTS and SCALE_ON_LOAD. The backward recomputes Δ in fp32 and does not read it. Under bf16 operands with
+#: "fp32", Δ goes to a bf16 buffer of its own (OPERAND_BUFFERS' "delta": the output kernel reads it as a dot operand
+#: only, so that is exact) and Ũ alone stays fp32. OLSSM_TRITON_DELTA_U_STORAGE overrides; read at call time. Untimed.
 DELTA_U_STORAGE = "fp32"
 
 
@@ -1463,8 +1464,8 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
     cc, _, Dst, gam, Tc, Nab = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC, SUB,
                                            UTB, SOLVE)
     _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
-    if SAVE_TC:
-        tl.store(tc_ptr + base[:, None] * BT + tt[None, :], Tc, mask=tm[:, None])
+    if SAVE_TC:   # (tc_storage)
+        _store_operand(tc_ptr + base[:, None] * BT + tt[None, :], Tc, tm[:, None], PREC)
     Tc = Tc * cc[None, :]                                                     # T_c diag(c)
     if M == 1:   # one [BT, BT] left factor for every value block
         if TIED:
@@ -1489,16 +1490,17 @@ def chunk_delta_prep_kernel(w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, wt_ptr, u_
 
 
 @triton.jit
-def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, ht_ptr, ck_ptr, cu_ptr,
+def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, dl_ptr, h0_ptr, ht_ptr, ck_ptr, cu_ptr,
                              T, H, DK, DV, NCK, SW, SE, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                              BV: tl.constexpr, GATED: tl.constexpr, USE_H0: tl.constexpr, VARLEN: tl.constexpr,
                              PREC: tl.constexpr = "ieee", TIED: tl.constexpr = False, SUB: tl.constexpr = 1,
                              OFF32: tl.constexpr = False, es_ptr=None, SCALED_E: tl.constexpr = False, f_ptr=None,
                              FACTORS: tl.constexpr = False):
-    """The sequential pass: per chunk, ck ← S₀, Δ = W̃ S₀ᵀ + Ũ (written over Ũ in u),
+    """The sequential pass: per chunk, ck ← S₀, Δ = W̃ S₀ᵀ + Ũ (→ dl: u itself, over Ũ, or a bf16 buffer where the
+    output kernel's dots take bf16 operands: operand_storage's "delta"),
     S ← Γ_L S₀ − (Δ ⊙ Γ_L/Γ)ᵀ B + Σ_m (E_m ⊙ Γ_L/Γ)ᵀ W_m; ht ← the last S.
     TIED (W_0 is B): S ← Γ_L S₀ + ((E_0 − Δ) ⊙ Γ_L/Γ)ᵀ B + Σ_{m≥1} ... — 2 + M − 1 dots and [BT, BK] loads
-    per chunk instead of 2 + M (fla's h += Kᵀ (U − W h)); u then holds E_0 − Δ (fla's v_new), which the output
+    per chunk instead of 2 + M (fla's h += Kᵀ (U − W h)); dl then holds E_0 − Δ (fla's v_new), which the output
     kernel reads in place of E_0 and Δ."""
     i_v, i_bh, i_h, bos, eos, rows, cols, rm, km, m2, soff, tt = _sequential_program(cu_ptr, T, H, DK, DV, BT, BK,
                                                                                       BV, VARLEN)
@@ -1517,10 +1519,10 @@ def chunk_delta_state_kernel(w_ptr, e_ptr, g_ptr, b_ptr, wt_ptr, u_ptr, h0_ptr, 
         # 24); a dot subtracted from it is not folded, and the load is prefetched (cp.async) like the others
         if TIED:
             r = (_value_side(e_ptr, 0, 0, uoff, vm, es_ptr, base, tm, SCALED_E) - u) - _mm(wt, tl.trans(S), PREC)
-            tl.store(u_ptr + uoff, r.to(u_ptr.dtype.element_ty), mask=vm)
+            _store_operand(dl_ptr + uoff, r, vm, PREC)
         else:
             r = -u - _mm(wt, tl.trans(S), PREC)
-            tl.store(u_ptr + uoff, (-r).to(u_ptr.dtype.element_ty), mask=vm)
+            _store_operand(dl_ptr + uoff, -r, vm, PREC)
         bv = tl.load(b_ptr + base[:, None] * DK + cols[None, :], mask=km2, other=0.0).to(tl.float32)
         if GATED:   # dec = Γ_L/Γ_i ≤ 1
             _, dec, gl = _sequential_decay(g_ptr, f_ptr, base, tm, (bos + c * BT).to(tl.int64) * H + i_h, BT, FACTORS)
@@ -1547,8 +1549,8 @@ def chunk_delta_out_kernel(q_ptr, w_ptr, e_ptr, g_ptr, b_ptr, u_ptr, ck_ptr, o_p
                            SUB: tl.constexpr = 1, OFF32: tl.constexpr = False, es_ptr=None,
                            SCALED_E: tl.constexpr = False):
     """o = Γ ⊙ Q S₀ᵀ − (Q Bᵀ ⊙ D) Δ + Σ_m (Q W_mᵀ ⊙ D) E_m per (chunk, value block), S₀ from ck and Δ
-    from u; KB key columns at a time, like prep. TIED (W_0 is B): (Q Bᵀ ⊙ D)(E_0 − Δ), one [BT, BT] product
-    and its dot fewer, E_0 − Δ as the state kernel left it in u."""
+    from u (the state kernel's dl: only ever this dot's operand); KB key columns at a time, like prep. TIED (W_0 is
+    B): (Q Bᵀ ⊙ D)(E_0 − Δ), one [BT, BT] product and its dot fewer, E_0 − Δ as the state kernel left it in u."""
     i_v, i_h, tt, rows, tm, base, vm, sm, sbase, voff = _chunk_value_tile(ix_ptr, cu_ptr, T, H, DK, DV, NCK, BT, BV,
                                                                           VARLEN, OFF32)
     sbase = ck_ptr + sbase
@@ -1962,18 +1964,42 @@ def _tied(form) -> bool:
 
 def chunk_core_numel(form, sizes, out_dtype=torch.float32) -> int:
     """fp32 elements of the forward op's aux holding the T_c and W̃ the split forward keeps (saves_chunk_core), in the
-    kernels' sub-token layout: W̃ in wt_storage's dtype, two bf16 values to an fp32 slot, so that aux's size says
-    which dtype the forward wrote (saved_chunk_core)."""
+    kernels' sub-token layout: T_c and W̃ in core_storage's dtypes, two bf16 values to an fp32 slot, so that aux's size
+    says which dtypes the forward wrote (saved_chunk_core)."""
     B, T, H, d_k, d_v, N, max_len, C = sub_sizes(sizes, sub_tokens(form))
-    n = B * T * H
-    return n * C + (-(-n * d_k // 2) if wt_storage(form, d_k, out_dtype) == torch.bfloat16 else n * d_k)
+    return _core_numel(B * T * H, C, d_k, *core_storage(form, d_k, out_dtype))
 
 
-def operand_storage(prec: str) -> torch.dtype:
-    """The dtype of a split delta buffer that is only ever read back as a dot operand, for dots of precision prec
-    (_precision): bf16 where they take bf16 operands, which round it to bf16 there anyway (the same numbers from
-    half the bytes), fp32 otherwise. W̃ (wt_storage) and, without a decay, dh (chunked_delta_bwd.dh_storage)."""
-    return torch.bfloat16 if prec.startswith("bf16") else torch.float32
+def _core_numel(n: int, C: int, d_k: int, tc_dtype, wt_dtype) -> int:
+    """fp32 slots of n tokens' T_c (C each) and W̃ (d_k each) in these dtypes (_slots)."""
+    return _slots(n * C, tc_dtype) + _slots(n * d_k, wt_dtype)
+
+
+def _slots(count: int, dtype) -> int:
+    """fp32 slots of count values of dtype: two bf16 values to a slot, the last one half used if count is odd."""
+    return -(-count // 2) if dtype == torch.bfloat16 else count
+
+
+#: the split delta buffers that are only ever read back as tl.dot operands, which operand_storage keeps in the
+#: operands' dtype under bf16 operands (the dots round them to bf16 anyway: bit-identical, half the bytes); a name
+#: left out keeps its buffer fp32 (for comparison). "wt": W̃ (both state passes' W̃ S₀ᵀ and dΔᵀ W̃; wt_storage);
+#: "tc": T_c (the backward value kernel's T_c (c ⊙ R′) and T_cᵀ dΔ; only with "wt", so that the op's aux size tells
+#: both dtypes apart); "delta": the forward's Δ / E₀ − Δ (the output kernel's (Q Bᵀ ⊙ D) Δ; a bf16 buffer beside the
+#: fp32 Ũ, which the state pass reads elementwise); "dh": without a decay (chunked_delta_bwd.dh_storage); "dr": dR′
+#: (the key kernel's dR′ Δᵀ, dR′ E_mᵀ, dR′ S₀; a bf16 buffer beside the fp32 dΔ, which the reverse pass updates and
+#: the tied value kernel's dE₀ = Nᵀ dR′ − dΔ reads elementwise); "dl": the backward's Δ for the general key kernel
+#: (dO Δᵀ, dR′ Δᵀ, Δ dS; the same-key kernel forms E − Δ elementwise and keeps it fp32). Sessions 24 ("wt", "dh")
+#: and 26 (the rest; at (2, 8192, 16, 128), chunk 64, DeltaNet bf16: T_c 67 → 34 MB kept in aux, 201 → 101 MB moved;
+#: Δ 268 → 134 MB moved per forward; dR′ 403 → 201 MB per backward; TUNING.md "The backward against fla's")
+OPERAND_BUFFERS = ("wt", "tc", "delta", "dh", "dr", "dl")
+
+
+def operand_storage(prec: str, buffer: str = "wt") -> torch.dtype:
+    """The dtype of a split delta buffer (OPERAND_BUFFERS' names) that is only ever read back as a dot operand, for
+    dots of precision prec (_precision): bf16 where they take bf16 operands, which round it to bf16 there anyway (the
+    same numbers from half the bytes; _store_operand writes it), fp32 otherwise or where OPERAND_BUFFERS leaves the
+    buffer out."""
+    return torch.bfloat16 if prec.startswith("bf16") and buffer in OPERAND_BUFFERS else torch.float32
 
 
 def wt_storage(form, d_k: int, out_dtype) -> torch.dtype:
@@ -1982,23 +2008,43 @@ def wt_storage(form, d_k: int, out_dtype) -> torch.dtype:
     no fp32 → bf16 conversion in the sequential loops (sm_90, 64 state rows at 4 warps: 255 registers and 16 B of
     spills → 0, 7172 → 6610 instructions per chunk and head; 32 rows at 8 warps 151 → 122 registers; a helper's static
     count, session 24)."""
-    return operand_storage(_precision(out_dtype, bf16_operands(form, d_k)))
+    return operand_storage(_precision(out_dtype, bf16_operands(form, d_k)), "wt")
+
+
+def tc_storage(prec: str) -> torch.dtype:
+    """T_c's dtype for dots of precision prec: operand_storage's "tc", and bf16 only where W̃ is bf16 too (the op's aux
+    then has one size per pair of dtypes: saved_chunk_core). T_c's one reader is the backward value kernel, whose
+    T_c (c ⊙ R′) and T_cᵀ dΔ take it as an operand (the UT inverse's own merge products, _mm_inverse, run in tf32 on
+    the registers, before the store)."""
+    both = operand_storage(prec, "tc") == operand_storage(prec, "wt") == torch.bfloat16
+    return torch.bfloat16 if both else torch.float32
+
+
+def core_storage(form, d_k: int, out_dtype) -> tuple:
+    """(T_c's dtype, W̃'s dtype) in the split delta path for inputs of out_dtype (tc_storage, wt_storage)."""
+    return tc_storage(_precision(out_dtype, bf16_operands(form, d_k))), wt_storage(form, d_k, out_dtype)
 
 
 def saved_chunk_core(form, aux, sizes):
     """(T_c [B, T, H, C], W̃ [B, T, H, d_k]) (T, C in sub-tokens) as views into the forward op's `aux` output (one
-    flat fp32 tensor: the op returns a fixed number of tensors), or None when the forward did not save them. W̃ is
-    bf16 (in the first half of its fp32 span) where aux has chunk_core_numel's size for a bf16 W̃: the backward reads
-    what the forward wrote, whatever precision it runs at itself."""
+    flat fp32 tensor: the op returns a fixed number of tensors), or None when the forward did not save them. Each is
+    bf16 (in the first half of its fp32 span) where aux has chunk_core_numel's size for that pair of dtypes (fp32 /
+    fp32, fp32 / bf16 or bf16 / bf16: tc_storage): the backward reads what the forward wrote, whatever precision it
+    runs at itself."""
     if aux is None or aux.numel() == 0:
         return None
     B, T, H, d_k, d_v, N, max_len, C = sub_sizes(sizes, sub_tokens(form))
     n = B * T * H
-    wt = aux[n * C:]
-    if wt.numel() != n * d_k:
-        assert wt.numel() == -(-n * d_k // 2), f"aux: {aux.numel()} elements fit no T_c and W̃ of sizes {sizes}"
-        wt = wt.view(torch.bfloat16)[:n * d_k]
-    return aux[:n * C].view(B, T, H, C), wt.view(B, T, H, d_k)
+    f32, bf16 = torch.float32, torch.bfloat16
+    fits = [dts for dts in ((f32, f32), (f32, bf16), (bf16, bf16)) if _core_numel(n, C, d_k, *dts) == aux.numel()]
+    assert len(fits) == 1, f"aux: {aux.numel()} elements fit no T_c and W̃ of sizes {sizes}"
+    (tc_dt, wt_dt), views, at = fits[0], [], 0
+    for w, dt in ((C, tc_dt), (d_k, wt_dt)):
+        span = _slots(n * w, dt)
+        x = aux[at:at + span]
+        views.append((x.view(bf16)[:n * w] if dt == bf16 else x).view(B, T, H, w))
+        at += span
+    return tuple(views)
 
 
 def _runs_split(form) -> bool:
@@ -2029,21 +2075,24 @@ def _delta_split_forward(chunk_in, h0, o, ht, ck, sizes, gated, cu_seqlens, tied
     cu = cu_seqlens if varlen else ht
     common = dict(BT=C, BK=BK, GATED=gated, VARLEN=varlen, PREC=_precision(o.dtype, bf16),
                   TIED=tied, SUB=sub, OFF32=offsets32_fit(sizes), **_launch_opts(wide_keys), **_scale_args(es))
-    # W̃ in the operands' dtype (wt_storage; the op's aux was sized for the same choice)
-    tc, wt = core if core is not None else (ht, torch.empty(B, T, H, d_k, dtype=operand_storage(common["PREC"]),
+    # W̃ (and T_c) in the operands' dtype (wt_storage, tc_storage; the op's aux was sized for the same choice)
+    tc, wt = core if core is not None else (ht, torch.empty(B, T, H, d_k, dtype=operand_storage(common["PREC"], "wt"),
                                                             device=dev))
-    # Ũ, then Δ (E_0 − Δ when tied) (state kernel, in place)
+    # Ũ (prep), then Δ (E_0 − Δ when tied; state kernel): in place in u, or in a bf16 dl where the output kernel's
+    # dots take bf16 operands and u is fp32 (operand_storage's "delta": the state pass reads Ũ elementwise)
     u = torch.empty(B, T, H, d_v, dtype=delta_u_storage(o.dtype), device=dev)
+    dl = (torch.empty(B, T, H, d_v, dtype=torch.bfloat16, device=dev)
+          if u.dtype == torch.float32 and operand_storage(common["PREC"], "delta") == torch.bfloat16 else u)
     chunk_delta_prep_kernel[(NTG, G)](w, e, g, a, b, c, wt, u, tc, cu, ix, T, H, d_k, d_v, w[0].numel(),
                                       e[0].numel(), M=M, BV=BVW, KB=KB, SAVE_TC=core is not None, UTB=int(UT_BLOCK),
                                       SOLVE=ut_solve(), **_kernel_launch(common, DELTA_PREP_WARPS, DELTA_PREP_STAGES))
-    state_args = (w, e, g, b, wt, u, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
+    state_args = (w, e, g, b, wt, u, dl, h0.contiguous() if h0 is not None else ht, ht, ck, cu, T, H, d_k, d_v, NCK,
                   w[0].numel(), e[0].numel())
     factors = decay_factors(g, (ix, NTG, G), cu, varlen, T, H, C, common["OFF32"]) if gated else None
     chunk_delta_state_kernel[(-(-d_v // BVS), N * H)](
         *state_args, M=M, BV=BVS, USE_H0=h0 is not None, **_kernel_launch(common, DELTA_STATE_WARPS, DELTA_STATE_STAGES),
         **_factor_args(factors))
-    chunk_delta_out_kernel[(NTG, -(-d_v // BVW), G)](q, w, e, g, b, u, ck, o, cu, ix, T, H, d_k, d_v, NCK,
+    chunk_delta_out_kernel[(NTG, -(-d_v // BVW), G)](q, w, e, g, b, dl, ck, o, cu, ix, T, H, d_k, d_v, NCK,
                                                      w[0].numel(), e[0].numel(), M=M, BV=BVW, KB=KB,
                                                      **_kernel_launch(common, DELTA_OUT_WARPS, DELTA_OUT_STAGES))
 

@@ -45,7 +45,9 @@ Four launches (prep and value take the split forward's wide value blocks, ≤ SP
   (the row sums of T and c ⊙ U and the Γ terms are q·dQ and a·dA, their column sums and X are w·dW and
   b·dB), ∂b_last += Γ_L ⟨dS, S₀⟩ + Σ_j X_j (partial over key blocks). With a = b = w_0 one tensor (SAME_KEY, on:
   DeltaNet, Gated DeltaNet, Longhorn) it writes dQ and dK = dA + dB + dW_0 alone, from E − Δ (_same_key_grads).
-The callers sum the partials. Extra memory (fp32): dh like ck, T_c (BT per token·head), W̃, dΔ / dR', Δ.
+The callers sum the partials. Extra memory (fp32): dh like ck, T_c (BT per token·head), W̃, dΔ / dR', Δ; under bf16
+operands the buffers that are only ever dot operands are bf16 (chunked.OPERAND_BUFFERS: W̃, T_c, dh without a decay,
+dR' in a buffer of its own beside dΔ's, Δ for the general key kernel).
 TIED (w_0 = b: DeltaNet, Gated DeltaNet; chunked._tied, as the split forward): A W_0ᵀ ⊙ D_st = N, and since
 dΔ = −(Q Bᵀ ⊙ D)ᵀ dO − dec ⊙ (B dSᵀ), dE_0 = Nᵀ dR' − dΔ — the value kernel forms N once and no Q W_0ᵀ, A W_0ᵀ,
 W_0 dSᵀ; the key kernel's dQ = Γ ⊙ (dO S₀) + (OE_0 − OD) B + Σ_{m≥1} OE_m W_m (dA likewise), one product
@@ -130,7 +132,23 @@ def dh_storage(prec: str, gated: bool) -> torch.dtype:
     once and read by the key kernel, and by the value kernel with more input terms, without an fp32 → bf16 conversion
     in their loops); fp32 with a decay, whose ∂ log γ sums ⟨dS, S₀⟩ in fp32 (the key kernel's SS), where the
     cancelling terms need dS whole."""
-    return torch.float32 if gated else _ch.operand_storage(prec)
+    return torch.float32 if gated else _ch.operand_storage(prec, "dh")
+
+
+def dr_storage(prec: str) -> torch.dtype:
+    """The dtype of dR′ = c ⊙ T_cᵀ dΔ (the value kernel writes it, the key kernel reads it) for dots of precision prec:
+    every read is a dot operand (dR′ Δᵀ, dR′ E_mᵀ, dR′ S₀; with one key tensor dR′ (E − Δ)ᵀ and dR′ S₀), so
+    chunked.operand_storage's "dr". dΔ, which the value kernel overwrote with dR′ in place, stays fp32 (the reverse
+    pass updates it, dE₀ = Nᵀ dR′ − dΔ reads it): a bf16 dR′ is a buffer of its own, the fp32 dΔ freed before the key
+    kernel's outputs are allocated."""
+    return _ch.operand_storage(prec, "dr")
+
+
+def dl_storage(prec: str, same: bool) -> torch.dtype:
+    """The dtype of the backward's Δ (the value kernel writes it, the key kernel reads it) for dots of precision prec:
+    the general key kernel reads it as a dot operand only (dO Δᵀ, dR′ Δᵀ, Δ dS), so chunked.operand_storage's "dl";
+    fp32 for the same-key kernel (same), which forms E − Δ in fp32 before its dots."""
+    return torch.float32 if same else _ch.operand_storage(prec, "dl")
 
 
 #: value rows per program of the row-c prep and value kernels (sm_90, tf32, 8 warps, BT = 32, d_k = d_v = 64:
@@ -185,7 +203,7 @@ def chunk_delta_bwd_prep_kernel(q_ptr, a_ptr, b_ptr, c_ptr, g_ptr, do_ptr, tc_pt
     else:
         cc, D, Dst, gam, Tc, N = _ut_inverse(a_ptr, b_ptr, c_ptr, g_ptr, base, tm, DK, BT, BK, KB, GATED, PREC, SUB,
                                              UTB, SOLVE)
-        tl.store(tc_ptr + base[:, None] * BT + tt[None, :], Tc, mask=tm[:, None])
+        _store_operand(tc_ptr + base[:, None] * BT + tt[None, :], Tc, tm[:, None], PREC)   # (chunked.tc_storage)
         _store_wt(a_ptr, wt_ptr, Tc, cc * gam, base, tm, DK, BK, KB, PREC)
     QBt = tl.trans(_dot_rows_k(q_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC) * D)
     for i_v in range(0, tl.cdiv(DV, BV)):
@@ -265,16 +283,17 @@ def _store_de(q_ptr, w_ptr, a_ptr, do_ptr, dh_ptr, de_ptr, dR, D, Dst, dec, base
 
 
 @triton.jit
-def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, tc_ptr, dd_ptr, do_ptr, ck_ptr,
-                                 dh_ptr, dl_ptr, de_ptr, dc_ptr, cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE, TOKH,
+def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr, tc_ptr, dd_ptr, dr_ptr, do_ptr,
+                                 ck_ptr, dh_ptr, dl_ptr, de_ptr, dc_ptr, cu_ptr, ix_ptr, T, H, DK, DV, NCK, SW, SE, TOKH,
                                  M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                  GATED: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr = "ieee",
                                  KB: tl.constexpr = 64, TIED: tl.constexpr = False, SUB: tl.constexpr = 1,
                                  OFF32: tl.constexpr = False, es_ptr=None, SCALED_E: tl.constexpr = False,
                                  SAME_KEY: tl.constexpr = False):
     """Per (chunk, value block): Δ = T_c (c ⊙ R') → dl, the partial ∂c_i = Σ_v dR_iv (R' − N Δ)_iv → dc
-    (R' − N Δ = γ_t S_{t−1} a_t), dR' = c ⊙ T_cᵀ dΔ (over dΔ in dd), then dE_m → de. A W_mᵀ is computed
-    in both phases (fewer live tiles).
+    (R' − N Δ = γ_t S_{t−1} a_t), dR' = c ⊙ T_cᵀ dΔ → dr (dd itself, over dΔ, or a bf16 buffer where the key
+    kernel's dots take bf16 operands: chunked.operand_storage's "dr"; dl likewise, "dl", for the general key kernel),
+    then dE_m → de. A W_mᵀ is computed in both phases (fewer live tiles).
     TIED (W_0 is B: DeltaNet, Gated DeltaNet, chunked._tied): A W_0ᵀ ⊙ D_st is N, formed once and kept, and
     since dΔ = −(Q Bᵀ ⊙ D)ᵀ dO − dec ⊙ (B dSᵀ), dE_0 = Nᵀ dR' − dΔ: no Q W_0ᵀ, A W_0ᵀ (twice), W_0 dSᵀ over
     d_k, no q / w_0 / dS / dO loads for m = 0 (the m ≥ 1 terms as untied). SAME_KEY (TIED with a = b one tensor,
@@ -309,7 +328,7 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
         R += _mm(AW, _value_side(e_ptr, m, SE, voff, vm, es_ptr, base, tm, SCALED_E), PREC)
     Tc = tl.load(tc_ptr + base[:, None] * BT + tt[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
     dl = _mm(Tc, R * cc[:, None], PREC)                     # Δ = T_c (c ⊙ R')
-    tl.store(dl_ptr + voff, dl, mask=vm)
+    _store_operand(dl_ptr + voff, dl, vm, PREC)                                # (dl_storage)
     if not TIED:
         N = _dot_rows_k(a_ptr, b_ptr, base, tm, DK, BT, BK, KB, PREC, False) * Dst
     R -= _mm(N, dl, PREC)                                                      # R' − N Δ
@@ -317,7 +336,7 @@ def chunk_delta_bwd_value_kernel(q_ptr, w_ptr, e_ptr, g_ptr, a_ptr, b_ptr, c_ptr
     dR = _mm(tl.trans(Tc), dD, PREC)                                           # T_cᵀ dΔ
     tl.store(dc_ptr + i_v.to(tl.int64) * TOKH + base, tl.sum(dR * R, axis=1), mask=tm)
     dR = dR * cc[:, None]                                                      # dR' = c ⊙ dR
-    tl.store(dd_ptr + voff, dR, mask=vm)                                       # this program's tile only
+    _store_operand(dr_ptr + voff, dR, vm, PREC)            # this program's tile only (over dd's: dr_storage)
     # phase 2: dE_m
     if TIED:           # dE_0 = (Q Bᵀ ⊙ D)ᵀ dO + Nᵀ dR' + dec ⊙ (B dSᵀ) = Nᵀ dR' − dΔ
         tl.store(de_ptr + voff, _mm(tl.trans(N), dR, PREC) - dD, mask=vm)
@@ -964,10 +983,10 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
     common = dict(BT=C, GATED=gated, VARLEN=varlen, PREC=_precision(do.dtype, _ch.bf16_operands(plan.rule.form, d_k)), SUB=sub,
                   OFF32=_ch.offsets32_fit(sizes), **_ch._launch_opts(wide_keys))
     z = dict(dtype=torch.float32, device=dev)
-    tc, wt = core if core is not None else (torch.empty(B, T, H, C, **z),
-                                            torch.empty(B, T, H, d_k, dtype=_ch.operand_storage(common["PREC"]),
+    tc, wt = core if core is not None else (torch.empty(B, T, H, C, dtype=_ch.tc_storage(common["PREC"]), device=dev),
+                                            torch.empty(B, T, H, d_k, dtype=_ch.operand_storage(common["PREC"], "wt"),
                                                         device=dev))
-    dd = torch.empty(B, T, H, d_v, **z)     # dΔ (prep: its local part; state: all of it), then dR' (value kernel)
+    dd = torch.empty(B, T, H, d_v, **z)     # dΔ (prep: its local part; state: all of it)
     dh = torch.empty(ck.shape, dtype=dh_storage(common["PREC"], gated), device=dev)
     chunk_delta_bwd_prep_kernel[(NTG, G)](q, a, b, c, g, do, tc, wt, dd, cu, ix, T, H, d_k, d_v, BK=BK, BV=BVW,
                                           KB=KB, HAVE_TC=core is not None, UTB=int(_ch.UT_BLOCK),
@@ -978,13 +997,17 @@ def _delta_backward(plan, chunk_in, ck, do, dht, sizes, cu_seqlens=None, core=No
         BK=BK, BV=BVS, USE_DHT=dht is not None, **_ch._kernel_launch(common, STATE_WARPS, STATE_STAGES),
         **_ch._factor_args(factors))
     NVW = -(-d_v // BVW)
-    dl = torch.empty(B, T, H, d_v, **z)
+    dl = torch.empty(B, T, H, d_v, dtype=dl_storage(common["PREC"], same), device=dev)
+    # dR' (value kernel) over dΔ in dd, or in a bf16 buffer of its own (dr_storage)
+    dr = dd if dr_storage(common["PREC"]) == torch.float32 else torch.empty(B, T, H, d_v, dtype=torch.bfloat16,
+                                                                            device=dev)
     de = _ch.written(M, B, T, H, d_v, device=dev)
     dc = _ch.written(NVW, B, T, H, device=dev)
     chunk_delta_bwd_value_kernel[(NTG, NVW, G)](
-        q, w, e, g, a, b, c, tc, dd, do, ck, dh, dl, de, dc, cu, ix, T, H, d_k, d_v, NCK, w[0].numel(),
+        q, w, e, g, a, b, c, tc, dd, dr, do, ck, dh, dl, de, dc, cu, ix, T, H, d_k, d_v, NCK, w[0].numel(),
         e[0].numel(), TOKH, M=M, BK=BK, BV=BVW, KB=min(BK, VALUE_BLOCK_K), TIED=tied, SAME_KEY=same and tied,
         **_ch._kernel_launch(common, VALUE_WARPS, VALUE_STAGES), **_ch._scale_args(es))
-    dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dd, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common,
+    dd = None   # a bf16 dr leaves dΔ unread from here: its memory can take the key kernel's outputs
+    dq, dw, dg, da, db = _key_grads(q, w, e, g, a, b, dr, dl, do, ck, dh, cu, ix, sizes, NTG, G, M, BK, BV, common,
                                     tied, same, es)
     return [dq, dw, de, dg, da, db, dc[0] if dc.shape[0] == 1 else dc.sum(0)], dh0
