@@ -744,7 +744,6 @@ class Rule:
         qn = self.query_name
         if qn is None or qn not in inputs:
             raise ValueError(f"decode: needs the query input {qn!r}")
-        self._state_dims(state)
         if self._backend(state, backend, "decode") == "triton":
             self._check_values(state, inputs, "decode")
             from ..kernels.triton import triton_decode  # lowering lives in kernels; derive only forwards
