@@ -190,12 +190,12 @@ def _first_not_positive(x: torch.Tensor):
     return tuple(int(i) for i in bad.nonzero()[0].tolist()) if bool(bad.any()) else None
 
 
-def check_rls_values(args, state_dtype=None) -> None:
+def check_rls_values(args, state_dtype) -> None:
     """RLS divides by its forgetting factor γ and starts from P_0 = I/λ: γ = 0 or λ = 0 lie in their inputs' closed
     domains (a decay of 0, a ridge of 0) but have no RLS step, and had come out as non-finite outputs (reference) or
     as an error naming the inner scan's olssm_g (chunk). An error naming the rule's γ and λ instead, where
-    api.check_input_values runs (CPU tensors by default). Then warns when γ makes P too ill-conditioned for the
-    state dtype (warn_if_ill_conditioned)."""
+    api.check_input_values runs (CPU tensors by default). Then warns when γ makes P too ill-conditioned for
+    state_dtype, the dtype P is scanned in (warn_if_ill_conditioned)."""
     from .api import check_inputs_mode, checks_on
     if not checks_on(check_inputs_mode(), args.device):
         return
@@ -212,7 +212,7 @@ def check_rls_values(args, state_dtype=None) -> None:
         if not bool(torch.isfinite(P0).all()):
             raise ValueError(f"scan: this RLS rule's P_0 = I/({form.ridge}) is not finite: its ridge {form.ridge} must be "
                              "> 0 at each sequence's first token (or pass initial_state)")
-    warn_if_ill_conditioned(args, gamma, state_dtype or args.state_dtype)
+    warn_if_ill_conditioned(args, gamma, state_dtype)
 
 
 class RLSConditioningWarning(RuntimeWarning):
@@ -255,17 +255,25 @@ def warn_if_ill_conditioned(args, gamma, dtype) -> None:
     error, where = predicted_rls_error(args, gamma, dtype)
     if error <= RLS_WARN_ERROR:
         return
-    name = str(dtype).removeprefix("torch.")
     condition = error / torch.finfo(dtype).eps
     decade = lambda x: f"1e{round(math.log10(x)):+d}"
     warnings.warn(
         f"scan: this recursive least squares forgets fast for its key size (d_k = {args.d_k}): its forgetting factors "
         f"multiply to ~{decade(1 / condition)} over d_k consecutive tokens (the worst window ends at [B, T, H] {where}), "
-        f"so P = (H_t + λ_t I)⁻¹ reaches a condition number of ~{decade(condition)} and the {name} outputs may be off "
-        f"by ~{decade(error) if error < 1 else 'their own size'} relative. Run it "
-        + ("in float64, " if dtype != torch.float64 else "") + "with forgetting factors closer to 1, or use decayed "
-        "least squares (catalogue 'decayed_least_squares'), whose ridge does not decay",
+        f"so P = (H_t + λ_t I)⁻¹ reaches a condition number of ~{decade(condition)} and the {_name(dtype)} outputs may "
+        f"be off by ~{decade(error) if error < 1 else 'their own size'} relative. {_remedy(dtype)}",
         RLSConditioningWarning, stacklevel=_caller_level())
+
+
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _remedy(dtype) -> str:
+    """What the conditioning warning and the overflow error advise (a larger λ only delays the overflow: λ Π γ
+    decays with the rest)."""
+    return ("Run it " + ("in float64, " if dtype != torch.float64 else "") + "with forgetting factors closer to 1, "
+            "or use decayed least squares (catalogue 'decayed_least_squares'), whose ridge does not decay")
 
 
 def check_ridge_values(args) -> None:
@@ -311,13 +319,11 @@ def check_rls_result(args, o, P_T, g=None) -> None:
     if bad is not None:
         b, t, h = (int(i) for i in bad.flatten(3).any(-1).nonzero()[0].tolist())
         where = f" from token t = {t} (batch row {b}, head {h})"
-    name = str(P_T.dtype).removeprefix("torch.")
+    name = _name(P_T.dtype)
     raise FloatingPointError(
         f"scan: recursive least squares overflowed {name}: its outputs or P are not finite{where}, from finite inputs. "
         "P = (H_t + λ_t I)⁻¹ grows like γ^−t in key directions the recent keys leave unexcited (its ridge λ_t decays "
-        f"with γ), here past {name}'s range; run it " + ("in float64, " if P_T.dtype != torch.float64 else "")
-        + "with a forgetting factor closer to 1 or a larger ridge λ, or use decayed least squares (catalogue "
-        "'decayed_least_squares'), whose ridge does not decay")
+        f"with γ), here past {name}'s range. {_remedy(P_T.dtype)}")
 
 
 def rls_scan(args, gain_scan, backend: str):

@@ -273,9 +273,10 @@ def kind_of(expr) -> str:
 
 def _kind_name(expr) -> str:
     try:
-        return {SCALAR: "scalar", ROW: "value-sized"}.get(kind_of(expr), kind_of(expr))
+        kind = kind_of(expr)
     except DerivationError:
         return "non-key"
+    return "value-sized" if kind == ROW else kind
 
 
 def _has_column(expr) -> bool:
